@@ -1,0 +1,318 @@
+//! Command line and environment, parsed once into a [`Config`].
+//!
+//! Every option has a flag and an environment variable; a flag wins over the
+//! environment, which wins over the default. The table [`OPTIONS`] is the
+//! single source for parsing and for `--help`.
+
+use std::time::Duration;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Gateway and RPC server in one process, talking over real TCP.
+    All,
+    Gateway,
+    Rpc,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub role: Role,
+    pub http_addr: String,
+    pub rpc_listen: String,
+    /// The RPC server the gateway calls; `None` in `all` = the one started here.
+    pub rpc_addr: Option<String>,
+    /// `None` = the embedded memory store.
+    pub redis_url: Option<String>,
+    pub rpc_timeout: Duration,
+    pub rpc_connections: usize,
+    pub redis_connections: usize,
+    pub redis_timeout: Duration,
+    pub max_body: usize,
+    pub max_head: usize,
+    pub max_frame: usize,
+    pub idle_timeout: Duration,
+    pub request_timeout: Duration,
+    pub queue: usize,
+    pub max_in_flight: usize,
+    /// Tokio worker threads; 0 = one per core.
+    pub threads: usize,
+}
+
+pub struct OptionSpec {
+    pub flag: &'static str,
+    pub env: &'static str,
+    /// `None`: unset unless given.
+    pub default: Option<&'static str>,
+    pub help: &'static str,
+}
+
+pub const OPTIONS: &[OptionSpec] = &[
+    OptionSpec {
+        flag: "--http-addr",
+        env: "IM_HTTP_ADDR",
+        default: Some("0.0.0.0:8080"),
+        help: "address the HTTP gateway listens on",
+    },
+    OptionSpec {
+        flag: "--rpc-listen",
+        env: "IM_RPC_LISTEN",
+        default: Some("127.0.0.1:8888"),
+        help: "address the RPC server listens on",
+    },
+    OptionSpec {
+        flag: "--rpc",
+        env: "IM_RPC_ADDR",
+        default: None,
+        help: "RPC server the gateway calls (default in `all`: the one started here)",
+    },
+    OptionSpec {
+        flag: "--redis",
+        env: "REDIS_URL",
+        default: None,
+        help: "redis://[:password@]host[:port][/db] or unix:///path.sock; unset = embedded memory store",
+    },
+    OptionSpec {
+        flag: "--rpc-timeout-ms",
+        env: "IM_RPC_TIMEOUT_MS",
+        default: Some("1000"),
+        help: "per-call RPC timeout (504 after it)",
+    },
+    OptionSpec {
+        flag: "--rpc-connections",
+        env: "IM_RPC_CONNECTIONS",
+        default: Some("2"),
+        help: "multiplexed connections from the gateway to the RPC server",
+    },
+    OptionSpec {
+        flag: "--redis-connections",
+        env: "IM_REDIS_CONNECTIONS",
+        default: Some("2"),
+        help: "pipelined connections from the RPC server to Redis",
+    },
+    OptionSpec {
+        flag: "--redis-timeout-ms",
+        env: "IM_REDIS_TIMEOUT_MS",
+        default: Some("1000"),
+        help: "a Redis command not answered within this fails with 503",
+    },
+    OptionSpec {
+        flag: "--max-body",
+        env: "IM_MAX_BODY",
+        default: Some("1048576"),
+        help: "largest request body in bytes (413 above)",
+    },
+    OptionSpec {
+        flag: "--max-header-bytes",
+        env: "IM_MAX_HEADER_BYTES",
+        default: Some("16384"),
+        help: "largest request line + headers in bytes (431 above)",
+    },
+    OptionSpec {
+        flag: "--max-frame",
+        env: "IM_MAX_FRAME",
+        default: Some("16777216"),
+        help: "largest RPC frame in bytes",
+    },
+    OptionSpec {
+        flag: "--idle-timeout-s",
+        env: "IM_IDLE_TIMEOUT_S",
+        default: Some("60"),
+        help: "idle keep-alive connections are closed after this",
+    },
+    OptionSpec {
+        flag: "--request-timeout-s",
+        env: "IM_REQUEST_TIMEOUT_S",
+        default: Some("10"),
+        help: "a request must arrive whole within this of its first byte (408 after)",
+    },
+    OptionSpec {
+        flag: "--queue",
+        env: "IM_QUEUE",
+        default: Some("8192"),
+        help: "calls queued per RPC/Redis connection before 503 + Retry-After",
+    },
+    OptionSpec {
+        flag: "--max-in-flight",
+        env: "IM_MAX_IN_FLIGHT",
+        default: Some("8192"),
+        help: "calls in flight per RPC/Redis connection",
+    },
+    OptionSpec {
+        flag: "--threads",
+        env: "IM_THREADS",
+        default: Some("0"),
+        help: "worker threads (0 = one per core)",
+    },
+];
+
+pub fn usage() -> String {
+    let mut text = String::from(
+        "im-server: instant-messaging backend (HTTP gateway -> protobuf RPC -> Redis)\n\n\
+         Usage: im-server [all|gateway|rpc] [OPTIONS]\n\n\
+         Roles:\n  all      gateway and RPC server in one process (default)\n  \
+         gateway  the HTTP gateway alone (needs --rpc)\n  rpc      the RPC server alone\n\nOptions (flag, environment variable, default):\n",
+    );
+    for o in OPTIONS {
+        let default = o
+            .default
+            .map_or_else(|| "unset".to_string(), |d| d.to_string());
+        text.push_str(&format!(
+            "  {:<22} {:<22} [{default}]\n      {}\n",
+            format!("{} <v>", o.flag),
+            o.env,
+            o.help
+        ));
+    }
+    text.push_str("  -h, --help\n");
+    text
+}
+
+pub enum Parsed {
+    Run(Box<Config>),
+    Help,
+}
+
+impl Config {
+    /// Parses `args` (without the program name), reading the environment
+    /// through `env`.
+    pub fn parse(
+        args: impl IntoIterator<Item = String>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Parsed, String> {
+        let mut values: Vec<Option<String>> = OPTIONS
+            .iter()
+            .map(|o| {
+                env(o.env)
+                    .filter(|v| !v.is_empty())
+                    .or(o.default.map(String::from))
+            })
+            .collect();
+        let mut role = None;
+        let mut args = args.into_iter();
+        while let Some(arg) = args.next() {
+            if arg == "-h" || arg == "--help" {
+                return Ok(Parsed::Help);
+            }
+            if !arg.starts_with('-') {
+                if role.is_some() {
+                    return Err(format!("unexpected argument {arg:?}"));
+                }
+                role = Some(match arg.as_str() {
+                    "all" => Role::All,
+                    "gateway" => Role::Gateway,
+                    "rpc" => Role::Rpc,
+                    _ => {
+                        return Err(format!(
+                            "unknown role {arg:?} (expected all, gateway or rpc)"
+                        ));
+                    }
+                });
+                continue;
+            }
+            let (flag, inline) = match arg.split_once('=') {
+                Some((f, v)) => (f.to_string(), Some(v.to_string())),
+                None => (arg.clone(), None),
+            };
+            let Some(i) = OPTIONS.iter().position(|o| o.flag == flag) else {
+                return Err(format!("unknown option {flag:?} (see --help)"));
+            };
+            let value = match inline {
+                Some(v) => v,
+                None => args.next().ok_or_else(|| format!("{flag} needs a value"))?,
+            };
+            values[i] = Some(value);
+        }
+        let get = |flag: &str| -> Option<String> {
+            OPTIONS
+                .iter()
+                .position(|o| o.flag == flag)
+                .and_then(|i| values[i].clone())
+        };
+        let text = |flag: &str| get(flag).unwrap_or_default();
+        let number = |flag: &str| -> Result<u64, String> {
+            text(flag).parse().map_err(|_| {
+                format!(
+                    "{flag} must be a non-negative integer, got {:?}",
+                    text(flag)
+                )
+            })
+        };
+        let positive = |flag: &str| -> Result<u64, String> {
+            match number(flag)? {
+                0 => Err(format!("{flag} must be at least 1")),
+                n => Ok(n),
+            }
+        };
+        let role = role.unwrap_or(Role::All);
+        let rpc_addr = get("--rpc");
+        if role == Role::Gateway && rpc_addr.is_none() {
+            return Err("the gateway role needs --rpc <addr> (or IM_RPC_ADDR)".into());
+        }
+        Ok(Parsed::Run(Box::new(Config {
+            role,
+            http_addr: text("--http-addr"),
+            rpc_listen: text("--rpc-listen"),
+            rpc_addr,
+            redis_url: get("--redis"),
+            rpc_timeout: Duration::from_millis(positive("--rpc-timeout-ms")?),
+            rpc_connections: positive("--rpc-connections")? as usize,
+            redis_connections: positive("--redis-connections")? as usize,
+            redis_timeout: Duration::from_millis(positive("--redis-timeout-ms")?),
+            max_body: number("--max-body")? as usize,
+            max_head: positive("--max-header-bytes")? as usize,
+            max_frame: positive("--max-frame")? as usize,
+            idle_timeout: Duration::from_secs(positive("--idle-timeout-s")?),
+            request_timeout: Duration::from_secs(positive("--request-timeout-s")?),
+            queue: positive("--queue")? as usize,
+            max_in_flight: positive("--max-in-flight")? as usize,
+            threads: number("--threads")? as usize,
+        })))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str], env: &[(&str, &str)]) -> Result<Config, String> {
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let lookup = |key: &str| env.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
+        match Config::parse(args.iter().map(|s| s.to_string()), lookup)? {
+            Parsed::Run(config) => Ok(*config),
+            Parsed::Help => Err("help".into()),
+        }
+    }
+
+    #[test]
+    fn defaults_env_and_flags_in_order() {
+        let c = parse(&[], &[]).expect("defaults parse");
+        assert_eq!(
+            (c.role, c.http_addr.as_str(), c.redis_url),
+            (Role::All, "0.0.0.0:8080", None)
+        );
+        let c = parse(&[], &[("REDIS_URL", "redis://h:1")]).expect("env parses");
+        assert_eq!(c.redis_url.as_deref(), Some("redis://h:1"));
+        let c = parse(
+            &["rpc", "--redis", "redis://x:2", "--rpc-timeout-ms=50"],
+            &[("REDIS_URL", "redis://h:1")],
+        )
+        .expect("flags parse");
+        assert_eq!(
+            (c.role, c.redis_url.as_deref(), c.rpc_timeout),
+            (Role::Rpc, Some("redis://x:2"), Duration::from_millis(50))
+        );
+    }
+
+    #[test]
+    fn mistakes_are_reported() {
+        assert!(parse(&["gateway"], &[]).is_err());
+        assert!(parse(&["--nope", "1"], &[]).is_err());
+        assert!(parse(&["--rpc-timeout-ms", "0"], &[]).is_err());
+        assert!(parse(&["--queue"], &[]).is_err());
+        assert!(parse(&["both"], &[]).is_err());
+        assert!(parse(&["gateway", "--rpc", "10.0.0.2:8888"], &[]).is_ok());
+    }
+}

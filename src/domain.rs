@@ -1,0 +1,157 @@
+//! The rules of the API, independent of any transport: validation, limits,
+//! two-person room names and the status codes carried in RPC responses.
+
+/// Longest accepted `chat` or `sender`, in bytes.
+pub const MAX_NAME_BYTES: usize = 256;
+/// Longest accepted `text`, in bytes.
+pub const MAX_TEXT_BYTES: usize = 64 * 1024;
+/// Page size when a pull gives no limit (or 0).
+pub const DEFAULT_LIMIT: i32 = 10;
+/// Largest page; bigger limits are clamped to it.
+pub const MAX_LIMIT: i32 = 100;
+
+/// Outcome codes carried in `SendResponse.code` / `PullResponse.code`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(i32)]
+pub enum Code {
+    Ok = 0,
+    /// The request is invalid; retrying it unchanged will fail again.
+    InvalidArgument = 1,
+    /// The store is unreachable or did not acknowledge the command.
+    Unavailable = 2,
+    /// Too many requests are queued; retry later.
+    Overloaded = 3,
+    /// A bug or an unexpected reply from the store.
+    Internal = 4,
+}
+
+impl Code {
+    pub fn from_i32(code: i32) -> Code {
+        match code {
+            0 => Code::Ok,
+            1 => Code::InvalidArgument,
+            2 => Code::Unavailable,
+            3 => Code::Overloaded,
+            _ => Code::Internal,
+        }
+    }
+}
+
+/// A rejected request: which field and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invalid(pub String);
+
+fn check_name(field: &str, value: &str) -> Result<(), Invalid> {
+    if value.is_empty() {
+        return Err(Invalid(format!("`{field}` must not be empty")));
+    }
+    if value.len() > MAX_NAME_BYTES {
+        return Err(Invalid(format!(
+            "`{field}` must be at most {MAX_NAME_BYTES} bytes"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks a message about to be sent.
+pub fn validate_send(chat: &str, sender: &str, text: &str) -> Result<(), Invalid> {
+    check_name("chat", chat)?;
+    check_name("sender", sender)?;
+    if text.is_empty() {
+        return Err(Invalid("`text` must not be empty".into()));
+    }
+    if text.len() > MAX_TEXT_BYTES {
+        return Err(Invalid(format!(
+            "`text` must be at most {MAX_TEXT_BYTES} bytes"
+        )));
+    }
+    Ok(())
+}
+
+/// A validated pull: the page size is resolved and the chat canonical.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PullQuery {
+    pub chat: String,
+    /// Exclusive bound; 0 = start at the end chosen by `reverse`.
+    pub cursor: i64,
+    /// 1..=MAX_LIMIT.
+    pub limit: usize,
+    /// false: newest first; true: oldest first.
+    pub reverse: bool,
+}
+
+/// Checks a pull request and resolves its defaults.
+pub fn validate_pull(
+    chat: &str,
+    cursor: i64,
+    limit: i32,
+    reverse: bool,
+) -> Result<PullQuery, Invalid> {
+    check_name("chat", chat)?;
+    if cursor < 0 {
+        return Err(Invalid("`cursor` must not be negative".into()));
+    }
+    let limit = match limit {
+        l if l < 0 => return Err(Invalid("`limit` must not be negative".into())),
+        0 => DEFAULT_LIMIT,
+        l => l.min(MAX_LIMIT),
+    };
+    Ok(PullQuery {
+        chat: canonical_chat(chat).into_owned(),
+        cursor,
+        limit: limit as usize,
+        reverse,
+    })
+}
+
+/// `a:b` and `b:a` name the same two-person room; it is stored under the
+/// sorted form. Any other name (no colon, several colons, an empty side) is
+/// used as given.
+pub fn canonical_chat(chat: &str) -> std::borrow::Cow<'_, str> {
+    match chat.split_once(':') {
+        Some((a, b)) if !a.is_empty() && !b.is_empty() && !b.contains(':') && a > b => {
+            std::borrow::Cow::Owned(format!("{b}:{a}"))
+        }
+        _ => std::borrow::Cow::Borrowed(chat),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn two_person_rooms_are_sorted() {
+        assert_eq!(canonical_chat("b:a"), "a:b");
+        assert_eq!(canonical_chat("a:b"), "a:b");
+        assert_eq!(canonical_chat("zed:amy"), "amy:zed");
+    }
+
+    #[test]
+    fn other_names_are_kept() {
+        for name in ["chatroom12345", "c:b:a", ":b", "b:", ":", "b::a"] {
+            assert_eq!(canonical_chat(name), name);
+        }
+    }
+
+    #[test]
+    fn limits_resolve() {
+        assert_eq!(validate_pull("c", 0, 0, false).map(|q| q.limit), Ok(10));
+        assert_eq!(validate_pull("c", 0, 101, false).map(|q| q.limit), Ok(100));
+        assert_eq!(validate_pull("c", 0, 7, false).map(|q| q.limit), Ok(7));
+        assert!(validate_pull("c", 0, -1, false).is_err());
+        assert!(validate_pull("c", -5, 1, false).is_err());
+        assert!(validate_pull("", 0, 1, false).is_err());
+    }
+
+    #[test]
+    fn send_bounds() {
+        let long_name = "n".repeat(MAX_NAME_BYTES + 1);
+        assert!(validate_send("c", "s", &"t".repeat(MAX_TEXT_BYTES)).is_ok());
+        assert!(validate_send("c", "s", &"t".repeat(MAX_TEXT_BYTES + 1)).is_err());
+        assert!(validate_send(&long_name, "s", "t").is_err());
+        assert!(validate_send("c", &long_name, "t").is_err());
+        assert!(validate_send("c", "s", "").is_err());
+        assert!(validate_send("", "s", "t").is_err());
+    }
+}

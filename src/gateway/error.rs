@@ -1,0 +1,114 @@
+//! Every way a gateway request can fail, and the one place where each
+//! becomes an HTTP status and a JSON error body.
+
+use crate::domain::Code;
+use crate::http::{HttpError, Response};
+use crate::rpc::client::RpcError;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApiError {
+    /// The client's input is invalid.
+    Invalid(String),
+    NotFound,
+    MethodNotAllowed(&'static str),
+    Http(HttpError),
+    /// The RPC server or the store is unreachable.
+    Unavailable,
+    /// Queues are full.
+    Overloaded,
+    /// The RPC server did not answer in time.
+    Timeout,
+    /// A bug on our side (never the client's fault).
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn status(&self) -> u16 {
+        match self {
+            ApiError::Invalid(_) => 400,
+            ApiError::NotFound => 404,
+            ApiError::MethodNotAllowed(_) => 405,
+            ApiError::Http(HttpError::BadRequest(_)) => 400,
+            ApiError::Http(HttpError::Timeout) => 408,
+            ApiError::Http(HttpError::PayloadTooLarge) => 413,
+            ApiError::Http(HttpError::HeadersTooLarge) => 431,
+            ApiError::Http(HttpError::NotImplemented(_)) => 501,
+            ApiError::Unavailable | ApiError::Overloaded => 503,
+            ApiError::Timeout => 504,
+            ApiError::Internal(_) => 500,
+        }
+    }
+
+    fn code(&self) -> &'static str {
+        match self {
+            ApiError::Invalid(_) | ApiError::Http(HttpError::BadRequest(_)) => "invalid_request",
+            ApiError::NotFound => "not_found",
+            ApiError::MethodNotAllowed(_) => "method_not_allowed",
+            ApiError::Http(HttpError::Timeout) => "request_timeout",
+            ApiError::Http(HttpError::PayloadTooLarge) => "payload_too_large",
+            ApiError::Http(HttpError::HeadersTooLarge) => "headers_too_large",
+            ApiError::Http(HttpError::NotImplemented(_)) => "not_implemented",
+            ApiError::Unavailable => "unavailable",
+            ApiError::Overloaded => "overloaded",
+            ApiError::Timeout => "timeout",
+            ApiError::Internal(_) => "internal",
+        }
+    }
+
+    fn message(&self) -> String {
+        match self {
+            ApiError::Invalid(why) => why.clone(),
+            ApiError::NotFound => "no such endpoint".into(),
+            ApiError::MethodNotAllowed(allow) => format!("method not allowed; use {allow}"),
+            ApiError::Http(HttpError::BadRequest(why) | HttpError::NotImplemented(why)) => {
+                (*why).into()
+            }
+            ApiError::Http(HttpError::Timeout) => "the request took too long to arrive".into(),
+            ApiError::Http(HttpError::PayloadTooLarge) => "the request body is too large".into(),
+            ApiError::Http(HttpError::HeadersTooLarge) => {
+                "the request header section is too large".into()
+            }
+            ApiError::Unavailable => "the message service is unavailable; retry later".into(),
+            ApiError::Overloaded => "the message service is overloaded; retry later".into(),
+            ApiError::Timeout => "the message service did not answer in time".into(),
+            ApiError::Internal(_) => "internal error".into(),
+        }
+    }
+
+    /// The response for this error.
+    pub fn into_response(self) -> Response {
+        if let ApiError::Internal(why) = &self {
+            eprintln!("im-server: internal error: {why}");
+        }
+        let body =
+            serde_json::json!({ "error": { "code": self.code(), "message": self.message() } });
+        let mut resp = Response::json(self.status(), body.to_string().into_bytes());
+        match self {
+            ApiError::MethodNotAllowed(allow) => resp.allow = Some(allow),
+            ApiError::Unavailable | ApiError::Overloaded => resp.retry_after = Some(1),
+            ApiError::Http(_) => resp.close = true,
+            _ => {}
+        }
+        resp
+    }
+
+    /// The error for a non-OK code in an RPC response.
+    pub fn from_code(code: i32, msg: String) -> ApiError {
+        match Code::from_i32(code) {
+            Code::InvalidArgument => ApiError::Invalid(msg),
+            Code::Unavailable => ApiError::Unavailable,
+            Code::Overloaded => ApiError::Overloaded,
+            Code::Ok | Code::Internal => ApiError::Internal(format!("rpc code {code}: {msg}")),
+        }
+    }
+}
+
+impl From<RpcError> for ApiError {
+    fn from(err: RpcError) -> Self {
+        match err {
+            RpcError::Unavailable => ApiError::Unavailable,
+            RpcError::Overloaded => ApiError::Overloaded,
+            RpcError::Timeout => ApiError::Timeout,
+        }
+    }
+}

@@ -1,0 +1,252 @@
+//! JSON request bodies and query strings in, JSON response bodies out.
+//! Responses are written by hand straight into a byte buffer; only string
+//! escaping is delegated to serde_json.
+
+use std::borrow::Cow;
+
+use serde::Deserialize;
+
+use super::error::ApiError;
+use crate::proto::{Message, PullRequest, PullResponse, SendRequest};
+
+#[derive(Deserialize)]
+struct SendBody<'a> {
+    #[serde(borrow, default)]
+    chat: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    text: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    sender: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize, Default)]
+struct PullParams<'a> {
+    #[serde(borrow, default)]
+    chat: Option<Cow<'a, str>>,
+    #[serde(default)]
+    cursor: Option<i64>,
+    #[serde(default)]
+    limit: Option<i32>,
+    #[serde(default)]
+    reverse: Option<bool>,
+}
+
+fn invalid_json(err: serde_json::Error) -> ApiError {
+    ApiError::Invalid(format!("invalid JSON body: {err}"))
+}
+
+/// `POST /api/send` body. Missing fields become empty strings, which the RPC
+/// server's validation rejects with a message naming the field.
+pub fn parse_send(body: &[u8]) -> Result<SendRequest, ApiError> {
+    if body.trim_ascii().is_empty() {
+        return Err(ApiError::Invalid(
+            "a JSON body {\"chat\",\"text\",\"sender\"} is required".into(),
+        ));
+    }
+    let parsed: SendBody = serde_json::from_slice(body).map_err(invalid_json)?;
+    let owned = |field: Option<Cow<'_, str>>| field.map(Cow::into_owned).unwrap_or_default();
+    Ok(SendRequest {
+        message: Some(Message {
+            chat: owned(parsed.chat),
+            text: owned(parsed.text),
+            sender: owned(parsed.sender),
+            send_time: 0,
+        }),
+    })
+}
+
+/// `GET /api/pull` parameters, from a JSON body or from the query string
+/// (not both: which one would win is a guess we refuse to make).
+pub fn parse_pull(body: &[u8], query: Option<&[u8]>) -> Result<PullRequest, ApiError> {
+    let from_body = !body.trim_ascii().is_empty();
+    let query_params = match query {
+        Some(q) => parse_query(q)?,
+        None => None,
+    };
+    let params = match (from_body, query_params) {
+        (true, Some(_)) => {
+            return Err(ApiError::Invalid(
+                "give the pull parameters either as a JSON body or in the query string, not both"
+                    .into(),
+            ));
+        }
+        (true, None) => serde_json::from_slice::<PullParams>(body).map_err(invalid_json)?,
+        (false, Some(params)) => params,
+        (false, None) => PullParams::default(),
+    };
+    Ok(PullRequest {
+        chat: params.chat.map(Cow::into_owned).unwrap_or_default(),
+        cursor: params.cursor.unwrap_or(0),
+        limit: params.limit.unwrap_or(0),
+        reverse: params.reverse.unwrap_or(false),
+    })
+}
+
+/// Parses `chat`, `cursor`, `limit` and `reverse` from a query string;
+/// `None` if it names none of them. Other keys are ignored.
+fn parse_query(query: &[u8]) -> Result<Option<PullParams<'static>>, ApiError> {
+    let mut params = PullParams::default();
+    let mut any = false;
+    for pair in query.split(|&b| b == b'&').filter(|p| !p.is_empty()) {
+        let (key, value) = match pair.iter().position(|&b| b == b'=') {
+            Some(i) => (&pair[..i], &pair[i + 1..]),
+            None => (pair, &b""[..]),
+        };
+        let key = percent_decode(key)?;
+        let value = percent_decode(value)?;
+        let duplicate = || ApiError::Invalid(format!("query parameter `{key}` given twice"));
+        let number =
+            |what: &str| ApiError::Invalid(format!("query parameter `{key}` must be {what}"));
+        match key.as_str() {
+            "chat" if params.chat.is_some() => return Err(duplicate()),
+            "chat" => params.chat = Some(Cow::Owned(value)),
+            "cursor" if params.cursor.is_some() => return Err(duplicate()),
+            "cursor" => params.cursor = Some(value.parse().map_err(|_| number("an integer"))?),
+            "limit" if params.limit.is_some() => return Err(duplicate()),
+            "limit" => params.limit = Some(value.parse().map_err(|_| number("a 32-bit integer"))?),
+            "reverse" if params.reverse.is_some() => return Err(duplicate()),
+            "reverse" => {
+                params.reverse = Some(match value.as_str() {
+                    "true" | "1" => true,
+                    "false" | "0" => false,
+                    _ => return Err(number("true or false")),
+                })
+            }
+            _ => continue,
+        }
+        any = true;
+    }
+    Ok(any.then_some(params))
+}
+
+/// Decodes `%XX` escapes and `+` (a space in form encoding) into UTF-8.
+fn percent_decode(raw: &[u8]) -> Result<String, ApiError> {
+    let mut out = Vec::with_capacity(raw.len());
+    let mut i = 0;
+    while i < raw.len() {
+        match raw[i] {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let hex = |j: usize| raw.get(j).and_then(|&b| (b as char).to_digit(16));
+                match (hex(i + 1), hex(i + 2)) {
+                    (Some(h), Some(l)) => out.push((h * 16 + l) as u8),
+                    _ => {
+                        return Err(ApiError::Invalid(
+                            "malformed percent-encoding in the query string".into(),
+                        ));
+                    }
+                }
+                i += 2;
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8(out)
+        .map_err(|_| ApiError::Invalid("the query string is not valid UTF-8".into()))
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    // Writing into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, s);
+}
+
+fn put_i64(out: &mut Vec<u8>, v: i64) {
+    let _ = serde_json::to_writer(&mut *out, &v);
+}
+
+/// `{"send_time":N}`
+pub fn send_body(send_time: i64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(32);
+    out.extend_from_slice(b"{\"send_time\":");
+    put_i64(&mut out, send_time);
+    out.push(b'}');
+    out
+}
+
+/// `{"messages":[...],"has_more":B,"next_cursor":N}`
+pub fn pull_body(resp: &PullResponse) -> Vec<u8> {
+    let text_bytes: usize = resp
+        .messages
+        .iter()
+        .map(|m| m.text.len() + m.chat.len() + m.sender.len())
+        .sum();
+    let mut out = Vec::with_capacity(64 + text_bytes + resp.messages.len() * 64);
+    out.extend_from_slice(b"{\"messages\":[");
+    for (i, m) in resp.messages.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(b"{\"chat\":");
+        put_str(&mut out, &m.chat);
+        out.extend_from_slice(b",\"text\":");
+        put_str(&mut out, &m.text);
+        out.extend_from_slice(b",\"sender\":");
+        put_str(&mut out, &m.sender);
+        out.extend_from_slice(b",\"send_time\":");
+        put_i64(&mut out, m.send_time);
+        out.push(b'}');
+    }
+    out.extend_from_slice(if resp.has_more {
+        b"],\"has_more\":true,\"next_cursor\":"
+    } else {
+        b"],\"has_more\":false,\"next_cursor\":"
+    });
+    put_i64(&mut out, resp.next_cursor);
+    out.push(b'}');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pull_from_query_decodes_and_rejects_duplicates() {
+        let req =
+            parse_pull(b"", Some(b"chat=a%3Ab&cursor=5&limit=3&reverse=true&x=1")).expect("valid");
+        assert_eq!(
+            (req.chat.as_str(), req.cursor, req.limit, req.reverse),
+            ("a:b", 5, 3, true)
+        );
+        let req = parse_pull(b"", Some(b"chat=hello+world%F0%9F%98%80")).expect("valid");
+        assert_eq!(req.chat, "hello world😀");
+        assert!(parse_pull(b"", Some(b"chat=a&chat=b")).is_err());
+        assert!(parse_pull(b"", Some(b"chat=%FF")).is_err());
+        assert!(parse_pull(b"", Some(b"chat=%4")).is_err());
+        assert!(parse_pull(b"", Some(b"limit=ten")).is_err());
+        assert!(parse_pull(b"{\"chat\":\"a\"}", Some(b"chat=a")).is_err());
+    }
+
+    #[test]
+    fn json_types_are_enforced() {
+        assert!(parse_send(br#"{"chat":5,"text":"t","sender":"s"}"#).is_err());
+        assert!(parse_pull(br#"{"chat":"c","limit":"3"}"#, None).is_err());
+        assert!(parse_pull(br#"{"chat":"c","reverse":"yes"}"#, None).is_err());
+        assert!(parse_send(b"{\"chat\":\"\xff\",\"text\":\"t\",\"sender\":\"s\"}").is_err());
+        assert!(parse_send(b"not json").is_err());
+    }
+
+    #[test]
+    fn pull_body_is_valid_json() {
+        let resp = PullResponse {
+            messages: vec![Message {
+                chat: "a:b".into(),
+                text: "quote \" backslash \\ newline \n emoji 😀".into(),
+                sender: "a".into(),
+                send_time: 1_700_000_000_000_001,
+            }],
+            has_more: true,
+            next_cursor: 1_700_000_000_000_001,
+            ..PullResponse::default()
+        };
+        let parsed: serde_json::Value =
+            serde_json::from_slice(&pull_body(&resp)).expect("valid JSON");
+        assert_eq!(
+            parsed["messages"][0]["text"],
+            resp.messages[0].text.as_str()
+        );
+        assert_eq!(parsed["next_cursor"], 1_700_000_000_000_001i64);
+        assert_eq!(parsed["has_more"], true);
+    }
+}

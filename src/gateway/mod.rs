@@ -1,0 +1,103 @@
+//! The HTTP gateway: routes requests, turns JSON into RPC calls and RPC
+//! replies back into JSON.
+
+pub mod error;
+pub mod json;
+
+use crate::http::{Handler, HttpError, Method, Request, Response};
+use crate::proto::{PullResponse, SendResponse};
+use crate::rpc::client::{RpcCall, RpcClient, RpcRequest};
+use crate::rpc::frame::Frame;
+use crate::rpc::status;
+use error::ApiError;
+
+pub struct Gateway {
+    rpc: RpcClient,
+}
+
+/// A started request.
+pub enum PendingReply {
+    Ready(Response),
+    Send(RpcCall),
+    Pull(RpcCall),
+}
+
+const PONG: &[u8] = br#"{"message":"pong"}"#;
+
+impl Gateway {
+    pub fn new(rpc: RpcClient) -> Gateway {
+        Gateway { rpc }
+    }
+
+    fn route(&self, req: &Request) -> Result<PendingReply, ApiError> {
+        let (path, query) = req.path_and_query();
+        let readable = matches!(req.method, Method::Get | Method::Head);
+        match path {
+            b"/ping" if readable => Ok(PendingReply::Ready(Response::json(200, PONG.to_vec()))),
+            b"/ping" => Err(ApiError::MethodNotAllowed("GET, HEAD")),
+            b"/api/send" if req.method == Method::Post => {
+                let request = json::parse_send(&req.body)?;
+                Ok(PendingReply::Send(
+                    self.rpc.start(RpcRequest::Send(request))?,
+                ))
+            }
+            b"/api/send" => Err(ApiError::MethodNotAllowed("POST")),
+            b"/api/pull" if readable => {
+                let request = json::parse_pull(&req.body, query)?;
+                Ok(PendingReply::Pull(
+                    self.rpc.start(RpcRequest::Pull(request))?,
+                ))
+            }
+            b"/api/pull" => Err(ApiError::MethodNotAllowed("GET, HEAD")),
+            _ => Err(ApiError::NotFound),
+        }
+    }
+
+    async fn finish_send(&self, call: RpcCall) -> Result<Response, ApiError> {
+        let resp: SendResponse = decode_reply(self.rpc.finish(call).await?)?;
+        if resp.code != 0 {
+            return Err(ApiError::from_code(resp.code, resp.msg));
+        }
+        Ok(Response::json(200, json::send_body(resp.send_time)))
+    }
+
+    async fn finish_pull(&self, call: RpcCall) -> Result<Response, ApiError> {
+        let resp: PullResponse = decode_reply(self.rpc.finish(call).await?)?;
+        if resp.code != 0 {
+            return Err(ApiError::from_code(resp.code, resp.msg));
+        }
+        Ok(Response::json(200, json::pull_body(&resp)))
+    }
+}
+
+fn decode_reply<M: prost::Message + Default>(frame: Frame) -> Result<M, ApiError> {
+    if frame.kind != status::OK {
+        let why = String::from_utf8_lossy(&frame.body);
+        return Err(ApiError::Internal(format!(
+            "rpc server refused a frame: {why}"
+        )));
+    }
+    M::decode(frame.body).map_err(|e| ApiError::Internal(format!("undecodable rpc reply: {e}")))
+}
+
+impl Handler for Gateway {
+    type Pending = PendingReply;
+
+    fn start(&self, req: &Request) -> PendingReply {
+        self.route(req)
+            .unwrap_or_else(|err| PendingReply::Ready(err.into_response()))
+    }
+
+    async fn finish(&self, pending: PendingReply) -> Response {
+        let result = match pending {
+            PendingReply::Ready(resp) => return resp,
+            PendingReply::Send(call) => self.finish_send(call).await,
+            PendingReply::Pull(call) => self.finish_pull(call).await,
+        };
+        result.unwrap_or_else(ApiError::into_response)
+    }
+
+    fn reject(&self, err: HttpError) -> Response {
+        ApiError::Http(err).into_response()
+    }
+}

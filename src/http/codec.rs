@@ -1,0 +1,428 @@
+//! HTTP/1.1 request framing (RFC 9112), with no I/O: bytes in, [`Request`]s
+//! out. Every framing decision (Content-Length vs chunked vs none, keep-alive
+//! vs close) is made in [`RequestDecoder::decode`] and the helpers it calls.
+
+use bytes::{Buf, Bytes, BytesMut};
+
+/// Size limits, checked as soon as the bytes that break them arrive.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Request line plus header section, in bytes (431 beyond it).
+    pub max_head: usize,
+    /// Number of header fields (431 beyond it).
+    pub max_headers: usize,
+    /// Decoded body, in bytes (413 beyond it).
+    pub max_body: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_head: 16 * 1024,
+            max_headers: 64,
+            max_body: 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    Get,
+    Head,
+    Post,
+    Other,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Version {
+    Http10,
+    Http11,
+}
+
+/// A complete request: head fields the server acts on, and the whole body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    pub method: Method,
+    /// The request-target exactly as sent (origin-form or absolute-form).
+    pub target: Bytes,
+    pub version: Version,
+    /// Whether the connection may serve another request after this one.
+    pub keep_alive: bool,
+    pub body: Bytes,
+}
+
+impl Request {
+    /// The path and the raw (still percent-encoded) query of the target.
+    pub fn path_and_query(&self) -> (&[u8], Option<&[u8]>) {
+        let mut target = &self.target[..];
+        // absolute-form: "http://host:port/path?query" (RFC 9112 §3.2.2).
+        if let Some(scheme_end) = find(target, b"://") {
+            let after = &target[scheme_end + 3..];
+            target = match after.iter().position(|&b| b == b'/' || b == b'?') {
+                Some(i) if after[i] == b'/' => &after[i..],
+                Some(i) => &after[i..], // "http://host?q": empty path
+                None => b"/",
+            };
+        }
+        match target.iter().position(|&b| b == b'?') {
+            Some(i) => (&target[..i], Some(&target[i + 1..])),
+            None => (target, None),
+        }
+    }
+}
+
+/// Why a request cannot be served; the connection is closed after answering.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HttpError {
+    /// Malformed syntax or ambiguous framing (400).
+    BadRequest(&'static str),
+    /// Header section or header count over the limit (431).
+    HeadersTooLarge,
+    /// Body over the limit (413).
+    PayloadTooLarge,
+    /// A transfer coding we do not implement (501).
+    NotImplemented(&'static str),
+    /// The client took too long to send the request (408).
+    Timeout,
+}
+
+/// How the body of the request being decoded is delimited.
+#[derive(Debug)]
+enum Body {
+    Length(usize),
+    Chunked(ChunkedBody),
+}
+
+#[derive(Debug)]
+struct PartialRequest {
+    method: Method,
+    target: Bytes,
+    version: Version,
+    keep_alive: bool,
+    expect_continue: bool,
+    body: Body,
+}
+
+/// Incremental request decoder: call [`decode`](Self::decode) whenever more
+/// bytes arrive; it consumes exactly the bytes of each complete request.
+#[derive(Debug)]
+pub struct RequestDecoder {
+    limits: Limits,
+    partial: Option<PartialRequest>,
+}
+
+impl RequestDecoder {
+    pub fn new(limits: Limits) -> Self {
+        RequestDecoder {
+            limits,
+            partial: None,
+        }
+    }
+
+    /// Whether the head of a request has been read and its body has not.
+    pub fn in_body(&self) -> bool {
+        self.partial.is_some()
+    }
+
+    /// True once per request whose head asked for `100 Continue` and whose
+    /// body has not fully arrived: the caller should send the interim reply.
+    pub fn take_expect_continue(&mut self) -> bool {
+        match &mut self.partial {
+            Some(p) if p.expect_continue => {
+                p.expect_continue = false;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Decodes the next complete request from the front of `buf`.
+    /// `Ok(None)` means more bytes are needed.
+    pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Request>, HttpError> {
+        if self.partial.is_none() {
+            match parse_head(buf, &self.limits)? {
+                Some(partial) => self.partial = Some(partial),
+                None => return Ok(None),
+            }
+        }
+        let Some(partial) = self.partial.as_mut() else {
+            return Ok(None);
+        };
+        let body = match &mut partial.body {
+            Body::Length(len) => {
+                if buf.len() < *len {
+                    return Ok(None);
+                }
+                buf.split_to(*len).freeze()
+            }
+            Body::Chunked(chunked) => match chunked.decode(buf, &self.limits)? {
+                Some(body) => body,
+                None => return Ok(None),
+            },
+        };
+        let Some(p) = self.partial.take() else {
+            return Ok(None);
+        };
+        Ok(Some(Request {
+            method: p.method,
+            target: p.target,
+            version: p.version,
+            keep_alive: p.keep_alive,
+            body,
+        }))
+    }
+}
+
+/// Upper bound for [`Limits::max_headers`]: the header array lives on the stack.
+pub const MAX_HEADERS_CAP: usize = 128;
+
+fn parse_head(buf: &mut BytesMut, limits: &Limits) -> Result<Option<PartialRequest>, HttpError> {
+    // Skip the empty lines a client may send between requests (RFC 9112 §2.2).
+    while buf.starts_with(b"\r\n") || buf.starts_with(b"\n") {
+        let n = if buf[0] == b'\r' { 2 } else { 1 };
+        buf.advance(n);
+    }
+    if buf.is_empty() {
+        return Ok(None);
+    }
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS_CAP];
+    let mut req = httparse::Request::new(&mut headers[..limits.max_headers.min(MAX_HEADERS_CAP)]);
+    let head_len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) if n <= limits.max_head => n,
+        Ok(httparse::Status::Complete(_)) => return Err(HttpError::HeadersTooLarge),
+        Ok(httparse::Status::Partial) if buf.len() > limits.max_head => {
+            return Err(HttpError::HeadersTooLarge);
+        }
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(HttpError::HeadersTooLarge),
+        Err(httparse::Error::Version) => {
+            return Err(HttpError::BadRequest("unsupported HTTP version"));
+        }
+        Err(_) => return Err(HttpError::BadRequest("malformed request head")),
+    };
+    let method = match req.method {
+        Some("GET") => Method::Get,
+        Some("HEAD") => Method::Head,
+        Some("POST") => Method::Post,
+        _ => Method::Other,
+    };
+    let version = match req.version {
+        Some(0) => Version::Http10,
+        _ => Version::Http11,
+    };
+    let path = req.path.unwrap_or("/");
+    let target_start = path.as_ptr() as usize - buf.as_ptr() as usize;
+    let target_range = target_start..target_start + path.len();
+
+    let mut content_length: Option<usize> = None;
+    let mut chunked = false;
+    let mut saw_transfer_encoding = false;
+    let mut close = false;
+    let mut keep_alive_token = false;
+    let mut expect_continue = false;
+    for header in req.headers.iter() {
+        let name = header.name.as_bytes();
+        let value = trim(header.value);
+        if name.eq_ignore_ascii_case(b"content-length") {
+            let len = parse_content_length(value)?;
+            if content_length.is_some_and(|seen| seen != len) {
+                return Err(HttpError::BadRequest("conflicting Content-Length"));
+            }
+            content_length = Some(len);
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            saw_transfer_encoding = true;
+            // Only a lone "chunked" is implemented; any other coding, or
+            // chunked applied twice, is refused (RFC 9112 §6.1).
+            for coding in value.split(|&b| b == b',').map(trim) {
+                if chunked || !coding.eq_ignore_ascii_case(b"chunked") {
+                    return Err(HttpError::NotImplemented("unsupported Transfer-Encoding"));
+                }
+                chunked = true;
+            }
+        } else if name.eq_ignore_ascii_case(b"connection") {
+            for token in value.split(|&b| b == b',').map(trim) {
+                close |= token.eq_ignore_ascii_case(b"close");
+                keep_alive_token |= token.eq_ignore_ascii_case(b"keep-alive");
+            }
+        } else if name.eq_ignore_ascii_case(b"expect") {
+            if !value.eq_ignore_ascii_case(b"100-continue") {
+                return Err(HttpError::BadRequest("unsupported Expect"));
+            }
+            expect_continue = version == Version::Http11;
+        }
+    }
+    // Both framings at once is the classic smuggling vector (RFC 9112 §6.3).
+    if saw_transfer_encoding && content_length.is_some() {
+        return Err(HttpError::BadRequest(
+            "both Transfer-Encoding and Content-Length",
+        ));
+    }
+    if saw_transfer_encoding && version == Version::Http10 {
+        return Err(HttpError::BadRequest(
+            "Transfer-Encoding in an HTTP/1.0 request",
+        ));
+    }
+    let body = if chunked {
+        Body::Chunked(ChunkedBody::default())
+    } else {
+        let len = content_length.unwrap_or(0);
+        if len > limits.max_body {
+            return Err(HttpError::PayloadTooLarge);
+        }
+        Body::Length(len)
+    };
+    let keep_alive = match version {
+        Version::Http11 => !close,
+        Version::Http10 => keep_alive_token && !close,
+    };
+    let has_body = !matches!(body, Body::Length(0));
+    let head = buf.split_to(head_len).freeze();
+    Ok(Some(PartialRequest {
+        method,
+        target: head.slice(target_range),
+        version,
+        keep_alive,
+        expect_continue: expect_continue && has_body,
+        body,
+    }))
+}
+
+fn parse_content_length(value: &[u8]) -> Result<usize, HttpError> {
+    const INVALID: HttpError = HttpError::BadRequest("invalid Content-Length");
+    // 1*DIGIT only: no sign, no spaces inside, no overflow (RFC 9110 §8.6).
+    if value.is_empty() || value.len() > 18 || !value.iter().all(u8::is_ascii_digit) {
+        return Err(INVALID);
+    }
+    let len = value
+        .iter()
+        .fold(0u64, |acc, &d| acc * 10 + u64::from(d - b'0'));
+    usize::try_from(len).map_err(|_| INVALID)
+}
+
+/// State of a `Transfer-Encoding: chunked` body being decoded (RFC 9112 §7.1).
+#[derive(Debug, Default)]
+struct ChunkedBody {
+    decoded: BytesMut,
+    phase: ChunkPhase,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+enum ChunkPhase {
+    #[default]
+    Size,
+    Data(usize),
+    DataEnd,
+    Trailers(usize),
+}
+
+/// Longest chunk-size line (size plus extensions) we accept.
+const MAX_CHUNK_LINE: usize = 4096;
+
+impl ChunkedBody {
+    fn decode(&mut self, buf: &mut BytesMut, limits: &Limits) -> Result<Option<Bytes>, HttpError> {
+        loop {
+            match self.phase {
+                ChunkPhase::Size => {
+                    let Some(line) = take_line(buf, MAX_CHUNK_LINE)? else {
+                        return Ok(None);
+                    };
+                    let size = parse_chunk_size(&line)?;
+                    if self.decoded.len() + size > limits.max_body {
+                        return Err(HttpError::PayloadTooLarge);
+                    }
+                    self.phase = if size == 0 {
+                        ChunkPhase::Trailers(0)
+                    } else {
+                        ChunkPhase::Data(size)
+                    };
+                }
+                ChunkPhase::Data(remaining) => {
+                    if buf.is_empty() {
+                        return Ok(None);
+                    }
+                    let n = remaining.min(buf.len());
+                    self.decoded.extend_from_slice(&buf.split_to(n));
+                    self.phase = if n == remaining {
+                        ChunkPhase::DataEnd
+                    } else {
+                        ChunkPhase::Data(remaining - n)
+                    };
+                }
+                ChunkPhase::DataEnd => {
+                    let Some(line) = take_line(buf, 2)? else {
+                        return Ok(None);
+                    };
+                    if !line.is_empty() {
+                        return Err(HttpError::BadRequest("chunk data not followed by CRLF"));
+                    }
+                    self.phase = ChunkPhase::Size;
+                }
+                ChunkPhase::Trailers(seen) => {
+                    let Some(line) = take_line(buf, limits.max_head)? else {
+                        return Ok(None);
+                    };
+                    if line.is_empty() {
+                        self.phase = ChunkPhase::Size;
+                        return Ok(Some(std::mem::take(&mut self.decoded).freeze()));
+                    }
+                    // Trailer fields are read and ignored, within the head limit.
+                    let seen = seen + line.len();
+                    if seen > limits.max_head {
+                        return Err(HttpError::HeadersTooLarge);
+                    }
+                    self.phase = ChunkPhase::Trailers(seen);
+                }
+            }
+        }
+    }
+}
+
+/// Takes one line (without its CRLF or bare LF) off the front of `buf`.
+fn take_line(buf: &mut BytesMut, max: usize) -> Result<Option<BytesMut>, HttpError> {
+    match buf.iter().position(|&b| b == b'\n') {
+        Some(end) if end <= max + 1 => {
+            let mut line = buf.split_to(end + 1);
+            line.truncate(end);
+            if line.last() == Some(&b'\r') {
+                line.truncate(end - 1);
+            }
+            Ok(Some(line))
+        }
+        Some(_) => Err(HttpError::BadRequest("line too long")),
+        None if buf.len() > max + 1 => Err(HttpError::BadRequest("line too long")),
+        None => Ok(None),
+    }
+}
+
+/// `chunk-size [ chunk-ext ]`: hex digits, then optional `;name[=value]`s.
+fn parse_chunk_size(line: &[u8]) -> Result<usize, HttpError> {
+    const INVALID: HttpError = HttpError::BadRequest("invalid chunk size");
+    let digits_end = line
+        .iter()
+        .position(|b| !b.is_ascii_hexdigit())
+        .unwrap_or(line.len());
+    let (digits, rest) = line.split_at(digits_end);
+    if digits.is_empty() || digits.len() > 15 {
+        return Err(INVALID);
+    }
+    let rest = trim(rest);
+    if !rest.is_empty() && rest[0] != b';' {
+        return Err(INVALID);
+    }
+    let size = digits.iter().fold(0u64, |acc, &d| {
+        acc * 16 + u64::from((d as char).to_digit(16).unwrap_or(0))
+    });
+    usize::try_from(size).map_err(|_| INVALID)
+}
+
+fn trim(value: &[u8]) -> &[u8] {
+    value.trim_ascii()
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+#[cfg(test)]
+#[path = "codec_tests.rs"]
+mod tests;

@@ -1,0 +1,123 @@
+use super::*;
+
+fn decoder() -> RequestDecoder {
+    RequestDecoder::new(Limits::default())
+}
+
+/// Feeds `input` one byte at a time and collects every request decoded.
+fn decode_bytewise(input: &[u8]) -> Result<Vec<Request>, HttpError> {
+    let mut dec = decoder();
+    let mut buf = BytesMut::new();
+    let mut out = Vec::new();
+    for &b in input {
+        buf.extend_from_slice(&[b]);
+        while let Some(req) = dec.decode(&mut buf)? {
+            out.push(req);
+        }
+    }
+    Ok(out)
+}
+
+fn decode_all(input: &[u8]) -> Result<Vec<Request>, HttpError> {
+    let mut dec = decoder();
+    let mut buf = BytesMut::from(input);
+    let mut out = Vec::new();
+    while let Some(req) = dec.decode(&mut buf)? {
+        out.push(req);
+    }
+    Ok(out)
+}
+
+#[test]
+fn content_length_body_split_anywhere() {
+    let input = b"POST /api/send HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhelloGET /ping HTTP/1.1\r\n\r\n";
+    for reqs in [decode_bytewise(input), decode_all(input)] {
+        let reqs = reqs.expect("valid input");
+        assert_eq!(reqs.len(), 2);
+        assert_eq!(reqs[0].method, Method::Post);
+        assert_eq!(&reqs[0].body[..], b"hello");
+        assert_eq!(&reqs[1].target[..], b"/ping");
+        assert!(reqs[1].body.is_empty());
+        assert!(reqs.iter().all(|r| r.keep_alive));
+    }
+}
+
+#[test]
+fn chunked_body_with_extensions_and_trailers() {
+    let input = b"POST /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nTrailer: x\r\n\r\n";
+    for reqs in [decode_bytewise(input), decode_all(input)] {
+        let reqs = reqs.expect("valid chunked input");
+        assert_eq!(reqs.len(), 1);
+        assert_eq!(&reqs[0].body[..], b"hello world");
+    }
+}
+
+#[test]
+fn keep_alive_rules() {
+    let r = |s: &[u8]| decode_all(s).expect("valid")[0].keep_alive;
+    assert!(r(b"GET / HTTP/1.1\r\n\r\n"));
+    assert!(!r(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n"));
+    assert!(!r(b"GET / HTTP/1.0\r\n\r\n"));
+    assert!(r(b"GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n"));
+}
+
+#[test]
+fn smuggling_and_bad_lengths_rejected() {
+    let bad: &[&[u8]] = &[
+        b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
+        b"POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
+        b"POST / HTTP/1.1\r\nContent-Length: 1x\r\n\r\n",
+        b"POST / HTTP/1.1\r\nContent-Length: 99999999999999999999999\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost : x\r\n\r\n",
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",
+    ];
+    for input in bad {
+        assert!(
+            matches!(decode_all(input), Err(HttpError::BadRequest(_))),
+            "accepted {:?}",
+            String::from_utf8_lossy(input)
+        );
+    }
+    assert!(matches!(
+        decode_all(b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"),
+        Err(HttpError::NotImplemented(_))
+    ));
+}
+
+#[test]
+fn limits_answered_before_the_body_arrives() {
+    let head = b"POST / HTTP/1.1\r\nContent-Length: 1048577\r\n\r\n";
+    assert_eq!(decode_all(head), Err(HttpError::PayloadTooLarge));
+    let mut big = b"GET / HTTP/1.1\r\nX: ".to_vec();
+    big.extend(std::iter::repeat_n(b'a', 17 * 1024));
+    assert_eq!(decode_all(&big), Err(HttpError::HeadersTooLarge));
+}
+
+#[test]
+fn absolute_form_and_query() {
+    let reqs =
+        decode_all(b"GET http://example.com:8080/api/pull?chat=a HTTP/1.1\r\n\r\n").expect("valid");
+    assert_eq!(
+        reqs[0].path_and_query(),
+        (&b"/api/pull"[..], Some(&b"chat=a"[..]))
+    );
+    let reqs = decode_all(b"GET /ping HTTP/1.1\r\n\r\n").expect("valid");
+    assert_eq!(reqs[0].path_and_query(), (&b"/ping"[..], None));
+}
+
+#[test]
+fn expect_continue_reported_once_while_body_pending() {
+    let mut dec = decoder();
+    let mut buf = BytesMut::from(
+        &b"POST / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n"[..],
+    );
+    assert_eq!(dec.decode(&mut buf), Ok(None));
+    assert!(dec.take_expect_continue());
+    assert!(!dec.take_expect_continue());
+    buf.extend_from_slice(b"ok");
+    assert_eq!(
+        dec.decode(&mut buf).expect("valid").map(|r| r.body),
+        Some(Bytes::from_static(b"ok"))
+    );
+}

@@ -1,0 +1,12 @@
+//! HTTP/1.1 server side: a pure request codec ([`codec`]), response
+//! serialisation ([`response`]), a cached `Date` header ([`date`]) and the
+//! per-connection loop ([`server`]).
+
+pub mod codec;
+pub mod date;
+pub mod response;
+pub mod server;
+
+pub use codec::{HttpError, Limits, Method, Request, RequestDecoder, Version};
+pub use response::Response;
+pub use server::{Handler, serve};

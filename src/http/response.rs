@@ -1,0 +1,103 @@
+//! Responses and their serialisation straight into the connection's output
+//! buffer.
+
+use bytes::{BufMut, BytesMut};
+
+use super::date::with_date;
+
+/// A response ready to be written. The body is already serialised JSON.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Response {
+    pub status: u16,
+    pub body: Vec<u8>,
+    /// `Allow` header value, for 405.
+    pub allow: Option<&'static str>,
+    /// `Retry-After` seconds, for 503.
+    pub retry_after: Option<u32>,
+    /// Close the connection after this response.
+    pub close: bool,
+}
+
+impl Response {
+    pub fn json(status: u16, body: Vec<u8>) -> Response {
+        Response {
+            status,
+            body,
+            allow: None,
+            retry_after: None,
+            close: false,
+        }
+    }
+}
+
+pub fn reason(status: u16) -> &'static str {
+    match status {
+        100 => "Continue",
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        413 => "Content Too Large",
+        414 => "URI Too Long",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        501 => "Not Implemented",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        _ => "Unknown",
+    }
+}
+
+/// Appends `resp` to `out`. `head_only` drops the body (for HEAD) but keeps
+/// its Content-Length; `keep_alive` is the connection's decision after this
+/// response, and `http10` makes keep-alive explicit for HTTP/1.0 clients.
+pub fn write_response(
+    out: &mut BytesMut,
+    resp: &Response,
+    head_only: bool,
+    keep_alive: bool,
+    http10: bool,
+) {
+    out.reserve(160 + resp.body.len());
+    out.put_slice(b"HTTP/1.1 ");
+    put_u64(out, u64::from(resp.status));
+    out.put_u8(b' ');
+    out.put_slice(reason(resp.status).as_bytes());
+    out.put_slice(b"\r\nDate: ");
+    with_date(|date| out.put_slice(date));
+    out.put_slice(b"\r\nContent-Type: application/json\r\nContent-Length: ");
+    put_u64(out, resp.body.len() as u64);
+    if let Some(allow) = resp.allow {
+        out.put_slice(b"\r\nAllow: ");
+        out.put_slice(allow.as_bytes());
+    }
+    if let Some(secs) = resp.retry_after {
+        out.put_slice(b"\r\nRetry-After: ");
+        put_u64(out, u64::from(secs));
+    }
+    if !keep_alive {
+        out.put_slice(b"\r\nConnection: close");
+    } else if http10 {
+        out.put_slice(b"\r\nConnection: keep-alive");
+    }
+    out.put_slice(b"\r\n\r\n");
+    if !head_only {
+        out.put_slice(&resp.body);
+    }
+}
+
+/// Decimal digits of `v`, without going through `fmt`.
+pub fn put_u64(out: &mut BytesMut, mut v: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    out.put_slice(&digits[i..]);
+}

@@ -1,0 +1,361 @@
+//! A multiplexed client connection, owned by one task.
+//!
+//! Callers hand requests to the task over a bounded channel and get a
+//! [`Pending`] reply back at once. The task writes everything queued with one
+//! `write` (batching under load for free), matches each reply to its caller
+//! by tag, and reconnects with backoff when the connection breaks. Callers of
+//! a broken or not-yet-restored connection get [`MuxError::Unavailable`]
+//! immediately instead of hanging; a full queue gives [`MuxError::Overloaded`].
+//!
+//! The RPC client (tags = request ids, replies in any order) and the Redis
+//! client (tags = position in the pipeline) are both [`Protocol`]s over this.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{Interest, Ready};
+use tokio::net::{TcpStream, UnixStream};
+use tokio::sync::{mpsc, oneshot};
+
+/// A connected socket: TCP, or a unix socket for a local Redis.
+#[derive(Debug)]
+pub enum Stream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Stream {
+    pub async fn ready(&self, interest: Interest) -> io::Result<Ready> {
+        match self {
+            Stream::Tcp(s) => s.ready(interest).await,
+            Stream::Unix(s) => s.ready(interest).await,
+        }
+    }
+
+    pub fn try_read_buf(&self, buf: &mut BytesMut) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.try_read_buf(buf),
+            Stream::Unix(s) => s.try_read_buf(buf),
+        }
+    }
+
+    pub fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.try_write(buf),
+            Stream::Unix(s) => s.try_write(buf),
+        }
+    }
+
+    /// Writes all of `buf` (used for handshakes, before the actor loop).
+    pub async fn write_all(&self, mut buf: &[u8]) -> io::Result<()> {
+        while !buf.is_empty() {
+            self.ready(Interest::WRITABLE).await?;
+            match self.try_write(buf) {
+                Ok(n) => buf = &buf[n..],
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads at least one byte into `buf`; end of stream is an error.
+    pub async fn read_some(&self, buf: &mut BytesMut) -> io::Result<()> {
+        loop {
+            self.ready(Interest::READABLE).await?;
+            buf.reserve(READ_CHUNK);
+            match self.try_read_buf(buf) {
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(_) => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// A request/reply protocol spoken over a [`Stream`].
+pub trait Protocol: Send + 'static {
+    type Request: Send + 'static;
+    type Reply: Send + 'static;
+
+    /// Opens a connection ready for requests (including any handshake).
+    fn connect(&mut self) -> impl Future<Output = io::Result<Stream>> + Send;
+    /// Appends `request` to `out` and returns the tag its reply will carry.
+    fn encode(&mut self, request: Self::Request, out: &mut BytesMut) -> u64;
+    /// Takes one reply, with its tag, off the front of `input`.
+    fn decode(&mut self, input: &mut BytesMut) -> io::Result<Option<(u64, Self::Reply)>>;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MuxError {
+    /// Not connected, or the connection broke before the reply arrived.
+    Unavailable,
+    /// The queue is full.
+    Overloaded,
+}
+
+struct Call<P: Protocol> {
+    request: P::Request,
+    reply: oneshot::Sender<Result<P::Reply, MuxError>>,
+}
+
+/// A reply that has been asked for and not yet received.
+pub struct Pending<R>(oneshot::Receiver<Result<R, MuxError>>);
+
+impl<R> Pending<R> {
+    pub async fn wait(self) -> Result<R, MuxError> {
+        self.0.await.unwrap_or(Err(MuxError::Unavailable))
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct MuxOptions {
+    /// For log lines: what this connection is ("rpc client", "redis").
+    pub name: &'static str,
+    /// For log lines: where it connects.
+    pub target: String,
+    /// Calls waiting for the task; more are refused with `Overloaded`.
+    pub queue: usize,
+    /// Requests written and not yet answered.
+    pub max_in_flight: usize,
+}
+
+/// Cheap to clone; the task ends when every handle is dropped.
+pub struct Handle<P: Protocol> {
+    calls: mpsc::Sender<Call<P>>,
+}
+
+impl<P: Protocol> Clone for Handle<P> {
+    fn clone(&self) -> Self {
+        Handle {
+            calls: self.calls.clone(),
+        }
+    }
+}
+
+impl<P: Protocol> Handle<P> {
+    /// Starts the connection task.
+    pub fn spawn(protocol: P, options: MuxOptions) -> Self {
+        let (calls, receiver) = mpsc::channel(options.queue.max(1));
+        tokio::spawn(run(protocol, receiver, options));
+        Handle { calls }
+    }
+
+    /// Queues `request` without waiting.
+    pub fn start(&self, request: P::Request) -> Result<Pending<P::Reply>, MuxError> {
+        let (reply, receiver) = oneshot::channel();
+        match self.calls.try_send(Call { request, reply }) {
+            Ok(()) => Ok(Pending(receiver)),
+            Err(mpsc::error::TrySendError::Full(_)) => Err(MuxError::Overloaded),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(MuxError::Unavailable),
+        }
+    }
+
+    pub async fn call(&self, request: P::Request) -> Result<P::Reply, MuxError> {
+        self.start(request)?.wait().await
+    }
+}
+
+/// Several connections to one peer, used round-robin.
+pub struct Pool<P: Protocol> {
+    handles: Vec<Handle<P>>,
+    next: AtomicUsize,
+}
+
+impl<P: Protocol> Pool<P> {
+    pub fn spawn(size: usize, mut make: impl FnMut() -> P, options: MuxOptions) -> Arc<Self> {
+        let handles = (0..size.max(1))
+            .map(|_| Handle::spawn(make(), options.clone()))
+            .collect();
+        Arc::new(Pool {
+            handles,
+            next: AtomicUsize::new(0),
+        })
+    }
+
+    pub fn handle(&self) -> &Handle<P> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.handles.len();
+        &self.handles[i]
+    }
+}
+
+const READ_CHUNK: usize = 64 * 1024;
+/// Stop taking calls while this much is written and not yet accepted by the
+/// socket: the peer is not keeping up.
+const MAX_UNSENT: usize = 4 * 1024 * 1024;
+const MIN_BACKOFF: Duration = Duration::from_millis(25);
+/// Kept short so that a restarted peer is used again within a second.
+const MAX_BACKOFF: Duration = Duration::from_millis(250);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+async fn run<P: Protocol>(
+    mut protocol: P,
+    mut calls: mpsc::Receiver<Call<P>>,
+    options: MuxOptions,
+) {
+    let mut backoff = MIN_BACKOFF;
+    let mut healthy = true;
+    loop {
+        match tokio::time::timeout(CONNECT_TIMEOUT, protocol.connect()).await {
+            Ok(Ok(stream)) => {
+                if !healthy {
+                    eprintln!(
+                        "im-server: {} connected to {}",
+                        options.name, options.target
+                    );
+                }
+                backoff = MIN_BACKOFF;
+                let mut connection = Connection {
+                    stream,
+                    input: BytesMut::with_capacity(READ_CHUNK),
+                    output: BytesMut::with_capacity(READ_CHUNK),
+                    waiting: HashMap::new(),
+                };
+                let outcome = connection.serve(&mut protocol, &mut calls, &options).await;
+                for (_, reply) in connection.waiting.drain() {
+                    let _ = reply.send(Err(MuxError::Unavailable));
+                }
+                match outcome {
+                    Ok(()) => return, // every handle dropped
+                    Err(err) => {
+                        eprintln!(
+                            "im-server: {} connection to {} lost: {err}",
+                            options.name, options.target
+                        );
+                        healthy = false;
+                    }
+                }
+            }
+            Ok(Err(err)) if healthy => {
+                eprintln!(
+                    "im-server: {} cannot connect to {}: {err}; retrying",
+                    options.name, options.target
+                );
+                healthy = false;
+            }
+            Err(_) if healthy => {
+                eprintln!(
+                    "im-server: {} connect to {} timed out; retrying",
+                    options.name, options.target
+                );
+                healthy = false;
+            }
+            _ => {}
+        }
+        // Until the next attempt, fail calls fast rather than let them queue.
+        let retry = tokio::time::sleep(backoff);
+        tokio::pin!(retry);
+        loop {
+            tokio::select! {
+                _ = &mut retry => break,
+                call = calls.recv() => match call {
+                    Some(call) => { let _ = call.reply.send(Err(MuxError::Unavailable)); }
+                    None => return,
+                },
+            }
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+type Waiting<P> = HashMap<u64, oneshot::Sender<Result<<P as Protocol>::Reply, MuxError>>>;
+
+struct Connection<P: Protocol> {
+    stream: Stream,
+    input: BytesMut,
+    output: BytesMut,
+    waiting: Waiting<P>,
+}
+
+impl<P: Protocol> Connection<P> {
+    /// Serves calls until the connection fails (`Err`) or every handle is
+    /// dropped (`Ok`).
+    async fn serve(
+        &mut self,
+        protocol: &mut P,
+        calls: &mut mpsc::Receiver<Call<P>>,
+        options: &MuxOptions,
+    ) -> io::Result<()> {
+        loop {
+            let accepting =
+                self.waiting.len() < options.max_in_flight && self.output.len() < MAX_UNSENT;
+            let interest = if self.output.is_empty() {
+                Interest::READABLE
+            } else {
+                Interest::READABLE | Interest::WRITABLE
+            };
+            tokio::select! {
+                biased;
+                ready = self.stream.ready(interest) => {
+                    let ready = ready?;
+                    if ready.is_readable() {
+                        self.read_replies(protocol)?;
+                    }
+                    if ready.is_writable() {
+                        self.flush()?;
+                    }
+                }
+                call = calls.recv(), if accepting => {
+                    let Some(call) = call else { return Ok(()) };
+                    self.enqueue(protocol, call);
+                    // Everything already queued goes out in the same write.
+                    while self.waiting.len() < options.max_in_flight {
+                        match calls.try_recv() {
+                            Ok(call) => self.enqueue(protocol, call),
+                            Err(_) => break,
+                        }
+                    }
+                    self.flush()?;
+                }
+            }
+            if self.waiting.len() >= options.max_in_flight {
+                // Callers that timed out leave their slot behind; reclaim them.
+                self.waiting.retain(|_, reply| !reply.is_closed());
+            }
+        }
+    }
+
+    fn enqueue(&mut self, protocol: &mut P, call: Call<P>) {
+        let tag = protocol.encode(call.request, &mut self.output);
+        self.waiting.insert(tag, call.reply);
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        while !self.output.is_empty() {
+            match self.stream.try_write(&self.output) {
+                Ok(n) => self.output.advance(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn read_replies(&mut self, protocol: &mut P) -> io::Result<()> {
+        loop {
+            self.input.reserve(READ_CHUNK);
+            match self.stream.try_read_buf(&mut self.input) {
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "closed by peer",
+                    ));
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) => return Err(e),
+            }
+            while let Some((tag, reply)) = protocol.decode(&mut self.input)? {
+                if let Some(waiter) = self.waiting.remove(&tag) {
+                    let _ = waiter.send(Ok(reply));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,119 @@
+//! Starting each role from a [`Config`]: bind, log where, serve until a
+//! shutdown signal.
+
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+
+use crate::config::{Config, Role};
+use crate::gateway::Gateway;
+use crate::http::Limits;
+use crate::http::server::ServerOptions;
+use crate::rpc::client::{RpcClient, RpcClientOptions};
+use crate::rpc::server::RpcServerOptions;
+use crate::store::AnyStore;
+use crate::store::memory::MemoryStore;
+use crate::store::redis::{RedisOptions, RedisStore};
+
+/// Runs the configured role(s) until SIGINT or SIGTERM.
+pub async fn run(config: Config) -> Result<(), String> {
+    let rpc_addr = match config.role {
+        Role::Rpc | Role::All => Some(start_rpc(&config).await?),
+        Role::Gateway => None,
+    };
+    if config.role != Role::Rpc {
+        let target = match (&config.rpc_addr, rpc_addr) {
+            (Some(addr), _) => addr.clone(),
+            (None, Some(local)) => local,
+            (None, None) => return Err("the gateway needs --rpc <addr>".into()),
+        };
+        start_gateway(&config, target).await?;
+    }
+    shutdown_signal().await;
+    eprintln!("im-server: shutting down");
+    Ok(())
+}
+
+async fn bind(addr: &str, what: &str) -> Result<(TcpListener, String), String> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("cannot listen for {what} on {addr}: {e}"))?;
+    let local = listener
+        .local_addr()
+        .map_err(|e| format!("cannot read the {what} address: {e}"))?;
+    Ok((listener, local.to_string()))
+}
+
+/// Starts the RPC server and returns the address it listens on.
+async fn start_rpc(config: &Config) -> Result<String, String> {
+    let store = match &config.redis_url {
+        Some(url) => {
+            let target = crate::resp::url::parse(url)?;
+            eprintln!("im-server: store: Redis at {target}");
+            let options = RedisOptions {
+                connections: config.redis_connections,
+                queue: config.queue,
+                max_in_flight: config.max_in_flight,
+                timeout: config.redis_timeout,
+            };
+            AnyStore::Redis(RedisStore::new(target, &options))
+        }
+        None => {
+            eprintln!(
+                "im-server: store: embedded memory store (no Redis URL configured; messages are lost on exit; set REDIS_URL or --redis to use Redis)"
+            );
+            AnyStore::Memory(MemoryStore::default())
+        }
+    };
+    let (listener, local) = bind(&config.rpc_listen, "rpc").await?;
+    eprintln!("im-server: rpc listening on {local}");
+    let options = RpcServerOptions {
+        max_frame: config.max_frame,
+        max_in_flight: config.max_in_flight,
+    };
+    tokio::spawn(crate::rpc::server::serve(
+        listener,
+        Arc::new(store),
+        options,
+    ));
+    Ok(local)
+}
+
+async fn start_gateway(config: &Config, rpc_target: String) -> Result<(), String> {
+    let rpc_options = RpcClientOptions {
+        connections: config.rpc_connections,
+        timeout: config.rpc_timeout,
+        queue: config.queue,
+        max_in_flight: config.max_in_flight,
+        max_frame: config.max_frame,
+    };
+    eprintln!("im-server: gateway calls rpc server at {rpc_target}");
+    let gateway = Arc::new(Gateway::new(RpcClient::new(rpc_target, &rpc_options)));
+    let (listener, local) = bind(&config.http_addr, "http").await?;
+    eprintln!("im-server: http listening on {local}");
+    let options = ServerOptions {
+        limits: Limits {
+            max_head: config.max_head,
+            max_headers: crate::http::codec::MAX_HEADERS_CAP.min(100),
+            max_body: config.max_body,
+        },
+        idle_timeout: config.idle_timeout,
+        request_timeout: config.request_timeout,
+    };
+    tokio::spawn(crate::http::serve(listener, gateway, options));
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,22 @@
+//! The RPC tier: length-prefixed protobuf frames over TCP ([`frame`]), the
+//! multiplexed client pool the gateway uses ([`client`]), and the server that
+//! validates and stores ([`server`]).
+
+pub mod client;
+pub mod frame;
+pub mod server;
+
+/// Method numbers carried in request frames.
+pub mod method {
+    pub const SEND: u8 = 1;
+    pub const PULL: u8 = 2;
+}
+
+/// Status bytes carried in reply frames.
+pub mod status {
+    /// The body is the method's response message.
+    pub const OK: u8 = 0;
+    /// The frame could not be served (unknown method, undecodable body); the
+    /// body is a UTF-8 explanation.
+    pub const BAD_FRAME: u8 = 1;
+}

@@ -1,0 +1,193 @@
+//! The RPC server: decodes request frames, validates, asks the store, and
+//! writes replies as they complete (in any order), batched per connection.
+
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use prost::Message as _;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, mpsc};
+
+use super::frame::{self, Frame};
+use super::{method, status};
+use crate::domain::{Code, canonical_chat, validate_pull, validate_send};
+use crate::proto::{Message, PullRequest, PullResponse, SendRequest, SendResponse};
+use crate::store::{AnyStore, Store, StoreError};
+
+#[derive(Debug, Clone, Copy)]
+pub struct RpcServerOptions {
+    pub max_frame: usize,
+    /// Requests of one connection being served at once; the connection is
+    /// not read further until one finishes.
+    pub max_in_flight: usize,
+}
+
+/// Accepts connections forever.
+pub async fn serve(listener: TcpListener, store: Arc<AnyStore>, options: RpcServerOptions) {
+    loop {
+        match listener.accept().await {
+            Ok((socket, peer)) => {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    let _ = socket.set_nodelay(true);
+                    if let Err(err) = connection(socket, store, options).await {
+                        eprintln!("im-server: rpc connection from {peer} closed: {err}");
+                    }
+                });
+            }
+            Err(err) => {
+                eprintln!("im-server: rpc accept failed: {err}");
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+enum Reply {
+    Send(SendResponse),
+    Pull(PullResponse),
+    BadFrame(String),
+}
+
+async fn connection(
+    socket: TcpStream,
+    store: Arc<AnyStore>,
+    options: RpcServerOptions,
+) -> std::io::Result<()> {
+    let (mut reader, mut writer) = socket.into_split();
+    let (replies, mut outbox) = mpsc::channel::<(u64, Reply)>(options.max_in_flight.max(1));
+
+    // Writer: everything finished since the last write goes out in one write.
+    let write_loop = tokio::spawn(async move {
+        let mut output = BytesMut::with_capacity(64 * 1024);
+        while let Some(first) = outbox.recv().await {
+            encode_reply(&mut output, first);
+            while let Ok(next) = outbox.try_recv() {
+                encode_reply(&mut output, next);
+            }
+            if writer.write_all(&output).await.is_err() {
+                return;
+            }
+            output.clear();
+        }
+    });
+
+    let permits = Arc::new(Semaphore::new(options.max_in_flight.max(1)));
+    let mut input = BytesMut::with_capacity(64 * 1024);
+    let result = loop {
+        let frame = match frame::decode(&mut input, options.max_frame) {
+            Ok(Some(frame)) => frame,
+            Ok(None) => {
+                input.reserve(64 * 1024);
+                match reader.read_buf(&mut input).await {
+                    Ok(0) => break Ok(()),
+                    Ok(_) => continue,
+                    Err(err) => break Err(err),
+                }
+            }
+            Err(err) => break Err(err.into()),
+        };
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            break Ok(());
+        };
+        let store = store.clone();
+        let replies = replies.clone();
+        tokio::spawn(async move {
+            let id = frame.id;
+            let reply = handle(&store, frame).await;
+            let _ = replies.send((id, reply)).await;
+            drop(permit);
+        });
+    };
+    drop(replies);
+    let _ = write_loop.await;
+    result
+}
+
+fn encode_reply(output: &mut BytesMut, (id, reply): (u64, Reply)) {
+    match reply {
+        Reply::Send(resp) => frame::encode(output, id, status::OK, &resp),
+        Reply::Pull(resp) => frame::encode(output, id, status::OK, &resp),
+        Reply::BadFrame(why) => frame::encode_raw(output, id, status::BAD_FRAME, why.as_bytes()),
+    }
+}
+
+async fn handle(store: &AnyStore, frame: Frame) -> Reply {
+    match frame.kind {
+        method::SEND => match SendRequest::decode(frame.body) {
+            Ok(req) => Reply::Send(send(store, req).await),
+            Err(err) => Reply::BadFrame(format!("undecodable SendRequest: {err}")),
+        },
+        method::PULL => match PullRequest::decode(frame.body) {
+            Ok(req) => Reply::Pull(pull(store, req).await),
+            Err(err) => Reply::BadFrame(format!("undecodable PullRequest: {err}")),
+        },
+        other => Reply::BadFrame(format!("unknown method {other}")),
+    }
+}
+
+/// The response code and message for a store failure.
+fn store_failure(err: StoreError) -> (Code, String) {
+    match err {
+        StoreError::Unavailable => (Code::Unavailable, "the store is unavailable".into()),
+        StoreError::Overloaded => (Code::Overloaded, "the store is overloaded".into()),
+        StoreError::Internal(why) => {
+            eprintln!("im-server: store error: {why}");
+            (Code::Internal, "internal store error".into())
+        }
+    }
+}
+
+async fn send(store: &AnyStore, req: SendRequest) -> SendResponse {
+    let failed = |code: Code, msg: String| SendResponse {
+        code: code as i32,
+        msg,
+        send_time: 0,
+    };
+    let Some(Message {
+        chat, text, sender, ..
+    }) = req.message
+    else {
+        return failed(Code::InvalidArgument, "`message` is required".into());
+    };
+    if let Err(invalid) = validate_send(&chat, &sender, &text) {
+        return failed(Code::InvalidArgument, invalid.0);
+    }
+    match store.send(&canonical_chat(&chat), &sender, &text).await {
+        Ok(send_time) => SendResponse {
+            code: Code::Ok as i32,
+            msg: String::new(),
+            send_time,
+        },
+        Err(err) => {
+            let (code, msg) = store_failure(err);
+            failed(code, msg)
+        }
+    }
+}
+
+async fn pull(store: &AnyStore, req: PullRequest) -> PullResponse {
+    let failed = |code: Code, msg: String| PullResponse {
+        code: code as i32,
+        msg,
+        ..PullResponse::default()
+    };
+    let query = match validate_pull(&req.chat, req.cursor, req.limit, req.reverse) {
+        Ok(query) => query,
+        Err(invalid) => return failed(Code::InvalidArgument, invalid.0),
+    };
+    match store.pull(&query).await {
+        Ok(page) => PullResponse {
+            code: Code::Ok as i32,
+            msg: String::new(),
+            messages: page.messages,
+            has_more: page.has_more,
+            next_cursor: page.next_cursor,
+        },
+        Err(err) => {
+            let (code, msg) = store_failure(err);
+            failed(code, msg)
+        }
+    }
+}

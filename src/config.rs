@@ -157,7 +157,7 @@ pub fn usage() -> String {
             .default
             .map_or_else(|| "unset".to_string(), |d| d.to_string());
         text.push_str(&format!(
-            "  {:<22} {:<22} [{default}]\n      {}\n",
+            "  {:<25} {:<22} [{default}]\n      {}\n",
             format!("{} <v>", o.flag),
             o.env,
             o.help

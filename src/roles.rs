@@ -4,6 +4,8 @@
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
 use crate::config::{Config, Role};
 use crate::gateway::Gateway;
@@ -15,22 +17,35 @@ use crate::store::AnyStore;
 use crate::store::memory::MemoryStore;
 use crate::store::redis::{RedisOptions, RedisStore};
 
-/// Runs the configured role(s) until SIGINT or SIGTERM.
+/// Runs the configured role(s) until SIGINT or SIGTERM, then shuts down
+/// gracefully: stop accepting, finish in-flight requests (gateway first, as
+/// its requests need the RPC server), close, return.
 pub async fn run(config: Config) -> Result<(), String> {
-    let rpc_addr = match config.role {
-        Role::Rpc | Role::All => Some(start_rpc(&config).await?),
+    let (stop, stopping) = watch::channel(false);
+    let rpc = match config.role {
+        Role::Rpc | Role::All => Some(start_rpc(&config, stopping.clone()).await?),
         Role::Gateway => None,
     };
-    if config.role != Role::Rpc {
-        let target = match (&config.rpc_addr, rpc_addr) {
+    let gateway = if config.role != Role::Rpc {
+        let target = match (&config.rpc_addr, &rpc) {
             (Some(addr), _) => addr.clone(),
-            (None, Some(local)) => local,
+            (None, Some((local, _))) => local.clone(),
             (None, None) => return Err("the gateway needs --rpc <addr>".into()),
         };
-        start_gateway(&config, target).await?;
-    }
+        Some(start_gateway(&config, target, stopping).await?)
+    } else {
+        None
+    };
     shutdown_signal().await;
-    eprintln!("im-server: shutting down");
+    eprintln!("im-server: shutting down: draining in-flight requests");
+    let _ = stop.send(true);
+    if let Some(gateway) = gateway {
+        let _ = gateway.await;
+    }
+    if let Some((_, rpc)) = rpc {
+        let _ = rpc.await;
+    }
+    eprintln!("im-server: stopped");
     Ok(())
 }
 
@@ -44,8 +59,11 @@ async fn bind(addr: &str, what: &str) -> Result<(TcpListener, String), String> {
     Ok((listener, local.to_string()))
 }
 
-/// Starts the RPC server and returns the address it listens on.
-async fn start_rpc(config: &Config) -> Result<String, String> {
+/// Starts the RPC server; returns the address it listens on and its task.
+async fn start_rpc(
+    config: &Config,
+    stopping: watch::Receiver<bool>,
+) -> Result<(String, JoinHandle<()>), String> {
     let store = match &config.redis_url {
         Some(url) => {
             let target = crate::resp::url::parse(url)?;
@@ -71,15 +89,21 @@ async fn start_rpc(config: &Config) -> Result<String, String> {
         max_frame: config.max_frame,
         max_in_flight: config.max_in_flight,
     };
-    tokio::spawn(crate::rpc::server::serve(
+    let server = crate::rpc::server::serve(
         listener,
         Arc::new(store),
         options,
-    ));
-    Ok(local)
+        stopping,
+        config.drain_timeout,
+    );
+    Ok((local, tokio::spawn(server)))
 }
 
-async fn start_gateway(config: &Config, rpc_target: String) -> Result<(), String> {
+async fn start_gateway(
+    config: &Config,
+    rpc_target: String,
+    stopping: watch::Receiver<bool>,
+) -> Result<JoinHandle<()>, String> {
     let rpc_options = RpcClientOptions {
         connections: config.rpc_connections,
         timeout: config.rpc_timeout,
@@ -99,9 +123,12 @@ async fn start_gateway(config: &Config, rpc_target: String) -> Result<(), String
         },
         idle_timeout: config.idle_timeout,
         request_timeout: config.request_timeout,
+        max_connections: config.max_connections,
+        drain_timeout: config.drain_timeout,
     };
-    tokio::spawn(crate::http::serve(listener, gateway, options));
-    Ok(())
+    Ok(tokio::spawn(crate::http::serve(
+        listener, gateway, options, stopping,
+    )))
 }
 
 async fn shutdown_signal() {

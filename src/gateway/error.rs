@@ -33,6 +33,8 @@ impl ApiError {
             ApiError::Http(HttpError::PayloadTooLarge) => 413,
             ApiError::Http(HttpError::HeadersTooLarge) => 431,
             ApiError::Http(HttpError::NotImplemented(_)) => 501,
+            ApiError::Http(HttpError::TooManyConnections) => 503,
+            ApiError::Http(HttpError::HandlerPanicked) => 500,
             ApiError::Unavailable | ApiError::Overloaded => 503,
             ApiError::Timeout => 504,
             ApiError::Internal(_) => 500,
@@ -48,6 +50,8 @@ impl ApiError {
             ApiError::Http(HttpError::PayloadTooLarge) => "payload_too_large",
             ApiError::Http(HttpError::HeadersTooLarge) => "headers_too_large",
             ApiError::Http(HttpError::NotImplemented(_)) => "not_implemented",
+            ApiError::Http(HttpError::TooManyConnections) => "overloaded",
+            ApiError::Http(HttpError::HandlerPanicked) => "internal",
             ApiError::Unavailable => "unavailable",
             ApiError::Overloaded => "overloaded",
             ApiError::Timeout => "timeout",
@@ -68,10 +72,15 @@ impl ApiError {
             ApiError::Http(HttpError::HeadersTooLarge) => {
                 "the request header section is too large".into()
             }
+            ApiError::Http(HttpError::TooManyConnections) => {
+                "too many connections; retry later".into()
+            }
+            ApiError::Http(HttpError::HandlerPanicked) | ApiError::Internal(_) => {
+                "internal error".into()
+            }
             ApiError::Unavailable => "the message service is unavailable; retry later".into(),
             ApiError::Overloaded => "the message service is overloaded; retry later".into(),
             ApiError::Timeout => "the message service did not answer in time".into(),
-            ApiError::Internal(_) => "internal error".into(),
         }
     }
 
@@ -86,6 +95,12 @@ impl ApiError {
         match self {
             ApiError::MethodNotAllowed(allow) => resp.allow = Some(allow),
             ApiError::Unavailable | ApiError::Overloaded => resp.retry_after = Some(1),
+            ApiError::Http(HttpError::TooManyConnections) => {
+                resp.retry_after = Some(1);
+                resp.close = true;
+            }
+            // The connection stays usable after a handler's panic.
+            ApiError::Http(HttpError::HandlerPanicked) => {}
             ApiError::Http(_) => resp.close = true,
             _ => {}
         }

@@ -84,6 +84,10 @@ pub enum HttpError {
     NotImplemented(&'static str),
     /// The client took too long to send the request (408).
     Timeout,
+    /// The connection limit is reached (503).
+    TooManyConnections,
+    /// The handler panicked while serving this request (500).
+    HandlerPanicked,
 }
 
 /// How the body of the request being decoded is delimited.

@@ -9,10 +9,12 @@ use std::time::Duration;
 use bytes::{BufMut, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, watch};
 use tokio::time::Instant;
 
 use super::codec::{HttpError, Limits, Method, Request, RequestDecoder, Version};
 use super::response::{Response, write_response};
+use crate::unwind::{catch_panic, catch_panic_sync};
 
 /// What the HTTP layer asks of the application behind it.
 pub trait Handler: Send + Sync + 'static {
@@ -34,6 +36,10 @@ pub struct ServerOptions {
     pub idle_timeout: Duration,
     /// How long a client may take to send one whole request, from its first byte.
     pub request_timeout: Duration,
+    /// Open connections; beyond it new ones get 503 and are closed.
+    pub max_connections: usize,
+    /// How long shutdown waits for in-flight requests.
+    pub drain_timeout: Duration,
 }
 
 impl Default for ServerOptions {
@@ -42,6 +48,8 @@ impl Default for ServerOptions {
             limits: Limits::default(),
             idle_timeout: Duration::from_secs(60),
             request_timeout: Duration::from_secs(10),
+            max_connections: 10_000,
+            drain_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -52,16 +60,35 @@ const MAX_PIPELINE: usize = 64;
 /// Bytes asked of each read.
 const READ_CHUNK: usize = 16 * 1024;
 
-/// Accepts connections forever, one task each.
-pub async fn serve<H: Handler>(listener: TcpListener, handler: Arc<H>, options: ServerOptions) {
+/// Accepts connections, one task each, until `shutdown` turns true; then
+/// stops accepting and waits (up to the drain timeout) for open connections
+/// to finish their in-flight requests.
+pub async fn serve<H: Handler>(
+    listener: TcpListener,
+    handler: Arc<H>,
+    options: ServerOptions,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    // One permit per open connection: the limit, and the drain barrier.
+    let slots = Arc::new(Semaphore::new(options.max_connections));
     loop {
-        match listener.accept().await {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = shutdown.wait_for(|&stop| stop) => break,
+        };
+        match accepted {
             Ok((socket, _)) => {
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    refuse(&socket, handler.as_ref());
+                    continue;
+                };
                 let handler = handler.clone();
+                let shutdown = shutdown.clone();
                 tokio::spawn(async move {
                     // Responses are written whole; Nagle would only delay them.
                     let _ = socket.set_nodelay(true);
-                    let _ = connection(socket, handler, options).await;
+                    let _ = connection(socket, handler, options, shutdown).await;
+                    drop(slot);
                 });
             }
             Err(err) => {
@@ -71,6 +98,31 @@ pub async fn serve<H: Handler>(listener: TcpListener, handler: Arc<H>, options: 
             }
         }
     }
+    drop(listener);
+    let all = u32::try_from(options.max_connections).unwrap_or(u32::MAX);
+    if tokio::time::timeout(options.drain_timeout, slots.acquire_many(all))
+        .await
+        .is_err()
+    {
+        eprintln!(
+            "im-server: http drain timed out with {} connections open",
+            options.max_connections - slots.available_permits()
+        );
+    }
+}
+
+/// Answers a connection over the limit with 503 and closes it, without
+/// waiting on the client: a best-effort write into the empty socket buffer.
+fn refuse<H: Handler>(socket: &TcpStream, handler: &H) {
+    let mut output = BytesMut::new();
+    write_response(
+        &mut output,
+        &handler.reject(HttpError::TooManyConnections),
+        false,
+        false,
+        false,
+    );
+    let _ = socket.try_write(&output);
 }
 
 /// What must be remembered of a started request to write its response.
@@ -84,11 +136,13 @@ async fn connection<H: Handler>(
     mut socket: TcpStream,
     handler: Arc<H>,
     options: ServerOptions,
+    mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     let mut decoder = RequestDecoder::new(options.limits);
     let mut input = BytesMut::with_capacity(READ_CHUNK);
     let mut output = BytesMut::with_capacity(READ_CHUNK);
-    let mut in_flight: Vec<(H::Pending, ResponseFraming)> = Vec::with_capacity(MAX_PIPELINE);
+    let mut in_flight: Vec<(Option<H::Pending>, ResponseFraming)> =
+        Vec::with_capacity(MAX_PIPELINE);
     // When the first byte of the request being read arrived.
     let mut request_started: Option<Instant> = None;
     loop {
@@ -103,7 +157,7 @@ async fn connection<H: Handler>(
                         keep_alive: req.keep_alive,
                         http10: req.version == Version::Http10,
                     };
-                    in_flight.push((handler.start(&req), framing));
+                    in_flight.push((catch_panic_sync(|| handler.start(&req)).ok(), framing));
                 }
                 Ok(None) => break,
                 Err(err) => {
@@ -114,8 +168,13 @@ async fn connection<H: Handler>(
         }
         let more_buffered = in_flight.len() == MAX_PIPELINE;
         for (pending, framing) in in_flight.drain(..) {
-            let resp = handler.finish(pending).await;
-            let keep_alive = framing.keep_alive && !resp.close;
+            let resp = match pending {
+                Some(pending) => catch_panic(handler.finish(pending)).await,
+                None => Err(()),
+            };
+            let resp = resp.unwrap_or_else(|()| handler.reject(HttpError::HandlerPanicked));
+            // Once shutting down, every response says the connection closes.
+            let keep_alive = framing.keep_alive && !resp.close && !*shutdown.borrow();
             write_response(
                 &mut output,
                 &resp,
@@ -155,7 +214,13 @@ async fn connection<H: Handler>(
             Instant::now() + options.idle_timeout
         };
         input.reserve(READ_CHUNK);
-        match tokio::time::timeout_at(deadline, socket.read_buf(&mut input)).await {
+        let read = tokio::select! {
+            read = tokio::time::timeout_at(deadline, socket.read_buf(&mut input)) => read,
+            // An idle keep-alive connection is closed at once on shutdown; a
+            // request being received is finished first.
+            _ = shutdown.wait_for(|&stop| stop), if !reading_request => return Ok(()),
+        };
+        match read {
             Ok(Ok(0)) | Ok(Err(_)) => return Ok(()),
             Ok(Ok(_)) => {
                 if !reading_request {
@@ -164,9 +229,13 @@ async fn connection<H: Handler>(
             }
             Err(_elapsed) => {
                 if reading_request {
-                    let mut resp = handler.reject(HttpError::Timeout);
-                    resp.close = true;
-                    write_response(&mut output, &resp, false, false, false);
+                    write_response(
+                        &mut output,
+                        &handler.reject(HttpError::Timeout),
+                        false,
+                        false,
+                        false,
+                    );
                     let _ = socket.write_all(&output).await;
                 }
                 return Ok(());

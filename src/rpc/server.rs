@@ -2,18 +2,20 @@
 //! writes replies as they complete (in any order), batched per connection.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::BytesMut;
 use prost::Message as _;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{Semaphore, mpsc, watch};
 
 use super::frame::{self, Frame};
 use super::{method, status};
 use crate::domain::{Code, canonical_chat, validate_pull, validate_send};
 use crate::proto::{Message, PullRequest, PullResponse, SendRequest, SendResponse};
 use crate::store::{AnyStore, Store, StoreError};
+use crate::unwind::catch_panic;
 
 #[derive(Debug, Clone, Copy)]
 pub struct RpcServerOptions {
@@ -23,24 +25,48 @@ pub struct RpcServerOptions {
     pub max_in_flight: usize,
 }
 
-/// Accepts connections forever.
-pub async fn serve(listener: TcpListener, store: Arc<AnyStore>, options: RpcServerOptions) {
+/// Accepts connections until `shutdown` turns true, then stops accepting and
+/// waits (up to `drain_timeout`) for every connection to finish the requests
+/// it has already read.
+pub async fn serve(
+    listener: TcpListener,
+    store: Arc<AnyStore>,
+    options: RpcServerOptions,
+    mut shutdown: watch::Receiver<bool>,
+    drain_timeout: Duration,
+) {
+    // Each connection task holds a clone; the channel closes when all are done.
+    let (open, mut all_closed) = mpsc::channel::<()>(1);
     loop {
-        match listener.accept().await {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = shutdown.wait_for(|&stop| stop) => break,
+        };
+        match accepted {
             Ok((socket, peer)) => {
                 let store = store.clone();
+                let shutdown = shutdown.clone();
+                let open = open.clone();
                 tokio::spawn(async move {
                     let _ = socket.set_nodelay(true);
-                    if let Err(err) = connection(socket, store, options).await {
+                    if let Err(err) = connection(socket, store, options, shutdown).await {
                         eprintln!("im-server: rpc connection from {peer} closed: {err}");
                     }
+                    drop(open);
                 });
             }
             Err(err) => {
                 eprintln!("im-server: rpc accept failed: {err}");
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
+    }
+    drop((listener, open));
+    if tokio::time::timeout(drain_timeout, all_closed.recv())
+        .await
+        .is_err()
+    {
+        eprintln!("im-server: rpc drain timed out");
     }
 }
 
@@ -54,6 +80,7 @@ async fn connection(
     socket: TcpStream,
     store: Arc<AnyStore>,
     options: RpcServerOptions,
+    mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     let (mut reader, mut writer) = socket.into_split();
     let (replies, mut outbox) = mpsc::channel::<(u64, Reply)>(options.max_in_flight.max(1));
@@ -80,7 +107,12 @@ async fn connection(
             Ok(Some(frame)) => frame,
             Ok(None) => {
                 input.reserve(64 * 1024);
-                match reader.read_buf(&mut input).await {
+                let read = tokio::select! {
+                    read = reader.read_buf(&mut input) => read,
+                    // Stop taking requests; those in flight still complete.
+                    _ = shutdown.wait_for(|&stop| stop) => break Ok(()),
+                };
+                match read {
                     Ok(0) => break Ok(()),
                     Ok(_) => continue,
                     Err(err) => break Err(err),
@@ -95,11 +127,19 @@ async fn connection(
         let replies = replies.clone();
         tokio::spawn(async move {
             let id = frame.id;
-            let reply = handle(&store, frame).await;
+            let reply = catch_panic(handle(&store, frame))
+                .await
+                .unwrap_or_else(|()| {
+                    Reply::BadFrame("internal error while serving the request".into())
+                });
             let _ = replies.send((id, reply)).await;
             drop(permit);
         });
     };
+    // Wait for the requests in flight, then let the writer flush and finish.
+    let _ = permits
+        .acquire_many(options.max_in_flight.max(1) as u32)
+        .await;
     drop(replies);
     let _ = write_loop.await;
     result

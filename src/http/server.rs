@@ -157,7 +157,7 @@ async fn connection<H: Handler>(
                         keep_alive: req.keep_alive,
                         http10: req.version == Version::Http10,
                     };
-                    in_flight.push((catch_panic_sync(|| handler.start(&req)).ok(), framing));
+                    in_flight.push((catch_panic_sync(|| handler.start(&req)), framing));
                 }
                 Ok(None) => break,
                 Err(err) => {
@@ -170,9 +170,9 @@ async fn connection<H: Handler>(
         for (pending, framing) in in_flight.drain(..) {
             let resp = match pending {
                 Some(pending) => catch_panic(handler.finish(pending)).await,
-                None => Err(()),
+                None => None,
             };
-            let resp = resp.unwrap_or_else(|()| handler.reject(HttpError::HandlerPanicked));
+            let resp = resp.unwrap_or_else(|| handler.reject(HttpError::HandlerPanicked));
             // Once shutting down, every response says the connection closes.
             let keep_alive = framing.keep_alive && !resp.close && !*shutdown.borrow();
             write_response(

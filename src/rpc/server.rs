@@ -129,7 +129,7 @@ async fn connection(
             let id = frame.id;
             let reply = catch_panic(handle(&store, frame))
                 .await
-                .unwrap_or_else(|()| {
+                .unwrap_or_else(|| {
                     Reply::BadFrame("internal error while serving the request".into())
                 });
             let _ = replies.send((id, reply)).await;

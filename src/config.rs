@@ -67,7 +67,7 @@ pub const OPTIONS: &[OptionSpec] = &[
     OptionSpec { flag: "--drain-timeout-s", env: "IM_DRAIN_TIMEOUT_S", default: Some("10"), help: "on SIGTERM/SIGINT, how long in-flight requests may take to finish" },
     OptionSpec { flag: "--queue", env: "IM_QUEUE", default: Some("8192"), help: "calls queued per RPC/Redis connection before 503 + Retry-After" },
     OptionSpec { flag: "--max-in-flight", env: "IM_MAX_IN_FLIGHT", default: Some("8192"), help: "calls in flight per RPC/Redis connection" },
-    OptionSpec { flag: "--threads", env: "IM_THREADS", default: Some("0"), help: "worker threads (0 = one per core)" },
+    OptionSpec { flag: "--threads", env: "IM_THREADS", default: Some("0"), help: "worker threads (0 = one per core; 1 = a single-threaded runtime)" },
 ];
 
 pub fn usage() -> String {

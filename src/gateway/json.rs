@@ -25,8 +25,10 @@ struct PullParams<'a> {
     chat: Option<Cow<'a, str>>,
     #[serde(default)]
     cursor: Option<i64>,
+    /// Any integer: values beyond 32 bits saturate (and are then clamped
+    /// to the page limit, or rejected when negative) instead of failing.
     #[serde(default)]
-    limit: Option<i32>,
+    limit: Option<serde_json::Number>,
     #[serde(default)]
     reverse: Option<bool>,
 }
@@ -77,9 +79,17 @@ pub fn parse_pull(body: &[u8], query: Option<&[u8]>) -> Result<PullRequest, ApiE
     Ok(PullRequest {
         chat: params.chat.map(Cow::into_owned).unwrap_or_default(),
         cursor: params.cursor.unwrap_or(0),
-        limit: params.limit.unwrap_or(0),
+        limit: params.limit.as_ref().map_or(Ok(0), saturating_limit)?,
         reverse: params.reverse.unwrap_or(false),
     })
+}
+
+fn saturating_limit(limit: &serde_json::Number) -> Result<i32, ApiError> {
+    match (limit.as_i64(), limit.is_u64()) {
+        (Some(v), _) => Ok(v.clamp(i64::from(i32::MIN), i64::from(i32::MAX)) as i32),
+        (None, true) => Ok(i32::MAX),
+        (None, false) => Err(ApiError::Invalid("`limit` must be an integer".into())),
+    }
 }
 
 /// Parses `chat`, `cursor`, `limit` and `reverse` from a query string;
@@ -103,7 +113,7 @@ fn parse_query(query: &[u8]) -> Result<Option<PullParams<'static>>, ApiError> {
             "cursor" if params.cursor.is_some() => return Err(duplicate()),
             "cursor" => params.cursor = Some(value.parse().map_err(|_| number("an integer"))?),
             "limit" if params.limit.is_some() => return Err(duplicate()),
-            "limit" => params.limit = Some(value.parse().map_err(|_| number("a 32-bit integer"))?),
+            "limit" => params.limit = Some(value.parse().map_err(|_| number("an integer"))?),
             "reverse" if params.reverse.is_some() => return Err(duplicate()),
             "reverse" => {
                 params.reverse = Some(match value.as_str() {
@@ -215,6 +225,11 @@ mod tests {
         assert!(parse_pull(b"", Some(b"chat=%FF")).is_err());
         assert!(parse_pull(b"", Some(b"chat=%4")).is_err());
         assert!(parse_pull(b"", Some(b"limit=ten")).is_err());
+        assert!(parse_pull(b"", Some(b"limit=1.5")).is_err());
+        let huge = parse_pull(b"", Some(b"limit=18446744073709551615")).expect("valid");
+        assert_eq!(huge.limit, i32::MAX);
+        let low = parse_pull(br#"{"chat":"c","limit":-9999999999}"#, None).expect("valid");
+        assert_eq!(low.limit, i32::MIN);
         assert!(parse_pull(b"{\"chat\":\"a\"}", Some(b"chat=a")).is_err());
     }
 

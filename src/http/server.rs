@@ -145,28 +145,48 @@ async fn connection<H: Handler>(
         Vec::with_capacity(MAX_PIPELINE);
     // When the first byte of the request being read arrived.
     let mut request_started: Option<Instant> = None;
+    // An unsafe request decoded while earlier ones were still in flight.
+    let mut deferred: Option<Request> = None;
     loop {
         let mut close = false;
         let mut failure = None;
+        // Whether decoding stopped for want of bytes (rather than to let
+        // the requests in flight finish first).
+        let mut needs_input = false;
+        // Pipelined requests are started together only while they are safe
+        // (GET, HEAD); a request that changes state runs alone, after those
+        // before it, so that a send never overtakes an earlier one (RFC 9112 §9.3.2).
         while in_flight.len() < MAX_PIPELINE && !close {
-            match decoder.decode(&mut input) {
-                Ok(Some(req)) => {
-                    close = !req.keep_alive;
-                    let framing = ResponseFraming {
-                        head_only: req.method == Method::Head,
-                        keep_alive: req.keep_alive,
-                        http10: req.version == Version::Http10,
-                    };
-                    in_flight.push((catch_panic_sync(|| handler.start(&req)), framing));
-                }
-                Ok(None) => break,
-                Err(err) => {
-                    failure = Some(err);
-                    break;
-                }
+            let req = match deferred.take() {
+                Some(req) => req,
+                None => match decoder.decode(&mut input) {
+                    Ok(Some(req)) => req,
+                    Ok(None) => {
+                        needs_input = true;
+                        break;
+                    }
+                    Err(err) => {
+                        failure = Some(err);
+                        break;
+                    }
+                },
+            };
+            let safe = matches!(req.method, Method::Get | Method::Head);
+            if !safe && !in_flight.is_empty() {
+                deferred = Some(req);
+                break;
+            }
+            close = !req.keep_alive;
+            let framing = ResponseFraming {
+                head_only: req.method == Method::Head,
+                keep_alive: req.keep_alive,
+                http10: req.version == Version::Http10,
+            };
+            in_flight.push((catch_panic_sync(|| handler.start(&req)), framing));
+            if !safe {
+                break;
             }
         }
-        let more_buffered = in_flight.len() == MAX_PIPELINE;
         for (pending, framing) in in_flight.drain(..) {
             let resp = match pending {
                 Some(pending) => catch_panic(handler.finish(pending)).await,
@@ -202,7 +222,7 @@ async fn connection<H: Handler>(
         if close {
             return lingering_close(socket).await;
         }
-        if more_buffered {
+        if !needs_input {
             continue;
         }
 

@@ -127,11 +127,9 @@ async fn connection(
         let replies = replies.clone();
         tokio::spawn(async move {
             let id = frame.id;
-            let reply = catch_panic(handle(&store, frame))
-                .await
-                .unwrap_or_else(|| {
-                    Reply::BadFrame("internal error while serving the request".into())
-                });
+            let reply = catch_panic(handle(&store, frame)).await.unwrap_or_else(|| {
+                Reply::BadFrame("internal error while serving the request".into())
+            });
             let _ = replies.send((id, reply)).await;
             drop(permit);
         });

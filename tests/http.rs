@@ -1,0 +1,649 @@
+//! HTTP/1.1 protocol behaviour of the gateway (memory backend).
+
+mod common;
+
+use std::io::Write;
+use std::thread;
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+
+const ONE_MIB: usize = 1024 * 1024;
+
+fn assert_standard_headers(r: &Response, ctx: &str) {
+    let cl = r
+        .header("content-length")
+        .unwrap_or_else(|| panic!("{ctx}: missing Content-Length: {:?}", r.headers));
+    assert_eq!(
+        cl.parse::<usize>().ok(),
+        Some(r.body.len()),
+        "{ctx}: Content-Length must match the body length"
+    );
+    let ct = r
+        .header("content-type")
+        .unwrap_or_else(|| panic!("{ctx}: missing Content-Type: {:?}", r.headers));
+    assert!(
+        ct.starts_with("application/json"),
+        "{ctx}: Content-Type should be application/json, got {ct:?}"
+    );
+    let date = r
+        .header("date")
+        .unwrap_or_else(|| panic!("{ctx}: missing Date: {:?}", r.headers));
+    // IMF-fixdate, e.g. "Sun, 06 Nov 1994 08:49:37 GMT"
+    let b = date.as_bytes();
+    assert!(
+        date.len() == 29
+            && date.ends_with(" GMT")
+            && b[3] == b','
+            && b[19] == b':'
+            && b[22] == b':',
+        "{ctx}: Date must be an IMF-fixdate like 'Sun, 06 Nov 1994 08:49:37 GMT', got {date:?}"
+    );
+    assert!(
+        r.header("transfer-encoding").is_none(),
+        "{ctx}: responses are Content-Length framed, not chunked"
+    );
+}
+
+#[test]
+fn ping_returns_pong() {
+    let s = Server::memory();
+    let r = request(s.http_addr(), "GET", "/ping", &[], b"");
+    assert_eq!(r.status, 200, "GET /ping: {}", r.describe());
+    assert_eq!(r.json(), json!({"message": "pong"}), "GET /ping body");
+    assert_eq!(r.version, "HTTP/1.1", "response version");
+    assert_standard_headers(&r, "GET /ping");
+}
+
+#[test]
+fn unknown_path_is_404() {
+    let s = Server::memory();
+    for (method, path) in [
+        ("GET", "/"),
+        ("GET", "/nope"),
+        ("GET", "/api"),
+        ("GET", "/api/unknown"),
+        ("POST", "/api/sendx"),
+        ("GET", "/api/pull/extra"),
+        ("GET", "/pingpong"),
+    ] {
+        let r = request(s.http_addr(), method, path, &[], b"");
+        assert_error(&r, 404, &format!("{method} {path}"));
+        assert_standard_headers(&r, &format!("{method} {path}"));
+    }
+}
+
+#[test]
+fn wrong_method_is_405_with_allow() {
+    let s = Server::memory();
+    for (method, path, allowed) in [
+        ("GET", "/api/send", "POST"),
+        ("PUT", "/api/send", "POST"),
+        ("POST", "/api/pull", "GET"),
+        ("DELETE", "/api/pull", "GET"),
+        ("POST", "/ping", "GET"),
+    ] {
+        let ctx = format!("{method} {path}");
+        let body: &[u8] = if method == "GET" { b"" } else { b"{}" };
+        let r = request(s.http_addr(), method, path, JSON_CT, body);
+        assert_error(&r, 405, &ctx);
+        let allow = r
+            .header("allow")
+            .unwrap_or_else(|| panic!("{ctx}: 405 without an Allow header: {:?}", r.headers));
+        assert!(
+            allow.split(',').any(|m| m.trim() == allowed),
+            "{ctx}: Allow header {allow:?} should list {allowed}"
+        );
+        assert_standard_headers(&r, &ctx);
+    }
+}
+
+/// A syntactically valid send body padded with whitespace to exactly `len` bytes.
+fn padded_send_body(len: usize) -> Vec<u8> {
+    let core = br#"{"chat":"big","text":"padded","sender":"s"}"#;
+    let mut body = b"{".to_vec();
+    body.resize(len - (core.len() - 1), b' ');
+    body.extend_from_slice(&core[1..]);
+    assert_eq!(body.len(), len);
+    body
+}
+
+#[test]
+fn body_over_1_mib_is_413() {
+    let s = Server::memory();
+    let addr = s.http_addr();
+
+    // 1 MiB + 1: write the body from another thread (the server may answer early).
+    let body = padded_send_body(ONE_MIB + 1);
+    let mut conn = HttpConn::connect(addr);
+    let head = format!(
+        "POST /api/send HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    conn.write_raw(head.as_bytes());
+    let mut writer = conn.clone_stream();
+    let w = thread::spawn(move || {
+        let _ = writer.write_all(&body); // may fail if the server closes early; that's fine
+    });
+    let r = conn.read_response();
+    assert_error(&r, 413, "POST /api/send with a 1 MiB + 1 byte body");
+    assert_standard_headers(&r, "413");
+    let _ = w.join();
+
+    // a declared Content-Length far above the limit is rejected without sending the body
+    let mut conn = HttpConn::connect(addr);
+    conn.write_raw(
+        format!("POST /api/send HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: 104857600\r\n\r\n{{")
+            .as_bytes(),
+    );
+    let r = conn.read_response();
+    assert_error(&r, 413, "POST /api/send declaring a 100 MiB body");
+
+    // the same padded body just under / exactly at the limit is fine
+    for len in [ONE_MIB - 1, ONE_MIB] {
+        let r = request(addr, "POST", "/api/send", JSON_CT, &padded_send_body(len));
+        send_time_of(
+            &r,
+            &format!("POST /api/send with a valid {len}-byte body (whitespace padded)"),
+        );
+    }
+
+    // a large GET body for pull
+    let mut pull = br#"{"chat":"big"}"#.to_vec();
+    pull.resize(ONE_MIB + 10, b' ');
+    let mut conn = HttpConn::connect(addr);
+    conn.write_raw(
+        format!(
+            "GET /api/pull HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\n\r\n",
+            pull.len()
+        )
+        .as_bytes(),
+    );
+    let mut writer = conn.clone_stream();
+    let w = thread::spawn(move || {
+        let _ = writer.write_all(&pull);
+    });
+    let r = conn.read_response();
+    assert_error(&r, 413, "GET /api/pull with a body over 1 MiB");
+    let _ = w.join();
+}
+
+#[test]
+fn keep_alive_serves_many_requests_on_one_connection() {
+    let s = Server::memory();
+    let mut conn = HttpConn::connect(s.http_addr());
+    for i in 0..5 {
+        let r = conn.request("GET", "/ping", &[], b"");
+        assert_eq!(
+            r.status,
+            200,
+            "ping #{i} on a kept-alive connection: {}",
+            r.describe()
+        );
+        assert!(
+            !r.header("connection")
+                .is_some_and(|v| v.eq_ignore_ascii_case("close")),
+            "HTTP/1.1 is keep-alive by default; got Connection: close on ping #{i}"
+        );
+    }
+    let t = conn.send_ok("ka", "s", "kept alive");
+    let page = parse_page(
+        &conn.pull_json(&json!({"chat": "ka"})),
+        "pull on kept-alive connection",
+    );
+    assert_eq!(page.times(), vec![t]);
+    let page = parse_page(
+        &conn.pull_query("chat=ka"),
+        "query pull on kept-alive connection",
+    );
+    assert_eq!(page.times(), vec![t]);
+    // errors don't close the connection either
+    let r = conn.request("GET", "/nope", &[], b"");
+    assert_eq!(r.status, 404);
+    let r = conn.request("POST", "/api/send", JSON_CT, br#"{"chat":""}"#);
+    assert_eq!(r.status, 400, "{}", r.describe());
+    let r = conn.request("GET", "/ping", &[], b"");
+    assert_eq!(
+        r.status,
+        200,
+        "ping after error responses on the same connection: {}",
+        r.describe()
+    );
+}
+
+#[test]
+fn pipelined_requests_are_answered_in_order() {
+    let s = Server::memory();
+    let addr = s.http_addr();
+    let host = addr.to_string();
+    let mut conn = HttpConn::connect(addr);
+    let t_a = conn.send_ok("pipe-a", "s", "in a");
+    let t_b = conn.send_ok("pipe-b", "s", "in b");
+
+    // Six requests with distinguishable responses, written with a single write.
+    let mut batch = Vec::new();
+    batch.extend(format_request(&host, "GET", "/ping", &[], b""));
+    batch.extend(format_request(
+        &host,
+        "GET",
+        "/api/pull",
+        JSON_CT,
+        br#"{"chat":"pipe-a"}"#,
+    ));
+    batch.extend(format_request(&host, "GET", "/nope", &[], b""));
+    batch.extend(format_request(
+        &host,
+        "GET",
+        "/api/pull?chat=pipe-b",
+        &[],
+        b"",
+    ));
+    batch.extend(format_request(
+        &host,
+        "POST",
+        "/api/send",
+        JSON_CT,
+        br#"{"chat":""}"#,
+    ));
+    batch.extend(format_request(
+        &host,
+        "GET",
+        "/api/pull?chat=pipe-empty",
+        &[],
+        b"",
+    ));
+    conn.write_raw(&batch);
+    let ping = conn.read_response();
+    assert_eq!(
+        (ping.status, ping.json()),
+        (200, json!({"message": "pong"})),
+        "pipelined #1 (ping): {}",
+        ping.describe()
+    );
+    let page = parse_page(&conn.read_response(), "pipelined #2 (pull pipe-a)");
+    assert_eq!(
+        page.times(),
+        vec![t_a],
+        "pipelined #2 must be the pull of pipe-a"
+    );
+    let r = conn.read_response();
+    assert_eq!(
+        r.status,
+        404,
+        "pipelined #3 must be the 404: {}",
+        r.describe()
+    );
+    let page = parse_page(&conn.read_response(), "pipelined #4 (pull pipe-b)");
+    assert_eq!(
+        page.times(),
+        vec![t_b],
+        "pipelined #4 must be the pull of pipe-b"
+    );
+    let r = conn.read_response();
+    assert_eq!(
+        r.status,
+        400,
+        "pipelined #5 must be the 400: {}",
+        r.describe()
+    );
+    let page = parse_page(&conn.read_response(), "pipelined #6 (pull pipe-empty)");
+    assert!(
+        page.messages.is_empty(),
+        "pipelined #6 must be the empty pull"
+    );
+
+    // many small pipelined requests, split mid-request across writes
+    let mut batch = Vec::new();
+    for i in 0..50 {
+        if i % 2 == 0 {
+            batch.extend(format_request(&host, "GET", "/ping", &[], b""));
+        } else {
+            batch.extend(format_request(&host, "GET", &format!("/nope{i}"), &[], b""));
+        }
+    }
+    for chunk in batch.chunks(37) {
+        conn.write_raw(chunk);
+    }
+    for i in 0..50 {
+        let r = conn.read_response();
+        let want = if i % 2 == 0 { 200 } else { 404 };
+        assert_eq!(
+            r.status,
+            want,
+            "pipelined request #{i} of 50: {}",
+            r.describe()
+        );
+    }
+}
+
+/// RFC 9112 section 9.3.2: a server may only process pipelined requests in parallel if
+/// they are all safe; a POST must take effect before the requests after it.
+#[test]
+fn pipelined_requests_take_effect_in_order() {
+    let s = Server::memory();
+    let addr = s.http_addr();
+    let host = addr.to_string();
+    for round in 0..5 {
+        let chat = format!("pipe{round}");
+        let mut batch = Vec::new();
+        for text in ["one", "two", "three"] {
+            let body = json!({"chat": chat, "text": text, "sender": "s"}).to_string();
+            batch.extend(format_request(
+                &host,
+                "POST",
+                "/api/send",
+                JSON_CT,
+                body.as_bytes(),
+            ));
+        }
+        let pull = json!({"chat": chat, "reverse": true}).to_string();
+        batch.extend(format_request(
+            &host,
+            "GET",
+            "/api/pull",
+            JSON_CT,
+            pull.as_bytes(),
+        ));
+        let mut conn = HttpConn::connect(addr);
+        conn.write_raw(&batch); // one write
+        let t1 = send_time_of(&conn.read_response(), "pipelined send one");
+        let t2 = send_time_of(&conn.read_response(), "pipelined send two");
+        let t3 = send_time_of(&conn.read_response(), "pipelined send three");
+        let page = parse_page(&conn.read_response(), "pipelined pull after the sends");
+        assert!(
+            t1 < t2 && t2 < t3,
+            "round {round}: pipelined sends on one connection must take effect in order, got send_times {t1}, {t2}, {t3}"
+        );
+        assert_eq!(
+            page.texts(),
+            vec!["one", "two", "three"],
+            "round {round}: a pull pipelined after three sends must see all three, oldest first"
+        );
+    }
+}
+
+#[test]
+fn request_split_across_writes() {
+    let s = Server::memory();
+    let addr = s.http_addr();
+    let req = format_request(
+        &addr.to_string(),
+        "POST",
+        "/api/send",
+        JSON_CT,
+        br#"{"chat":"split","text":"slow","sender":"s"}"#,
+    );
+    let mut conn = HttpConn::connect(addr);
+    for chunk in req.chunks(7) {
+        conn.write_raw(chunk);
+        thread::sleep(Duration::from_millis(5));
+    }
+    let t = send_time_of(&conn.read_response(), "send written 7 bytes at a time");
+    let page = pull_page(addr, "split", 0, 10, false);
+    assert_eq!(page.times(), vec![t]);
+}
+
+#[test]
+fn connection_close_is_honoured() {
+    let s = Server::memory();
+    let mut conn = HttpConn::connect(s.http_addr());
+    let r = conn.request("GET", "/ping", &[("Connection", "close")], b"");
+    assert_eq!(r.status, 200, "{}", r.describe());
+    conn.assert_closed("after a request with Connection: close");
+
+    let mut conn = HttpConn::connect(s.http_addr());
+    let r = conn.request(
+        "POST",
+        "/api/send",
+        &[
+            ("Content-Type", "application/json"),
+            ("Connection", "close"),
+        ],
+        br#"{"chat":"cc","text":"t","sender":"s"}"#,
+    );
+    send_time_of(&r, "send with Connection: close");
+    conn.assert_closed("after a send with Connection: close");
+}
+
+#[test]
+fn http_1_0_closes_unless_keep_alive() {
+    let s = Server::memory();
+    let addr = s.http_addr();
+
+    let mut conn = HttpConn::connect(addr);
+    conn.write_raw(b"GET /ping HTTP/1.0\r\n\r\n");
+    let r = conn.read_response();
+    assert_eq!(r.status, 200, "HTTP/1.0 ping: {}", r.describe());
+    assert_eq!(r.json(), json!({"message": "pong"}));
+    conn.assert_closed("HTTP/1.0 without keep-alive");
+
+    let mut conn = HttpConn::connect(addr);
+    conn.write_raw(b"GET /ping HTTP/1.0\r\nConnection: keep-alive\r\n\r\n");
+    let r = conn.read_response();
+    assert_eq!(
+        r.status,
+        200,
+        "HTTP/1.0 keep-alive ping #1: {}",
+        r.describe()
+    );
+    conn.write_raw(b"GET /ping HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n");
+    let r = conn.read_response();
+    assert_eq!(
+        r.status,
+        200,
+        "HTTP/1.0 keep-alive ping #2 on the same connection: {}",
+        r.describe()
+    );
+    conn.write_raw(b"GET /ping HTTP/1.0\r\n\r\n");
+    let r = conn.read_response();
+    assert_eq!(
+        r.status,
+        200,
+        "HTTP/1.0 ping #3 (no keep-alive): {}",
+        r.describe()
+    );
+    conn.assert_closed("HTTP/1.0 after a request without keep-alive");
+
+    // a 1.0 send with a body
+    let body = br#"{"chat":"old","text":"t","sender":"s"}"#;
+    let mut conn = HttpConn::connect(addr);
+    let mut req = format!(
+        "POST /api/send HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    req.extend_from_slice(body);
+    conn.write_raw(&req);
+    send_time_of(&conn.read_response(), "HTTP/1.0 send");
+    conn.assert_closed("HTTP/1.0 send");
+}
+
+#[test]
+fn standard_headers_on_every_response() {
+    let s = Server::memory();
+    let addr = s.http_addr();
+    let cases: Vec<(&str, &str, &[u8], u16)> = vec![
+        ("GET", "/ping", b"", 200),
+        (
+            "POST",
+            "/api/send",
+            br#"{"chat":"h","text":"t","sender":"s"}"#,
+            200,
+        ),
+        ("GET", "/api/pull", br#"{"chat":"h"}"#, 200),
+        ("GET", "/api/pull?chat=h", b"", 200),
+        ("POST", "/api/send", b"{", 400),
+        ("GET", "/nope", b"", 404),
+        ("GET", "/api/send", b"", 405),
+    ];
+    for (method, path, body, status) in cases {
+        let r = request(addr, method, path, JSON_CT, body);
+        let ctx = format!("{method} {path}");
+        assert_eq!(r.status, status, "{ctx}: {}", r.describe());
+        assert_standard_headers(&r, &ctx);
+    }
+}
+
+#[test]
+fn head_ping_has_headers_only() {
+    let s = Server::memory();
+    let addr = s.http_addr();
+    let get = request(addr, "GET", "/ping", &[], b"");
+    let mut conn = HttpConn::connect(addr);
+    // HEAD then GET pipelined: if HEAD carried a body, the GET response would be garbled.
+    conn.write_request("HEAD", "/ping", &[], b"");
+    conn.write_request("GET", "/ping", &[], b"");
+    let head = conn.read_head_response();
+    assert_eq!(head.status, 200, "HEAD /ping: {}", head.describe());
+    let cl = head
+        .header("content-length")
+        .unwrap_or_else(|| panic!("HEAD /ping: missing Content-Length: {:?}", head.headers));
+    assert_eq!(
+        cl.parse::<usize>().ok(),
+        Some(get.body.len()),
+        "HEAD /ping: Content-Length must be the GET body's length"
+    );
+    assert!(head.header("date").is_some(), "HEAD /ping: Date header");
+    assert!(
+        head.header("content-type").is_some(),
+        "HEAD /ping: Content-Type header"
+    );
+    let next = conn.try_read_response().unwrap_or_else(|e| {
+        panic!("the response after HEAD /ping is garbled (did HEAD send a body?): {e}")
+    });
+    assert_eq!(next.status, 200, "GET after HEAD: {}", next.describe());
+    assert_eq!(next.json(), json!({"message": "pong"}), "GET after HEAD");
+}
+
+#[test]
+fn garbage_request_is_400_and_closes() {
+    let s = Server::memory();
+    let addr = s.http_addr();
+    let garbage: [&[u8]; 4] = [
+        b"this is not http\r\n\r\n",
+        b"GET /ping HTTP/1.1\r\nHost: x\r\nbroken header line\r\n\r\n",
+        b"\x00\x01\x02\x03\xff\xfe\r\n\r\n",
+        b"GET /api/send HTTP/1.1\r\nContent-Length: abc\r\n\r\n",
+    ];
+    for g in garbage {
+        let ctx = format!("garbage {:?}", String::from_utf8_lossy(g));
+        let mut conn = HttpConn::connect(addr);
+        conn.write_raw(g);
+        let r = conn
+            .try_read_response()
+            .unwrap_or_else(|e| panic!("{ctx}: expected a 400 response, got {e}"));
+        assert_error(&r, 400, &ctx);
+        conn.assert_closed(&ctx);
+    }
+    // the server is still fine afterwards
+    let r = request(addr, "GET", "/ping", &[], b"");
+    assert_eq!(r.status, 200, "ping after garbage: {}", r.describe());
+}
+
+#[test]
+fn header_names_are_case_insensitive() {
+    let s = Server::memory();
+    let addr = s.http_addr();
+    let body = br#"{"chat":"case","text":"t","sender":"s"}"#;
+    let mut req = format!(
+        "POST /api/send HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    req.extend_from_slice(body);
+    send_time_of(&raw_request(addr, &req), "lowercase headers");
+    let mut req = format!(
+        "POST /api/send HTTP/1.1\r\nHOST: {addr}\r\nCONTENT-TYPE: application/json\r\nCONTENT-LENGTH: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    req.extend_from_slice(body);
+    send_time_of(&raw_request(addr, &req), "uppercase headers");
+    let mut conn = HttpConn::connect(addr);
+    let r = conn.request("GET", "/ping", &[("CONNECTION", "CLOSE")], b"");
+    assert_eq!(r.status, 200);
+    conn.assert_closed("Connection: CLOSE (uppercase)");
+}
+
+#[test]
+fn many_concurrent_connections() {
+    let s = Server::memory();
+    let addr = s.http_addr();
+    // open many idle connections first, then use them all
+    let mut conns: Vec<HttpConn> = (0..200).map(|_| HttpConn::connect(addr)).collect();
+    for (i, c) in conns.iter_mut().enumerate().rev() {
+        let r = c.request("GET", "/ping", &[], b"");
+        assert_eq!(r.status, 200, "ping on connection #{i}: {}", r.describe());
+    }
+    let handles: Vec<_> = (0..16)
+        .map(|i| {
+            thread::spawn(move || {
+                let mut c = HttpConn::connect(addr);
+                for j in 0..50 {
+                    c.send_ok("conc", &format!("t{i}"), &format!("{j}"));
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().expect("sender thread");
+    }
+    let all = walk(&mut HttpConn::connect(addr), "conc", 100, true, Form::Json);
+    assert_eq!(all.len(), 16 * 50, "all concurrent sends stored");
+}
+
+/// curl 7.88 sends `Expect: 100-continue` for POST bodies over 1 KiB and waits up to
+/// 1 s for an interim response before sending the body anyway.
+#[test]
+fn expect_100_continue_is_handled() {
+    let s = Server::memory();
+    let addr = s.http_addr();
+    let text = "x".repeat(5000);
+    let body = json!({"chat": "expect", "text": text, "sender": "s"}).to_string();
+    let head = format!(
+        "POST /api/send HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: curl/7.88.1\r\nAccept: */*\r\nContent-Type: application/json\r\nContent-Length: {}\r\nExpect: 100-continue\r\n\r\n",
+        body.len()
+    );
+
+    // like curl: headers first, then the body (after a 100 Continue or a 1 s wait)
+    let mut conn = HttpConn::connect(addr);
+    conn.write_raw(head.as_bytes());
+    thread::sleep(Duration::from_millis(200));
+    conn.write_raw(body.as_bytes());
+    let t1 = send_time_of(
+        &conn.read_response(),
+        "send with Expect: 100-continue (body after a pause)",
+    );
+    let r = conn.request("GET", "/ping", &[], b"");
+    assert_eq!(
+        r.status,
+        200,
+        "ping on the same connection after the Expect request: {}",
+        r.describe()
+    );
+
+    // headers and body in one write
+    let mut conn = HttpConn::connect(addr);
+    let mut req = head.clone().into_bytes();
+    req.extend_from_slice(body.as_bytes());
+    conn.write_raw(&req);
+    let t2 = send_time_of(
+        &conn.read_response(),
+        "send with Expect: 100-continue (body at once)",
+    );
+    let r = conn.request("GET", "/ping", &[], b"");
+    assert_eq!(
+        r.status,
+        200,
+        "ping on the same connection after the Expect request: {}",
+        r.describe()
+    );
+
+    let page = pull_page(addr, "expect", 0, 10, true);
+    assert_eq!(page.times(), vec![t1, t2]);
+    assert!(
+        page.messages.iter().all(|m| m.text == text),
+        "5000-byte texts round-trip"
+    );
+}

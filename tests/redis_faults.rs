@@ -1,0 +1,570 @@
+//! Fault tolerance: redis-server restarts, TCP / password / db URLs, env-var
+//! configuration, gateway and rpc server as separate processes, rpc server
+//! crashes and RPC timeouts.
+
+mod common;
+
+use std::collections::HashSet;
+use std::io::Read;
+use std::net::{SocketAddr, TcpListener};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// How long the system may take to recover by itself after a dependency comes back
+/// (spec: ~5 s; one extra second of slack).
+const RECOVERY_DEADLINE: Duration = Duration::from_secs(6);
+
+/// A send/pull during an outage must be answered (503) and never hang or succeed.
+fn assert_unavailable(addr: SocketAddr, chat: &str, status: u16, ctx: &str) {
+    for i in 0..5 {
+        let started = Instant::now();
+        let body =
+            serde_json::json!({"chat": chat, "text": format!("during outage {i}"), "sender": "s"});
+        let r = try_request(addr, "POST", "/api/send", JSON_CT, body.to_string().as_bytes()).unwrap_or_else(|e| {
+            panic!(
+                "{ctx}: send #{i} during the outage got no response after {:?} (hang or dropped connection): {e}",
+                started.elapsed()
+            )
+        });
+        assert_ne!(
+            r.status,
+            200,
+            "{ctx}: send #{i} during the outage must not succeed: {}",
+            r.describe()
+        );
+        assert_error(
+            &r,
+            status,
+            &format!(
+                "{ctx}: send #{i} during the outage (took {:?})",
+                started.elapsed()
+            ),
+        );
+    }
+    let started = Instant::now();
+    let body = serde_json::json!({"chat": chat});
+    let r = try_request(
+        addr,
+        "GET",
+        "/api/pull",
+        JSON_CT,
+        body.to_string().as_bytes(),
+    )
+    .unwrap_or_else(|e| {
+        panic!(
+            "{ctx}: pull during the outage got no response after {:?}: {e}",
+            started.elapsed()
+        )
+    });
+    assert_error(&r, status, &format!("{ctx}: pull during the outage"));
+}
+
+/// Polls with sends until one gets 200; every answer must be 200 or 503. Returns the
+/// send_times of the successful sends.
+fn wait_recovered(addr: SocketAddr, chat: &str, ctx: &str) -> Vec<i64> {
+    let started = Instant::now();
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let body = serde_json::json!({"chat": chat, "text": format!("recovery probe {attempts}"), "sender": "s"});
+        match try_request(
+            addr,
+            "POST",
+            "/api/send",
+            JSON_CT,
+            body.to_string().as_bytes(),
+        ) {
+            Ok(r) if r.status == 200 => return vec![send_time_of(&r, ctx)],
+            Ok(r) if r.status == 503 => {}
+            Ok(r) => panic!(
+                "{ctx}: while recovering, expected 200 or 503, got {}",
+                r.describe()
+            ),
+            Err(e) => panic!("{ctx}: while recovering, a send got no response: {e}"),
+        }
+        if started.elapsed() > RECOVERY_DEADLINE {
+            panic!(
+                "{ctx}: did not recover within {RECOVERY_DEADLINE:?} ({attempts} attempts, all 503)"
+            );
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The full redis outage scenario against a gateway at `addr` backed by `redis`.
+fn redis_outage_cycle(redis: &mut Redis, addr: SocketAddr, chat: &str) {
+    let mut conn = HttpConn::connect(addr);
+    for i in 0..5 {
+        conn.send_ok(chat, "s", &format!("before {i}"));
+    }
+    assert_eq!(
+        redis.zcard_chat(chat),
+        5,
+        "5 acknowledged sends must be in redis under the key im:{{{chat}}} (keys present: {})",
+        redis.keys()
+    );
+    drop(conn);
+
+    redis.kill();
+    assert_unavailable(addr, chat, 503, "redis killed");
+
+    redis.restart();
+    let mut ok_times = wait_recovered(addr, chat, "after redis restart");
+    let mut conn = HttpConn::connect(addr);
+    for i in 0..20 {
+        let r = conn.send(chat, "s", &format!("after {i}"));
+        ok_times.push(send_time_of(&r, &format!("send #{i} after recovery")));
+    }
+
+    // Every send acknowledged after the restart is in redis (older data died with it).
+    let zcard = redis.zcard_chat(chat);
+    assert!(
+        zcard >= ok_times.len() as i64,
+        "{} sends got 200 after the restart but ZCARD im:{{{chat}}} is {zcard} (keys: {})",
+        ok_times.len(),
+        redis.keys()
+    );
+    let stored: HashSet<i64> = walk(&mut conn, chat, 100, true, Form::Json)
+        .iter()
+        .map(|m| m.send_time)
+        .collect();
+    for t in &ok_times {
+        assert!(
+            stored.contains(t),
+            "send acknowledged with send_time {t} after the restart is missing from pull"
+        );
+    }
+}
+
+#[test]
+fn redis_unix_socket_restart_mid_run() {
+    let mut redis = Redis::start();
+    let server = Server::with_redis(&redis);
+    redis_outage_cycle(&mut redis, server.http_addr(), "room");
+    // and a second outage on the same server
+    redis_outage_cycle(&mut redis, server.http_addr(), "room2");
+}
+
+#[test]
+fn redis_tcp_url_round_trip_and_restart() {
+    let mut redis = Redis::start_tcp();
+    assert!(redis.url().starts_with("redis://127.0.0.1:"));
+    let server = Server::with_redis(&redis);
+    let addr = server.http_addr();
+    let t = send_ok(addr, "tcp", "s", "over tcp");
+    let page = pull_page(addr, "tcp", 0, 10, false);
+    assert_eq!(page.times(), vec![t]);
+    assert_eq!(redis.zcard_chat("tcp"), 1, "keys: {}", redis.keys());
+    redis_outage_cycle(&mut redis, addr, "tcp-outage");
+}
+
+#[test]
+fn redis_url_with_password_and_db() {
+    let redis = Redis::start_tcp_with_password("s3cret");
+    let url = format!("{}/3", redis.url());
+    let server = Server::start("all", &["--redis", &url], &[]);
+    let addr = server.http_addr();
+    let mut times = Vec::new();
+    for i in 0..3 {
+        times.push(send_ok(addr, "pw", "s", &format!("{i}")));
+    }
+    let page = pull_page(addr, "pw", 0, 10, true);
+    assert_eq!(page.times(), times);
+    assert_eq!(
+        redis.redis_int_in(3, &["ZCARD", "im:{pw}"]),
+        3,
+        "messages must be stored in db 3 given by {url} (db 3 keys: {})",
+        redis.redis_cmd_in(3, &["KEYS", "*"])
+    );
+    assert_eq!(
+        redis.redis_int_in(0, &["DBSIZE"]),
+        0,
+        "nothing must be stored in db 0"
+    );
+}
+
+#[test]
+fn redis_wrong_password_gives_503() {
+    let redis = Redis::start_tcp_with_password("right");
+    let port = redis.port().unwrap();
+    let url = format!("redis://:wrong@127.0.0.1:{port}");
+    // The server may refuse to start or may start and answer 503; it must never store or hang.
+    match Server::try_start("all", &["--redis", &url], &[]) {
+        Err(_) => {}
+        Ok(server) => {
+            let r = try_request(
+                server.http_addr(),
+                "POST",
+                "/api/send",
+                JSON_CT,
+                br#"{"chat":"x","text":"t","sender":"s"}"#,
+            )
+            .unwrap_or_else(|e| panic!("send with a wrong redis password got no response: {e}"));
+            assert_error(&r, 503, "send with a wrong redis password");
+        }
+    }
+    assert_eq!(redis.redis_int(&["DBSIZE"]), 0);
+}
+
+#[test]
+fn configuration_from_env_vars() {
+    let redis = Redis::start();
+    let url = redis.url();
+    let server = Server::start(
+        "",
+        &[],
+        &[
+            ("REDIS_URL", url.as_str()),
+            ("IM_HTTP_ADDR", "127.0.0.1:0"),
+            ("IM_RPC_LISTEN", "127.0.0.1:0"),
+            ("IM_RPC_TIMEOUT_MS", "2000"),
+        ],
+    );
+    let addr = server.http_addr();
+    send_ok(addr, "env", "s", "a");
+    send_ok(addr, "env", "s", "b");
+    assert_eq!(
+        redis.zcard_chat("env"),
+        2,
+        "REDIS_URL from the environment must be used (keys: {})",
+        redis.keys()
+    );
+}
+
+#[test]
+fn split_gateway_and_rpc_processes_with_redis() {
+    let mut redis = Redis::start();
+    let url = redis.url();
+    let rpc = Server::rpc(&["--redis", &url]);
+    let gw = Server::gateway(rpc.rpc_addr(), &[]);
+    let addr = gw.http_addr();
+    let t1 = send_ok(addr, "a:b", "a", "hello");
+    let t2 = send_ok(addr, "b:a", "b", "hi");
+    let page = pull_page(addr, "b:a", 0, 10, false);
+    assert_eq!(page.times(), vec![t2, t1]);
+    assert!(page.messages.iter().all(|m| m.chat == "a:b"));
+    assert_eq!(redis.zcard_chat("a:b"), 2, "keys: {}", redis.keys());
+    redis_outage_cycle(&mut redis, addr, "split");
+}
+
+/// Starts `im-server rpc` on exactly `addr`, retrying for a while in case the port
+/// is not yet reusable.
+fn start_rpc_on(addr: SocketAddr, extra: &[&str]) -> Server {
+    let listen = addr.to_string();
+    let mut args = vec!["--rpc-listen", listen.as_str()];
+    args.extend_from_slice(extra);
+    let started = Instant::now();
+    loop {
+        match Server::try_start("rpc", &args, &[]) {
+            Ok(s) => {
+                assert_eq!(
+                    s.rpc_addr(),
+                    addr,
+                    "rpc server must listen on the requested address"
+                );
+                return s;
+            }
+            Err(e) if started.elapsed() > Duration::from_secs(5) => {
+                panic!("could not restart rpc server on {addr}: {e}")
+            }
+            Err(_) => thread::sleep(Duration::from_millis(200)),
+        }
+    }
+}
+
+#[test]
+fn rpc_server_killed_gives_503_then_recovers() {
+    let mut rpc = Server::rpc(&[]);
+    let rpc_addr = rpc.rpc_addr();
+    let gw = Server::gateway(rpc_addr, &[]);
+    let addr = gw.http_addr();
+    let mut conn = HttpConn::connect(addr);
+    conn.send_ok("r", "s", "before");
+
+    rpc.kill();
+    assert_unavailable(addr, "r", 503, "rpc server killed");
+    // the kept-alive client connection is still served (with 503s)
+    let r = conn
+        .try_request(
+            "POST",
+            "/api/send",
+            JSON_CT,
+            br#"{"chat":"r","text":"t","sender":"s"}"#,
+        )
+        .unwrap_or_else(|e| panic!("kept-alive connection during rpc outage got no response: {e}"));
+    assert_error(
+        &r,
+        503,
+        "send on a kept-alive connection while the rpc server is down",
+    );
+
+    let _rpc2 = start_rpc_on(rpc_addr, &[]);
+    let mut times = wait_recovered(addr, "r", "after rpc server restart");
+    for i in 0..10 {
+        times.push(send_ok(addr, "r", "s", &format!("after {i}")));
+    }
+    let got: Vec<i64> = walk(&mut HttpConn::connect(addr), "r", 100, true, Form::Json)
+        .iter()
+        .map(|m| m.send_time)
+        .collect();
+    for t in &times {
+        assert!(
+            got.contains(t),
+            "send {t} acknowledged after the rpc restart is missing from pull {got:?}"
+        );
+    }
+}
+
+#[test]
+fn gateway_started_before_rpc_server() {
+    let rpc_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let gw = Server::gateway(rpc_addr, &[]);
+    let addr = gw.http_addr();
+    assert_unavailable(addr, "early", 503, "no rpc server listening yet");
+    let _rpc = start_rpc_on(rpc_addr, &[]);
+    let t = wait_recovered(addr, "early", "after the rpc server came up");
+    let page = pull_page(addr, "early", 0, 10, false);
+    assert_eq!(page.times(), t);
+}
+
+/// A TCP server that accepts connections, reads everything, and never answers.
+fn silent_rpc_server() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while matches!(s.read(&mut buf), Ok(n) if n > 0) {}
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn rpc_timeout_gives_504() {
+    let silent = silent_rpc_server();
+    let gw = Server::gateway(silent, &["--rpc-timeout-ms", "300"]);
+    assert_unavailable(
+        gw.http_addr(),
+        "slow",
+        504,
+        "rpc server never answers (--rpc-timeout-ms 300)",
+    );
+
+    let silent = silent_rpc_server();
+    let rpc = silent.to_string();
+    let gw = Server::start(
+        "gateway",
+        &[],
+        &[("IM_RPC_ADDR", rpc.as_str()), ("IM_RPC_TIMEOUT_MS", "300")],
+    );
+    assert_unavailable(
+        gw.http_addr(),
+        "slow",
+        504,
+        "rpc server never answers (IM_RPC_TIMEOUT_MS=300)",
+    );
+}
+
+/// What one send during the load test saw.
+struct Outcome {
+    started: Instant,
+    finished: Instant,
+    status: u16,
+    send_time: Option<i64>,
+}
+
+#[test]
+fn redis_restart_under_concurrent_load() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let mut redis = Redis::start();
+    let server = Server::with_redis(&redis);
+    let addr = server.http_addr();
+    let stop = Arc::new(AtomicBool::new(false));
+    let workers: Vec<_> = (0..4)
+        .map(|w| {
+            let stop = stop.clone();
+            thread::spawn(move || {
+                let mut out = Vec::new();
+                let mut conn = HttpConn::connect(addr);
+                let mut i = 0;
+                while !stop.load(Ordering::SeqCst) {
+                    i += 1;
+                    let started = Instant::now();
+                    let body = serde_json::json!({"chat": "load", "text": format!("w{w} #{i}"), "sender": format!("w{w}")});
+                    let r = conn
+                        .try_request("POST", "/api/send", JSON_CT, body.to_string().as_bytes())
+                        .unwrap_or_else(|e| panic!("worker {w}: send #{i} got no response (hang or dropped connection): {e}"));
+                    let send_time = (r.status == 200).then(|| send_time_of(&r, "load send"));
+                    assert!(
+                        r.status == 200 || r.status == 503,
+                        "worker {w}: send #{i} must get 200 or 503, got {}",
+                        r.describe()
+                    );
+                    out.push(Outcome { started, finished: Instant::now(), status: r.status, send_time });
+                    if r.status == 503 {
+                        thread::sleep(Duration::from_millis(20));
+                    }
+                }
+                out
+            })
+        })
+        .collect();
+
+    thread::sleep(Duration::from_millis(300));
+    let kill_done = {
+        redis.kill();
+        Instant::now()
+    };
+    thread::sleep(Duration::from_millis(700));
+    let restart_begin = Instant::now();
+    redis.restart();
+    let restart_done = Instant::now();
+    // let the load run until it recovered, plus a while
+    wait_until(RECOVERY_DEADLINE, "a 200 after the redis restart", || {
+        let r = try_request(addr, "GET", "/api/pull?chat=load", &[], b"").ok()?;
+        (r.status == 200).then_some(())
+    });
+    thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::SeqCst);
+    let outcomes: Vec<Outcome> = workers
+        .into_iter()
+        .flat_map(|w| w.join().expect("worker panicked"))
+        .collect();
+
+    let during_outage: Vec<&Outcome> = outcomes
+        .iter()
+        .filter(|o| o.started > kill_done && o.finished < restart_begin)
+        .collect();
+    assert!(
+        !during_outage.is_empty(),
+        "no send ran entirely inside the outage window"
+    );
+    for o in &during_outage {
+        assert_eq!(
+            o.status, 503,
+            "a send that ran entirely while redis was down must get 503, got {}",
+            o.status
+        );
+    }
+    let after: Vec<i64> = outcomes
+        .iter()
+        .filter(|o| o.started > restart_done)
+        .filter_map(|o| o.send_time)
+        .collect();
+    assert!(!after.is_empty(), "no send succeeded after the restart");
+    let zcard = redis.zcard_chat("load");
+    assert!(
+        zcard >= after.len() as i64,
+        "{} sends started after the restart got 200, but ZCARD im:{{load}} = {zcard}",
+        after.len()
+    );
+    let stored: HashSet<i64> = walk(&mut HttpConn::connect(addr), "load", 100, true, Form::Json)
+        .iter()
+        .map(|m| m.send_time)
+        .collect();
+    for t in &after {
+        assert!(
+            stored.contains(t),
+            "send {t} got 200 after the restart but is not stored"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// several processes on one redis
+// ---------------------------------------------------------------------------
+
+#[test]
+fn two_servers_share_one_redis() {
+    let redis = Redis::start();
+    let s1 = Server::with_redis(&redis);
+    let s2 = Server::with_redis(&redis);
+    let addrs = [s1.http_addr(), s2.http_addr()];
+    let handles: Vec<_> = (0..6)
+        .map(|t| {
+            let addr = addrs[t % 2];
+            thread::spawn(move || {
+                let mut conn = HttpConn::connect(addr);
+                let mut times = Vec::new();
+                for i in 0..100 {
+                    // DM room written through both spellings and both servers
+                    let chat = if t % 3 == 0 { "p:q" } else { "q:p" };
+                    times.push(conn.send_ok(chat, &format!("t{t}"), &format!("{i}")));
+                }
+                times
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for h in handles {
+        let times = h.join().expect("sender thread panicked");
+        for w in times.windows(2) {
+            assert!(
+                w[0] < w[1],
+                "one sender's send_times must increase: {} then {}",
+                w[0],
+                w[1]
+            );
+        }
+        all.extend(times);
+    }
+    assert_unique(&all, "send_times assigned by two servers sharing one redis");
+    all.sort_unstable();
+    for addr in addrs {
+        let got: Vec<i64> = walk(&mut HttpConn::connect(addr), "p:q", 10, true, Form::Json)
+            .iter()
+            .map(|m| m.send_time)
+            .collect();
+        assert_eq!(
+            got, all,
+            "walk via {addr}: every message from both servers exactly once, in order"
+        );
+    }
+    assert_eq!(redis.zcard_chat("p:q"), 600, "keys: {}", redis.keys());
+}
+
+#[test]
+fn send_times_keep_increasing_across_rpc_server_restart() {
+    let redis = Redis::start();
+    let url = redis.url();
+    let mut rpc = Server::rpc(&["--redis", &url]);
+    let rpc_addr = rpc.rpc_addr();
+    let gw = Server::gateway(rpc_addr, &[]);
+    let addr = gw.http_addr();
+    let mut conn = HttpConn::connect(addr);
+    let before: Vec<i64> = (0..300)
+        .map(|i| conn.send_ok("mono", "s", &format!("before {i}")))
+        .collect();
+    rpc.kill();
+    let _rpc2 = start_rpc_on(rpc_addr, &["--redis", &url]);
+    let mut after = wait_recovered(addr, "mono", "after rpc server restart");
+    let mut conn = HttpConn::connect(addr);
+    for i in 0..50 {
+        after.push(conn.send_ok("mono", "s", &format!("after {i}")));
+    }
+    let sent: Vec<i64> = before.iter().chain(after.iter()).copied().collect();
+    for w in sent.windows(2) {
+        assert!(
+            w[0] < w[1],
+            "send_times must keep increasing across an rpc server restart: {} then {}",
+            w[0],
+            w[1]
+        );
+    }
+    let stored: Vec<i64> = walk(&mut conn, "mono", 100, true, Form::Json)
+        .iter()
+        .map(|m| m.send_time)
+        .collect();
+    assert_eq!(
+        stored, sent,
+        "all messages from before and after the rpc restart, oldest first"
+    );
+}

@@ -283,15 +283,29 @@ impl<P: Protocol> Connection<P> {
         options: &MuxOptions,
     ) -> io::Result<()> {
         loop {
-            let accepting =
-                self.waiting.len() < options.max_in_flight && self.output.len() < MAX_UNSENT;
+            // Take everything already queued, every turn: under a steady
+            // stream of replies the socket is always readable, and waiting
+            // for the select below to pick the channel would starve callers.
+            while self.accepting(options) {
+                match calls.try_recv() {
+                    Ok(call) => self.enqueue(protocol, call),
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => return Ok(()),
+                }
+            }
+            // Everything taken goes out in one write.
+            self.flush()?;
+            if self.waiting.len() >= options.max_in_flight {
+                // Callers that timed out leave their slot behind; reclaim them.
+                self.waiting.retain(|_, reply| !reply.is_closed());
+            }
             let interest = if self.output.is_empty() {
                 Interest::READABLE
             } else {
                 Interest::READABLE | Interest::WRITABLE
             };
+            let accepting = self.accepting(options);
             tokio::select! {
-                biased;
                 ready = self.stream.ready(interest) => {
                     let ready = ready?;
                     if ready.is_readable() {
@@ -301,24 +315,17 @@ impl<P: Protocol> Connection<P> {
                         self.flush()?;
                     }
                 }
-                call = calls.recv(), if accepting => {
-                    let Some(call) = call else { return Ok(()) };
-                    self.enqueue(protocol, call);
-                    // Everything already queued goes out in the same write.
-                    while self.waiting.len() < options.max_in_flight {
-                        match calls.try_recv() {
-                            Ok(call) => self.enqueue(protocol, call),
-                            Err(_) => break,
-                        }
-                    }
-                    self.flush()?;
-                }
-            }
-            if self.waiting.len() >= options.max_in_flight {
-                // Callers that timed out leave their slot behind; reclaim them.
-                self.waiting.retain(|_, reply| !reply.is_closed());
+                call = calls.recv(), if accepting => match call {
+                    Some(call) => self.enqueue(protocol, call),
+                    None => return Ok(()),
+                },
             }
         }
+    }
+
+    /// Whether to take more calls: not while the peer is behind.
+    fn accepting(&self, options: &MuxOptions) -> bool {
+        self.waiting.len() < options.max_in_flight && self.output.len() < MAX_UNSENT
     }
 
     fn enqueue(&mut self, protocol: &mut P, call: Call<P>) {

@@ -118,8 +118,8 @@ async fn start_gateway(
     let options = ServerOptions {
         limits: Limits {
             max_head: config.max_head,
-            max_headers: crate::http::codec::MAX_HEADERS_CAP.min(100),
             max_body: config.max_body,
+            ..Limits::default()
         },
         idle_timeout: config.idle_timeout,
         request_timeout: config.request_timeout,

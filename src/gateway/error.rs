@@ -32,6 +32,7 @@ impl ApiError {
             ApiError::Http(HttpError::Timeout) => 408,
             ApiError::Http(HttpError::PayloadTooLarge) => 413,
             ApiError::Http(HttpError::HeadersTooLarge) => 431,
+            ApiError::Http(HttpError::UriTooLong) => 414,
             ApiError::Http(HttpError::NotImplemented(_)) => 501,
             ApiError::Http(HttpError::TooManyConnections) => 503,
             ApiError::Http(HttpError::HandlerPanicked) => 500,
@@ -49,6 +50,7 @@ impl ApiError {
             ApiError::Http(HttpError::Timeout) => "request_timeout",
             ApiError::Http(HttpError::PayloadTooLarge) => "payload_too_large",
             ApiError::Http(HttpError::HeadersTooLarge) => "headers_too_large",
+            ApiError::Http(HttpError::UriTooLong) => "uri_too_long",
             ApiError::Http(HttpError::NotImplemented(_)) => "not_implemented",
             ApiError::Http(HttpError::TooManyConnections) => "overloaded",
             ApiError::Http(HttpError::HandlerPanicked) => "internal",
@@ -75,6 +77,7 @@ impl ApiError {
             ApiError::Http(HttpError::TooManyConnections) => {
                 "too many connections; retry later".into()
             }
+            ApiError::Http(HttpError::UriTooLong) => "the request line is too long".into(),
             ApiError::Http(HttpError::HandlerPanicked) | ApiError::Internal(_) => {
                 "internal error".into()
             }

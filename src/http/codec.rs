@@ -13,6 +13,8 @@ pub struct Limits {
     pub max_headers: usize,
     /// Decoded body, in bytes (413 beyond it).
     pub max_body: usize,
+    /// Request line, in bytes (414 beyond it).
+    pub max_request_line: usize,
 }
 
 impl Default for Limits {
@@ -21,6 +23,7 @@ impl Default for Limits {
             max_head: 16 * 1024,
             max_headers: 64,
             max_body: 1024 * 1024,
+            max_request_line: 8 * 1024,
         }
     }
 }
@@ -78,6 +81,8 @@ pub enum HttpError {
     BadRequest(&'static str),
     /// Header section or header count over the limit (431).
     HeadersTooLarge,
+    /// Request line over the limit (414).
+    UriTooLong,
     /// Body over the limit (413).
     PayloadTooLarge,
     /// A transfer coding we do not implement (501).
@@ -188,6 +193,10 @@ fn parse_head(buf: &mut BytesMut, limits: &Limits) -> Result<Option<PartialReque
     }
     if buf.is_empty() {
         return Ok(None);
+    }
+    let line_window = &buf[..buf.len().min(limits.max_request_line + 1)];
+    if !line_window.contains(&b'\n') && buf.len() > limits.max_request_line {
+        return Err(HttpError::UriTooLong);
     }
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS_CAP];
     let mut req = httparse::Request::new(&mut headers[..limits.max_headers.min(MAX_HEADERS_CAP)]);

@@ -92,6 +92,11 @@ fn limits_answered_before_the_body_arrives() {
     let mut big = b"GET / HTTP/1.1\r\nX: ".to_vec();
     big.extend(std::iter::repeat_n(b'a', 17 * 1024));
     assert_eq!(decode_all(&big), Err(HttpError::HeadersTooLarge));
+    let mut long_target = b"GET /".to_vec();
+    long_target.extend(std::iter::repeat_n(b'a', 9 * 1024));
+    assert_eq!(decode_all(&long_target), Err(HttpError::UriTooLong));
+    long_target.extend_from_slice(b" HTTP/1.1\r\n\r\n");
+    assert_eq!(decode_all(&long_target), Err(HttpError::UriTooLong));
 }
 
 #[test]

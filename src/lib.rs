@@ -29,6 +29,7 @@ pub mod gateway;
 pub mod http;
 pub mod mux;
 pub mod resp;
+pub mod rlimit;
 pub mod roles;
 pub mod rpc;
 pub mod store;

@@ -21,6 +21,10 @@ use crate::store::redis::{RedisOptions, RedisStore};
 /// gracefully: stop accepting, finish in-flight requests (gateway first, as
 /// its requests need the RPC server), close, return.
 pub async fn run(config: Config) -> Result<(), String> {
+    match crate::rlimit::raise_open_files_limit() {
+        Some(files) => eprintln!("im-server: open-file limit {files}"),
+        None => eprintln!("im-server: could not read the open-file limit"),
+    }
     let (stop, stopping) = watch::channel(false);
     let rpc = match config.role {
         Role::Rpc | Role::All => Some(start_rpc(&config, stopping.clone()).await?),

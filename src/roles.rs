@@ -25,9 +25,12 @@ pub async fn run(config: Config) -> Result<(), String> {
         Some(files) => eprintln!("im-server: open-file limit {files}"),
         None => eprintln!("im-server: could not read the open-file limit"),
     }
-    let (stop, stopping) = watch::channel(false);
+    // Two stop signals: in `all`, the RPC server must keep serving until the
+    // gateway has drained, or the gateway's last requests would find it gone.
+    let (stop_gateway, gateway_stopping) = watch::channel(false);
+    let (stop_rpc, rpc_stopping) = watch::channel(false);
     let rpc = match config.role {
-        Role::Rpc | Role::All => Some(start_rpc(&config, stopping.clone()).await?),
+        Role::Rpc | Role::All => Some(start_rpc(&config, rpc_stopping).await?),
         Role::Gateway => None,
     };
     let gateway = if config.role != Role::Rpc {
@@ -36,16 +39,17 @@ pub async fn run(config: Config) -> Result<(), String> {
             (None, Some((local, _))) => local.clone(),
             (None, None) => return Err("the gateway needs --rpc <addr>".into()),
         };
-        Some(start_gateway(&config, target, stopping).await?)
+        Some(start_gateway(&config, target, gateway_stopping).await?)
     } else {
         None
     };
     shutdown_signal().await;
     eprintln!("im-server: shutting down: draining in-flight requests");
-    let _ = stop.send(true);
+    let _ = stop_gateway.send(true);
     if let Some(gateway) = gateway {
         let _ = gateway.await;
     }
+    let _ = stop_rpc.send(true);
     if let Some((_, rpc)) = rpc {
         let _ = rpc.await;
     }

@@ -1237,3 +1237,56 @@ pub fn assert_unique(times: &[i64], ctx: &str) {
 pub fn resolve(s: &str) -> SocketAddr {
     s.to_socket_addrs().unwrap().next().unwrap()
 }
+
+// ---------------------------------------------------------------------------
+// process ids and signals (used by tests/lifecycle.rs)
+// ---------------------------------------------------------------------------
+
+/// Sends `sig` (e.g. "TERM", "INT", "STOP", "CONT") to `pid` with `kill(1)`.
+pub fn send_signal(pid: u32, sig: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .unwrap_or_else(|e| panic!("run kill -{sig} {pid}: {e}"));
+    assert!(status.success(), "kill -{sig} {pid} failed: {status}");
+}
+
+impl Server {
+    /// The process id, while the process is running (not yet reaped).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Sends `sig` to the server process.
+    pub fn signal(&self, sig: &str) {
+        let pid = self
+            .pid()
+            .unwrap_or_else(|| panic!("signal {sig}: the server process is already reaped"));
+        send_signal(pid, sig);
+    }
+
+    /// Waits up to `deadline` for the process to exit on its own and returns
+    /// its status (the child is reaped); `None` if it is still running.
+    pub fn wait_exit(&mut self, deadline: Duration) -> Option<std::process::ExitStatus> {
+        let start = Instant::now();
+        loop {
+            let child = self.child.as_mut()?;
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return Some(status);
+            }
+            if start.elapsed() > deadline {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Redis {
+    /// The redis-server process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+}

@@ -1,0 +1,1282 @@
+//! Hostile and unusual input against the real binary over real sockets:
+//! HTTP/1.1 framing (chunked, Expect, smuggling vectors, limits, timeouts,
+//! connection floods) and malformed RPC frames. After each attack the server
+//! must still answer a fresh `GET /ping`.
+
+mod common;
+
+use std::io::{self, BufRead, BufReader, ErrorKind, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::json;
+
+// ---------------------------------------------------------------------------
+// helpers
+// ---------------------------------------------------------------------------
+
+/// A raw client connection: bytes out, bytes (or a parsed response) in.
+struct Raw {
+    stream: TcpStream,
+    reader: BufReader<TcpStream>,
+}
+
+impl Raw {
+    fn connect(addr: SocketAddr) -> Raw {
+        let stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT)
+            .unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
+        stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        stream.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+        stream.set_nodelay(true).unwrap();
+        Raw {
+            reader: BufReader::new(stream.try_clone().unwrap()),
+            stream,
+        }
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        self.stream
+            .write_all(bytes)
+            .unwrap_or_else(|e| panic!("write {} bytes: {e}", bytes.len()));
+    }
+
+    fn set_read_timeout(&self, t: Duration) {
+        self.stream.set_read_timeout(Some(t)).unwrap();
+    }
+
+    fn response(&mut self, ctx: &str) -> Response {
+        read_response(&mut self.reader, false)
+            .unwrap_or_else(|e| panic!("{ctx}: reading the response: {e}"))
+    }
+
+    fn head_response(&mut self, ctx: &str) -> Response {
+        read_response(&mut self.reader, true)
+            .unwrap_or_else(|e| panic!("{ctx}: reading the HEAD response: {e}"))
+    }
+
+    /// One line of the response stream, with its line ending.
+    fn line(&mut self, ctx: &str) -> String {
+        let mut line = Vec::new();
+        self.reader
+            .read_until(b'\n', &mut line)
+            .unwrap_or_else(|e| panic!("{ctx}: reading a line: {e}"));
+        String::from_utf8_lossy(&line).into_owned()
+    }
+
+    /// Waits up to `within` for the server to close (EOF or reset); panics if
+    /// more bytes arrive or the connection stays open. Returns how long it took.
+    fn assert_closed_within(&mut self, within: Duration, ctx: &str) -> Duration {
+        let start = Instant::now();
+        self.set_read_timeout(within);
+        let mut buf = [0u8; 512];
+        match self.reader.read(&mut buf) {
+            Ok(0) => {}
+            Ok(n) => panic!(
+                "{ctx}: expected the connection to be closed, got {n} more bytes: {:?}",
+                String::from_utf8_lossy(&buf[..n])
+            ),
+            Err(e) if is_reset(&e) => {}
+            Err(e) if is_timeout(&e) => {
+                panic!("{ctx}: the connection is still open after {within:?}")
+            }
+            Err(e) => panic!("{ctx}: unexpected error while waiting for close: {e}"),
+        }
+        start.elapsed()
+    }
+
+    fn assert_closed(&mut self, ctx: &str) {
+        self.assert_closed_within(Duration::from_secs(3), ctx);
+    }
+}
+
+fn is_reset(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted | ErrorKind::BrokenPipe
+    )
+}
+
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut)
+}
+
+/// A fresh connection's `GET /ping` must be answered 200.
+fn assert_alive(addr: SocketAddr, ctx: &str) {
+    let r = try_request(addr, "GET", "/ping", &[], b"")
+        .unwrap_or_else(|e| panic!("{ctx}: the server no longer answers GET /ping: {e}"));
+    assert_eq!(
+        r.status,
+        200,
+        "{ctx}: GET /ping afterwards: {}",
+        r.describe()
+    );
+}
+
+/// Sends `bytes` on a fresh connection, asserts the response status is one of
+/// `statuses` with a JSON error body, that the response says `Connection:
+/// close` and that the server closes; then that the server is still alive.
+fn assert_rejected(addr: SocketAddr, bytes: &[u8], statuses: &[u16], ctx: &str) -> Response {
+    let mut c = Raw::connect(addr);
+    c.write(bytes);
+    let r = c.response(ctx);
+    assert!(
+        statuses.contains(&r.status),
+        "{ctx}: expected status {statuses:?}, got {}",
+        r.describe()
+    );
+    assert_error(&r, r.status, ctx);
+    assert_eq!(
+        r.header("connection")
+            .map(str::to_ascii_lowercase)
+            .as_deref(),
+        Some("close"),
+        "{ctx}: an error that ends the connection must say `Connection: close`: {:?}",
+        r.headers
+    );
+    c.assert_closed(ctx);
+    assert_alive(addr, ctx);
+    r
+}
+
+fn send_json(chat: &str, text: &str) -> String {
+    json!({"chat": chat, "text": text, "sender": "hostile"}).to_string()
+}
+
+/// Encodes `body` as chunks of `size` bytes, each with a chunk extension,
+/// then a last-chunk with an extension and two trailer fields.
+fn chunked(body: &[u8], size: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (i, piece) in body.chunks(size).enumerate() {
+        if i % 2 == 0 {
+            out.extend_from_slice(format!("{:x};foo=bar\r\n", piece.len()).as_bytes());
+        } else {
+            out.extend_from_slice(format!("{:X}\r\n", piece.len()).as_bytes());
+        }
+        out.extend_from_slice(piece);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"0;last=\"yes\"\r\nX-Trailer: one\r\nX-Other: two\r\n\r\n");
+    out
+}
+
+const CHUNKED_SEND_HEAD: &[u8] = b"POST /api/send HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n";
+
+// ---------------------------------------------------------------------------
+// chunked bodies
+// ---------------------------------------------------------------------------
+
+#[test]
+fn chunked_send_with_extensions_and_trailers_is_accepted() {
+    let s = Server::memory();
+    let addr = s.http_addr();
+
+    // one write
+    let body = send_json("chunked", "first chunked message");
+    let mut req = CHUNKED_SEND_HEAD.to_vec();
+    req.extend(chunked(body.as_bytes(), 5));
+    let mut c = Raw::connect(addr);
+    c.write(&req);
+    let t1 = send_time_of(&c.response("chunked send"), "chunked send (one write)");
+    // the connection stays usable: the whole chunked body (and trailers) was consumed
+    c.write(b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n");
+    let r = c.response("ping after chunked send");
+    assert_eq!(
+        r.status,
+        200,
+        "GET /ping on the same connection after a chunked send: {}",
+        r.describe()
+    );
+
+    // many tiny writes: every byte of the head and of the chunked body on its own
+    let body = send_json("chunked", "second, dribbled one byte per write");
+    let mut req = CHUNKED_SEND_HEAD.to_vec();
+    req.extend(chunked(body.as_bytes(), 3));
+    let mut c = Raw::connect(addr);
+    for (i, b) in req.iter().enumerate() {
+        c.write(&[*b]);
+        if i % 16 == 0 {
+            thread::sleep(Duration::from_millis(1));
+        }
+    }
+    let t2 = send_time_of(
+        &c.response("dribbled chunked send"),
+        "chunked send (one byte per write)",
+    );
+
+    let page = pull_page(addr, "chunked", 0, 10, true);
+    assert_eq!(page.times(), vec![t1, t2], "both chunked sends are stored");
+    assert_eq!(
+        page.texts(),
+        vec![
+            "first chunked message",
+            "second, dribbled one byte per write"
+        ],
+        "chunked bodies are decoded exactly"
+    );
+    assert_alive(addr, "after chunked sends");
+}
+
+#[test]
+fn malformed_chunked_bodies_are_400() {
+    let s = Server::memory();
+    let addr = s.http_addr();
+    let cases: &[(&str, &[u8])] = &[
+        ("non-hex chunk size", b"zz\r\nhello\r\n0\r\n\r\n"),
+        (
+            "chunk size overflow",
+            b"fffffffffffffffffffff\r\nx\r\n0\r\n\r\n",
+        ),
+        (
+            "chunk data not followed by CRLF",
+            b"5\r\nhelloXX\r\n0\r\n\r\n",
+        ),
+        ("negative chunk size", b"-5\r\nhello\r\n0\r\n\r\n"),
+    ];
+    for (what, body) in cases {
+        let mut req = CHUNKED_SEND_HEAD.to_vec();
+        req.extend_from_slice(body);
+        assert_rejected(addr, &req, &[400], &format!("chunked body with {what}"));
+    }
+    // a chunked body whose decoded size is over the limit is 413
+    let mut req = CHUNKED_SEND_HEAD.to_vec();
+    req.extend_from_slice(b"200000\r\n"); // 2 MiB announced in one chunk
+    assert_rejected(addr, &req, &[413], "chunk of 2 MiB announced");
+}
+
+// ---------------------------------------------------------------------------
+// Expect: 100-continue
+// ---------------------------------------------------------------------------
+
+#[test]
+fn expect_100_continue_gets_interim_then_final() {
+    let s = Server::memory();
+    let addr = s.http_addr();
+    let body = send_json("expect", "waited for 100 Continue");
+    let head = format!(
+        "POST /api/send HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nExpect: 100-continue\r\n\r\n",
+        body.len()
+    );
+    let mut c = Raw::connect(addr);
+    c.write(head.as_bytes());
+    // The body is not sent until the interim response arrives.
+    c.set_read_timeout(Duration::from_secs(3));
+    let status = c.line("interim response");
+    assert_eq!(
+        status.trim_end(),
+        "HTTP/1.1 100 Continue",
+        "the head with Expect: 100-continue must get `HTTP/1.1 100 Continue` before the body is sent"
+    );
+    let blank = c.line("end of the interim response");
+    assert_eq!(
+        blank, "\r\n",
+        "100 Continue must have no header fields here"
+    );
+    c.set_read_timeout(IO_TIMEOUT);
+    c.write(body.as_bytes());
+    let r = c.response("final response after 100 Continue");
+    let t = send_time_of(&r, "send after 100 Continue");
+    let page = pull_page(addr, "expect", 0, 10, true);
+    assert_eq!(page.times(), vec![t]);
+    assert_alive(addr, "after Expect: 100-continue");
+}
+
+#[test]
+fn expect_100_continue_with_oversized_length_is_413_without_100() {
+    let s = Server::memory();
+    let addr = s.http_addr();
+    let mut c = Raw::connect(addr);
+    c.write(
+        b"POST /api/send HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 2000000\r\nExpect: 100-continue\r\n\r\n",
+    );
+    c.set_read_timeout(Duration::from_secs(3));
+    let first = c.line("first response line");
+    assert!(
+        first.starts_with("HTTP/1.1 413"),
+        "a body over the limit with Expect: 100-continue must be answered 413 at once (no 100 Continue), got {first:?}"
+    );
+    // the rest of the 413 response, then close
+    let mut rest = Vec::new();
+    loop {
+        let line = c.line("413 headers");
+        if line == "\r\n" || line.is_empty() {
+            break;
+        }
+        rest.push(line);
+    }
+    assert!(
+        rest.iter()
+            .any(|h| h.to_ascii_lowercase().starts_with("connection: close")),
+        "413 must close the connection: {rest:?}"
+    );
+    assert_alive(addr, "after Expect with an oversized Content-Length");
+}
+
+// ---------------------------------------------------------------------------
+// request smuggling and malformed heads
+// ---------------------------------------------------------------------------
+
+#[test]
+fn content_length_and_transfer_encoding_together_is_400_and_closes() {
+    let s = Server::memory();
+    let addr = s.http_addr();
+    let body = send_json("smuggle", "x");
+    // Either framing would make a different request of what follows: refuse both.
+    let req = format!(
+        "POST /api/send HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\nGET /ping HTTP/1.1\r\nHost: x\r\n\r\n",
+        body.len(),
+        body.len()
+    );
+    assert_rejected(
+        addr,
+        req.as_bytes(),
+        &[400],
+        "Content-Length + Transfer-Encoding",
+    );
+    let req = format!(
+        "POST /api/send HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
+        body.len()
+    );
+    assert_rejected(
+        addr,
+        req.as_bytes(),
+        &[400],
+        "Transfer-Encoding + Content-Length (TE first)",
+    );
+    // nothing was stored
+    let page = pull_page(addr, "smuggle", 0, 10, true);
+    assert!(
+        page.messages.is_empty(),
+        "a refused request must not be executed: {page:?}"
+    );
+}
+
+#[test]
+fn bad_content_length_values_are_400() {
+    let s = Server::memory();
+    let addr = s.http_addr();
+    let headers: &[(&str, &str)] = &[
+        (
+            "two different Content-Length",
+            "Content-Length: 5\r\nContent-Length: 6",
+        ),
+        ("a list of lengths", "Content-Length: 5, 6"),
+        ("non-numeric", "Content-Length: abc"),
+        ("hex", "Content-Length: 0x10"),
+        ("negative", "Content-Length: -5"),
+        ("plus sign", "Content-Length: +5"),
+        ("overflowing", "Content-Length: 99999999999999999999999"),
+        ("u64 overflow", "Content-Length: 18446744073709551617"),
+        ("space inside", "Content-Length: 1 0"),
+        ("empty", "Content-Length: "),
+    ];
+    for (what, header) in headers {
+        let req = format!("POST /api/send HTTP/1.1\r\nHost: x\r\n{header}\r\n\r\nhello");
+        assert_rejected(addr, req.as_bytes(), &[400], &format!("{what}: {header:?}"));
+    }
+}
+
+#[test]
+fn unsupported_transfer_codings_are_refused() {
+    let s = Server::memory();
+    let addr = s.http_addr();
+    for te in [
+        "gzip, chunked",
+        "chunked, chunked",
+        "identity",
+        "gzip",
+        "chunked, gzip",
+        "chunked;q=1",
+    ] {
+        let req = format!(
+            "POST /api/send HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: {te}\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+        );
+        assert_rejected(
+            addr,
+            req.as_bytes(),
+            &[501, 400],
+            &format!("Transfer-Encoding: {te}"),
+        );
+    }
+    // two Transfer-Encoding fields that together say "chunked, chunked"
+    assert_rejected(
+        addr,
+        b"POST /api/send HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        &[501, 400],
+        "Transfer-Encoding: chunked given twice",
+    );
+    // Transfer-Encoding is not defined for HTTP/1.0
+    assert_rejected(
+        addr,
+        b"POST /api/send HTTP/1.0\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        &[400, 501],
+        "Transfer-Encoding in an HTTP/1.0 request",
+    );
+}
+
+#[test]
+fn malformed_header_lines_are_400() {
+    let s = Server::memory();
+    let addr = s.http_addr();
+    let cases: &[(&str, &[u8])] = &[
+        (
+            "whitespace before the colon",
+            b"GET /ping HTTP/1.1\r\nHost : x\r\n\r\n",
+        ),
+        (
+            "obs-fold continuation line",
+            b"GET /ping HTTP/1.1\r\nHost: x\r\nX-Folded: a\r\n b\r\n\r\n",
+        ),
+        (
+            "obs-fold with a tab",
+            b"GET /ping HTTP/1.1\r\nHost: x\r\nX-Folded: a\r\n\tb\r\n\r\n",
+        ),
+        (
+            "header line without a colon",
+            b"GET /ping HTTP/1.1\r\nHost: x\r\nNoColonHere\r\n\r\n",
+        ),
+        (
+            "NUL in a header value",
+            b"GET /ping HTTP/1.1\r\nHost: x\r\nX-A: a\0b\r\n\r\n",
+        ),
+        (
+            "CR without LF inside a value",
+            b"GET /ping HTTP/1.1\r\nHost: x\r\nX-A: a\rb\r\n\r\n",
+        ),
+        (
+            "unknown HTTP version",
+            b"GET /ping HTTP/2.0\r\nHost: x\r\n\r\n",
+        ),
+        ("missing version", b"GET /ping\r\nHost: x\r\n\r\n"),
+        (
+            "space inside the target",
+            b"GET /pi ng HTTP/1.1\r\nHost: x\r\n\r\n",
+        ),
+    ];
+    for (what, req) in cases {
+        assert_rejected(addr, req, &[400, 505], what);
+    }
+}
+
+#[test]
+fn bare_lf_line_endings_are_accepted() {
+    let s = Server::memory();
+    let addr = s.http_addr();
+    let mut c = Raw::connect(addr);
+    c.write(b"GET /ping HTTP/1.1\nHost: x\n\n");
+    let r = c.response("bare-LF request");
+    assert_eq!(
+        r.status,
+        200,
+        "GET /ping with bare-LF line endings (RFC 9112 §2.2): {}",
+        r.describe()
+    );
+    // and a bare-LF POST with a body, on the same connection
+    let body = send_json("lf", "bare LF");
+    c.write(
+        format!(
+            "POST /api/send HTTP/1.1\nHost: x\nContent-Length: {}\n\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    );
+    send_time_of(
+        &c.response("bare-LF send"),
+        "POST with bare-LF line endings",
+    );
+    assert_alive(addr, "after bare-LF requests");
+}
+
+// ---------------------------------------------------------------------------
+// limits
+// ---------------------------------------------------------------------------
+
+#[test]
+fn body_over_limit_is_413_before_the_body_is_sent() {
+    let s = Server::memory();
+    let addr = s.http_addr();
+    let mut c = Raw::connect(addr);
+    // Only the head: the server must answer from the Content-Length alone.
+    c.write(
+        b"POST /api/send HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 2000000\r\n\r\n",
+    );
+    c.set_read_timeout(Duration::from_secs(3));
+    let r = c.response("head announcing 2,000,000 bytes");
+    assert_error(&r, 413, "Content-Length: 2000000 (body not sent)");
+    c.assert_closed("after 413");
+    assert_alive(addr, "after 413");
+}
+
+#[test]
+fn max_body_flag_is_exact() {
+    let s = Server::start("all", &["--max-body", "100"], &[]);
+    let addr = s.http_addr();
+    let fill = |len: usize| {
+        let base = send_json("maxbody", "");
+        let body = send_json("maxbody", &"y".repeat(len - base.len()));
+        assert_eq!(body.len(), len);
+        body
+    };
+    let ok = fill(100);
+    let r = request(addr, "POST", "/api/send", JSON_CT, ok.as_bytes());
+    send_time_of(&r, "a 100-byte body with --max-body 100");
+
+    let over = fill(101);
+    let req = format!("POST /api/send HTTP/1.1\r\nHost: x\r\nContent-Length: 101\r\n\r\n{over}");
+    assert_rejected(
+        addr,
+        req.as_bytes(),
+        &[413],
+        "a 101-byte body with --max-body 100",
+    );
+
+    // the same limit applies to the decoded size of a chunked body
+    let mut req = CHUNKED_SEND_HEAD.to_vec();
+    req.extend(chunked(over.as_bytes(), 40));
+    assert_rejected(
+        addr,
+        &req,
+        &[413],
+        "a 101-byte chunked body with --max-body 100",
+    );
+    let mut req = CHUNKED_SEND_HEAD.to_vec();
+    req.extend(chunked(ok.as_bytes(), 40));
+    let mut c = Raw::connect(addr);
+    c.write(&req);
+    send_time_of(
+        &c.response("100-byte chunked body"),
+        "a 100-byte chunked body with --max-body 100",
+    );
+    let page = pull_page(addr, "maxbody", 0, 10, true);
+    assert_eq!(
+        page.messages.len(),
+        2,
+        "only the two 100-byte bodies are stored"
+    );
+}
+
+#[test]
+fn header_section_over_16_kib_is_431() {
+    let s = Server::memory();
+    let addr = s.http_addr();
+    let mut req = String::from("GET /ping HTTP/1.1\r\nHost: x\r\n");
+    for i in 0..20 {
+        req.push_str(&format!("X-Filler-{i}: {}\r\n", "f".repeat(1000)));
+    }
+    req.push_str("\r\n");
+    assert!(req.len() > 16 * 1024);
+    assert_rejected(addr, req.as_bytes(), &[431], "20 KB header section");
+
+    // sent in 1000-byte pieces without the final blank line: refused as
+    // soon as the 16 KiB are exceeded, not when the client stops
+    let mut c = Raw::connect(addr);
+    let piece = format!("X-Slow: {}\r\n", "s".repeat(990));
+    c.write(b"GET /ping HTTP/1.1\r\nHost: x\r\n");
+    let mut sent = 0;
+    let mut answered_after = None;
+    c.set_read_timeout(Duration::from_millis(20));
+    while sent < 64 * 1024 {
+        if c.stream.write_all(piece.as_bytes()).is_err() {
+            break;
+        }
+        sent += piece.len();
+        let mut b = [0u8; 1];
+        // also the pause between pieces
+        if matches!(c.stream.peek(&mut b), Ok(n) if n > 0) {
+            answered_after = Some(sent);
+            break;
+        }
+    }
+    c.set_read_timeout(IO_TIMEOUT);
+    let r = c.response("growing header section");
+    assert_error(&r, 431, "header section growing past 16 KiB without an end");
+    let answered_after = answered_after.unwrap_or_else(|| {
+        panic!("431 came only after the client stopped ({sent} bytes of headers sent)")
+    });
+    assert!(
+        answered_after <= 20 * 1024,
+        "431 should come as soon as 16 KiB are exceeded, came after {answered_after} bytes"
+    );
+    c.assert_closed("after 431");
+    assert_alive(addr, "after 431");
+}
+
+#[test]
+fn more_than_64_header_fields_is_431() {
+    let s = Server::memory();
+    let addr = s.http_addr();
+    let mut req = String::from("GET /ping HTTP/1.1\r\nHost: x\r\n");
+    for i in 0..70 {
+        req.push_str(&format!("X-H{i}: v\r\n"));
+    }
+    req.push_str("\r\n");
+    assert_rejected(addr, req.as_bytes(), &[431], "71 header fields");
+
+    // exactly 64 fields are fine
+    let mut req = String::from("GET /ping HTTP/1.1\r\nHost: x\r\n");
+    for i in 0..63 {
+        req.push_str(&format!("X-H{i}: v\r\n"));
+    }
+    req.push_str("\r\n");
+    let mut c = Raw::connect(addr);
+    c.write(req.as_bytes());
+    let r = c.response("64 header fields");
+    assert_eq!(r.status, 200, "64 header fields: {}", r.describe());
+}
+
+#[test]
+fn request_line_over_8_kib_is_414() {
+    let s = Server::memory();
+    let addr = s.http_addr();
+    let req = format!(
+        "GET /api/pull?chat={} HTTP/1.1\r\nHost: x\r\n\r\n",
+        "a".repeat(9000)
+    );
+    assert_rejected(addr, req.as_bytes(), &[414], "9 KB request line");
+    // the request line alone, with no line end yet
+    let req = format!("GET /ping?{}", "q".repeat(9000));
+    assert_rejected(
+        addr,
+        req.as_bytes(),
+        &[414],
+        "9 KB request line, unfinished",
+    );
+}
+
+#[test]
+fn binary_junk_is_400_and_closes() {
+    let s = Server::memory();
+    let addr = s.http_addr();
+    // The start of a TLS 1.2 ClientHello (a client speaking HTTPS to us).
+    let mut hello = vec![
+        0x16, 0x03, 0x01, 0x00, 0xa5, 0x01, 0x00, 0x00, 0xa1, 0x03, 0x03,
+    ];
+    hello.extend((0u8..32).map(|i| i.wrapping_mul(37)));
+    hello.extend_from_slice(&[0x00, 0x00, 0x20, 0xc0, 0x2b, 0xc0, 0x2f, 0x00, 0x9e]);
+    assert_rejected(addr, &hello, &[400], "TLS ClientHello");
+    // NULs, high bytes, control characters
+    let junk: Vec<u8> = (0..600u32).map(|i| (i * 7919 % 256) as u8).collect();
+    assert_rejected(addr, &junk, &[400], "pseudo-random binary bytes");
+    assert_rejected(addr, b"\0\0\0\0\r\n\r\n", &[400], "NUL bytes");
+    // an HTTP/2 prior-knowledge preface
+    assert_rejected(
+        addr,
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+        &[400, 405, 505],
+        "HTTP/2 preface",
+    );
+}
+
+// ---------------------------------------------------------------------------
+// timeouts
+// ---------------------------------------------------------------------------
+
+#[test]
+fn slowloris_head_is_cut_off_by_the_request_timeout() {
+    let s = Server::start("all", &["--request-timeout-s", "1"], &[]);
+    let addr = s.http_addr();
+    let mut c = Raw::connect(addr);
+    c.write(b"GET /pi");
+    let first_byte = Instant::now();
+    // then one byte every 300 ms, forever
+    let drip = b"ng HTTP/1.1\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    let mut received = Vec::new();
+    let mut closed_after = None;
+    c.set_read_timeout(Duration::from_millis(300));
+    let mut i = 0;
+    while first_byte.elapsed() < Duration::from_secs(5) {
+        let mut buf = [0u8; 1024];
+        match c.reader.read(&mut buf) {
+            Ok(0) => {
+                closed_after = Some(first_byte.elapsed());
+                break;
+            }
+            Ok(n) => received.extend_from_slice(&buf[..n]),
+            Err(e) if is_timeout(&e) => {}
+            Err(e) if is_reset(&e) => {
+                closed_after = Some(first_byte.elapsed());
+                break;
+            }
+            Err(e) => panic!("slowloris: unexpected read error: {e}"),
+        }
+        if i < drip.len() && c.stream.write_all(&drip[i..=i]).is_ok() {
+            i += 1;
+        }
+    }
+    let closed_after = closed_after.unwrap_or_else(|| {
+        panic!(
+            "slowloris (one byte per 300 ms, --request-timeout-s 1): still open after 5 s; received {:?}",
+            String::from_utf8_lossy(&received)
+        )
+    });
+    eprintln!(
+        "slowloris: closed {closed_after:?} after the first byte; received {:?}",
+        String::from_utf8_lossy(&received)
+    );
+    assert!(
+        closed_after < Duration::from_secs(3),
+        "slowloris with --request-timeout-s 1 must be cut off about 1 s after its first byte, took {closed_after:?}"
+    );
+    assert!(
+        closed_after >= Duration::from_millis(700),
+        "the request timeout must not fire early: closed after {closed_after:?}"
+    );
+    assert!(
+        received.is_empty() || received.starts_with(b"HTTP/1.1 408 "),
+        "slowloris: the only response may be a 408, got {:?}",
+        String::from_utf8_lossy(&received)
+    );
+    assert_alive(addr, "after slowloris");
+}
+
+#[test]
+fn incomplete_body_is_cut_off_by_the_request_timeout() {
+    let s = Server::start("all", &["--request-timeout-s", "1"], &[]);
+    let addr = s.http_addr();
+    let mut c = Raw::connect(addr);
+    let start = Instant::now();
+    c.write(b"POST /api/send HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n{\"c");
+    c.set_read_timeout(Duration::from_secs(5));
+    let r = read_response(&mut c.reader, false).unwrap_or_else(|e| {
+        panic!(
+            "a body of 3 of 10 bytes with --request-timeout-s 1: expected a 408 and close, got {e} after {:?}",
+            start.elapsed()
+        )
+    });
+    let answered = start.elapsed();
+    assert_error(&r, 408, "incomplete body");
+    c.assert_closed("after 408 for an incomplete body");
+    eprintln!("incomplete body: 408 after {answered:?}");
+    assert!(
+        answered < Duration::from_secs(3) && answered >= Duration::from_millis(700),
+        "408 should come about 1 s after the first byte, came after {answered:?}"
+    );
+    assert_alive(addr, "after an incomplete body");
+}
+
+#[test]
+fn idle_keep_alive_connection_is_closed_after_idle_timeout() {
+    let s = Server::start("all", &["--idle-timeout-s", "1"], &[]);
+    let addr = s.http_addr();
+    let mut c = Raw::connect(addr);
+    c.write(b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n");
+    let r = c.response("ping before idling");
+    assert_eq!(r.status, 200, "{}", r.describe());
+    assert!(
+        r.header("connection").is_none(),
+        "the connection is kept alive after the first request: {:?}",
+        r.headers
+    );
+    let idle = c.assert_closed_within(
+        Duration::from_secs(5),
+        "idle keep-alive connection with --idle-timeout-s 1",
+    );
+    eprintln!("idle connection closed after {idle:?}");
+    assert!(
+        idle >= Duration::from_millis(700) && idle < Duration::from_secs(3),
+        "an idle connection should be closed about 1 s after its last response, took {idle:?}"
+    );
+    assert_alive(addr, "after the idle timeout");
+}
+
+// ---------------------------------------------------------------------------
+// connection floods
+// ---------------------------------------------------------------------------
+
+#[test]
+fn two_thousand_idle_connections_do_not_block_a_new_one() {
+    let s = Server::memory();
+    let addr = s.http_addr();
+    let mut idle = Vec::with_capacity(2000);
+    for i in 0..2000 {
+        let c = TcpStream::connect_timeout(&addr, IO_TIMEOUT)
+            .unwrap_or_else(|e| panic!("opening idle connection {i}: {e}"));
+        idle.push(c);
+    }
+    // let the server accept them all
+    thread::sleep(Duration::from_millis(200));
+    let mut c = Raw::connect(addr);
+    c.set_read_timeout(Duration::from_secs(2));
+    let start = Instant::now();
+    c.write(b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n");
+    let r = read_response(&mut c.reader, false).unwrap_or_else(|e| {
+        panic!(
+            "GET /ping with 2,000 idle connections open: not answered within 2 s ({e}) after {:?}",
+            start.elapsed()
+        )
+    });
+    let latency = start.elapsed();
+    assert_eq!(r.status, 200, "{}", r.describe());
+    eprintln!("GET /ping latency with 2,000 idle connections open: {latency:?} (target < 100 ms)");
+    // the idle connections are still served too
+    for i in [0usize, 999, 1999] {
+        let conn = &mut idle[i];
+        conn.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        conn.write_all(b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap_or_else(|e| panic!("write on idle connection {i}: {e}"));
+        let mut r = BufReader::new(&*conn);
+        let resp = read_response(&mut r, false)
+            .unwrap_or_else(|e| panic!("idle connection {i} no longer served: {e}"));
+        assert_eq!(resp.status, 200, "idle connection {i}: {}", resp.describe());
+    }
+    drop(idle);
+    assert_alive(addr, "after 2,000 idle connections");
+}
+
+#[test]
+fn max_connections_refuses_with_503_then_recovers() {
+    let s = Server::start("all", &["--max-connections", "10"], &[]);
+    let addr = s.http_addr();
+    let mut open: Vec<HttpConn> = (0..10)
+        .map(|i| {
+            let mut c = HttpConn::connect(addr);
+            let r = c.request("GET", "/ping", &[], b"");
+            assert_eq!(r.status, 200, "connection {i} of 10: {}", r.describe());
+            c
+        })
+        .collect();
+
+    // The 11th: answered 503 + Retry-After and closed, without sending anything.
+    let mut c = Raw::connect(addr);
+    c.set_read_timeout(Duration::from_secs(3));
+    let r = c.response("11th connection with --max-connections 10");
+    assert_error(&r, 503, "11th connection with --max-connections 10");
+    assert!(
+        r.header("retry-after").is_some(),
+        "503 for too many connections must carry Retry-After: {:?}",
+        r.headers
+    );
+    c.assert_closed("11th connection");
+
+    // the 10 are still served
+    for (i, c) in open.iter_mut().enumerate() {
+        let r = c.request("GET", "/ping", &[], b"");
+        assert_eq!(
+            r.status,
+            200,
+            "open connection {i} after the refusal: {}",
+            r.describe()
+        );
+    }
+
+    // close 3: new connections are served again (once the server notices)
+    open.truncate(7);
+    let mut reopened = Vec::new();
+    for i in 0..3 {
+        let c = wait_until(Duration::from_secs(3), "a slot to free up", || {
+            let mut c = Raw::connect(addr);
+            c.set_read_timeout(Duration::from_secs(2));
+            c.write(b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n");
+            match read_response(&mut c.reader, false) {
+                Ok(r) if r.status == 200 => Some(c),
+                Ok(r) if r.status == 503 => None,
+                Ok(r) => panic!("re-opened connection {i}: {}", r.describe()),
+                Err(_) => None,
+            }
+        });
+        reopened.push(c);
+    }
+    // and at 10 again, the next is refused again
+    let mut c = Raw::connect(addr);
+    c.set_read_timeout(Duration::from_secs(3));
+    let r = c.response("11th connection again");
+    assert_error(&r, 503, "11th connection once the slots are full again");
+}
+
+// ---------------------------------------------------------------------------
+// methods, targets, header case, query strings
+// ---------------------------------------------------------------------------
+
+#[test]
+fn head_ping_has_content_length_and_no_body() {
+    let s = Server::memory();
+    let addr = s.http_addr();
+    let mut c = Raw::connect(addr);
+    // HEAD then GET on one connection: a body after the HEAD response would
+    // be read as the start of the GET response.
+    c.write(b"HEAD /ping HTTP/1.1\r\nHost: x\r\n\r\nGET /ping HTTP/1.1\r\nHost: x\r\n\r\n");
+    let head = c.head_response("HEAD /ping");
+    assert_eq!(head.status, 200, "HEAD /ping: {}", head.describe());
+    let get = c.response("GET /ping after HEAD");
+    assert_eq!(get.status, 200, "GET /ping after HEAD: {}", get.describe());
+    assert_eq!(
+        head.header("content-length"),
+        Some(get.body.len().to_string().as_str()),
+        "HEAD must carry the Content-Length of the GET body"
+    );
+    assert_eq!(get.text(), r#"{"message":"pong"}"#);
+}
+
+#[test]
+fn other_methods_are_405_with_allow() {
+    let s = Server::memory();
+    let addr = s.http_addr();
+    for (method, path, allow) in [
+        ("OPTIONS", "/api/send", "POST"),
+        ("DELETE", "/api/pull", "GET"),
+        ("PUT", "/ping", "GET"),
+        ("BREW", "/ping", "GET"),
+        ("PATCH", "/api/send", "POST"),
+        ("GET", "/api/send", "POST"),
+        ("POST", "/ping", "GET"),
+    ] {
+        let ctx = format!("{method} {path}");
+        let mut c = Raw::connect(addr);
+        c.write(
+            format!("{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n").as_bytes(),
+        );
+        let r = c.response(&ctx);
+        assert_error(&r, 405, &ctx);
+        let got = r
+            .header("allow")
+            .unwrap_or_else(|| panic!("{ctx}: 405 without an Allow header: {:?}", r.headers));
+        assert!(
+            got.split(',').any(|m| m.trim() == allow),
+            "{ctx}: Allow should list {allow}, got {got:?}"
+        );
+        // a 405 does not end the connection
+        c.write(b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n");
+        let r = c.response(&format!("ping after {ctx}"));
+        assert_eq!(r.status, 200, "ping after {ctx}: {}", r.describe());
+    }
+}
+
+#[test]
+fn absolute_form_target_is_served() {
+    let s = Server::memory();
+    let addr = s.http_addr();
+    for target in [
+        "http://localhost/ping".to_string(),
+        format!("http://{addr}/ping"),
+    ] {
+        let mut c = Raw::connect(addr);
+        c.write(format!("GET {target} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes());
+        let r = c.response(&target);
+        assert_eq!(r.status, 200, "GET {target}: {}", r.describe());
+        assert_eq!(r.text(), r#"{"message":"pong"}"#, "GET {target}");
+    }
+    let t = send_ok(addr, "absolute", "s", "via absolute form pull");
+    let mut c = Raw::connect(addr);
+    c.write(b"GET http://localhost/api/pull?chat=absolute HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    let page = parse_page(&c.response("absolute-form pull"), "absolute-form pull");
+    assert_eq!(page.times(), vec![t]);
+}
+
+#[test]
+fn odd_case_header_names_work() {
+    let s = Server::memory();
+    let addr = s.http_addr();
+    let body = send_json("oddcase", "odd case");
+    let req = format!(
+        "POST /api/send HTTP/1.1\r\nhOsT: x\r\ncOnTeNt-TyPe: application/json\r\ncOnTeNt-LeNgTh: {}\r\n\r\n{body}GET /ping HTTP/1.1\r\nHost: x\r\ncOnNeCtIoN: ClOsE\r\n\r\n",
+        body.len()
+    );
+    let mut c = Raw::connect(addr);
+    c.write(req.as_bytes());
+    send_time_of(&c.response("odd-case Content-Length"), "cOnTeNt-LeNgTh");
+    let r = c.response("ping with odd-case Connection: close");
+    assert_eq!(r.status, 200, "{}", r.describe());
+    c.assert_closed("cOnNeCtIoN: ClOsE is honoured");
+    // odd-case Transfer-Encoding too
+    let body = send_json("oddcase", "odd case chunked");
+    let mut req =
+        b"POST /api/send HTTP/1.1\r\nHost: x\r\ntRaNsFeR-eNcOdInG: ChUnKeD\r\n\r\n".to_vec();
+    req.extend(chunked(body.as_bytes(), 7));
+    let mut c = Raw::connect(addr);
+    c.write(&req);
+    send_time_of(
+        &c.response("odd-case chunked"),
+        "tRaNsFeR-eNcOdInG: ChUnKeD",
+    );
+    let page = pull_page(addr, "oddcase", 0, 10, true);
+    assert_eq!(page.texts(), vec!["odd case", "odd case chunked"]);
+}
+
+#[test]
+fn query_strings_are_percent_decoded_and_checked() {
+    let s = Server::memory();
+    let addr = s.http_addr();
+    let t = send_ok(addr, "a b c", "s", "spaces in the chat");
+    for q in [
+        "chat=a%20b+c",
+        "chat=a+b+c",
+        "chat=a%20b%20c",
+        "ch%61t=a%20b+c",
+    ] {
+        let r = pull_query(addr, q);
+        let page = parse_page(&r, &format!("pull ?{q}"));
+        assert_eq!(
+            page.times(),
+            vec![t],
+            "?{q} must decode to the chat \"a b c\""
+        );
+    }
+    // a decoded "+" is a literal plus, not a space
+    let tp = send_ok(addr, "a+b", "s", "plus in the chat");
+    let page = parse_page(&pull_query(addr, "chat=a%2Bb"), "pull ?chat=a%2Bb");
+    assert_eq!(page.times(), vec![tp], "%2B decodes to '+'");
+
+    for (q, what) in [
+        ("chat=a&chat=b", "duplicate chat"),
+        ("chat=a&limit=1&limit=2", "duplicate limit"),
+        (
+            "chat=a&cursor=1&cursor=1",
+            "duplicate cursor, even if equal",
+        ),
+        ("chat=a&reverse=true&reverse=false", "duplicate reverse"),
+        ("chat=%ff", "invalid UTF-8 escape"),
+        ("chat=%C3%28", "invalid UTF-8 sequence"),
+        ("chat=%zz", "malformed escape"),
+        ("chat=abc%", "truncated escape"),
+        ("chat=abc%4", "truncated escape (one digit)"),
+    ] {
+        let r = pull_query(addr, q);
+        assert_error(&r, 400, &format!("pull ?{q} ({what})"));
+    }
+    assert_alive(addr, "after hostile query strings");
+}
+
+// ---------------------------------------------------------------------------
+// RPC tier
+// ---------------------------------------------------------------------------
+
+const SEND: u8 = 1;
+const PULL: u8 = 2;
+const OK: u8 = 0;
+const BAD_FRAME: u8 = 1;
+/// `PullRequest { chat: "x" }`: field 1, length-delimited, 1 byte.
+const PULL_X: &[u8] = &[0x0a, 0x01, b'x'];
+
+fn frame(id: u64, kind: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = ((9 + body.len()) as u32).to_be_bytes().to_vec();
+    out.extend_from_slice(&id.to_be_bytes());
+    out.push(kind);
+    out.extend_from_slice(body);
+    out
+}
+
+struct RpcConn {
+    stream: TcpStream,
+}
+
+impl RpcConn {
+    fn connect(addr: SocketAddr) -> RpcConn {
+        let stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT)
+            .unwrap_or_else(|e| panic!("connect to rpc {addr}: {e}"));
+        stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        stream.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+        stream.set_nodelay(true).unwrap();
+        RpcConn { stream }
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        self.stream
+            .write_all(bytes)
+            .unwrap_or_else(|e| panic!("rpc write: {e}"));
+    }
+
+    /// Reads one reply frame: (id, kind, body).
+    fn read_frame(&mut self, ctx: &str) -> (u64, u8, Vec<u8>) {
+        let mut len = [0u8; 4];
+        self.stream
+            .read_exact(&mut len)
+            .unwrap_or_else(|e| panic!("{ctx}: reading a reply frame: {e}"));
+        let len = u32::from_be_bytes(len) as usize;
+        assert!(
+            (9..1 << 20).contains(&len),
+            "{ctx}: implausible reply frame length {len}"
+        );
+        let mut rest = vec![0u8; len];
+        self.stream
+            .read_exact(&mut rest)
+            .unwrap_or_else(|e| panic!("{ctx}: reading a reply frame body: {e}"));
+        let id = u64::from_be_bytes(rest[..8].try_into().unwrap());
+        (id, rest[8], rest[9..].to_vec())
+    }
+
+    /// A valid Pull of chat "x" on this connection gets an OK reply with its id.
+    fn assert_pull_ok(&mut self, id: u64, ctx: &str) {
+        self.write(&frame(id, PULL, PULL_X));
+        let (got_id, kind, body) = self.read_frame(ctx);
+        assert_eq!(
+            (got_id, kind),
+            (id, OK),
+            "{ctx}: a valid Pull must get an OK reply with the same id (body {body:?})"
+        );
+        // PullResponse.code (field 1, varint) is absent or 0 for OK
+        assert!(
+            !body.starts_with(&[0x08]) || body.get(1) == Some(&0),
+            "{ctx}: Pull of chat \"x\" should succeed, got response body {body:?}"
+        );
+    }
+
+    /// Asserts the server closed the connection within 3 s.
+    fn assert_closed(&mut self, ctx: &str) {
+        self.stream
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .unwrap();
+        let mut buf = [0u8; 256];
+        loop {
+            match self.stream.read(&mut buf) {
+                Ok(0) => return,
+                Ok(n) => panic!(
+                    "{ctx}: expected the rpc connection to be closed, got {n} bytes: {:?}",
+                    &buf[..n]
+                ),
+                Err(e) if is_reset(&e) => return,
+                Err(e) if is_timeout(&e) => {
+                    panic!("{ctx}: the rpc connection is still open after 3 s")
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => panic!("{ctx}: unexpected error: {e}"),
+            }
+        }
+    }
+}
+
+fn assert_rpc_alive(addr: SocketAddr, ctx: &str) {
+    RpcConn::connect(addr).assert_pull_ok(77, &format!("{ctx}: fresh connection"));
+}
+
+#[test]
+fn rpc_oversized_frames_close_the_connection() {
+    let s = Server::rpc(&[]);
+    let addr = s.rpc_addr();
+    assert_rpc_alive(addr, "before");
+
+    // 4 GiB announced: refused from the length alone, nothing buffered
+    let mut c = RpcConn::connect(addr);
+    c.write(&[0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0, 0, 0, 0, 1, PULL]);
+    c.assert_closed("frame announcing 0xFFFFFFFF bytes");
+    assert_rpc_alive(addr, "after a 0xFFFFFFFF frame");
+
+    // a length that cannot even hold the id and kind
+    let mut c = RpcConn::connect(addr);
+    c.write(&[0, 0, 0, 3, 1, 2, 3]);
+    c.assert_closed("frame of length 3");
+    assert_rpc_alive(addr, "after a too-short frame");
+
+    // a frame in progress and then a valid one on a new connection: untouched
+    let mut stalled = RpcConn::connect(addr);
+    stalled.write(&frame(1, PULL, PULL_X)[..6]);
+    assert_rpc_alive(addr, "while another connection has half a frame");
+    drop(stalled);
+}
+
+#[test]
+fn rpc_max_frame_flag_refuses_bigger_frames() {
+    let s = Server::rpc(&["--max-frame", "1024"]);
+    let addr = s.rpc_addr();
+    // a 2000-byte PullRequest (chat of 1995 bytes)
+    let chat = "c".repeat(1995);
+    let mut body = vec![0x0a];
+    body.extend_from_slice(&[0xcb, 0x0f]); // varint 1995
+    body.extend_from_slice(chat.as_bytes());
+    assert_eq!(body.len(), 1998);
+    let big = frame(5, PULL, &body);
+    assert!(big.len() > 2000);
+    let mut c = RpcConn::connect(addr);
+    // the server may close before everything is written: ignore write errors
+    let _ = c.stream.write_all(&big);
+    c.assert_closed("2000-byte frame with --max-frame 1024");
+    assert_rpc_alive(addr, "after a frame over --max-frame");
+
+    // a frame just under the limit is served (the chat is too long: an
+    // OK-kind reply carrying InvalidArgument, not a closed connection)
+    let chat = "c".repeat(900);
+    let mut body = vec![0x0a, 0x84, 0x07]; // varint 900
+    body.extend_from_slice(chat.as_bytes());
+    let mut c = RpcConn::connect(addr);
+    c.write(&frame(6, PULL, &body));
+    let (id, kind, reply) = c.read_frame("913-byte frame with --max-frame 1024");
+    assert_eq!(
+        (id, kind),
+        (6, OK),
+        "a frame within --max-frame is served (reply {reply:?})"
+    );
+    assert!(
+        reply.starts_with(&[0x08, 0x01]),
+        "a 900-byte chat is refused with code InvalidArgument (1): {reply:?}"
+    );
+    c.assert_pull_ok(7, "same connection after the 913-byte frame");
+}
+
+#[test]
+fn rpc_unknown_method_gets_bad_frame_reply() {
+    let s = Server::rpc(&[]);
+    let addr = s.rpc_addr();
+    let mut c = RpcConn::connect(addr);
+    for (id, method) in [(0xdead_beef_u64, 9u8), (u64::MAX, 0), (3, 255)] {
+        c.write(&frame(id, method, PULL_X));
+        let (got, kind, why) = c.read_frame(&format!("method {method}"));
+        assert_eq!(
+            (got, kind),
+            (id, BAD_FRAME),
+            "unknown method {method}: expected a BAD_FRAME reply with the same id"
+        );
+        let why = String::from_utf8(why).expect("the bad-frame reason is UTF-8");
+        assert!(!why.is_empty(), "unknown method {method}: empty reason");
+        eprintln!("unknown method {method}: {why}");
+        c.assert_pull_ok(
+            id.wrapping_add(1),
+            &format!("after unknown method {method}"),
+        );
+    }
+    assert_rpc_alive(addr, "after unknown methods");
+}
+
+#[test]
+fn rpc_undecodable_body_gets_bad_frame_reply() {
+    let s = Server::rpc(&[]);
+    let addr = s.rpc_addr();
+    let mut c = RpcConn::connect(addr);
+    let cases: &[(u8, &[u8], &str)] = &[
+        (SEND, &[0xff, 0xff, 0xff], "truncated varint tag"),
+        (PULL, &[0xff, 0xff, 0xff], "truncated varint tag"),
+        (SEND, &[0x0a, 0x05, 0x01], "length past the end"),
+        (PULL, &[0x0a, 0x02, 0xc3, 0x28], "chat is invalid UTF-8"),
+        (SEND, &[0x0f], "invalid wire type"),
+    ];
+    for (i, (method, body, what)) in cases.iter().enumerate() {
+        let id = 100 + i as u64;
+        let ctx = format!("method {method} with {what} ({body:?})");
+        c.write(&frame(id, *method, body));
+        let (got, kind, why) = c.read_frame(&ctx);
+        assert_eq!(
+            (got, kind),
+            (id, BAD_FRAME),
+            "{ctx}: expected a BAD_FRAME reply with the same id, reply body {:?}",
+            String::from_utf8_lossy(&why)
+        );
+        assert!(
+            std::str::from_utf8(&why).is_ok_and(|w| !w.is_empty()),
+            "{ctx}: the reason must be non-empty UTF-8: {why:?}"
+        );
+        c.assert_pull_ok(id + 1000, &format!("after {ctx}"));
+    }
+    // a pipelined burst: bad and good frames interleaved, every one answered by id
+    let mut burst = Vec::new();
+    for id in 0..20u64 {
+        if id % 2 == 0 {
+            burst.extend(frame(id, SEND, &[0xff, 0xff, 0xff]));
+        } else {
+            burst.extend(frame(id, PULL, PULL_X));
+        }
+    }
+    c.write(&burst);
+    let mut seen = [false; 20];
+    for _ in 0..20 {
+        let (id, kind, _) = c.read_frame("pipelined burst");
+        assert!(
+            id < 20 && !seen[id as usize],
+            "unexpected or repeated reply id {id}"
+        );
+        seen[id as usize] = true;
+        let want = if id % 2 == 0 { BAD_FRAME } else { OK };
+        assert_eq!(kind, want, "reply kind for id {id}");
+    }
+    c.stream.shutdown(Shutdown::Write).unwrap();
+    c.assert_closed("after the client half-closes");
+    assert_rpc_alive(addr, "after undecodable bodies");
+}

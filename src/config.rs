@@ -55,8 +55,8 @@ pub const OPTIONS: &[OptionSpec] = &[
     OptionSpec { flag: "--rpc", env: "IM_RPC_ADDR", default: None, help: "RPC server the gateway calls (default in `all`: the one started here)" },
     OptionSpec { flag: "--redis", env: "REDIS_URL", default: None, help: "redis://[:password@]host[:port][/db] or unix:///path.sock; unset = embedded memory store" },
     OptionSpec { flag: "--rpc-timeout-ms", env: "IM_RPC_TIMEOUT_MS", default: Some("1000"), help: "per-call RPC timeout (504 after it)" },
-    OptionSpec { flag: "--rpc-connections", env: "IM_RPC_CONNECTIONS", default: Some("2"), help: "multiplexed connections from the gateway to the RPC server" },
-    OptionSpec { flag: "--redis-connections", env: "IM_REDIS_CONNECTIONS", default: Some("2"), help: "pipelined connections from the RPC server to Redis" },
+    OptionSpec { flag: "--rpc-connections", env: "IM_RPC_CONNECTIONS", default: Some("1"), help: "multiplexed connections to the RPC server, per gateway thread" },
+    OptionSpec { flag: "--redis-connections", env: "IM_REDIS_CONNECTIONS", default: Some("1"), help: "pipelined connections to Redis, per RPC server thread" },
     OptionSpec { flag: "--redis-timeout-ms", env: "IM_REDIS_TIMEOUT_MS", default: Some("1000"), help: "a Redis command not answered within this fails with 503" },
     OptionSpec { flag: "--max-body", env: "IM_MAX_BODY", default: Some("1048576"), help: "largest request body in bytes (413 above)" },
     OptionSpec { flag: "--max-header-bytes", env: "IM_MAX_HEADER_BYTES", default: Some("16384"), help: "largest request line + headers in bytes (431 above)" },
@@ -67,7 +67,7 @@ pub const OPTIONS: &[OptionSpec] = &[
     OptionSpec { flag: "--drain-timeout-s", env: "IM_DRAIN_TIMEOUT_S", default: Some("10"), help: "on SIGTERM/SIGINT, how long in-flight requests may take to finish" },
     OptionSpec { flag: "--queue", env: "IM_QUEUE", default: Some("8192"), help: "calls queued per RPC/Redis connection before 503 + Retry-After" },
     OptionSpec { flag: "--max-in-flight", env: "IM_MAX_IN_FLIGHT", default: Some("8192"), help: "calls in flight per RPC/Redis connection" },
-    OptionSpec { flag: "--threads", env: "IM_THREADS", default: Some("0"), help: "worker threads (0 = one per core; 1 = a single-threaded runtime)" },
+    OptionSpec { flag: "--threads", env: "IM_THREADS", default: Some("0"), help: "worker threads, each a single-threaded runtime with its own connections (0 = one per core)" },
 ];
 
 pub fn usage() -> String {

@@ -16,24 +16,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    // One thread: a current-thread runtime skips the work-stealing machinery.
-    let mut builder = match config.threads {
-        1 => tokio::runtime::Builder::new_current_thread(),
-        0 => tokio::runtime::Builder::new_multi_thread(),
-        n => {
-            let mut builder = tokio::runtime::Builder::new_multi_thread();
-            builder.worker_threads(n);
-            builder
-        }
-    };
-    let runtime = match builder.enable_all().build() {
-        Ok(runtime) => runtime,
-        Err(err) => {
-            eprintln!("im-server: cannot start the runtime: {err}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(im_server::roles::run(*config)) {
+    match im_server::roles::run(*config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("im-server: {err}");

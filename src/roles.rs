@@ -1,129 +1,238 @@
-//! Starting each role from a [`Config`]: bind, log where, serve until a
-//! shutdown signal.
+//! Starting the configured roles: bind once, then run one single-threaded
+//! tokio runtime per worker thread ("shard"), each with its own accept loop,
+//! its own RPC/Redis connections and its own timers, so that a request is
+//! served start to finish on one thread without cross-thread wake-ups.
+//! (Measured under wrk: the RPC server used 17 µs of CPU per send on a
+//! 2-thread work-stealing runtime and 5 µs on one current-thread runtime.)
+//!
+//! Shutdown on SIGINT/SIGTERM: the gateway stops accepting, finishes its
+//! in-flight requests and closes; only then the RPC server does the same,
+//! so the gateway's last requests still find it.
 
+use std::net::TcpListener as StdListener;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
-use tokio::sync::watch;
-use tokio::task::JoinHandle;
+use tokio::sync::{Semaphore, mpsc, watch};
 
 use crate::config::{Config, Role};
 use crate::gateway::Gateway;
 use crate::http::Limits;
-use crate::http::server::ServerOptions;
+use crate::http::server::{ServerOptions, connection_slots};
+use crate::resp::url::RedisTarget;
 use crate::rpc::client::{RpcClient, RpcClientOptions};
 use crate::rpc::server::RpcServerOptions;
 use crate::store::AnyStore;
 use crate::store::memory::MemoryStore;
 use crate::store::redis::{RedisOptions, RedisStore};
 
+/// What every shard shares.
+struct Plan {
+    config: Config,
+    /// The store, when this process runs the RPC server.
+    store: Option<StoreChoice>,
+    /// When this process runs the gateway: the RPC server it calls, and the
+    /// connection limit.
+    gateway: Option<(String, Arc<Semaphore>)>,
+}
+
+/// One shard's handles on the listening sockets. Each shard owns its own
+/// (duplicated) descriptor, so the socket closes, and new connections are
+/// refused, as soon as every shard has stopped accepting.
+#[derive(Default)]
+struct Listeners {
+    rpc: Option<StdListener>,
+    http: Option<StdListener>,
+}
+
+impl Listeners {
+    fn try_clone(&self) -> Result<Listeners, String> {
+        let dup = |l: &Option<StdListener>| -> Result<Option<StdListener>, String> {
+            l.as_ref()
+                .map(|l| {
+                    l.try_clone()
+                        .map_err(|e| format!("cannot share a listener: {e}"))
+                })
+                .transpose()
+        };
+        Ok(Listeners {
+            rpc: dup(&self.rpc)?,
+            http: dup(&self.http)?,
+        })
+    }
+}
+
+#[derive(Clone)]
+enum StoreChoice {
+    Memory(Arc<MemoryStore>),
+    /// Each shard opens its own connections.
+    Redis(RedisTarget),
+}
+
 /// Runs the configured role(s) until SIGINT or SIGTERM, then shuts down
-/// gracefully: stop accepting, finish in-flight requests (gateway first, as
-/// its requests need the RPC server), close, return.
-pub async fn run(config: Config) -> Result<(), String> {
+/// gracefully.
+pub fn run(config: Config) -> Result<(), String> {
     match crate::rlimit::raise_open_files_limit() {
         Some(files) => eprintln!("im-server: open-file limit {files}"),
         None => eprintln!("im-server: could not read the open-file limit"),
     }
-    // Two stop signals: in `all`, the RPC server must keep serving until the
-    // gateway has drained, or the gateway's last requests would find it gone.
+    let (plan, listeners) = plan(config)?;
+    let plan = Arc::new(plan);
+    let shards = match plan.config.threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
     let (stop_gateway, gateway_stopping) = watch::channel(false);
     let (stop_rpc, rpc_stopping) = watch::channel(false);
-    let rpc = match config.role {
-        Role::Rpc | Role::All => Some(start_rpc(&config, rpc_stopping).await?),
-        Role::Gateway => None,
-    };
-    let gateway = if config.role != Role::Rpc {
-        let target = match (&config.rpc_addr, &rpc) {
-            (Some(addr), _) => addr.clone(),
-            (None, Some((local, _))) => local.clone(),
-            (None, None) => return Err("the gateway needs --rpc <addr>".into()),
+    let (gateway_drained, mut gateway_drains) = mpsc::channel::<()>(shards);
+    // A shard that cannot start ends the process instead of leaving it half up.
+    let (failed, mut failures) = mpsc::channel::<String>(shards);
+    let mut threads = Vec::with_capacity(shards);
+    let mut listeners = Some(listeners);
+    for shard in 0..shards {
+        // The last shard takes the original descriptors.
+        let own = match (shard + 1 == shards, &mut listeners) {
+            (true, spare) => spare.take().unwrap_or_default(),
+            (false, Some(spare)) => spare.try_clone()?,
+            (false, None) => Listeners::default(),
         };
-        Some(start_gateway(&config, target, gateway_stopping).await?)
-    } else {
-        None
-    };
-    shutdown_signal().await;
-    eprintln!("im-server: shutting down: draining in-flight requests");
-    let _ = stop_gateway.send(true);
-    if let Some(gateway) = gateway {
-        let _ = gateway.await;
+        let plan = plan.clone();
+        let gateway_stopping = gateway_stopping.clone();
+        let rpc_stopping = rpc_stopping.clone();
+        let gateway_drained = gateway_drained.clone();
+        let failures = failed.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("im-shard-{shard}"))
+            .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| format!("cannot start a runtime: {e}"));
+                let result = runtime.and_then(|runtime| {
+                    runtime.block_on(run_shard(
+                        &plan,
+                        own,
+                        gateway_stopping,
+                        rpc_stopping,
+                        gateway_drained,
+                    ))
+                });
+                if let Err(err) = &result {
+                    let _ = failures.try_send(err.clone());
+                }
+                result
+            })
+            .map_err(|e| format!("cannot start a worker thread: {e}"))?;
+        threads.push(thread);
     }
-    let _ = stop_rpc.send(true);
-    if let Some((_, rpc)) = rpc {
-        let _ = rpc.await;
+    drop(gateway_drained);
+
+    let control = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start a runtime: {e}"))?;
+    control.block_on(async {
+        tokio::select! {
+            _ = shutdown_signal() => {}
+            Some(err) = failures.recv() => return Err(err),
+        }
+        eprintln!("im-server: shutting down: draining in-flight requests");
+        let _ = stop_gateway.send(true);
+        // Every shard reports once its gateway has drained (or it has none).
+        while gateway_drains.recv().await.is_some() {}
+        let _ = stop_rpc.send(true);
+        Ok(())
+    })?;
+    for thread in threads {
+        match thread.join() {
+            Ok(result) => result?,
+            Err(_) => return Err("a worker thread panicked".into()),
+        }
     }
     eprintln!("im-server: stopped");
     Ok(())
 }
 
-async fn bind(addr: &str, what: &str) -> Result<(TcpListener, String), String> {
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|e| format!("cannot listen for {what} on {addr}: {e}"))?;
+/// Binds every listener (once, before the shards start) and chooses the store.
+fn plan(config: Config) -> Result<(Plan, Listeners), String> {
+    let rpc = match config.role {
+        Role::Rpc | Role::All => {
+            let store = match &config.redis_url {
+                Some(url) => {
+                    let target = crate::resp::url::parse(url)?;
+                    eprintln!("im-server: store: Redis at {target}");
+                    StoreChoice::Redis(target)
+                }
+                None => {
+                    eprintln!(
+                        "im-server: store: embedded memory store (no Redis URL configured; messages are lost on exit; set REDIS_URL or --redis to use Redis)"
+                    );
+                    StoreChoice::Memory(Arc::new(MemoryStore::default()))
+                }
+            };
+            let (listener, local) = bind(&config.rpc_listen, "rpc")?;
+            eprintln!("im-server: rpc listening on {local}");
+            Some((listener, store, local))
+        }
+        Role::Gateway => None,
+    };
+    let gateway = match config.role {
+        Role::Gateway | Role::All => {
+            let target = match (&config.rpc_addr, &rpc) {
+                (Some(addr), _) => addr.clone(),
+                (None, Some((_, _, local))) => local.clone(),
+                (None, None) => return Err("the gateway needs --rpc <addr>".into()),
+            };
+            eprintln!("im-server: gateway calls rpc server at {target}");
+            let (listener, local) = bind(&config.http_addr, "http")?;
+            eprintln!("im-server: http listening on {local}");
+            let slots = connection_slots(&server_options(&config));
+            Some((listener, target, slots))
+        }
+        Role::Rpc => None,
+    };
+    let (rpc_listener, store) = match rpc {
+        Some((listener, store, _)) => (Some(listener), Some(store)),
+        None => (None, None),
+    };
+    let (http_listener, gateway) = match gateway {
+        Some((listener, target, slots)) => (Some(listener), Some((target, slots))),
+        None => (None, None),
+    };
+    let plan = Plan {
+        config,
+        store,
+        gateway,
+    };
+    let listeners = Listeners {
+        rpc: rpc_listener,
+        http: http_listener,
+    };
+    Ok((plan, listeners))
+}
+
+fn bind(addr: &str, what: &str) -> Result<(StdListener, String), String> {
+    let listener =
+        StdListener::bind(addr).map_err(|e| format!("cannot listen for {what} on {addr}: {e}"))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| format!("cannot configure the {what} socket: {e}"))?;
     let local = listener
         .local_addr()
         .map_err(|e| format!("cannot read the {what} address: {e}"))?;
     Ok((listener, local.to_string()))
 }
 
-/// Starts the RPC server; returns the address it listens on and its task.
-async fn start_rpc(
-    config: &Config,
-    stopping: watch::Receiver<bool>,
-) -> Result<(String, JoinHandle<()>), String> {
-    let store = match &config.redis_url {
-        Some(url) => {
-            let target = crate::resp::url::parse(url)?;
-            eprintln!("im-server: store: Redis at {target}");
-            let options = RedisOptions {
-                connections: config.redis_connections,
-                queue: config.queue,
-                max_in_flight: config.max_in_flight,
-                timeout: config.redis_timeout,
-            };
-            AnyStore::Redis(RedisStore::new(target, &options))
-        }
-        None => {
-            eprintln!(
-                "im-server: store: embedded memory store (no Redis URL configured; messages are lost on exit; set REDIS_URL or --redis to use Redis)"
-            );
-            AnyStore::Memory(MemoryStore::default())
-        }
-    };
-    let (listener, local) = bind(&config.rpc_listen, "rpc").await?;
-    eprintln!("im-server: rpc listening on {local}");
-    let options = RpcServerOptions {
-        max_frame: config.max_frame,
-        max_in_flight: config.max_in_flight,
-    };
-    let server = crate::rpc::server::serve(
-        listener,
-        Arc::new(store),
-        options,
-        stopping,
-        config.drain_timeout,
-    );
-    Ok((local, tokio::spawn(server)))
+/// Registers this shard's descriptor of a shared listening socket. Every
+/// shard polls the same socket; whichever is free accepts, which also
+/// balances the load.
+fn shard_listener(listener: Option<StdListener>) -> Result<TcpListener, String> {
+    let listener = listener.ok_or("a shard is missing its listener")?;
+    TcpListener::from_std(listener).map_err(|e| format!("cannot register a listener: {e}"))
 }
 
-async fn start_gateway(
-    config: &Config,
-    rpc_target: String,
-    stopping: watch::Receiver<bool>,
-) -> Result<JoinHandle<()>, String> {
-    let rpc_options = RpcClientOptions {
-        connections: config.rpc_connections,
-        timeout: config.rpc_timeout,
-        queue: config.queue,
-        max_in_flight: config.max_in_flight,
-        max_frame: config.max_frame,
-    };
-    eprintln!("im-server: gateway calls rpc server at {rpc_target}");
-    let gateway = Arc::new(Gateway::new(RpcClient::new(rpc_target, &rpc_options)));
-    let (listener, local) = bind(&config.http_addr, "http").await?;
-    eprintln!("im-server: http listening on {local}");
-    let options = ServerOptions {
+fn server_options(config: &Config) -> ServerOptions {
+    ServerOptions {
         limits: Limits {
             max_head: config.max_head,
             max_body: config.max_body,
@@ -133,10 +242,69 @@ async fn start_gateway(
         request_timeout: config.request_timeout,
         max_connections: config.max_connections,
         drain_timeout: config.drain_timeout,
+    }
+}
+
+async fn run_shard(
+    plan: &Plan,
+    listeners: Listeners,
+    gateway_stopping: watch::Receiver<bool>,
+    rpc_stopping: watch::Receiver<bool>,
+    gateway_drained: mpsc::Sender<()>,
+) -> Result<(), String> {
+    let config = &plan.config;
+    let rpc = match &plan.store {
+        Some(store) => {
+            let store = match store {
+                StoreChoice::Memory(memory) => AnyStore::Memory(memory.clone()),
+                StoreChoice::Redis(target) => {
+                    let options = RedisOptions {
+                        connections: config.redis_connections,
+                        queue: config.queue,
+                        max_in_flight: config.max_in_flight,
+                        timeout: config.redis_timeout,
+                    };
+                    AnyStore::Redis(RedisStore::new(target.clone(), &options))
+                }
+            };
+            let options = RpcServerOptions {
+                max_frame: config.max_frame,
+                max_in_flight: config.max_in_flight,
+            };
+            let server = crate::rpc::server::serve(
+                shard_listener(listeners.rpc)?,
+                Arc::new(store),
+                options,
+                rpc_stopping,
+                config.drain_timeout,
+            );
+            Some(tokio::spawn(server))
+        }
+        None => None,
     };
-    Ok(tokio::spawn(crate::http::serve(
-        listener, gateway, options, stopping,
-    )))
+    if let Some((target, slots)) = &plan.gateway {
+        let rpc_options = RpcClientOptions {
+            connections: config.rpc_connections,
+            timeout: config.rpc_timeout,
+            queue: config.queue,
+            max_in_flight: config.max_in_flight,
+            max_frame: config.max_frame,
+        };
+        let gateway = Arc::new(Gateway::new(RpcClient::new(target.clone(), &rpc_options)));
+        crate::http::serve(
+            shard_listener(listeners.http)?,
+            gateway,
+            server_options(config),
+            slots.clone(),
+            gateway_stopping,
+        )
+        .await;
+    }
+    drop(gateway_drained);
+    if let Some(rpc) = rpc {
+        let _ = rpc.await;
+    }
+    Ok(())
 }
 
 async fn shutdown_signal() {

@@ -60,17 +60,22 @@ const MAX_PIPELINE: usize = 64;
 /// Bytes asked of each read.
 const READ_CHUNK: usize = 16 * 1024;
 
+/// One permit per open connection, shared by every thread accepting on the
+/// same address: the connection limit, and the drain barrier at shutdown.
+pub fn connection_slots(options: &ServerOptions) -> Arc<Semaphore> {
+    Arc::new(Semaphore::new(options.max_connections))
+}
+
 /// Accepts connections, one task each, until `shutdown` turns true; then
-/// stops accepting and waits (up to the drain timeout) for open connections
-/// to finish their in-flight requests.
+/// stops accepting and waits (up to the drain timeout) until every
+/// connection holding one of `slots` has finished its in-flight requests.
 pub async fn serve<H: Handler>(
     listener: TcpListener,
     handler: Arc<H>,
     options: ServerOptions,
+    slots: Arc<Semaphore>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    // One permit per open connection: the limit, and the drain barrier.
-    let slots = Arc::new(Semaphore::new(options.max_connections));
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -100,6 +105,8 @@ pub async fn serve<H: Handler>(
     }
     drop(listener);
     let all = u32::try_from(options.max_connections).unwrap_or(u32::MAX);
+    // Holding every permit means no connection is left; release them at once
+    // so that the other threads' drains see the same.
     if tokio::time::timeout(options.drain_timeout, slots.acquire_many(all))
         .await
         .is_err()

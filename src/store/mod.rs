@@ -69,7 +69,8 @@ pub trait Store: Send + Sync + 'static {
 
 /// The store chosen at start-up.
 pub enum AnyStore {
-    Memory(memory::MemoryStore),
+    /// Shared by every thread of the process.
+    Memory(std::sync::Arc<memory::MemoryStore>),
     Redis(redis::RedisStore),
 }
 

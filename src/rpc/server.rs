@@ -120,8 +120,17 @@ async fn connection(
             }
             Err(err) => break Err(err.into()),
         };
-        let Ok(permit) = permits.clone().acquire_owned().await else {
-            break Ok(());
+        // At the in-flight limit, refuse at once rather than stop reading:
+        // waiting would hold every later frame behind the slowest request.
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            if replies
+                .send((frame.id, overloaded(frame.kind)))
+                .await
+                .is_err()
+            {
+                break Ok(());
+            }
+            continue;
         };
         let store = store.clone();
         let replies = replies.clone();
@@ -148,6 +157,25 @@ fn encode_reply(output: &mut BytesMut, (id, reply): (u64, Reply)) {
         Reply::Send(resp) => frame::encode(output, id, status::OK, &resp),
         Reply::Pull(resp) => frame::encode(output, id, status::OK, &resp),
         Reply::BadFrame(why) => frame::encode_raw(output, id, status::BAD_FRAME, why.as_bytes()),
+    }
+}
+
+/// The reply to a request refused because too many are in flight.
+fn overloaded(method: u8) -> Reply {
+    let msg = "too many requests in flight; retry later".to_string();
+    let code = Code::Overloaded as i32;
+    match method {
+        method::SEND => Reply::Send(SendResponse {
+            code,
+            msg,
+            send_time: 0,
+        }),
+        method::PULL => Reply::Pull(PullResponse {
+            code,
+            msg,
+            ..PullResponse::default()
+        }),
+        other => Reply::BadFrame(format!("unknown method {other}")),
     }
 }
 

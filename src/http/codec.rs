@@ -194,7 +194,7 @@ fn parse_head(buf: &mut BytesMut, limits: &Limits) -> Result<Option<PartialReque
     if buf.is_empty() {
         return Ok(None);
     }
-    let line_window = &buf[..buf.len().min(limits.max_request_line + 1)];
+    let line_window = &buf[..buf.len().min(limits.max_request_line.saturating_add(1))];
     if !line_window.contains(&b'\n') && buf.len() > limits.max_request_line {
         return Err(HttpError::UriTooLong);
     }
@@ -393,7 +393,7 @@ impl ChunkedBody {
 /// Takes one line (without its CRLF or bare LF) off the front of `buf`.
 fn take_line(buf: &mut BytesMut, max: usize) -> Result<Option<BytesMut>, HttpError> {
     match buf.iter().position(|&b| b == b'\n') {
-        Some(end) if end <= max + 1 => {
+        Some(end) if end <= max.saturating_add(1) => {
             let mut line = buf.split_to(end + 1);
             line.truncate(end);
             if line.last() == Some(&b'\r') {
@@ -402,7 +402,7 @@ fn take_line(buf: &mut BytesMut, max: usize) -> Result<Option<BytesMut>, HttpErr
             Ok(Some(line))
         }
         Some(_) => Err(HttpError::BadRequest("line too long")),
-        None if buf.len() > max + 1 => Err(HttpError::BadRequest("line too long")),
+        None if buf.len() > max.saturating_add(1) => Err(HttpError::BadRequest("line too long")),
         None => Ok(None),
     }
 }

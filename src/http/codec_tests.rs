@@ -126,3 +126,23 @@ fn expect_continue_reported_once_while_body_pending() {
         Some(Bytes::from_static(b"ok"))
     );
 }
+
+/// Found by the `http_request` fuzz target: limits of usize::MAX (reachable
+/// through the flags) overflowed `limit + 1`.
+#[test]
+fn unbounded_limits_do_not_overflow() {
+    let limits = Limits {
+        max_head: usize::MAX,
+        max_headers: 64,
+        max_body: usize::MAX,
+        max_request_line: usize::MAX,
+    };
+    for input in [
+        &b"GET / HTTP/1.1\r\n\r\n"[..],
+        b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    ] {
+        let mut dec = RequestDecoder::new(limits);
+        let mut buf = BytesMut::from(input);
+        assert!(dec.decode(&mut buf).expect("valid").is_some());
+    }
+}

@@ -1,0 +1,104 @@
+# bench/report.awk: turns bench/run's results file into markdown tables.
+# Input: one line per wrk run, space-separated key=value fields (target,
+# scenario, round, wrk's RESULT fields, ticks_<process> CPU ticks).
+# Variables: scenarios (space-separated, in order), tck (clock ticks/s),
+# cores (CPUs, to say how busy the rest of the machine was).
+
+# Median of the space-separated numbers in list; "na" entries (percentiles
+# wrk could not give) are skipped, and "na" is returned if all are.
+function median(list,    n, m, a, b, i, j, t, k) {
+    m = split(list, b, " ")
+    n = 0
+    for (i = 1; i <= m; i++) if (b[i] != "na") a[++n] = b[i]
+    if (n == 0) return (m == 0) ? "-" : "na"
+    for (i = 2; i <= n; i++) {            # insertion sort, n is tiny
+        t = a[i] + 0
+        for (j = i - 1; j >= 1 && a[j] + 0 > t; j--) a[j + 1] = a[j]
+        a[j + 1] = t
+    }
+    k = int((n + 1) / 2)
+    return (n % 2) ? a[k] + 0 : (a[k] + a[k + 1]) / 2
+}
+
+function errors(key,    s, t, i, types, n) {
+    n = split("connect read write timeout status", types, " ")
+    s = ""
+    for (i = 1; i <= n; i++) {
+        t = err[key, types[i]] + 0
+        if (t > 0) s = s (s == "" ? "" : " ") types[i] "=" t
+    }
+    return s == "" ? "0" : s
+}
+
+function num(x) { return (x == "na" || x == "-") ? x : sprintf("%.0f", x) }
+
+# "CPU s (µs/req)" for one process, or "-" if it was not measured.
+function cpu(key, proc,    t) {
+    if (!((key, proc) in ticks)) return "-"
+    t = ticks[key, proc] / tck
+    return sprintf("%.2f s (%.1f)", t, t * 1e6 / requests[key])
+}
+
+{
+    delete v
+    for (i = 1; i <= NF; i++) {
+        eq = index($i, "=")
+        v[substr($i, 1, eq - 1)] = substr($i, eq + 1)
+    }
+    if (v["round"] ~ /^leak/) next
+    other_ticks += v["ticks_other"]; run_seconds += v["duration_s"]
+    key = v["target"] SUBSEP v["scenario"]
+    rps[key] = rps[key] " " v["rps"]
+    p50[key] = p50[key] " " v["p50_us"]
+    p99[key] = p99[key] " " v["p99_us"]
+    p999[key] = p999[key] " " v["p999_us"]
+    requests[key] += v["requests"]
+    for (k in v) {
+        if (k ~ /^err_/) err[key, substr(k, 5)] += v[k]
+        if (k ~ /^ticks_/) ticks[key, substr(k, 7)] += v[k]
+    }
+}
+
+END {
+    n = split(scenarios, sc, " ")
+    print "| scenario | ours req/s | nginx req/s | ours/nginx | ours p50 | ours p99 | ours p99.9 | nginx p50 | nginx p99 | ours errors | nginx errors |"
+    print "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"
+    for (i = 1; i <= n; i++) {
+        o = "ours" SUBSEP sc[i]; g = "nginx" SUBSEP sc[i]
+        ro = median(rps[o]); rg = median(rps[g])
+        printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", sc[i],
+            num(ro), num(rg), (rg > 0 ? sprintf("%.2f", ro / rg) : "-"),
+            num(median(p50[o])), num(median(p99[o])), num(median(p999[o])),
+            num(median(p50[g])), num(median(p99[g])), errors(o), errors(g)
+    }
+    print ""
+    print "CPU used during the runs, summed over rounds: seconds (µs per request). \"other processes\":"
+    print "CPU time the machine spent on anything else meanwhile (it should be near 0; if not, the numbers are skewed)."
+    print ""
+    print "| scenario | server | requests | gateway | rpc | redis | nginx worker | wrk | servers µs/req | other processes |"
+    print "|---|---|---:|---|---|---|---|---|---:|---|"
+    for (i = 1; i <= n; i++) {
+        for (t = 1; t <= 2; t++) {
+            target = (t == 1) ? "ours" : "nginx"
+            key = target SUBSEP sc[i]
+            if (!(key in requests)) continue
+            total = 0
+            split("gateway rpc redis nginx", procs, " ")
+            for (p = 1; p <= 4; p++) if ((key, procs[p]) in ticks) total += ticks[key, procs[p]]
+            printf "| %s | %s | %d | %s | %s | %s | %s | %s | %.1f | %.2f s |\n", sc[i], target, requests[key],
+                cpu(key, "gateway"), cpu(key, "rpc"), cpu(key, "redis"), cpu(key, "nginx"),
+                cpu(key, "wrk"), total / tck * 1e6 / requests[key], ticks[key, "other"] / tck
+        }
+    }
+    busy = (run_seconds > 0) ? other_ticks / tck / (run_seconds * cores) * 100 : 0
+    if (busy >= 5) {
+        print ""
+        printf "**Warning: other processes used %.0f%% of the machine's CPU during the runs; the numbers above are skewed by that.**\n", busy
+    }
+    if (scenarios ~ /pipeline/) {
+        print ""
+        print "Pipelined latencies are per batch of 16 (wrk times the write of a batch to its last response)."
+        print "\"na\": wrk's coordinated-omission correction assumes one request per write, and with"
+        print "pipelining its histogram cannot give that percentile (see bench/common.lua)."
+    }
+}

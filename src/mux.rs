@@ -68,7 +68,7 @@ impl Stream {
     pub async fn read_some(&self, buf: &mut BytesMut) -> io::Result<()> {
         loop {
             self.ready(Interest::READABLE).await?;
-            buf.reserve(READ_CHUNK);
+            crate::buf::reserve_for_read(buf, MIN_READ, READ_CHUNK);
             match self.try_read_buf(buf) {
                 Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
                 Ok(_) => return Ok(()),
@@ -186,6 +186,8 @@ impl<P: Protocol> Pool<P> {
 }
 
 const READ_CHUNK: usize = 64 * 1024;
+/// Reads are made into at least this much free space.
+const MIN_READ: usize = 4096;
 /// Stop taking calls while this much is written and not yet accepted by the
 /// socket: the peer is not keeping up.
 const MAX_UNSENT: usize = 4 * 1024 * 1024;
@@ -346,7 +348,7 @@ impl<P: Protocol> Connection<P> {
 
     fn read_replies(&mut self, protocol: &mut P) -> io::Result<()> {
         loop {
-            self.input.reserve(READ_CHUNK);
+            crate::buf::reserve_for_read(&mut self.input, MIN_READ, READ_CHUNK);
             match self.stream.try_read_buf(&mut self.input) {
                 Ok(0) => {
                     return Err(io::Error::new(

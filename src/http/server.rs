@@ -59,6 +59,9 @@ impl Default for ServerOptions {
 const MAX_PIPELINE: usize = 64;
 /// Bytes asked of each read.
 const READ_CHUNK: usize = 16 * 1024;
+/// Reads are made into at least this much free space.
+const MIN_READ: usize = 2048;
+const INITIAL_BUFFER: usize = 4096;
 
 /// One permit per open connection, shared by every thread accepting on the
 /// same address: the connection limit, and the drain barrier at shutdown.
@@ -146,8 +149,9 @@ async fn connection<H: Handler>(
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     let mut decoder = RequestDecoder::new(options.limits);
-    let mut input = BytesMut::with_capacity(READ_CHUNK);
-    let mut output = BytesMut::with_capacity(READ_CHUNK);
+    // Small to start: thousands of idle connections should cost little.
+    let mut input = BytesMut::with_capacity(INITIAL_BUFFER);
+    let mut output = BytesMut::with_capacity(INITIAL_BUFFER);
     let mut in_flight: Vec<(Option<H::Pending>, ResponseFraming)> =
         Vec::with_capacity(MAX_PIPELINE);
     // When the first byte of the request being read arrived.
@@ -240,7 +244,7 @@ async fn connection<H: Handler>(
             request_started = None;
             Instant::now() + options.idle_timeout
         };
-        input.reserve(READ_CHUNK);
+        crate::buf::reserve_for_read(&mut input, MIN_READ, READ_CHUNK);
         let read = tokio::select! {
             read = tokio::time::timeout_at(deadline, socket.read_buf(&mut input)) => read,
             // An idle keep-alive connection is closed at once on shutdown; a

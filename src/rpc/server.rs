@@ -106,7 +106,7 @@ async fn connection(
         let frame = match frame::decode(&mut input, options.max_frame) {
             Ok(Some(frame)) => frame,
             Ok(None) => {
-                input.reserve(64 * 1024);
+                crate::buf::reserve_for_read(&mut input, 4096, 64 * 1024);
                 let read = tokio::select! {
                     read = reader.read_buf(&mut input) => read,
                     // Stop taking requests; those in flight still complete.

@@ -50,10 +50,19 @@ impl RespProtocol {
     }
 }
 
+/// Largest reply we buffer: a full page is under 7 MiB. A peer announcing
+/// more is broken or hostile, and the connection is dropped instead of
+/// buffering without end.
+pub const MAX_REPLY_BYTES: usize = 64 * 1024 * 1024;
+
 /// Takes one reply off the front of `input`.
 pub fn decode_reply(input: &mut BytesMut) -> io::Result<Option<Reply>> {
     match decode_bytes_mut(input) {
         Ok(Some((reply, _, _))) => Ok(Some(reply)),
+        Ok(None) if input.len() > MAX_REPLY_BYTES => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "RESP reply over the size limit",
+        )),
         Ok(None) => Ok(None),
         Err(err) => Err(io::Error::new(
             io::ErrorKind::InvalidData,
@@ -127,6 +136,26 @@ mod tests {
             assert_eq!(replies.len(), 4, "split at {split}");
             assert_eq!(replies[1], Reply::Integer(1_732_723_200_000_001));
             assert!(matches!(&replies[3], Reply::Error(e) if &**e == "ERR boom"));
+        }
+    }
+
+    #[test]
+    fn huge_announced_lengths_allocate_nothing_up_front() {
+        for input in [
+            &b"*2147483647\r\n"[..],
+            b"$9999999999999\r\n",
+            b"*9223372036854775807\r\n:1\r\n",
+        ] {
+            let mut buf = BytesMut::from(input);
+            assert!(
+                decode_reply(&mut buf)
+                    .expect("incomplete, not invalid")
+                    .is_none()
+            );
+            assert!(buf.capacity() < 64, "reserved {} bytes", buf.capacity());
+        }
+        for input in [&b"$-5\r\n"[..], b"*-7\r\n"] {
+            assert!(decode_reply(&mut BytesMut::from(input)).is_err());
         }
     }
 

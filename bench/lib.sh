@@ -179,18 +179,21 @@ start_redis() {
 
 # The RPC server and the gateway listen on port 0; the port the kernel picked
 # is read from their "... listening on ADDR" line.
+# Extra flags per tier, for experiments: BENCH_RPC_ARGS="--threads 1" bench/run
+# shellcheck disable=SC2086 # word splitting of the extra flags is wanted
 start_rpc() {
     "$WORK/im-server" rpc --rpc-listen 127.0.0.1:0 \
-        --redis "redis://127.0.0.1:$REDIS_PORT" 2>"$WORK/rpc.log" &
+        --redis "redis://127.0.0.1:$REDIS_PORT" ${BENCH_RPC_ARGS:-} 2>"$WORK/rpc.log" &
     RPC_PID=$!
     STARTED_PIDS+=("$RPC_PID")
     RPC_ADDR=$(wait_for_log "$WORK/rpc.log" 'rpc listening on ' "$RPC_PID" "im-server rpc")
     log "im-server rpc pid $RPC_PID on $RPC_ADDR"
 }
 
+# shellcheck disable=SC2086 # word splitting of the extra flags is wanted
 start_gateway() {
     "$WORK/im-server" gateway --http-addr 127.0.0.1:0 --rpc "$RPC_ADDR" \
-        2>"$WORK/gateway.log" &
+        ${BENCH_GATEWAY_ARGS:-} 2>"$WORK/gateway.log" &
     GATEWAY_PID=$!
     STARTED_PIDS+=("$GATEWAY_PID")
     HTTP_ADDR=$(wait_for_log "$WORK/gateway.log" 'http listening on ' "$GATEWAY_PID" "im-server gateway")

@@ -1,0 +1,147 @@
+//! Gateway JSON: request bodies and query strings in, response bodies out.
+//!
+//! The input is split at its first NUL byte: before it is the body, after it
+//! the query string (no NUL: the whole input is the body, no query).
+//!
+//! Checked:
+//! * `parse_send` and `parse_pull` never panic;
+//! * an accepted send body, re-serialised as JSON, parses to the same request;
+//! * an accepted pull request, re-written as a percent-encoded query string,
+//!   parses to the same request;
+//! * `pull_body` (for a `PullResponse` built from the input, strings through
+//!   `String::from_utf8_lossy`) and `send_body` are valid JSON holding exactly
+//!   the values they were given.
+
+#![no_main]
+
+use im_server::gateway::json::{parse_pull, parse_send, pull_body, send_body};
+use im_server::proto::{Message, PullRequest, PullResponse, SendRequest};
+use libfuzzer_sys::arbitrary::{Arbitrary, Unstructured};
+use libfuzzer_sys::fuzz_target;
+use serde_json::{Value, json};
+
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() * 3);
+    for &b in s.as_bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn check_send(body: &[u8]) {
+    let Ok(req) = parse_send(body) else {
+        return;
+    };
+    let m = req.message.as_ref().expect("parse_send fills message");
+    assert_eq!(m.send_time, 0);
+    let again = serde_json::to_vec(&json!({
+        "chat": m.chat,
+        "text": m.text,
+        "sender": m.sender,
+    }))
+    .expect("serialisable");
+    let back: SendRequest = parse_send(&again).expect("re-serialised send body is accepted");
+    assert_eq!(back, req);
+}
+
+fn check_pull(body: &[u8], query: Option<&[u8]>) {
+    let Ok(req) = parse_pull(body, query) else {
+        return;
+    };
+    let q = format!(
+        "chat={}&cursor={}&limit={}&reverse={}",
+        percent_encode(&req.chat),
+        req.cursor,
+        req.limit,
+        req.reverse
+    );
+    let back: PullRequest =
+        parse_pull(b"", Some(q.as_bytes())).expect("re-encoded query is accepted");
+    assert_eq!(back, req, "query {q}");
+    // The same parameters as a JSON body.
+    let body = serde_json::to_vec(&json!({
+        "chat": req.chat,
+        "cursor": req.cursor,
+        "limit": req.limit,
+        "reverse": req.reverse,
+    }))
+    .expect("serialisable");
+    let back = parse_pull(&body, None).expect("re-serialised pull body is accepted");
+    assert_eq!(back, req);
+}
+
+fn lossy(u: &mut Unstructured<'_>) -> String {
+    let bytes = <&[u8]>::arbitrary(u).unwrap_or_default();
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn build_pull_response(data: &[u8]) -> PullResponse {
+    let mut u = Unstructured::new(data);
+    let n = u.int_in_range(0..=8u8).unwrap_or(0);
+    let mut messages = Vec::with_capacity(usize::from(n));
+    for _ in 0..n {
+        messages.push(Message {
+            chat: lossy(&mut u),
+            text: lossy(&mut u),
+            sender: lossy(&mut u),
+            send_time: i64::arbitrary(&mut u).unwrap_or(0),
+        });
+    }
+    PullResponse {
+        code: i32::arbitrary(&mut u).unwrap_or(0),
+        msg: lossy(&mut u),
+        messages,
+        has_more: bool::arbitrary(&mut u).unwrap_or(false),
+        next_cursor: i64::arbitrary(&mut u).unwrap_or(0),
+    }
+}
+
+fn check_pull_body(data: &[u8]) {
+    let resp = build_pull_response(data);
+    let out = pull_body(&resp);
+    let v: Value = match serde_json::from_slice(&out) {
+        Ok(v) => v,
+        Err(e) => panic!(
+            "pull_body is not valid JSON ({e}): {:?}",
+            String::from_utf8_lossy(&out)
+        ),
+    };
+    let obj = v.as_object().expect("an object");
+    assert_eq!(obj.len(), 3, "unexpected keys: {v}");
+    let msgs = v["messages"].as_array().expect("messages is an array");
+    assert_eq!(msgs.len(), resp.messages.len());
+    for (got, want) in msgs.iter().zip(&resp.messages) {
+        assert_eq!(got.as_object().expect("message object").len(), 4);
+        assert_eq!(got["chat"].as_str(), Some(want.chat.as_str()));
+        assert_eq!(got["text"].as_str(), Some(want.text.as_str()));
+        assert_eq!(got["sender"].as_str(), Some(want.sender.as_str()));
+        assert_eq!(got["send_time"].as_i64(), Some(want.send_time));
+    }
+    assert_eq!(v["has_more"].as_bool(), Some(resp.has_more));
+    assert_eq!(v["next_cursor"].as_i64(), Some(resp.next_cursor));
+
+    let t = resp.next_cursor;
+    let v: Value = serde_json::from_slice(&send_body(t)).expect("send_body is valid JSON");
+    assert_eq!(v, json!({ "send_time": t }));
+}
+
+fuzz_target!(|data: &[u8]| {
+    let (body, query) = match data.iter().position(|&b| b == 0) {
+        Some(i) => (&data[..i], Some(&data[i + 1..])),
+        None => (data, None),
+    };
+    check_send(data);
+    if query.is_some() {
+        check_send(body);
+    }
+    check_pull(body, query);
+    check_pull(body, None);
+    if let Some(q) = query {
+        check_pull(b"", Some(q));
+    }
+    check_pull_body(data);
+});

@@ -23,6 +23,7 @@
 //! * [`domain`]: validation and the rules of the API (limits, DM rooms).
 //! * [`config`]: command line and environment, parsed once into [`config::Config`].
 
+pub mod accept;
 pub mod buf;
 pub mod config;
 pub mod domain;

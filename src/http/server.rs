@@ -14,6 +14,7 @@ use tokio::time::Instant;
 
 use super::codec::{HttpError, Limits, Method, Request, RequestDecoder, Version};
 use super::response::{Response, write_response};
+use crate::accept::next_connection;
 use crate::unwind::{catch_panic, catch_panic_sync};
 
 /// What the HTTP layer asks of the application behind it.
@@ -79,32 +80,17 @@ pub async fn serve<H: Handler>(
     slots: Arc<Semaphore>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            _ = shutdown.wait_for(|&stop| stop) => break,
+    while let Some((socket, _)) = next_connection(&listener, &mut shutdown, "http").await {
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            refuse(&socket, handler.as_ref());
+            continue;
         };
-        match accepted {
-            Ok((socket, _)) => {
-                let Ok(slot) = slots.clone().try_acquire_owned() else {
-                    refuse(&socket, handler.as_ref());
-                    continue;
-                };
-                let handler = handler.clone();
-                let shutdown = shutdown.clone();
-                tokio::spawn(async move {
-                    // Responses are written whole; Nagle would only delay them.
-                    let _ = socket.set_nodelay(true);
-                    let _ = connection(socket, handler, options, shutdown).await;
-                    drop(slot);
-                });
-            }
-            Err(err) => {
-                // Typically EMFILE: back off instead of spinning.
-                eprintln!("im-server: http accept failed: {err}");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
+        let handler = handler.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let _ = connection(socket, handler, options, shutdown).await;
+            drop(slot);
+        });
     }
     drop(listener);
     let all = u32::try_from(options.max_connections).unwrap_or(u32::MAX);

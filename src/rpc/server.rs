@@ -12,6 +12,7 @@ use tokio::sync::{Semaphore, mpsc, watch};
 
 use super::frame::{self, Frame};
 use super::{method, status};
+use crate::accept::next_connection;
 use crate::domain::{Code, canonical_chat, validate_pull, validate_send};
 use crate::proto::{Message, PullRequest, PullResponse, SendRequest, SendResponse};
 use crate::store::{AnyStore, Store, StoreError};
@@ -37,29 +38,16 @@ pub async fn serve(
 ) {
     // Each connection task holds a clone; the channel closes when all are done.
     let (open, mut all_closed) = mpsc::channel::<()>(1);
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            _ = shutdown.wait_for(|&stop| stop) => break,
-        };
-        match accepted {
-            Ok((socket, peer)) => {
-                let store = store.clone();
-                let shutdown = shutdown.clone();
-                let open = open.clone();
-                tokio::spawn(async move {
-                    let _ = socket.set_nodelay(true);
-                    if let Err(err) = connection(socket, store, options, shutdown).await {
-                        eprintln!("im-server: rpc connection from {peer} closed: {err}");
-                    }
-                    drop(open);
-                });
+    while let Some((socket, peer)) = next_connection(&listener, &mut shutdown, "rpc").await {
+        let store = store.clone();
+        let shutdown = shutdown.clone();
+        let open = open.clone();
+        tokio::spawn(async move {
+            if let Err(err) = connection(socket, store, options, shutdown).await {
+                eprintln!("im-server: rpc connection from {peer} closed: {err}");
             }
-            Err(err) => {
-                eprintln!("im-server: rpc accept failed: {err}");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
+            drop(open);
+        });
     }
     drop((listener, open));
     if tokio::time::timeout(drain_timeout, all_closed.recv())

@@ -568,3 +568,219 @@ fn send_times_keep_increasing_across_rpc_server_restart() {
         "all messages from before and after the rpc restart, oldest first"
     );
 }
+
+// ---------------------------------------------------------------------------
+// durability: redis with AOF, SIGKILLed under load
+// ---------------------------------------------------------------------------
+
+/// What one send of `redis_sigkill_under_load_loses_no_acknowledged_send` saw.
+struct DurableOutcome {
+    text: String,
+    started: Instant,
+    finished: Instant,
+    status: u16,
+    send_time: Option<i64>,
+}
+
+/// Redis with `appendonly yes` + `appendfsync everysec` writes every command to
+/// its AOF (the OS page cache) before it replies, so a SIGKILL of redis-server
+/// (not a machine crash) loses nothing: every send that got 200 before, during
+/// or after the outage must be readable after the restart.
+#[test]
+fn redis_sigkill_under_load_loses_no_acknowledged_send() {
+    use std::collections::HashMap;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    const WORKERS: usize = 6;
+    const CHAT: &str = "durable";
+    const RPC_TIMEOUT_MS: u64 = 1000;
+    /// No answer may take longer than the RPC timeout plus this.
+    const SLACK: Duration = Duration::from_millis(1000);
+    /// Generous: the server's reconnect backoff is at most 250 ms.
+    const RECOVERY_BOUND: Duration = Duration::from_secs(5);
+
+    let mut redis = Redis::start_persistent();
+    let url = redis.url();
+    let rpc_timeout = RPC_TIMEOUT_MS.to_string();
+    let server = Server::start(
+        "all",
+        &["--redis", &url, "--rpc-timeout-ms", &rpc_timeout],
+        &[],
+    );
+    let addr = server.http_addr();
+    let stop = Arc::new(AtomicBool::new(false));
+    let oks = Arc::new(AtomicUsize::new(0));
+    let workers: Vec<_> = (0..WORKERS)
+        .map(|w| {
+            let (stop, oks) = (stop.clone(), oks.clone());
+            thread::spawn(move || {
+                let mut out = Vec::new();
+                let mut conn = HttpConn::connect(addr);
+                let mut i = 0;
+                while !stop.load(Ordering::SeqCst) {
+                    i += 1;
+                    let text = format!("w{w} #{i}");
+                    let body = serde_json::json!({"chat": CHAT, "text": text, "sender": format!("w{w}")});
+                    let started = Instant::now();
+                    let r = conn
+                        .try_request("POST", "/api/send", JSON_CT, body.to_string().as_bytes())
+                        .unwrap_or_else(|e| {
+                            panic!(
+                                "worker {w}: send {text:?} got no response after {:?} (hang or dropped connection): {e}",
+                                started.elapsed()
+                            )
+                        });
+                    let finished = Instant::now();
+                    let send_time = match r.status {
+                        200 => {
+                            oks.fetch_add(1, Ordering::SeqCst);
+                            Some(send_time_of(&r, &format!("worker {w}: send {text:?}")))
+                        }
+                        503 | 504 => {
+                            assert_error(&r, r.status, &format!("worker {w}: send {text:?}"));
+                            None
+                        }
+                        _ => panic!(
+                            "worker {w}: send {text:?} must get 200, 503 or 504, got {}",
+                            r.describe()
+                        ),
+                    };
+                    out.push(DurableOutcome { text, started, finished, status: r.status, send_time });
+                    if send_time.is_none() {
+                        thread::sleep(Duration::from_millis(5));
+                    }
+                }
+                out
+            })
+        })
+        .collect();
+
+    // Load before the kill.
+    wait_until(Duration::from_secs(5), "200s before the kill", || {
+        (oks.load(Ordering::SeqCst) >= 50).then_some(())
+    });
+    thread::sleep(Duration::from_millis(300));
+    let redis_pid = redis.pid().expect("redis-server is running");
+    redis.kill(); // SIGKILL + reap
+    let kill_done = Instant::now();
+    thread::sleep(Duration::from_millis(700));
+    let restart_begin = Instant::now();
+    redis.restart(); // same dir (AOF replayed) and socket; returns once it answers PING
+    let restart_done = Instant::now();
+    let oks_at_restart = oks.load(Ordering::SeqCst);
+    wait_until(RECOVERY_BOUND, "a 200 after the redis restart", || {
+        (oks.load(Ordering::SeqCst) > oks_at_restart).then_some(())
+    });
+    thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::SeqCst);
+    let outcomes: Vec<DurableOutcome> = workers
+        .into_iter()
+        .flat_map(|w| w.join().expect("worker panicked"))
+        .collect();
+
+    // No answer hung past the RPC timeout + slack.
+    let bound = Duration::from_millis(RPC_TIMEOUT_MS) + SLACK;
+    let slowest = outcomes
+        .iter()
+        .max_by_key(|o| o.finished - o.started)
+        .expect("no sends at all");
+    assert!(
+        slowest.finished - slowest.started <= bound,
+        "send {:?} took {:?} (status {}), more than the RPC timeout + slack ({bound:?})",
+        slowest.text,
+        slowest.finished - slowest.started,
+        slowest.status
+    );
+
+    // Sends that ran entirely while redis was down were all refused.
+    let inside: Vec<&DurableOutcome> = outcomes
+        .iter()
+        .filter(|o| o.started > kill_done && o.finished < restart_begin)
+        .collect();
+    assert!(
+        !inside.is_empty(),
+        "no send ran entirely inside the outage window"
+    );
+    for o in &inside {
+        assert!(
+            o.status == 503 || o.status == 504,
+            "send {:?} ran entirely while redis was down ({:?} after the kill) and got {} (send_time {:?})",
+            o.text,
+            o.started - kill_done,
+            o.status,
+            o.send_time
+        );
+    }
+
+    // Recovery time: restart done -> the first 200 of a send started after it.
+    let first_ok = outcomes
+        .iter()
+        .filter(|o| o.status == 200 && o.started >= restart_done)
+        .map(|o| o.finished)
+        .min()
+        .expect("no send started after the restart got 200");
+    let recovery = first_ok - restart_done;
+    assert!(
+        recovery <= RECOVERY_BOUND,
+        "first 200 only {recovery:?} after the restart (bound {RECOVERY_BOUND:?})"
+    );
+
+    // Every acknowledged send is stored, with its send_time and text.
+    let acked: Vec<&DurableOutcome> = outcomes.iter().filter(|o| o.status == 200).collect();
+    let acked_before = acked.iter().filter(|o| o.started < kill_done).count();
+    let acked_after = acked.len() - acked_before;
+    let refused: Vec<&DurableOutcome> = outcomes.iter().filter(|o| o.status != 200).collect();
+    let refused_503 = refused.iter().filter(|o| o.status == 503).count();
+    let stored: HashMap<i64, Msg> = walk(&mut HttpConn::connect(addr), CHAT, 100, true, Form::Json)
+        .into_iter()
+        .map(|m| (m.send_time, m))
+        .collect();
+    let zcard = redis.zcard_chat(CHAT);
+    let stored_texts: HashSet<&str> = stored.values().map(|m| m.text.as_str()).collect();
+    let refused_but_stored = refused
+        .iter()
+        .filter(|o| stored_texts.contains(o.text.as_str()))
+        .count();
+    println!(
+        "redis pid {redis_pid} SIGKILLed under {WORKERS} senders: {} sends in all; acknowledged (200) \
+         {acked_before} started before the kill + {acked_after} after; refused {} ({refused_503} x 503, \
+         {} x 504), {} of them entirely inside the outage, {refused_but_stored} refused but stored anyway; \
+         outage {:?}, restart took {:?}; first 200 {recovery:?} after the restart; slowest answer {:?}; \
+         stored {} (ZCARD {zcard})",
+        outcomes.len(),
+        refused.len(),
+        refused.len() - refused_503,
+        inside.len(),
+        restart_begin - kill_done,
+        restart_done - restart_begin,
+        slowest.finished - slowest.started,
+        stored.len(),
+    );
+    assert_eq!(
+        zcard,
+        stored.len() as i64,
+        "ZCARD and a full walk of the chat disagree"
+    );
+    let missing: Vec<String> = acked
+        .iter()
+        .filter(|o| {
+            stored
+                .get(&o.send_time.unwrap())
+                .is_none_or(|m| m.text != o.text)
+        })
+        .map(|o| format!("{:?}@{}", o.text, o.send_time.unwrap()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {} acknowledged sends are missing after the redis SIGKILL + AOF restart \
+         ({acked_before} acknowledged before the kill): {:?}",
+        missing.len(),
+        acked.len(),
+        &missing[..missing.len().min(20)]
+    );
+    assert!(
+        acked_before > 0 && acked_after > 0,
+        "acknowledged before the kill: {acked_before}, after: {acked_after}"
+    );
+}

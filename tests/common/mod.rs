@@ -1290,3 +1290,130 @@ impl Redis {
         self.child.as_ref().map(Child::id)
     }
 }
+
+// ---------------------------------------------------------------------------
+// Redis with extra arguments (e.g. AOF persistence), kept across restarts
+// ---------------------------------------------------------------------------
+
+/// A [`Redis`] started with extra `redis-server` arguments that are given again
+/// on every restart, in the same directory and on the same unix socket, so a
+/// persistent Redis (`--appendonly yes`) replays its data after [`Self::restart`].
+/// Derefs to [`Redis`] for `url`, `redis_cmd`, `zcard_chat`, `pid`, ...
+pub struct RedisWithArgs {
+    redis: Redis,
+    extra: Vec<String>,
+}
+
+impl Redis {
+    /// Starts redis-server on a unix socket in a fresh temp dir (like
+    /// [`Redis::start`]) with `extra` appended to the command line; they
+    /// override the defaults (`--appendonly no`, `--save ""`), since a later
+    /// directive wins. `--dir` is the guard's temp dir unless `extra` sets it.
+    pub fn start_with_args(extra: &[&str]) -> RedisWithArgs {
+        let dir = unique_temp_dir("redis");
+        let sock = dir.join("redis.sock");
+        let mut r = RedisWithArgs {
+            redis: Redis {
+                child: None,
+                dir,
+                endpoint: RedisEndpoint::Unix(sock),
+                password: None,
+            },
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        r.spawn();
+        r
+    }
+
+    /// `start_with_args` with AOF persistence (`appendonly yes`,
+    /// `appendfsync everysec`) in the guard's own directory.
+    pub fn start_persistent() -> RedisWithArgs {
+        Redis::start_with_args(&["--appendonly", "yes", "--appendfsync", "everysec"])
+    }
+
+    /// The directory redis-server runs in (its `--dir` by default).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl std::ops::Deref for RedisWithArgs {
+    type Target = Redis;
+    fn deref(&self) -> &Redis {
+        &self.redis
+    }
+}
+
+impl RedisWithArgs {
+    /// SIGKILL of the process (what it has written to the OS, e.g. its AOF, survives).
+    pub fn kill(&mut self) {
+        self.redis.kill();
+    }
+
+    /// Kills (if running) and starts redis-server again with the same arguments,
+    /// directory and socket; returns once it answers PING (after loading its data).
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    fn spawn(&mut self) {
+        let r = &mut self.redis;
+        assert!(r.child.is_none(), "redis-server already running");
+        let RedisEndpoint::Unix(sock) = r.endpoint.clone() else {
+            unreachable!("RedisWithArgs listens on a unix socket")
+        };
+        let log_path = r.dir.join("redis.log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .unwrap_or_else(|e| panic!("open {}: {e}", log_path.display()));
+        let _ = std::fs::remove_file(&sock);
+        let mut cmd = Command::new("redis-server");
+        cmd.arg("--port").arg("0");
+        cmd.arg("--unixsocket").arg(&sock);
+        cmd.arg("--unixsocketperm").arg("700");
+        cmd.arg("--save").arg("");
+        cmd.arg("--appendonly").arg("no");
+        cmd.arg("--daemonize").arg("no");
+        cmd.arg("--dir").arg(&r.dir);
+        cmd.args(&self.extra);
+        cmd.stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        r.child = Some(match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) if e.kind() == ErrorKind::NotFound => panic!("{REDIS_MISSING}"),
+            Err(e) => panic!("spawn redis-server: {e}"),
+        });
+        let start = Instant::now();
+        loop {
+            if let Some(c) = r.child.as_mut()
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                r.child = None;
+                panic!(
+                    "redis-server {:?} exited early ({status}); log:\n{}",
+                    self.extra,
+                    std::fs::read_to_string(&log_path).unwrap_or_default()
+                );
+            }
+            // While it loads its AOF, redis answers -LOADING: keep waiting.
+            let last = match r.try_cmd(0, &["PING"]) {
+                Ok(reply) if reply.starts_with("+PONG") => return,
+                Ok(reply) => reply,
+                Err(e) => e.to_string(),
+            };
+            if start.elapsed() > STARTUP_DEADLINE {
+                r.kill();
+                panic!(
+                    "redis-server {:?} did not answer PING within {STARTUP_DEADLINE:?} (last: {last}); log:\n{}",
+                    self.extra,
+                    std::fs::read_to_string(&log_path).unwrap_or_default()
+                );
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+}

@@ -271,6 +271,13 @@ seed_room() {
     log "seeded $CHAT with $n messages"
 }
 
+# trim_room: keeps only the newest 1,000 messages of $CHAT, so that every
+# pull run reads the same room and Redis's memory does not grow run over run
+# (a 10 s send run stores about half a million messages).
+trim_room() {
+    redis-cli -p "$REDIS_PORT" ZREMRANGEBYRANK "im:{$CHAT}" 0 -1001 >/dev/null
+}
+
 # --- /proc readers (builtins only: no forks, so they add nothing to the
 # --- children CPU times being measured) -------------------------------------------
 

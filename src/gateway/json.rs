@@ -156,12 +156,12 @@ fn percent_decode(raw: &[u8]) -> Result<String, ApiError> {
         .map_err(|_| ApiError::Invalid("the query string is not valid UTF-8".into()))
 }
 
-fn put_str(out: &mut Vec<u8>, s: &str) {
+pub(super) fn put_str(out: &mut Vec<u8>, s: &str) {
     // Writing into a Vec cannot fail.
     let _ = serde_json::to_writer(&mut *out, s);
 }
 
-fn put_i64(out: &mut Vec<u8>, v: i64) {
+pub(super) fn put_i64(out: &mut Vec<u8>, v: i64) {
     let _ = serde_json::to_writer(&mut *out, &v);
 }
 
@@ -174,37 +174,21 @@ pub fn send_body(send_time: i64) -> Vec<u8> {
     out
 }
 
-/// `{"messages":[...],"has_more":B,"next_cursor":N}`
+/// `{"messages":[...],"has_more":B,"next_cursor":N}` for a decoded
+/// response; the gateway itself writes it straight from the wire
+/// ([`super::pull_wire::pull_json`]), and this goes through the same code.
 pub fn pull_body(resp: &PullResponse) -> Vec<u8> {
-    let text_bytes: usize = resp
-        .messages
-        .iter()
-        .map(|m| m.text.len() + m.chat.len() + m.sender.len())
-        .sum();
-    let mut out = Vec::with_capacity(64 + text_bytes + resp.messages.len() * 64);
-    out.extend_from_slice(b"{\"messages\":[");
-    for (i, m) in resp.messages.iter().enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        out.extend_from_slice(b"{\"chat\":");
-        put_str(&mut out, &m.chat);
-        out.extend_from_slice(b",\"text\":");
-        put_str(&mut out, &m.text);
-        out.extend_from_slice(b",\"sender\":");
-        put_str(&mut out, &m.sender);
-        out.extend_from_slice(b",\"send_time\":");
-        put_i64(&mut out, m.send_time);
-        out.push(b'}');
+    use prost::Message as _;
+    let ok = PullResponse {
+        code: 0,
+        msg: String::new(),
+        ..resp.clone()
+    };
+    match super::pull_wire::pull_json(&ok.encode_to_vec()) {
+        Ok(Ok(body)) => body,
+        // Unreachable: prost's own encoding of a code-0 response.
+        _ => b"{\"messages\":[],\"has_more\":false,\"next_cursor\":0}".to_vec(),
     }
-    out.extend_from_slice(if resp.has_more {
-        b"],\"has_more\":true,\"next_cursor\":"
-    } else {
-        b"],\"has_more\":false,\"next_cursor\":"
-    });
-    put_i64(&mut out, resp.next_cursor);
-    out.push(b'}');
-    out
 }
 
 #[cfg(test)]

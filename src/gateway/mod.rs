@@ -3,9 +3,10 @@
 
 pub mod error;
 pub mod json;
+pub mod pull_wire;
 
 use crate::http::{Handler, HttpError, Method, Request, Response};
-use crate::proto::{PullResponse, SendResponse};
+use crate::proto::SendResponse;
 use crate::rpc::client::{RpcCall, RpcClient, RpcRequest};
 use crate::rpc::frame::Frame;
 use crate::rpc::status;
@@ -62,21 +63,28 @@ impl Gateway {
     }
 
     async fn finish_pull(&self, call: RpcCall) -> Result<Response, ApiError> {
-        let resp: PullResponse = decode_reply(self.rpc.finish(call).await?)?;
-        if resp.code != 0 {
-            return Err(ApiError::from_code(resp.code, resp.msg));
+        let frame = self.rpc.finish(call).await?;
+        check_status(&frame)?;
+        match pull_wire::pull_json(&frame.body) {
+            Ok(Ok(body)) => Ok(Response::json(200, body)),
+            Ok(Err(failed)) => Err(ApiError::from_code(failed.code, failed.msg)),
+            Err(err) => Err(ApiError::Internal(format!("undecodable rpc reply: {err}"))),
         }
-        Ok(Response::json(200, json::pull_body(&resp)))
     }
 }
 
-fn decode_reply<M: prost::Message + Default>(frame: Frame) -> Result<M, ApiError> {
+fn check_status(frame: &Frame) -> Result<(), ApiError> {
     if frame.kind != status::OK {
         let why = String::from_utf8_lossy(&frame.body);
         return Err(ApiError::Internal(format!(
             "rpc server refused a frame: {why}"
         )));
     }
+    Ok(())
+}
+
+fn decode_reply<M: prost::Message + Default>(frame: Frame) -> Result<M, ApiError> {
+    check_status(&frame)?;
     M::decode(frame.body).map_err(|e| ApiError::Internal(format!("undecodable rpc reply: {e}")))
 }
 

@@ -6,10 +6,8 @@
 //! Fields are read as protobuf defines them: any order, unknown ones skipped,
 //! the last value of a repeated scalar wins.
 
-use bytes::Buf;
-use prost::encoding::{WireType, decode_key, decode_varint};
-
 use super::json::{put_i64, put_str};
+use crate::wire::{Malformed, Value, next_field, text};
 
 /// What the wire held, when the response is an error.
 #[derive(Debug, PartialEq, Eq)]
@@ -18,63 +16,7 @@ pub struct Failed {
     pub msg: String,
 }
 
-#[derive(Debug, PartialEq, Eq)]
-pub enum WireError {
-    Malformed(&'static str),
-}
-
-impl std::fmt::Display for WireError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let WireError::Malformed(why) = self;
-        write!(f, "malformed PullResponse: {why}")
-    }
-}
-
-fn malformed<E>(_: E) -> WireError {
-    WireError::Malformed("bad key or varint")
-}
-
-/// One field: its number and a view of its value.
-enum Value<'a> {
-    Varint(u64),
-    Bytes(&'a [u8]),
-    Skipped,
-}
-
-fn next_field<'a>(buf: &mut &'a [u8]) -> Result<(u32, Value<'a>), WireError> {
-    let (tag, wire_type) = decode_key(buf).map_err(malformed)?;
-    let value = match wire_type {
-        WireType::Varint => Value::Varint(decode_varint(buf).map_err(malformed)?),
-        WireType::LengthDelimited => {
-            let len = decode_varint(buf).map_err(malformed)?;
-            let len = usize::try_from(len).map_err(malformed)?;
-            if len > buf.len() {
-                return Err(WireError::Malformed("length past the end"));
-            }
-            let (value, rest) = buf.split_at(len);
-            *buf = rest;
-            Value::Bytes(value)
-        }
-        WireType::SixtyFourBit | WireType::ThirtyTwoBit => {
-            let len = if wire_type == WireType::SixtyFourBit {
-                8
-            } else {
-                4
-            };
-            if len > buf.len() {
-                return Err(WireError::Malformed("fixed field past the end"));
-            }
-            buf.advance(len);
-            Value::Skipped
-        }
-        WireType::StartGroup | WireType::EndGroup => return Err(WireError::Malformed("groups")),
-    };
-    Ok((tag, value))
-}
-
-fn text(bytes: &[u8]) -> Result<&str, WireError> {
-    std::str::from_utf8(bytes).map_err(|_| WireError::Malformed("string is not UTF-8"))
-}
+pub type WireError = Malformed;
 
 /// The JSON body `{"messages":[...],"has_more":B,"next_cursor":N}` for an
 /// OK response, or the code and message of a failed one.
@@ -90,7 +32,7 @@ pub fn pull_json(mut wire: &[u8]) -> Result<Result<Vec<u8>, Failed>, WireError> 
             (3, Value::Bytes(_)) => count += 1,
             (4, Value::Varint(v)) => has_more = v != 0,
             (5, Value::Varint(v)) => next_cursor = v as i64,
-            (1..=5, _) => return Err(WireError::Malformed("field of the wrong type")),
+            (1..=5, _) => return Err(Malformed("field of the wrong type")),
             _ => {}
         }
     }
@@ -132,7 +74,7 @@ fn write_message(out: &mut Vec<u8>, mut wire: &[u8]) -> Result<(), WireError> {
             (2, Value::Bytes(b)) => message_text = text(b)?,
             (3, Value::Bytes(b)) => sender = text(b)?,
             (4, Value::Varint(v)) => send_time = v as i64,
-            (1..=4, _) => return Err(WireError::Malformed("message field of the wrong type")),
+            (1..=4, _) => return Err(Malformed("message field of the wrong type")),
             _ => {}
         }
     }

@@ -61,6 +61,8 @@ pub async fn serve(
 enum Reply {
     Send(SendResponse),
     Pull(PullResponse),
+    /// An OK PullResponse, encoded by the store.
+    PullPage(Vec<u8>),
     BadFrame(String),
 }
 
@@ -144,6 +146,7 @@ fn encode_reply(output: &mut BytesMut, (id, reply): (u64, Reply)) {
     match reply {
         Reply::Send(resp) => frame::encode(output, id, status::OK, &resp),
         Reply::Pull(resp) => frame::encode(output, id, status::OK, &resp),
+        Reply::PullPage(wire) => frame::encode_raw(output, id, status::OK, &wire),
         Reply::BadFrame(why) => frame::encode_raw(output, id, status::BAD_FRAME, why.as_bytes()),
     }
 }
@@ -174,7 +177,7 @@ async fn handle(store: &AnyStore, frame: Frame) -> Reply {
             Err(err) => Reply::BadFrame(format!("undecodable SendRequest: {err}")),
         },
         method::PULL => match PullRequest::decode(frame.body) {
-            Ok(req) => Reply::Pull(pull(store, req).await),
+            Ok(req) => pull(store, req).await,
             Err(err) => Reply::BadFrame(format!("undecodable PullRequest: {err}")),
         },
         other => Reply::BadFrame(format!("unknown method {other}")),
@@ -221,24 +224,20 @@ async fn send(store: &AnyStore, req: SendRequest) -> SendResponse {
     }
 }
 
-async fn pull(store: &AnyStore, req: PullRequest) -> PullResponse {
-    let failed = |code: Code, msg: String| PullResponse {
-        code: code as i32,
-        msg,
-        ..PullResponse::default()
+async fn pull(store: &AnyStore, req: PullRequest) -> Reply {
+    let failed = |code: Code, msg: String| {
+        Reply::Pull(PullResponse {
+            code: code as i32,
+            msg,
+            ..PullResponse::default()
+        })
     };
     let query = match validate_pull(&req.chat, req.cursor, req.limit, req.reverse) {
         Ok(query) => query,
         Err(invalid) => return failed(Code::InvalidArgument, invalid.0),
     };
     match store.pull(&query).await {
-        Ok(page) => PullResponse {
-            code: Code::Ok as i32,
-            msg: String::new(),
-            messages: page.messages,
-            has_more: page.has_more,
-            next_cursor: page.next_cursor,
-        },
+        Ok(page) => Reply::PullPage(page.wire),
         Err(err) => {
             let (code, msg) = store_failure(err);
             failed(code, msg)

@@ -6,9 +6,8 @@ use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::{Mutex, PoisonError};
 
-use super::{Page, Store, StoreError};
+use super::{Page, PageWriter, Store, StoreError};
 use crate::domain::PullQuery;
-use crate::proto::Message;
 
 struct Stored {
     send_time: i64,
@@ -70,20 +69,15 @@ impl Store for MemoryStore {
         let Some(log) = shard.get(query.chat.as_str()) else {
             return Ok(Page::default());
         };
-        let wanted = query.limit + 1;
-        let to_message = |m: &Stored| Message {
-            chat: query.chat.clone(),
-            text: m.text.to_string(),
-            sender: m.sender.to_string(),
-            send_time: m.send_time,
-        };
-        let messages = if query.reverse {
+        let mut page = PageWriter::new(&query.chat, query.limit);
+        let mut push = |m: &Stored| page.push(&m.text, &m.sender, m.send_time);
+        if query.reverse {
             // Oldest first, strictly after the cursor.
             let start = match query.cursor {
                 0 => 0,
                 c => log.partition_point(|m| m.send_time <= c),
             };
-            log[start..].iter().take(wanted).map(to_message).collect()
+            log[start..].iter().take_while(|m| push(m)).for_each(drop);
         } else {
             // Newest first, strictly before the cursor.
             let end = match query.cursor {
@@ -93,10 +87,9 @@ impl Store for MemoryStore {
             log[..end]
                 .iter()
                 .rev()
-                .take(wanted)
-                .map(to_message)
-                .collect()
-        };
-        Ok(Page::from_overfetch(messages, query.limit))
+                .take_while(|m| push(m))
+                .for_each(drop);
+        }
+        Ok(page.finish())
     }
 }

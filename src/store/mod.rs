@@ -13,7 +13,7 @@ pub mod redis;
 use std::future::Future;
 
 use crate::domain::PullQuery;
-use crate::proto::Message;
+use crate::wire;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreError {
@@ -25,30 +25,70 @@ pub enum StoreError {
     Internal(String),
 }
 
-/// One page of a pull.
+/// One page of a pull, already encoded as the body of an OK `PullResponse`
+/// (code 0 and an empty msg are proto3 defaults and take no bytes), so the
+/// RPC server sends it as it is.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Page {
-    pub messages: Vec<Message>,
+    pub wire: Vec<u8>,
+    pub count: usize,
     pub has_more: bool,
     /// `send_time` of the last message when `has_more`, else 0.
     pub next_cursor: i64,
 }
 
-impl Page {
-    /// Builds a page from up to `limit + 1` messages fetched in page order:
-    /// the extra one only tells that there is more.
-    pub fn from_overfetch(mut messages: Vec<Message>, limit: usize) -> Page {
-        let has_more = messages.len() > limit;
-        messages.truncate(limit);
-        let next_cursor = match messages.last() {
-            Some(last) if has_more => last.send_time,
-            _ => 0,
-        };
-        Page {
-            messages,
-            has_more,
-            next_cursor,
+/// Builds a [`Page`] from messages given in page order, borrowed from the
+/// store: nothing is copied but into the encoding.
+pub struct PageWriter<'a> {
+    chat: &'a str,
+    limit: usize,
+    page: Page,
+    last_send_time: i64,
+}
+
+impl<'a> PageWriter<'a> {
+    pub fn new(chat: &'a str, limit: usize) -> Self {
+        PageWriter {
+            chat,
+            limit,
+            page: Page::default(),
+            last_send_time: 0,
         }
+    }
+
+    /// Adds the next message. Stores fetch one more than the limit: pushing
+    /// that one only records that there is more, and returns false.
+    pub fn push(&mut self, text: &str, sender: &str, send_time: i64) -> bool {
+        if self.page.count == self.limit {
+            self.page.has_more = true;
+            return false;
+        }
+        let strings = [(1, self.chat), (2, text), (3, sender)];
+        let len: usize = strings
+            .iter()
+            .filter(|(_, s)| !s.is_empty())
+            .map(|&(tag, s)| wire::bytes_field_len(tag, s.len()))
+            .sum::<usize>()
+            + wire::varint_field_len(4, send_time as u64);
+        let out = &mut self.page.wire;
+        prost::encoding::encode_key(3, prost::encoding::WireType::LengthDelimited, out);
+        prost::encoding::encode_varint(len as u64, out);
+        for (tag, s) in strings {
+            wire::put_bytes_field(out, tag, s.as_bytes());
+        }
+        wire::put_varint_field(out, 4, send_time as u64);
+        self.page.count += 1;
+        self.last_send_time = send_time;
+        true
+    }
+
+    pub fn finish(mut self) -> Page {
+        if self.page.has_more {
+            self.page.next_cursor = self.last_send_time;
+            wire::put_varint_field(&mut self.page.wire, 4, 1);
+            wire::put_varint_field(&mut self.page.wire, 5, self.last_send_time as u64);
+        }
+        self.page
     }
 }
 
@@ -87,5 +127,44 @@ impl Store for AnyStore {
             AnyStore::Memory(store) => store.pull(query).await,
             AnyStore::Redis(store) => store.pull(query).await,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use prost::Message as _;
+
+    use super::*;
+    use crate::proto::{Message, PullResponse};
+
+    #[test]
+    fn page_writer_encodes_what_prost_decodes() {
+        let mut writer = PageWriter::new("a:b", 2);
+        assert!(writer.push("hello 😀", "a", 30));
+        assert!(writer.push("", "b", 20)); // empty strings are omitted, as proto3 does
+        assert!(!writer.push("one too many", "a", 10));
+        let page = writer.finish();
+        assert_eq!((page.count, page.has_more, page.next_cursor), (2, true, 20));
+        let decoded = PullResponse::decode(&page.wire[..]).expect("valid PullResponse");
+        let message = |text: &str, sender: &str, send_time| Message {
+            chat: "a:b".into(),
+            text: text.into(),
+            sender: sender.into(),
+            send_time,
+        };
+        assert_eq!(
+            decoded,
+            PullResponse {
+                messages: vec![message("hello 😀", "a", 30), message("", "b", 20)],
+                has_more: true,
+                next_cursor: 20,
+                ..PullResponse::default()
+            }
+        );
+        let last_page = PageWriter::new("c", 10);
+        assert_eq!(
+            PullResponse::decode(&last_page.finish().wire[..]),
+            Ok(PullResponse::default())
+        );
     }
 }

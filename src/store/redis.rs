@@ -23,13 +23,14 @@ use bytes::Bytes;
 use prost::Message as _;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Page, Store, StoreError};
+use super::{Page, PageWriter, Store, StoreError};
 use crate::domain::PullQuery;
 use crate::mux::{MuxError, MuxOptions, Pool};
-use crate::proto::{Message, StoredMessage};
+use crate::proto::StoredMessage;
 use crate::resp::connection::RespProtocol;
 use crate::resp::url::RedisTarget;
 use crate::resp::{Reply, command};
+use crate::wire::{Malformed, Value, next_field, text};
 
 /// Loaded (idempotently) on every connection. Needs Redis >= 7.0.
 const LIBRARY: &str = r#"#!lua name=im
@@ -203,6 +204,31 @@ fn answer_batch(
     }
 }
 
+/// A `StoredMessage` member, borrowed.
+struct StoredView<'a> {
+    send_time: i64,
+    text: &'a str,
+    sender: &'a str,
+}
+
+fn read_stored(mut member: &[u8]) -> Result<StoredView<'_>, Malformed> {
+    let mut view = StoredView {
+        send_time: 0,
+        text: "",
+        sender: "",
+    };
+    while !member.is_empty() {
+        match next_field(&mut member)? {
+            (1, Value::Fixed64(t)) => view.send_time = t as i64,
+            (2, Value::Bytes(b)) => view.text = text(b)?,
+            (3, Value::Bytes(b)) => view.sender = text(b)?,
+            (1..=3, _) => return Err(Malformed("field of the wrong type")),
+            _ => {}
+        }
+    }
+    Ok(view)
+}
+
 fn from_mux(err: MuxError) -> StoreError {
     match err {
         MuxError::Unavailable => StoreError::Unavailable,
@@ -257,22 +283,19 @@ impl Store for RedisStore {
         let Reply::Array(members) = self.call(cmd).await? else {
             return Err(StoreError::Internal("range did not return an array".into()));
         };
-        let mut messages = Vec::with_capacity(members.len());
+        let mut page = PageWriter::new(&query.chat, query.limit);
         for member in members {
             let Reply::BulkString(bytes) = member else {
                 return Err(StoreError::Internal(
                     "range returned a non-string member".into(),
                 ));
             };
-            let stored = StoredMessage::decode(bytes)
+            let stored = read_stored(&bytes)
                 .map_err(|e| StoreError::Internal(format!("undecodable stored message: {e}")))?;
-            messages.push(Message {
-                chat: query.chat.clone(),
-                text: stored.text,
-                sender: stored.sender,
-                send_time: stored.send_time,
-            });
+            if !page.push(stored.text, stored.sender, stored.send_time) {
+                break;
+            }
         }
-        Ok(Page::from_overfetch(messages, query.limit))
+        Ok(page.finish())
     }
 }

@@ -573,13 +573,90 @@ fn send_times_keep_increasing_across_rpc_server_restart() {
 // durability: redis with AOF, SIGKILLed under load
 // ---------------------------------------------------------------------------
 
-/// What one send of `redis_sigkill_under_load_loses_no_acknowledged_send` saw.
+/// What one send of a [`Senders`] load saw.
 struct DurableOutcome {
     text: String,
     started: Instant,
     finished: Instant,
     status: u16,
     send_time: Option<i64>,
+}
+
+/// Client threads, each on its own keep-alive connection, sending unique
+/// texts (`w{worker} #{n}`) to one chat until stopped. Every answer must be
+/// 200, or 503/504 with the standard error body, and must arrive (the
+/// client's read timeout turns a hang into a failure).
+struct Senders {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    oks: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    workers: Vec<thread::JoinHandle<Vec<DurableOutcome>>>,
+}
+
+impl Senders {
+    fn start(addr: SocketAddr, chat: &'static str, count: usize) -> Senders {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        let stop = Arc::new(AtomicBool::new(false));
+        let oks = Arc::new(AtomicUsize::new(0));
+        let workers = (0..count)
+            .map(|w| {
+                let (stop, oks) = (stop.clone(), oks.clone());
+                thread::spawn(move || {
+                    let mut out = Vec::new();
+                    let mut conn = HttpConn::connect(addr);
+                    let mut i = 0;
+                    while !stop.load(Ordering::SeqCst) {
+                        i += 1;
+                        let text = format!("w{w} #{i}");
+                        let body = serde_json::json!({"chat": chat, "text": text, "sender": format!("w{w}")});
+                        let started = Instant::now();
+                        let r = conn
+                            .try_request("POST", "/api/send", JSON_CT, body.to_string().as_bytes())
+                            .unwrap_or_else(|e| {
+                                panic!(
+                                    "worker {w}: send {text:?} got no response after {:?} (hang or dropped connection): {e}",
+                                    started.elapsed()
+                                )
+                            });
+                        let finished = Instant::now();
+                        let send_time = match r.status {
+                            200 => {
+                                oks.fetch_add(1, Ordering::SeqCst);
+                                Some(send_time_of(&r, &format!("worker {w}: send {text:?}")))
+                            }
+                            503 | 504 => {
+                                assert_error(&r, r.status, &format!("worker {w}: send {text:?}"));
+                                None
+                            }
+                            _ => panic!(
+                                "worker {w}: send {text:?} must get 200, 503 or 504, got {}",
+                                r.describe()
+                            ),
+                        };
+                        out.push(DurableOutcome { text, started, finished, status: r.status, send_time });
+                        if send_time.is_none() {
+                            thread::sleep(Duration::from_millis(5));
+                        }
+                    }
+                    out
+                })
+            })
+            .collect();
+        Senders { stop, oks, workers }
+    }
+
+    /// Sends answered 200 so far.
+    fn oks(&self) -> usize {
+        self.oks.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn stop(self) -> Vec<DurableOutcome> {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.workers
+            .into_iter()
+            .flat_map(|w| w.join().expect("worker panicked"))
+            .collect()
+    }
 }
 
 /// Redis with `appendonly yes` + `appendfsync everysec` writes every command to
@@ -589,8 +666,6 @@ struct DurableOutcome {
 #[test]
 fn redis_sigkill_under_load_loses_no_acknowledged_send() {
     use std::collections::HashMap;
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
     const WORKERS: usize = 6;
     const CHAT: &str = "durable";
@@ -609,56 +684,11 @@ fn redis_sigkill_under_load_loses_no_acknowledged_send() {
         &[],
     );
     let addr = server.http_addr();
-    let stop = Arc::new(AtomicBool::new(false));
-    let oks = Arc::new(AtomicUsize::new(0));
-    let workers: Vec<_> = (0..WORKERS)
-        .map(|w| {
-            let (stop, oks) = (stop.clone(), oks.clone());
-            thread::spawn(move || {
-                let mut out = Vec::new();
-                let mut conn = HttpConn::connect(addr);
-                let mut i = 0;
-                while !stop.load(Ordering::SeqCst) {
-                    i += 1;
-                    let text = format!("w{w} #{i}");
-                    let body = serde_json::json!({"chat": CHAT, "text": text, "sender": format!("w{w}")});
-                    let started = Instant::now();
-                    let r = conn
-                        .try_request("POST", "/api/send", JSON_CT, body.to_string().as_bytes())
-                        .unwrap_or_else(|e| {
-                            panic!(
-                                "worker {w}: send {text:?} got no response after {:?} (hang or dropped connection): {e}",
-                                started.elapsed()
-                            )
-                        });
-                    let finished = Instant::now();
-                    let send_time = match r.status {
-                        200 => {
-                            oks.fetch_add(1, Ordering::SeqCst);
-                            Some(send_time_of(&r, &format!("worker {w}: send {text:?}")))
-                        }
-                        503 | 504 => {
-                            assert_error(&r, r.status, &format!("worker {w}: send {text:?}"));
-                            None
-                        }
-                        _ => panic!(
-                            "worker {w}: send {text:?} must get 200, 503 or 504, got {}",
-                            r.describe()
-                        ),
-                    };
-                    out.push(DurableOutcome { text, started, finished, status: r.status, send_time });
-                    if send_time.is_none() {
-                        thread::sleep(Duration::from_millis(5));
-                    }
-                }
-                out
-            })
-        })
-        .collect();
+    let senders = Senders::start(addr, CHAT, WORKERS);
 
     // Load before the kill.
     wait_until(Duration::from_secs(5), "200s before the kill", || {
-        (oks.load(Ordering::SeqCst) >= 50).then_some(())
+        (senders.oks() >= 50).then_some(())
     });
     thread::sleep(Duration::from_millis(300));
     let redis_pid = redis.pid().expect("redis-server is running");
@@ -668,16 +698,12 @@ fn redis_sigkill_under_load_loses_no_acknowledged_send() {
     let restart_begin = Instant::now();
     redis.restart(); // same dir (AOF replayed) and socket; returns once it answers PING
     let restart_done = Instant::now();
-    let oks_at_restart = oks.load(Ordering::SeqCst);
+    let oks_at_restart = senders.oks();
     wait_until(RECOVERY_BOUND, "a 200 after the redis restart", || {
-        (oks.load(Ordering::SeqCst) > oks_at_restart).then_some(())
+        (senders.oks() > oks_at_restart).then_some(())
     });
     thread::sleep(Duration::from_millis(500));
-    stop.store(true, Ordering::SeqCst);
-    let outcomes: Vec<DurableOutcome> = workers
-        .into_iter()
-        .flat_map(|w| w.join().expect("worker panicked"))
-        .collect();
+    let outcomes = senders.stop();
 
     // No answer hung past the RPC timeout + slack.
     let bound = Duration::from_millis(RPC_TIMEOUT_MS) + SLACK;
@@ -782,5 +808,78 @@ fn redis_sigkill_under_load_loses_no_acknowledged_send() {
     assert!(
         acked_before > 0 && acked_after > 0,
         "acknowledged before the kill: {acked_before}, after: {acked_after}"
+    );
+}
+
+/// The RPC server process is SIGKILLed while senders keep the gateway busy:
+/// the gateway answers 503 (or 504 for a call caught in flight) meanwhile,
+/// never hangs, reconnects by itself once a new RPC server listens on the same
+/// address, and every send it acknowledged is in Redis.
+#[test]
+fn rpc_server_killed_under_load_gateway_recovers() {
+    const CHAT: &str = "rpc-outage";
+    let redis = Redis::start();
+    let url = redis.url();
+    let mut rpc = Server::rpc(&["--redis", &url]);
+    let rpc_addr = rpc.rpc_addr();
+    let gateway = Server::gateway(rpc_addr, &[]);
+    let addr = gateway.http_addr();
+    let senders = Senders::start(addr, CHAT, 4);
+
+    wait_until(Duration::from_secs(5), "200s before the kill", || {
+        (senders.oks() >= 50).then_some(())
+    });
+    rpc.kill();
+    let kill_done = Instant::now();
+    thread::sleep(Duration::from_millis(700));
+    let restart_begin = Instant::now();
+    let _rpc2 = start_rpc_on(rpc_addr, &["--redis", &url]);
+    let restart_done = Instant::now();
+    let oks_at_restart = senders.oks();
+    wait_until(
+        RECOVERY_DEADLINE,
+        "a 200 after the rpc server restart",
+        || (senders.oks() > oks_at_restart).then_some(()),
+    );
+    thread::sleep(Duration::from_millis(300));
+    let outcomes = senders.stop();
+
+    let inside: Vec<&DurableOutcome> = outcomes
+        .iter()
+        .filter(|o| o.started > kill_done && o.finished < restart_begin)
+        .collect();
+    assert!(
+        !inside.is_empty(),
+        "no send ran entirely inside the outage window"
+    );
+    assert!(
+        inside.iter().all(|o| o.status == 503),
+        "sends made while the rpc server was down must all get 503: {:?}",
+        inside.iter().map(|o| o.status).collect::<Vec<_>>()
+    );
+    let first_ok = outcomes
+        .iter()
+        .filter(|o| o.status == 200 && o.started >= restart_done)
+        .map(|o| o.finished - restart_done)
+        .min()
+        .expect("no send started after the restart got 200");
+    let acked: HashSet<i64> = outcomes.iter().filter_map(|o| o.send_time).collect();
+    let stored: HashSet<i64> = walk(&mut HttpConn::connect(addr), CHAT, 100, true, Form::Json)
+        .iter()
+        .map(|m| m.send_time)
+        .collect();
+    let missing = acked.difference(&stored).count();
+    println!(
+        "rpc server killed under 4 senders: {} sends, {} acknowledged, {} refused inside the outage; \
+         first 200 {first_ok:?} after the new rpc server started",
+        outcomes.len(),
+        acked.len(),
+        inside.len()
+    );
+    assert_eq!(
+        missing,
+        0,
+        "{missing} of {} acknowledged sends are not stored",
+        acked.len()
     );
 }

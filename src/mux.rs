@@ -331,6 +331,11 @@ impl<P: Protocol> Connection<P> {
     }
 
     fn enqueue(&mut self, protocol: &mut P, call: Call<P>) {
+        // The caller gave up (timed out) while the call was queued: sending
+        // it would only load the peer with work nobody waits for.
+        if call.reply.is_closed() {
+            return;
+        }
         let tag = protocol.encode(call.request, &mut self.output);
         self.waiting.insert(tag, call.reply);
     }

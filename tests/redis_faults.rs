@@ -102,6 +102,18 @@ fn stored_send_times(addr: SocketAddr, chat: &str) -> HashSet<i64> {
         .collect()
 }
 
+/// Every send_time in `acked` (sends that got 200) is in `chat`, read back
+/// through the API.
+fn assert_all_stored(addr: SocketAddr, chat: &str, acked: &[i64], ctx: &str) {
+    let stored = stored_send_times(addr, chat);
+    for t in acked {
+        assert!(
+            stored.contains(t),
+            "{ctx}: send {t} got 200 but is missing from a full pull of {chat:?}"
+        );
+    }
+}
+
 /// The full redis outage scenario against a gateway at `addr` backed by `redis`.
 fn redis_outage_cycle(redis: &mut Redis, addr: SocketAddr, chat: &str) {
     let mut conn = HttpConn::connect(addr);
@@ -135,16 +147,7 @@ fn redis_outage_cycle(redis: &mut Redis, addr: SocketAddr, chat: &str) {
         ok_times.len(),
         redis.keys()
     );
-    let stored: HashSet<i64> = walk(&mut conn, chat, 100, true, Form::Json)
-        .iter()
-        .map(|m| m.send_time)
-        .collect();
-    for t in &ok_times {
-        assert!(
-            stored.contains(t),
-            "send acknowledged with send_time {t} after the restart is missing from pull"
-        );
-    }
+    assert_all_stored(addr, chat, &ok_times, "after the redis restart");
 }
 
 #[test]
@@ -314,13 +317,7 @@ fn rpc_server_killed_gives_503_then_recovers() {
     for i in 0..10 {
         times.push(send_ok(addr, "r", "s", &format!("after {i}")));
     }
-    let got = stored_send_times(addr, "r");
-    for t in &times {
-        assert!(
-            got.contains(t),
-            "send {t} acknowledged after the rpc restart is missing from pull {got:?}"
-        );
-    }
+    assert_all_stored(addr, "r", &times, "after the rpc restart");
 }
 
 #[test]
@@ -472,13 +469,7 @@ fn redis_restart_under_concurrent_load() {
         "{} sends started after the restart got 200, but ZCARD im:{{load}} = {zcard}",
         after.len()
     );
-    let stored = stored_send_times(addr, "load");
-    for t in &after {
-        assert!(
-            stored.contains(t),
-            "send {t} got 200 after the restart but is not stored"
-        );
-    }
+    assert_all_stored(addr, "load", &after, "started after the redis restart");
 }
 
 // ---------------------------------------------------------------------------

@@ -24,8 +24,10 @@
 //! * [`config`]: command line and environment, parsed once into [`config::Config`].
 
 pub mod accept;
+pub mod balance;
 pub mod buf;
 pub mod config;
+pub mod discovery;
 pub mod domain;
 pub mod gateway;
 pub mod http;

@@ -1,0 +1,431 @@
+//! Choosing an RPC endpoint for each call, with no I/O.
+//!
+//! Every endpoint is in one of three named states:
+//!
+//! ```text
+//!            N consecutive failures             back-off elapsed
+//!  Healthy ---------------------------> Ejected ----------------> Probing
+//!     ^                                    ^                        |  |
+//!     |         one success                |   the probe fails      |  |
+//!     +------------------------------------|------------------------+  |
+//!                                          +---------------------------+
+//!                                            (back-off doubled, capped)
+//! ```
+//!
+//! A call goes to the less loaded of two endpoints drawn at random ("power of
+//! two choices" on in-flight calls): nearly as even as least-loaded, without
+//! herding every gateway shard onto the same momentarily idle endpoint.
+//! A Probing endpoint takes one call at a time until it answers. If every
+//! endpoint is ejected, all of them are used anyway: with no healthy choice,
+//! refusing the call outright would only turn a partial outage into a total
+//! one.
+//!
+//! Time and randomness come from the caller (`now`) and a seeded generator,
+//! so the tests drive them.
+
+use std::time::{Duration, Instant};
+
+/// Where an endpoint stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    Healthy,
+    /// Not used until `until`; the next ejection waits twice `backoff`.
+    Ejected { until: Instant, backoff: Duration },
+    /// Back-off over: one call at a time decides whether it is back.
+    Probing { backoff: Duration },
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Policy {
+    /// Consecutive failures (calls or pings) that eject a healthy endpoint.
+    pub failures_to_eject: u32,
+    pub min_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            failures_to_eject: 3,
+            // Short: a restarted server should take traffic within a second.
+            min_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(5),
+        }
+    }
+}
+
+/// An endpoint's identity for the lifetime of the [`Balancer`], stable across
+/// endpoint-set updates (indexes are not).
+pub type EndpointId = u64;
+
+struct Entry<K, T> {
+    id: EndpointId,
+    key: K,
+    value: T,
+    state: State,
+    failures: u32,
+    in_flight: usize,
+}
+
+/// The endpoints of one gateway shard, each carrying a `T` (its connections).
+pub struct Balancer<K, T> {
+    entries: Vec<Entry<K, T>>,
+    policy: Policy,
+    next_id: EndpointId,
+    rng: u64,
+}
+
+impl<K: PartialEq + Clone, T> Balancer<K, T> {
+    pub fn new(policy: Policy, seed: u64) -> Self {
+        Balancer {
+            entries: Vec::new(),
+            policy,
+            next_id: 0,
+            // xorshift must not start at 0.
+            rng: seed | 1,
+        }
+    }
+
+    /// Makes the endpoint set `keys`: keeps the state (and value) of those
+    /// already known, creates the new ones with `make`, drops the rest.
+    pub fn set_endpoints(&mut self, keys: &[K], mut make: impl FnMut(&K) -> T) {
+        self.entries.retain(|e| keys.contains(&e.key));
+        for key in keys {
+            if self.entries.iter().any(|e| &e.key == key) {
+                continue;
+            }
+            self.next_id += 1;
+            self.entries.push(Entry {
+                id: self.next_id,
+                key: key.clone(),
+                value: make(key),
+                state: State::Healthy,
+                failures: 0,
+                in_flight: 0,
+            });
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Chooses an endpoint for one call, never one of `exclude` while another
+    /// usable one exists, and counts the call as in flight: every `Some`
+    /// must be matched by one [`Balancer::finished`].
+    pub fn pick(&mut self, now: Instant, exclude: &[EndpointId]) -> Option<(EndpointId, &T)> {
+        self.wake(now);
+        let usable = |e: &Entry<K, T>| match e.state {
+            State::Healthy => true,
+            State::Probing { .. } => e.in_flight == 0,
+            State::Ejected { .. } => false,
+        };
+        let mut candidates: Vec<usize> = (0..self.entries.len())
+            .filter(|&i| usable(&self.entries[i]) && !exclude.contains(&self.entries[i].id))
+            .collect();
+        if candidates.is_empty() {
+            // All look dead (or were tried): try any not yet tried, then any.
+            candidates = (0..self.entries.len())
+                .filter(|&i| !exclude.contains(&self.entries[i].id))
+                .collect();
+        }
+        if candidates.is_empty() {
+            candidates = (0..self.entries.len()).collect();
+        }
+        let chosen = match candidates.len() {
+            0 => return None,
+            1 => candidates[0],
+            n => {
+                let a = candidates[self.random(n)];
+                let mut b = candidates[self.random(n - 1)];
+                if b == a {
+                    // Draw the second from the others: index n-1 stands in.
+                    b = candidates[n - 1];
+                }
+                if self.entries[b].in_flight < self.entries[a].in_flight {
+                    b
+                } else {
+                    a
+                }
+            }
+        };
+        let entry = &mut self.entries[chosen];
+        entry.in_flight += 1;
+        Some((entry.id, &entry.value))
+    }
+
+    /// Records how a picked call ended: `Some(true)` answered, `Some(false)`
+    /// failed in a way that blames the endpoint, `None` neither (e.g. the
+    /// caller's own invalid request, or a call that never left).
+    pub fn finished(&mut self, id: EndpointId, outcome: Option<bool>, now: Instant) {
+        if let Some(entry) = self.entries.iter_mut().find(|e| e.id == id) {
+            entry.in_flight = entry.in_flight.saturating_sub(1);
+        }
+        match outcome {
+            Some(true) => self.succeeded(id),
+            Some(false) => self.failed(id, now),
+            None => {}
+        }
+    }
+
+    /// An answer from the endpoint outside a call (a ping).
+    pub fn succeeded(&mut self, id: EndpointId) {
+        if let Some(entry) = self.entries.iter_mut().find(|e| e.id == id) {
+            entry.failures = 0;
+            entry.state = State::Healthy;
+        }
+    }
+
+    /// A failure outside a call (a ping that failed).
+    pub fn failed(&mut self, id: EndpointId, now: Instant) {
+        let policy = self.policy;
+        let Some(entry) = self.entries.iter_mut().find(|e| e.id == id) else {
+            return;
+        };
+        entry.failures = entry.failures.saturating_add(1);
+        entry.state = match entry.state {
+            State::Healthy if entry.failures >= policy.failures_to_eject => State::Ejected {
+                until: now + policy.min_backoff,
+                backoff: policy.min_backoff,
+            },
+            State::Probing { backoff } => {
+                let backoff = (backoff * 2).min(policy.max_backoff);
+                State::Ejected {
+                    until: now + backoff,
+                    backoff,
+                }
+            }
+            other => other,
+        };
+    }
+
+    /// The endpoint said it is going away (GOAWAY): no new calls until the
+    /// shortest back-off has passed, then it is probed like any other.
+    pub fn going_away(&mut self, id: EndpointId, now: Instant) {
+        let policy = self.policy;
+        if let Some(entry) = self.entries.iter_mut().find(|e| e.id == id) {
+            entry.state = State::Ejected {
+                until: now + policy.min_backoff,
+                backoff: policy.min_backoff,
+            };
+        }
+    }
+
+    /// Endpoints with no call in flight, for health pings.
+    pub fn idle(&self) -> Vec<(EndpointId, &T)> {
+        self.entries
+            .iter()
+            .filter(|e| e.in_flight == 0)
+            .map(|e| (e.id, &e.value))
+            .collect()
+    }
+
+    pub fn state(&self, key: &K) -> Option<State> {
+        self.entries.iter().find(|e| &e.key == key).map(|e| e.state)
+    }
+
+    pub fn key(&self, id: EndpointId) -> Option<&K> {
+        self.entries.iter().find(|e| e.id == id).map(|e| &e.key)
+    }
+
+    /// Ejected endpoints whose back-off has passed become Probing.
+    fn wake(&mut self, now: Instant) {
+        for entry in &mut self.entries {
+            if let State::Ejected { until, backoff } = entry.state
+                && now >= until
+            {
+                entry.state = State::Probing { backoff };
+            }
+        }
+    }
+
+    /// Uniform in `0..n` (xorshift64; modulo bias is irrelevant for n this small).
+    fn random(&mut self, n: usize) -> usize {
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        (self.rng % n as u64) as usize
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn balancer(n: u32) -> (Balancer<u32, ()>, Instant) {
+        let mut b = Balancer::new(Policy::default(), 42);
+        let keys: Vec<u32> = (0..n).collect();
+        b.set_endpoints(&keys, |_| ());
+        (b, Instant::now())
+    }
+
+    fn key_of(b: &Balancer<u32, ()>, id: EndpointId) -> u32 {
+        *b.key(id).expect("picked endpoint exists")
+    }
+
+    #[test]
+    fn equal_endpoints_get_equal_shares() {
+        let (mut b, now) = balancer(3);
+        let mut counts = [0u32; 3];
+        for _ in 0..30_000 {
+            let (id, _) = b.pick(now, &[]).expect("an endpoint");
+            counts[key_of(&b, id) as usize] += 1;
+            b.finished(id, Some(true), now);
+        }
+        for c in counts {
+            assert!((9_000..=11_000).contains(&c), "{counts:?}");
+        }
+    }
+
+    #[test]
+    fn the_less_loaded_of_two_wins() {
+        let (mut b, now) = balancer(2);
+        // Pin 5 calls on whatever comes first, then every pick must go to the other.
+        let (busy, _) = b.pick(now, &[]).expect("an endpoint");
+        for _ in 0..4 {
+            if let Some((id, _)) = b.pick(now, &[busy]) {
+                assert_ne!(id, busy);
+                b.finished(id, None, now);
+            }
+        }
+        for _ in 0..100 {
+            let (id, _) = b.pick(now, &[]).expect("an endpoint");
+            assert_ne!(id, busy, "the loaded endpoint must lose every draw");
+            b.finished(id, None, now);
+        }
+    }
+
+    #[test]
+    fn ejection_after_n_failures_backoff_doubles_probe_recovers() {
+        let (mut b, t0) = balancer(2);
+        let dead = 0u32;
+        let dead_id = b.entries[0].id;
+        for i in 0..3 {
+            assert_eq!(b.state(&dead), Some(State::Healthy), "after {i} failures");
+            b.failed(dead_id, t0);
+        }
+        let ms = Duration::from_millis;
+        assert_eq!(
+            b.state(&dead),
+            Some(State::Ejected {
+                until: t0 + ms(100),
+                backoff: ms(100)
+            })
+        );
+        for _ in 0..50 {
+            let (id, _) = b.pick(t0 + ms(50), &[]).expect("an endpoint");
+            assert_ne!(id, dead_id, "ejected endpoint picked");
+            b.finished(id, None, t0);
+        }
+        // Back-off over: probing, and only one call at a time.
+        let t1 = t0 + ms(100);
+        let picks: Vec<EndpointId> = (0..200)
+            .filter_map(|_| b.pick(t1, &[]).map(|(id, _)| id))
+            .collect();
+        assert_eq!(picks.iter().filter(|&&id| id == dead_id).count(), 1);
+        // The probe fails: ejected again for twice as long.
+        b.finished(dead_id, Some(false), t1);
+        assert_eq!(
+            b.state(&dead),
+            Some(State::Ejected {
+                until: t1 + ms(200),
+                backoff: ms(200)
+            })
+        );
+        // Next probe answers: healthy again.
+        let t2 = t1 + ms(200);
+        b.wake(t2);
+        assert_eq!(b.state(&dead), Some(State::Probing { backoff: ms(200) }));
+        b.finished(dead_id, Some(true), t2);
+        assert_eq!(b.state(&dead), Some(State::Healthy));
+    }
+
+    #[test]
+    fn backoff_is_capped() {
+        let (mut b, t) = balancer(2);
+        let id = b.entries[0].id;
+        for _ in 0..3 {
+            b.failed(id, t);
+        }
+        let mut now = t;
+        for _ in 0..20 {
+            if let Some(State::Ejected { until, .. }) = b.state(&0) {
+                now = until;
+            }
+            b.wake(now);
+            b.failed(id, now);
+        }
+        assert!(matches!(
+            b.state(&0),
+            Some(State::Ejected { backoff, .. }) if backoff == Duration::from_secs(5)
+        ));
+    }
+
+    #[test]
+    fn never_eject_all() {
+        let (mut b, t) = balancer(3);
+        let ids: Vec<EndpointId> = b.entries.iter().map(|e| e.id).collect();
+        for &id in &ids {
+            for _ in 0..3 {
+                b.failed(id, t);
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..100 {
+            let (id, _) = b.pick(t, &[]).expect("all dead still yields an endpoint");
+            seen.insert(id);
+            b.finished(id, None, t);
+        }
+        assert_eq!(seen.len(), 3, "with all ejected, all are tried");
+    }
+
+    #[test]
+    fn exclude_steers_retries_elsewhere() {
+        let (mut b, t) = balancer(3);
+        for _ in 0..100 {
+            let (first, _) = b.pick(t, &[]).expect("an endpoint");
+            let (second, _) = b.pick(t, &[first]).expect("an endpoint");
+            assert_ne!(first, second);
+            b.finished(first, None, t);
+            b.finished(second, None, t);
+        }
+        // One endpoint only: excluded or not, it is the one.
+        let (mut one, t) = balancer(1);
+        let (id, _) = one.pick(t, &[]).expect("an endpoint");
+        assert_eq!(one.pick(t, &[id]).map(|(i, _)| i), Some(id));
+    }
+
+    #[test]
+    fn set_endpoints_keeps_state_of_survivors() {
+        let (mut b, t) = balancer(3);
+        let id1 = b.entries[1].id;
+        for _ in 0..3 {
+            b.failed(id1, t);
+        }
+        let mut made = Vec::new();
+        b.set_endpoints(&[1, 2, 7], |k| made.push(*k));
+        assert_eq!(made, vec![7]);
+        assert_eq!(b.len(), 3);
+        assert!(matches!(b.state(&1), Some(State::Ejected { .. })));
+        assert_eq!(b.state(&0), None);
+        assert_eq!(b.state(&7), Some(State::Healthy));
+        // A finish for a dropped endpoint is ignored.
+        b.finished(12345, Some(false), t);
+    }
+
+    #[test]
+    fn going_away_stops_new_calls_at_once() {
+        let (mut b, t) = balancer(3);
+        let gone = b.entries[2].id;
+        b.going_away(gone, t);
+        for _ in 0..100 {
+            let (id, _) = b.pick(t, &[]).expect("an endpoint");
+            assert_ne!(id, gone);
+            b.finished(id, None, t);
+        }
+    }
+}

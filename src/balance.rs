@@ -30,9 +30,14 @@ use std::time::{Duration, Instant};
 pub enum State {
     Healthy,
     /// Not used until `until`; the next ejection waits twice `backoff`.
-    Ejected { until: Instant, backoff: Duration },
+    Ejected {
+        until: Instant,
+        backoff: Duration,
+    },
     /// Back-off over: one call at a time decides whether it is back.
-    Probing { backoff: Duration },
+    Probing {
+        backoff: Duration,
+    },
 }
 
 #[derive(Debug, Clone, Copy)]

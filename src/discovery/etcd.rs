@@ -17,8 +17,7 @@ use super::http1::{Exchange, JsonStream};
 /// Standard base64 (RFC 4648 alphabet, with `=` padding), as etcd's gateway
 /// encodes `bytes` fields.
 pub mod base64 {
-    const ALPHABET: &[u8; 64] =
-        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
 
     pub fn encode(input: &[u8]) -> String {
         let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
@@ -203,7 +202,9 @@ pub fn parse_watch(message: &Value) -> Option<WatchMessage> {
             let key = bytes_field(kv, "key")?;
             // PUT is the enum's zero value, so proto3 JSON leaves it out.
             match event.get("type").and_then(Value::as_str) {
-                None | Some("PUT") => events.push(WatchEvent::Put((key, bytes_field(kv, "value")?))),
+                None | Some("PUT") => {
+                    events.push(WatchEvent::Put((key, bytes_field(kv, "value")?)))
+                }
                 Some("DELETE") => events.push(WatchEvent::Delete(key)),
                 Some(_) => return None,
             }
@@ -440,7 +441,10 @@ mod tests {
         ).expect("json");
         assert_eq!(
             parse_range(&range),
-            Some((2, vec![(b"im/rpc/127.0.0.1:1".to_vec(), b"127.0.0.1:1".to_vec())]))
+            Some((
+                2,
+                vec![(b"im/rpc/127.0.0.1:1".to_vec(), b"127.0.0.1:1".to_vec())]
+            ))
         );
         let empty: Value = serde_json::from_str(r#"{"header":{"revision":"9"}}"#).expect("json");
         assert_eq!(parse_range(&empty), Some((9, vec![])));

@@ -320,7 +320,10 @@ mod tests {
             .expect("valid")
             .expect("complete");
         assert_eq!(h.framing, Framing::UntilClose);
-        assert_eq!(parse_head(b"HTTP/1.1 200 OK\r\nContent-Le").expect("valid"), None);
+        assert_eq!(
+            parse_head(b"HTTP/1.1 200 OK\r\nContent-Le").expect("valid"),
+            None
+        );
         assert!(parse_head(b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n").is_err());
         assert!(parse_head(b"NOTHTTP\r\n\r\n").is_err());
     }
@@ -339,7 +342,11 @@ mod tests {
             assert_eq!(out, b"{\"a\":1}\nxyz", "split at {split}");
         }
         let mut bad = BytesMut::from(&b"zz\r\n"[..]);
-        assert!(ChunkDecoder::default().decode(&mut bad, &mut Vec::new()).is_err());
+        assert!(
+            ChunkDecoder::default()
+                .decode(&mut bad, &mut Vec::new())
+                .is_err()
+        );
         let mut no_crlf = BytesMut::from(&b"1\r\nabc"[..]);
         assert!(
             ChunkDecoder::default()

@@ -78,7 +78,10 @@ fn merged(parts: &[&[SocketAddr]]) -> Vec<SocketAddr> {
 /// waiting up to `first_wait` for it to be non-empty (so that a gateway does
 /// not answer its first requests 503 only because DNS or etcd had not
 /// answered yet).
-pub fn start(sources: Sources, first_wait: Duration) -> Result<watch::Receiver<Vec<SocketAddr>>, String> {
+pub fn start(
+    sources: Sources,
+    first_wait: Duration,
+) -> Result<watch::Receiver<Vec<SocketAddr>>, String> {
     let fixed: Vec<SocketAddr> = sources
         .targets
         .iter()
@@ -244,7 +247,9 @@ async fn registry_loop(registry: RegistryUrl, publish: watch::Sender<Vec<SocketA
         if let Err(err) = result
             && !reported
         {
-            eprintln!("im-server: etcd registry: {err}; keeping the last known endpoints, retrying");
+            eprintln!(
+                "im-server: etcd registry: {err}; keeping the last known endpoints, retrying"
+            );
             reported = true;
         }
         tokio::time::sleep(retry).await;

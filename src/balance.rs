@@ -220,13 +220,33 @@ impl<K: PartialEq + Clone, T> Balancer<K, T> {
         }
     }
 
-    /// Endpoints with no call in flight, for health pings.
-    pub fn idle(&self) -> Vec<(EndpointId, &T)> {
+    /// The endpoints to ping now: healthy ones with no call in flight (an
+    /// idle endpoint is otherwise never checked) and those whose back-off
+    /// is over (the ping is their probe).
+    pub fn to_ping(&mut self, now: Instant) -> Vec<(EndpointId, &T)> {
+        self.wake(now);
         self.entries
             .iter()
-            .filter(|e| e.in_flight == 0)
+            .filter(|e| match e.state {
+                State::Healthy => e.in_flight == 0,
+                State::Probing { .. } => true,
+                State::Ejected { .. } => false,
+            })
             .map(|e| (e.id, &e.value))
             .collect()
+    }
+
+    /// Marks every endpoint for which `going_away` holds as going away.
+    pub fn refresh(&mut self, now: Instant, going_away: impl Fn(&T) -> bool) {
+        let gone: Vec<EndpointId> = self
+            .entries
+            .iter()
+            .filter(|e| !matches!(e.state, State::Ejected { .. }) && going_away(&e.value))
+            .map(|e| e.id)
+            .collect();
+        for id in gone {
+            self.going_away(id, now);
+        }
     }
 
     pub fn state(&self, key: &K) -> Option<State> {
@@ -425,12 +445,37 @@ mod tests {
     #[test]
     fn going_away_stops_new_calls_at_once() {
         let (mut b, t) = balancer(3);
+        b.refresh(t, |_| false);
+        assert_eq!(b.state(&2), Some(State::Healthy));
         let gone = b.entries[2].id;
+        // `refresh` asks about each endpoint's value; here the key decides.
+        let mut flagged: Balancer<u32, u32> = Balancer::new(Policy::default(), 7);
+        flagged.set_endpoints(&[0, 1, 2], |k| *k);
+        flagged.refresh(t, |v| *v == 2);
+        assert!(matches!(flagged.state(&2), Some(State::Ejected { .. })));
         b.going_away(gone, t);
         for _ in 0..100 {
             let (id, _) = b.pick(t, &[]).expect("an endpoint");
             assert_ne!(id, gone);
             b.finished(id, None, t);
         }
+    }
+
+    #[test]
+    fn pings_go_to_idle_healthy_and_probing_endpoints() {
+        let (mut b, t) = balancer(3);
+        let ids: Vec<EndpointId> = b.entries.iter().map(|e| e.id).collect();
+        for _ in 0..3 {
+            b.failed(ids[0], t);
+        }
+        let (busy, _) = b.pick(t, &[ids[0]]).expect("an endpoint");
+        let pinged: Vec<EndpointId> = b.to_ping(t).into_iter().map(|(id, _)| id).collect();
+        assert_eq!(pinged.len(), 1, "not the ejected one, not the busy one");
+        assert!(!pinged.contains(&busy) && !pinged.contains(&ids[0]));
+        let later = t + Duration::from_millis(100);
+        let pinged: Vec<EndpointId> = b.to_ping(later).into_iter().map(|(id, _)| id).collect();
+        assert!(pinged.contains(&ids[0]), "back-off over: probed by a ping");
+        b.succeeded(ids[0]);
+        assert_eq!(b.state(&0), Some(State::Healthy));
     }
 }

@@ -19,8 +19,14 @@ pub struct Config {
     pub role: Role,
     pub http_addr: String,
     pub rpc_listen: String,
-    /// The RPC server the gateway calls; `None` in `all` = the one started here.
+    /// The RPC servers the gateway calls (comma-separated `ip:port` or
+    /// `host:port`); `None` in `all` = the one started here.
     pub rpc_addr: Option<String>,
+    /// `etcd://h1:2379[,h2:2379]/prefix`: where RPC servers register and
+    /// gateways find them.
+    pub registry: Option<String>,
+    /// The address this RPC server registers; `None` = its listen address.
+    pub rpc_advertise: Option<String>,
     /// `None` = the embedded memory store.
     pub redis_url: Option<String>,
     pub rpc_timeout: Duration,
@@ -52,7 +58,9 @@ pub struct OptionSpec {
 pub const OPTIONS: &[OptionSpec] = &[
     OptionSpec { flag: "--http-addr", env: "IM_HTTP_ADDR", default: Some("0.0.0.0:8080"), help: "address the HTTP gateway listens on" },
     OptionSpec { flag: "--rpc-listen", env: "IM_RPC_LISTEN", default: Some("127.0.0.1:8888"), help: "address the RPC server listens on" },
-    OptionSpec { flag: "--rpc", env: "IM_RPC_ADDR", default: None, help: "RPC server the gateway calls (default in `all`: the one started here)" },
+    OptionSpec { flag: "--rpc", env: "IM_RPC_ADDR", default: None, help: "RPC servers the gateway calls, comma-separated ip:port or host:port (host names re-resolved every 2 s, every A/AAAA record an endpoint; default in `all`: the one started here)" },
+    OptionSpec { flag: "--registry", env: "IM_REGISTRY", default: None, help: "etcd://host:2379[,host2:2379]/prefix: RPC servers register there (lease, TTL 10 s), gateways discover them there" },
+    OptionSpec { flag: "--rpc-advertise", env: "IM_RPC_ADVERTISE", default: None, help: "ip:port the RPC server registers (default: --rpc-listen, unless that is a wildcard)" },
     OptionSpec { flag: "--redis", env: "REDIS_URL", default: None, help: "redis://[:password@]host[:port][/db] or unix:///path.sock; unset = embedded memory store" },
     OptionSpec { flag: "--rpc-timeout-ms", env: "IM_RPC_TIMEOUT_MS", default: Some("1000"), help: "per-call RPC timeout (504 after it)" },
     OptionSpec { flag: "--rpc-connections", env: "IM_RPC_CONNECTIONS", default: Some("1"), help: "multiplexed connections to the RPC server, per gateway thread" },
@@ -170,14 +178,20 @@ impl Config {
         };
         let role = role.unwrap_or(Role::All);
         let rpc_addr = get("--rpc");
-        if role == Role::Gateway && rpc_addr.is_none() {
-            return Err("the gateway role needs --rpc <addr> (or IM_RPC_ADDR)".into());
+        let registry = get("--registry");
+        if role == Role::Gateway && rpc_addr.is_none() && registry.is_none() {
+            return Err(
+                "the gateway role needs --rpc <addr,...> (or IM_RPC_ADDR) or --registry <etcd://...>"
+                    .into(),
+            );
         }
         Ok(Parsed::Run(Box::new(Config {
             role,
             http_addr: text("--http-addr"),
             rpc_listen: text("--rpc-listen"),
             rpc_addr,
+            registry,
+            rpc_advertise: get("--rpc-advertise"),
             redis_url: get("--redis"),
             rpc_timeout: Duration::from_millis(positive("--rpc-timeout-ms")?),
             rpc_connections: positive("--rpc-connections")? as usize,
@@ -241,5 +255,8 @@ mod tests {
         assert!(parse(&["--queue"], &[]).is_err());
         assert!(parse(&["both"], &[]).is_err());
         assert!(parse(&["gateway", "--rpc", "10.0.0.2:8888"], &[]).is_ok());
+        assert!(parse(&["gateway", "--registry", "etcd://h:2379/im/rpc"], &[]).is_ok());
+        let c = parse(&["gateway"], &[("IM_REGISTRY", "etcd://h/x")]).expect("env registry");
+        assert_eq!(c.registry.as_deref(), Some("etcd://h/x"));
     }
 }

@@ -94,8 +94,12 @@ pub trait Protocol: Send + 'static {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MuxError {
-    /// Not connected, or the connection broke before the reply arrived.
+    /// Not connected: the request was never written, so it is safe to send
+    /// it elsewhere.
     Unavailable,
+    /// The connection broke after the request was written: it may or may not
+    /// have been carried out.
+    Lost,
     /// The queue is full.
     Overloaded,
 }
@@ -221,7 +225,7 @@ async fn run<P: Protocol>(
                 };
                 let outcome = connection.serve(&mut protocol, &mut calls, &options).await;
                 for (_, reply) in connection.waiting.drain() {
-                    let _ = reply.send(Err(MuxError::Unavailable));
+                    let _ = reply.send(Err(MuxError::Lost));
                 }
                 match outcome {
                     Ok(()) => return, // every handle dropped

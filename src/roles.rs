@@ -9,18 +9,21 @@
 //! in-flight requests and closes; only then the RPC server does the same,
 //! so the gateway's last requests still find it.
 
-use std::net::TcpListener as StdListener;
+use std::net::{SocketAddr, TcpListener as StdListener};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, mpsc, watch};
 
 use crate::config::{Config, Role};
+use crate::discovery::{self, Registration, Sources, Target};
 use crate::gateway::Gateway;
 use crate::http::Limits;
 use crate::http::server::{ServerOptions, connection_slots};
 use crate::resp::url::RedisTarget;
-use crate::rpc::client::{RpcClient, RpcClientOptions};
+use crate::rpc::balanced::BalancedClient;
+use crate::rpc::client::RpcClientOptions;
 use crate::rpc::server::RpcServerOptions;
 use crate::store::AnyStore;
 use crate::store::memory::MemoryStore;
@@ -31,9 +34,11 @@ struct Plan {
     config: Config,
     /// The store, when this process runs the RPC server.
     store: Option<StoreChoice>,
-    /// When this process runs the gateway: the RPC server it calls, and the
-    /// connection limit.
-    gateway: Option<(String, Arc<Semaphore>)>,
+    /// When this process runs the gateway: the RPC servers it calls (kept
+    /// current by discovery), and the connection limit.
+    gateway: Option<(watch::Receiver<Vec<SocketAddr>>, Arc<Semaphore>)>,
+    /// Where this process's RPC server listens, when it runs one.
+    rpc_local: Option<SocketAddr>,
 }
 
 /// One shard's handles on the listening sockets. Each shard owns its own
@@ -77,6 +82,7 @@ pub fn run(config: Config) -> Result<(), String> {
         None => eprintln!("im-server: could not read the open-file limit"),
     }
     let (plan, listeners) = plan(config)?;
+    let registration = register(&plan)?;
     let plan = Arc::new(plan);
     let shards = match plan.config.threads {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -137,6 +143,11 @@ pub fn run(config: Config) -> Result<(), String> {
             Some(err) = failures.recv() => return Err(err),
         }
         eprintln!("im-server: shutting down: draining in-flight requests");
+        // Out of the registry first, so that gateways stop choosing this
+        // server (GOAWAY tells those already connected).
+        if let Some(registration) = registration {
+            registration.deregister();
+        }
         let _ = stop_gateway.send(true);
         // Every shard reports once its gateway has drained (or it has none).
         while gateway_drains.recv().await.is_some() {}
@@ -178,19 +189,37 @@ fn plan(config: Config) -> Result<(Plan, Listeners), String> {
     };
     let gateway = match config.role {
         Role::Gateway | Role::All => {
-            let target = match (&config.rpc_addr, &rpc) {
-                (Some(addr), _) => addr.clone(),
-                (None, Some((_, _, local))) => local.clone(),
-                (None, None) => return Err("the gateway needs --rpc <addr>".into()),
+            let targets = match (&config.rpc_addr, &rpc) {
+                (Some(list), _) => discovery::parse_targets(list)?,
+                (None, Some((_, _, local))) => vec![Target::Addr(*local)],
+                (None, None) => Vec::new(),
             };
-            eprintln!("im-server: gateway calls rpc server at {target}");
+            let registry = config
+                .registry
+                .as_deref()
+                .map(discovery::etcd::parse_registry)
+                .transpose()?;
+            if targets.is_empty() && registry.is_none() {
+                return Err("the gateway needs --rpc <addr,...> or --registry <etcd://...>".into());
+            }
+            eprintln!(
+                "im-server: gateway calls rpc servers at {}{}",
+                config.rpc_addr.as_deref().unwrap_or("this process"),
+                config
+                    .registry
+                    .as_deref()
+                    .map(|r| format!(" and those registered at {r}"))
+                    .unwrap_or_default()
+            );
+            let endpoints = discovery::start(Sources { targets, registry }, FIRST_ENDPOINTS_WAIT)?;
             let (listener, local) = bind(&config.http_addr, "http")?;
             eprintln!("im-server: http listening on {local}");
             let slots = connection_slots(&server_options(&config));
-            Some((listener, target, slots))
+            Some((listener, endpoints, slots))
         }
         Role::Rpc => None,
     };
+    let rpc_local = rpc.as_ref().map(|(_, _, local)| *local);
     let (rpc_listener, store) = match rpc {
         Some((listener, store, _)) => (Some(listener), Some(store)),
         None => (None, None),
@@ -203,6 +232,7 @@ fn plan(config: Config) -> Result<(Plan, Listeners), String> {
         config,
         store,
         gateway,
+        rpc_local,
     };
     let listeners = Listeners {
         rpc: rpc_listener,
@@ -211,7 +241,32 @@ fn plan(config: Config) -> Result<(Plan, Listeners), String> {
     Ok((plan, listeners))
 }
 
-fn bind(addr: &str, what: &str) -> Result<(StdListener, String), String> {
+/// How long a starting gateway waits for discovery (DNS, etcd) to name a
+/// first RPC server before it starts serving anyway.
+const FIRST_ENDPOINTS_WAIT: Duration = Duration::from_secs(2);
+
+/// Registers this process's RPC server in etcd, when it runs one and a
+/// registry is configured.
+fn register(plan: &Plan) -> Result<Option<Registration>, String> {
+    let (Some(url), Some(local)) = (&plan.config.registry, plan.rpc_local) else {
+        return Ok(None);
+    };
+    let registry = discovery::etcd::parse_registry(url)?;
+    let advertise = match &plan.config.rpc_advertise {
+        Some(addr) => addr
+            .parse::<SocketAddr>()
+            .map_err(|_| format!("--rpc-advertise {addr:?} is not ip:port"))?,
+        None if local.ip().is_unspecified() => {
+            return Err(format!(
+                "the rpc server listens on the wildcard {local}: give --rpc-advertise <ip:port> to register it"
+            ));
+        }
+        None => local,
+    };
+    Registration::start(registry, advertise).map(Some)
+}
+
+fn bind(addr: &str, what: &str) -> Result<(StdListener, SocketAddr), String> {
     let listener =
         StdListener::bind(addr).map_err(|e| format!("cannot listen for {what} on {addr}: {e}"))?;
     listener
@@ -220,7 +275,7 @@ fn bind(addr: &str, what: &str) -> Result<(StdListener, String), String> {
     let local = listener
         .local_addr()
         .map_err(|e| format!("cannot read the {what} address: {e}"))?;
-    Ok((listener, local.to_string()))
+    Ok((listener, local))
 }
 
 /// Registers this shard's descriptor of a shared listening socket. Every
@@ -282,7 +337,7 @@ async fn run_shard(
         }
         None => None,
     };
-    if let Some((target, slots)) = &plan.gateway {
+    if let Some((endpoints, slots)) = &plan.gateway {
         let rpc_options = RpcClientOptions {
             connections: config.rpc_connections,
             timeout: config.rpc_timeout,
@@ -290,7 +345,10 @@ async fn run_shard(
             max_in_flight: config.max_in_flight,
             max_frame: config.max_frame,
         };
-        let gateway = Arc::new(Gateway::new(RpcClient::new(target.clone(), &rpc_options)));
+        let gateway = Arc::new(Gateway::new(BalancedClient::new(
+            endpoints.clone(),
+            rpc_options,
+        )));
         crate::http::serve(
             shard_listener(listeners.http)?,
             gateway,

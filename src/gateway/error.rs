@@ -124,7 +124,7 @@ impl ApiError {
 impl From<RpcError> for ApiError {
     fn from(err: RpcError) -> Self {
         match err {
-            RpcError::Unavailable => ApiError::Unavailable,
+            RpcError::Unavailable | RpcError::Lost => ApiError::Unavailable,
             RpcError::Overloaded => ApiError::Overloaded,
             RpcError::Timeout => ApiError::Timeout,
         }

@@ -7,26 +7,27 @@ pub mod pull_wire;
 
 use crate::http::{Handler, HttpError, Method, Request, Response};
 use crate::proto::SendResponse;
-use crate::rpc::client::{RpcCall, RpcClient, RpcRequest};
+use crate::rpc::balanced::{BalancedCall, BalancedClient};
+use crate::rpc::client::RpcRequest;
 use crate::rpc::frame::Frame;
 use crate::rpc::status;
 use error::ApiError;
 
 pub struct Gateway {
-    rpc: RpcClient,
+    rpc: BalancedClient,
 }
 
 /// A started request.
 pub enum PendingReply {
     Ready(Response),
-    Send(RpcCall),
-    Pull(RpcCall),
+    Send(BalancedCall),
+    Pull(BalancedCall),
 }
 
 const PONG: &[u8] = br#"{"message":"pong"}"#;
 
 impl Gateway {
-    pub fn new(rpc: RpcClient) -> Gateway {
+    pub fn new(rpc: BalancedClient) -> Gateway {
         Gateway { rpc }
     }
 
@@ -54,7 +55,7 @@ impl Gateway {
         }
     }
 
-    async fn finish_send(&self, call: RpcCall) -> Result<Response, ApiError> {
+    async fn finish_send(&self, call: BalancedCall) -> Result<Response, ApiError> {
         let resp: SendResponse = decode_reply(self.rpc.finish(call).await?)?;
         if resp.code != 0 {
             return Err(ApiError::from_code(resp.code, resp.msg));
@@ -62,7 +63,7 @@ impl Gateway {
         Ok(Response::json(200, json::send_body(resp.send_time)))
     }
 
-    async fn finish_pull(&self, call: RpcCall) -> Result<Response, ApiError> {
+    async fn finish_pull(&self, call: BalancedCall) -> Result<Response, ApiError> {
         let frame = self.rpc.finish(call).await?;
         check_status(&frame)?;
         match pull_wire::pull_json(&frame.body) {

@@ -3,25 +3,30 @@
 
 use std::io;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::net::TcpStream;
 
 use super::frame::{self, Frame};
-use super::method;
+use super::{method, status};
 use crate::mux::{MuxError, MuxOptions, Pending, Pool, Protocol, Stream};
-use crate::proto::{PullRequest, SendRequest};
+use crate::proto::{PingRequest, PullRequest, SendRequest};
 
+#[derive(Clone)]
 pub enum RpcRequest {
     Send(SendRequest),
     Pull(PullRequest),
+    Ping,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RpcError {
-    /// The RPC server is unreachable or the connection broke.
+    /// The RPC server is unreachable: the call was not written.
     Unavailable,
+    /// The connection broke after the call was written: outcome unknown.
+    Lost,
     /// Too many calls are queued.
     Overloaded,
     /// No reply within the call timeout.
@@ -32,6 +37,8 @@ struct RpcProtocol {
     addr: String,
     next_id: u64,
     max_frame: usize,
+    /// Set when the server sent GOAWAY on the current connection.
+    going_away: Arc<AtomicBool>,
 }
 
 impl Protocol for RpcProtocol {
@@ -41,6 +48,8 @@ impl Protocol for RpcProtocol {
     async fn connect(&mut self) -> io::Result<Stream> {
         let socket = TcpStream::connect(&self.addr).await?;
         socket.set_nodelay(true)?;
+        // A new connection: whoever answers has not said GOAWAY on it.
+        self.going_away.store(false, Ordering::Relaxed);
         Ok(Stream::Tcp(socket))
     }
 
@@ -49,12 +58,21 @@ impl Protocol for RpcProtocol {
         match &request {
             RpcRequest::Send(req) => frame::encode(out, self.next_id, method::SEND, req),
             RpcRequest::Pull(req) => frame::encode(out, self.next_id, method::PULL, req),
+            RpcRequest::Ping => frame::encode(out, self.next_id, method::PING, &PingRequest {}),
         }
         self.next_id
     }
 
     fn decode(&mut self, input: &mut BytesMut) -> io::Result<Option<(u64, Frame)>> {
-        Ok(frame::decode(input, self.max_frame)?.map(|f| (f.id, f)))
+        let frame = frame::decode(input, self.max_frame)?;
+        if let Some(f) = &frame
+            && f.id == 0
+            && f.kind == status::GOAWAY
+        {
+            // Id 0 is never a call's: the mux drops it as unmatched.
+            self.going_away.store(true, Ordering::Relaxed);
+        }
+        Ok(frame.map(|f| (f.id, f)))
     }
 }
 
@@ -71,10 +89,23 @@ pub struct RpcClientOptions {
 pub struct RpcClient {
     pool: Arc<Pool<RpcProtocol>>,
     timeout: Duration,
+    going_away: Arc<AtomicBool>,
 }
 
 /// A call in flight.
 pub struct RpcCall(Pending<Frame>);
+
+impl RpcCall {
+    /// Waits for the reply with no time limit (the caller applies one).
+    pub async fn wait(self) -> Result<Frame, RpcError> {
+        match self.0.wait().await {
+            Ok(frame) => Ok(frame),
+            Err(MuxError::Overloaded) => Err(RpcError::Overloaded),
+            Err(MuxError::Unavailable) => Err(RpcError::Unavailable),
+            Err(MuxError::Lost) => Err(RpcError::Lost),
+        }
+    }
+}
 
 impl RpcClient {
     /// Starts the pool; connections are (re)established in the background.
@@ -86,19 +117,27 @@ impl RpcClient {
             max_in_flight: options.max_in_flight,
         };
         let max_frame = options.max_frame;
+        let going_away = Arc::new(AtomicBool::new(false));
         let pool = Pool::spawn(
             options.connections,
             || RpcProtocol {
                 addr: addr.clone(),
                 next_id: 0,
                 max_frame,
+                going_away: going_away.clone(),
             },
             mux,
         );
         RpcClient {
             pool,
             timeout: options.timeout,
+            going_away,
         }
+    }
+
+    /// Whether the server said GOAWAY on its current connection.
+    pub fn going_away(&self) -> bool {
+        self.going_away.load(Ordering::Relaxed)
     }
 
     /// Sends the request without waiting for its reply.
@@ -107,6 +146,7 @@ impl RpcClient {
             Ok(pending) => Ok(RpcCall(pending)),
             Err(MuxError::Overloaded) => Err(RpcError::Overloaded),
             Err(MuxError::Unavailable) => Err(RpcError::Unavailable),
+            Err(MuxError::Lost) => Err(RpcError::Lost),
         }
     }
 
@@ -116,6 +156,7 @@ impl RpcClient {
             Ok(Ok(frame)) => Ok(frame),
             Ok(Err(MuxError::Overloaded)) => Err(RpcError::Overloaded),
             Ok(Err(MuxError::Unavailable)) => Err(RpcError::Unavailable),
+            Ok(Err(MuxError::Lost)) => Err(RpcError::Lost),
             Err(_elapsed) => Err(RpcError::Timeout),
         }
     }

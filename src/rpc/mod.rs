@@ -2,6 +2,7 @@
 //! multiplexed client pool the gateway uses ([`client`]), and the server that
 //! validates and stores ([`server`]).
 
+pub mod balanced;
 pub mod client;
 pub mod frame;
 pub mod server;
@@ -10,6 +11,7 @@ pub mod server;
 pub mod method {
     pub const SEND: u8 = 1;
     pub const PULL: u8 = 2;
+    pub const PING: u8 = 3;
 }
 
 /// Status bytes carried in reply frames.
@@ -19,4 +21,8 @@ pub mod status {
     /// The frame could not be served (unknown method, undecodable body); the
     /// body is a UTF-8 explanation.
     pub const BAD_FRAME: u8 = 1;
+    /// Not a reply (id 0): the server is shutting down. It takes no new
+    /// calls after the connection has been quiet for a moment, finishes
+    /// those in flight and closes; the client must send new calls elsewhere.
+    pub const GOAWAY: u8 = 0xff;
 }

@@ -2,6 +2,7 @@
 //! writes replies as they complete (in any order), batched per connection.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -14,7 +15,7 @@ use super::frame::{self, Frame};
 use super::{method, status};
 use crate::accept::next_connection;
 use crate::domain::{Code, canonical_chat, validate_pull, validate_send};
-use crate::proto::{Message, PullRequest, PullResponse, SendRequest, SendResponse};
+use crate::proto::{Message, PingResponse, PullRequest, PullResponse, SendRequest, SendResponse};
 use crate::store::{AnyStore, Store, StoreError};
 use crate::unwind::catch_panic;
 
@@ -58,12 +59,22 @@ pub async fn serve(
     }
 }
 
+/// Send and Pull calls served by this process, reported in Ping replies.
+static SERVED: AtomicU64 = AtomicU64::new(0);
+
+/// After GOAWAY, a connection closes once it has been this long without a
+/// new frame and with nothing in flight. Calls the client started before it
+/// read the GOAWAY arrive within this and are served, not dropped.
+const GOAWAY_QUIET: Duration = Duration::from_millis(100);
+
 enum Reply {
     Send(SendResponse),
     Pull(PullResponse),
     /// An OK PullResponse, encoded by the store.
     PullPage(Vec<u8>),
+    Pong,
     BadFrame(String),
+    GoAway,
 }
 
 async fn connection(
@@ -92,6 +103,7 @@ async fn connection(
 
     let permits = Arc::new(Semaphore::new(options.max_in_flight.max(1)));
     let mut input = BytesMut::with_capacity(64 * 1024);
+    let mut going_away = false;
     let result = loop {
         let frame = match frame::decode(&mut input, options.max_frame) {
             Ok(Some(frame)) => frame,
@@ -99,8 +111,23 @@ async fn connection(
                 crate::buf::reserve_for_read(&mut input, 4096, 64 * 1024);
                 let read = tokio::select! {
                     read = reader.read_buf(&mut input) => read,
-                    // Stop taking requests; those in flight still complete.
-                    _ = shutdown.wait_for(|&stop| stop) => break Ok(()),
+                    // Tell the client to send new calls elsewhere; keep
+                    // serving what it sent before it read that.
+                    // (The guard `wait_for` returns must not live across the
+                    // await below: it is not Send.)
+                    _ = async { drop(shutdown.wait_for(|&stop| stop).await) }, if !going_away => {
+                        going_away = true;
+                        if replies.send((0, Reply::GoAway)).await.is_err() {
+                            break Ok(());
+                        }
+                        continue;
+                    }
+                    _ = tokio::time::sleep(GOAWAY_QUIET), if going_away => {
+                        if permits.available_permits() == options.max_in_flight.max(1) {
+                            break Ok(());
+                        }
+                        continue;
+                    }
                 };
                 match read {
                     Ok(0) => break Ok(()),
@@ -147,7 +174,12 @@ fn encode_reply(output: &mut BytesMut, (id, reply): (u64, Reply)) {
         Reply::Send(resp) => frame::encode(output, id, status::OK, &resp),
         Reply::Pull(resp) => frame::encode(output, id, status::OK, &resp),
         Reply::PullPage(wire) => frame::encode_raw(output, id, status::OK, &wire),
+        Reply::Pong => {
+            let served = SERVED.load(Ordering::Relaxed);
+            frame::encode(output, id, status::OK, &PingResponse { served });
+        }
         Reply::BadFrame(why) => frame::encode_raw(output, id, status::BAD_FRAME, why.as_bytes()),
+        Reply::GoAway => frame::encode_raw(output, 0, status::GOAWAY, b""),
     }
 }
 
@@ -166,12 +198,17 @@ fn overloaded(method: u8) -> Reply {
             msg,
             ..PullResponse::default()
         }),
+        method::PING => Reply::Pong,
         other => Reply::BadFrame(format!("unknown method {other}")),
     }
 }
 
 async fn handle(store: &AnyStore, frame: Frame) -> Reply {
+    if frame.kind != method::PING {
+        SERVED.fetch_add(1, Ordering::Relaxed);
+    }
     match frame.kind {
+        method::PING => Reply::Pong,
         method::SEND => match SendRequest::decode(frame.body) {
             Ok(req) => Reply::Send(send(store, req).await),
             Err(err) => Reply::BadFrame(format!("undecodable SendRequest: {err}")),

@@ -240,7 +240,7 @@ fn read_stored(mut member: &[u8]) -> Result<StoredView<'_>, Malformed> {
 
 fn from_mux(err: MuxError) -> StoreError {
     match err {
-        MuxError::Unavailable => StoreError::Unavailable,
+        MuxError::Unavailable | MuxError::Lost => StoreError::Unavailable,
         MuxError::Overloaded => StoreError::Overloaded,
     }
 }

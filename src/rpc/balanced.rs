@@ -1,0 +1,262 @@
+//! The gateway's RPC client over many RPC servers: one [`RpcClient`] (its own
+//! multiplexed connections) per endpoint, an endpoint chosen per call by
+//! [`crate::balance`], health pings, GOAWAY, and retries where they are safe:
+//!
+//! * a call that was never written (connection down, queue full) goes to
+//!   another endpoint, send or pull;
+//! * a pull whose connection broke after it was written is retried once
+//!   elsewhere (reading twice is harmless);
+//! * a send whose outcome is unknown is not retried: it may have been
+//!   stored, and storing it twice would duplicate the message (503).
+//!
+//! One per gateway shard, like the connections it owns; the balancer's lock
+//! is only ever taken by that shard's thread, so it is uncontended.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+use super::client::{RpcCall, RpcClient, RpcClientOptions, RpcError, RpcRequest};
+use super::frame::Frame;
+use crate::balance::{Balancer, EndpointId, Policy};
+
+/// How often idle and recovering endpoints are pinged.
+const PING_EVERY: Duration = Duration::from_millis(100);
+/// A ping not answered within this counts as a failure.
+const PING_TIMEOUT: Duration = Duration::from_millis(500);
+/// Endpoints tried for one call, at most.
+const MAX_ATTEMPTS: usize = 3;
+
+type Endpoints = Balancer<SocketAddr, Arc<RpcClient>>;
+
+struct Shared {
+    balancer: Mutex<Endpoints>,
+    options: RpcClientOptions,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Endpoints> {
+        // A panic while holding it leaves plain counters behind: still usable.
+        self.balancer.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[derive(Clone)]
+pub struct BalancedClient {
+    shared: Arc<Shared>,
+}
+
+/// One endpoint's share of a call; reports the outcome to the balancer when
+/// dropped, so a call abandoned by its HTTP connection is still counted out.
+struct Ticket {
+    shared: Arc<Shared>,
+    id: EndpointId,
+    /// See [`Balancer::finished`].
+    outcome: Option<bool>,
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.shared
+            .lock()
+            .finished(self.id, self.outcome, Instant::now());
+    }
+}
+
+/// A call in flight.
+pub struct BalancedCall {
+    call: RpcCall,
+    ticket: Ticket,
+    /// Endpoints already tried.
+    tried: Vec<EndpointId>,
+    /// A copy to send elsewhere, when there is an elsewhere.
+    spare: Option<RpcRequest>,
+    deadline: Instant,
+    lost_retried: bool,
+}
+
+fn policy() -> Policy {
+    Policy {
+        // Capped low so a restarted server is probed (and used) again within
+        // a second of coming back, however long it was gone.
+        max_backoff: Duration::from_millis(500),
+        ..Policy::default()
+    }
+}
+
+impl BalancedClient {
+    /// Follows `endpoints` for the life of the shard, and pings.
+    pub fn new(
+        mut endpoints: watch::Receiver<Vec<SocketAddr>>,
+        options: RpcClientOptions,
+    ) -> BalancedClient {
+        let seed = crate::now_micros() as u64 ^ (std::process::id() as u64).rotate_left(32);
+        let shared = Arc::new(Shared {
+            balancer: Mutex::new(Balancer::new(policy(), seed)),
+            options,
+        });
+        let client = BalancedClient { shared };
+        client.set_endpoints(&endpoints.borrow_and_update());
+        let follower = client.clone();
+        tokio::spawn(async move {
+            while endpoints.changed().await.is_ok() {
+                let list = endpoints.borrow_and_update().clone();
+                follower.set_endpoints(&list);
+            }
+        });
+        let pinger = client.clone();
+        tokio::spawn(async move { pinger.ping_loop().await });
+        client
+    }
+
+    fn set_endpoints(&self, list: &[SocketAddr]) {
+        let options = &self.shared.options;
+        self.shared.lock().set_endpoints(list, |addr| {
+            Arc::new(RpcClient::new(addr.to_string(), options))
+        });
+    }
+
+    /// Starts `request` on the best endpoint, or another if that one refuses.
+    pub fn start(&self, request: RpcRequest) -> Result<BalancedCall, RpcError> {
+        let deadline = Instant::now() + self.shared.options.timeout;
+        let spare = (self.shared.lock().len() > 1).then(|| request.clone());
+        self.attempt(request, spare, Vec::new(), deadline)
+    }
+
+    fn attempt(
+        &self,
+        mut request: RpcRequest,
+        spare: Option<RpcRequest>,
+        mut tried: Vec<EndpointId>,
+        deadline: Instant,
+    ) -> Result<BalancedCall, RpcError> {
+        let mut last = RpcError::Unavailable;
+        while tried.len() < MAX_ATTEMPTS {
+            let (id, client) = {
+                let mut balancer = self.shared.lock();
+                let now = Instant::now();
+                balancer.refresh(now, |client| client.going_away());
+                match balancer.pick(now, &tried) {
+                    Some((id, client)) => (id, client.clone()),
+                    None => return Err(RpcError::Unavailable),
+                }
+            };
+            if tried.contains(&id) {
+                // Every endpoint has been tried.
+                self.shared.lock().finished(id, None, Instant::now());
+                return Err(last);
+            }
+            let mut ticket = Ticket {
+                shared: self.shared.clone(),
+                id,
+                outcome: None,
+            };
+            tried.push(id);
+            match client.start(request) {
+                Ok(call) => {
+                    return Ok(BalancedCall {
+                        call,
+                        ticket,
+                        tried,
+                        spare,
+                        deadline,
+                        lost_retried: false,
+                    });
+                }
+                Err(err) => {
+                    ticket.outcome = (err != RpcError::Overloaded).then_some(false);
+                    last = err;
+                    match &spare {
+                        Some(copy) => request = copy.clone(),
+                        None => return Err(err),
+                    }
+                }
+            }
+        }
+        Err(last)
+    }
+
+    /// Waits for the reply, retrying elsewhere where that is safe, all
+    /// within the one call timeout.
+    pub async fn finish(&self, mut call: BalancedCall) -> Result<Frame, RpcError> {
+        loop {
+            let left = call.deadline.saturating_duration_since(Instant::now());
+            let result = match tokio::time::timeout(left, call.call.wait()).await {
+                Ok(result) => result,
+                Err(_elapsed) => Err(RpcError::Timeout),
+            };
+            let retry = match result {
+                Ok(frame) => {
+                    call.ticket.outcome = Some(true);
+                    return Ok(frame);
+                }
+                Err(err) => {
+                    call.ticket.outcome = (err != RpcError::Overloaded).then_some(false);
+                    let safe = match err {
+                        RpcError::Unavailable | RpcError::Overloaded => true,
+                        RpcError::Lost => {
+                            let pull = matches!(call.spare, Some(RpcRequest::Pull(_)));
+                            pull && !std::mem::replace(&mut call.lost_retried, true)
+                        }
+                        RpcError::Timeout => false,
+                    };
+                    match (&call.spare, safe) {
+                        (Some(copy), true) => copy.clone(),
+                        _ => return Err(err),
+                    }
+                }
+            };
+            let BalancedCall {
+                ticket,
+                tried,
+                spare,
+                deadline,
+                lost_retried,
+                ..
+            } = call;
+            drop(ticket);
+            call = self.attempt(retry, spare, tried, deadline)?;
+            call.lost_retried = lost_retried;
+        }
+    }
+
+    /// Pings idle and recovering endpoints, forever.
+    async fn ping_loop(self) {
+        let mut tick = tokio::time::interval(PING_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let targets: Vec<(EndpointId, Arc<RpcClient>)> = {
+                let mut balancer = self.shared.lock();
+                let now = Instant::now();
+                balancer.refresh(now, |client| client.going_away());
+                balancer
+                    .to_ping(now)
+                    .into_iter()
+                    .filter(|(_, client)| !client.going_away())
+                    .map(|(id, client)| (id, client.clone()))
+                    .collect()
+            };
+            for (id, client) in targets {
+                let shared = self.shared.clone();
+                tokio::spawn(async move {
+                    let answered = match client.start(RpcRequest::Ping) {
+                        Ok(call) => matches!(
+                            tokio::time::timeout(PING_TIMEOUT, call.wait()).await,
+                            Ok(Ok(_))
+                        ),
+                        Err(_) => false,
+                    };
+                    let mut balancer = shared.lock();
+                    if answered {
+                        balancer.succeeded(id);
+                    } else {
+                        balancer.failed(id, Instant::now());
+                    }
+                });
+            }
+        }
+    }
+}

@@ -96,3 +96,461 @@ fn etcd_client_fails_cleanly_when_etcd_is_down() {
     assert!(result.is_err());
     assert!(start.elapsed() < Duration::from_secs(5));
 }
+
+// ---------------------------------------------------------------------------
+// many RPC servers behind one gateway
+// ---------------------------------------------------------------------------
+
+use std::collections::HashSet;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+
+use serde_json::Value;
+
+/// Send and Pull calls an RPC server has served, from its Ping reply (a
+/// frame written by hand: length, id, method 3, empty body).
+fn served(rpc: SocketAddr) -> Option<u64> {
+    let mut socket = TcpStream::connect_timeout(&rpc, Duration::from_secs(1)).ok()?;
+    socket.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    let mut frame = Vec::new();
+    frame.extend_from_slice(&9u32.to_be_bytes());
+    frame.extend_from_slice(&1u64.to_be_bytes());
+    frame.push(3);
+    socket.write_all(&frame).ok()?;
+    let mut len = [0u8; 4];
+    socket.read_exact(&mut len).ok()?;
+    let mut rest = vec![0u8; u32::from_be_bytes(len) as usize];
+    socket.read_exact(&mut rest).ok()?;
+    if rest.len() < 9 || rest[8] != 0 {
+        return None;
+    }
+    let reply = <im_server::proto::PingResponse as prost::Message>::decode(&rest[9..]).ok()?;
+    Some(reply.served)
+}
+
+fn served_now(rpc: SocketAddr) -> u64 {
+    served(rpc).unwrap_or_else(|| panic!("rpc server {rpc} does not answer Ping"))
+}
+
+/// An RPC server on a fixed port (so that it can be restarted on it).
+fn rpc_on(port: u16, store: &[&str]) -> Server {
+    let listen = format!("127.0.0.1:{port}");
+    let mut args = vec!["--rpc-listen", listen.as_str()];
+    args.extend_from_slice(store);
+    Server::rpc(&args)
+}
+
+fn list(addrs: &[SocketAddr]) -> String {
+    addrs
+        .iter()
+        .map(SocketAddr::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Three RPC servers on one Redis and a gateway over all three.
+struct Cluster {
+    gateway: Server,
+    rpcs: Vec<Server>,
+    ports: Vec<u16>,
+    redis: Redis,
+}
+
+impl Cluster {
+    fn start() -> Cluster {
+        let redis = Redis::start();
+        let url = redis.url();
+        let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let rpcs: Vec<Server> = ports
+            .iter()
+            .map(|&p| rpc_on(p, &["--redis", &url]))
+            .collect();
+        let addrs: Vec<SocketAddr> = rpcs.iter().map(Server::rpc_addr).collect();
+        let gateway = Server::start("gateway", &["--rpc", &list(&addrs)], &[]);
+        Cluster {
+            gateway,
+            rpcs,
+            ports,
+            redis,
+        }
+    }
+
+    fn restart(&mut self, i: usize) {
+        let url = self.redis.url();
+        self.rpcs[i] = rpc_on(self.ports[i], &["--redis", &url]);
+    }
+}
+
+/// What a load run saw.
+#[derive(Default)]
+struct Tally {
+    ok: u64,
+    /// Non-2xx responses and I/O errors, described.
+    failures: Vec<String>,
+    /// send_time of every send answered 200, per chat.
+    acked: Vec<(String, i64)>,
+}
+
+/// `threads` clients doing send + pull in a loop until `stop`.
+fn load(
+    addr: SocketAddr,
+    threads: usize,
+    tag: &str,
+    stop: Arc<AtomicBool>,
+) -> (Arc<Mutex<Tally>>, Vec<thread::JoinHandle<()>>) {
+    let tally = Arc::new(Mutex::new(Tally::default()));
+    let handles = (0..threads)
+        .map(|t| {
+            let (tally, stop) = (tally.clone(), stop.clone());
+            let chat = format!("{tag}-{t}");
+            thread::spawn(move || {
+                let mut conn = HttpConn::connect(addr);
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    n += 1;
+                    let sent = conn.try_request(
+                        "POST",
+                        "/api/send",
+                        JSON_CT,
+                        serde_json::json!({"chat": chat, "sender": "s", "text": format!("m{n}")})
+                            .to_string()
+                            .as_bytes(),
+                    );
+                    let pulled = conn.try_request(
+                        "GET",
+                        &format!("/api/pull?chat={chat}&limit=5"),
+                        &[],
+                        b"",
+                    );
+                    let mut tally = tally.lock().expect("tally");
+                    for (what, r) in [("send", &sent), ("pull", &pulled)] {
+                        match r {
+                            Ok(r) if r.status == 200 => tally.ok += 1,
+                            Ok(r) => tally.failures.push(format!("{what}: {}", r.describe())),
+                            Err(e) => tally.failures.push(format!("{what}: {e}")),
+                        }
+                    }
+                    if let Ok(r) = &sent
+                        && r.status == 200
+                    {
+                        tally.acked.push((chat.clone(), send_time_of(r, "send")));
+                    }
+                    if sent.is_err() || pulled.is_err() {
+                        drop(tally);
+                        conn = HttpConn::connect(addr);
+                    }
+                }
+            })
+        })
+        .collect();
+    (tally, handles)
+}
+
+fn stop_load(stop: &AtomicBool, handles: Vec<thread::JoinHandle<()>>) {
+    stop.store(true, Ordering::Relaxed);
+    for h in handles {
+        h.join().expect("load thread");
+    }
+}
+
+/// Waits until `rpc` has served more calls than `before` (under load).
+fn gets_traffic_within(rpc: SocketAddr, before: u64, within: Duration, what: &str) -> Duration {
+    let start = Instant::now();
+    loop {
+        if served(rpc).unwrap_or(0) > before {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < within,
+            "{what}: {rpc} got no traffic within {within:?}"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Every acknowledged send is stored (read back through the gateway).
+fn assert_acked_stored(addr: SocketAddr, acked: &[(String, i64)]) {
+    let chats: HashSet<&String> = acked.iter().map(|(c, _)| c).collect();
+    for chat in chats {
+        let stored: HashSet<i64> = walk(&mut HttpConn::connect(addr), chat, 100, true, Form::Json)
+            .iter()
+            .map(|m| m.send_time)
+            .collect();
+        for (c, t) in acked {
+            assert!(
+                c != chat || stored.contains(t),
+                "send {t} to {chat} got 200 but is not stored"
+            );
+        }
+    }
+}
+
+#[test]
+fn smoke_through_three_rpc_servers() {
+    let cluster = Cluster::start();
+    let addr = cluster.gateway.http_addr();
+    let mut times = Vec::new();
+    for i in 0..60 {
+        times.push(send_ok(addr, "smoke", "a", &format!("m{i}")));
+    }
+    let walked = walk(&mut HttpConn::connect(addr), "smoke", 7, true, Form::Query);
+    assert_eq!(
+        walked.iter().map(|m| m.send_time).collect::<Vec<_>>(),
+        times
+    );
+    // All three took part.
+    for rpc in &cluster.rpcs {
+        assert!(served_now(rpc.rpc_addr()) > 0, "{} idle", rpc.rpc_addr());
+    }
+}
+
+#[test]
+fn calls_spread_evenly_over_three_equal_servers() {
+    let rpcs: Vec<Server> = (0..3).map(|_| Server::rpc(&[])).collect();
+    let addrs: Vec<SocketAddr> = rpcs.iter().map(Server::rpc_addr).collect();
+    let gateway = Server::start("gateway", &["--rpc", &list(&addrs)], &[]);
+    let addr = gateway.http_addr();
+    const THREADS: usize = 6;
+    const EACH: usize = 500;
+    let handles: Vec<_> = (0..THREADS)
+        .map(|t| {
+            thread::spawn(move || {
+                let mut conn = HttpConn::connect(addr);
+                for i in 0..EACH {
+                    conn.send_ok(&format!("spread-{t}"), "s", &format!("{i}"));
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().expect("sender");
+    }
+    let counts: Vec<u64> = addrs.iter().map(|&a| served_now(a)).collect();
+    let total = (THREADS * EACH) as u64;
+    assert_eq!(counts.iter().sum::<u64>(), total, "{counts:?}");
+    let share = total / 3;
+    for c in &counts {
+        assert!(
+            c * 10 >= share * 9 && c * 10 <= share * 11,
+            "not a third each ±10 %: {counts:?}"
+        );
+    }
+    eprintln!("spread of {total} sends over 3 servers: {counts:?}");
+}
+
+#[test]
+fn rolling_restart_under_load_fails_nothing() {
+    let mut cluster = Cluster::start();
+    let addr = cluster.gateway.http_addr();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (tally, handles) = load(addr, 6, "rolling", stop.clone());
+    thread::sleep(Duration::from_millis(500));
+    for i in 0..3 {
+        cluster.rpcs[i].signal("TERM");
+        let status = cluster.rpcs[i]
+            .wait_exit(Duration::from_secs(15))
+            .expect("rpc server exits after SIGTERM");
+        assert!(status.success(), "rpc server {i} exited {status}");
+        cluster.restart(i);
+        let took = gets_traffic_within(
+            cluster.rpcs[i].rpc_addr(),
+            0,
+            Duration::from_secs(1),
+            "restarted",
+        );
+        eprintln!("rpc server {i} restarted: traffic after {took:?}");
+        thread::sleep(Duration::from_millis(300));
+    }
+    stop_load(&stop, handles);
+    let tally = tally.lock().expect("tally");
+    assert!(
+        tally.failures.is_empty(),
+        "{} of {} requests failed during the rolling restart: {:?}",
+        tally.failures.len(),
+        tally.ok + tally.failures.len() as u64,
+        &tally.failures[..tally.failures.len().min(10)]
+    );
+    assert!(tally.ok > 100, "too little load: {}", tally.ok);
+    assert_acked_stored(addr, &tally.acked);
+    eprintln!("rolling restart: {} requests, 0 failed", tally.ok);
+}
+
+#[test]
+fn sigkill_one_of_three_fails_only_calls_in_flight_to_it() {
+    const THREADS: usize = 6;
+    let mut cluster = Cluster::start();
+    let addr = cluster.gateway.http_addr();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (tally, handles) = load(addr, THREADS, "kill", stop.clone());
+    thread::sleep(Duration::from_millis(500));
+    cluster.rpcs[1].kill();
+    thread::sleep(Duration::from_secs(2));
+    let failed_at_kill = tally.lock().expect("tally").failures.len();
+    // Each client has at most one request in flight: at most that many fail.
+    assert!(
+        failed_at_kill <= THREADS,
+        "{failed_at_kill} failures after one SIGKILL: {:?}",
+        tally.lock().expect("tally").failures
+    );
+    // Ejected (or at least not failing calls): the next seconds are clean.
+    thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        tally.lock().expect("tally").failures.len(),
+        failed_at_kill,
+        "failures continued after the kill"
+    );
+    cluster.restart(1);
+    let took = gets_traffic_within(
+        cluster.rpcs[1].rpc_addr(),
+        0,
+        Duration::from_secs(1),
+        "after SIGKILL and restart",
+    );
+    thread::sleep(Duration::from_millis(300));
+    stop_load(&stop, handles);
+    let tally = tally.lock().expect("tally");
+    assert_eq!(tally.failures.len(), failed_at_kill, "{:?}", tally.failures);
+    for f in &tally.failures {
+        assert!(f.starts_with("send: ") && f.contains("503"), "only un-keyed sends may fail: {f}");
+    }
+    assert_acked_stored(addr, &tally.acked);
+    eprintln!(
+        "SIGKILL one of 3: {} ok, {} failed (in flight at the kill); back in {took:?}",
+        tally.ok, failed_at_kill
+    );
+}
+
+#[test]
+fn etcd_registry_adds_and_drops_servers_live() {
+    let mut etcd = Etcd::start();
+    let registry = etcd.registry("/im/rpc");
+    let redis = Redis::start();
+    let url = redis.url();
+    let first = Server::rpc(&["--redis", &url, "--registry", &registry]);
+    let gateway = Server::start("gateway", &["--registry", &registry], &[]);
+    let addr = gateway.http_addr();
+    send_ok(addr, "etcd", "a", "through the registry");
+    assert!(served_now(first.rpc_addr()) > 0);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (tally, handles) = load(addr, 4, "etcd", stop.clone());
+    // A second server registers: traffic within a second.
+    let mut second = Server::rpc(&["--redis", &url, "--registry", &registry]);
+    let took = gets_traffic_within(
+        second.rpc_addr(),
+        0,
+        Duration::from_secs(1),
+        "newly registered",
+    );
+    eprintln!("registered server got traffic after {took:?}");
+    // SIGKILLed: dropped (ejected at once, its key gone with the lease).
+    second.kill();
+    thread::sleep(Duration::from_millis(1500));
+    let failed = tally.lock().expect("tally").failures.len();
+    assert!(failed <= 4, "{:?}", tally.lock().expect("tally").failures);
+    // etcd SIGKILLed: traffic unaffected.
+    etcd.kill();
+    let before = tally.lock().expect("tally").ok;
+    thread::sleep(Duration::from_secs(1));
+    let tally_now = tally.lock().expect("tally");
+    assert!(tally_now.ok > before, "no traffic while etcd is down");
+    assert_eq!(tally_now.failures.len(), failed, "{:?}", tally_now.failures);
+    drop(tally_now);
+    // etcd back: the first server's registration is there again.
+    etcd.restart();
+    let key = format!("/im/rpc/{}", first.rpc_addr());
+    wait_until(Duration::from_secs(15), "registration back in etcd", || {
+        let body = serde_json::json!({
+            "key": b64(key.as_bytes()),
+        });
+        let r = try_request(etcd.addr(), "POST", "/v3/kv/range", JSON_CT, body.to_string().as_bytes()).ok()?;
+        r.json().get("kvs").map(|_| ())
+    });
+    stop_load(&stop, handles);
+    let tally = tally.lock().expect("tally");
+    assert_eq!(tally.failures.len(), failed, "{:?}", tally.failures);
+}
+
+fn b64(raw: &[u8]) -> String {
+    im_server::discovery::etcd::base64::encode(raw)
+}
+
+/// SIGTERM deregisters at once (the key is gone before the process exits).
+#[test]
+fn sigterm_deregisters_from_etcd() {
+    let etcd = Etcd::start();
+    let registry = etcd.registry("/im/rpc");
+    let mut rpc = Server::rpc(&["--registry", &registry]);
+    let range = |etcd: &Etcd| -> Option<Value> {
+        let body = serde_json::json!({
+            "key": b64(b"/im/rpc/"),
+            "range_end": b64(b"/im/rpc0"),
+        });
+        let r = try_request(etcd.addr(), "POST", "/v3/kv/range", JSON_CT, body.to_string().as_bytes()).ok()?;
+        Some(r.json())
+    };
+    wait_until(Duration::from_secs(5), "registration", || {
+        range(&etcd)?.get("kvs").map(|_| ())
+    });
+    rpc.signal("TERM");
+    let status = rpc.wait_exit(Duration::from_secs(15)).expect("exits");
+    assert!(status.success());
+    let after = range(&etcd).expect("etcd answers");
+    assert!(after.get("kvs").is_none(), "still registered: {after}");
+    assert!(rpc.stderr().contains("deregistered"), "{}", rpc.stderr());
+}
+
+/// A host name with several addresses (an /etc/hosts entry made here) is
+/// several endpoints.
+#[test]
+fn host_name_with_several_addresses_is_several_endpoints() {
+    let name = format!("im-test-rpc-{}", std::process::id());
+    let Some(_hosts) = HostsEntry::add(&name, &["127.0.0.2", "127.0.0.3"]) else {
+        eprintln!("skipped: /etc/hosts is not writable here");
+        return;
+    };
+    let port = free_port();
+    let a = Server::rpc(&["--rpc-listen", &format!("127.0.0.2:{port}")]);
+    let b = Server::rpc(&["--rpc-listen", &format!("127.0.0.3:{port}")]);
+    let gateway = Server::start("gateway", &["--rpc", &format!("{name}:{port}")], &[]);
+    let addr = gateway.http_addr();
+    for i in 0..60 {
+        send_ok(addr, &format!("dns{}", i % 3), "s", "x");
+    }
+    let (ca, cb) = (served_now(a.rpc_addr()), served_now(b.rpc_addr()));
+    assert_eq!(ca + cb, 60);
+    assert!(ca > 0 && cb > 0, "both addresses used: {ca} {cb}");
+}
+
+/// Lines appended to /etc/hosts, removed on drop.
+struct HostsEntry {
+    lines: Vec<String>,
+}
+
+impl HostsEntry {
+    fn add(name: &str, ips: &[&str]) -> Option<HostsEntry> {
+        let lines: Vec<String> = ips.iter().map(|ip| format!("{ip} {name}")).collect();
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open("/etc/hosts")
+            .ok()?;
+        file.write_all(format!("{}\n", lines.join("\n")).as_bytes())
+            .ok()?;
+        Some(HostsEntry { lines })
+    }
+}
+
+impl Drop for HostsEntry {
+    fn drop(&mut self) {
+        if let Ok(text) = std::fs::read_to_string("/etc/hosts") {
+            let kept: Vec<&str> = text
+                .lines()
+                .filter(|l| !self.lines.iter().any(|m| m == l))
+                .collect();
+            let _ = std::fs::write("/etc/hosts", format!("{}\n", kept.join("\n")));
+        }
+    }
+}

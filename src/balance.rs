@@ -59,6 +59,17 @@ impl Default for Policy {
     }
 }
 
+/// A state change worth a log line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// Healthy until now; out after this many consecutive failures.
+    Ejected(u32),
+    /// Back in use after an ejection.
+    Recovered,
+    /// It said GOAWAY.
+    GoingAway,
+}
+
 /// An endpoint's identity for the lifetime of the [`Balancer`], stable across
 /// endpoint-set updates (indexes are not).
 pub type EndpointId = u64;
@@ -78,6 +89,7 @@ pub struct Balancer<K, T> {
     policy: Policy,
     next_id: EndpointId,
     rng: u64,
+    changes: Vec<(K, Change)>,
 }
 
 impl<K: PartialEq + Clone, T> Balancer<K, T> {
@@ -88,6 +100,7 @@ impl<K: PartialEq + Clone, T> Balancer<K, T> {
             next_id: 0,
             // xorshift must not start at 0.
             rng: seed | 1,
+            changes: Vec::new(),
         }
     }
 
@@ -181,6 +194,9 @@ impl<K: PartialEq + Clone, T> Balancer<K, T> {
     pub fn succeeded(&mut self, id: EndpointId) {
         if let Some(entry) = self.entries.iter_mut().find(|e| e.id == id) {
             entry.failures = 0;
+            if entry.state != State::Healthy {
+                self.changes.push((entry.key.clone(), Change::Recovered));
+            }
             entry.state = State::Healthy;
         }
     }
@@ -193,10 +209,14 @@ impl<K: PartialEq + Clone, T> Balancer<K, T> {
         };
         entry.failures = entry.failures.saturating_add(1);
         entry.state = match entry.state {
-            State::Healthy if entry.failures >= policy.failures_to_eject => State::Ejected {
-                until: now + policy.min_backoff,
-                backoff: policy.min_backoff,
-            },
+            State::Healthy if entry.failures >= policy.failures_to_eject => {
+                self.changes
+                    .push((entry.key.clone(), Change::Ejected(entry.failures)));
+                State::Ejected {
+                    until: now + policy.min_backoff,
+                    backoff: policy.min_backoff,
+                }
+            }
             State::Probing { backoff } => {
                 let backoff = (backoff * 2).min(policy.max_backoff);
                 State::Ejected {
@@ -213,6 +233,9 @@ impl<K: PartialEq + Clone, T> Balancer<K, T> {
     pub fn going_away(&mut self, id: EndpointId, now: Instant) {
         let policy = self.policy;
         if let Some(entry) = self.entries.iter_mut().find(|e| e.id == id) {
+            if entry.state == State::Healthy {
+                self.changes.push((entry.key.clone(), Change::GoingAway));
+            }
             entry.state = State::Ejected {
                 until: now + policy.min_backoff,
                 backoff: policy.min_backoff,
@@ -247,6 +270,11 @@ impl<K: PartialEq + Clone, T> Balancer<K, T> {
         for id in gone {
             self.going_away(id, now);
         }
+    }
+
+    /// State changes since the last call, oldest first (for logging).
+    pub fn take_changes(&mut self) -> Vec<(K, Change)> {
+        std::mem::take(&mut self.changes)
     }
 
     pub fn state(&self, key: &K) -> Option<State> {
@@ -367,6 +395,11 @@ mod tests {
         assert_eq!(b.state(&dead), Some(State::Probing { backoff: ms(200) }));
         b.finished(dead_id, Some(true), t2);
         assert_eq!(b.state(&dead), Some(State::Healthy));
+        assert_eq!(
+            b.take_changes(),
+            vec![(dead, Change::Ejected(3)), (dead, Change::Recovered)]
+        );
+        assert!(b.take_changes().is_empty());
     }
 
     #[test]

@@ -307,38 +307,32 @@ fn smoke_through_three_rpc_servers() {
     }
 }
 
+/// Equal servers get a third of the calls each, ±10 %. One client at a
+/// time: with several, power of two choices rightly steers calls away from
+/// whichever server process the OS has just descheduled, and on a loaded
+/// 2-core test machine that alone moved shares to [745, 1081, 1174] of 3,000
+/// in a 0.6 s run. Sequential calls isolate the balancer's own fairness.
 #[test]
 fn calls_spread_evenly_over_three_equal_servers() {
     let rpcs: Vec<Server> = (0..3).map(|_| Server::rpc(&[])).collect();
     let addrs: Vec<SocketAddr> = rpcs.iter().map(Server::rpc_addr).collect();
     let gateway = Server::start("gateway", &["--rpc", &list(&addrs)], &[]);
-    let addr = gateway.http_addr();
-    const THREADS: usize = 6;
-    const EACH: usize = 500;
-    let handles: Vec<_> = (0..THREADS)
-        .map(|t| {
-            thread::spawn(move || {
-                let mut conn = HttpConn::connect(addr);
-                for i in 0..EACH {
-                    conn.send_ok(&format!("spread-{t}"), "s", &format!("{i}"));
-                }
-            })
-        })
-        .collect();
-    for h in handles {
-        h.join().expect("sender");
+    let mut conn = HttpConn::connect(gateway.http_addr());
+    const TOTAL: u64 = 3000;
+    for i in 0..TOTAL {
+        conn.send_ok("spread", "s", &format!("{i}"));
     }
     let counts: Vec<u64> = addrs.iter().map(|&a| served_now(a)).collect();
-    let total = (THREADS * EACH) as u64;
-    assert_eq!(counts.iter().sum::<u64>(), total, "{counts:?}");
-    let share = total / 3;
+    assert_eq!(counts.iter().sum::<u64>(), TOTAL, "{counts:?}");
+    let share = TOTAL / 3;
     for c in &counts {
         assert!(
             c * 10 >= share * 9 && c * 10 <= share * 11,
-            "not a third each ±10 %: {counts:?}"
+            "not a third each ±10 %: {counts:?}; gateway:\n{}",
+            gateway.stderr()
         );
     }
-    eprintln!("spread of {total} sends over 3 servers: {counts:?}");
+    eprintln!("spread of {TOTAL} sends over 3 servers: {counts:?}");
 }
 
 #[test]

@@ -20,7 +20,7 @@ use tokio::sync::watch;
 
 use super::client::{RpcCall, RpcClient, RpcClientOptions, RpcError, RpcRequest};
 use super::frame::Frame;
-use crate::balance::{Balancer, EndpointId, Policy};
+use crate::balance::{Balancer, Change, EndpointId, Policy};
 
 /// How often idle and recovering endpoints are pinged.
 const PING_EVERY: Duration = Duration::from_millis(100);
@@ -43,6 +43,20 @@ impl Shared {
     }
 }
 
+/// Logs what changed; rare (ejections, recoveries), so printing under the
+/// shard's own lock costs nothing on the request path.
+fn log_changes(balancer: &mut Endpoints) {
+    for (addr, change) in balancer.take_changes() {
+        match change {
+            Change::Ejected(n) => {
+                eprintln!("im-server: rpc endpoint {addr} ejected after {n} consecutive failures")
+            }
+            Change::Recovered => eprintln!("im-server: rpc endpoint {addr} back in use"),
+            Change::GoingAway => eprintln!("im-server: rpc endpoint {addr} is going away"),
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct BalancedClient {
     shared: Arc<Shared>,
@@ -59,9 +73,9 @@ struct Ticket {
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        self.shared
-            .lock()
-            .finished(self.id, self.outcome, Instant::now());
+        let mut balancer = self.shared.lock();
+        balancer.finished(self.id, self.outcome, Instant::now());
+        log_changes(&mut balancer);
     }
 }
 
@@ -138,6 +152,7 @@ impl BalancedClient {
                 let mut balancer = self.shared.lock();
                 let now = Instant::now();
                 balancer.refresh(now, |client| client.going_away());
+                log_changes(&mut balancer);
                 match balancer.pick(now, &tried) {
                     Some((id, client)) => (id, client.clone()),
                     None => return Err(RpcError::Unavailable),
@@ -232,6 +247,7 @@ impl BalancedClient {
                 let mut balancer = self.shared.lock();
                 let now = Instant::now();
                 balancer.refresh(now, |client| client.going_away());
+                log_changes(&mut balancer);
                 balancer
                     .to_ping(now)
                     .into_iter()
@@ -255,6 +271,7 @@ impl BalancedClient {
                     } else {
                         balancer.failed(id, Instant::now());
                     }
+                    log_changes(&mut balancer);
                 });
             }
         }

@@ -62,7 +62,7 @@ macro_rules! conformance {
         $(
             #[test]
             fn $t() {
-                let backend: super::Backend = ($make)();
+                let backend = ($make)();
                 super::$t(&backend);
             }
         )*
@@ -71,6 +71,38 @@ macro_rules! conformance {
 
 conformance!(memory, super::Backend::memory);
 conformance!(redis, super::Backend::redis);
+conformance!(redis_three_rpc, super::ThreeRpc::start);
+
+/// A gateway balancing over three RPC servers on one Redis: the API must
+/// not be able to tell.
+struct ThreeRpc {
+    backend: Backend,
+    _rpcs: Vec<Server>,
+}
+
+impl ThreeRpc {
+    fn start() -> ThreeRpc {
+        let redis = Redis::start();
+        let url = redis.url();
+        let rpcs: Vec<Server> = (0..3).map(|_| Server::rpc(&["--redis", &url])).collect();
+        let list: Vec<String> = rpcs.iter().map(|r| r.rpc_addr().to_string()).collect();
+        let gateway = Server::start("gateway", &["--rpc", &list.join(",")], &[]);
+        ThreeRpc {
+            backend: Backend {
+                server: gateway,
+                redis: Some(redis),
+            },
+            _rpcs: rpcs,
+        }
+    }
+}
+
+impl std::ops::Deref for ThreeRpc {
+    type Target = Backend;
+    fn deref(&self) -> &Backend {
+        &self.backend
+    }
+}
 
 // ---------------------------------------------------------------------------
 // helpers local to this suite

@@ -192,6 +192,8 @@ struct Tally {
     failures: Vec<String>,
     /// send_time of every send answered 200, per chat.
     acked: Vec<(String, i64)>,
+    /// The longest any request took.
+    slowest: Duration,
 }
 
 /// `threads` clients doing send + pull in a loop until `stop`.
@@ -211,6 +213,7 @@ fn load(
                 let mut n = 0u64;
                 while !stop.load(Ordering::Relaxed) {
                     n += 1;
+                    let began = Instant::now();
                     let sent = conn.try_request(
                         "POST",
                         "/api/send",
@@ -219,13 +222,16 @@ fn load(
                             .to_string()
                             .as_bytes(),
                     );
+                    let sent_took = began.elapsed();
                     let pulled = conn.try_request(
                         "GET",
                         &format!("/api/pull?chat={chat}&limit=5"),
                         &[],
                         b"",
                     );
+                    let pull_took = began.elapsed() - sent_took;
                     let mut tally = tally.lock().expect("tally");
+                    tally.slowest = tally.slowest.max(sent_took).max(pull_took);
                     for (what, r) in [("send", &sent), ("pull", &pulled)] {
                         match r {
                             Ok(r) if r.status == 200 => tally.ok += 1,
@@ -408,12 +414,59 @@ fn sigkill_one_of_three_fails_only_calls_in_flight_to_it() {
     let tally = tally.lock().expect("tally");
     assert_eq!(tally.failures.len(), failed_at_kill, "{:?}", tally.failures);
     for f in &tally.failures {
-        assert!(f.starts_with("send: ") && f.contains("503"), "only un-keyed sends may fail: {f}");
+        assert!(
+            f.starts_with("send: ") && f.contains("503"),
+            "only un-keyed sends may fail: {f}"
+        );
     }
     assert_acked_stored(addr, &tally.acked);
     eprintln!(
         "SIGKILL one of 3: {} ok, {} failed (in flight at the kill); back in {took:?}",
         tally.ok, failed_at_kill
+    );
+}
+
+/// A server frozen with SIGSTOP for 2 s gets (almost) no new calls
+/// meanwhile, and no request waits past the RPC timeout.
+#[test]
+fn frozen_server_is_avoided() {
+    let cluster = Cluster::start();
+    let addr = cluster.gateway.http_addr();
+    let frozen = cluster.rpcs[1].rpc_addr();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (tally, handles) = load(addr, 6, "frozen", stop.clone());
+    thread::sleep(Duration::from_millis(500));
+    let before = served_now(frozen);
+    let others_before: u64 = [0, 2]
+        .iter()
+        .map(|&i| served_now(cluster.rpcs[i].rpc_addr()))
+        .sum();
+    cluster.rpcs[1].signal("STOP");
+    thread::sleep(Duration::from_secs(2));
+    cluster.rpcs[1].signal("CONT");
+    let others: u64 = [0, 2]
+        .iter()
+        .map(|&i| served_now(cluster.rpcs[i].rpc_addr()))
+        .sum();
+    // Calls already written to it before it froze complete after SIGCONT:
+    // a few per gateway shard until its in-flight count loses every draw.
+    let during = served_now(frozen) - before;
+    stop_load(&stop, handles);
+    let tally = tally.lock().expect("tally");
+    eprintln!(
+        "SIGSTOP 2 s: frozen server got {during} calls, the others {}; {} ok, {} failed, slowest {:?}",
+        others - others_before,
+        tally.ok,
+        tally.failures.len(),
+        tally.slowest
+    );
+    assert!(during <= 20, "frozen server got {during} calls");
+    assert!(others - others_before > 100, "the others carried the load");
+    // RPC timeout 1 s (default) + HTTP and scheduling slack.
+    assert!(
+        tally.slowest < Duration::from_millis(1800),
+        "a request took {:?}",
+        tally.slowest
     );
 }
 
@@ -460,7 +513,14 @@ fn etcd_registry_adds_and_drops_servers_live() {
         let body = serde_json::json!({
             "key": b64(key.as_bytes()),
         });
-        let r = try_request(etcd.addr(), "POST", "/v3/kv/range", JSON_CT, body.to_string().as_bytes()).ok()?;
+        let r = try_request(
+            etcd.addr(),
+            "POST",
+            "/v3/kv/range",
+            JSON_CT,
+            body.to_string().as_bytes(),
+        )
+        .ok()?;
         r.json().get("kvs").map(|_| ())
     });
     stop_load(&stop, handles);
@@ -483,7 +543,14 @@ fn sigterm_deregisters_from_etcd() {
             "key": b64(b"/im/rpc/"),
             "range_end": b64(b"/im/rpc0"),
         });
-        let r = try_request(etcd.addr(), "POST", "/v3/kv/range", JSON_CT, body.to_string().as_bytes()).ok()?;
+        let r = try_request(
+            etcd.addr(),
+            "POST",
+            "/v3/kv/range",
+            JSON_CT,
+            body.to_string().as_bytes(),
+        )
+        .ok()?;
         Some(r.json())
     };
     wait_until(Duration::from_secs(5), "registration", || {

@@ -1,0 +1,270 @@
+//! The Redis client under a stalled or half-broken Redis (issue #8, items
+//! 10-12): queued bytes are bounded, a send refused while queued is never
+//! stored later, a stall answers 503 (the store's) rather than 504 (the
+//! gateway's), and a Redis that lost the `im` library gets it back without
+//! failing a send. Redis is stalled for real with `DEBUG SLEEP`.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+use im_server::proto::{Message, SendRequest, SendResponse};
+use prost::Message as _;
+
+/// RPC method number of Send (src/rpc/mod.rs).
+const SEND: u8 = 1;
+const TEXT_BYTES: usize = 64 * 1024;
+
+/// A redis-server whose `DEBUG SLEEP` works (off by default since 7.0).
+fn debuggable_redis() -> RedisWithArgs {
+    Redis::start_with_args(&["--enable-debug-command", "yes"])
+}
+
+/// Blocks Redis for `seconds` (in a thread: DEBUG SLEEP answers only then).
+fn stall(redis: &Redis, seconds: f64) -> thread::JoinHandle<()> {
+    let url = redis.url();
+    let path = url.trim_start_matches("unix://").to_string();
+    let seconds = seconds.to_string();
+    thread::spawn(move || {
+        let status = std::process::Command::new("redis-cli")
+            .args(["-s", &path, "DEBUG", "SLEEP", &seconds])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .expect("run redis-cli");
+        assert!(status.success(), "DEBUG SLEEP failed: {status}");
+    })
+}
+
+fn vm_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/<pid>/status")
+}
+
+fn send_frame(id: u64, chat: &str, text: &str) -> Vec<u8> {
+    let body = SendRequest {
+        message: Some(Message {
+            chat: chat.into(),
+            text: text.into(),
+            sender: "s".into(),
+            send_time: 0,
+        }),
+    }
+    .encode_to_vec();
+    let mut out = ((9 + body.len()) as u32).to_be_bytes().to_vec();
+    out.extend_from_slice(&id.to_be_bytes());
+    out.push(SEND);
+    out.extend_from_slice(&body);
+    out
+}
+
+/// What the raw RPC senders saw.
+#[derive(Default)]
+struct Tally {
+    written: AtomicU64,
+    acked: AtomicU64,
+    refused: AtomicU64,
+}
+
+/// One RPC connection pipelining big sends (at most `window` unanswered)
+/// until `stop`, then reading every outstanding reply.
+fn rpc_sender(
+    addr: SocketAddr,
+    chat: String,
+    window: u64,
+    stop: Arc<AtomicBool>,
+    tally: Arc<Tally>,
+) -> thread::JoinHandle<()> {
+    thread::spawn(move || {
+        let stream = TcpStream::connect(addr).expect("connect to rpc");
+        stream.set_nodelay(true).expect("nodelay");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+        let answered = Arc::new(AtomicU64::new(0));
+        let mut reader = stream.try_clone().expect("clone");
+        let (reader_answered, reader_tally) = (answered.clone(), tally.clone());
+        // Reads replies until the writer shuts the connection down.
+        let reads = thread::spawn(move || {
+            loop {
+                let mut len = [0u8; 4];
+                if reader.read_exact(&mut len).is_err() {
+                    return;
+                }
+                let mut rest = vec![0u8; u32::from_be_bytes(len) as usize];
+                reader.read_exact(&mut rest).expect("read reply");
+                let reply = SendResponse::decode(&rest[9..]).expect("a SendResponse");
+                let count = match reply.code {
+                    0 => &reader_tally.acked,
+                    _ => &reader_tally.refused,
+                };
+                count.fetch_add(1, Ordering::SeqCst);
+                reader_answered.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+        let text = "x".repeat(TEXT_BYTES);
+        let mut writer = stream;
+        let mut id = 0;
+        while !stop.load(Ordering::SeqCst) {
+            if id - answered.load(Ordering::SeqCst) >= window {
+                thread::sleep(Duration::from_millis(1));
+                continue;
+            }
+            id += 1;
+            writer
+                .write_all(&send_frame(id, &chat, &text))
+                .expect("write a send");
+            tally.written.fetch_add(1, Ordering::SeqCst);
+        }
+        wait_until(Duration::from_secs(20), "every send answered", || {
+            (answered.load(Ordering::SeqCst) == id).then_some(())
+        });
+        let _ = writer.shutdown(std::net::Shutdown::Both);
+        reads.join().expect("reader");
+    })
+}
+
+/// Issue #8 item 10: a 4 s Redis stall under pipelined 64 KiB sends grows
+/// the server by at most 128 MiB, and what Redis holds afterwards is what
+/// was acknowledged plus at most what had already been written when the
+/// stall began: a send refused while still queued is never stored later.
+#[test]
+fn redis_stall_under_big_sends_is_bounded_and_stores_no_refused_send() {
+    let redis = debuggable_redis();
+    let server = Server::with_redis(&redis);
+    let pid = server.pid().expect("server pid");
+    let chat = "bounds:stall";
+    let stop = Arc::new(AtomicBool::new(false));
+    let tally = Arc::new(Tally::default());
+    let rss_before = vm_rss_kib(pid);
+    let senders: Vec<_> = (0..4)
+        .map(|_| {
+            rpc_sender(
+                server.rpc_addr(),
+                chat.to_string(),
+                256,
+                stop.clone(),
+                tally.clone(),
+            )
+        })
+        .collect();
+    let mut rss_max = rss_before;
+    let mut sample_for = |d: Duration| {
+        let until = Instant::now() + d;
+        while Instant::now() < until {
+            rss_max = rss_max.max(vm_rss_kib(pid));
+            thread::sleep(Duration::from_millis(20));
+        }
+    };
+    sample_for(Duration::from_millis(700));
+    let acked_before_stall = tally.acked.load(Ordering::SeqCst);
+    assert!(
+        acked_before_stall > 0,
+        "no send was acknowledged before the stall"
+    );
+    let sleeper = stall(&redis, 4.0);
+    sample_for(Duration::from_secs(5));
+    sleeper.join().expect("stall");
+    stop.store(true, Ordering::SeqCst);
+    for s in senders {
+        s.join().expect("sender");
+    }
+    let (acked, refused) = (
+        tally.acked.load(Ordering::SeqCst),
+        tally.refused.load(Ordering::SeqCst),
+    );
+    // Everything written to Redis has been answered by now: it is awake.
+    let stored = redis.zcard_chat(chat) as u64;
+    let growth_mib = rss_max.saturating_sub(rss_before) / 1024;
+    eprintln!(
+        "written {} acked {acked} refused {refused} stored {stored}; RSS {} -> max {} KiB (+{growth_mib} MiB)",
+        tally.written.load(Ordering::SeqCst),
+        rss_before,
+        rss_max
+    );
+    assert!(refused > 0, "the stall refused nothing: it was not one");
+    assert!(
+        stored >= acked,
+        "acknowledged sends are missing: stored {stored} < acked {acked}"
+    );
+    assert!(
+        stored - acked <= 512,
+        "{} sends stored without a 200 (acked {acked}, refused {refused}, stored {stored}): refused sends were written after the stall",
+        stored - acked
+    );
+    assert!(
+        growth_mib <= 128,
+        "server grew {growth_mib} MiB during the stall"
+    );
+}
+
+/// Issue #8 item 11: with the default timeouts, a Redis stall longer than
+/// both answers 503 (the store did not answer), not 504 (the RPC server did
+/// not answer), and quickly enough for the gateway.
+#[test]
+fn redis_stall_with_default_timeouts_answers_503_not_504() {
+    let redis = debuggable_redis();
+    let server = Server::with_redis(&redis);
+    let addr = server.http_addr();
+    send_ok(addr, "bounds:slow", "a", "before");
+    let sleeper = stall(&redis, 3.0);
+    thread::sleep(Duration::from_millis(200));
+    let started = Instant::now();
+    let r = send(addr, "bounds:slow", "a", "during the stall");
+    assert_error(&r, 503, "send during a Redis stall");
+    let r = pull_query(addr, "chat=bounds:slow");
+    assert_error(&r, 503, "pull during a Redis stall");
+    assert!(
+        started.elapsed() < Duration::from_millis(2500),
+        "two stalled calls took {:?}",
+        started.elapsed()
+    );
+    sleeper.join().expect("stall");
+    send_ok(addr, "bounds:slow", "a", "after");
+}
+
+/// Issue #8 item 12: after `FUNCTION FLUSH` the next sends reload the
+/// library on their connection and succeed, stored once each.
+#[test]
+fn sends_after_function_flush_reload_the_library() {
+    let redis = Redis::start();
+    let server = Server::with_redis(&redis);
+    let addr = server.http_addr();
+    send_ok(addr, "bounds:flush", "a", "before");
+    for round in 0..2 {
+        assert!(redis.redis_cmd(&["FUNCTION", "FLUSH"]).contains("OK"));
+        for i in 0..5 {
+            let r = send(
+                addr,
+                "bounds:flush",
+                "a",
+                &format!("after flush {round}.{i}"),
+            );
+            assert_eq!(
+                r.status,
+                200,
+                "send {i} after FUNCTION FLUSH: {}",
+                r.describe()
+            );
+        }
+    }
+    // Concurrent sends right after a flush: every one succeeds.
+    assert!(redis.redis_cmd(&["FUNCTION", "FLUSH"]).contains("OK"));
+    let threads: Vec<_> = (0..8)
+        .map(|i| thread::spawn(move || send(addr, "bounds:flush", "b", &format!("racing {i}"))))
+        .collect();
+    for t in threads {
+        let r = t.join().expect("sender");
+        assert_eq!(r.status, 200, "racing send: {}", r.describe());
+    }
+    assert_eq!(redis.zcard_chat("bounds:flush"), 1 + 10 + 8);
+}

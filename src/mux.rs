@@ -147,7 +147,10 @@ pub struct MuxOptions {
     /// call that would go over is refused with `Overloaded`, unless the queue
     /// holds no counted bytes (so one call bigger than the budget still goes).
     /// The count alone does not bound memory: one Redis command can carry
-    /// 64 messages of 64 KiB.
+    /// 64 messages of 64 KiB. The same bound applies to counted bytes taken
+    /// and not yet answered: the task takes no more calls while it is
+    /// reached, which also bounds what a stalled peer has been handed (and
+    /// may yet act on after its callers gave up).
     pub max_queued_bytes: usize,
 }
 
@@ -343,9 +346,10 @@ async fn run<P: Protocol>(mut protocol: P, mut calls: Queue<P>, options: MuxOpti
                     input: BytesMut::with_capacity(READ_CHUNK),
                     output: BytesMut::with_capacity(READ_CHUNK),
                     waiting: HashMap::new(),
+                    in_flight_bytes: 0,
                 };
                 let outcome = connection.serve(&mut protocol, &mut calls, &options).await;
-                for (_, reply) in connection.waiting.drain() {
+                for (_, (reply, _)) in connection.waiting.drain() {
                     let _ = reply.send(Err(MuxError::Unavailable));
                 }
                 match outcome {
@@ -391,13 +395,22 @@ async fn run<P: Protocol>(mut protocol: P, mut calls: Queue<P>, options: MuxOpti
     }
 }
 
-type Waiting<P> = HashMap<u64, oneshot::Sender<Result<<P as Protocol>::Reply, MuxError>>>;
+/// Each written call's reply channel and counted bytes, by tag.
+type Waiting<P> = HashMap<
+    u64,
+    (
+        oneshot::Sender<Result<<P as Protocol>::Reply, MuxError>>,
+        usize,
+    ),
+>;
 
 struct Connection<P: Protocol> {
     stream: Stream,
     input: BytesMut,
     output: BytesMut,
     waiting: Waiting<P>,
+    /// Counted bytes of the calls in `waiting`.
+    in_flight_bytes: usize,
 }
 
 impl<P: Protocol> Connection<P> {
@@ -424,7 +437,10 @@ impl<P: Protocol> Connection<P> {
             self.flush()?;
             if self.waiting.len() >= options.max_in_flight {
                 // Callers that timed out leave their slot behind; reclaim them.
-                self.waiting.retain(|_, reply| !reply.is_closed());
+                // Not calls with counted bytes: those bytes stay with the
+                // peer until it answers, and the answer releases them.
+                self.waiting
+                    .retain(|_, (reply, bytes)| *bytes > 0 || !reply.is_closed());
             }
             let interest = if self.output.is_empty() {
                 Interest::READABLE
@@ -452,7 +468,9 @@ impl<P: Protocol> Connection<P> {
 
     /// Whether to take more calls: not while the peer is behind.
     fn accepting(&self, options: &MuxOptions) -> bool {
-        self.waiting.len() < options.max_in_flight && self.output.len() < MAX_UNSENT
+        self.waiting.len() < options.max_in_flight
+            && self.output.len() < MAX_UNSENT
+            && self.in_flight_bytes < options.max_queued_bytes
     }
 
     fn enqueue(&mut self, protocol: &mut P, call: Call<P>) {
@@ -468,7 +486,8 @@ impl<P: Protocol> Connection<P> {
             return;
         }
         let tag = protocol.encode(call.request, &mut self.output);
-        self.waiting.insert(tag, call.reply);
+        self.in_flight_bytes += call.bytes;
+        self.waiting.insert(tag, (call.reply, call.bytes));
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -497,7 +516,8 @@ impl<P: Protocol> Connection<P> {
                 Err(e) => return Err(e),
             }
             while let Some((tag, reply)) = protocol.decode(&mut self.input)? {
-                if let Some(waiter) = self.waiting.remove(&tag) {
+                if let Some((waiter, bytes)) = self.waiting.remove(&tag) {
+                    self.in_flight_bytes -= bytes;
                     let _ = waiter.send(Ok(reply));
                 }
             }

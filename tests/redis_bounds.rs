@@ -20,6 +20,9 @@ use prost::Message as _;
 /// RPC method number of Send (src/rpc/mod.rs).
 const SEND: u8 = 1;
 const TEXT_BYTES: usize = 64 * 1024;
+/// Sends each RPC connection keeps unanswered: 4 connections x 64 x 64 KiB
+/// = 16 MiB of requests in the RPC server at any time.
+const WINDOW: u64 = 64;
 
 /// A redis-server whose `DEBUG SLEEP` works (off by default since 7.0).
 fn debuggable_redis() -> RedisWithArgs {
@@ -139,8 +142,27 @@ fn rpc_sender(
 /// stall began: a send refused while still queued is never stored later.
 #[test]
 fn redis_stall_under_big_sends_is_bounded_and_stores_no_refused_send() {
-    let redis = debuggable_redis();
-    let server = Server::with_redis(&redis);
+    stall_under_big_sends(&debuggable_redis(), |redis| stall(redis, 4.0));
+}
+
+/// The same over TCP, whose socket buffers hold far more than a unix
+/// socket's (tcp_rmem allows 32 MiB here), with Redis frozen by SIGSTOP.
+#[test]
+fn redis_frozen_over_tcp_under_big_sends_is_bounded_and_stores_no_refused_send() {
+    stall_under_big_sends(&Redis::start_tcp(), |redis| {
+        let pid = redis.pid().expect("redis pid");
+        send_signal(pid, "STOP");
+        thread::spawn(move || {
+            thread::sleep(Duration::from_secs(4));
+            send_signal(pid, "CONT");
+        })
+    });
+}
+
+/// Runs 64 KiB sends from 4 pipelining RPC connections, stalls Redis for
+/// 4 s with `stall` (its handle ends with the stall) and checks the bars.
+fn stall_under_big_sends(redis: &Redis, stall: impl FnOnce(&Redis) -> thread::JoinHandle<()>) {
+    let server = Server::with_redis(redis);
     let pid = server.pid().expect("server pid");
     let chat = "bounds:stall";
     let stop = Arc::new(AtomicBool::new(false));
@@ -151,28 +173,30 @@ fn redis_stall_under_big_sends_is_bounded_and_stores_no_refused_send() {
             rpc_sender(
                 server.rpc_addr(),
                 chat.to_string(),
-                256,
+                WINDOW,
                 stop.clone(),
                 tally.clone(),
             )
         })
         .collect();
-    let mut rss_max = rss_before;
-    let mut sample_for = |d: Duration| {
+    // The largest VmRSS seen over `d`.
+    let sample_for = |d: Duration| {
         let until = Instant::now() + d;
+        let mut max = 0;
         while Instant::now() < until {
-            rss_max = rss_max.max(vm_rss_kib(pid));
+            max = max.max(vm_rss_kib(pid));
             thread::sleep(Duration::from_millis(20));
         }
+        max
     };
-    sample_for(Duration::from_millis(700));
+    let rss_at_stall = sample_for(Duration::from_millis(700));
     let acked_before_stall = tally.acked.load(Ordering::SeqCst);
     assert!(
         acked_before_stall > 0,
         "no send was acknowledged before the stall"
     );
-    let sleeper = stall(&redis, 4.0);
-    sample_for(Duration::from_secs(5));
+    let sleeper = stall(redis);
+    let rss_max = rss_at_stall.max(sample_for(Duration::from_secs(5)));
     sleeper.join().expect("stall");
     stop.store(true, Ordering::SeqCst);
     for s in senders {
@@ -186,9 +210,10 @@ fn redis_stall_under_big_sends_is_bounded_and_stores_no_refused_send() {
     let stored = redis.zcard_chat(chat) as u64;
     let growth_mib = rss_max.saturating_sub(rss_before) / 1024;
     eprintln!(
-        "written {} acked {acked} refused {refused} stored {stored}; RSS {} -> max {} KiB (+{growth_mib} MiB)",
+        "written {} acked {acked} refused {refused} stored {stored}; RSS {} -> max before the stall {} -> max {} KiB (+{growth_mib} MiB)",
         tally.written.load(Ordering::SeqCst),
         rss_before,
+        rss_at_stall,
         rss_max
     );
     assert!(refused > 0, "the stall refused nothing: it was not one");

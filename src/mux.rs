@@ -524,3 +524,22 @@ impl<P: Protocol> Connection<P> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_budget_refuses_over_the_bound_but_always_takes_one() {
+        let budget = ByteBudget::new(100);
+        assert!(budget.add(60));
+        assert!(budget.add(40), "exactly at the bound");
+        assert!(!budget.add(1), "over the bound");
+        budget.release(100);
+        assert!(budget.add(500), "alone, even bigger than the budget");
+        assert!(!budget.add(1));
+        assert!(budget.add(0), "uncounted requests always pass");
+        budget.release(500);
+        assert!(budget.add(100));
+    }
+}

@@ -6,10 +6,11 @@
 
 mod common;
 
+use std::collections::HashSet;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -24,6 +25,20 @@ const TEXT_BYTES: usize = 64 * 1024;
 /// = 16 MiB of requests in the RPC server at any time.
 const WINDOW: u64 = 256;
 
+/// `SendResponse.code` of a send refused at once because queues are full.
+const OVERLOADED: i32 = 3;
+
+/// Held by the tests that stall Redis under load or time answers: run
+/// side by side on a 2-core machine, they starve each other of CPU and
+/// measure the machine rather than the server.
+static HEAVY: Mutex<()> = Mutex::new(());
+
+fn heavy() -> MutexGuard<'static, ()> {
+    HEAVY
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// A redis-server whose `DEBUG SLEEP` works (off by default since 7.0).
 fn debuggable_redis() -> RedisWithArgs {
     Redis::start_with_args(&["--enable-debug-command", "yes"])
@@ -35,12 +50,17 @@ fn stall(redis: &Redis, seconds: f64) -> thread::JoinHandle<()> {
     let path = url.trim_start_matches("unix://").to_string();
     let seconds = seconds.to_string();
     thread::spawn(move || {
-        let status = std::process::Command::new("redis-cli")
+        let out = std::process::Command::new("redis-cli")
             .args(["-s", &path, "DEBUG", "SLEEP", &seconds])
-            .stdout(std::process::Stdio::null())
-            .status()
+            .output()
             .expect("run redis-cli");
-        assert!(status.success(), "DEBUG SLEEP failed: {status}");
+        assert!(
+            out.status.success() && out.stdout.starts_with(b"OK"),
+            "DEBUG SLEEP failed: {} {:?} {:?}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     })
 }
 
@@ -53,12 +73,36 @@ fn vm_rss_kib(pid: u32) -> u64 {
         .expect("VmRSS in /proc/<pid>/status")
 }
 
-fn send_frame(id: u64, chat: &str, text: &str) -> Vec<u8> {
+/// The sender of send `id` on connection `conn`: fixed width, so that it can
+/// be cut off the end of a stored member (see [`stored_senders`]).
+fn sender_name(conn: u8, id: u64) -> String {
+    format!("s{conn}{id:08}")
+}
+const SENDER_LEN: usize = 10;
+
+/// The senders of every message stored in `chat`, read inside Redis (the
+/// members end with the sender field) so the 64 KiB texts stay there.
+fn stored_senders(redis: &Redis, chat: &str) -> HashSet<String> {
+    let script = format!(
+        "local out = {{}} for _, m in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do \
+         out[#out + 1] = string.sub(m, -{SENDER_LEN}) end return out"
+    );
+    let key = format!("im:{{{chat}}}");
+    redis
+        .redis_cmd(&["EVAL", &script, "1", &key])
+        .lines()
+        .map(|l| l.trim())
+        .filter(|l| l.len() == SENDER_LEN && l.starts_with('s'))
+        .map(String::from)
+        .collect()
+}
+
+fn send_frame(id: u64, chat: &str, sender: &str, text: &str) -> Vec<u8> {
     let body = SendRequest {
         message: Some(Message {
             chat: chat.into(),
             text: text.into(),
-            sender: "s".into(),
+            sender: sender.into(),
             send_time: 0,
         }),
     }
@@ -76,12 +120,16 @@ struct Tally {
     written: AtomicU64,
     acked: AtomicU64,
     refused: AtomicU64,
+    /// Senders of the sends refused as overloaded: never queued, so never
+    /// to be stored.
+    overloaded: Mutex<HashSet<String>>,
 }
 
 /// One RPC connection pipelining big sends (at most `window` unanswered)
 /// until `stop`, then reading every outstanding reply.
 fn rpc_sender(
     addr: SocketAddr,
+    conn: u8,
     chat: String,
     window: u64,
     stop: Arc<AtomicBool>,
@@ -106,6 +154,11 @@ fn rpc_sender(
                 let mut rest = vec![0u8; u32::from_be_bytes(len) as usize];
                 reader.read_exact(&mut rest).expect("read reply");
                 let reply = SendResponse::decode(&rest[9..]).expect("a SendResponse");
+                if reply.code == OVERLOADED {
+                    let id = u64::from_be_bytes(rest[..8].try_into().expect("8 bytes"));
+                    let mut overloaded = reader_tally.overloaded.lock().expect("tally");
+                    overloaded.insert(sender_name(conn, id));
+                }
                 let count = match reply.code {
                     0 => &reader_tally.acked,
                     _ => &reader_tally.refused,
@@ -124,7 +177,7 @@ fn rpc_sender(
             }
             id += 1;
             writer
-                .write_all(&send_frame(id, &chat, &text))
+                .write_all(&send_frame(id, &chat, &sender_name(conn, id), &text))
                 .expect("write a send");
             tally.written.fetch_add(1, Ordering::SeqCst);
         }
@@ -162,6 +215,7 @@ fn redis_frozen_over_tcp_under_big_sends_is_bounded_and_stores_no_refused_send()
 /// Runs 64 KiB sends from 4 pipelining RPC connections, stalls Redis for
 /// 4 s with `stall` (its handle ends with the stall) and checks the bars.
 fn stall_under_big_sends(redis: &Redis, stall: impl FnOnce(&Redis) -> thread::JoinHandle<()>) {
+    let _heavy = heavy();
     let server = Server::with_redis(redis);
     let pid = server.pid().expect("server pid");
     let chat = "bounds:stall";
@@ -169,9 +223,10 @@ fn stall_under_big_sends(redis: &Redis, stall: impl FnOnce(&Redis) -> thread::Jo
     let tally = Arc::new(Tally::default());
     let rss_before = vm_rss_kib(pid);
     let senders: Vec<_> = (0..4)
-        .map(|_| {
+        .map(|conn| {
             rpc_sender(
                 server.rpc_addr(),
+                conn,
                 chat.to_string(),
                 WINDOW,
                 stop.clone(),
@@ -230,6 +285,16 @@ fn stall_under_big_sends(redis: &Redis, stall: impl FnOnce(&Redis) -> thread::Jo
         rss_max
     );
     assert!(refused > 0, "the stall refused nothing: it was not one");
+    let overloaded = tally.overloaded.lock().expect("tally");
+    let stored_overloaded = stored_senders(redis, chat)
+        .intersection(&overloaded)
+        .count();
+    assert_eq!(
+        stored_overloaded,
+        0,
+        "sends answered 'overloaded' (never queued) are stored; {} were refused so",
+        overloaded.len()
+    );
     assert!(
         stored >= acked,
         "acknowledged sends are missing: stored {stored} < acked {acked}"
@@ -250,6 +315,7 @@ fn stall_under_big_sends(redis: &Redis, stall: impl FnOnce(&Redis) -> thread::Jo
 /// not answer), and quickly enough for the gateway.
 #[test]
 fn redis_stall_with_default_timeouts_answers_503_not_504() {
+    let _heavy = heavy();
     let redis = debuggable_redis();
     let server = Server::with_redis(&redis);
     let addr = server.http_addr();

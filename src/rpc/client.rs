@@ -103,6 +103,7 @@ impl RpcCall {
             Err(MuxError::Overloaded) => Err(RpcError::Overloaded),
             Err(MuxError::Unavailable) => Err(RpcError::Unavailable),
             Err(MuxError::Lost) => Err(RpcError::Lost),
+            Err(MuxError::Timeout) => Err(RpcError::Timeout),
         }
     }
 }
@@ -115,6 +116,8 @@ impl RpcClient {
             target: addr.clone(),
             queue: options.queue,
             max_in_flight: options.max_in_flight,
+            // RpcProtocol counts no bytes (Protocol::queued_bytes default).
+            max_queued_bytes: usize::MAX,
         };
         let max_frame = options.max_frame;
         let going_away = Arc::new(AtomicBool::new(false));
@@ -147,6 +150,7 @@ impl RpcClient {
             Err(MuxError::Overloaded) => Err(RpcError::Overloaded),
             Err(MuxError::Unavailable) => Err(RpcError::Unavailable),
             Err(MuxError::Lost) => Err(RpcError::Lost),
+            Err(MuxError::Timeout) => Err(RpcError::Timeout),
         }
     }
 
@@ -157,6 +161,7 @@ impl RpcClient {
             Ok(Err(MuxError::Overloaded)) => Err(RpcError::Overloaded),
             Ok(Err(MuxError::Unavailable)) => Err(RpcError::Unavailable),
             Ok(Err(MuxError::Lost)) => Err(RpcError::Lost),
+            Ok(Err(MuxError::Timeout)) => Err(RpcError::Timeout),
             Err(_elapsed) => Err(RpcError::Timeout),
         }
     }

@@ -105,6 +105,12 @@ pub trait Protocol: Send + 'static {
     fn queued_bytes(_request: &Self::Request) -> usize {
         0
     }
+    /// Whether the peer asked this connection to be left (RPC GOAWAY): it is
+    /// closed as soon as nothing written on it awaits a reply, and the next
+    /// calls go out on a new connection. `false` (the default) = never.
+    fn retiring(&self) -> bool {
+        false
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -441,6 +447,9 @@ impl<P: Protocol> Connection<P> {
             }
             // Everything taken goes out in one write.
             self.flush()?;
+            if self.waiting.is_empty() && self.output.is_empty() && protocol.retiring() {
+                return Err(io::Error::other("the peer is going away"));
+            }
             if self.waiting.len() >= options.max_in_flight {
                 // Callers that timed out leave their slot behind; reclaim them.
                 // Not calls with counted bytes: those bytes stay with the

@@ -141,9 +141,7 @@ async fn discover(
     }
     loop {
         let list = merged(&[&fixed, &dns.borrow_and_update(), &etcd.borrow_and_update()]);
-        if !list.is_empty() {
-            let _ = ready.send(());
-        }
+        let found = !list.is_empty();
         publish.send_if_modified(|current| {
             if *current == list {
                 return false;
@@ -152,6 +150,10 @@ async fn discover(
             *current = list;
             true
         });
+        // Only once published: the starting gateway reads the list next.
+        if found {
+            let _ = ready.send(());
+        }
         tokio::select! {
             _ = dns.changed() => {}
             _ = etcd.changed() => {}

@@ -63,6 +63,10 @@ impl Protocol for RpcProtocol {
         self.next_id
     }
 
+    fn retiring(&self) -> bool {
+        self.going_away.load(Ordering::Relaxed)
+    }
+
     fn decode(&mut self, input: &mut BytesMut) -> io::Result<Option<(u64, Frame)>> {
         let frame = frame::decode(input, self.max_frame)?;
         if let Some(f) = &frame

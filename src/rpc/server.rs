@@ -62,10 +62,13 @@ pub async fn serve(
 /// Send and Pull calls served by this process, reported in Ping replies.
 static SERVED: AtomicU64 = AtomicU64::new(0);
 
-/// After GOAWAY, a connection closes once it has been this long without a
-/// new frame and with nothing in flight. Calls the client started before it
-/// read the GOAWAY arrive within this and are served, not dropped.
-const GOAWAY_QUIET: Duration = Duration::from_millis(100);
+/// After GOAWAY the server keeps reading: calls the client wrote before it
+/// read the GOAWAY are served, not dropped. Our gateway closes the
+/// connection once its last call is answered; a client that does not is
+/// left once the connection has been this long without a new frame and
+/// with nothing in flight. Generous, because a loaded gateway may take a
+/// while to read the GOAWAY.
+const GOAWAY_QUIET: Duration = Duration::from_secs(1);
 
 enum Reply {
     Send(SendResponse),

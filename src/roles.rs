@@ -202,15 +202,17 @@ fn plan(config: Config) -> Result<(Plan, Listeners), String> {
             if targets.is_empty() && registry.is_none() {
                 return Err("the gateway needs --rpc <addr,...> or --registry <etcd://...>".into());
             }
-            eprintln!(
-                "im-server: gateway calls rpc servers at {}{}",
-                config.rpc_addr.as_deref().unwrap_or("this process"),
-                config
-                    .registry
-                    .as_deref()
-                    .map(|r| format!(" and those registered at {r}"))
-                    .unwrap_or_default()
-            );
+            let listed = match (&config.rpc_addr, &rpc) {
+                (Some(list), _) => list.clone(),
+                (None, Some((_, _, local))) => format!("{local} (this process)"),
+                (None, None) => "none listed".into(),
+            };
+            let registered = config
+                .registry
+                .as_deref()
+                .map(|r| format!(", and those registered at {r}"))
+                .unwrap_or_default();
+            eprintln!("im-server: gateway calls rpc servers: {listed}{registered}");
             let endpoints = discovery::start(Sources { targets, registry }, FIRST_ENDPOINTS_WAIT)?;
             let (listener, local) = bind(&config.http_addr, "http")?;
             eprintln!("im-server: http listening on {local}");

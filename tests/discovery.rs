@@ -402,6 +402,15 @@ fn sigkill_one_of_three_fails_only_calls_in_flight_to_it() {
         failed_at_kill,
         "failures continued after the kill"
     );
+    let killed = cluster.rpcs[1].rpc_addr();
+    assert!(
+        cluster
+            .gateway
+            .stderr()
+            .contains(&format!("rpc endpoint {killed} ejected")),
+        "not ejected:\n{}",
+        cluster.gateway.stderr()
+    );
     cluster.restart(1);
     let took = gets_traffic_within(
         cluster.rpcs[1].rpc_addr(),
@@ -494,8 +503,16 @@ fn etcd_registry_adds_and_drops_servers_live() {
     );
     eprintln!("registered server got traffic after {took:?}");
     // SIGKILLed: dropped (ejected at once, its key gone with the lease).
+    let second_addr = second.rpc_addr();
     second.kill();
-    thread::sleep(Duration::from_millis(1500));
+    wait_until(Duration::from_secs(5), "the killed server dropped", || {
+        let log = gateway.stderr();
+        (log.contains(&format!("rpc endpoint {second_addr} ejected"))
+            || log.lines().last()?.contains("rpc endpoints")
+                && !log.lines().last()?.contains(&second_addr.to_string()))
+        .then_some(())
+    });
+    thread::sleep(Duration::from_millis(500));
     let failed = tally.lock().expect("tally").failures.len();
     assert!(failed <= 4, "{:?}", tally.lock().expect("tally").failures);
     // etcd SIGKILLed: traffic unaffected.

@@ -6,7 +6,7 @@
 //!            N consecutive failures             back-off elapsed
 //!  Healthy ---------------------------> Ejected ----------------> Probing
 //!     ^                                    ^                        |  |
-//!     |         one success                |   the probe fails      |  |
+//!     |     the probe ping answers         |  the probe ping fails  |  |
 //!     +------------------------------------|------------------------+  |
 //!                                          +---------------------------+
 //!                                            (back-off doubled, capped)
@@ -15,7 +15,9 @@
 //! A call goes to the less loaded of two endpoints drawn at random ("power of
 //! two choices" on in-flight calls): nearly as even as least-loaded, without
 //! herding every gateway shard onto the same momentarily idle endpoint.
-//! A Probing endpoint takes one call at a time until it answers. If every
+//! A Probing endpoint takes no calls: the caller pings it ([`Balancer::to_ping`])
+//! and the ping decides, so no client request is risked on a server that may
+//! still be dead or frozen. If every
 //! endpoint is ejected, all of them are used anyway: with no healthy choice,
 //! refusing the call outright would only turn a partial outage into a total
 //! one.
@@ -34,7 +36,7 @@ pub enum State {
         until: Instant,
         backoff: Duration,
     },
-    /// Back-off over: one call at a time decides whether it is back.
+    /// Back-off over: a ping decides whether it is back.
     Probing {
         backoff: Duration,
     },
@@ -139,8 +141,7 @@ impl<K: PartialEq + Clone, T> Balancer<K, T> {
         self.wake(now);
         let usable = |e: &Entry<K, T>| match e.state {
             State::Healthy => true,
-            State::Probing { .. } => e.in_flight == 0,
-            State::Ejected { .. } => false,
+            State::Probing { .. } | State::Ejected { .. } => false,
         };
         let mut candidates: Vec<usize> = (0..self.entries.len())
             .filter(|&i| usable(&self.entries[i]) && !exclude.contains(&self.entries[i].id))
@@ -374,14 +375,18 @@ mod tests {
             assert_ne!(id, dead_id, "ejected endpoint picked");
             b.finished(id, None, t0);
         }
-        // Back-off over: probing, and only one call at a time.
+        // Back-off over: probing, by ping only.
         let t1 = t0 + ms(100);
         let picks: Vec<EndpointId> = (0..200)
             .filter_map(|_| b.pick(t1, &[]).map(|(id, _)| id))
             .collect();
-        assert_eq!(picks.iter().filter(|&&id| id == dead_id).count(), 1);
+        assert!(!picks.contains(&dead_id), "a probing endpoint took a call");
+        for id in picks {
+            b.finished(id, None, t1);
+        }
+        assert_eq!(b.state(&dead), Some(State::Probing { backoff: ms(100) }));
         // The probe fails: ejected again for twice as long.
-        b.finished(dead_id, Some(false), t1);
+        b.failed(dead_id, t1);
         assert_eq!(
             b.state(&dead),
             Some(State::Ejected {
@@ -393,7 +398,7 @@ mod tests {
         let t2 = t1 + ms(200);
         b.wake(t2);
         assert_eq!(b.state(&dead), Some(State::Probing { backoff: ms(200) }));
-        b.finished(dead_id, Some(true), t2);
+        b.succeeded(dead_id);
         assert_eq!(b.state(&dead), Some(State::Healthy));
         assert_eq!(
             b.take_changes(),

@@ -189,31 +189,8 @@ fn plan(config: Config) -> Result<(Plan, Listeners), String> {
     };
     let gateway = match config.role {
         Role::Gateway | Role::All => {
-            let targets = match (&config.rpc_addr, &rpc) {
-                (Some(list), _) => discovery::parse_targets(list)?,
-                (None, Some((_, _, local))) => vec![Target::Addr(*local)],
-                (None, None) => Vec::new(),
-            };
-            let registry = config
-                .registry
-                .as_deref()
-                .map(discovery::etcd::parse_registry)
-                .transpose()?;
-            if targets.is_empty() && registry.is_none() {
-                return Err("the gateway needs --rpc <addr,...> or --registry <etcd://...>".into());
-            }
-            let listed = match (&config.rpc_addr, &rpc) {
-                (Some(list), _) => list.clone(),
-                (None, Some((_, _, local))) => format!("{local} (this process)"),
-                (None, None) => "none listed".into(),
-            };
-            let registered = config
-                .registry
-                .as_deref()
-                .map(|r| format!(", and those registered at {r}"))
-                .unwrap_or_default();
-            eprintln!("im-server: gateway calls rpc servers: {listed}{registered}");
-            let endpoints = discovery::start(Sources { targets, registry }, FIRST_ENDPOINTS_WAIT)?;
+            let local_rpc = rpc.as_ref().map(|(_, _, local)| *local);
+            let endpoints = rpc_endpoints(&config, local_rpc)?;
             let (listener, local) = bind(&config.http_addr, "http")?;
             eprintln!("im-server: http listening on {local}");
             let slots = connection_slots(&server_options(&config));
@@ -241,6 +218,39 @@ fn plan(config: Config) -> Result<(Plan, Listeners), String> {
         http: http_listener,
     };
     Ok((plan, listeners))
+}
+
+/// Starts discovery of the RPC servers the gateway calls: `--rpc`, else the
+/// one in this process, plus those in `--registry`.
+fn rpc_endpoints(
+    config: &Config,
+    local_rpc: Option<SocketAddr>,
+) -> Result<watch::Receiver<Vec<SocketAddr>>, String> {
+    let targets = match (&config.rpc_addr, local_rpc) {
+        (Some(list), _) => discovery::parse_targets(list)?,
+        (None, Some(local)) => vec![Target::Addr(local)],
+        (None, None) => Vec::new(),
+    };
+    let registry = config
+        .registry
+        .as_deref()
+        .map(discovery::etcd::parse_registry)
+        .transpose()?;
+    if targets.is_empty() && registry.is_none() {
+        return Err("the gateway needs --rpc <addr,...> or --registry <etcd://...>".into());
+    }
+    let listed = match (&config.rpc_addr, local_rpc) {
+        (Some(list), _) => list.clone(),
+        (None, Some(local)) => format!("{local} (this process)"),
+        (None, None) => "none listed".into(),
+    };
+    let registered = config
+        .registry
+        .as_deref()
+        .map(|r| format!(", and those registered at {r}"))
+        .unwrap_or_default();
+    eprintln!("im-server: gateway calls rpc servers: {listed}{registered}");
+    discovery::start(Sources { targets, registry }, FIRST_ENDPOINTS_WAIT)
 }
 
 /// How long a starting gateway waits for discovery (DNS, etcd) to name a

@@ -453,13 +453,15 @@ fn frozen_server_is_avoided() {
     cluster.rpcs[1].signal("STOP");
     thread::sleep(Duration::from_secs(2));
     cluster.rpcs[1].signal("CONT");
+    // What was sent to it while frozen waits in its socket and is served
+    // right after SIGCONT: a few calls per gateway shard, until its stuck
+    // in-flight count lost every draw (then it was ejected on timeouts).
+    // Read first: calls sent after SIGCONT would count too.
+    let during = served_now(frozen) - before;
     let others: u64 = [0, 2]
         .iter()
         .map(|&i| served_now(cluster.rpcs[i].rpc_addr()))
         .sum();
-    // Calls already written to it before it froze complete after SIGCONT:
-    // a few per gateway shard until its in-flight count loses every draw.
-    let during = served_now(frozen) - before;
     stop_load(&stop, handles);
     let tally = tally.lock().expect("tally");
     eprintln!(

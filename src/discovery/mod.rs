@@ -192,6 +192,19 @@ fn registered_addr(value: &[u8]) -> Option<SocketAddr> {
     std::str::from_utf8(value).ok()?.trim().parse().ok()
 }
 
+/// Applies watch events to the registrations known.
+fn apply(entries: &mut BTreeMap<Vec<u8>, SocketAddr>, events: Vec<WatchEvent>) {
+    for event in events {
+        match event {
+            WatchEvent::Put((key, value)) => match registered_addr(&value) {
+                Some(addr) => entries.insert(key, addr),
+                None => entries.remove(&key),
+            },
+            WatchEvent::Delete(key) => entries.remove(&key),
+        };
+    }
+}
+
 /// Range + watch of the registry prefix, forever; keeps the last known set
 /// while etcd is unreachable.
 async fn registry_loop(registry: RegistryUrl, publish: watch::Sender<Vec<SocketAddr>>) {
@@ -230,15 +243,7 @@ async fn registry_loop(registry: RegistryUrl, publish: watch::Sender<Vec<SocketA
                         false
                     }
                     WatchMessage::Events(events) => {
-                        for event in events {
-                            match event {
-                                WatchEvent::Put((key, value)) => match registered_addr(&value) {
-                                    Some(addr) => entries.insert(key, addr),
-                                    None => entries.remove(&key),
-                                },
-                                WatchEvent::Delete(key) => entries.remove(&key),
-                            };
-                        }
+                        apply(&mut entries, events);
                         publish_entries(&entries);
                         true
                     }
@@ -383,6 +388,25 @@ mod tests {
         let a: SocketAddr = "127.0.0.1:2".parse().expect("addr");
         let b: SocketAddr = "127.0.0.1:1".parse().expect("addr");
         assert_eq!(merged(&[&[a, b], &[a]]), vec![b, a]);
+    }
+
+    #[test]
+    fn watch_events_update_the_registrations() {
+        let mut entries = BTreeMap::new();
+        let a: SocketAddr = "127.0.0.1:1".parse().expect("addr");
+        apply(
+            &mut entries,
+            vec![
+                WatchEvent::Put((b"/p/a".to_vec(), b"127.0.0.1:1".to_vec())),
+                WatchEvent::Put((b"/p/b".to_vec(), b"127.0.0.1:2".to_vec())),
+                WatchEvent::Delete(b"/p/b".to_vec()),
+                WatchEvent::Put((b"/p/c".to_vec(), b"junk".to_vec())),
+            ],
+        );
+        assert_eq!(
+            entries.into_iter().collect::<Vec<_>>(),
+            vec![(b"/p/a".to_vec(), a)]
+        );
     }
 
     #[test]

@@ -588,7 +588,7 @@ fn sigterm_deregisters_from_etcd() {
 #[test]
 fn host_name_with_several_addresses_is_several_endpoints() {
     let name = format!("im-test-rpc-{}", std::process::id());
-    let Some(_hosts) = HostsEntry::add(&name, &["127.0.0.2", "127.0.0.3"]) else {
+    let Some(mut hosts) = HostsEntry::add(&name, &["127.0.0.2", "127.0.0.3"]) else {
         eprintln!("skipped: /etc/hosts is not writable here");
         return;
     };
@@ -603,6 +603,21 @@ fn host_name_with_several_addresses_is_several_endpoints() {
     let (ca, cb) = (served_now(a.rpc_addr()), served_now(b.rpc_addr()));
     assert_eq!(ca + cb, 60);
     assert!(ca > 0 && cb > 0, "both addresses used: {ca} {cb}");
+    // The name loses an address: re-resolved, that server is left alone.
+    hosts.remove(&format!("127.0.0.3 {name}"));
+    let only_a = format!("rpc endpoints: [{}]", a.rpc_addr());
+    wait_until(Duration::from_secs(6), "re-resolution", || {
+        gateway.stderr().contains(&only_a).then_some(())
+    });
+    for i in 0..30 {
+        send_ok(addr, &format!("dns{}", i % 3), "s", "y");
+    }
+    assert_eq!(
+        served_now(b.rpc_addr()),
+        cb,
+        "a dropped address still got calls"
+    );
+    assert_eq!(served_now(a.rpc_addr()), ca + 30);
 }
 
 /// Lines appended to /etc/hosts, removed on drop.
@@ -621,16 +636,26 @@ impl HostsEntry {
             .ok()?;
         Some(HostsEntry { lines })
     }
+
+    /// Takes one of the lines out again.
+    fn remove(&mut self, line: &str) {
+        self.drop_lines(&[line.to_string()]);
+        self.lines.retain(|l| l != line);
+    }
+
+    fn drop_lines(&self, lines: &[String]) {
+        if let Ok(text) = std::fs::read_to_string("/etc/hosts") {
+            let kept: Vec<&str> = text
+                .lines()
+                .filter(|l| !lines.iter().any(|m| m == l))
+                .collect();
+            let _ = std::fs::write("/etc/hosts", format!("{}\n", kept.join("\n")));
+        }
+    }
 }
 
 impl Drop for HostsEntry {
     fn drop(&mut self) {
-        if let Ok(text) = std::fs::read_to_string("/etc/hosts") {
-            let kept: Vec<&str> = text
-                .lines()
-                .filter(|l| !self.lines.iter().any(|m| m == l))
-                .collect();
-            let _ = std::fs::write("/etc/hosts", format!("{}\n", kept.join("\n")));
-        }
+        self.drop_lines(&self.lines);
     }
 }

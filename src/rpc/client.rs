@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 
 use super::frame::{self, Frame};
 use super::method;
@@ -73,8 +74,14 @@ pub struct RpcClient {
     timeout: Duration,
 }
 
-/// A call in flight.
-pub struct RpcCall(Pending<Frame>);
+/// A call in flight, with the moment its timeout runs out.
+pub struct RpcCall {
+    reply: Pending<Frame>,
+    /// Fixed when the call is issued, not when it is awaited: the gateway
+    /// awaits pipelined calls one after another, and a timeout counted from
+    /// the await made 8 pipelined calls to a silent peer take 8 timeouts.
+    deadline: Instant,
+}
 
 impl RpcClient {
     /// Starts the pool; connections are (re)established in the background.
@@ -104,15 +111,18 @@ impl RpcClient {
     /// Sends the request without waiting for its reply.
     pub fn start(&self, request: RpcRequest) -> Result<RpcCall, RpcError> {
         match self.pool.handle().start(request) {
-            Ok(pending) => Ok(RpcCall(pending)),
+            Ok(reply) => Ok(RpcCall {
+                reply,
+                deadline: Instant::now() + self.timeout,
+            }),
             Err(MuxError::Overloaded) => Err(RpcError::Overloaded),
             Err(MuxError::Unavailable) => Err(RpcError::Unavailable),
         }
     }
 
-    /// Waits for the reply, up to the call timeout.
+    /// Waits for the reply, up to the call timeout counted from [`start`](Self::start).
     pub async fn finish(&self, call: RpcCall) -> Result<Frame, RpcError> {
-        match tokio::time::timeout(self.timeout, call.0.wait()).await {
+        match tokio::time::timeout_at(call.deadline, call.reply.wait()).await {
             Ok(Ok(frame)) => Ok(frame),
             Ok(Err(MuxError::Overloaded)) => Err(RpcError::Overloaded),
             Ok(Err(MuxError::Unavailable)) => Err(RpcError::Unavailable),

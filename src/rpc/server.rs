@@ -7,13 +7,18 @@ use std::time::Duration;
 use bytes::BytesMut;
 use prost::Message as _;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::time::Instant;
 
 use super::frame::{self, Frame};
 use super::{method, status};
 use crate::accept::next_connection;
-use crate::domain::{Code, canonical_chat, validate_pull, validate_send};
+use crate::domain::{
+    Code, DEFAULT_LIMIT, MAX_LIMIT, MAX_NAME_BYTES, MAX_TEXT_BYTES, canonical_chat, validate_pull,
+    validate_send,
+};
 use crate::proto::{Message, PullRequest, PullResponse, SendRequest, SendResponse};
 use crate::store::{AnyStore, Store, StoreError};
 use crate::unwind::catch_panic;
@@ -21,9 +26,23 @@ use crate::unwind::catch_panic;
 #[derive(Debug, Clone, Copy)]
 pub struct RpcServerOptions {
     pub max_frame: usize,
-    /// Requests of one connection being served at once; the connection is
-    /// not read further until one finishes.
+    /// Requests of one connection being served at once; more are refused
+    /// with `Overloaded`.
     pub max_in_flight: usize,
+    /// Reply bytes one connection may hold: replies being made (counted at
+    /// the largest size they can have) and replies not yet written. Past it
+    /// the connection is not read until its peer reads.
+    pub max_output: usize,
+    /// A connection with nothing in flight that sends nothing for this long
+    /// is closed.
+    pub idle_timeout: Duration,
+    /// Open connections (all shards together, through the shared slots).
+    pub max_connections: usize,
+}
+
+/// The connection limit shared by every shard's accept loop.
+pub fn connection_slots(options: &RpcServerOptions) -> Arc<Semaphore> {
+    Arc::new(Semaphore::new(options.max_connections))
 }
 
 /// Accepts connections until `shutdown` turns true, then stops accepting and
@@ -33,12 +52,21 @@ pub async fn serve(
     listener: TcpListener,
     store: Arc<AnyStore>,
     options: RpcServerOptions,
+    slots: Arc<Semaphore>,
     mut shutdown: watch::Receiver<bool>,
     drain_timeout: Duration,
 ) {
     // Each connection task holds a clone; the channel closes when all are done.
     let (open, mut all_closed) = mpsc::channel::<()>(1);
+    let mut refusals = RefusalLog::default();
     while let Some((socket, peer)) = next_connection(&listener, &mut shutdown, "rpc").await {
+        // Over the limit the connection is closed at once: there is no frame
+        // to answer yet, and a gateway retries on its next call.
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            refusals.refused(options.max_connections);
+            drop(socket);
+            continue;
+        };
         let store = store.clone();
         let shutdown = shutdown.clone();
         let open = open.clone();
@@ -46,7 +74,7 @@ pub async fn serve(
             if let Err(err) = connection(socket, store, options, shutdown).await {
                 eprintln!("im-server: rpc connection from {peer} closed: {err}");
             }
-            drop(open);
+            drop((open, slot));
         });
     }
     drop((listener, open));
@@ -58,6 +86,37 @@ pub async fn serve(
     }
 }
 
+/// Logs refused connections at most once per interval, with a count, so a
+/// flood cannot flood the log too.
+#[derive(Default)]
+struct RefusalLog {
+    last: Option<Instant>,
+    unlogged: u64,
+}
+
+impl RefusalLog {
+    const INTERVAL: Duration = Duration::from_secs(10);
+
+    fn refused(&mut self, limit: usize) {
+        self.unlogged += 1;
+        if self.last.is_none_or(|last| last.elapsed() >= Self::INTERVAL) {
+            eprintln!(
+                "im-server: rpc connection limit ({limit}) reached: closed {} new connection(s)",
+                self.unlogged
+            );
+            self.last = Some(Instant::now());
+            self.unlogged = 0;
+        }
+    }
+}
+
+/// A decoded request, or why it cannot be served.
+enum Work {
+    Send(SendRequest),
+    Pull(PullRequest),
+    Bad(String),
+}
+
 enum Reply {
     Send(SendResponse),
     Pull(PullResponse),
@@ -66,32 +125,33 @@ enum Reply {
     BadFrame(String),
 }
 
+/// A reply on its way to the writer, holding its share of the output budget
+/// until it has been written.
+struct Outgoing {
+    id: u64,
+    reply: Reply,
+    budget: OwnedSemaphorePermit,
+}
+
 async fn connection(
     socket: TcpStream,
     store: Arc<AnyStore>,
     options: RpcServerOptions,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
-    let (mut reader, mut writer) = socket.into_split();
-    let (replies, mut outbox) = mpsc::channel::<(u64, Reply)>(options.max_in_flight.max(1));
+    let (mut reader, writer) = socket.into_split();
+    // Unbounded by count: what it holds is bounded in bytes by `budget`.
+    let (replies, outbox) = mpsc::unbounded_channel::<Outgoing>();
+    let write_loop = tokio::spawn(write_replies(writer, outbox));
 
-    // Writer: everything finished since the last write goes out in one write.
-    let write_loop = tokio::spawn(async move {
-        let mut output = BytesMut::with_capacity(64 * 1024);
-        while let Some(first) = outbox.recv().await {
-            encode_reply(&mut output, first);
-            while let Ok(next) = outbox.try_recv() {
-                encode_reply(&mut output, next);
-            }
-            if writer.write_all(&output).await.is_err() {
-                return;
-            }
-            output.clear();
-        }
-    });
-
-    let permits = Arc::new(Semaphore::new(options.max_in_flight.max(1)));
+    // Reservations are taken in one `acquire_many(u32)`.
+    let max_output = options.max_output.clamp(1, u32::MAX as usize);
+    let budget = Arc::new(Semaphore::new(max_output));
+    let in_flight = options.max_in_flight.max(1);
+    let permits = Arc::new(Semaphore::new(in_flight));
     let mut input = BytesMut::with_capacity(64 * 1024);
+    let idle = tokio::time::sleep(options.idle_timeout);
+    tokio::pin!(idle);
     let result = loop {
         let frame = match frame::decode(&mut input, options.max_frame) {
             Ok(Some(frame)) => frame,
@@ -101,54 +161,176 @@ async fn connection(
                     read = reader.read_buf(&mut input) => read,
                     // Stop taking requests; those in flight still complete.
                     _ = shutdown.wait_for(|&stop| stop) => break Ok(()),
+                    // The writer gave up on the peer.
+                    _ = replies.closed() => break Ok(()),
+                    _ = &mut idle => {
+                        let busy = permits.available_permits() < in_flight
+                            || budget.available_permits() < max_output;
+                        if !busy {
+                            break Ok(());
+                        }
+                        idle.as_mut().reset(Instant::now() + options.idle_timeout);
+                        continue;
+                    }
                 };
                 match read {
                     Ok(0) => break Ok(()),
-                    Ok(_) => continue,
+                    Ok(_) => {
+                        idle.as_mut().reset(Instant::now() + options.idle_timeout);
+                        continue;
+                    }
                     Err(err) => break Err(err),
                 }
             }
             Err(err) => break Err(err.into()),
         };
+        let id = frame.id;
+        let method = frame.kind;
+        let work = decode_request(frame);
         // At the in-flight limit, refuse at once rather than stop reading:
         // waiting would hold every later frame behind the slowest request.
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            if replies
-                .send((frame.id, overloaded(frame.kind)))
-                .await
-                .is_err()
-            {
+        let permit = permits.clone().try_acquire_owned().ok();
+        let reserve = match (&permit, &work) {
+            (Some(_), work) => largest_reply(work),
+            (None, _) => SMALL_REPLY,
+        }
+        .min(max_output);
+        // Over the output budget, stop reading instead: the peer is not
+        // reading its replies, and every request read would add one more.
+        let bytes = tokio::select! {
+            bytes = budget.clone().acquire_many_owned(reserve as u32) => bytes,
+            _ = replies.closed() => break Ok(()),
+            _ = shutdown.wait_for(|&stop| stop) => break Ok(()),
+        };
+        let Ok(bytes) = bytes else { break Ok(()) };
+        let Some(permit) = permit else {
+            let reply = overloaded(method);
+            if replies.send(Outgoing { id, reply, budget: bytes }).is_err() {
                 break Ok(());
             }
             continue;
         };
         let store = store.clone();
         let replies = replies.clone();
+        let budget = budget.clone();
         tokio::spawn(async move {
-            let id = frame.id;
-            let reply = catch_panic(handle(&store, frame)).await.unwrap_or_else(|| {
+            let reply = catch_panic(handle(&store, work)).await.unwrap_or_else(|| {
                 Reply::BadFrame("internal error while serving the request".into())
             });
-            let _ = replies.send((id, reply)).await;
+            let bytes = fit_budget(bytes, &budget, encoded_len(&reply));
+            let _ = replies.send(Outgoing { id, reply, budget: bytes });
             drop(permit);
         });
     };
     // Wait for the requests in flight, then let the writer flush and finish.
-    let _ = permits
-        .acquire_many(options.max_in_flight.max(1) as u32)
-        .await;
+    let _ = permits.acquire_many(in_flight as u32).await;
     drop(replies);
     let _ = write_loop.await;
     result
 }
 
-fn encode_reply(output: &mut BytesMut, (id, reply): (u64, Reply)) {
+/// Writes everything finished since the last write in one write; a peer
+/// that accepts no byte for [`WRITE_STALL_TIMEOUT`] is given up on.
+async fn write_replies(mut writer: OwnedWriteHalf, mut outbox: mpsc::UnboundedReceiver<Outgoing>) {
+    let mut output = BytesMut::with_capacity(64 * 1024);
+    // The budget of what `output` holds, released once it is written. Each
+    // reply is dropped as soon as it is encoded, so `output` is its only copy.
+    let mut held = Vec::new();
+    while let Some(first) = outbox.recv().await {
+        held.push(encode_reply(&mut output, first));
+        while let Ok(next) = outbox.try_recv() {
+            held.push(encode_reply(&mut output, next));
+        }
+        let mut unsent = &output[..];
+        while !unsent.is_empty() {
+            match tokio::time::timeout(WRITE_STALL_TIMEOUT, writer.write(unsent)).await {
+                Ok(Ok(n)) if n > 0 => unsent = &unsent[n..],
+                _ => return,
+            }
+        }
+        held.clear();
+        output.clear();
+        // One big page must not pin its buffer for the life of the connection.
+        if output.capacity() > KEEP_OUTPUT_CAPACITY {
+            output = BytesMut::with_capacity(64 * 1024);
+        }
+    }
+}
+
+/// A peer that accepts no reply byte for this long is gone or hostile: the
+/// gateway reads whenever its socket is readable. Closing it frees the
+/// connection's output budget and slot.
+const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The writer's buffer is kept up to this size between writes.
+const KEEP_OUTPUT_CAPACITY: usize = 1024 * 1024;
+
+/// Frame header: length, id, kind.
+const FRAME_HEADER: usize = 4 + 9;
+
+/// Budget for a reply that echoes nothing of its request: a send's answer,
+/// `Overloaded`, a bad-frame reason (their texts are under 200 bytes).
+const SMALL_REPLY: usize = 1024;
+
+/// The largest one message can be inside a `PullResponse`: its fields at
+/// their limits plus tags, lengths and the message's own length prefix.
+const LARGEST_MESSAGE: usize = MAX_TEXT_BYTES + 2 * MAX_NAME_BYTES + 64;
+
+/// The most bytes the reply to `work` can take, known before it is served.
+/// A validation error may quote the request, hence its length for sends.
+fn largest_reply(work: &Work) -> usize {
+    match work {
+        Work::Pull(req) => {
+            let limit = match req.limit {
+                0 => DEFAULT_LIMIT,
+                n => n.clamp(1, MAX_LIMIT),
+            } as usize;
+            SMALL_REPLY + req.chat.len() + limit * LARGEST_MESSAGE
+        }
+        Work::Send(req) => SMALL_REPLY + req.encoded_len(),
+        Work::Bad(why) => SMALL_REPLY + why.len(),
+    }
+}
+
+/// Trims a reservation to the reply's real size, or tops it up if the reply
+/// is larger than foreseen (without waiting: the reply exists already).
+fn fit_budget(
+    mut bytes: OwnedSemaphorePermit,
+    budget: &Arc<Semaphore>,
+    needed: usize,
+) -> OwnedSemaphorePermit {
+    let held = bytes.num_permits();
+    if needed < held {
+        drop(bytes.split(held - needed));
+    } else if needed > held {
+        let extra = u32::try_from(needed - held).unwrap_or(u32::MAX);
+        if let Ok(extra) = budget.clone().try_acquire_many_owned(extra) {
+            bytes.merge(extra);
+        }
+    }
+    bytes
+}
+
+fn encoded_len(reply: &Reply) -> usize {
+    FRAME_HEADER
+        + match reply {
+            Reply::Send(resp) => resp.encoded_len(),
+            Reply::Pull(resp) => resp.encoded_len(),
+            Reply::PullPage(wire) => wire.len(),
+            Reply::BadFrame(why) => why.len(),
+        }
+}
+
+/// Appends the reply's frame and returns its budget, now held by `output`.
+fn encode_reply(output: &mut BytesMut, outgoing: Outgoing) -> OwnedSemaphorePermit {
+    let Outgoing { id, reply, budget } = outgoing;
     match reply {
         Reply::Send(resp) => frame::encode(output, id, status::OK, &resp),
         Reply::Pull(resp) => frame::encode(output, id, status::OK, &resp),
         Reply::PullPage(wire) => frame::encode_raw(output, id, status::OK, &wire),
         Reply::BadFrame(why) => frame::encode_raw(output, id, status::BAD_FRAME, why.as_bytes()),
     }
+    budget
 }
 
 /// The reply to a request refused because too many are in flight.
@@ -170,17 +352,25 @@ fn overloaded(method: u8) -> Reply {
     }
 }
 
-async fn handle(store: &AnyStore, frame: Frame) -> Reply {
+fn decode_request(frame: Frame) -> Work {
     match frame.kind {
         method::SEND => match SendRequest::decode(frame.body) {
-            Ok(req) => Reply::Send(send(store, req).await),
-            Err(err) => Reply::BadFrame(format!("undecodable SendRequest: {err}")),
+            Ok(req) => Work::Send(req),
+            Err(err) => Work::Bad(format!("undecodable SendRequest: {err}")),
         },
         method::PULL => match PullRequest::decode(frame.body) {
-            Ok(req) => pull(store, req).await,
-            Err(err) => Reply::BadFrame(format!("undecodable PullRequest: {err}")),
+            Ok(req) => Work::Pull(req),
+            Err(err) => Work::Bad(format!("undecodable PullRequest: {err}")),
         },
-        other => Reply::BadFrame(format!("unknown method {other}")),
+        other => Work::Bad(format!("unknown method {other}")),
+    }
+}
+
+async fn handle(store: &AnyStore, work: Work) -> Reply {
+    match work {
+        Work::Send(req) => Reply::Send(send(store, req).await),
+        Work::Pull(req) => pull(store, req).await,
+        Work::Bad(why) => Reply::BadFrame(why),
     }
 }
 

@@ -238,7 +238,8 @@ async fn write_replies(mut writer: OwnedWriteHalf, mut outbox: mpsc::UnboundedRe
     let mut held = Vec::new();
     while let Some(first) = outbox.recv().await {
         held.push(encode_reply(&mut output, first));
-        while let Ok(next) = outbox.try_recv() {
+        while output.len() < MAX_BATCH {
+            let Ok(next) = outbox.try_recv() else { break };
             held.push(encode_reply(&mut output, next));
         }
         let mut unsent = &output[..];
@@ -261,6 +262,11 @@ async fn write_replies(mut writer: OwnedWriteHalf, mut outbox: mpsc::UnboundedRe
 /// gateway reads whenever its socket is readable. Closing it frees the
 /// connection's output budget and slot.
 const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The writer stops taking replies into one write at this size: small
+/// replies are still batched, and big ones wait as they are instead of being
+/// copied into an ever-doubling buffer (which counted twice against memory).
+const MAX_BATCH: usize = 256 * 1024;
 
 /// The writer's buffer is kept up to this size between writes.
 const KEEP_OUTPUT_CAPACITY: usize = 1024 * 1024;

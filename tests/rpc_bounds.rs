@@ -216,9 +216,9 @@ fn pipelined_calls_to_a_silent_rpc_peer_all_time_out_within_3_s() {
     conn.set_read_timeout(Duration::from_secs(15));
     let mut burst = Vec::new();
     for i in 0..8 {
-        burst.extend(format!(
-            "GET /api/pull?chat=silent{i} HTTP/1.1\r\nHost: t\r\n\r\n"
-        ).into_bytes());
+        burst.extend(
+            format!("GET /api/pull?chat=silent{i} HTTP/1.1\r\nHost: t\r\n\r\n").into_bytes(),
+        );
     }
     let started = Instant::now();
     conn.write_raw(&burst);
@@ -320,7 +320,10 @@ fn unread_big_pulls(server: &Server, store: &str) {
             "reply to pull {id} (refused or failed instead of delayed?)"
         );
         assert!(body.len() > 6_000_000, "reply {id} is {} bytes", body.len());
-        assert!(!std::mem::replace(&mut seen[id as usize], true), "id {id} twice");
+        assert!(
+            !std::mem::replace(&mut seen[id as usize], true),
+            "id {id} twice"
+        );
     }
 }
 
@@ -453,9 +456,13 @@ fn pull_page_rpc(c: &mut TcpStream, chat: &str) -> usize {
 
 #[test]
 fn rpc_connections_over_the_fd_limit_do_not_stop_http() {
-    // The descriptor budget (README): 1024 files hold the 512 RPC
-    // connections allowed here, the HTTP connection and the pools.
-    let server = Server::start("all", &["--max-rpc-connections", "512"], &[]);
+    // The descriptor budget (README): 1024 files hold the 400 HTTP and 512
+    // RPC connections allowed here, the pools and the listeners.
+    let server = Server::start(
+        "all",
+        &["--max-connections", "400", "--max-rpc-connections", "512"],
+        &[],
+    );
     let pid = server.pid().expect("pid");
     prlimit(pid, "nofile", 1024);
     let (http, rpc) = (server.http_addr(), server.rpc_addr());
@@ -469,7 +476,10 @@ fn rpc_connections_over_the_fd_limit_do_not_stop_http() {
     }
     let started = Instant::now();
     for round in 0..5 {
-        ping(http, &format!("round {round} with 1,100 idle RPC connections"));
+        ping(
+            http,
+            &format!("round {round} with 1,100 idle RPC connections"),
+        );
         thread::sleep(Duration::from_millis(200));
     }
     let took = started.elapsed();

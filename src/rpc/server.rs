@@ -99,7 +99,10 @@ impl RefusalLog {
 
     fn refused(&mut self, limit: usize) {
         self.unlogged += 1;
-        if self.last.is_none_or(|last| last.elapsed() >= Self::INTERVAL) {
+        if self
+            .last
+            .is_none_or(|last| last.elapsed() >= Self::INTERVAL)
+        {
             eprintln!(
                 "im-server: rpc connection limit ({limit}) reached: closed {} new connection(s)",
                 self.unlogged
@@ -205,7 +208,14 @@ async fn connection(
         let Ok(bytes) = bytes else { break Ok(()) };
         let Some(permit) = permit else {
             let reply = overloaded(method);
-            if replies.send(Outgoing { id, reply, budget: bytes }).is_err() {
+            if replies
+                .send(Outgoing {
+                    id,
+                    reply,
+                    budget: bytes,
+                })
+                .is_err()
+            {
                 break Ok(());
             }
             continue;
@@ -218,7 +228,11 @@ async fn connection(
                 Reply::BadFrame("internal error while serving the request".into())
             });
             let bytes = fit_budget(bytes, &budget, encoded_len(&reply));
-            let _ = replies.send(Outgoing { id, reply, budget: bytes });
+            let _ = replies.send(Outgoing {
+                id,
+                reply,
+                budget: bytes,
+            });
             drop(permit);
         });
     };

@@ -1,16 +1,17 @@
 //! The RPC server: decodes request frames, validates, asks the store, and
 //! writes replies as they complete (in any order), batched per connection.
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
 use prost::Message as _;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
 use super::frame::{self, Frame};
 use super::{method, status};
@@ -136,108 +137,140 @@ struct Outgoing {
     budget: OwnedSemaphorePermit,
 }
 
+/// How much of a connection's capacity is in use: requests being served
+/// (a count) and reply bytes (reserved, made or unsent).
+struct Usage {
+    in_flight: Arc<Semaphore>,
+    max_in_flight: usize,
+    output: Arc<Semaphore>,
+    max_output: usize,
+}
+
+impl Usage {
+    fn new(options: &RpcServerOptions) -> Usage {
+        let max_in_flight = options.max_in_flight.max(1);
+        // Reservations are taken in one `acquire_many(u32)`.
+        let max_output = options.max_output.clamp(1, u32::MAX as usize);
+        Usage {
+            in_flight: Arc::new(Semaphore::new(max_in_flight)),
+            max_in_flight,
+            output: Arc::new(Semaphore::new(max_output)),
+            max_output,
+        }
+    }
+
+    /// Whether a request is being served or a reply is not yet written.
+    fn busy(&self) -> bool {
+        self.in_flight.available_permits() < self.max_in_flight
+            || self.output.available_permits() < self.max_output
+    }
+}
+
+/// The reader's side of a connection: its socket, input buffer and idle timer.
+struct Requests {
+    reader: OwnedReadHalf,
+    input: BytesMut,
+    max_frame: usize,
+    idle_timeout: Duration,
+    idle: Pin<Box<Sleep>>,
+}
+
+impl Requests {
+    /// The next request frame, or `None` when the connection should close
+    /// quietly: end of stream, shutdown, the writer gave up on the peer, or
+    /// the idle timeout passed with nothing in flight.
+    async fn next(
+        &mut self,
+        usage: &Usage,
+        replies: &mpsc::UnboundedSender<Outgoing>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> std::io::Result<Option<Frame>> {
+        loop {
+            if let Some(frame) = frame::decode(&mut self.input, self.max_frame)? {
+                return Ok(Some(frame));
+            }
+            crate::buf::reserve_for_read(&mut self.input, 4096, 64 * 1024);
+            tokio::select! {
+                read = self.reader.read_buf(&mut self.input) => if read? == 0 {
+                    return Ok(None);
+                },
+                // Stop taking requests; those in flight still complete.
+                _ = shutdown.wait_for(|&stop| stop) => return Ok(None),
+                _ = replies.closed() => return Ok(None),
+                _ = &mut self.idle => if !usage.busy() {
+                    return Ok(None);
+                },
+            }
+            let deadline = Instant::now() + self.idle_timeout;
+            self.idle.as_mut().reset(deadline);
+        }
+    }
+}
+
 async fn connection(
     socket: TcpStream,
     store: Arc<AnyStore>,
     options: RpcServerOptions,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
-    let (mut reader, writer) = socket.into_split();
-    // Unbounded by count: what it holds is bounded in bytes by `budget`.
+    let (reader, writer) = socket.into_split();
+    // Unbounded by count: what it holds is bounded in bytes by `usage.output`.
     let (replies, outbox) = mpsc::unbounded_channel::<Outgoing>();
     let write_loop = tokio::spawn(write_replies(writer, outbox));
-
-    // Reservations are taken in one `acquire_many(u32)`.
-    let max_output = options.max_output.clamp(1, u32::MAX as usize);
-    let budget = Arc::new(Semaphore::new(max_output));
-    let in_flight = options.max_in_flight.max(1);
-    let permits = Arc::new(Semaphore::new(in_flight));
-    let mut input = BytesMut::with_capacity(64 * 1024);
-    let idle = tokio::time::sleep(options.idle_timeout);
-    tokio::pin!(idle);
+    let usage = Usage::new(&options);
+    let mut requests = Requests {
+        reader,
+        input: BytesMut::with_capacity(64 * 1024),
+        max_frame: options.max_frame,
+        idle_timeout: options.idle_timeout,
+        idle: Box::pin(tokio::time::sleep(options.idle_timeout)),
+    };
     let result = loop {
-        let frame = match frame::decode(&mut input, options.max_frame) {
+        let frame = match requests.next(&usage, &replies, &mut shutdown).await {
             Ok(Some(frame)) => frame,
-            Ok(None) => {
-                crate::buf::reserve_for_read(&mut input, 4096, 64 * 1024);
-                let read = tokio::select! {
-                    read = reader.read_buf(&mut input) => read,
-                    // Stop taking requests; those in flight still complete.
-                    _ = shutdown.wait_for(|&stop| stop) => break Ok(()),
-                    // The writer gave up on the peer.
-                    _ = replies.closed() => break Ok(()),
-                    _ = &mut idle => {
-                        let busy = permits.available_permits() < in_flight
-                            || budget.available_permits() < max_output;
-                        if !busy {
-                            break Ok(());
-                        }
-                        idle.as_mut().reset(Instant::now() + options.idle_timeout);
-                        continue;
-                    }
-                };
-                match read {
-                    Ok(0) => break Ok(()),
-                    Ok(_) => {
-                        idle.as_mut().reset(Instant::now() + options.idle_timeout);
-                        continue;
-                    }
-                    Err(err) => break Err(err),
-                }
-            }
-            Err(err) => break Err(err.into()),
+            Ok(None) => break Ok(()),
+            Err(err) => break Err(err),
         };
-        let id = frame.id;
-        let method = frame.kind;
+        let (id, method) = (frame.id, frame.kind);
         let work = decode_request(frame);
         // At the in-flight limit, refuse at once rather than stop reading:
         // waiting would hold every later frame behind the slowest request.
-        let permit = permits.clone().try_acquire_owned().ok();
-        let reserve = match (&permit, &work) {
-            (Some(_), work) => largest_reply(work),
-            (None, _) => SMALL_REPLY,
+        let permit = usage.in_flight.clone().try_acquire_owned().ok();
+        let reserve = match &permit {
+            Some(_) => largest_reply(&work),
+            None => SMALL_REPLY,
         }
-        .min(max_output);
+        .min(usage.max_output);
         // Over the output budget, stop reading instead: the peer is not
         // reading its replies, and every request read would add one more.
-        let bytes = tokio::select! {
-            bytes = budget.clone().acquire_many_owned(reserve as u32) => bytes,
+        let budget = tokio::select! {
+            budget = usage.output.clone().acquire_many_owned(reserve as u32) => budget,
             _ = replies.closed() => break Ok(()),
             _ = shutdown.wait_for(|&stop| stop) => break Ok(()),
         };
-        let Ok(bytes) = bytes else { break Ok(()) };
+        let Ok(budget) = budget else { break Ok(()) };
         let Some(permit) = permit else {
             let reply = overloaded(method);
-            if replies
-                .send(Outgoing {
-                    id,
-                    reply,
-                    budget: bytes,
-                })
-                .is_err()
-            {
-                break Ok(());
+            match replies.send(Outgoing { id, reply, budget }) {
+                Ok(()) => continue,
+                Err(_) => break Ok(()),
             }
-            continue;
         };
-        let store = store.clone();
-        let replies = replies.clone();
-        let budget = budget.clone();
+        let (store, replies, output) = (store.clone(), replies.clone(), usage.output.clone());
         tokio::spawn(async move {
             let reply = catch_panic(handle(&store, work)).await.unwrap_or_else(|| {
                 Reply::BadFrame("internal error while serving the request".into())
             });
-            let bytes = fit_budget(bytes, &budget, encoded_len(&reply));
-            let _ = replies.send(Outgoing {
-                id,
-                reply,
-                budget: bytes,
-            });
+            let budget = fit_budget(budget, &output, encoded_len(&reply));
+            let _ = replies.send(Outgoing { id, reply, budget });
             drop(permit);
         });
     };
     // Wait for the requests in flight, then let the writer flush and finish.
-    let _ = permits.acquire_many(in_flight as u32).await;
+    let _ = usage
+        .in_flight
+        .acquire_many(usage.max_in_flight as u32)
+        .await;
     drop(replies);
     let _ = write_loop.await;
     result

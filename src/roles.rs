@@ -362,3 +362,30 @@ async fn shutdown_signal() {
         _ = term.recv() => {}
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Parsed;
+
+    fn config(args: &[&str]) -> Config {
+        match Config::parse(args.iter().map(|s| s.to_string()), |_| None) {
+            Ok(Parsed::Run(config)) => *config,
+            _ => panic!("{args:?} should parse"),
+        }
+    }
+
+    #[test]
+    fn descriptor_budget_counts_the_limits_of_the_roles_run() {
+        let limits = ["--max-connections", "400", "--max-rpc-connections", "512"];
+        let all = config(&limits);
+        // 400 HTTP + 2 gateway→RPC + 512 RPC + 64 + 2 × 4
+        assert_eq!(descriptors_needed(&all, 2), 986);
+        let mut gateway_args = vec!["gateway", "--rpc", "h:1"];
+        gateway_args.extend(limits);
+        assert_eq!(descriptors_needed(&config(&gateway_args), 2), 400 + 2 + 72);
+        let mut rpc_args = vec!["rpc", "--redis", "redis://h", "--redis-connections", "3"];
+        rpc_args.extend(limits);
+        assert_eq!(descriptors_needed(&config(&rpc_args), 2), 512 + 6 + 72);
+    }
+}

@@ -487,3 +487,67 @@ async fn pull(store: &AnyStore, req: PullRequest) -> Reply {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A page of `n` messages with every field at its limit.
+    fn largest_page(n: usize) -> PullResponse {
+        let message = Message {
+            chat: "c".repeat(MAX_NAME_BYTES),
+            text: "t".repeat(MAX_TEXT_BYTES),
+            sender: "s".repeat(MAX_NAME_BYTES),
+            send_time: i64::MAX,
+        };
+        PullResponse {
+            code: 0,
+            msg: String::new(),
+            messages: vec![message; n],
+            has_more: true,
+            next_cursor: i64::MAX,
+        }
+    }
+
+    fn pull(limit: i32) -> Work {
+        Work::Pull(PullRequest {
+            chat: "c".repeat(MAX_NAME_BYTES),
+            cursor: 0,
+            limit,
+            reverse: false,
+        })
+    }
+
+    #[test]
+    fn the_reservation_for_a_pull_covers_its_largest_page() {
+        for (limit, page) in [(0, 10), (1, 1), (10, 10), (100, 100), (1000, 100)] {
+            let largest = encoded_len(&Reply::Pull(largest_page(page)));
+            let reserved = largest_reply(&pull(limit));
+            assert!(
+                largest <= reserved,
+                "limit {limit}: page of {largest} bytes, {reserved} reserved"
+            );
+            // And not wildly more: the budget is what bounds concurrency.
+            assert!(
+                reserved < largest + largest / 10 + SMALL_REPLY,
+                "limit {limit}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_budget_is_trimmed_to_the_reply_or_topped_up_when_possible() {
+        let output = Arc::new(Semaphore::new(1000));
+        let held = output.clone().try_acquire_many_owned(600).expect("free");
+        let held = fit_budget(held, &output, 100);
+        assert_eq!((held.num_permits(), output.available_permits()), (100, 900));
+        let held = fit_budget(held, &output, 300);
+        assert_eq!((held.num_permits(), output.available_permits()), (300, 700));
+        // More than is free: kept as it is rather than waiting.
+        let other = output.clone().try_acquire_many_owned(700).expect("free");
+        let held = fit_budget(held, &output, 500);
+        assert_eq!(held.num_permits(), 300);
+        drop((held, other));
+        assert_eq!(output.available_permits(), 1000);
+    }
+}

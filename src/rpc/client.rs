@@ -91,6 +91,8 @@ impl RpcClient {
             target: addr.clone(),
             queue: options.queue,
             max_in_flight: options.max_in_flight,
+            // RpcProtocol counts no bytes (Protocol::queued_bytes default).
+            max_queued_bytes: usize::MAX,
         };
         let max_frame = options.max_frame;
         let pool = Pool::spawn(
@@ -108,15 +110,16 @@ impl RpcClient {
         }
     }
 
-    /// Sends the request without waiting for its reply.
+    /// Sends the request without waiting for its reply. The call's timeout
+    /// starts now; a call still queued when it runs out
+    /// is never written.
     pub fn start(&self, request: RpcRequest) -> Result<RpcCall, RpcError> {
-        match self.pool.handle().start(request) {
-            Ok(reply) => Ok(RpcCall {
-                reply,
-                deadline: Instant::now() + self.timeout,
-            }),
+        let deadline = Instant::now() + self.timeout;
+        match self.pool.handle().start_by(request, deadline) {
+            Ok(reply) => Ok(RpcCall { reply, deadline }),
             Err(MuxError::Overloaded) => Err(RpcError::Overloaded),
             Err(MuxError::Unavailable) => Err(RpcError::Unavailable),
+            Err(MuxError::Timeout) => Err(RpcError::Timeout),
         }
     }
 
@@ -126,6 +129,7 @@ impl RpcClient {
             Ok(Ok(frame)) => Ok(frame),
             Ok(Err(MuxError::Overloaded)) => Err(RpcError::Overloaded),
             Ok(Err(MuxError::Unavailable)) => Err(RpcError::Unavailable),
+            Ok(Err(MuxError::Timeout)) => Err(RpcError::Timeout),
             Err(_elapsed) => Err(RpcError::Timeout),
         }
     }

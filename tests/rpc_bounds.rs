@@ -572,14 +572,29 @@ fn idle_rpc_connections_are_closed_and_the_gateway_reconnects() {
         thread::sleep(Duration::from_millis(400));
     }
 
-    // The gateway's pooled connections are closed while idle and rebuilt.
-    let gateway = Server::gateway(addr, &[]);
+    // The gateway's pooled connections (one per gateway thread) are closed
+    // whenever idle for 1 s and reopened at once: sends spread over several
+    // such cycles, each on a fresh HTTP connection (so on any thread, whose
+    // RPC connection may just have been closed), all succeed.
+    let gateway = Server::gateway(addr, &["--threads", "2"]);
     let http = gateway.http_addr();
     send_ok(http, "idle:room", "a", "before the idle close");
     thread::sleep(Duration::from_millis(2500));
-    for i in 0..20 {
-        send_ok(http, "idle:room", "a", &format!("after the idle close {i}"));
+    for i in 0..40 {
+        let r = send(http, "idle:room", "a", &format!("after the idle close {i}"));
+        assert_eq!(
+            r.status,
+            200,
+            "send {i} around idle closes: {}",
+            r.describe()
+        );
+        thread::sleep(Duration::from_millis(97));
     }
     let page = pull_page(http, "idle:room", 0, 100, false);
-    assert_eq!(page.messages.len(), 21, "every send was stored once");
+    assert_eq!(page.messages.len(), 41, "every send was stored once");
+    assert!(
+        !gateway.stderr().contains("lost"),
+        "idle closes are routine, not logged as lost connections:\n{}",
+        gateway.stderr()
+    );
 }

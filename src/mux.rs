@@ -315,6 +315,10 @@ const MIN_BACKOFF: Duration = Duration::from_millis(25);
 /// Kept short so that a restarted peer is used again within a second.
 const MAX_BACKOFF: Duration = Duration::from_millis(250);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// A connection closed while idle is reopened without a backoff only if it
+/// lived this long: a peer that closes every connection at once (e.g. at
+/// its connection limit) still gets the backoff.
+const MIN_LIFE_FOR_QUICK_RECONNECT: Duration = Duration::from_secs(1);
 
 /// The task's end of a [`Handle`]'s channel: taking a call releases its
 /// bytes from the budget.
@@ -360,12 +364,19 @@ async fn run<P: Protocol>(mut protocol: P, mut calls: Queue<P>, options: MuxOpti
                     waiting: HashMap::new(),
                     in_flight_bytes: 0,
                 };
+                let connected = Instant::now();
                 let outcome = connection.serve(&mut protocol, &mut calls, &options).await;
+                // Closed by the peer with no call waiting, after it had been
+                // up a while: a server's idle timeout. Reconnect at once
+                // instead of failing calls for a backoff: nothing is wrong.
+                let idle_close = connection.waiting.is_empty()
+                    && connected.elapsed() >= MIN_LIFE_FOR_QUICK_RECONNECT;
                 for (_, (reply, _)) in connection.waiting.drain() {
                     let _ = reply.send(Err(MuxError::Lost));
                 }
                 match outcome {
                     Ok(()) => return, // every handle dropped
+                    Err(_) if idle_close => continue,
                     Err(err) => {
                         eprintln!(
                             "im-server: {} connection to {} lost: {err}",

@@ -34,6 +34,8 @@ struct Plan {
     config: Config,
     /// The store, when this process runs the RPC server.
     store: Option<StoreChoice>,
+    /// The RPC server's connection limit, shared by every shard.
+    rpc_slots: Arc<Semaphore>,
     /// When this process runs the gateway: the RPC servers it calls (kept
     /// current by discovery), and the connection limit.
     gateway: Option<(watch::Receiver<Vec<SocketAddr>>, Arc<Semaphore>)>,
@@ -77,10 +79,7 @@ enum StoreChoice {
 /// Runs the configured role(s) until SIGINT or SIGTERM, then shuts down
 /// gracefully.
 pub fn run(config: Config) -> Result<(), String> {
-    match crate::rlimit::raise_open_files_limit() {
-        Some(files) => eprintln!("im-server: open-file limit {files}"),
-        None => eprintln!("im-server: could not read the open-file limit"),
-    }
+    let files = crate::rlimit::raise_open_files_limit();
     let (plan, listeners) = plan(config)?;
     let registration = register(&plan)?;
     let plan = Arc::new(plan);
@@ -88,6 +87,18 @@ pub fn run(config: Config) -> Result<(), String> {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
     };
+    match files {
+        Some(files) => {
+            eprintln!("im-server: open-file limit {files}");
+            let needed = descriptors_needed(&plan.config, shards);
+            if needed > files {
+                eprintln!(
+                    "im-server: warning: the connection limits can take {needed} descriptors, over the open-file limit {files}: lower --max-connections / --max-rpc-connections or raise `ulimit -n` (see the README's descriptor budget)"
+                );
+            }
+        }
+        None => eprintln!("im-server: could not read the open-file limit"),
+    }
     let (stop_gateway, gateway_stopping) = watch::channel(false);
     let (stop_rpc, rpc_stopping) = watch::channel(false);
     let (gateway_drained, mut gateway_drains) = mpsc::channel::<()>(shards);
@@ -164,6 +175,28 @@ pub fn run(config: Config) -> Result<(), String> {
     Ok(())
 }
 
+/// Descriptors the configured limits allow this process to hold at once:
+/// the connection limits of the roles it runs, every shard's pooled
+/// connections, and a margin for listeners, epoll and the runtime's own.
+fn descriptors_needed(config: &Config, shards: usize) -> u64 {
+    let (gateway, rpc) = match config.role {
+        Role::All => (true, true),
+        Role::Gateway => (true, false),
+        Role::Rpc => (false, true),
+    };
+    let mut needed = 64 + 4 * shards;
+    if gateway {
+        needed += config.max_connections + shards * config.rpc_connections;
+    }
+    if rpc {
+        needed += config.max_rpc_connections;
+        if config.redis_url.is_some() {
+            needed += shards * config.redis_connections;
+        }
+    }
+    needed as u64
+}
+
 /// Binds every listener (once, before the shards start) and chooses the store.
 fn plan(config: Config) -> Result<(Plan, Listeners), String> {
     let rpc = match config.role {
@@ -207,9 +240,11 @@ fn plan(config: Config) -> Result<(Plan, Listeners), String> {
         Some((listener, target, slots)) => (Some(listener), Some((target, slots))),
         None => (None, None),
     };
+    let rpc_slots = crate::rpc::server::connection_slots(&rpc_server_options(&config));
     let plan = Plan {
         config,
         store,
+        rpc_slots,
         gateway,
         rpc_local,
     };
@@ -312,6 +347,16 @@ fn server_options(config: &Config) -> ServerOptions {
     }
 }
 
+fn rpc_server_options(config: &Config) -> RpcServerOptions {
+    RpcServerOptions {
+        max_frame: config.max_frame,
+        max_in_flight: config.max_in_flight,
+        max_output: config.max_rpc_output,
+        idle_timeout: config.rpc_idle_timeout,
+        max_connections: config.max_rpc_connections,
+    }
+}
+
 async fn run_shard(
     plan: &Plan,
     listeners: Listeners,
@@ -335,14 +380,11 @@ async fn run_shard(
                     AnyStore::Redis(RedisStore::new(target.clone(), &options))
                 }
             };
-            let options = RpcServerOptions {
-                max_frame: config.max_frame,
-                max_in_flight: config.max_in_flight,
-            };
             let server = crate::rpc::server::serve(
                 shard_listener(listeners.rpc)?,
                 Arc::new(store),
-                options,
+                rpc_server_options(config),
+                plan.rpc_slots.clone(),
                 rpc_stopping,
                 config.drain_timeout,
             );
@@ -389,5 +431,32 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Parsed;
+
+    fn config(args: &[&str]) -> Config {
+        match Config::parse(args.iter().map(|s| s.to_string()), |_| None) {
+            Ok(Parsed::Run(config)) => *config,
+            _ => panic!("{args:?} should parse"),
+        }
+    }
+
+    #[test]
+    fn descriptor_budget_counts_the_limits_of_the_roles_run() {
+        let limits = ["--max-connections", "400", "--max-rpc-connections", "512"];
+        let all = config(&limits);
+        // 400 HTTP + 2 gateway→RPC + 512 RPC + 64 + 2 × 4
+        assert_eq!(descriptors_needed(&all, 2), 986);
+        let mut gateway_args = vec!["gateway", "--rpc", "h:1"];
+        gateway_args.extend(limits);
+        assert_eq!(descriptors_needed(&config(&gateway_args), 2), 400 + 2 + 72);
+        let mut rpc_args = vec!["rpc", "--redis", "redis://h", "--redis-connections", "3"];
+        rpc_args.extend(limits);
+        assert_eq!(descriptors_needed(&config(&rpc_args), 2), 512 + 6 + 72);
     }
 }

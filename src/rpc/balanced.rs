@@ -169,7 +169,9 @@ impl BalancedClient {
                 outcome: None,
             };
             tried.push(id);
-            match client.start(request) {
+            // The first deadline holds across retries: a call still queued
+            // when it passes is never written.
+            match client.start_by(request, tokio::time::Instant::from_std(deadline)) {
                 Ok(call) => {
                     return Ok(BalancedCall {
                         call,

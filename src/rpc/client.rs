@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 
 use super::frame::{self, Frame};
 use super::{method, status};
@@ -96,13 +97,19 @@ pub struct RpcClient {
     going_away: Arc<AtomicBool>,
 }
 
-/// A call in flight.
-pub struct RpcCall(Pending<Frame>);
+/// A call in flight, with the moment its timeout runs out.
+pub struct RpcCall {
+    reply: Pending<Frame>,
+    /// Fixed when the call is issued, not when it is awaited: the gateway
+    /// awaits pipelined calls one after another, and a timeout counted from
+    /// the await made 8 pipelined calls to a silent peer take 8 timeouts.
+    deadline: Instant,
+}
 
 impl RpcCall {
     /// Waits for the reply with no time limit (the caller applies one).
     pub async fn wait(self) -> Result<Frame, RpcError> {
-        match self.0.wait().await {
+        match self.reply.wait().await {
             Ok(frame) => Ok(frame),
             Err(MuxError::Overloaded) => Err(RpcError::Overloaded),
             Err(MuxError::Unavailable) => Err(RpcError::Unavailable),
@@ -147,10 +154,18 @@ impl RpcClient {
         self.going_away.load(Ordering::Relaxed)
     }
 
-    /// Sends the request without waiting for its reply.
+    /// Sends the request without waiting for its reply. The call's timeout
+    /// starts now; a call still queued when it runs out
+    /// is never written.
     pub fn start(&self, request: RpcRequest) -> Result<RpcCall, RpcError> {
-        match self.pool.handle().start(request) {
-            Ok(pending) => Ok(RpcCall(pending)),
+        self.start_by(request, Instant::now() + self.timeout)
+    }
+
+    /// [`start`](Self::start) with the deadline given (a call retried on
+    /// another server keeps its first deadline).
+    pub fn start_by(&self, request: RpcRequest, deadline: Instant) -> Result<RpcCall, RpcError> {
+        match self.pool.handle().start_by(request, deadline) {
+            Ok(reply) => Ok(RpcCall { reply, deadline }),
             Err(MuxError::Overloaded) => Err(RpcError::Overloaded),
             Err(MuxError::Unavailable) => Err(RpcError::Unavailable),
             Err(MuxError::Lost) => Err(RpcError::Lost),
@@ -158,9 +173,9 @@ impl RpcClient {
         }
     }
 
-    /// Waits for the reply, up to the call timeout.
+    /// Waits for the reply, up to the call timeout counted from [`start`](Self::start).
     pub async fn finish(&self, call: RpcCall) -> Result<Frame, RpcError> {
-        match tokio::time::timeout(self.timeout, call.0.wait()).await {
+        match tokio::time::timeout_at(call.deadline, call.reply.wait()).await {
             Ok(Ok(frame)) => Ok(frame),
             Ok(Err(MuxError::Overloaded)) => Err(RpcError::Overloaded),
             Ok(Err(MuxError::Unavailable)) => Err(RpcError::Unavailable),

@@ -1,6 +1,7 @@
 //! The RPC server: decodes request frames, validates, asks the store, and
 //! writes replies as they complete (in any order), batched per connection.
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -8,13 +9,18 @@ use std::time::Duration;
 use bytes::BytesMut;
 use prost::Message as _;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::time::{Instant, Sleep};
 
 use super::frame::{self, Frame};
 use super::{method, status};
 use crate::accept::next_connection;
-use crate::domain::{Code, canonical_chat, validate_pull, validate_send};
+use crate::domain::{
+    Code, DEFAULT_LIMIT, MAX_LIMIT, MAX_NAME_BYTES, MAX_TEXT_BYTES, canonical_chat, validate_pull,
+    validate_send,
+};
 use crate::proto::{Message, PingResponse, PullRequest, PullResponse, SendRequest, SendResponse};
 use crate::store::{AnyStore, Store, StoreError};
 use crate::unwind::catch_panic;
@@ -22,9 +28,23 @@ use crate::unwind::catch_panic;
 #[derive(Debug, Clone, Copy)]
 pub struct RpcServerOptions {
     pub max_frame: usize,
-    /// Requests of one connection being served at once; the connection is
-    /// not read further until one finishes.
+    /// Requests of one connection being served at once; more are refused
+    /// with `Overloaded`.
     pub max_in_flight: usize,
+    /// Reply bytes one connection may hold: replies being made (counted at
+    /// the largest size they can have) and replies not yet written. Past it
+    /// the connection is not read until its peer reads.
+    pub max_output: usize,
+    /// A connection with nothing in flight that sends nothing for this long
+    /// is closed.
+    pub idle_timeout: Duration,
+    /// Open connections (all shards together, through the shared slots).
+    pub max_connections: usize,
+}
+
+/// The connection limit shared by every shard's accept loop.
+pub fn connection_slots(options: &RpcServerOptions) -> Arc<Semaphore> {
+    Arc::new(Semaphore::new(options.max_connections))
 }
 
 /// Accepts connections until `shutdown` turns true, then stops accepting and
@@ -34,12 +54,21 @@ pub async fn serve(
     listener: TcpListener,
     store: Arc<AnyStore>,
     options: RpcServerOptions,
+    slots: Arc<Semaphore>,
     mut shutdown: watch::Receiver<bool>,
     drain_timeout: Duration,
 ) {
     // Each connection task holds a clone; the channel closes when all are done.
     let (open, mut all_closed) = mpsc::channel::<()>(1);
+    let mut refusals = RefusalLog::default();
     while let Some((socket, peer)) = next_connection(&listener, &mut shutdown, "rpc").await {
+        // Over the limit the connection is closed at once: there is no frame
+        // to answer yet, and a gateway retries on its next call.
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            refusals.refused(options.max_connections);
+            drop(socket);
+            continue;
+        };
         let store = store.clone();
         let shutdown = shutdown.clone();
         let open = open.clone();
@@ -47,7 +76,7 @@ pub async fn serve(
             if let Err(err) = connection(socket, store, options, shutdown).await {
                 eprintln!("im-server: rpc connection from {peer} closed: {err}");
             }
-            drop(open);
+            drop((open, slot));
         });
     }
     drop((listener, open));
@@ -56,6 +85,33 @@ pub async fn serve(
         .is_err()
     {
         eprintln!("im-server: rpc drain timed out");
+    }
+}
+
+/// Logs refused connections at most once per interval, with a count, so a
+/// flood cannot flood the log too.
+#[derive(Default)]
+struct RefusalLog {
+    last: Option<Instant>,
+    unlogged: u64,
+}
+
+impl RefusalLog {
+    const INTERVAL: Duration = Duration::from_secs(10);
+
+    fn refused(&mut self, limit: usize) {
+        self.unlogged += 1;
+        if self
+            .last
+            .is_none_or(|last| last.elapsed() >= Self::INTERVAL)
+        {
+            eprintln!(
+                "im-server: rpc connection limit ({limit}) reached: closed {} new connection(s)",
+                self.unlogged
+            );
+            self.last = Some(Instant::now());
+            self.unlogged = 0;
+        }
     }
 }
 
@@ -70,6 +126,14 @@ static SERVED: AtomicU64 = AtomicU64::new(0);
 /// while to read the GOAWAY.
 const GOAWAY_QUIET: Duration = Duration::from_secs(1);
 
+/// A decoded request, or why it cannot be served.
+enum Work {
+    Send(SendRequest),
+    Pull(PullRequest),
+    Ping,
+    Bad(String),
+}
+
 enum Reply {
     Send(SendResponse),
     Pull(PullResponse),
@@ -77,7 +141,118 @@ enum Reply {
     PullPage(Vec<u8>),
     Pong,
     BadFrame(String),
+    /// Not a reply: see [`status::GOAWAY`].
     GoAway,
+}
+
+/// A reply on its way to the writer, holding its share of the output budget
+/// until it has been written.
+struct Outgoing {
+    id: u64,
+    reply: Reply,
+    budget: OwnedSemaphorePermit,
+}
+
+/// How much of a connection's capacity is in use: requests being served
+/// (a count) and reply bytes (reserved, made or unsent).
+struct Usage {
+    in_flight: Arc<Semaphore>,
+    max_in_flight: usize,
+    output: Arc<Semaphore>,
+    max_output: usize,
+}
+
+impl Usage {
+    fn new(options: &RpcServerOptions) -> Usage {
+        let max_in_flight = options.max_in_flight.max(1);
+        // Reservations are taken in one `acquire_many(u32)`.
+        let max_output = options.max_output.clamp(1, u32::MAX as usize);
+        Usage {
+            in_flight: Arc::new(Semaphore::new(max_in_flight)),
+            max_in_flight,
+            output: Arc::new(Semaphore::new(max_output)),
+            max_output,
+        }
+    }
+
+    /// Whether a request is being served or a reply is not yet written.
+    fn busy(&self) -> bool {
+        self.in_flight.available_permits() < self.max_in_flight
+            || self.output.available_permits() < self.max_output
+    }
+}
+
+/// The reader's side of a connection: its socket, input buffer and idle timer.
+struct Requests {
+    reader: OwnedReadHalf,
+    input: BytesMut,
+    max_frame: usize,
+    idle_timeout: Duration,
+    idle: Pin<Box<Sleep>>,
+    /// GOAWAY has been sent: the idle timer is [`GOAWAY_QUIET`] now.
+    going_away: bool,
+}
+
+impl Requests {
+    /// The next request frame, or `None` when the connection should close
+    /// quietly: end of stream, the writer gave up on the peer, or the idle
+    /// timeout passed with nothing in flight. On shutdown it sends GOAWAY
+    /// and goes on reading, with the shorter idle timer [`GOAWAY_QUIET`].
+    async fn next(
+        &mut self,
+        usage: &Usage,
+        replies: &mpsc::UnboundedSender<Outgoing>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> std::io::Result<Option<Frame>> {
+        loop {
+            if let Some(frame) = frame::decode(&mut self.input, self.max_frame)? {
+                return Ok(Some(frame));
+            }
+            crate::buf::reserve_for_read(&mut self.input, 4096, 64 * 1024);
+            tokio::select! {
+                read = self.reader.read_buf(&mut self.input) => if read? == 0 {
+                    return Ok(None);
+                },
+                _ = shutdown.wait_for(|&stop| stop), if !self.going_away => {
+                    if !self.go_away(usage, replies) {
+                        return Ok(None);
+                    }
+                }
+                _ = replies.closed() => return Ok(None),
+                _ = &mut self.idle => if !usage.busy() {
+                    return Ok(None);
+                },
+            }
+            let idle = if self.going_away {
+                GOAWAY_QUIET
+            } else {
+                self.idle_timeout
+            };
+            let deadline = Instant::now() + idle;
+            self.idle.as_mut().reset(deadline);
+        }
+    }
+}
+
+impl Requests {
+    /// Queues the GOAWAY frame; `false` if it cannot be (the peer is not
+    /// reading its replies, or the writer is gone): then close at once.
+    fn go_away(&mut self, usage: &Usage, replies: &mpsc::UnboundedSender<Outgoing>) -> bool {
+        self.going_away = true;
+        let Ok(budget) = usage
+            .output
+            .clone()
+            .try_acquire_many_owned(FRAME_HEADER as u32)
+        else {
+            return false;
+        };
+        let goaway = Outgoing {
+            id: 0,
+            reply: Reply::GoAway,
+            budget,
+        };
+        replies.send(goaway).is_ok()
+    }
 }
 
 async fn connection(
@@ -86,93 +261,176 @@ async fn connection(
     options: RpcServerOptions,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
-    let (mut reader, mut writer) = socket.into_split();
-    let (replies, mut outbox) = mpsc::channel::<(u64, Reply)>(options.max_in_flight.max(1));
-
-    // Writer: everything finished since the last write goes out in one write.
-    let write_loop = tokio::spawn(async move {
-        let mut output = BytesMut::with_capacity(64 * 1024);
-        while let Some(first) = outbox.recv().await {
-            encode_reply(&mut output, first);
-            while let Ok(next) = outbox.try_recv() {
-                encode_reply(&mut output, next);
-            }
-            if writer.write_all(&output).await.is_err() {
-                return;
-            }
-            output.clear();
-        }
-    });
-
-    let permits = Arc::new(Semaphore::new(options.max_in_flight.max(1)));
-    let mut input = BytesMut::with_capacity(64 * 1024);
-    let mut going_away = false;
+    let (reader, writer) = socket.into_split();
+    // Unbounded by count: what it holds is bounded in bytes by `usage.output`.
+    let (replies, outbox) = mpsc::unbounded_channel::<Outgoing>();
+    let write_loop = tokio::spawn(write_replies(writer, outbox));
+    let usage = Usage::new(&options);
+    let mut requests = Requests {
+        reader,
+        input: BytesMut::with_capacity(64 * 1024),
+        max_frame: options.max_frame,
+        idle_timeout: options.idle_timeout,
+        idle: Box::pin(tokio::time::sleep(options.idle_timeout)),
+        going_away: false,
+    };
     let result = loop {
-        let frame = match frame::decode(&mut input, options.max_frame) {
+        let frame = match requests.next(&usage, &replies, &mut shutdown).await {
             Ok(Some(frame)) => frame,
-            Ok(None) => {
-                crate::buf::reserve_for_read(&mut input, 4096, 64 * 1024);
-                let read = tokio::select! {
-                    read = reader.read_buf(&mut input) => read,
-                    // Tell the client to send new calls elsewhere; keep
-                    // serving what it sent before it read that.
-                    // (The guard `wait_for` returns must not live across the
-                    // await below: it is not Send.)
-                    _ = async { drop(shutdown.wait_for(|&stop| stop).await) }, if !going_away => {
-                        going_away = true;
-                        if replies.send((0, Reply::GoAway)).await.is_err() {
-                            break Ok(());
-                        }
-                        continue;
-                    }
-                    _ = tokio::time::sleep(GOAWAY_QUIET), if going_away => {
-                        if permits.available_permits() == options.max_in_flight.max(1) {
-                            break Ok(());
-                        }
-                        continue;
-                    }
-                };
-                match read {
-                    Ok(0) => break Ok(()),
-                    Ok(_) => continue,
-                    Err(err) => break Err(err),
-                }
-            }
-            Err(err) => break Err(err.into()),
+            Ok(None) => break Ok(()),
+            Err(err) => break Err(err),
         };
+        let (id, method) = (frame.id, frame.kind);
+        let work = decode_request(frame);
         // At the in-flight limit, refuse at once rather than stop reading:
         // waiting would hold every later frame behind the slowest request.
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            if replies
-                .send((frame.id, overloaded(frame.kind)))
-                .await
-                .is_err()
-            {
-                break Ok(());
-            }
-            continue;
+        let permit = usage.in_flight.clone().try_acquire_owned().ok();
+        let reserve = match &permit {
+            Some(_) => largest_reply(&work),
+            None => SMALL_REPLY,
+        }
+        .min(usage.max_output);
+        // Over the output budget, stop reading instead: the peer is not
+        // reading its replies, and every request read would add one more.
+        let budget = tokio::select! {
+            budget = usage.output.clone().acquire_many_owned(reserve as u32) => budget,
+            _ = replies.closed() => break Ok(()),
+            // (After GOAWAY, shutdown is already on: the quiet timer and the
+            // drain timeout bound this wait instead.)
+            _ = shutdown.wait_for(|&stop| stop), if !requests.going_away => break Ok(()),
         };
-        let store = store.clone();
-        let replies = replies.clone();
+        let Ok(budget) = budget else { break Ok(()) };
+        let Some(permit) = permit else {
+            let reply = overloaded(method);
+            match replies.send(Outgoing { id, reply, budget }) {
+                Ok(()) => continue,
+                Err(_) => break Ok(()),
+            }
+        };
+        let (store, replies, output) = (store.clone(), replies.clone(), usage.output.clone());
         tokio::spawn(async move {
-            let id = frame.id;
-            let reply = catch_panic(handle(&store, frame)).await.unwrap_or_else(|| {
+            let reply = catch_panic(handle(&store, work)).await.unwrap_or_else(|| {
                 Reply::BadFrame("internal error while serving the request".into())
             });
-            let _ = replies.send((id, reply)).await;
+            let budget = fit_budget(budget, &output, encoded_len(&reply));
+            let _ = replies.send(Outgoing { id, reply, budget });
             drop(permit);
         });
     };
     // Wait for the requests in flight, then let the writer flush and finish.
-    let _ = permits
-        .acquire_many(options.max_in_flight.max(1) as u32)
+    let _ = usage
+        .in_flight
+        .acquire_many(usage.max_in_flight as u32)
         .await;
     drop(replies);
     let _ = write_loop.await;
     result
 }
 
-fn encode_reply(output: &mut BytesMut, (id, reply): (u64, Reply)) {
+/// Writes everything finished since the last write in one write; a peer
+/// that accepts no byte for [`WRITE_STALL_TIMEOUT`] is given up on.
+async fn write_replies(mut writer: OwnedWriteHalf, mut outbox: mpsc::UnboundedReceiver<Outgoing>) {
+    let mut output = BytesMut::with_capacity(64 * 1024);
+    // The budget of what `output` holds, released once it is written. Each
+    // reply is dropped as soon as it is encoded, so `output` is its only copy.
+    let mut held = Vec::new();
+    while let Some(first) = outbox.recv().await {
+        held.push(encode_reply(&mut output, first));
+        while output.len() < MAX_BATCH {
+            let Ok(next) = outbox.try_recv() else { break };
+            held.push(encode_reply(&mut output, next));
+        }
+        let mut unsent = &output[..];
+        while !unsent.is_empty() {
+            match tokio::time::timeout(WRITE_STALL_TIMEOUT, writer.write(unsent)).await {
+                Ok(Ok(n)) if n > 0 => unsent = &unsent[n..],
+                _ => return,
+            }
+        }
+        held.clear();
+        output.clear();
+        // One big page must not pin its buffer for the life of the connection.
+        if output.capacity() > KEEP_OUTPUT_CAPACITY {
+            output = BytesMut::with_capacity(64 * 1024);
+        }
+    }
+}
+
+/// A peer that accepts no reply byte for this long is gone or hostile: the
+/// gateway reads whenever its socket is readable. Closing it frees the
+/// connection's output budget and slot.
+const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The writer stops taking replies into one write at this size: small
+/// replies are still batched, and big ones wait as they are instead of being
+/// copied into an ever-doubling buffer (which counted twice against memory).
+const MAX_BATCH: usize = 256 * 1024;
+
+/// The writer's buffer is kept up to this size between writes.
+const KEEP_OUTPUT_CAPACITY: usize = 1024 * 1024;
+
+/// Frame header: length, id, kind.
+const FRAME_HEADER: usize = 4 + 9;
+
+/// Budget for a reply that echoes nothing of its request: a send's answer,
+/// `Overloaded`, a bad-frame reason (their texts are under 200 bytes).
+const SMALL_REPLY: usize = 1024;
+
+/// The largest one message can be inside a `PullResponse`: its fields at
+/// their limits plus tags, lengths and the message's own length prefix.
+const LARGEST_MESSAGE: usize = MAX_TEXT_BYTES + 2 * MAX_NAME_BYTES + 64;
+
+/// The most bytes the reply to `work` can take, known before it is served.
+/// A validation error may quote the request, hence its length for sends.
+fn largest_reply(work: &Work) -> usize {
+    match work {
+        Work::Pull(req) => {
+            let limit = match req.limit {
+                0 => DEFAULT_LIMIT,
+                n => n.clamp(1, MAX_LIMIT),
+            } as usize;
+            SMALL_REPLY + req.chat.len() + limit * LARGEST_MESSAGE
+        }
+        Work::Send(req) => SMALL_REPLY + req.encoded_len(),
+        Work::Ping => SMALL_REPLY,
+        Work::Bad(why) => SMALL_REPLY + why.len(),
+    }
+}
+
+/// Trims a reservation to the reply's real size, or tops it up if the reply
+/// is larger than foreseen (without waiting: the reply exists already).
+fn fit_budget(
+    mut bytes: OwnedSemaphorePermit,
+    budget: &Arc<Semaphore>,
+    needed: usize,
+) -> OwnedSemaphorePermit {
+    let held = bytes.num_permits();
+    if needed < held {
+        drop(bytes.split(held - needed));
+    } else if needed > held {
+        let extra = u32::try_from(needed - held).unwrap_or(u32::MAX);
+        if let Ok(extra) = budget.clone().try_acquire_many_owned(extra) {
+            bytes.merge(extra);
+        }
+    }
+    bytes
+}
+
+fn encoded_len(reply: &Reply) -> usize {
+    FRAME_HEADER
+        + match reply {
+            Reply::Send(resp) => resp.encoded_len(),
+            Reply::Pull(resp) => resp.encoded_len(),
+            Reply::PullPage(wire) => wire.len(),
+            Reply::BadFrame(why) => why.len(),
+            Reply::Pong => PingResponse { served: u64::MAX }.encoded_len(),
+            Reply::GoAway => 0,
+        }
+}
+
+/// Appends the reply's frame and returns its budget, now held by `output`.
+fn encode_reply(output: &mut BytesMut, outgoing: Outgoing) -> OwnedSemaphorePermit {
+    let Outgoing { id, reply, budget } = outgoing;
     match reply {
         Reply::Send(resp) => frame::encode(output, id, status::OK, &resp),
         Reply::Pull(resp) => frame::encode(output, id, status::OK, &resp),
@@ -184,6 +442,7 @@ fn encode_reply(output: &mut BytesMut, (id, reply): (u64, Reply)) {
         Reply::BadFrame(why) => frame::encode_raw(output, id, status::BAD_FRAME, why.as_bytes()),
         Reply::GoAway => frame::encode_raw(output, 0, status::GOAWAY, b""),
     }
+    budget
 }
 
 /// The reply to a request refused because too many are in flight.
@@ -206,21 +465,30 @@ fn overloaded(method: u8) -> Reply {
     }
 }
 
-async fn handle(store: &AnyStore, frame: Frame) -> Reply {
-    if frame.kind != method::PING {
-        SERVED.fetch_add(1, Ordering::Relaxed);
-    }
+fn decode_request(frame: Frame) -> Work {
     match frame.kind {
-        method::PING => Reply::Pong,
         method::SEND => match SendRequest::decode(frame.body) {
-            Ok(req) => Reply::Send(send(store, req).await),
-            Err(err) => Reply::BadFrame(format!("undecodable SendRequest: {err}")),
+            Ok(req) => Work::Send(req),
+            Err(err) => Work::Bad(format!("undecodable SendRequest: {err}")),
         },
         method::PULL => match PullRequest::decode(frame.body) {
-            Ok(req) => pull(store, req).await,
-            Err(err) => Reply::BadFrame(format!("undecodable PullRequest: {err}")),
+            Ok(req) => Work::Pull(req),
+            Err(err) => Work::Bad(format!("undecodable PullRequest: {err}")),
         },
-        other => Reply::BadFrame(format!("unknown method {other}")),
+        method::PING => Work::Ping,
+        other => Work::Bad(format!("unknown method {other}")),
+    }
+}
+
+async fn handle(store: &AnyStore, work: Work) -> Reply {
+    if matches!(work, Work::Send(_) | Work::Pull(_)) {
+        SERVED.fetch_add(1, Ordering::Relaxed);
+    }
+    match work {
+        Work::Send(req) => Reply::Send(send(store, req).await),
+        Work::Pull(req) => pull(store, req).await,
+        Work::Ping => Reply::Pong,
+        Work::Bad(why) => Reply::BadFrame(why),
     }
 }
 
@@ -282,5 +550,69 @@ async fn pull(store: &AnyStore, req: PullRequest) -> Reply {
             let (code, msg) = store_failure(err);
             failed(code, msg)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A page of `n` messages with every field at its limit.
+    fn largest_page(n: usize) -> PullResponse {
+        let message = Message {
+            chat: "c".repeat(MAX_NAME_BYTES),
+            text: "t".repeat(MAX_TEXT_BYTES),
+            sender: "s".repeat(MAX_NAME_BYTES),
+            send_time: i64::MAX,
+        };
+        PullResponse {
+            code: 0,
+            msg: String::new(),
+            messages: vec![message; n],
+            has_more: true,
+            next_cursor: i64::MAX,
+        }
+    }
+
+    fn pull(limit: i32) -> Work {
+        Work::Pull(PullRequest {
+            chat: "c".repeat(MAX_NAME_BYTES),
+            cursor: 0,
+            limit,
+            reverse: false,
+        })
+    }
+
+    #[test]
+    fn the_reservation_for_a_pull_covers_its_largest_page() {
+        for (limit, page) in [(0, 10), (1, 1), (10, 10), (100, 100), (1000, 100)] {
+            let largest = encoded_len(&Reply::Pull(largest_page(page)));
+            let reserved = largest_reply(&pull(limit));
+            assert!(
+                largest <= reserved,
+                "limit {limit}: page of {largest} bytes, {reserved} reserved"
+            );
+            // And not wildly more: the budget is what bounds concurrency.
+            assert!(
+                reserved < largest + largest / 10 + SMALL_REPLY,
+                "limit {limit}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_budget_is_trimmed_to_the_reply_or_topped_up_when_possible() {
+        let output = Arc::new(Semaphore::new(1000));
+        let held = output.clone().try_acquire_many_owned(600).expect("free");
+        let held = fit_budget(held, &output, 100);
+        assert_eq!((held.num_permits(), output.available_permits()), (100, 900));
+        let held = fit_budget(held, &output, 300);
+        assert_eq!((held.num_permits(), output.available_permits()), (300, 700));
+        // More than is free: kept as it is rather than waiting.
+        let other = output.clone().try_acquire_many_owned(700).expect("free");
+        let held = fit_budget(held, &output, 500);
+        assert_eq!(held.num_permits(), 300);
+        drop((held, other));
+        assert_eq!(output.available_permits(), 1000);
     }
 }

@@ -293,6 +293,9 @@ async fn connection(
         // Over the output budget, stop reading instead: the peer is not
         // reading its replies, and every request read would add one more.
         let budget = tokio::select! {
+            // Budget first: a frame read just as shutdown began is still
+            // served (the GOAWAY follows from the next read).
+            biased;
             budget = usage.output.clone().acquire_many_owned(reserve as u32) => budget,
             _ = replies.closed() => break Ok(()),
             // (After GOAWAY, shutdown is already on: the quiet timer and the

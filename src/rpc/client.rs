@@ -185,3 +185,38 @@ impl RpcClient {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn goaway_frame_marks_the_connection_retiring() {
+        let mut protocol = RpcProtocol {
+            addr: String::new(),
+            next_id: 0,
+            max_frame: frame::DEFAULT_MAX_FRAME,
+            going_away: Arc::new(AtomicBool::new(false)),
+        };
+        let mut input = BytesMut::new();
+        frame::encode_raw(&mut input, 7, status::OK, b"reply");
+        frame::encode_raw(&mut input, 0, status::GOAWAY, b"");
+        let (tag, reply) = protocol
+            .decode(&mut input)
+            .expect("valid")
+            .expect("a frame");
+        assert_eq!((tag, &reply.body[..]), (7, &b"reply"[..]));
+        assert!(!protocol.retiring(), "an ordinary reply is not GOAWAY");
+        let (tag, _) = protocol
+            .decode(&mut input)
+            .expect("valid")
+            .expect("a frame");
+        // Tag 0 is never a call's, so the mux matches it to nobody.
+        assert_eq!(tag, 0);
+        assert!(protocol.retiring());
+        assert!(protocol.going_away.load(Ordering::Relaxed));
+        // Request ids start at 1.
+        let mut out = BytesMut::new();
+        assert_eq!(protocol.encode(RpcRequest::Ping, &mut out), 1);
+    }
+}

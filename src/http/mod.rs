@@ -3,6 +3,7 @@
 //! per-connection loop ([`server`]).
 
 pub mod codec;
+pub mod conn;
 pub mod date;
 pub mod response;
 pub mod server;

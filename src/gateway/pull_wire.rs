@@ -35,6 +35,11 @@ pub fn pull_body(wire: Bytes) -> Result<Result<PullBody, Failed>, Malformed> {
             msg: scalars.msg,
         }));
     }
+    // The reply is a view into the RPC connection's read buffer, which may
+    // be several times larger: held for as long as a slow client takes to
+    // read, it would pin all of it. A copy of just the reply is cheap beside
+    // rendering it (6.5 MB copied for 39 MB rendered).
+    let wire = Bytes::copy_from_slice(&wire);
     Ok(Ok(PullBody::Stream(PullStream::new(wire, &scalars)?)))
 }
 

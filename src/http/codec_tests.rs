@@ -56,7 +56,9 @@ fn chunked_body_with_extensions_and_trailers() {
 fn keep_alive_rules() {
     let r = |s: &[u8]| decode_all(s).expect("valid")[0].keep_alive;
     assert!(r(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"));
-    assert!(!r(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"));
+    assert!(!r(
+        b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    ));
     assert!(!r(b"GET / HTTP/1.0\r\n\r\n"));
     assert!(r(b"GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n"));
 }
@@ -102,7 +104,8 @@ fn limits_answered_before_the_body_arrives() {
 #[test]
 fn absolute_form_and_query() {
     let reqs =
-        decode_all(b"GET http://example.com:8080/api/pull?chat=a HTTP/1.1\r\nHost: x\r\n\r\n").expect("valid");
+        decode_all(b"GET http://example.com:8080/api/pull?chat=a HTTP/1.1\r\nHost: x\r\n\r\n")
+            .expect("valid");
     assert_eq!(
         reqs[0].path_and_query(),
         (&b"/api/pull"[..], Some(&b"chat=a"[..]))
@@ -178,6 +181,12 @@ fn host_header_rules() {
     assert!(bad(b"GET / HTTP/1.1\r\n\r\n"), "HTTP/1.1 without Host");
     assert!(bad(b"GET / HTTP/1.1\r\nHost: a\r\nhost: b\r\n\r\n"));
     assert!(bad(b"GET / HTTP/1.0\r\nHost: a\r\nHost: a\r\n\r\n"));
-    assert!(decode_all(b"GET / HTTP/1.0\r\n\r\n").is_ok(), "HTTP/1.0 may omit Host");
-    assert!(decode_all(b"GET / HTTP/1.1\r\nHOST:\r\n\r\n").is_ok(), "an empty Host is allowed");
+    assert!(
+        decode_all(b"GET / HTTP/1.0\r\n\r\n").is_ok(),
+        "HTTP/1.0 may omit Host"
+    );
+    assert!(
+        decode_all(b"GET / HTTP/1.1\r\nHOST:\r\n\r\n").is_ok(),
+        "an empty Host is allowed"
+    );
 }

@@ -33,7 +33,7 @@ pub const MAX_PIPELINE: usize = 64;
 /// Requests in flight on a new connection, before any response size is
 /// known: each may hold a reply of up to a pull page (6.5 MB of protobuf)
 /// until it is written. Doubled after each small response.
-const INITIAL_WINDOW: usize = 2;
+const INITIAL_WINDOW: usize = 1;
 
 #[derive(Debug, Clone, Copy)]
 pub struct Settings {

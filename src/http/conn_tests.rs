@@ -62,7 +62,10 @@ fn each_request_timer_starts_at_its_own_first_byte() {
                     conn.finished(10, false, false);
                 }
                 Action::Read(until) => {
-                    assert!(until.deadline >= now + secs(9), "timer restarted per request");
+                    assert!(
+                        until.deadline >= now + secs(9),
+                        "timer restarted per request"
+                    );
                     break;
                 }
                 other => panic!("unexpected {other:?}"),
@@ -83,7 +86,10 @@ fn a_partial_request_is_timed_from_its_first_byte_and_answered_408() {
     };
     assert_eq!(until.deadline, t0 + secs(11));
     assert_eq!(until.expiry, Expiry::Timeout);
-    assert!(!until.interruptible, "a request being received is finished first");
+    assert!(
+        !until.interruptible,
+        "a request being received is finished first"
+    );
 }
 
 #[test]
@@ -113,7 +119,11 @@ fn an_unsafe_request_waits_for_earlier_ones_and_runs_alone() {
     assert_eq!(conn.next(t0, 0), Action::Finish, "the POST waits");
     conn.finished(2, false, false);
     assert_eq!(target(&conn.next(t0, 0)), Some(&b"/s"[..]));
-    assert_eq!(conn.next(t0, 0), Action::Finish, "nothing starts beside a POST");
+    assert_eq!(
+        conn.next(t0, 0),
+        Action::Finish,
+        "nothing starts beside a POST"
+    );
     conn.finished(2, false, false);
     assert_eq!(target(&conn.next(t0, 0)), Some(&b"/a"[..]));
 }
@@ -138,15 +148,27 @@ fn the_window_shrinks_after_large_responses_and_grows_after_small_ones() {
     }
     assert_eq!(started, INITIAL_WINDOW, "a new connection starts few");
     conn.finished(39_000_000, false, false);
-    assert_eq!(conn.next(t0, 0), Action::Finish, "one still in flight: no more start");
+    assert_eq!(
+        conn.next(t0, 0),
+        Action::Finish,
+        "one still in flight: no more start"
+    );
     conn.finished(39_000_000, false, false);
     assert!(target(&conn.next(t0, 0)).is_some());
-    assert_eq!(conn.next(t0, 0), Action::Finish, "window of one after big responses");
+    assert_eq!(
+        conn.next(t0, 0),
+        Action::Finish,
+        "window of one after big responses"
+    );
     for _ in 0..8 {
         conn.finished(20, false, false);
         while target(&conn.next(t0, 0)).is_some() {}
     }
-    assert_eq!(conn.in_flight(), MAX_PIPELINE, "small responses open it fully");
+    assert_eq!(
+        conn.in_flight(),
+        MAX_PIPELINE,
+        "small responses open it fully"
+    );
 }
 
 #[test]
@@ -158,7 +180,11 @@ fn shutdown_and_close_end_the_connection_after_the_response() {
     assert!(target(&conn.next(t0, 0)).is_some());
     let framing = conn.finished(2, false, true);
     assert!(!framing.keep_alive, "Connection: close once shutting down");
-    assert_eq!(conn.next(t0, 0), Action::Close, "the second is never answered");
+    assert_eq!(
+        conn.next(t0, 0),
+        Action::Close,
+        "the second is never answered"
+    );
 }
 
 #[test]
@@ -250,7 +276,10 @@ fn property_random_bytes_splits_and_time() {
                     assert!(in_flight.len() <= MAX_PIPELINE);
                 }
                 Action::Finish => {
-                    assert!(in_flight.pop_front().is_some(), "seed {seed}: finish with none");
+                    assert!(
+                        in_flight.pop_front().is_some(),
+                        "seed {seed}: finish with none"
+                    );
                     let big = rng.below(4) == 0;
                     let len = if big { 39_000_000 } else { 20 };
                     let framing = conn.finished(len, rng.below(50) == 0, false);
@@ -265,7 +294,10 @@ fn property_random_bytes_splits_and_time() {
                 }
                 Action::Continue => output += 25,
                 Action::Read(until) => {
-                    assert!(in_flight.is_empty(), "seed {seed}: read with requests in flight");
+                    assert!(
+                        in_flight.is_empty(),
+                        "seed {seed}: read with requests in flight"
+                    );
                     assert_eq!(output, 0, "seed {seed}: read before writing responses");
                     assert!(until.deadline > now, "seed {seed}: deadline already past");
                     now += Duration::from_millis(rng.below(4000) as u64);
@@ -282,12 +314,18 @@ fn property_random_bytes_splits_and_time() {
                     sent += n;
                 }
                 Action::Reject(_) | Action::Close => {
-                    assert!(in_flight.is_empty(), "seed {seed}: closed with requests unanswered");
+                    assert!(
+                        in_flight.is_empty(),
+                        "seed {seed}: closed with requests unanswered"
+                    );
                     ended = true;
                     break;
                 }
             }
         }
-        assert!(ended, "seed {seed}: the connection neither ended nor waited");
+        assert!(
+            ended,
+            "seed {seed}: the connection neither ended nor waited"
+        );
     }
 }

@@ -174,7 +174,10 @@ async fn connection<H: Handler>(
             Action::Flush => io.flush().await?,
             Action::Continue => io.output.put_slice(b"HTTP/1.1 100 Continue\r\n\r\n"),
             Action::Read(until) => {
-                if !io.read(&mut conn, until, handler.as_ref(), &mut shutdown).await? {
+                if !io
+                    .read(&mut conn, until, handler.as_ref(), &mut shutdown)
+                    .await?
+                {
                     return Ok(());
                 }
             }

@@ -14,6 +14,9 @@ use super::date::with_date;
 pub trait BodySource: Send {
     /// Total body bytes.
     fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
     /// Appends more of the body to `out`, stopping once `out` holds at least
     /// `until` bytes; returns true when the whole body has been appended.
     fn fill(&mut self, out: &mut BytesMut, until: usize) -> bool;

@@ -53,6 +53,15 @@ pub struct Framing {
     pub safe: bool,
 }
 
+/// What the driver reports of a finished response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Finished {
+    pub status: u16,
+    pub body_len: usize,
+    /// The response asks for the connection to close.
+    pub close: bool,
+}
+
 /// What the driver should do next.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Action {
@@ -258,10 +267,15 @@ impl Conn {
         }
     }
 
-    /// The oldest request in flight has its response, of `body_len` bytes,
-    /// which asks to close the connection if `close`. Returns how to frame
-    /// it: `keep_alive` false means this is the last response.
-    pub fn finished(&mut self, body_len: usize, close: bool, shutting_down: bool) -> Framing {
+    /// The oldest request in flight has its response: `status`, `body_len`
+    /// bytes, asking to close the connection if `close`. Returns how to
+    /// frame it: `keep_alive` false means this is the last response.
+    pub fn finished(&mut self, done: Finished, shutting_down: bool) -> Framing {
+        let Finished {
+            status,
+            body_len,
+            close,
+        } = done;
         let mut framing = self.in_flight.pop_front().unwrap_or(Framing {
             head_only: false,
             keep_alive: false,
@@ -275,20 +289,24 @@ impl Conn {
             // Requests started after this one are never answered.
             self.in_flight.clear();
         }
-        self.adapt_window(body_len);
+        self.adapt_window(status, body_len);
         framing
     }
 
     /// Fewer requests in flight after a large response: each started one may
-    /// hold as much until it is written. More after a small one, up to
-    /// [`MAX_PIPELINE`] (what pipelined small GETs need for throughput).
-    fn adapt_window(&mut self, body_len: usize) {
+    /// hold as much until it is written. More after a small successful one,
+    /// up to [`MAX_PIPELINE`] (what pipelined small GETs need for
+    /// throughput). An error says nothing of what the next reply weighs: a
+    /// 504 for a big pull that timed out is small, while its reply still
+    /// arrives (growing on it let timed-out big pulls open the window and
+    /// tripled the memory of ten connections of unread big pulls).
+    fn adapt_window(&mut self, status: u16, body_len: usize) {
         let fits = self.settings.max_output / MAX_PIPELINE;
-        self.window = if body_len > fits {
-            (self.settings.max_output / body_len.max(1)).clamp(1, MAX_PIPELINE)
-        } else {
-            (self.window * 2).min(MAX_PIPELINE)
-        };
+        if body_len > fits {
+            self.window = (self.settings.max_output / body_len.max(1)).clamp(1, MAX_PIPELINE);
+        } else if (200..300).contains(&status) {
+            self.window = (self.window * 2).min(MAX_PIPELINE);
+        }
     }
 
     /// Requests started and not yet finished.

@@ -11,6 +11,15 @@ fn settings() -> Settings {
     }
 }
 
+/// A 200 of `body_len` bytes.
+fn done(body_len: usize, close: bool) -> Finished {
+    Finished {
+        status: 200,
+        body_len,
+        close,
+    }
+}
+
 fn secs(s: u64) -> Duration {
     Duration::from_secs(s)
 }
@@ -59,7 +68,7 @@ fn each_request_timer_starts_at_its_own_first_byte() {
             match conn.next(now, 0) {
                 Action::Start(_) => {}
                 Action::Finish => {
-                    conn.finished(10, false, false);
+                    conn.finished(done(10, false), false);
                 }
                 Action::Read(until) => {
                     assert!(
@@ -99,7 +108,7 @@ fn idle_keep_alive_waits_the_idle_timeout_from_now() {
     feed(&mut conn, GET, t0);
     assert!(target(&conn.next(t0, 0)).is_some());
     assert_eq!(conn.next(t0, 0), Action::Finish);
-    conn.finished(2, false, false);
+    conn.finished(done(2, false), false);
     let Action::Read(until) = conn.next(t0 + secs(2), 0) else {
         panic!("idle");
     };
@@ -117,14 +126,14 @@ fn an_unsafe_request_waits_for_earlier_ones_and_runs_alone() {
     feed(&mut conn, &bytes, t0);
     assert_eq!(target(&conn.next(t0, 0)), Some(&b"/a"[..]));
     assert_eq!(conn.next(t0, 0), Action::Finish, "the POST waits");
-    conn.finished(2, false, false);
+    conn.finished(done(2, false), false);
     assert_eq!(target(&conn.next(t0, 0)), Some(&b"/s"[..]));
     assert_eq!(
         conn.next(t0, 0),
         Action::Finish,
         "nothing starts beside a POST"
     );
-    conn.finished(2, false, false);
+    conn.finished(done(2, false), false);
     assert_eq!(target(&conn.next(t0, 0)), Some(&b"/a"[..]));
 }
 
@@ -147,7 +156,7 @@ fn the_window_shrinks_after_large_responses_and_grows_after_small_ones() {
         started += 1;
     }
     assert_eq!(started, INITIAL_WINDOW, "a new connection starts few");
-    conn.finished(20, false, false);
+    conn.finished(done(20, false), false);
     let mut started = 0;
     while target(&conn.next(t0, 0)).is_some() {
         started += 1;
@@ -158,7 +167,7 @@ fn the_window_shrinks_after_large_responses_and_grows_after_small_ones() {
         "doubled after a small response"
     );
     for _ in 0..started {
-        conn.finished(39_000_000, false, false);
+        conn.finished(done(39_000_000, false), false);
     }
     assert!(target(&conn.next(t0, 0)).is_some());
     assert_eq!(
@@ -167,7 +176,7 @@ fn the_window_shrinks_after_large_responses_and_grows_after_small_ones() {
         "window of one after big responses"
     );
     for _ in 0..8 {
-        conn.finished(20, false, false);
+        conn.finished(done(20, false), false);
         while target(&conn.next(t0, 0)).is_some() {}
     }
     assert_eq!(
@@ -183,10 +192,10 @@ fn shutdown_and_close_end_the_connection_after_the_response() {
     let mut conn = Conn::new(settings(), t0);
     feed(&mut conn, &GET.repeat(4), t0);
     assert!(target(&conn.next(t0, 0)).is_some());
-    conn.finished(2, false, false);
+    conn.finished(done(2, false), false);
     assert!(target(&conn.next(t0, 0)).is_some());
     assert!(target(&conn.next(t0, 0)).is_some());
-    let framing = conn.finished(2, false, true);
+    let framing = conn.finished(done(2, false), true);
     assert!(!framing.keep_alive, "Connection: close once shutting down");
     assert_eq!(
         conn.next(t0, 0),
@@ -204,7 +213,7 @@ fn garbage_is_rejected_after_the_requests_before_it() {
     feed(&mut conn, &bytes, t0);
     assert!(target(&conn.next(t0, 0)).is_some());
     assert_eq!(conn.next(t0, 0), Action::Finish);
-    conn.finished(2, false, false);
+    conn.finished(done(2, false), false);
     assert!(matches!(conn.next(t0, 0), Action::Reject(_)));
 }
 
@@ -290,7 +299,7 @@ fn property_random_bytes_splits_and_time() {
                     );
                     let big = rng.below(4) == 0;
                     let len = if big { 39_000_000 } else { 20 };
-                    let framing = conn.finished(len, rng.below(50) == 0, false);
+                    let framing = conn.finished(done(len, rng.below(50) == 0), false);
                     if !framing.keep_alive {
                         in_flight.clear();
                     }

@@ -16,7 +16,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio::time::Instant;
 
 use super::codec::{HttpError, Limits, Request};
-use super::conn::{Action, Conn, Expiry, Framing, ReadUntil, Settings};
+use super::conn::{Action, Conn, Expiry, Finished, Framing, ReadUntil, Settings};
 use super::response::{Response, write_response};
 use crate::accept::next_connection;
 use crate::unwind::{catch_panic, catch_panic_sync};
@@ -165,7 +165,12 @@ async fn connection<H: Handler>(
             Action::Finish => {
                 let front = pending.pop_front().flatten();
                 let resp = io.finish(handler.as_ref(), front).await?;
-                let framing = conn.finished(resp.body_len(), resp.close, *shutdown.borrow());
+                let done = Finished {
+                    status: resp.status,
+                    body_len: resp.body_len(),
+                    close: resp.close,
+                };
+                let framing = conn.finished(done, *shutdown.borrow());
                 if !framing.keep_alive {
                     pending.clear();
                 }

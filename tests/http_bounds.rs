@@ -132,8 +132,8 @@ fn a_peer_that_stops_reading_is_closed_by_the_write_timeout() {
     );
     let closed_after = began.elapsed();
     assert!(
-        closed_after >= Duration::from_secs(2),
-        "closed after {closed_after:?}: sooner than the write timeout"
+        closed_after >= Duration::from_secs(2) && closed_after <= Duration::from_secs(15),
+        "closed {closed_after:?} after the pulls were written; want the 3 s write timeout (+ the time to fill the socket buffers)"
     );
     // What the kernel had buffered drains, then the end of the stream.
     let mut stalled = stalled;

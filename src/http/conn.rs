@@ -262,7 +262,13 @@ impl Conn {
             return;
         }
         self.last_read = now;
-        if !matches!(self.reading, Reading::Request(_)) {
+        // The first bytes since the buffer was emptied start a request's
+        // timer; bytes added to a partial request do not. (Blank lines
+        // between requests are skipped and leave the buffer empty: the
+        // request after them is timed from its own first byte, found by
+        // fuzzing the `http_conn` target.)
+        let buffer_was_empty = self.input.len() == n && !self.decoder.in_body();
+        if buffer_was_empty || !matches!(self.reading, Reading::Request(_)) {
             self.reading = Reading::Request(now);
         }
     }

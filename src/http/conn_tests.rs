@@ -102,6 +102,26 @@ fn a_partial_request_is_timed_from_its_first_byte_and_answered_408() {
 }
 
 #[test]
+fn blank_lines_do_not_start_the_next_requests_timer() {
+    let t0 = Instant::now();
+    let mut conn = Conn::new(settings(), t0);
+    feed(&mut conn, b"\r\n\n", t0);
+    let Action::Read(until) = conn.next(t0, 0) else {
+        panic!("blank lines are skipped");
+    };
+    assert_eq!(until.expiry, Expiry::Close, "idle, not a request");
+    feed(&mut conn, b"GE", t0 + secs(50));
+    let Action::Read(until) = conn.next(t0 + secs(50), 0) else {
+        panic!("waits for the rest");
+    };
+    assert_eq!(
+        until.deadline,
+        t0 + secs(60),
+        "timed from its own first byte"
+    );
+}
+
+#[test]
 fn idle_keep_alive_waits_the_idle_timeout_from_now() {
     let t0 = Instant::now();
     let mut conn = Conn::new(settings(), t0);
@@ -317,7 +337,9 @@ fn property_random_bytes_splits_and_time() {
                     );
                     assert_eq!(output, 0, "seed {seed}: read before writing responses");
                     assert!(until.deadline > now, "seed {seed}: deadline already past");
-                    now += Duration::from_millis(rng.below(4000) as u64);
+                    // Mostly short steps; sometimes most of an idle timeout.
+                    let step = if rng.below(8) == 0 { 59_000 } else { 4000 };
+                    now += Duration::from_millis(rng.below(step) as u64);
                     if now >= until.deadline {
                         ended = true; // the driver closes (408 or silently)
                         break;

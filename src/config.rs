@@ -38,6 +38,10 @@ pub struct Config {
     pub idle_timeout: Duration,
     pub request_timeout: Duration,
     pub max_connections: usize,
+    /// Response bytes queued per HTTP connection before it stops starting requests.
+    pub max_output_buffer: usize,
+    /// An HTTP peer that accepts no bytes for this long is closed.
+    pub write_timeout: Duration,
     pub drain_timeout: Duration,
     pub queue: usize,
     pub max_in_flight: usize,
@@ -72,6 +76,8 @@ pub const OPTIONS: &[OptionSpec] = &[
     OptionSpec { flag: "--idle-timeout-s", env: "IM_IDLE_TIMEOUT_S", default: Some("60"), help: "idle keep-alive connections are closed after this" },
     OptionSpec { flag: "--request-timeout-s", env: "IM_REQUEST_TIMEOUT_S", default: Some("10"), help: "a request must arrive whole within this of its first byte (408 after)" },
     OptionSpec { flag: "--max-connections", env: "IM_MAX_CONNECTIONS", default: Some("10000"), help: "open HTTP connections; more are answered 503 and closed" },
+    OptionSpec { flag: "--max-output-buffer", env: "IM_MAX_OUTPUT_BUFFER", default: Some("4194304"), help: "response bytes queued per HTTP connection; no further pipelined request starts above it" },
+    OptionSpec { flag: "--write-timeout-s", env: "IM_WRITE_TIMEOUT_S", default: Some("10"), help: "an HTTP client that accepts no response bytes for this long is closed" },
     OptionSpec { flag: "--drain-timeout-s", env: "IM_DRAIN_TIMEOUT_S", default: Some("10"), help: "on SIGTERM/SIGINT, how long in-flight requests may take to finish" },
     OptionSpec { flag: "--queue", env: "IM_QUEUE", default: Some("8192"), help: "calls queued per RPC/Redis connection before 503 + Retry-After" },
     OptionSpec { flag: "--max-in-flight", env: "IM_MAX_IN_FLIGHT", default: Some("8192"), help: "calls in flight per RPC/Redis connection" },
@@ -205,6 +211,8 @@ impl Config {
             idle_timeout: Duration::from_secs(positive("--idle-timeout-s")?),
             request_timeout: Duration::from_secs(positive("--request-timeout-s")?),
             max_connections: positive("--max-connections")? as usize,
+            max_output_buffer: positive("--max-output-buffer")? as usize,
+            write_timeout: Duration::from_secs(positive("--write-timeout-s")?),
             drain_timeout: Duration::from_secs(number("--drain-timeout-s")?),
             queue: positive("--queue")? as usize,
             max_in_flight: positive("--max-in-flight")? as usize,

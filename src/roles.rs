@@ -276,6 +276,8 @@ fn server_options(config: &Config) -> ServerOptions {
         idle_timeout: config.idle_timeout,
         request_timeout: config.request_timeout,
         max_connections: config.max_connections,
+        max_output_buffer: config.max_output_buffer,
+        write_timeout: config.write_timeout,
         drain_timeout: config.drain_timeout,
     }
 }

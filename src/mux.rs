@@ -148,8 +148,9 @@ impl<P: Protocol> Handle<P> {
     }
 
     /// Queues `request` without waiting.
-    pub fn start(&self, request: P::Request) -> Result<Pending<P::Reply>, MuxError> {
+    pub fn start(&self, request: impl Into<P::Request>) -> Result<Pending<P::Reply>, MuxError> {
         let (reply, receiver) = oneshot::channel();
+        let request = request.into();
         match self.calls.try_send(Call { request, reply }) {
             Ok(()) => Ok(Pending(receiver)),
             Err(mpsc::error::TrySendError::Full(_)) => Err(MuxError::Overloaded),
@@ -157,7 +158,7 @@ impl<P: Protocol> Handle<P> {
         }
     }
 
-    pub async fn call(&self, request: P::Request) -> Result<P::Reply, MuxError> {
+    pub async fn call(&self, request: impl Into<P::Request>) -> Result<P::Reply, MuxError> {
         self.start(request)?.wait().await
     }
 }

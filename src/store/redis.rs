@@ -25,7 +25,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::{Page, PageWriter, Store, StoreError};
 use crate::domain::PullQuery;
 use crate::mux::{MuxError, MuxOptions, Pool};
-use crate::resp::connection::RespProtocol;
+use crate::resp::connection::{RespProtocol, RespRequest};
 use crate::resp::url::RedisTarget;
 use crate::resp::{Reply, command};
 use crate::wire::{self, Malformed, Value, next_field, text};
@@ -69,7 +69,14 @@ end)
 "#;
 
 /// Most messages stored by one `im_send` call.
-const MAX_SEND_BATCH: usize = 64;
+pub(super) const MAX_SEND_BATCH: usize = 64;
+
+/// `FUNCTION LOAD REPLACE` of the library: run on every new connection, so a
+/// restarted Redis, or in a cluster a newly promoted or resharded master,
+/// has `im_send`.
+pub(super) fn load_library_command() -> Bytes {
+    command::encode(&[b"FUNCTION", b"LOAD", b"REPLACE", LIBRARY.as_bytes()])
+}
 
 #[derive(Debug, Clone)]
 pub struct RedisOptions {
@@ -78,6 +85,46 @@ pub struct RedisOptions {
     pub max_in_flight: usize,
     /// A command not answered within this is reported as unavailable.
     pub timeout: Duration,
+    /// A send is acknowledged only once this many replicas have it (0: at once).
+    pub wait_replicas: u32,
+}
+
+impl RedisOptions {
+    /// What a batch of sends is written as: the `im_send` call, followed in
+    /// the same write by `WAIT` when replicas must confirm it (no extra
+    /// round trip). WAIT gets half the Redis timeout, so that its "not
+    /// enough replicas" answer arrives before the caller gives up.
+    pub(super) fn send_request(&self, fcall: Bytes) -> RespRequest {
+        let request = RespRequest::from(fcall);
+        match self.wait_replicas {
+            0 => request,
+            n => request.then_wait(n, (self.timeout.as_millis() as u64 / 2).max(1)),
+        }
+    }
+}
+
+/// The `im_send` reply of a request built by [`RedisOptions::send_request`]:
+/// with a WAIT, fewer replicas than asked for make the whole batch
+/// unavailable ("maybe stored": it is on the master, not confirmed copied).
+/// An error reply (a redirection) is returned as it is.
+pub(super) fn without_wait(
+    reply: Result<Reply, MuxError>,
+    wait_replicas: u32,
+) -> Result<Reply, MuxError> {
+    if wait_replicas == 0 {
+        return reply;
+    }
+    let Reply::Array(mut replies) = reply? else {
+        return Err(MuxError::Unavailable);
+    };
+    let (Some(wait), Some(fcall)) = (replies.pop(), replies.pop()) else {
+        return Err(MuxError::Unavailable);
+    };
+    match (fcall, wait) {
+        (fcall @ Reply::Error(_), _) => Ok(fcall),
+        (fcall, Reply::Integer(n)) if n >= i64::from(wait_replicas) => Ok(fcall),
+        _ => Err(MuxError::Unavailable),
+    }
 }
 
 pub struct RedisStore {
@@ -87,10 +134,10 @@ pub struct RedisStore {
     timeout: Duration,
 }
 
-struct QueuedSend {
-    key: String,
-    member: Vec<u8>,
-    reply: oneshot::Sender<Result<i64, StoreError>>,
+pub(super) struct QueuedSend {
+    pub(super) key: String,
+    pub(super) member: Vec<u8>,
+    pub(super) reply: oneshot::Sender<Result<i64, StoreError>>,
 }
 
 /// The key of a chat's sorted set.
@@ -100,12 +147,7 @@ pub fn chat_key(chat: &str) -> String {
 
 impl RedisStore {
     pub fn new(target: RedisTarget, options: &RedisOptions) -> RedisStore {
-        let setup = [command::encode(&[
-            b"FUNCTION",
-            b"LOAD",
-            b"REPLACE",
-            LIBRARY.as_bytes(),
-        ])];
+        let setup = [load_library_command()];
         let mux = MuxOptions {
             name: "redis",
             target: target.to_string(),
@@ -118,7 +160,7 @@ impl RedisStore {
             mux,
         );
         let (sends, queue) = mpsc::channel(options.queue.max(1));
-        tokio::spawn(store_send_batches(pool.clone(), queue));
+        tokio::spawn(store_send_batches(pool.clone(), queue, options.clone()));
         RedisStore {
             pool,
             sends,
@@ -143,7 +185,11 @@ impl RedisStore {
 /// redis-benchmark, 8 messages to one chat per call, stores 238k messages/s
 /// against 106k/s one per call. Batches are not waited for: several can be
 /// in flight on the pipelined connection.
-async fn store_send_batches(pool: Arc<Pool<RespProtocol>>, mut queue: mpsc::Receiver<QueuedSend>) {
+async fn store_send_batches(
+    pool: Arc<Pool<RespProtocol>>,
+    mut queue: mpsc::Receiver<QueuedSend>,
+    options: RedisOptions,
+) {
     let mut batch = Vec::with_capacity(MAX_SEND_BATCH);
     while let Some(first) = queue.recv().await {
         batch.push(first);
@@ -153,26 +199,35 @@ async fn store_send_batches(pool: Arc<Pool<RespProtocol>>, mut queue: mpsc::Rece
                 Err(_) => break,
             }
         }
-        let now = crate::now_micros().to_string();
-        let count = batch.len().to_string();
-        let mut args: Vec<&[u8]> = Vec::with_capacity(4 + 2 * batch.len());
-        args.extend([&b"FCALL"[..], b"im_send", count.as_bytes()]);
-        args.extend(batch.iter().map(|s| s.key.as_bytes()));
-        args.extend(batch.iter().map(|s| &s.member[..]));
-        args.push(now.as_bytes());
-        let command = command::encode(&args);
+        let request = options.send_request(im_send_command(&batch, crate::now_micros()));
         let waiters: Vec<_> = batch.drain(..).map(|s| s.reply).collect();
-        match pool.handle().start(command) {
+        let wait = options.wait_replicas;
+        match pool.handle().start(request) {
             Ok(pending) => {
-                tokio::spawn(async move { answer_batch(pending.wait().await, waiters) });
+                tokio::spawn(async move {
+                    answer_batch(without_wait(pending.wait().await, wait), waiters)
+                });
             }
             Err(err) => answer_batch(Err(err), waiters),
         }
     }
 }
 
+/// The one `im_send` call that stores `batch` (in a cluster every key of it
+/// must be in one slot); `now` is the caller's clock in µs.
+pub(super) fn im_send_command(batch: &[QueuedSend], now: i64) -> Bytes {
+    let now = now.to_string();
+    let count = batch.len().to_string();
+    let mut args: Vec<&[u8]> = Vec::with_capacity(4 + 2 * batch.len());
+    args.extend([&b"FCALL"[..], b"im_send", count.as_bytes()]);
+    args.extend(batch.iter().map(|s| s.key.as_bytes()));
+    args.extend(batch.iter().map(|s| &s.member[..]));
+    args.push(now.as_bytes());
+    command::encode(&args)
+}
+
 /// Hands each sender of a batch its send_time, or the batch's failure.
-fn answer_batch(
+pub(super) fn answer_batch(
     reply: Result<Reply, MuxError>,
     waiters: Vec<oneshot::Sender<Result<i64, StoreError>>>,
 ) {
@@ -204,7 +259,7 @@ fn answer_batch(
 
 /// A `StoredMessage` without its send_time (im_send prepends it), encoded
 /// from the borrowed fields: one allocation, no `String` copies.
-fn encode_member(text: &str, sender: &str) -> Vec<u8> {
+pub(super) fn encode_member(text: &str, sender: &str) -> Vec<u8> {
     let mut member = Vec::with_capacity(
         wire::bytes_field_len(2, text.len()) + wire::bytes_field_len(3, sender.len()),
     );
@@ -238,7 +293,7 @@ fn read_stored(mut member: &[u8]) -> Result<StoredView<'_>, Malformed> {
     Ok(view)
 }
 
-fn from_mux(err: MuxError) -> StoreError {
+pub(super) fn from_mux(err: MuxError) -> StoreError {
     match err {
         MuxError::Unavailable => StoreError::Unavailable,
         MuxError::Overloaded => StoreError::Overloaded,
@@ -265,43 +320,54 @@ impl Store for RedisStore {
     }
 
     async fn pull(&self, query: &PullQuery) -> Result<Page, StoreError> {
-        let key = chat_key(&query.chat);
-        let cursor = format!("({}", query.cursor);
-        let count = (query.limit + 1).to_string();
-        // The cursor is exclusive: "(" makes the bound open.
-        let (verb, from, to): (&[u8], &[u8], &[u8]) = match (query.reverse, query.cursor) {
-            (false, 0) => (b"ZREVRANGEBYSCORE", b"+inf", b"-inf"),
-            (false, _) => (b"ZREVRANGEBYSCORE", cursor.as_bytes(), b"-inf"),
-            (true, 0) => (b"ZRANGEBYSCORE", b"-inf", b"+inf"),
-            (true, _) => (b"ZRANGEBYSCORE", cursor.as_bytes(), b"+inf"),
-        };
-        let cmd = command::encode(&[
-            verb,
-            key.as_bytes(),
-            from,
-            to,
-            b"LIMIT",
-            b"0",
-            count.as_bytes(),
-        ]);
-        let Reply::Array(members) = self.call(cmd).await? else {
-            return Err(StoreError::Internal("range did not return an array".into()));
-        };
-        let mut page = PageWriter::new(&query.chat, query.limit);
-        for member in members {
-            let Reply::BulkString(bytes) = member else {
-                return Err(StoreError::Internal(
-                    "range returned a non-string member".into(),
-                ));
-            };
-            let stored = read_stored(&bytes)
-                .map_err(|e| StoreError::Internal(format!("undecodable stored message: {e}")))?;
-            if !page.push(stored.text, stored.sender, stored.send_time) {
-                break;
-            }
-        }
-        Ok(page.finish())
+        let reply = self.call(pull_command(query)).await?;
+        page_from_reply(query, reply)
     }
+}
+
+/// The range command reading one page (one more than the limit, to learn
+/// whether there is more).
+pub(super) fn pull_command(query: &PullQuery) -> Bytes {
+    let key = chat_key(&query.chat);
+    let cursor = format!("({}", query.cursor);
+    let count = (query.limit + 1).to_string();
+    // The cursor is exclusive: "(" makes the bound open.
+    let (verb, from, to): (&[u8], &[u8], &[u8]) = match (query.reverse, query.cursor) {
+        (false, 0) => (b"ZREVRANGEBYSCORE", b"+inf", b"-inf"),
+        (false, _) => (b"ZREVRANGEBYSCORE", cursor.as_bytes(), b"-inf"),
+        (true, 0) => (b"ZRANGEBYSCORE", b"-inf", b"+inf"),
+        (true, _) => (b"ZRANGEBYSCORE", cursor.as_bytes(), b"+inf"),
+    };
+    command::encode(&[
+        verb,
+        key.as_bytes(),
+        from,
+        to,
+        b"LIMIT",
+        b"0",
+        count.as_bytes(),
+    ])
+}
+
+/// The page of `query` from the reply to its [`pull_command`].
+pub(super) fn page_from_reply(query: &PullQuery, reply: Reply) -> Result<Page, StoreError> {
+    let Reply::Array(members) = reply else {
+        return Err(StoreError::Internal("range did not return an array".into()));
+    };
+    let mut page = PageWriter::new(&query.chat, query.limit);
+    for member in members {
+        let Reply::BulkString(bytes) = member else {
+            return Err(StoreError::Internal(
+                "range returned a non-string member".into(),
+            ));
+        };
+        let stored = read_stored(&bytes)
+            .map_err(|e| StoreError::Internal(format!("undecodable stored message: {e}")))?;
+        if !page.push(stored.text, stored.sender, stored.send_time) {
+            break;
+        }
+    }
+    Ok(page.finish())
 }
 
 #[cfg(test)]

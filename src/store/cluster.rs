@@ -1,0 +1,607 @@
+//! The Redis Cluster store: the same keys, members and `im_send` function as
+//! the standalone store ([`super::redis`]), routed by hash slot.
+//!
+//! * The slot map comes from `CLUSTER SLOTS` and is shared by every thread of
+//!   the process ([`ClusterShared`]). A MOVED patches its one slot at once
+//!   and asks for a refresh; refreshes are coalesced (one at a time per
+//!   process) and rate-limited, so a burst of MOVEDs after a reshard or a
+//!   failover costs one `CLUSTER SLOTS`, not one per reply. The map is also
+//!   refreshed when a master's connection is lost and every few seconds.
+//! * Each thread has one pipelined connection pool (the mux) per master,
+//!   opened when first needed (a MOVED may name a node never seen), with
+//!   AUTH and `FUNCTION LOAD REPLACE` on every new connection: a master
+//!   promoted by failover or given slots by resharding gets the library.
+//! * Sends queued together become one `im_send` call per slot (all keys of
+//!   an FCALL must be in one slot, so CROSSSLOT cannot happen).
+//! * MOVED, ASK, TRYAGAIN, CLUSTERDOWN, LOADING, MASTERDOWN and READONLY
+//!   prove the command did not run: it is resent, at most
+//!   [`MAX_REDIRECTIONS`] times and within the Redis timeout. A lost
+//!   connection or a timeout may have run it: never resent (503).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use super::redis::{
+    MAX_SEND_BATCH, QueuedSend, RedisOptions, answer_batch, chat_key, encode_member, from_mux,
+    im_send_command, load_library_command, page_from_reply, pull_command, without_wait,
+};
+use super::{Page, Store, StoreError};
+use crate::domain::PullQuery;
+use crate::mux::{MuxError, MuxOptions, Pool, Stream};
+use crate::resp::cluster::{Redirect, SlotMap, classify, is_cluster_info, key_slot};
+use crate::resp::connection::{RespProtocol, RespRequest, decode_reply};
+use crate::resp::url::{Address, RedisTarget};
+use crate::resp::{Reply, command};
+
+/// Resends of one command after MOVED/ASK/TRYAGAIN/... (what redis-rs and
+/// fred default to).
+pub const MAX_REDIRECTIONS: usize = 5;
+/// First pause before resending after TRYAGAIN, CLUSTERDOWN, ...; doubled
+/// each time (20 + 40 + 80 + 160 + 320 ms fit in the default 1 s timeout).
+const RETRY_PAUSE: Duration = Duration::from_millis(20);
+/// At most one map refresh per this, per process.
+const MIN_REFRESH_INTERVAL: Duration = Duration::from_millis(250);
+/// The map is re-read at least this often, even if nothing went wrong
+/// (a failover elsewhere, new nodes).
+const PERIODIC_REFRESH: Duration = Duration::from_secs(5);
+/// `CLUSTER SLOTS` asked of one node during a refresh; a frozen node must
+/// not hold the refresh up, the next one is asked.
+const REFRESH_TRY_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// What every thread of the process shares: the slot map and the refresh
+/// bookkeeping.
+pub struct ClusterShared {
+    /// The configured seed nodes (`host:port`), asked when no master answers.
+    seeds: Vec<Arc<str>>,
+    /// Credentials for every node.
+    template: RedisTarget,
+    map: RwLock<SlotMap>,
+    refresh: Mutex<RefreshState>,
+    refreshes: AtomicU64,
+}
+
+#[derive(Default)]
+struct RefreshState {
+    running: bool,
+    last: Option<Instant>,
+}
+
+impl ClusterShared {
+    /// `targets`: the seed nodes (TCP; one or more); `map`: the start-up map
+    /// if it could be read.
+    pub fn new(targets: &[RedisTarget], map: Option<SlotMap>) -> Result<Arc<Self>, String> {
+        let mut seeds = Vec::with_capacity(targets.len());
+        for target in targets {
+            match &target.address {
+                Address::Tcp(addr) => seeds.push(Arc::from(addr.as_str())),
+                Address::Unix(_) => return Err("a Redis Cluster is reached over TCP".into()),
+            }
+            if target.db != 0 {
+                return Err(format!(
+                    "{target}: a Redis Cluster has only database 0 (SELECT is refused)"
+                ));
+            }
+        }
+        let template = targets.first().ok_or("no Redis node given")?.clone();
+        let loaded = map.is_some();
+        let shared = Arc::new(ClusterShared {
+            seeds,
+            template,
+            map: RwLock::new(map.unwrap_or_default()),
+            refresh: Mutex::new(RefreshState::default()),
+            refreshes: AtomicU64::new(0),
+        });
+        if loaded {
+            shared.refreshes.fetch_add(1, Ordering::Relaxed);
+            shared.lock_refresh().last = Some(Instant::now());
+        }
+        Ok(shared)
+    }
+
+    /// Completed map reads since start-up (including the first).
+    pub fn refreshes(&self) -> u64 {
+        self.refreshes.load(Ordering::Relaxed)
+    }
+
+    fn lock_refresh(&self) -> std::sync::MutexGuard<'_, RefreshState> {
+        self.refresh.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Where to send a command for `slot`: its master, or, while the map does
+    /// not know it, any node (which answers MOVED if it is not the owner).
+    fn owner(&self, slot: u16) -> Option<Arc<str>> {
+        let map = self.map.read().unwrap_or_else(PoisonError::into_inner);
+        map.owner(slot)
+            .or_else(|| map.masters().into_iter().next())
+            .or_else(|| self.seeds.first().cloned())
+    }
+
+    fn patch(&self, slot: u16, addr: &str) {
+        let mut map = self.map.write().unwrap_or_else(PoisonError::into_inner);
+        map.set(slot, addr);
+    }
+
+    /// Nodes to ask for the map: the known masters, then the seeds.
+    fn refresh_candidates(&self) -> Vec<Arc<str>> {
+        let mut nodes = self
+            .map
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .masters();
+        // Start at a different master each time: the first may be the dead one.
+        let turn = self.refreshes() as usize;
+        if !nodes.is_empty() {
+            let len = nodes.len();
+            nodes.rotate_left(turn % len);
+        }
+        for seed in &self.seeds {
+            if !nodes.contains(seed) {
+                nodes.push(seed.clone());
+            }
+        }
+        nodes
+    }
+}
+
+/// One thread's side of the cluster: its connections to each master.
+struct Router {
+    shared: Arc<ClusterShared>,
+    options: RedisOptions,
+    pools: Mutex<HashMap<Arc<str>, Arc<Pool<RespProtocol>>>>,
+}
+
+impl Router {
+    /// The pool of `addr`, opened on first use.
+    fn pool(&self, addr: &Arc<str>) -> Arc<Pool<RespProtocol>> {
+        let mut pools = self.pools.lock().unwrap_or_else(PoisonError::into_inner);
+        pools
+            .entry(addr.clone())
+            .or_insert_with(|| {
+                let target = RedisTarget {
+                    address: Address::Tcp(addr.to_string()),
+                    db: 0,
+                    ..self.shared.template.clone()
+                };
+                let setup = [load_library_command()];
+                let mux = MuxOptions {
+                    name: "redis cluster node",
+                    target: target.to_string(),
+                    queue: self.options.queue,
+                    max_in_flight: self.options.max_in_flight,
+                };
+                Pool::spawn(
+                    self.options.connections,
+                    || RespProtocol::new(target.clone(), &setup),
+                    mux,
+                )
+            })
+            .clone()
+    }
+
+    /// Closes the pools of nodes that no longer serve a slot (their tasks
+    /// end once the last in-flight command lets go of them).
+    fn prune(&self) {
+        let masters = self
+            .shared
+            .map
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .masters();
+        let mut pools = self.pools.lock().unwrap_or_else(PoisonError::into_inner);
+        pools.retain(|addr, _| masters.contains(addr));
+    }
+
+    /// Asks for a map refresh: at most one runs per process at a time, and
+    /// one starts at most every [`MIN_REFRESH_INTERVAL`]. Requests made while
+    /// one is due are covered by it.
+    fn request_refresh(self: &Arc<Self>, reason: &'static str) {
+        self.refresh_if_older(Duration::ZERO, reason);
+    }
+
+    fn refresh_if_older(self: &Arc<Self>, age: Duration, reason: &'static str) {
+        let delay = {
+            let mut state = self.shared.lock_refresh();
+            let now = Instant::now();
+            if state.running || state.last.is_some_and(|last| now < last + age) {
+                return;
+            }
+            state.running = true;
+            state.last.map_or(Duration::ZERO, |last| {
+                (last + MIN_REFRESH_INTERVAL).saturating_duration_since(now)
+            })
+        };
+        let router = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            router.refresh(reason).await;
+        });
+    }
+
+    /// Reads `CLUSTER SLOTS` from the first node that answers and installs it.
+    async fn refresh(&self, reason: &'static str) {
+        let slots = RespRequest::from(command::encode(&[b"CLUSTER", b"SLOTS"]));
+        let mut outcome = Err("no node answered CLUSTER SLOTS".to_string());
+        for addr in self.shared.refresh_candidates() {
+            let Ok(pending) = self.pool(&addr).handle().start(slots.clone()) else {
+                continue;
+            };
+            let Ok(Ok(reply)) = tokio::time::timeout(REFRESH_TRY_TIMEOUT, pending.wait()).await
+            else {
+                continue;
+            };
+            match crate::resp::cluster::parse_cluster_slots(&reply, &addr) {
+                Ok(ranges) => {
+                    outcome = Ok((addr, SlotMap::from_ranges(&ranges)));
+                    break;
+                }
+                Err(err) => outcome = Err(format!("{addr}: {err}")),
+            }
+        }
+        let count = match &outcome {
+            Ok(_) => self.shared.refreshes.fetch_add(1, Ordering::Relaxed) + 1,
+            Err(_) => self.shared.refreshes(),
+        };
+        match outcome {
+            Ok((addr, map)) => {
+                let mut current = self
+                    .shared
+                    .map
+                    .write()
+                    .unwrap_or_else(PoisonError::into_inner);
+                let changed = current.masters() != map.masters() || reason != "periodic";
+                if changed {
+                    eprintln!(
+                        "im-server: cluster map refresh #{count} ({reason}) from {addr}: {} masters, {} slots unserved",
+                        map.masters().len(),
+                        map.uncovered()
+                    );
+                }
+                *current = map;
+            }
+            Err(err) => eprintln!("im-server: cluster map refresh ({reason}) failed: {err}"),
+        }
+        let mut state = self.shared.lock_refresh();
+        state.running = false;
+        state.last = Some(Instant::now());
+    }
+
+    /// Runs `request` on the master of `slot`, following redirections, and
+    /// returns the reply of its (last) command: a redirection or retryable
+    /// error never comes back, other error replies do. With `wait_replicas`,
+    /// the request ends in a WAIT whose shortfall is `Unavailable`.
+    async fn execute(
+        self: &Arc<Self>,
+        slot: u16,
+        request: RespRequest,
+        wait_replicas: u32,
+    ) -> Result<Reply, MuxError> {
+        let deadline = Instant::now() + self.options.timeout;
+        let mut ask: Option<Arc<str>> = None;
+        let mut pause = RETRY_PAUSE;
+        for _ in 0..=MAX_REDIRECTIONS {
+            let asking = ask.is_some();
+            let Some(addr) = ask.take().or_else(|| self.shared.owner(slot)) else {
+                return Err(MuxError::Unavailable);
+            };
+            let sent = if asking {
+                request.clone().asking()
+            } else {
+                request.clone()
+            };
+            let pending = self.pool(&addr).handle().start(sent);
+            let reply = match pending {
+                Ok(pending) => tokio::time::timeout_at(deadline, pending.wait()).await,
+                Err(err) => Ok(Err(err)),
+            };
+            let reply = match reply {
+                Ok(Ok(reply)) => reply,
+                Ok(Err(MuxError::Unavailable)) => {
+                    // Not connected, or the connection broke with the
+                    // command maybe run: the master may be gone.
+                    self.request_refresh("connection lost");
+                    return Err(MuxError::Unavailable);
+                }
+                Ok(Err(err)) => return Err(err),
+                // Maybe run: never resent.
+                Err(_elapsed) => return Err(MuxError::Unavailable),
+            };
+            let reply = without_wait(without_asking(reply, asking), wait_replicas)?;
+            let Reply::Error(error) = &reply else {
+                return Ok(reply);
+            };
+            match classify(error, &addr) {
+                None => return Ok(reply),
+                Some(Redirect::Moved { slot, addr }) => {
+                    self.shared.patch(slot, &addr);
+                    self.request_refresh("MOVED");
+                }
+                Some(Redirect::Ask { addr, .. }) => ask = Some(Arc::from(addr)),
+                Some(Redirect::Retry { refresh }) => {
+                    if refresh {
+                        self.request_refresh(retry_reason(error));
+                    }
+                    if Instant::now() + pause >= deadline {
+                        return Err(MuxError::Unavailable);
+                    }
+                    tokio::time::sleep(pause).await;
+                    pause *= 2;
+                }
+            }
+        }
+        Err(MuxError::Unavailable)
+    }
+}
+
+/// For the log line of the refresh a retryable error asked for.
+fn retry_reason(error: &str) -> &'static str {
+    match error.split_ascii_whitespace().next() {
+        Some("READONLY") => "READONLY",
+        Some("MASTERDOWN") => "MASTERDOWN",
+        _ => "CLUSTERDOWN",
+    }
+}
+
+/// The replies of a request sent after `ASKING`, without ASKING's own.
+fn without_asking(reply: Reply, asking: bool) -> Result<Reply, MuxError> {
+    if !asking {
+        return Ok(reply);
+    }
+    let Reply::Array(mut replies) = reply else {
+        return Err(MuxError::Unavailable);
+    };
+    if replies.is_empty() {
+        return Err(MuxError::Unavailable);
+    }
+    replies.remove(0);
+    Ok(match replies.len() {
+        1 => replies.remove(0),
+        _ => Reply::Array(replies),
+    })
+}
+
+/// Groups a batch by hash slot, keeping each slot's sends in queue order.
+/// A batch touches few slots, so a linear search beats a map.
+fn split_by_slot(batch: &mut Vec<QueuedSend>) -> Vec<(u16, Vec<QueuedSend>)> {
+    let mut groups: Vec<(u16, Vec<QueuedSend>)> = Vec::new();
+    for send in batch.drain(..) {
+        let slot = key_slot(send.key.as_bytes());
+        match groups.iter_mut().find(|(s, _)| *s == slot) {
+            Some((_, group)) => group.push(send),
+            None => groups.push((slot, vec![send])),
+        }
+    }
+    groups
+}
+
+/// Turns the sends queued since the last turn into one `im_send` per slot,
+/// each routed (and redirected) on its own.
+async fn store_send_batches(router: Arc<Router>, mut queue: mpsc::Receiver<QueuedSend>) {
+    let mut batch = Vec::with_capacity(MAX_SEND_BATCH);
+    while let Some(first) = queue.recv().await {
+        batch.push(first);
+        while batch.len() < MAX_SEND_BATCH {
+            match queue.try_recv() {
+                Ok(send) => batch.push(send),
+                Err(_) => break,
+            }
+        }
+        let now = crate::now_micros();
+        for (slot, group) in split_by_slot(&mut batch) {
+            let request = router.options.send_request(im_send_command(&group, now));
+            let waiters: Vec<_> = group.into_iter().map(|s| s.reply).collect();
+            let router = router.clone();
+            tokio::spawn(async move {
+                let wait = router.options.wait_replicas;
+                answer_batch(router.execute(slot, request, wait).await, waiters)
+            });
+        }
+    }
+}
+
+/// Re-reads the map every [`PERIODIC_REFRESH`] (once per process, whichever
+/// thread's turn comes first) and lets go of nodes that serve no slot.
+async fn refresh_periodically(router: std::sync::Weak<Router>) {
+    let mut ticks = tokio::time::interval(PERIODIC_REFRESH);
+    ticks.tick().await;
+    loop {
+        ticks.tick().await;
+        let Some(router) = router.upgrade() else {
+            return;
+        };
+        router.refresh_if_older(PERIODIC_REFRESH, "periodic");
+        router.prune();
+    }
+}
+
+pub struct ClusterStore {
+    router: Arc<Router>,
+    sends: mpsc::Sender<QueuedSend>,
+    timeout: Duration,
+}
+
+impl ClusterStore {
+    /// One thread's store; `shared` is the process's map. Call on the
+    /// thread's runtime.
+    pub fn new(shared: Arc<ClusterShared>, options: &RedisOptions) -> ClusterStore {
+        let router = Arc::new(Router {
+            shared,
+            options: options.clone(),
+            pools: Mutex::new(HashMap::new()),
+        });
+        if router.shared.refreshes() == 0 {
+            router.request_refresh("start-up");
+        }
+        let (sends, queue) = mpsc::channel(options.queue.max(1));
+        tokio::spawn(store_send_batches(router.clone(), queue));
+        tokio::spawn(refresh_periodically(Arc::downgrade(&router)));
+        ClusterStore {
+            router,
+            sends,
+            timeout: options.timeout,
+        }
+    }
+}
+
+impl Store for ClusterStore {
+    async fn send(&self, chat: &str, sender: &str, text: &str) -> Result<i64, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        let queued = QueuedSend {
+            key: chat_key(chat),
+            member: encode_member(text, sender),
+            reply,
+        };
+        if self.sends.try_send(queued).is_err() {
+            return Err(StoreError::Overloaded);
+        }
+        match tokio::time::timeout(self.timeout, answer).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) | Err(_) => Err(StoreError::Unavailable),
+        }
+    }
+
+    async fn pull(&self, query: &PullQuery) -> Result<Page, StoreError> {
+        let slot = key_slot(chat_key(&query.chat).as_bytes());
+        let request = RespRequest::from(pull_command(query));
+        match self.router.execute(slot, request, 0).await {
+            Ok(Reply::Error(err)) => Err(StoreError::Internal(format!("redis: {err}"))),
+            Ok(reply) => page_from_reply(query, reply),
+            Err(err) => Err(from_mux(err)),
+        }
+    }
+}
+
+/// What the configured Redis turned out to be at start-up.
+pub enum Probe {
+    Standalone,
+    /// In cluster mode, with the map if `CLUSTER SLOTS` could be read.
+    Cluster(Option<SlotMap>),
+    /// No node answered.
+    Unreachable(String),
+}
+
+/// Asks the seed nodes, in order, whether they run in cluster mode
+/// (`INFO cluster`), and if so for the slot map.
+pub async fn probe(targets: &[RedisTarget]) -> Probe {
+    let mut last_error = String::from("no Redis node given");
+    for target in targets {
+        match probe_one(target).await {
+            Ok(probe) => return probe,
+            Err(err) => last_error = format!("{target}: {err}"),
+        }
+    }
+    Probe::Unreachable(last_error)
+}
+
+async fn probe_one(target: &RedisTarget) -> std::io::Result<Probe> {
+    use crate::mux::Protocol as _;
+    // Only AUTH: SELECT fails in cluster mode, which is what we ask about.
+    let bare = RedisTarget {
+        db: 0,
+        ..target.clone()
+    };
+    let stream = RespProtocol::new(bare, &[]).connect().await?;
+    let info = ask(&stream, &[b"INFO", b"cluster"]).await?;
+    let Reply::BulkString(info) = info else {
+        return Err(std::io::Error::other(format!("INFO returned {info:?}")));
+    };
+    if !is_cluster_info(&info) {
+        return Ok(Probe::Standalone);
+    }
+    let Address::Tcp(addr) = &target.address else {
+        return Ok(Probe::Cluster(None));
+    };
+    let slots = ask(&stream, &[b"CLUSTER", b"SLOTS"]).await?;
+    let map = crate::resp::cluster::parse_cluster_slots(&slots, addr)
+        .ok()
+        .map(|ranges| SlotMap::from_ranges(&ranges));
+    Ok(Probe::Cluster(map))
+}
+
+/// One command, one reply, on a connection of its own.
+async fn ask(stream: &Stream, args: &[&[u8]]) -> std::io::Result<Reply> {
+    stream.write_all(&command::encode(args)).await?;
+    let mut input = BytesMut::new();
+    loop {
+        if let Some(reply) = decode_reply(&mut input)? {
+            return Ok(reply);
+        }
+        stream.read_some(&mut input).await?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+
+    fn queued(chat: &str, text: &str) -> QueuedSend {
+        QueuedSend {
+            key: chat_key(chat),
+            member: encode_member(text, "s"),
+            reply: oneshot::channel().0,
+        }
+    }
+
+    #[test]
+    fn a_batch_splits_into_one_group_per_slot_in_order() {
+        // Chats whose slots differ, one of them twice.
+        let chats = ["a", "b", "c", "a", "d", "b"];
+        let mut batch: Vec<_> = chats
+            .iter()
+            .enumerate()
+            .map(|(i, c)| queued(c, &i.to_string()))
+            .collect();
+        let groups = split_by_slot(&mut batch);
+        assert!(batch.is_empty());
+        let slots: std::collections::HashSet<u16> = chats
+            .iter()
+            .map(|c| key_slot(chat_key(c).as_bytes()))
+            .collect();
+        assert_eq!(groups.len(), slots.len());
+        for (slot, group) in &groups {
+            assert!(
+                group.iter().all(|s| key_slot(s.key.as_bytes()) == *slot),
+                "one slot per group"
+            );
+            let command = im_send_command(group, 1);
+            assert!(command.starts_with(b"*"));
+        }
+        let a = groups
+            .iter()
+            .find(|(slot, _)| *slot == key_slot(b"im:{a}"))
+            .map(|(_, g)| g.iter().map(|s| s.member.clone()).collect::<Vec<_>>());
+        assert_eq!(
+            a,
+            Some(vec![encode_member("0", "s"), encode_member("3", "s")]),
+            "queue order kept within a slot"
+        );
+    }
+
+    #[test]
+    fn asking_replies_are_dropped() {
+        let ok = Reply::SimpleString(Bytes::from_static(b"OK"));
+        assert_eq!(
+            without_asking(Reply::Array(vec![ok.clone(), Reply::Integer(7)]), true),
+            Ok(Reply::Integer(7))
+        );
+        assert_eq!(
+            without_asking(
+                Reply::Array(vec![ok, Reply::Integer(7), Reply::Integer(1)]),
+                true
+            ),
+            Ok(Reply::Array(vec![Reply::Integer(7), Reply::Integer(1)]))
+        );
+        assert_eq!(
+            without_asking(Reply::Integer(7), false),
+            Ok(Reply::Integer(7))
+        );
+        assert!(without_asking(Reply::Integer(7), true).is_err());
+    }
+}

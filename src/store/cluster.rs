@@ -308,8 +308,13 @@ impl Router {
                     return Err(MuxError::Unavailable);
                 }
                 Ok(Err(err)) => return Err(err),
-                // Maybe run: never resent.
-                Err(_elapsed) => return Err(MuxError::Unavailable),
+                // Maybe run: never resent. A master that stopped answering
+                // may have been replaced (a stale map after timeouts kept
+                // clients on a frozen node: fred #59).
+                Err(_elapsed) => {
+                    self.request_refresh("timeout");
+                    return Err(MuxError::Unavailable);
+                }
             };
             let reply = without_wait(without_asking(reply, asking), wait_replicas)?;
             let Reply::Error(error) = &reply else {

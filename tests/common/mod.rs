@@ -1797,7 +1797,8 @@ impl Cluster {
     }
 
     /// Starts an empty node and joins it to the cluster (`CLUSTER MEET`) as a
-    /// master without slots; returns its port once every node knows it.
+    /// master without slots; returns its port once every node knows it and
+    /// it knows who serves every slot.
     pub fn add_empty_master(&mut self) -> u16 {
         let node = loop {
             match ClusterNode::spawn(free_cluster_port()) {
@@ -1817,8 +1818,11 @@ impl Cluster {
                 .iter()
                 .filter(|n| n.is_running())
                 .all(|n| {
-                    n.info_field("cluster", "cluster_known_nodes").as_deref()
-                        == Some(total.to_string().as_str())
+                    n.try_cmd(&["CLUSTER", "INFO"]).is_ok_and(|info| {
+                        info.contains(&format!("cluster_known_nodes:{total}\r\n"))
+                            && info.contains("cluster_state:ok")
+                            && info.contains("cluster_slots_assigned:16384")
+                    })
                 })
                 .then_some(())
         });

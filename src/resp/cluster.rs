@@ -85,6 +85,11 @@ impl SlotMap {
             .collect()
     }
 
+    /// Whether both maps give every slot the same master.
+    pub fn same_owners(&self, other: &SlotMap) -> bool {
+        (0..SLOTS as u16).all(|slot| self.owner(slot) == other.owner(slot))
+    }
+
     /// Slots no master serves.
     pub fn uncovered(&self) -> usize {
         self.owners.iter().filter(|&&i| i == UNKNOWN).count()
@@ -272,7 +277,10 @@ mod tests {
     #[test]
     fn patching_a_slot_moves_only_that_slot() {
         let mut map = SlotMap::from_ranges(&[(0, 16383, "a:1".into())]);
+        let before = map.clone();
+        assert!(map.same_owners(&before));
         map.set(42, "b:2");
+        assert!(!map.same_owners(&before));
         assert_eq!(map.owner(42).as_deref(), Some("b:2"));
         assert_eq!(map.owner(41).as_deref(), Some("a:1"));
         assert_eq!(map.owner(43).as_deref(), Some("a:1"));

@@ -254,8 +254,9 @@ impl Router {
                     .map
                     .write()
                     .unwrap_or_else(PoisonError::into_inner);
-                let changed = current.masters() != map.masters() || reason != "periodic";
-                if changed {
+                // Logged when something moved: during an outage the map is
+                // re-read a few times a second and says the same thing.
+                if !current.same_owners(&map) {
                     eprintln!(
                         "im-server: cluster map refresh #{count} ({reason}) from {addr}: {} masters, {} slots unserved",
                         map.masters().len(),

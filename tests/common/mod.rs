@@ -1630,8 +1630,8 @@ impl Cluster {
         cluster
     }
 
-    /// Every running node says `cluster_state:ok`, knows every running
-    /// node, and its CLUSTER SLOTS lists the replicas.
+    /// Every running node says `cluster_state:ok`, every master has a
+    /// replica, and every replica's link to its master is up (synced).
     pub fn wait_ready(&self, deadline: Duration) {
         wait_until(deadline, "the cluster to be ready", || {
             let running: Vec<&ClusterNode> = self.nodes.iter().filter(|n| n.is_running()).collect();
@@ -1643,7 +1643,13 @@ impl Cluster {
             let replicated = masters
                 .iter()
                 .all(|&m| self.replicas == 0 || self.replica_of(m).is_some());
-            (all_ok && !masters.is_empty() && replicated).then_some(())
+            // A replica whose initial sync is not done can neither
+            // acknowledge a WAIT nor be promoted.
+            let synced = running.iter().all(|n| {
+                n.info_field("replication", "role").as_deref() != Some("slave")
+                    || n.info_field("replication", "master_link_status").as_deref() == Some("up")
+            });
+            (all_ok && !masters.is_empty() && replicated && synced).then_some(())
         });
     }
 

@@ -227,10 +227,11 @@ fn lost_and_duplicated(addr: SocketAddr, outcomes: &[Outcome]) -> (Vec<String>, 
 }
 
 /// Polls until the node on `port` is a master serving slots, per every
-/// running node that answers.
-fn wait_promoted(cluster: &Cluster, port: u16, deadline: Duration) -> Instant {
+/// running node but `frozen` (SIGSTOPped: it would not answer).
+fn wait_promoted(cluster: &Cluster, port: u16, frozen: Option<u16>, deadline: Duration) -> Instant {
     wait_until(deadline, "the replica's promotion", || {
-        let promoted = cluster.nodes.iter().filter(|n| n.is_running()).all(|n| {
+        let awake = |n: &&ClusterNode| n.is_running() && Some(n.port) != frozen;
+        let promoted = cluster.nodes.iter().filter(awake).all(|n| {
             n.try_cmd(&["CLUSTER", "NODES"]).is_ok_and(|text| {
                 text.lines().any(|l| {
                     let f: Vec<&str> = l.split(' ').collect();
@@ -484,7 +485,7 @@ fn manual_failover_under_load() {
     load.wait_oks(100, "200s before the failover");
     let reply = cluster.node(replica).cmd(&["CLUSTER", "FAILOVER"]);
     assert!(reply.starts_with("+OK"), "CLUSTER FAILOVER: {reply}");
-    let switched = wait_promoted(&cluster, replica, Duration::from_secs(10));
+    let switched = wait_promoted(&cluster, replica, None, Duration::from_secs(10));
     load.wait_oks(100, "200s after the failover");
     thread::sleep(Duration::from_millis(500));
     let outcomes = load.stop();
@@ -537,7 +538,7 @@ fn sigkill_master_under_load(extra: &[&str]) -> (Vec<String>, Vec<Outcome>, Vec<
     load.wait_oks(150, "200s before the kill");
     cluster.node_mut(master).kill();
     let killed = Instant::now();
-    wait_promoted(&cluster, replica, Duration::from_secs(15));
+    wait_promoted(&cluster, replica, None, Duration::from_secs(15));
     let promoted = Instant::now();
     thread::sleep(Duration::from_millis(1500));
     let outcomes = load.stop();
@@ -619,7 +620,7 @@ fn master_sigstop_bounded_waits_and_failover() {
     load.wait_oks(100, "200s before the SIGSTOP");
     cluster.node(master).signal("STOP");
     let stopped = Instant::now();
-    let switched = wait_promoted(&cluster, replica, Duration::from_secs(15));
+    let switched = wait_promoted(&cluster, replica, Some(master), Duration::from_secs(15));
     load.wait_oks(100, "200s after the failover");
     thread::sleep(Duration::from_millis(1000));
     let outcomes = load.stop();

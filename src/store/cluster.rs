@@ -254,9 +254,9 @@ impl Router {
                     .map
                     .write()
                     .unwrap_or_else(PoisonError::into_inner);
-                // Logged when something moved: during an outage the map is
-                // re-read a few times a second and says the same thing.
-                if !current.same_owners(&map) {
+                // Periodic reads are logged only when something moved; the
+                // others are rate-limited (a few lines a second at worst).
+                if reason != "periodic" || !current.same_owners(&map) {
                     eprintln!(
                         "im-server: cluster map refresh #{count} ({reason}) from {addr}: {} masters, {} slots unserved",
                         map.masters().len(),

@@ -670,3 +670,80 @@ fn master_sigstop_bounded_waits_and_failover() {
     );
     assert_eq!(others_errors, 0, "chats on healthy masters saw errors");
 }
+
+/// `--redis-wait-replicas` on a standalone Redis with one replica: 200 while
+/// the replica confirms; asking for more replicas than exist, or losing the
+/// replica, gives 503 (the message is on the master: "maybe stored").
+#[test]
+fn wait_replicas_on_standalone_redis() {
+    let master = Redis::start_tcp();
+    let port = master.port().expect("tcp").to_string();
+    let mut replica = Redis::start_with_args(&["--replicaof", "127.0.0.1", &port]);
+    wait_until(Duration::from_secs(10), "the replica's sync", || {
+        replica
+            .redis_cmd(&["INFO", "replication"])
+            .contains("master_link_status:up")
+            .then_some(())
+    });
+    let url = master.url();
+    let one = Server::start("all", &["--redis", &url, "--redis-wait-replicas", "1"], &[]);
+    let two = Server::start("all", &["--redis", &url, "--redis-wait-replicas", "2"], &[]);
+    send_ok(one.http_addr(), "waited", "s", "confirmed by one replica");
+    assert_eq!(
+        replica.zcard_chat("waited"),
+        1,
+        "the replica has the message once the send is answered"
+    );
+    let started = Instant::now();
+    let r = send(
+        two.http_addr(),
+        "waited",
+        "s",
+        "two replicas asked, one exists",
+    );
+    assert_error(&r, 503, "WAIT 2 with one replica");
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "WAIT is bounded by half the Redis timeout: took {:?}",
+        started.elapsed()
+    );
+    replica.kill();
+    let r = send(one.http_addr(), "waited", "s", "the replica is gone");
+    assert_error(&r, 503, "WAIT 1 without a replica");
+    // 503 means "maybe stored": both refused sends are on the master.
+    let texts: Vec<String> = walk(
+        &mut HttpConn::connect(one.http_addr()),
+        "waited",
+        100,
+        true,
+        Form::Json,
+    )
+    .into_iter()
+    .map(|m| m.text)
+    .collect();
+    assert_eq!(
+        texts,
+        [
+            "confirmed by one replica",
+            "two replicas asked, one exists",
+            "the replica is gone"
+        ]
+    );
+}
+
+/// A cluster has only database 0, and a node list is only for a cluster.
+#[test]
+fn cluster_refuses_other_databases_and_standalone_refuses_lists() {
+    let cluster = Cluster::start_with(3, 0);
+    let url = format!("{}/2", cluster.url());
+    let err = Server::try_start("all", &["--redis", &url], &[])
+        .err()
+        .expect("db 2 on a cluster must not start");
+    assert!(err.contains("database 0"), "{err}");
+    let redis = Redis::start_tcp();
+    let list = format!("{},127.0.0.1:1", redis.url());
+    let err = Server::try_start("all", &["--redis", &list], &[])
+        .err()
+        .expect("a node list naming a standalone Redis must not start");
+    assert!(err.contains("not in cluster mode"), "{err}");
+}

@@ -526,7 +526,9 @@ fn manual_failover_under_load() {
 /// SIGKILL of a master under send load, then the replica's promotion.
 /// Returns (acknowledged sends lost on the killed master's chat, outcomes of
 /// the other chats, the server's refreshes).
-fn sigkill_master_under_load(extra: &[&str]) -> (Vec<String>, Vec<Outcome>, Vec<Outcome>, u64) {
+fn sigkill_master_under_load(
+    extra: &[&str],
+) -> (Vec<String>, Vec<Outcome>, Vec<Outcome>, u64, Instant) {
     let mut cluster = Cluster::start();
     let server = start_server(&cluster, extra);
     let addr = server.http_addr();
@@ -558,14 +560,14 @@ fn sigkill_master_under_load(extra: &[&str]) -> (Vec<String>, Vec<Outcome>, Vec<
         statuses(&affected),
         statuses(&others)
     );
-    (lost, affected, others, refreshes_logged(&server))
+    (lost, affected, others, refreshes_logged(&server), killed)
 }
 
 /// With `--redis-wait-replicas 1` every 200 survives the loss of its master,
 /// and chats on the other masters never see an error.
 #[test]
 fn master_sigkill_with_wait_loses_no_acknowledged_send() {
-    let (lost, affected, others, refreshes) =
+    let (lost, affected, others, refreshes, killed) =
         sigkill_master_under_load(&["--redis-wait-replicas", "1"]);
     assert!(
         lost.is_empty(),
@@ -575,10 +577,28 @@ fn master_sigkill_with_wait_loses_no_acknowledged_send() {
         affected.iter().any(|o| o.status == 200),
         "no 200 before the kill"
     );
-    let errors: Vec<&Outcome> = others.iter().filter(|o| o.status != 200).collect();
+    let errors: Vec<String> = others
+        .iter()
+        .filter(|o| o.status != 200)
+        .map(|o| {
+            let at = |t: Instant| match t.checked_duration_since(killed) {
+                Some(d) => format!("+{d:?}"),
+                None => format!("-{:?}", killed - t),
+            };
+            format!(
+                "{} {:?}: {} from {} to {} after the kill",
+                o.chat,
+                o.text,
+                o.status,
+                at(o.started),
+                at(o.finished)
+            )
+        })
+        .collect();
     assert!(
         errors.is_empty(),
-        "chats on healthy masters saw errors: {:?}",
+        "chats on healthy masters saw {} errors: {:?}",
+        errors.len(),
         &errors[..errors.len().min(5)]
     );
     println!("with WAIT 1: 0 acknowledged sends lost; {refreshes} map refreshes logged");
@@ -588,7 +608,7 @@ fn master_sigkill_with_wait_loses_no_acknowledged_send() {
 /// is asynchronous). Printed, not asserted; the chat must recover.
 #[test]
 fn master_sigkill_without_wait_reports_losses() {
-    let (lost, affected, others, refreshes) = sigkill_master_under_load(&[]);
+    let (lost, affected, others, refreshes, _) = sigkill_master_under_load(&[]);
     println!(
         "without WAIT: {} acknowledged sends lost after the master SIGKILL: {:?}; {refreshes} map refreshes logged",
         lost.len(),

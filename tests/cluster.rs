@@ -554,10 +554,16 @@ fn sigkill_master_under_load(
     );
     let (affected, others): (Vec<Outcome>, Vec<Outcome>) =
         outcomes.into_iter().partition(|o| o.chat == chats[0]);
+    let zcard = cluster
+        .node(replica)
+        .cmd(&["ZCARD", &format!("im:{{{}}}", chats[0])]);
     println!(
-        "master {master} SIGKILLed ({extra:?}): promotion after {:?}; killed master's chat: {:?}; other chats: {:?}",
+        "master {master} SIGKILLed ({extra:?}): promotion of {replica} after {:?}; killed master's chat: {:?}, \
+         {} acknowledged, ZCARD on the new master {}; other chats: {:?}",
         promoted - killed,
         statuses(&affected),
+        affected.iter().filter(|o| o.status == 200).count(),
+        zcard.trim(),
         statuses(&others)
     );
     (lost, affected, others, refreshes_logged(&server), killed)
@@ -608,20 +614,26 @@ fn master_sigkill_with_wait_loses_no_acknowledged_send() {
 /// is asynchronous). Printed, not asserted; the chat must recover.
 #[test]
 fn master_sigkill_without_wait_reports_losses() {
-    let (lost, affected, others, refreshes, _) = sigkill_master_under_load(&[]);
+    let (lost, affected, others, refreshes, killed) = sigkill_master_under_load(&[]);
+    // Recovery: the first 200 of a send to the killed master's chat started
+    // after the kill, within node timeout (1 s) + 3 s of it.
+    let recovered = affected
+        .iter()
+        .filter(|o| o.status == 200 && o.started > killed)
+        .map(|o| o.finished - killed)
+        .min();
     println!(
-        "without WAIT: {} acknowledged sends lost after the master SIGKILL: {:?}; {refreshes} map refreshes logged",
+        "without WAIT: {} acknowledged sends lost after the master SIGKILL: {:?}; \
+         first 200 on its chat {recovered:?} after the kill; {refreshes} map refreshes logged",
         lost.len(),
         &lost[..lost.len().min(10)]
     );
     let errors = others.iter().filter(|o| o.status != 200).count();
     assert_eq!(errors, 0, "chats on healthy masters saw {errors} errors");
-    let last = affected.iter().map(|o| o.started).max().expect("sends");
+    let recovered = recovered.expect("the killed master's chat never recovered");
     assert!(
-        affected
-            .iter()
-            .any(|o| o.status == 200 && last - o.started < Duration::from_millis(1000)),
-        "the killed master's chat did not recover after the promotion"
+        recovered <= Duration::from_secs(4),
+        "the killed master's chat recovered only {recovered:?} after the kill"
     );
 }
 

@@ -1454,6 +1454,8 @@ impl ClusterNode {
             .arg(dir.join("nodes.conf"))
             .args(["--cluster-node-timeout", "1000"])
             .args(["--cluster-require-full-coverage", "no"])
+            // A replica's first sync starts at once, not after the default 5 s.
+            .args(["--repl-diskless-sync-delay", "0"])
             .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
             .arg("--dir")
             .arg(&dir)

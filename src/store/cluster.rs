@@ -122,6 +122,15 @@ impl ClusterShared {
             .or_else(|| self.seeds.first().cloned())
     }
 
+    /// How to reach the node at `addr`: its address, the shared credentials.
+    fn node_target(&self, addr: &str) -> RedisTarget {
+        RedisTarget {
+            address: Address::Tcp(addr.to_string()),
+            db: 0,
+            ..self.template.clone()
+        }
+    }
+
     fn patch(&self, slot: u16, addr: &str) {
         let mut map = self.map.write().unwrap_or_else(PoisonError::into_inner);
         map.set(slot, addr);
@@ -163,11 +172,7 @@ impl Router {
         pools
             .entry(addr.clone())
             .or_insert_with(|| {
-                let target = RedisTarget {
-                    address: Address::Tcp(addr.to_string()),
-                    db: 0,
-                    ..self.shared.template.clone()
-                };
+                let target = self.shared.node_target(addr);
                 let setup = [load_library_command()];
                 let mux = MuxOptions {
                     name: "redis cluster node",
@@ -224,23 +229,21 @@ impl Router {
     }
 
     /// Reads `CLUSTER SLOTS` from the first node that answers and installs it.
+    ///
+    /// Each node is asked on a connection of its own, not through the pools:
+    /// a seed may have become a replica (whose pool cannot load the library),
+    /// and a frozen master's pipeline must not hold the refresh up.
     async fn refresh(&self, reason: &'static str) {
-        let slots = RespRequest::from(command::encode(&[b"CLUSTER", b"SLOTS"]));
         let mut outcome = Err("no node answered CLUSTER SLOTS".to_string());
         for addr in self.shared.refresh_candidates() {
-            let Ok(pending) = self.pool(&addr).handle().start(slots.clone()) else {
-                continue;
-            };
-            let Ok(Ok(reply)) = tokio::time::timeout(REFRESH_TRY_TIMEOUT, pending.wait()).await
-            else {
-                continue;
-            };
-            match crate::resp::cluster::parse_cluster_slots(&reply, &addr) {
-                Ok(ranges) => {
-                    outcome = Ok((addr, SlotMap::from_ranges(&ranges)));
+            let target = self.shared.node_target(&addr);
+            match tokio::time::timeout(REFRESH_TRY_TIMEOUT, read_slot_map(&target, &addr)).await {
+                Ok(Ok(map)) => {
+                    outcome = Ok((addr, map));
                     break;
                 }
-                Err(err) => outcome = Err(format!("{addr}: {err}")),
+                Ok(Err(err)) => outcome = Err(format!("{addr}: {err}")),
+                Err(_elapsed) => outcome = Err(format!("{addr}: no answer in time")),
             }
         }
         let count = match &outcome {
@@ -527,6 +530,16 @@ async fn probe_one(target: &RedisTarget) -> std::io::Result<Probe> {
         .ok()
         .map(|ranges| SlotMap::from_ranges(&ranges));
     Ok(Probe::Cluster(map))
+}
+
+/// `CLUSTER SLOTS` of the node at `addr`, on a connection of its own.
+async fn read_slot_map(target: &RedisTarget, addr: &str) -> std::io::Result<SlotMap> {
+    use crate::mux::Protocol as _;
+    let stream = RespProtocol::new(target.clone(), &[]).connect().await?;
+    let reply = ask(&stream, &[b"CLUSTER", b"SLOTS"]).await?;
+    let ranges =
+        crate::resp::cluster::parse_cluster_slots(&reply, addr).map_err(std::io::Error::other)?;
+    Ok(SlotMap::from_ranges(&ranges))
 }
 
 /// One command, one reply, on a connection of its own.

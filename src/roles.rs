@@ -281,6 +281,7 @@ fn redis_options(config: &Config) -> RedisOptions {
         max_in_flight: config.max_in_flight,
         timeout: config.redis_timeout,
         wait_replicas: config.redis_wait_replicas,
+        max_queued_bytes: config.max_queued_bytes,
     }
 }
 

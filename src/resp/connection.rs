@@ -198,6 +198,10 @@ impl Protocol for RespProtocol {
             }
         }
     }
+
+    fn queued_bytes(request: &RespRequest) -> usize {
+        request.wire.len()
+    }
 }
 
 #[cfg(test)]

@@ -24,16 +24,17 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::redis::{
-    MAX_SEND_BATCH, QueuedSend, RedisOptions, answer_batch, chat_key, encode_member, from_mux,
-    im_send_command, load_library_command, page_from_reply, pull_command, without_wait,
+    MAX_SEND_BATCH, QueuedSend, RedisOptions, answer_batch, batch_deadline, chat_key, from_mux,
+    function_missing, im_send_command, load_library_command, next_batch, page_from_reply,
+    pull_command, queue_send, without_wait,
 };
 use super::{Page, Store, StoreError};
 use crate::domain::PullQuery;
-use crate::mux::{MuxError, MuxOptions, Pool, Stream};
+use crate::mux::{ByteBudget, Handle, MuxError, MuxOptions, Pool, Stream};
 use crate::resp::cluster::{Redirect, SlotMap, classify, is_cluster_info, key_slot};
 use crate::resp::connection::{RespProtocol, RespRequest, decode_reply};
 use crate::resp::url::{Address, RedisTarget};
@@ -179,6 +180,7 @@ impl Router {
                     target: target.to_string(),
                     queue: self.options.queue,
                     max_in_flight: self.options.max_in_flight,
+                    max_queued_bytes: self.options.max_queued_bytes,
                 };
                 Pool::spawn(
                     self.options.connections,
@@ -278,16 +280,18 @@ impl Router {
     /// Runs `request` on the master of `slot`, following redirections, and
     /// returns the reply of its (last) command: a redirection or retryable
     /// error never comes back, other error replies do. With `wait_replicas`,
-    /// the request ends in a WAIT whose shortfall is `Unavailable`.
+    /// the request ends in a WAIT whose shortfall is `Unavailable`. Nothing
+    /// is written after `deadline` (the earliest caller's).
     async fn execute(
         self: &Arc<Self>,
         slot: u16,
         request: RespRequest,
         wait_replicas: u32,
+        deadline: Instant,
     ) -> Result<Reply, MuxError> {
-        let deadline = Instant::now() + self.options.timeout;
         let mut ask: Option<Arc<str>> = None;
         let mut pause = RETRY_PAUSE;
+        let mut reloaded = false;
         for _ in 0..=MAX_REDIRECTIONS {
             let asking = ask.is_some();
             let Some(addr) = ask.take().or_else(|| self.shared.owner(slot)) else {
@@ -298,29 +302,21 @@ impl Router {
             } else {
                 request.clone()
             };
-            let pending = self.pool(&addr).handle().start(sent);
-            let reply = match pending {
-                Ok(pending) => tokio::time::timeout_at(deadline, pending.wait()).await,
-                Err(err) => Ok(Err(err)),
-            };
-            let reply = match reply {
-                Ok(Ok(reply)) => reply,
-                Ok(Err(MuxError::Unavailable)) => {
-                    // Not connected, or the connection broke with the
-                    // command maybe run: the master may be gone.
-                    self.request_refresh("connection lost");
-                    return Err(MuxError::Unavailable);
-                }
-                Ok(Err(err)) => return Err(err),
-                // Maybe run: never resent. A master that stopped answering
-                // may have been replaced (a stale map after timeouts kept
-                // clients on a frozen node: fred #59).
-                Err(_elapsed) => {
-                    self.request_refresh("timeout");
-                    return Err(MuxError::Unavailable);
-                }
-            };
-            let reply = without_wait(without_asking(reply, asking), wait_replicas)?;
+            let handle = self.pool(&addr).handle().clone();
+            let reply = self.attempt(&handle, sent.clone(), deadline).await?;
+            let mut reply = without_wait(without_asking(reply, asking), wait_replicas);
+            if function_missing(&reply) && !reloaded {
+                // The node lost the library (flushed, restored): load it
+                // and run the same command once more, in order on one
+                // connection. The error came before the function ran, so
+                // nothing was stored.
+                reloaded = true;
+                let load = handle.start_by(load_library_command(), deadline);
+                let again = self.attempt(&handle, sent, deadline).await?;
+                drop(load);
+                reply = without_wait(without_asking(again, asking), wait_replicas);
+            }
+            let reply = reply?;
             let Reply::Error(error) = &reply else {
                 return Ok(reply);
             };
@@ -344,6 +340,38 @@ impl Router {
             }
         }
         Err(MuxError::Unavailable)
+    }
+
+    /// Writes `request` on `handle` (unless `deadline` passes first) and
+    /// waits for its reply until `deadline`.
+    async fn attempt(
+        self: &Arc<Self>,
+        handle: &Handle<RespProtocol>,
+        request: RespRequest,
+        deadline: Instant,
+    ) -> Result<Reply, MuxError> {
+        let reply = match handle.start_by(request, deadline) {
+            Ok(pending) => tokio::time::timeout_at(deadline, pending.wait()).await,
+            Err(err) => Ok(Err(err)),
+        };
+        match reply {
+            Ok(Ok(reply)) => Ok(reply),
+            Ok(Err(MuxError::Unavailable)) => {
+                // Not connected, or the connection broke with the command
+                // maybe run: the master may be gone.
+                self.request_refresh("connection lost");
+                Err(MuxError::Unavailable)
+            }
+            // Overloaded, or Timeout: never written.
+            Ok(Err(err)) => Err(err),
+            // Maybe run: never resent. A master that stopped answering may
+            // have been replaced (a stale map after timeouts kept clients
+            // on a frozen node: fred #59).
+            Err(_elapsed) => {
+                self.request_refresh("timeout");
+                Err(MuxError::Unavailable)
+            }
+        }
     }
 }
 
@@ -390,24 +418,23 @@ fn split_by_slot(batch: &mut Vec<QueuedSend>) -> Vec<(u16, Vec<QueuedSend>)> {
 
 /// Turns the sends queued since the last turn into one `im_send` per slot,
 /// each routed (and redirected) on its own.
-async fn store_send_batches(router: Arc<Router>, mut queue: mpsc::Receiver<QueuedSend>) {
+async fn store_send_batches(
+    router: Arc<Router>,
+    mut queue: mpsc::Receiver<QueuedSend>,
+    queued: ByteBudget,
+) {
     let mut batch = Vec::with_capacity(MAX_SEND_BATCH);
-    while let Some(first) = queue.recv().await {
-        batch.push(first);
-        while batch.len() < MAX_SEND_BATCH {
-            match queue.try_recv() {
-                Ok(send) => batch.push(send),
-                Err(_) => break,
-            }
-        }
+    while next_batch(&mut queue, &queued, &mut batch).await {
         let now = crate::now_micros();
         for (slot, group) in split_by_slot(&mut batch) {
+            let deadline = batch_deadline(&group);
             let request = router.options.send_request(im_send_command(&group, now));
             let waiters: Vec<_> = group.into_iter().map(|s| s.reply).collect();
             let router = router.clone();
             tokio::spawn(async move {
                 let wait = router.options.wait_replicas;
-                answer_batch(router.execute(slot, request, wait).await, waiters)
+                let reply = router.execute(slot, request, wait, deadline).await;
+                answer_batch(reply, waiters)
             });
         }
     }
@@ -431,6 +458,8 @@ async fn refresh_periodically(router: std::sync::Weak<Router>) {
 pub struct ClusterStore {
     router: Arc<Router>,
     sends: mpsc::Sender<QueuedSend>,
+    /// Bytes of the sends in `sends`.
+    sends_bytes: ByteBudget,
     timeout: Duration,
 }
 
@@ -447,11 +476,17 @@ impl ClusterStore {
             router.request_refresh("start-up");
         }
         let (sends, queue) = mpsc::channel(options.queue.max(1));
-        tokio::spawn(store_send_batches(router.clone(), queue));
+        let sends_bytes = ByteBudget::new(options.max_queued_bytes);
+        tokio::spawn(store_send_batches(
+            router.clone(),
+            queue,
+            sends_bytes.clone(),
+        ));
         tokio::spawn(refresh_periodically(Arc::downgrade(&router)));
         ClusterStore {
             router,
             sends,
+            sends_bytes,
             timeout: options.timeout,
         }
     }
@@ -459,25 +494,15 @@ impl ClusterStore {
 
 impl Store for ClusterStore {
     async fn send(&self, chat: &str, sender: &str, text: &str) -> Result<i64, StoreError> {
-        let (reply, answer) = oneshot::channel();
-        let queued = QueuedSend {
-            key: chat_key(chat),
-            member: encode_member(text, sender),
-            reply,
-        };
-        if self.sends.try_send(queued).is_err() {
-            return Err(StoreError::Overloaded);
-        }
-        match tokio::time::timeout(self.timeout, answer).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(_)) | Err(_) => Err(StoreError::Unavailable),
-        }
+        let queue = (&self.sends, &self.sends_bytes);
+        queue_send(queue, self.timeout, chat, sender, text).await
     }
 
     async fn pull(&self, query: &PullQuery) -> Result<Page, StoreError> {
         let slot = key_slot(chat_key(&query.chat).as_bytes());
         let request = RespRequest::from(pull_command(query));
-        match self.router.execute(slot, request, 0).await {
+        let deadline = Instant::now() + self.timeout;
+        match self.router.execute(slot, request, 0, deadline).await {
             Ok(Reply::Error(err)) => Err(StoreError::Internal(format!("redis: {err}"))),
             Ok(reply) => page_from_reply(query, reply),
             Err(err) => Err(from_mux(err)),
@@ -557,13 +582,16 @@ async fn ask(stream: &Stream, args: &[&[u8]]) -> std::io::Result<Reply> {
 #[cfg(test)]
 mod tests {
     use bytes::Bytes;
+    use tokio::sync::oneshot;
 
     use super::*;
+    use crate::store::redis::encode_member;
 
     fn queued(chat: &str, text: &str) -> QueuedSend {
         QueuedSend {
             key: chat_key(chat),
             member: encode_member(text, "s"),
+            deadline: Instant::now(),
             reply: oneshot::channel().0,
         }
     }

@@ -21,10 +21,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 
 use super::{Page, PageWriter, Store, StoreError};
 use crate::domain::PullQuery;
-use crate::mux::{MuxError, MuxOptions, Pool};
+use crate::mux::{ByteBudget, Handle, MuxError, MuxOptions, Pool};
 use crate::resp::connection::{RespProtocol, RespRequest};
 use crate::resp::url::RedisTarget;
 use crate::resp::{Reply, command};
@@ -85,6 +86,9 @@ pub struct RedisOptions {
     pub max_in_flight: usize,
     /// A command not answered within this is reported as unavailable.
     pub timeout: Duration,
+    /// Bytes of commands queued per connection, and of sends waiting for
+    /// the batcher; more are refused as overloaded.
+    pub max_queued_bytes: usize,
     /// A send is acknowledged only once this many replicas have it (0: at once).
     pub wait_replicas: u32,
 }
@@ -131,13 +135,25 @@ pub struct RedisStore {
     pool: Arc<Pool<RespProtocol>>,
     /// Sends waiting for the batcher (see [`store_send_batches`]).
     sends: mpsc::Sender<QueuedSend>,
+    /// Bytes of the sends in `sends`.
+    sends_bytes: ByteBudget,
     timeout: Duration,
 }
 
 pub(super) struct QueuedSend {
     pub(super) key: String,
     pub(super) member: Vec<u8>,
+    /// When the caller stops waiting (and answers 503): a send still queued
+    /// then must never be written.
+    pub(super) deadline: Instant,
     pub(super) reply: oneshot::Sender<Result<i64, StoreError>>,
+}
+
+impl QueuedSend {
+    /// What it counts against [`RedisStore::sends_bytes`].
+    fn bytes(&self) -> usize {
+        self.key.len() + self.member.len()
+    }
 }
 
 /// The key of a chat's sorted set.
@@ -147,30 +163,46 @@ pub fn chat_key(chat: &str) -> String {
 
 impl RedisStore {
     pub fn new(target: RedisTarget, options: &RedisOptions) -> RedisStore {
-        let setup = [load_library_command()];
+        let load_library = load_library_command();
         let mux = MuxOptions {
             name: "redis",
             target: target.to_string(),
             queue: options.queue,
             max_in_flight: options.max_in_flight,
+            max_queued_bytes: options.max_queued_bytes,
         };
+        let setup = [load_library.clone()];
         let pool = Pool::spawn(
             options.connections,
             || RespProtocol::new(target.clone(), &setup),
             mux,
         );
         let (sends, queue) = mpsc::channel(options.queue.max(1));
-        tokio::spawn(store_send_batches(pool.clone(), queue, options.clone()));
+        let sends_bytes = ByteBudget::new(options.max_queued_bytes);
+        let batcher = Batcher {
+            pool: pool.clone(),
+            queue,
+            queued: sends_bytes.clone(),
+            load_library,
+            options: options.clone(),
+        };
+        tokio::spawn(batcher.run());
         RedisStore {
             pool,
             sends,
+            sends_bytes,
             timeout: options.timeout,
         }
     }
 
     async fn call(&self, command: Bytes) -> Result<Reply, StoreError> {
-        let pending = self.pool.handle().start(command).map_err(from_mux)?;
-        match tokio::time::timeout(self.timeout, pending.wait()).await {
+        let deadline = Instant::now() + self.timeout;
+        let pending = self
+            .pool
+            .handle()
+            .start_by(command, deadline)
+            .map_err(from_mux)?;
+        match tokio::time::timeout_at(deadline, pending.wait()).await {
             Ok(Ok(Reply::Error(err))) => Err(StoreError::Internal(format!("redis: {err}"))),
             Ok(reply) => reply.map_err(from_mux),
             Err(_elapsed) => Err(StoreError::Unavailable),
@@ -185,27 +217,95 @@ impl RedisStore {
 /// redis-benchmark, 8 messages to one chat per call, stores 238k messages/s
 /// against 106k/s one per call. Batches are not waited for: several can be
 /// in flight on the pipelined connection.
-async fn store_send_batches(
+struct Batcher {
     pool: Arc<Pool<RespProtocol>>,
-    mut queue: mpsc::Receiver<QueuedSend>,
+    queue: mpsc::Receiver<QueuedSend>,
+    /// Bytes of the sends in `queue`; released as they are taken.
+    queued: ByteBudget,
+    /// `FUNCTION LOAD REPLACE` of [`LIBRARY`], for a Redis that lost it.
+    load_library: Bytes,
     options: RedisOptions,
-) {
-    let mut batch = Vec::with_capacity(MAX_SEND_BATCH);
-    while let Some(first) = queue.recv().await {
-        batch.push(first);
-        while batch.len() < MAX_SEND_BATCH {
-            match queue.try_recv() {
-                Ok(send) => batch.push(send),
-                Err(_) => break,
+}
+
+/// Waits for queued sends and takes what is queued (up to
+/// [`MAX_SEND_BATCH`]) into `batch`, leaving out sends whose caller has
+/// already been answered; false once the queue is closed.
+pub(super) async fn next_batch(
+    queue: &mut mpsc::Receiver<QueuedSend>,
+    queued: &ByteBudget,
+    batch: &mut Vec<QueuedSend>,
+) -> bool {
+    let Some(first) = queue.recv().await else {
+        return false;
+    };
+    let now = Instant::now();
+    take(first, now, queued, batch);
+    while batch.len() < MAX_SEND_BATCH {
+        match queue.try_recv() {
+            Ok(send) => take(send, now, queued, batch),
+            Err(_) => break,
+        }
+    }
+    true
+}
+
+/// Adds `send` to the batch unless its caller has already been answered
+/// (timed out, or gone): such a send must never reach Redis, since the
+/// caller was told it failed.
+fn take(send: QueuedSend, now: Instant, queued: &ByteBudget, batch: &mut Vec<QueuedSend>) {
+    queued.release(send.bytes());
+    if send.reply.is_closed() {
+        return;
+    }
+    if send.deadline <= now {
+        let _ = send.reply.send(Err(StoreError::Unavailable));
+        return;
+    }
+    batch.push(send);
+}
+
+/// The earliest deadline of a batch's sends: written any later, that
+/// send's caller would already have been told "failed" and it would be
+/// stored all the same.
+pub(super) fn batch_deadline(batch: &[QueuedSend]) -> Instant {
+    batch
+        .iter()
+        .map(|s| s.deadline)
+        .min()
+        .unwrap_or_else(Instant::now)
+}
+
+impl Batcher {
+    async fn run(mut self) {
+        let mut batch = Vec::with_capacity(MAX_SEND_BATCH);
+        while next_batch(&mut self.queue, &self.queued, &mut batch).await {
+            if !batch.is_empty() {
+                self.start(&mut batch);
             }
         }
-        let request = options.send_request(im_send_command(&batch, crate::now_micros()));
+    }
+
+    /// Starts one `im_send` call for `batch` (left empty), answered by a
+    /// task of its own.
+    fn start(&self, batch: &mut Vec<QueuedSend>) {
+        let deadline = batch_deadline(batch);
+        let request = self
+            .options
+            .send_request(im_send_command(batch, crate::now_micros()));
         let waiters: Vec<_> = batch.drain(..).map(|s| s.reply).collect();
-        let wait = options.wait_replicas;
-        match pool.handle().start(request) {
+        let handle = self.pool.handle();
+        match handle.start_by(request.clone(), deadline) {
             Ok(pending) => {
+                let retry = Retry {
+                    handle: handle.clone(),
+                    request,
+                    deadline,
+                    load_library: self.load_library.clone(),
+                    wait_replicas: self.options.wait_replicas,
+                };
                 tokio::spawn(async move {
-                    answer_batch(without_wait(pending.wait().await, wait), waiters)
+                    let reply = retry.if_function_missing(pending.wait().await).await;
+                    answer_batch(reply, waiters);
                 });
             }
             Err(err) => answer_batch(Err(err), waiters),
@@ -224,6 +324,39 @@ pub(super) fn im_send_command(batch: &[QueuedSend], now: i64) -> Bytes {
     args.extend(batch.iter().map(|s| &s.member[..]));
     args.push(now.as_bytes());
     command::encode(&args)
+}
+
+/// What it takes to run a batch again on the connection it went to.
+struct Retry {
+    handle: Handle<RespProtocol>,
+    request: RespRequest,
+    deadline: Instant,
+    load_library: Bytes,
+    wait_replicas: u32,
+}
+
+impl Retry {
+    /// `reply`, or, if it says the function is missing (the Redis was
+    /// flushed or restored without the library), the reply to the same
+    /// batch sent again once the library is loaded again. That error comes
+    /// before the function would run, so nothing of the batch was stored
+    /// and running it again stores nothing twice.
+    async fn if_function_missing(self, reply: Result<Reply, MuxError>) -> Result<Reply, MuxError> {
+        let reply = without_wait(reply, self.wait_replicas);
+        if !function_missing(&reply) {
+            return reply;
+        }
+        // One connection runs its commands in order: the load comes first.
+        let load = self.handle.start_by(self.load_library, self.deadline)?;
+        let again = self.handle.start_by(self.request, self.deadline)?;
+        // Held until here: a call whose caller is gone is not written.
+        let _ = load.wait().await;
+        without_wait(again.wait().await, self.wait_replicas)
+    }
+}
+
+pub(super) fn function_missing(reply: &Result<Reply, MuxError>) -> bool {
+    matches!(reply, Ok(Reply::Error(err)) if err.contains("Function not found"))
 }
 
 /// Hands each sender of a batch its send_time, or the batch's failure.
@@ -297,31 +430,53 @@ pub(super) fn from_mux(err: MuxError) -> StoreError {
     match err {
         MuxError::Unavailable => StoreError::Unavailable,
         MuxError::Overloaded => StoreError::Overloaded,
+        // Refused before it was written: like a command never answered, it
+        // is a 503, though this one is certainly not stored.
+        MuxError::Timeout => StoreError::Unavailable,
     }
 }
 
 impl Store for RedisStore {
     async fn send(&self, chat: &str, sender: &str, text: &str) -> Result<i64, StoreError> {
-        let member = encode_member(text, sender);
-        let (reply, answer) = oneshot::channel();
-        let queued = QueuedSend {
-            key: chat_key(chat),
-            member,
-            reply,
-        };
-        if self.sends.try_send(queued).is_err() {
-            return Err(StoreError::Overloaded);
-        }
-        match tokio::time::timeout(self.timeout, answer).await {
-            Ok(Ok(result)) => result,
-            // The batcher is gone, or Redis did not answer in time.
-            Ok(Err(_)) | Err(_) => Err(StoreError::Unavailable),
-        }
+        let queue = (&self.sends, &self.sends_bytes);
+        queue_send(queue, self.timeout, chat, sender, text).await
     }
 
     async fn pull(&self, query: &PullQuery) -> Result<Page, StoreError> {
         let reply = self.call(pull_command(query)).await?;
         page_from_reply(query, reply)
+    }
+}
+
+/// Queues a send for a batcher (`queue`: its channel and the byte budget of
+/// what is in it) and waits for its send_time, at most `timeout`.
+pub(super) async fn queue_send(
+    (sends, budget): (&mpsc::Sender<QueuedSend>, &ByteBudget),
+    timeout: Duration,
+    chat: &str,
+    sender: &str,
+    text: &str,
+) -> Result<i64, StoreError> {
+    let (reply, answer) = oneshot::channel();
+    let deadline = Instant::now() + timeout;
+    let queued = QueuedSend {
+        key: chat_key(chat),
+        member: encode_member(text, sender),
+        deadline,
+        reply,
+    };
+    let bytes = queued.bytes();
+    if !budget.add(bytes) {
+        return Err(StoreError::Overloaded);
+    }
+    if sends.try_send(queued).is_err() {
+        budget.release(bytes);
+        return Err(StoreError::Overloaded);
+    }
+    match tokio::time::timeout_at(deadline, answer).await {
+        Ok(Ok(result)) => result,
+        // The batcher is gone, or Redis did not answer in time.
+        Ok(Err(_)) | Err(_) => Err(StoreError::Unavailable),
     }
 }
 

@@ -779,3 +779,33 @@ fn cluster_refuses_other_databases_and_standalone_refuses_lists() {
         .expect("a node list naming a standalone Redis must not start");
     assert!(err.contains("not in cluster mode"), "{err}");
 }
+
+/// A master that lost the function library (`FUNCTION FLUSH`) gets it
+/// loaded again by the server, and the send that found it missing is
+/// stored once.
+#[test]
+fn flushed_library_is_reloaded_on_that_master() {
+    let cluster = Cluster::start_with(3, 0);
+    // One thread, so the send after the flush uses the connection that
+    // loaded the library before it (a new connection would load it anyway).
+    let server = start_server(&cluster, &["--threads", "1"]);
+    let addr = server.http_addr();
+    let chat = cluster.chats_on_distinct_masters("flushed", 1).remove(0);
+    let master = cluster.master_of(cluster.slot_of(&chat));
+    send_ok(addr, &chat, "s", "before the flush");
+    let flushed = cluster.node(master).cmd(&["FUNCTION", "FLUSH"]);
+    assert!(flushed.starts_with("+OK"), "FUNCTION FLUSH: {flushed}");
+    send_ok(addr, &chat, "s", "after the flush");
+    assert!(
+        cluster
+            .node(master)
+            .cmd(&["FUNCTION", "LIST"])
+            .contains("im_send"),
+        "library reloaded"
+    );
+    let texts: Vec<String> = walk(&mut HttpConn::connect(addr), &chat, 100, true, Form::Json)
+        .into_iter()
+        .map(|m| m.text)
+        .collect();
+    assert_eq!(texts, ["before the flush", "after the flush"]);
+}

@@ -74,6 +74,8 @@ struct Outcome {
 struct Load {
     stop: Arc<AtomicBool>,
     oks: Arc<AtomicUsize>,
+    /// Per chat, when the latest request answered 200 was started.
+    latest_ok: Arc<std::sync::Mutex<HashMap<String, Instant>>>,
     workers: Vec<thread::JoinHandle<Vec<Outcome>>>,
 }
 
@@ -81,13 +83,14 @@ impl Load {
     fn start(addr: SocketAddr, senders: &[(String, usize)], pullers: &[String]) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let oks = Arc::new(AtomicUsize::new(0));
+        let latest_ok = Arc::new(std::sync::Mutex::new(HashMap::new()));
         let mut workers = Vec::new();
         let jobs = senders
             .iter()
             .flat_map(|(chat, n)| (0..*n).map(move |_| (chat.clone(), true)))
             .chain(pullers.iter().map(|c| (c.clone(), false)));
         for (w, (chat, sends)) in jobs.enumerate() {
-            let (stop, oks) = (stop.clone(), oks.clone());
+            let (stop, oks, latest_ok) = (stop.clone(), oks.clone(), latest_ok.clone());
             workers.push(thread::spawn(move || {
                 let mut out = Vec::new();
                 let mut conn = None;
@@ -122,6 +125,9 @@ impl Load {
                     };
                     if status == 200 {
                         oks.fetch_add(1, Ordering::SeqCst);
+                        let mut latest = latest_ok.lock().expect("not poisoned");
+                        let entry = latest.entry(chat.clone()).or_insert(started);
+                        *entry = (*entry).max(started);
                     }
                     out.push(Outcome {
                         chat: chat.clone(),
@@ -136,7 +142,20 @@ impl Load {
                 out
             }));
         }
-        Load { stop, oks, workers }
+        Load {
+            stop,
+            oks,
+            latest_ok,
+            workers,
+        }
+    }
+
+    /// Waits until a request to `chat` started after `after` got 200.
+    fn wait_ok_on(&self, chat: &str, after: Instant, within: Duration) {
+        wait_until(within, &format!("a 200 on {chat}"), || {
+            let latest = self.latest_ok.lock().expect("not poisoned");
+            latest.get(chat).is_some_and(|&t| t >= after).then_some(())
+        });
     }
 
     fn oks(&self) -> usize {
@@ -653,8 +672,9 @@ fn master_sigstop_bounded_waits_and_failover() {
     cluster.node(master).signal("STOP");
     let stopped = Instant::now();
     let switched = wait_promoted(&cluster, replica, Some(master), Duration::from_secs(15));
+    // Traffic moves on: the frozen master's chat answers 200 again.
+    load.wait_ok_on(&chats[0], switched, Duration::from_secs(10));
     load.wait_oks(100, "200s after the failover");
-    thread::sleep(Duration::from_millis(1000));
     let outcomes = load.stop();
     cluster.node(master).signal("CONT");
 

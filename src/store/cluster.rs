@@ -46,11 +46,18 @@ pub const MAX_REDIRECTIONS: usize = 5;
 /// First pause before resending after TRYAGAIN, CLUSTERDOWN, ...; doubled
 /// each time (20 + 40 + 80 + 160 + 320 ms fit in the default 1 s timeout).
 const RETRY_PAUSE: Duration = Duration::from_millis(20);
+/// The reason of the refreshes nothing asked for (periodic, or polling a
+/// suspect master): logged only when the map changed.
+const QUIET_REFRESH: &str = "periodic";
 /// At most one map refresh per this, per process.
 const MIN_REFRESH_INTERVAL: Duration = Duration::from_millis(250);
 /// The map is re-read at least this often, even if nothing went wrong
 /// (a failover elsewhere, new nodes).
 const PERIODIC_REFRESH: Duration = Duration::from_secs(5);
+/// How often the map is re-read while a master is suspected of being
+/// frozen, and for how long after its last timeout.
+const SUSPECT_REFRESH: Duration = Duration::from_millis(500);
+const SUSPECT_FOR: Duration = Duration::from_secs(10);
 /// `CLUSTER SLOTS` asked of one node during a refresh; a frozen node must
 /// not hold the refresh up, the next one is asked.
 const REFRESH_TRY_TIMEOUT: Duration = Duration::from_millis(500);
@@ -71,6 +78,10 @@ pub struct ClusterShared {
 struct RefreshState {
     running: bool,
     last: Option<Instant>,
+    /// Until when a master is suspected of being frozen (a command timed
+    /// out): the map is then re-read every [`SUSPECT_REFRESH`], so its
+    /// replica's promotion is seen without waiting for another timeout.
+    suspect_until: Option<Instant>,
 }
 
 impl ClusterShared {
@@ -261,7 +272,7 @@ impl Router {
                     .unwrap_or_else(PoisonError::into_inner);
                 // Periodic reads are logged only when something moved; the
                 // others are rate-limited (a few lines a second at worst).
-                if reason != "periodic" || !current.same_owners(&map) {
+                if reason != QUIET_REFRESH || !current.same_owners(&map) {
                     eprintln!(
                         "im-server: cluster map refresh #{count} ({reason}) from {addr}: {} masters, {} slots unserved",
                         map.masters().len(),
@@ -368,6 +379,7 @@ impl Router {
             // have been replaced (a stale map after timeouts kept clients
             // on a frozen node: fred #59).
             Err(_elapsed) => {
+                self.shared.lock_refresh().suspect_until = Some(Instant::now() + SUSPECT_FOR);
                 self.request_refresh("timeout");
                 Err(MuxError::Unavailable)
             }
@@ -440,18 +452,32 @@ async fn store_send_batches(
     }
 }
 
-/// Re-reads the map every [`PERIODIC_REFRESH`] (once per process, whichever
-/// thread's turn comes first) and lets go of nodes that serve no slot.
+/// Re-reads the map every [`PERIODIC_REFRESH`], or every
+/// [`SUSPECT_REFRESH`] while a master is suspected of being frozen (once
+/// per process, whichever thread's turn comes first), and lets go of nodes
+/// that serve no slot every 5 s.
 async fn refresh_periodically(router: std::sync::Weak<Router>) {
-    let mut ticks = tokio::time::interval(PERIODIC_REFRESH);
+    let mut ticks = tokio::time::interval(MIN_REFRESH_INTERVAL);
     ticks.tick().await;
-    loop {
+    for tick in 1u64.. {
         ticks.tick().await;
         let Some(router) = router.upgrade() else {
             return;
         };
-        router.refresh_if_older(PERIODIC_REFRESH, "periodic");
-        router.prune();
+        let suspect = {
+            let state = router.shared.lock_refresh();
+            state
+                .suspect_until
+                .is_some_and(|until| Instant::now() < until)
+        };
+        if suspect {
+            router.refresh_if_older(SUSPECT_REFRESH, QUIET_REFRESH);
+        } else {
+            router.refresh_if_older(PERIODIC_REFRESH, QUIET_REFRESH);
+        }
+        if tick % 20 == 0 {
+            router.prune();
+        }
     }
 }
 

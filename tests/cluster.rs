@@ -783,10 +783,17 @@ fn wait_replicas_on_standalone_redis() {
     );
 }
 
-/// A cluster has only database 0, and a node list is only for a cluster.
+/// A cluster has only database 0, a node list is only for a cluster, and a
+/// dead seed in the list is skipped.
 #[test]
-fn cluster_refuses_other_databases_and_standalone_refuses_lists() {
+fn cluster_urls_seeds_and_databases() {
     let cluster = Cluster::start_with(3, 0);
+    let port = cluster.nodes[1].port;
+    let dead_first = format!("redis://127.0.0.1:{},127.0.0.1:{port}", free_port());
+    let server = start_server_at(&dead_first, &[]);
+    for chat in cluster.chats_on_distinct_masters("seeded", 3) {
+        send_ok(server.http_addr(), &chat, "s", "via the second seed");
+    }
     let url = format!("{}/2", cluster.url());
     let err = Server::try_start("all", &["--redis", &url], &[])
         .err()

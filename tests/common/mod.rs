@@ -1646,10 +1646,19 @@ impl Cluster {
                 .iter()
                 .all(|&m| self.replicas == 0 || self.replica_of(m).is_some());
             // A replica whose initial sync is not done can neither
-            // acknowledge a WAIT nor be promoted.
+            // acknowledge a WAIT nor be promoted. And after a diskless sync
+            // the master streams to it only from its first ACK (up to 1 s
+            // later): a master killed before that loses everything it
+            // acknowledged meanwhile. So: every replica online, per its master.
             let synced = running.iter().all(|n| {
                 n.info_field("replication", "role").as_deref() != Some("slave")
                     || n.info_field("replication", "master_link_status").as_deref() == Some("up")
+            }) && masters.iter().all(|&m| {
+                let info = self
+                    .node(m)
+                    .try_cmd(&["INFO", "replication"])
+                    .unwrap_or_default();
+                info.matches("state=online").count() >= self.replicas
             });
             (all_ok && !masters.is_empty() && replicated && synced).then_some(())
         });

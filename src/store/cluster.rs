@@ -6,7 +6,9 @@
 //!   and asks for a refresh; refreshes are coalesced (one at a time per
 //!   process) and rate-limited, so a burst of MOVEDs after a reshard or a
 //!   failover costs one `CLUSTER SLOTS`, not one per reply. The map is also
-//!   refreshed when a master's connection is lost and every few seconds.
+//!   refreshed when a master's connection is lost or a command times out,
+//!   every 0.5 s for a while after a timeout (a frozen master's promoted
+//!   replica is found without waiting for the next timeout), and every 5 s.
 //! * Each thread has one pipelined connection pool (the mux) per master,
 //!   opened when first needed (a MOVED may name a node never seen), with
 //!   AUTH and `FUNCTION LOAD REPLACE` on every new connection: a master
@@ -15,8 +17,11 @@
 //!   an FCALL must be in one slot, so CROSSSLOT cannot happen).
 //! * MOVED, ASK, TRYAGAIN, CLUSTERDOWN, LOADING, MASTERDOWN and READONLY
 //!   prove the command did not run: it is resent, at most
-//!   [`MAX_REDIRECTIONS`] times and within the Redis timeout. A lost
-//!   connection or a timeout may have run it: never resent (503).
+//!   [`MAX_REDIRECTIONS`] times and within the Redis timeout; so does
+//!   `Function not found` (the library is loaded again on that node first).
+//!   A lost connection or a timeout may have run it: never resent (503).
+//! * Per-node connections have the standalone store's bounds: a send whose
+//!   caller has given up is never written, and queued bytes are capped.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -44,7 +49,8 @@ use crate::resp::{Reply, command};
 /// fred default to).
 pub const MAX_REDIRECTIONS: usize = 5;
 /// First pause before resending after TRYAGAIN, CLUSTERDOWN, ...; doubled
-/// each time (20 + 40 + 80 + 160 + 320 ms fit in the default 1 s timeout).
+/// each time (20 + 40 + 80 + 160 + 320 ms fit in the default 800 ms
+/// Redis timeout).
 const RETRY_PAUSE: Duration = Duration::from_millis(20);
 /// The reason of the refreshes nothing asked for (periodic, or polling a
 /// suspect master): logged only when the map changed.

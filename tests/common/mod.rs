@@ -644,8 +644,14 @@ impl Backend {
     /// A server on a Redis Cluster of 3 masters and 3 replicas, given one node's URL.
     pub fn cluster() -> Backend {
         let cluster = Cluster::start();
+        let server = Server::start("all", &["--redis", &cluster.url()], &[]);
+        assert!(
+            server.stderr().contains("store: Redis Cluster"),
+            "the server did not detect the cluster:\n{}",
+            server.stderr()
+        );
         Backend {
-            server: Server::start("all", &["--redis", &cluster.url()], &[]),
+            server,
             redis: None,
             cluster: Some(cluster),
         }

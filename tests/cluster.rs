@@ -270,7 +270,7 @@ fn wait_promoted(cluster: &Cluster, port: u16, frozen: Option<u16>, deadline: Du
 #[test]
 fn sends_batch_per_slot_across_masters() {
     const BURST: usize = 30;
-    const BURSTS: usize = 12;
+    const BURSTS: usize = 20;
     let cluster = Cluster::start();
     // A list of seed nodes works as well as one node.
     // One thread: a burst read at once is one batch of the store.

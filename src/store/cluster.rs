@@ -442,8 +442,17 @@ async fn store_send_batches(
     queued: ByteBudget,
 ) {
     let mut batch = Vec::with_capacity(MAX_SEND_BATCH);
+    // For the closing log line: each batch should cost one `im_send` per
+    // distinct slot in it, which tests compare with Redis's own FCALL count.
+    let (mut batches, mut slots) = (0u64, 0u64);
     while next_batch(&mut queue, &queued, &mut batch).await {
         let now = crate::now_micros();
+        batches += 1;
+        slots += batch
+            .iter()
+            .map(|s| key_slot(s.key.as_bytes()))
+            .collect::<std::collections::HashSet<_>>()
+            .len() as u64;
         for (slot, group) in split_by_slot(&mut batch) {
             let deadline = batch_deadline(&group);
             let request = router.options.send_request(im_send_command(&group, now));
@@ -456,6 +465,9 @@ async fn store_send_batches(
             });
         }
     }
+    eprintln!(
+        "im-server: cluster store closed after {batches} send batches touching {slots} slots"
+    );
 }
 
 /// Re-reads the map every [`PERIODIC_REFRESH`], or every

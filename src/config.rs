@@ -29,6 +29,8 @@ pub struct Config {
     /// Given, or derived from `rpc_timeout` (see [`redis_timeout_default`]).
     pub redis_timeout: Duration,
     pub max_queued_bytes: usize,
+    /// Replicas that must confirm a send (`WAIT`) before it is acknowledged.
+    pub redis_wait_replicas: u32,
     pub max_body: usize,
     pub max_head: usize,
     pub max_frame: usize,
@@ -62,11 +64,12 @@ pub const OPTIONS: &[OptionSpec] = &[
     OptionSpec { flag: "--http-addr", env: "IM_HTTP_ADDR", default: Some("0.0.0.0:8080"), help: "address the HTTP gateway listens on" },
     OptionSpec { flag: "--rpc-listen", env: "IM_RPC_LISTEN", default: Some("127.0.0.1:8888"), help: "address the RPC server listens on" },
     OptionSpec { flag: "--rpc", env: "IM_RPC_ADDR", default: None, help: "RPC server the gateway calls (default in `all`: the one started here)" },
-    OptionSpec { flag: "--redis", env: "REDIS_URL", default: None, help: "redis://[:password@]host[:port][/db] or unix:///path.sock; unset = embedded memory store" },
+    OptionSpec { flag: "--redis", env: "REDIS_URL", default: None, help: "redis://[:password@]host[:port][/db], unix:///path.sock, or cluster seeds redis://h1:p1,h2:p2; unset = embedded memory store" },
     OptionSpec { flag: "--rpc-timeout-ms", env: "IM_RPC_TIMEOUT_MS", default: Some("1000"), help: "per-call RPC timeout (504 after it)" },
     OptionSpec { flag: "--rpc-connections", env: "IM_RPC_CONNECTIONS", default: Some("1"), help: "multiplexed connections to the RPC server, per gateway thread" },
     OptionSpec { flag: "--redis-connections", env: "IM_REDIS_CONNECTIONS", default: Some("1"), help: "pipelined connections to Redis, per RPC server thread" },
     OptionSpec { flag: "--redis-timeout-ms", env: "IM_REDIS_TIMEOUT_MS", default: None, help: "a Redis command not answered within this fails with 503 (default: 80% of --rpc-timeout-ms, so it fires before the gateway's 504)" },
+    OptionSpec { flag: "--redis-wait-replicas", env: "IM_REDIS_WAIT_REPLICAS", default: Some("0"), help: "a send is acknowledged only after WAIT confirms this many replicas have it (else 503)" },
     OptionSpec { flag: "--max-body", env: "IM_MAX_BODY", default: Some("1048576"), help: "largest request body in bytes (413 above)" },
     OptionSpec { flag: "--max-header-bytes", env: "IM_MAX_HEADER_BYTES", default: Some("16384"), help: "largest request line + headers in bytes (431 above)" },
     OptionSpec { flag: "--max-frame", env: "IM_MAX_FRAME", default: Some("16777216"), help: "largest RPC frame in bytes" },
@@ -202,6 +205,8 @@ impl Config {
                 None => redis_timeout_default(Duration::from_millis(positive("--rpc-timeout-ms")?)),
             },
             max_queued_bytes: positive("--max-queued-bytes")? as usize,
+            redis_wait_replicas: u32::try_from(number("--redis-wait-replicas")?)
+                .map_err(|_| "--redis-wait-replicas is too large".to_string())?,
             max_body: number("--max-body")? as usize,
             max_head: positive("--max-header-bytes")? as usize,
             max_frame: positive("--max-frame")? as usize,

@@ -1,5 +1,6 @@
-//! API-semantics conformance suite, written once and instantiated for both
-//! stores (embedded memory store and a real redis-server). Every test gets its
+//! API-semantics conformance suite, written once and instantiated for every
+//! store (embedded memory store, a real redis-server, and a real 6-node
+//! Redis Cluster). Every test gets its
 //! own server (and, for redis, its own redis-server), so tests run in parallel.
 
 mod common;
@@ -71,6 +72,7 @@ macro_rules! conformance {
 
 conformance!(memory, super::Backend::memory);
 conformance!(redis, super::Backend::redis);
+conformance!(cluster, super::Backend::cluster);
 
 // ---------------------------------------------------------------------------
 // helpers local to this suite

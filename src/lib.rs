@@ -8,7 +8,9 @@
 //! ```
 //!
 //! * [`http`]: HTTP/1.1 request codec ([`http::codec`]), cached `Date`
-//!   header, and the per-connection loop that answers pipelined requests in order.
+//!   header, the connection policy as a pure state machine ([`http::conn`]:
+//!   which pipelined request may start, when output is written, which
+//!   deadline applies) and the driver that does its I/O ([`http::server`]).
 //! * [`gateway`]: routes, JSON <-> RPC types, and the one place where errors
 //!   become HTTP statuses ([`gateway::error`]).
 //! * [`rpc`]: the length-prefixed protobuf frame codec, the multiplexed client

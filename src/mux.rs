@@ -235,18 +235,18 @@ impl<P: Protocol> Handle<P> {
     }
 
     /// Queues `request` without waiting, with no deadline.
-    pub fn start(&self, request: P::Request) -> Result<Pending<P::Reply>, MuxError> {
-        self.start_call(request, None)
+    pub fn start(&self, request: impl Into<P::Request>) -> Result<Pending<P::Reply>, MuxError> {
+        self.start_call(request.into(), None)
     }
 
     /// Queues `request` without waiting; if it is still queued at `deadline`
     /// it is answered [`MuxError::Timeout`] and never written.
     pub fn start_by(
         &self,
-        request: P::Request,
+        request: impl Into<P::Request>,
         deadline: Instant,
     ) -> Result<Pending<P::Reply>, MuxError> {
-        self.start_call(request, Some(deadline))
+        self.start_call(request.into(), Some(deadline))
     }
 
     fn start_call(
@@ -277,7 +277,7 @@ impl<P: Protocol> Handle<P> {
         }
     }
 
-    pub async fn call(&self, request: P::Request) -> Result<P::Reply, MuxError> {
+    pub async fn call(&self, request: impl Into<P::Request>) -> Result<P::Reply, MuxError> {
         self.start(request)?.wait().await
     }
 }

@@ -26,6 +26,7 @@ use crate::rpc::balanced::BalancedClient;
 use crate::rpc::client::RpcClientOptions;
 use crate::rpc::server::RpcServerOptions;
 use crate::store::AnyStore;
+use crate::store::cluster::{ClusterShared, ClusterStore, Probe, probe};
 use crate::store::memory::MemoryStore;
 use crate::store::redis::{RedisOptions, RedisStore};
 
@@ -74,6 +75,8 @@ enum StoreChoice {
     Memory(Arc<MemoryStore>),
     /// Each shard opens its own connections.
     Redis(RedisTarget),
+    /// The slot map is shared; each shard opens its own connections.
+    Cluster(Arc<ClusterShared>),
 }
 
 /// Runs the configured role(s) until SIGINT or SIGTERM, then shuts down
@@ -202,11 +205,7 @@ fn plan(config: Config) -> Result<(Plan, Listeners), String> {
     let rpc = match config.role {
         Role::Rpc | Role::All => {
             let store = match &config.redis_url {
-                Some(url) => {
-                    let target = crate::resp::url::parse(url)?;
-                    eprintln!("im-server: store: Redis at {target}");
-                    StoreChoice::Redis(target)
-                }
+                Some(url) => redis_store(url, config.redis_timeout)?,
                 None => {
                     eprintln!(
                         "im-server: store: embedded memory store (no Redis URL configured; messages are lost on exit; set REDIS_URL or --redis to use Redis)"
@@ -313,6 +312,50 @@ fn register(plan: &Plan) -> Result<Option<Registration>, String> {
     Registration::start(registry, advertise).map(Some)
 }
 
+/// Standalone Redis or a cluster: asks the node(s) (`INFO cluster`) before
+/// the shards start. A list of nodes is a cluster; a single node that does
+/// not answer is taken as standalone, as before clusters were supported.
+fn redis_store(url: &str, timeout: std::time::Duration) -> Result<StoreChoice, String> {
+    let targets = crate::resp::url::parse_list(url)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start a runtime: {e}"))?;
+    let probe = runtime.block_on(async {
+        tokio::time::timeout(
+            timeout.max(std::time::Duration::from_secs(1)),
+            probe(&targets),
+        )
+        .await
+        .unwrap_or_else(|_| Probe::Unreachable("no answer in time".into()))
+    });
+    let list = targets.len() > 1;
+    let map = match (probe, list) {
+        (Probe::Cluster(map), _) => map,
+        (Probe::Unreachable(err), true) => {
+            eprintln!("im-server: no cluster node answers yet ({err}); reading the map later");
+            None
+        }
+        (Probe::Standalone, true) => {
+            return Err(format!(
+                "{url}: a list of nodes is for a Redis Cluster, and this Redis is not in cluster mode"
+            ));
+        }
+        (probe, false) => {
+            if let Probe::Unreachable(err) = probe {
+                eprintln!("im-server: Redis does not answer yet ({err}); taking it as standalone");
+            }
+            let target = targets.into_iter().next().ok_or("no Redis node given")?;
+            eprintln!("im-server: store: Redis at {target}");
+            return Ok(StoreChoice::Redis(target));
+        }
+    };
+    let shared = ClusterShared::new(&targets, map)?;
+    let seeds: Vec<String> = targets.iter().map(ToString::to_string).collect();
+    eprintln!("im-server: store: Redis Cluster via {}", seeds.join(", "));
+    Ok(StoreChoice::Cluster(shared))
+}
+
 fn bind(addr: &str, what: &str) -> Result<(StdListener, SocketAddr), String> {
     let listener =
         StdListener::bind(addr).map_err(|e| format!("cannot listen for {what} on {addr}: {e}"))?;
@@ -333,6 +376,17 @@ fn shard_listener(listener: Option<StdListener>) -> Result<TcpListener, String> 
     TcpListener::from_std(listener).map_err(|e| format!("cannot register a listener: {e}"))
 }
 
+fn redis_options(config: &Config) -> RedisOptions {
+    RedisOptions {
+        connections: config.redis_connections,
+        queue: config.queue,
+        max_in_flight: config.max_in_flight,
+        timeout: config.redis_timeout,
+        wait_replicas: config.redis_wait_replicas,
+        max_queued_bytes: config.max_queued_bytes,
+    }
+}
+
 fn server_options(config: &Config) -> ServerOptions {
     ServerOptions {
         limits: Limits {
@@ -343,6 +397,8 @@ fn server_options(config: &Config) -> ServerOptions {
         idle_timeout: config.idle_timeout,
         request_timeout: config.request_timeout,
         max_connections: config.max_connections,
+        max_output_buffer: config.max_output_buffer,
+        write_timeout: config.write_timeout,
         drain_timeout: config.drain_timeout,
     }
 }
@@ -370,14 +426,11 @@ async fn run_shard(
             let store = match store {
                 StoreChoice::Memory(memory) => AnyStore::Memory(memory.clone()),
                 StoreChoice::Redis(target) => {
-                    let options = RedisOptions {
-                        connections: config.redis_connections,
-                        queue: config.queue,
-                        max_in_flight: config.max_in_flight,
-                        timeout: config.redis_timeout,
-                        max_queued_bytes: config.max_queued_bytes,
-                    };
-                    AnyStore::Redis(RedisStore::new(target.clone(), &options))
+                    AnyStore::Redis(RedisStore::new(target.clone(), &redis_options(config)))
+                }
+                StoreChoice::Cluster(shared) => {
+                    let options = redis_options(config);
+                    AnyStore::Cluster(ClusterStore::new(shared.clone(), &options))
                 }
             };
             let server = crate::rpc::server::serve(

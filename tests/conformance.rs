@@ -1,5 +1,6 @@
-//! API-semantics conformance suite, written once and instantiated for both
-//! stores (embedded memory store and a real redis-server). Every test gets its
+//! API-semantics conformance suite, written once and instantiated for every
+//! store (embedded memory store, a real redis-server, and a real 6-node
+//! Redis Cluster). Every test gets its
 //! own server (and, for redis, its own redis-server), so tests run in parallel.
 
 mod common;
@@ -71,6 +72,7 @@ macro_rules! conformance {
 
 conformance!(memory, super::Backend::memory);
 conformance!(redis, super::Backend::redis);
+conformance!(cluster, super::Backend::cluster);
 conformance!(redis_three_rpc, super::ThreeRpc::start);
 
 /// A gateway balancing over three RPC servers on one Redis: the API must
@@ -91,6 +93,7 @@ impl ThreeRpc {
             backend: Backend {
                 server: gateway,
                 redis: Some(redis),
+                cluster: None,
             },
             _rpcs: rpcs,
         }

@@ -152,15 +152,15 @@ fn list(addrs: &[SocketAddr]) -> String {
 }
 
 /// Three RPC servers on one Redis and a gateway over all three.
-struct Cluster {
+struct RpcCluster {
     gateway: Server,
     rpcs: Vec<Server>,
     ports: Vec<u16>,
     redis: Redis,
 }
 
-impl Cluster {
-    fn start() -> Cluster {
+impl RpcCluster {
+    fn start() -> RpcCluster {
         let redis = Redis::start();
         let url = redis.url();
         let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
@@ -170,7 +170,7 @@ impl Cluster {
             .collect();
         let addrs: Vec<SocketAddr> = rpcs.iter().map(Server::rpc_addr).collect();
         let gateway = Server::start("gateway", &["--rpc", &list(&addrs)], &[]);
-        Cluster {
+        RpcCluster {
             gateway,
             rpcs,
             ports,
@@ -296,7 +296,7 @@ fn assert_acked_stored(addr: SocketAddr, acked: &[(String, i64)]) {
 
 #[test]
 fn smoke_through_three_rpc_servers() {
-    let cluster = Cluster::start();
+    let cluster = RpcCluster::start();
     let addr = cluster.gateway.http_addr();
     let mut times = Vec::new();
     for i in 0..60 {
@@ -343,7 +343,7 @@ fn calls_spread_evenly_over_three_equal_servers() {
 
 #[test]
 fn rolling_restart_under_load_fails_nothing() {
-    let mut cluster = Cluster::start();
+    let mut cluster = RpcCluster::start();
     let addr = cluster.gateway.http_addr();
     let stop = Arc::new(AtomicBool::new(false));
     let (tally, handles) = load(addr, 6, "rolling", stop.clone());
@@ -381,7 +381,7 @@ fn rolling_restart_under_load_fails_nothing() {
 #[test]
 fn sigkill_one_of_three_fails_only_calls_in_flight_to_it() {
     const THREADS: usize = 6;
-    let mut cluster = Cluster::start();
+    let mut cluster = RpcCluster::start();
     let addr = cluster.gateway.http_addr();
     let stop = Arc::new(AtomicBool::new(false));
     let (tally, handles) = load(addr, THREADS, "kill", stop.clone());
@@ -439,7 +439,7 @@ fn sigkill_one_of_three_fails_only_calls_in_flight_to_it() {
 /// meanwhile, and no request waits past the RPC timeout.
 #[test]
 fn frozen_server_is_avoided() {
-    let cluster = Cluster::start();
+    let cluster = RpcCluster::start();
     let addr = cluster.gateway.http_addr();
     let frozen = cluster.rpcs[1].rpc_addr();
     let stop = Arc::new(AtomicBool::new(false));

@@ -106,7 +106,7 @@ fn a_panicking_request_is_a_500_and_the_connection_carries_on() {
     }
     // Pipelined: the panic in the middle does not disturb its neighbours.
     conn.write_all(
-        b"GET /ok HTTP/1.1\r\n\r\nGET /panic-finish HTTP/1.1\r\n\r\nGET /ok HTTP/1.1\r\n\r\n",
+        b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\nGET /panic-finish HTTP/1.1\r\nHost: x\r\n\r\nGET /ok HTTP/1.1\r\nHost: x\r\n\r\n",
     )
     .expect("write");
     let statuses: Vec<u16> = (0..3).map(|_| read_response(&mut conn).0).collect();

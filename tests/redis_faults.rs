@@ -653,8 +653,8 @@ impl Senders {
     }
 }
 
-/// Redis with `appendonly yes` + `appendfsync everysec` writes every command to
-/// its AOF (the OS page cache) before it replies, so a SIGKILL of redis-server
+/// Redis with `appendonly yes` + `appendfsync always` writes every command to
+/// its AOF before it replies, so a SIGKILL of redis-server
 /// (not a machine crash) loses nothing: every send that got 200 before, during
 /// or after the outage must be readable after the restart.
 #[test]

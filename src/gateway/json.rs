@@ -34,7 +34,73 @@ struct PullParams<'a> {
 }
 
 fn invalid_json(err: serde_json::Error) -> ApiError {
-    ApiError::Invalid(format!("invalid JSON body: {err}"))
+    // serde quotes the offending value whole ("invalid type: string \"…\""):
+    // a 1 MB bad string would come back as a 1 MB 400.
+    ApiError::Invalid(format!(
+        "invalid JSON body: {}",
+        cap_quoted(&err.to_string())
+    ))
+}
+
+/// Most bytes of a client's value quoted back in an error message.
+pub const MAX_QUOTED: usize = 64;
+
+/// `value` cut to at most [`MAX_QUOTED`] bytes on a char boundary, with `…`
+/// marking the cut.
+pub fn quote(value: &str) -> Cow<'_, str> {
+    if value.len() <= MAX_QUOTED {
+        return Cow::Borrowed(value);
+    }
+    let mut end = MAX_QUOTED;
+    while !value.is_char_boundary(end) {
+        end -= 1;
+    }
+    Cow::Owned(format!("{}…", &value[..end]))
+}
+
+/// `message` with every `"..."` in it (the form serde quotes values in) cut
+/// by [`quote`]; backslash escapes inside quotes are skipped over whole.
+fn cap_quoted(message: &str) -> Cow<'_, str> {
+    if message.len() <= 2 * MAX_QUOTED {
+        return Cow::Borrowed(message);
+    }
+    let mut out = String::with_capacity(3 * MAX_QUOTED);
+    let mut rest = message;
+    while let Some(open) = rest.find('"') {
+        out.push_str(&rest[..=open]);
+        let inner = &rest[open + 1..];
+        let close = closing_quote(inner).unwrap_or(inner.len());
+        out.push_str(&quote(&inner[..close]));
+        rest = &inner[close..];
+        if let Some(after) = rest.strip_prefix('"') {
+            out.push('"');
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    Cow::Owned(out)
+}
+
+/// Index of the first `"` in `s` not escaped by a backslash.
+fn closing_quote(s: &str) -> Option<usize> {
+    let mut escaped = false;
+    for (i, c) in s.char_indices() {
+        match c {
+            '"' if !escaped => return Some(i),
+            '\\' => escaped = !escaped,
+            _ => escaped = false,
+        }
+    }
+    None
+}
+
+/// The README defines both bodies as JSON objects; serde's derived
+/// `Deserialize` would also take a sequence (`["c","t","s"]` as a send).
+fn require_object(body: &[u8]) -> Result<(), ApiError> {
+    match body.trim_ascii_start().first() {
+        Some(b'{') => Ok(()),
+        _ => Err(ApiError::Invalid("the JSON body must be an object".into())),
+    }
 }
 
 /// `POST /api/send` body. Missing fields become empty strings, which the RPC
@@ -45,6 +111,7 @@ pub fn parse_send(body: &[u8]) -> Result<SendRequest, ApiError> {
             "a JSON body {\"chat\",\"text\",\"sender\"} is required".into(),
         ));
     }
+    require_object(body)?;
     let parsed: SendBody = serde_json::from_slice(body).map_err(invalid_json)?;
     let owned = |field: Option<Cow<'_, str>>| field.map(Cow::into_owned).unwrap_or_default();
     Ok(SendRequest {
@@ -72,7 +139,10 @@ pub fn parse_pull(body: &[u8], query: Option<&[u8]>) -> Result<PullRequest, ApiE
                     .into(),
             ));
         }
-        (true, None) => serde_json::from_slice::<PullParams>(body).map_err(invalid_json)?,
+        (true, None) => {
+            require_object(body)?;
+            serde_json::from_slice::<PullParams>(body).map_err(invalid_json)?
+        }
         (false, Some(params)) => params,
         (false, None) => PullParams::default(),
     };
@@ -224,6 +294,34 @@ mod tests {
         assert!(parse_pull(br#"{"chat":"c","reverse":"yes"}"#, None).is_err());
         assert!(parse_send(b"{\"chat\":\"\xff\",\"text\":\"t\",\"sender\":\"s\"}").is_err());
         assert!(parse_send(b"not json").is_err());
+    }
+
+    #[test]
+    fn bodies_must_be_objects() {
+        let err = |r: Result<SendRequest, ApiError>| match r {
+            Err(ApiError::Invalid(msg)) => msg,
+            _ => panic!("expected a 400"),
+        };
+        assert!(err(parse_send(br#"["arr","t","s"]"#)).contains("object"));
+        assert!(err(parse_send(b" 5")).contains("object"));
+        assert!(parse_pull(br#"["c"]"#, None).is_err());
+        assert!(parse_send(br#" {"chat":"c","text":"t","sender":"s"}"#).is_ok());
+    }
+
+    #[test]
+    fn quoted_values_are_cut_on_a_char_boundary() {
+        let long = "é".repeat(1000);
+        let cut = quote(&long);
+        assert!(cut.ends_with('…'));
+        assert!(cut.len() <= MAX_QUOTED + '…'.len_utf8());
+        assert_eq!(cut.trim_end_matches('…'), "é".repeat(MAX_QUOTED / 2));
+        assert_eq!(quote("short"), "short");
+        let body = format!(r#"{{"chat":"c","cursor":"{}"}}"#, "\\\"".repeat(100_000));
+        let Err(ApiError::Invalid(msg)) = parse_pull(body.as_bytes(), None) else {
+            panic!("a string cursor must be refused");
+        };
+        assert!(msg.len() < 300, "message of {} bytes: {msg}", msg.len());
+        assert!(msg.contains('…'), "{msg}");
     }
 
     #[test]

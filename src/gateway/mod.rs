@@ -66,8 +66,13 @@ impl Gateway {
     async fn finish_pull(&self, call: BalancedCall) -> Result<Response, ApiError> {
         let frame = self.rpc.finish(call).await?;
         check_status(&frame)?;
-        match pull_wire::pull_json(&frame.body) {
-            Ok(Ok(body)) => Ok(Response::json(200, body)),
+        match pull_wire::pull_body(frame.body) {
+            Ok(Ok(pull_wire::PullBody::Whole(body))) => Ok(Response::json(200, body)),
+            Ok(Ok(pull_wire::PullBody::Stream(stream))) => {
+                let mut resp = Response::json(200, Vec::new());
+                resp.stream = Some(Box::new(stream));
+                Ok(resp)
+            }
             Ok(Err(failed)) => Err(ApiError::from_code(failed.code, failed.msg)),
             Err(err) => Err(ApiError::Internal(format!("undecodable rpc reply: {err}"))),
         }

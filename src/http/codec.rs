@@ -58,11 +58,12 @@ impl Request {
     /// The path and the raw (still percent-encoded) query of the target.
     pub fn path_and_query(&self) -> (&[u8], Option<&[u8]>) {
         let mut target = &self.target[..];
-        // absolute-form: "http://host:port/path?query" (RFC 9112 §3.2.2).
-        if let Some(scheme_end) = find(target, b"://") {
-            let after = &target[scheme_end + 3..];
+        // absolute-form: "http://host:port/path?query" (RFC 9112 §3.2.2) is
+        // only a target that starts with a scheme; a "://" later on is data
+        // ("/ping?u=http://x"), and routing by it would let a query value
+        // choose the path.
+        if let Some(after) = after_scheme(target) {
             target = match after.iter().position(|&b| b == b'/' || b == b'?') {
-                Some(i) if after[i] == b'/' => &after[i..],
                 Some(i) => &after[i..], // "http://host?q": empty path
                 None => b"/",
             };
@@ -72,6 +73,19 @@ impl Request {
             None => (target, None),
         }
     }
+}
+
+/// What follows `scheme "://"` when `target` starts with one
+/// (`scheme = ALPHA *( ALPHA / DIGIT / "+" / "-" / "." )`, RFC 3986 §3.1).
+fn after_scheme(target: &[u8]) -> Option<&[u8]> {
+    let colon = target.iter().position(|&b| b == b':')?;
+    let (scheme, rest) = target.split_at(colon);
+    let first_alpha = scheme.first().is_some_and(u8::is_ascii_alphabetic);
+    let scheme_chars = scheme
+        .iter()
+        .all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.'));
+    (first_alpha && scheme_chars).then_some(())?;
+    rest.strip_prefix(b"://")
 }
 
 /// Why a request cannot be served; the connection is closed after answering.
@@ -233,10 +247,13 @@ fn parse_head(buf: &mut BytesMut, limits: &Limits) -> Result<Option<PartialReque
     let mut close = false;
     let mut keep_alive_token = false;
     let mut expect_continue = false;
+    let mut hosts = 0usize;
     for header in req.headers.iter() {
         let name = header.name.as_bytes();
         let value = trim(header.value);
-        if name.eq_ignore_ascii_case(b"content-length") {
+        if name.eq_ignore_ascii_case(b"host") {
+            hosts += 1;
+        } else if name.eq_ignore_ascii_case(b"content-length") {
             let len = parse_content_length(value)?;
             if content_length.is_some_and(|seen| seen != len) {
                 return Err(HttpError::BadRequest("conflicting Content-Length"));
@@ -263,6 +280,15 @@ fn parse_head(buf: &mut BytesMut, limits: &Limits) -> Result<Option<PartialReque
             }
             expect_continue = version == Version::Http11;
         }
+    }
+    // RFC 9112 §3.2: 400 for an HTTP/1.1 request without Host and for any
+    // request with more than one (which of two hosts was meant is a guess a
+    // proxy in front may have made differently).
+    if hosts > 1 {
+        return Err(HttpError::BadRequest("more than one Host header"));
+    }
+    if hosts == 0 && version == Version::Http11 {
+        return Err(HttpError::BadRequest("missing Host header"));
     }
     // Both framings at once is the classic smuggling vector (RFC 9112 §6.3).
     if saw_transfer_encoding && content_length.is_some() {
@@ -430,10 +456,6 @@ fn parse_chunk_size(line: &[u8]) -> Result<usize, HttpError> {
 
 fn trim(value: &[u8]) -> &[u8] {
     value.trim_ascii()
-}
-
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
 }
 
 #[cfg(test)]

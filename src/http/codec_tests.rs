@@ -30,7 +30,7 @@ fn decode_all(input: &[u8]) -> Result<Vec<Request>, HttpError> {
 
 #[test]
 fn content_length_body_split_anywhere() {
-    let input = b"POST /api/send HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhelloGET /ping HTTP/1.1\r\n\r\n";
+    let input = b"POST /api/send HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhelloGET /ping HTTP/1.1\r\nHost: x\r\n\r\n";
     for reqs in [decode_bytewise(input), decode_all(input)] {
         let reqs = reqs.expect("valid input");
         assert_eq!(reqs.len(), 2);
@@ -44,7 +44,7 @@ fn content_length_body_split_anywhere() {
 
 #[test]
 fn chunked_body_with_extensions_and_trailers() {
-    let input = b"POST /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nTrailer: x\r\n\r\n";
+    let input = b"POST /x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nTrailer: x\r\n\r\n";
     for reqs in [decode_bytewise(input), decode_all(input)] {
         let reqs = reqs.expect("valid chunked input");
         assert_eq!(reqs.len(), 1);
@@ -55,8 +55,10 @@ fn chunked_body_with_extensions_and_trailers() {
 #[test]
 fn keep_alive_rules() {
     let r = |s: &[u8]| decode_all(s).expect("valid")[0].keep_alive;
-    assert!(r(b"GET / HTTP/1.1\r\n\r\n"));
-    assert!(!r(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n"));
+    assert!(r(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"));
+    assert!(!r(
+        b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    ));
     assert!(!r(b"GET / HTTP/1.0\r\n\r\n"));
     assert!(r(b"GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n"));
 }
@@ -64,11 +66,11 @@ fn keep_alive_rules() {
 #[test]
 fn smuggling_and_bad_lengths_rejected() {
     let bad: &[&[u8]] = &[
-        b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
-        b"POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
-        b"POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
-        b"POST / HTTP/1.1\r\nContent-Length: 1x\r\n\r\n",
-        b"POST / HTTP/1.1\r\nContent-Length: 99999999999999999999999\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1x\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999999999999999\r\n\r\n",
         b"POST / HTTP/1.1\r\nHost : x\r\n\r\n",
         b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",
     ];
@@ -80,34 +82,35 @@ fn smuggling_and_bad_lengths_rejected() {
         );
     }
     assert!(matches!(
-        decode_all(b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"),
+        decode_all(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"),
         Err(HttpError::NotImplemented(_))
     ));
 }
 
 #[test]
 fn limits_answered_before_the_body_arrives() {
-    let head = b"POST / HTTP/1.1\r\nContent-Length: 1048577\r\n\r\n";
+    let head = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1048577\r\n\r\n";
     assert_eq!(decode_all(head), Err(HttpError::PayloadTooLarge));
-    let mut big = b"GET / HTTP/1.1\r\nX: ".to_vec();
+    let mut big = b"GET / HTTP/1.1\r\nHost: x\r\nX: ".to_vec();
     big.extend(std::iter::repeat_n(b'a', 17 * 1024));
     assert_eq!(decode_all(&big), Err(HttpError::HeadersTooLarge));
     let mut long_target = b"GET /".to_vec();
     long_target.extend(std::iter::repeat_n(b'a', 9 * 1024));
     assert_eq!(decode_all(&long_target), Err(HttpError::UriTooLong));
-    long_target.extend_from_slice(b" HTTP/1.1\r\n\r\n");
+    long_target.extend_from_slice(b" HTTP/1.1\r\nHost: x\r\n\r\n");
     assert_eq!(decode_all(&long_target), Err(HttpError::UriTooLong));
 }
 
 #[test]
 fn absolute_form_and_query() {
     let reqs =
-        decode_all(b"GET http://example.com:8080/api/pull?chat=a HTTP/1.1\r\n\r\n").expect("valid");
+        decode_all(b"GET http://example.com:8080/api/pull?chat=a HTTP/1.1\r\nHost: x\r\n\r\n")
+            .expect("valid");
     assert_eq!(
         reqs[0].path_and_query(),
         (&b"/api/pull"[..], Some(&b"chat=a"[..]))
     );
-    let reqs = decode_all(b"GET /ping HTTP/1.1\r\n\r\n").expect("valid");
+    let reqs = decode_all(b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n").expect("valid");
     assert_eq!(reqs[0].path_and_query(), (&b"/ping"[..], None));
 }
 
@@ -115,7 +118,7 @@ fn absolute_form_and_query() {
 fn expect_continue_reported_once_while_body_pending() {
     let mut dec = decoder();
     let mut buf = BytesMut::from(
-        &b"POST / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n"[..],
+        &b"POST / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n"[..],
     );
     assert_eq!(dec.decode(&mut buf), Ok(None));
     assert!(dec.take_expect_continue());
@@ -138,11 +141,52 @@ fn unbounded_limits_do_not_overflow() {
         max_request_line: usize::MAX,
     };
     for input in [
-        &b"GET / HTTP/1.1\r\n\r\n"[..],
-        b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        &b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
     ] {
         let mut dec = RequestDecoder::new(limits);
         let mut buf = BytesMut::from(input);
         assert!(dec.decode(&mut buf).expect("valid").is_some());
     }
+}
+
+#[test]
+fn absolute_form_only_when_the_target_starts_with_a_scheme() {
+    let pq = |target: &str| {
+        let raw = format!("GET {target} HTTP/1.1\r\nHost: x\r\n\r\n");
+        let req = decode_all(raw.as_bytes()).expect("valid").remove(0);
+        let (path, query) = req.path_and_query();
+        (
+            String::from_utf8_lossy(path).into_owned(),
+            query.map(|q| String::from_utf8_lossy(q).into_owned()),
+        )
+    };
+    let owned = |p: &str, q: Option<&str>| (p.to_string(), q.map(str::to_string));
+    assert_eq!(pq("/ping?u=http://x"), owned("/ping", Some("u=http://x")));
+    assert_eq!(
+        pq("/api/pull?chat=http://h/api/pull?chat=c1"),
+        owned("/api/pull", Some("chat=http://h/api/pull?chat=c1"))
+    );
+    assert_eq!(pq("HTTPS://h:1/a?b"), owned("/a", Some("b")));
+    assert_eq!(pq("http://h?q"), owned("", Some("q")));
+    assert_eq!(pq("http://h"), owned("/", None));
+    // Not a scheme: must start with a letter, and only [A-Za-z0-9+.-].
+    assert_eq!(pq("1http://h/a"), owned("1http://h/a", None));
+    assert_eq!(pq("a_b://h/a"), owned("a_b://h/a", None));
+}
+
+#[test]
+fn host_header_rules() {
+    let bad = |raw: &[u8]| matches!(decode_all(raw), Err(HttpError::BadRequest(_)));
+    assert!(bad(b"GET / HTTP/1.1\r\n\r\n"), "HTTP/1.1 without Host");
+    assert!(bad(b"GET / HTTP/1.1\r\nHost: a\r\nhost: b\r\n\r\n"));
+    assert!(bad(b"GET / HTTP/1.0\r\nHost: a\r\nHost: a\r\n\r\n"));
+    assert!(
+        decode_all(b"GET / HTTP/1.0\r\n\r\n").is_ok(),
+        "HTTP/1.0 may omit Host"
+    );
+    assert!(
+        decode_all(b"GET / HTTP/1.1\r\nHOST:\r\n\r\n").is_ok(),
+        "an empty Host is allowed"
+    );
 }

@@ -5,11 +5,30 @@ use bytes::{BufMut, BytesMut};
 
 use super::date::with_date;
 
-/// A response ready to be written. The body is already serialised JSON.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A body produced piece by piece as the connection's output drains, so
+/// that a large response is never held whole (a pull page of 100 × 64 KiB
+/// control characters is ~39 MB of JSON from a 6.5 MB protobuf reply).
+/// Its length is known up front (it is sent as `Content-Length`); a future
+/// streamed response without a known length (SSE) would add a chunked or
+/// close-delimited variant here.
+pub trait BodySource: Send {
+    /// Total body bytes.
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Appends more of the body to `out`, stopping once `out` holds at least
+    /// `until` bytes; returns true when the whole body has been appended.
+    fn fill(&mut self, out: &mut BytesMut, until: usize) -> bool;
+}
+
+/// A response ready to be written. The body is already serialised JSON, or
+/// is produced by `stream` while being written.
 pub struct Response {
     pub status: u16,
     pub body: Vec<u8>,
+    /// When set, the body (instead of `body`).
+    pub stream: Option<Box<dyn BodySource>>,
     /// `Allow` header value, for 405.
     pub allow: Option<&'static str>,
     /// `Retry-After` seconds, for 503.
@@ -23,10 +42,29 @@ impl Response {
         Response {
             status,
             body,
+            stream: None,
             allow: None,
             retry_after: None,
             close: false,
         }
+    }
+}
+
+impl Response {
+    /// Body bytes, as sent in `Content-Length`.
+    pub fn body_len(&self) -> usize {
+        self.stream.as_ref().map_or(self.body.len(), |s| s.len())
+    }
+}
+
+impl std::fmt::Debug for Response {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Response")
+            .field("status", &self.status)
+            .field("body_len", &self.body_len())
+            .field("streamed", &self.stream.is_some())
+            .field("close", &self.close)
+            .finish()
     }
 }
 
@@ -52,6 +90,7 @@ pub fn reason(status: u16) -> &'static str {
 /// Appends `resp` to `out`. `head_only` drops the body (for HEAD) but keeps
 /// its Content-Length; `keep_alive` is the connection's decision after this
 /// response, and `http10` makes keep-alive explicit for HTTP/1.0 clients.
+/// A streamed body is not written here: the caller fills it as output drains.
 pub fn write_response(
     out: &mut BytesMut,
     resp: &Response,
@@ -59,7 +98,7 @@ pub fn write_response(
     keep_alive: bool,
     http10: bool,
 ) {
-    out.reserve(160 + resp.body.len());
+    out.reserve(160 + if head_only { 0 } else { resp.body.len() });
     out.put_slice(b"HTTP/1.1 ");
     put_u64(out, u64::from(resp.status));
     out.put_u8(b' ');
@@ -67,7 +106,7 @@ pub fn write_response(
     out.put_slice(b"\r\nDate: ");
     with_date(|date| out.put_slice(date));
     out.put_slice(b"\r\nContent-Type: application/json\r\nContent-Length: ");
-    put_u64(out, resp.body.len() as u64);
+    put_u64(out, resp.body_len() as u64);
     if let Some(allow) = resp.allow {
         out.put_slice(b"\r\nAllow: ");
         out.put_slice(allow.as_bytes());
@@ -82,7 +121,7 @@ pub fn write_response(
         out.put_slice(b"\r\nConnection: keep-alive");
     }
     out.put_slice(b"\r\n\r\n");
-    if !head_only {
+    if !head_only && resp.stream.is_none() {
         out.put_slice(&resp.body);
     }
 }

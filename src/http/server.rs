@@ -1,18 +1,22 @@
-//! The accept loop and the per-connection loop: read, decode every complete
-//! request in the buffer, start them all, then write their responses in
-//! order with one write.
+//! The accept loop and the per-connection driver: it does what the
+//! connection's policy ([`super::conn::Conn`]) asks — start a request, write
+//! a response as soon as it is ready, read until a deadline, close.
 
+use std::collections::VecDeque;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
-use bytes::{BufMut, BytesMut};
+use bytes::{Buf, BufMut, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio::time::Instant;
 
-use super::codec::{HttpError, Limits, Method, Request, RequestDecoder, Version};
+use super::codec::{HttpError, Limits, Request};
+use super::conn::{Action, Conn, Expiry, Finished, Framing, ReadUntil, Settings};
 use super::response::{Response, write_response};
 use crate::accept::next_connection;
 use crate::unwind::{catch_panic, catch_panic_sync};
@@ -41,6 +45,10 @@ pub struct ServerOptions {
     pub max_connections: usize,
     /// How long shutdown waits for in-flight requests.
     pub drain_timeout: Duration,
+    /// Response bytes queued per connection before it stops starting requests.
+    pub max_output_buffer: usize,
+    /// How long a peer may accept no bytes of a response before it is closed.
+    pub write_timeout: Duration,
 }
 
 impl Default for ServerOptions {
@@ -51,18 +59,19 @@ impl Default for ServerOptions {
             request_timeout: Duration::from_secs(10),
             max_connections: 10_000,
             drain_timeout: Duration::from_secs(10),
+            max_output_buffer: 4 * 1024 * 1024,
+            write_timeout: Duration::from_secs(10),
         }
     }
 }
 
-/// Most requests of one connection in flight at once; more pipelined
-/// requests wait in the input buffer.
-const MAX_PIPELINE: usize = 64;
 /// Bytes asked of each read.
 const READ_CHUNK: usize = 16 * 1024;
 /// Reads are made into at least this much free space.
 const MIN_READ: usize = 2048;
 const INITIAL_BUFFER: usize = 4096;
+/// An output buffer grown past this by a large response is replaced once empty.
+const SHRINK_OVER: usize = 64 * 1024;
 
 /// One permit per open connection, shared by every thread accepting on the
 /// same address: the connection limit, and the drain barrier at shutdown.
@@ -121,144 +130,189 @@ fn refuse<H: Handler>(socket: &TcpStream, handler: &H) {
     let _ = socket.try_write(&output);
 }
 
-/// What must be remembered of a started request to write its response.
-struct ResponseFraming {
-    head_only: bool,
-    keep_alive: bool,
-    http10: bool,
+/// The I/O half of one connection: the socket and the output not yet written.
+struct Io {
+    socket: TcpStream,
+    output: BytesMut,
+    write_timeout: Duration,
+    max_output: usize,
 }
 
 async fn connection<H: Handler>(
-    mut socket: TcpStream,
+    socket: TcpStream,
     handler: Arc<H>,
     options: ServerOptions,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
-    let mut decoder = RequestDecoder::new(options.limits);
-    // Small to start: thousands of idle connections should cost little.
-    let mut input = BytesMut::with_capacity(INITIAL_BUFFER);
-    let mut output = BytesMut::with_capacity(INITIAL_BUFFER);
-    let mut in_flight: Vec<(Option<H::Pending>, ResponseFraming)> =
-        Vec::with_capacity(MAX_PIPELINE);
-    // When the first byte of the request being read arrived.
-    let mut request_started: Option<Instant> = None;
-    // An unsafe request decoded while earlier ones were still in flight.
-    let mut deferred: Option<Request> = None;
+    let settings = Settings {
+        limits: options.limits,
+        idle_timeout: options.idle_timeout,
+        request_timeout: options.request_timeout,
+        max_output: options.max_output_buffer,
+    };
+    let mut conn = Conn::new(settings, std::time::Instant::now());
+    let mut io = Io {
+        socket,
+        output: BytesMut::with_capacity(INITIAL_BUFFER),
+        write_timeout: options.write_timeout,
+        max_output: options.max_output_buffer,
+    };
+    // The started requests, oldest first; `None` if `start` panicked.
+    let mut pending: VecDeque<Option<H::Pending>> = VecDeque::new();
     loop {
-        let mut close = false;
-        let mut failure = None;
-        // Whether decoding stopped for want of bytes (rather than to let
-        // the requests in flight finish first).
-        let mut needs_input = false;
-        // Pipelined requests are started together only while they are safe
-        // (GET, HEAD); a request that changes state runs alone, after those
-        // before it, so that a send never overtakes an earlier one (RFC 9112 §9.3.2).
-        while in_flight.len() < MAX_PIPELINE && !close {
-            let req = match deferred.take() {
-                Some(req) => req,
-                None => match decoder.decode(&mut input) {
-                    Ok(Some(req)) => req,
-                    Ok(None) => {
-                        needs_input = true;
-                        break;
-                    }
-                    Err(err) => {
-                        failure = Some(err);
-                        break;
-                    }
-                },
-            };
-            let safe = matches!(req.method, Method::Get | Method::Head);
-            if !safe && !in_flight.is_empty() {
-                deferred = Some(req);
-                break;
+        match conn.next(std::time::Instant::now(), io.output.len()) {
+            Action::Start(req) => pending.push_back(catch_panic_sync(|| handler.start(&req))),
+            Action::Finish => {
+                let front = pending.pop_front().flatten();
+                let resp = io.finish(handler.as_ref(), front).await?;
+                let done = Finished {
+                    status: resp.status,
+                    body_len: resp.body_len(),
+                    close: resp.close,
+                };
+                let framing = conn.finished(done, *shutdown.borrow());
+                if !framing.keep_alive {
+                    pending.clear();
+                }
+                io.put_response(resp, framing).await?;
             }
-            close = !req.keep_alive;
-            let framing = ResponseFraming {
-                head_only: req.method == Method::Head,
-                keep_alive: req.keep_alive,
-                http10: req.version == Version::Http10,
-            };
-            in_flight.push((catch_panic_sync(|| handler.start(&req)), framing));
-            if !safe {
-                break;
-            }
-        }
-        for (pending, framing) in in_flight.drain(..) {
-            let resp = match pending {
-                Some(pending) => catch_panic(handler.finish(pending)).await,
-                None => None,
-            };
-            let resp = resp.unwrap_or_else(|| handler.reject(HttpError::HandlerPanicked));
-            // Once shutting down, every response says the connection closes.
-            let keep_alive = framing.keep_alive && !resp.close && !*shutdown.borrow();
-            write_response(
-                &mut output,
-                &resp,
-                framing.head_only,
-                keep_alive,
-                framing.http10,
-            );
-            if !keep_alive {
-                close = true;
-                break;
-            }
-        }
-        if let Some(err) = failure.filter(|_| !close) {
-            write_response(&mut output, &handler.reject(err), false, false, false);
-            socket.write_all(&output).await?;
-            return lingering_close(socket).await;
-        }
-        if !close && decoder.take_expect_continue() {
-            output.put_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
-        }
-        if !output.is_empty() {
-            socket.write_all(&output).await?;
-            output.clear();
-        }
-        if close {
-            return lingering_close(socket).await;
-        }
-        if !needs_input {
-            continue;
-        }
-
-        let reading_request = !input.is_empty() || decoder.in_body();
-        let deadline = if reading_request {
-            *request_started.get_or_insert_with(Instant::now) + options.request_timeout
-        } else {
-            request_started = None;
-            Instant::now() + options.idle_timeout
-        };
-        crate::buf::reserve_for_read(&mut input, MIN_READ, READ_CHUNK);
-        let read = tokio::select! {
-            read = tokio::time::timeout_at(deadline, socket.read_buf(&mut input)) => read,
-            // An idle keep-alive connection is closed at once on shutdown; a
-            // request being received is finished first.
-            _ = shutdown.wait_for(|&stop| stop), if !reading_request => return Ok(()),
-        };
-        match read {
-            Ok(Ok(0)) | Ok(Err(_)) => return Ok(()),
-            Ok(Ok(_)) => {
-                if !reading_request {
-                    request_started = Some(Instant::now());
+            Action::Flush => io.flush().await?,
+            Action::Continue => io.output.put_slice(b"HTTP/1.1 100 Continue\r\n\r\n"),
+            Action::Read(until) => {
+                if !io
+                    .read(&mut conn, until, handler.as_ref(), &mut shutdown)
+                    .await?
+                {
+                    return Ok(());
                 }
             }
+            Action::Reject(err) => {
+                write_response(&mut io.output, &handler.reject(err), false, false, false);
+                io.flush().await?;
+                return lingering_close(io.socket).await;
+            }
+            Action::Close => {
+                io.flush().await?;
+                return lingering_close(io.socket).await;
+            }
+        }
+    }
+}
+
+impl Io {
+    /// The response to a started request. One already answered is taken
+    /// without writing first, so that pipelined responses share a write;
+    /// before waiting on one that is not, the output goes out.
+    async fn finish<H: Handler>(
+        &mut self,
+        handler: &H,
+        pending: Option<H::Pending>,
+    ) -> std::io::Result<Response> {
+        let resp = match pending {
+            Some(pending) => {
+                let mut finishing = std::pin::pin!(catch_panic(handler.finish(pending)));
+                match poll_once(finishing.as_mut()).await {
+                    Some(resp) => resp,
+                    None => {
+                        self.flush().await?;
+                        finishing.await
+                    }
+                }
+            }
+            None => None,
+        };
+        Ok(resp.unwrap_or_else(|| handler.reject(HttpError::HandlerPanicked)))
+    }
+
+    /// Queues `resp`; a streamed body is produced as the output drains, so
+    /// that no more than about `max_output` of it is held at once.
+    async fn put_response(&mut self, resp: Response, framing: Framing) -> std::io::Result<()> {
+        write_response(
+            &mut self.output,
+            &resp,
+            framing.head_only,
+            framing.keep_alive,
+            framing.http10,
+        );
+        let Some(mut stream) = resp.stream.filter(|_| !framing.head_only) else {
+            return Ok(());
+        };
+        while !stream.fill(&mut self.output, self.max_output) {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Writes out the whole output. A peer that accepts no byte for the
+    /// write timeout is given up on (it would hold the connection, its
+    /// buffers and a connection slot for ever).
+    async fn flush(&mut self) -> std::io::Result<()> {
+        while !self.output.is_empty() {
+            let written =
+                tokio::time::timeout(self.write_timeout, self.socket.write(&self.output)).await;
+            match written {
+                Ok(Ok(0)) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(Ok(n)) => self.output.advance(n),
+                Ok(Err(err)) => return Err(err),
+                Err(_elapsed) => return Err(std::io::ErrorKind::TimedOut.into()),
+            }
+        }
+        // A large response grew the buffer: give it back rather than keep
+        // megabytes per idle connection.
+        if self.output.capacity() > SHRINK_OVER {
+            self.output = BytesMut::with_capacity(INITIAL_BUFFER);
+        }
+        Ok(())
+    }
+
+    /// Reads into the connection's input until `until.deadline`; false when
+    /// the connection is to end (closed by the peer, expired, shutdown).
+    async fn read<H: Handler>(
+        &mut self,
+        conn: &mut Conn,
+        until: ReadUntil,
+        handler: &H,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> std::io::Result<bool> {
+        crate::buf::reserve_for_read(&mut conn.input, MIN_READ, READ_CHUNK);
+        let deadline = Instant::from_std(until.deadline);
+        let read = tokio::select! {
+            read = tokio::time::timeout_at(deadline, self.socket.read_buf(&mut conn.input)) => read,
+            // An idle keep-alive connection is closed at once on shutdown; a
+            // request being received is finished first.
+            _ = shutdown.wait_for(|&stop| stop), if until.interruptible => return Ok(false),
+        };
+        match read {
+            Ok(Ok(0)) | Ok(Err(_)) => Ok(false),
+            Ok(Ok(n)) => {
+                conn.received(n, std::time::Instant::now());
+                Ok(true)
+            }
             Err(_elapsed) => {
-                if reading_request {
+                if until.expiry == Expiry::Timeout {
                     write_response(
-                        &mut output,
+                        &mut self.output,
                         &handler.reject(HttpError::Timeout),
                         false,
                         false,
                         false,
                     );
-                    let _ = socket.write_all(&output).await;
+                    let _ = self.flush().await;
                 }
-                return Ok(());
+                Ok(false)
             }
         }
     }
+}
+
+/// Polls `fut` once: its output if it is ready now, else `None` (it stays
+/// pinned by the caller, to be awaited).
+async fn poll_once<F: Future + ?Sized>(mut fut: Pin<&mut F>) -> Option<F::Output> {
+    std::future::poll_fn(|cx| match fut.as_mut().poll(cx) {
+        Poll::Ready(output) => Poll::Ready(Some(output)),
+        Poll::Pending => Poll::Ready(None),
+    })
+    .await
 }
 
 /// Closes after a final response without resetting the connection: unread

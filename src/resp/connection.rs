@@ -1,7 +1,13 @@
 //! The Redis side of a [`mux`](crate::mux) connection: replies come back in
 //! the order commands were written, so a command's tag is its position in
 //! the pipeline.
+//!
+//! A request may be several commands written together that must not be
+//! separated (`ASKING` + the command it applies to; a write + the `WAIT` for
+//! its replication): it says how many replies it produces, its tag is the
+//! position of the last, and the caller gets all of them as one array.
 
+use std::collections::VecDeque;
 use std::io;
 
 use bytes::{Bytes, BytesMut};
@@ -19,6 +25,59 @@ pub struct RespProtocol {
     setup: Vec<Bytes>,
     written: u64,
     answered: u64,
+    /// Reply counts of the written multi-reply requests, in order, with the
+    /// tag of each one's last reply.
+    groups: VecDeque<(u64, usize)>,
+    /// Replies of the multi-reply request being answered.
+    partial: Vec<Reply>,
+}
+
+/// One or more commands, written together, and how many replies they produce.
+#[derive(Debug, Clone)]
+pub struct RespRequest {
+    pub wire: Bytes,
+    pub replies: usize,
+}
+
+impl From<Bytes> for RespRequest {
+    fn from(wire: Bytes) -> Self {
+        RespRequest { wire, replies: 1 }
+    }
+}
+
+impl RespRequest {
+    /// `ASKING` right before `self` (an ASK redirection): the node accepts the
+    /// next command for a slot it is importing.
+    pub fn asking(self) -> RespRequest {
+        self.surround(&[super::command::encode(&[b"ASKING"])], &[])
+    }
+
+    /// `self`, then `WAIT replicas timeout_ms`: the WAIT's reply (how many
+    /// replicas acknowledged every write before it) comes in the same round trip.
+    pub fn then_wait(self, replicas: u32, timeout_ms: u64) -> RespRequest {
+        let wait = super::command::encode(&[
+            b"WAIT",
+            replicas.to_string().as_bytes(),
+            timeout_ms.to_string().as_bytes(),
+        ]);
+        self.surround(&[], &[wait])
+    }
+
+    fn surround(self, before: &[Bytes], after: &[Bytes]) -> RespRequest {
+        let len = before.iter().chain(after).map(Bytes::len).sum::<usize>() + self.wire.len();
+        let mut wire = BytesMut::with_capacity(len);
+        for command in before {
+            wire.extend_from_slice(command);
+        }
+        wire.extend_from_slice(&self.wire);
+        for command in after {
+            wire.extend_from_slice(command);
+        }
+        RespRequest {
+            wire: wire.freeze(),
+            replies: self.replies + before.len() + after.len(),
+        }
+    }
 }
 
 impl RespProtocol {
@@ -46,6 +105,8 @@ impl RespProtocol {
             setup,
             written: 0,
             answered: 0,
+            groups: VecDeque::new(),
+            partial: Vec::new(),
         }
     }
 }
@@ -72,7 +133,7 @@ pub fn decode_reply(input: &mut BytesMut) -> io::Result<Option<Reply>> {
 }
 
 impl Protocol for RespProtocol {
-    type Request = Bytes;
+    type Request = RespRequest;
     type Reply = Reply;
 
     async fn connect(&mut self) -> io::Result<Stream> {
@@ -99,24 +160,47 @@ impl Protocol for RespProtocol {
         }
         self.written = 0;
         self.answered = 0;
+        self.groups.clear();
+        self.partial.clear();
         Ok(stream)
     }
 
-    fn encode(&mut self, request: Bytes, out: &mut BytesMut) -> u64 {
-        out.extend_from_slice(&request);
-        self.written += 1;
+    fn encode(&mut self, request: RespRequest, out: &mut BytesMut) -> u64 {
+        out.extend_from_slice(&request.wire);
+        let replies = request.replies.max(1);
+        self.written += replies as u64;
+        if replies > 1 {
+            self.groups.push_back((self.written, replies));
+        }
         self.written
     }
 
     fn decode(&mut self, input: &mut BytesMut) -> io::Result<Option<(u64, Reply)>> {
-        Ok(decode_reply(input)?.map(|reply| {
+        loop {
+            let Some(reply) = decode_reply(input)? else {
+                return Ok(None);
+            };
             self.answered += 1;
-            (self.answered, reply)
-        }))
+            // Replies before a group's first belong to single-reply requests.
+            let Some(&(last, count)) = self
+                .groups
+                .front()
+                .filter(|(last, count)| self.answered + *count as u64 > *last)
+            else {
+                return Ok(Some((self.answered, reply)));
+            };
+            self.partial.push(reply);
+            if self.answered == last {
+                self.groups.pop_front();
+                debug_assert_eq!(self.partial.len(), count);
+                let replies = std::mem::take(&mut self.partial);
+                return Ok(Some((last, Reply::Array(replies))));
+            }
+        }
     }
 
-    fn queued_bytes(request: &Bytes) -> usize {
-        request.len()
+    fn queued_bytes(request: &RespRequest) -> usize {
+        request.wire.len()
     }
 }
 
@@ -160,6 +244,48 @@ mod tests {
         }
         for input in [&b"$-5\r\n"[..], b"*-7\r\n"] {
             assert!(decode_reply(&mut BytesMut::from(input)).is_err());
+        }
+    }
+
+    #[test]
+    fn multi_reply_requests_get_all_their_replies_under_the_last_tag() {
+        let target = crate::resp::url::parse("redis://h:1").expect("valid");
+        let mut protocol = RespProtocol::new(target, &[]);
+        let mut out = BytesMut::new();
+        let get = Bytes::from_static(b"*1\r\n$3\r\nGET\r\n");
+        assert_eq!(protocol.encode(get.clone().into(), &mut out), 1);
+        let asked = RespRequest::from(get.clone()).asking().then_wait(1, 100);
+        assert_eq!(asked.replies, 3);
+        assert_eq!(protocol.encode(asked, &mut out), 4);
+        assert_eq!(protocol.encode(get.into(), &mut out), 5);
+        assert!(out.starts_with(b"*1\r\n$3\r\nGET\r\n*1\r\n$6\r\nASKING\r\n"));
+        let wire: &[u8] = b":1\r\n+OK\r\n:2\r\n:1\r\n:3\r\n";
+        for split in 0..=wire.len() {
+            let mut input = BytesMut::from(&wire[..split]);
+            let mut replies = Vec::new();
+            while let Some(r) = protocol.decode(&mut input).expect("valid") {
+                replies.push(r);
+            }
+            input.extend_from_slice(&wire[split..]);
+            while let Some(r) = protocol.decode(&mut input).expect("valid") {
+                replies.push(r);
+            }
+            let ok = Reply::SimpleString(Bytes::from_static(b"OK"));
+            assert_eq!(
+                replies,
+                vec![
+                    (1, Reply::Integer(1)),
+                    (
+                        4,
+                        Reply::Array(vec![ok, Reply::Integer(2), Reply::Integer(1)])
+                    ),
+                    (5, Reply::Integer(3)),
+                ],
+                "split at {split}"
+            );
+            // The next round trip starts from the same tags.
+            protocol.answered = 0;
+            protocol.groups.push_back((4, 3));
         }
     }
 

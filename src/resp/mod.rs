@@ -1,7 +1,8 @@
 //! Talking to Redis: command encoding ([`command`]), the pipelined
-//! connection protocol ([`connection`], replies decoded by `redis-protocol`)
-//! and `redis://` URLs ([`url`]).
+//! connection protocol ([`connection`], replies decoded by `redis-protocol`),
+//! `redis://` URLs ([`url`]) and the pure parts of Redis Cluster ([`cluster`]).
 
+pub mod cluster;
 pub mod command;
 pub mod connection;
 pub mod url;

@@ -1,5 +1,7 @@
 //! Where Redis is: `redis://[[user]:password@]host[:port][/db]`,
-//! `unix:///path/to/redis.sock[?db=N&password=P]`, or a bare socket path.
+//! `unix:///path/to/redis.sock[?db=N&password=P]`, or a bare socket path;
+//! for a cluster, also several seed nodes sharing the credentials:
+//! `redis://[[user]:password@]h1:7000,h2:7001[/db]` ([`parse_list`]).
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Address {
@@ -83,6 +85,46 @@ pub fn parse(url: &str) -> Result<RedisTarget, String> {
         password,
         db,
     })
+}
+
+/// A URL naming one node, or several comma-separated seed nodes of a
+/// cluster (`redis://:pw@h1:7000,h2:7001`): one target per node, each with
+/// the shared credentials.
+pub fn parse_list(url: &str) -> Result<Vec<RedisTarget>, String> {
+    let Some(rest) = url.strip_prefix("redis://") else {
+        return parse(url).map(|target| vec![target]);
+    };
+    let (authority, path) = rest
+        .split_once('/')
+        .map_or((rest, None), |(a, p)| (a, Some(p)));
+    let (userinfo, hosts) = match authority.rsplit_once('@') {
+        Some((userinfo, hosts)) => (Some(userinfo), hosts),
+        None => (None, authority),
+    };
+    if !hosts.contains(',') {
+        return parse(url).map(|target| vec![target]);
+    }
+    hosts
+        .split(',')
+        .map(|host| {
+            if host.is_empty() {
+                return Err(format!(
+                    "invalid Redis URL {url:?}: an empty node in the list"
+                ));
+            }
+            let mut one = String::from("redis://");
+            if let Some(userinfo) = userinfo {
+                one.push_str(userinfo);
+                one.push('@');
+            }
+            one.push_str(host);
+            if let Some(path) = path {
+                one.push('/');
+                one.push_str(path);
+            }
+            parse(&one)
+        })
+        .collect()
 }
 
 fn parse_unix(path: &str, query: Option<&str>) -> Result<RedisTarget, String> {
@@ -175,6 +217,22 @@ mod tests {
         );
         assert!(parse("redis://h:1/x").is_err());
         assert!(parse("http://h").is_err());
+    }
+
+    #[test]
+    fn seed_lists_share_credentials() {
+        assert_eq!(
+            parse_list("redis://:p,w@h1:7000,h2,[::1]:7002"),
+            Ok(vec![
+                tcp("h1:7000", Some("p,w"), 0),
+                tcp("h2:6379", Some("p,w"), 0),
+                tcp("[::1]:7002", Some("p,w"), 0),
+            ])
+        );
+        assert_eq!(parse_list("redis://h:1/2"), Ok(vec![tcp("h:1", None, 2)]));
+        assert_eq!(parse_list("/run/r.sock").map(|t| t.len()), Ok(1));
+        assert!(parse_list("redis://h1:1,,h2:2").is_err());
+        assert!(parse_list("redis://h1:1,h2:2/x").is_err());
     }
 
     #[test]

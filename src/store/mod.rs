@@ -1,5 +1,6 @@
 //! Message storage: one [`Store`] trait, implemented by Redis
-//! ([`redis::RedisStore`], the real store) and by an embedded in-process
+//! ([`redis::RedisStore`], the real store; [`cluster::ClusterStore`] on a
+//! Redis Cluster) and by an embedded in-process
 //! store ([`memory::MemoryStore`], used when no Redis URL is configured).
 //! Both pass the same conformance suite (`tests/conformance.rs`).
 //!
@@ -7,6 +8,7 @@
 //! epoch, unique and strictly increasing within a chat (the larger of the
 //! clock and the chat's last `send_time` + 1).
 
+pub mod cluster;
 pub mod memory;
 pub mod redis;
 
@@ -112,6 +114,7 @@ pub enum AnyStore {
     /// Shared by every thread of the process.
     Memory(std::sync::Arc<memory::MemoryStore>),
     Redis(redis::RedisStore),
+    Cluster(cluster::ClusterStore),
 }
 
 impl Store for AnyStore {
@@ -119,6 +122,7 @@ impl Store for AnyStore {
         match self {
             AnyStore::Memory(store) => store.send(chat, sender, text).await,
             AnyStore::Redis(store) => store.send(chat, sender, text).await,
+            AnyStore::Cluster(store) => store.send(chat, sender, text).await,
         }
     }
 
@@ -126,6 +130,7 @@ impl Store for AnyStore {
         match self {
             AnyStore::Memory(store) => store.pull(query).await,
             AnyStore::Redis(store) => store.pull(query).await,
+            AnyStore::Cluster(store) => store.pull(query).await,
         }
     }
 }

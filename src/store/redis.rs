@@ -26,7 +26,7 @@ use tokio::time::Instant;
 use super::{Page, PageWriter, Store, StoreError};
 use crate::domain::PullQuery;
 use crate::mux::{ByteBudget, Handle, MuxError, MuxOptions, Pool};
-use crate::resp::connection::RespProtocol;
+use crate::resp::connection::{RespProtocol, RespRequest};
 use crate::resp::url::RedisTarget;
 use crate::resp::{Reply, command};
 use crate::wire::{self, Malformed, Value, next_field, text};
@@ -70,7 +70,14 @@ end)
 "#;
 
 /// Most messages stored by one `im_send` call.
-const MAX_SEND_BATCH: usize = 64;
+pub(super) const MAX_SEND_BATCH: usize = 64;
+
+/// `FUNCTION LOAD REPLACE` of the library: run on every new connection, so a
+/// restarted Redis, or in a cluster a newly promoted or resharded master,
+/// has `im_send`.
+pub(super) fn load_library_command() -> Bytes {
+    command::encode(&[b"FUNCTION", b"LOAD", b"REPLACE", LIBRARY.as_bytes()])
+}
 
 #[derive(Debug, Clone)]
 pub struct RedisOptions {
@@ -82,6 +89,46 @@ pub struct RedisOptions {
     /// Bytes of commands queued per connection, and of sends waiting for
     /// the batcher; more are refused as overloaded.
     pub max_queued_bytes: usize,
+    /// A send is acknowledged only once this many replicas have it (0: at once).
+    pub wait_replicas: u32,
+}
+
+impl RedisOptions {
+    /// What a batch of sends is written as: the `im_send` call, followed in
+    /// the same write by `WAIT` when replicas must confirm it (no extra
+    /// round trip). WAIT gets half the Redis timeout, so that its "not
+    /// enough replicas" answer arrives before the caller gives up.
+    pub(super) fn send_request(&self, fcall: Bytes) -> RespRequest {
+        let request = RespRequest::from(fcall);
+        match self.wait_replicas {
+            0 => request,
+            n => request.then_wait(n, (self.timeout.as_millis() as u64 / 2).max(1)),
+        }
+    }
+}
+
+/// The `im_send` reply of a request built by [`RedisOptions::send_request`]:
+/// with a WAIT, fewer replicas than asked for make the whole batch
+/// unavailable ("maybe stored": it is on the master, not confirmed copied).
+/// An error reply (a redirection) is returned as it is.
+pub(super) fn without_wait(
+    reply: Result<Reply, MuxError>,
+    wait_replicas: u32,
+) -> Result<Reply, MuxError> {
+    if wait_replicas == 0 {
+        return reply;
+    }
+    let Reply::Array(mut replies) = reply? else {
+        return Err(MuxError::Unavailable);
+    };
+    let (Some(wait), Some(fcall)) = (replies.pop(), replies.pop()) else {
+        return Err(MuxError::Unavailable);
+    };
+    match (fcall, wait) {
+        (fcall @ Reply::Error(_), _) => Ok(fcall),
+        (fcall, Reply::Integer(n)) if n >= i64::from(wait_replicas) => Ok(fcall),
+        _ => Err(MuxError::Unavailable),
+    }
 }
 
 pub struct RedisStore {
@@ -93,13 +140,13 @@ pub struct RedisStore {
     timeout: Duration,
 }
 
-struct QueuedSend {
-    key: String,
-    member: Vec<u8>,
+pub(super) struct QueuedSend {
+    pub(super) key: String,
+    pub(super) member: Vec<u8>,
     /// When the caller stops waiting (and answers 503): a send still queued
     /// then must never be written.
-    deadline: Instant,
-    reply: oneshot::Sender<Result<i64, StoreError>>,
+    pub(super) deadline: Instant,
+    pub(super) reply: oneshot::Sender<Result<i64, StoreError>>,
 }
 
 impl QueuedSend {
@@ -116,7 +163,7 @@ pub fn chat_key(chat: &str) -> String {
 
 impl RedisStore {
     pub fn new(target: RedisTarget, options: &RedisOptions) -> RedisStore {
-        let load_library = command::encode(&[b"FUNCTION", b"LOAD", b"REPLACE", LIBRARY.as_bytes()]);
+        let load_library = load_library_command();
         let mux = MuxOptions {
             name: "redis",
             target: target.to_string(),
@@ -137,6 +184,7 @@ impl RedisStore {
             queue,
             queued: sends_bytes.clone(),
             load_library,
+            options: options.clone(),
         };
         tokio::spawn(batcher.run());
         RedisStore {
@@ -176,69 +224,84 @@ struct Batcher {
     queued: ByteBudget,
     /// `FUNCTION LOAD REPLACE` of [`LIBRARY`], for a Redis that lost it.
     load_library: Bytes,
+    options: RedisOptions,
+}
+
+/// Waits for queued sends and takes what is queued (up to
+/// [`MAX_SEND_BATCH`]) into `batch`, leaving out sends whose caller has
+/// already been answered; false once the queue is closed.
+pub(super) async fn next_batch(
+    queue: &mut mpsc::Receiver<QueuedSend>,
+    queued: &ByteBudget,
+    batch: &mut Vec<QueuedSend>,
+) -> bool {
+    let Some(first) = queue.recv().await else {
+        return false;
+    };
+    let now = Instant::now();
+    take(first, now, queued, batch);
+    while batch.len() < MAX_SEND_BATCH {
+        match queue.try_recv() {
+            Ok(send) => take(send, now, queued, batch),
+            Err(_) => break,
+        }
+    }
+    true
+}
+
+/// Adds `send` to the batch unless its caller has already been answered
+/// (timed out, or gone): such a send must never reach Redis, since the
+/// caller was told it failed.
+fn take(send: QueuedSend, now: Instant, queued: &ByteBudget, batch: &mut Vec<QueuedSend>) {
+    queued.release(send.bytes());
+    if send.reply.is_closed() {
+        return;
+    }
+    if send.deadline <= now {
+        let _ = send.reply.send(Err(StoreError::Unavailable));
+        return;
+    }
+    batch.push(send);
+}
+
+/// The earliest deadline of a batch's sends: written any later, that
+/// send's caller would already have been told "failed" and it would be
+/// stored all the same.
+pub(super) fn batch_deadline(batch: &[QueuedSend]) -> Instant {
+    batch
+        .iter()
+        .map(|s| s.deadline)
+        .min()
+        .unwrap_or_else(Instant::now)
 }
 
 impl Batcher {
     async fn run(mut self) {
         let mut batch = Vec::with_capacity(MAX_SEND_BATCH);
-        while let Some(first) = self.queue.recv().await {
-            let now = Instant::now();
-            self.take(first, now, &mut batch);
-            while batch.len() < MAX_SEND_BATCH {
-                match self.queue.try_recv() {
-                    Ok(send) => self.take(send, now, &mut batch),
-                    Err(_) => break,
-                }
-            }
+        while next_batch(&mut self.queue, &self.queued, &mut batch).await {
             if !batch.is_empty() {
                 self.start(&mut batch);
             }
         }
     }
 
-    /// Adds `send` to the batch unless its caller has already been answered
-    /// (timed out, or gone): such a send must never reach Redis, since the
-    /// caller was told it failed.
-    fn take(&self, send: QueuedSend, now: Instant, batch: &mut Vec<QueuedSend>) {
-        self.queued.release(send.bytes());
-        if send.reply.is_closed() {
-            return;
-        }
-        if send.deadline <= now {
-            let _ = send.reply.send(Err(StoreError::Unavailable));
-            return;
-        }
-        batch.push(send);
-    }
-
     /// Starts one `im_send` call for `batch` (left empty), answered by a
     /// task of its own.
     fn start(&self, batch: &mut Vec<QueuedSend>) {
-        // The earliest member's deadline: written any later, that member's
-        // caller would already have been told "failed" and it would be
-        // stored all the same.
-        let deadline = batch
-            .iter()
-            .map(|s| s.deadline)
-            .min()
-            .unwrap_or_else(Instant::now);
-        let now = crate::now_micros().to_string();
-        let count = batch.len().to_string();
-        let mut args: Vec<&[u8]> = Vec::with_capacity(4 + 2 * batch.len());
-        args.extend([&b"FCALL"[..], b"im_send", count.as_bytes()]);
-        args.extend(batch.iter().map(|s| s.key.as_bytes()));
-        args.extend(batch.iter().map(|s| &s.member[..]));
-        args.push(now.as_bytes());
-        let command = command::encode(&args);
+        let deadline = batch_deadline(batch);
+        let request = self
+            .options
+            .send_request(im_send_command(batch, crate::now_micros()));
         let waiters: Vec<_> = batch.drain(..).map(|s| s.reply).collect();
         let handle = self.pool.handle();
-        match handle.start_by(command.clone(), deadline) {
+        match handle.start_by(request.clone(), deadline) {
             Ok(pending) => {
                 let retry = Retry {
                     handle: handle.clone(),
-                    command,
+                    request,
                     deadline,
                     load_library: self.load_library.clone(),
+                    wait_replicas: self.options.wait_replicas,
                 };
                 tokio::spawn(async move {
                     let reply = retry.if_function_missing(pending.wait().await).await;
@@ -250,12 +313,26 @@ impl Batcher {
     }
 }
 
+/// The one `im_send` call that stores `batch` (in a cluster every key of it
+/// must be in one slot); `now` is the caller's clock in µs.
+pub(super) fn im_send_command(batch: &[QueuedSend], now: i64) -> Bytes {
+    let now = now.to_string();
+    let count = batch.len().to_string();
+    let mut args: Vec<&[u8]> = Vec::with_capacity(4 + 2 * batch.len());
+    args.extend([&b"FCALL"[..], b"im_send", count.as_bytes()]);
+    args.extend(batch.iter().map(|s| s.key.as_bytes()));
+    args.extend(batch.iter().map(|s| &s.member[..]));
+    args.push(now.as_bytes());
+    command::encode(&args)
+}
+
 /// What it takes to run a batch again on the connection it went to.
 struct Retry {
     handle: Handle<RespProtocol>,
-    command: Bytes,
+    request: RespRequest,
     deadline: Instant,
     load_library: Bytes,
+    wait_replicas: u32,
 }
 
 impl Retry {
@@ -265,24 +342,25 @@ impl Retry {
     /// before the function would run, so nothing of the batch was stored
     /// and running it again stores nothing twice.
     async fn if_function_missing(self, reply: Result<Reply, MuxError>) -> Result<Reply, MuxError> {
+        let reply = without_wait(reply, self.wait_replicas);
         if !function_missing(&reply) {
             return reply;
         }
         // One connection runs its commands in order: the load comes first.
         let load = self.handle.start_by(self.load_library, self.deadline)?;
-        let again = self.handle.start_by(self.command, self.deadline)?;
+        let again = self.handle.start_by(self.request, self.deadline)?;
         // Held until here: a call whose caller is gone is not written.
         let _ = load.wait().await;
-        again.wait().await
+        without_wait(again.wait().await, self.wait_replicas)
     }
 }
 
-fn function_missing(reply: &Result<Reply, MuxError>) -> bool {
+pub(super) fn function_missing(reply: &Result<Reply, MuxError>) -> bool {
     matches!(reply, Ok(Reply::Error(err)) if err.contains("Function not found"))
 }
 
 /// Hands each sender of a batch its send_time, or the batch's failure.
-fn answer_batch(
+pub(super) fn answer_batch(
     reply: Result<Reply, MuxError>,
     waiters: Vec<oneshot::Sender<Result<i64, StoreError>>>,
 ) {
@@ -314,7 +392,7 @@ fn answer_batch(
 
 /// A `StoredMessage` without its send_time (im_send prepends it), encoded
 /// from the borrowed fields: one allocation, no `String` copies.
-fn encode_member(text: &str, sender: &str) -> Vec<u8> {
+pub(super) fn encode_member(text: &str, sender: &str) -> Vec<u8> {
     let mut member = Vec::with_capacity(
         wire::bytes_field_len(2, text.len()) + wire::bytes_field_len(3, sender.len()),
     );
@@ -348,7 +426,7 @@ fn read_stored(mut member: &[u8]) -> Result<StoredView<'_>, Malformed> {
     Ok(view)
 }
 
-fn from_mux(err: MuxError) -> StoreError {
+pub(super) fn from_mux(err: MuxError) -> StoreError {
     match err {
         MuxError::Unavailable | MuxError::Lost => StoreError::Unavailable,
         MuxError::Overloaded => StoreError::Overloaded,
@@ -360,68 +438,91 @@ fn from_mux(err: MuxError) -> StoreError {
 
 impl Store for RedisStore {
     async fn send(&self, chat: &str, sender: &str, text: &str) -> Result<i64, StoreError> {
-        let member = encode_member(text, sender);
-        let (reply, answer) = oneshot::channel();
-        let deadline = Instant::now() + self.timeout;
-        let queued = QueuedSend {
-            key: chat_key(chat),
-            member,
-            deadline,
-            reply,
-        };
-        let bytes = queued.bytes();
-        if !self.sends_bytes.add(bytes) {
-            return Err(StoreError::Overloaded);
-        }
-        if self.sends.try_send(queued).is_err() {
-            self.sends_bytes.release(bytes);
-            return Err(StoreError::Overloaded);
-        }
-        match tokio::time::timeout_at(deadline, answer).await {
-            Ok(Ok(result)) => result,
-            // The batcher is gone, or Redis did not answer in time.
-            Ok(Err(_)) | Err(_) => Err(StoreError::Unavailable),
-        }
+        let queue = (&self.sends, &self.sends_bytes);
+        queue_send(queue, self.timeout, chat, sender, text).await
     }
 
     async fn pull(&self, query: &PullQuery) -> Result<Page, StoreError> {
-        let key = chat_key(&query.chat);
-        let cursor = format!("({}", query.cursor);
-        let count = (query.limit + 1).to_string();
-        // The cursor is exclusive: "(" makes the bound open.
-        let (verb, from, to): (&[u8], &[u8], &[u8]) = match (query.reverse, query.cursor) {
-            (false, 0) => (b"ZREVRANGEBYSCORE", b"+inf", b"-inf"),
-            (false, _) => (b"ZREVRANGEBYSCORE", cursor.as_bytes(), b"-inf"),
-            (true, 0) => (b"ZRANGEBYSCORE", b"-inf", b"+inf"),
-            (true, _) => (b"ZRANGEBYSCORE", cursor.as_bytes(), b"+inf"),
-        };
-        let cmd = command::encode(&[
-            verb,
-            key.as_bytes(),
-            from,
-            to,
-            b"LIMIT",
-            b"0",
-            count.as_bytes(),
-        ]);
-        let Reply::Array(members) = self.call(cmd).await? else {
-            return Err(StoreError::Internal("range did not return an array".into()));
-        };
-        let mut page = PageWriter::new(&query.chat, query.limit);
-        for member in members {
-            let Reply::BulkString(bytes) = member else {
-                return Err(StoreError::Internal(
-                    "range returned a non-string member".into(),
-                ));
-            };
-            let stored = read_stored(&bytes)
-                .map_err(|e| StoreError::Internal(format!("undecodable stored message: {e}")))?;
-            if !page.push(stored.text, stored.sender, stored.send_time) {
-                break;
-            }
-        }
-        Ok(page.finish())
+        let reply = self.call(pull_command(query)).await?;
+        page_from_reply(query, reply)
     }
+}
+
+/// Queues a send for a batcher (`queue`: its channel and the byte budget of
+/// what is in it) and waits for its send_time, at most `timeout`.
+pub(super) async fn queue_send(
+    (sends, budget): (&mpsc::Sender<QueuedSend>, &ByteBudget),
+    timeout: Duration,
+    chat: &str,
+    sender: &str,
+    text: &str,
+) -> Result<i64, StoreError> {
+    let (reply, answer) = oneshot::channel();
+    let deadline = Instant::now() + timeout;
+    let queued = QueuedSend {
+        key: chat_key(chat),
+        member: encode_member(text, sender),
+        deadline,
+        reply,
+    };
+    let bytes = queued.bytes();
+    if !budget.add(bytes) {
+        return Err(StoreError::Overloaded);
+    }
+    if sends.try_send(queued).is_err() {
+        budget.release(bytes);
+        return Err(StoreError::Overloaded);
+    }
+    match tokio::time::timeout_at(deadline, answer).await {
+        Ok(Ok(result)) => result,
+        // The batcher is gone, or Redis did not answer in time.
+        Ok(Err(_)) | Err(_) => Err(StoreError::Unavailable),
+    }
+}
+
+/// The range command reading one page (one more than the limit, to learn
+/// whether there is more).
+pub(super) fn pull_command(query: &PullQuery) -> Bytes {
+    let key = chat_key(&query.chat);
+    let cursor = format!("({}", query.cursor);
+    let count = (query.limit + 1).to_string();
+    // The cursor is exclusive: "(" makes the bound open.
+    let (verb, from, to): (&[u8], &[u8], &[u8]) = match (query.reverse, query.cursor) {
+        (false, 0) => (b"ZREVRANGEBYSCORE", b"+inf", b"-inf"),
+        (false, _) => (b"ZREVRANGEBYSCORE", cursor.as_bytes(), b"-inf"),
+        (true, 0) => (b"ZRANGEBYSCORE", b"-inf", b"+inf"),
+        (true, _) => (b"ZRANGEBYSCORE", cursor.as_bytes(), b"+inf"),
+    };
+    command::encode(&[
+        verb,
+        key.as_bytes(),
+        from,
+        to,
+        b"LIMIT",
+        b"0",
+        count.as_bytes(),
+    ])
+}
+
+/// The page of `query` from the reply to its [`pull_command`].
+pub(super) fn page_from_reply(query: &PullQuery, reply: Reply) -> Result<Page, StoreError> {
+    let Reply::Array(members) = reply else {
+        return Err(StoreError::Internal("range did not return an array".into()));
+    };
+    let mut page = PageWriter::new(&query.chat, query.limit);
+    for member in members {
+        let Reply::BulkString(bytes) = member else {
+            return Err(StoreError::Internal(
+                "range returned a non-string member".into(),
+            ));
+        };
+        let stored = read_stored(&bytes)
+            .map_err(|e| StoreError::Internal(format!("undecodable stored message: {e}")))?;
+        if !page.push(stored.text, stored.sender, stored.send_time) {
+            break;
+        }
+    }
+    Ok(page.finish())
 }
 
 #[cfg(test)]

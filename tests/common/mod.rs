@@ -620,6 +620,7 @@ impl Drop for Server {
 pub struct Backend {
     pub server: Server,
     pub redis: Option<Redis>,
+    pub cluster: Option<Cluster>,
 }
 
 impl Backend {
@@ -627,6 +628,7 @@ impl Backend {
         Backend {
             server: Server::memory(),
             redis: None,
+            cluster: None,
         }
     }
 
@@ -635,6 +637,23 @@ impl Backend {
         Backend {
             server: Server::with_redis(&redis),
             redis: Some(redis),
+            cluster: None,
+        }
+    }
+
+    /// A server on a Redis Cluster of 3 masters and 3 replicas, given one node's URL.
+    pub fn cluster() -> Backend {
+        let cluster = Cluster::start();
+        let server = Server::start("all", &["--redis", &cluster.url()], &[]);
+        assert!(
+            server.stderr().contains("store: Redis Cluster"),
+            "the server did not detect the cluster:\n{}",
+            server.stderr()
+        );
+        Backend {
+            server,
+            redis: None,
+            cluster: Some(cluster),
         }
     }
 
@@ -1326,9 +1345,13 @@ impl Redis {
     }
 
     /// `start_with_args` with AOF persistence (`appendonly yes`,
-    /// `appendfsync everysec`) in the guard's own directory.
+    /// `appendfsync always`) in the guard's own directory. Not `everysec`:
+    /// when a background fsync takes over a second (a busy disk, as in a
+    /// parallel test run), Redis postpones writing its AOF buffer for up to
+    /// 2 s while still replying, and a SIGKILL then loses acknowledged
+    /// writes (seen here: 106 and 1,545 in two runs).
     pub fn start_persistent() -> RedisWithArgs {
-        Redis::start_with_args(&["--appendonly", "yes", "--appendfsync", "everysec"])
+        Redis::start_with_args(&["--appendonly", "yes", "--appendfsync", "always"])
     }
 
     /// The directory redis-server runs in (its `--dir` by default).
@@ -1415,6 +1438,451 @@ impl RedisWithArgs {
             }
             thread::sleep(Duration::from_millis(5));
         }
+    }
+}
+
+/// A `kB` field of /proc/<pid>/status (e.g. "VmRSS", "VmSize"), in bytes.
+pub fn proc_status_bytes(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("read /proc/{pid}/status: {e}"));
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+}
+
+/// File descriptors the process has open.
+pub fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap_or_else(|e| panic!("read /proc/{pid}/fd: {e}"))
+        .count()
+}
+
+// ---------------------------------------------------------------------------
+// Redis Cluster guard
+// ---------------------------------------------------------------------------
+
+/// One `redis-server --cluster-enabled yes` node of a [`Cluster`].
+pub struct ClusterNode {
+    pub port: u16,
+    child: Option<Child>,
+    dir: PathBuf,
+}
+
+impl ClusterNode {
+    fn spawn(port: u16) -> Result<ClusterNode, String> {
+        let dir = unique_temp_dir(&format!("cluster-{port}"));
+        let log_path = dir.join("redis.log");
+        let log = std::fs::File::create(&log_path).map_err(|e| format!("create log: {e}"))?;
+        let mut cmd = Command::new("redis-server");
+        cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--cluster-enabled", "yes"])
+            .arg("--cluster-config-file")
+            .arg(dir.join("nodes.conf"))
+            .args(["--cluster-node-timeout", "1000"])
+            .args(["--cluster-require-full-coverage", "no"])
+            // A replica's first sync starts at once, not after the default 5 s.
+            .args(["--repl-diskless-sync-delay", "0"])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .arg("--dir")
+            .arg(&dir)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(|e| e.to_string())?)
+            .stderr(log);
+        let child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) if e.kind() == ErrorKind::NotFound => panic!("{REDIS_MISSING}"),
+            Err(e) => return Err(format!("spawn redis-server: {e}")),
+        };
+        let mut node = ClusterNode {
+            port,
+            child: Some(child),
+            dir,
+        };
+        let start = Instant::now();
+        loop {
+            if let Some(Ok(Some(status))) = node.child.as_mut().map(Child::try_wait) {
+                node.child = None;
+                return Err(format!(
+                    "cluster node {port} exited ({status}): {}",
+                    std::fs::read_to_string(&log_path).unwrap_or_default()
+                ));
+            }
+            if node
+                .try_cmd(&["PING"])
+                .is_ok_and(|r| r.starts_with("+PONG"))
+            {
+                return Ok(node);
+            }
+            if start.elapsed() > STARTUP_DEADLINE {
+                return Err(format!("cluster node {port} did not answer PING"));
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// Sends one command; the raw RESP reply text (arrays flattened).
+    pub fn try_cmd(&self, args: &[&str]) -> io::Result<String> {
+        let addr: SocketAddr = ([127, 0, 0, 1], self.port).into();
+        let s = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
+        s.set_read_timeout(Some(IO_TIMEOUT))?;
+        s.set_write_timeout(Some(IO_TIMEOUT))?;
+        resp_exchange(s.try_clone()?, s, &[], args)
+    }
+
+    pub fn cmd(&self, args: &[&str]) -> String {
+        self.try_cmd(args)
+            .unwrap_or_else(|e| panic!("node {}: {args:?} failed: {e}", self.port))
+    }
+
+    /// SIGKILL (no persistence: its data is gone).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn signal(&self, sig: &str) {
+        if let Some(pid) = self.pid() {
+            send_signal(pid, sig);
+        }
+    }
+
+    /// `(id, port, is_master, master id or "-")` of every node, per this node.
+    pub fn nodes(&self) -> Vec<(String, u16, bool, String)> {
+        let text = self.cmd(&["CLUSTER", "NODES"]);
+        text.lines()
+            .filter_map(|line| {
+                let f: Vec<&str> = line.split(' ').collect();
+                if f.len() < 8 {
+                    return None;
+                }
+                let port = f[1].split(['@', ':']).nth(1)?.parse().ok()?;
+                Some((
+                    f[0].to_string(),
+                    port,
+                    f[2].contains("master"),
+                    f[3].to_string(),
+                ))
+            })
+            .collect()
+    }
+
+    pub fn info_field(&self, section: &str, field: &str) -> Option<String> {
+        let text = self.try_cmd(&["INFO", section]).ok()?;
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{field}:")))
+            .map(|v| v.trim().to_string())
+    }
+}
+
+impl Drop for ClusterNode {
+    fn drop(&mut self) {
+        if let Some(pid) = self.pid() {
+            let _ = Command::new("kill")
+                .args(["-CONT", &pid.to_string()])
+                .status();
+        }
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+static CLUSTER_PORT_TURN: AtomicUsize = AtomicUsize::new(0);
+
+/// A port P in 20000..45000 with P and its cluster bus port P + 10000 free
+/// (the bus makes port 0 impossible).
+pub fn free_cluster_port() -> u16 {
+    let base = (std::process::id() as usize).wrapping_mul(7919);
+    for _ in 0..25_000 {
+        let turn = CLUSTER_PORT_TURN.fetch_add(1, Ordering::SeqCst);
+        let port = 20_000 + ((base + turn * 7) % 25_000) as u16;
+        let free = |p: u16| TcpListener::bind(("127.0.0.1", p)).is_ok();
+        if free(port) && free(port + 10_000) {
+            return port;
+        }
+    }
+    panic!("no free port pair for a cluster node");
+}
+
+/// A real Redis Cluster on 127.0.0.1: `masters` masters with `replicas`
+/// replicas each, node timeout 1 s, full coverage not required. Every node
+/// is killed on drop.
+pub struct Cluster {
+    pub nodes: Vec<ClusterNode>,
+    replicas: usize,
+}
+
+impl Cluster {
+    /// 3 masters + 3 replicas.
+    pub fn start() -> Cluster {
+        Cluster::start_with(3, 1)
+    }
+
+    pub fn start_with(masters: usize, replicas: usize) -> Cluster {
+        let count = masters * (1 + replicas);
+        let mut nodes = Vec::with_capacity(count);
+        while nodes.len() < count {
+            let port = free_cluster_port();
+            match ClusterNode::spawn(port) {
+                Ok(node) => nodes.push(node),
+                Err(e) => eprintln!("retrying a cluster node: {e}"),
+            }
+        }
+        let mut create = Command::new("redis-cli");
+        create.arg("--cluster").arg("create");
+        for n in &nodes {
+            create.arg(format!("127.0.0.1:{}", n.port));
+        }
+        create.args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"]);
+        let out = create
+            .stdin(Stdio::null())
+            .output()
+            .expect("run redis-cli --cluster create");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let cluster = Cluster { nodes, replicas };
+        cluster.wait_ready(Duration::from_secs(30));
+        cluster
+    }
+
+    /// Every running node says `cluster_state:ok`, every master has a
+    /// replica, and every replica's link to its master is up (synced).
+    pub fn wait_ready(&self, deadline: Duration) {
+        wait_until(deadline, "the cluster to be ready", || {
+            let running: Vec<&ClusterNode> = self.nodes.iter().filter(|n| n.is_running()).collect();
+            let all_ok = running.iter().all(|n| {
+                n.try_cmd(&["CLUSTER", "INFO"])
+                    .is_ok_and(|info| info.contains("cluster_state:ok"))
+            });
+            let masters = self.masters();
+            let replicated = masters
+                .iter()
+                .all(|&m| self.replicas == 0 || self.replica_of(m).is_some());
+            // A replica whose initial sync is not done can neither
+            // acknowledge a WAIT nor be promoted. And after a diskless sync
+            // the master streams to it only from its first ACK (up to 1 s
+            // later): a master killed before that loses everything it
+            // acknowledged meanwhile. So: every replica online, per its master.
+            let synced = running.iter().all(|n| {
+                n.info_field("replication", "role").as_deref() != Some("slave")
+                    || n.info_field("replication", "master_link_status").as_deref() == Some("up")
+            }) && masters.iter().all(|&m| {
+                let info = self
+                    .node(m)
+                    .try_cmd(&["INFO", "replication"])
+                    .unwrap_or_default();
+                info.matches("state=online").count() >= self.replicas
+            });
+            (all_ok && !masters.is_empty() && replicated && synced).then_some(())
+        });
+    }
+
+    pub fn node(&self, port: u16) -> &ClusterNode {
+        self.nodes
+            .iter()
+            .find(|n| n.port == port)
+            .unwrap_or_else(|| panic!("no node {port}"))
+    }
+
+    pub fn node_mut(&mut self, port: u16) -> &mut ClusterNode {
+        self.nodes
+            .iter_mut()
+            .find(|n| n.port == port)
+            .unwrap_or_else(|| panic!("no node {port}"))
+    }
+
+    /// A running node that answers (SIGSTOPped ones are skipped by the caller).
+    fn any(&self) -> &ClusterNode {
+        self.nodes
+            .iter()
+            .find(|n| n.is_running() && n.try_cmd(&["PING"]).is_ok())
+            .expect("no cluster node answers")
+    }
+
+    /// `redis://127.0.0.1:P` of the first node.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.nodes[0].port)
+    }
+
+    /// `redis://127.0.0.1:P1,127.0.0.1:P2,...` of every node.
+    pub fn seed_url(&self) -> String {
+        let nodes: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        format!("redis://{}", nodes.join(","))
+    }
+
+    /// Ports of the masters serving slots, as a live node sees them.
+    pub fn masters(&self) -> Vec<u16> {
+        let node = self.any();
+        let text = node.cmd(&["CLUSTER", "NODES"]);
+        let mut out: Vec<u16> = text
+            .lines()
+            .filter_map(|line| {
+                let f: Vec<&str> = line.split(' ').collect();
+                let serving = f.len() > 8;
+                let master = f.get(2)?.contains("master") && !f.get(2)?.contains("fail");
+                let port = f.get(1)?.split(['@', ':']).nth(1)?.parse().ok()?;
+                (master && serving).then_some(port)
+            })
+            .collect();
+        out.sort_unstable();
+        out
+    }
+
+    /// The port of a (healthy) replica of the master on `master`.
+    pub fn replica_of(&self, master: u16) -> Option<u16> {
+        let nodes = self.any().nodes();
+        let id = nodes.iter().find(|n| n.1 == master)?.0.clone();
+        nodes
+            .iter()
+            .find(|n| {
+                !n.2 && n.3 == id && self.nodes.iter().any(|m| m.port == n.1 && m.is_running())
+            })
+            .map(|n| n.1)
+    }
+
+    /// The hash slot of chat `chat`'s key.
+    pub fn slot_of(&self, chat: &str) -> u16 {
+        let reply = self
+            .any()
+            .cmd(&["CLUSTER", "KEYSLOT", &format!("im:{{{chat}}}")]);
+        reply[1..].trim().parse().expect("a slot number")
+    }
+
+    /// The port of the master serving `slot`, per a live node's CLUSTER NODES.
+    pub fn master_of(&self, slot: u16) -> u16 {
+        let text = self.any().cmd(&["CLUSTER", "NODES"]);
+        for line in text.lines() {
+            let f: Vec<&str> = line.split(' ').collect();
+            if f.len() < 9 || !f[2].contains("master") {
+                continue;
+            }
+            let serves = f[8..].iter().any(|range| {
+                let mut ends = range.split('-');
+                match (
+                    ends.next().and_then(|a| a.parse::<u16>().ok()),
+                    ends.next().map(|b| b.parse::<u16>().ok()),
+                ) {
+                    (Some(a), None) => a == slot,
+                    (Some(a), Some(Some(b))) => (a..=b).contains(&slot),
+                    _ => false,
+                }
+            });
+            if serves {
+                return f[1]
+                    .split(['@', ':'])
+                    .nth(1)
+                    .and_then(|p| p.parse().ok())
+                    .expect("port");
+            }
+        }
+        panic!("no master serves slot {slot}");
+    }
+
+    /// `count` chat names, each in a different slot served by a different
+    /// master (as many masters as there are, at most), named `prefix-N`.
+    pub fn chats_on_distinct_masters(&self, prefix: &str, count: usize) -> Vec<String> {
+        let mut chats = Vec::new();
+        let mut used = HashSet::new();
+        for i in 0..10_000 {
+            let chat = format!("{prefix}-{i}");
+            let master = self.master_of(self.slot_of(&chat));
+            if used.insert(master) {
+                chats.push(chat);
+            }
+            if chats.len() == count {
+                break;
+            }
+        }
+        chats
+    }
+
+    /// `cmdstat_fcall` calls summed over the given nodes.
+    pub fn fcall_calls(&self, ports: &[u16]) -> i64 {
+        ports
+            .iter()
+            .map(|&p| {
+                self.node(p)
+                    .info_field("commandstats", "cmdstat_fcall")
+                    .and_then(|v| v.strip_prefix("calls=")?.split(',').next()?.parse().ok())
+                    .unwrap_or(0)
+            })
+            .sum()
+    }
+
+    /// How many times `error` (e.g. "CROSSSLOT") was returned, over every running node.
+    pub fn error_count(&self, error: &str) -> i64 {
+        self.nodes
+            .iter()
+            .filter(|n| n.is_running())
+            .map(|n| {
+                n.info_field("errorstats", &format!("errorstat_{error}"))
+                    .and_then(|v| v.strip_prefix("count=")?.parse().ok())
+                    .unwrap_or(0)
+            })
+            .sum()
+    }
+
+    /// Starts an empty node and joins it to the cluster (`CLUSTER MEET`) as a
+    /// master without slots; returns its port once every node knows it and
+    /// it knows who serves every slot.
+    pub fn add_empty_master(&mut self) -> u16 {
+        let node = loop {
+            match ClusterNode::spawn(free_cluster_port()) {
+                Ok(node) => break node,
+                Err(e) => eprintln!("retrying a cluster node: {e}"),
+            }
+        };
+        let port = node.port;
+        let meet = self
+            .any()
+            .cmd(&["CLUSTER", "MEET", "127.0.0.1", &port.to_string()]);
+        assert!(meet.starts_with("+OK"), "CLUSTER MEET: {meet}");
+        self.nodes.push(node);
+        let total = self.nodes.iter().filter(|n| n.is_running()).count();
+        wait_until(Duration::from_secs(20), "the new node to join", || {
+            self.nodes
+                .iter()
+                .filter(|n| n.is_running())
+                .all(|n| {
+                    n.try_cmd(&["CLUSTER", "INFO"]).is_ok_and(|info| {
+                        info.contains(&format!("cluster_known_nodes:{total}\r\n"))
+                            && info.contains("cluster_state:ok")
+                            && info.contains("cluster_slots_assigned:16384")
+                    })
+                })
+                .then_some(())
+        });
+        port
+    }
+
+    /// The id of the node on `port`.
+    pub fn id_of(&self, port: u16) -> String {
+        self.node(port)
+            .cmd(&["CLUSTER", "MYID"])
+            .lines()
+            .nth(1)
+            .expect("an id")
+            .to_string()
     }
 }
 

@@ -1,0 +1,326 @@
+//! The policy of one HTTP connection, with no I/O and no clock: which
+//! request may start, when output must be written, which deadline a read
+//! waits for and what its expiry means. The driver in [`super::server`]
+//! does the reading, writing and waiting, and tells this what happened
+//! (bytes read at time T, a response finished), passing the time in so
+//! that the rules are tested with a fake clock.
+//!
+//! The rules:
+//! * Pipelined requests are started together only while they are safe (GET,
+//!   HEAD); a request that changes state starts alone, once every earlier
+//!   one has been answered, so a send never overtakes an earlier request
+//!   (RFC 9112 §9.3.2).
+//! * Responses go out in request order, each as soon as it is ready; no
+//!   further request starts while the queued output is over
+//!   `max_output`, and the number in flight follows a window that shrinks
+//!   after large responses (each started request may hold a reply of
+//!   megabytes before it is written).
+//! * A new connection must send its first byte, and every request must
+//!   arrive whole, within `request_timeout` of that request's first byte
+//!   (408 if a request had begun); an idle keep-alive connection is closed
+//!   after `idle_timeout`, or at once on shutdown.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+
+use super::codec::{HttpError, Limits, Method, Request, RequestDecoder, Version};
+
+/// Most requests of one connection in flight at once; more pipelined
+/// requests wait in the input buffer.
+pub const MAX_PIPELINE: usize = 64;
+/// Requests in flight on a new connection, before any response size is
+/// known: each may hold a reply of up to a pull page (6.5 MB of protobuf)
+/// until it is written. Doubled after each small response.
+const INITIAL_WINDOW: usize = 1;
+
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    pub limits: Limits,
+    pub idle_timeout: Duration,
+    pub request_timeout: Duration,
+    pub max_output: usize,
+}
+
+/// What must be remembered of a started request to write its response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Framing {
+    pub head_only: bool,
+    pub keep_alive: bool,
+    pub http10: bool,
+    /// GET or HEAD: may run beside other safe requests.
+    pub safe: bool,
+}
+
+/// What the driver reports of a finished response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Finished {
+    pub status: u16,
+    pub body_len: usize,
+    /// The response asks for the connection to close.
+    pub close: bool,
+}
+
+/// What the driver should do next.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Start serving this request; its response follows those started before.
+    Start(Request),
+    /// Wait for the oldest started request's response and write it
+    /// (then report it with [`Conn::finished`]).
+    Finish,
+    /// Write out the queued output before anything else.
+    Flush,
+    /// Append `100 Continue` to the output.
+    Continue,
+    /// Read more input, until `deadline`.
+    Read(ReadUntil),
+    /// Answer this error, then close with a lingering close.
+    Reject(HttpError),
+    /// Write out the queued output, then close with a lingering close.
+    Close,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadUntil {
+    pub deadline: Instant,
+    /// What an expired deadline means.
+    pub expiry: Expiry,
+    /// Whether shutdown closes the connection at once (nothing of a request
+    /// has been received); otherwise the request is finished first.
+    pub interruptible: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expiry {
+    /// Close without a word: no request had begun.
+    Close,
+    /// Answer 408, then close.
+    Timeout,
+}
+
+/// Which timer the connection is under while it waits for input, named
+/// after hyper's h1 states.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reading {
+    /// Accepted at this time, nothing received yet.
+    Fresh(Instant),
+    /// Between requests (keep-alive).
+    KeepAlive,
+    /// A request whose first byte arrived at this time.
+    Request(Instant),
+}
+
+/// The state of one connection; see the module doc for the rules.
+#[derive(Debug)]
+pub struct Conn {
+    settings: Settings,
+    decoder: RequestDecoder,
+    /// Received bytes not yet decoded into requests.
+    pub input: BytesMut,
+    in_flight: VecDeque<Framing>,
+    /// An unsafe request decoded while earlier ones were still in flight.
+    deferred: Option<Request>,
+    /// Requests that may be in flight at once.
+    window: usize,
+    reading: Reading,
+    /// When the last bytes arrived.
+    last_read: Instant,
+    /// A request asked for the connection to close, or a response did:
+    /// nothing further starts.
+    closing: bool,
+    /// The input cannot be decoded: answered once the requests before it are.
+    failure: Option<HttpError>,
+}
+
+/// Small to start: thousands of idle connections should cost little.
+const INITIAL_BUFFER: usize = 4096;
+
+impl Conn {
+    pub fn new(settings: Settings, accepted: Instant) -> Conn {
+        Conn {
+            settings,
+            decoder: RequestDecoder::new(settings.limits),
+            input: BytesMut::with_capacity(INITIAL_BUFFER),
+            in_flight: VecDeque::with_capacity(INITIAL_WINDOW),
+            deferred: None,
+            window: INITIAL_WINDOW,
+            reading: Reading::Fresh(accepted),
+            last_read: accepted,
+            closing: false,
+            failure: None,
+        }
+    }
+
+    /// The next step, given the output bytes queued and not yet written.
+    pub fn next(&mut self, now: Instant, output_queued: usize) -> Action {
+        if output_queued > self.settings.max_output {
+            return Action::Flush;
+        }
+        if let Some(req) = self.next_request() {
+            return Action::Start(req);
+        }
+        if !self.in_flight.is_empty() {
+            return Action::Finish;
+        }
+        if let Some(err) = self.failure.filter(|_| !self.closing) {
+            return Action::Reject(err);
+        }
+        if self.closing {
+            return Action::Close;
+        }
+        if self.deferred.is_some() {
+            // Unreachable: a deferred request starts once nothing is in flight.
+            return Action::Reject(HttpError::BadRequest("request could not be scheduled"));
+        }
+        if self.decoder.take_expect_continue() {
+            return Action::Continue;
+        }
+        if output_queued > 0 {
+            return Action::Flush;
+        }
+        Action::Read(self.read_until(now))
+    }
+
+    /// The next request that may start now, if any.
+    fn next_request(&mut self) -> Option<Request> {
+        if self.in_flight.len() >= self.window || self.closing || self.failure.is_some() {
+            return None;
+        }
+        let req = match self.deferred.take() {
+            Some(req) => req,
+            None => match self.decoder.decode(&mut self.input) {
+                Ok(Some(req)) => {
+                    self.request_decoded();
+                    req
+                }
+                Ok(None) => return None,
+                Err(err) => {
+                    self.failure = Some(err);
+                    return None;
+                }
+            },
+        };
+        let safe = matches!(req.method, Method::Get | Method::Head);
+        let unsafe_in_flight = self.in_flight.iter().any(|f| !f.safe);
+        if !self.in_flight.is_empty() && (!safe || unsafe_in_flight) {
+            self.deferred = Some(req);
+            return None;
+        }
+        self.closing = !req.keep_alive;
+        self.in_flight.push_back(Framing {
+            head_only: req.method == Method::Head,
+            keep_alive: req.keep_alive,
+            http10: req.version == Version::Http10,
+            safe,
+        });
+        Some(req)
+    }
+
+    /// A whole request was taken off the input: what is left, if anything,
+    /// is the start of the next one, which arrived with the last read (or
+    /// later than it, never earlier: reads stop while requests are served).
+    fn request_decoded(&mut self) {
+        self.reading = if self.input.is_empty() {
+            Reading::KeepAlive
+        } else {
+            Reading::Request(self.last_read)
+        };
+    }
+
+    fn read_until(&self, now: Instant) -> ReadUntil {
+        let request = |started: Instant| ReadUntil {
+            deadline: started + self.settings.request_timeout,
+            expiry: Expiry::Timeout,
+            interruptible: false,
+        };
+        match self.reading {
+            // Bytes of a request are in (or were, for a body still to come).
+            _ if !self.input.is_empty() || self.decoder.in_body() => match self.reading {
+                Reading::Request(started) => request(started),
+                // Unreachable: bytes arriving start a request timer.
+                Reading::Fresh(started) => request(started),
+                Reading::KeepAlive => request(self.last_read),
+            },
+            Reading::Fresh(accepted) => ReadUntil {
+                deadline: accepted + self.settings.request_timeout,
+                expiry: Expiry::Close,
+                interruptible: true,
+            },
+            Reading::KeepAlive | Reading::Request(_) => ReadUntil {
+                deadline: now + self.settings.idle_timeout,
+                expiry: Expiry::Close,
+                interruptible: true,
+            },
+        }
+    }
+
+    /// `n` bytes (already appended to [`Conn::input`]) arrived at `now`.
+    pub fn received(&mut self, n: usize, now: Instant) {
+        if n == 0 {
+            return;
+        }
+        self.last_read = now;
+        // The first bytes since the buffer was emptied start a request's
+        // timer; bytes added to a partial request do not. (Blank lines
+        // between requests are skipped and leave the buffer empty: the
+        // request after them is timed from its own first byte, found by
+        // fuzzing the `http_conn` target.)
+        let buffer_was_empty = self.input.len() == n && !self.decoder.in_body();
+        if buffer_was_empty || !matches!(self.reading, Reading::Request(_)) {
+            self.reading = Reading::Request(now);
+        }
+    }
+
+    /// The oldest request in flight has its response: `status`, `body_len`
+    /// bytes, asking to close the connection if `close`. Returns how to
+    /// frame it: `keep_alive` false means this is the last response.
+    pub fn finished(&mut self, done: Finished, shutting_down: bool) -> Framing {
+        let Finished {
+            status,
+            body_len,
+            close,
+        } = done;
+        let mut framing = self.in_flight.pop_front().unwrap_or(Framing {
+            head_only: false,
+            keep_alive: false,
+            http10: false,
+            safe: true,
+        });
+        // Once shutting down, every response says the connection closes.
+        framing.keep_alive &= !close && !shutting_down;
+        if !framing.keep_alive {
+            self.closing = true;
+            // Requests started after this one are never answered.
+            self.in_flight.clear();
+        }
+        self.adapt_window(status, body_len);
+        framing
+    }
+
+    /// Fewer requests in flight after a large response: each started one may
+    /// hold as much until it is written. More after a small successful one,
+    /// up to [`MAX_PIPELINE`] (what pipelined small GETs need for
+    /// throughput). An error says nothing of what the next reply weighs: a
+    /// 504 for a big pull that timed out is small, while its reply still
+    /// arrives (growing on it let timed-out big pulls open the window and
+    /// tripled the memory of ten connections of unread big pulls).
+    fn adapt_window(&mut self, status: u16, body_len: usize) {
+        let fits = self.settings.max_output / MAX_PIPELINE;
+        if body_len > fits {
+            self.window = (self.settings.max_output / body_len.max(1)).clamp(1, MAX_PIPELINE);
+        } else if (200..300).contains(&status) {
+            self.window = (self.window * 2).min(MAX_PIPELINE);
+        }
+    }
+
+    /// Requests started and not yet finished.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+}
+
+#[cfg(test)]
+#[path = "conn_tests.rs"]
+mod tests;

@@ -1,0 +1,370 @@
+use std::time::{Duration, Instant};
+
+use super::*;
+
+fn settings() -> Settings {
+    Settings {
+        limits: Limits::default(),
+        idle_timeout: Duration::from_secs(60),
+        request_timeout: Duration::from_secs(10),
+        max_output: 4 * 1024 * 1024,
+    }
+}
+
+/// A 200 of `body_len` bytes.
+fn done(body_len: usize, close: bool) -> Finished {
+    Finished {
+        status: 200,
+        body_len,
+        close,
+    }
+}
+
+fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
+}
+
+const GET: &[u8] = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n";
+const POST: &[u8] = b"POST /s HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi";
+
+fn feed(conn: &mut Conn, bytes: &[u8], now: Instant) {
+    conn.input.extend_from_slice(bytes);
+    conn.received(bytes.len(), now);
+}
+
+fn target(action: &Action) -> Option<&[u8]> {
+    match action {
+        Action::Start(req) => Some(&req.target[..]),
+        _ => None,
+    }
+}
+
+#[test]
+fn a_silent_connection_is_closed_at_the_request_timeout_without_a_408() {
+    let t0 = Instant::now();
+    let mut conn = Conn::new(settings(), t0);
+    let Action::Read(until) = conn.next(t0 + secs(3), 0) else {
+        panic!("a fresh connection reads");
+    };
+    assert_eq!(until.deadline, t0 + secs(10), "counted from accept");
+    assert_eq!(until.expiry, Expiry::Close);
+    assert!(until.interruptible);
+}
+
+#[test]
+fn each_request_timer_starts_at_its_own_first_byte() {
+    let t0 = Instant::now();
+    let mut conn = Conn::new(settings(), t0);
+    // Every read ends partway into the next request.
+    let mut stream = Vec::new();
+    for _ in 0..200 {
+        stream.extend_from_slice(GET);
+    }
+    let mut now = t0;
+    for part in stream.chunks(GET.len() + 7) {
+        now += Duration::from_millis(50);
+        feed(&mut conn, part, now);
+        loop {
+            match conn.next(now, 0) {
+                Action::Start(_) => {}
+                Action::Finish => {
+                    conn.finished(done(10, false), false);
+                }
+                Action::Read(until) => {
+                    assert!(
+                        until.deadline >= now + secs(9),
+                        "timer restarted per request"
+                    );
+                    break;
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+    assert!(now > t0 + secs(4));
+}
+
+#[test]
+fn a_partial_request_is_timed_from_its_first_byte_and_answered_408() {
+    let t0 = Instant::now();
+    let mut conn = Conn::new(settings(), t0);
+    feed(&mut conn, b"GET /a HTTP/1.1\r\n", t0 + secs(1));
+    feed(&mut conn, b"Host: x\r\n", t0 + secs(5));
+    let Action::Read(until) = conn.next(t0 + secs(5), 0) else {
+        panic!("waits for the rest");
+    };
+    assert_eq!(until.deadline, t0 + secs(11));
+    assert_eq!(until.expiry, Expiry::Timeout);
+    assert!(
+        !until.interruptible,
+        "a request being received is finished first"
+    );
+}
+
+#[test]
+fn blank_lines_do_not_start_the_next_requests_timer() {
+    let t0 = Instant::now();
+    let mut conn = Conn::new(settings(), t0);
+    feed(&mut conn, b"\r\n\n", t0);
+    let Action::Read(until) = conn.next(t0, 0) else {
+        panic!("blank lines are skipped");
+    };
+    assert_eq!(until.expiry, Expiry::Close, "idle, not a request");
+    feed(&mut conn, b"GE", t0 + secs(50));
+    let Action::Read(until) = conn.next(t0 + secs(50), 0) else {
+        panic!("waits for the rest");
+    };
+    assert_eq!(
+        until.deadline,
+        t0 + secs(60),
+        "timed from its own first byte"
+    );
+}
+
+#[test]
+fn idle_keep_alive_waits_the_idle_timeout_from_now() {
+    let t0 = Instant::now();
+    let mut conn = Conn::new(settings(), t0);
+    feed(&mut conn, GET, t0);
+    assert!(target(&conn.next(t0, 0)).is_some());
+    assert_eq!(conn.next(t0, 0), Action::Finish);
+    conn.finished(done(2, false), false);
+    let Action::Read(until) = conn.next(t0 + secs(2), 0) else {
+        panic!("idle");
+    };
+    assert_eq!(until.deadline, t0 + secs(62));
+    assert!(until.interruptible);
+}
+
+#[test]
+fn an_unsafe_request_waits_for_earlier_ones_and_runs_alone() {
+    let t0 = Instant::now();
+    let mut conn = Conn::new(settings(), t0);
+    let mut bytes = GET.to_vec();
+    bytes.extend_from_slice(POST);
+    bytes.extend_from_slice(GET);
+    feed(&mut conn, &bytes, t0);
+    assert_eq!(target(&conn.next(t0, 0)), Some(&b"/a"[..]));
+    assert_eq!(conn.next(t0, 0), Action::Finish, "the POST waits");
+    conn.finished(done(2, false), false);
+    assert_eq!(target(&conn.next(t0, 0)), Some(&b"/s"[..]));
+    assert_eq!(
+        conn.next(t0, 0),
+        Action::Finish,
+        "nothing starts beside a POST"
+    );
+    conn.finished(done(2, false), false);
+    assert_eq!(target(&conn.next(t0, 0)), Some(&b"/a"[..]));
+}
+
+#[test]
+fn output_over_the_bound_is_written_before_anything_starts() {
+    let t0 = Instant::now();
+    let mut conn = Conn::new(settings(), t0);
+    feed(&mut conn, GET, t0);
+    assert_eq!(conn.next(t0, 5 * 1024 * 1024), Action::Flush);
+    assert!(target(&conn.next(t0, 1024)).is_some());
+}
+
+#[test]
+fn the_window_shrinks_after_large_responses_and_grows_after_small_ones() {
+    let t0 = Instant::now();
+    let mut conn = Conn::new(settings(), t0);
+    feed(&mut conn, &GET.repeat(200), t0);
+    let mut started = 0;
+    while target(&conn.next(t0, 0)).is_some() {
+        started += 1;
+    }
+    assert_eq!(started, INITIAL_WINDOW, "a new connection starts few");
+    conn.finished(done(20, false), false);
+    let mut started = 0;
+    while target(&conn.next(t0, 0)).is_some() {
+        started += 1;
+    }
+    assert_eq!(
+        started,
+        2 * INITIAL_WINDOW,
+        "doubled after a small response"
+    );
+    for _ in 0..started {
+        conn.finished(done(39_000_000, false), false);
+    }
+    assert!(target(&conn.next(t0, 0)).is_some());
+    assert_eq!(
+        conn.next(t0, 0),
+        Action::Finish,
+        "window of one after big responses"
+    );
+    for _ in 0..8 {
+        conn.finished(done(20, false), false);
+        while target(&conn.next(t0, 0)).is_some() {}
+    }
+    assert_eq!(
+        conn.in_flight(),
+        MAX_PIPELINE,
+        "small responses open it fully"
+    );
+}
+
+#[test]
+fn shutdown_and_close_end_the_connection_after_the_response() {
+    let t0 = Instant::now();
+    let mut conn = Conn::new(settings(), t0);
+    feed(&mut conn, &GET.repeat(4), t0);
+    assert!(target(&conn.next(t0, 0)).is_some());
+    conn.finished(done(2, false), false);
+    assert!(target(&conn.next(t0, 0)).is_some());
+    assert!(target(&conn.next(t0, 0)).is_some());
+    let framing = conn.finished(done(2, false), true);
+    assert!(!framing.keep_alive, "Connection: close once shutting down");
+    assert_eq!(
+        conn.next(t0, 0),
+        Action::Close,
+        "the second is never answered"
+    );
+}
+
+#[test]
+fn garbage_is_rejected_after_the_requests_before_it() {
+    let t0 = Instant::now();
+    let mut conn = Conn::new(settings(), t0);
+    let mut bytes = GET.to_vec();
+    bytes.extend_from_slice(b"BAD\x01 / HTTP/1.1\r\n\r\n");
+    feed(&mut conn, &bytes, t0);
+    assert!(target(&conn.next(t0, 0)).is_some());
+    assert_eq!(conn.next(t0, 0), Action::Finish);
+    conn.finished(done(2, false), false);
+    assert!(matches!(conn.next(t0, 0), Action::Reject(_)));
+}
+
+#[test]
+fn expect_continue_is_asked_for_once() {
+    let t0 = Instant::now();
+    let mut conn = Conn::new(settings(), t0);
+    feed(
+        &mut conn,
+        b"POST /s HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n",
+        t0,
+    );
+    assert_eq!(conn.next(t0, 0), Action::Continue);
+    assert_eq!(conn.next(t0, 25), Action::Flush);
+    assert!(matches!(conn.next(t0, 0), Action::Read(_)));
+    feed(&mut conn, b"hi", t0);
+    assert_eq!(target(&conn.next(t0, 0)), Some(&b"/s"[..]));
+}
+
+/// xorshift64*: deterministic, no crate.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+/// Random requests (and sometimes garbage), split at random points, with
+/// random time steps and random output backlog. Invariants: requests start
+/// in order and are finished in that order; no unsafe request starts while
+/// another is in flight, and nothing starts beside an unsafe one; every read
+/// deadline lies ahead or the driver ends the connection; the machine never
+/// asks to read while requests are in flight.
+#[test]
+fn property_random_bytes_splits_and_time() {
+    let pieces: [&[u8]; 6] = [
+        GET,
+        POST,
+        b"HEAD /h HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /c HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        b"POST /k HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n",
+        b"\r\n",
+    ];
+    for seed in 1..400u64 {
+        let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let mut stream = Vec::new();
+        for _ in 0..rng.below(30) {
+            if rng.below(40) == 0 {
+                stream.push(rng.next() as u8);
+            } else {
+                stream.extend_from_slice(pieces[rng.below(pieces.len())]);
+            }
+        }
+        let t0 = Instant::now();
+        let mut now = t0;
+        let mut conn = Conn::new(settings(), t0);
+        let mut sent = 0;
+        // Started and not finished: whether each is safe.
+        let mut in_flight: VecDeque<bool> = VecDeque::new();
+        let mut output = 0usize;
+        let mut ended = false;
+        for _ in 0..10_000 {
+            match conn.next(now, output) {
+                Action::Start(req) => {
+                    let safe = matches!(req.method, Method::Get | Method::Head);
+                    assert!(
+                        in_flight.is_empty() || (safe && in_flight.iter().all(|&s| s)),
+                        "seed {seed}: an unsafe request overlapped another"
+                    );
+                    in_flight.push_back(safe);
+                    assert!(in_flight.len() <= MAX_PIPELINE);
+                }
+                Action::Finish => {
+                    assert!(
+                        in_flight.pop_front().is_some(),
+                        "seed {seed}: finish with none"
+                    );
+                    let big = rng.below(4) == 0;
+                    let len = if big { 39_000_000 } else { 20 };
+                    let framing = conn.finished(done(len, rng.below(50) == 0), false);
+                    if !framing.keep_alive {
+                        in_flight.clear();
+                    }
+                    output += rng.below(6 * 1024 * 1024);
+                }
+                Action::Flush => {
+                    assert!(output > 0, "seed {seed}: flush with nothing queued");
+                    output = 0;
+                }
+                Action::Continue => output += 25,
+                Action::Read(until) => {
+                    assert!(
+                        in_flight.is_empty(),
+                        "seed {seed}: read with requests in flight"
+                    );
+                    assert_eq!(output, 0, "seed {seed}: read before writing responses");
+                    assert!(until.deadline > now, "seed {seed}: deadline already past");
+                    // Mostly short steps; sometimes most of an idle timeout.
+                    let step = if rng.below(8) == 0 { 59_000 } else { 4000 };
+                    now += Duration::from_millis(rng.below(step) as u64);
+                    if now >= until.deadline {
+                        ended = true; // the driver closes (408 or silently)
+                        break;
+                    }
+                    if sent == stream.len() {
+                        ended = true; // the peer closes
+                        break;
+                    }
+                    let n = 1 + rng.below((stream.len() - sent).min(80));
+                    feed(&mut conn, &stream[sent..sent + n], now);
+                    sent += n;
+                }
+                Action::Reject(_) | Action::Close => {
+                    assert!(
+                        in_flight.is_empty(),
+                        "seed {seed}: closed with requests unanswered"
+                    );
+                    ended = true;
+                    break;
+                }
+            }
+        }
+        assert!(
+            ended,
+            "seed {seed}: the connection neither ended nor waited"
+        );
+    }
+}

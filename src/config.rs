@@ -294,4 +294,47 @@ mod tests {
         assert!(parse(&["both"], &[]).is_err());
         assert!(parse(&["gateway", "--rpc", "10.0.0.2:8888"], &[]).is_ok());
     }
+
+    /// README's Configuration table has one row per option, with its env
+    /// var and its default (the cell's first word), and no other rows.
+    #[test]
+    fn readme_table_matches_the_options() {
+        let readme = include_str!("../README.md");
+        let section = readme
+            .split("## Configuration")
+            .nth(1)
+            .and_then(|s| s.split("\n## ").next())
+            .expect("README has a Configuration section");
+        let rows: Vec<Vec<String>> = section
+            .lines()
+            .filter(|l| l.starts_with("| `--"))
+            .map(|l| {
+                l.split(" | ")
+                    .map(|c| c.trim_matches(['|', ' ', '`']).to_string())
+                    .collect()
+            })
+            .collect();
+        for o in OPTIONS {
+            let row = rows.iter().find(|r| r[0] == o.flag).unwrap_or_else(|| {
+                panic!("README's Configuration table has no row for {}", o.flag)
+            });
+            assert_eq!(row[1], o.env, "env var of {}", o.flag);
+            if let Some(default) = o.default {
+                let first = row[2].split_whitespace().next().unwrap_or("");
+                assert_eq!(
+                    first.trim_matches('`'),
+                    default,
+                    "default of {} in README",
+                    o.flag
+                );
+            }
+        }
+        for row in &rows {
+            assert!(
+                OPTIONS.iter().any(|o| o.flag == row[0]),
+                "README documents {}, which is not an option",
+                row[0]
+            );
+        }
+    }
 }

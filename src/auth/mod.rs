@@ -14,6 +14,7 @@
 
 pub mod base64url;
 pub mod jwt;
+pub mod token_cmd;
 
 pub use jwt::{Claims, TokenError, Validation};
 

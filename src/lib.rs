@@ -26,12 +26,14 @@
 //! * [`config`]: command line and environment, parsed once into [`config::Config`].
 
 pub mod accept;
+pub mod auth;
 pub mod buf;
 pub mod config;
 pub mod domain;
 pub mod gateway;
 pub mod http;
 pub mod mux;
+pub mod ratelimit;
 pub mod resp;
 pub mod rlimit;
 pub mod roles;

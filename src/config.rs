@@ -311,4 +311,47 @@ mod tests {
         let c = parse(&["gateway"], &[("IM_REGISTRY", "etcd://h/x")]).expect("env registry");
         assert_eq!(c.registry.as_deref(), Some("etcd://h/x"));
     }
+
+    /// README's Configuration table has one row per option, with its env
+    /// var and its default (the cell's first word), and no other rows.
+    #[test]
+    fn readme_table_matches_the_options() {
+        let readme = include_str!("../README.md");
+        let section = readme
+            .split("## Configuration")
+            .nth(1)
+            .and_then(|s| s.split("\n## ").next())
+            .expect("README has a Configuration section");
+        let rows: Vec<Vec<String>> = section
+            .lines()
+            .filter(|l| l.starts_with("| `--"))
+            .map(|l| {
+                l.split(" | ")
+                    .map(|c| c.trim_matches(['|', ' ', '`']).to_string())
+                    .collect()
+            })
+            .collect();
+        for o in OPTIONS {
+            let row = rows.iter().find(|r| r[0] == o.flag).unwrap_or_else(|| {
+                panic!("README's Configuration table has no row for {}", o.flag)
+            });
+            assert_eq!(row[1], o.env, "env var of {}", o.flag);
+            if let Some(default) = o.default {
+                let first = row[2].split_whitespace().next().unwrap_or("");
+                assert_eq!(
+                    first.trim_matches('`'),
+                    default,
+                    "default of {} in README",
+                    o.flag
+                );
+            }
+        }
+        for row in &rows {
+            assert!(
+                OPTIONS.iter().any(|o| o.flag == row[0]),
+                "README documents {}, which is not an option",
+                row[0]
+            );
+        }
+    }
 }

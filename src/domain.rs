@@ -104,14 +104,21 @@ pub fn validate_pull(
     })
 }
 
+/// The two members of a two-person room `a:b` (either order), or `None`
+/// for any other name: no colon, several colons, or an empty side.
+pub fn two_person_room(chat: &str) -> Option<(&str, &str)> {
+    match chat.split_once(':') {
+        Some((a, b)) if !a.is_empty() && !b.is_empty() && !b.contains(':') => Some((a, b)),
+        _ => None,
+    }
+}
+
 /// `a:b` and `b:a` name the same two-person room; it is stored under the
 /// sorted form. Any other name (no colon, several colons, an empty side) is
 /// used as given.
 pub fn canonical_chat(chat: &str) -> std::borrow::Cow<'_, str> {
-    match chat.split_once(':') {
-        Some((a, b)) if !a.is_empty() && !b.is_empty() && !b.contains(':') && a > b => {
-            std::borrow::Cow::Owned(format!("{b}:{a}"))
-        }
+    match two_person_room(chat) {
+        Some((a, b)) if a > b => std::borrow::Cow::Owned(format!("{b}:{a}")),
         _ => std::borrow::Cow::Borrowed(chat),
     }
 }

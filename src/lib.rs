@@ -24,8 +24,11 @@
 //!   implementations.
 //! * [`domain`]: validation and the rules of the API (limits, DM rooms).
 //! * [`config`]: command line and environment, parsed once into [`config::Config`].
+//! * [`discovery`]: where the RPC servers are (a list, DNS, etcd) and the RPC
+//!   server's etcd registration; [`balance`]: choosing one per call.
 
 pub mod accept;
+pub mod auth;
 pub mod balance;
 pub mod buf;
 pub mod config;
@@ -34,6 +37,7 @@ pub mod domain;
 pub mod gateway;
 pub mod http;
 pub mod mux;
+pub mod ratelimit;
 pub mod resp;
 pub mod rlimit;
 pub mod roles;

@@ -1,10 +1,14 @@
-//! `im-server [all|gateway|rpc] [OPTIONS]`: see `im-server --help`.
+//! `im-server [all|gateway|rpc] [OPTIONS]`: see `im-server --help`;
+//! `im-server token --sub USER`: mints a development token.
 
 use std::process::ExitCode;
 
 use im_server::config::{Config, Parsed, usage};
 
 fn main() -> ExitCode {
+    if std::env::args().nth(1).as_deref() == Some("token") {
+        return token(std::env::args().skip(2));
+    }
     let config = match Config::parse(std::env::args().skip(1), |key| std::env::var(key).ok()) {
         Ok(Parsed::Run(config)) => config,
         Ok(Parsed::Help) => {
@@ -21,6 +25,27 @@ fn main() -> ExitCode {
         Err(err) => {
             eprintln!("im-server: {err}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// `im-server token ...`: prints a token (see `im_server::auth::token_cmd`).
+fn token(args: impl Iterator<Item = String>) -> ExitCode {
+    use im_server::auth::token_cmd::{USAGE, mint_from_args};
+    let args: Vec<String> = args.collect();
+    if args.iter().any(|a| a == "-h" || a == "--help") {
+        print!("{USAGE}");
+        return ExitCode::SUCCESS;
+    }
+    let now = im_server::now_micros() / 1_000_000;
+    match mint_from_args(args, |key| std::env::var(key).ok(), now) {
+        Ok(token) => {
+            println!("{token}");
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("im-server token: {err}");
+            ExitCode::from(2)
         }
     }
 }

@@ -33,6 +33,8 @@ fuzz_target!(|data: &[u8]| {
         idle_timeout: Duration::from_secs(60),
         request_timeout: Duration::from_secs(10),
         max_output: 4 * 1024 * 1024,
+        // Every other GET claims a big reply: both admission paths are driven.
+        reply_bound: |req| if req.target.len() % 2 == 0 { 1 << 20 } else { 0 },
     };
     let t0 = Instant::now();
     let mut now = t0;

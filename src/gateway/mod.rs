@@ -94,8 +94,33 @@ fn decode_reply<M: prost::Message + Default>(frame: Frame) -> Result<M, ApiError
     M::decode(frame.body).map_err(|e| ApiError::Internal(format!("undecodable rpc reply: {e}")))
 }
 
+/// The most a pull reply can weigh per message on the RPC wire: the text,
+/// the sender and the chat at their limits, and field overhead.
+const MAX_MESSAGE_WIRE: usize =
+    crate::domain::MAX_TEXT_BYTES + 2 * crate::domain::MAX_NAME_BYTES + 64;
+
 impl Handler for Gateway {
     type Pending = PendingReply;
+
+    /// A pull holds its page until written: a default page (10 messages)
+    /// unless the request may name a limit (the word `limit`, or any
+    /// escape that could spell it), then a full one (100 messages).
+    fn reply_bound(req: &Request) -> usize {
+        let (path, query) = req.path_and_query();
+        if path != b"/api/pull" {
+            return 0;
+        }
+        let has = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).any(|w| w == needle);
+        let may_name_limit = query.is_some_and(|q| has(q, b"limit") || q.contains(&b'%'))
+            || has(&req.body, b"limit")
+            || has(&req.body, b"\\u");
+        let messages = if may_name_limit {
+            crate::domain::MAX_LIMIT
+        } else {
+            crate::domain::DEFAULT_LIMIT
+        };
+        messages as usize * MAX_MESSAGE_WIRE
+    }
 
     fn start(&self, req: &Request) -> PendingReply {
         self.route(req)

@@ -14,7 +14,10 @@
 //!   further request starts while the queued output is over
 //!   `max_output`, and the number in flight follows a window that shrinks
 //!   after large responses (each started request may hold a reply of
-//!   megabytes before it is written).
+//!   megabytes before it is written); beyond the window, a request still
+//!   starts if the handler's bound on its reply fits the output budget
+//!   beside those in flight (so pipelined pulls to a stalled backend time
+//!   out together, not one after another).
 //! * A new connection must send its first byte, and every request must
 //!   arrive whole, within `request_timeout` of that request's first byte
 //!   (408 if a request had begun); an idle keep-alive connection is closed
@@ -41,6 +44,9 @@ pub struct Settings {
     pub idle_timeout: Duration,
     pub request_timeout: Duration,
     pub max_output: usize,
+    /// An upper bound on the reply bytes a request may hold until its
+    /// response is written (from the handler; 0 = small).
+    pub reply_bound: fn(&Request) -> usize,
 }
 
 /// What must be remembered of a started request to write its response.
@@ -51,6 +57,8 @@ pub struct Framing {
     pub http10: bool,
     /// GET or HEAD: may run beside other safe requests.
     pub safe: bool,
+    /// Its [`Settings::reply_bound`], counted in [`Conn`]'s `reserved`.
+    pub reply_bound: usize,
 }
 
 /// What the driver reports of a finished response.
@@ -122,8 +130,10 @@ pub struct Conn {
     in_flight: VecDeque<Framing>,
     /// An unsafe request decoded while earlier ones were still in flight.
     deferred: Option<Request>,
-    /// Requests that may be in flight at once.
+    /// Requests that may be in flight at once, whatever their bounds.
     window: usize,
+    /// Sum of the reply bounds of the requests in flight.
+    reserved: usize,
     reading: Reading,
     /// When the last bytes arrived.
     last_read: Instant,
@@ -146,6 +156,7 @@ impl Conn {
             in_flight: VecDeque::with_capacity(INITIAL_WINDOW),
             deferred: None,
             window: INITIAL_WINDOW,
+            reserved: 0,
             reading: Reading::Fresh(accepted),
             last_read: accepted,
             closing: false,
@@ -185,7 +196,7 @@ impl Conn {
 
     /// The next request that may start now, if any.
     fn next_request(&mut self) -> Option<Request> {
-        if self.in_flight.len() >= self.window || self.closing || self.failure.is_some() {
+        if self.in_flight.len() >= MAX_PIPELINE || self.closing || self.failure.is_some() {
             return None;
         }
         let req = match self.deferred.take() {
@@ -208,12 +219,24 @@ impl Conn {
             self.deferred = Some(req);
             return None;
         }
+        // Beyond the window, a request starts only if the worst its reply can
+        // weigh still fits the output budget beside those in flight: the
+        // window alone (1 on a new connection) would run pipelined pulls to
+        // a stalled backend one timeout after another.
+        let reply_bound = (self.settings.reply_bound)(&req);
+        let fits = self.reserved.saturating_add(reply_bound) <= self.settings.max_output;
+        if self.in_flight.len() >= self.window && !fits {
+            self.deferred = Some(req);
+            return None;
+        }
+        self.reserved += reply_bound;
         self.closing = !req.keep_alive;
         self.in_flight.push_back(Framing {
             head_only: req.method == Method::Head,
             keep_alive: req.keep_alive,
             http10: req.version == Version::Http10,
             safe,
+            reply_bound,
         });
         Some(req)
     }
@@ -287,13 +310,16 @@ impl Conn {
             keep_alive: false,
             http10: false,
             safe: true,
+            reply_bound: 0,
         });
+        self.reserved = self.reserved.saturating_sub(framing.reply_bound);
         // Once shutting down, every response says the connection closes.
         framing.keep_alive &= !close && !shutting_down;
         if !framing.keep_alive {
             self.closing = true;
             // Requests started after this one are never answered.
             self.in_flight.clear();
+            self.reserved = 0;
         }
         self.adapt_window(status, body_len);
         framing

@@ -8,6 +8,11 @@ fn settings() -> Settings {
         idle_timeout: Duration::from_secs(60),
         request_timeout: Duration::from_secs(10),
         max_output: 4 * 1024 * 1024,
+        reply_bound: |req| match &req.target[..] {
+            b"/big" => 3 * 1024 * 1024,
+            b"/mid" => 1024 * 1024,
+            _ => 0,
+        },
     }
 }
 
@@ -170,7 +175,13 @@ fn output_over_the_bound_is_written_before_anything_starts() {
 fn the_window_shrinks_after_large_responses_and_grows_after_small_ones() {
     let t0 = Instant::now();
     let mut conn = Conn::new(settings(), t0);
-    feed(&mut conn, &GET.repeat(200), t0);
+    // Requests whose replies may be big (3 MiB bounds): only the window
+    // lets more than one be in flight.
+    feed(
+        &mut conn,
+        &b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n".repeat(200),
+        t0,
+    );
     let mut started = 0;
     while target(&conn.next(t0, 0)).is_some() {
         started += 1;
@@ -367,4 +378,41 @@ fn property_random_bytes_splits_and_time() {
             "seed {seed}: the connection neither ended nor waited"
         );
     }
+}
+
+/// Starts every request the connection will start now; their targets.
+fn started(conn: &mut Conn, now: Instant) -> Vec<Vec<u8>> {
+    let mut targets = Vec::new();
+    while let Some(t) = target(&conn.next(now, 0)) {
+        targets.push(t.to_vec());
+    }
+    targets
+}
+
+#[test]
+fn requests_whose_reply_bounds_fit_the_output_budget_start_beyond_the_window() {
+    let t0 = Instant::now();
+    let mut conn = Conn::new(settings(), t0);
+    let mid = b"GET /mid HTTP/1.1\r\nHost: x\r\n\r\n";
+    let big = b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n";
+    // Eight GETs of up to 1 MiB each against a 4 MiB budget: four at once,
+    // although a new connection's window is one.
+    feed(&mut conn, &mid.repeat(8), t0);
+    assert_eq!(started(&mut conn, t0).len(), 4);
+    // One finishing frees its share: one more starts.
+    assert!(matches!(conn.next(t0, 0), Action::Finish));
+    conn.finished(
+        Finished {
+            status: 504,
+            body_len: 10,
+            close: false,
+        },
+        false,
+    );
+    assert_eq!(started(&mut conn, t0).len(), 1);
+
+    // Replies of up to 3 MiB: only the window lets one start at a time.
+    let mut conn = Conn::new(settings(), t0);
+    feed(&mut conn, &big.repeat(3), t0);
+    assert_eq!(started(&mut conn, t0), vec![b"/big".to_vec()]);
 }

@@ -32,6 +32,12 @@ pub trait Handler: Send + Sync + 'static {
     fn finish(&self, pending: Self::Pending) -> impl Future<Output = Response> + Send;
     /// The response to a request that could not be decoded.
     fn reject(&self, err: HttpError) -> Response;
+    /// An upper bound on the reply bytes `req` may hold before its response
+    /// is written (see [`super::conn`]: requests whose bounds fit in the
+    /// output budget may start beside each other whatever the window says).
+    fn reply_bound(_req: &Request) -> usize {
+        0
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -149,6 +155,7 @@ async fn connection<H: Handler>(
         idle_timeout: options.idle_timeout,
         request_timeout: options.request_timeout,
         max_output: options.max_output_buffer,
+        reply_bound: H::reply_bound,
     };
     let mut conn = Conn::new(settings, std::time::Instant::now());
     let mut io = Io {

@@ -1,0 +1,388 @@
+//! JSON Web Tokens (RFC 7519) signed with HS256 (RFC 7518 §3.2): parsing,
+//! verification and minting, with no I/O and no clock of its own (`now` is
+//! passed in, so the rules are testable).
+//!
+//! Only `HS256` is accepted: the algorithm is an allow-list of one, checked
+//! before the signature, so `none` and algorithm confusion (a token claiming
+//! an asymmetric algorithm, or an HMAC keyed with a public key's bytes)
+//! cannot pass. The signature is compared in constant time (`hmac`'s
+//! `verify_slice`).
+
+use hmac::{Hmac, KeyInit, Mac};
+use serde::Deserialize;
+use sha2::Sha256;
+
+use super::base64url;
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// What a token must satisfy besides its signature.
+#[derive(Debug, Clone)]
+pub struct Validation {
+    pub secret: Vec<u8>,
+    /// Required `iss`, if set.
+    pub issuer: Option<String>,
+    /// Required member of `aud`, if set.
+    pub audience: Option<String>,
+    /// Clock skew tolerated on `exp` and `nbf`, in seconds.
+    pub leeway_s: i64,
+}
+
+/// The verified identity a token carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claims {
+    /// The user (`sub`).
+    pub sub: String,
+    /// `chats`: the rooms the token is limited to; `None` = not limited.
+    pub chats: Option<Vec<String>>,
+}
+
+impl Claims {
+    /// Whether the `chats` claim lets this token use `chat`.
+    pub fn allows_chat(&self, chat: &str) -> bool {
+        match &self.chats {
+            None => true,
+            Some(chats) => chats.iter().any(|c| c == "*" || c == chat),
+        }
+    }
+}
+
+/// Why a token was refused (for logs and the error message; every variant
+/// is a 401 `invalid_token`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenError {
+    Malformed(&'static str),
+    Algorithm,
+    Signature,
+    Expired,
+    NotYetValid,
+    Issuer,
+    Audience,
+}
+
+impl TokenError {
+    pub fn describe(self) -> &'static str {
+        match self {
+            TokenError::Malformed(why) => why,
+            TokenError::Algorithm => "the token's algorithm is not HS256",
+            TokenError::Signature => "the token's signature does not verify",
+            TokenError::Expired => "the token has expired",
+            TokenError::NotYetValid => "the token is not valid yet",
+            TokenError::Issuer => "the token's issuer is not accepted",
+            TokenError::Audience => "the token is not meant for this service",
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct Header {
+    alg: String,
+    /// RFC 7515 §4.1.11: extensions we do not understand must be refused.
+    crit: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Audience {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize)]
+struct Payload {
+    sub: Option<String>,
+    exp: Option<f64>,
+    nbf: Option<f64>,
+    iss: Option<String>,
+    aud: Option<Audience>,
+    chats: Option<Vec<String>>,
+}
+
+fn segment<'a>(parts: &mut std::str::Split<'a, char>) -> Result<&'a str, TokenError> {
+    parts.next().ok_or(TokenError::Malformed(
+        "a token has three dot-separated parts",
+    ))
+}
+
+fn decode_json<T: serde::de::DeserializeOwned>(
+    b64: &str,
+    what: &'static str,
+) -> Result<T, TokenError> {
+    let raw = base64url::decode(b64.as_bytes()).ok_or(TokenError::Malformed(what))?;
+    serde_json::from_slice(&raw).map_err(|_| TokenError::Malformed(what))
+}
+
+/// Verifies `token` at `now` (seconds since the Unix epoch).
+pub fn verify(token: &str, rules: &Validation, now: i64) -> Result<Claims, TokenError> {
+    let mut parts = token.split('.');
+    let (header_b64, payload_b64, sig_b64) = (
+        segment(&mut parts)?,
+        segment(&mut parts)?,
+        segment(&mut parts)?,
+    );
+    if parts.next().is_some() {
+        return Err(TokenError::Malformed(
+            "a token has three dot-separated parts",
+        ));
+    }
+    let header: Header = decode_json(header_b64, "the token header is not base64url JSON")?;
+    if header.alg != "HS256" {
+        return Err(TokenError::Algorithm);
+    }
+    if header.crit.is_some() {
+        return Err(TokenError::Malformed("the token has critical extensions"));
+    }
+    let signature = base64url::decode(sig_b64.as_bytes()).ok_or(TokenError::Malformed(
+        "the token signature is not base64url",
+    ))?;
+    let signed_len = header_b64.len() + 1 + payload_b64.len();
+    let mut mac = HmacSha256::new_from_slice(&rules.secret).map_err(|_| TokenError::Signature)?;
+    mac.update(&token.as_bytes()[..signed_len]);
+    mac.verify_slice(&signature)
+        .map_err(|_| TokenError::Signature)?;
+    // Only a signed payload is worth parsing.
+    let payload: Payload = decode_json(payload_b64, "the token claims are not base64url JSON")?;
+    check_claims(payload, rules, now)
+}
+
+fn check_claims(payload: Payload, rules: &Validation, now: i64) -> Result<Claims, TokenError> {
+    let now = now as f64;
+    let leeway = rules.leeway_s as f64;
+    // Tokens without an expiry are refused: a leaked one would be valid forever.
+    let exp = payload
+        .exp
+        .ok_or(TokenError::Malformed("the token has no `exp` claim"))?;
+    if now > exp + leeway {
+        return Err(TokenError::Expired);
+    }
+    if payload.nbf.is_some_and(|nbf| now + leeway < nbf) {
+        return Err(TokenError::NotYetValid);
+    }
+    if let Some(issuer) = &rules.issuer
+        && payload.iss.as_deref() != Some(issuer.as_str())
+    {
+        return Err(TokenError::Issuer);
+    }
+    if let Some(audience) = &rules.audience {
+        let ok = match &payload.aud {
+            Some(Audience::One(aud)) => aud == audience,
+            Some(Audience::Many(auds)) => auds.iter().any(|a| a == audience),
+            None => false,
+        };
+        if !ok {
+            return Err(TokenError::Audience);
+        }
+    }
+    let sub = payload
+        .sub
+        .filter(|s| !s.is_empty())
+        .ok_or(TokenError::Malformed("the token has no `sub` claim"))?;
+    Ok(Claims {
+        sub,
+        chats: payload.chats,
+    })
+}
+
+/// Signs `claims` (a JSON object) with HS256.
+pub fn mint(secret: &[u8], claims: &serde_json::Value) -> String {
+    let header = base64url::encode(br#"{"alg":"HS256","typ":"JWT"}"#);
+    let payload = base64url::encode(claims.to_string().as_bytes());
+    let signing_input = format!("{header}.{payload}");
+    let signature = sign(secret, signing_input.as_bytes());
+    format!("{signing_input}.{}", base64url::encode(&signature))
+}
+
+fn sign(secret: &[u8], input: &[u8]) -> Vec<u8> {
+    // HMAC takes keys of any length; this cannot fail.
+    let mut mac = match HmacSha256::new_from_slice(secret) {
+        Ok(mac) => mac,
+        Err(_) => return Vec::new(),
+    };
+    mac.update(input);
+    mac.finalize().into_bytes().to_vec()
+}
+
+/// The token of an `Authorization` header value: scheme `Bearer`
+/// (case-insensitive, RFC 9110 §11.1), one space, a token68 (RFC 6750 §2.1).
+pub fn bearer_token(value: &[u8]) -> Option<&str> {
+    let value = std::str::from_utf8(value).ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
+    let token = token.trim_start_matches(' ');
+    let token68 = |c: char| c.is_ascii_alphanumeric() || "-._~+/=".contains(c);
+    (!token.is_empty() && token.chars().all(token68)).then_some(token)
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    const NOW: i64 = 1_795_800_000;
+
+    fn rules() -> Validation {
+        Validation {
+            secret: b"test secret".to_vec(),
+            issuer: None,
+            audience: None,
+            leeway_s: 30,
+        }
+    }
+
+    fn token(claims: serde_json::Value) -> String {
+        mint(b"test secret", &claims)
+    }
+
+    /// A token with an arbitrary header, signed (HS256) with `key`.
+    fn with_header(header: &str, claims: &serde_json::Value, key: &[u8]) -> String {
+        let input = format!(
+            "{}.{}",
+            base64url::encode(header.as_bytes()),
+            base64url::encode(claims.to_string().as_bytes())
+        );
+        format!(
+            "{input}.{}",
+            base64url::encode(&sign(key, input.as_bytes()))
+        )
+    }
+
+    #[test]
+    fn a_valid_token_yields_its_subject_and_chats() {
+        let t = token(json!({"sub": "alice", "exp": NOW + 60, "chats": ["r1", "r2"]}));
+        let claims = verify(&t, &rules(), NOW).expect("valid");
+        assert_eq!(claims.sub, "alice");
+        assert!(claims.allows_chat("r1") && !claims.allows_chat("r3"));
+        let t = token(json!({"sub": "bob", "exp": NOW + 60, "chats": ["*"]}));
+        assert!(
+            verify(&t, &rules(), NOW)
+                .expect("valid")
+                .allows_chat("anything")
+        );
+    }
+
+    #[test]
+    fn time_claims_with_leeway() {
+        let expired = token(json!({"sub": "a", "exp": NOW - 31}));
+        assert_eq!(verify(&expired, &rules(), NOW), Err(TokenError::Expired));
+        let within_leeway = token(json!({"sub": "a", "exp": NOW - 29}));
+        assert!(verify(&within_leeway, &rules(), NOW).is_ok());
+        let early = token(json!({"sub": "a", "exp": NOW + 600, "nbf": NOW + 31}));
+        assert_eq!(verify(&early, &rules(), NOW), Err(TokenError::NotYetValid));
+        let no_exp = token(json!({"sub": "a"}));
+        assert!(matches!(
+            verify(&no_exp, &rules(), NOW),
+            Err(TokenError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn only_hs256_with_the_right_key_passes() {
+        let claims = json!({"sub": "a", "exp": NOW + 60});
+        let good = with_header(r#"{"alg":"HS256"}"#, &claims, b"test secret");
+        assert!(verify(&good, &rules(), NOW).is_ok());
+        let other_key = with_header(r#"{"alg":"HS256"}"#, &claims, b"another secret");
+        assert_eq!(
+            verify(&other_key, &rules(), NOW),
+            Err(TokenError::Signature)
+        );
+        // A public key's bytes used as the HMAC key: still just a wrong key.
+        let pem = b"-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEA...\n-----END PUBLIC KEY-----\n";
+        let confused = with_header(r#"{"alg":"HS256"}"#, &claims, pem);
+        assert_eq!(verify(&confused, &rules(), NOW), Err(TokenError::Signature));
+        for alg in ["none", "None", "HS512", "RS256", "ES256", "EdDSA"] {
+            let t = with_header(&format!(r#"{{"alg":"{alg}"}}"#), &claims, b"test secret");
+            assert_eq!(
+                verify(&t, &rules(), NOW),
+                Err(TokenError::Algorithm),
+                "{alg}"
+            );
+        }
+        // alg none with an empty signature.
+        let unsigned = format!(
+            "{}.{}.",
+            base64url::encode(br#"{"alg":"none"}"#),
+            base64url::encode(claims.to_string().as_bytes())
+        );
+        assert_eq!(verify(&unsigned, &rules(), NOW), Err(TokenError::Algorithm));
+        let crit = with_header(r#"{"alg":"HS256","crit":["x"]}"#, &claims, b"test secret");
+        assert!(matches!(
+            verify(&crit, &rules(), NOW),
+            Err(TokenError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn tampering_breaks_the_signature() {
+        let t = token(json!({"sub": "alice", "exp": NOW + 60}));
+        let forged_payload = base64url::encode(
+            json!({"sub": "mallory", "exp": NOW + 60})
+                .to_string()
+                .as_bytes(),
+        );
+        let mut parts: Vec<&str> = t.split('.').collect();
+        parts[1] = &forged_payload;
+        assert_eq!(
+            verify(&parts.join("."), &rules(), NOW),
+            Err(TokenError::Signature)
+        );
+    }
+
+    #[test]
+    fn malformed_tokens_are_refused_not_panicked_on() {
+        let t = token(json!({"sub": "a", "exp": NOW + 60}));
+        let (head, rest) = t.split_once('.').expect("dots");
+        let cases = [
+            String::new(),
+            "a.b".into(),
+            "a.b.c.d".into(),
+            format!("{t}."),
+            format!("!!.{rest}"),
+            format!("{}.{rest}", base64url::encode(b"not json")),
+            format!("{head}.{}", rest.replace('.', ".=")),
+            t.replace('.', ".."),
+        ];
+        for case in cases {
+            assert!(verify(&case, &rules(), NOW).is_err(), "{case:?}");
+        }
+        let no_sub = token(json!({"exp": NOW + 60}));
+        assert!(verify(&no_sub, &rules(), NOW).is_err());
+        let empty_sub = token(json!({"sub": "", "exp": NOW + 60}));
+        assert!(verify(&empty_sub, &rules(), NOW).is_err());
+        let wrong_types = token(json!({"sub": 7, "exp": "soon"}));
+        assert!(verify(&wrong_types, &rules(), NOW).is_err());
+    }
+
+    #[test]
+    fn issuer_and_audience() {
+        let mut r = rules();
+        r.issuer = Some("https://idp".into());
+        r.audience = Some("im".into());
+        let ok =
+            token(json!({"sub": "a", "exp": NOW + 60, "iss": "https://idp", "aud": ["x", "im"]}));
+        assert!(verify(&ok, &r, NOW).is_ok());
+        let ok = token(json!({"sub": "a", "exp": NOW + 60, "iss": "https://idp", "aud": "im"}));
+        assert!(verify(&ok, &r, NOW).is_ok());
+        let bad_iss =
+            token(json!({"sub": "a", "exp": NOW + 60, "iss": "https://evil", "aud": "im"}));
+        assert_eq!(verify(&bad_iss, &r, NOW), Err(TokenError::Issuer));
+        let bad_aud =
+            token(json!({"sub": "a", "exp": NOW + 60, "iss": "https://idp", "aud": "other"}));
+        assert_eq!(verify(&bad_aud, &r, NOW), Err(TokenError::Audience));
+        let no_aud = token(json!({"sub": "a", "exp": NOW + 60, "iss": "https://idp"}));
+        assert_eq!(verify(&no_aud, &r, NOW), Err(TokenError::Audience));
+    }
+
+    #[test]
+    fn bearer_header_values() {
+        assert_eq!(bearer_token(b"Bearer abc.def.ghi"), Some("abc.def.ghi"));
+        assert_eq!(bearer_token(b"bearer abc"), Some("abc"));
+        assert_eq!(bearer_token(b"Basic abc"), None);
+        assert_eq!(bearer_token(b"Bearer"), None);
+        assert_eq!(bearer_token(b"Bearer "), None);
+        assert_eq!(bearer_token(b"Bearer a b"), None);
+        assert_eq!(bearer_token(b"Bearer \xff"), None);
+    }
+}

@@ -38,6 +38,8 @@ pub struct Config {
     pub max_in_flight: usize,
     /// Tokio worker threads; 0 = one per core.
     pub threads: usize,
+    /// How long a send's idempotency key is remembered.
+    pub idempotency_ttl: Duration,
 }
 
 pub struct OptionSpec {
@@ -68,6 +70,7 @@ pub const OPTIONS: &[OptionSpec] = &[
     OptionSpec { flag: "--queue", env: "IM_QUEUE", default: Some("8192"), help: "calls queued per RPC/Redis connection before 503 + Retry-After" },
     OptionSpec { flag: "--max-in-flight", env: "IM_MAX_IN_FLIGHT", default: Some("8192"), help: "calls in flight per RPC/Redis connection" },
     OptionSpec { flag: "--threads", env: "IM_THREADS", default: Some("0"), help: "worker threads, each a single-threaded runtime with its own connections (0 = one per core)" },
+    OptionSpec { flag: "--idempotency-ttl-s", env: "IM_IDEMPOTENCY_TTL_S", default: Some("86400"), help: "how long a send's idempotency key is remembered, in seconds" },
 ];
 
 pub fn usage() -> String {
@@ -193,6 +196,7 @@ impl Config {
             queue: positive("--queue")? as usize,
             max_in_flight: positive("--max-in-flight")? as usize,
             threads: number("--threads")? as usize,
+            idempotency_ttl: Duration::from_secs(positive("--idempotency-ttl-s")?),
         })))
     }
 }

@@ -167,7 +167,7 @@ fn plan(config: Config) -> Result<(Plan, Listeners), String> {
                     eprintln!(
                         "im-server: store: embedded memory store (no Redis URL configured; messages are lost on exit; set REDIS_URL or --redis to use Redis)"
                     );
-                    StoreChoice::Memory(Arc::new(MemoryStore::default()))
+                    StoreChoice::Memory(Arc::new(MemoryStore::new(config.idempotency_ttl)))
                 }
             };
             let (listener, local) = bind(&config.rpc_listen, "rpc")?;
@@ -263,6 +263,7 @@ async fn run_shard(
                         queue: config.queue,
                         max_in_flight: config.max_in_flight,
                         timeout: config.redis_timeout,
+                        idempotency_ttl: config.idempotency_ttl,
                     };
                     AnyStore::Redis(RedisStore::new(target.clone(), &options))
                 }

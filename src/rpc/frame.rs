@@ -113,6 +113,7 @@ mod tests {
                 sender: "a".into(),
                 send_time: 0,
             }),
+            idempotency_key: "key-1".into(),
         }
     }
 

@@ -215,3 +215,28 @@ impl Store for MemoryStore {
         Ok(page.finish())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expired_idempotency_records_are_swept() {
+        let mut keys = IdempotencyKeys::default();
+        let start = Instant::now();
+        let ttl = Duration::from_secs(1);
+        // Each record is expired by the time the next 10 are made.
+        for i in 0..100_000u64 {
+            let now = start + Duration::from_millis(100 * i);
+            keys.insert(format!("c\0{i}"), i as i64, now + ttl, now);
+            assert!(
+                keys.records.len() < 2 * MIN_SWEEP,
+                "{} records",
+                keys.records.len()
+            );
+        }
+        let now = start + Duration::from_millis(100 * 99_999);
+        assert_eq!(keys.get("c\099999", now), Some(99_999));
+        assert_eq!(keys.get("c\099999", now + ttl), None, "expired");
+    }
+}

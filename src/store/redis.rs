@@ -72,8 +72,8 @@ redis.register_function('im_send', function(keys, args)
     local digest, earlier
     if record then
       digest = fingerprint(args[i])
-      -- A key may come twice in one batch (concurrent retries): the first
-      -- occurrence's record is in `seen`.
+      -- A key may come several times in one batch (concurrent retries):
+      -- `seen` spares a GET of the record written earlier in this call.
       earlier = seen[record] or redis.call('GET', record)
       seen[record] = earlier
     end

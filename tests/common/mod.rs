@@ -641,6 +641,26 @@ impl Backend {
     pub fn addr(&self) -> SocketAddr {
         self.server.http_addr()
     }
+
+    /// [`Backend::memory`] with extra `im-server` arguments.
+    pub fn memory_with(args: &[&str]) -> Backend {
+        Backend {
+            server: Server::start("all", args, &[]),
+            redis: None,
+        }
+    }
+
+    /// [`Backend::redis`] with extra `im-server` arguments.
+    pub fn redis_with(args: &[&str]) -> Backend {
+        let redis = Redis::start();
+        let url = redis.url();
+        let mut all = vec!["--redis", url.as_str()];
+        all.extend_from_slice(args);
+        Backend {
+            server: Server::start("all", &all, &[]),
+            redis: Some(redis),
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------

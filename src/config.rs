@@ -42,6 +42,10 @@ pub struct Config {
     pub idempotency_ttl: Duration,
 }
 
+/// Longest idempotency-key retention accepted, in seconds: 10 years (Redis
+/// refuses an `EX` it cannot add to its clock in milliseconds).
+pub const MAX_IDEMPOTENCY_TTL_S: u64 = 10 * 365 * 86_400;
+
 pub struct OptionSpec {
     pub flag: &'static str,
     pub env: &'static str,
@@ -171,6 +175,12 @@ impl Config {
                 n => Ok(n),
             }
         };
+        let at_most = |flag: &str, max: u64| -> Result<u64, String> {
+            match positive(flag)? {
+                n if n > max => Err(format!("{flag} must be at most {max}")),
+                n => Ok(n),
+            }
+        };
         let role = role.unwrap_or(Role::All);
         let rpc_addr = get("--rpc");
         if role == Role::Gateway && rpc_addr.is_none() {
@@ -196,7 +206,10 @@ impl Config {
             queue: positive("--queue")? as usize,
             max_in_flight: positive("--max-in-flight")? as usize,
             threads: number("--threads")? as usize,
-            idempotency_ttl: Duration::from_secs(positive("--idempotency-ttl-s")?),
+            idempotency_ttl: Duration::from_secs(at_most(
+                "--idempotency-ttl-s",
+                MAX_IDEMPOTENCY_TTL_S,
+            )?),
         })))
     }
 }
@@ -243,6 +256,10 @@ mod tests {
         assert!(parse(&["--nope", "1"], &[]).is_err());
         assert!(parse(&["--rpc-timeout-ms", "0"], &[]).is_err());
         assert!(parse(&["--queue"], &[]).is_err());
+        assert!(parse(&["--idempotency-ttl-s", "0"], &[]).is_err());
+        assert!(parse(&["--idempotency-ttl-s", "315360001"], &[]).is_err());
+        let c = parse(&[], &[("IM_IDEMPOTENCY_TTL_S", "60")]).expect("env parses");
+        assert_eq!(c.idempotency_ttl, Duration::from_secs(60));
         assert!(parse(&["both"], &[]).is_err());
         assert!(parse(&["gateway", "--rpc", "10.0.0.2:8888"], &[]).is_ok());
     }

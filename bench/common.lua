@@ -11,8 +11,18 @@ local M = {}
 
 M.chat = "bench:room"
 
--- How many different pipelined SEND batches each thread pre-builds, so the
--- texts still vary while request() only hands out a ready string.
+-- BENCH_ROOMS=N (bench/run --rooms N): each request picks one of N rooms
+-- "bench:room:<0..N-1>" uniformly, so per-chat work in Redis no longer
+-- amortises over one hot room. 1 (the default): every request uses M.chat.
+M.rooms = tonumber(os.getenv("BENCH_ROOMS") or "") or 1
+
+local function room()
+   if M.rooms <= 1 then return M.chat end
+   return M.chat .. ":" .. math.random(0, M.rooms - 1)
+end
+
+-- How many different pipelined batches each thread pre-builds, so the texts
+-- (and rooms) still vary while request() only hands out a ready string.
 local SEND_BATCHES = 8
 
 local function json_headers()
@@ -24,14 +34,14 @@ end
 function M.send_request()
    local body = string.format(
       '{"chat":"%s","text":"random number %d","sender":"a2"}',
-      M.chat, math.random(1, 100000))
+      room(), math.random(1, 100000))
    return wrk.format("POST", "/api/send", json_headers(), body)
 end
 
 -- GET /api/pull with a JSON body (a GET with a body, as the original clients
 -- send it). wrk.format() adds Content-Length.
 function M.pull_body()
-   return string.format('{"chat":"%s","cursor":0,"limit":10}', M.chat)
+   return string.format('{"chat":"%s","cursor":0,"limit":10}', room())
 end
 
 function M.pull_request()
@@ -100,7 +110,7 @@ function M.install(kind, depth)
    function init(_)
       math.randomseed(os.time() * 1000 + (thread_id or 0) * 7919)
       if depth > 1 then
-         for i = 1, (kind == "send") and SEND_BATCHES or 1 do
+         for i = 1, (kind == "send" or M.rooms > 1) and SEND_BATCHES or 1 do
             batches[i] = batch(make, depth)
          end
       end
@@ -111,10 +121,10 @@ function M.install(kind, depth)
          n = n % #batches + 1
          return batches[n]
       end
-   elseif kind == "send" then
-      request = make -- a fresh random text per request
+   elseif kind == "send" or M.rooms > 1 then
+      request = make -- a fresh random text (or room) per request
    else
-      -- A constant request: leave request() undefined, so wrk sends the one
+      -- One room: a constant request. Leave request() undefined, so wrk sends the one
       -- it builds from these fields without calling Lua per request.
       wrk.method = "GET"
       wrk.path = "/api/pull"

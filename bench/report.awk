@@ -61,25 +61,29 @@ function cpu(key, proc,    t) {
 
 END {
     n = split(scenarios, sc, " ")
-    print "| scenario | ours req/s | nginx req/s | ours/nginx | ours p50 | ours p99 | ours p99.9 | nginx p50 | nginx p99 | ours errors | nginx errors |"
-    print "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"
+    print "\"nginx\": one worker per core (this machine's HTTP ceiling); \"nginx1\": one worker (the older reference)."
+    print ""
+    print "| scenario | ours req/s | nginx req/s | ours/nginx | nginx1 req/s | ours/nginx1 | ours p50 | ours p99 | ours p99.9 | nginx p50 | nginx p99 | ours errors | nginx errors |"
+    print "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"
     for (i = 1; i <= n; i++) {
-        o = "ours" SUBSEP sc[i]; g = "nginx" SUBSEP sc[i]
-        ro = median(rps[o]); rg = median(rps[g])
-        printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", sc[i],
+        o = "ours" SUBSEP sc[i]; g = "nginx" SUBSEP sc[i]; g1 = "nginx1" SUBSEP sc[i]
+        ro = median(rps[o]); rg = median(rps[g]); rg1 = median(rps[g1])
+        printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", sc[i],
             num(ro), num(rg), (rg > 0 ? sprintf("%.2f", ro / rg) : "-"),
+            num(rg1), (rg1 > 0 ? sprintf("%.2f", ro / rg1) : "-"),
             num(median(p50[o])), num(median(p99[o])), num(median(p999[o])),
-            num(median(p50[g])), num(median(p99[g])), errors(o), errors(g)
+            num(median(p50[g])), num(median(p99[g])), errors(o), errors(g) (errors(g1) == "0" ? "" : " (nginx1: " errors(g1) ")")
     }
     print ""
     print "CPU used during the runs, summed over rounds: seconds (µs per request). \"other processes\":"
     print "CPU time the machine spent on anything else meanwhile (it should be near 0; if not, the numbers are skewed)."
     print ""
-    print "| scenario | server | requests | gateway | rpc | redis | nginx worker | wrk | servers µs/req | other processes |"
+    print "| scenario | server | requests | gateway | rpc | redis | nginx workers | wrk | servers µs/req | other processes |"
     print "|---|---|---:|---|---|---|---|---|---:|---|"
+    split("ours nginx nginx1", targets, " ")
     for (i = 1; i <= n; i++) {
-        for (t = 1; t <= 2; t++) {
-            target = (t == 1) ? "ours" : "nginx"
+        for (t = 1; t <= 3; t++) {
+            target = targets[t]
             key = target SUBSEP sc[i]
             if (!(key in requests)) continue
             total = 0

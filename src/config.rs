@@ -26,7 +26,9 @@ pub struct Config {
     pub rpc_timeout: Duration,
     pub rpc_connections: usize,
     pub redis_connections: usize,
+    /// Given, or derived from `rpc_timeout` (see [`redis_timeout_default`]).
     pub redis_timeout: Duration,
+    pub max_queued_bytes: usize,
     pub max_body: usize,
     pub max_head: usize,
     pub max_frame: usize,
@@ -63,7 +65,7 @@ pub const OPTIONS: &[OptionSpec] = &[
     OptionSpec { flag: "--rpc-timeout-ms", env: "IM_RPC_TIMEOUT_MS", default: Some("1000"), help: "per-call RPC timeout (504 after it)" },
     OptionSpec { flag: "--rpc-connections", env: "IM_RPC_CONNECTIONS", default: Some("1"), help: "multiplexed connections to the RPC server, per gateway thread" },
     OptionSpec { flag: "--redis-connections", env: "IM_REDIS_CONNECTIONS", default: Some("1"), help: "pipelined connections to Redis, per RPC server thread" },
-    OptionSpec { flag: "--redis-timeout-ms", env: "IM_REDIS_TIMEOUT_MS", default: Some("1000"), help: "a Redis command not answered within this fails with 503" },
+    OptionSpec { flag: "--redis-timeout-ms", env: "IM_REDIS_TIMEOUT_MS", default: None, help: "a Redis command not answered within this fails with 503 (default: 80% of --rpc-timeout-ms, so it fires before the gateway's 504)" },
     OptionSpec { flag: "--max-body", env: "IM_MAX_BODY", default: Some("1048576"), help: "largest request body in bytes (413 above)" },
     OptionSpec { flag: "--max-header-bytes", env: "IM_MAX_HEADER_BYTES", default: Some("16384"), help: "largest request line + headers in bytes (431 above)" },
     OptionSpec { flag: "--max-frame", env: "IM_MAX_FRAME", default: Some("16777216"), help: "largest RPC frame in bytes" },
@@ -73,6 +75,7 @@ pub const OPTIONS: &[OptionSpec] = &[
     OptionSpec { flag: "--drain-timeout-s", env: "IM_DRAIN_TIMEOUT_S", default: Some("10"), help: "on SIGTERM/SIGINT, how long in-flight requests may take to finish" },
     OptionSpec { flag: "--queue", env: "IM_QUEUE", default: Some("8192"), help: "calls queued per RPC/Redis connection before 503 + Retry-After" },
     OptionSpec { flag: "--max-in-flight", env: "IM_MAX_IN_FLIGHT", default: Some("8192"), help: "calls in flight per RPC/Redis connection" },
+    OptionSpec { flag: "--max-queued-bytes", env: "IM_MAX_QUEUED_BYTES", default: Some("8388608"), help: "bytes of Redis commands queued per connection (and of sends waiting to be batched, per thread) before 503 overloaded" },
     OptionSpec { flag: "--threads", env: "IM_THREADS", default: Some("0"), help: "worker threads, each a single-threaded runtime with its own connections (0 = one per core)" },
     OptionSpec { flag: "--idempotency-ttl-s", env: "IM_IDEMPOTENCY_TTL_S", default: Some("86400"), help: "how long a send's idempotency key is remembered, in seconds" },
 ];
@@ -195,7 +198,11 @@ impl Config {
             rpc_timeout: Duration::from_millis(positive("--rpc-timeout-ms")?),
             rpc_connections: positive("--rpc-connections")? as usize,
             redis_connections: positive("--redis-connections")? as usize,
-            redis_timeout: Duration::from_millis(positive("--redis-timeout-ms")?),
+            redis_timeout: match get("--redis-timeout-ms") {
+                Some(_) => Duration::from_millis(positive("--redis-timeout-ms")?),
+                None => redis_timeout_default(Duration::from_millis(positive("--rpc-timeout-ms")?)),
+            },
+            max_queued_bytes: positive("--max-queued-bytes")? as usize,
             max_body: number("--max-body")? as usize,
             max_head: positive("--max-header-bytes")? as usize,
             max_frame: positive("--max-frame")? as usize,
@@ -212,6 +219,15 @@ impl Config {
             )?),
         })))
     }
+}
+
+/// The Redis timeout when none is given: 80 % of the RPC timeout. The Redis
+/// command starts after the gateway's RPC call did (and the reply still has
+/// to travel back), so with equal timeouts a Redis stall reached the client
+/// as the gateway's 504 "timeout" instead of the store's 503 "unavailable".
+/// The 20 % (200 ms by default) covers the RPC hop and queueing.
+pub fn redis_timeout_default(rpc_timeout: Duration) -> Duration {
+    (rpc_timeout * 4 / 5).max(Duration::from_millis(1))
 }
 
 #[cfg(test)]
@@ -248,6 +264,20 @@ mod tests {
             (c.role, c.redis_url.as_deref(), c.rpc_timeout),
             (Role::Rpc, Some("redis://x:2"), Duration::from_millis(50))
         );
+    }
+
+    #[test]
+    fn redis_timeout_nests_inside_the_rpc_timeout_unless_given() {
+        let c = parse(&[], &[]).expect("defaults parse");
+        assert_eq!(
+            (c.rpc_timeout, c.redis_timeout),
+            (Duration::from_millis(1000), Duration::from_millis(800))
+        );
+        let c = parse(&["--rpc-timeout-ms", "3000"], &[]).expect("parses");
+        assert_eq!(c.redis_timeout, Duration::from_millis(2400));
+        let c = parse(&["--redis-timeout-ms", "1500"], &[]).expect("parses");
+        assert_eq!(c.redis_timeout, Duration::from_millis(1500));
+        assert!(parse(&["--redis-timeout-ms", "0"], &[]).is_err());
     }
 
     #[test]

@@ -7,6 +7,12 @@
 //! a broken or not-yet-restored connection get [`MuxError::Unavailable`]
 //! immediately instead of hanging; a full queue gives [`MuxError::Overloaded`].
 //!
+//! A call may carry a deadline. One whose deadline has passed, or whose
+//! caller stopped waiting, by the time the task takes it off the queue is
+//! never written: it gets [`MuxError::Timeout`]. So a caller that gave up on
+//! a queued call knows the peer never saw it; only a call already written can
+//! have run without its caller hearing back.
+//!
 //! The RPC client (tags = request ids, replies in any order) and the Redis
 //! client (tags = position in the pipeline) are both [`Protocol`]s over this.
 
@@ -16,6 +22,8 @@ use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
+
+use tokio::time::Instant;
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{Interest, Ready};
@@ -90,19 +98,30 @@ pub trait Protocol: Send + 'static {
     fn encode(&mut self, request: Self::Request, out: &mut BytesMut) -> u64;
     /// Takes one reply, with its tag, off the front of `input`.
     fn decode(&mut self, input: &mut BytesMut) -> io::Result<Option<(u64, Self::Reply)>>;
+    /// Bytes `request` holds while queued, counted against
+    /// [`MuxOptions::max_queued_bytes`]; 0 (the default) = not counted.
+    fn queued_bytes(_request: &Self::Request) -> usize {
+        0
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MuxError {
     /// Not connected, or the connection broke before the reply arrived.
     Unavailable,
-    /// The queue is full.
+    /// The queue is full (calls or bytes). The call was never queued.
     Overloaded,
+    /// The call's deadline passed before it could be written: the peer never
+    /// saw it.
+    Timeout,
 }
 
 struct Call<P: Protocol> {
     request: P::Request,
     reply: oneshot::Sender<Result<P::Reply, MuxError>>,
+    deadline: Option<Instant>,
+    /// What `request` counts against the queue's byte budget.
+    bytes: usize,
 }
 
 /// A reply that has been asked for and not yet received.
@@ -124,17 +143,68 @@ pub struct MuxOptions {
     pub queue: usize,
     /// Requests written and not yet answered.
     pub max_in_flight: usize,
+    /// Bytes of calls waiting for the task ([`Protocol::queued_bytes`]); a
+    /// call that would go over is refused with `Overloaded`, unless the queue
+    /// holds no counted bytes (so one call bigger than the budget still goes).
+    /// The count alone does not bound memory: one Redis command can carry
+    /// 64 messages of 64 KiB. The same bound applies to counted bytes taken
+    /// and not yet answered: the task takes no more calls while it is
+    /// reached, which also bounds what a stalled peer has been handed (and
+    /// may yet act on after its callers gave up).
+    pub max_queued_bytes: usize,
+}
+
+/// Bytes held by a queue, shared by its producers and its consumer: a
+/// producer [`add`](Self::add)s before queuing, the consumer
+/// [`release`](Self::release)s what it takes off.
+#[derive(Clone)]
+pub struct ByteBudget {
+    queued: Arc<AtomicUsize>,
+    max: usize,
+}
+
+impl ByteBudget {
+    pub fn new(max: usize) -> Self {
+        ByteBudget {
+            queued: Arc::new(AtomicUsize::new(0)),
+            max,
+        }
+    }
+
+    /// Counts `bytes` in, unless that goes over the budget while something
+    /// is already counted (so one item bigger than the whole budget still
+    /// passes, alone).
+    pub fn add(&self, bytes: usize) -> bool {
+        if bytes == 0 {
+            return true;
+        }
+        let before = self.queued.fetch_add(bytes, Ordering::Relaxed);
+        if before > 0 && before.saturating_add(bytes) > self.max {
+            self.release(bytes);
+            return false;
+        }
+        true
+    }
+
+    pub fn release(&self, bytes: usize) {
+        if bytes > 0 {
+            self.queued.fetch_sub(bytes, Ordering::Relaxed);
+        }
+    }
 }
 
 /// Cheap to clone; the task ends when every handle is dropped.
 pub struct Handle<P: Protocol> {
     calls: mpsc::Sender<Call<P>>,
+    /// Bytes of the calls in `calls`; the task releases what it takes.
+    queued: ByteBudget,
 }
 
 impl<P: Protocol> Clone for Handle<P> {
     fn clone(&self) -> Self {
         Handle {
             calls: self.calls.clone(),
+            queued: self.queued.clone(),
         }
     }
 }
@@ -143,17 +213,55 @@ impl<P: Protocol> Handle<P> {
     /// Starts the connection task.
     pub fn spawn(protocol: P, options: MuxOptions) -> Self {
         let (calls, receiver) = mpsc::channel(options.queue.max(1));
-        tokio::spawn(run(protocol, receiver, options));
-        Handle { calls }
+        let queued = ByteBudget::new(options.max_queued_bytes);
+        let queue = Queue {
+            calls: receiver,
+            queued: queued.clone(),
+        };
+        tokio::spawn(run(protocol, queue, options));
+        Handle { calls, queued }
     }
 
-    /// Queues `request` without waiting.
+    /// Queues `request` without waiting, with no deadline.
     pub fn start(&self, request: P::Request) -> Result<Pending<P::Reply>, MuxError> {
+        self.start_call(request, None)
+    }
+
+    /// Queues `request` without waiting; if it is still queued at `deadline`
+    /// it is answered [`MuxError::Timeout`] and never written.
+    pub fn start_by(
+        &self,
+        request: P::Request,
+        deadline: Instant,
+    ) -> Result<Pending<P::Reply>, MuxError> {
+        self.start_call(request, Some(deadline))
+    }
+
+    fn start_call(
+        &self,
+        request: P::Request,
+        deadline: Option<Instant>,
+    ) -> Result<Pending<P::Reply>, MuxError> {
+        let bytes = P::queued_bytes(&request);
+        if !self.queued.add(bytes) {
+            return Err(MuxError::Overloaded);
+        }
         let (reply, receiver) = oneshot::channel();
-        match self.calls.try_send(Call { request, reply }) {
+        let call = Call {
+            request,
+            reply,
+            deadline,
+            bytes,
+        };
+        match self.calls.try_send(call) {
             Ok(()) => Ok(Pending(receiver)),
-            Err(mpsc::error::TrySendError::Full(_)) => Err(MuxError::Overloaded),
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(MuxError::Unavailable),
+            Err(err) => {
+                self.queued.release(bytes);
+                Err(match err {
+                    mpsc::error::TrySendError::Full(_) => MuxError::Overloaded,
+                    mpsc::error::TrySendError::Closed(_) => MuxError::Unavailable,
+                })
+            }
         }
     }
 
@@ -196,11 +304,31 @@ const MIN_BACKOFF: Duration = Duration::from_millis(25);
 const MAX_BACKOFF: Duration = Duration::from_millis(250);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
-async fn run<P: Protocol>(
-    mut protocol: P,
-    mut calls: mpsc::Receiver<Call<P>>,
-    options: MuxOptions,
-) {
+/// The task's end of a [`Handle`]'s channel: taking a call releases its
+/// bytes from the budget.
+struct Queue<P: Protocol> {
+    calls: mpsc::Receiver<Call<P>>,
+    queued: ByteBudget,
+}
+
+impl<P: Protocol> Queue<P> {
+    fn taken(&self, call: Call<P>) -> Call<P> {
+        self.queued.release(call.bytes);
+        call
+    }
+
+    async fn recv(&mut self) -> Option<Call<P>> {
+        let call = self.calls.recv().await?;
+        Some(self.taken(call))
+    }
+
+    fn try_recv(&mut self) -> Result<Call<P>, mpsc::error::TryRecvError> {
+        let call = self.calls.try_recv()?;
+        Ok(self.taken(call))
+    }
+}
+
+async fn run<P: Protocol>(mut protocol: P, mut calls: Queue<P>, options: MuxOptions) {
     let mut backoff = MIN_BACKOFF;
     let mut healthy = true;
     loop {
@@ -218,9 +346,10 @@ async fn run<P: Protocol>(
                     input: BytesMut::with_capacity(READ_CHUNK),
                     output: BytesMut::with_capacity(READ_CHUNK),
                     waiting: HashMap::new(),
+                    in_flight_bytes: 0,
                 };
                 let outcome = connection.serve(&mut protocol, &mut calls, &options).await;
-                for (_, reply) in connection.waiting.drain() {
+                for (_, (reply, _)) in connection.waiting.drain() {
                     let _ = reply.send(Err(MuxError::Unavailable));
                 }
                 match outcome {
@@ -266,13 +395,22 @@ async fn run<P: Protocol>(
     }
 }
 
-type Waiting<P> = HashMap<u64, oneshot::Sender<Result<<P as Protocol>::Reply, MuxError>>>;
+/// Each written call's reply channel and counted bytes, by tag.
+type Waiting<P> = HashMap<
+    u64,
+    (
+        oneshot::Sender<Result<<P as Protocol>::Reply, MuxError>>,
+        usize,
+    ),
+>;
 
 struct Connection<P: Protocol> {
     stream: Stream,
     input: BytesMut,
     output: BytesMut,
     waiting: Waiting<P>,
+    /// Counted bytes of the calls in `waiting`.
+    in_flight_bytes: usize,
 }
 
 impl<P: Protocol> Connection<P> {
@@ -281,7 +419,7 @@ impl<P: Protocol> Connection<P> {
     async fn serve(
         &mut self,
         protocol: &mut P,
-        calls: &mut mpsc::Receiver<Call<P>>,
+        calls: &mut Queue<P>,
         options: &MuxOptions,
     ) -> io::Result<()> {
         loop {
@@ -299,7 +437,10 @@ impl<P: Protocol> Connection<P> {
             self.flush()?;
             if self.waiting.len() >= options.max_in_flight {
                 // Callers that timed out leave their slot behind; reclaim them.
-                self.waiting.retain(|_, reply| !reply.is_closed());
+                // Not calls with counted bytes: those bytes stay with the
+                // peer until it answers, and the answer releases them.
+                self.waiting
+                    .retain(|_, (reply, bytes)| *bytes > 0 || !reply.is_closed());
             }
             let interest = if self.output.is_empty() {
                 Interest::READABLE
@@ -327,7 +468,9 @@ impl<P: Protocol> Connection<P> {
 
     /// Whether to take more calls: not while the peer is behind.
     fn accepting(&self, options: &MuxOptions) -> bool {
-        self.waiting.len() < options.max_in_flight && self.output.len() < MAX_UNSENT
+        self.waiting.len() < options.max_in_flight
+            && self.output.len() < MAX_UNSENT
+            && self.in_flight_bytes < options.max_queued_bytes
     }
 
     fn enqueue(&mut self, protocol: &mut P, call: Call<P>) {
@@ -336,8 +479,15 @@ impl<P: Protocol> Connection<P> {
         if call.reply.is_closed() {
             return;
         }
+        // Too late to be useful, and the caller may already have been told
+        // it failed: writing it now could make a refused call take effect.
+        if call.deadline.is_some_and(|d| d <= Instant::now()) {
+            let _ = call.reply.send(Err(MuxError::Timeout));
+            return;
+        }
         let tag = protocol.encode(call.request, &mut self.output);
-        self.waiting.insert(tag, call.reply);
+        self.in_flight_bytes += call.bytes;
+        self.waiting.insert(tag, (call.reply, call.bytes));
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -366,10 +516,30 @@ impl<P: Protocol> Connection<P> {
                 Err(e) => return Err(e),
             }
             while let Some((tag, reply)) = protocol.decode(&mut self.input)? {
-                if let Some(waiter) = self.waiting.remove(&tag) {
+                if let Some((waiter, bytes)) = self.waiting.remove(&tag) {
+                    self.in_flight_bytes -= bytes;
                     let _ = waiter.send(Ok(reply));
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_budget_refuses_over_the_bound_but_always_takes_one() {
+        let budget = ByteBudget::new(100);
+        assert!(budget.add(60));
+        assert!(budget.add(40), "exactly at the bound");
+        assert!(!budget.add(1), "over the bound");
+        budget.release(100);
+        assert!(budget.add(500), "alone, even bigger than the budget");
+        assert!(!budget.add(1));
+        assert!(budget.add(0), "uncounted requests always pass");
+        budget.release(500);
+        assert!(budget.add(100));
     }
 }

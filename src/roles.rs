@@ -263,6 +263,7 @@ async fn run_shard(
                         queue: config.queue,
                         max_in_flight: config.max_in_flight,
                         timeout: config.redis_timeout,
+                        max_queued_bytes: config.max_queued_bytes,
                         idempotency_ttl: config.idempotency_ttl,
                     };
                     AnyStore::Redis(RedisStore::new(target.clone(), &options))

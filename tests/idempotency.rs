@@ -636,19 +636,18 @@ fn redis_connection_cut_after_the_write_stores_a_keyed_send_once() {
     assert_eq!(redis.zcard_chat("room"), 3, "warm-up + one each");
 }
 
-/// What the README tells clients: on 504 (or 503), resend with the same key.
-/// Redis stalls writes for longer than the gateway waits; the first send's
+/// What the README tells clients: on 503 or 504, resend with the same key.
+/// Redis stalls writes for longer than the server waits; the first send's
 /// command runs once the stall ends, and the resends find its record.
-#[test]
-fn redis_client_resending_after_504_gets_one_message() {
-    let backend = Backend::redis_with(&["--rpc-timeout-ms", "300"]);
+fn client_resending_after_a_stall_gets_one_message(args: &[&str], status: u16) {
+    let backend = Backend::redis_with(args);
     let redis = backend.redis.as_ref().expect("redis backend");
     let addr = backend.addr();
     send_ok(addr, "room", "s", "warm-up");
     let reply = redis.redis_cmd(&["CLIENT", "PAUSE", "1500", "WRITE"]);
     assert!(reply.starts_with("+OK"), "CLIENT PAUSE: {reply}");
     let r = send_keyed(addr, "room", "s", "stalled", "k", KeyIn::Header);
-    assert_error(&r, 504, "send while Redis stalls writes");
+    assert_error(&r, status, "send while Redis stalls writes");
     let t = wait_until(Duration::from_secs(10), "a resend to succeed", || {
         let r = send_keyed(addr, "room", "s", "stalled", "k", KeyIn::Header);
         match r.status {
@@ -667,4 +666,19 @@ fn redis_client_resending_after_504_gets_one_message() {
     assert_eq!(stalled[0].send_time, t);
     let r = send_keyed(addr, "room", "s", "stalled", "k", KeyIn::Header);
     assert_eq!(ok_send(&r, true, "a later resend"), t);
+}
+
+/// The Redis timeout (by default inside the RPC timeout) fires: 503.
+#[test]
+fn redis_client_resending_after_503_gets_one_message() {
+    client_resending_after_a_stall_gets_one_message(&["--rpc-timeout-ms", "300"], 503);
+}
+
+/// The gateway gives up first: 504.
+#[test]
+fn redis_client_resending_after_504_gets_one_message() {
+    client_resending_after_a_stall_gets_one_message(
+        &["--rpc-timeout-ms", "300", "--redis-timeout-ms", "2000"],
+        504,
+    );
 }

@@ -114,6 +114,10 @@ impl Protocol for RespProtocol {
             (self.answered, reply)
         }))
     }
+
+    fn queued_bytes(request: &Bytes) -> usize {
+        request.len()
+    }
 }
 
 #[cfg(test)]

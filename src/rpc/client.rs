@@ -84,6 +84,8 @@ impl RpcClient {
             target: addr.clone(),
             queue: options.queue,
             max_in_flight: options.max_in_flight,
+            // RpcProtocol counts no bytes (Protocol::queued_bytes default).
+            max_queued_bytes: usize::MAX,
         };
         let max_frame = options.max_frame;
         let pool = Pool::spawn(
@@ -107,6 +109,7 @@ impl RpcClient {
             Ok(pending) => Ok(RpcCall(pending)),
             Err(MuxError::Overloaded) => Err(RpcError::Overloaded),
             Err(MuxError::Unavailable) => Err(RpcError::Unavailable),
+            Err(MuxError::Timeout) => Err(RpcError::Timeout),
         }
     }
 
@@ -116,6 +119,7 @@ impl RpcClient {
             Ok(Ok(frame)) => Ok(frame),
             Ok(Err(MuxError::Overloaded)) => Err(RpcError::Overloaded),
             Ok(Err(MuxError::Unavailable)) => Err(RpcError::Unavailable),
+            Ok(Err(MuxError::Timeout)) => Err(RpcError::Timeout),
             Err(_elapsed) => Err(RpcError::Timeout),
         }
     }

@@ -19,14 +19,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::time::Instant;
-
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 
 use super::{Page, PageWriter, Sent, Store, StoreError};
 use crate::domain::PullQuery;
-use crate::mux::{MuxError, MuxOptions, Pool};
+use crate::mux::{ByteBudget, Handle, MuxError, MuxOptions, Pool};
 use crate::resp::connection::RespProtocol;
 use crate::resp::url::RedisTarget;
 use crate::resp::{Reply, command};
@@ -126,6 +125,9 @@ pub struct RedisOptions {
     pub max_in_flight: usize,
     /// A command not answered within this is reported as unavailable.
     pub timeout: Duration,
+    /// Bytes of commands queued per connection, and of sends waiting for
+    /// the batcher; more are refused as overloaded.
+    pub max_queued_bytes: usize,
     /// How long an idempotency key is remembered (whole seconds, at least 1).
     pub idempotency_ttl: Duration,
 }
@@ -134,6 +136,8 @@ pub struct RedisStore {
     pool: Arc<Pool<RespProtocol>>,
     /// Sends waiting for the batcher (see [`store_send_batches`]).
     sends: mpsc::Sender<QueuedSend>,
+    /// Bytes of the sends in `sends`.
+    sends_bytes: ByteBudget,
     timeout: Duration,
     /// `EX` of idempotency records, in seconds.
     idempotency_ttl: String,
@@ -142,9 +146,19 @@ pub struct RedisStore {
 struct QueuedSend {
     key: String,
     member: Vec<u8>,
+    /// When the caller stops waiting (and answers 503): a send still queued
+    /// then must never be written.
+    deadline: Instant,
     /// With an idempotency key, its record.
     record: Option<IdempotencyRecord>,
     reply: oneshot::Sender<Result<Sent, StoreError>>,
+}
+
+impl QueuedSend {
+    /// What it counts against [`RedisStore::sends_bytes`].
+    fn bytes(&self) -> usize {
+        self.key.len() + self.member.len() + self.record.as_ref().map_or(0, |r| r.key.len())
+    }
 }
 
 #[derive(Clone)]
@@ -175,28 +189,33 @@ const RETRY_PAUSE: Duration = Duration::from_millis(100);
 
 impl RedisStore {
     pub fn new(target: RedisTarget, options: &RedisOptions) -> RedisStore {
-        let setup = [command::encode(&[
-            b"FUNCTION",
-            b"LOAD",
-            b"REPLACE",
-            LIBRARY.as_bytes(),
-        ])];
+        let load_library = command::encode(&[b"FUNCTION", b"LOAD", b"REPLACE", LIBRARY.as_bytes()]);
         let mux = MuxOptions {
             name: "redis",
             target: target.to_string(),
             queue: options.queue,
             max_in_flight: options.max_in_flight,
+            max_queued_bytes: options.max_queued_bytes,
         };
+        let setup = [load_library.clone()];
         let pool = Pool::spawn(
             options.connections,
             || RespProtocol::new(target.clone(), &setup),
             mux,
         );
         let (sends, queue) = mpsc::channel(options.queue.max(1));
-        tokio::spawn(store_send_batches(pool.clone(), queue));
+        let sends_bytes = ByteBudget::new(options.max_queued_bytes);
+        let batcher = Batcher {
+            pool: pool.clone(),
+            queue,
+            queued: sends_bytes.clone(),
+            load_library,
+        };
+        tokio::spawn(batcher.run());
         RedisStore {
             pool,
             sends,
+            sends_bytes,
             timeout: options.timeout,
             idempotency_ttl: options.idempotency_ttl.as_secs().max(1).to_string(),
         }
@@ -214,10 +233,16 @@ impl RedisStore {
         let queued = QueuedSend {
             key,
             member,
+            deadline,
             record,
             reply,
         };
+        let bytes = queued.bytes();
+        if !self.sends_bytes.add(bytes) {
+            return Err(StoreError::Overloaded);
+        }
         if self.sends.try_send(queued).is_err() {
+            self.sends_bytes.release(bytes);
             return Err(StoreError::Overloaded);
         }
         match tokio::time::timeout_at(deadline, answer).await {
@@ -228,8 +253,13 @@ impl RedisStore {
     }
 
     async fn call(&self, command: Bytes) -> Result<Reply, StoreError> {
-        let pending = self.pool.handle().start(command).map_err(from_mux)?;
-        match tokio::time::timeout(self.timeout, pending.wait()).await {
+        let deadline = Instant::now() + self.timeout;
+        let pending = self
+            .pool
+            .handle()
+            .start_by(command, deadline)
+            .map_err(from_mux)?;
+        match tokio::time::timeout_at(deadline, pending.wait()).await {
             Ok(Ok(Reply::Error(err))) => Err(StoreError::Internal(format!("redis: {err}"))),
             Ok(reply) => reply.map_err(from_mux),
             Err(_elapsed) => Err(StoreError::Unavailable),
@@ -244,25 +274,109 @@ impl RedisStore {
 /// redis-benchmark, 8 messages to one chat per call, stores 238k messages/s
 /// against 106k/s one per call. Batches are not waited for: several can be
 /// in flight on the pipelined connection.
-async fn store_send_batches(pool: Arc<Pool<RespProtocol>>, mut queue: mpsc::Receiver<QueuedSend>) {
-    let mut batch = Vec::with_capacity(MAX_SEND_BATCH);
-    while let Some(first) = queue.recv().await {
-        batch.push(first);
-        while batch.len() < MAX_SEND_BATCH {
-            match queue.try_recv() {
-                Ok(send) => batch.push(send),
-                Err(_) => break,
+struct Batcher {
+    pool: Arc<Pool<RespProtocol>>,
+    queue: mpsc::Receiver<QueuedSend>,
+    /// Bytes of the sends in `queue`; released as they are taken.
+    queued: ByteBudget,
+    /// `FUNCTION LOAD REPLACE` of [`LIBRARY`], for a Redis that lost it.
+    load_library: Bytes,
+}
+
+impl Batcher {
+    async fn run(mut self) {
+        let mut batch = Vec::with_capacity(MAX_SEND_BATCH);
+        while let Some(first) = self.queue.recv().await {
+            let now = Instant::now();
+            self.take(first, now, &mut batch);
+            while batch.len() < MAX_SEND_BATCH {
+                match self.queue.try_recv() {
+                    Ok(send) => self.take(send, now, &mut batch),
+                    Err(_) => break,
+                }
+            }
+            if !batch.is_empty() {
+                self.start(&mut batch);
             }
         }
-        let command = im_send_command(&batch);
+    }
+
+    /// Adds `send` to the batch unless its caller has already been answered
+    /// (timed out, or gone): such a send must never reach Redis, since the
+    /// caller was told it failed.
+    fn take(&self, send: QueuedSend, now: Instant, batch: &mut Vec<QueuedSend>) {
+        self.queued.release(send.bytes());
+        if send.reply.is_closed() {
+            return;
+        }
+        if send.deadline <= now {
+            let _ = send.reply.send(Err(StoreError::Unavailable));
+            return;
+        }
+        batch.push(send);
+    }
+
+    /// Starts one `im_send` call for `batch` (left empty), answered by a
+    /// task of its own.
+    fn start(&self, batch: &mut Vec<QueuedSend>) {
+        // The earliest member's deadline: written any later, that member's
+        // caller would already have been told "failed" and it would be
+        // stored all the same.
+        let deadline = batch
+            .iter()
+            .map(|s| s.deadline)
+            .min()
+            .unwrap_or_else(Instant::now);
+        let command = im_send_command(batch);
         let waiters: Vec<_> = batch.drain(..).map(|s| s.reply).collect();
-        match pool.handle().start(command) {
+        let handle = self.pool.handle();
+        match handle.start_by(command.clone(), deadline) {
             Ok(pending) => {
-                tokio::spawn(async move { answer_batch(pending.wait().await, waiters) });
+                let retry = Retry {
+                    handle: handle.clone(),
+                    command,
+                    deadline,
+                    load_library: self.load_library.clone(),
+                };
+                tokio::spawn(async move {
+                    let reply = retry.if_function_missing(pending.wait().await).await;
+                    answer_batch(reply, waiters);
+                });
             }
             Err(err) => answer_batch(Err(err), waiters),
         }
     }
+}
+
+/// What it takes to run a batch again on the connection it went to.
+struct Retry {
+    handle: Handle<RespProtocol>,
+    command: Bytes,
+    deadline: Instant,
+    load_library: Bytes,
+}
+
+impl Retry {
+    /// `reply`, or, if it says the function is missing (the Redis was
+    /// flushed or restored without the library), the reply to the same
+    /// batch sent again once the library is loaded again. That error comes
+    /// before the function would run, so nothing of the batch was stored
+    /// and running it again stores nothing twice.
+    async fn if_function_missing(self, reply: Result<Reply, MuxError>) -> Result<Reply, MuxError> {
+        if !function_missing(&reply) {
+            return reply;
+        }
+        // One connection runs its commands in order: the load comes first.
+        let load = self.handle.start_by(self.load_library, self.deadline)?;
+        let again = self.handle.start_by(self.command, self.deadline)?;
+        // Held until here: a call whose caller is gone is not written.
+        let _ = load.wait().await;
+        again.wait().await
+    }
+}
+
+fn function_missing(reply: &Result<Reply, MuxError>) -> bool {
+    matches!(reply, Ok(Reply::Error(err)) if err.contains("Function not found"))
 }
 
 /// The `im_send` call storing `batch` (see [`LIBRARY`] for its arguments).
@@ -380,6 +494,9 @@ fn from_mux(err: MuxError) -> StoreError {
     match err {
         MuxError::Unavailable => StoreError::Unavailable,
         MuxError::Overloaded => StoreError::Overloaded,
+        // Refused before it was written: like a command never answered, it
+        // is a 503, though this one is certainly not stored.
+        MuxError::Timeout => StoreError::Unavailable,
     }
 }
 

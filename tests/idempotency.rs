@@ -590,6 +590,22 @@ fn relay(
     let _ = server.shutdown(Shutdown::Both);
 }
 
+/// Waits until pulls succeed: a cut connection reconnects after a short
+/// backoff, and a pull that meets it before then gets 503. Several in a
+/// row, since each server thread has its own Redis connection.
+fn wait_reachable(addr: SocketAddr) {
+    let mut in_a_row = 0;
+    wait_until(
+        Duration::from_secs(5),
+        "Redis to be reachable again",
+        || {
+            let ok = pull_json(addr, json!({"chat": "room"})).status == 200;
+            in_a_row = if ok { in_a_row + 1 } else { 0 };
+            (in_a_row >= 8).then_some(())
+        },
+    );
+}
+
 #[test]
 fn redis_connection_cut_after_the_write_stores_a_keyed_send_once() {
     let redis = Redis::start_tcp();
@@ -610,6 +626,7 @@ fn redis_connection_cut_after_the_write_stores_a_keyed_send_once() {
     // The server resent once; Redis had run the first attempt, so the
     // second found its record.
     let t = ok_send(&r, true, "keyed send whose first attempt was cut");
+    wait_reachable(addr);
     let stored = messages(addr, "room");
     let keyed: Vec<&Msg> = stored.iter().filter(|m| m.text == "cut-me-keyed").collect();
     assert_eq!(keyed.len(), 1, "stored exactly once: {stored:?}");
@@ -627,6 +644,7 @@ fn redis_connection_cut_after_the_write_stores_a_keyed_send_once() {
         503,
         "un-keyed send whose connection was cut: maybe stored, never retried",
     );
+    wait_reachable(addr);
     let stored = messages(addr, "room");
     let plain = stored.iter().filter(|m| m.text == "cut-me-plain").count();
     assert_eq!(

@@ -15,6 +15,10 @@
 //!   Measured with redis-benchmark: one message per call, 113k calls/s (61k/s
 //!   for an earlier version calling TIME and building a varint in Lua);
 //!   8 messages to one chat per call, 238k messages/s.
+//! * Idempotency keys: a send with a key also names its record,
+//!   [`idempotency_record_key`] (in the chat's slot), which `im_send` reads
+//!   and writes (`SET ... EX`) in the same call as the ZADD; see [`LIBRARY`].
+//!   With a key, a send whose connection failed is sent once more.
 
 use std::sync::Arc;
 use std::time::Duration;

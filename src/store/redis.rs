@@ -61,15 +61,17 @@ end
 redis.register_function('im_send', function(keys, args)
   local n, nargs = #keys, #args
   local now = tonumber(args[nargs])
-  local records, ttl
+  -- Batches without keys (the common case) skip every step below that
+  -- concerns records: no more tables, no more calls.
+  local records, ttl, seen
   if nargs > n + 1 then
     local m = tonumber(args[nargs - 1])
     ttl = args[nargs - 2]
     n = n - m
-    records = {}
+    records, seen = {}, {}
     for j = 1, m do records[tonumber(args[n + j])] = keys[n + j] end
   end
-  local last, adds, chats, out, seen = {}, {}, {}, {}, {}
+  local last, adds, chats, out = {}, {}, {}, {}
   for i = 1, n do
     local record = records and records[i]
     local digest, earlier

@@ -55,7 +55,13 @@ pub struct Config {
     pub max_in_flight: usize,
     /// Tokio worker threads; 0 = one per core.
     pub threads: usize,
+    /// How long a send's idempotency key is remembered.
+    pub idempotency_ttl: Duration,
 }
+
+/// Longest idempotency-key retention accepted, in seconds: 10 years (Redis
+/// refuses an `EX` it cannot add to its clock in milliseconds).
+pub const MAX_IDEMPOTENCY_TTL_S: u64 = 10 * 365 * 86_400;
 
 pub struct OptionSpec {
     pub flag: &'static str,
@@ -94,6 +100,7 @@ pub const OPTIONS: &[OptionSpec] = &[
     OptionSpec { flag: "--max-in-flight", env: "IM_MAX_IN_FLIGHT", default: Some("8192"), help: "calls in flight per RPC/Redis connection" },
     OptionSpec { flag: "--max-queued-bytes", env: "IM_MAX_QUEUED_BYTES", default: Some("8388608"), help: "bytes of Redis commands queued per connection (and of sends waiting to be batched, per thread) before 503 overloaded" },
     OptionSpec { flag: "--threads", env: "IM_THREADS", default: Some("0"), help: "worker threads, each a single-threaded runtime with its own connections (0 = one per core)" },
+    OptionSpec { flag: "--idempotency-ttl-s", env: "IM_IDEMPOTENCY_TTL_S", default: Some("86400"), help: "how long a send's idempotency key is remembered, in seconds" },
 ];
 
 pub fn usage() -> String {
@@ -194,6 +201,12 @@ impl Config {
                 n => Ok(n),
             }
         };
+        let at_most = |flag: &str, max: u64| -> Result<u64, String> {
+            match positive(flag)? {
+                n if n > max => Err(format!("{flag} must be at most {max}")),
+                n => Ok(n),
+            }
+        };
         let role = role.unwrap_or(Role::All);
         let rpc_addr = get("--rpc");
         let registry = get("--registry");
@@ -236,6 +249,10 @@ impl Config {
             queue: positive("--queue")? as usize,
             max_in_flight: positive("--max-in-flight")? as usize,
             threads: number("--threads")? as usize,
+            idempotency_ttl: Duration::from_secs(at_most(
+                "--idempotency-ttl-s",
+                MAX_IDEMPOTENCY_TTL_S,
+            )?),
         })))
     }
 }
@@ -305,6 +322,10 @@ mod tests {
         assert!(parse(&["--nope", "1"], &[]).is_err());
         assert!(parse(&["--rpc-timeout-ms", "0"], &[]).is_err());
         assert!(parse(&["--queue"], &[]).is_err());
+        assert!(parse(&["--idempotency-ttl-s", "0"], &[]).is_err());
+        assert!(parse(&["--idempotency-ttl-s", "315360001"], &[]).is_err());
+        let c = parse(&[], &[("IM_IDEMPOTENCY_TTL_S", "60")]).expect("env parses");
+        assert_eq!(c.idempotency_ttl, Duration::from_secs(60));
         assert!(parse(&["both"], &[]).is_err());
         assert!(parse(&["gateway", "--rpc", "10.0.0.2:8888"], &[]).is_ok());
         assert!(parse(&["gateway", "--registry", "etcd://h:2379/im/rpc"], &[]).is_ok());

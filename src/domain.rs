@@ -9,6 +9,8 @@ pub const MAX_TEXT_BYTES: usize = 64 * 1024;
 pub const DEFAULT_LIMIT: i32 = 10;
 /// Largest page; bigger limits are clamped to it.
 pub const MAX_LIMIT: i32 = 100;
+/// Longest accepted idempotency key, in bytes.
+pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 128;
 
 /// Outcome codes carried in `SendResponse.code` / `PullResponse.code`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,6 +25,9 @@ pub enum Code {
     Overloaded = 3,
     /// A bug or an unexpected reply from the store.
     Internal = 4,
+    /// The idempotency key was already used in this chat for a different
+    /// message (other text or sender).
+    IdempotencyKeyReused = 5,
 }
 
 impl Code {
@@ -32,6 +37,7 @@ impl Code {
             1 => Code::InvalidArgument,
             2 => Code::Unavailable,
             3 => Code::Overloaded,
+            5 => Code::IdempotencyKeyReused,
             _ => Code::Internal,
         }
     }
@@ -64,6 +70,23 @@ pub fn validate_send(chat: &str, sender: &str, text: &str) -> Result<(), Invalid
         return Err(Invalid(format!(
             "`text` must be at most {MAX_TEXT_BYTES} bytes"
         )));
+    }
+    Ok(())
+}
+
+/// Checks an idempotency key: 1 to [`MAX_IDEMPOTENCY_KEY_BYTES`] printable
+/// ASCII bytes (space to `~`), so it is safe in a header, a log line and a
+/// Redis key alike.
+pub fn validate_idempotency_key(key: &str) -> Result<(), Invalid> {
+    if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_BYTES {
+        return Err(Invalid(format!(
+            "the idempotency key must be 1 to {MAX_IDEMPOTENCY_KEY_BYTES} bytes"
+        )));
+    }
+    if !key.bytes().all(|b| (b' '..=b'~').contains(&b)) {
+        return Err(Invalid(
+            "the idempotency key must be printable ASCII".into(),
+        ));
     }
     Ok(())
 }
@@ -149,6 +172,21 @@ mod tests {
         assert!(validate_pull("c", 0, -1, false).is_err());
         assert!(validate_pull("c", -5, 1, false).is_err());
         assert!(validate_pull("", 0, 1, false).is_err());
+    }
+
+    #[test]
+    fn idempotency_keys() {
+        for key in [
+            "k",
+            "8e03978e-40d5-43e8-bc93-6894a57f9324",
+            "a b~!",
+            &"k".repeat(128),
+        ] {
+            assert!(validate_idempotency_key(key).is_ok(), "{key:?}");
+        }
+        for key in ["", &"k".repeat(129), "tab\there", "é", "nul\0", "del\x7f"] {
+            assert!(validate_idempotency_key(key).is_err(), "{key:?}");
+        }
     }
 
     #[test]

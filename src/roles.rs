@@ -210,7 +210,7 @@ fn plan(config: Config) -> Result<(Plan, Listeners), String> {
                     eprintln!(
                         "im-server: store: embedded memory store (no Redis URL configured; messages are lost on exit; set REDIS_URL or --redis to use Redis)"
                     );
-                    StoreChoice::Memory(Arc::new(MemoryStore::default()))
+                    StoreChoice::Memory(Arc::new(MemoryStore::new(config.idempotency_ttl)))
                 }
             };
             let (listener, local) = bind(&config.rpc_listen, "rpc")?;
@@ -384,6 +384,7 @@ fn redis_options(config: &Config) -> RedisOptions {
         timeout: config.redis_timeout,
         wait_replicas: config.redis_wait_replicas,
         max_queued_bytes: config.max_queued_bytes,
+        idempotency_ttl: config.idempotency_ttl,
     }
 }
 

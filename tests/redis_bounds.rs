@@ -105,6 +105,7 @@ fn send_frame(id: u64, chat: &str, sender: &str, text: &str) -> Vec<u8> {
             sender: sender.into(),
             send_time: 0,
         }),
+        ..SendRequest::default()
     }
     .encode_to_vec();
     let mut out = ((9 + body.len()) as u32).to_be_bytes().to_vec();

@@ -38,12 +38,15 @@ fn check_send(body: &[u8]) {
     };
     let m = req.message.as_ref().expect("parse_send fills message");
     assert_eq!(m.send_time, 0);
-    let again = serde_json::to_vec(&json!({
+    let mut fields = json!({
         "chat": m.chat,
         "text": m.text,
         "sender": m.sender,
-    }))
-    .expect("serialisable");
+    });
+    if !req.idempotency_key.is_empty() {
+        fields["idempotency_key"] = json!(req.idempotency_key);
+    }
+    let again = serde_json::to_vec(&fields).expect("serialisable");
     let back: SendRequest = parse_send(&again).expect("re-serialised send body is accepted");
     assert_eq!(back, req);
 }

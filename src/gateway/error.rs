@@ -18,6 +18,8 @@ pub enum ApiError {
     Overloaded,
     /// The RPC server did not answer in time.
     Timeout,
+    /// The send's idempotency key was used in its chat for another message.
+    IdempotencyKeyReused,
     /// A bug on our side (never the client's fault).
     Internal(String),
 }
@@ -38,6 +40,7 @@ impl ApiError {
             ApiError::Http(HttpError::HandlerPanicked) => 500,
             ApiError::Unavailable | ApiError::Overloaded => 503,
             ApiError::Timeout => 504,
+            ApiError::IdempotencyKeyReused => 422,
             ApiError::Internal(_) => 500,
         }
     }
@@ -57,6 +60,7 @@ impl ApiError {
             ApiError::Unavailable => "unavailable",
             ApiError::Overloaded => "overloaded",
             ApiError::Timeout => "timeout",
+            ApiError::IdempotencyKeyReused => "idempotency_key_reused",
             ApiError::Internal(_) => "internal",
         }
     }
@@ -84,6 +88,9 @@ impl ApiError {
             ApiError::Unavailable => "the message service is unavailable; retry later".into(),
             ApiError::Overloaded => "the message service is overloaded; retry later".into(),
             ApiError::Timeout => "the message service did not answer in time".into(),
+            ApiError::IdempotencyKeyReused => {
+                "this idempotency key was already used in this chat for a different message".into()
+            }
         }
     }
 
@@ -116,6 +123,7 @@ impl ApiError {
             Code::InvalidArgument => ApiError::Invalid(msg),
             Code::Unavailable => ApiError::Unavailable,
             Code::Overloaded => ApiError::Overloaded,
+            Code::IdempotencyKeyReused => ApiError::IdempotencyKeyReused,
             Code::Ok | Code::Internal => ApiError::Internal(format!("rpc code {code}: {msg}")),
         }
     }

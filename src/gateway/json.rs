@@ -17,6 +17,8 @@ struct SendBody<'a> {
     text: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     sender: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    idempotency_key: Option<Cow<'a, str>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -113,6 +115,10 @@ pub fn parse_send(body: &[u8]) -> Result<SendRequest, ApiError> {
     }
     require_object(body)?;
     let parsed: SendBody = serde_json::from_slice(body).map_err(invalid_json)?;
+    // Checked here, not by the RPC server: there an empty key means none.
+    if let Some(key) = &parsed.idempotency_key {
+        crate::domain::validate_idempotency_key(key).map_err(|e| ApiError::Invalid(e.0))?;
+    }
     let owned = |field: Option<Cow<'_, str>>| field.map(Cow::into_owned).unwrap_or_default();
     Ok(SendRequest {
         message: Some(Message {
@@ -121,6 +127,7 @@ pub fn parse_send(body: &[u8]) -> Result<SendRequest, ApiError> {
             sender: owned(parsed.sender),
             send_time: 0,
         }),
+        idempotency_key: owned(parsed.idempotency_key),
     })
 }
 

@@ -6,7 +6,7 @@ pub mod json;
 pub mod pull_wire;
 
 use crate::http::{Handler, HttpError, Method, Request, Response};
-use crate::proto::SendResponse;
+use crate::proto::{SendRequest, SendResponse};
 use crate::rpc::balanced::{BalancedCall, BalancedClient};
 use crate::rpc::client::RpcRequest;
 use crate::rpc::frame::Frame;
@@ -38,7 +38,8 @@ impl Gateway {
             b"/ping" if readable => Ok(PendingReply::Ready(Response::json(200, PONG.to_vec()))),
             b"/ping" => Err(ApiError::MethodNotAllowed("GET, HEAD")),
             b"/api/send" if req.method == Method::Post => {
-                let request = json::parse_send(&req.body)?;
+                let mut request = json::parse_send(&req.body)?;
+                merge_idempotency_header(req, &mut request)?;
                 Ok(PendingReply::Send(
                     self.rpc.start(RpcRequest::Send(request))?,
                 ))
@@ -60,7 +61,11 @@ impl Gateway {
         if resp.code != 0 {
             return Err(ApiError::from_code(resp.code, resp.msg));
         }
-        Ok(Response::json(200, json::send_body(resp.send_time)))
+        let mut response = Response::json(200, json::send_body(resp.send_time));
+        if resp.replayed {
+            response.extra_header = Some(("Idempotent-Replayed", "true"));
+        }
+        Ok(response)
     }
 
     async fn finish_pull(&self, call: BalancedCall) -> Result<Response, ApiError> {
@@ -77,6 +82,60 @@ impl Gateway {
             Err(err) => Err(ApiError::Internal(format!("undecodable rpc reply: {err}"))),
         }
     }
+}
+
+/// Takes the `Idempotency-Key` header into the send: the key may be given
+/// there or as the body's `idempotency_key`, or both if they agree.
+fn merge_idempotency_header(req: &Request, send: &mut SendRequest) -> Result<(), ApiError> {
+    let mut values = req.header_values("idempotency-key");
+    let Some(value) = values.next() else {
+        return Ok(());
+    };
+    let invalid = |why: &str| {
+        Err(ApiError::Invalid(format!(
+            "`Idempotency-Key` header: {why}"
+        )))
+    };
+    if values.next().is_some() {
+        return invalid("given more than once");
+    }
+    let Some(key) = unquote(value) else {
+        return invalid("malformed quoted string");
+    };
+    if let Err(why) = crate::domain::validate_idempotency_key(&key) {
+        return invalid(&why.0);
+    }
+    if !send.idempotency_key.is_empty() && send.idempotency_key != key {
+        return Err(ApiError::Invalid(
+            "the `Idempotency-Key` header and the body's `idempotency_key` differ".into(),
+        ));
+    }
+    send.idempotency_key = key;
+    Ok(())
+}
+
+/// A header value as a string: the IETF draft defines `Idempotency-Key` as a
+/// structured-field string (`"abc"`, with `\"` and `\\` escapes), and many
+/// clients send the bare key (`abc`); both are accepted. `None` if it is
+/// neither (an unterminated quote, a bad escape, not UTF-8).
+fn unquote(value: &[u8]) -> Option<String> {
+    let Some(quoted) = value.strip_prefix(b"\"") else {
+        return String::from_utf8(value.to_vec()).ok();
+    };
+    let inner = quoted.strip_suffix(b"\"")?;
+    let mut out = Vec::with_capacity(inner.len());
+    let mut bytes = inner.iter();
+    while let Some(&b) = bytes.next() {
+        match b {
+            b'\\' => match bytes.next() {
+                Some(&escaped @ (b'"' | b'\\')) => out.push(escaped),
+                _ => return None,
+            },
+            b'"' => return None,
+            _ => out.push(b),
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 fn check_status(frame: &Frame) -> Result<(), ApiError> {
@@ -138,5 +197,20 @@ impl Handler for Gateway {
 
     fn reject(&self, err: HttpError) -> Response {
         ApiError::Http(err).into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::unquote;
+
+    #[test]
+    fn idempotency_header_values_unquote() {
+        assert_eq!(unquote(b"abc-1").as_deref(), Some("abc-1"));
+        assert_eq!(unquote(b"\"abc-1\"").as_deref(), Some("abc-1"));
+        assert_eq!(unquote(br#""a\"b\\c""#).as_deref(), Some(r#"a"b\c"#));
+        for bad in [&b"\"abc"[..], b"\"", br#""a\x""#, br#""a"b""#, b"\xff"] {
+            assert_eq!(unquote(bad), None, "{:?}", String::from_utf8_lossy(bad));
+        }
     }
 }

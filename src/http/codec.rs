@@ -52,6 +52,9 @@ pub struct Request {
     /// Whether the connection may serve another request after this one.
     pub keep_alive: bool,
     pub body: Bytes,
+    /// The request line and header section, as received (already
+    /// validated), for [`Request::header_values`].
+    pub head: Bytes,
 }
 
 impl Request {
@@ -72,6 +75,23 @@ impl Request {
             Some(i) => (&target[..i], Some(&target[i + 1..])),
             None => (target, None),
         }
+    }
+
+    /// The values of every header field named `name` (ASCII
+    /// case-insensitive), trimmed, in order. Scans the head: for the few
+    /// fields the server does not act on while framing, read per request.
+    pub fn header_values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
+        // httparse accepted the head: one field per line, `name:value`,
+        // no obsolete line folding; the first line is the request line.
+        self.head
+            .split(|&b| b == b'\n')
+            .skip(1)
+            .filter_map(move |line| {
+                let colon = line.iter().position(|&b| b == b':')?;
+                line[..colon]
+                    .eq_ignore_ascii_case(name.as_bytes())
+                    .then(|| trim(&line[colon + 1..]))
+            })
     }
 }
 
@@ -124,6 +144,7 @@ struct PartialRequest {
     keep_alive: bool,
     expect_continue: bool,
     body: Body,
+    head: Bytes,
 }
 
 /// Incremental request decoder: call [`decode`](Self::decode) whenever more
@@ -192,6 +213,7 @@ impl RequestDecoder {
             version: p.version,
             keep_alive: p.keep_alive,
             body,
+            head: p.head,
         }))
     }
 }
@@ -323,6 +345,7 @@ fn parse_head(buf: &mut BytesMut, limits: &Limits) -> Result<Option<PartialReque
         keep_alive,
         expect_continue: expect_continue && has_body,
         body,
+        head,
     }))
 }
 

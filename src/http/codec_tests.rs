@@ -190,3 +190,15 @@ fn host_header_rules() {
         "an empty Host is allowed"
     );
 }
+
+#[test]
+fn header_values_are_found_case_insensitively_and_trimmed() {
+    let input = b"\r\nPOST /k:v HTTP/1.1\r\nHost: x\r\nidempotency-KEY:  a b \r\nX: 1\nIdempotency-Key:c\r\nContent-Length: 0\r\n\r\n";
+    let reqs = decode_all(input).expect("valid input");
+    let values: Vec<&[u8]> = reqs[0].header_values("Idempotency-Key").collect();
+    assert_eq!(values, [&b"a b"[..], b"c"]);
+    assert_eq!(reqs[0].header_values("x").collect::<Vec<_>>(), [b"1"]);
+    assert_eq!(reqs[0].header_values("absent").count(), 0);
+    // The request line is not a header, whatever its target holds.
+    assert_eq!(reqs[0].header_values("POST /k").count(), 0);
+}

@@ -35,6 +35,8 @@ pub struct Response {
     pub retry_after: Option<u32>,
     /// Close the connection after this response.
     pub close: bool,
+    /// One more header field, name and value (`Idempotent-Replayed: true`).
+    pub extra_header: Option<(&'static str, &'static str)>,
 }
 
 impl Response {
@@ -46,6 +48,7 @@ impl Response {
             allow: None,
             retry_after: None,
             close: false,
+            extra_header: None,
         }
     }
 }
@@ -78,6 +81,7 @@ pub fn reason(status: u16) -> &'static str {
         408 => "Request Timeout",
         413 => "Content Too Large",
         414 => "URI Too Long",
+        422 => "Unprocessable Content",
         431 => "Request Header Fields Too Large",
         500 => "Internal Server Error",
         501 => "Not Implemented",
@@ -114,6 +118,12 @@ pub fn write_response(
     if let Some(secs) = resp.retry_after {
         out.put_slice(b"\r\nRetry-After: ");
         put_u64(out, u64::from(secs));
+    }
+    if let Some((name, value)) = resp.extra_header {
+        out.put_slice(b"\r\n");
+        out.put_slice(name.as_bytes());
+        out.put_slice(b": ");
+        out.put_slice(value.as_bytes());
     }
     if !keep_alive {
         out.put_slice(b"\r\nConnection: close");

@@ -5,9 +5,10 @@
 //! * a call that was never written (connection down, queue full) goes to
 //!   another endpoint, send or pull;
 //! * a pull whose connection broke after it was written is retried once
-//!   elsewhere (reading twice is harmless);
-//! * a send whose outcome is unknown is not retried: it may have been
-//!   stored, and storing it twice would duplicate the message (503).
+//!   elsewhere (reading twice is harmless), and so is a send that carries an
+//!   idempotency key (the store keeps one message per key);
+//! * any other send whose outcome is unknown is not retried: it may have
+//!   been stored, and storing it twice would duplicate the message (503).
 //!
 //! One per gateway shard, like the connections it owns; the balancer's lock
 //! is only ever taken by that shard's thread, so it is uncontended.
@@ -89,6 +90,16 @@ pub struct BalancedCall {
     spare: Option<RpcRequest>,
     deadline: Instant,
     lost_retried: bool,
+}
+
+/// Whether a request may run twice: a pull reads; a send with an
+/// idempotency key stores one message however often it arrives.
+fn repeatable(request: Option<&RpcRequest>) -> bool {
+    match request {
+        Some(RpcRequest::Pull(_)) => true,
+        Some(RpcRequest::Send(send)) => !send.idempotency_key.is_empty(),
+        Some(RpcRequest::Ping) | None => false,
+    }
 }
 
 fn policy() -> Policy {
@@ -214,8 +225,8 @@ impl BalancedClient {
                     let safe = match err {
                         RpcError::Unavailable | RpcError::Overloaded => true,
                         RpcError::Lost => {
-                            let pull = matches!(call.spare, Some(RpcRequest::Pull(_)));
-                            pull && !std::mem::replace(&mut call.lost_retried, true)
+                            repeatable(call.spare.as_ref())
+                                && !std::mem::replace(&mut call.lost_retried, true)
                         }
                         RpcError::Timeout => false,
                     };
@@ -277,5 +288,24 @@ impl BalancedClient {
                 });
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::{PullRequest, SendRequest};
+
+    #[test]
+    fn only_pulls_and_keyed_sends_run_twice() {
+        let keyed = SendRequest {
+            idempotency_key: "k1".into(),
+            ..SendRequest::default()
+        };
+        assert!(repeatable(Some(&RpcRequest::Pull(PullRequest::default()))));
+        assert!(repeatable(Some(&RpcRequest::Send(keyed))));
+        assert!(!repeatable(Some(&RpcRequest::Send(SendRequest::default()))));
+        assert!(!repeatable(Some(&RpcRequest::Ping)));
+        assert!(!repeatable(None));
     }
 }

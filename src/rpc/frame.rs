@@ -116,6 +116,7 @@ mod tests {
                 sender: "a".into(),
                 send_time: 0,
             }),
+            idempotency_key: "key-1".into(),
         }
     }
 

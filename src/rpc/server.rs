@@ -18,8 +18,8 @@ use super::frame::{self, Frame};
 use super::{method, status};
 use crate::accept::next_connection;
 use crate::domain::{
-    Code, DEFAULT_LIMIT, MAX_LIMIT, MAX_NAME_BYTES, MAX_TEXT_BYTES, canonical_chat, validate_pull,
-    validate_send,
+    Code, DEFAULT_LIMIT, MAX_LIMIT, MAX_NAME_BYTES, MAX_TEXT_BYTES, canonical_chat,
+    validate_idempotency_key, validate_pull, validate_send,
 };
 use crate::proto::{Message, PingResponse, PullRequest, PullResponse, SendRequest, SendResponse};
 use crate::store::{AnyStore, Store, StoreError};
@@ -456,7 +456,7 @@ fn overloaded(method: u8) -> Reply {
         method::SEND => Reply::Send(SendResponse {
             code,
             msg,
-            send_time: 0,
+            ..SendResponse::default()
         }),
         method::PULL => Reply::Pull(PullResponse {
             code,
@@ -500,6 +500,10 @@ fn store_failure(err: StoreError) -> (Code, String) {
     match err {
         StoreError::Unavailable => (Code::Unavailable, "the store is unavailable".into()),
         StoreError::Overloaded => (Code::Overloaded, "the store is overloaded".into()),
+        StoreError::IdempotencyKeyReused => (
+            Code::IdempotencyKeyReused,
+            "this idempotency key was already used in this chat for a different message".into(),
+        ),
         StoreError::Internal(why) => {
             eprintln!("im-server: store error: {why}");
             (Code::Internal, "internal store error".into())
@@ -511,7 +515,7 @@ async fn send(store: &AnyStore, req: SendRequest) -> SendResponse {
     let failed = |code: Code, msg: String| SendResponse {
         code: code as i32,
         msg,
-        send_time: 0,
+        ..SendResponse::default()
     };
     let Some(Message {
         chat, text, sender, ..
@@ -522,11 +526,20 @@ async fn send(store: &AnyStore, req: SendRequest) -> SendResponse {
     if let Err(invalid) = validate_send(&chat, &sender, &text) {
         return failed(Code::InvalidArgument, invalid.0);
     }
-    match store.send(&canonical_chat(&chat), &sender, &text).await {
-        Ok(send_time) => SendResponse {
+    // Empty (the proto3 default) = no key.
+    let key = Some(req.idempotency_key.as_str()).filter(|k| !k.is_empty());
+    if let Some(Err(invalid)) = key.map(validate_idempotency_key) {
+        return failed(Code::InvalidArgument, invalid.0);
+    }
+    match store
+        .send(&canonical_chat(&chat), &sender, &text, key)
+        .await
+    {
+        Ok(sent) => SendResponse {
             code: Code::Ok as i32,
             msg: String::new(),
-            send_time,
+            send_time: sent.send_time,
+            replayed: sent.replayed,
         },
         Err(err) => {
             let (code, msg) = store_failure(err);

@@ -35,9 +35,9 @@ use tokio::time::Instant;
 use super::redis::{
     MAX_SEND_BATCH, QueuedSend, RedisOptions, answer_batch, batch_deadline, chat_key, from_mux,
     function_missing, im_send_command, load_library_command, next_batch, page_from_reply,
-    pull_command, queue_send, without_wait,
+    pull_command, send_with_retry, without_wait,
 };
-use super::{Page, Store, StoreError};
+use super::{Page, Sent, Store, StoreError};
 use crate::domain::PullQuery;
 use crate::mux::{ByteBudget, Handle, MuxError, MuxOptions, Pool, Stream};
 use crate::resp::cluster::{Redirect, SlotMap, classify, is_cluster_info, key_slot};
@@ -505,6 +505,8 @@ pub struct ClusterStore {
     /// Bytes of the sends in `sends`.
     sends_bytes: ByteBudget,
     timeout: Duration,
+    /// `EX` of idempotency records, in seconds.
+    idempotency_ttl: String,
 }
 
 impl ClusterStore {
@@ -532,14 +534,29 @@ impl ClusterStore {
             sends,
             sends_bytes,
             timeout: options.timeout,
+            idempotency_ttl: options.idempotency_ttl.as_secs().max(1).to_string(),
         }
     }
 }
 
 impl Store for ClusterStore {
-    async fn send(&self, chat: &str, sender: &str, text: &str) -> Result<i64, StoreError> {
+    async fn send(
+        &self,
+        chat: &str,
+        sender: &str,
+        text: &str,
+        idempotency_key: Option<&str>,
+    ) -> Result<Sent, StoreError> {
         let queue = (&self.sends, &self.sends_bytes);
-        queue_send(queue, self.timeout, chat, sender, text).await
+        let message = (chat, sender, text);
+        send_with_retry(
+            queue,
+            self.timeout,
+            &self.idempotency_ttl,
+            message,
+            idempotency_key,
+        )
+        .await
     }
 
     async fn pull(&self, query: &PullQuery) -> Result<Page, StoreError> {
@@ -636,6 +653,7 @@ mod tests {
             key: chat_key(chat),
             member: encode_member(text, "s"),
             deadline: Instant::now(),
+            record: None,
             reply: oneshot::channel().0,
         }
     }

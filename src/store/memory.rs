@@ -1,12 +1,16 @@
 //! The embedded store: every chat a vector sorted by `send_time`, in memory,
 //! lost on exit. Chats are spread over shards, each behind its own short
 //! critical section, so concurrent chats rarely contend.
+//!
+//! Idempotency keys live in the shard of their chat, so checking a key and
+//! storing the message happen under the same lock, as one step.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
-use super::{Page, PageWriter, Store, StoreError};
+use super::{DEFAULT_IDEMPOTENCY_TTL, Page, PageWriter, Sent, Store, StoreError};
 use crate::domain::PullQuery;
 
 struct Stored {
@@ -15,58 +19,176 @@ struct Stored {
     text: Box<str>,
 }
 
-type Shard = Mutex<HashMap<Box<str>, Vec<Stored>>>;
+#[derive(Default)]
+struct ShardData {
+    chats: HashMap<Box<str>, Vec<Stored>>,
+    keys: IdempotencyKeys,
+}
+
+type Shard = Mutex<ShardData>;
+
+/// The idempotency keys remembered by one shard.
+struct IdempotencyKeys {
+    /// `"<chat>\0<key>"` (a key has no NUL, so this is unambiguous) → the
+    /// send_time of the message the key stored, and when it is forgotten.
+    /// Only the send_time is kept: the message itself, found by it in the
+    /// chat's log, is what a retry is compared with.
+    records: HashMap<Box<str>, (i64, Instant)>,
+    /// Expired records are swept out when the map has doubled since the last
+    /// sweep: amortised O(1) per insert, and at most twice the live records.
+    sweep_at: usize,
+}
+
+impl Default for IdempotencyKeys {
+    fn default() -> Self {
+        IdempotencyKeys {
+            records: HashMap::new(),
+            sweep_at: MIN_SWEEP,
+        }
+    }
+}
+
+/// Records a shard holds before it first sweeps expired ones.
+const MIN_SWEEP: usize = 1024;
+
+impl IdempotencyKeys {
+    /// The send_time an unexpired record of `key` holds.
+    fn get(&self, key: &str, now: Instant) -> Option<i64> {
+        match self.records.get(key) {
+            Some(&(send_time, expires)) if expires > now => Some(send_time),
+            _ => None,
+        }
+    }
+
+    fn insert(&mut self, key: String, send_time: i64, expires: Instant, now: Instant) {
+        self.records.insert(key.into(), (send_time, expires));
+        if self.records.len() >= self.sweep_at {
+            self.records.retain(|_, (_, expires)| *expires > now);
+            self.sweep_at = (2 * self.records.len()).max(MIN_SWEEP);
+        }
+    }
+}
 
 pub struct MemoryStore {
     shards: Box<[Shard]>,
     hasher: RandomState,
+    idempotency_ttl: Duration,
 }
 
 const SHARDS: usize = 64;
 
 impl Default for MemoryStore {
     fn default() -> Self {
-        MemoryStore {
-            shards: (0..SHARDS).map(|_| Shard::default()).collect(),
-            hasher: RandomState::new(),
-        }
+        MemoryStore::new(DEFAULT_IDEMPOTENCY_TTL)
     }
 }
 
 impl MemoryStore {
-    fn shard(&self, chat: &str) -> std::sync::MutexGuard<'_, HashMap<Box<str>, Vec<Stored>>> {
+    /// A store that remembers idempotency keys for `idempotency_ttl`.
+    pub fn new(idempotency_ttl: Duration) -> Self {
+        MemoryStore {
+            shards: (0..SHARDS).map(|_| Shard::default()).collect(),
+            hasher: RandomState::new(),
+            idempotency_ttl,
+        }
+    }
+
+    fn shard(&self, chat: &str) -> std::sync::MutexGuard<'_, ShardData> {
         let i = self.hasher.hash_one(chat) as usize % self.shards.len();
         // A panic while holding the lock cannot leave a chat half-written:
-        // every mutation is a single push.
+        // every mutation is a single push (for a keyed send, followed by
+        // the insert of its record).
         self.shards[i]
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
     }
 }
 
-impl Store for MemoryStore {
-    async fn send(&self, chat: &str, sender: &str, text: &str) -> Result<i64, StoreError> {
-        let mut shard = self.shard(chat);
-        let log = match shard.get_mut(chat) {
+/// Appends a message to a chat's log; returns its send_time.
+fn append(log: &mut Vec<Stored>, sender: &str, text: &str) -> i64 {
+    let now = crate::now_micros();
+    let send_time = match log.last() {
+        Some(last) if last.send_time >= now => last.send_time + 1,
+        _ => now,
+    };
+    log.push(Stored {
+        send_time,
+        sender: sender.into(),
+        text: text.into(),
+    });
+    send_time
+}
+
+impl MemoryStore {
+    /// A keyed send: replays the key's message, refuses another one, or
+    /// stores it and remembers the key; all under the shard's one lock.
+    fn send_once(
+        &self,
+        shard: &mut ShardData,
+        chat: &str,
+        sender: &str,
+        text: &str,
+        key: &str,
+    ) -> Result<Sent, StoreError> {
+        let record = format!("{chat}\0{key}");
+        let now = Instant::now();
+        // Looked up first: its name is allocated only for a new chat.
+        let log = match shard.chats.get_mut(chat) {
             Some(log) => log,
-            None => shard.entry(chat.into()).or_default(),
+            None => shard.chats.entry(chat.into()).or_default(),
         };
-        let now = crate::now_micros();
-        let send_time = match log.last() {
-            Some(last) if last.send_time >= now => last.send_time + 1,
-            _ => now,
-        };
-        log.push(Stored {
+        if let Some(send_time) = shard.keys.get(&record, now) {
+            let first = log
+                .binary_search_by_key(&send_time, |m| m.send_time)
+                .ok()
+                .and_then(|i| log.get(i));
+            return match first {
+                Some(m) if *m.sender == *sender && *m.text == *text => Ok(Sent {
+                    send_time,
+                    replayed: true,
+                }),
+                Some(_) => Err(StoreError::IdempotencyKeyReused),
+                None => Err(StoreError::Internal(
+                    "an idempotency record names a message that is not stored".into(),
+                )),
+            };
+        }
+        let send_time = append(log, sender, text);
+        let expires = now + self.idempotency_ttl;
+        shard.keys.insert(record, send_time, expires, now);
+        Ok(Sent {
             send_time,
-            sender: sender.into(),
-            text: text.into(),
-        });
-        Ok(send_time)
+            replayed: false,
+        })
+    }
+}
+
+impl Store for MemoryStore {
+    async fn send(
+        &self,
+        chat: &str,
+        sender: &str,
+        text: &str,
+        idempotency_key: Option<&str>,
+    ) -> Result<Sent, StoreError> {
+        let mut shard = self.shard(chat);
+        if let Some(key) = idempotency_key {
+            return self.send_once(&mut shard, chat, sender, text, key);
+        }
+        // Looked up first: its name is allocated only for a new chat.
+        let log = match shard.chats.get_mut(chat) {
+            Some(log) => log,
+            None => shard.chats.entry(chat.into()).or_default(),
+        };
+        Ok(Sent {
+            send_time: append(log, sender, text),
+            replayed: false,
+        })
     }
 
     async fn pull(&self, query: &PullQuery) -> Result<Page, StoreError> {
         let shard = self.shard(&query.chat);
-        let Some(log) = shard.get(query.chat.as_str()) else {
+        let Some(log) = shard.chats.get(query.chat.as_str()) else {
             return Ok(Page::default());
         };
         let mut page = PageWriter::new(&query.chat, query.limit);
@@ -91,5 +213,30 @@ impl Store for MemoryStore {
                 .for_each(drop);
         }
         Ok(page.finish())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expired_idempotency_records_are_swept() {
+        let mut keys = IdempotencyKeys::default();
+        let start = Instant::now();
+        let ttl = Duration::from_secs(1);
+        // Each record is expired by the time the next 10 are made.
+        for i in 0..100_000u64 {
+            let now = start + Duration::from_millis(100 * i);
+            keys.insert(format!("c\0{i}"), i as i64, now + ttl, now);
+            assert!(
+                keys.records.len() < 2 * MIN_SWEEP,
+                "{} records",
+                keys.records.len()
+            );
+        }
+        let now = start + Duration::from_millis(100 * 99_999);
+        assert_eq!(keys.get("c\099999", now), Some(99_999));
+        assert_eq!(keys.get("c\099999", now + ttl), None, "expired");
     }
 }

@@ -7,6 +7,12 @@
 //! A store assigns each message its `send_time`: microseconds since the
 //! epoch, unique and strictly increasing within a chat (the larger of the
 //! clock and the chat's last `send_time` + 1).
+//!
+//! A send may carry an idempotency key: within the retention window, the
+//! same key in the same chat stores one message, and every later send with
+//! it gets the first one's `send_time` back (`replayed`), or
+//! [`StoreError::IdempotencyKeyReused`] if its text or sender differ. The
+//! check and the store are one atomic step, like the `send_time` rule.
 
 pub mod cluster;
 pub mod memory;
@@ -25,7 +31,21 @@ pub enum StoreError {
     Overloaded,
     /// The store answered something it never should.
     Internal(String),
+    /// The idempotency key was used in this chat for another message.
+    IdempotencyKeyReused,
 }
+
+/// What a send did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sent {
+    pub send_time: i64,
+    /// Nothing was stored: the idempotency key names an earlier, identical
+    /// send, whose `send_time` this is.
+    pub replayed: bool,
+}
+
+/// How long an idempotency key is remembered, unless configured.
+pub const DEFAULT_IDEMPOTENCY_TTL: std::time::Duration = std::time::Duration::from_secs(86_400);
 
 /// One page of a pull, already encoded as the body of an OK `PullResponse`
 /// (code 0 and an empty msg are proto3 defaults and take no bytes), so the
@@ -97,13 +117,16 @@ impl<'a> PageWriter<'a> {
 pub trait Store: Send + Sync + 'static {
     /// Stores a message in the (canonical, validated) `chat`; returns the
     /// `send_time` it got. `Ok` only once the message is durably accepted by
-    /// the store.
+    /// the store. With a (validated) `idempotency_key` already used in this
+    /// chat within the retention window, stores nothing and answers as
+    /// described in the module documentation.
     fn send(
         &self,
         chat: &str,
         sender: &str,
         text: &str,
-    ) -> impl Future<Output = Result<i64, StoreError>> + Send;
+        idempotency_key: Option<&str>,
+    ) -> impl Future<Output = Result<Sent, StoreError>> + Send;
 
     /// One page of `query.chat`, in the order `query.reverse` asks for.
     fn pull(&self, query: &PullQuery) -> impl Future<Output = Result<Page, StoreError>> + Send;
@@ -118,11 +141,17 @@ pub enum AnyStore {
 }
 
 impl Store for AnyStore {
-    async fn send(&self, chat: &str, sender: &str, text: &str) -> Result<i64, StoreError> {
+    async fn send(
+        &self,
+        chat: &str,
+        sender: &str,
+        text: &str,
+        idempotency_key: Option<&str>,
+    ) -> Result<Sent, StoreError> {
         match self {
-            AnyStore::Memory(store) => store.send(chat, sender, text).await,
-            AnyStore::Redis(store) => store.send(chat, sender, text).await,
-            AnyStore::Cluster(store) => store.send(chat, sender, text).await,
+            AnyStore::Memory(store) => store.send(chat, sender, text, idempotency_key).await,
+            AnyStore::Redis(store) => store.send(chat, sender, text, idempotency_key).await,
+            AnyStore::Cluster(store) => store.send(chat, sender, text, idempotency_key).await,
         }
     }
 

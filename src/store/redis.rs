@@ -15,6 +15,10 @@
 //!   Measured with redis-benchmark: one message per call, 113k calls/s (61k/s
 //!   for an earlier version calling TIME and building a varint in Lua);
 //!   8 messages to one chat per call, 238k messages/s.
+//! * Idempotency keys: a send with a key also names its record,
+//!   [`idempotency_record_key`] (in the chat's slot), which `im_send` reads
+//!   and writes (`SET ... EX`) in the same call as the ZADD; see [`LIBRARY`].
+//!   With a key, a send whose connection failed is sent once more.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,7 +27,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use super::{Page, PageWriter, Store, StoreError};
+use super::{Page, PageWriter, Sent, Store, StoreError};
 use crate::domain::PullQuery;
 use crate::mux::{ByteBudget, Handle, MuxError, MuxOptions, Pool};
 use crate::resp::connection::{RespProtocol, RespRequest};
@@ -34,32 +38,80 @@ use crate::wire::{self, Malformed, Value, next_field, text};
 /// Loaded (idempotently) on every connection. Needs Redis >= 7.0.
 const LIBRARY: &str = r#"#!lua name=im
 -- Stores a batch of messages, each atomically with its send_time.
--- KEYS[i] = message i's chat; ARGV[i] = message i as a StoredMessage protobuf
--- without send_time; ARGV[#KEYS + 1] = the caller's clock in microseconds.
--- Returns the send_times, in order. Within a chat, each message gets
--- max(clock, the chat's highest score + 1), so send_times stay unique and
--- increasing in the order Redis applies them, whoever the caller is.
+-- Without idempotency keys: KEYS[i] = message i's chat; ARGV[i] = message i
+-- as a StoredMessage protobuf without send_time; ARGV[#KEYS + 1] = the
+-- caller's clock in microseconds.
+-- With m keyed messages among the n, their record keys (each in its chat's
+-- slot) follow the chats, and ARGV gains each one's message index, the
+-- records' TTL in seconds and m:
+--   KEYS = chat_1..chat_n, record_1..record_m
+--   ARGV = member_1..member_n, index_1..index_m, ttl, m, clock
+-- Returns, per message: its send_time (stored now); {send_time} (its key's
+-- record matches it: nothing stored, this is the first send's send_time);
+-- or the status REUSED (the key's record is for another text or sender).
+-- Within a chat, each stored message gets max(clock, the chat's highest
+-- score + 1), so send_times stay unique and increasing in the order Redis
+-- applies them, whoever the caller is.
+-- A record is the send_time (8 bytes) and 128 bits of the SHA-1 of the
+-- member (text + sender): 40 bytes, an embedded string in Redis.
+local function fingerprint(member)
+  return string.sub(redis.sha1hex(member), 1, 32)
+end
+
 redis.register_function('im_send', function(keys, args)
-  local now = tonumber(args[#keys + 1])
+  local n, nargs = #keys, #args
+  local now = tonumber(args[nargs])
+  -- Batches without keys (the common case) skip every step below that
+  -- concerns records: no more tables, no more calls.
+  local records, ttl, seen
+  if nargs > n + 1 then
+    local m = tonumber(args[nargs - 1])
+    ttl = args[nargs - 2]
+    n = n - m
+    records, seen = {}, {}
+    for j = 1, m do records[tonumber(args[n + j])] = keys[n + j] end
+  end
   local last, adds, chats, out = {}, {}, {}, {}
-  for i = 1, #keys do
-    local key = keys[i]
-    local prev = last[key]
-    if prev == nil then
-      local top = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
-      prev = top[2] and tonumber(top[2]) or -1
-      adds[key] = {}
-      chats[#chats + 1] = key
+  for i = 1, n do
+    local record = records and records[i]
+    local digest, earlier
+    if record then
+      digest = fingerprint(args[i])
+      -- A key may come several times in one batch (concurrent retries):
+      -- `seen` spares a GET of the record written earlier in this call.
+      earlier = seen[record] or redis.call('GET', record)
+      seen[record] = earlier
     end
-    local t = now
-    if prev >= t then t = prev + 1 end
-    last[key] = t
-    -- Prepend field 1 (send_time, sfixed64: tag 0x09 + 8 bytes little-endian):
-    -- the member becomes unique and carries its own send_time.
-    local scored = adds[key]
-    scored[#scored + 1] = t
-    scored[#scored + 1] = '\9' .. struct.pack('<i8', t) .. args[i]
-    out[i] = t
+    if earlier then
+      if string.sub(earlier, 9) == digest then
+        out[i] = {(struct.unpack('<i8', earlier))}
+      else
+        out[i] = {ok = 'REUSED'}
+      end
+    else
+      local key = keys[i]
+      local prev = last[key]
+      if prev == nil then
+        local top = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
+        prev = top[2] and tonumber(top[2]) or -1
+        adds[key] = {}
+        chats[#chats + 1] = key
+      end
+      local t = now
+      if prev >= t then t = prev + 1 end
+      last[key] = t
+      -- Prepend field 1 (send_time, sfixed64: tag 0x09 + 8 bytes little-endian):
+      -- the member becomes unique and carries its own send_time.
+      local scored = adds[key]
+      scored[#scored + 1] = t
+      scored[#scored + 1] = '\9' .. struct.pack('<i8', t) .. args[i]
+      out[i] = t
+      if record then
+        local value = struct.pack('<i8', t) .. digest
+        redis.call('SET', record, value, 'EX', ttl)
+        seen[record] = value
+      end
+    end
   end
   -- One ZADD per chat for the whole batch.
   for _, key in ipairs(chats) do
@@ -91,6 +143,8 @@ pub struct RedisOptions {
     pub max_queued_bytes: usize,
     /// A send is acknowledged only once this many replicas have it (0: at once).
     pub wait_replicas: u32,
+    /// How long an idempotency key is remembered (whole seconds, at least 1).
+    pub idempotency_ttl: Duration,
 }
 
 impl RedisOptions {
@@ -138,6 +192,8 @@ pub struct RedisStore {
     /// Bytes of the sends in `sends`.
     sends_bytes: ByteBudget,
     timeout: Duration,
+    /// `EX` of idempotency records, in seconds.
+    idempotency_ttl: String,
 }
 
 pub(super) struct QueuedSend {
@@ -146,20 +202,43 @@ pub(super) struct QueuedSend {
     /// When the caller stops waiting (and answers 503): a send still queued
     /// then must never be written.
     pub(super) deadline: Instant,
-    pub(super) reply: oneshot::Sender<Result<i64, StoreError>>,
+    /// With an idempotency key, its record.
+    pub(super) record: Option<IdempotencyRecord>,
+    pub(super) reply: oneshot::Sender<Result<Sent, StoreError>>,
 }
 
 impl QueuedSend {
     /// What it counts against [`RedisStore::sends_bytes`].
     fn bytes(&self) -> usize {
-        self.key.len() + self.member.len()
+        self.key.len() + self.member.len() + self.record.as_ref().map_or(0, |r| r.key.len())
     }
+}
+
+#[derive(Clone)]
+pub(super) struct IdempotencyRecord {
+    key: String,
+    /// Seconds, as `SET ... EX` takes them.
+    ttl: String,
 }
 
 /// The key of a chat's sorted set.
 pub fn chat_key(chat: &str) -> String {
     format!("im:{{{chat}}}")
 }
+
+/// The key of the record of an idempotency key used in a chat:
+/// `im:idem:<chat length>:{<chat>}:<key>`. The chat is the hash tag, as in
+/// [`chat_key`], so the record is in the chat's slot. The length makes the
+/// name unambiguous (a chat may contain `}:`, a key may too), and the prefix
+/// keeps it apart from every chat key (`im:{`).
+pub fn idempotency_record_key(chat: &str, key: &str) -> String {
+    format!("im:idem:{}:{{{chat}}}:{key}", chat.len())
+}
+
+/// A keyed send whose first attempt failed without an answer is sent once
+/// more after this pause, which lets the connection reconnect (its backoff
+/// starts at 25 ms), if the Redis timeout leaves room for it.
+const RETRY_PAUSE: Duration = Duration::from_millis(100);
 
 impl RedisStore {
     pub fn new(target: RedisTarget, options: &RedisOptions) -> RedisStore {
@@ -192,6 +271,7 @@ impl RedisStore {
             sends,
             sends_bytes,
             timeout: options.timeout,
+            idempotency_ttl: options.idempotency_ttl.as_secs().max(1).to_string(),
         }
     }
 
@@ -313,19 +393,6 @@ impl Batcher {
     }
 }
 
-/// The one `im_send` call that stores `batch` (in a cluster every key of it
-/// must be in one slot); `now` is the caller's clock in µs.
-pub(super) fn im_send_command(batch: &[QueuedSend], now: i64) -> Bytes {
-    let now = now.to_string();
-    let count = batch.len().to_string();
-    let mut args: Vec<&[u8]> = Vec::with_capacity(4 + 2 * batch.len());
-    args.extend([&b"FCALL"[..], b"im_send", count.as_bytes()]);
-    args.extend(batch.iter().map(|s| s.key.as_bytes()));
-    args.extend(batch.iter().map(|s| &s.member[..]));
-    args.push(now.as_bytes());
-    command::encode(&args)
-}
-
 /// What it takes to run a batch again on the connection it went to.
 struct Retry {
     handle: Handle<RespProtocol>,
@@ -359,12 +426,40 @@ pub(super) fn function_missing(reply: &Result<Reply, MuxError>) -> bool {
     matches!(reply, Ok(Reply::Error(err)) if err.contains("Function not found"))
 }
 
-/// Hands each sender of a batch its send_time, or the batch's failure.
+/// The one `im_send` call storing `batch` (see [`LIBRARY`] for its
+/// arguments; in a cluster every key of it must be in one slot); `now` is
+/// the caller's clock in µs.
+/// A batch without idempotency keys is encoded exactly as before they existed.
+pub(super) fn im_send_command(batch: &[QueuedSend], now: i64) -> Bytes {
+    let now = now.to_string();
+    // (1-based message index, record) of the keyed sends.
+    let keyed: Vec<(String, &IdempotencyRecord)> = batch
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| s.record.as_ref().map(|r| ((i + 1).to_string(), r)))
+        .collect();
+    let count = (batch.len() + keyed.len()).to_string();
+    let mut args: Vec<&[u8]> = Vec::with_capacity(4 + 2 * batch.len() + 2 * keyed.len() + 2);
+    args.extend([&b"FCALL"[..], b"im_send", count.as_bytes()]);
+    args.extend(batch.iter().map(|s| s.key.as_bytes()));
+    args.extend(keyed.iter().map(|(_, r)| r.key.as_bytes()));
+    args.extend(batch.iter().map(|s| &s.member[..]));
+    let keyed_count = keyed.len().to_string();
+    if let Some((_, first)) = keyed.first() {
+        args.extend(keyed.iter().map(|(index, _)| index.as_bytes()));
+        // One store, one TTL: every record of a batch has the same.
+        args.extend([first.ttl.as_bytes(), keyed_count.as_bytes()]);
+    }
+    args.push(now.as_bytes());
+    command::encode(&args)
+}
+
+/// Hands each sender of a batch its outcome, or the batch's failure.
 pub(super) fn answer_batch(
     reply: Result<Reply, MuxError>,
-    waiters: Vec<oneshot::Sender<Result<i64, StoreError>>>,
+    waiters: Vec<oneshot::Sender<Result<Sent, StoreError>>>,
 ) {
-    let times = match reply {
+    let outcomes = match reply {
         Ok(Reply::Array(items)) if items.len() == waiters.len() => items,
         Ok(other) => {
             let err = StoreError::Internal(format!("im_send returned {other:?}"));
@@ -380,13 +475,31 @@ pub(super) fn answer_batch(
             return;
         }
     };
-    for (waiter, time) in waiters.into_iter().zip(times) {
-        let _ = waiter.send(match time {
-            Reply::Integer(send_time) => Ok(send_time),
-            other => Err(StoreError::Internal(format!(
-                "im_send returned {other:?} for a message"
+    for (waiter, outcome) in waiters.into_iter().zip(outcomes) {
+        let _ = waiter.send(send_outcome(outcome));
+    }
+}
+
+/// One message's entry in im_send's reply.
+fn send_outcome(reply: Reply) -> Result<Sent, StoreError> {
+    let sent = |send_time, replayed| {
+        Ok(Sent {
+            send_time,
+            replayed,
+        })
+    };
+    match reply {
+        Reply::Integer(send_time) => sent(send_time, false),
+        Reply::Array(replay) => match replay[..] {
+            [Reply::Integer(send_time)] => sent(send_time, true),
+            _ => Err(StoreError::Internal(format!(
+                "im_send returned {replay:?} for a message"
             ))),
-        });
+        },
+        Reply::SimpleString(status) if status == "REUSED" => Err(StoreError::IdempotencyKeyReused),
+        other => Err(StoreError::Internal(format!(
+            "im_send returned {other:?} for a message"
+        ))),
     }
 }
 
@@ -437,9 +550,23 @@ pub(super) fn from_mux(err: MuxError) -> StoreError {
 }
 
 impl Store for RedisStore {
-    async fn send(&self, chat: &str, sender: &str, text: &str) -> Result<i64, StoreError> {
+    async fn send(
+        &self,
+        chat: &str,
+        sender: &str,
+        text: &str,
+        idempotency_key: Option<&str>,
+    ) -> Result<Sent, StoreError> {
         let queue = (&self.sends, &self.sends_bytes);
-        queue_send(queue, self.timeout, chat, sender, text).await
+        let message = (chat, sender, text);
+        send_with_retry(
+            queue,
+            self.timeout,
+            &self.idempotency_ttl,
+            message,
+            idempotency_key,
+        )
+        .await
     }
 
     async fn pull(&self, query: &PullQuery) -> Result<Page, StoreError> {
@@ -448,21 +575,62 @@ impl Store for RedisStore {
     }
 }
 
-/// Queues a send for a batcher (`queue`: its channel and the byte budget of
-/// what is in it) and waits for its send_time, at most `timeout`.
-pub(super) async fn queue_send(
-    (sends, budget): (&mpsc::Sender<QueuedSend>, &ByteBudget),
+/// A batcher's queue: its channel and the byte budget of what is in it.
+pub(super) type SendQueue<'a> = (&'a mpsc::Sender<QueuedSend>, &'a ByteBudget);
+
+/// Stores `(chat, sender, text)` through a batcher's queue within `timeout`.
+/// With an idempotency key (records kept `ttl` seconds), a first attempt
+/// whose outcome is unknown (connection lost, maybe after the write; or not
+/// connected) is made once more: the key makes a second store impossible.
+/// Without one, never: the first attempt may have stored the message.
+pub(super) async fn send_with_retry(
+    queue: SendQueue<'_>,
     timeout: Duration,
-    chat: &str,
-    sender: &str,
-    text: &str,
-) -> Result<i64, StoreError> {
-    let (reply, answer) = oneshot::channel();
+    ttl: &str,
+    (chat, sender, text): (&str, &str, &str),
+    idempotency_key: Option<&str>,
+) -> Result<Sent, StoreError> {
     let deadline = Instant::now() + timeout;
-    let queued = QueuedSend {
-        key: chat_key(chat),
-        member: encode_member(text, sender),
+    let key = chat_key(chat);
+    let member = encode_member(text, sender);
+    let Some(idempotency_key) = idempotency_key else {
+        return queue_send(queue, key, member, None, deadline).await;
+    };
+    let record = IdempotencyRecord {
+        key: idempotency_record_key(chat, idempotency_key),
+        ttl: ttl.to_string(),
+    };
+    let first = queue_send(
+        queue,
+        key.clone(),
+        member.clone(),
+        Some(record.clone()),
         deadline,
+    )
+    .await;
+    match first {
+        Err(StoreError::Unavailable) if Instant::now() + RETRY_PAUSE < deadline => {
+            tokio::time::sleep(RETRY_PAUSE).await;
+            queue_send(queue, key, member, Some(record), deadline).await
+        }
+        other => other,
+    }
+}
+
+/// Queues one send for a batcher and waits for its answer until `deadline`.
+async fn queue_send(
+    (sends, budget): SendQueue<'_>,
+    key: String,
+    member: Vec<u8>,
+    record: Option<IdempotencyRecord>,
+    deadline: Instant,
+) -> Result<Sent, StoreError> {
+    let (reply, answer) = oneshot::channel();
+    let queued = QueuedSend {
+        key,
+        member,
+        deadline,
+        record,
         reply,
     };
     let bytes = queued.bytes();

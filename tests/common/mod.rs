@@ -643,8 +643,16 @@ impl Backend {
 
     /// A server on a Redis Cluster of 3 masters and 3 replicas, given one node's URL.
     pub fn cluster() -> Backend {
+        Backend::cluster_with(&[])
+    }
+
+    /// [`Backend::cluster`] with extra `im-server` arguments.
+    pub fn cluster_with(args: &[&str]) -> Backend {
         let cluster = Cluster::start();
-        let server = Server::start("all", &["--redis", &cluster.url()], &[]);
+        let url = cluster.url();
+        let mut all = vec!["--redis", url.as_str()];
+        all.extend_from_slice(args);
+        let server = Server::start("all", &all, &[]);
         assert!(
             server.stderr().contains("store: Redis Cluster"),
             "the server did not detect the cluster:\n{}",
@@ -659,6 +667,28 @@ impl Backend {
 
     pub fn addr(&self) -> SocketAddr {
         self.server.http_addr()
+    }
+
+    /// [`Backend::memory`] with extra `im-server` arguments.
+    pub fn memory_with(args: &[&str]) -> Backend {
+        Backend {
+            server: Server::start("all", args, &[]),
+            redis: None,
+            cluster: None,
+        }
+    }
+
+    /// [`Backend::redis`] with extra `im-server` arguments.
+    pub fn redis_with(args: &[&str]) -> Backend {
+        let redis = Redis::start();
+        let url = redis.url();
+        let mut all = vec!["--redis", url.as_str()];
+        all.extend_from_slice(args);
+        Backend {
+            server: Server::start("all", &all, &[]),
+            redis: Some(redis),
+            cluster: None,
+        }
     }
 }
 

@@ -240,6 +240,15 @@ pub fn idempotency_record_key(chat: &str, key: &str) -> String {
     format!("im:idem:{}:{{{chat}}}:{key}", chat.len())
 }
 
+/// Whether the record of `key` in `chat` hashes to the chat's slot, as
+/// `im_send` needs (one call's keys must share a slot on a cluster). It does
+/// unless the chat's name starts with `}`: then `im:{}…` has an empty hash
+/// tag, the whole key is hashed, and no record key can follow it there.
+pub fn record_shares_the_chat_slot(chat: &str, key: &str) -> bool {
+    let slot = |k: &str| redis_protocol::redis_keyslot(k.as_bytes());
+    slot(&chat_key(chat)) == slot(&idempotency_record_key(chat, key))
+}
+
 /// A keyed send whose first attempt failed without an answer is sent once
 /// more after this pause, which lets the connection reconnect (its backoff
 /// starts at 25 ms), if the Redis timeout leaves room for it.
@@ -712,6 +721,15 @@ mod tests {
         member.extend_from_slice(&send_time.to_le_bytes());
         member.extend(encode_member(text, sender));
         member
+    }
+
+    #[test]
+    fn records_share_their_chat_slot_unless_the_tag_is_empty() {
+        for chat in ["room", "a:b", "x}y", "{a}", "ä"] {
+            assert!(record_shares_the_chat_slot(chat, "k-1"), "{chat:?}");
+        }
+        assert!(!record_shares_the_chat_slot("}x", "k-1"));
+        assert!(!record_shares_the_chat_slot("", "k-1"), "empty chats are refused anyway");
     }
 
     #[test]

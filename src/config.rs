@@ -57,6 +57,12 @@ pub struct Config {
     pub threads: usize,
     /// How long a send's idempotency key is remembered.
     pub idempotency_ttl: Duration,
+    /// Authentication: the HS256 secret's file; `None` = off.
+    pub auth_jwt_secret_file: Option<String>,
+    pub auth_issuer: Option<String>,
+    pub auth_audience: Option<String>,
+    pub rate_limit_send: Option<crate::ratelimit::Rate>,
+    pub rate_limit_pull: Option<crate::ratelimit::Rate>,
 }
 
 /// Longest idempotency-key retention accepted, in seconds: 10 years (Redis
@@ -100,6 +106,11 @@ pub const OPTIONS: &[OptionSpec] = &[
     OptionSpec { flag: "--max-in-flight", env: "IM_MAX_IN_FLIGHT", default: Some("8192"), help: "calls in flight per RPC/Redis connection" },
     OptionSpec { flag: "--max-queued-bytes", env: "IM_MAX_QUEUED_BYTES", default: Some("8388608"), help: "bytes of Redis commands queued per connection (and of sends waiting to be batched, per thread) before 503 overloaded" },
     OptionSpec { flag: "--threads", env: "IM_THREADS", default: Some("0"), help: "worker threads, each a single-threaded runtime with its own connections (0 = one per core)" },
+    OptionSpec { flag: "--auth-jwt-secret-file", env: "IM_AUTH_JWT_SECRET_FILE", default: None, help: "turns authentication on: a file holding the HS256 secret (>= 32 bytes) of the bearer tokens the gateway accepts" },
+    OptionSpec { flag: "--auth-issuer", env: "IM_AUTH_ISSUER", default: None, help: "with authentication: the `iss` every token must carry" },
+    OptionSpec { flag: "--auth-audience", env: "IM_AUTH_AUDIENCE", default: None, help: "with authentication: a value every token's `aud` must contain" },
+    OptionSpec { flag: "--rate-limit-send", env: "IM_RATE_LIMIT_SEND", default: None, help: "sends per user (per client address without authentication) and gateway process: N/s or N/m, optionally :BURST (e.g. 20/s:40); over it 429" },
+    OptionSpec { flag: "--rate-limit-pull", env: "IM_RATE_LIMIT_PULL", default: None, help: "pulls per user (or client address) and gateway process, like --rate-limit-send" },
     OptionSpec { flag: "--idempotency-ttl-s", env: "IM_IDEMPOTENCY_TTL_S", default: Some("86400"), help: "how long a send's idempotency key is remembered, in seconds" },
 ];
 
@@ -253,6 +264,17 @@ impl Config {
                 "--idempotency-ttl-s",
                 MAX_IDEMPOTENCY_TTL_S,
             )?),
+            auth_jwt_secret_file: get("--auth-jwt-secret-file"),
+            auth_issuer: get("--auth-issuer"),
+            auth_audience: get("--auth-audience"),
+            rate_limit_send: get("--rate-limit-send")
+                .map(|r| r.parse())
+                .transpose()
+                .map_err(|e| format!("--rate-limit-send: {e}"))?,
+            rate_limit_pull: get("--rate-limit-pull")
+                .map(|r| r.parse())
+                .transpose()
+                .map_err(|e| format!("--rate-limit-pull: {e}"))?,
         })))
     }
 }

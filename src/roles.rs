@@ -16,9 +16,11 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, mpsc, watch};
 
+use crate::auth::{Auth, Validation};
 use crate::config::{Config, Role};
 use crate::discovery::{self, Registration, Sources, Target};
 use crate::gateway::Gateway;
+use crate::gateway::access::Access;
 use crate::http::Limits;
 use crate::http::server::{ServerOptions, connection_slots};
 use crate::resp::url::RedisTarget;
@@ -42,6 +44,8 @@ struct Plan {
     gateway: Option<(watch::Receiver<Vec<SocketAddr>>, Arc<Semaphore>)>,
     /// Where this process's RPC server listens, when it runs one.
     rpc_local: Option<SocketAddr>,
+    /// Authentication and rate limits, shared by the gateway's shards.
+    access: Arc<Access>,
 }
 
 /// One shard's handles on the listening sockets. Each shard owns its own
@@ -240,12 +244,14 @@ fn plan(config: Config) -> Result<(Plan, Listeners), String> {
         None => (None, None),
     };
     let rpc_slots = crate::rpc::server::connection_slots(&rpc_server_options(&config));
+    let access = Arc::new(access(&config)?);
     let plan = Plan {
         config,
         store,
         rpc_slots,
         gateway,
         rpc_local,
+        access,
     };
     let listeners = Listeners {
         rpc: rpc_listener,
@@ -376,6 +382,32 @@ fn shard_listener(listener: Option<StdListener>) -> Result<TcpListener, String> 
     TcpListener::from_std(listener).map_err(|e| format!("cannot register a listener: {e}"))
 }
 
+/// Authentication (its secret read once, at start-up) and rate limits.
+fn access(config: &Config) -> Result<Access, String> {
+    let auth = match &config.auth_jwt_secret_file {
+        None => None,
+        Some(path) => Some(Auth {
+            rules: Validation {
+                secret: crate::auth::token_cmd::load_secret(path)?,
+                issuer: config.auth_issuer.clone(),
+                audience: config.auth_audience.clone(),
+                leeway_s: AUTH_LEEWAY_S,
+            },
+        }),
+    };
+    if auth.is_some() {
+        eprintln!("im-server: authentication on: bearer tokens (HS256) required");
+    }
+    Ok(Access::new(
+        auth,
+        config.rate_limit_send,
+        config.rate_limit_pull,
+    ))
+}
+
+/// Clock skew tolerated on a token's `exp` and `nbf`, in seconds.
+const AUTH_LEEWAY_S: i64 = 30;
+
 fn redis_options(config: &Config) -> RedisOptions {
     RedisOptions {
         connections: config.redis_connections,
@@ -454,10 +486,8 @@ async fn run_shard(
             max_in_flight: config.max_in_flight,
             max_frame: config.max_frame,
         };
-        let gateway = Arc::new(Gateway::new(BalancedClient::new(
-            endpoints.clone(),
-            rpc_options,
-        )));
+        let rpc = BalancedClient::new(endpoints.clone(), rpc_options);
+        let gateway = Arc::new(Gateway::new(rpc, plan.access.clone()));
         crate::http::serve(
             shard_listener(listeners.http)?,
             gateway,

@@ -22,6 +22,15 @@ pub enum ApiError {
     IdempotencyKeyReused,
     /// A bug on our side (never the client's fault).
     Internal(String),
+    /// No acceptable bearer token; `missing` when none was sent at all.
+    Unauthorized {
+        missing: bool,
+        why: &'static str,
+    },
+    /// The user may not do this.
+    Forbidden(&'static str),
+    /// Over the client's rate limit; retry after this many seconds.
+    RateLimited(u32),
 }
 
 impl ApiError {
@@ -42,6 +51,9 @@ impl ApiError {
             ApiError::Timeout => 504,
             ApiError::IdempotencyKeyReused => 422,
             ApiError::Internal(_) => 500,
+            ApiError::Unauthorized { .. } => 401,
+            ApiError::Forbidden(_) => 403,
+            ApiError::RateLimited(_) => 429,
         }
     }
 
@@ -62,6 +74,10 @@ impl ApiError {
             ApiError::Timeout => "timeout",
             ApiError::IdempotencyKeyReused => "idempotency_key_reused",
             ApiError::Internal(_) => "internal",
+            ApiError::Unauthorized { missing: true, .. } => "unauthorized",
+            ApiError::Unauthorized { missing: false, .. } => "invalid_token",
+            ApiError::Forbidden(_) => "forbidden",
+            ApiError::RateLimited(_) => "rate_limited",
         }
     }
 
@@ -91,6 +107,10 @@ impl ApiError {
             ApiError::IdempotencyKeyReused => {
                 "this idempotency key was already used in this chat for a different message".into()
             }
+            ApiError::Unauthorized { why, .. } | ApiError::Forbidden(why) => (*why).into(),
+            ApiError::RateLimited(secs) => {
+                format!("too many requests from this client; retry in {secs} s")
+            }
         }
     }
 
@@ -105,6 +125,17 @@ impl ApiError {
         match self {
             ApiError::MethodNotAllowed(allow) => resp.allow = Some(allow),
             ApiError::Unavailable | ApiError::Overloaded => resp.retry_after = Some(1),
+            ApiError::RateLimited(secs) => resp.retry_after = Some(secs),
+            // RFC 6750 §3: no error code when no credentials were sent.
+            ApiError::Unauthorized { missing: true, .. } => {
+                resp.extra_header = Some(("WWW-Authenticate", r#"Bearer realm="im""#));
+            }
+            ApiError::Unauthorized { missing: false, .. } => {
+                resp.extra_header = Some((
+                    "WWW-Authenticate",
+                    r#"Bearer realm="im", error="invalid_token""#,
+                ));
+            }
             ApiError::Http(HttpError::TooManyConnections) => {
                 resp.retry_after = Some(1);
                 resp.close = true;

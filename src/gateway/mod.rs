@@ -1,9 +1,12 @@
 //! The HTTP gateway: routes requests, turns JSON into RPC calls and RPC
 //! replies back into JSON.
 
+pub mod access;
 pub mod error;
 pub mod json;
 pub mod pull_wire;
+
+use std::sync::Arc;
 
 use crate::http::{Handler, HttpError, Method, Request, Response};
 use crate::proto::{SendRequest, SendResponse};
@@ -11,10 +14,13 @@ use crate::rpc::balanced::{BalancedCall, BalancedClient};
 use crate::rpc::client::RpcRequest;
 use crate::rpc::frame::Frame;
 use crate::rpc::status;
+use access::{Access, Api};
 use error::ApiError;
 
 pub struct Gateway {
     rpc: BalancedClient,
+    /// Authentication and rate limits, shared by every shard of the process.
+    access: Arc<Access>,
 }
 
 /// A started request.
@@ -27,8 +33,8 @@ pub enum PendingReply {
 const PONG: &[u8] = br#"{"message":"pong"}"#;
 
 impl Gateway {
-    pub fn new(rpc: BalancedClient) -> Gateway {
-        Gateway { rpc }
+    pub fn new(rpc: BalancedClient, access: Arc<Access>) -> Gateway {
+        Gateway { rpc, access }
     }
 
     fn route(&self, req: &Request) -> Result<PendingReply, ApiError> {
@@ -38,15 +44,23 @@ impl Gateway {
             b"/ping" if readable => Ok(PendingReply::Ready(Response::json(200, PONG.to_vec()))),
             b"/ping" => Err(ApiError::MethodNotAllowed("GET, HEAD")),
             b"/api/send" if req.method == Method::Post => {
+                let user = self.access.admit(req, Api::Send)?;
                 let mut request = json::parse_send(&req.body)?;
                 merge_idempotency_header(req, &mut request)?;
+                if let (Some(user), Some(message)) = (&user, &mut request.message) {
+                    access::authorize(user, &message.chat, Some(&mut message.sender))?;
+                }
                 Ok(PendingReply::Send(
                     self.rpc.start(RpcRequest::Send(request))?,
                 ))
             }
             b"/api/send" => Err(ApiError::MethodNotAllowed("POST")),
             b"/api/pull" if readable => {
+                let user = self.access.admit(req, Api::Pull)?;
                 let request = json::parse_pull(&req.body, query)?;
+                if let Some(user) = &user {
+                    access::authorize(user, &request.chat, None)?;
+                }
                 Ok(PendingReply::Pull(
                     self.rpc.start(RpcRequest::Pull(request))?,
                 ))

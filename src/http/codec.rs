@@ -55,6 +55,8 @@ pub struct Request {
     /// The request line and header section, as received (already
     /// validated), for [`Request::header_values`].
     pub head: Bytes,
+    /// The client's address, set by the connection that read the request.
+    pub peer: Option<std::net::IpAddr>,
 }
 
 impl Request {
@@ -214,6 +216,7 @@ impl RequestDecoder {
             keep_alive: p.keep_alive,
             body,
             head: p.head,
+            peer: None,
         }))
     }
 }

@@ -157,6 +157,7 @@ async fn connection<H: Handler>(
         max_output: options.max_output_buffer,
         reply_bound: H::reply_bound,
     };
+    let peer = socket.peer_addr().ok().map(|a| a.ip());
     let mut conn = Conn::new(settings, std::time::Instant::now());
     let mut io = Io {
         socket,
@@ -168,7 +169,10 @@ async fn connection<H: Handler>(
     let mut pending: VecDeque<Option<H::Pending>> = VecDeque::new();
     loop {
         match conn.next(std::time::Instant::now(), io.output.len()) {
-            Action::Start(req) => pending.push_back(catch_panic_sync(|| handler.start(&req))),
+            Action::Start(mut req) => {
+                req.peer = peer;
+                pending.push_back(catch_panic_sync(|| handler.start(&req)));
+            }
             Action::Finish => {
                 let front = pending.pop_front().flatten();
                 let resp = io.finish(handler.as_ref(), front).await?;

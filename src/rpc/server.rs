@@ -531,10 +531,16 @@ async fn send(store: &AnyStore, req: SendRequest) -> SendResponse {
     if let Some(Err(invalid)) = key.map(validate_idempotency_key) {
         return failed(Code::InvalidArgument, invalid.0);
     }
-    match store
-        .send(&canonical_chat(&chat), &sender, &text, key)
-        .await
+    let chat = canonical_chat(&chat);
+    if let Some(key) = key
+        && !crate::store::redis::record_shares_the_chat_slot(&chat, key)
     {
+        return failed(
+            Code::InvalidArgument,
+            "idempotency keys cannot be used in a chat whose name starts with `}`".into(),
+        );
+    }
+    match store.send(&chat, &sender, &text, key).await {
         Ok(sent) => SendResponse {
             code: Code::Ok as i32,
             msg: String::new(),

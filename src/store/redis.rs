@@ -92,8 +92,11 @@ redis.register_function('im_send', function(keys, args)
       local key = keys[i]
       local prev = last[key]
       if prev == nil then
-        local top = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
-        prev = top[2] and tonumber(top[2]) or -1
+        -- The top member carries its send_time (see below): reading it
+        -- there spares Redis printing the score as a double and Lua
+        -- parsing it back.
+        local top = redis.call('ZRANGE', key, -1, -1)[1]
+        prev = top and struct.unpack('<i8', top, 2) or -1
         adds[key] = {}
         chats[#chats + 1] = key
       end
@@ -103,7 +106,9 @@ redis.register_function('im_send', function(keys, args)
       -- Prepend field 1 (send_time, sfixed64: tag 0x09 + 8 bytes little-endian):
       -- the member becomes unique and carries its own send_time.
       local scored = adds[key]
-      scored[#scored + 1] = t
+      -- The score as an integer string: Redis would print a Lua number
+      -- with %.17g, which costs more than the ZADD.
+      scored[#scored + 1] = string.format('%d', t)
       scored[#scored + 1] = '\9' .. struct.pack('<i8', t) .. args[i]
       out[i] = t
       if record then
@@ -233,6 +238,15 @@ pub fn chat_key(chat: &str) -> String {
 /// keeps it apart from every chat key (`im:{`).
 pub fn idempotency_record_key(chat: &str, key: &str) -> String {
     format!("im:idem:{}:{{{chat}}}:{key}", chat.len())
+}
+
+/// Whether the record of `key` in `chat` hashes to the chat's slot, as
+/// `im_send` needs (one call's keys must share a slot on a cluster). It does
+/// unless the chat's name starts with `}`: then `im:{}…` has an empty hash
+/// tag, the whole key is hashed, and no record key can follow it there.
+pub fn record_shares_the_chat_slot(chat: &str, key: &str) -> bool {
+    let slot = |k: &str| redis_protocol::redis_keyslot(k.as_bytes());
+    slot(&chat_key(chat)) == slot(&idempotency_record_key(chat, key))
 }
 
 /// A keyed send whose first attempt failed without an answer is sent once
@@ -707,6 +721,18 @@ mod tests {
         member.extend_from_slice(&send_time.to_le_bytes());
         member.extend(encode_member(text, sender));
         member
+    }
+
+    #[test]
+    fn records_share_their_chat_slot_unless_the_tag_is_empty() {
+        for chat in ["room", "a:b", "x}y", "{a}", "ä"] {
+            assert!(record_shares_the_chat_slot(chat, "k-1"), "{chat:?}");
+        }
+        assert!(!record_shares_the_chat_slot("}x", "k-1"));
+        assert!(
+            !record_shares_the_chat_slot("", "k-1"),
+            "empty chats are refused anyway"
+        );
     }
 
     #[test]

@@ -1,0 +1,375 @@
+//! Authentication, authorization and rate limits, against the real binary
+//! over sockets (issue: who may send and read). Tokens are minted here with
+//! the library's own HS256 code, and a few by hand to be malformed.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use im_server::auth::{base64url, jwt};
+use serde_json::{Value, json};
+
+const SECRET: &str = "an HS256 secret of at least 32 bytes, for tests";
+
+fn now_s() -> i64 {
+    now_us() / 1_000_000
+}
+
+/// A server (embedded store) with authentication on, plus `args`.
+fn server(args: &[&str]) -> (Server, std::path::PathBuf) {
+    let dir = unique_temp_dir("auth");
+    let secret = dir.join("secret");
+    std::fs::write(&secret, format!("{SECRET}\n")).expect("write the secret");
+    let path = secret.to_string_lossy().to_string();
+    let mut all = vec!["--auth-jwt-secret-file", path.as_str()];
+    all.extend_from_slice(args);
+    (Server::start("all", &all, &[]), dir)
+}
+
+fn token(claims: Value) -> String {
+    jwt::mint(SECRET.as_bytes(), &claims)
+}
+
+fn user(sub: &str) -> String {
+    token(json!({"sub": sub, "exp": now_s() + 600}))
+}
+
+fn bearer(t: &str) -> String {
+    format!("Bearer {t}")
+}
+
+fn send_as(addr: std::net::SocketAddr, auth: Option<&str>, body: Value) -> Response {
+    let value = auth.map(bearer);
+    let mut headers = vec![("Content-Type", "application/json")];
+    if let Some(v) = &value {
+        headers.push(("Authorization", v.as_str()));
+    }
+    request(
+        addr,
+        "POST",
+        "/api/send",
+        &headers,
+        body.to_string().as_bytes(),
+    )
+}
+
+fn pull_as(addr: std::net::SocketAddr, auth: Option<&str>, chat: &str) -> Response {
+    let value = auth.map(bearer);
+    let mut headers = vec![];
+    if let Some(v) = &value {
+        headers.push(("Authorization", v.as_str()));
+    }
+    request(
+        addr,
+        "GET",
+        &format!("/api/pull?chat={}", pct(chat)),
+        &headers,
+        b"",
+    )
+}
+
+fn assert_401(r: &Response, code: &str, challenge: &str, ctx: &str) {
+    assert_error(r, 401, ctx);
+    assert_eq!(r.json()["error"]["code"], code, "{ctx}: {}", r.describe());
+    assert_eq!(r.header("www-authenticate"), Some(challenge), "{ctx}");
+}
+
+const INVALID: &str = r#"Bearer realm="im", error="invalid_token""#;
+
+/// A token with any header and claims, signed with `key`.
+fn forged(header: &str, claims: &Value, key: &[u8]) -> String {
+    use hmac_sign::sign;
+    let input = format!(
+        "{}.{}",
+        base64url::encode(header.as_bytes()),
+        base64url::encode(claims.to_string().as_bytes())
+    );
+    format!(
+        "{input}.{}",
+        base64url::encode(&sign(key, input.as_bytes()))
+    )
+}
+
+/// HMAC-SHA256, to sign forged tokens with any header and any key.
+mod hmac_sign {
+    use hmac::{Hmac, KeyInit, Mac};
+    use sha2::Sha256;
+
+    pub fn sign(key: &[u8], input: &[u8]) -> Vec<u8> {
+        let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("any key length");
+        mac.update(input);
+        mac.finalize().into_bytes().to_vec()
+    }
+}
+
+#[test]
+fn valid_tokens_send_and_pull_and_the_sender_is_the_user() {
+    let (server, _dir) = server(&[]);
+    let addr = server.http_addr();
+    let alice = user("alice");
+    let r = send_as(
+        addr,
+        Some(&alice),
+        json!({"chat": "general", "text": "hi", "sender": "alice"}),
+    );
+    assert_eq!(r.status, 200, "{}", r.describe());
+    // No sender: taken from the token.
+    let r = send_as(
+        addr,
+        Some(&alice),
+        json!({"chat": "general", "text": "implicit"}),
+    );
+    assert_eq!(r.status, 200, "{}", r.describe());
+    let r = pull_as(addr, Some(&alice), "general");
+    assert_eq!(r.status, 200, "{}", r.describe());
+    let page = r.json();
+    let senders: Vec<&str> = page["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .map(|m| m["sender"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(senders, ["alice", "alice"]);
+    // Posting as someone else: 403, nothing stored.
+    let r = send_as(
+        addr,
+        Some(&alice),
+        json!({"chat": "general", "text": "x", "sender": "bob"}),
+    );
+    assert_error(&r, 403, "sender mismatch");
+    assert_eq!(r.json()["error"]["code"], "forbidden");
+    let r = pull_as(addr, Some(&alice), "general");
+    assert_eq!(r.json()["messages"].as_array().map(Vec::len), Some(2));
+}
+
+#[test]
+fn missing_and_invalid_tokens_are_401_with_a_bearer_challenge() {
+    let (server, _dir) = server(&["--auth-issuer", "https://idp", "--auth-audience", "im"]);
+    let addr = server.http_addr();
+    let body = json!({"chat": "general", "text": "hi", "sender": "alice"});
+    let r = send_as(addr, None, body.clone());
+    assert_401(
+        &r,
+        "unauthorized",
+        r#"Bearer realm="im""#,
+        "no Authorization",
+    );
+    let r = pull_as(addr, None, "general");
+    assert_401(
+        &r,
+        "unauthorized",
+        r#"Bearer realm="im""#,
+        "no Authorization on pull",
+    );
+
+    let now = now_s();
+    let good = json!({"sub": "alice", "exp": now + 600, "iss": "https://idp", "aud": "im"});
+    assert_eq!(
+        send_as(addr, Some(&token(good.clone())), body.clone()).status,
+        200
+    );
+    let with = |patch: Value| {
+        let mut claims = good.clone();
+        for (k, v) in patch.as_object().expect("object") {
+            claims[k] = v.clone();
+        }
+        claims
+    };
+    let header = r#"{"alg":"HS256","typ":"JWT"}"#;
+    let key = SECRET.as_bytes();
+    let cases: Vec<(&str, String)> = vec![
+        ("expired", token(with(json!({"exp": now - 120})))),
+        ("not yet valid", token(with(json!({"nbf": now + 120})))),
+        ("wrong issuer", token(with(json!({"iss": "https://evil"})))),
+        ("wrong audience", token(with(json!({"aud": ["other"]})))),
+        ("bad signature", forged(header, &good, b"another secret entirely, 32+ bytes")),
+        ("alg none", {
+            let t = forged(r#"{"alg":"none"}"#, &good, key);
+            format!("{}.", t.rsplit_once('.').map_or("", |(a, _)| a))
+        }),
+        ("alg HS512", forged(r#"{"alg":"HS512"}"#, &good, key)),
+        (
+            "HS256 keyed with a public key",
+            forged(header, &good, b"-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEAGb9ECWmEzf6FQbrBZ9w7lshQhqowtrbLDFw4rXAxZuE=\n-----END PUBLIC KEY-----\n"),
+        ),
+        ("two segments", "abc.def".into()),
+        ("bad base64", format!("{}.!!!.sig", base64url::encode(header.as_bytes()))),
+        ("not JSON", forged(header, &json!("just a string"), key)),
+    ];
+    for (what, t) in cases {
+        let r = send_as(addr, Some(&t), body.clone());
+        assert_401(&r, "invalid_token", INVALID, what);
+        let r = pull_as(addr, Some(&t), "general");
+        assert_401(&r, "invalid_token", INVALID, what);
+    }
+    let r = request(
+        addr,
+        "GET",
+        "/api/pull?chat=general",
+        &[("Authorization", "Basic YWxpY2U6cHc=")],
+        b"",
+    );
+    assert_401(&r, "invalid_token", INVALID, "Basic scheme");
+    // Nothing but the one good send was stored.
+    let r = pull_as(addr, Some(&token(good)), "general");
+    assert_eq!(r.json()["messages"].as_array().map(Vec::len), Some(1));
+}
+
+#[test]
+fn two_person_rooms_admit_their_members_only() {
+    let (server, _dir) = server(&[]);
+    let addr = server.http_addr();
+    let (alice, bob, carol) = (user("alice"), user("bob"), user("carol"));
+    let r = send_as(
+        addr,
+        Some(&alice),
+        json!({"chat": "alice:bob", "text": "hi bob"}),
+    );
+    assert_eq!(r.status, 200, "{}", r.describe());
+    let r = send_as(
+        addr,
+        Some(&bob),
+        json!({"chat": "bob:alice", "text": "hi alice"}),
+    );
+    assert_eq!(r.status, 200, "{}", r.describe());
+    assert_eq!(
+        pull_as(addr, Some(&bob), "alice:bob").json()["messages"]
+            .as_array()
+            .map(Vec::len),
+        Some(2)
+    );
+    // An outsider: the same 403 for a room with messages and one without.
+    for room in ["alice:bob", "bob:alice", "alice:dave"] {
+        let r = pull_as(addr, Some(&carol), room);
+        assert_error(&r, 403, room);
+        let body = r.json();
+        let r = send_as(
+            addr,
+            Some(&carol),
+            json!({"chat": room, "text": "let me in"}),
+        );
+        assert_error(&r, 403, room);
+        assert_eq!(
+            body,
+            pull_as(addr, Some(&carol), "eve:frank").json(),
+            "same answer"
+        );
+    }
+    assert_eq!(
+        pull_as(addr, Some(&alice), "alice:bob").json()["messages"]
+            .as_array()
+            .map(Vec::len),
+        Some(2)
+    );
+}
+
+#[test]
+fn the_chats_claim_limits_the_rooms_a_token_opens() {
+    let (server, _dir) = server(&[]);
+    let addr = server.http_addr();
+    let limited =
+        token(json!({"sub": "alice", "exp": now_s() + 600, "chats": ["room1", "alice:bob"]}));
+    let everything = token(json!({"sub": "alice", "exp": now_s() + 600, "chats": ["*"]}));
+    assert_eq!(
+        send_as(addr, Some(&limited), json!({"chat": "room1", "text": "a"})).status,
+        200
+    );
+    assert_eq!(pull_as(addr, Some(&limited), "bob:alice").status, 200);
+    assert_error(
+        &send_as(addr, Some(&limited), json!({"chat": "room2", "text": "a"})),
+        403,
+        "room2",
+    );
+    assert_error(&pull_as(addr, Some(&limited), "room2"), 403, "room2 pull");
+    assert_error(
+        &pull_as(addr, Some(&limited), "alice:carol"),
+        403,
+        "unlisted DM",
+    );
+    assert_eq!(pull_as(addr, Some(&everything), "room2").status, 200);
+    assert_error(
+        &pull_as(addr, Some(&everything), "bob:carol"),
+        403,
+        "`*` is not membership",
+    );
+}
+
+#[test]
+fn the_token_command_mints_what_the_server_accepts() {
+    let (server, dir) = server(&[]);
+    let addr = server.http_addr();
+    let secret = dir.join("secret");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_im-server"))
+        .args(["token", "--sub", "zoe", "--ttl-s", "60", "--chats", "r1"])
+        .env("IM_AUTH_JWT_SECRET_FILE", &secret)
+        .output()
+        .expect("run im-server token");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let t = String::from_utf8(out.stdout)
+        .expect("utf-8")
+        .trim()
+        .to_string();
+    assert_eq!(
+        send_as(addr, Some(&t), json!({"chat": "r1", "text": "minted"})).status,
+        200
+    );
+    assert_error(
+        &pull_as(addr, Some(&t), "r2"),
+        403,
+        "chats claim from the command",
+    );
+}
+
+#[test]
+fn rate_limits_answer_429_with_retry_after_and_recover() {
+    // Without authentication the bucket is the client address's.
+    let server = Server::start(
+        "all",
+        &["--rate-limit-send", "2/s:3", "--rate-limit-pull", "1/m:2"],
+        &[],
+    );
+    let addr = server.http_addr();
+    let body = json!({"chat": "limited", "text": "t", "sender": "s"});
+    for i in 0..3 {
+        let r = send_as(addr, None, body.clone());
+        assert_eq!(r.status, 200, "send {i} within the burst: {}", r.describe());
+    }
+    let r = send_as(addr, None, body.clone());
+    assert_error(&r, 429, "over the burst");
+    assert_eq!(r.json()["error"]["code"], "rate_limited");
+    assert_eq!(r.header("retry-after"), Some("1"), "0.5 s rounded up");
+    // Nothing of the refused send was stored; after the wait, sends pass again.
+    std::thread::sleep(Duration::from_millis(600));
+    let started = Instant::now();
+    let r = wait_until(Duration::from_secs(5), "a send after the wait", || {
+        let r = send_as(addr, None, body.clone());
+        (r.status == 200).then_some(r)
+    });
+    assert_eq!(r.status, 200);
+    eprintln!(
+        "send accepted again {:?} after the first retry",
+        started.elapsed()
+    );
+    let stored = server_messages(addr, "limited");
+    assert_eq!(stored, 4, "3 in the burst + 1 after the wait");
+    // Pulls have their own bucket: 1/min → Retry-After of a minute.
+    // (the count above was the first of two)
+    assert_eq!(pull_as(addr, None, "limited").status, 200);
+    let r = pull_as(addr, None, "limited");
+    assert_error(&r, 429, "pull over the burst");
+    let retry: u64 = r
+        .header("retry-after")
+        .and_then(|v| v.parse().ok())
+        .expect("Retry-After");
+    assert!((59..=60).contains(&retry), "Retry-After {retry}");
+}
+
+fn server_messages(addr: std::net::SocketAddr, chat: &str) -> usize {
+    let r = pull_query(addr, &format!("chat={chat}&limit=100"));
+    r.json()["messages"].as_array().map_or(0, Vec::len)
+}

@@ -11,8 +11,10 @@
 //!   header, the connection policy as a pure state machine ([`http::conn`]:
 //!   which pipelined request may start, when output is written, which
 //!   deadline applies) and the driver that does its I/O ([`http::server`]).
-//! * [`gateway`]: routes, JSON <-> RPC types, and the one place where errors
-//!   become HTTP statuses ([`gateway::error`]).
+//! * [`gateway`]: routes, JSON <-> RPC types, the one place where errors
+//!   become HTTP statuses ([`gateway::error`]), and who may call
+//!   ([`gateway::access`]: bearer tokens from [`auth`], limits from
+//!   [`ratelimit`]).
 //! * [`rpc`]: the length-prefixed protobuf frame codec, the multiplexed client
 //!   pool used by the gateway, and the RPC server loop.
 //! * [`mux`]: the connection actor shared by the RPC client and the Redis
@@ -20,8 +22,8 @@
 //!   write and routes each reply back to its caller.
 //! * [`resp`]: RESP command encoding, reply decoding (on `redis-protocol`) and
 //!   Redis URL parsing.
-//! * [`store`]: the [`store::Store`] trait with its Redis and memory
-//!   implementations.
+//! * [`store`]: the [`store::Store`] trait with its Redis (standalone and
+//!   Cluster) and memory implementations.
 //! * [`domain`]: validation and the rules of the API (limits, DM rooms).
 //! * [`config`]: command line and environment, parsed once into [`config::Config`].
 //! * [`discovery`]: where the RPC servers are (a list, DNS, etcd) and the RPC

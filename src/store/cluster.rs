@@ -33,9 +33,9 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::redis::{
-    MAX_SEND_BATCH, QueuedSend, RedisOptions, answer_batch, batch_deadline, chat_key, from_mux,
-    function_missing, im_send_command, load_library_command, next_batch, page_from_reply,
-    pull_command, send_with_retry, without_wait,
+    MAX_SEND_BATCH, QueuedSend, RedisOptions, SendQueue, answer_batch, batch_deadline, chat_key,
+    from_mux, function_missing, im_send_command, load_library_command, next_batch, page_from_reply,
+    pull_command, without_wait,
 };
 use super::{Page, Sent, Store, StoreError};
 use crate::domain::PullQuery;
@@ -501,12 +501,8 @@ async fn refresh_periodically(router: std::sync::Weak<Router>) {
 
 pub struct ClusterStore {
     router: Arc<Router>,
-    sends: mpsc::Sender<QueuedSend>,
-    /// Bytes of the sends in `sends`.
-    sends_bytes: ByteBudget,
+    sends: SendQueue,
     timeout: Duration,
-    /// `EX` of idempotency records, in seconds.
-    idempotency_ttl: String,
 }
 
 impl ClusterStore {
@@ -521,20 +517,13 @@ impl ClusterStore {
         if router.shared.refreshes() == 0 {
             router.request_refresh("start-up");
         }
-        let (sends, queue) = mpsc::channel(options.queue.max(1));
-        let sends_bytes = ByteBudget::new(options.max_queued_bytes);
-        tokio::spawn(store_send_batches(
-            router.clone(),
-            queue,
-            sends_bytes.clone(),
-        ));
+        let (sends, queue, queued) = SendQueue::new(options);
+        tokio::spawn(store_send_batches(router.clone(), queue, queued));
         tokio::spawn(refresh_periodically(Arc::downgrade(&router)));
         ClusterStore {
             router,
             sends,
-            sends_bytes,
             timeout: options.timeout,
-            idempotency_ttl: options.idempotency_ttl.as_secs().max(1).to_string(),
         }
     }
 }
@@ -547,16 +536,7 @@ impl Store for ClusterStore {
         text: &str,
         idempotency_key: Option<&str>,
     ) -> Result<Sent, StoreError> {
-        let queue = (&self.sends, &self.sends_bytes);
-        let message = (chat, sender, text);
-        send_with_retry(
-            queue,
-            self.timeout,
-            &self.idempotency_ttl,
-            message,
-            idempotency_key,
-        )
-        .await
+        self.sends.send(chat, sender, text, idempotency_key).await
     }
 
     async fn pull(&self, query: &PullQuery) -> Result<Page, StoreError> {

@@ -192,13 +192,9 @@ pub(super) fn without_wait(
 
 pub struct RedisStore {
     pool: Arc<Pool<RespProtocol>>,
-    /// Sends waiting for the batcher (see [`store_send_batches`]).
-    sends: mpsc::Sender<QueuedSend>,
-    /// Bytes of the sends in `sends`.
-    sends_bytes: ByteBudget,
+    /// Sends waiting for the [`Batcher`].
+    sends: SendQueue,
     timeout: Duration,
-    /// `EX` of idempotency records, in seconds.
-    idempotency_ttl: String,
 }
 
 pub(super) struct QueuedSend {
@@ -213,7 +209,7 @@ pub(super) struct QueuedSend {
 }
 
 impl QueuedSend {
-    /// What it counts against [`RedisStore::sends_bytes`].
+    /// What it counts against [`SendQueue`]'s byte budget.
     fn bytes(&self) -> usize {
         self.key.len() + self.member.len() + self.record.as_ref().map_or(0, |r| r.key.len())
     }
@@ -270,12 +266,11 @@ impl RedisStore {
             || RespProtocol::new(target.clone(), &setup),
             mux,
         );
-        let (sends, queue) = mpsc::channel(options.queue.max(1));
-        let sends_bytes = ByteBudget::new(options.max_queued_bytes);
+        let (sends, queue, queued) = SendQueue::new(options);
         let batcher = Batcher {
             pool: pool.clone(),
             queue,
-            queued: sends_bytes.clone(),
+            queued,
             load_library,
             options: options.clone(),
         };
@@ -283,9 +278,7 @@ impl RedisStore {
         RedisStore {
             pool,
             sends,
-            sends_bytes,
             timeout: options.timeout,
-            idempotency_ttl: options.idempotency_ttl.as_secs().max(1).to_string(),
         }
     }
 
@@ -571,16 +564,7 @@ impl Store for RedisStore {
         text: &str,
         idempotency_key: Option<&str>,
     ) -> Result<Sent, StoreError> {
-        let queue = (&self.sends, &self.sends_bytes);
-        let message = (chat, sender, text);
-        send_with_retry(
-            queue,
-            self.timeout,
-            &self.idempotency_ttl,
-            message,
-            idempotency_key,
-        )
-        .await
+        self.sends.send(chat, sender, text, idempotency_key).await
     }
 
     async fn pull(&self, query: &PullQuery) -> Result<Page, StoreError> {
@@ -589,76 +573,97 @@ impl Store for RedisStore {
     }
 }
 
-/// A batcher's queue: its channel and the byte budget of what is in it.
-pub(super) type SendQueue<'a> = (&'a mpsc::Sender<QueuedSend>, &'a ByteBudget);
-
-/// Stores `(chat, sender, text)` through a batcher's queue within `timeout`.
-/// With an idempotency key (records kept `ttl` seconds), a first attempt
-/// whose outcome is unknown (connection lost, maybe after the write; or not
-/// connected) is made once more: the key makes a second store impossible.
-/// Without one, never: the first attempt may have stored the message.
-pub(super) async fn send_with_retry(
-    queue: SendQueue<'_>,
+/// The front of a send batcher, shared by the standalone and cluster
+/// stores: the channel, the byte budget of what is in it, and what every
+/// send is stored with (timeout, idempotency-record TTL).
+pub(super) struct SendQueue {
+    sends: mpsc::Sender<QueuedSend>,
+    bytes: ByteBudget,
     timeout: Duration,
-    ttl: &str,
-    (chat, sender, text): (&str, &str, &str),
-    idempotency_key: Option<&str>,
-) -> Result<Sent, StoreError> {
-    let deadline = Instant::now() + timeout;
-    let key = chat_key(chat);
-    let member = encode_member(text, sender);
-    let Some(idempotency_key) = idempotency_key else {
-        return queue_send(queue, key, member, None, deadline).await;
-    };
-    let record = IdempotencyRecord {
-        key: idempotency_record_key(chat, idempotency_key),
-        ttl: ttl.to_string(),
-    };
-    let first = queue_send(
-        queue,
-        key.clone(),
-        member.clone(),
-        Some(record.clone()),
-        deadline,
-    )
-    .await;
-    match first {
-        Err(StoreError::Unavailable) if Instant::now() + RETRY_PAUSE < deadline => {
-            tokio::time::sleep(RETRY_PAUSE).await;
-            queue_send(queue, key, member, Some(record), deadline).await
-        }
-        other => other,
-    }
+    /// `EX` of idempotency records, in seconds.
+    idempotency_ttl: String,
 }
 
-/// Queues one send for a batcher and waits for its answer until `deadline`.
-async fn queue_send(
-    (sends, budget): SendQueue<'_>,
-    key: String,
-    member: Vec<u8>,
-    record: Option<IdempotencyRecord>,
-    deadline: Instant,
-) -> Result<Sent, StoreError> {
-    let (reply, answer) = oneshot::channel();
-    let queued = QueuedSend {
-        key,
-        member,
-        deadline,
-        record,
-        reply,
-    };
-    let bytes = queued.bytes();
-    if !budget.add(bytes) {
-        return Err(StoreError::Overloaded);
+impl SendQueue {
+    /// The queue, and the batcher's end of it: the receiver and the budget
+    /// it releases as it takes sends.
+    pub(super) fn new(
+        options: &RedisOptions,
+    ) -> (SendQueue, mpsc::Receiver<QueuedSend>, ByteBudget) {
+        let (sends, queue) = mpsc::channel(options.queue.max(1));
+        let bytes = ByteBudget::new(options.max_queued_bytes);
+        let front = SendQueue {
+            sends,
+            bytes: bytes.clone(),
+            timeout: options.timeout,
+            idempotency_ttl: options.idempotency_ttl.as_secs().max(1).to_string(),
+        };
+        (front, queue, bytes)
     }
-    if sends.try_send(queued).is_err() {
-        budget.release(bytes);
-        return Err(StoreError::Overloaded);
+
+    /// Stores `(chat, sender, text)` within the timeout. With an idempotency
+    /// key, a first attempt whose outcome is unknown (connection lost, maybe
+    /// after the write; or not connected) is made once more: the key makes a
+    /// second store impossible. Without one, never: the first attempt may
+    /// have stored the message.
+    pub(super) async fn send(
+        &self,
+        chat: &str,
+        sender: &str,
+        text: &str,
+        idempotency_key: Option<&str>,
+    ) -> Result<Sent, StoreError> {
+        let deadline = Instant::now() + self.timeout;
+        let key = chat_key(chat);
+        let member = encode_member(text, sender);
+        let Some(idempotency_key) = idempotency_key else {
+            return self.queue(key, member, None, deadline).await;
+        };
+        let record = IdempotencyRecord {
+            key: idempotency_record_key(chat, idempotency_key),
+            ttl: self.idempotency_ttl.clone(),
+        };
+        let first = self
+            .queue(key.clone(), member.clone(), Some(record.clone()), deadline)
+            .await;
+        match first {
+            Err(StoreError::Unavailable) if Instant::now() + RETRY_PAUSE < deadline => {
+                tokio::time::sleep(RETRY_PAUSE).await;
+                self.queue(key, member, Some(record), deadline).await
+            }
+            other => other,
+        }
     }
-    match tokio::time::timeout_at(deadline, answer).await {
-        Ok(Ok(result)) => result,
-        // The batcher is gone, or Redis did not answer in time.
-        Ok(Err(_)) | Err(_) => Err(StoreError::Unavailable),
+
+    /// Queues one send for the batcher and waits for its answer until `deadline`.
+    async fn queue(
+        &self,
+        key: String,
+        member: Vec<u8>,
+        record: Option<IdempotencyRecord>,
+        deadline: Instant,
+    ) -> Result<Sent, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        let queued = QueuedSend {
+            key,
+            member,
+            deadline,
+            record,
+            reply,
+        };
+        let bytes = queued.bytes();
+        if !self.bytes.add(bytes) {
+            return Err(StoreError::Overloaded);
+        }
+        if self.sends.try_send(queued).is_err() {
+            self.bytes.release(bytes);
+            return Err(StoreError::Overloaded);
+        }
+        match tokio::time::timeout_at(deadline, answer).await {
+            Ok(Ok(result)) => result,
+            // The batcher is gone, or Redis did not answer in time.
+            Ok(Err(_)) | Err(_) => Err(StoreError::Unavailable),
+        }
     }
 }
 

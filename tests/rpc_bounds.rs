@@ -14,64 +14,55 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use bytes::BytesMut;
 use common::*;
+use im_server::proto::{Message, PullRequest, PullResponse, SendRequest, SendResponse};
+use im_server::rpc::frame as wire;
+use im_server::rpc::method::{PULL, SEND};
+use im_server::rpc::status::OK;
+use prost::Message as _;
 
-const SEND: u8 = 1;
-const PULL: u8 = 2;
-const OK: u8 = 0;
 const MIB: u64 = 1024 * 1024;
 
 // ---------------------------------------------------------------------------
-// helpers: hand-encoded protobuf, raw RPC frames, /proc, prlimit
+// helpers: RPC frames from the library's codec and proto/im.proto, /proc, prlimit
 // ---------------------------------------------------------------------------
 
-fn varint(mut n: u64, out: &mut Vec<u8>) {
-    while n >= 0x80 {
-        out.push((n as u8) | 0x80);
-        n >>= 7;
-    }
-    out.push(n as u8);
-}
-
-/// A length-delimited field.
-fn field_bytes(number: u64, bytes: &[u8], out: &mut Vec<u8>) {
-    varint(number << 3 | 2, out);
-    varint(bytes.len() as u64, out);
-    out.extend_from_slice(bytes);
-}
-
 fn send_request(chat: &str, sender: &str, text: &str) -> Vec<u8> {
-    let mut message = Vec::new();
-    field_bytes(1, chat.as_bytes(), &mut message);
-    field_bytes(2, text.as_bytes(), &mut message);
-    field_bytes(3, sender.as_bytes(), &mut message);
-    let mut req = Vec::new();
-    field_bytes(1, &message, &mut req);
-    req
+    let message = Message {
+        chat: chat.into(),
+        text: text.into(),
+        sender: sender.into(),
+        send_time: 0,
+    };
+    SendRequest {
+        message: Some(message),
+        ..SendRequest::default()
+    }
+    .encode_to_vec()
 }
 
-fn pull_request(chat: &str, limit: u64) -> Vec<u8> {
-    let mut req = Vec::new();
-    field_bytes(1, chat.as_bytes(), &mut req);
-    varint(3 << 3, &mut req); // limit, varint
-    varint(limit, &mut req);
-    req
+fn pull_request(chat: &str, limit: i32) -> Vec<u8> {
+    PullRequest {
+        chat: chat.into(),
+        limit,
+        ..PullRequest::default()
+    }
+    .encode_to_vec()
 }
 
 fn frame(id: u64, kind: u8, body: &[u8]) -> Vec<u8> {
-    let mut out = ((9 + body.len()) as u32).to_be_bytes().to_vec();
-    out.extend_from_slice(&id.to_be_bytes());
-    out.push(kind);
-    out.extend_from_slice(body);
-    out
+    let mut out = BytesMut::new();
+    wire::encode_raw(&mut out, id, kind, body);
+    out.to_vec()
 }
 
-/// The `code` (field 1, varint) of a Send/PullResponse body; absent = 0.
-fn response_code(body: &[u8]) -> u64 {
-    match body {
-        [0x08, code, ..] => u64::from(*code),
-        _ => 0,
-    }
+/// The `code` of a SendResponse or PullResponse body.
+fn response_code(body: &[u8]) -> i32 {
+    SendResponse::decode(body)
+        .map(|r| r.code)
+        .or_else(|_| PullResponse::decode(body).map(|r| r.code))
+        .unwrap_or_else(|e| panic!("undecodable response body: {e}"))
 }
 
 fn rpc_connect(addr: SocketAddr) -> TcpStream {
@@ -422,35 +413,10 @@ fn pull_page_rpc(c: &mut TcpStream, chat: &str) -> usize {
         .unwrap();
     let (_, kind, body) = read_frame(c, "counting pull");
     assert_eq!(kind, OK);
-    // Walk the PullResponse fields, counting `messages` (field 3).
-    let (mut i, mut count) = (0, 0);
-    let read_varint = |i: &mut usize| {
-        let (mut n, mut shift) = (0u64, 0);
-        loop {
-            let b = body[*i];
-            *i += 1;
-            n |= u64::from(b & 0x7f) << shift;
-            if b < 0x80 {
-                return n;
-            }
-            shift += 7;
-        }
-    };
-    while i < body.len() {
-        let key = read_varint(&mut i);
-        match key & 7 {
-            0 => {
-                read_varint(&mut i);
-            }
-            2 => {
-                let len = read_varint(&mut i) as usize;
-                i += len;
-                count += usize::from(key >> 3 == 3);
-            }
-            wire => panic!("unexpected wire type {wire} in a PullResponse"),
-        }
-    }
-    count
+    PullResponse::decode(&body[..])
+        .expect("a PullResponse")
+        .messages
+        .len()
 }
 
 // ---------------------------------------------------------------------------

@@ -103,24 +103,33 @@ pub fn start(
         return Ok(endpoints);
     }
     let (ready_tx, ready) = std::sync::mpsc::channel::<()>();
+    spawn_on_own_runtime(
+        "discovery",
+        discover(fixed, hosts, sources.registry, publish, ready_tx),
+    )?;
+    let _ = ready.recv_timeout(first_wait);
+    Ok(endpoints)
+}
+
+/// Runs `task` on a thread `im-<what>` with a current-thread runtime of its
+/// own: discovery and registration keep their timers and etcd connections
+/// off the shards that serve requests.
+fn spawn_on_own_runtime(
+    what: &'static str,
+    task: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<std::thread::JoinHandle<()>, String> {
     std::thread::Builder::new()
-        .name("im-discovery".into())
+        .name(format!("im-{what}"))
         .spawn(move || {
-            let runtime = match tokio::runtime::Builder::new_current_thread()
+            match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
             {
-                Ok(runtime) => runtime,
-                Err(err) => {
-                    eprintln!("im-server: discovery cannot start a runtime: {err}");
-                    return;
-                }
-            };
-            runtime.block_on(discover(fixed, hosts, sources.registry, publish, ready_tx));
+                Ok(runtime) => runtime.block_on(task),
+                Err(err) => eprintln!("im-server: {what} cannot start a runtime: {err}"),
+            }
         })
-        .map_err(|e| format!("cannot start the discovery thread: {e}"))?;
-    let _ = ready.recv_timeout(first_wait);
-    Ok(endpoints)
+        .map_err(|e| format!("cannot start the {what} thread: {e}"))
 }
 
 async fn discover(
@@ -275,22 +284,7 @@ pub struct Registration {
 impl Registration {
     pub fn start(registry: RegistryUrl, advertise: SocketAddr) -> Result<Registration, String> {
         let (stop, stopping) = watch::channel(false);
-        let thread = std::thread::Builder::new()
-            .name("im-registration".into())
-            .spawn(move || {
-                let runtime = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(runtime) => runtime,
-                    Err(err) => {
-                        eprintln!("im-server: registration cannot start a runtime: {err}");
-                        return;
-                    }
-                };
-                runtime.block_on(register(registry, advertise, stopping));
-            })
-            .map_err(|e| format!("cannot start the registration thread: {e}"))?;
+        let thread = spawn_on_own_runtime("registration", register(registry, advertise, stopping))?;
         Ok(Registration {
             stop,
             thread: Some(thread),

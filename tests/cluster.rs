@@ -203,6 +203,23 @@ fn statuses(outcomes: &[Outcome]) -> HashMap<u16, usize> {
     counts
 }
 
+/// Every acknowledged send is stored, and none twice.
+fn assert_none_lost_or_duplicated(addr: SocketAddr, outcomes: &[Outcome]) {
+    let (lost, duplicated) = lost_and_duplicated(addr, outcomes);
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged sends lost: {:?}",
+        lost.len(),
+        &lost[..lost.len().min(10)]
+    );
+    assert!(
+        duplicated.is_empty(),
+        "{} stored twice: {:?}",
+        duplicated.len(),
+        &duplicated[..duplicated.len().min(10)]
+    );
+}
+
 /// Acknowledged sends missing from a full walk of their chat, and texts
 /// stored twice. Panics on a stored text no sender ever sent.
 fn lost_and_duplicated(addr: SocketAddr, outcomes: &[Outcome]) -> (Vec<String>, Vec<String>) {
@@ -469,19 +486,7 @@ fn slot_resharded_to_a_fresh_master_under_load() {
     let outcomes = load.stop();
 
     assert_200_or_503(&outcomes, "reshard");
-    let (lost, duplicated) = lost_and_duplicated(addr, &outcomes);
-    assert!(
-        lost.is_empty(),
-        "{} acknowledged sends lost: {:?}",
-        lost.len(),
-        &lost[..lost.len().min(10)]
-    );
-    assert!(
-        duplicated.is_empty(),
-        "{} stored twice: {:?}",
-        duplicated.len(),
-        &duplicated[..duplicated.len().min(10)]
-    );
+    assert_none_lost_or_duplicated(addr, &outcomes);
     let after: Vec<&Outcome> = outcomes
         .iter()
         .filter(|o| o.chat == moving && !o.text.is_empty() && o.started > moved_at)
@@ -538,19 +543,7 @@ fn manual_failover_under_load() {
     let outcomes = load.stop();
 
     assert_200_or_503(&outcomes, "manual failover");
-    let (lost, duplicated) = lost_and_duplicated(addr, &outcomes);
-    assert!(
-        lost.is_empty(),
-        "{} acknowledged sends lost: {:?}",
-        lost.len(),
-        &lost[..lost.len().min(10)]
-    );
-    assert!(
-        duplicated.is_empty(),
-        "{} stored twice: {:?}",
-        duplicated.len(),
-        &duplicated[..duplicated.len().min(10)]
-    );
+    assert_none_lost_or_duplicated(addr, &outcomes);
     let first_ok = outcomes
         .iter()
         .filter(|o| o.chat == chats[0] && o.status == 200 && o.started >= switched)
@@ -734,19 +727,7 @@ fn master_sigstop_bounded_waits_and_failover() {
         slowest <= bound,
         "a request took {slowest:?} (bound {bound:?})"
     );
-    let (lost, duplicated) = lost_and_duplicated(addr, &outcomes);
-    assert!(
-        lost.is_empty(),
-        "{} acknowledged sends lost: {:?}",
-        lost.len(),
-        &lost[..lost.len().min(10)]
-    );
-    assert!(
-        duplicated.is_empty(),
-        "{} stored twice: {:?}",
-        duplicated.len(),
-        &duplicated[..duplicated.len().min(10)]
-    );
+    assert_none_lost_or_duplicated(addr, &outcomes);
     let recovered = outcomes
         .iter()
         .filter(|o| o.chat == chats[0] && o.status == 200 && o.started >= switched)

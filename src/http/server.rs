@@ -95,7 +95,7 @@ pub async fn serve<H: Handler>(
     slots: Arc<Semaphore>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    while let Some((socket, _)) = next_connection(&listener, &mut shutdown, "http").await {
+    while let Some((socket, peer)) = next_connection(&listener, &mut shutdown, "http").await {
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             refuse(&socket, handler.as_ref());
             continue;
@@ -103,7 +103,7 @@ pub async fn serve<H: Handler>(
         let handler = handler.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
-            let _ = connection(socket, handler, options, shutdown).await;
+            let _ = connection(socket, peer.ip(), handler, options, shutdown).await;
             drop(slot);
         });
     }
@@ -146,6 +146,7 @@ struct Io {
 
 async fn connection<H: Handler>(
     socket: TcpStream,
+    peer: std::net::IpAddr,
     handler: Arc<H>,
     options: ServerOptions,
     mut shutdown: watch::Receiver<bool>,
@@ -157,7 +158,6 @@ async fn connection<H: Handler>(
         max_output: options.max_output_buffer,
         reply_bound: H::reply_bound,
     };
-    let peer = socket.peer_addr().ok().map(|a| a.ip());
     let mut conn = Conn::new(settings, std::time::Instant::now());
     let mut io = Io {
         socket,
@@ -170,7 +170,7 @@ async fn connection<H: Handler>(
     loop {
         match conn.next(std::time::Instant::now(), io.output.len()) {
             Action::Start(mut req) => {
-                req.peer = peer;
+                req.peer = Some(peer);
                 pending.push_back(catch_panic_sync(|| handler.start(&req)));
             }
             Action::Finish => {

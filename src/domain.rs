@@ -5,6 +5,11 @@
 pub const MAX_NAME_BYTES: usize = 256;
 /// Longest accepted `text`, in bytes.
 pub const MAX_TEXT_BYTES: usize = 64 * 1024;
+/// The most one message can weigh inside a `PullResponse` on the wire: its
+/// fields at their limits (text, sender, chat) plus tags, lengths and the
+/// message's own length prefix. Bounds what a pull's reply can hold before
+/// it is served (the RPC server's reply budget, the gateway's output budget).
+pub const MAX_MESSAGE_WIRE_BYTES: usize = MAX_TEXT_BYTES + 2 * MAX_NAME_BYTES + 64;
 /// Page size when a pull gives no limit (or 0).
 pub const DEFAULT_LIMIT: i32 = 10;
 /// Largest page; bigger limits are clamped to it.

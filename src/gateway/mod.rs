@@ -167,11 +167,6 @@ fn decode_reply<M: prost::Message + Default>(frame: Frame) -> Result<M, ApiError
     M::decode(frame.body).map_err(|e| ApiError::Internal(format!("undecodable rpc reply: {e}")))
 }
 
-/// The most a pull reply can weigh per message on the RPC wire: the text,
-/// the sender and the chat at their limits, and field overhead.
-const MAX_MESSAGE_WIRE: usize =
-    crate::domain::MAX_TEXT_BYTES + 2 * crate::domain::MAX_NAME_BYTES + 64;
-
 impl Handler for Gateway {
     type Pending = PendingReply;
 
@@ -192,7 +187,7 @@ impl Handler for Gateway {
         } else {
             crate::domain::DEFAULT_LIMIT
         };
-        messages as usize * MAX_MESSAGE_WIRE
+        messages as usize * crate::domain::MAX_MESSAGE_WIRE_BYTES
     }
 
     fn start(&self, req: &Request) -> PendingReply {

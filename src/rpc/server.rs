@@ -18,7 +18,7 @@ use super::frame::{self, Frame};
 use super::{method, status};
 use crate::accept::next_connection;
 use crate::domain::{
-    Code, DEFAULT_LIMIT, MAX_LIMIT, MAX_NAME_BYTES, MAX_TEXT_BYTES, canonical_chat,
+    Code, DEFAULT_LIMIT, MAX_LIMIT, MAX_MESSAGE_WIRE_BYTES, canonical_chat,
     validate_idempotency_key, validate_pull, validate_send,
 };
 use crate::proto::{Message, PingResponse, PullRequest, PullResponse, SendRequest, SendResponse};
@@ -379,10 +379,6 @@ const FRAME_HEADER: usize = 4 + 9;
 /// `Overloaded`, a bad-frame reason (their texts are under 200 bytes).
 const SMALL_REPLY: usize = 1024;
 
-/// The largest one message can be inside a `PullResponse`: its fields at
-/// their limits plus tags, lengths and the message's own length prefix.
-const LARGEST_MESSAGE: usize = MAX_TEXT_BYTES + 2 * MAX_NAME_BYTES + 64;
-
 /// The most bytes the reply to `work` can take, known before it is served.
 /// A validation error may quote the request, hence its length for sends.
 fn largest_reply(work: &Work) -> usize {
@@ -392,7 +388,7 @@ fn largest_reply(work: &Work) -> usize {
                 0 => DEFAULT_LIMIT,
                 n => n.clamp(1, MAX_LIMIT),
             } as usize;
-            SMALL_REPLY + req.chat.len() + limit * LARGEST_MESSAGE
+            SMALL_REPLY + req.chat.len() + limit * MAX_MESSAGE_WIRE_BYTES
         }
         Work::Send(req) => SMALL_REPLY + req.encoded_len(),
         Work::Ping => SMALL_REPLY,
@@ -578,6 +574,7 @@ async fn pull(store: &AnyStore, req: PullRequest) -> Reply {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::{MAX_NAME_BYTES, MAX_TEXT_BYTES};
 
     /// A page of `n` messages with every field at its limit.
     fn largest_page(n: usize) -> PullResponse {

@@ -9,25 +9,41 @@
 
 local M = {}
 
-M.chat = "bench:room"
+M.chat = "bench-room"
 
 -- BENCH_ROOMS=N (bench/run --rooms N): each request picks one of N rooms
--- "bench:room:<0..N-1>" uniformly, so per-chat work in Redis no longer
+-- "bench-room-<0..N-1>" uniformly, so per-chat work in Redis no longer
 -- amortises over one hot room. 1 (the default): every request uses M.chat.
 M.rooms = tonumber(os.getenv("BENCH_ROOMS") or "") or 1
 
 local function room()
    if M.rooms <= 1 then return M.chat end
-   return M.chat .. ":" .. math.random(0, M.rooms - 1)
+   return M.chat .. "-" .. math.random(0, M.rooms - 1)
 end
 
 -- How many different pipelined batches each thread pre-builds, so the texts
 -- (and rooms) still vary while request() only hands out a ready string.
 local SEND_BATCHES = 8
 
+-- BENCH_TOKEN (bench/run --stack auth): a bearer token sent with every request.
+M.token = os.getenv("BENCH_TOKEN") or ""
+
 local function json_headers()
    -- A fresh table per call: wrk.format() adds "Host" to the table it gets.
-   return { ["Content-Type"] = "application/json" }
+   local h = { ["Content-Type"] = "application/json" }
+   if M.token ~= "" then h["Authorization"] = "Bearer " .. M.token end
+   return h
+end
+
+-- BENCH_GATEWAYS="host:port,host:port" (bench/run --stack gwN): thread i
+-- sends to gateway ((i - 1) mod N) + 1 instead of the URL's address, so the
+-- load is split evenly when the thread count is a multiple of N.
+local function gateways()
+   local list = {}
+   for host, port in string.gmatch(os.getenv("BENCH_GATEWAYS") or "", "([^,:]+):(%d+)") do
+      list[#list + 1] = { host = host, port = port }
+   end
+   return list
 end
 
 -- POST /api/send with a new random number in the text on every call.
@@ -101,9 +117,14 @@ function M.install(kind, depth)
 
    -- Main state: number the threads, so each seeds its RNG differently.
    local next_id = 0
+   local targets = gateways()
    function setup(thread)
       next_id = next_id + 1
       thread:set("thread_id", next_id)
+      if #targets > 1 then
+         local t = targets[(next_id - 1) % #targets + 1]
+         thread.addr = wrk.lookup(t.host, t.port)[1]
+      end
    end
 
    local batches, n = {}, 0
@@ -128,7 +149,7 @@ function M.install(kind, depth)
       -- it builds from these fields without calling Lua per request.
       wrk.method = "GET"
       wrk.path = "/api/pull"
-      wrk.headers["Content-Type"] = "application/json"
+      wrk.headers = json_headers()
       wrk.body = M.pull_body()
    end
 

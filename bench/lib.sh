@@ -7,7 +7,7 @@
 
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_DIR=$(dirname "$BENCH_DIR")
-CHAT=bench:room
+CHAT=bench-room
 
 # Filled in by the start_* functions.
 WORK=""           # temp dir: configs, logs, the binary under test, Redis' dir
@@ -166,36 +166,59 @@ wait_for_port() {
 # --- the servers ---------------------------------------------------------------------
 
 # A private Redis: no RDB snapshots, no AOF, its own port and directory.
+# spawn_redis NAME BASE_PORT [ARGS...]: sets SPAWNED_PID and SPAWNED_PORT.
+spawn_redis() {
+    local name=$1 base=$2
+    shift 2
+    SPAWNED_PORT=$(free_port "$base")
+    mkdir -p "$WORK/$name"
+    redis-server --bind 127.0.0.1 --port "$SPAWNED_PORT" --save "" --appendonly no \
+        --dir "$WORK/$name" --daemonize no --logfile "" "$@" >"$WORK/$name.log" 2>&1 &
+    SPAWNED_PID=$!
+    STARTED_PIDS+=("$SPAWNED_PID")
+    wait_for_port "$SPAWNED_PORT" "$SPAWNED_PID" "redis-server ($name)"
+}
+
 start_redis() {
-    REDIS_PORT=$(free_port 6479)
-    redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --save "" --appendonly no \
-        --dir "$WORK" --daemonize no --logfile "" >"$WORK/redis.log" 2>&1 &
-    REDIS_PID=$!
-    STARTED_PIDS+=("$REDIS_PID")
-    wait_for_port "$REDIS_PORT" "$REDIS_PID" redis-server
+    spawn_redis redis 6479
+    REDIS_PID=$SPAWNED_PID REDIS_PORT=$SPAWNED_PORT
     log "redis-server pid $REDIS_PID on 127.0.0.1:$REDIS_PORT"
 }
 
 # The RPC server and the gateway listen on port 0; the port the kernel picked
 # is read from their "... listening on ADDR" line.
+# spawn_rpc NAME REDIS_URL [ARGS...] and spawn_gateway NAME RPC_ADDRS [ARGS...]
+# set SPAWNED_PID and SPAWNED_ADDR.
+spawn_rpc() {
+    local name=$1 url=$2
+    shift 2
+    "$WORK/im-server" rpc --rpc-listen 127.0.0.1:0 --redis "$url" "$@" 2>"$WORK/$name.log" &
+    SPAWNED_PID=$!
+    STARTED_PIDS+=("$SPAWNED_PID")
+    SPAWNED_ADDR=$(wait_for_log "$WORK/$name.log" 'rpc listening on ' "$SPAWNED_PID" "im-server rpc ($name)")
+}
+
+spawn_gateway() {
+    local name=$1 rpc=$2
+    shift 2
+    "$WORK/im-server" gateway --http-addr 127.0.0.1:0 --rpc "$rpc" "$@" 2>"$WORK/$name.log" &
+    SPAWNED_PID=$!
+    STARTED_PIDS+=("$SPAWNED_PID")
+    SPAWNED_ADDR=$(wait_for_log "$WORK/$name.log" 'http listening on ' "$SPAWNED_PID" "im-server gateway ($name)")
+}
+
 # Extra flags per tier, for experiments: BENCH_RPC_ARGS="--threads 1" bench/run
 # shellcheck disable=SC2086 # word splitting of the extra flags is wanted
 start_rpc() {
-    "$WORK/im-server" rpc --rpc-listen 127.0.0.1:0 \
-        --redis "redis://127.0.0.1:$REDIS_PORT" ${BENCH_RPC_ARGS:-} 2>"$WORK/rpc.log" &
-    RPC_PID=$!
-    STARTED_PIDS+=("$RPC_PID")
-    RPC_ADDR=$(wait_for_log "$WORK/rpc.log" 'rpc listening on ' "$RPC_PID" "im-server rpc")
+    spawn_rpc rpc "redis://127.0.0.1:$REDIS_PORT" ${BENCH_RPC_ARGS:-}
+    RPC_PID=$SPAWNED_PID RPC_ADDR=$SPAWNED_ADDR
     log "im-server rpc pid $RPC_PID on $RPC_ADDR"
 }
 
 # shellcheck disable=SC2086 # word splitting of the extra flags is wanted
 start_gateway() {
-    "$WORK/im-server" gateway --http-addr 127.0.0.1:0 --rpc "$RPC_ADDR" \
-        ${BENCH_GATEWAY_ARGS:-} 2>"$WORK/gateway.log" &
-    GATEWAY_PID=$!
-    STARTED_PIDS+=("$GATEWAY_PID")
-    HTTP_ADDR=$(wait_for_log "$WORK/gateway.log" 'http listening on ' "$GATEWAY_PID" "im-server gateway")
+    spawn_gateway gateway "$RPC_ADDR" ${BENCH_GATEWAY_ARGS:-}
+    GATEWAY_PID=$SPAWNED_PID HTTP_ADDR=$SPAWNED_ADDR
     log "im-server gateway pid $GATEWAY_PID on $HTTP_ADDR"
 }
 
@@ -203,6 +226,134 @@ start_stack() {
     start_redis
     start_rpc
     start_gateway
+}
+
+# --- stacks: variants of the three tiers, measured side by side by bench/run -------
+
+# start_variant NAME starts one stack and records, under NAME:
+#   STACK_URL       the URL wrk is given (the first gateway)
+#   STACK_GATEWAYS  every gateway's host:port, comma-separated (wrk threads
+#                   spread over them: bench/common.lua, BENCH_GATEWAYS)
+#   STACK_TOKEN     a bearer token for every request ("" without auth)
+#   STACK_PIDS_gateway/_rpc/_redis  the processes of each tier, space-separated
+#   STACK_REDIS_PORTS  the Redis masters' ports (FCALL counts, trimming)
+# The variants (each differs from `standalone` in one thing):
+#   standalone    redis-server, one RPC server, one gateway
+#   cluster       Redis Cluster of 3 masters, no replicas
+#   cluster-wait  3 masters with one replica each; sends wait for 1 replica (WAIT)
+#   rpcN          N RPC servers behind the gateway (rpc3: three)
+#   gwN           N gateways on one RPC server, wrk's threads spread over them
+#   auth          JWT authentication on: every request carries a bearer token
+declare -A STACK_URL=() STACK_GATEWAYS=() STACK_TOKEN=() STACK_REDIS_PORTS=() \
+    STACK_PIDS_gateway=() STACK_PIDS_rpc=() STACK_PIDS_redis=()
+STACK_NAMES="standalone cluster cluster-wait rpcN gwN auth"
+
+start_variant() {
+    local name=$1 redis_url rpc_args=() gateway_args=() rpcs=1 gateways=1 i
+    STACK_TOKEN[$name]=""
+    case $name in
+        standalone | rpc[1-9] | gw[1-9] | auth)
+            spawn_redis "$name-redis" 6479
+            STACK_PIDS_redis[$name]=$SPAWNED_PID
+            STACK_REDIS_PORTS[$name]=$SPAWNED_PORT
+            redis_url="redis://127.0.0.1:$SPAWNED_PORT"
+            ;;
+        cluster) start_cluster "$name" 0; redis_url=$CLUSTER_URL ;;
+        cluster-wait)
+            start_cluster "$name" 1
+            redis_url=$CLUSTER_URL
+            rpc_args+=(--redis-wait-replicas 1)
+            ;;
+        *) die "unknown stack $name (known: $STACK_NAMES)" ;;
+    esac
+    [[ $name == rpc[1-9] ]] && rpcs=${name#rpc}
+    [[ $name == gw[1-9] ]] && gateways=${name#gw}
+    if [[ $name == auth ]]; then
+        # HS256 wants >= 32 bytes of key (RFC 7518 §3.2).
+        head -c 48 /dev/urandom | base64 -w0 >"$WORK/jwt.secret"
+        gateway_args+=(--auth-jwt-secret-file "$WORK/jwt.secret")
+        # The scripts send as "a2" (bench/common.lua): the token's subject.
+        STACK_TOKEN[$name]=$("$WORK/im-server" token --sub a2 --ttl-s 86400 \
+            --auth-jwt-secret-file "$WORK/jwt.secret") || die "im-server token failed"
+    fi
+    local rpc_addrs="" pids=""
+    for ((i = 1; i <= rpcs; i++)); do
+        spawn_rpc "$name-rpc$i" "$redis_url" "${rpc_args[@]}"
+        pids+="$SPAWNED_PID " rpc_addrs+="${rpc_addrs:+,}$SPAWNED_ADDR"
+    done
+    STACK_PIDS_rpc[$name]=${pids% }
+    local gw_addrs="" pids=""
+    for ((i = 1; i <= gateways; i++)); do
+        spawn_gateway "$name-gateway$i" "$rpc_addrs" "${gateway_args[@]}"
+        pids+="$SPAWNED_PID " gw_addrs+="${gw_addrs:+,}$SPAWNED_ADDR"
+    done
+    STACK_PIDS_gateway[$name]=${pids% }
+    STACK_GATEWAYS[$name]=$gw_addrs
+    STACK_URL[$name]="http://${gw_addrs%%,*}"
+    log "stack $name: gateways $gw_addrs (pids ${STACK_PIDS_gateway[$name]}), rpc $rpc_addrs" \
+        "(pids ${STACK_PIDS_rpc[$name]}), redis ${STACK_REDIS_PORTS[$name]} (pids ${STACK_PIDS_redis[$name]})"
+}
+
+# start_cluster NAME REPLICAS: a Redis Cluster of 3 masters with REPLICAS
+# replicas each, as in ../shared/notes/redis-cluster.md (the cluster bus is
+# port + 10000, so ports stay low). Sets CLUSTER_URL (all masters as seeds),
+# STACK_PIDS_redis and STACK_REDIS_PORTS (the masters) under NAME.
+start_cluster() {
+    local name=$1 replicas=$2 nodes=$((3 * (1 + $2))) i ports=() pids="" base=17000
+    for ((i = 0; i < nodes; i++)); do
+        spawn_redis "$name-node$i" "$base" --cluster-enabled yes \
+            --cluster-config-file "$WORK/$name-node$i/nodes.conf" --cluster-node-timeout 1000 \
+            --cluster-require-full-coverage no
+        ports+=("$SPAWNED_PORT") pids+="$SPAWNED_PID "
+        base=$((SPAWNED_PORT + 1))
+    done
+    local addrs=() port
+    for port in "${ports[@]}"; do addrs+=("127.0.0.1:$port"); done
+    redis-cli --cluster create "${addrs[@]}" --cluster-replicas "$replicas" --cluster-yes \
+        >"$WORK/$name-create.log" 2>&1 || die "redis-cli --cluster create failed: $(tail -n 5 "$WORK/$name-create.log")"
+    # Ready when every node agrees the cluster is ok and, with replicas,
+    # every master's replica is listed in CLUSTER SLOTS.
+    for ((i = 0; i < 200; i++)); do
+        local ok=1
+        for port in "${ports[@]}"; do
+            [[ $(redis-cli -p "$port" CLUSTER INFO) == *cluster_state:ok* ]] || ok=0
+        done
+        if ((ok && replicas > 0)); then
+            (($(redis-cli -p "${ports[0]}" CLUSTER SLOTS | grep -c '^127.0.0.1$') >= nodes)) || ok=0
+        fi
+        ((ok)) && break
+        sleep 0.1
+    done
+    ((ok)) || die "cluster $name did not become ready within 20 s"
+    local masters=()
+    for port in "${ports[@]}"; do
+        [[ $(redis-cli -p "$port" ROLE | head -n 1) == master ]] && masters+=("$port")
+    done
+    STACK_PIDS_redis[$name]=${pids% }
+    STACK_REDIS_PORTS[$name]=${masters[*]}
+    CLUSTER_URL="redis://127.0.0.1:${masters[0]}"
+    for port in "${masters[@]:1}"; do CLUSTER_URL+=",127.0.0.1:$port"; done
+}
+
+# fcall_count NAME: the FCALLs the stack's Redis masters have run, into FCALLS.
+fcall_count() {
+    local port calls
+    FCALLS=0
+    for port in ${STACK_REDIS_PORTS[$1]}; do
+        calls=$(redis-cli -p "$port" INFO commandstats | sed -n 's/^cmdstat_fcall:calls=\([0-9]*\),.*/\1/p')
+        FCALLS=$((FCALLS + ${calls:-0}))
+    done
+}
+
+# check_stack_alive NAME: fails loudly if a process of the stack has died.
+check_stack_alive() {
+    local tier pid pids
+    for tier in gateway rpc redis; do
+        pids="STACK_PIDS_$tier[$1]"
+        for pid in ${!pids}; do
+            kill -0 "$pid" 2>/dev/null || die "stack $1: a $tier process ($pid) has died"
+        done
+    done
 }
 
 # The reference ceilings: nginx answering an empty 200 to every request, with
@@ -264,35 +415,40 @@ start_nginxes() {
 
 # --- load ---------------------------------------------------------------------------
 
-# seed_room N: stores N messages in $CHAT through the API. One curl process
-# with N `next`-separated requests reuses one keep-alive connection, which
-# takes well under a second for 1,000 messages.
+# seed_room N [HOST:PORT [TOKEN]]: stores N messages in $CHAT through the
+# API (of $HTTP_ADDR by default; with a bearer TOKEN if given). One curl
+# process with N `next`-separated requests reuses one keep-alive connection,
+# which takes well under a second for 1,000 messages.
 seed_room() {
-    local n=$1 i url="http://$HTTP_ADDR/api/send"
-    local config=$WORK/seed.curlrc
+    local n=$1 addr=${2:-$HTTP_ADDR} token=${3:-} i auth=""
+    local url="http://$addr/api/send" config=$WORK/seed.curlrc
+    [[ -n $token ]] && auth="header = \"Authorization: Bearer $token\""
     for ((i = 1; i <= n; i++)); do
-        printf 'url = "%s"\nrequest = "POST"\nheader = "Content-Type: application/json"\n' "$url"
+        printf 'url = "%s"\nrequest = "POST"\nheader = "Content-Type: application/json"\n%s\n' "$url" "$auth"
         printf 'data = "{\\"chat\\":\\"%s\\",\\"text\\":\\"seed message %d\\",\\"sender\\":\\"a2\\"}"\n' "$CHAT" "$i"
         printf 'output = "/dev/null"\nwrite-out = "%%{http_code}\\n"\n'
         ((i < n)) && printf 'next\n'
     done >"$config"
     local ok
     ok=$(curl -sS --config "$config" | grep -c '^200$' || true)
-    [[ $ok -eq $n ]] || die "seeding $CHAT: only $ok of $n sends answered 200"
+    [[ $ok -eq $n ]] || die "seeding $CHAT on $addr: only $ok of $n sends answered 200"
     # Check the room reads back: a full page and more behind it.
     local page
-    page=$(curl -sS -X GET -H 'Content-Type: application/json' \
-        --data "{\"chat\":\"$CHAT\",\"cursor\":0,\"limit\":10}" "http://$HTTP_ADDR/api/pull")
+    page=$(curl -sS -X GET -H 'Content-Type: application/json' ${token:+-H "Authorization: Bearer $token"} \
+        --data "{\"chat\":\"$CHAT\",\"cursor\":0,\"limit\":10}" "http://$addr/api/pull")
     [[ $page == *'"has_more":true'* && $page == *'seed message '* ]] ||
         die "pull after seeding returned: $page"
-    log "seeded $CHAT with $n messages"
+    log "seeded $CHAT on $addr with $n messages"
 }
 
-# trim_room: keeps only the newest 1,000 messages of $CHAT, so that every
-# pull run reads the same room and Redis's memory does not grow run over run
-# (a 10 s send run stores about half a million messages).
+# trim_room [NAME]: keeps only the newest 1,000 messages of $CHAT, so that
+# every pull run reads the same room and Redis's memory does not grow run
+# over run (a 10 s send run stores about half a million messages). With a
+# stack NAME, in that stack's Redis (-c follows a cluster's redirection).
 trim_room() {
-    redis-cli -p "$REDIS_PORT" ZREMRANGEBYRANK "im:{$CHAT}" 0 -1001 >/dev/null
+    local port=$REDIS_PORT
+    [[ -n ${1:-} ]] && port=${STACK_REDIS_PORTS[$1]%% *}
+    redis-cli -c -p "$port" ZREMRANGEBYRANK "im:{$CHAT}" 0 -1001 >/dev/null
 }
 
 # --- /proc readers (builtins only: no forks, so they add nothing to the

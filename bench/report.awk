@@ -1,7 +1,8 @@
 # bench/report.awk: turns bench/run's results file into markdown tables.
 # Input: one line per wrk run, space-separated key=value fields (target,
-# scenario, round, wrk's RESULT fields, ticks_<process> CPU ticks).
-# Variables: scenarios (space-separated, in order), tck (clock ticks/s),
+# scenario, round, wrk's RESULT fields, ticks_<process> CPU ticks, and for
+# sends to Redis fcalls = the FCALLs Redis ran meanwhile).
+# Variables: scenarios and targets (space-separated, in order), tck (clock ticks/s),
 # cores (CPUs, to say how busy the rest of the machine was).
 
 # Median of the space-separated numbers in list; "na" entries (percentiles
@@ -57,41 +58,49 @@ function cpu(key, proc,    t) {
         if (k ~ /^err_/) err[key, substr(k, 5)] += v[k]
         if (k ~ /^ticks_/) ticks[key, substr(k, 7)] += v[k]
     }
+    if ("fcalls" in v) fcalls[key] += v["fcalls"]
 }
 
 END {
     n = split(scenarios, sc, " ")
+    nt = split(targets, tg, " ")
     print "\"nginx\": one worker per core (this machine's HTTP ceiling); \"nginx1\": one worker (the older reference)."
+    print "Every other row is a stack of ours (bench/run --stack; `standalone` is the default three tiers)."
     print ""
-    print "| scenario | ours req/s | nginx req/s | ours/nginx | nginx1 req/s | ours/nginx1 | ours p50 | ours p99 | ours p99.9 | nginx p50 | nginx p99 | ours errors | nginx errors |"
-    print "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"
+    print "| scenario | server | req/s | /nginx | /nginx1 | p50 | p99 | p99.9 | errors |"
+    print "|---|---|---:|---:|---:|---:|---:|---:|---|"
     for (i = 1; i <= n; i++) {
-        o = "ours" SUBSEP sc[i]; g = "nginx" SUBSEP sc[i]; g1 = "nginx1" SUBSEP sc[i]
-        ro = median(rps[o]); rg = median(rps[g]); rg1 = median(rps[g1])
-        printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", sc[i],
-            num(ro), num(rg), (rg > 0 ? sprintf("%.2f", ro / rg) : "-"),
-            num(rg1), (rg1 > 0 ? sprintf("%.2f", ro / rg1) : "-"),
-            num(median(p50[o])), num(median(p99[o])), num(median(p999[o])),
-            num(median(p50[g])), num(median(p99[g])), errors(o), errors(g) (errors(g1) == "0" ? "" : " (nginx1: " errors(g1) ")")
+        rg = median(rps["nginx" SUBSEP sc[i]]); rg1 = median(rps["nginx1" SUBSEP sc[i]])
+        for (t = 1; t <= nt; t++) {
+            key = tg[t] SUBSEP sc[i]
+            if (!(key in requests)) continue
+            r = median(rps[key])
+            printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", sc[i], tg[t], num(r),
+                (rg > 0 ? sprintf("%.2f", r / rg) : "-"), (rg1 > 0 ? sprintf("%.2f", r / rg1) : "-"),
+                num(median(p50[key])), num(median(p99[key])), num(median(p999[key])), errors(key)
+        }
     }
     print ""
-    print "CPU used during the runs, summed over rounds: seconds (µs per request). \"other processes\":"
-    print "CPU time the machine spent on anything else meanwhile (it should be near 0; if not, the numbers are skewed)."
+    print "CPU used during the runs, summed over rounds: seconds (µs per request); a tier of several"
+    print "processes (rpc3's RPC servers, gw2's gateways, a cluster's nodes) is their sum. \"FCALLs/msg\":"
+    print "im_send calls Redis ran per message stored. \"other processes\": CPU time the machine spent on"
+    print "anything else meanwhile (it should be near 0; if not, the numbers are skewed)."
     print ""
-    print "| scenario | server | requests | gateway | rpc | redis | nginx workers | wrk | servers µs/req | other processes |"
-    print "|---|---|---:|---|---|---|---|---|---:|---|"
-    split("ours nginx nginx1", targets, " ")
+    print "| scenario | server | requests | gateway | rpc | redis | nginx workers | wrk | servers µs/req | FCALLs/msg | other processes |"
+    print "|---|---|---:|---|---|---|---|---|---:|---:|---|"
     for (i = 1; i <= n; i++) {
-        for (t = 1; t <= 3; t++) {
-            target = targets[t]
+        for (t = 1; t <= nt; t++) {
+            target = tg[t]
             key = target SUBSEP sc[i]
             if (!(key in requests)) continue
             total = 0
             split("gateway rpc redis nginx", procs, " ")
             for (p = 1; p <= 4; p++) if ((key, procs[p]) in ticks) total += ticks[key, procs[p]]
-            printf "| %s | %s | %d | %s | %s | %s | %s | %s | %.1f | %.2f s |\n", sc[i], target, requests[key],
+            printf "| %s | %s | %d | %s | %s | %s | %s | %s | %.1f | %s | %.2f s |\n", sc[i], target, requests[key],
                 cpu(key, "gateway"), cpu(key, "rpc"), cpu(key, "redis"), cpu(key, "nginx"),
-                cpu(key, "wrk"), total / tck * 1e6 / requests[key], ticks[key, "other"] / tck
+                cpu(key, "wrk"), total / tck * 1e6 / requests[key],
+                ((key in fcalls) && requests[key] > 0 ? sprintf("%.3f", fcalls[key] / requests[key]) : "-"),
+                ticks[key, "other"] / tck
         }
     }
     busy = (run_seconds > 0) ? other_ticks / tck / (run_seconds * cores) * 100 : 0

@@ -57,6 +57,8 @@ pub struct Config {
     pub threads: usize,
     /// How long a send's idempotency key is remembered.
     pub idempotency_ttl: Duration,
+    /// The RPC handshake's shared secret's file; `None` = no handshake.
+    pub rpc_secret_file: Option<String>,
     /// Authentication: the HS256 secret's file; `None` = off.
     pub auth_jwt_secret_file: Option<String>,
     pub auth_issuer: Option<String>,
@@ -106,6 +108,7 @@ pub const OPTIONS: &[OptionSpec] = &[
     OptionSpec { flag: "--max-in-flight", env: "IM_MAX_IN_FLIGHT", default: Some("8192"), help: "calls in flight per RPC/Redis connection" },
     OptionSpec { flag: "--max-queued-bytes", env: "IM_MAX_QUEUED_BYTES", default: Some("8388608"), help: "bytes of Redis commands queued per connection (and of sends waiting to be batched, per thread) before 503 overloaded" },
     OptionSpec { flag: "--threads", env: "IM_THREADS", default: Some("0"), help: "worker threads, each a single-threaded runtime with its own connections (0 = one per core)" },
+    OptionSpec { flag: "--rpc-secret-file", env: "IM_RPC_SECRET_FILE", default: None, help: "a file holding a shared secret (>= 32 bytes): RPC servers then accept only connections that prove they know it (challenge-response), and gateways prove it; set the same file on both" },
     OptionSpec { flag: "--auth-jwt-secret-file", env: "IM_AUTH_JWT_SECRET_FILE", default: None, help: "turns authentication on: a file holding the HS256 secret (>= 32 bytes) of the bearer tokens the gateway accepts" },
     OptionSpec { flag: "--auth-issuer", env: "IM_AUTH_ISSUER", default: None, help: "with authentication: the `iss` every token must carry" },
     OptionSpec { flag: "--auth-audience", env: "IM_AUTH_AUDIENCE", default: None, help: "with authentication: a value every token's `aud` must contain" },
@@ -264,6 +267,7 @@ impl Config {
                 "--idempotency-ttl-s",
                 MAX_IDEMPOTENCY_TTL_S,
             )?),
+            rpc_secret_file: get("--rpc-secret-file"),
             auth_jwt_secret_file: get("--auth-jwt-secret-file"),
             auth_issuer: get("--auth-issuer"),
             auth_audience: get("--auth-audience"),

@@ -46,6 +46,8 @@ struct Plan {
     rpc_local: Option<SocketAddr>,
     /// Authentication and rate limits, shared by the gateway's shards.
     access: Arc<Access>,
+    /// The RPC handshake's shared secret (`--rpc-secret-file`), read once.
+    rpc_secret: Option<Arc<[u8]>>,
 }
 
 /// One shard's handles on the listening sockets. Each shard owns its own
@@ -245,6 +247,13 @@ fn plan(config: Config) -> Result<(Plan, Listeners), String> {
     };
     let rpc_slots = crate::rpc::server::connection_slots(&rpc_server_options(&config));
     let access = Arc::new(access(&config)?);
+    let rpc_secret = match &config.rpc_secret_file {
+        Some(path) => {
+            eprintln!("im-server: rpc connections authenticated with the shared secret in {path}");
+            Some(Arc::from(crate::auth::token_cmd::load_secret(path)?))
+        }
+        None => None,
+    };
     let plan = Plan {
         config,
         store,
@@ -252,6 +261,7 @@ fn plan(config: Config) -> Result<(Plan, Listeners), String> {
         gateway,
         rpc_local,
         access,
+        rpc_secret,
     };
     let listeners = Listeners {
         rpc: rpc_listener,
@@ -443,6 +453,8 @@ fn rpc_server_options(config: &Config) -> RpcServerOptions {
         max_output: config.max_rpc_output,
         idle_timeout: config.rpc_idle_timeout,
         max_connections: config.max_rpc_connections,
+        // Read once into the plan (`Plan::rpc_secret`).
+        secret: None,
     }
 }
 
@@ -469,7 +481,10 @@ async fn run_shard(
             let server = crate::rpc::server::serve(
                 shard_listener(listeners.rpc)?,
                 Arc::new(store),
-                rpc_server_options(config),
+                RpcServerOptions {
+                    secret: plan.rpc_secret.clone(),
+                    ..rpc_server_options(config)
+                },
                 plan.rpc_slots.clone(),
                 rpc_stopping,
                 config.drain_timeout,
@@ -485,6 +500,7 @@ async fn run_shard(
             queue: config.queue,
             max_in_flight: config.max_in_flight,
             max_frame: config.max_frame,
+            secret: plan.rpc_secret.clone(),
         };
         let rpc = BalancedClient::new(endpoints.clone(), rpc_options);
         let gateway = Arc::new(Gateway::new(rpc, plan.access.clone()));

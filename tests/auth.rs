@@ -347,3 +347,140 @@ fn server_messages(addr: std::net::SocketAddr, chat: &str) -> usize {
     let r = pull_query(addr, &format!("chat={chat}&limit=100"));
     r.json()["messages"].as_array().map_or(0, Vec::len)
 }
+
+// --- the RPC tier's shared-secret handshake (`--rpc-secret-file`) ---------------
+
+const RPC_SECRET: &str = "a shared rpc secret of at least 32 bytes";
+
+fn secret_file(tag: &str, secret: &str) -> (std::path::PathBuf, String) {
+    let dir = unique_temp_dir(tag);
+    let file = dir.join("rpc.secret");
+    std::fs::write(&file, format!("{secret}\n")).expect("write the rpc secret");
+    let path = file.to_string_lossy().to_string();
+    (dir, path)
+}
+
+/// One frame read from a raw RPC connection, or `None` once it is closed.
+fn read_rpc_frame(
+    stream: &mut std::net::TcpStream,
+    input: &mut bytes::BytesMut,
+) -> Option<im_server::rpc::frame::Frame> {
+    use std::io::Read;
+    loop {
+        if let Some(frame) = im_server::rpc::frame::decode(input, 1 << 20).expect("a valid frame") {
+            return Some(frame);
+        }
+        let mut chunk = [0u8; 4096];
+        match stream.read(&mut chunk) {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => input.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+fn write_rpc_frame(stream: &mut std::net::TcpStream, id: u64, kind: u8, body: &[u8]) {
+    use std::io::Write;
+    let mut out = bytes::BytesMut::new();
+    im_server::rpc::frame::encode_raw(&mut out, id, kind, body);
+    stream.write_all(&out).expect("write a frame");
+}
+
+#[test]
+fn gateways_with_the_rpc_secret_are_served_and_others_refused() {
+    let (_dir, path) = secret_file("rpc-secret", RPC_SECRET);
+    let (_other_dir, other) =
+        secret_file("rpc-secret-other", "another secret, also at least 32 bytes");
+    let rpc = Server::rpc(&["--rpc-secret-file", &path]);
+    let good = Server::gateway(rpc.rpc_addr(), &["--rpc-secret-file", &path]);
+    let send_time = send_ok(good.http_addr(), "room", "alice", "through the handshake");
+    let page = request(good.http_addr(), "GET", "/api/pull?chat=room", &[], b"");
+    assert_eq!(page.status, 200, "{}", page.describe());
+    assert_eq!(page.json()["messages"][0]["send_time"], send_time);
+
+    for (name, args) in [
+        ("no secret", vec![]),
+        ("another secret", vec!["--rpc-secret-file", other.as_str()]),
+    ] {
+        let gateway = Server::gateway(rpc.rpc_addr(), &args);
+        let r = send(gateway.http_addr(), "room", "mallory", "refused");
+        assert_eq!(r.status, 503, "{name}: {}", r.describe());
+        let p = request(gateway.http_addr(), "GET", "/api/pull?chat=room", &[], b"");
+        assert_eq!(p.status, 503, "{name}: {}", p.describe());
+    }
+    // Nothing from the refused gateways was stored.
+    let page = request(good.http_addr(), "GET", "/api/pull?chat=room", &[], b"");
+    assert_eq!(page.json()["messages"].as_array().map(Vec::len), Some(1));
+    assert!(
+        rpc.stderr().contains("shared secrets differ"),
+        "the rpc server logs why it refused:\n{}",
+        rpc.stderr()
+    );
+}
+
+#[test]
+fn the_rpc_server_serves_nothing_before_a_valid_hello() {
+    use im_server::proto::{Challenge, HelloRequest};
+    use im_server::rpc::{handshake, method, status};
+    use prost::Message as _;
+
+    let (_dir, path) = secret_file("rpc-secret-raw", RPC_SECRET);
+    let rpc = Server::rpc(&["--rpc-secret-file", &path]);
+    let connect = || {
+        let s = std::net::TcpStream::connect(rpc.rpc_addr()).expect("connect to rpc");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s
+    };
+    let challenge_of = |frame: &im_server::rpc::frame::Frame| {
+        assert_eq!(
+            (frame.id, frame.kind),
+            (0, status::CHALLENGE),
+            "a challenge first"
+        );
+        Challenge::decode(frame.body.clone())
+            .expect("a Challenge")
+            .nonce
+    };
+
+    // A call without the handshake: refused with a reason, then closed, no Pong.
+    let mut c = connect();
+    let mut input = bytes::BytesMut::new();
+    let nonce = challenge_of(&read_rpc_frame(&mut c, &mut input).expect("challenge"));
+    assert_eq!(nonce.len(), handshake::NONCE_BYTES);
+    write_rpc_frame(&mut c, 5, method::PING, &[]);
+    let reply = read_rpc_frame(&mut c, &mut input).expect("a refusal");
+    assert_eq!((reply.id, reply.kind), (5, status::BAD_FRAME));
+    assert!(
+        read_rpc_frame(&mut c, &mut input).is_none(),
+        "closed after refusing"
+    );
+
+    // A proof made for another connection's nonce (a replay): refused.
+    let mut c2 = connect();
+    let mut input2 = bytes::BytesMut::new();
+    let nonce2 = challenge_of(&read_rpc_frame(&mut c2, &mut input2).expect("challenge"));
+    assert_ne!(nonce, nonce2, "every connection gets a fresh nonce");
+    let replayed = HelloRequest {
+        proof: handshake::proof(RPC_SECRET.as_bytes(), &nonce),
+    };
+    write_rpc_frame(&mut c2, 0, method::HELLO, &replayed.encode_to_vec());
+    let reply = read_rpc_frame(&mut c2, &mut input2).expect("a refusal");
+    assert_eq!(reply.kind, status::BAD_FRAME);
+    assert!(
+        read_rpc_frame(&mut c2, &mut input2).is_none(),
+        "closed after refusing"
+    );
+
+    // The right proof: OK, then calls are served.
+    let mut c3 = connect();
+    let mut input3 = bytes::BytesMut::new();
+    let nonce3 = challenge_of(&read_rpc_frame(&mut c3, &mut input3).expect("challenge"));
+    let hello = HelloRequest {
+        proof: handshake::proof(RPC_SECRET.as_bytes(), &nonce3),
+    };
+    write_rpc_frame(&mut c3, 0, method::HELLO, &hello.encode_to_vec());
+    let ok = read_rpc_frame(&mut c3, &mut input3).expect("an answer");
+    assert_eq!((ok.id, ok.kind), (0, status::OK));
+    write_rpc_frame(&mut c3, 6, method::PING, &[]);
+    let pong = read_rpc_frame(&mut c3, &mut input3).expect("a pong");
+    assert_eq!((pong.id, pong.kind), (6, status::OK));
+}

@@ -22,7 +22,7 @@ pub fn load_secret(path: &str) -> Result<Vec<u8>, String> {
     }
     if secret.len() < MIN_SECRET_BYTES {
         return Err(format!(
-            "{path}: an HS256 secret must be at least {MIN_SECRET_BYTES} bytes (RFC 7518 §3.2), got {}",
+            "{path}: a secret must be at least {MIN_SECRET_BYTES} bytes (RFC 7518 §3.2 for HS256), got {}",
             secret.len()
         ));
     }

@@ -40,6 +40,8 @@ struct RpcProtocol {
     max_frame: usize,
     /// Set when the server sent GOAWAY on the current connection.
     going_away: Arc<AtomicBool>,
+    /// The shared secret of the handshake ([`super::handshake`]), if any.
+    secret: Option<Arc<[u8]>>,
 }
 
 impl Protocol for RpcProtocol {
@@ -47,8 +49,11 @@ impl Protocol for RpcProtocol {
     type Reply = Frame;
 
     async fn connect(&mut self) -> io::Result<Stream> {
-        let socket = TcpStream::connect(&self.addr).await?;
+        let mut socket = TcpStream::connect(&self.addr).await?;
         socket.set_nodelay(true)?;
+        if let Some(secret) = &self.secret {
+            super::handshake::connect(&mut socket, secret).await?;
+        }
         // A new connection: whoever answers has not said GOAWAY on it.
         self.going_away.store(false, Ordering::Relaxed);
         Ok(Stream::Tcp(socket))
@@ -72,10 +77,21 @@ impl Protocol for RpcProtocol {
         let frame = frame::decode(input, self.max_frame)?;
         if let Some(f) = &frame
             && f.id == 0
-            && f.kind == status::GOAWAY
         {
             // Id 0 is never a call's: the mux drops it as unmatched.
-            self.going_away.store(true, Ordering::Relaxed);
+            match f.kind {
+                status::GOAWAY => self.going_away.store(true, Ordering::Relaxed),
+                // Only a client without the secret sees one here (with it,
+                // `connect` answers it): end the connection with the reason
+                // rather than let the server refuse each call.
+                status::CHALLENGE => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::PermissionDenied,
+                        "the rpc server requires the shared-secret handshake: set --rpc-secret-file",
+                    ));
+                }
+                _ => {}
+            }
         }
         Ok(frame.map(|f| (f.id, f)))
     }
@@ -88,6 +104,8 @@ pub struct RpcClientOptions {
     pub queue: usize,
     pub max_in_flight: usize,
     pub max_frame: usize,
+    /// The shared secret of the handshake ([`super::handshake`]), if any.
+    pub secret: Option<Arc<[u8]>>,
 }
 
 #[derive(Clone)]
@@ -139,6 +157,7 @@ impl RpcClient {
                 next_id: 0,
                 max_frame,
                 going_away: going_away.clone(),
+                secret: options.secret.clone(),
             },
             mux,
         );
@@ -197,6 +216,7 @@ mod tests {
             next_id: 0,
             max_frame: frame::DEFAULT_MAX_FRAME,
             going_away: Arc::new(AtomicBool::new(false)),
+            secret: None,
         };
         let mut input = BytesMut::new();
         frame::encode_raw(&mut input, 7, status::OK, b"reply");

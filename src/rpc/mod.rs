@@ -5,6 +5,7 @@
 pub mod balanced;
 pub mod client;
 pub mod frame;
+pub mod handshake;
 pub mod server;
 
 /// Method numbers carried in request frames.
@@ -12,6 +13,8 @@ pub mod method {
     pub const SEND: u8 = 1;
     pub const PULL: u8 = 2;
     pub const PING: u8 = 3;
+    /// The handshake's answer to a challenge (see [`super::handshake`]).
+    pub const HELLO: u8 = 4;
 }
 
 /// Status bytes carried in reply frames.
@@ -25,4 +28,7 @@ pub mod status {
     /// calls after the connection has been quiet for a moment, finishes
     /// those in flight and closes; the client must send new calls elsewhere.
     pub const GOAWAY: u8 = 0xff;
+    /// Not a reply (id 0): the first frame of a server with a shared secret;
+    /// the body is a `Challenge` (see [`super::handshake`]).
+    pub const CHALLENGE: u8 = 0xfe;
 }

@@ -25,7 +25,7 @@ use crate::proto::{Message, PingResponse, PullRequest, PullResponse, SendRequest
 use crate::store::{AnyStore, Store, StoreError};
 use crate::unwind::catch_panic;
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct RpcServerOptions {
     pub max_frame: usize,
     /// Requests of one connection being served at once; more are refused
@@ -40,6 +40,9 @@ pub struct RpcServerOptions {
     pub idle_timeout: Duration,
     /// Open connections (all shards together, through the shared slots).
     pub max_connections: usize,
+    /// With a shared secret every connection must pass the handshake
+    /// ([`super::handshake`]) before its first call.
+    pub secret: Option<Arc<[u8]>>,
 }
 
 /// The connection limit shared by every shard's accept loop.
@@ -72,6 +75,7 @@ pub async fn serve(
         let store = store.clone();
         let shutdown = shutdown.clone();
         let open = open.clone();
+        let options = options.clone();
         tokio::spawn(async move {
             if let Err(err) = connection(socket, store, options, shutdown).await {
                 eprintln!("im-server: rpc connection from {peer} closed: {err}");
@@ -256,11 +260,14 @@ impl Requests {
 }
 
 async fn connection(
-    socket: TcpStream,
+    mut socket: TcpStream,
     store: Arc<AnyStore>,
     options: RpcServerOptions,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
+    if let Some(secret) = &options.secret {
+        super::handshake::accept(&mut socket, secret).await?;
+    }
     let (reader, writer) = socket.into_split();
     // Unbounded by count: what it holds is bounded in bytes by `usage.output`.
     let (replies, outbox) = mpsc::unbounded_channel::<Outgoing>();

@@ -14,7 +14,8 @@
 
 #![no_main]
 
-use im_server::gateway::json::{parse_pull, parse_send, pull_body, send_body};
+use im_server::gateway::json::{parse_pull, parse_send, send_body};
+use im_server::gateway::pull_wire::pull_json_of as pull_body;
 use im_server::proto::{Message, PullRequest, PullResponse, SendRequest};
 use libfuzzer_sys::arbitrary::{Arbitrary, Unstructured};
 use libfuzzer_sys::fuzz_target;

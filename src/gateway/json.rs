@@ -7,7 +7,7 @@ use std::borrow::Cow;
 use serde::Deserialize;
 
 use super::error::ApiError;
-use crate::proto::{Message, PullRequest, PullResponse, SendRequest};
+use crate::proto::{Message, PullRequest, SendRequest};
 
 #[derive(Deserialize)]
 struct SendBody<'a> {
@@ -251,23 +251,6 @@ pub fn send_body(send_time: i64) -> Vec<u8> {
     out
 }
 
-/// `{"messages":[...],"has_more":B,"next_cursor":N}` for a decoded
-/// response; the gateway itself writes it straight from the wire
-/// ([`super::pull_wire::pull_json`]), and this goes through the same code.
-pub fn pull_body(resp: &PullResponse) -> Vec<u8> {
-    use prost::Message as _;
-    let ok = PullResponse {
-        code: 0,
-        msg: String::new(),
-        ..resp.clone()
-    };
-    match super::pull_wire::pull_json(&ok.encode_to_vec()) {
-        Ok(Ok(body)) => body,
-        // Unreachable: prost's own encoding of a code-0 response.
-        _ => b"{\"messages\":[],\"has_more\":false,\"next_cursor\":0}".to_vec(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -329,28 +312,5 @@ mod tests {
         };
         assert!(msg.len() < 300, "message of {} bytes: {msg}", msg.len());
         assert!(msg.contains('…'), "{msg}");
-    }
-
-    #[test]
-    fn pull_body_is_valid_json() {
-        let resp = PullResponse {
-            messages: vec![Message {
-                chat: "a:b".into(),
-                text: "quote \" backslash \\ newline \n emoji 😀".into(),
-                sender: "a".into(),
-                send_time: 1_700_000_000_000_001,
-            }],
-            has_more: true,
-            next_cursor: 1_700_000_000_000_001,
-            ..PullResponse::default()
-        };
-        let parsed: serde_json::Value =
-            serde_json::from_slice(&pull_body(&resp)).expect("valid JSON");
-        assert_eq!(
-            parsed["messages"][0]["text"],
-            resp.messages[0].text.as_str()
-        );
-        assert_eq!(parsed["next_cursor"], 1_700_000_000_000_001i64);
-        assert_eq!(parsed["has_more"], true);
     }
 }

@@ -10,6 +10,8 @@ use bytes::{Bytes, BytesMut};
 
 use super::json::{put_i64, put_str};
 use crate::http::response::BodySource;
+use crate::proto::PullResponse;
+use crate::proto::fields::{message, pull_response};
 use crate::wire::{Malformed, Value, next_field, text};
 
 /// Replies over this many wire bytes are rendered as the connection drains
@@ -77,7 +79,7 @@ impl PullStream {
         let mut len = HEAD.len() + tail.len() + scalars.count.saturating_sub(1);
         let mut rest = &wire[..];
         while !rest.is_empty() {
-            if let (3, Value::Bytes(message)) = next_field(&mut rest)? {
+            if let (pull_response::MESSAGES, Value::Bytes(message)) = next_field(&mut rest)? {
                 scratch.clear();
                 write_message(&mut scratch, message)?;
                 len += scratch.len();
@@ -116,7 +118,7 @@ impl BodySource for PullStream {
                 return true;
             };
             self.pos = self.wire.len() - rest.len();
-            if let (3, Value::Bytes(message)) = field {
+            if let (pull_response::MESSAGES, Value::Bytes(message)) = field {
                 self.scratch.clear();
                 if write_message(&mut self.scratch, message).is_err() {
                     return true;
@@ -146,12 +148,19 @@ fn scalars(mut wire: &[u8]) -> Result<Scalars, Malformed> {
         (0i32, "", false, 0i64, 0usize);
     while !wire.is_empty() {
         match next_field(&mut wire)? {
-            (1, Value::Varint(v)) => code = v as i32,
-            (2, Value::Bytes(b)) => msg = text(b)?,
-            (3, Value::Bytes(_)) => count += 1,
-            (4, Value::Varint(v)) => has_more = v != 0,
-            (5, Value::Varint(v)) => next_cursor = v as i64,
-            (1..=5, _) => return Err(Malformed("field of the wrong type")),
+            (pull_response::CODE, Value::Varint(v)) => code = v as i32,
+            (pull_response::MSG, Value::Bytes(b)) => msg = text(b)?,
+            (pull_response::MESSAGES, Value::Bytes(_)) => count += 1,
+            (pull_response::HAS_MORE, Value::Varint(v)) => has_more = v != 0,
+            (pull_response::NEXT_CURSOR, Value::Varint(v)) => next_cursor = v as i64,
+            (
+                pull_response::CODE
+                | pull_response::MSG
+                | pull_response::MESSAGES
+                | pull_response::HAS_MORE
+                | pull_response::NEXT_CURSOR,
+                _,
+            ) => return Err(Malformed("field of the wrong type")),
             _ => {}
         }
     }
@@ -192,7 +201,7 @@ pub fn pull_json(wire: &[u8]) -> Result<Result<Vec<u8>, Failed>, Malformed> {
     let mut wire = whole;
     let mut first = true;
     while !wire.is_empty() {
-        if let (3, Value::Bytes(message)) = next_field(&mut wire)? {
+        if let (pull_response::MESSAGES, Value::Bytes(message)) = next_field(&mut wire)? {
             if !first {
                 out.push(b',');
             }
@@ -210,15 +219,33 @@ pub fn pull_json(wire: &[u8]) -> Result<Result<Vec<u8>, Failed>, Malformed> {
     Ok(Ok(out))
 }
 
+/// [`pull_json`] of a decoded response (its code and msg ignored): for
+/// tests and fuzzing, through the same code the gateway runs on the wire.
+pub fn pull_json_of(resp: &PullResponse) -> Vec<u8> {
+    use prost::Message as _;
+    let ok = PullResponse {
+        code: 0,
+        msg: String::new(),
+        ..resp.clone()
+    };
+    match pull_json(&ok.encode_to_vec()) {
+        Ok(Ok(body)) => body,
+        // Unreachable: prost's own encoding of a code-0 response.
+        _ => b"{\"messages\":[],\"has_more\":false,\"next_cursor\":0}".to_vec(),
+    }
+}
+
 fn write_message(out: &mut Vec<u8>, mut wire: &[u8]) -> Result<(), Malformed> {
     let (mut chat, mut message_text, mut sender, mut send_time) = ("", "", "", 0i64);
     while !wire.is_empty() {
         match next_field(&mut wire)? {
-            (1, Value::Bytes(b)) => chat = text(b)?,
-            (2, Value::Bytes(b)) => message_text = text(b)?,
-            (3, Value::Bytes(b)) => sender = text(b)?,
-            (4, Value::Varint(v)) => send_time = v as i64,
-            (1..=4, _) => return Err(Malformed("message field of the wrong type")),
+            (message::CHAT, Value::Bytes(b)) => chat = text(b)?,
+            (message::TEXT, Value::Bytes(b)) => message_text = text(b)?,
+            (message::SENDER, Value::Bytes(b)) => sender = text(b)?,
+            (message::SEND_TIME, Value::Varint(v)) => send_time = v as i64,
+            (message::CHAT | message::TEXT | message::SENDER | message::SEND_TIME, _) => {
+                return Err(Malformed("message field of the wrong type"));
+            }
             _ => {}
         }
     }
@@ -239,7 +266,7 @@ mod tests {
     use prost::Message as _;
 
     use super::*;
-    use crate::proto::{Message, PullResponse};
+    use crate::proto::Message;
 
     fn page() -> PullResponse {
         PullResponse {
@@ -343,5 +370,28 @@ mod tests {
             "invalid UTF-8"
         );
         assert!(pull_json(&[0x0b]).is_err(), "group");
+    }
+
+    #[test]
+    fn pull_json_of_is_valid_json() {
+        let resp = PullResponse {
+            messages: vec![Message {
+                chat: "a:b".into(),
+                text: "quote \" backslash \\ newline \n emoji 😀".into(),
+                sender: "a".into(),
+                send_time: 1_700_000_000_000_001,
+            }],
+            has_more: true,
+            next_cursor: 1_700_000_000_000_001,
+            ..PullResponse::default()
+        };
+        let parsed: serde_json::Value =
+            serde_json::from_slice(&pull_json_of(&resp)).expect("valid JSON");
+        assert_eq!(
+            parsed["messages"][0]["text"],
+            resp.messages[0].text.as_str()
+        );
+        assert_eq!(parsed["next_cursor"], 1_700_000_000_000_001i64);
+        assert_eq!(parsed["has_more"], true);
     }
 }

@@ -21,6 +21,7 @@ pub mod redis;
 use std::future::Future;
 
 use crate::domain::PullQuery;
+use crate::proto::fields::{message, pull_response};
 use crate::wire;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,20 +86,28 @@ impl<'a> PageWriter<'a> {
             self.page.has_more = true;
             return false;
         }
-        let strings = [(1, self.chat), (2, text), (3, sender)];
+        let strings = [
+            (message::CHAT, self.chat),
+            (message::TEXT, text),
+            (message::SENDER, sender),
+        ];
         let len: usize = strings
             .iter()
             .filter(|(_, s)| !s.is_empty())
             .map(|&(tag, s)| wire::bytes_field_len(tag, s.len()))
             .sum::<usize>()
-            + wire::varint_field_len(4, send_time as u64);
+            + wire::varint_field_len(message::SEND_TIME, send_time as u64);
         let out = &mut self.page.wire;
-        prost::encoding::encode_key(3, prost::encoding::WireType::LengthDelimited, out);
+        prost::encoding::encode_key(
+            pull_response::MESSAGES,
+            prost::encoding::WireType::LengthDelimited,
+            out,
+        );
         prost::encoding::encode_varint(len as u64, out);
         for (tag, s) in strings {
             wire::put_bytes_field(out, tag, s.as_bytes());
         }
-        wire::put_varint_field(out, 4, send_time as u64);
+        wire::put_varint_field(out, message::SEND_TIME, send_time as u64);
         self.page.count += 1;
         self.last_send_time = send_time;
         true
@@ -107,8 +116,9 @@ impl<'a> PageWriter<'a> {
     pub fn finish(mut self) -> Page {
         if self.page.has_more {
             self.page.next_cursor = self.last_send_time;
-            wire::put_varint_field(&mut self.page.wire, 4, 1);
-            wire::put_varint_field(&mut self.page.wire, 5, self.last_send_time as u64);
+            let out = &mut self.page.wire;
+            wire::put_varint_field(out, pull_response::HAS_MORE, 1);
+            wire::put_varint_field(out, pull_response::NEXT_CURSOR, self.last_send_time as u64);
         }
         self.page
     }

@@ -30,6 +30,7 @@ use tokio::time::Instant;
 use super::{Page, PageWriter, Sent, Store, StoreError};
 use crate::domain::PullQuery;
 use crate::mux::{ByteBudget, Handle, MuxError, MuxOptions, Pool};
+use crate::proto::fields::stored_message;
 use crate::resp::connection::{RespProtocol, RespRequest};
 use crate::resp::url::RedisTarget;
 use crate::resp::{Reply, command};
@@ -514,10 +515,11 @@ fn send_outcome(reply: Reply) -> Result<Sent, StoreError> {
 /// from the borrowed fields: one allocation, no `String` copies.
 pub(super) fn encode_member(text: &str, sender: &str) -> Vec<u8> {
     let mut member = Vec::with_capacity(
-        wire::bytes_field_len(2, text.len()) + wire::bytes_field_len(3, sender.len()),
+        wire::bytes_field_len(stored_message::TEXT, text.len())
+            + wire::bytes_field_len(stored_message::SENDER, sender.len()),
     );
-    wire::put_bytes_field(&mut member, 2, text.as_bytes());
-    wire::put_bytes_field(&mut member, 3, sender.as_bytes());
+    wire::put_bytes_field(&mut member, stored_message::TEXT, text.as_bytes());
+    wire::put_bytes_field(&mut member, stored_message::SENDER, sender.as_bytes());
     member
 }
 
@@ -536,10 +538,12 @@ fn read_stored(mut member: &[u8]) -> Result<StoredView<'_>, Malformed> {
     };
     while !member.is_empty() {
         match next_field(&mut member)? {
-            (1, Value::Fixed64(t)) => view.send_time = t as i64,
-            (2, Value::Bytes(b)) => view.text = text(b)?,
-            (3, Value::Bytes(b)) => view.sender = text(b)?,
-            (1..=3, _) => return Err(Malformed("field of the wrong type")),
+            (stored_message::SEND_TIME, Value::Fixed64(t)) => view.send_time = t as i64,
+            (stored_message::TEXT, Value::Bytes(b)) => view.text = text(b)?,
+            (stored_message::SENDER, Value::Bytes(b)) => view.sender = text(b)?,
+            (stored_message::SEND_TIME | stored_message::TEXT | stored_message::SENDER, _) => {
+                return Err(Malformed("field of the wrong type"));
+            }
             _ => {}
         }
     }
@@ -719,10 +723,32 @@ mod tests {
     use super::*;
     use crate::proto::StoredMessage;
 
-    /// The member as Redis stores it: im_send's prefix (tag 0x09, then the
-    /// send_time as 8 little-endian bytes) before what `encode_member` wrote.
+    /// The key byte of `StoredMessage.send_time` (sfixed64: wire type 1),
+    /// which the Lua in [`LIBRARY`] writes as `'\9'` (Lua has no access to
+    /// the .proto): checked here against the generated field number.
+    const SEND_TIME_KEY: u8 = (stored_message::SEND_TIME << 3) as u8 | 1;
+    // One key byte, as the Lua assumes (field numbers up to 15).
+    const _: () = assert!(stored_message::SEND_TIME < 16);
+
+    #[test]
+    fn the_lua_prefix_is_the_send_time_field_key() {
+        let lua = format!("'\\{SEND_TIME_KEY}' .. struct.pack('<i8', t)");
+        assert!(
+            LIBRARY.contains(&lua),
+            "LIBRARY must prefix members with {lua}"
+        );
+        let lua_read = "struct.unpack('<i8', top, 2)";
+        assert!(
+            LIBRARY.contains(lua_read),
+            "and read the send_time after that one byte"
+        );
+    }
+
+    /// The member as Redis stores it: im_send's prefix (the send_time's key,
+    /// then the send_time as 8 little-endian bytes) before what
+    /// `encode_member` wrote.
     fn stored(send_time: i64, text: &str, sender: &str) -> Vec<u8> {
-        let mut member = vec![0x09];
+        let mut member = vec![SEND_TIME_KEY];
         member.extend_from_slice(&send_time.to_le_bytes());
         member.extend(encode_member(text, sender));
         member

@@ -276,10 +276,6 @@ impl<P: Protocol> Handle<P> {
             }
         }
     }
-
-    pub async fn call(&self, request: impl Into<P::Request>) -> Result<P::Reply, MuxError> {
-        self.start(request)?.wait().await
-    }
 }
 
 /// Several connections to one peer, used round-robin.

@@ -161,6 +161,30 @@ pub fn parse_pull(body: &[u8], query: Option<&[u8]>) -> Result<PullRequest, ApiE
     })
 }
 
+/// `GET /api/stream` parameters: `chat` and `cursor`, from the query string
+/// (an `EventSource` cannot send a body); `limit` and `reverse` are the
+/// stream's own (a full page, oldest first) and refused if given.
+pub fn parse_stream(body: &[u8], query: Option<&[u8]>) -> Result<(String, i64), ApiError> {
+    if !body.trim_ascii().is_empty() {
+        return Err(ApiError::Invalid(
+            "give the stream's parameters in the query string; it takes no body".into(),
+        ));
+    }
+    let params = match query {
+        Some(q) => parse_query(q)?.unwrap_or_default(),
+        None => PullParams::default(),
+    };
+    if params.limit.is_some() || params.reverse.is_some() {
+        return Err(ApiError::Invalid(
+            "a stream takes only `chat` and `cursor` (it is always oldest first)".into(),
+        ));
+    }
+    Ok((
+        params.chat.map(Cow::into_owned).unwrap_or_default(),
+        params.cursor.unwrap_or(0),
+    ))
+}
+
 fn saturating_limit(limit: &serde_json::Number) -> Result<i32, ApiError> {
     match (limit.as_i64(), limit.is_u64()) {
         (Some(v), _) => Ok(v.clamp(i64::from(i32::MIN), i64::from(i32::MAX)) as i32),

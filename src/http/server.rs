@@ -16,8 +16,10 @@ use tokio::sync::{Semaphore, watch};
 use tokio::time::Instant;
 
 use super::codec::{HttpError, Limits, Request};
-use super::conn::{Action, Conn, Expiry, Finished, Framing, ReadUntil, Settings};
-use super::response::{Response, write_response};
+use super::conn::{Action, Conn, Expiry, Finished, Framing, ReadUntil, Settings, StreamStep};
+use super::response::{
+    Batch, EventSource, HEARTBEAT, LAGGED_EVENT, LAST_CHUNK, Response, put_chunk, write_response,
+};
 use crate::accept::next_connection;
 use crate::unwind::{catch_panic, catch_panic_sync};
 
@@ -53,8 +55,11 @@ pub struct ServerOptions {
     pub drain_timeout: Duration,
     /// Response bytes queued per connection before it stops starting requests.
     pub max_output_buffer: usize,
-    /// How long a peer may accept no bytes of a response before it is closed.
+    /// How long a peer may accept no bytes of a response before it is closed
+    /// (and how long an event stream's output may take to drain).
     pub write_timeout: Duration,
+    /// Silence on an event stream after which a heartbeat comment is written.
+    pub stream_heartbeat: Duration,
 }
 
 impl Default for ServerOptions {
@@ -67,6 +72,7 @@ impl Default for ServerOptions {
             drain_timeout: Duration::from_secs(10),
             max_output_buffer: 4 * 1024 * 1024,
             write_timeout: Duration::from_secs(10),
+            stream_heartbeat: Duration::from_secs(15),
         }
     }
 }
@@ -157,6 +163,8 @@ async fn connection<H: Handler>(
         request_timeout: options.request_timeout,
         max_output: options.max_output_buffer,
         reply_bound: H::reply_bound,
+        heartbeat: options.stream_heartbeat,
+        write_timeout: options.write_timeout,
     };
     let mut conn = Conn::new(settings, std::time::Instant::now());
     let mut io = Io {
@@ -179,14 +187,19 @@ async fn connection<H: Handler>(
                 let done = Finished {
                     status: resp.status,
                     body_len: resp.body_len(),
-                    close: resp.close,
+                    close: resp.close || resp.events.is_some(),
                 };
                 let framing = conn.finished(done, *shutdown.borrow());
                 if !framing.keep_alive {
                     pending.clear();
                 }
-                io.put_response(resp, framing).await?;
+                if let Some(events) = io.put_response(resp, framing).await? {
+                    conn.start_stream(std::time::Instant::now());
+                    let chunked = !framing.http10;
+                    return io.stream(&mut conn, events, chunked, &mut shutdown).await;
+                }
             }
+            Action::Stream(_) => return Ok(()),
             Action::Flush => io.flush().await?,
             Action::Continue => io.output.put_slice(b"HTTP/1.1 100 Continue\r\n\r\n"),
             Action::Read(until) => {
@@ -236,8 +249,13 @@ impl Io {
     }
 
     /// Queues `resp`; a streamed body is produced as the output drains, so
-    /// that no more than about `max_output` of it is held at once.
-    async fn put_response(&mut self, resp: Response, framing: Framing) -> std::io::Result<()> {
+    /// that no more than about `max_output` of it is held at once. An event
+    /// stream's source is handed back, its head queued.
+    async fn put_response(
+        &mut self,
+        mut resp: Response,
+        framing: Framing,
+    ) -> std::io::Result<Option<Box<dyn EventSource>>> {
         write_response(
             &mut self.output,
             &resp,
@@ -245,11 +263,110 @@ impl Io {
             framing.keep_alive,
             framing.http10,
         );
-        let Some(mut stream) = resp.stream.filter(|_| !framing.head_only) else {
-            return Ok(());
+        if framing.head_only {
+            return Ok(None);
+        }
+        if let Some(events) = resp.events.take() {
+            return Ok(Some(events));
+        }
+        let Some(mut stream) = resp.stream else {
+            return Ok(None);
         };
         while !stream.fill(&mut self.output, self.max_output) {
             self.flush().await?;
+        }
+        Ok(None)
+    }
+
+    /// Drives an event stream until it ends: the connection's policy says
+    /// when to render, write, wait or stop ([`StreamStep`]).
+    async fn stream(
+        &mut self,
+        conn: &mut Conn,
+        mut events: Box<dyn EventSource>,
+        chunked: bool,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> std::io::Result<()> {
+        // The source's next batch, kept across heartbeats.
+        let mut more: Option<Pin<Box<dyn Future<Output = Batch> + Send>>> = None;
+        let mut rendered = BytesMut::new();
+        loop {
+            let now = std::time::Instant::now();
+            let Action::Stream(step) = conn.next(now, self.output.len()) else {
+                return Ok(());
+            };
+            match step {
+                StreamStep::Fill => {
+                    let room = self.max_output.saturating_sub(self.output.len()).max(1);
+                    let buffered = events.fill(&mut rendered, room);
+                    put_chunk(&mut self.output, &rendered, chunked);
+                    conn.filled(buffered, !rendered.is_empty(), now);
+                    rendered.clear();
+                }
+                StreamStep::Heartbeat => {
+                    put_chunk(&mut self.output, HEARTBEAT, chunked);
+                    conn.sent(now);
+                }
+                StreamStep::Drain(deadline) => tokio::select! {
+                    written = self.write_until(deadline) => written?,
+                    _ = shutdown.wait_for(|&stop| stop) => conn.shut_down(now),
+                },
+                StreamStep::Await(heartbeat_at) => {
+                    let batch = more.get_or_insert_with(|| events.more());
+                    let mut sink = [0u8; 512];
+                    tokio::select! {
+                        batch = batch => {
+                            more = None;
+                            match batch {
+                                Ok(batch) => {
+                                    events.take(batch);
+                                    conn.arrived();
+                                }
+                                Err(last_event) => {
+                                    put_chunk(&mut self.output, &last_event, chunked);
+                                    conn.stream_failed(now);
+                                }
+                            }
+                        }
+                        _ = tokio::time::sleep_until(Instant::from_std(heartbeat_at)) => {}
+                        _ = shutdown.wait_for(|&stop| stop) => conn.shut_down(now),
+                        // Whatever the peer sends now is not served (the
+                        // stream is the connection's last response); its
+                        // close ends the stream at once, not at the next write.
+                        read = self.socket.read(&mut sink) => {
+                            if matches!(read, Ok(0) | Err(_)) {
+                                return Ok(());
+                            }
+                        }
+                    }
+                }
+                StreamStep::End { why, deadline } => {
+                    if why == super::conn::StreamEnd::Lagged {
+                        put_chunk(&mut self.output, LAGGED_EVENT, chunked);
+                    }
+                    if chunked {
+                        self.output.put_slice(LAST_CHUNK);
+                    }
+                    // Best effort: the reader may never take these bytes.
+                    let _ = self.write_until(deadline).await;
+                    let _ = self.socket.shutdown().await;
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Writes the output until it is all out or `deadline` passes (then
+    /// returns with output left, for the policy to judge).
+    async fn write_until(&mut self, deadline: std::time::Instant) -> std::io::Result<()> {
+        let deadline = Instant::from_std(deadline);
+        while !self.output.is_empty() {
+            match tokio::time::timeout_at(deadline, self.socket.write(&self.output)).await {
+                Ok(Ok(0)) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(Ok(n)) => self.output.advance(n),
+                Ok(Err(err)) => return Err(err),
+                Err(_elapsed) => return Ok(()),
+            }
         }
         Ok(())
     }

@@ -167,7 +167,8 @@ fn is_q_zero(param: &[u8]) -> bool {
 /// otherwise pin for as long as a slow reader takes).
 fn page_of(frame: Frame) -> Result<Bytes, ApiError> {
     check_status(&frame)?;
-    let undecodable = |e: crate::wire::Malformed| ApiError::Internal(format!("undecodable rpc reply: {e}"));
+    let undecodable =
+        |e: crate::wire::Malformed| ApiError::Internal(format!("undecodable rpc reply: {e}"));
     let head = scalars(&frame.body).map_err(undecodable)?;
     if head.code != 0 {
         return Err(ApiError::from_code(head.code, head.msg));
@@ -290,7 +291,8 @@ mod tests {
     use crate::http::codec::{Limits, RequestDecoder};
 
     fn request(head: &str) -> Request {
-        let mut input = BytesMut::from(format!("GET /api/stream HTTP/1.1\r\nHost: x\r\n{head}\r\n").as_str());
+        let mut input =
+            BytesMut::from(format!("GET /api/stream HTTP/1.1\r\nHost: x\r\n{head}\r\n").as_str());
         RequestDecoder::new(Limits::default())
             .decode(&mut input)
             .expect("valid")

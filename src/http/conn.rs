@@ -492,7 +492,9 @@ impl Conn {
     pub fn stream_failed(&mut self, now: Instant) {
         let write_timeout = self.settings.write_timeout;
         if let Some(stream) = &mut self.streaming {
-            stream.end.get_or_insert((StreamEnd::Failed, now + write_timeout));
+            stream
+                .end
+                .get_or_insert((StreamEnd::Failed, now + write_timeout));
         }
     }
 

@@ -428,7 +428,10 @@ fn streaming(t0: Instant) -> Conn {
     assert!(matches!(conn.next(t0, 0), Action::Start(_)));
     assert_eq!(conn.next(t0, 0), Action::Finish);
     let framing = conn.finished(done(0, true), false);
-    assert!(!framing.keep_alive, "a stream is the connection's last response");
+    assert!(
+        !framing.keep_alive,
+        "a stream is the connection's last response"
+    );
     conn.start_stream(t0);
     conn
 }
@@ -525,7 +528,10 @@ fn a_drained_backlog_restarts_the_lag_clock() {
         conn.arrived();
         assert_eq!(step(&mut conn, now, 0), StreamStep::Fill);
         conn.filled(false, true, now);
-        assert_eq!(step(&mut conn, now, 4096), StreamStep::Drain(now + secs(10)));
+        assert_eq!(
+            step(&mut conn, now, 4096),
+            StreamStep::Drain(now + secs(10))
+        );
         let filled_at = now;
         now += secs(6);
         // The heartbeat counts from the last event.

@@ -198,7 +198,9 @@ pub fn write_response(
 /// `no-store`: the events are live, never to be cached; `X-Accel-Buffering`
 /// keeps nginx from buffering them when it is the proxy in front.
 fn put_event_stream_head(out: &mut BytesMut, http10: bool) {
-    out.put_slice(b"\r\nContent-Type: text/event-stream\r\nCache-Control: no-store\r\nX-Accel-Buffering: no");
+    out.put_slice(
+        b"\r\nContent-Type: text/event-stream\r\nCache-Control: no-store\r\nX-Accel-Buffering: no",
+    );
     if !http10 {
         out.put_slice(b"\r\nTransfer-Encoding: chunked");
     }

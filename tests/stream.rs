@@ -317,6 +317,13 @@ fn errors_before_the_stream_are_json_with_statuses() {
     let r = request(addr, "POST", "/api/stream?chat=c", &[], b"");
     assert_error(&r, 405, "POST");
     assert_eq!(r.header("allow"), Some("GET, HEAD"));
+    // HEAD: the stream's head alone, then the connection closes.
+    let mut conn = HttpConn::connect(addr);
+    conn.write_request("HEAD", &stream_path("c"), &[], b"");
+    let head = conn.read_head_response();
+    assert_eq!(head.status, 200);
+    assert_eq!(head.header("content-type"), Some("text/event-stream"));
+    conn.assert_closed("after the head of a stream");
     // No Accept at all, or */*: a stream (RFC 9110: no preference).
     for accept in [None, Some("*/*"), Some("text/*")] {
         let headers: Vec<(&str, &str)> = accept.map(|a| ("Accept", a)).into_iter().collect();
@@ -380,9 +387,7 @@ fn auth_on_refuses_like_pull() {
     let r = open("alice:bob", Some(&carol)).err().expect("403");
     assert_error(&r, 403, "not a member of the two-person room");
     let alice = token("alice");
-    let mut stream = open("alice:bob", Some(&alice))
-        .ok()
-        .expect("alice may stream");
+    let mut stream = open("alice:bob", Some(&alice)).expect("alice may stream");
     let r = request(
         addr,
         "POST",

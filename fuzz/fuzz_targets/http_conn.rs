@@ -70,7 +70,8 @@ fuzz_target!(|data: &[u8]| {
                 let done = Finished {
                     status: next_status,
                     body_len: next_len,
-                    close: next_close,
+                    // The driver asks to close after an event stream's head.
+                    close: next_close || next_stream,
                 };
                 let framing = conn.finished(done, false);
                 if !framing.keep_alive {

@@ -226,9 +226,19 @@ pub fn put_chunk(out: &mut BytesMut, data: &[u8], chunked: bool) {
 /// The end of a chunked body.
 pub const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
 
-fn put_hex(out: &mut BytesMut, v: usize) {
-    let digits = format!("{v:x}");
-    out.put_slice(digits.as_bytes());
+/// Hexadecimal digits of `v` (a chunk size), without going through `fmt`.
+fn put_hex(out: &mut BytesMut, mut v: usize) {
+    let mut digits = [0u8; 16];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b"0123456789abcdef"[v % 16];
+        v /= 16;
+        if v == 0 {
+            break;
+        }
+    }
+    out.put_slice(&digits[i..]);
 }
 
 /// Decimal digits of `v`, without going through `fmt`.
@@ -244,4 +254,26 @@ pub fn put_u64(out: &mut BytesMut, mut v: u64) {
         }
     }
     out.put_slice(&digits[i..]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_are_framed_with_hex_sizes() {
+        let mut out = BytesMut::new();
+        put_chunk(&mut out, &[b'x'; 26], true);
+        put_chunk(&mut out, b"", true);
+        put_chunk(&mut out, b"ab", false);
+        out.put_slice(LAST_CHUNK);
+        let mut expected = b"1a\r\n".to_vec();
+        expected.extend_from_slice(&[b'x'; 26]);
+        expected.extend_from_slice(b"\r\nab0\r\n\r\n");
+        assert_eq!(&out[..], &expected[..]);
+        let mut big = BytesMut::new();
+        put_hex(&mut big, 0x10_0000);
+        put_hex(&mut big, 0);
+        assert_eq!(&big[..], b"1000000");
+    }
 }

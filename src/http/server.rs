@@ -16,7 +16,9 @@ use tokio::sync::{Semaphore, watch};
 use tokio::time::Instant;
 
 use super::codec::{HttpError, Limits, Request};
-use super::conn::{Action, Conn, Expiry, Finished, Framing, ReadUntil, Settings, StreamStep};
+use super::conn::{
+    Action, Conn, Expiry, Finished, Framing, ReadUntil, Settings, StreamEnd, StreamStep,
+};
 use super::response::{
     Batch, EventSource, HEARTBEAT, LAGGED_EVENT, LAST_CHUNK, Response, put_chunk, write_response,
 };
@@ -140,6 +142,17 @@ fn refuse<H: Handler>(socket: &TcpStream, handler: &H) {
         false,
     );
     let _ = socket.try_write(&output);
+}
+
+/// An event stream's source and what the driver keeps of it.
+struct Streamed {
+    events: Box<dyn EventSource>,
+    /// The source's next batch, kept across heartbeats.
+    more: Option<Pin<Box<dyn Future<Output = Batch> + Send>>>,
+    /// Events rendered for the next chunk; reused.
+    rendered: BytesMut,
+    /// HTTP/1.1: chunked coding; HTTP/1.0: a close-delimited body.
+    chunked: bool,
 }
 
 /// The I/O half of one connection: the socket and the output not yet written.
@@ -283,13 +296,16 @@ impl Io {
     async fn stream(
         &mut self,
         conn: &mut Conn,
-        mut events: Box<dyn EventSource>,
+        events: Box<dyn EventSource>,
         chunked: bool,
         shutdown: &mut watch::Receiver<bool>,
     ) -> std::io::Result<()> {
-        // The source's next batch, kept across heartbeats.
-        let mut more: Option<Pin<Box<dyn Future<Output = Batch> + Send>>> = None;
-        let mut rendered = BytesMut::new();
+        let mut stream = Streamed {
+            events,
+            more: None,
+            rendered: BytesMut::new(),
+            chunked,
+        };
         loop {
             let now = std::time::Instant::now();
             let Action::Stream(step) = conn.next(now, self.output.len()) else {
@@ -298,10 +314,10 @@ impl Io {
             match step {
                 StreamStep::Fill => {
                     let room = self.max_output.saturating_sub(self.output.len()).max(1);
-                    let buffered = events.fill(&mut rendered, room);
-                    put_chunk(&mut self.output, &rendered, chunked);
-                    conn.filled(buffered, !rendered.is_empty(), now);
-                    rendered.clear();
+                    let buffered = stream.events.fill(&mut stream.rendered, room);
+                    put_chunk(&mut self.output, &stream.rendered, chunked);
+                    conn.filled(buffered, !stream.rendered.is_empty(), now);
+                    stream.rendered.clear();
                 }
                 StreamStep::Heartbeat => {
                     put_chunk(&mut self.output, HEARTBEAT, chunked);
@@ -312,36 +328,15 @@ impl Io {
                     _ = shutdown.wait_for(|&stop| stop) => conn.shut_down(now),
                 },
                 StreamStep::Await(heartbeat_at) => {
-                    let batch = more.get_or_insert_with(|| events.more());
-                    let mut sink = [0u8; 512];
-                    tokio::select! {
-                        batch = batch => {
-                            more = None;
-                            match batch {
-                                Ok(batch) => {
-                                    events.take(batch);
-                                    conn.arrived();
-                                }
-                                Err(last_event) => {
-                                    put_chunk(&mut self.output, &last_event, chunked);
-                                    conn.stream_failed(now);
-                                }
-                            }
-                        }
-                        _ = tokio::time::sleep_until(Instant::from_std(heartbeat_at)) => {}
-                        _ = shutdown.wait_for(|&stop| stop) => conn.shut_down(now),
-                        // Whatever the peer sends now is not served (the
-                        // stream is the connection's last response); its
-                        // close ends the stream at once, not at the next write.
-                        read = self.socket.read(&mut sink) => {
-                            if matches!(read, Ok(0) | Err(_)) {
-                                return Ok(());
-                            }
-                        }
+                    if !self
+                        .await_batch(conn, &mut stream, heartbeat_at, shutdown)
+                        .await
+                    {
+                        return Ok(());
                     }
                 }
                 StreamStep::End { why, deadline } => {
-                    if why == super::conn::StreamEnd::Lagged {
+                    if why == StreamEnd::Lagged {
                         put_chunk(&mut self.output, LAGGED_EVENT, chunked);
                     }
                     if chunked {
@@ -354,6 +349,44 @@ impl Io {
                 }
             }
         }
+    }
+
+    /// Waits for the stream's next batch until `heartbeat_at`, shutdown or
+    /// the peer's close, and tells `conn` what happened; false when the peer
+    /// has gone.
+    async fn await_batch(
+        &mut self,
+        conn: &mut Conn,
+        stream: &mut Streamed,
+        heartbeat_at: std::time::Instant,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> bool {
+        let now = std::time::Instant::now();
+        let events = &mut stream.events;
+        let batch = stream.more.get_or_insert_with(|| events.more());
+        let mut sink = [0u8; 512];
+        tokio::select! {
+            batch = batch => {
+                stream.more = None;
+                match batch {
+                    Ok(batch) => {
+                        stream.events.take(batch);
+                        conn.arrived();
+                    }
+                    Err(last_event) => {
+                        put_chunk(&mut self.output, &last_event, stream.chunked);
+                        conn.stream_failed(now);
+                    }
+                }
+            }
+            _ = tokio::time::sleep_until(Instant::from_std(heartbeat_at)) => {}
+            _ = shutdown.wait_for(|&stop| stop) => conn.shut_down(now),
+            // Whatever the peer sends now is not served (the stream is the
+            // connection's last response); its close ends the stream at
+            // once, not at the next write.
+            read = self.socket.read(&mut sink) => return !matches!(read, Ok(0) | Err(_)),
+        }
+        true
     }
 
     /// Writes the output until it is all out or `deadline` passes (then

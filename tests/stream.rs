@@ -495,3 +495,20 @@ fn curl_n_prints_events_as_they_come() {
     assert!(first < second, "{text}");
     assert!(text.contains(r#""text":"second""#), "{text}");
 }
+
+#[test]
+fn a_stream_start_counts_as_one_pull_against_the_rate_limit() {
+    let backend = Backend::memory_with(&["--rate-limit-pull", "2/m"]);
+    let addr = backend.addr();
+    let mut first = SseStream::open(addr, &stream_path("rl"), &[]);
+    // The stream's own pulls (it polls while idle) do not count.
+    thread::sleep(Duration::from_millis(500));
+    let t = send_ok(addr, "rl", "a", "counted once");
+    assert_eq!(first.next_event().send_time(), t);
+    let _second = SseStream::open(addr, &stream_path("rl"), &[]);
+    let r = SseStream::try_open(addr, &stream_path("rl"), &[], "HTTP/1.1")
+        .err()
+        .expect("the third start is over 2/m");
+    assert_error(&r, 429, "third stream start");
+    assert!(r.header("retry-after").is_some());
+}

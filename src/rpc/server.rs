@@ -292,9 +292,13 @@ async fn connection(
         // At the in-flight limit, refuse at once rather than stop reading:
         // waiting would hold every later frame behind the slowest request.
         let permit = usage.in_flight.clone().try_acquire_owned().ok();
+        // A pull that may wait reserves its reply's bytes only once it has
+        // its page: reserving its largest page for the whole wait let ~100
+        // waiting pulls fill a connection's budget and stop it being read.
+        let waits = matches!(&work, Work::Pull(p) if p.wait_ms > 0);
         let reserve = match &permit {
-            Some(_) => largest_reply(&work),
-            None => SMALL_REPLY,
+            Some(_) if !waits => largest_reply(&work),
+            _ => SMALL_REPLY,
         }
         .min(usage.max_output);
         // Over the output budget, stop reading instead: the peer is not
@@ -318,15 +322,24 @@ async fn connection(
             }
         };
         let (store, replies, output) = (store.clone(), replies.clone(), usage.output.clone());
+        let max_output = usage.max_output;
         // Only a pull that may wait watches for shutdown (answered at once then).
-        let stop = matches!(&work, Work::Pull(p) if p.wait_ms > 0).then(|| shutdown.clone());
+        let stop = waits.then(|| shutdown.clone());
         tokio::spawn(async move {
             let reply = catch_panic(handle(&store, work, stop))
                 .await
                 .unwrap_or_else(|| {
                     Reply::BadFrame("internal error while serving the request".into())
                 });
-            let budget = fit_budget(budget, &output, encoded_len(&reply));
+            // (Never more than the whole budget, or it would wait forever.)
+            let needed = encoded_len(&reply).min(max_output);
+            let budget = match waits {
+                false => fit_budget(budget, &output, needed),
+                true => match grow_budget(budget, &output, needed, &replies).await {
+                    Some(budget) => budget,
+                    None => return, // the connection is closing
+                },
+            };
             let _ = replies.send(Outgoing { id, reply, budget });
             drop(permit);
         });
@@ -424,6 +437,27 @@ fn fit_budget(
         }
     }
     bytes
+}
+
+/// Grows a waiting pull's small reservation to its reply's size, waiting
+/// for room like any request read while the peer is slow to read replies;
+/// `None` if the connection closes meanwhile.
+async fn grow_budget(
+    mut bytes: OwnedSemaphorePermit,
+    budget: &Arc<Semaphore>,
+    needed: usize,
+    replies: &mpsc::UnboundedSender<Outgoing>,
+) -> Option<OwnedSemaphorePermit> {
+    let held = bytes.num_permits();
+    if needed <= held {
+        return Some(fit_budget(bytes, budget, needed));
+    }
+    let extra = u32::try_from(needed - held).unwrap_or(u32::MAX);
+    tokio::select! {
+        extra = budget.clone().acquire_many_owned(extra) => bytes.merge(extra.ok()?),
+        _ = replies.closed() => return None,
+    }
+    Some(bytes)
 }
 
 fn encoded_len(reply: &Reply) -> usize {

@@ -46,6 +46,8 @@ fn chat_of(channel: &[u8]) -> Option<&str> {
 /// Waits after a failed connection attempt, doubling up to the maximum.
 const MIN_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// A connection attempt longer than this counts as failed.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// One node connection's bookkeeping, without I/O.
 #[derive(Default)]
@@ -212,29 +214,35 @@ async fn run_node(
     let mut backoff = MIN_BACKOFF;
     let mut warned = false;
     loop {
+        // Requests made while connecting wait in the channel for it.
         let mut protocol = RespProtocol::new(target.clone(), &[]);
-        let connected = tokio::select! {
-            connected = protocol.connect() => connected,
-            // While not connected, nothing can be promised: refuse at once.
-            request = requests.recv() => {
-                match request {
-                    Some(Upstream::Subscribe { chat, .. }) => hub.lost(&chat),
-                    Some(Upstream::Unsubscribe { .. }) => {}
-                    None => return,
-                }
-                continue;
-            }
-        };
-        let stream = match connected {
-            Ok(stream) => stream,
-            Err(err) => {
+        let stream = match tokio::time::timeout(CONNECT_TIMEOUT, protocol.connect()).await {
+            Ok(Ok(stream)) => stream,
+            failed => {
                 if !warned {
+                    let why = match failed {
+                        Ok(Err(err)) => err.to_string(),
+                        _ => "timed out".into(),
+                    };
                     eprintln!(
-                        "im-server: redis subscriber cannot connect to {target}: {err}; retrying"
+                        "im-server: redis subscriber cannot connect to {target}: {why}; retrying"
                     );
                     warned = true;
                 }
-                tokio::time::sleep(backoff).await;
+                // Not connected, nothing can be promised: refuse at once
+                // (those waiters answer what they read), until the retry.
+                let retry = tokio::time::sleep(backoff);
+                tokio::pin!(retry);
+                loop {
+                    tokio::select! {
+                        () = &mut retry => break,
+                        request = requests.recv() => match request {
+                            Some(Upstream::Subscribe { chat, .. }) => hub.lost(&chat),
+                            Some(Upstream::Unsubscribe { .. }) => {}
+                            None => return,
+                        },
+                    }
+                }
                 backoff = (backoff * 2).min(MAX_BACKOFF);
                 continue;
             }

@@ -90,6 +90,15 @@ fn history_then_live_events_in_order() {
 }
 
 #[test]
+fn history_then_live_events_in_order_without_long_poll() {
+    // Waiting turned off: the stream pauses between empty pulls instead.
+    history_then_live(
+        &Backend::memory_with(&["--pull-max-wait-ms", "0"]),
+        "live-room",
+    );
+}
+
+#[test]
 fn history_then_live_events_in_order_on_redis() {
     history_then_live(&Backend::redis(), "live-room");
 }
@@ -309,6 +318,11 @@ fn errors_before_the_stream_are_json_with_statuses() {
         "bad cursor",
     );
     assert_error(&refused("/api/stream?chat=c&limit=5", &[]), 400, "limit");
+    assert_error(
+        &refused("/api/stream?chat=c&wait_ms=5", &[]),
+        400,
+        "wait_ms",
+    );
     assert_error(
         &refused(&stream_path("c"), &[("Last-Event-ID", "not-a-number")]),
         400,

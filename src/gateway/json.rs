@@ -33,6 +33,9 @@ struct PullParams<'a> {
     limit: Option<serde_json::Number>,
     #[serde(default)]
     reverse: Option<bool>,
+    /// Long poll, checked against [`crate::domain::MAX_WAIT_MS`].
+    #[serde(default)]
+    wait_ms: Option<i64>,
 }
 
 fn invalid_json(err: serde_json::Error) -> ApiError {
@@ -158,12 +161,14 @@ pub fn parse_pull(body: &[u8], query: Option<&[u8]>) -> Result<PullRequest, ApiE
         cursor: params.cursor.unwrap_or(0),
         limit: params.limit.as_ref().map_or(Ok(0), saturating_limit)?,
         reverse: params.reverse.unwrap_or(false),
+        wait_ms: wait_ms(params.wait_ms)?,
     })
 }
 
 /// `GET /api/stream` parameters: `chat` and `cursor`, from the query string
-/// (an `EventSource` cannot send a body); `limit` and `reverse` are the
-/// stream's own (a full page, oldest first) and refused if given.
+/// (an `EventSource` cannot send a body); `limit`, `reverse` and `wait_ms`
+/// are the stream's own (a full page, oldest first, waiting) and refused if
+/// given.
 pub fn parse_stream(body: &[u8], query: Option<&[u8]>) -> Result<(String, i64), ApiError> {
     if !body.trim_ascii().is_empty() {
         return Err(ApiError::Invalid(
@@ -174,15 +179,22 @@ pub fn parse_stream(body: &[u8], query: Option<&[u8]>) -> Result<(String, i64), 
         Some(q) => parse_query(q)?.unwrap_or_default(),
         None => PullParams::default(),
     };
-    if params.limit.is_some() || params.reverse.is_some() {
+    if params.limit.is_some() || params.reverse.is_some() || params.wait_ms.is_some() {
         return Err(ApiError::Invalid(
-            "a stream takes only `chat` and `cursor` (it is always oldest first)".into(),
+            "a stream takes only `chat` and `cursor` (it is always oldest first, and waits)".into(),
         ));
     }
     Ok((
         params.chat.map(Cow::into_owned).unwrap_or_default(),
         params.cursor.unwrap_or(0),
     ))
+}
+
+fn wait_ms(value: Option<i64>) -> Result<i32, ApiError> {
+    let wait = value.unwrap_or(0);
+    let ms = i32::try_from(wait).unwrap_or(-1);
+    crate::domain::validate_wait(ms).map_err(|e| ApiError::Invalid(e.0))?;
+    Ok(ms)
 }
 
 fn saturating_limit(limit: &serde_json::Number) -> Result<i32, ApiError> {
@@ -193,7 +205,7 @@ fn saturating_limit(limit: &serde_json::Number) -> Result<i32, ApiError> {
     }
 }
 
-/// Parses `chat`, `cursor`, `limit` and `reverse` from a query string;
+/// Parses `chat`, `cursor`, `limit`, `reverse` and `wait_ms` from a query string;
 /// `None` if it names none of them. Other keys are ignored.
 fn parse_query(query: &[u8]) -> Result<Option<PullParams<'static>>, ApiError> {
     let mut params = PullParams::default();
@@ -215,6 +227,8 @@ fn parse_query(query: &[u8]) -> Result<Option<PullParams<'static>>, ApiError> {
             "cursor" => params.cursor = Some(value.parse().map_err(|_| number("an integer"))?),
             "limit" if params.limit.is_some() => return Err(duplicate()),
             "limit" => params.limit = Some(value.parse().map_err(|_| number("an integer"))?),
+            "wait_ms" if params.wait_ms.is_some() => return Err(duplicate()),
+            "wait_ms" => params.wait_ms = Some(value.parse().map_err(|_| number("an integer"))?),
             "reverse" if params.reverse.is_some() => return Err(duplicate()),
             "reverse" => {
                 params.reverse = Some(match value.as_str() {

@@ -27,20 +27,26 @@ use crate::rpc::client::RpcRequest;
 use crate::rpc::frame::Frame;
 use crate::wire::{Value, next_field};
 
-/// Pause after a pull that found nothing new, before the next. The one
-/// place to change when the RPC tier's long poll (`PullRequest.wait_ms`)
-/// lands: the pull itself then waits, and this pause goes.
-async fn after_empty_page() {
-    tokio::time::sleep(Duration::from_millis(100)).await;
-}
+/// How long the RPC server may hold a caught-up stream's pull until a
+/// message is stored in its chat (`PullRequest.wait_ms`, capped by
+/// `--pull-max-wait-ms`): well under the 30 s most proxies allow a silent
+/// upstream, and heartbeats keep the client side alive meanwhile.
+const STREAM_WAIT_MS: i32 = 25_000;
 
-/// The pull after `cursor`: oldest first, a full page.
-fn page_request(chat: &str, cursor: i64) -> PullRequest {
+/// Pause after an empty page that came back before its wait was up (waiting
+/// turned off with `--pull-max-wait-ms 0`, the RPC server shutting down, a
+/// wake-up that found nothing): without it the stream would pull in a loop.
+const EARLY_EMPTY_PAUSE: Duration = Duration::from_millis(100);
+
+/// The pull after `cursor`: oldest first, a full page, held up to `wait_ms`
+/// by the RPC server while there is nothing new.
+fn page_request(chat: &str, cursor: i64, wait_ms: i32) -> PullRequest {
     PullRequest {
         chat: chat.to_string(),
         cursor,
         limit: crate::domain::MAX_LIMIT,
         reverse: true,
+        wait_ms,
     }
 }
 
@@ -61,13 +67,16 @@ impl Gateway {
         if let Some(user) = &user {
             access::authorize(user, &chat, None)?;
         }
+        // The first pull does not wait: the head (and the history) go out at
+        // once, so a client sees the stream open even in a silent chat.
         let call = self
             .rpc
-            .start(RpcRequest::Pull(page_request(&chat, cursor)))?;
+            .start(RpcRequest::Pull(page_request(&chat, cursor, 0)))?;
         let stream = ChatStream {
             rpc: self.rpc.clone(),
             chat,
             cursor,
+            wait_ms: STREAM_WAIT_MS.min(self.max_wait_ms).max(0),
             page: Bytes::new(),
             pos: 0,
             scratch: Vec::new(),
@@ -186,17 +195,23 @@ fn page_of(frame: Frame) -> Result<Bytes, ApiError> {
     Ok(Bytes::copy_from_slice(&frame.body))
 }
 
-/// Pulls until a page holds messages; an error becomes the stream's final
-/// `error` event.
-async fn next_page(rpc: BalancedClient, chat: String, cursor: i64) -> Batch {
+/// Pulls until a page holds messages, each pull held by the RPC server
+/// until a message is stored or `wait_ms` passes; an error becomes the
+/// stream's final `error` event.
+async fn next_page(rpc: BalancedClient, chat: String, cursor: i64, wait_ms: i32) -> Batch {
+    let wait = Duration::from_millis(wait_ms.max(0) as u64);
     loop {
+        let asked = tokio::time::Instant::now();
         let page = async {
-            let call = rpc.start(RpcRequest::Pull(page_request(&chat, cursor)))?;
+            let call = rpc.start(RpcRequest::Pull(page_request(&chat, cursor, wait_ms)))?;
             page_of(rpc.finish(call).await?)
         };
         match page.await {
             Ok(page) if has_messages(&page) => return Ok(page),
-            Ok(_) => after_empty_page().await,
+            Ok(_) if wait.is_zero() || asked.elapsed() < wait => {
+                tokio::time::sleep(EARLY_EMPTY_PAUSE).await;
+            }
+            Ok(_) => {}
             Err(err) => return Err(error_event(&err)),
         }
     }
@@ -221,6 +236,8 @@ pub struct ChatStream {
     chat: String,
     /// The send_time of the last message taken: the next pull's cursor.
     cursor: i64,
+    /// How long each pull after the first may be held (see [`STREAM_WAIT_MS`]).
+    wait_ms: i32,
     /// The page being rendered (a `PullResponse`), from `pos` on.
     page: Bytes,
     pos: usize,
@@ -262,7 +279,12 @@ impl EventSource for ChatStream {
     }
 
     fn more(&mut self) -> Pin<Box<dyn Future<Output = Batch> + Send>> {
-        Box::pin(next_page(self.rpc.clone(), self.chat.clone(), self.cursor))
+        Box::pin(next_page(
+            self.rpc.clone(),
+            self.chat.clone(),
+            self.cursor,
+            self.wait_ms,
+        ))
     }
 
     fn take(&mut self, page: Bytes) {

@@ -318,6 +318,11 @@ impl Io {
                     put_chunk(&mut self.output, &stream.rendered, chunked);
                     conn.filled(buffered, !stream.rendered.is_empty(), now);
                     stream.rendered.clear();
+                    // A burst grew it: give the memory back rather than
+                    // hold megabytes per idle stream.
+                    if stream.rendered.capacity() > SHRINK_OVER {
+                        stream.rendered = BytesMut::new();
+                    }
                 }
                 StreamStep::Heartbeat => {
                     put_chunk(&mut self.output, HEARTBEAT, chunked);
@@ -400,6 +405,9 @@ impl Io {
                 Ok(Err(err)) => return Err(err),
                 Err(_elapsed) => return Ok(()),
             }
+        }
+        if self.output.capacity() > SHRINK_OVER {
+            self.output = BytesMut::with_capacity(INITIAL_BUFFER);
         }
         Ok(())
     }

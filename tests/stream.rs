@@ -526,3 +526,59 @@ fn a_stream_start_counts_as_one_pull_against_the_rate_limit() {
     assert_error(&r, 429, "third stream start");
     assert!(r.header("retry-after").is_some());
 }
+
+/// Idle streams wait in the RPC server (long poll) instead of pulling in a
+/// loop: 500 of them, one chat each, cost little memory and almost no CPU,
+/// and a send reaches its own chat's stream at once.
+#[test]
+fn many_idle_streams_are_cheap_and_each_gets_its_own_chat() {
+    let backend = Backend::memory_with(&["--threads", "1"]);
+    let addr = backend.addr();
+    let pid = backend.server.pid().expect("pid");
+    let before = proc_status_bytes(pid, "VmRSS");
+    let mut streams: Vec<SseStream> = (0..500)
+        .map(|i| SseStream::open(addr, &stream_path(&format!("idle-{i}")), &[]))
+        .collect();
+    thread::sleep(Duration::from_millis(500));
+    let cpu_ticks = || {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+        let fields: Vec<u64> = stat
+            .rsplit_once(')')
+            .expect("comm")
+            .1
+            .split_whitespace()
+            .filter_map(|f| f.parse().ok())
+            .collect();
+        // utime and stime (fields 14 and 15 of the whole line).
+        fields[10] + fields[11]
+    };
+    let (ticks, start) = (cpu_ticks(), Instant::now());
+    thread::sleep(Duration::from_secs(3));
+    let cpu = (cpu_ticks() - ticks) as f64 / 100.0 / start.elapsed().as_secs_f64();
+    let after = proc_status_bytes(pid, "VmRSS");
+    eprintln!(
+        "500 idle streams: VmRSS {} -> {} MiB, CPU {:.1}% of a core",
+        before >> 20,
+        after >> 20,
+        cpu * 100.0
+    );
+    assert!(
+        after.saturating_sub(before) < 64 << 20,
+        "500 idle streams grew the server by {} MiB",
+        (after - before) >> 20
+    );
+    for i in [0usize, 250, 499] {
+        let t = send_ok(addr, &format!("idle-{i}"), "a", "wake one");
+        assert_eq!(streams[i].next_event().send_time(), t);
+    }
+    // The others got nothing but (at most) heartbeats meanwhile.
+    streams[1].set_read_timeout(Duration::from_millis(300));
+    match streams[1].next_item() {
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) => {}
+        other => panic!("an idle chat's stream got {other:?}"),
+    }
+}

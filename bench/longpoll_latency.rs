@@ -68,7 +68,8 @@ impl Conn {
     fn open(addr: &str) -> Conn {
         let s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
         s.set_nodelay(true).expect("nodelay");
-        s.set_read_timeout(Some(Duration::from_secs(60))).expect("timeout");
+        s.set_read_timeout(Some(Duration::from_secs(60)))
+            .expect("timeout");
         Conn {
             reader: BufReader::new(s.try_clone().expect("clone")),
             writer: s,
@@ -84,7 +85,11 @@ impl Conn {
         self.writer.write_all(req.as_bytes()).expect("write");
         let mut line = String::new();
         self.reader.read_line(&mut line).expect("status line");
-        let status = line.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+        let status = line
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
         let mut length = 0usize;
         loop {
             line.clear();
@@ -104,11 +109,18 @@ impl Conn {
     }
 }
 
-fn follow(addr: String, chat: String, origin: Instant, stop: Arc<AtomicBool>, out: Arc<Mutex<Vec<u64>>>) {
+fn follow(
+    addr: String,
+    chat: String,
+    origin: Instant,
+    stop: Arc<AtomicBool>,
+    out: Arc<Mutex<Vec<u64>>>,
+) {
     let mut conn = Conn::open(&addr);
     let mut cursor = 0i64;
     while !stop.load(Ordering::Relaxed) {
-        let target = format!("/api/pull?chat={chat}&cursor={cursor}&reverse=true&limit=100&wait_ms=25000");
+        let target =
+            format!("/api/pull?chat={chat}&cursor={cursor}&reverse=true&limit=100&wait_ms=25000");
         let (status, body) = conn.call("GET", &target, "");
         let now = origin.elapsed().as_micros() as u64;
         assert_eq!(status, 200, "pull: {body}");
@@ -147,7 +159,12 @@ fn main() {
     let chats: Vec<String> = (0..args.chats).map(|i| format!("lat-{run}-{i}")).collect();
     let mut followers = Vec::new();
     for chat in &chats {
-        let (addr, chat, stop, out) = (args.addr.clone(), chat.clone(), stop.clone(), latencies.clone());
+        let (addr, chat, stop, out) = (
+            args.addr.clone(),
+            chat.clone(),
+            stop.clone(),
+            latencies.clone(),
+        );
         followers.push(thread::spawn(move || follow(addr, chat, origin, stop, out)));
     }
     // Let every follower register its first wait.
@@ -190,7 +207,11 @@ fn main() {
     thread::sleep(Duration::from_millis(500));
     stop.store(true, Ordering::Relaxed);
     for chat in &chats {
-        conn.call("POST", "/api/send", &format!(r#"{{"chat":"{chat}","text":"stop","sender":"bench"}}"#));
+        conn.call(
+            "POST",
+            "/api/send",
+            &format!(r#"{{"chat":"{chat}","text":"stop","sender":"bench"}}"#),
+        );
     }
     for f in followers {
         let _ = f.join();

@@ -45,7 +45,7 @@ impl Gateway {
             b"/ping" => Err(ApiError::MethodNotAllowed("GET, HEAD")),
             b"/api/send" if req.method == Method::Post => {
                 let user = self.access.admit(req, Api::Send)?;
-                let mut request = json::parse_send(&req.body)?;
+                let mut request = json::parse_send_any(&req.body, is_form(req), query)?;
                 merge_idempotency_header(req, &mut request)?;
                 if let (Some(user), Some(message)) = (&user, &mut request.message) {
                     access::authorize(user, &message.chat, Some(&mut message.sender))?;
@@ -96,6 +96,19 @@ impl Gateway {
             Err(err) => Err(ApiError::Internal(format!("undecodable rpc reply: {err}"))),
         }
     }
+}
+
+/// Whether the request's body is declared `application/x-www-form-urlencoded`
+/// (parameters such as `; charset=utf-8` allowed).
+fn is_form(req: &Request) -> bool {
+    req.header_values("content-type")
+        .next()
+        .is_some_and(|value| {
+            let media_type = value.split(|&b| b == b';').next().unwrap_or_default();
+            media_type
+                .trim_ascii()
+                .eq_ignore_ascii_case(b"application/x-www-form-urlencoded")
+        })
 }
 
 /// Takes the `Idempotency-Key` header into the send: the key may be given

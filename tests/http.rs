@@ -819,3 +819,29 @@ fn send_forms_are_validated_and_never_mixed() {
     );
     send_time_of(&r, "JSON body with an unrelated query parameter");
 }
+
+/// The default listen address is the IPv6 wildcard, dual-stack: one server
+/// answers over IPv4 and over IPv6 (here on port 0 instead of 8080).
+#[test]
+fn default_style_address_is_dual_stack() {
+    let s = Server::start("all", &["--http-addr", "[::]:0"], &[]);
+    let port = s.http_addr().port();
+    if s.stderr().contains("no IPv6 on this host") {
+        // The documented fallback: IPv4 only, and the log says so.
+        assert!(s.http_addr().is_ipv4(), "fallback listens on 0.0.0.0");
+    } else {
+        assert!(s.http_addr().is_ipv6(), "listening on {}", s.http_addr());
+        let r = request(
+            std::net::SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port)),
+            "GET",
+            "/ping",
+            &[],
+            b"",
+        );
+        assert_eq!(r.status, 200, "GET /ping over ::1: {}", r.describe());
+    }
+    let v4 = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let r = request(v4, "GET", "/ping", &[], b"");
+    assert_eq!(r.status, 200, "GET /ping over 127.0.0.1: {}", r.describe());
+    send_ok(v4, "dual", "v4", "over IPv4");
+}

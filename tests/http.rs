@@ -60,8 +60,8 @@ fn ping_returns_pong() {
 fn unknown_path_is_404() {
     let s = Server::memory();
     for (method, path) in [
-        ("GET", "/"),
         ("GET", "/nope"),
+        ("GET", "/index.html"),
         ("GET", "/api"),
         ("GET", "/api/unknown"),
         ("POST", "/api/sendx"),

@@ -5,6 +5,7 @@ pub mod access;
 pub mod error;
 pub mod json;
 pub mod pull_wire;
+pub mod web;
 
 use std::sync::Arc;
 
@@ -43,6 +44,9 @@ impl Gateway {
         match path {
             b"/ping" if readable => Ok(PendingReply::Ready(Response::json(200, PONG.to_vec()))),
             b"/ping" => Err(ApiError::MethodNotAllowed("GET, HEAD")),
+            b"/" if readable => Ok(PendingReply::Ready(web::chat_page())),
+            b"/openapi.json" if readable => Ok(PendingReply::Ready(web::openapi())),
+            b"/" | b"/openapi.json" => Err(ApiError::MethodNotAllowed("GET, HEAD")),
             b"/api/send" if req.method == Method::Post => {
                 let user = self.access.admit(req, Api::Send)?;
                 let mut request = json::parse_send_any(&req.body, is_form(req), query)?;

@@ -1,0 +1,164 @@
+"""The chat page (GET /) in a real browser: headless Chromium driven by
+Selenium, against the real im-server binary on a free port (embedded store).
+
+Run by .ci/test from its virtualenv:  python -m unittest discover -s tests/browser -v
+Environment: IM_SERVER_BIN (default target/debug/im-server), CHROMIUM
+(/usr/bin/chromium), CHROMEDRIVER (/usr/bin/chromedriver), SCREENSHOT_DIR
+(target/browser). Every wait is a WebDriverWait on the DOM, never a sleep.
+"""
+
+import json
+import os
+import re
+import subprocess
+import time
+import unittest
+import urllib.error
+import urllib.parse
+import urllib.request
+
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.support.ui import WebDriverWait
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SERVER_BIN = os.environ.get("IM_SERVER_BIN", os.path.join(ROOT, "target", "debug", "im-server"))
+SCREENSHOT_DIR = os.environ.get("SCREENSHOT_DIR", os.path.join(ROOT, "target", "browser"))
+
+
+def start_server():
+    proc = subprocess.Popen(
+        [SERVER_BIN, "all", "--http-addr", "127.0.0.1:0", "--rpc-listen", "127.0.0.1:0"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        match = re.search(r"http listening on (\S+)", line)
+        if match:
+            return proc, "http://" + match.group(1)
+    proc.kill()
+    raise RuntimeError("im-server did not start")
+
+
+def browser():
+    options = webdriver.ChromeOptions()
+    options.binary_location = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=900,700"):
+        options.add_argument(arg)
+    # The driver path is given, so Selenium Manager never tries to download one.
+    service = Service(os.environ.get("CHROMEDRIVER", "/usr/bin/chromedriver"))
+    return webdriver.Chrome(service=service, options=options)
+
+
+class ChatPage(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.server, cls.base = start_server()
+        cls.alice = browser()
+        cls.bob = browser()
+        os.makedirs(SCREENSHOT_DIR, exist_ok=True)
+
+    @classmethod
+    def tearDownClass(cls):
+        for driver in (cls.alice, cls.bob):
+            driver.quit()
+        cls.server.kill()
+        cls.server.wait()
+
+    def api(self, method, path, body=None):
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.base + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=5) as resp:
+                return resp.status, resp.read()
+        except urllib.error.HTTPError as err:
+            return err.code, err.read()
+
+    def send(self, chat, sender, text):
+        status, body = self.api("POST", "/api/send", {"chat": chat, "text": text, "sender": sender})
+        self.assertEqual(status, 200, body)
+        return json.loads(body)["send_time"]
+
+    def open_room(self, driver, room, name):
+        fragment = urllib.parse.urlencode({"room": room, "name": name})
+        driver.get(self.base + "/#" + fragment)
+        WebDriverWait(driver, 10).until(
+            lambda d: name in d.find_element(By.ID, "room-title").text)
+
+    def messages(self, driver):
+        """(send_time, sender, text) of every message on the page, top to bottom."""
+        return driver.execute_script(
+            "return Array.from(document.querySelectorAll('li.msg'), li => "
+            "[Number(li.dataset.sendTime), li.querySelector('.sender').textContent,"
+            " li.querySelector('.text').textContent]);")
+
+    def type_and_send(self, driver, text):
+        box = driver.find_element(By.ID, "text")
+        WebDriverWait(driver, 5).until(lambda d: box.is_enabled())
+        box.send_keys(text)
+        box.send_keys(Keys.ENTER)
+
+    def error_text(self, driver, timeout=5):
+        return WebDriverWait(driver, timeout).until(
+            lambda d: d.find_element(By.ID, "error").text or False)
+
+    def test_a_message_typed_in_one_session_shows_in_the_other_within_a_second(self):
+        if self.api("GET", "/api/stream?chat=probe")[0] == 404:
+            self.skipTest("GET /api/stream is not in this build: live updates cannot be tested")
+        room = "alice:bob"
+        self.send(room, "bob", "hi alice, this room is just the two of us")
+        self.open_room(self.alice, room, "alice")
+        self.open_room(self.bob, room, "bob")
+        self.assertEqual(self.alice.find_element(By.ID, "room-title").text.split("as ")[0].strip(),
+                         "Direct: alice \u2194 bob")
+        for sender, receiver, text in ((self.alice, self.bob, "hello bob \U0001F44B <b>not bold</b>"),
+                                       (self.bob, self.alice, "hi! & welcome")):
+            self.type_and_send(sender, text)
+            started = time.monotonic()
+            WebDriverWait(receiver, 1.0, poll_frequency=0.02).until(
+                lambda d: any(m[2] == text for m in self.messages(d)))
+            print(f"  live: shown in the other session after {time.monotonic() - started:.3f} s")
+        # Text is text: the markup arrived as characters, not as an element.
+        self.assertEqual(self.bob.find_elements(By.CSS_SELECTOR, "li.msg .text b"), [])
+        for driver in (self.alice, self.bob):
+            self.assertEqual([m[2] for m in self.messages(driver)][-2:],
+                             ["hello bob \U0001F44B <b>not bold</b>", "hi! & welcome"])
+        self.alice.save_screenshot(os.path.join(SCREENSHOT_DIR, "chat.png"))
+
+    def test_scrolling_back_loads_every_older_message_exactly_once(self):
+        room = "history-room"
+        seeded = [self.send(room, "seed", f"message {i:02}") for i in range(45)]
+        self.open_room(self.alice, room, "carol")
+        WebDriverWait(self.alice, 5).until(lambda d: len(self.messages(d)) >= 20)
+        self.assertLess(len(self.messages(self.alice)), 45, "the first page should not hold everything")
+
+        def scrolled_back(driver):
+            driver.execute_script("document.getElementById('messages').scrollTop = 0;")
+            return len(self.messages(driver)) >= 45 and "beginning" in driver.find_element(
+                By.ID, "messages").text
+        WebDriverWait(self.alice, 10, poll_frequency=0.1).until(scrolled_back)
+        shown = self.messages(self.alice)
+        times = [m[0] for m in shown]
+        self.assertEqual(len(times), len(set(times)), "a message is shown twice")
+        self.assertEqual(times, seeded, "every message once, oldest at the top")
+        self.assertEqual([m[2] for m in shown], [f"message {i:02}" for i in range(45)])
+
+    def test_a_400_shows_the_servers_message(self):
+        self.open_room(self.alice, "r" * 300, "dave")
+        self.assertIn("400: `chat` must be at most 256 bytes", self.error_text(self.alice))
+        self.open_room(self.alice, "errors-room", "dave")
+        box = self.alice.find_element(By.ID, "text")
+        WebDriverWait(self.alice, 5).until(lambda d: box.is_enabled())
+        self.alice.execute_script("arguments[0].value = 'x'.repeat(65537);", box)
+        box.send_keys(Keys.ENTER)
+        self.assertIn("400: `text` must be at most 65536 bytes", self.error_text(self.alice))
+        self.assertEqual(self.messages(self.alice), [])
+
+
+if __name__ == "__main__":
+    unittest.main(verbosity=2)

@@ -50,7 +50,10 @@ fn served_document_is_the_file_byte_for_byte() {
     let r = request(s.http_addr(), "GET", "/openapi.json", &[], b"");
     assert_eq!(r.status, 200, "{}", r.describe());
     assert_eq!(r.header("content-type"), Some("application/json"));
-    assert!(r.body == OPENAPI, "the served document differs from openapi.json");
+    assert!(
+        r.body == OPENAPI,
+        "the served document differs from openapi.json"
+    );
     let doc = document();
     assert_eq!(doc["openapi"], "3.1.0");
     let head = request(s.http_addr(), "HEAD", "/openapi.json", &[], b"");
@@ -68,7 +71,10 @@ fn every_route_and_its_methods_are_documented() {
     let paths = doc["paths"].as_object().expect("paths");
     let routed = routed_paths();
     for must in ["/", "/ping", "/api/send", "/api/pull", "/openapi.json"] {
-        assert!(routed.contains(must), "route scan missed {must}: {routed:?}");
+        assert!(
+            routed.contains(must),
+            "route scan missed {must}: {routed:?}"
+        );
     }
     let s = Server::memory();
     for path in &routed {
@@ -117,10 +123,13 @@ fn every_status_and_error_code_is_documented() {
         if code.is_empty() || code == "404" || code == "405" {
             continue;
         }
-        assert!(statuses.contains(&code), "status {code} is in no operation's responses");
+        assert!(
+            statuses.contains(&code),
+            "status {code} is in no operation's responses"
+        );
     }
-    let enum_values = &doc["components"]["schemas"]["Error"]["properties"]["error"]["properties"]
-        ["code"]["enum"];
+    let enum_values =
+        &doc["components"]["schemas"]["Error"]["properties"]["error"]["properties"]["code"]["enum"];
     let documented: BTreeSet<&str> = enum_values
         .as_array()
         .expect("error code enum")
@@ -130,7 +139,10 @@ fn every_status_and_error_code_is_documented() {
     let codes = literals_in_fn("code");
     assert!(codes.len() >= 15, "scan of fn code found {codes:?}");
     for code in &codes {
-        assert!(documented.contains(code.as_str()), "error code {code} is not documented");
+        assert!(
+            documented.contains(code.as_str()),
+            "error code {code} is not documented"
+        );
     }
 }
 
@@ -141,8 +153,14 @@ fn chat_page_is_served_with_its_policy() {
     assert_eq!(r.status, 200, "{}", r.describe());
     assert_eq!(r.header("content-type"), Some("text/html; charset=utf-8"));
     let csp = r.header("content-security-policy").expect("CSP header");
-    assert!(csp.contains("default-src 'none'") && csp.contains("connect-src 'self'"), "{csp}");
-    assert!(r.body == CHAT_HTML, "the served page differs from web/chat.html");
+    assert!(
+        csp.contains("default-src 'none'") && csp.contains("connect-src 'self'"),
+        "{csp}"
+    );
+    assert!(
+        r.body == CHAT_HTML,
+        "the served page differs from web/chat.html"
+    );
     let head = request(s.http_addr(), "HEAD", "/", &[], b"");
     assert_eq!(head.status, 200);
     assert!(head.body.is_empty());

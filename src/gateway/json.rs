@@ -360,6 +360,27 @@ mod tests {
     }
 
     #[test]
+    fn send_fields_come_from_one_place() {
+        let message = |r: Result<SendRequest, ApiError>| {
+            let m = r.expect("valid").message.expect("message");
+            (m.chat, m.text, m.sender)
+        };
+        let want = ("c d".to_string(), "a&b=c".to_string(), "s".to_string());
+        let query = b"chat=c+d&text=a%26b%3Dc&sender=s&x=1";
+        assert_eq!(message(parse_send_any(b"", false, Some(query))), want);
+        assert_eq!(message(parse_send_any(query, true, None)), want);
+        let json = br#"{"chat":"c d","text":"a&b=c","sender":"s"}"#;
+        assert_eq!(message(parse_send_any(json, true, None)), want);
+        assert_eq!(message(parse_send_any(json, false, Some(b"x=1"))), want);
+        assert!(parse_send_any(json, false, Some(b"chat=c")).is_err());
+        assert!(parse_send_any(b"text=t", true, Some(b"chat=c")).is_err());
+        assert!(parse_send_any(b"", false, Some(b"chat=a&chat=b")).is_err());
+        let keyed = parse_send_any(b"", false, Some(b"chat=c&idempotency_key=k%201")).expect("ok");
+        assert_eq!(keyed.idempotency_key, "k 1");
+        assert!(parse_send_any(b"", false, Some(b"chat=c&idempotency_key=%C3%A9")).is_err());
+    }
+
+    #[test]
     fn json_types_are_enforced() {
         assert!(parse_send(br#"{"chat":5,"text":"t","sender":"s"}"#).is_err());
         assert!(parse_pull(br#"{"chat":"c","limit":"3"}"#, None).is_err());

@@ -30,6 +30,11 @@ SERVER_BIN = os.environ.get("IM_SERVER_BIN", os.path.join(ROOT, "target", "debug
 SCREENSHOT_DIR = os.environ.get("SCREENSHOT_DIR", os.path.join(ROOT, "target", "browser"))
 
 
+def drain(pipe):
+    with pipe:
+        pipe.read()
+
+
 def start_server(*role):
     role = role or ("all", "--rpc-listen", "127.0.0.1:0")
     proc = subprocess.Popen(
@@ -43,7 +48,7 @@ def start_server(*role):
         match = re.search(r"http listening on (\S+)", line)
         if match:
             # Keep reading its log, so that the server never blocks on a full pipe.
-            threading.Thread(target=proc.stderr.read, daemon=True).start()
+            threading.Thread(target=drain, args=(proc.stderr,), daemon=True).start()
             return proc, "http://" + match.group(1)
     proc.kill()
     raise RuntimeError("im-server did not start")

@@ -11,7 +11,9 @@ import http.client
 import json
 import os
 import re
+import shutil
 import subprocess
+import tempfile
 import threading
 import time
 import unittest
@@ -35,10 +37,10 @@ def drain(pipe):
         pipe.read()
 
 
-def start_server(*role):
+def start_server(*role, env=None):
     role = role or ("all", "--rpc-listen", "127.0.0.1:0")
     proc = subprocess.Popen(
-        [SERVER_BIN, *role, "--http-addr", "127.0.0.1:0"],
+        [SERVER_BIN, *role, "--http-addr", "127.0.0.1:0"], env=env,
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
@@ -191,6 +193,49 @@ class ChatPage(unittest.TestCase):
         finally:
             gateway.kill()
             gateway.wait()
+
+    def test_with_authentication_the_token_field_is_used(self):
+        secret_dir = tempfile.mkdtemp()
+        secret = os.path.join(secret_dir, "secret")
+        with open(secret, "w") as f:
+            f.write("s" * 40)
+        env = dict(os.environ, IM_AUTH_JWT_SECRET_FILE=secret)
+        server, base = start_server("all", "--rpc-listen", "127.0.0.1:0", env=env)
+
+        def token(user):
+            return subprocess.run([SERVER_BIN, "token", "--sub", user], env=env, check=True,
+                                  capture_output=True, text=True).stdout.strip()
+        try:
+            driver = self.alice
+            driver.get(base + "/")
+
+            def join(room, name, bearer):
+                for field, value in (("room", room), ("name", name), ("token", bearer)):
+                    box = driver.find_element(By.ID, field)
+                    box.clear()
+                    box.send_keys(value)
+                driver.find_element(By.ID, "join-button").click()
+            join("frank:grace", "frank", "not-a-token")
+            self.assertIn("401: ", self.error_text(driver))
+            join("frank:grace", "frank", token("frank"))
+            self.type_and_send(driver, "signed hello")
+            WebDriverWait(driver, 5).until(
+                lambda d: [m[1:] for m in self.messages(d)] == [["frank", "signed hello"]])
+            # Grace's answer arrives by pulls (an EventSource cannot send the token).
+            req = urllib.request.Request(
+                base + "/api/send", method="POST",
+                data=json.dumps({"chat": "grace:frank", "text": "hi frank"}).encode(),
+                headers={"Content-Type": "application/json", "Authorization": "Bearer " + token("grace")})
+            with urllib.request.urlopen(req, timeout=5) as resp:
+                self.assertEqual(resp.status, 200)
+            WebDriverWait(driver, 5, poll_frequency=0.05).until(
+                lambda d: [m[2] for m in self.messages(d)] == ["signed hello", "hi frank"])
+            join("grace:heidi", "frank", token("frank"))
+            self.assertIn("403: ", self.error_text(driver))
+        finally:
+            server.kill()
+            server.wait()
+            shutil.rmtree(secret_dir)
 
 
 if __name__ == "__main__":

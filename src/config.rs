@@ -57,6 +57,8 @@ pub struct Config {
     pub threads: usize,
     /// How long a send's idempotency key is remembered.
     pub idempotency_ttl: Duration,
+    /// Longest a pull is held waiting for new messages (`wait_ms` is capped to it).
+    pub pull_max_wait_ms: i32,
     /// The RPC handshake's shared secret's file; `None` = no handshake.
     pub rpc_secret_file: Option<String>,
     /// Authentication: the HS256 secret's file; `None` = off.
@@ -108,6 +110,7 @@ pub const OPTIONS: &[OptionSpec] = &[
     OptionSpec { flag: "--max-in-flight", env: "IM_MAX_IN_FLIGHT", default: Some("8192"), help: "calls in flight per RPC/Redis connection" },
     OptionSpec { flag: "--max-queued-bytes", env: "IM_MAX_QUEUED_BYTES", default: Some("8388608"), help: "bytes of Redis commands queued per connection (and of sends waiting to be batched, per thread) before 503 overloaded" },
     OptionSpec { flag: "--threads", env: "IM_THREADS", default: Some("0"), help: "worker threads, each a single-threaded runtime with its own connections (0 = one per core)" },
+    OptionSpec { flag: "--pull-max-wait-ms", env: "IM_PULL_MAX_WAIT_MS", default: Some("30000"), help: "longest a pull with `wait_ms` is held for new messages (larger waits are cut to it; 0: never; keep it below your load balancer's idle timeout)" },
     OptionSpec { flag: "--rpc-secret-file", env: "IM_RPC_SECRET_FILE", default: None, help: "a file holding a shared secret (>= 32 bytes): RPC servers then accept only connections that prove they know it (challenge-response), and gateways prove it; set the same file on both" },
     OptionSpec { flag: "--auth-jwt-secret-file", env: "IM_AUTH_JWT_SECRET_FILE", default: None, help: "turns authentication on: a file holding the HS256 secret (>= 32 bytes) of the bearer tokens the gateway accepts" },
     OptionSpec { flag: "--auth-issuer", env: "IM_AUTH_ISSUER", default: None, help: "with authentication: the `iss` every token must carry" },
@@ -267,6 +270,16 @@ impl Config {
                 "--idempotency-ttl-s",
                 MAX_IDEMPOTENCY_TTL_S,
             )?),
+            // 0 is allowed: pulls never wait.
+            pull_max_wait_ms: match number("--pull-max-wait-ms")? {
+                n if n > crate::domain::MAX_WAIT_MS as u64 => {
+                    return Err(format!(
+                        "--pull-max-wait-ms must be at most {}",
+                        crate::domain::MAX_WAIT_MS
+                    ));
+                }
+                n => n as i32,
+            },
             rpc_secret_file: get("--rpc-secret-file"),
             auth_jwt_secret_file: get("--auth-jwt-secret-file"),
             auth_issuer: get("--auth-issuer"),

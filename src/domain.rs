@@ -108,6 +108,28 @@ pub struct PullQuery {
     pub reverse: bool,
 }
 
+/// Longest a pull may wait for new messages (`wait_ms`).
+pub const MAX_WAIT_MS: i32 = 30_000;
+
+/// A pull's `wait_ms`, checked.
+pub fn validate_wait(wait_ms: i32) -> Result<std::time::Duration, Invalid> {
+    if !(0..=MAX_WAIT_MS).contains(&wait_ms) {
+        return Err(Invalid(format!(
+            "`wait_ms` must be between 0 and {MAX_WAIT_MS}"
+        )));
+    }
+    Ok(std::time::Duration::from_millis(wait_ms as u64))
+}
+
+impl PullQuery {
+    /// Whether a message stored from now on could belong on this page if
+    /// it is empty: oldest first after a cursor, or from either end of an
+    /// empty chat. (Newest first before a cursor reads older messages only.)
+    pub fn may_wait(&self) -> bool {
+        self.reverse || self.cursor == 0
+    }
+}
+
 /// Checks a pull request and resolves its defaults.
 pub fn validate_pull(
     chat: &str,

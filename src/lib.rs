@@ -40,6 +40,7 @@ pub mod domain;
 pub mod gateway;
 pub mod http;
 pub mod mux;
+pub mod notify;
 pub mod ratelimit;
 pub mod resp;
 pub mod rlimit;

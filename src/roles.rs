@@ -23,6 +23,7 @@ use crate::gateway::Gateway;
 use crate::gateway::access::Access;
 use crate::http::Limits;
 use crate::http::server::{ServerOptions, connection_slots};
+use crate::notify::Hub;
 use crate::resp::url::RedisTarget;
 use crate::rpc::balanced::BalancedClient;
 use crate::rpc::client::RpcClientOptions;
@@ -31,6 +32,7 @@ use crate::store::AnyStore;
 use crate::store::cluster::{ClusterShared, ClusterStore, Probe, probe};
 use crate::store::memory::MemoryStore;
 use crate::store::redis::{RedisOptions, RedisStore};
+use crate::store::subscriber;
 
 /// What every shard shares.
 struct Plan {
@@ -79,10 +81,12 @@ impl Listeners {
 #[derive(Clone)]
 enum StoreChoice {
     Memory(Arc<MemoryStore>),
-    /// Each shard opens its own connections.
-    Redis(RedisTarget),
-    /// The slot map is shared; each shard opens its own connections.
-    Cluster(Arc<ClusterShared>),
+    /// Each shard opens its own connections; waiting pulls share the hub
+    /// that the process's one subscriber connection feeds.
+    Redis(RedisTarget, Arc<Hub>),
+    /// The slot map is shared; each shard opens its own connections; the
+    /// hub is fed by one subscriber connection per master.
+    Cluster(Arc<ClusterShared>, Arc<Hub>),
 }
 
 /// Runs the configured role(s) until SIGINT or SIGTERM, then shuts down
@@ -363,13 +367,19 @@ fn redis_store(url: &str, timeout: std::time::Duration) -> Result<StoreChoice, S
             }
             let target = targets.into_iter().next().ok_or("no Redis node given")?;
             eprintln!("im-server: store: Redis at {target}");
-            return Ok(StoreChoice::Redis(target));
+            let (hub, requests) = Hub::with_upstream();
+            let subscriber = subscriber::run_standalone(target.clone(), hub.clone(), requests);
+            crate::discovery::spawn_on_own_runtime("redis subscriber", subscriber)?;
+            return Ok(StoreChoice::Redis(target, hub));
         }
     };
     let shared = ClusterShared::new(&targets, map)?;
     let seeds: Vec<String> = targets.iter().map(ToString::to_string).collect();
     eprintln!("im-server: store: Redis Cluster via {}", seeds.join(", "));
-    Ok(StoreChoice::Cluster(shared))
+    let (hub, requests) = Hub::with_upstream();
+    let subscriber = subscriber::run_cluster(shared.clone(), hub.clone(), requests);
+    crate::discovery::spawn_on_own_runtime("redis subscriber", subscriber)?;
+    Ok(StoreChoice::Cluster(shared, hub))
 }
 
 fn bind(addr: &str, what: &str) -> Result<(StdListener, SocketAddr), String> {
@@ -513,12 +523,14 @@ async fn run_shard(
         Some(store) => {
             let store = match store {
                 StoreChoice::Memory(memory) => AnyStore::Memory(memory.clone()),
-                StoreChoice::Redis(target) => {
-                    AnyStore::Redis(RedisStore::new(target.clone(), &redis_options(config)))
-                }
-                StoreChoice::Cluster(shared) => {
+                StoreChoice::Redis(target, hub) => AnyStore::Redis(
+                    RedisStore::new(target.clone(), &redis_options(config)).with_hub(hub.clone()),
+                ),
+                StoreChoice::Cluster(shared, hub) => {
                     let options = redis_options(config);
-                    AnyStore::Cluster(ClusterStore::new(shared.clone(), &options))
+                    AnyStore::Cluster(
+                        ClusterStore::new(shared.clone(), &options).with_hub(hub.clone()),
+                    )
                 }
             };
             let server = crate::rpc::server::serve(
@@ -546,7 +558,12 @@ async fn run_shard(
             secret: plan.rpc_secret.clone(),
         };
         let rpc = BalancedClient::new(endpoints.clone(), rpc_options);
-        let gateway = Arc::new(Gateway::new(rpc, plan.access.clone()));
+        let gateway = Arc::new(Gateway::new(
+            rpc,
+            plan.access.clone(),
+            config.pull_max_wait_ms,
+            gateway_stopping.clone(),
+        ));
         crate::http::serve(
             shard_listener(listeners.http)?,
             gateway,

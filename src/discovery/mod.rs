@@ -114,7 +114,7 @@ pub fn start(
 /// Runs `task` on a thread `im-<what>` with a current-thread runtime of its
 /// own: discovery and registration keep their timers and etcd connections
 /// off the shards that serve requests.
-fn spawn_on_own_runtime(
+pub(crate) fn spawn_on_own_runtime(
     what: &'static str,
     task: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<std::thread::JoinHandle<()>, String> {

@@ -33,6 +33,9 @@ struct PullParams<'a> {
     limit: Option<serde_json::Number>,
     #[serde(default)]
     reverse: Option<bool>,
+    /// Long poll, checked against [`crate::domain::MAX_WAIT_MS`].
+    #[serde(default)]
+    wait_ms: Option<i64>,
 }
 
 fn invalid_json(err: serde_json::Error) -> ApiError {
@@ -240,7 +243,15 @@ pub fn parse_pull(body: &[u8], query: Option<&[u8]>) -> Result<PullRequest, ApiE
         cursor: params.cursor.unwrap_or(0),
         limit: params.limit.as_ref().map_or(Ok(0), saturating_limit)?,
         reverse: params.reverse.unwrap_or(false),
+        wait_ms: wait_ms(params.wait_ms)?,
     })
+}
+
+fn wait_ms(value: Option<i64>) -> Result<i32, ApiError> {
+    let wait = value.unwrap_or(0);
+    let ms = i32::try_from(wait).unwrap_or(-1);
+    crate::domain::validate_wait(ms).map_err(|e| ApiError::Invalid(e.0))?;
+    Ok(ms)
 }
 
 fn saturating_limit(limit: &serde_json::Number) -> Result<i32, ApiError> {
@@ -251,7 +262,7 @@ fn saturating_limit(limit: &serde_json::Number) -> Result<i32, ApiError> {
     }
 }
 
-/// Parses `chat`, `cursor`, `limit` and `reverse` from a query string;
+/// Parses `chat`, `cursor`, `limit`, `reverse` and `wait_ms` from a query string;
 /// `None` if it names none of them. Other keys are ignored.
 fn parse_query(query: &[u8]) -> Result<Option<PullParams<'static>>, ApiError> {
     let mut params = PullParams::default();
@@ -273,6 +284,8 @@ fn parse_query(query: &[u8]) -> Result<Option<PullParams<'static>>, ApiError> {
             "cursor" => params.cursor = Some(value.parse().map_err(|_| number("an integer"))?),
             "limit" if params.limit.is_some() => return Err(duplicate()),
             "limit" => params.limit = Some(value.parse().map_err(|_| number("an integer"))?),
+            "wait_ms" if params.wait_ms.is_some() => return Err(duplicate()),
+            "wait_ms" => params.wait_ms = Some(value.parse().map_err(|_| number("an integer"))?),
             "reverse" if params.reverse.is_some() => return Err(duplicate()),
             "reverse" => {
                 params.reverse = Some(match value.as_str() {

@@ -9,8 +9,10 @@ pub mod web;
 
 use std::sync::Arc;
 
+use tokio::sync::watch;
+
 use crate::http::{Handler, HttpError, Method, Request, Response};
-use crate::proto::{SendRequest, SendResponse};
+use crate::proto::{PullResponse, SendRequest, SendResponse};
 use crate::rpc::balanced::{BalancedCall, BalancedClient};
 use crate::rpc::client::RpcRequest;
 use crate::rpc::frame::Frame;
@@ -22,6 +24,10 @@ pub struct Gateway {
     rpc: BalancedClient,
     /// Authentication and rate limits, shared by every shard of the process.
     access: Arc<Access>,
+    /// Longest a pull is held for new messages (`--pull-max-wait-ms`).
+    max_wait_ms: i32,
+    /// Turns true when the process shuts down: waiting pulls answer at once.
+    stopping: watch::Receiver<bool>,
 }
 
 /// A started request.
@@ -29,13 +35,25 @@ pub enum PendingReply {
     Ready(Response),
     Send(BalancedCall),
     Pull(BalancedCall),
+    /// A pull the RPC server may hold (`wait_ms`).
+    WaitingPull(BalancedCall),
 }
 
 const PONG: &[u8] = br#"{"message":"pong"}"#;
 
 impl Gateway {
-    pub fn new(rpc: BalancedClient, access: Arc<Access>) -> Gateway {
-        Gateway { rpc, access }
+    pub fn new(
+        rpc: BalancedClient,
+        access: Arc<Access>,
+        max_wait_ms: i32,
+        stopping: watch::Receiver<bool>,
+    ) -> Gateway {
+        Gateway {
+            rpc,
+            access,
+            max_wait_ms,
+            stopping,
+        }
     }
 
     fn route(&self, req: &Request) -> Result<PendingReply, ApiError> {
@@ -61,13 +79,17 @@ impl Gateway {
             b"/api/send" => Err(ApiError::MethodNotAllowed("POST")),
             b"/api/pull" if readable => {
                 let user = self.access.admit(req, Api::Pull)?;
-                let request = json::parse_pull(&req.body, query)?;
+                let mut request = json::parse_pull(&req.body, query)?;
                 if let Some(user) = &user {
                     access::authorize(user, &request.chat, None)?;
                 }
-                Ok(PendingReply::Pull(
-                    self.rpc.start(RpcRequest::Pull(request))?,
-                ))
+                request.wait_ms = request.wait_ms.min(self.max_wait_ms);
+                let waits = request.wait_ms > 0;
+                let call = self.rpc.start(RpcRequest::Pull(request))?;
+                Ok(match waits {
+                    true => PendingReply::WaitingPull(call),
+                    false => PendingReply::Pull(call),
+                })
             }
             b"/api/pull" => Err(ApiError::MethodNotAllowed("GET, HEAD")),
             _ => Err(ApiError::NotFound),
@@ -98,6 +120,20 @@ impl Gateway {
             }
             Ok(Err(failed)) => Err(ApiError::from_code(failed.code, failed.msg)),
             Err(err) => Err(ApiError::Internal(format!("undecodable rpc reply: {err}"))),
+        }
+    }
+}
+
+impl Gateway {
+    /// A pull the RPC server may hold: on shutdown it is answered at once
+    /// with what it had — nothing, or it would not be waiting.
+    async fn finish_waiting_pull(&self, call: BalancedCall) -> Result<Response, ApiError> {
+        let mut stopping = self.stopping.clone();
+        tokio::select! {
+            reply = self.finish_pull(call) => reply,
+            _ = stopping.wait_for(|&stop| stop) => {
+                Ok(Response::json(200, pull_wire::pull_json_of(&PullResponse::default())))
+            }
         }
     }
 }
@@ -217,6 +253,7 @@ impl Handler for Gateway {
             PendingReply::Ready(resp) => return resp,
             PendingReply::Send(call) => self.finish_send(call).await,
             PendingReply::Pull(call) => self.finish_pull(call).await,
+            PendingReply::WaitingPull(call) => self.finish_waiting_pull(call).await,
         };
         result.unwrap_or_else(ApiError::into_response)
     }

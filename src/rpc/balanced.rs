@@ -145,7 +145,12 @@ impl BalancedClient {
 
     /// Starts `request` on the best endpoint, or another if that one refuses.
     pub fn start(&self, request: RpcRequest) -> Result<BalancedCall, RpcError> {
-        let deadline = Instant::now() + self.shared.options.timeout;
+        // A pull may be held by the server for its `wait_ms` on top.
+        let held = match &request {
+            RpcRequest::Pull(pull) => Duration::from_millis(pull.wait_ms.max(0) as u64),
+            _ => Duration::ZERO,
+        };
+        let deadline = Instant::now() + self.shared.options.timeout + held;
         let spare = (self.shared.lock().len() > 1).then(|| request.clone());
         self.attempt(request, spare, Vec::new(), deadline)
     }

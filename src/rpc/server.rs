@@ -18,11 +18,11 @@ use super::frame::{self, Frame};
 use super::{method, status};
 use crate::accept::next_connection;
 use crate::domain::{
-    Code, DEFAULT_LIMIT, MAX_LIMIT, MAX_MESSAGE_WIRE_BYTES, canonical_chat,
-    validate_idempotency_key, validate_pull, validate_send,
+    Code, DEFAULT_LIMIT, MAX_LIMIT, MAX_MESSAGE_WIRE_BYTES, PullQuery, canonical_chat,
+    validate_idempotency_key, validate_pull, validate_send, validate_wait,
 };
 use crate::proto::{Message, PingResponse, PullRequest, PullResponse, SendRequest, SendResponse};
-use crate::store::{AnyStore, Store, StoreError};
+use crate::store::{AnyStore, Page, Store, StoreError};
 use crate::unwind::catch_panic;
 
 #[derive(Debug, Clone)]
@@ -292,9 +292,13 @@ async fn connection(
         // At the in-flight limit, refuse at once rather than stop reading:
         // waiting would hold every later frame behind the slowest request.
         let permit = usage.in_flight.clone().try_acquire_owned().ok();
+        // A pull that may wait reserves its reply's bytes only once it has
+        // its page: reserving its largest page for the whole wait let ~100
+        // waiting pulls fill a connection's budget and stop it being read.
+        let waits = matches!(&work, Work::Pull(p) if p.wait_ms > 0);
         let reserve = match &permit {
-            Some(_) => largest_reply(&work),
-            None => SMALL_REPLY,
+            Some(_) if !waits => largest_reply(&work),
+            _ => SMALL_REPLY,
         }
         .min(usage.max_output);
         // Over the output budget, stop reading instead: the peer is not
@@ -318,11 +322,24 @@ async fn connection(
             }
         };
         let (store, replies, output) = (store.clone(), replies.clone(), usage.output.clone());
+        let max_output = usage.max_output;
+        // Only a pull that may wait watches for shutdown (answered at once then).
+        let stop = waits.then(|| shutdown.clone());
         tokio::spawn(async move {
-            let reply = catch_panic(handle(&store, work)).await.unwrap_or_else(|| {
-                Reply::BadFrame("internal error while serving the request".into())
-            });
-            let budget = fit_budget(budget, &output, encoded_len(&reply));
+            let reply = catch_panic(handle(&store, work, stop))
+                .await
+                .unwrap_or_else(|| {
+                    Reply::BadFrame("internal error while serving the request".into())
+                });
+            // (Never more than the whole budget, or it would wait forever.)
+            let needed = encoded_len(&reply).min(max_output);
+            let budget = match waits {
+                false => fit_budget(budget, &output, needed),
+                true => match grow_budget(budget, &output, needed, &replies).await {
+                    Some(budget) => budget,
+                    None => return, // the connection is closing
+                },
+            };
             let _ = replies.send(Outgoing { id, reply, budget });
             drop(permit);
         });
@@ -422,6 +439,27 @@ fn fit_budget(
     bytes
 }
 
+/// Grows a waiting pull's small reservation to its reply's size, waiting
+/// for room like any request read while the peer is slow to read replies;
+/// `None` if the connection closes meanwhile.
+async fn grow_budget(
+    mut bytes: OwnedSemaphorePermit,
+    budget: &Arc<Semaphore>,
+    needed: usize,
+    replies: &mpsc::UnboundedSender<Outgoing>,
+) -> Option<OwnedSemaphorePermit> {
+    let held = bytes.num_permits();
+    if needed <= held {
+        return Some(fit_budget(bytes, budget, needed));
+    }
+    let extra = u32::try_from(needed - held).unwrap_or(u32::MAX);
+    tokio::select! {
+        extra = budget.clone().acquire_many_owned(extra) => bytes.merge(extra.ok()?),
+        _ = replies.closed() => return None,
+    }
+    Some(bytes)
+}
+
 fn encoded_len(reply: &Reply) -> usize {
     FRAME_HEADER
         + match reply {
@@ -486,13 +524,13 @@ fn decode_request(frame: Frame) -> Work {
     }
 }
 
-async fn handle(store: &AnyStore, work: Work) -> Reply {
+async fn handle(store: &AnyStore, work: Work, stop: Option<watch::Receiver<bool>>) -> Reply {
     if matches!(work, Work::Send(_) | Work::Pull(_)) {
         SERVED.fetch_add(1, Ordering::Relaxed);
     }
     match work {
         Work::Send(req) => Reply::Send(send(store, req).await),
-        Work::Pull(req) => pull(store, req).await,
+        Work::Pull(req) => pull(store, req, stop).await,
         Work::Ping => Reply::Pong,
         Work::Bad(why) => Reply::BadFrame(why),
     }
@@ -557,7 +595,7 @@ async fn send(store: &AnyStore, req: SendRequest) -> SendResponse {
     }
 }
 
-async fn pull(store: &AnyStore, req: PullRequest) -> Reply {
+async fn pull(store: &AnyStore, req: PullRequest, stop: Option<watch::Receiver<bool>>) -> Reply {
     let failed = |code: Code, msg: String| {
         Reply::Pull(PullResponse {
             code: code as i32,
@@ -569,13 +607,61 @@ async fn pull(store: &AnyStore, req: PullRequest) -> Reply {
         Ok(query) => query,
         Err(invalid) => return failed(Code::InvalidArgument, invalid.0),
     };
-    match store.pull(&query).await {
+    let wait = match validate_wait(req.wait_ms) {
+        Ok(wait) => wait,
+        Err(invalid) => return failed(Code::InvalidArgument, invalid.0),
+    };
+    let page = match wait.is_zero() || !query.may_wait() {
+        true => store.pull(&query).await,
+        false => pull_waiting(store, &query, wait, stop).await,
+    };
+    match page {
         Ok(page) => Reply::PullPage(page.wire),
         Err(err) => {
             let (code, msg) = store_failure(err);
             failed(code, msg)
         }
     }
+}
+
+/// How long a waiting pull waits for its registration to be confirmed
+/// (Redis: the SSUBSCRIBE's reply) before it gives up waiting and answers
+/// what it reads.
+const READY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A pull that may wait (see [`crate::notify`]): registered before it reads,
+/// so a message stored between the read and the wait still wakes it; an
+/// empty page is read again once, when a message was stored in the chat,
+/// at the deadline, or at shutdown (answered at once with what there is).
+async fn pull_waiting(
+    store: &AnyStore,
+    query: &PullQuery,
+    wait: Duration,
+    stop: Option<watch::Receiver<bool>>,
+) -> Result<Page, StoreError> {
+    let deadline = Instant::now() + wait;
+    let mut waiter = store.waiter(&query.chat);
+    if let Some(w) = &mut waiter
+        && !w.ready(deadline.min(Instant::now() + READY_TIMEOUT)).await
+    {
+        waiter = None;
+    }
+    let page = store.pull(query).await?;
+    let Some(mut waiter) = waiter.filter(|_| page.count == 0) else {
+        return Ok(page);
+    };
+    let stopped = async {
+        match stop {
+            Some(mut stop) => drop(stop.wait_for(|&s| s).await),
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        () = waiter.changed(deadline) => {}
+        () = stopped => {}
+    }
+    drop(waiter);
+    store.pull(query).await
 }
 
 #[cfg(test)]
@@ -606,6 +692,7 @@ mod tests {
             cursor: 0,
             limit,
             reverse: false,
+            wait_ms: 0,
         })
     }
 

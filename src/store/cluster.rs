@@ -40,6 +40,7 @@ use super::redis::{
 use super::{Page, Sent, Store, StoreError};
 use crate::domain::PullQuery;
 use crate::mux::{ByteBudget, Handle, MuxError, MuxOptions, Pool, Stream};
+use crate::notify::{Hub, Waiter};
 use crate::resp::cluster::{Redirect, SlotMap, classify, is_cluster_info, key_slot};
 use crate::resp::connection::{RespProtocol, RespRequest, decode_reply};
 use crate::resp::url::{Address, RedisTarget};
@@ -133,7 +134,7 @@ impl ClusterShared {
 
     /// Where to send a command for `slot`: its master, or, while the map does
     /// not know it, any node (which answers MOVED if it is not the owner).
-    fn owner(&self, slot: u16) -> Option<Arc<str>> {
+    pub(super) fn owner(&self, slot: u16) -> Option<Arc<str>> {
         let map = self.map.read().unwrap_or_else(PoisonError::into_inner);
         map.owner(slot)
             .or_else(|| map.masters().into_iter().next())
@@ -141,7 +142,7 @@ impl ClusterShared {
     }
 
     /// How to reach the node at `addr`: its address, the shared credentials.
-    fn node_target(&self, addr: &str) -> RedisTarget {
+    pub(super) fn node_target(&self, addr: &str) -> RedisTarget {
         RedisTarget {
             address: Address::Tcp(addr.to_string()),
             db: 0,
@@ -503,6 +504,8 @@ pub struct ClusterStore {
     router: Arc<Router>,
     sends: SendQueue,
     timeout: Duration,
+    /// Pulls waiting for new messages (see [`RedisStore`]'s).
+    hub: Option<Arc<Hub>>,
 }
 
 impl ClusterStore {
@@ -524,7 +527,19 @@ impl ClusterStore {
             router,
             sends,
             timeout: options.timeout,
+            hub: None,
         }
+    }
+
+    /// Lets pulls wait for new messages announced through `hub`.
+    pub fn with_hub(mut self, hub: Arc<Hub>) -> Self {
+        self.hub = Some(hub);
+        self
+    }
+
+    /// Registers a pull that will wait for `chat`, if pulls may wait.
+    pub fn waiter(&self, chat: &str) -> Option<Waiter> {
+        self.hub.as_ref().map(|hub| hub.register(chat))
     }
 }
 

@@ -7,11 +7,12 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use super::{DEFAULT_IDEMPOTENCY_TTL, Page, PageWriter, Sent, Store, StoreError};
 use crate::domain::PullQuery;
+use crate::notify::{Hub, Waiter};
 
 struct Stored {
     send_time: i64,
@@ -73,6 +74,8 @@ pub struct MemoryStore {
     shards: Box<[Shard]>,
     hasher: RandomState,
     idempotency_ttl: Duration,
+    /// Pulls waiting for new messages (`wait_ms`), woken by `send`.
+    hub: Arc<Hub>,
 }
 
 const SHARDS: usize = 64;
@@ -90,7 +93,13 @@ impl MemoryStore {
             shards: (0..SHARDS).map(|_| Shard::default()).collect(),
             hasher: RandomState::new(),
             idempotency_ttl,
+            hub: Hub::in_process(),
         }
+    }
+
+    /// Registers a pull that will wait for `chat` (see [`crate::notify`]).
+    pub fn waiter(&self, chat: &str) -> Waiter {
+        self.hub.register(chat)
     }
 
     fn shard(&self, chat: &str) -> std::sync::MutexGuard<'_, ShardData> {
@@ -171,19 +180,28 @@ impl Store for MemoryStore {
         text: &str,
         idempotency_key: Option<&str>,
     ) -> Result<Sent, StoreError> {
-        let mut shard = self.shard(chat);
-        if let Some(key) = idempotency_key {
-            return self.send_once(&mut shard, chat, sender, text, key);
-        }
-        // Looked up first: its name is allocated only for a new chat.
-        let log = match shard.chats.get_mut(chat) {
-            Some(log) => log,
-            None => shard.chats.entry(chat.into()).or_default(),
+        let sent = {
+            let mut shard = self.shard(chat);
+            match idempotency_key {
+                Some(key) => self.send_once(&mut shard, chat, sender, text, key)?,
+                None => {
+                    // Looked up first: its name is allocated only for a new chat.
+                    let log = match shard.chats.get_mut(chat) {
+                        Some(log) => log,
+                        None => shard.chats.entry(chat.into()).or_default(),
+                    };
+                    Sent {
+                        send_time: append(log, sender, text),
+                        replayed: false,
+                    }
+                }
+            }
         };
-        Ok(Sent {
-            send_time: append(log, sender, text),
-            replayed: false,
-        })
+        // After the shard's lock is let go: a woken pull reads at once.
+        if !sent.replayed {
+            self.hub.notify(chat);
+        }
+        Ok(sent)
     }
 
     async fn pull(&self, query: &PullQuery) -> Result<Page, StoreError> {

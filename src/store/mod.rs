@@ -17,6 +17,7 @@
 pub mod cluster;
 pub mod memory;
 pub mod redis;
+pub mod subscriber;
 
 use std::future::Future;
 
@@ -148,6 +149,18 @@ pub enum AnyStore {
     Memory(std::sync::Arc<memory::MemoryStore>),
     Redis(redis::RedisStore),
     Cluster(cluster::ClusterStore),
+}
+
+impl AnyStore {
+    /// Registers a pull that will wait for new messages in `chat`; `None`
+    /// if this store cannot announce them.
+    pub fn waiter(&self, chat: &str) -> Option<crate::notify::Waiter> {
+        match self {
+            AnyStore::Memory(store) => Some(store.waiter(chat)),
+            AnyStore::Redis(store) => store.waiter(chat),
+            AnyStore::Cluster(store) => store.waiter(chat),
+        }
+    }
 }
 
 impl Store for AnyStore {

@@ -30,6 +30,7 @@ use tokio::time::Instant;
 use super::{Page, PageWriter, Sent, Store, StoreError};
 use crate::domain::PullQuery;
 use crate::mux::{ByteBudget, Handle, MuxError, MuxOptions, Pool};
+use crate::notify::{Hub, Waiter};
 use crate::proto::fields::stored_message;
 use crate::resp::connection::{RespProtocol, RespRequest};
 use crate::resp::url::RedisTarget;
@@ -119,9 +120,12 @@ redis.register_function('im_send', function(keys, args)
       end
     end
   end
-  -- One ZADD per chat for the whole batch.
+  -- One ZADD per chat for the whole batch, and one announcement to pulls
+  -- waiting for the chat (src/store/subscriber.rs): a sharded channel in
+  -- the chat's slot, so on a Cluster only the chat's shard carries it.
   for _, key in ipairs(chats) do
     redis.call('ZADD', key, unpack(adds[key]))
+    redis.call('SPUBLISH', key .. ':new', '')
   end
   return out
 end)
@@ -196,6 +200,9 @@ pub struct RedisStore {
     /// Sends waiting for the [`Batcher`].
     sends: SendQueue,
     timeout: Duration,
+    /// Pulls waiting for new messages, fed by the process's subscriber
+    /// (src/store/subscriber.rs); `None`: pulls never wait.
+    hub: Option<Arc<Hub>>,
 }
 
 pub(super) struct QueuedSend {
@@ -280,7 +287,19 @@ impl RedisStore {
             pool,
             sends,
             timeout: options.timeout,
+            hub: None,
         }
+    }
+
+    /// Lets pulls wait for new messages announced through `hub`.
+    pub fn with_hub(mut self, hub: Arc<Hub>) -> Self {
+        self.hub = Some(hub);
+        self
+    }
+
+    /// Registers a pull that will wait for `chat`, if pulls may wait.
+    pub fn waiter(&self, chat: &str) -> Option<Waiter> {
+        self.hub.as_ref().map(|hub| hub.register(chat))
     }
 
     async fn call(&self, command: Bytes) -> Result<Reply, StoreError> {

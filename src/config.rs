@@ -50,6 +50,8 @@ pub struct Config {
     pub max_output_buffer: usize,
     /// An HTTP peer that accepts no bytes for this long is closed.
     pub write_timeout: Duration,
+    /// Silence on an event stream (`/api/stream`) before a heartbeat comment.
+    pub stream_heartbeat: Duration,
     pub drain_timeout: Duration,
     pub queue: usize,
     pub max_in_flight: usize,
@@ -105,6 +107,7 @@ pub const OPTIONS: &[OptionSpec] = &[
     OptionSpec { flag: "--max-connections", env: "IM_MAX_CONNECTIONS", default: Some("10000"), help: "open HTTP connections; more are answered 503 and closed" },
     OptionSpec { flag: "--max-output-buffer", env: "IM_MAX_OUTPUT_BUFFER", default: Some("4194304"), help: "response bytes queued per HTTP connection; no further pipelined request starts above it" },
     OptionSpec { flag: "--write-timeout-s", env: "IM_WRITE_TIMEOUT_S", default: Some("10"), help: "an HTTP client that accepts no response bytes for this long is closed" },
+    OptionSpec { flag: "--stream-heartbeat-s", env: "IM_STREAM_HEARTBEAT_S", default: Some("15"), help: "an event stream (/api/stream) silent for this long gets a heartbeat comment" },
     OptionSpec { flag: "--drain-timeout-s", env: "IM_DRAIN_TIMEOUT_S", default: Some("10"), help: "on SIGTERM/SIGINT, how long in-flight requests may take to finish" },
     OptionSpec { flag: "--queue", env: "IM_QUEUE", default: Some("8192"), help: "calls queued per RPC/Redis connection before 503 + Retry-After" },
     OptionSpec { flag: "--max-in-flight", env: "IM_MAX_IN_FLIGHT", default: Some("8192"), help: "calls in flight per RPC/Redis connection" },
@@ -262,6 +265,7 @@ impl Config {
             max_connections: positive("--max-connections")? as usize,
             max_output_buffer: positive("--max-output-buffer")? as usize,
             write_timeout: Duration::from_secs(positive("--write-timeout-s")?),
+            stream_heartbeat: Duration::from_secs(positive("--stream-heartbeat-s")?),
             drain_timeout: Duration::from_secs(number("--drain-timeout-s")?),
             queue: positive("--queue")? as usize,
             max_in_flight: positive("--max-in-flight")? as usize,

@@ -10,12 +10,13 @@
 //! * [`http`]: HTTP/1.1 request codec ([`http::codec`]), cached `Date`
 //!   header, the connection policy as a pure state machine ([`http::conn`]:
 //!   which pipelined request may start, when output is written, which
-//!   deadline applies) and the driver that does its I/O ([`http::server`]).
+//!   deadline applies, how an event stream is paced) and the driver that
+//!   does its I/O ([`http::server`]).
 //! * [`gateway`]: routes, JSON <-> RPC types, the one place where errors
 //!   become HTTP statuses ([`gateway::error`]), and who may call
 //!   ([`gateway::access`]: bearer tokens from [`auth`], limits from
-//!   [`ratelimit`]); the compiled-in OpenAPI document and chat page
-//!   ([`gateway::web`]).
+//!   [`ratelimit`]); `/api/stream` as a loop of pulls ([`gateway::stream`]);
+//!   the compiled-in OpenAPI document and chat page ([`gateway::web`]).
 //! * [`rpc`]: the length-prefixed protobuf frame codec, the multiplexed client
 //!   pool used by the gateway, and the RPC server loop.
 //! * [`mux`]: the connection actor shared by the RPC client and the Redis

@@ -495,6 +495,7 @@ fn server_options(config: &Config) -> ServerOptions {
         max_connections: config.max_connections,
         max_output_buffer: config.max_output_buffer,
         write_timeout: config.write_timeout,
+        stream_heartbeat: config.stream_heartbeat,
         drain_timeout: config.drain_timeout,
     }
 }

@@ -7,7 +7,9 @@
 //! * op % 4 == 1: `arg * 50` ms pass;
 //! * op % 4 == 2: the driver's output backlog becomes `arg * 64 KiB`;
 //! * op % 4 == 3: the next finished response is `arg * 256 KiB` long
-//!   (0: 20 bytes), status 504 if `arg` is odd, and closes if `arg == 255`.
+//!   (0: 20 bytes), status 504 if `arg` is odd, and closes if `arg == 255`;
+//!   `arg == 254`: it is an event stream (SSE), driven by the steps that
+//!   follow (see `drive_stream`).
 //!
 //! Checked, with the driver simulated as server.rs runs it:
 //! * no panic, and `next` never loops without progress;
@@ -17,6 +19,10 @@
 //! * at most `MAX_PIPELINE` requests in flight;
 //! * a read is asked for only with nothing in flight and no output queued,
 //!   and its deadline lies ahead; an expired deadline ends the connection.
+//! * an event stream starts nothing further; it renders only below the
+//!   output bound, asks for a batch only once the output has drained, its
+//!   drain and heartbeat deadlines lie ahead, a backlog older than the write
+//!   timeout ends it (lagged), and once ended it stays ended.
 
 #![no_main]
 
@@ -24,7 +30,7 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use im_server::http::codec::{Limits, Method};
-use im_server::http::conn::{Action, Conn, Finished, MAX_PIPELINE, Settings};
+use im_server::http::conn::{Action, Conn, Finished, MAX_PIPELINE, Settings, StreamEnd, StreamStep};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -35,6 +41,8 @@ fuzz_target!(|data: &[u8]| {
         max_output: 4 * 1024 * 1024,
         // Every other GET claims a big reply: both admission paths are driven.
         reply_bound: |req| if req.target.len() % 2 == 0 { 1 << 20 } else { 0 },
+        heartbeat: Duration::from_secs(15),
+        write_timeout: Duration::from_secs(10),
     };
     let t0 = Instant::now();
     let mut now = t0;
@@ -45,6 +53,7 @@ fuzz_target!(|data: &[u8]| {
     let mut next_len = 20usize;
     let mut next_status = 200u16;
     let mut next_close = false;
+    let mut next_stream = false;
     let mut since_progress = 0;
     loop {
         since_progress += 1;
@@ -61,13 +70,22 @@ fuzz_target!(|data: &[u8]| {
                 let done = Finished {
                     status: next_status,
                     body_len: next_len,
-                    close: next_close,
+                    // The driver asks to close after an event stream's head.
+                    close: next_close || next_stream,
                 };
-                if !conn.finished(done, false).keep_alive {
+                let framing = conn.finished(done, false);
+                if !framing.keep_alive {
                     in_flight.clear();
                 }
                 output += next_len.min(settings.max_output);
+                if next_stream && !framing.head_only {
+                    assert!(!framing.keep_alive, "a stream is the last response");
+                    conn.start_stream(now);
+                    drive_stream(&mut conn, &settings, steps, now, output);
+                    return;
+                }
             }
+            Action::Stream(step) => panic!("no stream was started: {step:?}"),
             Action::Flush => {
                 assert!(output > 0);
                 output = 0;
@@ -106,6 +124,7 @@ fuzz_target!(|data: &[u8]| {
                             next_len = if *arg == 0 { 20 } else { usize::from(*arg) * 256 * 1024 };
                             next_status = if arg % 2 == 1 { 504 } else { 200 };
                             next_close = *arg == 255;
+                            next_stream = *arg == 254;
                         }
                     }
                     if output > 0 {
@@ -117,3 +136,77 @@ fuzz_target!(|data: &[u8]| {
         }
     }
 });
+
+/// Drives a started event stream with the remaining steps, each `[op, arg]`:
+/// op % 4 == 0: the pending drain or wait ends with the output written (or
+/// a batch arriving, `arg` odd: it renders nothing); 1: `arg * 100` ms pass
+/// (no further than the step's deadline); 2: the source fails; 3: shutdown.
+fn drive_stream(conn: &mut Conn, settings: &Settings, mut steps: &[u8], t0: Instant, mut output: usize) {
+    let mut now = t0;
+    let mut ended: Option<StreamStep> = None;
+    let mut backlog_since: Option<Instant> = (output > 0).then_some(now);
+    for _ in 0..100_000 {
+        let Action::Stream(step) = conn.next(now, output) else {
+            panic!("a streaming connection does only stream steps");
+        };
+        if output == 0 {
+            backlog_since = None;
+        }
+        if let Some(end) = ended {
+            assert_eq!(step, end, "an ended stream stays ended");
+            return;
+        }
+        match step {
+            StreamStep::Fill => {
+                assert!(output < settings.max_output, "rendering above the bound");
+                backlog_since.get_or_insert(now);
+                output += 64 * 1024;
+                conn.filled(output % 3 == 0, true, now);
+            }
+            StreamStep::Heartbeat => {
+                assert_eq!(output, 0, "a heartbeat only in silence");
+                output += 6;
+                backlog_since.get_or_insert(now);
+                conn.sent(now);
+            }
+            StreamStep::Drain(deadline) | StreamStep::Await(deadline) => {
+                assert!(deadline > now, "{step:?} at {now:?}");
+                let awaiting = matches!(step, StreamStep::Await(_));
+                assert!(!awaiting || output == 0, "asks for a batch before the output drained");
+                if let (StreamStep::Drain(_), Some(since)) = (step, backlog_since) {
+                    assert!(deadline <= since + settings.write_timeout);
+                }
+                let [op, arg, rest @ ..] = steps else {
+                    return;
+                };
+                steps = rest;
+                match op % 4 {
+                    0 if awaiting => {
+                        conn.arrived();
+                        if arg % 2 == 1 {
+                            // A batch that renders nothing.
+                            assert_eq!(conn.next(now, 0), Action::Stream(StreamStep::Fill));
+                            conn.filled(false, false, now);
+                        }
+                    }
+                    0 => output = 0,
+                    1 => now = deadline.min(now + Duration::from_millis(u64::from(*arg) * 100)),
+                    2 => {
+                        output += 40;
+                        conn.stream_failed(now);
+                    }
+                    _ => conn.shut_down(now),
+                }
+            }
+            StreamStep::End { why, deadline } => {
+                assert!(deadline > now, "the end has time to be written");
+                if why == StreamEnd::Lagged {
+                    let since = backlog_since.expect("lagging with a backlog");
+                    assert!(now >= since + settings.write_timeout);
+                }
+                ended = Some(step);
+            }
+        }
+    }
+    panic!("no progress");
+}

@@ -11,6 +11,8 @@ pub enum ApiError {
     Invalid(String),
     NotFound,
     MethodNotAllowed(&'static str),
+    /// The request's `Accept` excludes what the endpoint serves.
+    NotAcceptable,
     Http(HttpError),
     /// The RPC server or the store is unreachable.
     Unavailable,
@@ -39,6 +41,7 @@ impl ApiError {
             ApiError::Invalid(_) => 400,
             ApiError::NotFound => 404,
             ApiError::MethodNotAllowed(_) => 405,
+            ApiError::NotAcceptable => 406,
             ApiError::Http(HttpError::BadRequest(_)) => 400,
             ApiError::Http(HttpError::Timeout) => 408,
             ApiError::Http(HttpError::PayloadTooLarge) => 413,
@@ -62,6 +65,7 @@ impl ApiError {
             ApiError::Invalid(_) | ApiError::Http(HttpError::BadRequest(_)) => "invalid_request",
             ApiError::NotFound => "not_found",
             ApiError::MethodNotAllowed(_) => "method_not_allowed",
+            ApiError::NotAcceptable => "not_acceptable",
             ApiError::Http(HttpError::Timeout) => "request_timeout",
             ApiError::Http(HttpError::PayloadTooLarge) => "payload_too_large",
             ApiError::Http(HttpError::HeadersTooLarge) => "headers_too_large",
@@ -86,6 +90,10 @@ impl ApiError {
             ApiError::Invalid(why) => why.clone(),
             ApiError::NotFound => "no such endpoint".into(),
             ApiError::MethodNotAllowed(allow) => format!("method not allowed; use {allow}"),
+            ApiError::NotAcceptable => {
+                "this endpoint serves text/event-stream only; accept it (Accept: text/event-stream)"
+                    .into()
+            }
             ApiError::Http(HttpError::BadRequest(why) | HttpError::NotImplemented(why)) => {
                 (*why).into()
             }
@@ -114,14 +122,19 @@ impl ApiError {
         }
     }
 
+    /// `{"error":{"code":…,"message":…}}`
+    pub fn json_body(&self) -> Vec<u8> {
+        let body =
+            serde_json::json!({ "error": { "code": self.code(), "message": self.message() } });
+        body.to_string().into_bytes()
+    }
+
     /// The response for this error.
     pub fn into_response(self) -> Response {
         if let ApiError::Internal(why) = &self {
             eprintln!("im-server: internal error: {why}");
         }
-        let body =
-            serde_json::json!({ "error": { "code": self.code(), "message": self.message() } });
-        let mut resp = Response::json(self.status(), body.to_string().into_bytes());
+        let mut resp = Response::json(self.status(), self.json_body());
         match self {
             ApiError::MethodNotAllowed(allow) => resp.allow = Some(allow),
             ApiError::Unavailable | ApiError::Overloaded => resp.retry_after = Some(1),

@@ -247,6 +247,31 @@ pub fn parse_pull(body: &[u8], query: Option<&[u8]>) -> Result<PullRequest, ApiE
     })
 }
 
+/// `GET /api/stream` parameters: `chat` and `cursor`, from the query string
+/// (an `EventSource` cannot send a body); `limit`, `reverse` and `wait_ms`
+/// are the stream's own (a full page, oldest first, waiting) and refused if
+/// given.
+pub fn parse_stream(body: &[u8], query: Option<&[u8]>) -> Result<(String, i64), ApiError> {
+    if !body.trim_ascii().is_empty() {
+        return Err(ApiError::Invalid(
+            "give the stream's parameters in the query string; it takes no body".into(),
+        ));
+    }
+    let params = match query {
+        Some(q) => parse_query(q)?.unwrap_or_default(),
+        None => PullParams::default(),
+    };
+    if params.limit.is_some() || params.reverse.is_some() || params.wait_ms.is_some() {
+        return Err(ApiError::Invalid(
+            "a stream takes only `chat` and `cursor` (it is always oldest first, and waits)".into(),
+        ));
+    }
+    Ok((
+        params.chat.map(Cow::into_owned).unwrap_or_default(),
+        params.cursor.unwrap_or(0),
+    ))
+}
+
 fn wait_ms(value: Option<i64>) -> Result<i32, ApiError> {
     let wait = value.unwrap_or(0);
     let ms = i32::try_from(wait).unwrap_or(-1);

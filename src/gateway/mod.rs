@@ -5,6 +5,7 @@ pub mod access;
 pub mod error;
 pub mod json;
 pub mod pull_wire;
+pub mod stream;
 pub mod web;
 
 use std::sync::Arc;
@@ -35,6 +36,8 @@ pub enum PendingReply {
     Ready(Response),
     Send(BalancedCall),
     Pull(BalancedCall),
+    /// A stream's first pull, and the stream to serve once it is answered.
+    Stream(BalancedCall, Box<stream::ChatStream>),
     /// A pull the RPC server may hold (`wait_ms`).
     WaitingPull(BalancedCall),
 }
@@ -92,6 +95,8 @@ impl Gateway {
                 })
             }
             b"/api/pull" => Err(ApiError::MethodNotAllowed("GET, HEAD")),
+            b"/api/stream" if readable => self.start_stream(req),
+            b"/api/stream" => Err(ApiError::MethodNotAllowed("GET, HEAD")),
             _ => Err(ApiError::NotFound),
         }
     }
@@ -228,6 +233,10 @@ impl Handler for Gateway {
     /// escape that could spell it), then a full one (100 messages).
     fn reply_bound(req: &Request) -> usize {
         let (path, query) = req.path_and_query();
+        if path == b"/api/stream" {
+            // Its first page, and each later one, is held until written.
+            return crate::domain::MAX_LIMIT as usize * crate::domain::MAX_MESSAGE_WIRE_BYTES;
+        }
         if path != b"/api/pull" {
             return 0;
         }
@@ -253,6 +262,7 @@ impl Handler for Gateway {
             PendingReply::Ready(resp) => return resp,
             PendingReply::Send(call) => self.finish_send(call).await,
             PendingReply::Pull(call) => self.finish_pull(call).await,
+            PendingReply::Stream(call, stream) => self.finish_stream(call, stream).await,
             PendingReply::WaitingPull(call) => self.finish_waiting_pull(call).await,
         };
         result.unwrap_or_else(ApiError::into_response)

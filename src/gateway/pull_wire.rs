@@ -135,15 +135,15 @@ impl BodySource for PullStream {
 }
 
 /// The scalar fields of a `PullResponse`, and how many messages it holds.
-struct Scalars {
-    code: i32,
-    msg: String,
+pub(super) struct Scalars {
+    pub code: i32,
+    pub msg: String,
     has_more: bool,
     next_cursor: i64,
-    count: usize,
+    pub count: usize,
 }
 
-fn scalars(mut wire: &[u8]) -> Result<Scalars, Malformed> {
+pub(super) fn scalars(mut wire: &[u8]) -> Result<Scalars, Malformed> {
     let (mut code, mut msg, mut has_more, mut next_cursor, mut count) =
         (0i32, "", false, 0i64, 0usize);
     while !wire.is_empty() {
@@ -235,7 +235,8 @@ pub fn pull_json_of(resp: &PullResponse) -> Vec<u8> {
     }
 }
 
-fn write_message(out: &mut Vec<u8>, mut wire: &[u8]) -> Result<(), Malformed> {
+/// Writes one message's JSON object; returns its send_time.
+pub(super) fn write_message(out: &mut Vec<u8>, mut wire: &[u8]) -> Result<i64, Malformed> {
     let (mut chat, mut message_text, mut sender, mut send_time) = ("", "", "", 0i64);
     while !wire.is_empty() {
         match next_field(&mut wire)? {
@@ -258,7 +259,7 @@ fn write_message(out: &mut Vec<u8>, mut wire: &[u8]) -> Result<(), Malformed> {
     out.extend_from_slice(b",\"send_time\":");
     put_i64(out, send_time);
     out.push(b'}');
-    Ok(())
+    Ok(send_time)
 }
 
 #[cfg(test)]

@@ -22,6 +22,15 @@
 //!   arrive whole, within `request_timeout` of that request's first byte
 //!   (408 if a request had begun); an idle keep-alive connection is closed
 //!   after `idle_timeout`, or at once on shutdown.
+//! * An event stream (SSE) is the last response of its connection: once its
+//!   head is out, nothing further is started (requests pipelined after it
+//!   are never answered) and the connection ends with the stream. Its
+//!   events are rendered only while the queued output is under
+//!   `max_output`, and the source is asked for more only once the output
+//!   has drained, so a stream holds at most one batch and `max_output` of
+//!   output. Output not drained within `write_timeout` of being queued
+//!   means the reader lags: a final `lagged` event, then close. A heartbeat
+//!   goes out after `heartbeat` of silence; shutdown ends the stream.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -47,6 +56,11 @@ pub struct Settings {
     /// An upper bound on the reply bytes a request may hold until its
     /// response is written (from the handler; 0 = small).
     pub reply_bound: fn(&Request) -> usize,
+    /// Silence on an event stream after which a heartbeat is written.
+    pub heartbeat: Duration,
+    /// How long an event stream's queued output may take to drain before
+    /// its reader is deemed lagging.
+    pub write_timeout: Duration,
 }
 
 /// What must be remembered of a started request to write its response.
@@ -88,6 +102,91 @@ pub enum Action {
     Reject(HttpError),
     /// Write out the queued output, then close with a lingering close.
     Close,
+    /// The connection carries an event stream (see [`Conn::start_stream`]).
+    Stream(StreamStep),
+}
+
+/// The next step of an event stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamStep {
+    /// Render the source's buffered events into the output, then report
+    /// [`Conn::filled`].
+    Fill,
+    /// Append a heartbeat, then report [`Conn::sent`].
+    Heartbeat,
+    /// Write out the output, stopping at this deadline if it has not
+    /// drained (the next step then ends the stream as lagging).
+    Drain(Instant),
+    /// Wait for the source's next batch until this time (the next
+    /// heartbeat), shutdown or the peer's close; report [`Conn::arrived`],
+    /// [`Conn::stream_failed`] or [`Conn::shut_down`].
+    Await(Instant),
+    /// Append the final event for `why` and the end of the body, write it
+    /// out by `deadline`, then close.
+    End { why: StreamEnd, deadline: Instant },
+}
+
+/// Why an event stream ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamEnd {
+    /// Its output did not drain within the write timeout.
+    Lagged,
+    /// The source failed (its final event is already in the output).
+    Failed,
+    /// The server is shutting down.
+    Shutdown,
+}
+
+/// Most time a stream's last bytes get on shutdown: closing promptly comes
+/// first (the drain waits for every connection).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
+
+/// The state of an event stream, after its head.
+#[derive(Debug, Clone, Copy)]
+struct Streaming {
+    /// When an event or heartbeat was last queued.
+    last_sent: Instant,
+    /// Since when the output has been waiting to drain (`None`: empty).
+    backlog_since: Option<Instant>,
+    /// The source holds events not yet rendered.
+    buffered: bool,
+    end: Option<(StreamEnd, Instant)>,
+}
+
+impl Streaming {
+    fn next(&mut self, settings: &Settings, now: Instant, output_queued: usize) -> StreamStep {
+        if let Some((why, deadline)) = self.end {
+            return StreamStep::End { why, deadline };
+        }
+        let backlog_since = if output_queued == 0 {
+            self.backlog_since = None;
+            None
+        } else {
+            Some(*self.backlog_since.get_or_insert(now))
+        };
+        if let Some(since) = backlog_since {
+            let drain_by = since + settings.write_timeout;
+            if now >= drain_by {
+                return self.ending(StreamEnd::Lagged, now + settings.write_timeout);
+            }
+            if !self.buffered || output_queued >= settings.max_output {
+                return StreamStep::Drain(drain_by);
+            }
+        }
+        if self.buffered {
+            return StreamStep::Fill;
+        }
+        let heartbeat_at = self.last_sent + settings.heartbeat;
+        if now >= heartbeat_at {
+            return StreamStep::Heartbeat;
+        }
+        StreamStep::Await(heartbeat_at)
+    }
+
+    fn ending(&mut self, why: StreamEnd, deadline: Instant) -> StreamStep {
+        self.end = Some((why, deadline));
+        StreamStep::End { why, deadline }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -142,6 +241,8 @@ pub struct Conn {
     closing: bool,
     /// The input cannot be decoded: answered once the requests before it are.
     failure: Option<HttpError>,
+    /// An event stream is being written: the connection's last response.
+    streaming: Option<Streaming>,
 }
 
 /// Small to start: thousands of idle connections should cost little.
@@ -161,11 +262,15 @@ impl Conn {
             last_read: accepted,
             closing: false,
             failure: None,
+            streaming: None,
         }
     }
 
     /// The next step, given the output bytes queued and not yet written.
     pub fn next(&mut self, now: Instant, output_queued: usize) -> Action {
+        if let Some(stream) = &mut self.streaming {
+            return Action::Stream(stream.next(&self.settings, now, output_queued));
+        }
         if output_queued > self.settings.max_output {
             return Action::Flush;
         }
@@ -339,6 +444,72 @@ impl Conn {
         } else if (200..300).contains(&status) {
             self.window = (self.window * 2).min(MAX_PIPELINE);
         }
+    }
+
+    /// The response just finished (a GET's, framed with `keep_alive`
+    /// false) is an event stream whose head is in the output: from now on
+    /// [`Conn::next`] answers only [`Action::Stream`] steps. Its source
+    /// holds a first batch (perhaps empty).
+    pub fn start_stream(&mut self, now: Instant) {
+        self.closing = true;
+        self.in_flight.clear();
+        self.deferred = None;
+        self.reserved = 0;
+        self.streaming = Some(Streaming {
+            last_sent: now,
+            backlog_since: None,
+            buffered: true,
+            end: None,
+        });
+    }
+
+    /// After [`StreamStep::Fill`]: whether the source still holds events,
+    /// and whether any were rendered.
+    pub fn filled(&mut self, buffered: bool, rendered: bool, now: Instant) {
+        if let Some(stream) = &mut self.streaming {
+            stream.buffered = buffered;
+            if rendered {
+                stream.last_sent = now;
+            }
+        }
+    }
+
+    /// A heartbeat was queued.
+    pub fn sent(&mut self, now: Instant) {
+        if let Some(stream) = &mut self.streaming {
+            stream.last_sent = now;
+        }
+    }
+
+    /// The source has a new batch.
+    pub fn arrived(&mut self) {
+        if let Some(stream) = &mut self.streaming {
+            stream.buffered = true;
+        }
+    }
+
+    /// The source failed; its final event has been queued.
+    pub fn stream_failed(&mut self, now: Instant) {
+        let write_timeout = self.settings.write_timeout;
+        if let Some(stream) = &mut self.streaming {
+            stream
+                .end
+                .get_or_insert((StreamEnd::Failed, now + write_timeout));
+        }
+    }
+
+    /// The server is shutting down: a stream ends (a request-response
+    /// connection learns it from [`Conn::finished`] and its reads).
+    pub fn shut_down(&mut self, now: Instant) {
+        let grace = self.settings.write_timeout.min(SHUTDOWN_GRACE);
+        if let Some(stream) = &mut self.streaming {
+            stream.end.get_or_insert((StreamEnd::Shutdown, now + grace));
+        }
+    }
+
+    /// Whether an event stream is being written.
+    pub fn is_streaming(&self) -> bool {
+        self.streaming.is_some()
     }
 
     /// Requests started and not yet finished.

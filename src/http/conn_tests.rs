@@ -13,6 +13,8 @@ fn settings() -> Settings {
             b"/mid" => 1024 * 1024,
             _ => 0,
         },
+        heartbeat: Duration::from_secs(15),
+        write_timeout: Duration::from_secs(10),
     }
 }
 
@@ -341,6 +343,7 @@ fn property_random_bytes_splits_and_time() {
                     output = 0;
                 }
                 Action::Continue => output += 25,
+                Action::Stream(step) => panic!("seed {seed}: no stream was started: {step:?}"),
                 Action::Read(until) => {
                     assert!(
                         in_flight.is_empty(),
@@ -415,4 +418,177 @@ fn requests_whose_reply_bounds_fit_the_output_budget_start_beyond_the_window() {
     let mut conn = Conn::new(settings(), t0);
     feed(&mut conn, &big.repeat(3), t0);
     assert_eq!(started(&mut conn, t0), vec![b"/big".to_vec()]);
+}
+
+/// A connection whose first request (a GET) was answered with an event
+/// stream at `t0`.
+fn streaming(t0: Instant) -> Conn {
+    let mut conn = Conn::new(settings(), t0);
+    feed(&mut conn, GET, t0);
+    assert!(matches!(conn.next(t0, 0), Action::Start(_)));
+    assert_eq!(conn.next(t0, 0), Action::Finish);
+    let framing = conn.finished(done(0, true), false);
+    assert!(
+        !framing.keep_alive,
+        "a stream is the connection's last response"
+    );
+    conn.start_stream(t0);
+    conn
+}
+
+fn step(conn: &mut Conn, now: Instant, output: usize) -> StreamStep {
+    match conn.next(now, output) {
+        Action::Stream(step) => step,
+        other => panic!("a streaming connection does only stream steps, not {other:?}"),
+    }
+}
+
+#[test]
+fn a_stream_renders_then_drains_then_waits_until_the_heartbeat() {
+    let t0 = Instant::now();
+    let mut conn = streaming(t0);
+    // The head is queued; the first page is rendered beside it.
+    assert_eq!(step(&mut conn, t0, 200), StreamStep::Fill);
+    conn.filled(false, true, t0);
+    assert_eq!(step(&mut conn, t0, 900), StreamStep::Drain(t0 + secs(10)));
+    let t1 = t0 + secs(1);
+    assert_eq!(step(&mut conn, t1, 0), StreamStep::Await(t1 + secs(14)));
+    // Nothing for 15 s since the last event: a heartbeat, then silence
+    // counts from it.
+    let t15 = t0 + secs(15);
+    assert_eq!(step(&mut conn, t15, 0), StreamStep::Heartbeat);
+    conn.sent(t15);
+    assert_eq!(step(&mut conn, t15, 6), StreamStep::Drain(t15 + secs(10)));
+    assert_eq!(step(&mut conn, t15, 0), StreamStep::Await(t15 + secs(15)));
+    // A batch arrives: rendered, and the heartbeat is pushed back.
+    let t20 = t0 + secs(20);
+    conn.arrived();
+    assert_eq!(step(&mut conn, t20, 0), StreamStep::Fill);
+    conn.filled(false, true, t20);
+    assert_eq!(step(&mut conn, t20, 0), StreamStep::Await(t20 + secs(15)));
+    // A batch that renders nothing does not count as an event.
+    conn.arrived();
+    assert_eq!(step(&mut conn, t20 + secs(5), 0), StreamStep::Fill);
+    conn.filled(false, false, t20 + secs(5));
+    assert_eq!(
+        step(&mut conn, t20 + secs(5), 0),
+        StreamStep::Await(t20 + secs(15))
+    );
+}
+
+#[test]
+fn a_stream_renders_no_more_than_the_output_bound_before_draining() {
+    let t0 = Instant::now();
+    let mut conn = streaming(t0);
+    let max = settings().max_output;
+    assert_eq!(step(&mut conn, t0, 100), StreamStep::Fill);
+    // The source still holds events, but the output is full: drain first.
+    conn.filled(true, true, t0);
+    assert_eq!(step(&mut conn, t0, max), StreamStep::Drain(t0 + secs(10)));
+    // Partly drained, under the bound: more is rendered; the backlog's
+    // clock keeps running from when it formed.
+    let t3 = t0 + secs(3);
+    assert_eq!(step(&mut conn, t3, max / 2), StreamStep::Fill);
+    conn.filled(false, true, t3);
+    assert_eq!(step(&mut conn, t3, max), StreamStep::Drain(t0 + secs(10)));
+    // Drained: the next batch is asked for only now (one batch held).
+    assert_eq!(step(&mut conn, t3, 0), StreamStep::Await(t3 + secs(15)));
+}
+
+#[test]
+fn a_reader_that_does_not_drain_within_the_write_timeout_gets_lagged_and_closed() {
+    let t0 = Instant::now();
+    let mut conn = streaming(t0);
+    assert_eq!(step(&mut conn, t0, 100), StreamStep::Fill);
+    conn.filled(false, true, t0);
+    assert_eq!(step(&mut conn, t0, 5000), StreamStep::Drain(t0 + secs(10)));
+    // Progress but not drained: still draining, against the same deadline.
+    assert_eq!(
+        step(&mut conn, t0 + secs(9), 10),
+        StreamStep::Drain(t0 + secs(10))
+    );
+    let end = StreamStep::End {
+        why: StreamEnd::Lagged,
+        deadline: t0 + secs(20),
+    };
+    assert_eq!(step(&mut conn, t0 + secs(10), 10), end);
+    // Whatever happens next, it stays ended.
+    assert_eq!(step(&mut conn, t0 + secs(11), 0), end);
+    conn.arrived();
+    assert_eq!(step(&mut conn, t0 + secs(12), 0), end);
+}
+
+#[test]
+fn a_drained_backlog_restarts_the_lag_clock() {
+    let t0 = Instant::now();
+    let mut conn = streaming(t0);
+    let mut now = t0;
+    // Many batches, each drained in 6 s: 60 s in all, never lagging.
+    for _ in 0..10 {
+        conn.arrived();
+        assert_eq!(step(&mut conn, now, 0), StreamStep::Fill);
+        conn.filled(false, true, now);
+        assert_eq!(
+            step(&mut conn, now, 4096),
+            StreamStep::Drain(now + secs(10))
+        );
+        let filled_at = now;
+        now += secs(6);
+        // The heartbeat counts from the last event.
+        assert_eq!(
+            step(&mut conn, now, 0),
+            StreamStep::Await(filled_at + secs(15))
+        );
+    }
+}
+
+#[test]
+fn shutdown_and_failure_end_a_stream() {
+    let t0 = Instant::now();
+    let mut conn = streaming(t0);
+    conn.filled(false, false, t0);
+    assert_eq!(step(&mut conn, t0, 0), StreamStep::Await(t0 + secs(15)));
+    conn.shut_down(t0 + secs(2));
+    let end = StreamStep::End {
+        why: StreamEnd::Shutdown,
+        deadline: t0 + secs(3),
+    };
+    assert_eq!(step(&mut conn, t0 + secs(2), 0), end);
+    // A later failure does not replace the first reason.
+    conn.stream_failed(t0 + secs(2));
+    assert_eq!(step(&mut conn, t0 + secs(2), 40), end);
+
+    let mut conn = streaming(t0);
+    conn.filled(false, false, t0);
+    conn.stream_failed(t0 + secs(1));
+    assert_eq!(
+        step(&mut conn, t0 + secs(1), 80),
+        StreamStep::End {
+            why: StreamEnd::Failed,
+            deadline: t0 + secs(11),
+        }
+    );
+}
+
+#[test]
+fn requests_pipelined_behind_a_stream_are_never_started() {
+    let t0 = Instant::now();
+    let mut conn = Conn::new(settings(), t0);
+    let mut input = GET.to_vec();
+    input.extend_from_slice(POST);
+    input.extend_from_slice(GET);
+    feed(&mut conn, &input, t0);
+    assert!(matches!(conn.next(t0, 0), Action::Start(_)));
+    assert_eq!(conn.next(t0, 0), Action::Finish);
+    conn.finished(done(0, true), false);
+    conn.start_stream(t0);
+    assert!(conn.is_streaming());
+    assert_eq!(conn.in_flight(), 0);
+    for t in 0..40 {
+        let action = conn.next(t0 + secs(t), 0);
+        assert!(matches!(action, Action::Stream(_)), "{action:?}");
+        if let Action::Stream(StreamStep::Fill) = action {
+            conn.filled(false, false, t0);
+        }
+    }
 }

@@ -1,16 +1,18 @@
 //! Responses and their serialisation straight into the connection's output
 //! buffer.
 
-use bytes::{BufMut, BytesMut};
+use std::future::Future;
+use std::pin::Pin;
+
+use bytes::{BufMut, Bytes, BytesMut};
 
 use super::date::with_date;
 
 /// A body produced piece by piece as the connection's output drains, so
 /// that a large response is never held whole (a pull page of 100 × 64 KiB
 /// control characters is ~39 MB of JSON from a 6.5 MB protobuf reply).
-/// Its length is known up front (it is sent as `Content-Length`); a future
-/// streamed response without a known length (SSE) would add a chunked or
-/// close-delimited variant here.
+/// Its length is known up front (it is sent as `Content-Length`); a
+/// response of unknown length (SSE) is an [`EventSource`] instead.
 pub trait BodySource: Send {
     /// Total body bytes.
     fn len(&self) -> usize;
@@ -21,6 +23,35 @@ pub trait BodySource: Send {
     /// `until` bytes; returns true when the whole body has been appended.
     fn fill(&mut self, out: &mut BytesMut, until: usize) -> bool;
 }
+
+/// The next batch of events of an [`EventSource`]: its bytes, for
+/// [`EventSource::take`], or the final event to write when the source
+/// failed (the stream then ends).
+pub type Batch = Result<Bytes, Vec<u8>>;
+
+/// The body of a Server-Sent Events response (`text/event-stream`): events
+/// without end, rendered as the output drains. The connection's policy
+/// ([`super::conn`]) decides when to render, wait, send a heartbeat or give
+/// up on a reader; the source only knows its events.
+pub trait EventSource: Send {
+    /// Appends buffered events (whole ones) to `out`, stopping once `out`
+    /// holds at least `until` bytes; true while more remain buffered.
+    fn fill(&mut self, out: &mut BytesMut, until: usize) -> bool;
+    /// Waits for the next batch. The future owns what it needs, so the
+    /// connection keeps it across heartbeats instead of abandoning a
+    /// waiting call every time it writes one.
+    fn more(&mut self) -> Pin<Box<dyn Future<Output = Batch> + Send>>;
+    /// Takes the batch that [`EventSource::more`] produced, to be rendered
+    /// by [`EventSource::fill`].
+    fn take(&mut self, batch: Bytes);
+}
+
+/// An SSE comment, written after [`super::conn::Settings::heartbeat`] of
+/// silence so that proxies and clients see a live connection.
+pub const HEARTBEAT: &[u8] = b": hb\n\n";
+/// The final event to a reader that could not take the stream's output
+/// within the write timeout (see README, "Live stream").
+pub const LAGGED_EVENT: &[u8] = b"event: lagged\ndata: {\"error\":{\"code\":\"lagged\",\"message\":\"the client read too slowly; reconnect with Last-Event-ID to resume\"}}\n\n";
 
 /// A response ready to be written. The body is already serialised JSON, or
 /// is produced by `stream` while being written.
@@ -39,6 +70,10 @@ pub struct Response {
     pub extra_header: Option<(&'static str, &'static str)>,
     /// `Content-Type`: JSON unless set otherwise (the metrics' text format).
     pub content_type: &'static str,
+    /// When set, an event stream: `200` with `Content-Type:
+    /// text/event-stream`, no `Content-Length`, and the connection ends
+    /// with it.
+    pub events: Option<Box<dyn EventSource>>,
 }
 
 impl Response {
@@ -52,7 +87,16 @@ impl Response {
             close: false,
             extra_header: None,
             content_type: "application/json",
+            events: None,
         }
+    }
+
+    /// `200 text/event-stream`, its events from `events`.
+    pub fn event_stream(events: Box<dyn EventSource>) -> Response {
+        let mut resp = Response::json(200, Vec::new());
+        resp.events = Some(events);
+        resp.close = true;
+        resp
     }
 }
 
@@ -69,6 +113,7 @@ impl std::fmt::Debug for Response {
             .field("status", &self.status)
             .field("body_len", &self.body_len())
             .field("streamed", &self.stream.is_some())
+            .field("events", &self.events.is_some())
             .field("close", &self.close)
             .finish()
     }
@@ -83,6 +128,7 @@ pub fn reason(status: u16) -> &'static str {
         403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        406 => "Not Acceptable",
         408 => "Request Timeout",
         413 => "Content Too Large",
         414 => "URI Too Long",
@@ -115,10 +161,14 @@ pub fn write_response(
     out.put_slice(reason(resp.status).as_bytes());
     out.put_slice(b"\r\nDate: ");
     with_date(|date| out.put_slice(date));
-    out.put_slice(b"\r\nContent-Type: ");
-    out.put_slice(resp.content_type.as_bytes());
-    out.put_slice(b"\r\nContent-Length: ");
-    put_u64(out, resp.body_len() as u64);
+    if resp.events.is_some() {
+        put_event_stream_head(out, http10);
+    } else {
+        out.put_slice(b"\r\nContent-Type: ");
+        out.put_slice(resp.content_type.as_bytes());
+        out.put_slice(b"\r\nContent-Length: ");
+        put_u64(out, resp.body_len() as u64);
+    }
     if let Some(allow) = resp.allow {
         out.put_slice(b"\r\nAllow: ");
         out.put_slice(allow.as_bytes());
@@ -144,6 +194,58 @@ pub fn write_response(
     }
 }
 
+/// The framing of an event stream. HTTP/1.1 gets chunked coding rather
+/// than a close-delimited body: its last chunk tells a client (and a proxy)
+/// that the server ended the stream on purpose, where a bare close looks
+/// like a cut connection (RFC 9112 §6.3 lets close delimit a response only
+/// as a last resort; §7.1 chunking exists for this). HTTP/1.0 has no chunked
+/// coding (§6.1: not to be sent to it), so there the close ends the body.
+/// `no-store`: the events are live, never to be cached; `X-Accel-Buffering`
+/// keeps nginx from buffering them when it is the proxy in front.
+fn put_event_stream_head(out: &mut BytesMut, http10: bool) {
+    out.put_slice(
+        b"\r\nContent-Type: text/event-stream\r\nCache-Control: no-store\r\nX-Accel-Buffering: no",
+    );
+    if !http10 {
+        out.put_slice(b"\r\nTransfer-Encoding: chunked");
+    }
+}
+
+/// Appends `data` as one chunk (`chunked`), or as it is (a close-delimited
+/// body, HTTP/1.0). Empty data appends nothing: an empty chunk would end
+/// the body.
+pub fn put_chunk(out: &mut BytesMut, data: &[u8], chunked: bool) {
+    if data.is_empty() {
+        return;
+    }
+    if chunked {
+        put_hex(out, data.len());
+        out.put_slice(b"\r\n");
+        out.put_slice(data);
+        out.put_slice(b"\r\n");
+    } else {
+        out.put_slice(data);
+    }
+}
+
+/// The end of a chunked body.
+pub const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
+
+/// Hexadecimal digits of `v` (a chunk size), without going through `fmt`.
+fn put_hex(out: &mut BytesMut, mut v: usize) {
+    let mut digits = [0u8; 16];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b"0123456789abcdef"[v % 16];
+        v /= 16;
+        if v == 0 {
+            break;
+        }
+    }
+    out.put_slice(&digits[i..]);
+}
+
 /// Decimal digits of `v`, without going through `fmt`.
 pub fn put_u64(out: &mut BytesMut, mut v: u64) {
     let mut digits = [0u8; 20];
@@ -157,4 +259,26 @@ pub fn put_u64(out: &mut BytesMut, mut v: u64) {
         }
     }
     out.put_slice(&digits[i..]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_are_framed_with_hex_sizes() {
+        let mut out = BytesMut::new();
+        put_chunk(&mut out, &[b'x'; 26], true);
+        put_chunk(&mut out, b"", true);
+        put_chunk(&mut out, b"ab", false);
+        out.put_slice(LAST_CHUNK);
+        let mut expected = b"1a\r\n".to_vec();
+        expected.extend_from_slice(&[b'x'; 26]);
+        expected.extend_from_slice(b"\r\nab0\r\n\r\n");
+        assert_eq!(&out[..], &expected[..]);
+        let mut big = BytesMut::new();
+        put_hex(&mut big, 0x10_0000);
+        put_hex(&mut big, 0);
+        assert_eq!(&big[..], b"1000000");
+    }
 }

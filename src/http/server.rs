@@ -16,8 +16,12 @@ use tokio::sync::{Semaphore, watch};
 use tokio::time::Instant;
 
 use super::codec::{HttpError, Limits, Request};
-use super::conn::{Action, Conn, Expiry, Finished, Framing, ReadUntil, Settings};
-use super::response::{Response, write_response};
+use super::conn::{
+    Action, Conn, Expiry, Finished, Framing, ReadUntil, Settings, StreamEnd, StreamStep,
+};
+use super::response::{
+    Batch, EventSource, HEARTBEAT, LAGGED_EVENT, LAST_CHUNK, Response, put_chunk, write_response,
+};
 use crate::accept::next_connection;
 use crate::unwind::{catch_panic, catch_panic_sync};
 
@@ -53,8 +57,11 @@ pub struct ServerOptions {
     pub drain_timeout: Duration,
     /// Response bytes queued per connection before it stops starting requests.
     pub max_output_buffer: usize,
-    /// How long a peer may accept no bytes of a response before it is closed.
+    /// How long a peer may accept no bytes of a response before it is closed
+    /// (and how long an event stream's output may take to drain).
     pub write_timeout: Duration,
+    /// Silence on an event stream after which a heartbeat comment is written.
+    pub stream_heartbeat: Duration,
 }
 
 impl Default for ServerOptions {
@@ -67,6 +74,7 @@ impl Default for ServerOptions {
             drain_timeout: Duration::from_secs(10),
             max_output_buffer: 4 * 1024 * 1024,
             write_timeout: Duration::from_secs(10),
+            stream_heartbeat: Duration::from_secs(15),
         }
     }
 }
@@ -136,6 +144,17 @@ fn refuse<H: Handler>(socket: &TcpStream, handler: &H) {
     let _ = socket.try_write(&output);
 }
 
+/// An event stream's source and what the driver keeps of it.
+struct Streamed {
+    events: Box<dyn EventSource>,
+    /// The source's next batch, kept across heartbeats.
+    more: Option<Pin<Box<dyn Future<Output = Batch> + Send>>>,
+    /// Events rendered for the next chunk; reused.
+    rendered: BytesMut,
+    /// HTTP/1.1: chunked coding; HTTP/1.0: a close-delimited body.
+    chunked: bool,
+}
+
 /// The I/O half of one connection: the socket and the output not yet written.
 struct Io {
     socket: TcpStream,
@@ -157,6 +176,8 @@ async fn connection<H: Handler>(
         request_timeout: options.request_timeout,
         max_output: options.max_output_buffer,
         reply_bound: H::reply_bound,
+        heartbeat: options.stream_heartbeat,
+        write_timeout: options.write_timeout,
     };
     let mut conn = Conn::new(settings, std::time::Instant::now());
     let mut io = Io {
@@ -179,14 +200,19 @@ async fn connection<H: Handler>(
                 let done = Finished {
                     status: resp.status,
                     body_len: resp.body_len(),
-                    close: resp.close,
+                    close: resp.close || resp.events.is_some(),
                 };
                 let framing = conn.finished(done, *shutdown.borrow());
                 if !framing.keep_alive {
                     pending.clear();
                 }
-                io.put_response(resp, framing).await?;
+                if let Some(events) = io.put_response(resp, framing).await? {
+                    conn.start_stream(std::time::Instant::now());
+                    let chunked = !framing.http10;
+                    return io.stream(&mut conn, events, chunked, &mut shutdown).await;
+                }
             }
+            Action::Stream(_) => return Ok(()),
             Action::Flush => io.flush().await?,
             Action::Continue => io.output.put_slice(b"HTTP/1.1 100 Continue\r\n\r\n"),
             Action::Read(until) => {
@@ -236,8 +262,13 @@ impl Io {
     }
 
     /// Queues `resp`; a streamed body is produced as the output drains, so
-    /// that no more than about `max_output` of it is held at once.
-    async fn put_response(&mut self, resp: Response, framing: Framing) -> std::io::Result<()> {
+    /// that no more than about `max_output` of it is held at once. An event
+    /// stream's source is handed back, its head queued.
+    async fn put_response(
+        &mut self,
+        mut resp: Response,
+        framing: Framing,
+    ) -> std::io::Result<Option<Box<dyn EventSource>>> {
         write_response(
             &mut self.output,
             &resp,
@@ -245,11 +276,138 @@ impl Io {
             framing.keep_alive,
             framing.http10,
         );
-        let Some(mut stream) = resp.stream.filter(|_| !framing.head_only) else {
-            return Ok(());
+        if framing.head_only {
+            return Ok(None);
+        }
+        if let Some(events) = resp.events.take() {
+            return Ok(Some(events));
+        }
+        let Some(mut stream) = resp.stream else {
+            return Ok(None);
         };
         while !stream.fill(&mut self.output, self.max_output) {
             self.flush().await?;
+        }
+        Ok(None)
+    }
+
+    /// Drives an event stream until it ends: the connection's policy says
+    /// when to render, write, wait or stop ([`StreamStep`]).
+    async fn stream(
+        &mut self,
+        conn: &mut Conn,
+        events: Box<dyn EventSource>,
+        chunked: bool,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> std::io::Result<()> {
+        let mut stream = Streamed {
+            events,
+            more: None,
+            rendered: BytesMut::new(),
+            chunked,
+        };
+        loop {
+            let now = std::time::Instant::now();
+            let Action::Stream(step) = conn.next(now, self.output.len()) else {
+                return Ok(());
+            };
+            match step {
+                StreamStep::Fill => {
+                    let room = self.max_output.saturating_sub(self.output.len()).max(1);
+                    let buffered = stream.events.fill(&mut stream.rendered, room);
+                    put_chunk(&mut self.output, &stream.rendered, chunked);
+                    conn.filled(buffered, !stream.rendered.is_empty(), now);
+                    stream.rendered.clear();
+                    // A burst grew it: give the memory back rather than
+                    // hold megabytes per idle stream.
+                    if stream.rendered.capacity() > SHRINK_OVER {
+                        stream.rendered = BytesMut::new();
+                    }
+                }
+                StreamStep::Heartbeat => {
+                    put_chunk(&mut self.output, HEARTBEAT, chunked);
+                    conn.sent(now);
+                }
+                StreamStep::Drain(deadline) => tokio::select! {
+                    written = self.write_until(deadline) => written?,
+                    _ = shutdown.wait_for(|&stop| stop) => conn.shut_down(now),
+                },
+                StreamStep::Await(heartbeat_at) => {
+                    if !self
+                        .await_batch(conn, &mut stream, heartbeat_at, shutdown)
+                        .await
+                    {
+                        return Ok(());
+                    }
+                }
+                StreamStep::End { why, deadline } => {
+                    if why == StreamEnd::Lagged {
+                        put_chunk(&mut self.output, LAGGED_EVENT, chunked);
+                    }
+                    if chunked {
+                        self.output.put_slice(LAST_CHUNK);
+                    }
+                    // Best effort: the reader may never take these bytes.
+                    let _ = self.write_until(deadline).await;
+                    let _ = self.socket.shutdown().await;
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Waits for the stream's next batch until `heartbeat_at`, shutdown or
+    /// the peer's close, and tells `conn` what happened; false when the peer
+    /// has gone.
+    async fn await_batch(
+        &mut self,
+        conn: &mut Conn,
+        stream: &mut Streamed,
+        heartbeat_at: std::time::Instant,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> bool {
+        let now = std::time::Instant::now();
+        let events = &mut stream.events;
+        let batch = stream.more.get_or_insert_with(|| events.more());
+        let mut sink = [0u8; 512];
+        tokio::select! {
+            batch = batch => {
+                stream.more = None;
+                match batch {
+                    Ok(batch) => {
+                        stream.events.take(batch);
+                        conn.arrived();
+                    }
+                    Err(last_event) => {
+                        put_chunk(&mut self.output, &last_event, stream.chunked);
+                        conn.stream_failed(now);
+                    }
+                }
+            }
+            _ = tokio::time::sleep_until(Instant::from_std(heartbeat_at)) => {}
+            _ = shutdown.wait_for(|&stop| stop) => conn.shut_down(now),
+            // Whatever the peer sends now is not served (the stream is the
+            // connection's last response); its close ends the stream at
+            // once, not at the next write.
+            read = self.socket.read(&mut sink) => return !matches!(read, Ok(0) | Err(_)),
+        }
+        true
+    }
+
+    /// Writes the output until it is all out or `deadline` passes (then
+    /// returns with output left, for the policy to judge).
+    async fn write_until(&mut self, deadline: std::time::Instant) -> std::io::Result<()> {
+        let deadline = Instant::from_std(deadline);
+        while !self.output.is_empty() {
+            match tokio::time::timeout_at(deadline, self.socket.write(&self.output)).await {
+                Ok(Ok(0)) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(Ok(n)) => self.output.advance(n),
+                Ok(Err(err)) => return Err(err),
+                Err(_elapsed) => return Ok(()),
+            }
+        }
+        if self.output.capacity() > SHRINK_OVER {
+            self.output = BytesMut::with_capacity(INITIAL_BUFFER);
         }
         Ok(())
     }

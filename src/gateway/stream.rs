@@ -1,0 +1,363 @@
+//! `GET /api/stream`: a chat's messages as Server-Sent Events, first those
+//! after the cursor, oldest first, then each new one as it is stored.
+//!
+//! The stream is a loop of ordinary pulls (oldest first, a full page, the
+//! cursor the last message's `send_time`), so it is exact by construction:
+//! every event's `id` is its message's `send_time`, and a client that
+//! reconnects with `Last-Event-ID` resumes right after the last event it
+//! got, with no gap and no duplicate. The connection's policy
+//! ([`crate::http::conn`]) decides when the next page is pulled: only once
+//! the previous one has been written out, so a stream holds at most one page.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use super::error::ApiError;
+use super::pull_wire::{scalars, write_message};
+use super::{Gateway, PendingReply, access, check_status, json};
+use crate::http::Request;
+use crate::http::response::{Batch, EventSource};
+use crate::proto::PullRequest;
+use crate::proto::fields::pull_response;
+use crate::rpc::balanced::{BalancedCall, BalancedClient};
+use crate::rpc::client::RpcRequest;
+use crate::rpc::frame::Frame;
+use crate::wire::{Value, next_field};
+
+/// How long the RPC server may hold a caught-up stream's pull until a
+/// message is stored in its chat (`PullRequest.wait_ms`, capped by
+/// `--pull-max-wait-ms`): well under the 30 s most proxies allow a silent
+/// upstream, and heartbeats keep the client side alive meanwhile.
+const STREAM_WAIT_MS: i32 = 25_000;
+
+/// Pause after an empty page that came back before its wait was up (waiting
+/// turned off with `--pull-max-wait-ms 0`, the RPC server shutting down, a
+/// wake-up that found nothing): without it the stream would pull in a loop.
+const EARLY_EMPTY_PAUSE: Duration = Duration::from_millis(100);
+
+/// The pull after `cursor`: oldest first, a full page, held up to `wait_ms`
+/// by the RPC server while there is nothing new.
+fn page_request(chat: &str, cursor: i64, wait_ms: i32) -> PullRequest {
+    PullRequest {
+        chat: chat.to_string(),
+        cursor,
+        limit: crate::domain::MAX_LIMIT,
+        reverse: true,
+        wait_ms,
+    }
+}
+
+impl Gateway {
+    /// Checks a stream request as a pull is checked (one pull against the
+    /// rate limit) and starts its first pull: errors up to its answer are
+    /// ordinary JSON errors, before any event.
+    pub(super) fn start_stream(&self, req: &Request) -> Result<PendingReply, ApiError> {
+        let user = self.access.admit(req, access::Api::Pull)?;
+        if !accepts_event_stream(req) {
+            return Err(ApiError::NotAcceptable);
+        }
+        let (chat, cursor) = json::parse_stream(&req.body, req.path_and_query().1)?;
+        let cursor = match last_event_id(req)? {
+            Some(id) => id,
+            None => cursor,
+        };
+        if let Some(user) = &user {
+            access::authorize(user, &chat, None)?;
+        }
+        // The first pull does not wait: the head (and the history) go out at
+        // once, so a client sees the stream open even in a silent chat.
+        let call = self
+            .rpc
+            .start(RpcRequest::Pull(page_request(&chat, cursor, 0)))?;
+        let stream = ChatStream {
+            rpc: self.rpc.clone(),
+            chat,
+            cursor,
+            wait_ms: STREAM_WAIT_MS.min(self.max_wait_ms).max(0),
+            page: Bytes::new(),
+            pos: 0,
+            scratch: Vec::new(),
+        };
+        Ok(PendingReply::Stream(call, Box::new(stream)))
+    }
+
+    pub(super) async fn finish_stream(
+        &self,
+        call: BalancedCall,
+        mut stream: Box<ChatStream>,
+    ) -> Result<crate::http::Response, ApiError> {
+        let page = page_of(self.rpc.finish(call).await?)?;
+        stream.take(page);
+        Ok(crate::http::Response::event_stream(stream))
+    }
+}
+
+/// `Last-Event-ID` (what an `EventSource` sends when it reconnects): the
+/// send_time to resume after. It wins over the `cursor` parameter, because
+/// a reconnecting `EventSource` repeats the URL it was first given.
+fn last_event_id(req: &Request) -> Result<Option<i64>, ApiError> {
+    let mut values = req.header_values("last-event-id");
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(ApiError::Invalid(
+            "`Last-Event-ID` given more than once".into(),
+        ));
+    }
+    let value = value.trim_ascii();
+    if value.is_empty() {
+        // What an EventSource sends after an event with an empty id: none.
+        return Ok(None);
+    }
+    std::str::from_utf8(value)
+        .ok()
+        .and_then(|v| v.parse::<i64>().ok())
+        .filter(|&id| id >= 0)
+        .map(Some)
+        .ok_or_else(|| {
+            ApiError::Invalid(
+                "`Last-Event-ID` must be an event id (a send_time) this stream sent".into(),
+            )
+        })
+}
+
+/// Whether the `Accept` fields allow `text/event-stream` (RFC 9110 §12.5.1):
+/// no `Accept` means anything; otherwise the most specific range that
+/// matches it (`text/event-stream`, `text/*`, `*/*`) decides, and `q=0`
+/// refuses. A client that asks only for JSON gets 406, not a stream it
+/// cannot read.
+pub fn accepts_event_stream(req: &Request) -> bool {
+    let mut any_field = false;
+    let mut best: Option<(u8, bool)> = None;
+    for field in req.header_values("accept") {
+        for range in field.split(|&b| b == b',') {
+            let mut parts = range.split(|&b| b == b';');
+            let media = parts.next().unwrap_or_default().trim_ascii();
+            if media.is_empty() {
+                continue;
+            }
+            any_field = true;
+            let specificity = match media.to_ascii_lowercase().as_slice() {
+                b"text/event-stream" => 3,
+                b"text/*" => 2,
+                b"*/*" => 1,
+                _ => continue,
+            };
+            let refused = parts.any(|p| is_q_zero(p.trim_ascii()));
+            if best.is_none_or(|(s, _)| specificity > s) {
+                best = Some((specificity, !refused));
+            }
+        }
+    }
+    match best {
+        Some((_, allowed)) => allowed,
+        None => !any_field,
+    }
+}
+
+/// `q=0`, `q=0.0`, `q=0.000`: the weight that means "not acceptable".
+fn is_q_zero(param: &[u8]) -> bool {
+    let Some(value) = param
+        .strip_prefix(b"q=")
+        .or_else(|| param.strip_prefix(b"Q="))
+    else {
+        return false;
+    };
+    let value = value.trim_ascii();
+    value.first() == Some(&b'0') && value[1..].iter().all(|&b| b == b'.' || b == b'0')
+}
+
+/// A pull reply's page, checked whole (so rendering it cannot fail half
+/// way) and copied out of the RPC connection's read buffer (which it would
+/// otherwise pin for as long as a slow reader takes).
+fn page_of(frame: Frame) -> Result<Bytes, ApiError> {
+    check_status(&frame)?;
+    let undecodable =
+        |e: crate::wire::Malformed| ApiError::Internal(format!("undecodable rpc reply: {e}"));
+    let head = scalars(&frame.body).map_err(undecodable)?;
+    if head.code != 0 {
+        return Err(ApiError::from_code(head.code, head.msg));
+    }
+    let mut rest = &frame.body[..];
+    let mut scratch = Vec::new();
+    while !rest.is_empty() {
+        if let (pull_response::MESSAGES, Value::Bytes(message)) =
+            next_field(&mut rest).map_err(undecodable)?
+        {
+            scratch.clear();
+            write_message(&mut scratch, message).map_err(undecodable)?;
+        }
+    }
+    Ok(Bytes::copy_from_slice(&frame.body))
+}
+
+/// Pulls until a page holds messages, each pull held by the RPC server
+/// until a message is stored or `wait_ms` passes; an error becomes the
+/// stream's final `error` event.
+async fn next_page(rpc: BalancedClient, chat: String, cursor: i64, wait_ms: i32) -> Batch {
+    let wait = Duration::from_millis(wait_ms.max(0) as u64);
+    loop {
+        let asked = tokio::time::Instant::now();
+        let page = async {
+            let call = rpc.start(RpcRequest::Pull(page_request(&chat, cursor, wait_ms)))?;
+            page_of(rpc.finish(call).await?)
+        };
+        match page.await {
+            Ok(page) if has_messages(&page) => return Ok(page),
+            Ok(_) if wait.is_zero() || asked.elapsed() < wait => {
+                tokio::time::sleep(EARLY_EMPTY_PAUSE).await;
+            }
+            Ok(_) => {}
+            Err(err) => return Err(error_event(&err)),
+        }
+    }
+}
+
+fn has_messages(page: &[u8]) -> bool {
+    scalars(page).is_ok_and(|s| s.count > 0)
+}
+
+/// `event: error` with the error's JSON body: the stream ends after it
+/// (a browser's `EventSource` then reconnects with `Last-Event-ID`).
+fn error_event(err: &ApiError) -> Vec<u8> {
+    let mut out = b"event: error\ndata: ".to_vec();
+    out.extend_from_slice(&err.json_body());
+    out.extend_from_slice(b"\n\n");
+    out
+}
+
+/// One chat's event stream.
+pub struct ChatStream {
+    rpc: BalancedClient,
+    chat: String,
+    /// The send_time of the last message taken: the next pull's cursor.
+    cursor: i64,
+    /// How long each pull after the first may be held (see [`STREAM_WAIT_MS`]).
+    wait_ms: i32,
+    /// The page being rendered (a `PullResponse`), from `pos` on.
+    page: Bytes,
+    pos: usize,
+    /// One message's JSON; reused.
+    scratch: Vec<u8>,
+}
+
+/// `id: <send_time>`, `data: <message JSON>` (one line: JSON strings
+/// escape newlines), blank line.
+fn put_event(out: &mut BytesMut, send_time: i64, message_json: &[u8]) {
+    out.put_slice(b"id: ");
+    crate::http::response::put_u64(out, send_time.max(0) as u64);
+    out.put_slice(b"\ndata: ");
+    out.put_slice(message_json);
+    out.put_slice(b"\n\n");
+}
+
+impl EventSource for ChatStream {
+    fn fill(&mut self, out: &mut BytesMut, until: usize) -> bool {
+        while out.len() < until {
+            let mut rest = &self.page[self.pos..];
+            if rest.is_empty() {
+                return false;
+            }
+            // The page was decoded whole by `page_of`.
+            let Ok(field) = next_field(&mut rest) else {
+                self.pos = self.page.len();
+                return false;
+            };
+            self.pos = self.page.len() - rest.len();
+            if let (pull_response::MESSAGES, Value::Bytes(message)) = field {
+                self.scratch.clear();
+                if let Ok(send_time) = write_message(&mut self.scratch, message) {
+                    put_event(out, send_time, &self.scratch);
+                }
+            }
+        }
+        self.pos < self.page.len()
+    }
+
+    fn more(&mut self) -> Pin<Box<dyn Future<Output = Batch> + Send>> {
+        Box::pin(next_page(
+            self.rpc.clone(),
+            self.chat.clone(),
+            self.cursor,
+            self.wait_ms,
+        ))
+    }
+
+    fn take(&mut self, page: Bytes) {
+        // Oldest first: the last message is the newest, the next cursor.
+        let mut rest = &page[..];
+        while let Ok(field) = next_field(&mut rest) {
+            if let (pull_response::MESSAGES, Value::Bytes(mut message)) = field {
+                while let Ok(field) = next_field(&mut message) {
+                    if let (crate::proto::fields::message::SEND_TIME, Value::Varint(t)) = field {
+                        self.cursor = t as i64;
+                    }
+                }
+            }
+            if rest.is_empty() {
+                break;
+            }
+        }
+        self.page = page;
+        self.pos = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::http::codec::{Limits, RequestDecoder};
+
+    fn request(head: &str) -> Request {
+        let mut input =
+            BytesMut::from(format!("GET /api/stream HTTP/1.1\r\nHost: x\r\n{head}\r\n").as_str());
+        RequestDecoder::new(Limits::default())
+            .decode(&mut input)
+            .expect("valid")
+            .expect("whole")
+    }
+
+    #[test]
+    fn accept_follows_the_most_specific_range() {
+        for ok in [
+            "",
+            "Accept: text/event-stream\r\n",
+            "Accept: */*\r\n",
+            "Accept: text/*;q=0.5\r\n",
+            "Accept: application/json, text/event-stream;q=0.1\r\n",
+            "Accept: TEXT/Event-Stream\r\n",
+            "Accept: text/event-stream, */*;q=0\r\n",
+        ] {
+            assert!(accepts_event_stream(&request(ok)), "{ok:?}");
+        }
+        for refused in [
+            "Accept: application/json\r\n",
+            "Accept: text/event-stream;q=0\r\n",
+            "Accept: */*, text/event-stream;q=0.0\r\n",
+            "Accept: text/*;q=0, application/json\r\n",
+            "Accept: text/html\r\n",
+        ] {
+            assert!(!accepts_event_stream(&request(refused)), "{refused:?}");
+        }
+    }
+
+    #[test]
+    fn last_event_id_is_a_send_time() {
+        assert_eq!(last_event_id(&request("")), Ok(None));
+        assert_eq!(last_event_id(&request("Last-Event-ID: \r\n")), Ok(None));
+        assert_eq!(
+            last_event_id(&request("Last-Event-ID: 1700000000000001\r\n")),
+            Ok(Some(1_700_000_000_000_001))
+        );
+        for bad in ["abc", "-1", "1.5", "99999999999999999999"] {
+            let head = format!("Last-Event-ID: {bad}\r\n");
+            assert!(last_event_id(&request(&head)).is_err(), "{bad}");
+        }
+        let twice = "Last-Event-ID: 1\r\nLast-Event-ID: 2\r\n";
+        assert!(last_event_id(&request(twice)).is_err());
+    }
+}

@@ -34,6 +34,10 @@ pub async fn next_connection(
             Ok((socket, peer)) => {
                 // Replies are written whole; Nagle would only delay them.
                 let _ = socket.set_nodelay(true);
+                // On a dual-stack listener an IPv4 client arrives as
+                // ::ffff:a.b.c.d; it is the same client (rate-limit buckets,
+                // logs) as on an IPv4 listener.
+                let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
                 return Some((socket, peer));
             }
             Err(err) => {

@@ -85,7 +85,7 @@ pub struct OptionSpec {
 
 #[rustfmt::skip]
 pub const OPTIONS: &[OptionSpec] = &[
-    OptionSpec { flag: "--http-addr", env: "IM_HTTP_ADDR", default: Some("0.0.0.0:8080"), help: "address the HTTP gateway listens on" },
+    OptionSpec { flag: "--http-addr", env: "IM_HTTP_ADDR", default: Some("[::]:8080"), help: "address the HTTP gateway listens on ([::] accepts IPv4 too; 0.0.0.0 if the host has no IPv6)" },
     OptionSpec { flag: "--rpc-listen", env: "IM_RPC_LISTEN", default: Some("127.0.0.1:8888"), help: "address the RPC server listens on" },
     OptionSpec { flag: "--rpc", env: "IM_RPC_ADDR", default: None, help: "RPC servers the gateway calls, comma-separated ip:port or host:port (host names re-resolved every 2 s, every A/AAAA record an endpoint; default in `all`: the one started here)" },
     OptionSpec { flag: "--registry", env: "IM_REGISTRY", default: None, help: "etcd://host:2379[,host2:2379]/prefix: RPC servers register there (lease, TTL 10 s), gateways discover them there" },
@@ -330,7 +330,7 @@ mod tests {
         let c = parse(&[], &[]).expect("defaults parse");
         assert_eq!(
             (c.role, c.http_addr.as_str(), c.redis_url),
-            (Role::All, "0.0.0.0:8080", None)
+            (Role::All, "[::]:8080", None)
         );
         let c = parse(&[], &[("REDIS_URL", "redis://h:1")]).expect("env parses");
         assert_eq!(c.redis_url.as_deref(), Some("redis://h:1"));

@@ -15,7 +15,8 @@
 //! * [`gateway`]: routes, JSON <-> RPC types, the one place where errors
 //!   become HTTP statuses ([`gateway::error`]), and who may call
 //!   ([`gateway::access`]: bearer tokens from [`auth`], limits from
-//!   [`ratelimit`]); `/api/stream` as a loop of pulls ([`gateway::stream`]).
+//!   [`ratelimit`]); `/api/stream` as a loop of pulls ([`gateway::stream`]);
+//!   the compiled-in OpenAPI document and chat page ([`gateway::web`]).
 //! * [`rpc`]: the length-prefixed protobuf frame codec, the multiplexed client
 //!   pool used by the gateway, and the RPC server loop.
 //! * [`mux`]: the connection actor shared by the RPC client and the Redis

@@ -383,8 +383,7 @@ fn redis_store(url: &str, timeout: std::time::Duration) -> Result<StoreChoice, S
 }
 
 fn bind(addr: &str, what: &str) -> Result<(StdListener, SocketAddr), String> {
-    let listener =
-        StdListener::bind(addr).map_err(|e| format!("cannot listen for {what} on {addr}: {e}"))?;
+    let listener = listen(addr).map_err(|e| format!("cannot listen for {what} on {addr}: {e}"))?;
     listener
         .set_nonblocking(true)
         .map_err(|e| format!("cannot configure the {what} socket: {e}"))?;
@@ -392,6 +391,50 @@ fn bind(addr: &str, what: &str) -> Result<(StdListener, SocketAddr), String> {
         .local_addr()
         .map_err(|e| format!("cannot read the {what} address: {e}"))?;
     Ok((listener, local))
+}
+
+/// A listening socket on `addr`. The IPv6 wildcard (`[::]:port`, the
+/// gateway's default) is made dual-stack: `IPV6_V6ONLY` off, whatever the
+/// system's `net.ipv6.bindv6only` says, so IPv4 clients connect too and
+/// `localhost` works whether it resolves to 127.0.0.1 or ::1. Where the OS
+/// has no IPv6 at all, it falls back to `0.0.0.0:port`, and says so.
+fn listen(addr: &str) -> std::io::Result<StdListener> {
+    let v6 = match addr.parse::<SocketAddr>() {
+        Ok(SocketAddr::V6(v6)) if v6.ip().is_unspecified() => v6,
+        _ => return StdListener::bind(addr),
+    };
+    match dual_stack(SocketAddr::V6(v6)) {
+        Err(err) if no_ipv6(&err) => {
+            let v4 = SocketAddr::from(([0, 0, 0, 0], v6.port()));
+            eprintln!(
+                "im-server: no IPv6 on this host ({err}); listening on {v4} instead of {addr}"
+            );
+            StdListener::bind(v4)
+        }
+        result => result,
+    }
+}
+
+fn dual_stack(addr: SocketAddr) -> std::io::Result<StdListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::IPV6, Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_only_v6(false)?;
+    // As std's bind does: a restarted server can take its port back while
+    // the old connections sit in TIME_WAIT.
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    // The kernel caps it at net.core.somaxconn.
+    socket.listen(libc::SOMAXCONN)?;
+    Ok(socket.into())
+}
+
+/// Errors that mean the host cannot do IPv6 (no kernel support, or IPv6
+/// disabled so `::` is not an address it has), as opposed to a port in use.
+fn no_ipv6(err: &std::io::Error) -> bool {
+    matches!(
+        err.raw_os_error(),
+        Some(libc::EAFNOSUPPORT | libc::EPROTONOSUPPORT | libc::EADDRNOTAVAIL)
+    )
 }
 
 /// Registers this shard's descriptor of a shared listening socket. Every

@@ -60,8 +60,8 @@ fn ping_returns_pong() {
 fn unknown_path_is_404() {
     let s = Server::memory();
     for (method, path) in [
-        ("GET", "/"),
         ("GET", "/nope"),
+        ("GET", "/index.html"),
         ("GET", "/api"),
         ("GET", "/api/unknown"),
         ("POST", "/api/sendx"),
@@ -646,4 +646,202 @@ fn expect_100_continue_is_handled() {
         page.messages.iter().all(|m| m.text == text),
         "5000-byte texts round-trip"
     );
+}
+
+const FORM_CT: &[(&str, &str)] = &[("Content-Type", "application/x-www-form-urlencoded")];
+
+/// The texts of a chat, oldest first.
+fn texts_of(addr: std::net::SocketAddr, chat: &str) -> Vec<String> {
+    let r = pull_json(addr, json!({"chat": chat, "reverse": true, "limit": 100}));
+    assert_eq!(r.status, 200, "pull {chat}: {}", r.describe());
+    r.json()["messages"]
+        .as_array()
+        .expect("messages array")
+        .iter()
+        .map(|m| m["text"].as_str().expect("text").to_string())
+        .collect()
+}
+
+#[test]
+fn send_by_query_string_and_form_body() {
+    let s = Server::memory();
+    let addr = s.http_addr();
+    let by_query = request(
+        addr,
+        "POST",
+        "/api/send?chat=forms&text=via+query%21%20%F0%9F%98%80&sender=bob&other=ignored",
+        &[],
+        b"",
+    );
+    send_time_of(&by_query, "send by query string");
+    let by_form = request(
+        addr,
+        "POST",
+        "/api/send",
+        FORM_CT,
+        b"chat=forms&text=a%26b+c%3Dd&sender=bob",
+    );
+    send_time_of(&by_form, "send by form body");
+    let with_charset = request(
+        addr,
+        "POST",
+        "/api/send",
+        &[(
+            "Content-Type",
+            "Application/X-WWW-Form-URLEncoded; charset=UTF-8",
+        )],
+        b"sender=bob&text=charset&chat=forms",
+    );
+    send_time_of(&with_charset, "form body with a charset parameter");
+    // `curl -d '{...}'` labels a JSON body as a form: still JSON.
+    let curl_default = request(
+        addr,
+        "POST",
+        "/api/send",
+        FORM_CT,
+        br#" {"chat":"forms","text":"json labelled form","sender":"bob"}"#,
+    );
+    send_time_of(&curl_default, "JSON body labelled as a form");
+    assert_eq!(
+        texts_of(addr, "forms"),
+        ["via query! 😀", "a&b c=d", "charset", "json labelled form"]
+    );
+    // Two-person rooms and idempotency keys work the same in a form.
+    let key = "form-key-1";
+    let body = format!("chat=b%3Aa&text=once&sender=a&idempotency_key={key}");
+    let first = request(addr, "POST", "/api/send", FORM_CT, body.as_bytes());
+    let t1 = send_time_of(&first, "first keyed form send");
+    let again = request(
+        addr,
+        "POST",
+        "/api/send",
+        &[FORM_CT[0], ("Idempotency-Key", key)],
+        body.as_bytes(),
+    );
+    assert_eq!(send_time_of(&again, "replayed form send"), t1);
+    assert_eq!(again.header("idempotent-replayed"), Some("true"));
+    assert_eq!(texts_of(addr, "a:b"), ["once"]);
+}
+
+#[test]
+fn send_forms_are_validated_and_never_mixed() {
+    let s = Server::memory();
+    let addr = s.http_addr();
+    let message_of = |r: &Response| {
+        r.json()["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    };
+    for (ctx, path, headers, body, says) in [
+        (
+            "JSON body + query fields",
+            "/api/send?chat=mix",
+            JSON_CT,
+            &br#"{"chat":"mix","text":"t","sender":"s"}"#[..],
+            "not both",
+        ),
+        (
+            "form body + query fields",
+            "/api/send?sender=s",
+            FORM_CT,
+            b"chat=mix&text=t",
+            "not both",
+        ),
+        (
+            "query without text",
+            "/api/send?chat=mix&sender=s",
+            &[],
+            b"",
+            "text",
+        ),
+        (
+            "form without chat",
+            "/api/send",
+            FORM_CT,
+            b"text=t&sender=s",
+            "chat",
+        ),
+        (
+            "field twice",
+            "/api/send?chat=mix&text=a&text=b&sender=s",
+            &[],
+            b"",
+            "twice",
+        ),
+        (
+            "bad escape",
+            "/api/send",
+            FORM_CT,
+            b"chat=mix&text=%zz&sender=s",
+            "percent",
+        ),
+        (
+            "not UTF-8",
+            "/api/send?chat=mix&text=%FF&sender=s",
+            &[],
+            b"",
+            "UTF-8",
+        ),
+        (
+            "bad idempotency key",
+            "/api/send?chat=mix&text=t&sender=s&idempotency_key=",
+            &[],
+            b"",
+            "key",
+        ),
+        (
+            "nothing at all",
+            "/api/send?unrelated=1",
+            &[],
+            b"",
+            "required",
+        ),
+    ] {
+        let r = request(addr, "POST", path, headers, body);
+        assert_error(&r, 400, ctx);
+        assert!(message_of(&r).contains(says), "{ctx}: {}", r.describe());
+    }
+    let oversized = format!("chat=mix&sender=s&text={}", "x".repeat(64 * 1024 + 1));
+    let r = request(addr, "POST", "/api/send", FORM_CT, oversized.as_bytes());
+    assert_error(&r, 400, "form text over 64 KiB");
+    assert!(
+        texts_of(addr, "mix").is_empty(),
+        "a refused send stored something"
+    );
+    // Query parameters that name no send field do not count as mixing.
+    let r = request(
+        addr,
+        "POST",
+        "/api/send?utm_source=x",
+        JSON_CT,
+        br#"{"chat":"mix","text":"t","sender":"s"}"#,
+    );
+    send_time_of(&r, "JSON body with an unrelated query parameter");
+}
+
+/// The default listen address is the IPv6 wildcard, dual-stack: one server
+/// answers over IPv4 and over IPv6 (here on port 0 instead of 8080).
+#[test]
+fn default_style_address_is_dual_stack() {
+    let s = Server::start("all", &["--http-addr", "[::]:0"], &[]);
+    let port = s.http_addr().port();
+    if s.stderr().contains("no IPv6 on this host") {
+        // The documented fallback: IPv4 only, and the log says so.
+        assert!(s.http_addr().is_ipv4(), "fallback listens on 0.0.0.0");
+    } else {
+        assert!(s.http_addr().is_ipv6(), "listening on {}", s.http_addr());
+        let r = request(
+            std::net::SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port)),
+            "GET",
+            "/ping",
+            &[],
+            b"",
+        );
+        assert_eq!(r.status, 200, "GET /ping over ::1: {}", r.describe());
+    }
+    let v4 = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let r = request(v4, "GET", "/ping", &[], b"");
+    assert_eq!(r.status, 200, "GET /ping over 127.0.0.1: {}", r.describe());
+    send_ok(v4, "dual", "v4", "over IPv4");
 }

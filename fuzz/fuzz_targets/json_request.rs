@@ -4,7 +4,9 @@
 //! the query string (no NUL: the whole input is the body, no query).
 //!
 //! Checked:
-//! * `parse_send` and `parse_pull` never panic;
+//! * `parse_send`, `parse_send_any` and `parse_pull` never panic;
+//! * an accepted form or query-string send, re-encoded as a query string,
+//!   parses to the same request;
 //! * an accepted send body, re-serialised as JSON, parses to the same request;
 //! * an accepted pull request, re-written as a percent-encoded query string,
 //!   parses to the same request;
@@ -14,7 +16,7 @@
 
 #![no_main]
 
-use im_server::gateway::json::{parse_pull, parse_send, send_body};
+use im_server::gateway::json::{parse_pull, parse_send, parse_send_any, send_body};
 use im_server::gateway::pull_wire::pull_json_of as pull_body;
 use im_server::proto::{Message, PullRequest, PullResponse, SendRequest};
 use libfuzzer_sys::arbitrary::{Arbitrary, Unstructured};
@@ -33,10 +35,41 @@ fn percent_encode(s: &str) -> String {
     out
 }
 
+/// The same bytes as a form body and as a query string: accepted ones,
+/// re-encoded as a query string, parse to the same request.
+fn check_send_forms(encoded: &[u8]) {
+    for parsed in [
+        parse_send_any(encoded, true, None),
+        parse_send_any(b"", false, Some(encoded)),
+    ] {
+        let Ok(req) = parsed else {
+            continue;
+        };
+        let m = req.message.as_ref().expect("parse_send_any fills message");
+        let mut q = format!(
+            "chat={}&text={}&sender={}",
+            percent_encode(&m.chat),
+            percent_encode(&m.text),
+            percent_encode(&m.sender)
+        );
+        if !req.idempotency_key.is_empty() {
+            q.push_str(&format!(
+                "&idempotency_key={}",
+                percent_encode(&req.idempotency_key)
+            ));
+        }
+        let back =
+            parse_send_any(b"", false, Some(q.as_bytes())).expect("re-encoded query is accepted");
+        assert_eq!(back, req, "query {q}");
+    }
+}
+
 fn check_send(body: &[u8]) {
+    check_send_forms(body);
     let Ok(req) = parse_send(body) else {
         return;
     };
+    assert_eq!(parse_send_any(body, false, None).as_ref(), Ok(&req));
     let m = req.message.as_ref().expect("parse_send fills message");
     assert_eq!(m.send_time, 0);
     let mut fields = json!({

@@ -134,6 +134,88 @@ pub fn parse_send(body: &[u8]) -> Result<SendRequest, ApiError> {
     })
 }
 
+/// `POST /api/send` in any of the forms the original's clients used (Hertz's
+/// `Bind`): a JSON body, an `application/x-www-form-urlencoded` body (`form`:
+/// the request said so), or the query string. The fields come from exactly
+/// one of them, as for pull: a body and a query string that names a send
+/// field is a 400, not a guess at which wins. A form-typed body that starts
+/// with `{` is JSON: `curl -d '{...}'` labels JSON as a form.
+pub fn parse_send_any(
+    body: &[u8],
+    form: bool,
+    query: Option<&[u8]>,
+) -> Result<SendRequest, ApiError> {
+    let from_query = match query {
+        Some(q) => parse_send_pairs(q)?,
+        None => None,
+    };
+    let has_body = !body.trim_ascii().is_empty();
+    match (has_body, from_query) {
+        (true, Some(_)) => Err(ApiError::Invalid(
+            "give the send fields either in the body or in the query string, not both".into(),
+        )),
+        (false, Some(fields)) => fields.into_request(),
+        (true, None) if form && !body.trim_ascii_start().starts_with(b"{") => {
+            parse_send_pairs(body)?.unwrap_or_default().into_request()
+        }
+        _ => parse_send(body),
+    }
+}
+
+/// Send fields from `key=value&...` pairs (a query string or a form body).
+#[derive(Default)]
+struct SendFields {
+    chat: Option<String>,
+    text: Option<String>,
+    sender: Option<String>,
+    idempotency_key: Option<String>,
+}
+
+impl SendFields {
+    fn into_request(self) -> Result<SendRequest, ApiError> {
+        if let Some(key) = &self.idempotency_key {
+            crate::domain::validate_idempotency_key(key).map_err(|e| ApiError::Invalid(e.0))?;
+        }
+        Ok(SendRequest {
+            message: Some(Message {
+                chat: self.chat.unwrap_or_default(),
+                text: self.text.unwrap_or_default(),
+                sender: self.sender.unwrap_or_default(),
+                send_time: 0,
+            }),
+            idempotency_key: self.idempotency_key.unwrap_or_default(),
+        })
+    }
+}
+
+/// Parses `chat`, `text`, `sender` and `idempotency_key` from form-encoded
+/// pairs; `None` if none of them is named. Other keys are ignored, a field
+/// given twice is a 400.
+fn parse_send_pairs(encoded: &[u8]) -> Result<Option<SendFields>, ApiError> {
+    let mut fields = SendFields::default();
+    let mut any = false;
+    for pair in encoded.split(|&b| b == b'&').filter(|p| !p.is_empty()) {
+        let (key, value) = match pair.iter().position(|&b| b == b'=') {
+            Some(i) => (&pair[..i], &pair[i + 1..]),
+            None => (pair, &b""[..]),
+        };
+        let key = percent_decode(key)?;
+        let slot = match key.as_str() {
+            "chat" => &mut fields.chat,
+            "text" => &mut fields.text,
+            "sender" => &mut fields.sender,
+            "idempotency_key" => &mut fields.idempotency_key,
+            _ => continue,
+        };
+        if slot.is_some() {
+            return Err(ApiError::Invalid(format!("parameter `{key}` given twice")));
+        }
+        *slot = Some(percent_decode(value)?);
+        any = true;
+    }
+    Ok(any.then_some(fields))
+}
+
 /// `GET /api/pull` parameters, from a JSON body or from the query string
 /// (not both: which one would win is a guess we refuse to make).
 pub fn parse_pull(body: &[u8], query: Option<&[u8]>) -> Result<PullRequest, ApiError> {
@@ -257,7 +339,7 @@ fn percent_decode(raw: &[u8]) -> Result<String, ApiError> {
                     (Some(h), Some(l)) => out.push((h * 16 + l) as u8),
                     _ => {
                         return Err(ApiError::Invalid(
-                            "malformed percent-encoding in the query string".into(),
+                            "malformed percent-encoding in the query string or form body".into(),
                         ));
                     }
                 }
@@ -268,7 +350,7 @@ fn percent_decode(raw: &[u8]) -> Result<String, ApiError> {
         i += 1;
     }
     String::from_utf8(out)
-        .map_err(|_| ApiError::Invalid("the query string is not valid UTF-8".into()))
+        .map_err(|_| ApiError::Invalid("the query string or form body is not valid UTF-8".into()))
 }
 
 pub(super) fn put_str(out: &mut Vec<u8>, s: &str) {
@@ -313,6 +395,27 @@ mod tests {
         let low = parse_pull(br#"{"chat":"c","limit":-9999999999}"#, None).expect("valid");
         assert_eq!(low.limit, i32::MIN);
         assert!(parse_pull(b"{\"chat\":\"a\"}", Some(b"chat=a")).is_err());
+    }
+
+    #[test]
+    fn send_fields_come_from_one_place() {
+        let message = |r: Result<SendRequest, ApiError>| {
+            let m = r.expect("valid").message.expect("message");
+            (m.chat, m.text, m.sender)
+        };
+        let want = ("c d".to_string(), "a&b=c".to_string(), "s".to_string());
+        let query = b"chat=c+d&text=a%26b%3Dc&sender=s&x=1";
+        assert_eq!(message(parse_send_any(b"", false, Some(query))), want);
+        assert_eq!(message(parse_send_any(query, true, None)), want);
+        let json = br#"{"chat":"c d","text":"a&b=c","sender":"s"}"#;
+        assert_eq!(message(parse_send_any(json, true, None)), want);
+        assert_eq!(message(parse_send_any(json, false, Some(b"x=1"))), want);
+        assert!(parse_send_any(json, false, Some(b"chat=c")).is_err());
+        assert!(parse_send_any(b"text=t", true, Some(b"chat=c")).is_err());
+        assert!(parse_send_any(b"", false, Some(b"chat=a&chat=b")).is_err());
+        let keyed = parse_send_any(b"", false, Some(b"chat=c&idempotency_key=k%201")).expect("ok");
+        assert_eq!(keyed.idempotency_key, "k 1");
+        assert!(parse_send_any(b"", false, Some(b"chat=c&idempotency_key=%C3%A9")).is_err());
     }
 
     #[test]

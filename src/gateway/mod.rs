@@ -6,6 +6,7 @@ pub mod error;
 pub mod json;
 pub mod pull_wire;
 pub mod stream;
+pub mod web;
 
 use std::sync::Arc;
 
@@ -64,9 +65,12 @@ impl Gateway {
         match path {
             b"/ping" if readable => Ok(PendingReply::Ready(Response::json(200, PONG.to_vec()))),
             b"/ping" => Err(ApiError::MethodNotAllowed("GET, HEAD")),
+            b"/" if readable => Ok(PendingReply::Ready(web::chat_page())),
+            b"/openapi.json" if readable => Ok(PendingReply::Ready(web::openapi())),
+            b"/" | b"/openapi.json" => Err(ApiError::MethodNotAllowed("GET, HEAD")),
             b"/api/send" if req.method == Method::Post => {
                 let user = self.access.admit(req, Api::Send)?;
-                let mut request = json::parse_send(&req.body)?;
+                let mut request = json::parse_send_any(&req.body, is_form(req), query)?;
                 merge_idempotency_header(req, &mut request)?;
                 if let (Some(user), Some(message)) = (&user, &mut request.message) {
                     access::authorize(user, &message.chat, Some(&mut message.sender))?;
@@ -137,6 +141,19 @@ impl Gateway {
             }
         }
     }
+}
+
+/// Whether the request's body is declared `application/x-www-form-urlencoded`
+/// (parameters such as `; charset=utf-8` allowed).
+fn is_form(req: &Request) -> bool {
+    req.header_values("content-type")
+        .next()
+        .is_some_and(|value| {
+            let media_type = value.split(|&b| b == b';').next().unwrap_or_default();
+            media_type
+                .trim_ascii()
+                .eq_ignore_ascii_case(b"application/x-www-form-urlencoded")
+        })
 }
 
 /// Takes the `Idempotency-Key` header into the send: the key may be given

@@ -68,6 +68,8 @@ pub struct Response {
     pub close: bool,
     /// One more header field, name and value (`Idempotent-Replayed: true`).
     pub extra_header: Option<(&'static str, &'static str)>,
+    /// `Content-Type`: JSON unless set otherwise (the metrics' text format).
+    pub content_type: &'static str,
     /// When set, an event stream: `200` with `Content-Type:
     /// text/event-stream`, no `Content-Length`, and the connection ends
     /// with it.
@@ -84,6 +86,7 @@ impl Response {
             retry_after: None,
             close: false,
             extra_header: None,
+            content_type: "application/json",
             events: None,
         }
     }
@@ -161,7 +164,9 @@ pub fn write_response(
     if resp.events.is_some() {
         put_event_stream_head(out, http10);
     } else {
-        out.put_slice(b"\r\nContent-Type: application/json\r\nContent-Length: ");
+        out.put_slice(b"\r\nContent-Type: ");
+        out.put_slice(resp.content_type.as_bytes());
+        out.put_slice(b"\r\nContent-Length: ");
         put_u64(out, resp.body_len() as u64);
     }
     if let Some(allow) = resp.allow {

@@ -411,9 +411,11 @@ fn gateways_with_the_rpc_secret_are_served_and_others_refused() {
     let page = request(good.http_addr(), "GET", "/api/pull?chat=room", &[], b"");
     assert_eq!(page.json()["messages"].as_array().map(Vec::len), Some(1));
     // The refusal is written before it is logged: wait for the line.
-    wait_until(Duration::from_secs(10), "the rpc server logs why it refused", || {
-        rpc.stderr().contains("shared secrets differ").then_some(())
-    });
+    wait_until(
+        Duration::from_secs(10),
+        "the rpc server logs why it refused",
+        || rpc.stderr().contains("shared secrets differ").then_some(()),
+    );
 }
 
 #[test]

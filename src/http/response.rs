@@ -37,6 +37,8 @@ pub struct Response {
     pub close: bool,
     /// One more header field, name and value (`Idempotent-Replayed: true`).
     pub extra_header: Option<(&'static str, &'static str)>,
+    /// `Content-Type`: JSON unless set otherwise (the metrics' text format).
+    pub content_type: &'static str,
 }
 
 impl Response {
@@ -49,6 +51,7 @@ impl Response {
             retry_after: None,
             close: false,
             extra_header: None,
+            content_type: "application/json",
         }
     }
 }
@@ -112,7 +115,9 @@ pub fn write_response(
     out.put_slice(reason(resp.status).as_bytes());
     out.put_slice(b"\r\nDate: ");
     with_date(|date| out.put_slice(date));
-    out.put_slice(b"\r\nContent-Type: application/json\r\nContent-Length: ");
+    out.put_slice(b"\r\nContent-Type: ");
+    out.put_slice(resp.content_type.as_bytes());
+    out.put_slice(b"\r\nContent-Length: ");
     put_u64(out, resp.body_len() as u64);
     if let Some(allow) = resp.allow {
         out.put_slice(b"\r\nAllow: ");

@@ -19,6 +19,7 @@ use super::codec::{HttpError, Limits, Request};
 use super::conn::{Action, Conn, Expiry, Finished, Framing, ReadUntil, Settings};
 use super::response::{Response, write_response};
 use crate::accept::next_connection;
+use crate::metrics::{self, Gauge, METRICS};
 use crate::unwind::{catch_panic, catch_panic_sync};
 
 /// What the HTTP layer asks of the application behind it.
@@ -97,14 +98,17 @@ pub async fn serve<H: Handler>(
 ) {
     while let Some((socket, peer)) = next_connection(&listener, &mut shutdown, "http").await {
         let Ok(slot) = slots.clone().try_acquire_owned() else {
+            METRICS.http_connection(false);
             refuse(&socket, handler.as_ref());
             continue;
         };
+        METRICS.http_connection(true);
+        let open = metrics::track(Gauge::HttpConnections);
         let handler = handler.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
             let _ = connection(socket, peer.ip(), handler, options, shutdown).await;
-            drop(slot);
+            drop((slot, open));
         });
     }
     drop(listener);

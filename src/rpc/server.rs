@@ -21,6 +21,7 @@ use crate::domain::{
     Code, DEFAULT_LIMIT, MAX_LIMIT, MAX_MESSAGE_WIRE_BYTES, canonical_chat,
     validate_idempotency_key, validate_pull, validate_send,
 };
+use crate::metrics::{self, Gauge, METRICS, RpcMethod};
 use crate::proto::{Message, PingResponse, PullRequest, PullResponse, SendRequest, SendResponse};
 use crate::store::{AnyStore, Store, StoreError};
 use crate::unwind::catch_panic;
@@ -76,11 +77,12 @@ pub async fn serve(
         let shutdown = shutdown.clone();
         let open = open.clone();
         let options = options.clone();
+        let counted = metrics::track(Gauge::RpcServerConnections);
         tokio::spawn(async move {
             if let Err(err) = connection(socket, store, options, shutdown).await {
                 eprintln!("im-server: rpc connection from {peer} closed: {err}");
             }
-            drop((open, slot));
+            drop((open, slot, counted));
         });
     }
     drop((listener, open));
@@ -318,10 +320,16 @@ async fn connection(
             }
         };
         let (store, replies, output) = (store.clone(), replies.clone(), usage.output.clone());
+        let started = (metrics_method(&work), Instant::now());
+        let in_flight = metrics::track(Gauge::RpcServerInFlight);
         tokio::spawn(async move {
             let reply = catch_panic(handle(&store, work)).await.unwrap_or_else(|| {
                 Reply::BadFrame("internal error while serving the request".into())
             });
+            if let (Some(method), at) = started {
+                METRICS.rpc_served(method, at.elapsed());
+            }
+            drop(in_flight);
             let budget = fit_budget(budget, &output, encoded_len(&reply));
             let _ = replies.send(Outgoing { id, reply, budget });
             drop(permit);
@@ -449,6 +457,16 @@ fn encode_reply(output: &mut BytesMut, outgoing: Outgoing) -> OwnedSemaphorePerm
         Reply::GoAway => frame::encode_raw(output, 0, status::GOAWAY, b""),
     }
     budget
+}
+
+/// The method a request is counted under in the metrics (not bad frames).
+fn metrics_method(work: &Work) -> Option<RpcMethod> {
+    match work {
+        Work::Send(_) => Some(RpcMethod::Send),
+        Work::Pull(_) => Some(RpcMethod::Pull),
+        Work::Ping => Some(RpcMethod::Ping),
+        Work::Bad(_) => None,
+    }
 }
 
 /// The reply to a request refused because too many are in flight.
@@ -582,6 +600,7 @@ async fn pull(store: &AnyStore, req: PullRequest) -> Reply {
 mod tests {
     use super::*;
     use crate::domain::{MAX_NAME_BYTES, MAX_TEXT_BYTES};
+    use crate::metrics::{self, Gauge, METRICS, RpcMethod};
 
     /// A page of `n` messages with every field at its limit.
     fn largest_page(n: usize) -> PullResponse {

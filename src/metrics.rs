@@ -694,13 +694,21 @@ fn render_rpc(m: &Metrics, out: &mut text::Writer) {
     }
 }
 
+/// A per-peer family: name suffix, type, meaning, and its value.
+type PeerSeries = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&PeerTotals) -> f64,
+);
+
 fn render_peers(totals: &[PeerTotals], out: &mut text::Writer) {
     for (kind, prefix, label, what) in [
         (PeerKind::Rpc, "im_rpc", "endpoint", "RPC calls to"),
         (PeerKind::Redis, "im_redis", "node", "Redis commands to"),
     ] {
         let peers: Vec<&PeerTotals> = totals.iter().filter(|t| t.kind == kind).collect();
-        let series: [(&str, &str, &str, fn(&PeerTotals) -> f64); 4] = [
+        let series: [PeerSeries; 4] = [
             ("calls_total", "counter", "started", |t| t.calls as f64),
             (
                 "errors_total",

@@ -600,7 +600,6 @@ async fn pull(store: &AnyStore, req: PullRequest) -> Reply {
 mod tests {
     use super::*;
     use crate::domain::{MAX_NAME_BYTES, MAX_TEXT_BYTES};
-    use crate::metrics::{self, Gauge, METRICS, RpcMethod};
 
     /// A page of `n` messages with every field at its limit.
     fn largest_page(n: usize) -> PullResponse {

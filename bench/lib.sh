@@ -192,7 +192,7 @@ start_redis() {
 spawn_rpc() {
     local name=$1 url=$2
     shift 2
-    "$WORK/im-server" rpc --rpc-listen 127.0.0.1:0 --redis "$url" "$@" 2>"$WORK/$name.log" &
+    "${IM_BIN:-$WORK/im-server}" rpc --rpc-listen 127.0.0.1:0 --redis "$url" "$@" 2>"$WORK/$name.log" &
     SPAWNED_PID=$!
     STARTED_PIDS+=("$SPAWNED_PID")
     SPAWNED_ADDR=$(wait_for_log "$WORK/$name.log" 'rpc listening on ' "$SPAWNED_PID" "im-server rpc ($name)")
@@ -201,7 +201,7 @@ spawn_rpc() {
 spawn_gateway() {
     local name=$1 rpc=$2
     shift 2
-    "$WORK/im-server" gateway --http-addr 127.0.0.1:0 --rpc "$rpc" "$@" 2>"$WORK/$name.log" &
+    "${IM_BIN:-$WORK/im-server}" gateway --http-addr 127.0.0.1:0 --rpc "$rpc" "$@" 2>"$WORK/$name.log" &
     SPAWNED_PID=$!
     STARTED_PIDS+=("$SPAWNED_PID")
     SPAWNED_ADDR=$(wait_for_log "$WORK/$name.log" 'http listening on ' "$SPAWNED_PID" "im-server gateway ($name)")
@@ -244,15 +244,20 @@ start_stack() {
 #   rpcN          N RPC servers behind the gateway (rpc3: three)
 #   gwN           N gateways on one RPC server, wrk's threads spread over them
 #   auth          JWT authentication on: every request carries a bearer token
+#   baseline      standalone with another build of im-server (bench/run --baseline BIN):
+#                 an A/B measured side by side, round by round
 declare -A STACK_URL=() STACK_GATEWAYS=() STACK_TOKEN=() STACK_REDIS_PORTS=() \
     STACK_PIDS_gateway=() STACK_PIDS_rpc=() STACK_PIDS_redis=()
-STACK_NAMES="standalone cluster cluster-wait rpcN gwN auth"
+STACK_NAMES="standalone cluster cluster-wait rpcN gwN auth baseline"
 
 start_variant() {
     local name=$1 redis_url rpc_args=() gateway_args=() rpcs=1 gateways=1 i
     STACK_TOKEN[$name]=""
+    # The baseline stack runs the other build; every other stack this one.
+    IM_BIN=$WORK/im-server
+    [[ $name == baseline ]] && IM_BIN=$WORK/im-server-baseline
     case $name in
-        standalone | rpc[1-9] | gw[1-9] | auth)
+        standalone | baseline | rpc[1-9] | gw[1-9] | auth)
             spawn_redis "$name-redis" 6479
             STACK_PIDS_redis[$name]=$SPAWNED_PID
             STACK_REDIS_PORTS[$name]=$SPAWNED_PORT

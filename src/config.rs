@@ -69,6 +69,8 @@ pub struct Config {
     pub auth_audience: Option<String>,
     pub rate_limit_send: Option<crate::ratelimit::Rate>,
     pub rate_limit_pull: Option<crate::ratelimit::Rate>,
+    /// Where `GET /metrics` is served apart from the gateway; `None` = off.
+    pub metrics_addr: Option<String>,
 }
 
 /// Longest idempotency-key retention accepted, in seconds: 10 years (Redis
@@ -120,6 +122,7 @@ pub const OPTIONS: &[OptionSpec] = &[
     OptionSpec { flag: "--auth-audience", env: "IM_AUTH_AUDIENCE", default: None, help: "with authentication: a value every token's `aud` must contain" },
     OptionSpec { flag: "--rate-limit-send", env: "IM_RATE_LIMIT_SEND", default: None, help: "sends per user (per client address without authentication) and gateway process: N/s or N/m, optionally :BURST (e.g. 20/s:40); over it 429" },
     OptionSpec { flag: "--rate-limit-pull", env: "IM_RATE_LIMIT_PULL", default: None, help: "pulls per user (or client address) and gateway process, like --rate-limit-send" },
+    OptionSpec { flag: "--metrics-addr", env: "IM_METRICS_ADDR", default: None, help: "address serving GET /metrics (Prometheus text format) for any role, e.g. the rpc role, which has no HTTP port; the gateway also serves /metrics on --http-addr" },
     OptionSpec { flag: "--idempotency-ttl-s", env: "IM_IDEMPOTENCY_TTL_S", default: Some("86400"), help: "how long a send's idempotency key is remembered, in seconds" },
 ];
 
@@ -296,6 +299,7 @@ impl Config {
                 .map(|r| r.parse())
                 .transpose()
                 .map_err(|e| format!("--rate-limit-pull: {e}"))?,
+            metrics_addr: get("--metrics-addr"),
         })))
     }
 }
@@ -374,6 +378,9 @@ mod tests {
         assert!(parse(&["gateway", "--registry", "etcd://h:2379/im/rpc"], &[]).is_ok());
         let c = parse(&["gateway"], &[("IM_REGISTRY", "etcd://h/x")]).expect("env registry");
         assert_eq!(c.registry.as_deref(), Some("etcd://h/x"));
+        assert_eq!(parse(&[], &[]).expect("defaults").metrics_addr, None);
+        let c = parse(&["rpc"], &[("IM_METRICS_ADDR", "127.0.0.1:9100")]).expect("env metrics");
+        assert_eq!(c.metrics_addr.as_deref(), Some("127.0.0.1:9100"));
     }
 
     /// README's Configuration table has one row per option, with its env

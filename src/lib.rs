@@ -28,6 +28,8 @@
 //!   Cluster) and memory implementations.
 //! * [`domain`]: validation and the rules of the API (limits, DM rooms).
 //! * [`config`]: command line and environment, parsed once into [`config::Config`].
+//! * [`metrics`]: Prometheus counters, gauges and histograms, counted per
+//!   thread without locks and summed at scrape time (`GET /metrics`).
 //! * [`discovery`]: where the RPC servers are (a list, DNS, etcd) and the RPC
 //!   server's etcd registration; [`balance`]: choosing one per call.
 
@@ -40,6 +42,7 @@ pub mod discovery;
 pub mod domain;
 pub mod gateway;
 pub mod http;
+pub mod metrics;
 pub mod mux;
 pub mod notify;
 pub mod ratelimit;

@@ -59,9 +59,12 @@ struct Plan {
 struct Listeners {
     rpc: Option<StdListener>,
     http: Option<StdListener>,
+    /// `--metrics-addr`: served by one shard only (scrapes are rare).
+    metrics: Option<StdListener>,
 }
 
 impl Listeners {
+    /// Every listener but the metrics one, which only the last shard takes.
     fn try_clone(&self) -> Result<Listeners, String> {
         let dup = |l: &Option<StdListener>| -> Result<Option<StdListener>, String> {
             l.as_ref()
@@ -74,6 +77,7 @@ impl Listeners {
         Ok(Listeners {
             rpc: dup(&self.rpc)?,
             http: dup(&self.http)?,
+            metrics: None,
         })
     }
 }
@@ -267,9 +271,18 @@ fn plan(config: Config) -> Result<(Plan, Listeners), String> {
         access,
         rpc_secret,
     };
+    let metrics = match &plan.config.metrics_addr {
+        Some(addr) => {
+            let (listener, local) = bind(addr, "metrics")?;
+            eprintln!("im-server: metrics listening on {local}");
+            Some(listener)
+        }
+        None => None,
+    };
     let listeners = Listeners {
         rpc: rpc_listener,
         http: http_listener,
+        metrics,
     };
     Ok((plan, listeners))
 }
@@ -520,6 +533,11 @@ async fn run_shard(
     gateway_drained: mpsc::Sender<()>,
 ) -> Result<(), String> {
     let config = &plan.config;
+    // Up until the RPC server stops, so the last scrape sees the drain.
+    let metrics = listeners.metrics.map(|listener| {
+        let stopping = rpc_stopping.clone();
+        tokio::spawn(serve_metrics(listener, stopping))
+    });
     let rpc = match &plan.store {
         Some(store) => {
             let store = match store {
@@ -578,7 +596,33 @@ async fn run_shard(
     if let Some(rpc) = rpc {
         let _ = rpc.await;
     }
+    if let Some(metrics) = metrics {
+        let _ = metrics.await;
+    }
     Ok(())
+}
+
+/// Connections the `--metrics-addr` listener serves at once: a few
+/// scrapers, not clients.
+const METRICS_CONNECTIONS: usize = 16;
+
+/// Serves `GET /metrics` on `--metrics-addr` with the gateway's HTTP code.
+async fn serve_metrics(listener: StdListener, stopping: watch::Receiver<bool>) {
+    let listener = match TcpListener::from_std(listener) {
+        Ok(listener) => listener,
+        Err(err) => {
+            eprintln!("im-server: cannot register the metrics listener: {err}");
+            return;
+        }
+    };
+    let options = ServerOptions {
+        max_connections: METRICS_CONNECTIONS,
+        drain_timeout: Duration::from_secs(1),
+        ..ServerOptions::default()
+    };
+    let slots = connection_slots(&options);
+    let endpoint = Arc::new(crate::metrics::MetricsEndpoint);
+    crate::http::serve(listener, endpoint, options, slots, stopping).await;
 }
 
 async fn shutdown_signal() {

@@ -92,6 +92,41 @@ fn a_waiting_pull_is_answered_by_a_send_to_its_chat_memory() {
 }
 
 #[test]
+fn waiting_pulls_and_open_streams_are_gauged() {
+    let b = Backend::memory();
+    let addr = b.addr();
+    let waiting: Vec<_> = (0..3)
+        .map(|i| spawn_pull(addr, format!("chat=gauge{i}&wait_ms=20000")))
+        .collect();
+    let mut stream = HttpConn::connect(addr);
+    stream.write_raw(b"GET /api/stream?chat=gauged HTTP/1.1\r\nHost: t\r\n\r\n");
+    // The stream's own pulls wait too (after its first): 3 + 1 waiting.
+    wait_until(
+        Duration::from_secs(10),
+        "4 waiting pulls and 1 stream gauged",
+        || {
+            let s = scrape(addr);
+            (s.value("im_pulls_waiting", &[]) == 4.0 && s.value("im_streams_open", &[]) == 1.0)
+                .then_some(())
+        },
+    );
+    for i in 0..3 {
+        send_ok(addr, &format!("gauge{i}"), "u", "x");
+    }
+    for rx in waiting {
+        rx.recv_timeout(WOKEN_WITHIN).expect("woken");
+    }
+    drop(stream);
+    // The closed stream's last pull stays in the RPC server until its wait
+    // ends (the RPC has no cancel): at most that one is left.
+    wait_until(Duration::from_secs(10), "the gauges back down", || {
+        let s = scrape(addr);
+        (s.value("im_pulls_waiting", &[]) <= 1.0 && s.value("im_streams_open", &[]) == 0.0)
+            .then_some(())
+    });
+}
+
+#[test]
 fn a_waiting_pull_is_answered_by_a_send_to_its_chat_redis() {
     woken_by_its_chat_only(&Backend::redis());
 }

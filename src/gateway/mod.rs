@@ -13,6 +13,7 @@ use std::sync::Arc;
 use tokio::sync::watch;
 
 use crate::http::{Handler, HttpError, Method, Request, Response};
+use crate::metrics::{self, Gauge, METRICS, Route};
 use crate::proto::{PullResponse, SendRequest, SendResponse};
 use crate::rpc::balanced::{BalancedCall, BalancedClient};
 use crate::rpc::client::RpcRequest;
@@ -42,6 +43,16 @@ pub enum PendingReply {
     WaitingPull(BalancedCall),
 }
 
+/// A started request, with what its metrics need: its route, when it
+/// started, and its place in the in-flight gauge (left when answered or
+/// dropped with its connection).
+pub struct Started {
+    reply: PendingReply,
+    route: Route,
+    at: std::time::Instant,
+    _in_flight: metrics::Tracked,
+}
+
 const PONG: &[u8] = br#"{"message":"pong"}"#;
 
 impl Gateway {
@@ -63,6 +74,9 @@ impl Gateway {
         let (path, query) = req.path_and_query();
         let readable = matches!(req.method, Method::Get | Method::Head);
         match path {
+            // Not behind authentication: a scraper has no user token (see
+            // the README on restricting it).
+            b"/metrics" => Ok(PendingReply::Ready(metrics::response(req)?)),
             b"/ping" if readable => Ok(PendingReply::Ready(Response::json(200, PONG.to_vec()))),
             b"/ping" => Err(ApiError::MethodNotAllowed("GET, HEAD")),
             b"/" if readable => Ok(PendingReply::Ready(web::chat_page())),
@@ -226,7 +240,7 @@ fn decode_reply<M: prost::Message + Default>(frame: Frame) -> Result<M, ApiError
 }
 
 impl Handler for Gateway {
-    type Pending = PendingReply;
+    type Pending = Started;
 
     /// A pull holds its page until written: a default page (10 messages)
     /// unless the request may name a limit (the word `limit`, or any
@@ -252,24 +266,40 @@ impl Handler for Gateway {
         messages as usize * crate::domain::MAX_MESSAGE_WIRE_BYTES
     }
 
-    fn start(&self, req: &Request) -> PendingReply {
-        self.route(req)
-            .unwrap_or_else(|err| PendingReply::Ready(err.into_response()))
+    fn start(&self, req: &Request) -> Started {
+        let at = std::time::Instant::now();
+        let _in_flight = metrics::track(Gauge::HttpInFlight);
+        let reply = self
+            .route(req)
+            .unwrap_or_else(|err| PendingReply::Ready(err.into_response()));
+        let route = Route::of(req.path_and_query().0);
+        Started {
+            reply,
+            route,
+            at,
+            _in_flight,
+        }
     }
 
-    async fn finish(&self, pending: PendingReply) -> Response {
-        let result = match pending {
-            PendingReply::Ready(resp) => return resp,
+    async fn finish(&self, started: Started) -> Response {
+        let result = match started.reply {
+            PendingReply::Ready(resp) => Ok(resp),
             PendingReply::Send(call) => self.finish_send(call).await,
             PendingReply::Pull(call) => self.finish_pull(call).await,
             PendingReply::Stream(call, stream) => self.finish_stream(call, stream).await,
             PendingReply::WaitingPull(call) => self.finish_waiting_pull(call).await,
         };
-        result.unwrap_or_else(ApiError::into_response)
+        let resp = result.unwrap_or_else(ApiError::into_response);
+        METRICS.http_request(started.route, resp.status, started.at.elapsed());
+        resp
     }
 
+    /// Requests refused before routing (malformed, too slow, over the
+    /// connection limit) count under route `other`, with no duration.
     fn reject(&self, err: HttpError) -> Response {
-        ApiError::Http(err).into_response()
+        let resp = ApiError::Http(err).into_response();
+        METRICS.http_rejected(resp.status);
+        resp
     }
 }
 

@@ -80,6 +80,7 @@ impl Gateway {
             page: Bytes::new(),
             pos: 0,
             scratch: Vec::new(),
+            _open: crate::metrics::track(crate::metrics::Gauge::OpenStreams),
         };
         Ok(PendingReply::Stream(call, Box::new(stream)))
     }
@@ -243,6 +244,8 @@ pub struct ChatStream {
     pos: usize,
     /// One message's JSON; reused.
     scratch: Vec<u8>,
+    /// Counts this stream in `im_streams_open` while it lives.
+    _open: crate::metrics::Tracked,
 }
 
 /// `id: <send_time>`, `data: <message JSON>` (one line: JSON strings

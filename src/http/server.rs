@@ -23,6 +23,7 @@ use super::response::{
     Batch, EventSource, HEARTBEAT, LAGGED_EVENT, LAST_CHUNK, Response, put_chunk, write_response,
 };
 use crate::accept::next_connection;
+use crate::metrics::{self, Gauge, METRICS};
 use crate::unwind::{catch_panic, catch_panic_sync};
 
 /// What the HTTP layer asks of the application behind it.
@@ -129,14 +130,17 @@ pub async fn serve<H: Handler>(
 ) {
     while let Some((socket, peer)) = next_connection(&listener, &mut shutdown, "http").await {
         let Ok(slot) = slots.clone().try_acquire_owned() else {
+            METRICS.http_connection(false);
             refuse(&socket, handler.as_ref());
             continue;
         };
+        METRICS.http_connection(true);
+        let open = metrics::track(Gauge::HttpConnections);
         let handler = handler.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
             let _ = connection(socket, peer.ip(), handler, options, shutdown).await;
-            drop(slot);
+            drop((slot, open));
         });
     }
     drop(listener);

@@ -22,6 +22,7 @@ use tokio::sync::watch;
 use super::client::{RpcCall, RpcClient, RpcClientOptions, RpcError, RpcRequest};
 use super::frame::Frame;
 use crate::balance::{Balancer, Change, EndpointId, Policy};
+use crate::metrics::{METRICS, Outcome, RpcMethod};
 
 /// How often idle and recovering endpoints are pinged.
 const PING_EVERY: Duration = Duration::from_millis(100);
@@ -70,12 +71,37 @@ struct Ticket {
     id: EndpointId,
     /// See [`Balancer::finished`].
     outcome: Option<bool>,
+    /// The endpoint's client, whose metrics count this call.
+    client: Arc<RpcClient>,
+    method: RpcMethod,
+    started: Instant,
+    /// For the metrics: abandoned unless an outcome is recorded.
+    result: Outcome,
+}
+
+impl Ticket {
+    /// Records how the call ended, for the balancer and the metrics.
+    fn ended(&mut self, result: Result<(), RpcError>) {
+        let (outcome, counted) = match result {
+            Ok(()) => (Some(true), Outcome::Ok),
+            Err(RpcError::Overloaded) => (None, Outcome::Error),
+            Err(RpcError::Timeout) => (Some(false), Outcome::Timeout),
+            Err(RpcError::Unavailable | RpcError::Lost) => (Some(false), Outcome::Error),
+        };
+        self.outcome = outcome;
+        self.result = counted;
+    }
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
+        let now = Instant::now();
+        self.client.stats().ended(self.result);
+        if self.result != Outcome::Abandoned {
+            METRICS.rpc_call(self.method, now.saturating_duration_since(self.started));
+        }
         let mut balancer = self.shared.lock();
-        balancer.finished(self.id, self.outcome, Instant::now());
+        balancer.finished(self.id, self.outcome, now);
         log_changes(&mut balancer);
     }
 }
@@ -163,14 +189,19 @@ impl BalancedClient {
         deadline: Instant,
     ) -> Result<BalancedCall, RpcError> {
         let mut last = RpcError::Unavailable;
+        let method = match &request {
+            RpcRequest::Send(_) => RpcMethod::Send,
+            RpcRequest::Pull(_) => RpcMethod::Pull,
+            RpcRequest::Ping => RpcMethod::Ping,
+        };
         while tried.len() < MAX_ATTEMPTS {
-            let (id, client) = {
+            let (id, client, now) = {
                 let mut balancer = self.shared.lock();
                 let now = Instant::now();
                 balancer.refresh(now, |client| client.going_away());
                 log_changes(&mut balancer);
                 match balancer.pick(now, &tried) {
-                    Some((id, client)) => (id, client.clone()),
+                    Some((id, client)) => (id, client.clone(), now),
                     None => return Err(RpcError::Unavailable),
                 }
             };
@@ -179,15 +210,23 @@ impl BalancedClient {
                 self.shared.lock().finished(id, None, Instant::now());
                 return Err(last);
             }
+            client.stats().started();
             let mut ticket = Ticket {
                 shared: self.shared.clone(),
                 id,
                 outcome: None,
+                client,
+                method,
+                started: now,
+                result: Outcome::Abandoned,
             };
             tried.push(id);
             // The first deadline holds across retries: a call still queued
             // when it passes is never written.
-            match client.start_by(request, tokio::time::Instant::from_std(deadline)) {
+            let started = ticket
+                .client
+                .start_by(request, tokio::time::Instant::from_std(deadline));
+            match started {
                 Ok(call) => {
                     return Ok(BalancedCall {
                         call,
@@ -199,7 +238,7 @@ impl BalancedClient {
                     });
                 }
                 Err(err) => {
-                    ticket.outcome = (err != RpcError::Overloaded).then_some(false);
+                    ticket.ended(Err(err));
                     last = err;
                     match &spare {
                         Some(copy) => request = copy.clone(),
@@ -222,11 +261,11 @@ impl BalancedClient {
             };
             let retry = match result {
                 Ok(frame) => {
-                    call.ticket.outcome = Some(true);
+                    call.ticket.ended(Ok(()));
                     return Ok(frame);
                 }
                 Err(err) => {
-                    call.ticket.outcome = (err != RpcError::Overloaded).then_some(false);
+                    call.ticket.ended(Err(err));
                     let safe = match err {
                         RpcError::Unavailable | RpcError::Overloaded => true,
                         RpcError::Lost => {

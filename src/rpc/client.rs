@@ -12,6 +12,7 @@ use tokio::time::Instant;
 
 use super::frame::{self, Frame};
 use super::{method, status};
+use crate::metrics::{PeerKind, PeerStats};
 use crate::mux::{MuxError, MuxOptions, Pending, Pool, Protocol, Stream};
 use crate::proto::{PingRequest, PullRequest, SendRequest};
 
@@ -113,6 +114,9 @@ pub struct RpcClient {
     pool: Arc<Pool<RpcProtocol>>,
     timeout: Duration,
     going_away: Arc<AtomicBool>,
+    /// This endpoint's metrics, counted by the balanced client's calls
+    /// (pings are not counted).
+    stats: Arc<PeerStats>,
 }
 
 /// A call in flight, with the moment its timeout runs out.
@@ -165,7 +169,13 @@ impl RpcClient {
             pool,
             timeout: options.timeout,
             going_away,
+            stats: crate::metrics::peer(PeerKind::Rpc, &addr),
         }
+    }
+
+    /// This endpoint's metrics.
+    pub fn stats(&self) -> &PeerStats {
+        &self.stats
     }
 
     /// Whether the server said GOAWAY on its current connection.

@@ -21,6 +21,7 @@ use crate::domain::{
     Code, DEFAULT_LIMIT, MAX_LIMIT, MAX_MESSAGE_WIRE_BYTES, PullQuery, canonical_chat,
     validate_idempotency_key, validate_pull, validate_send, validate_wait,
 };
+use crate::metrics::{self, Gauge, METRICS, RpcMethod};
 use crate::proto::{Message, PingResponse, PullRequest, PullResponse, SendRequest, SendResponse};
 use crate::store::{AnyStore, Page, Store, StoreError};
 use crate::unwind::catch_panic;
@@ -76,11 +77,12 @@ pub async fn serve(
         let shutdown = shutdown.clone();
         let open = open.clone();
         let options = options.clone();
+        let counted = metrics::track(Gauge::RpcServerConnections);
         tokio::spawn(async move {
             if let Err(err) = connection(socket, store, options, shutdown).await {
                 eprintln!("im-server: rpc connection from {peer} closed: {err}");
             }
-            drop((open, slot));
+            drop((open, slot, counted));
         });
     }
     drop((listener, open));
@@ -325,12 +327,18 @@ async fn connection(
         let max_output = usage.max_output;
         // Only a pull that may wait watches for shutdown (answered at once then).
         let stop = waits.then(|| shutdown.clone());
+        let started = (metrics_method(&work), Instant::now());
+        let in_flight = metrics::track(Gauge::RpcServerInFlight);
         tokio::spawn(async move {
             let reply = catch_panic(handle(&store, work, stop))
                 .await
                 .unwrap_or_else(|| {
                     Reply::BadFrame("internal error while serving the request".into())
                 });
+            if let (Some(method), at) = started {
+                METRICS.rpc_served(method, at.elapsed());
+            }
+            drop(in_flight);
             // (Never more than the whole budget, or it would wait forever.)
             let needed = encoded_len(&reply).min(max_output);
             let budget = match waits {
@@ -487,6 +495,16 @@ fn encode_reply(output: &mut BytesMut, outgoing: Outgoing) -> OwnedSemaphorePerm
         Reply::GoAway => frame::encode_raw(output, 0, status::GOAWAY, b""),
     }
     budget
+}
+
+/// The method a request is counted under in the metrics (not bad frames).
+fn metrics_method(work: &Work) -> Option<RpcMethod> {
+    match work {
+        Work::Send(_) => Some(RpcMethod::Send),
+        Work::Pull(_) => Some(RpcMethod::Pull),
+        Work::Ping => Some(RpcMethod::Ping),
+        Work::Bad(_) => None,
+    }
 }
 
 /// The reply to a request refused because too many are in flight.
@@ -650,6 +668,7 @@ async fn pull_waiting(
     let Some(mut waiter) = waiter.filter(|_| page.count == 0) else {
         return Ok(page);
     };
+    let _waiting = metrics::track(Gauge::WaitingPulls);
     let stopped = async {
         match stop {
             Some(mut stop) => drop(stop.wait_for(|&s| s).await),

@@ -34,11 +34,12 @@ use tokio::time::Instant;
 
 use super::redis::{
     MAX_SEND_BATCH, QueuedSend, RedisOptions, SendQueue, answer_batch, batch_deadline, chat_key,
-    from_mux, function_missing, im_send_command, load_library_command, next_batch, page_from_reply,
-    pull_command, without_wait,
+    from_mux, function_missing, im_send_command, load_library_command, next_batch, outcome,
+    page_from_reply, pull_command, without_wait,
 };
 use super::{Page, Sent, Store, StoreError};
 use crate::domain::PullQuery;
+use crate::metrics::{METRICS, Outcome, PeerKind, PeerStats, Redirection};
 use crate::mux::{ByteBudget, Handle, MuxError, MuxOptions, Pool, Stream};
 use crate::notify::{Hub, Waiter};
 use crate::resp::cluster::{Redirect, SlotMap, classify, is_cluster_info, key_slot};
@@ -181,12 +182,19 @@ impl ClusterShared {
 struct Router {
     shared: Arc<ClusterShared>,
     options: RedisOptions,
-    pools: Mutex<HashMap<Arc<str>, Arc<Pool<RespProtocol>>>>,
+    pools: Mutex<HashMap<Arc<str>, Node>>,
+}
+
+/// One master's connections and metrics, for one thread.
+#[derive(Clone)]
+struct Node {
+    pool: Arc<Pool<RespProtocol>>,
+    stats: Arc<PeerStats>,
 }
 
 impl Router {
     /// The pool of `addr`, opened on first use.
-    fn pool(&self, addr: &Arc<str>) -> Arc<Pool<RespProtocol>> {
+    fn pool(&self, addr: &Arc<str>) -> Node {
         let mut pools = self.pools.lock().unwrap_or_else(PoisonError::into_inner);
         pools
             .entry(addr.clone())
@@ -200,11 +208,13 @@ impl Router {
                     max_in_flight: self.options.max_in_flight,
                     max_queued_bytes: self.options.max_queued_bytes,
                 };
-                Pool::spawn(
+                let pool = Pool::spawn(
                     self.options.connections,
                     || RespProtocol::new(target.clone(), &setup),
                     mux,
-                )
+                );
+                let stats = crate::metrics::peer(PeerKind::Redis, addr);
+                Node { pool, stats }
             })
             .clone()
     }
@@ -320,8 +330,10 @@ impl Router {
             } else {
                 request.clone()
             };
-            let handle = self.pool(&addr).handle().clone();
-            let reply = self.attempt(&handle, sent.clone(), deadline).await?;
+            let node = self.pool(&addr);
+            let handle = node.pool.handle().clone();
+            let stats = &node.stats;
+            let reply = self.attempt(&handle, stats, sent.clone(), deadline).await?;
             let mut reply = without_wait(without_asking(reply, asking), wait_replicas);
             if function_missing(&reply) && !reloaded {
                 // The node lost the library (flushed, restored): load it
@@ -330,7 +342,7 @@ impl Router {
                 // nothing was stored.
                 reloaded = true;
                 let load = handle.start_by(load_library_command(), deadline);
-                let again = self.attempt(&handle, sent, deadline).await?;
+                let again = self.attempt(&handle, stats, sent, deadline).await?;
                 drop(load);
                 reply = without_wait(without_asking(again, asking), wait_replicas);
             }
@@ -341,11 +353,16 @@ impl Router {
             match classify(error, &addr) {
                 None => return Ok(reply),
                 Some(Redirect::Moved { slot, addr }) => {
+                    METRICS.redirection(Redirection::Moved);
                     self.shared.patch(slot, &addr);
                     self.request_refresh("MOVED");
                 }
-                Some(Redirect::Ask { addr, .. }) => ask = Some(Arc::from(addr)),
+                Some(Redirect::Ask { addr, .. }) => {
+                    METRICS.redirection(Redirection::Ask);
+                    ask = Some(Arc::from(addr));
+                }
                 Some(Redirect::Retry { refresh }) => {
+                    METRICS.redirection(Redirection::Retry);
                     if refresh {
                         self.request_refresh(retry_reason(error));
                     }
@@ -365,13 +382,19 @@ impl Router {
     async fn attempt(
         self: &Arc<Self>,
         handle: &Handle<RespProtocol>,
+        stats: &Arc<PeerStats>,
         request: RespRequest,
         deadline: Instant,
     ) -> Result<Reply, MuxError> {
+        let counted = stats.call();
         let reply = match handle.start_by(request, deadline) {
             Ok(pending) => tokio::time::timeout_at(deadline, pending.wait()).await,
             Err(err) => Ok(Err(err)),
         };
+        counted.end(match &reply {
+            Ok(reply) => outcome(reply),
+            Err(_elapsed) => Outcome::Timeout,
+        });
         match reply {
             Ok(Ok(reply)) => Ok(reply),
             Ok(Err(MuxError::Unavailable)) => {

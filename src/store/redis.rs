@@ -29,6 +29,7 @@ use tokio::time::Instant;
 
 use super::{Page, PageWriter, Sent, Store, StoreError};
 use crate::domain::PullQuery;
+use crate::metrics::{Outcome, PeerKind, PeerStats};
 use crate::mux::{ByteBudget, Handle, MuxError, MuxOptions, Pool};
 use crate::notify::{Hub, Waiter};
 use crate::proto::fields::stored_message;
@@ -203,6 +204,8 @@ pub struct RedisStore {
     /// Pulls waiting for new messages, fed by the process's subscriber
     /// (src/store/subscriber.rs); `None`: pulls never wait.
     hub: Option<Arc<Hub>>,
+    /// The node's metrics (commands, errors, timeouts, in flight).
+    stats: Arc<PeerStats>,
 }
 
 pub(super) struct QueuedSend {
@@ -275,12 +278,14 @@ impl RedisStore {
             mux,
         );
         let (sends, queue, queued) = SendQueue::new(options);
+        let stats = crate::metrics::peer(PeerKind::Redis, &target.to_string());
         let batcher = Batcher {
             pool: pool.clone(),
             queue,
             queued,
             load_library,
             options: options.clone(),
+            stats: stats.clone(),
         };
         tokio::spawn(batcher.run());
         RedisStore {
@@ -288,6 +293,7 @@ impl RedisStore {
             sends,
             timeout: options.timeout,
             hub: None,
+            stats,
         }
     }
 
@@ -304,16 +310,29 @@ impl RedisStore {
 
     async fn call(&self, command: Bytes) -> Result<Reply, StoreError> {
         let deadline = Instant::now() + self.timeout;
-        let pending = self
-            .pool
-            .handle()
-            .start_by(command, deadline)
-            .map_err(from_mux)?;
-        match tokio::time::timeout_at(deadline, pending.wait()).await {
-            Ok(Ok(Reply::Error(err))) => Err(StoreError::Internal(format!("redis: {err}"))),
-            Ok(reply) => reply.map_err(from_mux),
-            Err(_elapsed) => Err(StoreError::Unavailable),
+        let counted = self.stats.call();
+        let reply = match self.pool.handle().start_by(command, deadline) {
+            Ok(pending) => tokio::time::timeout_at(deadline, pending.wait())
+                .await
+                .unwrap_or(Err(MuxError::Timeout)),
+            Err(err) => Err(err),
+        };
+        counted.end(outcome(&reply));
+        match reply {
+            Ok(Reply::Error(err)) => Err(StoreError::Internal(format!("redis: {err}"))),
+            reply => reply.map_err(from_mux),
         }
+    }
+}
+
+/// How a command ended, for the metrics: an error reply is an error (on a
+/// cluster, a redirection too: they are also counted by kind).
+pub(super) fn outcome(reply: &Result<Reply, MuxError>) -> Outcome {
+    match reply {
+        Ok(Reply::Error(_)) => Outcome::Error,
+        Ok(_) => Outcome::Ok,
+        Err(MuxError::Timeout) => Outcome::Timeout,
+        Err(_) => Outcome::Error,
     }
 }
 
@@ -332,6 +351,7 @@ struct Batcher {
     /// `FUNCTION LOAD REPLACE` of [`LIBRARY`], for a Redis that lost it.
     load_library: Bytes,
     options: RedisOptions,
+    stats: Arc<PeerStats>,
 }
 
 /// Waits for queued sends and takes what is queued (up to
@@ -401,6 +421,7 @@ impl Batcher {
             .send_request(im_send_command(batch, crate::now_micros()));
         let waiters: Vec<_> = batch.drain(..).map(|s| s.reply).collect();
         let handle = self.pool.handle();
+        let counted = self.stats.call();
         match handle.start_by(request.clone(), deadline) {
             Ok(pending) => {
                 let retry = Retry {
@@ -412,10 +433,21 @@ impl Batcher {
                 };
                 tokio::spawn(async move {
                     let reply = retry.if_function_missing(pending.wait().await).await;
+                    // Nothing times the batch out here (its senders do): an
+                    // answer after the earliest deadline came too late.
+                    counted.end(match outcome(&reply) {
+                        Outcome::Ok | Outcome::Error if Instant::now() > deadline => {
+                            Outcome::Timeout
+                        }
+                        other => other,
+                    });
                     answer_batch(reply, waiters);
                 });
             }
-            Err(err) => answer_batch(Err(err), waiters),
+            Err(err) => {
+                counted.end(outcome(&Err(err)));
+                answer_batch(Err(err), waiters)
+            }
         }
     }
 }

@@ -18,7 +18,11 @@
 //!   [`ratelimit`]); `/api/stream` as a loop of pulls ([`gateway::stream`]);
 //!   the compiled-in OpenAPI document and chat page ([`gateway::web`]).
 //! * [`rpc`]: the length-prefixed protobuf frame codec, the multiplexed client
-//!   pool used by the gateway, and the RPC server loop.
+//!   pool used by the gateway, the RPC server loop, and the optional
+//!   shared-secret handshake ([`rpc::handshake`]).
+//! * [`notify`]: which pulls wait for new messages in which chat (long
+//!   poll), fed in-process by the memory store or by Redis sharded pub/sub
+//!   ([`store::subscriber`]).
 //! * [`mux`]: the connection actor shared by the RPC client and the Redis
 //!   client: one task owns a socket, batches every queued request into one
 //!   write and routes each reply back to its caller.
@@ -26,6 +30,8 @@
 //!   Redis URL parsing.
 //! * [`store`]: the [`store::Store`] trait with its Redis (standalone and
 //!   Cluster) and memory implementations.
+//! * [`proto`]: the types generated from `proto/im.proto`, and its field
+//!   numbers ([`proto::fields`]) for the code that reads fields by hand ([`wire`]).
 //! * [`domain`]: validation and the rules of the API (limits, DM rooms).
 //! * [`config`]: command line and environment, parsed once into [`config::Config`].
 //! * [`metrics`]: Prometheus counters, gauges and histograms, counted per

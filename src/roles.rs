@@ -462,14 +462,12 @@ fn shard_listener(listener: Option<StdListener>) -> Result<TcpListener, String> 
 fn access(config: &Config) -> Result<Access, String> {
     let auth = match &config.auth_jwt_secret_file {
         None => None,
-        Some(path) => Some(Auth {
-            rules: Validation {
-                secret: crate::auth::token_cmd::load_secret(path)?,
-                issuer: config.auth_issuer.clone(),
-                audience: config.auth_audience.clone(),
-                leeway_s: AUTH_LEEWAY_S,
-            },
-        }),
+        Some(path) => Some(Auth::new(Validation {
+            secret: crate::auth::token_cmd::load_secret(path)?,
+            issuer: config.auth_issuer.clone(),
+            audience: config.auth_audience.clone(),
+            leeway_s: AUTH_LEEWAY_S,
+        })),
     };
     if auth.is_some() {
         eprintln!("im-server: authentication on: bearer tokens (HS256) required");

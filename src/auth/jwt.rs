@@ -114,6 +114,30 @@ fn decode_json<T: serde::de::DeserializeOwned>(
 
 /// Verifies `token` at `now` (seconds since the Unix epoch).
 pub fn verify(token: &str, rules: &Validation, now: i64) -> Result<Claims, TokenError> {
+    verify_with_window(token, rules, now).map(|(claims, _)| claims)
+}
+
+/// When a verified token is acceptable, in seconds since the Unix epoch,
+/// the leeway included: `not_before ..= until`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Window {
+    pub not_before: f64,
+    pub until: f64,
+}
+
+impl Window {
+    pub fn contains(&self, now: i64) -> bool {
+        let now = now as f64;
+        self.not_before <= now && now <= self.until
+    }
+}
+
+/// [`verify`], also telling for how long the claims hold (to cache them).
+pub fn verify_with_window(
+    token: &str,
+    rules: &Validation,
+    now: i64,
+) -> Result<(Claims, Window), TokenError> {
     let mut parts = token.split('.');
     let (header_b64, payload_b64, sig_b64) = (
         segment(&mut parts)?,
@@ -145,7 +169,11 @@ pub fn verify(token: &str, rules: &Validation, now: i64) -> Result<Claims, Token
     check_claims(payload, rules, now)
 }
 
-fn check_claims(payload: Payload, rules: &Validation, now: i64) -> Result<Claims, TokenError> {
+fn check_claims(
+    payload: Payload,
+    rules: &Validation,
+    now: i64,
+) -> Result<(Claims, Window), TokenError> {
     let now = now as f64;
     let leeway = rules.leeway_s as f64;
     // Tokens without an expiry are refused: a leaked one would be valid forever.
@@ -177,10 +205,15 @@ fn check_claims(payload: Payload, rules: &Validation, now: i64) -> Result<Claims
         .sub
         .filter(|s| !s.is_empty())
         .ok_or(TokenError::Malformed("the token has no `sub` claim"))?;
-    Ok(Claims {
+    let window = Window {
+        not_before: payload.nbf.map_or(f64::NEG_INFINITY, |nbf| nbf - leeway),
+        until: exp + leeway,
+    };
+    let claims = Claims {
         sub,
         chats: payload.chats,
-    })
+    };
+    Ok((claims, window))
 }
 
 /// Signs `claims` (a JSON object) with HS256.

@@ -149,12 +149,12 @@ pub enum Gauge {
     HttpInFlight,
     /// Open HTTP connections.
     HttpConnections,
-    /// Pulls held waiting for a new message (long poll). Nothing waits yet:
-    /// the long-poll work takes a [`track`] guard per waiting pull.
+    /// Pulls held waiting for a new message (long poll), in the RPC server.
     WaitingPulls,
-    /// Open event streams (SSE). None yet: the stream work takes a
-    /// [`track`] guard per open stream.
+    /// Open event streams (SSE), in the gateway.
     OpenStreams,
+    /// Rate-limit buckets held (send and pull limiters together).
+    RateLimitBuckets,
     /// Requests the RPC server is serving.
     RpcServerInFlight,
     /// Open connections to the RPC server.
@@ -162,11 +162,12 @@ pub enum Gauge {
 }
 
 impl Gauge {
-    const ALL: [Gauge; 6] = [
+    const ALL: [Gauge; 7] = [
         Gauge::HttpInFlight,
         Gauge::HttpConnections,
         Gauge::WaitingPulls,
         Gauge::OpenStreams,
+        Gauge::RateLimitBuckets,
         Gauge::RpcServerInFlight,
         Gauge::RpcServerConnections,
     ];
@@ -184,6 +185,10 @@ impl Gauge {
                 "Pulls held waiting for a new message (long poll).",
             ),
             Gauge::OpenStreams => ("im_streams_open", "Open event streams (SSE)."),
+            Gauge::RateLimitBuckets => (
+                "im_rate_limit_buckets",
+                "Rate-limit buckets held (send and pull limiters together; at most about 100,000 each).",
+            ),
             Gauge::RpcServerInFlight => (
                 "im_rpc_server_requests_in_flight",
                 "Requests the RPC server is serving.",

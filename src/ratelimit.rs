@@ -56,10 +56,11 @@ impl std::str::FromStr for Rate {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
 struct Bucket {
     tokens: f64,
     updated: Instant,
+    /// Counts the bucket in `im_rate_limit_buckets` while it is held.
+    _counted: crate::metrics::Tracked,
 }
 
 impl Bucket {
@@ -110,25 +111,28 @@ impl Limiter {
                 self.rate.burst
             }
         };
-        if tokens < 1.0 {
+        let (left, result) = if tokens < 1.0 {
             let wait = (1.0 - tokens) / self.rate.per_second;
-            buckets.insert(
-                key,
-                Bucket {
-                    tokens,
+            (tokens, Err(Duration::from_secs_f64(wait)))
+        } else {
+            (tokens - 1.0, Ok(()))
+        };
+        match buckets.get_mut(&key) {
+            Some(bucket) => {
+                bucket.tokens = left;
+                bucket.updated = now;
+            }
+            None => {
+                let counted = crate::metrics::track(crate::metrics::Gauge::RateLimitBuckets);
+                let bucket = Bucket {
+                    tokens: left,
                     updated: now,
-                },
-            );
-            return Err(Duration::from_secs_f64(wait));
+                    _counted: counted,
+                };
+                buckets.insert(key, bucket);
+            }
         }
-        buckets.insert(
-            key,
-            Bucket {
-                tokens: tokens - 1.0,
-                updated: now,
-            },
-        );
-        Ok(())
+        result
     }
 
     /// Drops the buckets that have refilled; if none has, the least recently

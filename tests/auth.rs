@@ -485,3 +485,58 @@ fn the_rpc_server_serves_nothing_before_a_valid_hello() {
     let pong = read_rpc_frame(&mut c3, &mut input3).expect("a pong");
     assert_eq!((pong.id, pong.kind), (6, status::OK));
 }
+
+/// A flood of distinct clients cannot grow the rate limiter without bound:
+/// 110,000 users, each with its own token, hit the pull limit's table
+/// (each request refused 403 right after admission: no store work), and
+/// the buckets held stay at the limiter's bound (100,000), as the gauge
+/// `im_rate_limit_buckets` reports over the socket.
+#[test]
+fn a_flood_of_distinct_users_keeps_the_rate_limit_table_bounded() {
+    use std::io::{BufRead, BufReader, Write};
+    // 1 per minute (burst 5): no bucket refills, and so none is dropped as
+    // idle, during the test; only the bound can keep the table small.
+    let (s, _dir) = server(&["--rate-limit-pull", "1/m:5"]);
+    let addr = s.http_addr();
+    const USERS: usize = 110_000;
+    const THREADS: usize = 4;
+    const BATCH: usize = 64;
+    let workers: Vec<_> = (0..THREADS)
+        .map(|t| {
+            std::thread::spawn(move || {
+                let stream = std::net::TcpStream::connect(addr).expect("connect");
+                stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                let mut writer = stream.try_clone().expect("clone");
+                let mut reader = BufReader::new(stream);
+                let mine: Vec<usize> = (t..USERS).step_by(THREADS).collect();
+                for batch in mine.chunks(BATCH) {
+                    let mut out = String::new();
+                    for &i in batch {
+                        let t = user(&format!("flood{i}"));
+                        out.push_str(&format!(
+                            "GET /api/pull?chat=x:y HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {t}\r\n\r\n"
+                        ));
+                    }
+                    writer.write_all(out.as_bytes()).expect("write a batch");
+                    for _ in batch {
+                        let r = read_response(&mut reader, false).expect("a response");
+                        // Admitted (a bucket made), then refused: not a member of x:y.
+                        assert_eq!(r.status, 403, "{}", r.describe());
+                    }
+                }
+                let _ = reader.read_line(&mut String::new());
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().expect("flood thread");
+    }
+    let held = scrape(addr).value("im_rate_limit_buckets", &[]);
+    eprintln!("{USERS} distinct users: {held} rate-limit buckets held");
+    // The bound: 64 stripes of ceil(100,000 / 64) buckets each.
+    assert!(held <= 100_032.0, "the table grew past its bound: {held}");
+    assert!(
+        held >= 90_000.0,
+        "the gauge should show the table full: {held}"
+    );
+}

@@ -673,36 +673,39 @@ fn render_http(m: &Metrics, out: &mut text::Writer) {
 }
 
 fn render_rpc(m: &Metrics, out: &mut text::Writer) {
-    let name = "im_rpc_call_duration_seconds";
-    out.header(
-        name,
-        "histogram",
+    render_method_histograms(
+        m,
+        out,
+        "im_rpc_call_duration_seconds",
         "Gateway: time of one RPC call attempt until its reply or failure, by method.",
+        |s, method| &s.rpc_duration[method as usize],
     );
-    for method in [RpcMethod::Send, RpcMethod::Pull] {
-        let (buckets, sum) = m.histogram(|s| &s.rpc_duration[method as usize]);
-        out.histogram(
-            name,
-            ("method", method.name()),
-            &BUCKET_LABELS,
-            &buckets,
-            sum,
-        );
-    }
     let name = "im_rpc_server_requests_total";
     out.header(name, "counter", "RPC server: requests served, by method.");
     for method in RpcMethod::ALL {
         let n = m.sum(|s| s.rpc_server_requests[method as usize].load(Ordering::Relaxed));
         out.sample(name, &[("method", method.name())], n as f64);
     }
-    let name = "im_rpc_server_request_duration_seconds";
-    out.header(
-        name,
-        "histogram",
+    render_method_histograms(
+        m,
+        out,
+        "im_rpc_server_request_duration_seconds",
         "RPC server: time from reading a request to its reply being ready, by method.",
+        |s, method| &s.rpc_server_duration[method as usize],
     );
+}
+
+/// One latency histogram per RPC method that stores or reads (not Ping).
+fn render_method_histograms(
+    m: &Metrics,
+    out: &mut text::Writer,
+    name: &str,
+    help: &str,
+    pick: impl Fn(&Slot, RpcMethod) -> &Histogram,
+) {
+    out.header(name, "histogram", help);
     for method in [RpcMethod::Send, RpcMethod::Pull] {
-        let (buckets, sum) = m.histogram(|s| &s.rpc_server_duration[method as usize]);
+        let (buckets, sum) = m.histogram(|s| pick(s, method));
         out.histogram(
             name,
             ("method", method.name()),

@@ -291,13 +291,7 @@ fn raise_own_fd_limit(n: u64) {
 
 /// Resident memory of a process, in KiB.
 fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .expect("VmRSS")
+    proc_status_bytes(pid, "VmRSS") / 1024
 }
 
 /// 10,000 pulls waiting across 1,000 chats on one process; a send wakes

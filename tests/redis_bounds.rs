@@ -65,12 +65,7 @@ fn stall(redis: &Redis, seconds: f64) -> thread::JoinHandle<()> {
 }
 
 fn vm_rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS in /proc/<pid>/status")
+    proc_status_bytes(pid, "VmRSS") / 1024
 }
 
 /// The sender of send `id` on connection `conn`: fixed width, so that it can

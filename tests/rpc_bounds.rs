@@ -125,13 +125,7 @@ fn closed_within(stream: &mut TcpStream, wait: Duration) -> bool {
 
 /// A field of `/proc/<pid>/status` in KiB (`VmRSS`, `VmSize`).
 fn status_kib(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_else(|e| panic!("read /proc/{pid}/status: {e}"));
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+    proc_status_bytes(pid, field) / 1024
 }
 
 /// Sets a resource limit (soft = hard) on a running process with util-linux

@@ -330,11 +330,10 @@ async fn connection(
         let started = (metrics_method(&work), Instant::now());
         let in_flight = metrics::track(Gauge::RpcServerInFlight);
         tokio::spawn(async move {
-            let reply = catch_panic(handle(&store, work, stop))
-                .await
-                .unwrap_or_else(|| {
-                    Reply::BadFrame("internal error while serving the request".into())
-                });
+            let handling = std::pin::pin!(handle(&store, work, stop));
+            let reply = catch_panic(handling).await.unwrap_or_else(|| {
+                Reply::BadFrame("internal error while serving the request".into())
+            });
             if let (Some(method), at) = started {
                 METRICS.rpc_served(method, at.elapsed());
             }

@@ -126,6 +126,56 @@ fn waiting_pulls_and_open_streams_are_gauged() {
     });
 }
 
+/// A client that gives up on a waiting pull (closes) frees it in the
+/// gateway at once, not when its wait ends; one that pipelines its next
+/// request behind a waiting pull is still answered, in order.
+#[test]
+fn a_waiting_pull_is_given_up_when_its_client_closes() {
+    use std::io::{Read, Write};
+    let b = Backend::memory();
+    let addr = b.addr();
+    let in_flight = || scrape(addr).value("im_http_requests_in_flight", &[]);
+    let clients: Vec<std::net::TcpStream> = (0..5)
+        .map(|i| {
+            let mut c = std::net::TcpStream::connect(addr).expect("connect");
+            let req =
+                format!("GET /api/pull?chat=gone{i}&wait_ms=25000 HTTP/1.1\r\nHost: t\r\n\r\n");
+            c.write_all(req.as_bytes()).expect("write");
+            c
+        })
+        .collect();
+    // Each scrape counts itself: 5 + 1.
+    wait_until(Duration::from_secs(10), "5 pulls in flight", || {
+        (in_flight() == 6.0).then_some(())
+    });
+    drop(clients);
+    wait_until(Duration::from_secs(10), "the closed pulls given up", || {
+        (in_flight() == 1.0).then_some(())
+    });
+    let mut c = std::net::TcpStream::connect(addr).expect("connect");
+    c.write_all(
+        b"GET /api/pull?chat=stays&wait_ms=25000 HTTP/1.1\r\nHost: t\r\n\r\n\
+          GET /ping HTTP/1.1\r\nHost: t\r\n\r\n",
+    )
+    .expect("write");
+    thread::sleep(Duration::from_millis(300));
+    send_ok(addr, "stays", "u", "still here");
+    c.set_read_timeout(Some(WOKEN_WITHIN)).expect("timeout");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains("pong") {
+        let n = c.read(&mut buf).expect("both answered");
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&got);
+    let (pull, ping) = (text.find("still here"), text.find("pong"));
+    assert!(
+        matches!((pull, ping), (Some(a), Some(b)) if a < b),
+        "pull then ping: {text}"
+    );
+}
+
 #[test]
 fn a_waiting_pull_is_answered_by_a_send_to_its_chat_redis() {
     woken_by_its_chat_only(&Backend::redis());

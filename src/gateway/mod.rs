@@ -266,6 +266,12 @@ impl Handler for Gateway {
         messages as usize * crate::domain::MAX_MESSAGE_WIRE_BYTES
     }
 
+    /// A client that stops waiting (closes) frees its pull's memory at once;
+    /// the RPC server still holds its side until `wait_ms` ends.
+    fn held(started: &Started) -> bool {
+        matches!(started.reply, PendingReply::WaitingPull(_))
+    }
+
     fn start(&self, req: &Request) -> Started {
         let at = std::time::Instant::now();
         let _in_flight = metrics::track(Gauge::HttpInFlight);

@@ -43,6 +43,12 @@ pub trait Handler: Send + Sync + 'static {
     fn reply_bound(_req: &Request) -> usize {
         0
     }
+    /// Whether a started request may be held long (a pull waiting for
+    /// messages): while it is, the connection watches for the peer's close
+    /// and gives the request up then, rather than hold it to its deadline.
+    fn held(_pending: &Self::Pending) -> bool {
+        false
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -297,6 +303,7 @@ impl Io {
     ) -> std::io::Result<Response> {
         let resp = match pending {
             Some(pending) => {
+                let held = H::held(&pending);
                 let finishing = std::pin::pin!(handler.finish(pending));
                 let mut finishing = catch_panic(finishing);
                 match poll_once(Pin::new(&mut finishing)).await {
@@ -304,7 +311,14 @@ impl Io {
                     None => {
                         self.flush().await?;
                         release_idle();
-                        finishing.await
+                        if held {
+                            tokio::select! {
+                                resp = &mut finishing => resp,
+                                () = peer_closed(&self.socket) => return Err(std::io::ErrorKind::ConnectionAborted.into()),
+                            }
+                        } else {
+                            finishing.await
+                        }
                     }
                 }
             }
@@ -522,6 +536,17 @@ impl Io {
                 Ok(false)
             }
         }
+    }
+}
+
+/// Resolves when the peer has closed the connection (or reset it); never
+/// if it sends bytes instead (the next pipelined request, read later): then
+/// it cannot tell, and waiting on readiness again would spin.
+async fn peer_closed(socket: &TcpStream) {
+    let mut byte = [0u8; 1];
+    match socket.peek(&mut byte).await {
+        Ok(0) | Err(_) => {}
+        Ok(_) => std::future::pending().await,
     }
 }
 

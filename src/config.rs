@@ -1,10 +1,15 @@
 //! Command line and environment, parsed once into a [`Config`].
 //!
 //! Every option has a flag and an environment variable; a flag wins over the
-//! environment, which wins over the default. The table [`OPTIONS`] is the
-//! single source for parsing and for `--help`.
+//! environment, which wins over the default. Each option is declared once,
+//! in the `options!` list below: its typed [`Config`] field, parser, flag,
+//! environment variable, default and help line. Everything else — parsing,
+//! `--help`, the components' defaults ([`Config::defaults`]) — comes from
+//! it, and a unit test holds README's Configuration table to it.
 
 use std::time::Duration;
+
+use crate::ratelimit::Rate;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -14,68 +19,44 @@ pub enum Role {
     Rpc,
 }
 
-#[derive(Debug, Clone)]
-pub struct Config {
-    pub role: Role,
-    pub http_addr: String,
-    pub rpc_listen: String,
-    /// The RPC servers the gateway calls (comma-separated `ip:port` or
-    /// `host:port`); `None` in `all` = the one started here.
-    pub rpc_addr: Option<String>,
-    /// `etcd://h1:2379[,h2:2379]/prefix`: where RPC servers register and
-    /// gateways find them.
-    pub registry: Option<String>,
-    /// The address this RPC server registers; `None` = its listen address.
-    pub rpc_advertise: Option<String>,
-    /// `None` = the embedded memory store.
-    pub redis_url: Option<String>,
-    pub rpc_timeout: Duration,
-    pub rpc_connections: usize,
-    pub redis_connections: usize,
-    /// Given, or derived from `rpc_timeout` (see [`redis_timeout_default`]).
-    pub redis_timeout: Duration,
-    pub max_queued_bytes: usize,
-    /// Replicas that must confirm a send (`WAIT`) before it is acknowledged.
-    pub redis_wait_replicas: u32,
-    pub max_body: usize,
-    pub max_head: usize,
-    pub max_frame: usize,
-    pub max_rpc_connections: usize,
-    pub rpc_idle_timeout: Duration,
-    pub max_rpc_output: usize,
-    pub idle_timeout: Duration,
-    pub request_timeout: Duration,
-    pub max_connections: usize,
-    /// Response bytes queued per HTTP connection before it stops starting requests.
-    pub max_output_buffer: usize,
-    /// An HTTP peer that accepts no bytes for this long is closed.
-    pub write_timeout: Duration,
-    /// Silence on an event stream (`/api/stream`) before a heartbeat comment.
-    pub stream_heartbeat: Duration,
-    pub drain_timeout: Duration,
-    pub queue: usize,
-    pub max_in_flight: usize,
-    /// Tokio worker threads; 0 = one per core.
-    pub threads: usize,
-    /// How long a send's idempotency key is remembered.
-    pub idempotency_ttl: Duration,
-    /// Longest a pull is held waiting for new messages (`wait_ms` is capped to it).
-    pub pull_max_wait_ms: i32,
-    /// The RPC handshake's shared secret's file; `None` = no handshake.
-    pub rpc_secret_file: Option<String>,
-    /// Authentication: the HS256 secret's file; `None` = off.
-    pub auth_jwt_secret_file: Option<String>,
-    pub auth_issuer: Option<String>,
-    pub auth_audience: Option<String>,
-    pub rate_limit_send: Option<crate::ratelimit::Rate>,
-    pub rate_limit_pull: Option<crate::ratelimit::Rate>,
-    /// Where `GET /metrics` is served apart from the gateway; `None` = off.
-    pub metrics_addr: Option<String>,
-}
+/// How an option's text (given, from the environment, or its default;
+/// `None` if unset) becomes its typed value; the flag names it in errors.
+type Parser<T> = fn(&'static str, Option<&str>) -> Result<T, String>;
 
-/// Longest idempotency-key retention accepted, in seconds: 10 years (Redis
-/// refuses an `EX` it cannot add to its clock in milliseconds).
-pub const MAX_IDEMPOTENCY_TTL_S: u64 = 10 * 365 * 86_400;
+/// Declares every option once — its typed field of [`Config`], its parser,
+/// flag, environment variable, default and help line — and derives from
+/// that list the struct, [`OPTIONS`] (parsing and `--help`) and the step
+/// that turns the collected texts into a `Config`: no flag is looked up by
+/// its spelling, and no default is written anywhere else.
+macro_rules! options {
+    (@default unset) => { None };
+    (@default $default:literal) => { Some($default) };
+    ($( $field:ident: $ty:ty = $parse:ident($flag:literal, $env:literal, $default:tt, $help:literal); )*) => {
+        #[derive(Debug, Clone)]
+        pub struct Config {
+            pub role: Role,
+            $( #[doc = $help] pub $field: $ty, )*
+        }
+
+        pub const OPTIONS: &[OptionSpec] = &[
+            $( OptionSpec { flag: $flag, env: $env, default: options!(@default $default), help: $help }, )*
+        ];
+
+        impl Config {
+            /// `values` holds each option's text, in [`OPTIONS`]' order.
+            fn from_texts(role: Role, values: &[Option<String>]) -> Result<Config, String> {
+                let mut texts = values.iter().map(Option::as_deref);
+                Ok(Config {
+                    role,
+                    $( $field: {
+                        let parse: Parser<$ty> = $parse;
+                        parse($flag, texts.next().flatten())?
+                    }, )*
+                })
+            }
+        }
+    };
+}
 
 pub struct OptionSpec {
     pub flag: &'static str,
@@ -85,46 +66,162 @@ pub struct OptionSpec {
     pub help: &'static str,
 }
 
-#[rustfmt::skip]
-pub const OPTIONS: &[OptionSpec] = &[
-    OptionSpec { flag: "--http-addr", env: "IM_HTTP_ADDR", default: Some("[::]:8080"), help: "address the HTTP gateway listens on ([::] accepts IPv4 too; 0.0.0.0 if the host has no IPv6)" },
-    OptionSpec { flag: "--rpc-listen", env: "IM_RPC_LISTEN", default: Some("127.0.0.1:8888"), help: "address the RPC server listens on" },
-    OptionSpec { flag: "--rpc", env: "IM_RPC_ADDR", default: None, help: "RPC servers the gateway calls, comma-separated ip:port or host:port (host names re-resolved every 2 s, every A/AAAA record an endpoint; default in `all`: the one started here)" },
-    OptionSpec { flag: "--registry", env: "IM_REGISTRY", default: None, help: "etcd://host:2379[,host2:2379]/prefix: RPC servers register there (lease, TTL 10 s), gateways discover them there" },
-    OptionSpec { flag: "--rpc-advertise", env: "IM_RPC_ADVERTISE", default: None, help: "ip:port the RPC server registers (default: --rpc-listen, unless that is a wildcard)" },
-    OptionSpec { flag: "--redis", env: "REDIS_URL", default: None, help: "redis://[:password@]host[:port][/db], unix:///path.sock, or cluster seeds redis://h1:p1,h2:p2; unset = embedded memory store" },
-    OptionSpec { flag: "--rpc-timeout-ms", env: "IM_RPC_TIMEOUT_MS", default: Some("1000"), help: "per-call RPC timeout (504 after it)" },
-    OptionSpec { flag: "--rpc-connections", env: "IM_RPC_CONNECTIONS", default: Some("1"), help: "multiplexed connections to the RPC server, per gateway thread" },
-    OptionSpec { flag: "--redis-connections", env: "IM_REDIS_CONNECTIONS", default: Some("1"), help: "pipelined connections to Redis, per RPC server thread" },
-    OptionSpec { flag: "--redis-timeout-ms", env: "IM_REDIS_TIMEOUT_MS", default: None, help: "a Redis command not answered within this fails with 503 (default: 80% of --rpc-timeout-ms, so it fires before the gateway's 504)" },
-    OptionSpec { flag: "--redis-wait-replicas", env: "IM_REDIS_WAIT_REPLICAS", default: Some("0"), help: "a send is acknowledged only after WAIT confirms this many replicas have it (else 503)" },
-    OptionSpec { flag: "--max-body", env: "IM_MAX_BODY", default: Some("1048576"), help: "largest request body in bytes (413 above)" },
-    OptionSpec { flag: "--max-header-bytes", env: "IM_MAX_HEADER_BYTES", default: Some("16384"), help: "largest request line + headers in bytes (431 above)" },
-    OptionSpec { flag: "--max-frame", env: "IM_MAX_FRAME", default: Some("16777216"), help: "largest RPC frame in bytes" },
-    OptionSpec { flag: "--max-rpc-connections", env: "IM_MAX_RPC_CONNECTIONS", default: Some("1024"), help: "open connections to the RPC server; more are closed at once" },
-    OptionSpec { flag: "--rpc-idle-timeout-s", env: "IM_RPC_IDLE_TIMEOUT_S", default: Some("3600"), help: "an RPC server connection with nothing in flight and no request for this long is closed" },
-    OptionSpec { flag: "--max-rpc-output", env: "IM_MAX_RPC_OUTPUT", default: Some("67108864"), help: "reply bytes one RPC server connection may hold (being made, at their largest, or unsent); past it the connection is not read" },
-    OptionSpec { flag: "--idle-timeout-s", env: "IM_IDLE_TIMEOUT_S", default: Some("60"), help: "idle keep-alive connections are closed after this" },
-    OptionSpec { flag: "--request-timeout-s", env: "IM_REQUEST_TIMEOUT_S", default: Some("10"), help: "a request must arrive whole within this of its first byte (408 after)" },
-    OptionSpec { flag: "--max-connections", env: "IM_MAX_CONNECTIONS", default: Some("10000"), help: "open HTTP connections; more are answered 503 and closed" },
-    OptionSpec { flag: "--max-output-buffer", env: "IM_MAX_OUTPUT_BUFFER", default: Some("4194304"), help: "response bytes queued per HTTP connection; no further pipelined request starts above it" },
-    OptionSpec { flag: "--write-timeout-s", env: "IM_WRITE_TIMEOUT_S", default: Some("10"), help: "an HTTP client that accepts no response bytes for this long is closed" },
-    OptionSpec { flag: "--stream-heartbeat-s", env: "IM_STREAM_HEARTBEAT_S", default: Some("15"), help: "an event stream (/api/stream) silent for this long gets a heartbeat comment" },
-    OptionSpec { flag: "--drain-timeout-s", env: "IM_DRAIN_TIMEOUT_S", default: Some("10"), help: "on SIGTERM/SIGINT, how long in-flight requests may take to finish" },
-    OptionSpec { flag: "--queue", env: "IM_QUEUE", default: Some("8192"), help: "calls queued per RPC/Redis connection before 503 + Retry-After" },
-    OptionSpec { flag: "--max-in-flight", env: "IM_MAX_IN_FLIGHT", default: Some("8192"), help: "calls in flight per RPC/Redis connection" },
-    OptionSpec { flag: "--max-queued-bytes", env: "IM_MAX_QUEUED_BYTES", default: Some("8388608"), help: "bytes of Redis commands queued per connection (and of sends waiting to be batched, per thread) before 503 overloaded" },
-    OptionSpec { flag: "--threads", env: "IM_THREADS", default: Some("0"), help: "worker threads, each a single-threaded runtime with its own connections (0 = one per core)" },
-    OptionSpec { flag: "--pull-max-wait-ms", env: "IM_PULL_MAX_WAIT_MS", default: Some("30000"), help: "longest a pull with `wait_ms` is held for new messages (larger waits are cut to it; 0: never; keep it below your load balancer's idle timeout)" },
-    OptionSpec { flag: "--rpc-secret-file", env: "IM_RPC_SECRET_FILE", default: None, help: "a file holding a shared secret (>= 32 bytes): RPC servers then accept only connections that prove they know it (challenge-response), and gateways prove it; set the same file on both" },
-    OptionSpec { flag: "--auth-jwt-secret-file", env: "IM_AUTH_JWT_SECRET_FILE", default: None, help: "turns authentication on: a file holding the HS256 secret (>= 32 bytes) of the bearer tokens the gateway accepts" },
-    OptionSpec { flag: "--auth-issuer", env: "IM_AUTH_ISSUER", default: None, help: "with authentication: the `iss` every token must carry" },
-    OptionSpec { flag: "--auth-audience", env: "IM_AUTH_AUDIENCE", default: None, help: "with authentication: a value every token's `aud` must contain" },
-    OptionSpec { flag: "--rate-limit-send", env: "IM_RATE_LIMIT_SEND", default: None, help: "sends per user (per client address without authentication) and gateway process: N/s or N/m, optionally :BURST (e.g. 20/s:40); over it 429" },
-    OptionSpec { flag: "--rate-limit-pull", env: "IM_RATE_LIMIT_PULL", default: None, help: "pulls per user (or client address) and gateway process, like --rate-limit-send" },
-    OptionSpec { flag: "--metrics-addr", env: "IM_METRICS_ADDR", default: None, help: "address serving GET /metrics (Prometheus text format) for any role, e.g. the rpc role, which has no HTTP port; the gateway also serves /metrics on --http-addr" },
-    OptionSpec { flag: "--idempotency-ttl-s", env: "IM_IDEMPOTENCY_TTL_S", default: Some("86400"), help: "how long a send's idempotency key is remembered, in seconds" },
-];
+options! {
+    http_addr: String = text("--http-addr", "IM_HTTP_ADDR", "[::]:8080",
+        "address the HTTP gateway listens on ([::] accepts IPv4 too; 0.0.0.0 if the host has no IPv6)");
+    rpc_listen: String = text("--rpc-listen", "IM_RPC_LISTEN", "127.0.0.1:8888",
+        "address the RPC server listens on");
+    rpc_addr: Option<String> = optional("--rpc", "IM_RPC_ADDR", unset,
+        "RPC servers the gateway calls, comma-separated ip:port or host:port (host names re-resolved every 2 s, every A/AAAA record an endpoint; default in `all`: the one started here)");
+    registry: Option<String> = optional("--registry", "IM_REGISTRY", unset,
+        "etcd://host:2379[,host2:2379]/prefix: RPC servers register there (lease, TTL 10 s), gateways discover them there");
+    rpc_advertise: Option<String> = optional("--rpc-advertise", "IM_RPC_ADVERTISE", unset,
+        "ip:port the RPC server registers (default: --rpc-listen, unless that is a wildcard)");
+    redis_url: Option<String> = optional("--redis", "REDIS_URL", unset,
+        "redis://[:password@]host[:port][/db], unix:///path.sock, or cluster seeds redis://h1:p1,h2:p2; unset = embedded memory store");
+    rpc_timeout: Duration = millis("--rpc-timeout-ms", "IM_RPC_TIMEOUT_MS", "1000",
+        "per-call RPC timeout (504 after it)");
+    rpc_connections: usize = positive("--rpc-connections", "IM_RPC_CONNECTIONS", "1",
+        "multiplexed connections to the RPC server, per gateway thread");
+    redis_connections: usize = positive("--redis-connections", "IM_REDIS_CONNECTIONS", "1",
+        "pipelined connections to Redis, per RPC server thread");
+    redis_timeout: Option<Duration> = optional_millis("--redis-timeout-ms", "IM_REDIS_TIMEOUT_MS", unset,
+        "a Redis command not answered within this fails with 503 (default: 80% of --rpc-timeout-ms, so it fires before the gateway's 504)");
+    redis_wait_replicas: u32 = replicas("--redis-wait-replicas", "IM_REDIS_WAIT_REPLICAS", "0",
+        "a send is acknowledged only after WAIT confirms this many replicas have it (else 503)");
+    max_body: usize = count("--max-body", "IM_MAX_BODY", "1048576",
+        "largest request body in bytes (413 above)");
+    max_head: usize = positive("--max-header-bytes", "IM_MAX_HEADER_BYTES", "16384",
+        "largest request line + headers in bytes (431 above)");
+    max_frame: usize = positive("--max-frame", "IM_MAX_FRAME", "16777216",
+        "largest RPC frame in bytes");
+    max_rpc_connections: usize = positive("--max-rpc-connections", "IM_MAX_RPC_CONNECTIONS", "1024",
+        "open connections to the RPC server; more are closed at once");
+    rpc_idle_timeout: Duration = seconds("--rpc-idle-timeout-s", "IM_RPC_IDLE_TIMEOUT_S", "3600",
+        "an RPC server connection with nothing in flight and no request for this long is closed");
+    max_rpc_output: usize = positive("--max-rpc-output", "IM_MAX_RPC_OUTPUT", "67108864",
+        "reply bytes one RPC server connection may hold (being made, at their largest, or unsent); past it the connection is not read");
+    idle_timeout: Duration = seconds("--idle-timeout-s", "IM_IDLE_TIMEOUT_S", "60",
+        "idle keep-alive connections are closed after this");
+    request_timeout: Duration = seconds("--request-timeout-s", "IM_REQUEST_TIMEOUT_S", "10",
+        "a request must arrive whole within this of its first byte (408 after)");
+    max_connections: usize = positive("--max-connections", "IM_MAX_CONNECTIONS", "10000",
+        "open HTTP connections; more are answered 503 and closed");
+    max_output_buffer: usize = positive("--max-output-buffer", "IM_MAX_OUTPUT_BUFFER", "4194304",
+        "response bytes queued per HTTP connection; no further pipelined request starts above it");
+    write_timeout: Duration = seconds("--write-timeout-s", "IM_WRITE_TIMEOUT_S", "10",
+        "an HTTP client that accepts no response bytes for this long is closed");
+    stream_heartbeat: Duration = seconds("--stream-heartbeat-s", "IM_STREAM_HEARTBEAT_S", "15",
+        "an event stream (/api/stream) silent for this long gets a heartbeat comment");
+    drain_timeout: Duration = seconds_or_zero("--drain-timeout-s", "IM_DRAIN_TIMEOUT_S", "10",
+        "on SIGTERM/SIGINT, how long in-flight requests may take to finish");
+    queue: usize = positive("--queue", "IM_QUEUE", "8192",
+        "calls queued per RPC/Redis connection before 503 + Retry-After");
+    max_in_flight: usize = positive("--max-in-flight", "IM_MAX_IN_FLIGHT", "8192",
+        "calls in flight per RPC/Redis connection");
+    max_queued_bytes: usize = positive("--max-queued-bytes", "IM_MAX_QUEUED_BYTES", "8388608",
+        "bytes of Redis commands queued per connection (and of sends waiting to be batched, per thread) before 503 overloaded");
+    threads: usize = count("--threads", "IM_THREADS", "0",
+        "worker threads, each a single-threaded runtime with its own connections (0 = one per core)");
+    pull_max_wait_ms: i32 = wait_ms("--pull-max-wait-ms", "IM_PULL_MAX_WAIT_MS", "30000",
+        "longest a pull with `wait_ms` is held for new messages (larger waits are cut to it; 0: never; keep it below your load balancer's idle timeout)");
+    rpc_secret_file: Option<String> = optional("--rpc-secret-file", "IM_RPC_SECRET_FILE", unset,
+        "a file holding a shared secret (>= 32 bytes): RPC servers then accept only connections that prove they know it (challenge-response), and gateways prove it; set the same file on both");
+    auth_jwt_secret_file: Option<String> = optional("--auth-jwt-secret-file", "IM_AUTH_JWT_SECRET_FILE", unset,
+        "turns authentication on: a file holding the HS256 secret (>= 32 bytes) of the bearer tokens the gateway accepts");
+    auth_issuer: Option<String> = optional("--auth-issuer", "IM_AUTH_ISSUER", unset,
+        "with authentication: the `iss` every token must carry");
+    auth_audience: Option<String> = optional("--auth-audience", "IM_AUTH_AUDIENCE", unset,
+        "with authentication: a value every token's `aud` must contain");
+    rate_limit_send: Option<Rate> = rate("--rate-limit-send", "IM_RATE_LIMIT_SEND", unset,
+        "sends per user (per client address without authentication) and gateway process: N/s or N/m, optionally :BURST (e.g. 20/s:40); over it 429");
+    rate_limit_pull: Option<Rate> = rate("--rate-limit-pull", "IM_RATE_LIMIT_PULL", unset,
+        "pulls per user (or client address) and gateway process, like --rate-limit-send");
+    metrics_addr: Option<String> = optional("--metrics-addr", "IM_METRICS_ADDR", unset,
+        "address serving GET /metrics (Prometheus text format) for any role, e.g. the rpc role, which has no HTTP port; the gateway also serves /metrics on --http-addr");
+    idempotency_ttl: Duration = idempotency_ttl("--idempotency-ttl-s", "IM_IDEMPOTENCY_TTL_S", "86400",
+        "how long a send's idempotency key is remembered, in seconds");
+}
+
+/// Longest idempotency-key retention accepted, in seconds: 10 years (Redis
+/// refuses an `EX` it cannot add to its clock in milliseconds).
+pub const MAX_IDEMPOTENCY_TTL_S: u64 = 10 * 365 * 86_400;
+
+// The parsers, one per kind of value.
+
+fn text(_flag: &'static str, value: Option<&str>) -> Result<String, String> {
+    Ok(value.unwrap_or_default().to_string())
+}
+
+fn optional(_flag: &'static str, value: Option<&str>) -> Result<Option<String>, String> {
+    Ok(value.map(String::from))
+}
+
+fn number(flag: &'static str, value: Option<&str>) -> Result<u64, String> {
+    let text = value.unwrap_or_default();
+    text.parse()
+        .map_err(|_| format!("{flag} must be a non-negative integer, got {text:?}"))
+}
+
+fn positive_number(flag: &'static str, value: Option<&str>) -> Result<u64, String> {
+    match number(flag, value)? {
+        0 => Err(format!("{flag} must be at least 1")),
+        n => Ok(n),
+    }
+}
+
+fn count(flag: &'static str, value: Option<&str>) -> Result<usize, String> {
+    Ok(number(flag, value)? as usize)
+}
+
+fn positive(flag: &'static str, value: Option<&str>) -> Result<usize, String> {
+    Ok(positive_number(flag, value)? as usize)
+}
+
+fn seconds(flag: &'static str, value: Option<&str>) -> Result<Duration, String> {
+    Ok(Duration::from_secs(positive_number(flag, value)?))
+}
+
+fn seconds_or_zero(flag: &'static str, value: Option<&str>) -> Result<Duration, String> {
+    Ok(Duration::from_secs(number(flag, value)?))
+}
+
+fn millis(flag: &'static str, value: Option<&str>) -> Result<Duration, String> {
+    Ok(Duration::from_millis(positive_number(flag, value)?))
+}
+
+fn optional_millis(flag: &'static str, value: Option<&str>) -> Result<Option<Duration>, String> {
+    value.map(|v| millis(flag, Some(v))).transpose()
+}
+
+fn replicas(flag: &'static str, value: Option<&str>) -> Result<u32, String> {
+    u32::try_from(number(flag, value)?).map_err(|_| format!("{flag} is too large"))
+}
+
+fn idempotency_ttl(flag: &'static str, value: Option<&str>) -> Result<Duration, String> {
+    match positive_number(flag, value)? {
+        n if n > MAX_IDEMPOTENCY_TTL_S => {
+            Err(format!("{flag} must be at most {MAX_IDEMPOTENCY_TTL_S}"))
+        }
+        n => Ok(Duration::from_secs(n)),
+    }
+}
+
+/// 0 is allowed: pulls never wait.
+fn wait_ms(flag: &'static str, value: Option<&str>) -> Result<i32, String> {
+    let max = crate::domain::MAX_WAIT_MS;
+    match number(flag, value)? {
+        n if n > max as u64 => Err(format!("{flag} must be at most {max}")),
+        n => Ok(n as i32),
+    }
+}
+
+fn rate(flag: &'static str, value: Option<&str>) -> Result<Option<Rate>, String> {
+    value
+        .map(str::parse)
+        .transpose()
+        .map_err(|e| format!("{flag}: {e}"))
+}
 
 pub fn usage() -> String {
     let mut text = String::from(
@@ -203,104 +300,31 @@ impl Config {
             };
             values[i] = Some(value);
         }
-        let get = |flag: &str| -> Option<String> {
-            OPTIONS
-                .iter()
-                .position(|o| o.flag == flag)
-                .and_then(|i| values[i].clone())
-        };
-        let text = |flag: &str| get(flag).unwrap_or_default();
-        let number = |flag: &str| -> Result<u64, String> {
-            text(flag).parse().map_err(|_| {
-                format!(
-                    "{flag} must be a non-negative integer, got {:?}",
-                    text(flag)
-                )
-            })
-        };
-        let positive = |flag: &str| -> Result<u64, String> {
-            match number(flag)? {
-                0 => Err(format!("{flag} must be at least 1")),
-                n => Ok(n),
-            }
-        };
-        let at_most = |flag: &str, max: u64| -> Result<u64, String> {
-            match positive(flag)? {
-                n if n > max => Err(format!("{flag} must be at most {max}")),
-                n => Ok(n),
-            }
-        };
         let role = role.unwrap_or(Role::All);
-        let rpc_addr = get("--rpc");
-        let registry = get("--registry");
-        if role == Role::Gateway && rpc_addr.is_none() && registry.is_none() {
+        let config = Config::from_texts(role, &values)?;
+        if role == Role::Gateway && config.rpc_addr.is_none() && config.registry.is_none() {
             return Err(
                 "the gateway role needs --rpc <addr,...> (or IM_RPC_ADDR) or --registry <etcd://...>"
                     .into(),
             );
         }
-        Ok(Parsed::Run(Box::new(Config {
-            role,
-            http_addr: text("--http-addr"),
-            rpc_listen: text("--rpc-listen"),
-            rpc_addr,
-            registry,
-            rpc_advertise: get("--rpc-advertise"),
-            redis_url: get("--redis"),
-            rpc_timeout: Duration::from_millis(positive("--rpc-timeout-ms")?),
-            rpc_connections: positive("--rpc-connections")? as usize,
-            redis_connections: positive("--redis-connections")? as usize,
-            redis_timeout: match get("--redis-timeout-ms") {
-                Some(_) => Duration::from_millis(positive("--redis-timeout-ms")?),
-                None => redis_timeout_default(Duration::from_millis(positive("--rpc-timeout-ms")?)),
-            },
-            max_queued_bytes: positive("--max-queued-bytes")? as usize,
-            redis_wait_replicas: u32::try_from(number("--redis-wait-replicas")?)
-                .map_err(|_| "--redis-wait-replicas is too large".to_string())?,
-            max_body: number("--max-body")? as usize,
-            max_head: positive("--max-header-bytes")? as usize,
-            max_frame: positive("--max-frame")? as usize,
-            max_rpc_connections: positive("--max-rpc-connections")? as usize,
-            rpc_idle_timeout: Duration::from_secs(positive("--rpc-idle-timeout-s")?),
-            max_rpc_output: positive("--max-rpc-output")? as usize,
-            idle_timeout: Duration::from_secs(positive("--idle-timeout-s")?),
-            request_timeout: Duration::from_secs(positive("--request-timeout-s")?),
-            max_connections: positive("--max-connections")? as usize,
-            max_output_buffer: positive("--max-output-buffer")? as usize,
-            write_timeout: Duration::from_secs(positive("--write-timeout-s")?),
-            stream_heartbeat: Duration::from_secs(positive("--stream-heartbeat-s")?),
-            drain_timeout: Duration::from_secs(number("--drain-timeout-s")?),
-            queue: positive("--queue")? as usize,
-            max_in_flight: positive("--max-in-flight")? as usize,
-            threads: number("--threads")? as usize,
-            idempotency_ttl: Duration::from_secs(at_most(
-                "--idempotency-ttl-s",
-                MAX_IDEMPOTENCY_TTL_S,
-            )?),
-            // 0 is allowed: pulls never wait.
-            pull_max_wait_ms: match number("--pull-max-wait-ms")? {
-                n if n > crate::domain::MAX_WAIT_MS as u64 => {
-                    return Err(format!(
-                        "--pull-max-wait-ms must be at most {}",
-                        crate::domain::MAX_WAIT_MS
-                    ));
-                }
-                n => n as i32,
-            },
-            rpc_secret_file: get("--rpc-secret-file"),
-            auth_jwt_secret_file: get("--auth-jwt-secret-file"),
-            auth_issuer: get("--auth-issuer"),
-            auth_audience: get("--auth-audience"),
-            rate_limit_send: get("--rate-limit-send")
-                .map(|r| r.parse())
-                .transpose()
-                .map_err(|e| format!("--rate-limit-send: {e}"))?,
-            rate_limit_pull: get("--rate-limit-pull")
-                .map(|r| r.parse())
-                .transpose()
-                .map_err(|e| format!("--rate-limit-pull: {e}"))?,
-            metrics_addr: get("--metrics-addr"),
-        })))
+        Ok(Parsed::Run(Box::new(config)))
+    }
+
+    /// Every option at its default, the role `all`: the one place the
+    /// components' own defaults (e.g. `Limits::default`) come from.
+    pub fn defaults() -> Config {
+        match Config::parse(Vec::new(), |_| None) {
+            Ok(Parsed::Run(config)) => *config,
+            // The declared defaults are constants, checked by a unit test.
+            Ok(Parsed::Help) | Err(_) => unreachable!("the declared defaults parse"),
+        }
+    }
+
+    /// The Redis command timeout: given, or derived from the RPC timeout.
+    pub fn redis_timeout(&self) -> Duration {
+        self.redis_timeout
+            .unwrap_or_else(|| redis_timeout_default(self.rpc_timeout))
     }
 }
 
@@ -350,16 +374,25 @@ mod tests {
     }
 
     #[test]
+    fn the_declared_defaults_parse_and_fit_together() {
+        let c = Config::defaults();
+        assert_eq!(c.role, Role::All);
+        // An RPC frame holds a full page of the largest messages.
+        let page = crate::domain::MAX_LIMIT as usize * crate::domain::MAX_MESSAGE_WIRE_BYTES;
+        assert!(c.max_frame > page, "{} <= {page}", c.max_frame);
+    }
+
+    #[test]
     fn redis_timeout_nests_inside_the_rpc_timeout_unless_given() {
         let c = parse(&[], &[]).expect("defaults parse");
         assert_eq!(
-            (c.rpc_timeout, c.redis_timeout),
+            (c.rpc_timeout, c.redis_timeout()),
             (Duration::from_millis(1000), Duration::from_millis(800))
         );
         let c = parse(&["--rpc-timeout-ms", "3000"], &[]).expect("parses");
-        assert_eq!(c.redis_timeout, Duration::from_millis(2400));
+        assert_eq!(c.redis_timeout(), Duration::from_millis(2400));
         let c = parse(&["--redis-timeout-ms", "1500"], &[]).expect("parses");
-        assert_eq!(c.redis_timeout, Duration::from_millis(1500));
+        assert_eq!(c.redis_timeout(), Duration::from_millis(1500));
         assert!(parse(&["--redis-timeout-ms", "0"], &[]).is_err());
     }
 

@@ -21,7 +21,6 @@ use crate::config::{Config, Role};
 use crate::discovery::{self, Registration, Sources, Target};
 use crate::gateway::Gateway;
 use crate::gateway::access::Access;
-use crate::http::Limits;
 use crate::http::server::{ServerOptions, connection_slots};
 use crate::notify::Hub;
 use crate::resp::url::RedisTarget;
@@ -219,7 +218,7 @@ fn plan(config: Config) -> Result<(Plan, Listeners), String> {
     let rpc = match config.role {
         Role::Rpc | Role::All => {
             let store = match &config.redis_url {
-                Some(url) => redis_store(url, config.redis_timeout)?,
+                Some(url) => redis_store(url, config.redis_timeout())?,
                 None => {
                     eprintln!(
                         "im-server: store: embedded memory store (no Redis URL configured; messages are lost on exit; set REDIS_URL or --redis to use Redis)"
@@ -239,7 +238,7 @@ fn plan(config: Config) -> Result<(Plan, Listeners), String> {
             let endpoints = rpc_endpoints(&config, local_rpc)?;
             let (listener, local) = bind(&config.http_addr, "http")?;
             eprintln!("im-server: http listening on {local}");
-            let slots = connection_slots(&server_options(&config));
+            let slots = connection_slots(&ServerOptions::from(&config));
             Some((listener, endpoints, slots))
         }
         Role::Rpc => None,
@@ -487,27 +486,10 @@ fn redis_options(config: &Config) -> RedisOptions {
         connections: config.redis_connections,
         queue: config.queue,
         max_in_flight: config.max_in_flight,
-        timeout: config.redis_timeout,
+        timeout: config.redis_timeout(),
         wait_replicas: config.redis_wait_replicas,
         max_queued_bytes: config.max_queued_bytes,
         idempotency_ttl: config.idempotency_ttl,
-    }
-}
-
-fn server_options(config: &Config) -> ServerOptions {
-    ServerOptions {
-        limits: Limits {
-            max_head: config.max_head,
-            max_body: config.max_body,
-            ..Limits::default()
-        },
-        idle_timeout: config.idle_timeout,
-        request_timeout: config.request_timeout,
-        max_connections: config.max_connections,
-        max_output_buffer: config.max_output_buffer,
-        write_timeout: config.write_timeout,
-        stream_heartbeat: config.stream_heartbeat,
-        drain_timeout: config.drain_timeout,
     }
 }
 
@@ -534,7 +516,11 @@ async fn run_shard(
     // Up until the RPC server stops, so the last scrape sees the drain.
     let metrics = listeners.metrics.map(|listener| {
         let stopping = rpc_stopping.clone();
-        tokio::spawn(serve_metrics(listener, stopping))
+        tokio::spawn(serve_metrics(
+            listener,
+            ServerOptions::from(config),
+            stopping,
+        ))
     });
     let rpc = match &plan.store {
         Some(store) => {
@@ -584,7 +570,7 @@ async fn run_shard(
         crate::http::serve(
             shard_listener(listeners.http)?,
             gateway,
-            server_options(config),
+            ServerOptions::from(config),
             slots.clone(),
             gateway_stopping,
         )
@@ -605,7 +591,12 @@ async fn run_shard(
 const METRICS_CONNECTIONS: usize = 16;
 
 /// Serves `GET /metrics` on `--metrics-addr` with the gateway's HTTP code.
-async fn serve_metrics(listener: StdListener, stopping: watch::Receiver<bool>) {
+/// The HTTP limits and timeouts are the gateway's.
+async fn serve_metrics(
+    listener: StdListener,
+    http: ServerOptions,
+    stopping: watch::Receiver<bool>,
+) {
     let listener = match TcpListener::from_std(listener) {
         Ok(listener) => listener,
         Err(err) => {
@@ -616,7 +607,7 @@ async fn serve_metrics(listener: StdListener, stopping: watch::Receiver<bool>) {
     let options = ServerOptions {
         max_connections: METRICS_CONNECTIONS,
         drain_timeout: Duration::from_secs(1),
-        ..ServerOptions::default()
+        ..http
     };
     let slots = connection_slots(&options);
     let endpoint = Arc::new(crate::metrics::MetricsEndpoint);

@@ -17,7 +17,8 @@
 
 use bytes::BytesMut;
 use im_server::proto::{PullRequest, PullResponse, SendRequest, SendResponse};
-use im_server::rpc::frame::{self, DEFAULT_MAX_FRAME, Frame, FrameError};
+use im_server::config::Config;
+use im_server::rpc::frame::{self, Frame, FrameError};
 use libfuzzer_sys::fuzz_target;
 
 const HEADER: usize = 2;
@@ -78,7 +79,7 @@ fn round_trip<M: prost::Message + Default + PartialEq + std::fmt::Debug>(f: &Fra
     let mut wire = BytesMut::new();
     frame::encode(&mut wire, f.id, f.kind, &msg);
     assert_eq!(wire.len(), 4 + 9 + msg.encoded_len());
-    let back = frame::decode(&mut wire, DEFAULT_MAX_FRAME)
+    let back = frame::decode(&mut wire, Config::defaults().max_frame)
         .expect("re-encoded frame is valid")
         .expect("re-encoded frame is complete");
     assert!(wire.is_empty(), "re-encoded frame left bytes behind");
@@ -93,7 +94,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     }
     let max_frame = if data[0] & 0x80 == 0 {
-        DEFAULT_MAX_FRAME
+        Config::defaults().max_frame
     } else {
         usize::from(data[0] & 0x7f) * 4
     };

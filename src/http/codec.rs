@@ -17,14 +17,24 @@ pub struct Limits {
     pub max_request_line: usize,
 }
 
-impl Default for Limits {
-    fn default() -> Self {
+impl Limits {
+    /// The configured sizes, with the fixed ones (field count, request
+    /// line) that have no option.
+    pub fn new(max_head: usize, max_body: usize) -> Limits {
         Limits {
-            max_head: 16 * 1024,
+            max_head,
             max_headers: 64,
-            max_body: 1024 * 1024,
+            max_body,
             max_request_line: 8 * 1024,
         }
+    }
+}
+
+/// The options' defaults (`--max-header-bytes`, `--max-body`).
+impl Default for Limits {
+    fn default() -> Self {
+        let defaults = crate::config::Config::defaults();
+        Limits::new(defaults.max_head, defaults.max_body)
     }
 }
 

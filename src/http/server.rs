@@ -71,18 +71,25 @@ pub struct ServerOptions {
     pub stream_heartbeat: Duration,
 }
 
+impl From<&crate::config::Config> for ServerOptions {
+    fn from(config: &crate::config::Config) -> Self {
+        ServerOptions {
+            limits: Limits::new(config.max_head, config.max_body),
+            idle_timeout: config.idle_timeout,
+            request_timeout: config.request_timeout,
+            max_connections: config.max_connections,
+            max_output_buffer: config.max_output_buffer,
+            write_timeout: config.write_timeout,
+            stream_heartbeat: config.stream_heartbeat,
+            drain_timeout: config.drain_timeout,
+        }
+    }
+}
+
+/// The options' defaults.
 impl Default for ServerOptions {
     fn default() -> Self {
-        ServerOptions {
-            limits: Limits::default(),
-            idle_timeout: Duration::from_secs(60),
-            request_timeout: Duration::from_secs(10),
-            max_connections: 10_000,
-            drain_timeout: Duration::from_secs(10),
-            max_output_buffer: 4 * 1024 * 1024,
-            write_timeout: Duration::from_secs(10),
-            stream_heartbeat: Duration::from_secs(15),
-        }
+        ServerOptions::from(&crate::config::Config::defaults())
     }
 }
 

@@ -224,7 +224,7 @@ mod tests {
         let mut protocol = RpcProtocol {
             addr: String::new(),
             next_id: 0,
-            max_frame: frame::DEFAULT_MAX_FRAME,
+            max_frame: crate::config::Config::defaults().max_frame,
             going_away: Arc::new(AtomicBool::new(false)),
             secret: None,
         };

@@ -15,10 +15,6 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 /// Bytes of `id` + `kind`.
 const HEADER_AFTER_LENGTH: usize = 9;
 
-/// Default largest frame (both directions): a full page of 100 maximal
-/// messages fits with room to spare.
-pub const DEFAULT_MAX_FRAME: usize = 16 * 1024 * 1024;
-
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Frame {
     pub id: u64,
@@ -106,6 +102,11 @@ pub fn decode(input: &mut BytesMut, max_frame: usize) -> Result<Option<Frame>, F
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `--max-frame`'s default.
+    fn max_frame() -> usize {
+        crate::config::Config::defaults().max_frame
+    }
     use crate::proto::{Message, SendRequest};
 
     fn sample() -> SendRequest {
@@ -129,11 +130,11 @@ mod tests {
         for split in 0..=wire.len() {
             let mut input = BytesMut::from(&wire[..split]);
             let mut frames = Vec::new();
-            while let Some(f) = decode(&mut input, DEFAULT_MAX_FRAME).expect("valid") {
+            while let Some(f) = decode(&mut input, max_frame()).expect("valid") {
                 frames.push(f);
             }
             input.extend_from_slice(&wire[split..]);
-            while let Some(f) = decode(&mut input, DEFAULT_MAX_FRAME).expect("valid") {
+            while let Some(f) = decode(&mut input, max_frame()).expect("valid") {
                 frames.push(f);
             }
             assert_eq!(frames.len(), 2, "split at {split}");
@@ -169,9 +170,9 @@ mod tests {
     fn announced_length_is_not_reserved_before_the_body_arrives() {
         // A header announcing a frame just under the limit, and one body byte.
         let mut input = BytesMut::new();
-        input.extend_from_slice(&((DEFAULT_MAX_FRAME - 4) as u32).to_be_bytes());
+        input.extend_from_slice(&((max_frame() - 4) as u32).to_be_bytes());
         input.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 9, 1, 0]);
-        assert_eq!(decode(&mut input, DEFAULT_MAX_FRAME), Ok(None));
+        assert_eq!(decode(&mut input, max_frame()), Ok(None));
         assert!(
             input.capacity() < 64 * 1024,
             "reserved {} bytes for a frame of which 14 bytes arrived",

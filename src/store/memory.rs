@@ -10,7 +10,7 @@ use std::hash::{BuildHasher, RandomState};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use super::{DEFAULT_IDEMPOTENCY_TTL, Page, PageWriter, Sent, Store, StoreError};
+use super::{Page, PageWriter, Sent, Store, StoreError};
 use crate::domain::PullQuery;
 use crate::notify::{Hub, Waiter};
 
@@ -80,9 +80,10 @@ pub struct MemoryStore {
 
 const SHARDS: usize = 64;
 
+/// With `--idempotency-ttl-s`' default.
 impl Default for MemoryStore {
     fn default() -> Self {
-        MemoryStore::new(DEFAULT_IDEMPOTENCY_TTL)
+        MemoryStore::new(crate::config::Config::defaults().idempotency_ttl)
     }
 }
 

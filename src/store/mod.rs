@@ -46,9 +46,6 @@ pub struct Sent {
     pub replayed: bool,
 }
 
-/// How long an idempotency key is remembered, unless configured.
-pub const DEFAULT_IDEMPOTENCY_TTL: std::time::Duration = std::time::Duration::from_secs(86_400);
-
 /// One page of a pull, already encoded as the body of an OK `PullResponse`
 /// (code 0 and an empty msg are proto3 defaults and take no bytes), so the
 /// RPC server sends it as it is.

@@ -287,17 +287,29 @@ impl Handler for Gateway {
         }
     }
 
-    async fn finish(&self, started: Started) -> Response {
-        let result = match started.reply {
-            PendingReply::Ready(resp) => Ok(resp),
-            PendingReply::Send(call) => self.finish_send(call).await,
-            PendingReply::Pull(call) => self.finish_pull(call).await,
-            PendingReply::Stream(call, stream) => self.finish_stream(call, stream).await,
-            PendingReply::WaitingPull(call) => self.finish_waiting_pull(call).await,
-        };
-        let resp = result.unwrap_or_else(ApiError::into_response);
-        METRICS.http_request(started.route, resp.status, started.at.elapsed());
-        resp
+    /// Not an `async fn`: one would hold `started` twice in its future
+    /// (argument and local, rust-lang/rust#62958), and a waiting pull's
+    /// connection holds that future for as long as it waits.
+    fn finish(&self, started: Started) -> impl Future<Output = Response> + Send {
+        let Started {
+            reply,
+            route,
+            at,
+            _in_flight,
+        } = started;
+        async move {
+            let result = match reply {
+                PendingReply::Ready(resp) => Ok(resp),
+                PendingReply::Send(call) => self.finish_send(call).await,
+                PendingReply::Pull(call) => self.finish_pull(call).await,
+                PendingReply::Stream(call, stream) => self.finish_stream(call, stream).await,
+                PendingReply::WaitingPull(call) => self.finish_waiting_pull(call).await,
+            };
+            let resp = result.unwrap_or_else(ApiError::into_response);
+            METRICS.http_request(route, resp.status, at.elapsed());
+            drop(_in_flight);
+            resp
+        }
     }
 
     /// Requests refused before routing (malformed, too slow, over the

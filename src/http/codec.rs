@@ -235,11 +235,7 @@ impl RequestDecoder {
 pub const MAX_HEADERS_CAP: usize = 128;
 
 fn parse_head(buf: &mut BytesMut, limits: &Limits) -> Result<Option<PartialRequest>, HttpError> {
-    // Skip the empty lines a client may send between requests (RFC 9112 §2.2).
-    while buf.starts_with(b"\r\n") || buf.starts_with(b"\n") {
-        let n = if buf[0] == b'\r' { 2 } else { 1 };
-        buf.advance(n);
-    }
+    skip_empty_lines(buf);
     if buf.is_empty() {
         return Ok(None);
     }
@@ -249,18 +245,8 @@ fn parse_head(buf: &mut BytesMut, limits: &Limits) -> Result<Option<PartialReque
     }
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS_CAP];
     let mut req = httparse::Request::new(&mut headers[..limits.max_headers.min(MAX_HEADERS_CAP)]);
-    let head_len = match req.parse(buf) {
-        Ok(httparse::Status::Complete(n)) if n <= limits.max_head => n,
-        Ok(httparse::Status::Complete(_)) => return Err(HttpError::HeadersTooLarge),
-        Ok(httparse::Status::Partial) if buf.len() > limits.max_head => {
-            return Err(HttpError::HeadersTooLarge);
-        }
-        Ok(httparse::Status::Partial) => return Ok(None),
-        Err(httparse::Error::TooManyHeaders) => return Err(HttpError::HeadersTooLarge),
-        Err(httparse::Error::Version) => {
-            return Err(HttpError::BadRequest("unsupported HTTP version"));
-        }
-        Err(_) => return Err(HttpError::BadRequest("malformed request head")),
+    let Some(head_len) = head_length(req.parse(buf), buf.len(), limits)? else {
+        return Ok(None);
     };
     let method = match req.method {
         Some("GET") => Method::Get,
@@ -275,80 +261,8 @@ fn parse_head(buf: &mut BytesMut, limits: &Limits) -> Result<Option<PartialReque
     let path = req.path.unwrap_or("/");
     let target_start = path.as_ptr() as usize - buf.as_ptr() as usize;
     let target_range = target_start..target_start + path.len();
-
-    let mut content_length: Option<usize> = None;
-    let mut chunked = false;
-    let mut saw_transfer_encoding = false;
-    let mut close = false;
-    let mut keep_alive_token = false;
-    let mut expect_continue = false;
-    let mut hosts = 0usize;
-    for header in req.headers.iter() {
-        let name = header.name.as_bytes();
-        let value = trim(header.value);
-        if name.eq_ignore_ascii_case(b"host") {
-            hosts += 1;
-        } else if name.eq_ignore_ascii_case(b"content-length") {
-            let len = parse_content_length(value)?;
-            if content_length.is_some_and(|seen| seen != len) {
-                return Err(HttpError::BadRequest("conflicting Content-Length"));
-            }
-            content_length = Some(len);
-        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
-            saw_transfer_encoding = true;
-            // Only a lone "chunked" is implemented; any other coding, or
-            // chunked applied twice, is refused (RFC 9112 §6.1).
-            for coding in value.split(|&b| b == b',').map(trim) {
-                if chunked || !coding.eq_ignore_ascii_case(b"chunked") {
-                    return Err(HttpError::NotImplemented("unsupported Transfer-Encoding"));
-                }
-                chunked = true;
-            }
-        } else if name.eq_ignore_ascii_case(b"connection") {
-            for token in value.split(|&b| b == b',').map(trim) {
-                close |= token.eq_ignore_ascii_case(b"close");
-                keep_alive_token |= token.eq_ignore_ascii_case(b"keep-alive");
-            }
-        } else if name.eq_ignore_ascii_case(b"expect") {
-            if !value.eq_ignore_ascii_case(b"100-continue") {
-                return Err(HttpError::BadRequest("unsupported Expect"));
-            }
-            expect_continue = version == Version::Http11;
-        }
-    }
-    // RFC 9112 §3.2: 400 for an HTTP/1.1 request without Host and for any
-    // request with more than one (which of two hosts was meant is a guess a
-    // proxy in front may have made differently).
-    if hosts > 1 {
-        return Err(HttpError::BadRequest("more than one Host header"));
-    }
-    if hosts == 0 && version == Version::Http11 {
-        return Err(HttpError::BadRequest("missing Host header"));
-    }
-    // Both framings at once is the classic smuggling vector (RFC 9112 §6.3).
-    if saw_transfer_encoding && content_length.is_some() {
-        return Err(HttpError::BadRequest(
-            "both Transfer-Encoding and Content-Length",
-        ));
-    }
-    if saw_transfer_encoding && version == Version::Http10 {
-        return Err(HttpError::BadRequest(
-            "Transfer-Encoding in an HTTP/1.0 request",
-        ));
-    }
-    let body = if chunked {
-        Body::Chunked(ChunkedBody::default())
-    } else {
-        let len = content_length.unwrap_or(0);
-        if len > limits.max_body {
-            return Err(HttpError::PayloadTooLarge);
-        }
-        Body::Length(len)
-    };
-    let keep_alive = match version {
-        Version::Http11 => !close,
-        Version::Http10 => keep_alive_token && !close,
-    };
+    let fields = HeaderFields::scan(req.headers, version)?;
+    let (body, keep_alive) = fields.framing(version, limits)?;
     let has_body = !matches!(body, Body::Length(0));
     let head = buf.split_to(head_len).freeze();
     Ok(Some(PartialRequest {
@@ -356,10 +270,128 @@ fn parse_head(buf: &mut BytesMut, limits: &Limits) -> Result<Option<PartialReque
         target: head.slice(target_range),
         version,
         keep_alive,
-        expect_continue: expect_continue && has_body,
+        expect_continue: fields.expect_continue && has_body,
         body,
         head,
     }))
+}
+
+/// Skips the empty lines a client may send between requests (RFC 9112 §2.2).
+fn skip_empty_lines(buf: &mut BytesMut) {
+    while buf.starts_with(b"\r\n") || buf.starts_with(b"\n") {
+        let n = if buf[0] == b'\r' { 2 } else { 1 };
+        buf.advance(n);
+    }
+}
+
+/// The head's length once httparse has it whole; `None` = more bytes needed.
+fn head_length(
+    parsed: httparse::Result<usize>,
+    buffered: usize,
+    limits: &Limits,
+) -> Result<Option<usize>, HttpError> {
+    match parsed {
+        Ok(httparse::Status::Complete(n)) if n <= limits.max_head => Ok(Some(n)),
+        Ok(httparse::Status::Complete(_)) => Err(HttpError::HeadersTooLarge),
+        Ok(httparse::Status::Partial) if buffered > limits.max_head => {
+            Err(HttpError::HeadersTooLarge)
+        }
+        Ok(httparse::Status::Partial) => Ok(None),
+        Err(httparse::Error::TooManyHeaders) => Err(HttpError::HeadersTooLarge),
+        Err(httparse::Error::Version) => Err(HttpError::BadRequest("unsupported HTTP version")),
+        Err(_) => Err(HttpError::BadRequest("malformed request head")),
+    }
+}
+
+/// What the header fields say about framing and the connection.
+#[derive(Default)]
+struct HeaderFields {
+    content_length: Option<usize>,
+    chunked: bool,
+    transfer_encoding: bool,
+    close: bool,
+    keep_alive_token: bool,
+    expect_continue: bool,
+    hosts: usize,
+}
+
+impl HeaderFields {
+    fn scan(headers: &[httparse::Header<'_>], version: Version) -> Result<Self, HttpError> {
+        let mut f = HeaderFields::default();
+        for header in headers {
+            let name = header.name.as_bytes();
+            let value = trim(header.value);
+            if name.eq_ignore_ascii_case(b"host") {
+                f.hosts += 1;
+            } else if name.eq_ignore_ascii_case(b"content-length") {
+                let len = parse_content_length(value)?;
+                if f.content_length.is_some_and(|seen| seen != len) {
+                    return Err(HttpError::BadRequest("conflicting Content-Length"));
+                }
+                f.content_length = Some(len);
+            } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+                f.transfer_encoding = true;
+                // Only a lone "chunked" is implemented; any other coding, or
+                // chunked applied twice, is refused (RFC 9112 §6.1).
+                for coding in value.split(|&b| b == b',').map(trim) {
+                    if f.chunked || !coding.eq_ignore_ascii_case(b"chunked") {
+                        return Err(HttpError::NotImplemented("unsupported Transfer-Encoding"));
+                    }
+                    f.chunked = true;
+                }
+            } else if name.eq_ignore_ascii_case(b"connection") {
+                for token in value.split(|&b| b == b',').map(trim) {
+                    f.close |= token.eq_ignore_ascii_case(b"close");
+                    f.keep_alive_token |= token.eq_ignore_ascii_case(b"keep-alive");
+                }
+            } else if name.eq_ignore_ascii_case(b"expect") {
+                if !value.eq_ignore_ascii_case(b"100-continue") {
+                    return Err(HttpError::BadRequest("unsupported Expect"));
+                }
+                f.expect_continue = version == Version::Http11;
+            }
+        }
+        Ok(f)
+    }
+
+    /// The body's framing and whether the connection stays open, or why the
+    /// request is refused.
+    fn framing(&self, version: Version, limits: &Limits) -> Result<(Body, bool), HttpError> {
+        // RFC 9112 §3.2: 400 for an HTTP/1.1 request without Host and for any
+        // request with more than one (which of two hosts was meant is a guess a
+        // proxy in front may have made differently).
+        if self.hosts > 1 {
+            return Err(HttpError::BadRequest("more than one Host header"));
+        }
+        if self.hosts == 0 && version == Version::Http11 {
+            return Err(HttpError::BadRequest("missing Host header"));
+        }
+        // Both framings at once is the classic smuggling vector (RFC 9112 §6.3).
+        if self.transfer_encoding && self.content_length.is_some() {
+            return Err(HttpError::BadRequest(
+                "both Transfer-Encoding and Content-Length",
+            ));
+        }
+        if self.transfer_encoding && version == Version::Http10 {
+            return Err(HttpError::BadRequest(
+                "Transfer-Encoding in an HTTP/1.0 request",
+            ));
+        }
+        let body = if self.chunked {
+            Body::Chunked(ChunkedBody::default())
+        } else {
+            let len = self.content_length.unwrap_or(0);
+            if len > limits.max_body {
+                return Err(HttpError::PayloadTooLarge);
+            }
+            Body::Length(len)
+        };
+        let keep_alive = match version {
+            Version::Http11 => !self.close,
+            Version::Http10 => self.keep_alive_token && !self.close,
+        };
+        Ok((body, keep_alive))
+    }
 }
 
 fn parse_content_length(value: &[u8]) -> Result<usize, HttpError> {

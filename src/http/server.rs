@@ -218,16 +218,7 @@ async fn connection<H: Handler>(
     options: ServerOptions,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
-    let settings = Settings {
-        limits: options.limits,
-        idle_timeout: options.idle_timeout,
-        request_timeout: options.request_timeout,
-        max_output: options.max_output_buffer,
-        reply_bound: H::reply_bound,
-        heartbeat: options.stream_heartbeat,
-        write_timeout: options.write_timeout,
-    };
-    let mut conn = Conn::new(settings, std::time::Instant::now());
+    let mut conn = Conn::new(settings::<H>(&options), std::time::Instant::now());
     let mut io = Io {
         socket,
         // Allocated by the first response: a connection whose request is
@@ -245,26 +236,9 @@ async fn connection<H: Handler>(
                 pending.push_back(catch_panic_sync(|| handler.start(&req)));
             }
             Action::Finish => {
-                let front = pending.pop_front().flatten();
-                let release_idle = || {
-                    release_if_empty(&mut conn.input);
-                    if pending.is_empty() {
-                        pending = VecDeque::new();
-                    }
-                };
-                let resp = io.finish(handler.as_ref(), front, release_idle).await?;
-                let done = Finished {
-                    status: resp.status,
-                    body_len: resp.body_len(),
-                    close: resp.close || resp.events.is_some(),
-                };
-                let framing = conn.finished(done, *shutdown.borrow());
-                if !framing.keep_alive {
-                    pending.clear();
-                }
-                if let Some(events) = io.put_response(resp, framing).await? {
-                    conn.start_stream(std::time::Instant::now());
-                    let chunked = !framing.http10;
+                let answered =
+                    answer_oldest(&mut io, &mut conn, &mut pending, &*handler, &shutdown);
+                if let Some((events, chunked)) = answered.await? {
                     // Boxed: a stream's driver is large, and inline it
                     // would make every connection's task that large.
                     return Box::pin(io.stream(&mut conn, events, chunked, &mut shutdown)).await;
@@ -283,55 +257,98 @@ async fn connection<H: Handler>(
             }
             Action::Reject(err) => {
                 write_response(&mut io.output, &handler.reject(err), false, false, false);
-                io.flush().await?;
-                return Box::pin(lingering_close(io.socket)).await;
+                return io.close().await;
             }
-            Action::Close => {
-                io.flush().await?;
-                return Box::pin(lingering_close(io.socket)).await;
-            }
+            Action::Close => return io.close().await,
         }
     }
 }
 
+/// The connection policy's settings from the server's options.
+fn settings<H: Handler>(options: &ServerOptions) -> Settings {
+    Settings {
+        limits: options.limits,
+        idle_timeout: options.idle_timeout,
+        request_timeout: options.request_timeout,
+        max_output: options.max_output_buffer,
+        reply_bound: H::reply_bound,
+        heartbeat: options.stream_heartbeat,
+        write_timeout: options.write_timeout,
+    }
+}
+
+/// Answers the oldest started request and queues its response; an event
+/// stream's source (and whether it is chunked) is handed back for the
+/// connection to drive.
+async fn answer_oldest<H: Handler>(
+    io: &mut Io,
+    conn: &mut Conn,
+    pending: &mut VecDeque<Option<H::Pending>>,
+    handler: &H,
+    shutdown: &watch::Receiver<bool>,
+) -> std::io::Result<Option<(Box<dyn EventSource>, bool)>> {
+    // The future is made and pinned here, in one place: an `async fn`
+    // taking the started request or its future by value would hold it twice
+    // (rust-lang/rust#62958), in every waiting connection's task.
+    let held = pending
+        .front()
+        .and_then(Option::as_ref)
+        .is_some_and(H::held);
+    let mut finishing = std::pin::pin!(pending.pop_front().flatten().map(|p| handler.finish(p)));
+    let release_idle = || {
+        release_if_empty(&mut conn.input);
+        if pending.is_empty() {
+            *pending = VecDeque::new();
+        }
+    };
+    let resp = match finishing.as_mut().as_pin_mut() {
+        Some(future) => io.response(catch_panic(future), held, release_idle).await?,
+        None => None,
+    };
+    let resp = resp.unwrap_or_else(|| handler.reject(HttpError::HandlerPanicked));
+    let done = Finished {
+        status: resp.status,
+        body_len: resp.body_len(),
+        close: resp.close || resp.events.is_some(),
+    };
+    let framing = conn.finished(done, *shutdown.borrow());
+    if !framing.keep_alive {
+        pending.clear();
+    }
+    let events = io.put_response(resp, framing).await?;
+    Ok(events.map(|events| {
+        conn.start_stream(std::time::Instant::now());
+        (events, !framing.http10)
+    }))
+}
+
 impl Io {
-    /// The response to a started request. One already answered is taken
-    /// without writing first, so that pipelined responses share a write;
-    /// before waiting on one that is not, the output goes out and
-    /// `release_idle` gives back the buffers the wait does not need (a pull
-    /// held waiting for messages kept 5 KB in them: the 4 KiB its request was
-    /// read into and the queue of started requests; measured with 10,000
-    /// waiting pulls, bench/longpoll --held).
-    async fn finish<H: Handler>(
+    /// Waits for a started request's response (`None` if serving it
+    /// panicked). One already answered is taken without writing first, so
+    /// that pipelined responses share a write; before waiting on one that
+    /// is not, the output goes out and `release_idle` gives back the
+    /// buffers the wait does not need (a pull held waiting for messages kept
+    /// 5 KB in them: the 4 KiB its request was read into and the queue of
+    /// started requests; measured with 10,000 waiting pulls, bench/longpoll
+    /// --held). A `held` request is given up if the peer closes meanwhile.
+    async fn response<F: Future<Output = Option<Response>> + Unpin>(
         &mut self,
-        handler: &H,
-        pending: Option<H::Pending>,
+        mut finishing: F,
+        held: bool,
         release_idle: impl FnOnce(),
-    ) -> std::io::Result<Response> {
-        let resp = match pending {
-            Some(pending) => {
-                let held = H::held(&pending);
-                let finishing = std::pin::pin!(handler.finish(pending));
-                let mut finishing = catch_panic(finishing);
-                match poll_once(Pin::new(&mut finishing)).await {
-                    Some(resp) => resp,
-                    None => {
-                        self.flush().await?;
-                        release_idle();
-                        if held {
-                            tokio::select! {
-                                resp = &mut finishing => resp,
-                                () = peer_closed(&self.socket) => return Err(std::io::ErrorKind::ConnectionAborted.into()),
-                            }
-                        } else {
-                            finishing.await
-                        }
-                    }
-                }
-            }
-            None => None,
-        };
-        Ok(resp.unwrap_or_else(|| handler.reject(HttpError::HandlerPanicked)))
+    ) -> std::io::Result<Option<Response>> {
+        if let Some(resp) = poll_once(Pin::new(&mut finishing)).await {
+            return Ok(resp);
+        }
+        self.flush().await?;
+        release_idle();
+        if !held {
+            return Ok(finishing.await);
+        }
+        tokio::select! {
+            resp = &mut finishing => Ok(resp),
+            () = peer_closed(&self.socket) => Err(std::io::ErrorKind::ConnectionAborted.into()),
+        }
     }
 
     /// Queues `resp`; a streamed body is produced as the output drains, so
@@ -483,6 +500,12 @@ impl Io {
             self.output = BytesMut::with_capacity(INITIAL_BUFFER);
         }
         Ok(())
+    }
+
+    /// Writes out what is queued (a final response), then closes.
+    async fn close(mut self) -> std::io::Result<()> {
+        self.flush().await?;
+        Box::pin(lingering_close(self.socket)).await
     }
 
     /// Writes out the whole output. A peer that accepts no byte for the

@@ -25,7 +25,8 @@
 //!   ([`store::subscriber`]).
 //! * [`mux`]: the connection actor shared by the RPC client and the Redis
 //!   client: one task owns a socket, batches every queued request into one
-//!   write and routes each reply back to its caller.
+//!   write, routes each reply back to its caller, and cancels at the peer
+//!   the calls nobody waits for any more (RPC CANCEL).
 //! * [`resp`]: RESP command encoding, reply decoding (on `redis-protocol`) and
 //!   Redis URL parsing.
 //! * [`store`]: the [`store::Store`] trait with its Redis (standalone and
@@ -33,7 +34,10 @@
 //! * [`proto`]: the types generated from `proto/im.proto`, and its field
 //!   numbers ([`proto::fields`]) for the code that reads fields by hand ([`wire`]).
 //! * [`domain`]: validation and the rules of the API (limits, DM rooms).
-//! * [`config`]: command line and environment, parsed once into [`config::Config`].
+//! * [`config`]: command line and environment, parsed once into
+//!   [`config::Config`]; each option declared once (field, parser, flag,
+//!   environment variable, default, help), and every component's defaults
+//!   taken from that declaration ([`config::Config::defaults`]).
 //! * [`metrics`]: Prometheus counters, gauges and histograms, counted per
 //!   thread without locks and summed at scrape time (`GET /metrics`).
 //! * [`discovery`]: where the RPC servers are (a list, DNS, etcd) and the RPC

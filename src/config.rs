@@ -32,6 +32,9 @@ macro_rules! options {
     (@default unset) => { None };
     (@default $default:literal) => { Some($default) };
     ($( $field:ident: $ty:ty = $parse:ident($flag:literal, $env:literal, $default:tt, $help:literal); )*) => {
+        // The help lines are the fields' docs; their `[...]` mean "optional",
+        // not links.
+        #[allow(rustdoc::broken_intra_doc_links)]
         #[derive(Debug, Clone)]
         pub struct Config {
             pub role: Role,

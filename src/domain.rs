@@ -1,5 +1,5 @@
 //! The rules of the API, independent of any transport: validation, limits,
-//! two-person room names and the status codes carried in RPC responses.
+//! two-person room names.
 
 /// Longest accepted `chat` or `sender`, in bytes.
 pub const MAX_NAME_BYTES: usize = 256;
@@ -16,37 +16,6 @@ pub const DEFAULT_LIMIT: i32 = 10;
 pub const MAX_LIMIT: i32 = 100;
 /// Longest accepted idempotency key, in bytes.
 pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 128;
-
-/// Outcome codes carried in `SendResponse.code` / `PullResponse.code`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(i32)]
-pub enum Code {
-    Ok = 0,
-    /// The request is invalid; retrying it unchanged will fail again.
-    InvalidArgument = 1,
-    /// The store is unreachable or did not acknowledge the command.
-    Unavailable = 2,
-    /// Too many requests are queued; retry later.
-    Overloaded = 3,
-    /// A bug or an unexpected reply from the store.
-    Internal = 4,
-    /// The idempotency key was already used in this chat for a different
-    /// message (other text or sender).
-    IdempotencyKeyReused = 5,
-}
-
-impl Code {
-    pub fn from_i32(code: i32) -> Code {
-        match code {
-            0 => Code::Ok,
-            1 => Code::InvalidArgument,
-            2 => Code::Unavailable,
-            3 => Code::Overloaded,
-            5 => Code::IdempotencyKeyReused,
-            _ => Code::Internal,
-        }
-    }
-}
 
 /// A rejected request: which field and why.
 #[derive(Debug, Clone, PartialEq, Eq)]

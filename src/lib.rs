@@ -34,6 +34,10 @@
 //! * [`proto`]: the types generated from `proto/im.proto`, and its field
 //!   numbers ([`proto::fields`]) for the code that reads fields by hand ([`wire`]).
 //! * [`domain`]: validation and the rules of the API (limits, DM rooms).
+//! * [`error`]: the one error type for service-level failures (unavailable,
+//!   lost, overloaded, timeout, internal, ...), used by [`mux`], the RPC
+//!   client and server, and the stores; its RPC codes are written there, its
+//!   HTTP statuses in [`gateway::error`].
 //! * [`config`]: command line and environment, parsed once into
 //!   [`config::Config`]; each option declared once (field, parser, flag,
 //!   environment variable, default, help), and every component's defaults
@@ -50,6 +54,7 @@ pub mod buf;
 pub mod config;
 pub mod discovery;
 pub mod domain;
+pub mod error;
 pub mod gateway;
 pub mod http;
 pub mod metrics;

@@ -4,14 +4,14 @@
 //! [`Pending`] reply back at once. The task writes everything queued with one
 //! `write` (batching under load for free), matches each reply to its caller
 //! by tag, and reconnects with backoff when the connection breaks. Callers of
-//! a broken or not-yet-restored connection get [`MuxError::Unavailable`]
-//! immediately instead of hanging; a full queue gives [`MuxError::Overloaded`].
-//! Calls written on a connection that then breaks get [`MuxError::Lost`]: the
+//! a broken or not-yet-restored connection get [`Error::Unavailable`]
+//! immediately instead of hanging; a full queue gives [`Error::Overloaded`].
+//! Calls written on a connection that then breaks get [`Error::Lost`]: the
 //! peer may have carried them out (an RPC client must not resend a send).
 //!
 //! A call may carry a deadline. One whose deadline has passed, or whose
 //! caller stopped waiting, by the time the task takes it off the queue is
-//! never written: it gets [`MuxError::Timeout`]. So a caller that gave up on
+//! never written: it gets [`Error::Timeout`]. So a caller that gave up on
 //! a queued call knows the peer never saw it; only a call already written can
 //! have run without its caller hearing back.
 //!
@@ -31,6 +31,8 @@ use bytes::{Buf, BytesMut};
 use tokio::io::{Interest, Ready};
 use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::{mpsc, oneshot};
+
+use crate::error::Error;
 
 /// A connected socket: TCP, or a unix socket for a local Redis.
 #[derive(Debug)]
@@ -120,35 +122,20 @@ pub trait Protocol: Send + 'static {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MuxError {
-    /// Not connected: the request was never written, so it is safe to send
-    /// it elsewhere.
-    Unavailable,
-    /// The connection broke after the request was written: it may or may not
-    /// have been carried out.
-    Lost,
-    /// The queue is full (calls or bytes). The call was never queued.
-    Overloaded,
-    /// The call's deadline passed before it could be written: the peer never
-    /// saw it.
-    Timeout,
-}
-
 struct Call<P: Protocol> {
     request: P::Request,
-    reply: oneshot::Sender<Result<P::Reply, MuxError>>,
+    reply: oneshot::Sender<Result<P::Reply, Error>>,
     deadline: Option<Instant>,
     /// What `request` counts against the queue's byte budget.
     bytes: usize,
 }
 
 /// A reply that has been asked for and not yet received.
-pub struct Pending<R>(oneshot::Receiver<Result<R, MuxError>>);
+pub struct Pending<R>(oneshot::Receiver<Result<R, Error>>);
 
 impl<R> Pending<R> {
-    pub async fn wait(self) -> Result<R, MuxError> {
-        self.0.await.unwrap_or(Err(MuxError::Unavailable))
+    pub async fn wait(self) -> Result<R, Error> {
+        self.0.await.unwrap_or(Err(Error::Unavailable))
     }
 }
 
@@ -242,17 +229,17 @@ impl<P: Protocol> Handle<P> {
     }
 
     /// Queues `request` without waiting, with no deadline.
-    pub fn start(&self, request: impl Into<P::Request>) -> Result<Pending<P::Reply>, MuxError> {
+    pub fn start(&self, request: impl Into<P::Request>) -> Result<Pending<P::Reply>, Error> {
         self.start_call(request.into(), None)
     }
 
     /// Queues `request` without waiting; if it is still queued at `deadline`
-    /// it is answered [`MuxError::Timeout`] and never written.
+    /// it is answered [`Error::Timeout`] and never written.
     pub fn start_by(
         &self,
         request: impl Into<P::Request>,
         deadline: Instant,
-    ) -> Result<Pending<P::Reply>, MuxError> {
+    ) -> Result<Pending<P::Reply>, Error> {
         self.start_call(request.into(), Some(deadline))
     }
 
@@ -260,10 +247,10 @@ impl<P: Protocol> Handle<P> {
         &self,
         request: P::Request,
         deadline: Option<Instant>,
-    ) -> Result<Pending<P::Reply>, MuxError> {
+    ) -> Result<Pending<P::Reply>, Error> {
         let bytes = P::queued_bytes(&request);
         if !self.queued.add(bytes) {
-            return Err(MuxError::Overloaded);
+            return Err(Error::Overloaded);
         }
         let (reply, receiver) = oneshot::channel();
         let call = Call {
@@ -277,8 +264,8 @@ impl<P: Protocol> Handle<P> {
             Err(err) => {
                 self.queued.release(bytes);
                 Err(match err {
-                    mpsc::error::TrySendError::Full(_) => MuxError::Overloaded,
-                    mpsc::error::TrySendError::Closed(_) => MuxError::Unavailable,
+                    mpsc::error::TrySendError::Full(_) => Error::Overloaded,
+                    mpsc::error::TrySendError::Closed(_) => Error::Unavailable,
                 })
             }
         }
@@ -379,7 +366,7 @@ async fn run<P: Protocol>(mut protocol: P, mut calls: Queue<P>, options: MuxOpti
                 let idle_close = connection.waiting.is_empty()
                     && connected.elapsed() >= MIN_LIFE_FOR_QUICK_RECONNECT;
                 for (_, (reply, _)) in connection.waiting.drain() {
-                    let _ = reply.send(Err(MuxError::Lost));
+                    let _ = reply.send(Err(Error::Lost));
                 }
                 match outcome {
                     Ok(()) => return, // every handle dropped
@@ -416,7 +403,7 @@ async fn run<P: Protocol>(mut protocol: P, mut calls: Queue<P>, options: MuxOpti
             tokio::select! {
                 _ = &mut retry => break,
                 call = calls.recv() => match call {
-                    Some(call) => { let _ = call.reply.send(Err(MuxError::Unavailable)); }
+                    Some(call) => { let _ = call.reply.send(Err(Error::Unavailable)); }
                     None => return,
                 },
             }
@@ -429,7 +416,7 @@ async fn run<P: Protocol>(mut protocol: P, mut calls: Queue<P>, options: MuxOpti
 type Waiting<P> = HashMap<
     u64,
     (
-        oneshot::Sender<Result<<P as Protocol>::Reply, MuxError>>,
+        oneshot::Sender<Result<<P as Protocol>::Reply, Error>>,
         usize,
     ),
 >;
@@ -528,7 +515,7 @@ impl<P: Protocol> Connection<P> {
         // Too late to be useful, and the caller may already have been told
         // it failed: writing it now could make a refused call take effect.
         if call.deadline.is_some_and(|d| d <= Instant::now()) {
-            let _ = call.reply.send(Err(MuxError::Timeout));
+            let _ = call.reply.send(Err(Error::Timeout));
             return;
         }
         let tag = protocol.encode(call.request, &mut self.output);

@@ -1,9 +1,8 @@
 //! Every way a gateway request can fail, and the one place where each
 //! becomes an HTTP status and a JSON error body.
 
-use crate::domain::Code;
+use crate::error::Error;
 use crate::http::{HttpError, Response};
-use crate::rpc::client::RpcError;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ApiError {
@@ -14,16 +13,11 @@ pub enum ApiError {
     /// The request's `Accept` excludes what the endpoint serves.
     NotAcceptable,
     Http(HttpError),
-    /// The RPC server or the store is unreachable.
-    Unavailable,
-    /// Queues are full.
-    Overloaded,
-    /// The RPC server did not answer in time.
-    Timeout,
-    /// The send's idempotency key was used in its chat for another message.
-    IdempotencyKeyReused,
-    /// A bug on our side (never the client's fault).
-    Internal(String),
+    /// The message service failed: the RPC server or the store is
+    /// unreachable or overloaded, did not answer in time, refused the send's
+    /// idempotency key, or hit a bug on our side (never the client's fault).
+    /// (Its `Invalid` is answered as [`ApiError::Invalid`].)
+    Service(Error),
     /// No acceptable bearer token; `missing` when none was sent at all.
     Unauthorized {
         missing: bool,
@@ -38,7 +32,7 @@ pub enum ApiError {
 impl ApiError {
     pub fn status(&self) -> u16 {
         match self {
-            ApiError::Invalid(_) => 400,
+            ApiError::Invalid(_) | ApiError::Service(Error::Invalid(_)) => 400,
             ApiError::NotFound => 404,
             ApiError::MethodNotAllowed(_) => 405,
             ApiError::NotAcceptable => 406,
@@ -50,10 +44,10 @@ impl ApiError {
             ApiError::Http(HttpError::NotImplemented(_)) => 501,
             ApiError::Http(HttpError::TooManyConnections) => 503,
             ApiError::Http(HttpError::HandlerPanicked) => 500,
-            ApiError::Unavailable | ApiError::Overloaded => 503,
-            ApiError::Timeout => 504,
-            ApiError::IdempotencyKeyReused => 422,
-            ApiError::Internal(_) => 500,
+            ApiError::Service(Error::Unavailable | Error::Lost | Error::Overloaded) => 503,
+            ApiError::Service(Error::Timeout) => 504,
+            ApiError::Service(Error::IdempotencyKeyReused) => 422,
+            ApiError::Service(Error::Internal(_)) => 500,
             ApiError::Unauthorized { .. } => 401,
             ApiError::Forbidden(_) => 403,
             ApiError::RateLimited(_) => 429,
@@ -62,7 +56,9 @@ impl ApiError {
 
     fn code(&self) -> &'static str {
         match self {
-            ApiError::Invalid(_) | ApiError::Http(HttpError::BadRequest(_)) => "invalid_request",
+            ApiError::Invalid(_)
+            | ApiError::Service(Error::Invalid(_))
+            | ApiError::Http(HttpError::BadRequest(_)) => "invalid_request",
             ApiError::NotFound => "not_found",
             ApiError::MethodNotAllowed(_) => "method_not_allowed",
             ApiError::NotAcceptable => "not_acceptable",
@@ -73,11 +69,11 @@ impl ApiError {
             ApiError::Http(HttpError::NotImplemented(_)) => "not_implemented",
             ApiError::Http(HttpError::TooManyConnections) => "overloaded",
             ApiError::Http(HttpError::HandlerPanicked) => "internal",
-            ApiError::Unavailable => "unavailable",
-            ApiError::Overloaded => "overloaded",
-            ApiError::Timeout => "timeout",
-            ApiError::IdempotencyKeyReused => "idempotency_key_reused",
-            ApiError::Internal(_) => "internal",
+            ApiError::Service(Error::Unavailable | Error::Lost) => "unavailable",
+            ApiError::Service(Error::Overloaded) => "overloaded",
+            ApiError::Service(Error::Timeout) => "timeout",
+            ApiError::Service(Error::IdempotencyKeyReused) => "idempotency_key_reused",
+            ApiError::Service(Error::Internal(_)) => "internal",
             ApiError::Unauthorized { missing: true, .. } => "unauthorized",
             ApiError::Unauthorized { missing: false, .. } => "invalid_token",
             ApiError::Forbidden(_) => "forbidden",
@@ -87,7 +83,7 @@ impl ApiError {
 
     fn message(&self) -> String {
         match self {
-            ApiError::Invalid(why) => why.clone(),
+            ApiError::Invalid(why) | ApiError::Service(Error::Invalid(why)) => why.clone(),
             ApiError::NotFound => "no such endpoint".into(),
             ApiError::MethodNotAllowed(allow) => format!("method not allowed; use {allow}"),
             ApiError::NotAcceptable => {
@@ -106,13 +102,19 @@ impl ApiError {
                 "too many connections; retry later".into()
             }
             ApiError::Http(HttpError::UriTooLong) => "the request line is too long".into(),
-            ApiError::Http(HttpError::HandlerPanicked) | ApiError::Internal(_) => {
+            ApiError::Http(HttpError::HandlerPanicked) | ApiError::Service(Error::Internal(_)) => {
                 "internal error".into()
             }
-            ApiError::Unavailable => "the message service is unavailable; retry later".into(),
-            ApiError::Overloaded => "the message service is overloaded; retry later".into(),
-            ApiError::Timeout => "the message service did not answer in time".into(),
-            ApiError::IdempotencyKeyReused => {
+            ApiError::Service(Error::Unavailable | Error::Lost) => {
+                "the message service is unavailable; retry later".into()
+            }
+            ApiError::Service(Error::Overloaded) => {
+                "the message service is overloaded; retry later".into()
+            }
+            ApiError::Service(Error::Timeout) => {
+                "the message service did not answer in time".into()
+            }
+            ApiError::Service(Error::IdempotencyKeyReused) => {
                 "this idempotency key was already used in this chat for a different message".into()
             }
             ApiError::Unauthorized { why, .. } | ApiError::Forbidden(why) => (*why).into(),
@@ -129,15 +131,27 @@ impl ApiError {
         body.to_string().into_bytes()
     }
 
+    /// A bug on our side, or an answer that should never come.
+    pub fn internal(why: String) -> ApiError {
+        ApiError::Service(Error::Internal(why))
+    }
+
+    /// The error for a non-OK `code` (and its `msg`) in an RPC response.
+    pub fn from_code(code: i32, msg: String) -> ApiError {
+        Error::from_code(code, msg).into()
+    }
+
     /// The response for this error.
     pub fn into_response(self) -> Response {
-        if let ApiError::Internal(why) = &self {
+        if let ApiError::Service(Error::Internal(why)) = &self {
             eprintln!("im-server: internal error: {why}");
         }
         let mut resp = Response::json(self.status(), self.json_body());
         match self {
             ApiError::MethodNotAllowed(allow) => resp.allow = Some(allow),
-            ApiError::Unavailable | ApiError::Overloaded => resp.retry_after = Some(1),
+            ApiError::Service(Error::Unavailable | Error::Lost | Error::Overloaded) => {
+                resp.retry_after = Some(1)
+            }
             ApiError::RateLimited(secs) => resp.retry_after = Some(secs),
             // RFC 6750 §3: no error code when no credentials were sent.
             ApiError::Unauthorized { missing: true, .. } => {
@@ -160,25 +174,13 @@ impl ApiError {
         }
         resp
     }
-
-    /// The error for a non-OK code in an RPC response.
-    pub fn from_code(code: i32, msg: String) -> ApiError {
-        match Code::from_i32(code) {
-            Code::InvalidArgument => ApiError::Invalid(msg),
-            Code::Unavailable => ApiError::Unavailable,
-            Code::Overloaded => ApiError::Overloaded,
-            Code::IdempotencyKeyReused => ApiError::IdempotencyKeyReused,
-            Code::Ok | Code::Internal => ApiError::Internal(format!("rpc code {code}: {msg}")),
-        }
-    }
 }
 
-impl From<RpcError> for ApiError {
-    fn from(err: RpcError) -> Self {
+impl From<Error> for ApiError {
+    fn from(err: Error) -> Self {
         match err {
-            RpcError::Unavailable | RpcError::Lost => ApiError::Unavailable,
-            RpcError::Overloaded => ApiError::Overloaded,
-            RpcError::Timeout => ApiError::Timeout,
+            Error::Invalid(why) => ApiError::Invalid(why),
+            err => ApiError::Service(err),
         }
     }
 }

@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
+use crate::error::CODE_OK;
 use crate::http::{Handler, HttpError, Method, Request, Response};
 use crate::metrics::{self, Gauge, METRICS, Route};
 use crate::proto::{PullResponse, SendRequest, SendResponse};
@@ -117,7 +118,7 @@ impl Gateway {
 
     async fn finish_send(&self, call: BalancedCall) -> Result<Response, ApiError> {
         let resp: SendResponse = decode_reply(self.rpc.finish(call).await?)?;
-        if resp.code != 0 {
+        if resp.code != CODE_OK {
             return Err(ApiError::from_code(resp.code, resp.msg));
         }
         let mut response = Response::json(200, json::send_body(resp.send_time));
@@ -138,7 +139,7 @@ impl Gateway {
                 Ok(resp)
             }
             Ok(Err(failed)) => Err(ApiError::from_code(failed.code, failed.msg)),
-            Err(err) => Err(ApiError::Internal(format!("undecodable rpc reply: {err}"))),
+            Err(err) => Err(ApiError::internal(format!("undecodable rpc reply: {err}"))),
         }
     }
 }
@@ -227,7 +228,7 @@ fn unquote(value: &[u8]) -> Option<String> {
 fn check_status(frame: &Frame) -> Result<(), ApiError> {
     if frame.kind != status::OK {
         let why = String::from_utf8_lossy(&frame.body);
-        return Err(ApiError::Internal(format!(
+        return Err(ApiError::internal(format!(
             "rpc server refused a frame: {why}"
         )));
     }
@@ -236,7 +237,7 @@ fn check_status(frame: &Frame) -> Result<(), ApiError> {
 
 fn decode_reply<M: prost::Message + Default>(frame: Frame) -> Result<M, ApiError> {
     check_status(&frame)?;
-    M::decode(frame.body).map_err(|e| ApiError::Internal(format!("undecodable rpc reply: {e}")))
+    M::decode(frame.body).map_err(|e| ApiError::internal(format!("undecodable rpc reply: {e}")))
 }
 
 impl Handler for Gateway {

@@ -9,6 +9,7 @@
 use bytes::{Bytes, BytesMut};
 
 use super::json::{put_i64, put_str};
+use crate::error::CODE_OK;
 use crate::http::response::BodySource;
 use crate::proto::PullResponse;
 use crate::proto::fields::{message, pull_response};
@@ -31,7 +32,7 @@ pub fn pull_body(wire: Bytes) -> Result<Result<PullBody, Failed>, Malformed> {
         return Ok(pull_json(&wire)?.map(PullBody::Whole));
     }
     let scalars = scalars(&wire)?;
-    if scalars.code != 0 {
+    if scalars.code != CODE_OK {
         return Ok(Err(Failed {
             code: scalars.code,
             msg: scalars.msg,
@@ -192,7 +193,7 @@ pub fn pull_json(wire: &[u8]) -> Result<Result<Vec<u8>, Failed>, Malformed> {
         next_cursor,
         count,
     } = scalars(wire)?;
-    if code != 0 {
+    if code != CODE_OK {
         return Ok(Err(Failed { code, msg }));
     }
     // Second pass: each message, written as it is read.

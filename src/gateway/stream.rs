@@ -18,6 +18,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use super::error::ApiError;
 use super::pull_wire::{scalars, write_message};
 use super::{Gateway, PendingReply, access, check_status, json};
+use crate::error::CODE_OK;
 use crate::http::Request;
 use crate::http::response::{Batch, EventSource};
 use crate::proto::PullRequest;
@@ -178,9 +179,9 @@ fn is_q_zero(param: &[u8]) -> bool {
 fn page_of(frame: Frame) -> Result<Bytes, ApiError> {
     check_status(&frame)?;
     let undecodable =
-        |e: crate::wire::Malformed| ApiError::Internal(format!("undecodable rpc reply: {e}"));
+        |e: crate::wire::Malformed| ApiError::internal(format!("undecodable rpc reply: {e}"));
     let head = scalars(&frame.body).map_err(undecodable)?;
-    if head.code != 0 {
+    if head.code != CODE_OK {
         return Err(ApiError::from_code(head.code, head.msg));
     }
     let mut rest = &frame.body[..];

@@ -19,9 +19,10 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use super::client::{RpcCall, RpcClient, RpcClientOptions, RpcError, RpcRequest};
+use super::client::{RpcCall, RpcClient, RpcClientOptions, RpcRequest};
 use super::frame::Frame;
 use crate::balance::{Balancer, Change, EndpointId, Policy};
+use crate::error::Error;
 use crate::metrics::{METRICS, Outcome, RpcMethod};
 
 /// How often idle and recovering endpoints are pinged.
@@ -81,12 +82,13 @@ struct Ticket {
 
 impl Ticket {
     /// Records how the call ended, for the balancer and the metrics.
-    fn ended(&mut self, result: Result<(), RpcError>) {
+    fn ended(&mut self, result: Result<(), &Error>) {
         let (outcome, counted) = match result {
             Ok(()) => (Some(true), Outcome::Ok),
-            Err(RpcError::Overloaded) => (None, Outcome::Error),
-            Err(RpcError::Timeout) => (Some(false), Outcome::Timeout),
-            Err(RpcError::Unavailable | RpcError::Lost) => (Some(false), Outcome::Error),
+            Err(Error::Overloaded) => (None, Outcome::Error),
+            Err(Error::Timeout) => (Some(false), Outcome::Timeout),
+            // Unavailable or Lost: the RPC client fails with no other kind.
+            Err(_) => (Some(false), Outcome::Error),
         };
         self.outcome = outcome;
         self.result = counted;
@@ -170,7 +172,7 @@ impl BalancedClient {
     }
 
     /// Starts `request` on the best endpoint, or another if that one refuses.
-    pub fn start(&self, request: RpcRequest) -> Result<BalancedCall, RpcError> {
+    pub fn start(&self, request: RpcRequest) -> Result<BalancedCall, Error> {
         // A pull may be held by the server for its `wait_ms` on top.
         let held = match &request {
             RpcRequest::Pull(pull) => Duration::from_millis(pull.wait_ms.max(0) as u64),
@@ -187,8 +189,8 @@ impl BalancedClient {
         spare: Option<RpcRequest>,
         mut tried: Vec<EndpointId>,
         deadline: Instant,
-    ) -> Result<BalancedCall, RpcError> {
-        let mut last = RpcError::Unavailable;
+    ) -> Result<BalancedCall, Error> {
+        let mut last = Error::Unavailable;
         let method = match &request {
             RpcRequest::Send(_) => RpcMethod::Send,
             RpcRequest::Pull(_) => RpcMethod::Pull,
@@ -202,7 +204,7 @@ impl BalancedClient {
                 log_changes(&mut balancer);
                 match balancer.pick(now, &tried) {
                     Some((id, client)) => (id, client.clone(), now),
-                    None => return Err(RpcError::Unavailable),
+                    None => return Err(Error::Unavailable),
                 }
             };
             if tried.contains(&id) {
@@ -238,12 +240,12 @@ impl BalancedClient {
                     });
                 }
                 Err(err) => {
-                    ticket.ended(Err(err));
-                    last = err;
+                    ticket.ended(Err(&err));
                     match &spare {
                         Some(copy) => request = copy.clone(),
                         None => return Err(err),
                     }
+                    last = err;
                 }
             }
         }
@@ -252,12 +254,12 @@ impl BalancedClient {
 
     /// Waits for the reply, retrying elsewhere where that is safe, all
     /// within the one call timeout.
-    pub async fn finish(&self, mut call: BalancedCall) -> Result<Frame, RpcError> {
+    pub async fn finish(&self, mut call: BalancedCall) -> Result<Frame, Error> {
         loop {
             let left = call.deadline.saturating_duration_since(Instant::now());
             let result = match tokio::time::timeout(left, call.call.wait()).await {
                 Ok(result) => result,
-                Err(_elapsed) => Err(RpcError::Timeout),
+                Err(_elapsed) => Err(Error::Timeout),
             };
             let retry = match result {
                 Ok(frame) => {
@@ -265,14 +267,18 @@ impl BalancedClient {
                     return Ok(frame);
                 }
                 Err(err) => {
-                    call.ticket.ended(Err(err));
+                    call.ticket.ended(Err(&err));
                     let safe = match err {
-                        RpcError::Unavailable | RpcError::Overloaded => true,
-                        RpcError::Lost => {
+                        Error::Unavailable | Error::Overloaded => true,
+                        Error::Lost => {
                             repeatable(call.spare.as_ref())
                                 && !std::mem::replace(&mut call.lost_retried, true)
                         }
-                        RpcError::Timeout => false,
+                        // Timeout: maybe carried out. (The client fails with none of the others.)
+                        Error::Timeout
+                        | Error::IdempotencyKeyReused
+                        | Error::Invalid(_)
+                        | Error::Internal(_) => false,
                     };
                     match (&call.spare, safe) {
                         (Some(copy), true) => copy.clone(),

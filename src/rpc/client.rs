@@ -12,8 +12,9 @@ use tokio::time::Instant;
 
 use super::frame::{self, Frame};
 use super::{method, status};
+use crate::error::Error;
 use crate::metrics::{PeerKind, PeerStats};
-use crate::mux::{MuxError, MuxOptions, Pending, Pool, Protocol, Stream};
+use crate::mux::{MuxOptions, Pending, Pool, Protocol, Stream};
 use crate::proto::{PingRequest, PullRequest, SendRequest};
 
 #[derive(Clone)]
@@ -21,18 +22,6 @@ pub enum RpcRequest {
     Send(SendRequest),
     Pull(PullRequest),
     Ping,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RpcError {
-    /// The RPC server is unreachable: the call was not written.
-    Unavailable,
-    /// The connection broke after the call was written: outcome unknown.
-    Lost,
-    /// Too many calls are queued.
-    Overloaded,
-    /// No reply within the call timeout.
-    Timeout,
 }
 
 struct RpcProtocol {
@@ -135,14 +124,8 @@ pub struct RpcCall {
 
 impl RpcCall {
     /// Waits for the reply with no time limit (the caller applies one).
-    pub async fn wait(self) -> Result<Frame, RpcError> {
-        match self.reply.wait().await {
-            Ok(frame) => Ok(frame),
-            Err(MuxError::Overloaded) => Err(RpcError::Overloaded),
-            Err(MuxError::Unavailable) => Err(RpcError::Unavailable),
-            Err(MuxError::Lost) => Err(RpcError::Lost),
-            Err(MuxError::Timeout) => Err(RpcError::Timeout),
-        }
+    pub async fn wait(self) -> Result<Frame, Error> {
+        self.reply.wait().await
     }
 }
 
@@ -191,32 +174,22 @@ impl RpcClient {
     /// Sends the request without waiting for its reply. The call's timeout
     /// starts now; a call still queued when it runs out
     /// is never written.
-    pub fn start(&self, request: RpcRequest) -> Result<RpcCall, RpcError> {
+    pub fn start(&self, request: RpcRequest) -> Result<RpcCall, Error> {
         self.start_by(request, Instant::now() + self.timeout)
     }
 
     /// [`start`](Self::start) with the deadline given (a call retried on
     /// another server keeps its first deadline).
-    pub fn start_by(&self, request: RpcRequest, deadline: Instant) -> Result<RpcCall, RpcError> {
-        match self.pool.handle().start_by(request, deadline) {
-            Ok(reply) => Ok(RpcCall { reply, deadline }),
-            Err(MuxError::Overloaded) => Err(RpcError::Overloaded),
-            Err(MuxError::Unavailable) => Err(RpcError::Unavailable),
-            Err(MuxError::Lost) => Err(RpcError::Lost),
-            Err(MuxError::Timeout) => Err(RpcError::Timeout),
-        }
+    pub fn start_by(&self, request: RpcRequest, deadline: Instant) -> Result<RpcCall, Error> {
+        let reply = self.pool.handle().start_by(request, deadline)?;
+        Ok(RpcCall { reply, deadline })
     }
 
     /// Waits for the reply, up to the call timeout counted from [`start`](Self::start).
-    pub async fn finish(&self, call: RpcCall) -> Result<Frame, RpcError> {
-        match tokio::time::timeout_at(call.deadline, call.reply.wait()).await {
-            Ok(Ok(frame)) => Ok(frame),
-            Ok(Err(MuxError::Overloaded)) => Err(RpcError::Overloaded),
-            Ok(Err(MuxError::Unavailable)) => Err(RpcError::Unavailable),
-            Ok(Err(MuxError::Lost)) => Err(RpcError::Lost),
-            Ok(Err(MuxError::Timeout)) => Err(RpcError::Timeout),
-            Err(_elapsed) => Err(RpcError::Timeout),
-        }
+    pub async fn finish(&self, call: RpcCall) -> Result<Frame, Error> {
+        tokio::time::timeout_at(call.deadline, call.reply.wait())
+            .await
+            .unwrap_or(Err(Error::Timeout))
     }
 }
 

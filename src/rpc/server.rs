@@ -18,12 +18,13 @@ use super::frame::{self, Frame};
 use super::{method, status};
 use crate::accept::next_connection;
 use crate::domain::{
-    Code, DEFAULT_LIMIT, MAX_LIMIT, MAX_MESSAGE_WIRE_BYTES, PullQuery, canonical_chat,
+    DEFAULT_LIMIT, MAX_LIMIT, MAX_MESSAGE_WIRE_BYTES, PullQuery, canonical_chat,
     validate_idempotency_key, validate_pull, validate_send, validate_wait,
 };
+use crate::error::{CODE_OK, Error};
 use crate::metrics::{self, Gauge, METRICS, RpcMethod};
 use crate::proto::{Message, PingResponse, PullRequest, PullResponse, SendRequest, SendResponse};
-use crate::store::{AnyStore, Page, Store, StoreError};
+use crate::store::{AnyStore, Page, Store};
 use crate::unwind::catch_panic;
 
 #[derive(Debug, Clone)]
@@ -545,7 +546,7 @@ fn metrics_method(work: &Work) -> Option<RpcMethod> {
 /// The reply to a request refused because too many are in flight.
 fn overloaded(method: u8) -> Reply {
     let msg = "too many requests in flight; retry later".to_string();
-    let code = Code::Overloaded as i32;
+    let code = Error::Overloaded.code();
     match method {
         method::SEND => Reply::Send(SendResponse {
             code,
@@ -589,80 +590,82 @@ async fn handle(store: &AnyStore, work: Work, stop: Option<watch::Receiver<bool>
     }
 }
 
-/// The response code and message for a store failure.
-fn store_failure(err: StoreError) -> (Code, String) {
-    match err {
-        StoreError::Unavailable => (Code::Unavailable, "the store is unavailable".into()),
-        StoreError::Overloaded => (Code::Overloaded, "the store is overloaded".into()),
-        StoreError::IdempotencyKeyReused => (
-            Code::IdempotencyKeyReused,
-            "this idempotency key was already used in this chat for a different message".into(),
-        ),
-        StoreError::Internal(why) => {
-            eprintln!("im-server: store error: {why}");
-            (Code::Internal, "internal store error".into())
+/// The response code and message for a failed request.
+fn failure(err: Error) -> (i32, String) {
+    let code = err.code();
+    let msg = match err {
+        Error::Invalid(why) => why,
+        Error::Unavailable | Error::Lost | Error::Timeout => "the store is unavailable".into(),
+        Error::Overloaded => "the store is overloaded".into(),
+        Error::IdempotencyKeyReused => {
+            "this idempotency key was already used in this chat for a different message".into()
         }
-    }
+        Error::Internal(why) => {
+            eprintln!("im-server: store error: {why}");
+            "internal store error".into()
+        }
+    };
+    (code, msg)
 }
 
 async fn send(store: &AnyStore, req: SendRequest) -> SendResponse {
-    let failed = |code: Code, msg: String| SendResponse {
-        code: code as i32,
-        msg,
-        ..SendResponse::default()
+    let failed = |err: Error| {
+        let (code, msg) = failure(err);
+        SendResponse {
+            code,
+            msg,
+            ..SendResponse::default()
+        }
     };
     let Some(Message {
         chat, text, sender, ..
     }) = req.message
     else {
-        return failed(Code::InvalidArgument, "`message` is required".into());
+        return failed(Error::Invalid("`message` is required".into()));
     };
     if let Err(invalid) = validate_send(&chat, &sender, &text) {
-        return failed(Code::InvalidArgument, invalid.0);
+        return failed(invalid.into());
     }
     // Empty (the proto3 default) = no key.
     let key = Some(req.idempotency_key.as_str()).filter(|k| !k.is_empty());
     if let Some(Err(invalid)) = key.map(validate_idempotency_key) {
-        return failed(Code::InvalidArgument, invalid.0);
+        return failed(invalid.into());
     }
     let chat = canonical_chat(&chat);
     if let Some(key) = key
         && !crate::store::redis::record_shares_the_chat_slot(&chat, key)
     {
-        return failed(
-            Code::InvalidArgument,
+        return failed(Error::Invalid(
             "idempotency keys cannot be used in a chat whose name starts with `}`".into(),
-        );
+        ));
     }
     match store.send(&chat, &sender, &text, key).await {
         Ok(sent) => SendResponse {
-            code: Code::Ok as i32,
+            code: CODE_OK,
             msg: String::new(),
             send_time: sent.send_time,
             replayed: sent.replayed,
         },
-        Err(err) => {
-            let (code, msg) = store_failure(err);
-            failed(code, msg)
-        }
+        Err(err) => failed(err),
     }
 }
 
 async fn pull(store: &AnyStore, req: PullRequest, stop: Option<watch::Receiver<bool>>) -> Reply {
-    let failed = |code: Code, msg: String| {
+    let failed = |err: Error| {
+        let (code, msg) = failure(err);
         Reply::Pull(PullResponse {
-            code: code as i32,
+            code,
             msg,
             ..PullResponse::default()
         })
     };
     let query = match validate_pull(&req.chat, req.cursor, req.limit, req.reverse) {
         Ok(query) => query,
-        Err(invalid) => return failed(Code::InvalidArgument, invalid.0),
+        Err(invalid) => return failed(invalid.into()),
     };
     let wait = match validate_wait(req.wait_ms) {
         Ok(wait) => wait,
-        Err(invalid) => return failed(Code::InvalidArgument, invalid.0),
+        Err(invalid) => return failed(invalid.into()),
     };
     let page = match wait.is_zero() || !query.may_wait() {
         true => store.pull(&query).await,
@@ -670,10 +673,7 @@ async fn pull(store: &AnyStore, req: PullRequest, stop: Option<watch::Receiver<b
     };
     match page {
         Ok(page) => Reply::PullPage(page.wire),
-        Err(err) => {
-            let (code, msg) = store_failure(err);
-            failed(code, msg)
-        }
+        Err(err) => failed(err),
     }
 }
 
@@ -691,7 +691,7 @@ async fn pull_waiting(
     query: &PullQuery,
     wait: Duration,
     stop: Option<watch::Receiver<bool>>,
-) -> Result<Page, StoreError> {
+) -> Result<Page, Error> {
     let deadline = Instant::now() + wait;
     let mut waiter = store.waiter(&query.chat);
     if let Some(w) = &mut waiter

@@ -34,13 +34,14 @@ use tokio::time::Instant;
 
 use super::redis::{
     MAX_SEND_BATCH, QueuedSend, RedisOptions, SendQueue, answer_batch, batch_deadline, chat_key,
-    from_mux, function_missing, im_send_command, load_library_command, next_batch, outcome,
-    page_from_reply, pull_command, without_wait,
+    function_missing, im_send_command, load_library_command, next_batch, outcome, page_from_reply,
+    pull_command, without_wait,
 };
-use super::{Page, Sent, Store, StoreError};
+use super::{Page, Sent, Store};
 use crate::domain::PullQuery;
+use crate::error::Error;
 use crate::metrics::{METRICS, Outcome, PeerKind, PeerStats, Redirection};
-use crate::mux::{ByteBudget, Handle, MuxError, MuxOptions, Pool, Stream};
+use crate::mux::{ByteBudget, Handle, MuxOptions, Pool, Stream};
 use crate::notify::{Hub, Waiter};
 use crate::resp::cluster::{Redirect, SlotMap, classify, is_cluster_info, key_slot};
 use crate::resp::connection::{RespProtocol, RespRequest, decode_reply};
@@ -316,14 +317,14 @@ impl Router {
         request: RespRequest,
         wait_replicas: u32,
         deadline: Instant,
-    ) -> Result<Reply, MuxError> {
+    ) -> Result<Reply, Error> {
         let mut ask: Option<Arc<str>> = None;
         let mut pause = RETRY_PAUSE;
         let mut reloaded = false;
         for _ in 0..=MAX_REDIRECTIONS {
             let asking = ask.is_some();
             let Some(addr) = ask.take().or_else(|| self.shared.owner(slot)) else {
-                return Err(MuxError::Unavailable);
+                return Err(Error::Unavailable);
             };
             let sent = if asking {
                 request.clone().asking()
@@ -367,14 +368,14 @@ impl Router {
                         self.request_refresh(retry_reason(error));
                     }
                     if Instant::now() + pause >= deadline {
-                        return Err(MuxError::Unavailable);
+                        return Err(Error::Unavailable);
                     }
                     tokio::time::sleep(pause).await;
                     pause *= 2;
                 }
             }
         }
-        Err(MuxError::Unavailable)
+        Err(Error::Unavailable)
     }
 
     /// Writes `request` on `handle` (unless `deadline` passes first) and
@@ -385,7 +386,7 @@ impl Router {
         stats: &Arc<PeerStats>,
         request: RespRequest,
         deadline: Instant,
-    ) -> Result<Reply, MuxError> {
+    ) -> Result<Reply, Error> {
         let counted = stats.call();
         let reply = match handle.start_by(request, deadline) {
             Ok(pending) => tokio::time::timeout_at(deadline, pending.wait()).await,
@@ -397,11 +398,11 @@ impl Router {
         });
         match reply {
             Ok(Ok(reply)) => Ok(reply),
-            Ok(Err(MuxError::Unavailable)) => {
+            Ok(Err(Error::Unavailable)) => {
                 // Not connected, or the connection broke with the command
                 // maybe run: the master may be gone.
                 self.request_refresh("connection lost");
-                Err(MuxError::Unavailable)
+                Err(Error::Unavailable)
             }
             // Overloaded, or Timeout: never written.
             Ok(Err(err)) => Err(err),
@@ -411,7 +412,7 @@ impl Router {
             Err(_elapsed) => {
                 self.shared.lock_refresh().suspect_until = Some(Instant::now() + SUSPECT_FOR);
                 self.request_refresh("timeout");
-                Err(MuxError::Unavailable)
+                Err(Error::Unavailable)
             }
         }
     }
@@ -427,15 +428,15 @@ fn retry_reason(error: &str) -> &'static str {
 }
 
 /// The replies of a request sent after `ASKING`, without ASKING's own.
-fn without_asking(reply: Reply, asking: bool) -> Result<Reply, MuxError> {
+fn without_asking(reply: Reply, asking: bool) -> Result<Reply, Error> {
     if !asking {
         return Ok(reply);
     }
     let Reply::Array(mut replies) = reply else {
-        return Err(MuxError::Unavailable);
+        return Err(Error::Unavailable);
     };
     if replies.is_empty() {
-        return Err(MuxError::Unavailable);
+        return Err(Error::Unavailable);
     }
     replies.remove(0);
     Ok(match replies.len() {
@@ -573,18 +574,17 @@ impl Store for ClusterStore {
         sender: &str,
         text: &str,
         idempotency_key: Option<&str>,
-    ) -> Result<Sent, StoreError> {
+    ) -> Result<Sent, Error> {
         self.sends.send(chat, sender, text, idempotency_key).await
     }
 
-    async fn pull(&self, query: &PullQuery) -> Result<Page, StoreError> {
+    async fn pull(&self, query: &PullQuery) -> Result<Page, Error> {
         let slot = key_slot(chat_key(&query.chat).as_bytes());
         let request = RespRequest::from(pull_command(query));
         let deadline = Instant::now() + self.timeout;
-        match self.router.execute(slot, request, 0, deadline).await {
-            Ok(Reply::Error(err)) => Err(StoreError::Internal(format!("redis: {err}"))),
-            Ok(reply) => page_from_reply(query, reply),
-            Err(err) => Err(from_mux(err)),
+        match self.router.execute(slot, request, 0, deadline).await? {
+            Reply::Error(err) => Err(Error::Internal(format!("redis: {err}"))),
+            reply => page_from_reply(query, reply),
         }
     }
 }

@@ -10,8 +10,9 @@ use std::hash::{BuildHasher, RandomState};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use super::{Page, PageWriter, Sent, Store, StoreError};
+use super::{Page, PageWriter, Sent, Store};
 use crate::domain::PullQuery;
+use crate::error::Error;
 use crate::notify::{Hub, Waiter};
 
 struct Stored {
@@ -139,7 +140,7 @@ impl MemoryStore {
         sender: &str,
         text: &str,
         key: &str,
-    ) -> Result<Sent, StoreError> {
+    ) -> Result<Sent, Error> {
         let record = format!("{chat}\0{key}");
         let now = Instant::now();
         // Looked up first: its name is allocated only for a new chat.
@@ -157,8 +158,8 @@ impl MemoryStore {
                     send_time,
                     replayed: true,
                 }),
-                Some(_) => Err(StoreError::IdempotencyKeyReused),
-                None => Err(StoreError::Internal(
+                Some(_) => Err(Error::IdempotencyKeyReused),
+                None => Err(Error::Internal(
                     "an idempotency record names a message that is not stored".into(),
                 )),
             };
@@ -180,7 +181,7 @@ impl Store for MemoryStore {
         sender: &str,
         text: &str,
         idempotency_key: Option<&str>,
-    ) -> Result<Sent, StoreError> {
+    ) -> Result<Sent, Error> {
         let sent = {
             let mut shard = self.shard(chat);
             match idempotency_key {
@@ -205,7 +206,7 @@ impl Store for MemoryStore {
         Ok(sent)
     }
 
-    async fn pull(&self, query: &PullQuery) -> Result<Page, StoreError> {
+    async fn pull(&self, query: &PullQuery) -> Result<Page, Error> {
         let shard = self.shard(&query.chat);
         let Some(log) = shard.chats.get(query.chat.as_str()) else {
             return Ok(Page::default());

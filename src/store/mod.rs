@@ -11,8 +11,13 @@
 //! A send may carry an idempotency key: within the retention window, the
 //! same key in the same chat stores one message, and every later send with
 //! it gets the first one's `send_time` back (`replayed`), or
-//! [`StoreError::IdempotencyKeyReused`] if its text or sender differ. The
+//! [`Error::IdempotencyKeyReused`] if its text or sender differ. The
 //! check and the store are one atomic step, like the `send_time` rule.
+//!
+//! A store fails with [`Error`]: `Overloaded` when its queue is full (nothing
+//! was stored); `Unavailable`, `Lost` or `Timeout` when it is down or did not
+//! acknowledge in time (a send may or may not be stored); `Internal` when it
+//! answered something it never should.
 
 pub mod cluster;
 pub mod memory;
@@ -22,20 +27,9 @@ pub mod subscriber;
 use std::future::Future;
 
 use crate::domain::PullQuery;
+use crate::error::Error;
 use crate::proto::fields::{message, pull_response};
 use crate::wire;
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StoreError {
-    /// The store is down or did not acknowledge the command in time.
-    Unavailable,
-    /// Too many commands are queued.
-    Overloaded,
-    /// The store answered something it never should.
-    Internal(String),
-    /// The idempotency key was used in this chat for another message.
-    IdempotencyKeyReused,
-}
 
 /// What a send did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -134,10 +128,10 @@ pub trait Store: Send + Sync + 'static {
         sender: &str,
         text: &str,
         idempotency_key: Option<&str>,
-    ) -> impl Future<Output = Result<Sent, StoreError>> + Send;
+    ) -> impl Future<Output = Result<Sent, Error>> + Send;
 
     /// One page of `query.chat`, in the order `query.reverse` asks for.
-    fn pull(&self, query: &PullQuery) -> impl Future<Output = Result<Page, StoreError>> + Send;
+    fn pull(&self, query: &PullQuery) -> impl Future<Output = Result<Page, Error>> + Send;
 }
 
 /// The store chosen at start-up.
@@ -167,7 +161,7 @@ impl Store for AnyStore {
         sender: &str,
         text: &str,
         idempotency_key: Option<&str>,
-    ) -> Result<Sent, StoreError> {
+    ) -> Result<Sent, Error> {
         match self {
             AnyStore::Memory(store) => store.send(chat, sender, text, idempotency_key).await,
             AnyStore::Redis(store) => store.send(chat, sender, text, idempotency_key).await,
@@ -175,7 +169,7 @@ impl Store for AnyStore {
         }
     }
 
-    async fn pull(&self, query: &PullQuery) -> Result<Page, StoreError> {
+    async fn pull(&self, query: &PullQuery) -> Result<Page, Error> {
         match self {
             AnyStore::Memory(store) => store.pull(query).await,
             AnyStore::Redis(store) => store.pull(query).await,

@@ -27,10 +27,11 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use super::{Page, PageWriter, Sent, Store, StoreError};
+use super::{Page, PageWriter, Sent, Store};
 use crate::domain::PullQuery;
+use crate::error::Error;
 use crate::metrics::{Outcome, PeerKind, PeerStats};
-use crate::mux::{ByteBudget, Handle, MuxError, MuxOptions, Pool};
+use crate::mux::{ByteBudget, Handle, MuxOptions, Pool};
 use crate::notify::{Hub, Waiter};
 use crate::proto::fields::stored_message;
 use crate::resp::connection::{RespProtocol, RespRequest};
@@ -177,22 +178,22 @@ impl RedisOptions {
 /// unavailable ("maybe stored": it is on the master, not confirmed copied).
 /// An error reply (a redirection) is returned as it is.
 pub(super) fn without_wait(
-    reply: Result<Reply, MuxError>,
+    reply: Result<Reply, Error>,
     wait_replicas: u32,
-) -> Result<Reply, MuxError> {
+) -> Result<Reply, Error> {
     if wait_replicas == 0 {
         return reply;
     }
     let Reply::Array(mut replies) = reply? else {
-        return Err(MuxError::Unavailable);
+        return Err(Error::Unavailable);
     };
     let (Some(wait), Some(fcall)) = (replies.pop(), replies.pop()) else {
-        return Err(MuxError::Unavailable);
+        return Err(Error::Unavailable);
     };
     match (fcall, wait) {
         (fcall @ Reply::Error(_), _) => Ok(fcall),
         (fcall, Reply::Integer(n)) if n >= i64::from(wait_replicas) => Ok(fcall),
-        _ => Err(MuxError::Unavailable),
+        _ => Err(Error::Unavailable),
     }
 }
 
@@ -216,7 +217,7 @@ pub(super) struct QueuedSend {
     pub(super) deadline: Instant,
     /// With an idempotency key, its record.
     pub(super) record: Option<IdempotencyRecord>,
-    pub(super) reply: oneshot::Sender<Result<Sent, StoreError>>,
+    pub(super) reply: oneshot::Sender<Result<Sent, Error>>,
 }
 
 impl QueuedSend {
@@ -308,30 +309,30 @@ impl RedisStore {
         self.hub.as_ref().map(|hub| hub.register(chat))
     }
 
-    async fn call(&self, command: Bytes) -> Result<Reply, StoreError> {
+    async fn call(&self, command: Bytes) -> Result<Reply, Error> {
         let deadline = Instant::now() + self.timeout;
         let counted = self.stats.call();
         let reply = match self.pool.handle().start_by(command, deadline) {
             Ok(pending) => tokio::time::timeout_at(deadline, pending.wait())
                 .await
-                .unwrap_or(Err(MuxError::Timeout)),
+                .unwrap_or(Err(Error::Timeout)),
             Err(err) => Err(err),
         };
         counted.end(outcome(&reply));
         match reply {
-            Ok(Reply::Error(err)) => Err(StoreError::Internal(format!("redis: {err}"))),
-            reply => reply.map_err(from_mux),
+            Ok(Reply::Error(err)) => Err(Error::Internal(format!("redis: {err}"))),
+            reply => reply,
         }
     }
 }
 
 /// How a command ended, for the metrics: an error reply is an error (on a
 /// cluster, a redirection too: they are also counted by kind).
-pub(super) fn outcome(reply: &Result<Reply, MuxError>) -> Outcome {
+pub(super) fn outcome(reply: &Result<Reply, Error>) -> Outcome {
     match reply {
         Ok(Reply::Error(_)) => Outcome::Error,
         Ok(_) => Outcome::Ok,
-        Err(MuxError::Timeout) => Outcome::Timeout,
+        Err(Error::Timeout) => Outcome::Timeout,
         Err(_) => Outcome::Error,
     }
 }
@@ -385,7 +386,7 @@ fn take(send: QueuedSend, now: Instant, queued: &ByteBudget, batch: &mut Vec<Que
         return;
     }
     if send.deadline <= now {
-        let _ = send.reply.send(Err(StoreError::Unavailable));
+        let _ = send.reply.send(Err(Error::Unavailable));
         return;
     }
     batch.push(send);
@@ -445,8 +446,9 @@ impl Batcher {
                 });
             }
             Err(err) => {
-                counted.end(outcome(&Err(err)));
-                answer_batch(Err(err), waiters)
+                let reply = Err(err);
+                counted.end(outcome(&reply));
+                answer_batch(reply, waiters)
             }
         }
     }
@@ -467,7 +469,7 @@ impl Retry {
     /// batch sent again once the library is loaded again. That error comes
     /// before the function would run, so nothing of the batch was stored
     /// and running it again stores nothing twice.
-    async fn if_function_missing(self, reply: Result<Reply, MuxError>) -> Result<Reply, MuxError> {
+    async fn if_function_missing(self, reply: Result<Reply, Error>) -> Result<Reply, Error> {
         let reply = without_wait(reply, self.wait_replicas);
         if !function_missing(&reply) {
             return reply;
@@ -481,7 +483,7 @@ impl Retry {
     }
 }
 
-pub(super) fn function_missing(reply: &Result<Reply, MuxError>) -> bool {
+pub(super) fn function_missing(reply: &Result<Reply, Error>) -> bool {
     matches!(reply, Ok(Reply::Error(err)) if err.contains("Function not found"))
 }
 
@@ -515,21 +517,18 @@ pub(super) fn im_send_command(batch: &[QueuedSend], now: i64) -> Bytes {
 
 /// Hands each sender of a batch its outcome, or the batch's failure.
 pub(super) fn answer_batch(
-    reply: Result<Reply, MuxError>,
-    waiters: Vec<oneshot::Sender<Result<Sent, StoreError>>>,
+    reply: Result<Reply, Error>,
+    waiters: Vec<oneshot::Sender<Result<Sent, Error>>>,
 ) {
     let outcomes = match reply {
         Ok(Reply::Array(items)) if items.len() == waiters.len() => items,
-        Ok(other) => {
-            let err = StoreError::Internal(format!("im_send returned {other:?}"));
+        failed => {
+            let err = match failed {
+                Ok(other) => Error::Internal(format!("im_send returned {other:?}")),
+                Err(err) => err,
+            };
             for waiter in waiters {
                 let _ = waiter.send(Err(err.clone()));
-            }
-            return;
-        }
-        Err(err) => {
-            for waiter in waiters {
-                let _ = waiter.send(Err(from_mux(err)));
             }
             return;
         }
@@ -540,7 +539,7 @@ pub(super) fn answer_batch(
 }
 
 /// One message's entry in im_send's reply.
-fn send_outcome(reply: Reply) -> Result<Sent, StoreError> {
+fn send_outcome(reply: Reply) -> Result<Sent, Error> {
     let sent = |send_time, replayed| {
         Ok(Sent {
             send_time,
@@ -551,12 +550,12 @@ fn send_outcome(reply: Reply) -> Result<Sent, StoreError> {
         Reply::Integer(send_time) => sent(send_time, false),
         Reply::Array(replay) => match replay[..] {
             [Reply::Integer(send_time)] => sent(send_time, true),
-            _ => Err(StoreError::Internal(format!(
+            _ => Err(Error::Internal(format!(
                 "im_send returned {replay:?} for a message"
             ))),
         },
-        Reply::SimpleString(status) if status == "REUSED" => Err(StoreError::IdempotencyKeyReused),
-        other => Err(StoreError::Internal(format!(
+        Reply::SimpleString(status) if status == "REUSED" => Err(Error::IdempotencyKeyReused),
+        other => Err(Error::Internal(format!(
             "im_send returned {other:?} for a message"
         ))),
     }
@@ -601,16 +600,6 @@ fn read_stored(mut member: &[u8]) -> Result<StoredView<'_>, Malformed> {
     Ok(view)
 }
 
-pub(super) fn from_mux(err: MuxError) -> StoreError {
-    match err {
-        MuxError::Unavailable | MuxError::Lost => StoreError::Unavailable,
-        MuxError::Overloaded => StoreError::Overloaded,
-        // Refused before it was written: like a command never answered, it
-        // is a 503, though this one is certainly not stored.
-        MuxError::Timeout => StoreError::Unavailable,
-    }
-}
-
 impl Store for RedisStore {
     async fn send(
         &self,
@@ -618,11 +607,11 @@ impl Store for RedisStore {
         sender: &str,
         text: &str,
         idempotency_key: Option<&str>,
-    ) -> Result<Sent, StoreError> {
+    ) -> Result<Sent, Error> {
         self.sends.send(chat, sender, text, idempotency_key).await
     }
 
-    async fn pull(&self, query: &PullQuery) -> Result<Page, StoreError> {
+    async fn pull(&self, query: &PullQuery) -> Result<Page, Error> {
         let reply = self.call(pull_command(query)).await?;
         page_from_reply(query, reply)
     }
@@ -667,7 +656,7 @@ impl SendQueue {
         sender: &str,
         text: &str,
         idempotency_key: Option<&str>,
-    ) -> Result<Sent, StoreError> {
+    ) -> Result<Sent, Error> {
         let deadline = Instant::now() + self.timeout;
         let key = chat_key(chat);
         let member = encode_member(text, sender);
@@ -682,7 +671,9 @@ impl SendQueue {
             .queue(key.clone(), member.clone(), Some(record.clone()), deadline)
             .await;
         match first {
-            Err(StoreError::Unavailable) if Instant::now() + RETRY_PAUSE < deadline => {
+            Err(Error::Unavailable | Error::Lost | Error::Timeout)
+                if Instant::now() + RETRY_PAUSE < deadline =>
+            {
                 tokio::time::sleep(RETRY_PAUSE).await;
                 self.queue(key, member, Some(record), deadline).await
             }
@@ -697,7 +688,7 @@ impl SendQueue {
         member: Vec<u8>,
         record: Option<IdempotencyRecord>,
         deadline: Instant,
-    ) -> Result<Sent, StoreError> {
+    ) -> Result<Sent, Error> {
         let (reply, answer) = oneshot::channel();
         let queued = QueuedSend {
             key,
@@ -708,16 +699,16 @@ impl SendQueue {
         };
         let bytes = queued.bytes();
         if !self.bytes.add(bytes) {
-            return Err(StoreError::Overloaded);
+            return Err(Error::Overloaded);
         }
         if self.sends.try_send(queued).is_err() {
             self.bytes.release(bytes);
-            return Err(StoreError::Overloaded);
+            return Err(Error::Overloaded);
         }
         match tokio::time::timeout_at(deadline, answer).await {
             Ok(Ok(result)) => result,
             // The batcher is gone, or Redis did not answer in time.
-            Ok(Err(_)) | Err(_) => Err(StoreError::Unavailable),
+            Ok(Err(_)) | Err(_) => Err(Error::Unavailable),
         }
     }
 }
@@ -747,19 +738,17 @@ pub(super) fn pull_command(query: &PullQuery) -> Bytes {
 }
 
 /// The page of `query` from the reply to its [`pull_command`].
-pub(super) fn page_from_reply(query: &PullQuery, reply: Reply) -> Result<Page, StoreError> {
+pub(super) fn page_from_reply(query: &PullQuery, reply: Reply) -> Result<Page, Error> {
     let Reply::Array(members) = reply else {
-        return Err(StoreError::Internal("range did not return an array".into()));
+        return Err(Error::Internal("range did not return an array".into()));
     };
     let mut page = PageWriter::new(&query.chat, query.limit);
     for member in members {
         let Reply::BulkString(bytes) = member else {
-            return Err(StoreError::Internal(
-                "range returned a non-string member".into(),
-            ));
+            return Err(Error::Internal("range returned a non-string member".into()));
         };
         let stored = read_stored(&bytes)
-            .map_err(|e| StoreError::Internal(format!("undecodable stored message: {e}")))?;
+            .map_err(|e| Error::Internal(format!("undecodable stored message: {e}")))?;
         if !page.push(stored.text, stored.sender, stored.send_time) {
             break;
         }

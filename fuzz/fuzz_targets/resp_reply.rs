@@ -13,7 +13,7 @@
 
 use bytes::BytesMut;
 use im_server::resp::Reply;
-use im_server::resp::connection::decode_reply;
+use im_server::resp::protocol::decode_reply;
 use libfuzzer_sys::fuzz_target;
 
 #[derive(Debug, PartialEq)]

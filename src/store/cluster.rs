@@ -44,7 +44,7 @@ use crate::metrics::{METRICS, Outcome, PeerKind, PeerStats, Redirection};
 use crate::mux::{ByteBudget, Handle, MuxOptions, Pool, Stream};
 use crate::notify::{Hub, Waiter};
 use crate::resp::cluster::{Redirect, SlotMap, classify, is_cluster_info, key_slot};
-use crate::resp::connection::{RespProtocol, RespRequest, decode_reply};
+use crate::resp::protocol::{RespProtocol, RespRequest, decode_reply};
 use crate::resp::url::{Address, RedisTarget};
 use crate::resp::{Reply, command};
 

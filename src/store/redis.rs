@@ -34,7 +34,7 @@ use crate::metrics::{Outcome, PeerKind, PeerStats};
 use crate::mux::{ByteBudget, Handle, MuxOptions, Pool};
 use crate::notify::{Hub, Waiter};
 use crate::proto::fields::stored_message;
-use crate::resp::connection::{RespProtocol, RespRequest};
+use crate::resp::protocol::{RespProtocol, RespRequest};
 use crate::resp::url::RedisTarget;
 use crate::resp::{Reply, command};
 use crate::wire::{self, Malformed, Value, next_field, text};

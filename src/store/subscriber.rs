@@ -27,7 +27,7 @@ use tokio::sync::mpsc;
 use super::cluster::ClusterShared;
 use crate::mux::Protocol;
 use crate::notify::{Hub, Upstream};
-use crate::resp::connection::{RespProtocol, decode_reply};
+use crate::resp::protocol::{RespProtocol, decode_reply};
 use crate::resp::url::RedisTarget;
 use crate::resp::{Reply, command};
 

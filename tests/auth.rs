@@ -433,7 +433,7 @@ fn the_rpc_server_serves_nothing_before_a_valid_hello() {
     };
     let challenge_of = |frame: &im_server::rpc::frame::Frame| {
         assert_eq!(
-            (frame.id, frame.kind),
+            (frame.id, frame.method_or_status),
             (0, status::CHALLENGE),
             "a challenge first"
         );
@@ -449,7 +449,7 @@ fn the_rpc_server_serves_nothing_before_a_valid_hello() {
     assert_eq!(nonce.len(), handshake::NONCE_BYTES);
     write_rpc_frame(&mut c, 5, method::PING, &[]);
     let reply = read_rpc_frame(&mut c, &mut input).expect("a refusal");
-    assert_eq!((reply.id, reply.kind), (5, status::BAD_FRAME));
+    assert_eq!((reply.id, reply.method_or_status), (5, status::BAD_FRAME));
     assert!(
         read_rpc_frame(&mut c, &mut input).is_none(),
         "closed after refusing"
@@ -465,7 +465,7 @@ fn the_rpc_server_serves_nothing_before_a_valid_hello() {
     };
     write_rpc_frame(&mut c2, 0, method::HELLO, &replayed.encode_to_vec());
     let reply = read_rpc_frame(&mut c2, &mut input2).expect("a refusal");
-    assert_eq!(reply.kind, status::BAD_FRAME);
+    assert_eq!(reply.method_or_status, status::BAD_FRAME);
     assert!(
         read_rpc_frame(&mut c2, &mut input2).is_none(),
         "closed after refusing"
@@ -480,10 +480,10 @@ fn the_rpc_server_serves_nothing_before_a_valid_hello() {
     };
     write_rpc_frame(&mut c3, 0, method::HELLO, &hello.encode_to_vec());
     let ok = read_rpc_frame(&mut c3, &mut input3).expect("an answer");
-    assert_eq!((ok.id, ok.kind), (0, status::OK));
+    assert_eq!((ok.id, ok.method_or_status), (0, status::OK));
     write_rpc_frame(&mut c3, 6, method::PING, &[]);
     let pong = read_rpc_frame(&mut c3, &mut input3).expect("a pong");
-    assert_eq!((pong.id, pong.kind), (6, status::OK));
+    assert_eq!((pong.id, pong.method_or_status), (6, status::OK));
 }
 
 /// A flood of distinct clients cannot grow the rate limiter without bound:

@@ -10,7 +10,7 @@
 //!   same frames and the same error as decoding it at once;
 //! * every body that decodes as `SendRequest`, `PullRequest`, `SendResponse`
 //!   or `PullResponse` round-trips through `frame::encode` + `frame::decode`
-//!   with the same id, kind and message;
+//!   with the same id, method-or-status byte and message;
 //! * every frame round-trips byte-for-byte through `frame::encode_raw`.
 
 #![no_main]
@@ -77,13 +77,13 @@ fn round_trip<M: prost::Message + Default + PartialEq + std::fmt::Debug>(f: &Fra
         return;
     };
     let mut wire = BytesMut::new();
-    frame::encode(&mut wire, f.id, f.kind, &msg);
+    frame::encode(&mut wire, f.id, f.method_or_status, &msg);
     assert_eq!(wire.len(), 4 + 9 + msg.encoded_len());
     let back = frame::decode(&mut wire, Config::defaults().max_frame)
         .expect("re-encoded frame is valid")
         .expect("re-encoded frame is complete");
     assert!(wire.is_empty(), "re-encoded frame left bytes behind");
-    assert_eq!((back.id, back.kind), (f.id, f.kind));
+    assert_eq!((back.id, back.method_or_status), (f.id, f.method_or_status));
     assert_eq!(&back.body[..], &msg.encode_to_vec()[..]);
     let again = M::decode(back.body).expect("re-encoded body decodes");
     assert_eq!(again, msg, "message changed across a frame round trip");
@@ -110,7 +110,7 @@ fuzz_target!(|data: &[u8]| {
 
     for f in &whole.frames {
         let mut raw = BytesMut::new();
-        frame::encode_raw(&mut raw, f.id, f.kind, &f.body);
+        frame::encode_raw(&mut raw, f.id, f.method_or_status, &f.body);
         let back = frame::decode(&mut raw, max_frame)
             .expect("raw re-encoding is valid")
             .expect("raw re-encoding is complete");

@@ -226,7 +226,7 @@ fn unquote(value: &[u8]) -> Option<String> {
 }
 
 fn check_status(frame: &Frame) -> Result<(), ApiError> {
-    if frame.kind != status::OK {
+    if frame.method_or_status != status::OK {
         let why = String::from_utf8_lossy(&frame.body);
         return Err(ApiError::internal(format!(
             "rpc server refused a frame: {why}"

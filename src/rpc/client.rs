@@ -74,7 +74,7 @@ impl Protocol for RpcProtocol {
             && f.id == 0
         {
             // Id 0 is never a call's: the mux drops it as unmatched.
-            match f.kind {
+            match f.method_or_status {
                 status::GOAWAY => self.going_away.store(true, Ordering::Relaxed),
                 // Only a client without the secret sees one here (with it,
                 // `connect` answers it): end the connection with the reason

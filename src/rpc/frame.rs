@@ -1,24 +1,26 @@
 //! RPC framing, with no I/O.
 //!
 //! ```text
-//! +------------+------------+---------+------------------+
-//! | length u32 | id u64     | kind u8 | protobuf body    |
-//! +------------+------------+---------+------------------+
+//! +------------+------------+---------------------+------------------+
+//! | length u32 | id u64     | method_or_status u8 | protobuf body    |
+//! +------------+------------+---------------------+------------------+
 //!   big-endian; length counts everything after itself (9 + body)
 //! ```
 //!
-//! `kind` is the method in a request and the status in a reply; the reply
-//! carries the request's `id`, so replies may come back in any order.
+//! `method_or_status` is the method in a request ([`super::method`]) and the
+//! status in a reply ([`super::status`]); the reply carries the request's
+//! `id`, so replies may come back in any order.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
-/// Bytes of `id` + `kind`.
+/// Bytes of `id` + `method_or_status`.
 const HEADER_AFTER_LENGTH: usize = 9;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Frame {
     pub id: u64,
-    pub kind: u8,
+    /// [`super::method`] in a request, [`super::status`] in a reply.
+    pub method_or_status: u8,
     pub body: Bytes,
 }
 
@@ -49,22 +51,22 @@ impl From<FrameError> for std::io::Error {
 }
 
 /// Appends a frame whose body is `message`, encoded in place (no copy).
-pub fn encode(out: &mut BytesMut, id: u64, kind: u8, message: &impl prost::Message) {
+pub fn encode(out: &mut BytesMut, id: u64, method_or_status: u8, message: &impl prost::Message) {
     let body_len = message.encoded_len();
     out.reserve(4 + HEADER_AFTER_LENGTH + body_len);
     out.put_u32((HEADER_AFTER_LENGTH + body_len) as u32);
     out.put_u64(id);
-    out.put_u8(kind);
+    out.put_u8(method_or_status);
     // Cannot fail: the space was reserved above.
     let _ = message.encode(out);
 }
 
 /// Appends a frame with a raw body.
-pub fn encode_raw(out: &mut BytesMut, id: u64, kind: u8, body: &[u8]) {
+pub fn encode_raw(out: &mut BytesMut, id: u64, method_or_status: u8, body: &[u8]) {
     out.reserve(4 + HEADER_AFTER_LENGTH + body.len());
     out.put_u32((HEADER_AFTER_LENGTH + body.len()) as u32);
     out.put_u64(id);
-    out.put_u8(kind);
+    out.put_u8(method_or_status);
     out.put_slice(body);
 }
 
@@ -91,10 +93,10 @@ pub fn decode(input: &mut BytesMut, max_frame: usize) -> Result<Option<Frame>, F
     input.advance(4);
     let mut frame = input.split_to(len);
     let id = frame.get_u64();
-    let kind = frame.get_u8();
+    let method_or_status = frame.get_u8();
     Ok(Some(Frame {
         id,
-        kind,
+        method_or_status,
         body: frame.freeze(),
     }))
 }
@@ -138,13 +140,17 @@ mod tests {
                 frames.push(f);
             }
             assert_eq!(frames.len(), 2, "split at {split}");
-            assert_eq!((frames[0].id, frames[0].kind), (7, 1));
+            assert_eq!((frames[0].id, frames[0].method_or_status), (7, 1));
             assert_eq!(
                 <SendRequest as prost::Message>::decode(frames[0].body.clone()),
                 Ok(sample())
             );
             assert_eq!(
-                (frames[1].id, frames[1].kind, frames[1].body.len()),
+                (
+                    frames[1].id,
+                    frames[1].method_or_status,
+                    frames[1].body.len()
+                ),
                 (u64::MAX, 2, 0)
             );
             assert!(input.is_empty());

@@ -80,7 +80,7 @@ pub fn fresh_nonce() -> io::Result<[u8; NONCE_BYTES]> {
 /// What the server makes of the client's first frame: `Ok` or the reason it
 /// refuses (sent back in a BAD_FRAME reply).
 pub fn check_hello(secret: &[u8], nonce: &[u8], frame: &Frame) -> Result<(), &'static str> {
-    if frame.kind != method::HELLO {
+    if frame.method_or_status != method::HELLO {
         return Err("this rpc server requires the shared-secret handshake (--rpc-secret-file)");
     }
     let hello = HelloRequest::decode(frame.body.clone()).map_err(|_| "undecodable hello")?;
@@ -92,7 +92,7 @@ pub fn check_hello(secret: &[u8], nonce: &[u8], frame: &Frame) -> Result<(), &'s
 
 /// The client's answer to a challenge frame.
 pub fn answer(secret: &[u8], challenge: &Frame) -> io::Result<HelloRequest> {
-    if challenge.id != 0 || challenge.kind != status::CHALLENGE {
+    if challenge.id != 0 || challenge.method_or_status != status::CHALLENGE {
         return Err(refused(
             "the rpc server did not open with a challenge: is --rpc-secret-file set on it too?",
         ));
@@ -134,7 +134,7 @@ pub async fn connect(socket: &mut TcpStream, secret: &[u8]) -> io::Result<()> {
     frame::encode(&mut out, 0, method::HELLO, &hello);
     socket.write_all(&out).await?;
     let reply = read_frame(socket).await?;
-    if reply.kind != status::OK {
+    if reply.method_or_status != status::OK {
         let why = String::from_utf8_lossy(&reply.body);
         return Err(refused(&format!(
             "the rpc server refused the handshake: {why}"
@@ -179,7 +179,7 @@ mod tests {
     fn hello_frame(proof: Vec<u8>) -> Frame {
         Frame {
             id: 0,
-            kind: method::HELLO,
+            method_or_status: method::HELLO,
             body: Bytes::from(HelloRequest { proof }.encode_to_vec()),
         }
     }
@@ -205,13 +205,13 @@ mod tests {
         assert!(check_hello(SECRET, &nonce, &hello_frame(proof(SECRET, &[8u8; 32]))).is_err());
         let ping = Frame {
             id: 1,
-            kind: method::PING,
+            method_or_status: method::PING,
             body: Bytes::new(),
         };
         assert!(check_hello(SECRET, &nonce, &ping).is_err());
         let garbage = Frame {
             id: 0,
-            kind: method::HELLO,
+            method_or_status: method::HELLO,
             body: Bytes::from_static(b"\xff\xff\xff"),
         };
         assert!(check_hello(SECRET, &nonce, &garbage).is_err());
@@ -222,7 +222,7 @@ mod tests {
         let nonce = [9u8; NONCE_BYTES];
         let challenge = Frame {
             id: 0,
-            kind: status::CHALLENGE,
+            method_or_status: status::CHALLENGE,
             body: Bytes::from(
                 Challenge {
                     nonce: nonce.to_vec(),
@@ -234,7 +234,7 @@ mod tests {
         assert!(verify(SECRET, &nonce, &hello.proof));
         let goaway = Frame {
             id: 0,
-            kind: status::GOAWAY,
+            method_or_status: status::GOAWAY,
             body: Bytes::new(),
         };
         assert!(answer(SECRET, &goaway).is_err());

@@ -291,7 +291,7 @@ async fn connection(
             Ok(None) => break Ok(()),
             Err(err) => break Err(err),
         };
-        let (id, method) = (frame.id, frame.kind);
+        let (id, method) = (frame.id, frame.method_or_status);
         if method == method::CANCEL {
             waiting.cancel(id);
             continue;
@@ -440,7 +440,7 @@ const MAX_BATCH: usize = 256 * 1024;
 /// The writer's buffer is kept up to this size between writes.
 const KEEP_OUTPUT_CAPACITY: usize = 1024 * 1024;
 
-/// Frame header: length, id, kind.
+/// Frame header: length, id, method or status.
 const FRAME_HEADER: usize = 4 + 9;
 
 /// Budget for a reply that echoes nothing of its request: a send's answer,
@@ -564,7 +564,7 @@ fn overloaded(method: u8) -> Reply {
 }
 
 fn decode_request(frame: Frame) -> Work {
-    match frame.kind {
+    match frame.method_or_status {
         method::SEND => match SendRequest::decode(frame.body) {
             Ok(req) => Work::Send(req),
             Err(err) => Work::Bad(format!("undecodable SendRequest: {err}")),

@@ -141,7 +141,9 @@ enum Work {
     Bad(String),
 }
 
-enum Reply {
+/// What the server writes in one frame: the reply to a request, or GOAWAY.
+/// (Not [`crate::resp::Reply`], Redis's reply.)
+enum ServerFrame {
     Send(SendResponse),
     Pull(PullResponse),
     /// An OK PullResponse, encoded by the store.
@@ -156,7 +158,7 @@ enum Reply {
 /// until it has been written.
 struct Outgoing {
     id: u64,
-    reply: Reply,
+    reply: ServerFrame,
     budget: OwnedSemaphorePermit,
 }
 
@@ -255,7 +257,7 @@ impl Requests {
         };
         let goaway = Outgoing {
             id: 0,
-            reply: Reply::GoAway,
+            reply: ServerFrame::GoAway,
             budget,
         };
         replies.send(goaway).is_ok()
@@ -338,7 +340,7 @@ async fn connection(
         let task = tokio::spawn(async move {
             let handling = std::pin::pin!(handle(&store, work, stop));
             let reply = catch_panic(handling).await.unwrap_or_else(|| {
-                Reply::BadFrame("internal error while serving the request".into())
+                ServerFrame::BadFrame("internal error while serving the request".into())
             });
             if let (Some(method), at) = started {
                 METRICS.rpc_served(method, at.elapsed());
@@ -504,15 +506,15 @@ async fn grow_budget(
     Some(bytes)
 }
 
-fn encoded_len(reply: &Reply) -> usize {
+fn encoded_len(reply: &ServerFrame) -> usize {
     FRAME_HEADER
         + match reply {
-            Reply::Send(resp) => resp.encoded_len(),
-            Reply::Pull(resp) => resp.encoded_len(),
-            Reply::PullPage(wire) => wire.len(),
-            Reply::BadFrame(why) => why.len(),
-            Reply::Pong => PingResponse { served: u64::MAX }.encoded_len(),
-            Reply::GoAway => 0,
+            ServerFrame::Send(resp) => resp.encoded_len(),
+            ServerFrame::Pull(resp) => resp.encoded_len(),
+            ServerFrame::PullPage(wire) => wire.len(),
+            ServerFrame::BadFrame(why) => why.len(),
+            ServerFrame::Pong => PingResponse { served: u64::MAX }.encoded_len(),
+            ServerFrame::GoAway => 0,
         }
 }
 
@@ -520,15 +522,17 @@ fn encoded_len(reply: &Reply) -> usize {
 fn encode_reply(output: &mut BytesMut, outgoing: Outgoing) -> OwnedSemaphorePermit {
     let Outgoing { id, reply, budget } = outgoing;
     match reply {
-        Reply::Send(resp) => frame::encode(output, id, status::OK, &resp),
-        Reply::Pull(resp) => frame::encode(output, id, status::OK, &resp),
-        Reply::PullPage(wire) => frame::encode_raw(output, id, status::OK, &wire),
-        Reply::Pong => {
+        ServerFrame::Send(resp) => frame::encode(output, id, status::OK, &resp),
+        ServerFrame::Pull(resp) => frame::encode(output, id, status::OK, &resp),
+        ServerFrame::PullPage(wire) => frame::encode_raw(output, id, status::OK, &wire),
+        ServerFrame::Pong => {
             let served = SERVED.load(Ordering::Relaxed);
             frame::encode(output, id, status::OK, &PingResponse { served });
         }
-        Reply::BadFrame(why) => frame::encode_raw(output, id, status::BAD_FRAME, why.as_bytes()),
-        Reply::GoAway => frame::encode_raw(output, 0, status::GOAWAY, b""),
+        ServerFrame::BadFrame(why) => {
+            frame::encode_raw(output, id, status::BAD_FRAME, why.as_bytes())
+        }
+        ServerFrame::GoAway => frame::encode_raw(output, 0, status::GOAWAY, b""),
     }
     budget
 }
@@ -544,22 +548,22 @@ fn metrics_method(work: &Work) -> Option<RpcMethod> {
 }
 
 /// The reply to a request refused because too many are in flight.
-fn overloaded(method: u8) -> Reply {
+fn overloaded(method: u8) -> ServerFrame {
     let msg = "too many requests in flight; retry later".to_string();
     let code = Error::Overloaded.code();
     match method {
-        method::SEND => Reply::Send(SendResponse {
+        method::SEND => ServerFrame::Send(SendResponse {
             code,
             msg,
             ..SendResponse::default()
         }),
-        method::PULL => Reply::Pull(PullResponse {
+        method::PULL => ServerFrame::Pull(PullResponse {
             code,
             msg,
             ..PullResponse::default()
         }),
-        method::PING => Reply::Pong,
-        other => Reply::BadFrame(format!("unknown method {other}")),
+        method::PING => ServerFrame::Pong,
+        other => ServerFrame::BadFrame(format!("unknown method {other}")),
     }
 }
 
@@ -578,15 +582,15 @@ fn decode_request(frame: Frame) -> Work {
     }
 }
 
-async fn handle(store: &AnyStore, work: Work, stop: Option<watch::Receiver<bool>>) -> Reply {
+async fn handle(store: &AnyStore, work: Work, stop: Option<watch::Receiver<bool>>) -> ServerFrame {
     if matches!(work, Work::Send(_) | Work::Pull(_)) {
         SERVED.fetch_add(1, Ordering::Relaxed);
     }
     match work {
-        Work::Send(req) => Reply::Send(send(store, req).await),
+        Work::Send(req) => ServerFrame::Send(send(store, req).await),
         Work::Pull(req) => pull(store, req, stop).await,
-        Work::Ping => Reply::Pong,
-        Work::Bad(why) => Reply::BadFrame(why),
+        Work::Ping => ServerFrame::Pong,
+        Work::Bad(why) => ServerFrame::BadFrame(why),
     }
 }
 
@@ -650,10 +654,14 @@ async fn send(store: &AnyStore, req: SendRequest) -> SendResponse {
     }
 }
 
-async fn pull(store: &AnyStore, req: PullRequest, stop: Option<watch::Receiver<bool>>) -> Reply {
+async fn pull(
+    store: &AnyStore,
+    req: PullRequest,
+    stop: Option<watch::Receiver<bool>>,
+) -> ServerFrame {
     let failed = |err: Error| {
         let (code, msg) = failure(err);
-        Reply::Pull(PullResponse {
+        ServerFrame::Pull(PullResponse {
             code,
             msg,
             ..PullResponse::default()
@@ -672,7 +680,7 @@ async fn pull(store: &AnyStore, req: PullRequest, stop: Option<watch::Receiver<b
         false => pull_waiting(store, &query, wait, stop).await,
     };
     match page {
-        Ok(page) => Reply::PullPage(page.wire),
+        Ok(page) => ServerFrame::PullPage(page.wire),
         Err(err) => failed(err),
     }
 }
@@ -753,7 +761,7 @@ mod tests {
     #[test]
     fn the_reservation_for_a_pull_covers_its_largest_page() {
         for (limit, page) in [(0, 10), (1, 1), (10, 10), (100, 100), (1000, 100)] {
-            let largest = encoded_len(&Reply::Pull(largest_page(page)));
+            let largest = encoded_len(&ServerFrame::Pull(largest_page(page)));
             let reserved = largest_reply(&pull(limit));
             assert!(
                 largest <= reserved,

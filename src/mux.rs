@@ -295,9 +295,10 @@ impl<P: Protocol> Pool<P> {
     }
 }
 
-const READ_CHUNK: usize = 64 * 1024;
+/// How much a read buffer grows by (also the RPC server's, for the same peers).
+pub(crate) const READ_CHUNK: usize = 64 * 1024;
 /// Reads are made into at least this much free space.
-const MIN_READ: usize = 4096;
+pub(crate) const MIN_READ: usize = 4096;
 /// Stop taking calls while this much is written and not yet accepted by the
 /// socket: the peer is not keeping up.
 const MAX_UNSENT: usize = 4 * 1024 * 1024;

@@ -23,6 +23,7 @@ use crate::domain::{
 };
 use crate::error::{CODE_OK, Error};
 use crate::metrics::{self, Gauge, METRICS, RpcMethod};
+use crate::mux::{MIN_READ, READ_CHUNK};
 use crate::proto::{Message, PingResponse, PullRequest, PullResponse, SendRequest, SendResponse};
 use crate::store::{AnyStore, Page, Store};
 use crate::unwind::catch_panic;
@@ -217,7 +218,7 @@ impl Requests {
             if let Some(frame) = frame::decode(&mut self.input, self.max_frame)? {
                 return Ok(Some(frame));
             }
-            crate::buf::reserve_for_read(&mut self.input, 4096, 64 * 1024);
+            crate::buf::reserve_for_read(&mut self.input, MIN_READ, READ_CHUNK);
             tokio::select! {
                 read = self.reader.read_buf(&mut self.input) => if read? == 0 {
                     return Ok(None);
@@ -281,7 +282,7 @@ async fn connection(
     let mut waiting = WaitingPulls::default();
     let mut requests = Requests {
         reader,
-        input: BytesMut::with_capacity(64 * 1024),
+        input: BytesMut::with_capacity(READ_CHUNK),
         max_frame: options.max_frame,
         idle_timeout: options.idle_timeout,
         idle: Box::pin(tokio::time::sleep(options.idle_timeout)),
@@ -403,7 +404,7 @@ impl WaitingPulls {
 /// Writes everything finished since the last write in one write; a peer
 /// that accepts no byte for [`WRITE_STALL_TIMEOUT`] is given up on.
 async fn write_replies(mut writer: OwnedWriteHalf, mut outbox: mpsc::UnboundedReceiver<Outgoing>) {
-    let mut output = BytesMut::with_capacity(64 * 1024);
+    let mut output = BytesMut::with_capacity(READ_CHUNK);
     // The budget of what `output` holds, released once it is written. Each
     // reply is dropped as soon as it is encoded, so `output` is its only copy.
     let mut held = Vec::new();
@@ -424,7 +425,7 @@ async fn write_replies(mut writer: OwnedWriteHalf, mut outbox: mpsc::UnboundedRe
         output.clear();
         // One big page must not pin its buffer for the life of the connection.
         if output.capacity() > KEEP_OUTPUT_CAPACITY {
-            output = BytesMut::with_capacity(64 * 1024);
+            output = BytesMut::with_capacity(READ_CHUNK);
         }
     }
 }

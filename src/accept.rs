@@ -1,10 +1,11 @@
-//! The accept step shared by the HTTP and RPC servers.
+//! The accept step shared by the HTTP and RPC servers, and their drain at
+//! shutdown.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 
 /// First pause after a failed accept; doubled on each further failure.
 const MIN_PAUSE: Duration = Duration::from_millis(20);
@@ -51,5 +52,19 @@ pub async fn next_connection(
                 pause = (pause * 2).min(MAX_PAUSE);
             }
         }
+    }
+}
+
+/// Waits, up to `timeout`, until every one of the `all` permits of `slots`
+/// is free again: each connection holds one until it has finished, so then
+/// none is left. `slots` is shared by every shard accepting on the address,
+/// so a shard's drain waits for the other shards' connections too; the
+/// permits are released at once, so that their drains see the same.
+/// Returns how many were still held when the time ran out, if it did.
+pub async fn drain(slots: &Semaphore, all: usize, timeout: Duration) -> Result<(), usize> {
+    let permits = u32::try_from(all).unwrap_or(u32::MAX);
+    match tokio::time::timeout(timeout, slots.acquire_many(permits)).await {
+        Ok(_) => Ok(()),
+        Err(_elapsed) => Err(all.saturating_sub(slots.available_permits())),
     }
 }

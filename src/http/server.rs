@@ -22,7 +22,7 @@ use super::conn::{
 use super::response::{
     Batch, EventSource, HEARTBEAT, LAGGED_EVENT, LAST_CHUNK, Response, put_chunk, write_response,
 };
-use crate::accept::next_connection;
+use crate::accept::{drain, next_connection};
 use crate::metrics::{self, Gauge, METRICS};
 use crate::unwind::{catch_panic, catch_panic_sync};
 
@@ -164,17 +164,8 @@ pub async fn serve<H: Handler>(
         });
     }
     drop(listener);
-    let all = u32::try_from(options.max_connections).unwrap_or(u32::MAX);
-    // Holding every permit means no connection is left; release them at once
-    // so that the other threads' drains see the same.
-    if tokio::time::timeout(options.drain_timeout, slots.acquire_many(all))
-        .await
-        .is_err()
-    {
-        eprintln!(
-            "im-server: http drain timed out with {} connections open",
-            options.max_connections - slots.available_permits()
-        );
+    if let Err(open) = drain(&slots, options.max_connections, options.drain_timeout).await {
+        eprintln!("im-server: http drain timed out with {open} connections open");
     }
 }
 

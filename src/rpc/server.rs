@@ -16,7 +16,7 @@ use tokio::time::{Instant, Sleep};
 
 use super::frame::{self, Frame};
 use super::{method, status};
-use crate::accept::next_connection;
+use crate::accept::{drain, next_connection};
 use crate::domain::{
     DEFAULT_LIMIT, MAX_LIMIT, MAX_MESSAGE_WIRE_BYTES, PullQuery, canonical_chat,
     validate_idempotency_key, validate_pull, validate_send, validate_wait,
@@ -54,8 +54,8 @@ pub fn connection_slots(options: &RpcServerOptions) -> Arc<Semaphore> {
 }
 
 /// Accepts connections until `shutdown` turns true, then stops accepting and
-/// waits (up to `drain_timeout`) for every connection to finish the requests
-/// it has already read.
+/// waits (up to `drain_timeout`) until every connection holding one of
+/// `slots` has finished the requests it had already read.
 pub async fn serve(
     listener: TcpListener,
     store: Arc<AnyStore>,
@@ -64,8 +64,6 @@ pub async fn serve(
     mut shutdown: watch::Receiver<bool>,
     drain_timeout: Duration,
 ) {
-    // Each connection task holds a clone; the channel closes when all are done.
-    let (open, mut all_closed) = mpsc::channel::<()>(1);
     let mut refusals = RefusalLog::default();
     while let Some((socket, peer)) = next_connection(&listener, &mut shutdown, "rpc").await {
         // Over the limit the connection is closed at once: there is no frame
@@ -77,22 +75,18 @@ pub async fn serve(
         };
         let store = store.clone();
         let shutdown = shutdown.clone();
-        let open = open.clone();
         let options = options.clone();
         let counted = metrics::track(Gauge::RpcServerConnections);
         tokio::spawn(async move {
             if let Err(err) = connection(socket, store, options, shutdown).await {
                 eprintln!("im-server: rpc connection from {peer} closed: {err}");
             }
-            drop((open, slot, counted));
+            drop((slot, counted));
         });
     }
-    drop((listener, open));
-    if tokio::time::timeout(drain_timeout, all_closed.recv())
-        .await
-        .is_err()
-    {
-        eprintln!("im-server: rpc drain timed out");
+    drop(listener);
+    if let Err(open) = drain(&slots, options.max_connections, drain_timeout).await {
+        eprintln!("im-server: rpc drain timed out with {open} connections open");
     }
 }
 

@@ -15,7 +15,7 @@
 //! A call goes to the less loaded of two endpoints drawn at random ("power of
 //! two choices" on in-flight calls): nearly as even as least-loaded, without
 //! herding every gateway shard onto the same momentarily idle endpoint.
-//! A Probing endpoint takes no calls: the caller pings it ([`Balancer::to_ping`])
+//! A Probing endpoint takes no calls: the caller pings it ([`Balancer::pings_due`])
 //! and the ping decides, so no client request is risked on a server that may
 //! still be dead or frozen. If every
 //! endpoint is ejected, all of them are used anyway: with no healthy choice,
@@ -128,10 +128,6 @@ impl<K: PartialEq + Clone, T> Balancer<K, T> {
 
     pub fn len(&self) -> usize {
         self.entries.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
     }
 
     /// Chooses an endpoint for one call, never one of `exclude` while another
@@ -247,7 +243,7 @@ impl<K: PartialEq + Clone, T> Balancer<K, T> {
     /// The endpoints to ping now: healthy ones with no call in flight (an
     /// idle endpoint is otherwise never checked) and those whose back-off
     /// is over (the ping is their probe).
-    pub fn to_ping(&mut self, now: Instant) -> Vec<(EndpointId, &T)> {
+    pub fn pings_due(&mut self, now: Instant) -> Vec<(EndpointId, &T)> {
         self.wake(now);
         self.entries
             .iter()
@@ -278,10 +274,12 @@ impl<K: PartialEq + Clone, T> Balancer<K, T> {
         std::mem::take(&mut self.changes)
     }
 
+    #[cfg(test)]
     pub fn state(&self, key: &K) -> Option<State> {
         self.entries.iter().find(|e| &e.key == key).map(|e| e.state)
     }
 
+    #[cfg(test)]
     pub fn key(&self, id: EndpointId) -> Option<&K> {
         self.entries.iter().find(|e| e.id == id).map(|e| &e.key)
     }
@@ -507,11 +505,11 @@ mod tests {
             b.failed(ids[0], t);
         }
         let (busy, _) = b.pick(t, &[ids[0]]).expect("an endpoint");
-        let pinged: Vec<EndpointId> = b.to_ping(t).into_iter().map(|(id, _)| id).collect();
+        let pinged: Vec<EndpointId> = b.pings_due(t).into_iter().map(|(id, _)| id).collect();
         assert_eq!(pinged.len(), 1, "not the ejected one, not the busy one");
         assert!(!pinged.contains(&busy) && !pinged.contains(&ids[0]));
         let later = t + Duration::from_millis(100);
-        let pinged: Vec<EndpointId> = b.to_ping(later).into_iter().map(|(id, _)| id).collect();
+        let pinged: Vec<EndpointId> = b.pings_due(later).into_iter().map(|(id, _)| id).collect();
         assert!(pinged.contains(&ids[0]), "back-off over: probed by a ping");
         b.succeeded(ids[0]);
         assert_eq!(b.state(&0), Some(State::Healthy));

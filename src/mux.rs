@@ -228,11 +228,6 @@ impl<P: Protocol> Handle<P> {
         Handle { calls, queued }
     }
 
-    /// Queues `request` without waiting, with no deadline.
-    pub fn start(&self, request: impl Into<P::Request>) -> Result<Pending<P::Reply>, Error> {
-        self.start_call(request.into(), None)
-    }
-
     /// Queues `request` without waiting; if it is still queued at `deadline`
     /// it is answered [`Error::Timeout`] and never written.
     pub fn start_by(

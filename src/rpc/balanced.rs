@@ -312,7 +312,7 @@ impl BalancedClient {
                 balancer.refresh(now, |client| client.going_away());
                 log_changes(&mut balancer);
                 balancer
-                    .to_ping(now)
+                    .pings_due(now)
                     .into_iter()
                     .filter(|(_, client)| !client.going_away())
                     .map(|(id, client)| (id, client.clone()))

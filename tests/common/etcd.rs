@@ -1,0 +1,93 @@
+//! A real single-member `etcd`.
+
+use std::io::{self, BufRead, BufReader, ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use super::*;
+
+
+/// A real single-member `etcd` on loopback ports, in its own data directory,
+/// kept across [`Etcd::restart`]. Dropping it kills the process and removes
+/// the directory.
+pub struct Etcd {
+    process: ChildProc,
+    dir: PathBuf,
+    client_port: u16,
+    peer_port: u16,
+}
+
+const ETCD_MISSING: &str =
+    "etcd not found: run `apt-get install -y etcd-server` (or the project's .ci/test script)";
+
+impl Etcd {
+    pub fn start() -> Etcd {
+        let mut etcd = Etcd {
+            process: ChildProc::default(),
+            dir: unique_temp_dir("etcd"),
+            client_port: free_port(),
+            peer_port: free_port(),
+        };
+        etcd.spawn();
+        etcd
+    }
+
+    fn spawn(&mut self) {
+        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let mut cmd = Command::new("etcd");
+        cmd
+            .arg("--data-dir")
+            .arg(self.dir.join("data"))
+            .args(["--listen-client-urls", &client])
+            .args(["--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer])
+            .args(["--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &format!("default={peer}")]);
+        self.process
+            .spawn_logged(&mut cmd, &self.dir.join("etcd.log"), ETCD_MISSING)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let addr = self.addr();
+        wait_until(STARTUP_DEADLINE, "etcd to answer /health", || {
+            let r = try_request(addr, "GET", "/health", &[], b"").ok()?;
+            (r.status == 200 && r.text().contains("true")).then_some(())
+        });
+    }
+
+    /// The client address, `127.0.0.1:P`.
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.client_port))
+    }
+
+    /// `etcd://127.0.0.1:P/<prefix>` for `--registry`.
+    pub fn registry(&self, prefix: &str) -> String {
+        format!("etcd://{}{prefix}", self.addr())
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.process.pid()
+    }
+
+    /// SIGKILL + wait; the data directory stays.
+    pub fn kill(&mut self) {
+        self.process.kill();
+    }
+
+    /// Starts again on the same ports and data.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+

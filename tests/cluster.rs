@@ -29,21 +29,13 @@ fn start_server_at(url: &str, extra: &[&str]) -> Server {
     let redis_timeout = REDIS_TIMEOUT_MS.to_string();
     let rpc_timeout = RPC_TIMEOUT_MS.to_string();
     let mut args = vec![
-        "--redis",
-        url,
         "--redis-timeout-ms",
         &redis_timeout,
         "--rpc-timeout-ms",
         &rpc_timeout,
     ];
     args.extend_from_slice(extra);
-    let server = Server::start("all", &args, &[]);
-    assert!(
-        server.stderr().contains("store: Redis Cluster"),
-        "the server did not detect the cluster:\n{}",
-        server.stderr()
-    );
-    server
+    Server::on_cluster(url, &args)
 }
 
 /// The highest `refresh #N` the server logged (map reads, including the first).

@@ -5,17 +5,15 @@
 
 mod common;
 
-use std::io::{self, BufRead, BufReader, ErrorKind, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use common::*;
-use im_server::proto::PullRequest;
 use im_server::proto::fields::{pull_request, send_request};
 use im_server::rpc::method::{PULL, SEND};
 use im_server::rpc::status::{BAD_FRAME, OK};
-use prost::Message as _;
 use serde_json::json;
 
 // ---------------------------------------------------------------------------
@@ -108,10 +106,7 @@ fn chunked_send_with_extensions_and_trailers_is_accepted() {
             thread::sleep(Duration::from_millis(1));
         }
     }
-    let t2 = send_time_of(
-        &c.read_response(),
-        "chunked send (one byte per write)",
-    );
+    let t2 = send_time_of(&c.read_response(), "chunked send (one byte per write)");
 
     let page = pull_page(addr, "chunked", 0, 10, true);
     assert_eq!(page.times(), vec![t1, t2], "both chunked sends are stored");
@@ -389,10 +384,7 @@ fn bare_lf_line_endings_are_accepted() {
         )
         .as_bytes(),
     );
-    send_time_of(
-        &c.read_response(),
-        "POST with bare-LF line endings",
-    );
+    send_time_of(&c.read_response(), "POST with bare-LF line endings");
     assert_alive(addr, "after bare-LF requests");
 }
 
@@ -897,10 +889,7 @@ fn odd_case_header_names_work() {
     req.extend(chunked(body.as_bytes(), 7));
     let mut c = HttpConn::connect(addr);
     c.write_raw(&req);
-    send_time_of(
-        &c.read_response(),
-        "tRaNsFeR-eNcOdInG: ChUnKeD",
-    );
+    send_time_of(&c.read_response(), "tRaNsFeR-eNcOdInG: ChUnKeD");
     let page = pull_page(addr, "oddcase", 0, 10, true);
     assert_eq!(page.texts(), vec!["odd case", "odd case chunked"]);
 }

@@ -6,18 +6,15 @@
 
 mod common;
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
 use common::*;
-use im_server::proto::{Message, PullRequest, PullResponse, SendRequest, SendResponse};
-use im_server::rpc::frame as wire;
+use im_server::proto::PullResponse;
 use im_server::rpc::method::{PULL, SEND};
 use im_server::rpc::status::OK;
 use prost::Message as _;
@@ -107,8 +104,12 @@ fn fill_chat(addr: SocketAddr, chat: &str, count: u64, text_len: usize) {
     let mut c = rpc_connect(addr);
     let text = "m".repeat(text_len);
     for id in 0..count {
-        c.write_all(&rpc_frame(id, SEND, &send_request_body(chat, "filler", &text)))
-            .unwrap();
+        c.write_all(&rpc_frame(
+            id,
+            SEND,
+            &send_request_body(chat, "filler", &text),
+        ))
+        .unwrap();
     }
     for _ in 0..count {
         let (_, kind, body) = read_rpc_frame(&mut c, "filling the chat");
@@ -349,7 +350,8 @@ fn rpc_connections_over_the_fd_limit_do_not_stop_http() {
     drop(idle);
     wait_until(Duration::from_secs(5), "a free RPC slot", || {
         let mut c = rpc_connect(rpc);
-        c.write_all(&rpc_frame(1, PULL, &pull_request_body("x", 1))).ok()?;
+        c.write_all(&rpc_frame(1, PULL, &pull_request_body("x", 1)))
+            .ok()?;
         let mut len = [0u8; 4];
         c.read_exact(&mut len).ok()
     });

@@ -1,16 +1,19 @@
 //! The IM API seen from a client: messages, pages, walking a chat.
 
 use std::collections::HashSet;
-use std::io::{self, BufRead, BufReader, ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::thread;
-use std::time::{Duration, Instant};
+use std::net::SocketAddr;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::*;
 use serde_json::{Value, json};
+
+/// Microseconds since the Unix epoch, from the test's own clock (the unit of `send_time`).
+pub fn now_us() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock before 1970")
+        .as_micros() as i64
+}
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Msg {
@@ -192,4 +195,3 @@ pub fn assert_unique(times: &[i64], ctx: &str) {
         );
     }
 }
-

@@ -2,11 +2,7 @@
 //! crates) and the assertions every test shares about responses and connections.
 
 use std::io::{self, BufRead, BufReader, ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::thread;
+use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use super::*;
@@ -226,10 +222,6 @@ impl HttpConn {
             .unwrap_or_else(|e| panic!("write to {}: {e}", self.addr));
     }
 
-    pub fn try_write_raw(&mut self, bytes: &[u8]) -> io::Result<()> {
-        self.stream.write_all(bytes)
-    }
-
     pub fn write_request(
         &mut self,
         method: &str,
@@ -355,7 +347,9 @@ pub fn assert_closed_within(
             ),
             Err(e) if is_reset(&e) => return start.elapsed(),
             Err(e) if is_timeout(&e) => {
-                panic!("{ctx}: expected the peer to close the connection, but it is still open after {within:?}")
+                panic!(
+                    "{ctx}: expected the peer to close the connection, but it is still open after {within:?}"
+                )
             }
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
             Err(e) => panic!("{ctx}: unexpected error while waiting for close: {e}"),
@@ -467,4 +461,3 @@ pub fn assert_error(r: &Response, status: u16, ctx: &str) {
         r.describe()
     );
 }
-

@@ -1,15 +1,10 @@
 //! A real single-member `etcd`.
 
-use std::io::{self, BufRead, BufReader, ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::thread;
-use std::time::{Duration, Instant};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Command;
 
 use super::*;
-
 
 /// A real single-member `etcd` on loopback ports, in its own data directory,
 /// kept across [`Etcd::restart`]. Dropping it kills the process and removes
@@ -40,8 +35,7 @@ impl Etcd {
         let client = format!("http://127.0.0.1:{}", self.client_port);
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let mut cmd = Command::new("etcd");
-        cmd
-            .arg("--data-dir")
+        cmd.arg("--data-dir")
             .arg(self.dir.join("data"))
             .args(["--listen-client-urls", &client])
             .args(["--advertise-client-urls", &client])
@@ -68,10 +62,6 @@ impl Etcd {
         format!("etcd://{}{prefix}", self.addr())
     }
 
-    pub fn pid(&self) -> Option<u32> {
-        self.process.pid()
-    }
-
     /// SIGKILL + wait; the data directory stays.
     pub fn kill(&mut self) {
         self.process.kill();
@@ -90,4 +80,3 @@ impl Drop for Etcd {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
-

@@ -1,15 +1,10 @@
 //! Prometheus metrics: scraping and linting (tests/metrics.rs).
 
-use std::io::{self, BufRead, BufReader, ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::thread;
-use std::time::{Duration, Instant};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
 
 use super::*;
-
 
 /// One scrape of `GET /metrics`: the text, and each sample by its series
 /// (`name{label="value",...}`, labels in the order the server prints them).
@@ -116,4 +111,3 @@ pub fn promtool_check(text: &str) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
-

@@ -2,11 +2,11 @@
 //! optional password and extra arguments) and a [`Cluster`] of them.
 
 use std::collections::HashSet;
-use std::os::unix::net::UnixStream;
 use std::io::{self, BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -35,7 +35,12 @@ pub struct Redis {
 const REDIS_MISSING: &str = "redis-server not found: run `apt-get install -y redis-server` (or the project's .ci/test script, which installs it)";
 
 impl Redis {
-    fn new(dir: PathBuf, endpoint: RedisEndpoint, password: Option<String>, extra: &[&str]) -> Redis {
+    fn new(
+        dir: PathBuf,
+        endpoint: RedisEndpoint,
+        password: Option<String>,
+        extra: &[&str],
+    ) -> Redis {
         Redis {
             process: ChildProc::default(),
             dir,
@@ -121,18 +126,6 @@ impl Redis {
             RedisEndpoint::Tcp(p) => Some(p),
             RedisEndpoint::Unix(_) => None,
         }
-    }
-
-    pub fn socket_path(&self) -> Option<&Path> {
-        match &self.endpoint {
-            RedisEndpoint::Unix(p) => Some(p),
-            RedisEndpoint::Tcp(_) => None,
-        }
-    }
-
-    /// The directory redis-server runs in (its `--dir` by default).
-    pub fn dir(&self) -> &Path {
-        &self.dir
     }
 
     /// The redis-server process id, while it runs.
@@ -378,9 +371,8 @@ const CLUSTER_NODE_ARGS: &[&str] = &[
 impl ClusterNode {
     /// A new node on a [`free_cluster_port`], not yet part of any cluster.
     fn spawn() -> ClusterNode {
-        let redis =
-            Redis::start_tcp_inner("cluster", None, CLUSTER_NODE_ARGS, free_cluster_port)
-                .unwrap_or_else(|e| panic!("could not start a cluster node: {e}"));
+        let redis = Redis::start_tcp_inner("cluster", None, CLUSTER_NODE_ARGS, free_cluster_port)
+            .unwrap_or_else(|e| panic!("could not start a cluster node: {e}"));
         let port = redis.port().expect("a cluster node listens on TCP");
         ClusterNode { port, redis }
     }

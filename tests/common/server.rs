@@ -1,13 +1,11 @@
 //! The real `im-server` binary: one builder for any role, flags and env
 //! ([`Server`]), and a server together with its store ([`Backend`]).
 
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{ChildStderr, Command, Stdio};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
-use std::io::{self, BufRead, BufReader, ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{ChildStderr, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -38,8 +36,19 @@ impl Server {
 
     /// `im-server` (role `all`) backed by the given redis.
     pub fn with_redis(redis: &Redis) -> Server {
-        let url = redis.url();
-        Server::start("all", &["--redis", &url], &[])
+        Server::start("all", &with_redis_url(&redis.url(), &[]), &[])
+    }
+
+    /// `im-server` (role `all`) on the Redis Cluster one of whose nodes is at
+    /// `url`, with extra arguments; asserts it detected the cluster.
+    pub fn on_cluster(url: &str, args: &[&str]) -> Server {
+        let server = Server::start("all", &with_redis_url(url, args), &[]);
+        assert!(
+            server.stderr().contains("store: Redis Cluster"),
+            "the server did not detect the cluster:\n{}",
+            server.stderr()
+        );
+        server
     }
 
     /// A standalone rpc server (`im-server rpc`) on a port chosen by the OS.
@@ -223,30 +232,22 @@ impl Drop for Server {
     }
 }
 
-/// A server plus (for the redis backend) its own redis-server. Field order matters:
-/// the server is dropped (killed) before redis.
+/// A server (role `all`) plus the store it runs on, if that is a process of
+/// its own. Field order matters: the server is dropped (killed) before its store.
 pub struct Backend {
     pub server: Server,
     pub redis: Option<Redis>,
-    pub cluster: Option<Cluster>,
+    /// Held only to live as long as the server (killed on drop).
+    pub _cluster: Option<Cluster>,
 }
 
 impl Backend {
     pub fn memory() -> Backend {
-        Backend {
-            server: Server::memory(),
-            redis: None,
-            cluster: None,
-        }
+        Backend::memory_with(&[])
     }
 
     pub fn redis() -> Backend {
-        let redis = Redis::start();
-        Backend {
-            server: Server::with_redis(&redis),
-            redis: Some(redis),
-            cluster: None,
-        }
+        Backend::redis_with(&[])
     }
 
     /// A server on a Redis Cluster of 3 masters and 3 replicas, given one node's URL.
@@ -254,50 +255,45 @@ impl Backend {
         Backend::cluster_with(&[])
     }
 
-    /// [`Backend::cluster`] with extra `im-server` arguments.
-    pub fn cluster_with(args: &[&str]) -> Backend {
-        let cluster = Cluster::start();
-        let url = cluster.url();
-        let mut all = vec!["--redis", url.as_str()];
-        all.extend_from_slice(args);
-        let server = Server::start("all", &all, &[]);
-        assert!(
-            server.stderr().contains("store: Redis Cluster"),
-            "the server did not detect the cluster:\n{}",
-            server.stderr()
-        );
-        Backend {
-            server,
-            redis: None,
-            cluster: Some(cluster),
-        }
-    }
-
-    pub fn addr(&self) -> SocketAddr {
-        self.server.http_addr()
-    }
-
     /// [`Backend::memory`] with extra `im-server` arguments.
     pub fn memory_with(args: &[&str]) -> Backend {
         Backend {
             server: Server::start("all", args, &[]),
             redis: None,
-            cluster: None,
+            _cluster: None,
         }
     }
 
     /// [`Backend::redis`] with extra `im-server` arguments.
     pub fn redis_with(args: &[&str]) -> Backend {
         let redis = Redis::start();
-        let url = redis.url();
-        let mut all = vec!["--redis", url.as_str()];
-        all.extend_from_slice(args);
         Backend {
-            server: Server::start("all", &all, &[]),
+            server: Server::start("all", &with_redis_url(&redis.url(), args), &[]),
             redis: Some(redis),
-            cluster: None,
+            _cluster: None,
         }
     }
+
+    /// [`Backend::cluster`] with extra `im-server` arguments.
+    pub fn cluster_with(args: &[&str]) -> Backend {
+        let cluster = Cluster::start();
+        Backend {
+            server: Server::on_cluster(&cluster.url(), args),
+            redis: None,
+            _cluster: Some(cluster),
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.server.http_addr()
+    }
+}
+
+/// `--redis URL` followed by `args`.
+fn with_redis_url<'a>(url: &'a str, args: &[&'a str]) -> Vec<&'a str> {
+    let mut all = vec!["--redis", url];
+    all.extend_from_slice(args);
+    all
 }
 
 /// Drains the child's stderr forever in a thread (so the child never blocks on

@@ -1,17 +1,12 @@
 //! A Server-Sent Events client (tests/stream.rs).
 
 use std::io::{self, BufRead, BufReader, ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::thread;
-use std::time::{Duration, Instant};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
 
 use serde_json::Value;
 
 use super::*;
-
 
 /// One item of an event stream: an event, or a comment (a heartbeat).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -243,4 +238,3 @@ fn parse_sse_block(block: &str) -> SseItem {
         _ => SseItem::Event(event),
     }
 }
-

@@ -15,6 +15,11 @@ pub fn now_us() -> i64 {
         .as_micros() as i64
 }
 
+/// The JSON body of a send.
+pub fn send_body(chat: &str, sender: &str, text: &str) -> String {
+    json!({"chat": chat, "text": text, "sender": sender}).to_string()
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Msg {
     pub chat: String,

@@ -6,7 +6,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use super::*;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 #[derive(Clone, Debug)]
 pub struct Response {
@@ -272,7 +272,7 @@ impl HttpConn {
     }
 
     pub fn send(&mut self, chat: &str, sender: &str, text: &str) -> Response {
-        let body = json!({"chat": chat, "text": text, "sender": sender}).to_string();
+        let body = send_body(chat, sender, text);
         self.request("POST", "/api/send", JSON_CT, body.as_bytes())
     }
 
@@ -460,4 +460,58 @@ pub fn assert_error(r: &Response, status: u16, ctx: &str) {
         "{ctx}: error.message must be a string: {}",
         r.describe()
     );
+}
+
+/// The headers every response carries: Content-Length framing (never chunked)
+/// matching the body, a JSON Content-Type and an IMF-fixdate Date.
+pub fn assert_standard_headers(r: &Response, ctx: &str) {
+    let cl = r
+        .header("content-length")
+        .unwrap_or_else(|| panic!("{ctx}: missing Content-Length: {:?}", r.headers));
+    assert_eq!(
+        cl.parse::<usize>().ok(),
+        Some(r.body.len()),
+        "{ctx}: Content-Length must match the body length"
+    );
+    let ct = r
+        .header("content-type")
+        .unwrap_or_else(|| panic!("{ctx}: missing Content-Type: {:?}", r.headers));
+    assert!(
+        ct.starts_with("application/json"),
+        "{ctx}: Content-Type should be application/json, got {ct:?}"
+    );
+    let date = r
+        .header("date")
+        .unwrap_or_else(|| panic!("{ctx}: missing Date: {:?}", r.headers));
+    // IMF-fixdate, e.g. "Sun, 06 Nov 1994 08:49:37 GMT"
+    let b = date.as_bytes();
+    assert!(
+        date.len() == 29
+            && date.ends_with(" GMT")
+            && b[3] == b','
+            && b[19] == b':'
+            && b[22] == b':',
+        "{ctx}: Date must be an IMF-fixdate like 'Sun, 06 Nov 1994 08:49:37 GMT', got {date:?}"
+    );
+    assert!(
+        r.header("transfer-encoding").is_none(),
+        "{ctx}: responses are Content-Length framed, not chunked"
+    );
+}
+
+/// Encodes `body` as chunks of `size` bytes, each with a chunk extension,
+/// then a last-chunk with an extension and two trailer fields.
+pub fn chunked_body(body: &[u8], size: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (i, piece) in body.chunks(size).enumerate() {
+        if i % 2 == 0 {
+            out.extend_from_slice(format!("{:x};foo=bar\r\n", piece.len()).as_bytes());
+        } else {
+            out.extend_from_slice(format!("{:X}\r\n", piece.len()).as_bytes());
+        }
+        out.extend_from_slice(piece);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"0;last=\"yes\"\r\nX-Trailer: one\r\nX-Other: two\r\n\r\n");
+    out
 }

@@ -4,6 +4,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Command;
 
+use serde_json::{Value, json};
+
 use super::*;
 
 /// A real single-member `etcd` on loopback ports, in its own data directory,
@@ -55,6 +57,25 @@ impl Etcd {
     /// The client address, `127.0.0.1:P`.
     pub fn addr(&self) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], self.client_port))
+    }
+
+    /// `POST /v3/kv/range` of `key` (up to `range_end`, if given) in the v3
+    /// JSON API; the answer, or `None` while etcd does not answer.
+    pub fn range(&self, key: &[u8], range_end: Option<&[u8]>) -> Option<Value> {
+        let b64 = im_server::discovery::etcd::base64::encode;
+        let mut body = json!({ "key": b64(key) });
+        if let Some(end) = range_end {
+            body["range_end"] = json!(b64(end));
+        }
+        let r = try_request(
+            self.addr(),
+            "POST",
+            "/v3/kv/range",
+            JSON_CT,
+            body.to_string().as_bytes(),
+        )
+        .ok()?;
+        Some(r.json())
     }
 
     /// `etcd://127.0.0.1:P/<prefix>` for `--registry`.

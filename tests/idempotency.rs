@@ -64,15 +64,41 @@ enum KeyIn {
     Both,
 }
 
-/// A send on `conn` with an idempotency key in the header, the body or both.
-fn send_keyed(
-    conn: &mut HttpConn,
+/// Where a send goes: a fresh connection to an address, or a given connection.
+enum Via<'a> {
+    Addr(SocketAddr),
+    Conn(&'a mut HttpConn),
+}
+
+impl From<SocketAddr> for Via<'_> {
+    fn from(addr: SocketAddr) -> Self {
+        Via::Addr(addr)
+    }
+}
+
+impl<'a> From<&'a mut HttpConn> for Via<'a> {
+    fn from(conn: &'a mut HttpConn) -> Self {
+        Via::Conn(conn)
+    }
+}
+
+/// A send with an idempotency key in the header, the body or both.
+fn send_keyed<'a>(
+    via: impl Into<Via<'a>>,
     chat: &str,
     sender: &str,
     text: &str,
     key: &str,
     how: KeyIn,
 ) -> Response {
+    let mut fresh;
+    let conn = match via.into() {
+        Via::Conn(conn) => conn,
+        Via::Addr(addr) => {
+            fresh = HttpConn::connect(addr);
+            &mut fresh
+        }
+    };
     let mut body = json!({"chat": chat, "text": text, "sender": sender});
     if matches!(how, KeyIn::Body | KeyIn::Both) {
         body["idempotency_key"] = json!(key);
@@ -120,14 +146,7 @@ fn error_code(r: &Response) -> String {
 fn replay_after_200_returns_the_first_send_time(make: MakeBackend) {
     let backend = make(&[]);
     let addr = backend.addr();
-    let first = send_keyed(
-        &mut HttpConn::connect(addr),
-        "amy:bob",
-        "amy",
-        "hello",
-        "key-1",
-        KeyIn::Header,
-    );
+    let first = send_keyed(addr, "amy:bob", "amy", "hello", "key-1", KeyIn::Header);
     let t = ok_send(&first, false, "first keyed send");
     // Every way of giving the same key, and the other spelling of the room.
     let retries = [
@@ -137,7 +156,7 @@ fn replay_after_200_returns_the_first_send_time(make: MakeBackend) {
         ("amy:bob", KeyIn::Header, "\"key-1\""),
     ];
     for (chat, how, key) in retries {
-        let r = send_keyed(&mut HttpConn::connect(addr), chat, "amy", "hello", key, how);
+        let r = send_keyed(addr, chat, "amy", "hello", key, how);
         let again = ok_send(&r, true, &format!("retry to {chat} with {key} in {how:?}"));
         assert_eq!(again, t, "a retry gets the first send's send_time");
     }
@@ -146,25 +165,11 @@ fn replay_after_200_returns_the_first_send_time(make: MakeBackend) {
     assert_eq!((stored[0].text.as_str(), stored[0].send_time), ("hello", t));
 
     // Another key, or no key, stores a new message; a key is per chat.
-    let other_key = send_keyed(
-        &mut HttpConn::connect(addr),
-        "amy:bob",
-        "amy",
-        "hello",
-        "key-2",
-        KeyIn::Header,
-    );
+    let other_key = send_keyed(addr, "amy:bob", "amy", "hello", "key-2", KeyIn::Header);
     let t2 = ok_send(&other_key, false, "same message, another key");
     let unkeyed = send(addr, "amy:bob", "amy", "hello");
     let t3 = ok_send(&unkeyed, false, "same message, no key");
-    let elsewhere = send_keyed(
-        &mut HttpConn::connect(addr),
-        "amy:cat",
-        "amy",
-        "hello",
-        "key-1",
-        KeyIn::Header,
-    );
+    let elsewhere = send_keyed(addr, "amy:cat", "amy", "hello", "key-1", KeyIn::Header);
     ok_send(&elsewhere, false, "same key in another chat");
     assert!(t < t2 && t2 < t3, "new messages: {t} < {t2} < {t3}");
     assert_eq!(messages(addr, "amy:bob").len(), 3);
@@ -227,26 +232,12 @@ fn reuse_with_other_text_or_sender_is_422(make: MakeBackend) {
     let backend = make(&[]);
     let addr = backend.addr();
     let t = ok_send(
-        &send_keyed(
-            &mut HttpConn::connect(addr),
-            "room",
-            "amy",
-            "first",
-            "k",
-            KeyIn::Header,
-        ),
+        &send_keyed(addr, "room", "amy", "first", "k", KeyIn::Header),
         false,
         "first send",
     );
     for (sender, text) in [("amy", "second"), ("bob", "first"), ("amy", "first ")] {
-        let r = send_keyed(
-            &mut HttpConn::connect(addr),
-            "room",
-            sender,
-            text,
-            "k",
-            KeyIn::Header,
-        );
+        let r = send_keyed(addr, "room", sender, text, "k", KeyIn::Header);
         let ctx = format!("key reused for sender {sender:?} text {text:?}");
         assert_error(&r, 422, &ctx);
         assert_eq!(
@@ -256,14 +247,7 @@ fn reuse_with_other_text_or_sender_is_422(make: MakeBackend) {
             r.describe()
         );
     }
-    let again = send_keyed(
-        &mut HttpConn::connect(addr),
-        "room",
-        "amy",
-        "first",
-        "k",
-        KeyIn::Body,
-    );
+    let again = send_keyed(addr, "room", "amy", "first", "k", KeyIn::Body);
     assert_eq!(ok_send(&again, true, "the original still replays"), t);
     let stored = messages(addr, "room");
     assert_eq!(
@@ -278,38 +262,17 @@ fn keys_expire_after_the_ttl(make: MakeBackend) {
     let addr = backend.addr();
     let started = Instant::now();
     let t1 = ok_send(
-        &send_keyed(
-            &mut HttpConn::connect(addr),
-            "room",
-            "s",
-            "hi",
-            "k",
-            KeyIn::Header,
-        ),
+        &send_keyed(addr, "room", "s", "hi", "k", KeyIn::Header),
         false,
         "first send",
     );
-    let replay = send_keyed(
-        &mut HttpConn::connect(addr),
-        "room",
-        "s",
-        "hi",
-        "k",
-        KeyIn::Header,
-    );
+    let replay = send_keyed(addr, "room", "s", "hi", "k", KeyIn::Header);
     if started.elapsed() < Duration::from_millis(900) {
         assert_eq!(ok_send(&replay, true, "retry within the TTL"), t1);
     }
     // Resend until the key is forgotten: then the same send stores anew.
     let t2 = wait_until(Duration::from_secs(10), "the key to expire", || {
-        let r = send_keyed(
-            &mut HttpConn::connect(addr),
-            "room",
-            "s",
-            "hi",
-            "k",
-            KeyIn::Header,
-        );
+        let r = send_keyed(addr, "room", "s", "hi", "k", KeyIn::Header);
         let t = send_time_of(&r, "resend while waiting for expiry");
         (!replayed(&r)).then_some(t)
     });
@@ -325,14 +288,7 @@ fn keys_expire_after_the_ttl(make: MakeBackend) {
         vec![t1, t2]
     );
     // The key now names the new message.
-    let r = send_keyed(
-        &mut HttpConn::connect(addr),
-        "room",
-        "s",
-        "hi",
-        "k",
-        KeyIn::Header,
-    );
+    let r = send_keyed(addr, "room", "s", "hi", "k", KeyIn::Header);
     assert_eq!(ok_send(&r, true, "retry of the second send"), t2);
 }
 
@@ -396,14 +352,7 @@ fn invalid_or_conflicting_keys_are_400(make: MakeBackend) {
     // The bounds themselves are accepted.
     let longest = "~".repeat(128);
     for key in ["k", longest.as_str(), "with space"] {
-        let r = send_keyed(
-            &mut HttpConn::connect(addr),
-            "room",
-            "s",
-            "t",
-            key,
-            KeyIn::Both,
-        );
+        let r = send_keyed(addr, "room", "s", "t", key, KeyIn::Both);
         ok_send(&r, false, &format!("valid key {key:?}"));
     }
 }
@@ -447,14 +396,7 @@ fn redis_record_is_small_in_the_chat_slot_and_expires() {
     let redis = backend.redis.as_ref().expect("redis backend");
     let key = "8e03978e-40d5-43e8-bc93-6894a57f9324";
     let t = ok_send(
-        &send_keyed(
-            &mut HttpConn::connect(backend.addr()),
-            "b:a",
-            "a",
-            "hello",
-            key,
-            KeyIn::Header,
-        ),
+        &send_keyed(backend.addr(), "b:a", "a", "hello", key, KeyIn::Header),
         false,
         "keyed send",
     );
@@ -536,34 +478,13 @@ fn redis_two_rpc_servers_share_the_keys() {
         .collect();
     let addrs: Vec<SocketAddr> = gateways.iter().map(Server::http_addr).collect();
     let t = ok_send(
-        &send_keyed(
-            &mut HttpConn::connect(addrs[0]),
-            "room",
-            "s",
-            "hi",
-            "k",
-            KeyIn::Header,
-        ),
+        &send_keyed(addrs[0], "room", "s", "hi", "k", KeyIn::Header),
         false,
         "first send via rpc server 1",
     );
-    let r = send_keyed(
-        &mut HttpConn::connect(addrs[1]),
-        "room",
-        "s",
-        "hi",
-        "k",
-        KeyIn::Header,
-    );
+    let r = send_keyed(addrs[1], "room", "s", "hi", "k", KeyIn::Header);
     assert_eq!(ok_send(&r, true, "retry via rpc server 2"), t);
-    let r = send_keyed(
-        &mut HttpConn::connect(addrs[1]),
-        "room",
-        "s",
-        "other",
-        "k",
-        KeyIn::Header,
-    );
+    let r = send_keyed(addrs[1], "room", "s", "other", "k", KeyIn::Header);
     assert_error(&r, 422, "reuse via rpc server 2");
 
     // Concurrent duplicates spread over both RPC servers.
@@ -714,14 +635,7 @@ fn redis_connection_cut_after_the_write_stores_a_keyed_send_once() {
     send_ok(addr, "room", "s", "warm-up");
 
     proxy.arm("cut-me-keyed");
-    let r = send_keyed(
-        &mut HttpConn::connect(addr),
-        "room",
-        "s",
-        "cut-me-keyed",
-        "k",
-        KeyIn::Header,
-    );
+    let r = send_keyed(addr, "room", "s", "cut-me-keyed", "k", KeyIn::Header);
     assert_eq!(
         proxy.cuts(),
         1,
@@ -768,24 +682,10 @@ fn client_resending_after_a_stall_gets_one_message(args: &[&str], status: u16) {
     send_ok(addr, "room", "s", "warm-up");
     let reply = redis.redis_cmd(&["CLIENT", "PAUSE", "1500", "WRITE"]);
     assert!(reply.starts_with("+OK"), "CLIENT PAUSE: {reply}");
-    let r = send_keyed(
-        &mut HttpConn::connect(addr),
-        "room",
-        "s",
-        "stalled",
-        "k",
-        KeyIn::Header,
-    );
+    let r = send_keyed(addr, "room", "s", "stalled", "k", KeyIn::Header);
     assert_error(&r, status, "send while Redis stalls writes");
     let t = wait_until(Duration::from_secs(10), "a resend to succeed", || {
-        let r = send_keyed(
-            &mut HttpConn::connect(addr),
-            "room",
-            "s",
-            "stalled",
-            "k",
-            KeyIn::Header,
-        );
+        let r = send_keyed(addr, "room", "s", "stalled", "k", KeyIn::Header);
         match r.status {
             200 => Some(send_time_of(&r, "resend")),
             503 | 504 => None,
@@ -800,14 +700,7 @@ fn client_resending_after_a_stall_gets_one_message(args: &[&str], status: u16) {
         "one message however many resends: {stored:?}"
     );
     assert_eq!(stalled[0].send_time, t);
-    let r = send_keyed(
-        &mut HttpConn::connect(addr),
-        "room",
-        "s",
-        "stalled",
-        "k",
-        KeyIn::Header,
-    );
+    let r = send_keyed(addr, "room", "s", "stalled", "k", KeyIn::Header);
     assert_eq!(ok_send(&r, true, "a later resend"), t);
 }
 

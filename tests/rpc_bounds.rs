@@ -101,7 +101,7 @@ fn pipelined_calls_to_a_silent_rpc_peer_all_time_out_within_3_s() {
 
 /// Stores `count` messages of `text_len` bytes in `chat` over raw RPC.
 fn fill_chat(addr: SocketAddr, chat: &str, count: u64, text_len: usize) {
-    let mut c = rpc_connect(addr);
+    let mut c = RpcConn::connect(addr);
     let text = "m".repeat(text_len);
     for id in 0..count {
         c.write_all(&rpc_frame(
@@ -112,7 +112,7 @@ fn fill_chat(addr: SocketAddr, chat: &str, count: u64, text_len: usize) {
         .unwrap();
     }
     for _ in 0..count {
-        let (_, kind, body) = read_rpc_frame(&mut c, "filling the chat");
+        let (_, kind, body) = c.read_frame("filling the chat");
         assert_eq!((kind, response_code(&body)), (OK, 0), "a filler send");
     }
 }
@@ -138,17 +138,17 @@ fn unread_big_pulls(server: &Server, store: &str) {
     fill_chat(addr, "big", 100, 64_000);
     // Warm up: one full page read normally, so its buffers are counted in
     // the baseline.
-    let mut warm = rpc_connect(addr);
+    let mut warm = RpcConn::connect(addr);
     warm.write_all(&rpc_frame(1, PULL, &pull_request_body("big", 100)))
         .unwrap();
-    let (_, kind, page) = read_rpc_frame(&mut warm, "warm-up pull");
+    let (_, kind, page) = warm.read_frame("warm-up pull");
     assert_eq!(kind, OK);
     assert!(page.len() > 6_000_000, "a page is {} bytes", page.len());
     drop(warm);
     let before = proc_status_kib(pid, "VmRSS");
 
     // 400 pulls of the whole chat (~6.5 MB each, ~2.6 GB in all), none read.
-    let mut attacker = rpc_connect(addr);
+    let mut attacker = RpcConn::connect(addr);
     let mut burst = Vec::new();
     for id in 0..400 {
         burst.extend(rpc_frame(id, PULL, &pull_request_body("big", 100)));
@@ -181,7 +181,7 @@ fn unread_big_pulls(server: &Server, store: &str) {
         .unwrap();
     let mut seen = vec![false; 400];
     for _ in 0..400 {
-        let (id, kind, body) = read_rpc_frame(&mut attacker, "reading the unread replies");
+        let (id, kind, body) = attacker.read_frame("reading the unread replies");
         assert_eq!(
             (kind, response_code(&body)),
             (OK, 0),
@@ -215,7 +215,7 @@ fn frame_headers_alone_reserve_nothing_even_under_an_address_space_limit() {
 
     let mut held = Vec::new();
     for id in 0..300u64 {
-        let mut c = rpc_connect(rpc);
+        let mut c = RpcConn::connect(rpc);
         let mut prefix = (16_777_216u32 - 4).to_be_bytes().to_vec();
         prefix.extend_from_slice(&id.to_be_bytes());
         prefix.push(PULL);
@@ -256,7 +256,7 @@ fn frame_headers_alone_reserve_nothing_even_under_an_address_space_limit() {
 #[test]
 fn frames_split_at_every_byte_over_a_socket_are_served() {
     let server = Server::rpc(&[]);
-    let mut c = rpc_connect(server.rpc_addr());
+    let mut c = RpcConn::connect(server.rpc_addr());
     let wire = rpc_frame(41, SEND, &send_request_body("split", "s", "hello"));
     for split in 1..wire.len() {
         c.write_all(&wire[..split]).unwrap();
@@ -264,7 +264,7 @@ fn frames_split_at_every_byte_over_a_socket_are_served() {
         // Give the server time to read the first part on its own.
         thread::sleep(Duration::from_millis(5));
         c.write_all(&wire[split..]).unwrap();
-        let (id, kind, body) = read_rpc_frame(&mut c, &format!("split at {split}"));
+        let (id, kind, body) = c.read_frame(&format!("split at {split}"));
         assert_eq!(
             (id, kind, response_code(&body)),
             (41, OK, 0),
@@ -276,17 +276,17 @@ fn frames_split_at_every_byte_over_a_socket_are_served() {
         c.write_all(&[b]).unwrap();
         thread::sleep(Duration::from_millis(2));
     }
-    let (id, kind, _) = read_rpc_frame(&mut c, "byte by byte");
+    let (id, kind, _) = c.read_frame("byte by byte");
     assert_eq!((id, kind), (41, OK), "send written one byte at a time");
     let page = pull_page_rpc(&mut c, "split");
     assert_eq!(page, wire.len(), "every split send was stored once");
 }
 
 /// How many messages a raw pull of `chat` (limit 100) returns.
-fn pull_page_rpc(c: &mut TcpStream, chat: &str) -> usize {
+fn pull_page_rpc(c: &mut RpcConn, chat: &str) -> usize {
     c.write_all(&rpc_frame(7, PULL, &pull_request_body(chat, 100)))
         .unwrap();
-    let (_, kind, body) = read_rpc_frame(c, "counting pull");
+    let (_, kind, body) = c.read_frame("counting pull");
     assert_eq!(kind, OK);
     PullResponse::decode(&body[..])
         .expect("a PullResponse")
@@ -349,7 +349,7 @@ fn rpc_connections_over_the_fd_limit_do_not_stop_http() {
     // Freed slots are reused.
     drop(idle);
     wait_until(Duration::from_secs(5), "a free RPC slot", || {
-        let mut c = rpc_connect(rpc);
+        let mut c = RpcConn::connect(rpc);
         c.write_all(&rpc_frame(1, PULL, &pull_request_body("x", 1)))
             .ok()?;
         let mut len = [0u8; 4];
@@ -396,7 +396,7 @@ fn rpc_accept_failures_back_off_and_recover() {
 fn idle_rpc_connections_are_closed_and_the_gateway_reconnects() {
     let rpc = Server::rpc(&["--rpc-idle-timeout-s", "1"]);
     let addr = rpc.rpc_addr();
-    let mut idle = rpc_connect(addr);
+    let mut idle = RpcConn::connect(addr);
     let started = Instant::now();
     assert!(
         closed_within(&mut idle, Duration::from_secs(4)),
@@ -406,11 +406,11 @@ fn idle_rpc_connections_are_closed_and_the_gateway_reconnects() {
     assert!(took >= Duration::from_millis(800), "closed after {took:?}");
 
     // A connection that keeps sending is not idle.
-    let mut busy = rpc_connect(addr);
+    let mut busy = RpcConn::connect(addr);
     for id in 0..8 {
         busy.write_all(&rpc_frame(id, PULL, &pull_request_body("x", 1)))
             .unwrap();
-        read_rpc_frame(&mut busy, "busy connection");
+        busy.read_frame("busy connection");
         thread::sleep(Duration::from_millis(400));
     }
 

@@ -5,7 +5,9 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
+use bytes::BytesMut;
 use im_server::proto::{Message, PullRequest, PullResponse, SendRequest, SendResponse};
+use im_server::rpc::frame::{self, Frame};
 use im_server::rpc::method::PULL;
 use im_server::rpc::status::OK;
 use prost::Message as _;
@@ -39,8 +41,8 @@ pub fn pull_request_body(chat: &str, limit: i32) -> Vec<u8> {
 
 /// One frame, encoded by the library's codec.
 pub fn rpc_frame(id: u64, kind: u8, body: &[u8]) -> Vec<u8> {
-    let mut out = bytes::BytesMut::new();
-    im_server::rpc::frame::encode_raw(&mut out, id, kind, body);
+    let mut out = BytesMut::new();
+    frame::encode_raw(&mut out, id, kind, body);
     out.to_vec()
 }
 
@@ -53,32 +55,13 @@ pub fn response_code(body: &[u8]) -> i32 {
 }
 
 /// A connection to an RPC server with the test I/O timeouts.
-pub fn rpc_connect(addr: SocketAddr) -> TcpStream {
+fn rpc_connect(addr: SocketAddr) -> TcpStream {
     let stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT)
         .unwrap_or_else(|e| panic!("connect to rpc {addr}: {e}"));
     stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
     stream.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
     stream.set_nodelay(true).unwrap();
     stream
-}
-
-/// Reads one reply frame: (id, kind, body).
-pub fn read_rpc_frame(stream: &mut TcpStream, ctx: &str) -> (u64, u8, Vec<u8>) {
-    let mut len = [0u8; 4];
-    stream
-        .read_exact(&mut len)
-        .unwrap_or_else(|e| panic!("{ctx}: reading a reply frame: {e}"));
-    let len = u32::from_be_bytes(len) as usize;
-    assert!(
-        (9..=16 << 20).contains(&len),
-        "{ctx}: implausible reply frame length {len}"
-    );
-    let mut rest = vec![0u8; len];
-    stream
-        .read_exact(&mut rest)
-        .unwrap_or_else(|e| panic!("{ctx}: reading a reply frame body: {e}"));
-    let id = u64::from_be_bytes(rest[..8].try_into().unwrap());
-    (id, rest[8], rest[9..].to_vec())
 }
 
 /// Whether the peer has closed `stream` (EOF or reset), waiting up to `wait`
@@ -97,15 +80,35 @@ pub fn closed_within(stream: &mut TcpStream, wait: Duration) -> bool {
     }
 }
 
-/// A raw RPC connection: frames out, frames in.
+/// Replies are never bigger than this (the server's largest frame).
+const MAX_REPLY_FRAME: usize = 16 << 20;
+
+/// A raw RPC connection: frames out, frames in (decoded by the library's own
+/// codec). Derefs to its socket for writes and socket options.
 pub struct RpcConn {
     pub stream: TcpStream,
+    /// Bytes read but not yet decoded into a frame.
+    input: BytesMut,
+}
+
+impl std::ops::Deref for RpcConn {
+    type Target = TcpStream;
+    fn deref(&self) -> &TcpStream {
+        &self.stream
+    }
+}
+
+impl std::ops::DerefMut for RpcConn {
+    fn deref_mut(&mut self) -> &mut TcpStream {
+        &mut self.stream
+    }
 }
 
 impl RpcConn {
     pub fn connect(addr: SocketAddr) -> RpcConn {
         RpcConn {
             stream: rpc_connect(addr),
+            input: BytesMut::new(),
         }
     }
 
@@ -115,14 +118,42 @@ impl RpcConn {
             .unwrap_or_else(|e| panic!("rpc write: {e}"));
     }
 
-    /// Reads one reply frame: (id, kind, body).
+    pub fn write_frame(&mut self, id: u64, kind: u8, body: &[u8]) {
+        self.write(&rpc_frame(id, kind, body));
+    }
+
+    /// The next frame; `None` once the connection is closed, reset or times
+    /// out. Panics on a frame the codec refuses.
+    pub fn next_frame(&mut self) -> Option<Frame> {
+        self.try_next_frame().ok()
+    }
+
+    fn try_next_frame(&mut self) -> std::io::Result<Frame> {
+        loop {
+            let decoded = frame::decode(&mut self.input, MAX_REPLY_FRAME)
+                .unwrap_or_else(|e| panic!("an invalid reply frame: {e:?}"));
+            if let Some(frame) = decoded {
+                return Ok(frame);
+            }
+            let mut chunk = [0u8; 64 * 1024];
+            match self.stream.read(&mut chunk)? {
+                0 => return Err(ErrorKind::UnexpectedEof.into()),
+                n => self.input.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+
+    /// Reads one reply frame: (id, kind, body); panics if there is none.
     pub fn read_frame(&mut self, ctx: &str) -> (u64, u8, Vec<u8>) {
-        read_rpc_frame(&mut self.stream, ctx)
+        let f = self
+            .try_next_frame()
+            .unwrap_or_else(|e| panic!("{ctx}: reading a reply frame: {e}"));
+        (f.id, f.kind, f.body.to_vec())
     }
 
     /// A valid Pull on this connection gets an OK reply with its id and code 0.
     pub fn assert_pull_ok(&mut self, id: u64, ctx: &str) {
-        self.write(&rpc_frame(id, PULL, &pull_request_body("probe", 1)));
+        self.write_frame(id, PULL, &pull_request_body("probe", 1));
         let (got_id, kind, body) = self.read_frame(ctx);
         assert_eq!(
             (got_id, kind),
@@ -135,6 +166,11 @@ impl RpcConn {
     /// Asserts the server closes the connection (EOF or reset) within 3 s and
     /// sends nothing more.
     pub fn assert_closed(&mut self, ctx: &str) {
+        assert!(
+            self.input.is_empty(),
+            "{ctx}: expected the rpc connection to be closed, got {} more bytes",
+            self.input.len()
+        );
         let mut reader = self.stream.try_clone().unwrap();
         assert_closed_within(&self.stream, &mut reader, Duration::from_secs(3), ctx);
     }

@@ -513,20 +513,56 @@ fn slot_resharded_to_a_fresh_master_under_load() {
     assert!(moveds > 0, "the move was never seen as MOVED");
 }
 
+/// The scene of the failover tests: a fresh cluster, a server on it, and load
+/// on three chats on distinct masters (`senders` senders each, and a puller
+/// each if `pull`), warmed up to `warm_oks` 200s. `master` serves `chats[0]`,
+/// `replica` is its replica. Fields are declared in the order they are dropped.
+struct UnderLoad {
+    load: Load,
+    chats: Vec<String>,
+    master: u16,
+    replica: u16,
+    addr: SocketAddr,
+    server: Server,
+    cluster: Cluster,
+}
+
+fn under_load(tag: &str, extra: &[&str], senders: usize, pull: bool, warm_oks: usize) -> UnderLoad {
+    let cluster = Cluster::start();
+    let server = start_server(&cluster, extra);
+    let addr = server.http_addr();
+    let chats = cluster.chats_on_distinct_masters(tag, 3);
+    let master = cluster.master_of(cluster.slot_of(&chats[0]));
+    let replica = cluster.replica_of(master).expect("a replica");
+    let senders: Vec<(String, usize)> = chats.iter().map(|c| (c.clone(), senders)).collect();
+    let pullers: &[String] = if pull { &chats } else { &[] };
+    let load = Load::start(addr, &senders, pullers);
+    load.wait_oks(warm_oks, &format!("{tag}: 200s while warming up"));
+    UnderLoad {
+        load,
+        chats,
+        master,
+        replica,
+        addr,
+        server,
+        cluster,
+    }
+}
+
 /// `CLUSTER FAILOVER` (sent to a replica) under send and pull load: nothing
 /// but 200 or 503 + Retry-After, nothing acknowledged lost, and 200s again
 /// within 2 s of the switch.
 #[test]
 fn manual_failover_under_load() {
-    let cluster = Cluster::start();
-    let server = start_server(&cluster, &[]);
-    let addr = server.http_addr();
-    let chats = cluster.chats_on_distinct_masters("failover", 3);
-    let master = cluster.master_of(cluster.slot_of(&chats[0]));
-    let replica = cluster.replica_of(master).expect("a replica");
-    let senders: Vec<(String, usize)> = chats.iter().map(|c| (c.clone(), 2)).collect();
-    let load = Load::start(addr, &senders, &chats);
-    load.wait_oks(100, "200s before the failover");
+    let UnderLoad {
+        load,
+        chats,
+        master,
+        replica,
+        addr,
+        server,
+        cluster,
+    } = under_load("failover", &[], 2, true, 100);
     let reply = cluster.node(replica).cmd(&["CLUSTER", "FAILOVER"]);
     assert!(reply.starts_with("+OK"), "CLUSTER FAILOVER: {reply}");
     let switched = wait_promoted(&cluster, replica, None, Duration::from_secs(10));
@@ -562,15 +598,15 @@ fn manual_failover_under_load() {
 fn sigkill_master_under_load(
     extra: &[&str],
 ) -> (Vec<String>, Vec<Outcome>, Vec<Outcome>, u64, Instant) {
-    let mut cluster = Cluster::start();
-    let server = start_server(&cluster, extra);
-    let addr = server.http_addr();
-    let chats = cluster.chats_on_distinct_masters("crash", 3);
-    let master = cluster.master_of(cluster.slot_of(&chats[0]));
-    let replica = cluster.replica_of(master).expect("a replica");
-    let senders: Vec<(String, usize)> = chats.iter().map(|c| (c.clone(), 3)).collect();
-    let load = Load::start(addr, &senders, &[]);
-    load.wait_oks(150, "200s before the kill");
+    let UnderLoad {
+        load,
+        chats,
+        master,
+        replica,
+        addr,
+        server,
+        mut cluster,
+    } = under_load("crash", extra, 3, false, 150);
     // Healthy chats are judged from here; before, the load warmed up.
     let measured_from = Instant::now();
     // Replication over loopback is too quick for a kill to ever catch a
@@ -690,15 +726,15 @@ fn master_sigkill_without_wait_reports_losses() {
 /// (plus slack); its replica takes over and traffic moves on.
 #[test]
 fn master_sigstop_bounded_waits_and_failover() {
-    let cluster = Cluster::start();
-    let server = start_server(&cluster, &[]);
-    let addr = server.http_addr();
-    let chats = cluster.chats_on_distinct_masters("frozen", 3);
-    let master = cluster.master_of(cluster.slot_of(&chats[0]));
-    let replica = cluster.replica_of(master).expect("a replica");
-    let senders: Vec<(String, usize)> = chats.iter().map(|c| (c.clone(), 2)).collect();
-    let load = Load::start(addr, &senders, &chats);
-    load.wait_oks(100, "200s before the SIGSTOP");
+    let UnderLoad {
+        load,
+        chats,
+        master,
+        replica,
+        addr,
+        server,
+        cluster,
+    } = under_load("frozen", &[], 2, true, 100);
     cluster.node(master).signal("STOP");
     let stopped = Instant::now();
     let switched = wait_promoted(&cluster, replica, Some(master), Duration::from_secs(15));

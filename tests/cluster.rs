@@ -515,17 +515,11 @@ fn slot_resharded_to_a_fresh_master_under_load() {
 
 /// The scene of the failover tests: a fresh cluster, a server on it, and load
 /// on three chats on distinct masters (`senders` senders each, and a puller
-/// each if `pull`), warmed up to `warm_oks` 200s. `master` serves `chats[0]`,
-/// `replica` is its replica. Fields are declared in the order they are dropped.
-struct UnderLoad {
-    load: Load,
-    chats: Vec<String>,
-    master: u16,
-    replica: u16,
-    addr: SocketAddr,
-    server: Server,
-    cluster: Cluster,
-}
+/// each if `pull`), warmed up to `warm_oks` 200s. Returns
+/// `(cluster, server, addr, chats, master, replica, load)`: `master` serves
+/// `chats[0]`, `replica` is its replica. Bound in this order, they are dropped
+/// load first and cluster last.
+type UnderLoad = (Cluster, Server, SocketAddr, Vec<String>, u16, u16, Load);
 
 fn under_load(tag: &str, extra: &[&str], senders: usize, pull: bool, warm_oks: usize) -> UnderLoad {
     let cluster = Cluster::start();
@@ -538,15 +532,7 @@ fn under_load(tag: &str, extra: &[&str], senders: usize, pull: bool, warm_oks: u
     let pullers: &[String] = if pull { &chats } else { &[] };
     let load = Load::start(addr, &senders, pullers);
     load.wait_oks(warm_oks, &format!("{tag}: 200s while warming up"));
-    UnderLoad {
-        load,
-        chats,
-        master,
-        replica,
-        addr,
-        server,
-        cluster,
-    }
+    (cluster, server, addr, chats, master, replica, load)
 }
 
 /// `CLUSTER FAILOVER` (sent to a replica) under send and pull load: nothing
@@ -554,15 +540,8 @@ fn under_load(tag: &str, extra: &[&str], senders: usize, pull: bool, warm_oks: u
 /// within 2 s of the switch.
 #[test]
 fn manual_failover_under_load() {
-    let UnderLoad {
-        load,
-        chats,
-        master,
-        replica,
-        addr,
-        server,
-        cluster,
-    } = under_load("failover", &[], 2, true, 100);
+    let (cluster, server, addr, chats, master, replica, load) =
+        under_load("failover", &[], 2, true, 100);
     let reply = cluster.node(replica).cmd(&["CLUSTER", "FAILOVER"]);
     assert!(reply.starts_with("+OK"), "CLUSTER FAILOVER: {reply}");
     let switched = wait_promoted(&cluster, replica, None, Duration::from_secs(10));
@@ -598,15 +577,8 @@ fn manual_failover_under_load() {
 fn sigkill_master_under_load(
     extra: &[&str],
 ) -> (Vec<String>, Vec<Outcome>, Vec<Outcome>, u64, Instant) {
-    let UnderLoad {
-        load,
-        chats,
-        master,
-        replica,
-        addr,
-        server,
-        mut cluster,
-    } = under_load("crash", extra, 3, false, 150);
+    let (mut cluster, server, addr, chats, master, replica, load) =
+        under_load("crash", extra, 3, false, 150);
     // Healthy chats are judged from here; before, the load warmed up.
     let measured_from = Instant::now();
     // Replication over loopback is too quick for a kill to ever catch a
@@ -726,15 +698,8 @@ fn master_sigkill_without_wait_reports_losses() {
 /// (plus slack); its replica takes over and traffic moves on.
 #[test]
 fn master_sigstop_bounded_waits_and_failover() {
-    let UnderLoad {
-        load,
-        chats,
-        master,
-        replica,
-        addr,
-        server,
-        cluster,
-    } = under_load("frozen", &[], 2, true, 100);
+    let (cluster, server, addr, chats, master, replica, load) =
+        under_load("frozen", &[], 2, true, 100);
     cluster.node(master).signal("STOP");
     let stopped = Instant::now();
     let switched = wait_promoted(&cluster, replica, Some(master), Duration::from_secs(15));

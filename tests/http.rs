@@ -326,30 +326,21 @@ fn http_1_0_closes_unless_keep_alive() {
     conn.assert_closed("HTTP/1.0 without keep-alive");
 
     let mut conn = HttpConn::connect(addr);
-    conn.write_raw(b"GET /ping HTTP/1.0\r\nConnection: keep-alive\r\n\r\n");
-    let r = conn.read_response();
-    assert_eq!(
-        r.status,
-        200,
-        "HTTP/1.0 keep-alive ping #1: {}",
-        r.describe()
-    );
-    conn.write_raw(b"GET /ping HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n");
-    let r = conn.read_response();
-    assert_eq!(
-        r.status,
-        200,
-        "HTTP/1.0 keep-alive ping #2 on the same connection: {}",
-        r.describe()
-    );
-    conn.write_raw(b"GET /ping HTTP/1.0\r\n\r\n");
-    let r = conn.read_response();
-    assert_eq!(
-        r.status,
-        200,
-        "HTTP/1.0 ping #3 (no keep-alive): {}",
-        r.describe()
-    );
+    for (request, what) in [
+        (
+            &b"GET /ping HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"[..],
+            "keep-alive ping #1",
+        ),
+        (
+            b"GET /ping HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n",
+            "keep-alive ping #2 on the same connection",
+        ),
+        (b"GET /ping HTTP/1.0\r\n\r\n", "ping #3 (no keep-alive)"),
+    ] {
+        conn.write_raw(request);
+        let r = conn.read_response();
+        assert_eq!(r.status, 200, "HTTP/1.0 {what}: {}", r.describe());
+    }
     conn.assert_closed("HTTP/1.0 after a request without keep-alive");
 
     // a 1.0 send with a body

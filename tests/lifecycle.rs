@@ -77,13 +77,6 @@ fn assert_clean_exit(server: &mut Server, within: Duration, ctx: &str) -> Durati
     start.elapsed()
 }
 
-fn redis_server(redis: &Redis, extra: &[&str]) -> Server {
-    let url = redis.url();
-    let mut args = vec!["--redis", url.as_str()];
-    args.extend_from_slice(extra);
-    Server::start("all", &args, &[])
-}
-
 // ---------------------------------------------------------------------------
 // graceful shutdown
 // ---------------------------------------------------------------------------
@@ -94,7 +87,7 @@ fn redis_server(redis: &Redis, extra: &[&str]) -> Server {
 fn in_flight_requests_survive(sig: &str) {
     const N: usize = 8;
     let redis = Redis::start();
-    let mut server = redis_server(
+    let mut server = Server::on_redis(
         &redis,
         &["--redis-timeout-ms", "5000", "--rpc-timeout-ms", "5000"],
     );
@@ -266,7 +259,7 @@ fn request_being_received_at_sigterm_is_answered() {
 #[test]
 fn drain_timeout_bounds_the_shutdown() {
     let redis = Redis::start();
-    let mut server = redis_server(
+    let mut server = Server::on_redis(
         &redis,
         &[
             "--drain-timeout-s",
@@ -328,7 +321,7 @@ struct Outcome {
 fn backpressure_with_frozen_redis_answers_fast_and_never_hangs() {
     const N: usize = 200;
     let redis = Redis::start();
-    let server = redis_server(
+    let server = Server::on_redis(
         &redis,
         &[
             "--queue",

@@ -36,7 +36,12 @@ impl Server {
 
     /// `im-server` (role `all`) backed by the given redis.
     pub fn with_redis(redis: &Redis) -> Server {
-        Server::start("all", &with_redis_url(&redis.url(), &[]), &[])
+        Server::on_redis(redis, &[])
+    }
+
+    /// `im-server` (role `all`) backed by the given redis, with extra arguments.
+    pub fn on_redis(redis: &Redis, args: &[&str]) -> Server {
+        Server::start("all", &with_redis_url(&redis.url(), args), &[])
     }
 
     /// `im-server` (role `all`) on the Redis Cluster one of whose nodes is at
@@ -268,7 +273,7 @@ impl Backend {
     pub fn redis_with(args: &[&str]) -> Backend {
         let redis = Redis::start();
         Backend {
-            server: Server::start("all", &with_redis_url(&redis.url(), args), &[]),
+            server: Server::on_redis(&redis, args),
             redis: Some(redis),
             _cluster: None,
         }

@@ -129,6 +129,8 @@ options! {
         "a file holding a shared secret (>= 32 bytes): RPC servers then accept only connections that prove they know it (challenge-response), and gateways prove it; set the same file on both");
     auth_jwt_secret_file: Option<String> = optional("--auth-jwt-secret-file", "IM_AUTH_JWT_SECRET_FILE", unset,
         "turns authentication on: a file holding the HS256 secret (>= 32 bytes) of the bearer tokens the gateway accepts");
+    auth_jwt_public_key_file: Option<String> = optional("--auth-jwt-public-key-file", "IM_AUTH_JWT_PUBLIC_KEY_FILE", unset,
+        "turns authentication on: a file holding the Ed25519 public key (PEM, as `openssl pkey -pubout` writes) of the EdDSA bearer tokens the gateway accepts; with --auth-jwt-secret-file too, both kinds are");
     auth_issuer: Option<String> = optional("--auth-issuer", "IM_AUTH_ISSUER", unset,
         "with authentication: the `iss` every token must carry");
     auth_audience: Option<String> = optional("--auth-audience", "IM_AUTH_AUDIENCE", unset,

@@ -111,6 +111,13 @@ pub trait Protocol: Send + 'static {
     fn retiring(&self) -> bool {
         false
     }
+    /// Appends a message telling the peer that nobody waits for the reply
+    /// to the call tagged `tag` any more, if the protocol has one (RPC
+    /// CANCEL); `false` (the default) = it has none, and the call's slot is
+    /// kept until its reply comes.
+    fn cancel(&mut self, _tag: u64, _out: &mut BytesMut) -> bool {
+        false
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -315,6 +322,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// lived this long: a peer that closes every connection at once (e.g. at
 /// its connection limit) still gets the backoff.
 const MIN_LIFE_FOR_QUICK_RECONNECT: Duration = Duration::from_secs(1);
+/// How often calls whose callers stopped waiting are looked for, to cancel
+/// them at the peer ([`Protocol::cancel`]): a pull held for up to 30 s is
+/// freed at the RPC server within about this long of its client leaving.
+const CANCEL_SWEEP: Duration = Duration::from_secs(1);
 
 /// The task's end of a [`Handle`]'s channel: taking a call releases its
 /// bytes from the budget.
@@ -441,6 +452,8 @@ impl<P: Protocol> Connection<P> {
         calls: &mut Queue<P>,
         options: &MuxOptions,
     ) -> io::Result<()> {
+        let mut sweep = tokio::time::interval_at(Instant::now() + CANCEL_SWEEP, CANCEL_SWEEP);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             // Take everything already queued, every turn: under a steady
             // stream of replies the socket is always readable, and waiting
@@ -484,8 +497,19 @@ impl<P: Protocol> Connection<P> {
                     Some(call) => self.enqueue(protocol, call),
                     None => return Ok(()),
                 },
+                _ = sweep.tick(), if !self.waiting.is_empty() => self.cancel_abandoned(protocol),
             }
         }
+    }
+
+    /// Cancels at the peer the calls whose callers stopped waiting, and
+    /// frees their slots; calls with counted bytes keep theirs (those bytes
+    /// stay with the peer until it answers).
+    fn cancel_abandoned(&mut self, protocol: &mut P) {
+        let output = &mut self.output;
+        self.waiting.retain(|&tag, (reply, bytes)| {
+            *bytes > 0 || !reply.is_closed() || !protocol.cancel(tag, output)
+        });
     }
 
     /// Whether to take more calls: not while the peer is behind.

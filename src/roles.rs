@@ -457,19 +457,31 @@ fn shard_listener(listener: Option<StdListener>) -> Result<TcpListener, String> 
     TcpListener::from_std(listener).map_err(|e| format!("cannot register a listener: {e}"))
 }
 
-/// Authentication (its secret read once, at start-up) and rate limits.
+/// Authentication (its keys read once, at start-up) and rate limits.
 fn access(config: &Config) -> Result<Access, String> {
-    let auth = match &config.auth_jwt_secret_file {
-        None => None,
-        Some(path) => Some(Auth::new(Validation {
-            secret: crate::auth::token_cmd::load_secret(path)?,
+    let secret = config.auth_jwt_secret_file.as_deref();
+    let public_key = config.auth_jwt_public_key_file.as_deref();
+    let auth = match (secret, public_key) {
+        (None, None) => None,
+        _ => Some(Auth::new(Validation {
+            secret: secret
+                .map(crate::auth::token_cmd::load_secret)
+                .transpose()?,
+            public_key: public_key
+                .map(crate::auth::jwt::load_public_key)
+                .transpose()?,
             issuer: config.auth_issuer.clone(),
             audience: config.auth_audience.clone(),
             leeway_s: AUTH_LEEWAY_S,
         })),
     };
-    if auth.is_some() {
-        eprintln!("im-server: authentication on: bearer tokens (HS256) required");
+    if let Some(auth) = &auth {
+        let algorithms = match (&auth.rules.secret, &auth.rules.public_key) {
+            (Some(_), Some(_)) => "HS256 or EdDSA",
+            (Some(_), None) => "HS256",
+            _ => "EdDSA",
+        };
+        eprintln!("im-server: authentication on: bearer tokens ({algorithms}) required");
     }
     Ok(Access::new(
         auth,

@@ -507,3 +507,87 @@ fn a_flood_of_distinct_users_keeps_the_rate_limit_table_bounded() {
         "the gauge should show the table full: {held}"
     );
 }
+
+/// EdDSA (Ed25519) tokens: a server given the public key accepts tokens
+/// signed with its private key, minted by the library or by `im-server
+/// token --private-key-file`, and refuses every other signature, HS256
+/// included (it has no secret, so none can be confused with the key).
+#[test]
+fn eddsa_tokens_are_accepted_with_the_configured_public_key_only() {
+    use ed25519_dalek::SigningKey;
+    use ed25519_dalek::pkcs8::{EncodePrivateKey, EncodePublicKey, spki::der::pem::LineEnding};
+    let dir = unique_temp_dir("eddsa");
+    let signing = SigningKey::from_bytes(&[42u8; 32]);
+    let public_pem = signing
+        .verifying_key()
+        .to_public_key_pem(LineEnding::LF)
+        .expect("public key PEM");
+    let (public, private) = (dir.join("public.pem"), dir.join("private.pem"));
+    std::fs::write(&public, &public_pem).expect("write the public key");
+    let private_pem = signing
+        .to_pkcs8_pem(LineEnding::LF)
+        .expect("private key PEM");
+    std::fs::write(&private, private_pem.as_bytes()).expect("write the private key");
+    let public_path = public.to_string_lossy().to_string();
+    let server = Server::start("all", &["--auth-jwt-public-key-file", &public_path], &[]);
+    let addr = server.http_addr();
+
+    let claims = json!({"sub": "erin", "exp": now_s() + 600});
+    let good = jwt::mint_eddsa(&signing, &claims);
+    let r = send_as(addr, Some(&good), json!({"chat": "ed", "text": "signed"}));
+    assert_eq!(r.status, 200, "{}", r.describe());
+    let r = pull_as(addr, Some(&good), "ed");
+    assert_eq!(
+        r.json()["messages"][0]["sender"],
+        "erin",
+        "{}",
+        r.describe()
+    );
+
+    let minted = std::process::Command::new(env!("CARGO_BIN_EXE_im-server"))
+        .args(["token", "--sub", "fay", "--private-key-file"])
+        .arg(&private)
+        .output()
+        .expect("run im-server token");
+    assert!(
+        minted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&minted.stderr)
+    );
+    let minted = String::from_utf8(minted.stdout)
+        .expect("utf-8")
+        .trim()
+        .to_string();
+    let r = send_as(addr, Some(&minted), json!({"chat": "ed", "text": "minted"}));
+    assert_eq!(r.status, 200, "{}", r.describe());
+
+    let other = SigningKey::from_bytes(&[43u8; 32]);
+    let body = json!({"chat": "ed", "text": "refused"});
+    let cases = [
+        ("another key", jwt::mint_eddsa(&other, &claims)),
+        ("HS256", jwt::mint(SECRET.as_bytes(), &claims)),
+        (
+            "HS256 keyed with the public key",
+            jwt::sign_with_header(r#"{"alg":"HS256"}"#, &claims, public_pem.as_bytes()),
+        ),
+        ("alg none", {
+            let t = jwt::sign_with_header(r#"{"alg":"none"}"#, &claims, b"");
+            format!("{}.", t.rsplit_once('.').map_or("", |(a, _)| a))
+        }),
+    ];
+    for (what, t) in cases {
+        assert_401(
+            &send_as(addr, Some(&t), body.clone()),
+            "invalid_token",
+            INVALID,
+            what,
+        );
+    }
+    let r = pull_as(addr, Some(&good), "ed");
+    assert_eq!(
+        r.json()["messages"].as_array().map(Vec::len),
+        Some(2),
+        "{}",
+        r.describe()
+    );
+}

@@ -117,18 +117,19 @@ fn waiting_pulls_and_open_streams_are_gauged() {
         rx.recv_timeout(WOKEN_WITHIN).expect("woken");
     }
     drop(stream);
-    // The closed stream's last pull stays in the RPC server until its wait
-    // ends (the RPC has no cancel): at most that one is left.
+    // The closed stream's last pull is cancelled at the RPC server too
+    // (RPC CANCEL, within about a second), not held to its wait's end.
     wait_until(Duration::from_secs(10), "the gauges back down", || {
         let s = scrape(addr);
-        (s.value("im_pulls_waiting", &[]) <= 1.0 && s.value("im_streams_open", &[]) == 0.0)
+        (s.value("im_pulls_waiting", &[]) == 0.0 && s.value("im_streams_open", &[]) == 0.0)
             .then_some(())
     });
 }
 
 /// A client that gives up on a waiting pull (closes) frees it in the
-/// gateway at once, not when its wait ends; one that pipelines its next
-/// request behind a waiting pull is still answered, in order.
+/// gateway at once and in the RPC server soon after (RPC CANCEL), not when
+/// its wait ends; one that pipelines its next request behind a waiting pull
+/// is still answered, in order.
 #[test]
 fn a_waiting_pull_is_given_up_when_its_client_closes() {
     use std::io::{Read, Write};
@@ -151,6 +152,9 @@ fn a_waiting_pull_is_given_up_when_its_client_closes() {
     drop(clients);
     wait_until(Duration::from_secs(10), "the closed pulls given up", || {
         (in_flight() == 1.0).then_some(())
+    });
+    wait_until(Duration::from_secs(10), "their waiters cancelled", || {
+        (scrape(addr).value("im_pulls_waiting", &[]) == 0.0).then_some(())
     });
     let mut c = std::net::TcpStream::connect(addr).expect("connect");
     c.write_all(

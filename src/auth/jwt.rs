@@ -1,13 +1,17 @@
-//! JSON Web Tokens (RFC 7519) signed with HS256 (RFC 7518 §3.2): parsing,
-//! verification and minting, with no I/O and no clock of its own (`now` is
-//! passed in, so the rules are testable).
+//! JSON Web Tokens (RFC 7519) signed with HS256 (RFC 7518 §3.2) or EdDSA
+//! over Ed25519 (RFC 8037): parsing, verification and minting, with no I/O
+//! and no clock of its own (`now` is passed in, so the rules are testable).
 //!
-//! Only `HS256` is accepted: the algorithm is an allow-list of one, checked
-//! before the signature, so `none` and algorithm confusion (a token claiming
-//! an asymmetric algorithm, or an HMAC keyed with a public key's bytes)
-//! cannot pass. The signature is compared in constant time (`hmac`'s
-//! `verify_slice`).
+//! The algorithm is an allow-list, checked before the signature, and each
+//! algorithm is tied to its own kind of key: `HS256` is accepted only when
+//! an HMAC secret is configured and is checked with that secret alone,
+//! `EdDSA` only when an Ed25519 public key is. So `none` and algorithm
+//! confusion (an HMAC keyed with the public key's bytes, a token claiming
+//! the other algorithm) cannot pass. An HMAC is compared in constant time
+//! (`hmac`'s `verify_slice`); Ed25519 signatures are verified strictly
+//! (`verify_strict`: no small-order keys, no malleable encodings).
 
+use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
 use hmac::{Hmac, KeyInit, Mac};
 use serde::Deserialize;
 use sha2::Sha256;
@@ -19,7 +23,10 @@ type HmacSha256 = Hmac<Sha256>;
 /// What a token must satisfy besides its signature.
 #[derive(Debug, Clone)]
 pub struct Validation {
-    pub secret: Vec<u8>,
+    /// HS256's key; `None` = HS256 tokens are refused.
+    pub secret: Option<Vec<u8>>,
+    /// EdDSA's (Ed25519) public key; `None` = EdDSA tokens are refused.
+    pub public_key: Option<VerifyingKey>,
     /// Required `iss`, if set.
     pub issuer: Option<String>,
     /// Required member of `aud`, if set.
@@ -64,7 +71,7 @@ impl TokenError {
     pub fn describe(self) -> &'static str {
         match self {
             TokenError::Malformed(why) => why,
-            TokenError::Algorithm => "the token's algorithm is not HS256",
+            TokenError::Algorithm => "the token's algorithm is not one this server accepts",
             TokenError::Signature => "the token's signature does not verify",
             TokenError::Expired => "the token has expired",
             TokenError::NotYetValid => "the token is not valid yet",
@@ -150,9 +157,11 @@ pub fn verify_with_window(
         ));
     }
     let header: Header = decode_json(header_b64, "the token header is not base64url JSON")?;
-    if header.alg != "HS256" {
-        return Err(TokenError::Algorithm);
-    }
+    let key = match (header.alg.as_str(), &rules.secret, &rules.public_key) {
+        ("HS256", Some(secret), _) => Key::Hmac(secret),
+        ("EdDSA", _, Some(public_key)) => Key::Ed25519(public_key),
+        _ => return Err(TokenError::Algorithm),
+    };
     if header.crit.is_some() {
         return Err(TokenError::Malformed("the token has critical extensions"));
     }
@@ -160,13 +169,69 @@ pub fn verify_with_window(
         "the token signature is not base64url",
     ))?;
     let signed_len = header_b64.len() + 1 + payload_b64.len();
-    let mut mac = HmacSha256::new_from_slice(&rules.secret).map_err(|_| TokenError::Signature)?;
-    mac.update(&token.as_bytes()[..signed_len]);
-    mac.verify_slice(&signature)
-        .map_err(|_| TokenError::Signature)?;
+    key.verify(&token.as_bytes()[..signed_len], &signature)?;
     // Only a signed payload is worth parsing.
     let payload: Payload = decode_json(payload_b64, "the token claims are not base64url JSON")?;
     check_claims(payload, rules, now)
+}
+
+/// The key a token's algorithm selected.
+enum Key<'a> {
+    Hmac(&'a [u8]),
+    Ed25519(&'a VerifyingKey),
+}
+
+impl Key<'_> {
+    fn verify(&self, signed: &[u8], signature: &[u8]) -> Result<(), TokenError> {
+        match self {
+            Key::Hmac(secret) => {
+                let mut mac =
+                    HmacSha256::new_from_slice(secret).map_err(|_| TokenError::Signature)?;
+                mac.update(signed);
+                mac.verify_slice(signature)
+                    .map_err(|_| TokenError::Signature)
+            }
+            Key::Ed25519(key) => {
+                let signature = ed25519_dalek::Signature::from_slice(signature)
+                    .map_err(|_| TokenError::Signature)?;
+                key.verify_strict(signed, &signature)
+                    .map_err(|_| TokenError::Signature)
+            }
+        }
+    }
+}
+
+/// Reads an Ed25519 public key: PEM, `-----BEGIN PUBLIC KEY-----`
+/// (SubjectPublicKeyInfo, what `openssl pkey -pubout` writes).
+pub fn load_public_key(path: &str) -> Result<VerifyingKey, String> {
+    use ed25519_dalek::pkcs8::DecodePublicKey;
+    let pem = std::fs::read_to_string(path).map_err(|e| format!("cannot read {path}: {e}"))?;
+    VerifyingKey::from_public_key_pem(pem.trim()).map_err(|e| {
+        format!("{path}: not an Ed25519 public key in PEM (SubjectPublicKeyInfo): {e}")
+    })
+}
+
+/// Reads an Ed25519 private key: PEM, `-----BEGIN PRIVATE KEY-----` (PKCS #8,
+/// what `openssl genpkey -algorithm ed25519` writes).
+pub fn load_private_key(path: &str) -> Result<SigningKey, String> {
+    use ed25519_dalek::pkcs8::DecodePrivateKey;
+    let pem = std::fs::read_to_string(path).map_err(|e| format!("cannot read {path}: {e}"))?;
+    SigningKey::from_pkcs8_pem(pem.trim())
+        .map_err(|e| format!("{path}: not an Ed25519 private key in PEM (PKCS #8): {e}"))
+}
+
+/// Signs `claims` (a JSON object) with EdDSA (Ed25519).
+pub fn mint_eddsa(key: &SigningKey, claims: &serde_json::Value) -> String {
+    let signing_input = format!(
+        "{}.{}",
+        base64url::encode(br#"{"alg":"EdDSA","typ":"JWT"}"#),
+        base64url::encode(claims.to_string().as_bytes())
+    );
+    let signature = key.sign(signing_input.as_bytes());
+    format!(
+        "{signing_input}.{}",
+        base64url::encode(&signature.to_bytes())
+    )
 }
 
 fn check_claims(
@@ -266,7 +331,8 @@ mod tests {
 
     fn rules() -> Validation {
         Validation {
-            secret: b"test secret".to_vec(),
+            secret: Some(b"test secret".to_vec()),
+            public_key: None,
             issuer: None,
             audience: None,
             leeway_s: 30,
@@ -412,5 +478,74 @@ mod tests {
         assert_eq!(bearer_token(b"Bearer "), None);
         assert_eq!(bearer_token(b"Bearer a b"), None);
         assert_eq!(bearer_token(b"Bearer \xff"), None);
+    }
+
+    /// RFC 8032 §7.1, test 1: the secret key and its public key.
+    fn rfc8032_keys() -> (SigningKey, VerifyingKey) {
+        let secret = hex32("9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60");
+        let signing = SigningKey::from_bytes(&secret);
+        let public = hex32("d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a");
+        let verifying = signing.verifying_key();
+        assert_eq!(verifying.to_bytes(), public);
+        (signing, verifying)
+    }
+
+    fn hex32(hex: &str) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        for (i, byte) in out.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).expect("hex");
+        }
+        out
+    }
+
+    #[test]
+    fn eddsa_tokens_verify_only_with_their_key_and_only_when_configured() {
+        let (signing, public) = rfc8032_keys();
+        let claims = json!({"sub": "ed", "exp": NOW + 60});
+        let eddsa = mint_eddsa(&signing, &claims);
+        let only_key = Validation {
+            secret: None,
+            public_key: Some(public),
+            ..rules()
+        };
+        assert_eq!(
+            verify(&eddsa, &only_key, NOW).map(|c| c.sub),
+            Ok("ed".into())
+        );
+        // Not accepted where no public key is configured, HS256 not where no secret is.
+        assert_eq!(verify(&eddsa, &rules(), NOW), Err(TokenError::Algorithm));
+        assert_eq!(
+            verify(&token(claims.clone()), &only_key, NOW),
+            Err(TokenError::Algorithm)
+        );
+        let both = Validation {
+            public_key: Some(public),
+            ..rules()
+        };
+        assert!(
+            verify(&eddsa, &both, NOW).is_ok()
+                && verify(&token(claims.clone()), &both, NOW).is_ok()
+        );
+        // Another key's signature, a changed payload, a cut signature.
+        let other = SigningKey::from_bytes(&[7u8; 32]);
+        assert_eq!(
+            verify(&mint_eddsa(&other, &claims), &only_key, NOW),
+            Err(TokenError::Signature)
+        );
+        let (head, sig) = eddsa.rsplit_once('.').expect("three parts");
+        let forged_claims = base64url::encode(
+            json!({"sub": "root", "exp": NOW + 60})
+                .to_string()
+                .as_bytes(),
+        );
+        let header = head.split('.').next().expect("header");
+        let forged = format!("{header}.{forged_claims}.{sig}");
+        assert_eq!(verify(&forged, &only_key, NOW), Err(TokenError::Signature));
+        // 60 bytes, not 64.
+        let cut = format!("{head}.{}", &sig[..80]);
+        assert_eq!(verify(&cut, &only_key, NOW), Err(TokenError::Signature));
+        // HS256 keyed with the public key's bytes: still only the secret checks HS256.
+        let confused = sign_with_header(r#"{"alg":"HS256"}"#, &claims, public.as_bytes());
+        assert_eq!(verify(&confused, &both, NOW), Err(TokenError::Signature));
     }
 }

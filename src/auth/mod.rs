@@ -148,7 +148,8 @@ mod tests {
     fn verified_tokens_are_reused_only_whole_and_only_while_valid() {
         let secret = b"0123456789abcdef0123456789abcdef".to_vec();
         let auth = Auth::new(Validation {
-            secret: secret.clone(),
+            secret: Some(secret.clone()),
+            public_key: None,
             issuer: None,
             audience: None,
             leeway_s: 0,

@@ -1,7 +1,8 @@
 //! `im-server token --sub alice [--ttl-s 3600] [--chats room1,room2]`: mints
 //! a token with the configured secret (`--auth-jwt-secret-file` or
-//! `IM_AUTH_JWT_SECRET_FILE`), and `--auth-issuer` / `--auth-audience` if set,
-//! for development and tests.
+//! `IM_AUTH_JWT_SECRET_FILE`; HS256) or an Ed25519 private key
+//! (`--private-key-file`; EdDSA), and `--auth-issuer` / `--auth-audience` if
+//! set, for development and tests.
 
 use serde_json::json;
 
@@ -30,8 +31,9 @@ pub fn load_secret(path: &str) -> Result<Vec<u8>, String> {
 }
 
 pub const USAGE: &str = "Usage: im-server token --sub USER [--ttl-s SECONDS (3600)] [--chats ROOM,ROOM...]\n\
-    \x20      [--auth-jwt-secret-file PATH] [--auth-issuer ISS] [--auth-audience AUD]\n\
-    Prints an HS256 token signed with the secret (flag or IM_AUTH_JWT_SECRET_FILE).\n";
+    \x20      [--auth-jwt-secret-file PATH | --private-key-file PATH] [--auth-issuer ISS] [--auth-audience AUD]\n\
+    Prints an HS256 token signed with the secret (flag or IM_AUTH_JWT_SECRET_FILE), or with\n\
+    --private-key-file (Ed25519, PEM PKCS #8: openssl genpkey -algorithm ed25519) an EdDSA one.\n";
 
 /// The token for `args` (after `token`), with `env` for defaults and `now`
 /// in seconds since the Unix epoch.
@@ -46,6 +48,7 @@ pub fn mint_from_args(
     let mut secret_file = env("IM_AUTH_JWT_SECRET_FILE").filter(|v| !v.is_empty());
     let mut issuer = env("IM_AUTH_ISSUER").filter(|v| !v.is_empty());
     let mut audience = env("IM_AUTH_AUDIENCE").filter(|v| !v.is_empty());
+    let mut private_key_file = None;
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
         let (flag, inline) = match arg.split_once('=') {
@@ -69,6 +72,7 @@ pub fn mint_from_args(
             }
             "--chats" => chats = Some(value()?.split(',').map(String::from).collect()),
             "--auth-jwt-secret-file" => secret_file = Some(value()?),
+            "--private-key-file" => private_key_file = Some(value()?),
             "--auth-issuer" => issuer = Some(value()?),
             "--auth-audience" => audience = Some(value()?),
             other => return Err(format!("unknown option {other:?}\n{USAGE}")),
@@ -77,9 +81,6 @@ pub fn mint_from_args(
     let sub = sub
         .filter(|s| !s.is_empty())
         .ok_or_else(|| format!("--sub is required\n{USAGE}"))?;
-    let path =
-        secret_file.ok_or("no secret: give --auth-jwt-secret-file or IM_AUTH_JWT_SECRET_FILE")?;
-    let secret = load_secret(&path)?;
     let mut claims = json!({ "sub": sub, "iat": now, "exp": now + ttl });
     if let Some(chats) = chats {
         claims["chats"] = json!(chats);
@@ -90,7 +91,13 @@ pub fn mint_from_args(
     if let Some(aud) = audience {
         claims["aud"] = json!(aud);
     }
-    Ok(jwt::mint(&secret, &claims))
+    if let Some(path) = private_key_file {
+        return Ok(jwt::mint_eddsa(&jwt::load_private_key(&path)?, &claims));
+    }
+    let path = secret_file.ok_or(
+        "no key: give --auth-jwt-secret-file (or IM_AUTH_JWT_SECRET_FILE) or --private-key-file",
+    )?;
+    Ok(jwt::mint(&load_secret(&path)?, &claims))
 }
 
 #[cfg(test)]
@@ -109,7 +116,8 @@ mod tests {
         let env = |k: &str| (k == "IM_AUTH_JWT_SECRET_FILE").then(|| path_str.clone());
         let token = mint_from_args(args, env, 1_000).expect("minted");
         let rules = Validation {
-            secret: b"0123456789abcdef0123456789abcdef".to_vec(),
+            secret: Some(b"0123456789abcdef0123456789abcdef".to_vec()),
+            public_key: None,
             issuer: None,
             audience: None,
             leeway_s: 0,

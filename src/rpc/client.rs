@@ -74,6 +74,11 @@ impl Protocol for RpcProtocol {
         self.going_away.load(Ordering::Relaxed)
     }
 
+    fn cancel(&mut self, tag: u64, out: &mut BytesMut) -> bool {
+        frame::encode_raw(out, tag, method::CANCEL, b"");
+        true
+    }
+
     fn decode(&mut self, input: &mut BytesMut) -> io::Result<Option<(u64, Frame)>> {
         let frame = frame::decode(input, self.max_frame)?;
         if let Some(f) = &frame

@@ -15,6 +15,10 @@ pub mod method {
     pub const PING: u8 = 3;
     /// The handshake's answer to a challenge (see [`super::handshake`]).
     pub const HELLO: u8 = 4;
+    /// Not a call (no reply, empty body): the caller stopped waiting for its
+    /// call `id`. A pull of that id still waiting for messages is ended
+    /// there and then; any other call is unaffected (it is short).
+    pub const CANCEL: u8 = 5;
 }
 
 /// Status bytes carried in reply frames.

@@ -275,6 +275,7 @@ async fn connection(
     let (replies, outbox) = mpsc::unbounded_channel::<Outgoing>();
     let write_loop = tokio::spawn(write_replies(writer, outbox));
     let usage = Usage::new(&options);
+    let mut waiting = WaitingPulls::default();
     let mut requests = Requests {
         reader,
         input: BytesMut::with_capacity(64 * 1024),
@@ -290,6 +291,10 @@ async fn connection(
             Err(err) => break Err(err),
         };
         let (id, method) = (frame.id, frame.kind);
+        if method == method::CANCEL {
+            waiting.cancel(id);
+            continue;
+        }
         let work = decode_request(frame);
         // At the in-flight limit, refuse at once rather than stop reading:
         // waiting would hold every later frame behind the slowest request.
@@ -329,7 +334,7 @@ async fn connection(
         let stop = waits.then(|| shutdown.clone());
         let started = (metrics_method(&work), Instant::now());
         let in_flight = metrics::track(Gauge::RpcServerInFlight);
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             let handling = std::pin::pin!(handle(&store, work, stop));
             let reply = catch_panic(handling).await.unwrap_or_else(|| {
                 Reply::BadFrame("internal error while serving the request".into())
@@ -350,6 +355,9 @@ async fn connection(
             let _ = replies.send(Outgoing { id, reply, budget });
             drop(permit);
         });
+        if waits {
+            waiting.add(id, task.abort_handle());
+        }
     };
     // Wait for the requests in flight, then let the writer flush and finish.
     let _ = usage
@@ -359,6 +367,34 @@ async fn connection(
     drop(replies);
     let _ = write_loop.await;
     result
+}
+
+/// The pulls of one connection that may be waiting for messages, by call
+/// id, so that a CANCEL can end one: a client that gave up (its own client
+/// closed) frees the waiter at once instead of at the end of its `wait_ms`.
+/// Owned by the connection's reader; finished ones are purged as it grows.
+#[derive(Default)]
+struct WaitingPulls {
+    tasks: std::collections::HashMap<u64, tokio::task::AbortHandle>,
+    /// Purge finished tasks when `tasks` reaches this size.
+    purge_at: usize,
+}
+
+impl WaitingPulls {
+    fn add(&mut self, id: u64, task: tokio::task::AbortHandle) {
+        if self.tasks.len() >= self.purge_at {
+            self.tasks.retain(|_, task| !task.is_finished());
+            // Amortized: at most one sweep per as many insertions as are left.
+            self.purge_at = (self.tasks.len() * 2).max(64);
+        }
+        self.tasks.insert(id, task);
+    }
+
+    fn cancel(&mut self, id: u64) {
+        if let Some(task) = self.tasks.remove(&id) {
+            task.abort();
+        }
+    }
 }
 
 /// Writes everything finished since the last write in one write; a peer

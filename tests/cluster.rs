@@ -513,6 +513,17 @@ fn slot_resharded_to_a_fresh_master_under_load() {
     assert!(moveds > 0, "the move was never seen as MOVED");
 }
 
+/// When the first 200 on `chat` of a request started at or after `since`
+/// arrived; panics if there is none.
+fn first_ok_since(outcomes: &[Outcome], chat: &str, since: Instant, what: &str) -> Instant {
+    outcomes
+        .iter()
+        .filter(|o| o.chat == chat && o.status == 200 && o.started >= since)
+        .map(|o| o.finished)
+        .min()
+        .unwrap_or_else(|| panic!("no 200 on {what} after the switch"))
+}
+
 /// The scene of the failover tests: a fresh cluster, a server on it, and load
 /// on three chats on distinct masters (`senders` senders each, and a puller
 /// each if `pull`), warmed up to `warm_oks` 200s. Returns
@@ -551,12 +562,7 @@ fn manual_failover_under_load() {
 
     assert_200_or_503(&outcomes, "manual failover");
     assert_none_lost_or_duplicated(addr, &outcomes);
-    let first_ok = outcomes
-        .iter()
-        .filter(|o| o.chat == chats[0] && o.status == 200 && o.started >= switched)
-        .map(|o| o.finished)
-        .min()
-        .expect("a 200 on the failed-over master after the switch");
+    let first_ok = first_ok_since(&outcomes, &chats[0], switched, "the failed-over master");
     assert!(
         first_ok - switched <= Duration::from_secs(2),
         "first 200 {:?} after the switch",
@@ -721,12 +727,7 @@ fn master_sigstop_bounded_waits_and_failover() {
         "a request took {slowest:?} (bound {bound:?})"
     );
     assert_none_lost_or_duplicated(addr, &outcomes);
-    let recovered = outcomes
-        .iter()
-        .filter(|o| o.chat == chats[0] && o.status == 200 && o.started >= switched)
-        .map(|o| o.finished)
-        .min()
-        .expect("a 200 on the frozen master's chat after the failover");
+    let recovered = first_ok_since(&outcomes, &chats[0], switched, "the frozen master's chat");
     let others_errors = outcomes
         .iter()
         .filter(|o| o.chat != chats[0] && o.status != 200)

@@ -801,14 +801,7 @@ fn rpc_server_killed_under_load_gateway_recovers() {
     thread::sleep(Duration::from_millis(300));
     let outcomes = senders.stop();
 
-    let inside: Vec<&Outcome> = outcomes
-        .iter()
-        .filter(|o| o.started > kill_done && o.finished < restart_begin)
-        .collect();
-    assert!(
-        !inside.is_empty(),
-        "no send ran entirely inside the outage window"
-    );
+    let inside = ran_within(&outcomes, kill_done, restart_begin);
     assert!(
         inside.iter().all(|o| o.status == 503),
         "sends made while the rpc server was down must all get 503: {:?}",

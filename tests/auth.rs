@@ -361,30 +361,6 @@ fn secret_file(tag: &str, secret: &str) -> (std::path::PathBuf, String) {
 }
 
 /// One frame read from a raw RPC connection, or `None` once it is closed.
-fn read_rpc_frame(
-    stream: &mut std::net::TcpStream,
-    input: &mut bytes::BytesMut,
-) -> Option<im_server::rpc::frame::Frame> {
-    use std::io::Read;
-    loop {
-        if let Some(frame) = im_server::rpc::frame::decode(input, 1 << 20).expect("a valid frame") {
-            return Some(frame);
-        }
-        let mut chunk = [0u8; 4096];
-        match stream.read(&mut chunk) {
-            Ok(0) | Err(_) => return None,
-            Ok(n) => input.extend_from_slice(&chunk[..n]),
-        }
-    }
-}
-
-fn write_rpc_frame(stream: &mut std::net::TcpStream, id: u64, kind: u8, body: &[u8]) {
-    use std::io::Write;
-    let mut out = bytes::BytesMut::new();
-    im_server::rpc::frame::encode_raw(&mut out, id, kind, body);
-    stream.write_all(&out).expect("write a frame");
-}
-
 #[test]
 fn gateways_with_the_rpc_secret_are_served_and_others_refused() {
     let (_dir, path) = secret_file("rpc-secret", RPC_SECRET);
@@ -427,9 +403,9 @@ fn the_rpc_server_serves_nothing_before_a_valid_hello() {
     let (_dir, path) = secret_file("rpc-secret-raw", RPC_SECRET);
     let rpc = Server::rpc(&["--rpc-secret-file", &path]);
     let connect = || {
-        let s = std::net::TcpStream::connect(rpc.rpc_addr()).expect("connect to rpc");
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        s
+        let c = RpcConn::connect(rpc.rpc_addr());
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        c
     };
     let challenge_of = |frame: &im_server::rpc::frame::Frame| {
         assert_eq!(
@@ -444,45 +420,36 @@ fn the_rpc_server_serves_nothing_before_a_valid_hello() {
 
     // A call without the handshake: refused with a reason, then closed, no Pong.
     let mut c = connect();
-    let mut input = bytes::BytesMut::new();
-    let nonce = challenge_of(&read_rpc_frame(&mut c, &mut input).expect("challenge"));
+    let nonce = challenge_of(&c.next_frame().expect("challenge"));
     assert_eq!(nonce.len(), handshake::NONCE_BYTES);
-    write_rpc_frame(&mut c, 5, method::PING, &[]);
-    let reply = read_rpc_frame(&mut c, &mut input).expect("a refusal");
+    c.write_frame(5, method::PING, &[]);
+    let reply = c.next_frame().expect("a refusal");
     assert_eq!((reply.id, reply.method_or_status), (5, status::BAD_FRAME));
-    assert!(
-        read_rpc_frame(&mut c, &mut input).is_none(),
-        "closed after refusing"
-    );
+    assert!(c.next_frame().is_none(), "closed after refusing");
 
     // A proof made for another connection's nonce (a replay): refused.
     let mut c2 = connect();
-    let mut input2 = bytes::BytesMut::new();
-    let nonce2 = challenge_of(&read_rpc_frame(&mut c2, &mut input2).expect("challenge"));
+    let nonce2 = challenge_of(&c2.next_frame().expect("challenge"));
     assert_ne!(nonce, nonce2, "every connection gets a fresh nonce");
     let replayed = HelloRequest {
         proof: handshake::proof(RPC_SECRET.as_bytes(), &nonce),
     };
-    write_rpc_frame(&mut c2, 0, method::HELLO, &replayed.encode_to_vec());
-    let reply = read_rpc_frame(&mut c2, &mut input2).expect("a refusal");
+    c2.write_frame(0, method::HELLO, &replayed.encode_to_vec());
+    let reply = c2.next_frame().expect("a refusal");
     assert_eq!(reply.method_or_status, status::BAD_FRAME);
-    assert!(
-        read_rpc_frame(&mut c2, &mut input2).is_none(),
-        "closed after refusing"
-    );
+    assert!(c2.next_frame().is_none(), "closed after refusing");
 
     // The right proof: OK, then calls are served.
     let mut c3 = connect();
-    let mut input3 = bytes::BytesMut::new();
-    let nonce3 = challenge_of(&read_rpc_frame(&mut c3, &mut input3).expect("challenge"));
+    let nonce3 = challenge_of(&c3.next_frame().expect("challenge"));
     let hello = HelloRequest {
         proof: handshake::proof(RPC_SECRET.as_bytes(), &nonce3),
     };
-    write_rpc_frame(&mut c3, 0, method::HELLO, &hello.encode_to_vec());
-    let ok = read_rpc_frame(&mut c3, &mut input3).expect("an answer");
+    c3.write_frame(0, method::HELLO, &hello.encode_to_vec());
+    let ok = c3.next_frame().expect("an answer");
     assert_eq!((ok.id, ok.method_or_status), (0, status::OK));
-    write_rpc_frame(&mut c3, 6, method::PING, &[]);
-    let pong = read_rpc_frame(&mut c3, &mut input3).expect("a pong");
+    c3.write_frame(6, method::PING, &[]);
+    let pong = c3.next_frame().expect("a pong");
     assert_eq!((pong.id, pong.method_or_status), (6, status::OK));
 }
 

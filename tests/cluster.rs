@@ -29,21 +29,13 @@ fn start_server_at(url: &str, extra: &[&str]) -> Server {
     let redis_timeout = REDIS_TIMEOUT_MS.to_string();
     let rpc_timeout = RPC_TIMEOUT_MS.to_string();
     let mut args = vec![
-        "--redis",
-        url,
         "--redis-timeout-ms",
         &redis_timeout,
         "--rpc-timeout-ms",
         &rpc_timeout,
     ];
     args.extend_from_slice(extra);
-    let server = Server::start("all", &args, &[]);
-    assert!(
-        server.stderr().contains("store: Redis Cluster"),
-        "the server did not detect the cluster:\n{}",
-        server.stderr()
-    );
-    server
+    Server::on_cluster(url, &args)
 }
 
 /// The highest `refresh #N` the server logged (map reads, including the first).
@@ -521,20 +513,46 @@ fn slot_resharded_to_a_fresh_master_under_load() {
     assert!(moveds > 0, "the move was never seen as MOVED");
 }
 
+/// When the first 200 on `chat` of a request started at or after `since`
+/// arrived; panics if there is none.
+fn first_ok_since(outcomes: &[Outcome], chat: &str, since: Instant, what: &str) -> Instant {
+    outcomes
+        .iter()
+        .filter(|o| o.chat == chat && o.status == 200 && o.started >= since)
+        .map(|o| o.finished)
+        .min()
+        .unwrap_or_else(|| panic!("no 200 on {what} after the switch"))
+}
+
+/// The scene of the failover tests: a fresh cluster, a server on it, and load
+/// on three chats on distinct masters (`senders` senders each, and a puller
+/// each if `pull`), warmed up to `warm_oks` 200s. Returns
+/// `(cluster, server, addr, chats, master, replica, load)`: `master` serves
+/// `chats[0]`, `replica` is its replica. Bound in this order, they are dropped
+/// load first and cluster last.
+type UnderLoad = (Cluster, Server, SocketAddr, Vec<String>, u16, u16, Load);
+
+fn under_load(tag: &str, extra: &[&str], senders: usize, pull: bool, warm_oks: usize) -> UnderLoad {
+    let cluster = Cluster::start();
+    let server = start_server(&cluster, extra);
+    let addr = server.http_addr();
+    let chats = cluster.chats_on_distinct_masters(tag, 3);
+    let master = cluster.master_of(cluster.slot_of(&chats[0]));
+    let replica = cluster.replica_of(master).expect("a replica");
+    let senders: Vec<(String, usize)> = chats.iter().map(|c| (c.clone(), senders)).collect();
+    let pullers: &[String] = if pull { &chats } else { &[] };
+    let load = Load::start(addr, &senders, pullers);
+    load.wait_oks(warm_oks, &format!("{tag}: 200s while warming up"));
+    (cluster, server, addr, chats, master, replica, load)
+}
+
 /// `CLUSTER FAILOVER` (sent to a replica) under send and pull load: nothing
 /// but 200 or 503 + Retry-After, nothing acknowledged lost, and 200s again
 /// within 2 s of the switch.
 #[test]
 fn manual_failover_under_load() {
-    let cluster = Cluster::start();
-    let server = start_server(&cluster, &[]);
-    let addr = server.http_addr();
-    let chats = cluster.chats_on_distinct_masters("failover", 3);
-    let master = cluster.master_of(cluster.slot_of(&chats[0]));
-    let replica = cluster.replica_of(master).expect("a replica");
-    let senders: Vec<(String, usize)> = chats.iter().map(|c| (c.clone(), 2)).collect();
-    let load = Load::start(addr, &senders, &chats);
-    load.wait_oks(100, "200s before the failover");
+    let (cluster, server, addr, chats, master, replica, load) =
+        under_load("failover", &[], 2, true, 100);
     let reply = cluster.node(replica).cmd(&["CLUSTER", "FAILOVER"]);
     assert!(reply.starts_with("+OK"), "CLUSTER FAILOVER: {reply}");
     let switched = wait_promoted(&cluster, replica, None, Duration::from_secs(10));
@@ -544,12 +562,7 @@ fn manual_failover_under_load() {
 
     assert_200_or_503(&outcomes, "manual failover");
     assert_none_lost_or_duplicated(addr, &outcomes);
-    let first_ok = outcomes
-        .iter()
-        .filter(|o| o.chat == chats[0] && o.status == 200 && o.started >= switched)
-        .map(|o| o.finished)
-        .min()
-        .expect("a 200 on the failed-over master after the switch");
+    let first_ok = first_ok_since(&outcomes, &chats[0], switched, "the failed-over master");
     assert!(
         first_ok - switched <= Duration::from_secs(2),
         "first 200 {:?} after the switch",
@@ -570,15 +583,8 @@ fn manual_failover_under_load() {
 fn sigkill_master_under_load(
     extra: &[&str],
 ) -> (Vec<String>, Vec<Outcome>, Vec<Outcome>, u64, Instant) {
-    let mut cluster = Cluster::start();
-    let server = start_server(&cluster, extra);
-    let addr = server.http_addr();
-    let chats = cluster.chats_on_distinct_masters("crash", 3);
-    let master = cluster.master_of(cluster.slot_of(&chats[0]));
-    let replica = cluster.replica_of(master).expect("a replica");
-    let senders: Vec<(String, usize)> = chats.iter().map(|c| (c.clone(), 3)).collect();
-    let load = Load::start(addr, &senders, &[]);
-    load.wait_oks(150, "200s before the kill");
+    let (mut cluster, server, addr, chats, master, replica, load) =
+        under_load("crash", extra, 3, false, 150);
     // Healthy chats are judged from here; before, the load warmed up.
     let measured_from = Instant::now();
     // Replication over loopback is too quick for a kill to ever catch a
@@ -698,15 +704,8 @@ fn master_sigkill_without_wait_reports_losses() {
 /// (plus slack); its replica takes over and traffic moves on.
 #[test]
 fn master_sigstop_bounded_waits_and_failover() {
-    let cluster = Cluster::start();
-    let server = start_server(&cluster, &[]);
-    let addr = server.http_addr();
-    let chats = cluster.chats_on_distinct_masters("frozen", 3);
-    let master = cluster.master_of(cluster.slot_of(&chats[0]));
-    let replica = cluster.replica_of(master).expect("a replica");
-    let senders: Vec<(String, usize)> = chats.iter().map(|c| (c.clone(), 2)).collect();
-    let load = Load::start(addr, &senders, &chats);
-    load.wait_oks(100, "200s before the SIGSTOP");
+    let (cluster, server, addr, chats, master, replica, load) =
+        under_load("frozen", &[], 2, true, 100);
     cluster.node(master).signal("STOP");
     let stopped = Instant::now();
     let switched = wait_promoted(&cluster, replica, Some(master), Duration::from_secs(15));
@@ -728,12 +727,7 @@ fn master_sigstop_bounded_waits_and_failover() {
         "a request took {slowest:?} (bound {bound:?})"
     );
     assert_none_lost_or_duplicated(addr, &outcomes);
-    let recovered = outcomes
-        .iter()
-        .filter(|o| o.chat == chats[0] && o.status == 200 && o.started >= switched)
-        .map(|o| o.finished)
-        .min()
-        .expect("a 200 on the frozen master's chat after the failover");
+    let recovered = first_ok_since(&outcomes, &chats[0], switched, "the frozen master's chat");
     let others_errors = outcomes
         .iter()
         .filter(|o| o.chat != chats[0] && o.status != 200)

@@ -93,7 +93,7 @@ impl ThreeRpc {
             backend: Backend {
                 server: gateway,
                 redis: Some(redis),
-                cluster: None,
+                _cluster: None,
             },
             _rpcs: rpcs,
         }

@@ -108,8 +108,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 
-use serde_json::Value;
-
 /// Send and Pull calls an RPC server has served, from its Ping reply (a
 /// frame written by hand: length, id, method 3, empty body).
 fn served(rpc: SocketAddr) -> Option<u64> {
@@ -529,26 +527,11 @@ fn etcd_registry_adds_and_drops_servers_live() {
     etcd.restart();
     let key = format!("/im/rpc/{}", first.rpc_addr());
     wait_until(Duration::from_secs(15), "registration back in etcd", || {
-        let body = serde_json::json!({
-            "key": b64(key.as_bytes()),
-        });
-        let r = try_request(
-            etcd.addr(),
-            "POST",
-            "/v3/kv/range",
-            JSON_CT,
-            body.to_string().as_bytes(),
-        )
-        .ok()?;
-        r.json().get("kvs").map(|_| ())
+        etcd.range(key.as_bytes(), None)?.get("kvs").map(|_| ())
     });
     stop_load(&stop, handles);
     let tally = tally.lock().expect("tally");
     assert_eq!(tally.failures.len(), failed, "{:?}", tally.failures);
-}
-
-fn b64(raw: &[u8]) -> String {
-    im_server::discovery::etcd::base64::encode(raw)
 }
 
 /// SIGTERM deregisters at once (the key is gone before the process exits).
@@ -557,21 +540,7 @@ fn sigterm_deregisters_from_etcd() {
     let etcd = Etcd::start();
     let registry = etcd.registry("/im/rpc");
     let mut rpc = Server::rpc(&["--registry", &registry]);
-    let range = |etcd: &Etcd| -> Option<Value> {
-        let body = serde_json::json!({
-            "key": b64(b"/im/rpc/"),
-            "range_end": b64(b"/im/rpc0"),
-        });
-        let r = try_request(
-            etcd.addr(),
-            "POST",
-            "/v3/kv/range",
-            JSON_CT,
-            body.to_string().as_bytes(),
-        )
-        .ok()?;
-        Some(r.json())
-    };
+    let range = |etcd: &Etcd| etcd.range(b"/im/rpc/", Some(b"/im/rpc0"));
     wait_until(Duration::from_secs(5), "registration", || {
         range(&etcd)?.get("kvs").map(|_| ())
     });

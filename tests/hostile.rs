@@ -5,127 +5,27 @@
 
 mod common;
 
-use std::io::{self, BufRead, BufReader, ErrorKind, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use common::*;
-use im_server::proto::PullRequest;
 use im_server::proto::fields::{pull_request, send_request};
 use im_server::rpc::method::{PULL, SEND};
 use im_server::rpc::status::{BAD_FRAME, OK};
-use prost::Message as _;
-use serde_json::json;
 
 // ---------------------------------------------------------------------------
 // helpers
 // ---------------------------------------------------------------------------
 
-/// A raw client connection: bytes out, bytes (or a parsed response) in.
-struct Raw {
-    stream: TcpStream,
-    reader: BufReader<TcpStream>,
-}
-
-impl Raw {
-    fn connect(addr: SocketAddr) -> Raw {
-        let stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT)
-            .unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
-        stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-        stream.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
-        stream.set_nodelay(true).unwrap();
-        Raw {
-            reader: BufReader::new(stream.try_clone().unwrap()),
-            stream,
-        }
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        self.stream
-            .write_all(bytes)
-            .unwrap_or_else(|e| panic!("write {} bytes: {e}", bytes.len()));
-    }
-
-    fn set_read_timeout(&self, t: Duration) {
-        self.stream.set_read_timeout(Some(t)).unwrap();
-    }
-
-    fn response(&mut self, ctx: &str) -> Response {
-        read_response(&mut self.reader, false)
-            .unwrap_or_else(|e| panic!("{ctx}: reading the response: {e}"))
-    }
-
-    fn head_response(&mut self, ctx: &str) -> Response {
-        read_response(&mut self.reader, true)
-            .unwrap_or_else(|e| panic!("{ctx}: reading the HEAD response: {e}"))
-    }
-
-    /// One line of the response stream, with its line ending.
-    fn line(&mut self, ctx: &str) -> String {
-        let mut line = Vec::new();
-        self.reader
-            .read_until(b'\n', &mut line)
-            .unwrap_or_else(|e| panic!("{ctx}: reading a line: {e}"));
-        String::from_utf8_lossy(&line).into_owned()
-    }
-
-    /// Waits up to `within` for the server to close (EOF or reset); panics if
-    /// more bytes arrive or the connection stays open. Returns how long it took.
-    fn assert_closed_within(&mut self, within: Duration, ctx: &str) -> Duration {
-        let start = Instant::now();
-        self.set_read_timeout(within);
-        let mut buf = [0u8; 512];
-        match self.reader.read(&mut buf) {
-            Ok(0) => {}
-            Ok(n) => panic!(
-                "{ctx}: expected the connection to be closed, got {n} more bytes: {:?}",
-                String::from_utf8_lossy(&buf[..n])
-            ),
-            Err(e) if is_reset(&e) => {}
-            Err(e) if is_timeout(&e) => {
-                panic!("{ctx}: the connection is still open after {within:?}")
-            }
-            Err(e) => panic!("{ctx}: unexpected error while waiting for close: {e}"),
-        }
-        start.elapsed()
-    }
-
-    fn assert_closed(&mut self, ctx: &str) {
-        self.assert_closed_within(Duration::from_secs(3), ctx);
-    }
-}
-
-fn is_reset(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted | ErrorKind::BrokenPipe
-    )
-}
-
-fn is_timeout(e: &io::Error) -> bool {
-    matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut)
-}
-
-/// A fresh connection's `GET /ping` must be answered 200.
-fn assert_alive(addr: SocketAddr, ctx: &str) {
-    let r = try_request(addr, "GET", "/ping", &[], b"")
-        .unwrap_or_else(|e| panic!("{ctx}: the server no longer answers GET /ping: {e}"));
-    assert_eq!(
-        r.status,
-        200,
-        "{ctx}: GET /ping afterwards: {}",
-        r.describe()
-    );
-}
-
 /// Sends `bytes` on a fresh connection, asserts the response status is one of
 /// `statuses` with a JSON error body, that the response says `Connection:
 /// close` and that the server closes; then that the server is still alive.
 fn assert_rejected(addr: SocketAddr, bytes: &[u8], statuses: &[u16], ctx: &str) -> Response {
-    let mut c = Raw::connect(addr);
-    c.write(bytes);
-    let r = c.response(ctx);
+    let mut c = HttpConn::connect(addr);
+    c.write_raw(bytes);
+    let r = c.read_response();
     assert!(
         statuses.contains(&r.status),
         "{ctx}: expected status {statuses:?}, got {}",
@@ -145,27 +45,6 @@ fn assert_rejected(addr: SocketAddr, bytes: &[u8], statuses: &[u16], ctx: &str) 
     r
 }
 
-fn send_json(chat: &str, text: &str) -> String {
-    json!({"chat": chat, "text": text, "sender": "hostile"}).to_string()
-}
-
-/// Encodes `body` as chunks of `size` bytes, each with a chunk extension,
-/// then a last-chunk with an extension and two trailer fields.
-fn chunked(body: &[u8], size: usize) -> Vec<u8> {
-    let mut out = Vec::new();
-    for (i, piece) in body.chunks(size).enumerate() {
-        if i % 2 == 0 {
-            out.extend_from_slice(format!("{:x};foo=bar\r\n", piece.len()).as_bytes());
-        } else {
-            out.extend_from_slice(format!("{:X}\r\n", piece.len()).as_bytes());
-        }
-        out.extend_from_slice(piece);
-        out.extend_from_slice(b"\r\n");
-    }
-    out.extend_from_slice(b"0;last=\"yes\"\r\nX-Trailer: one\r\nX-Other: two\r\n\r\n");
-    out
-}
-
 const CHUNKED_SEND_HEAD: &[u8] = b"POST /api/send HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n";
 
 // ---------------------------------------------------------------------------
@@ -178,15 +57,15 @@ fn chunked_send_with_extensions_and_trailers_is_accepted() {
     let addr = s.http_addr();
 
     // one write
-    let body = send_json("chunked", "first chunked message");
+    let body = send_body("chunked", "hostile", "first chunked message");
     let mut req = CHUNKED_SEND_HEAD.to_vec();
-    req.extend(chunked(body.as_bytes(), 5));
-    let mut c = Raw::connect(addr);
-    c.write(&req);
-    let t1 = send_time_of(&c.response("chunked send"), "chunked send (one write)");
+    req.extend(chunked_body(body.as_bytes(), 5));
+    let mut c = HttpConn::connect(addr);
+    c.write_raw(&req);
+    let t1 = send_time_of(&c.read_response(), "chunked send (one write)");
     // the connection stays usable: the whole chunked body (and trailers) was consumed
-    c.write(b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n");
-    let r = c.response("ping after chunked send");
+    c.write_raw(b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n");
+    let r = c.read_response();
     assert_eq!(
         r.status,
         200,
@@ -195,20 +74,17 @@ fn chunked_send_with_extensions_and_trailers_is_accepted() {
     );
 
     // many tiny writes: every byte of the head and of the chunked body on its own
-    let body = send_json("chunked", "second, dribbled one byte per write");
+    let body = send_body("chunked", "hostile", "second, dribbled one byte per write");
     let mut req = CHUNKED_SEND_HEAD.to_vec();
-    req.extend(chunked(body.as_bytes(), 3));
-    let mut c = Raw::connect(addr);
+    req.extend(chunked_body(body.as_bytes(), 3));
+    let mut c = HttpConn::connect(addr);
     for (i, b) in req.iter().enumerate() {
-        c.write(&[*b]);
+        c.write_raw(&[*b]);
         if i % 16 == 0 {
             thread::sleep(Duration::from_millis(1));
         }
     }
-    let t2 = send_time_of(
-        &c.response("dribbled chunked send"),
-        "chunked send (one byte per write)",
-    );
+    let t2 = send_time_of(&c.read_response(), "chunked send (one byte per write)");
 
     let page = pull_page(addr, "chunked", 0, 10, true);
     assert_eq!(page.times(), vec![t1, t2], "both chunked sends are stored");
@@ -254,70 +130,6 @@ fn malformed_chunked_bodies_are_400() {
 // Expect: 100-continue
 // ---------------------------------------------------------------------------
 
-#[test]
-fn expect_100_continue_gets_interim_then_final() {
-    let s = Server::memory();
-    let addr = s.http_addr();
-    let body = send_json("expect", "waited for 100 Continue");
-    let head = format!(
-        "POST /api/send HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nExpect: 100-continue\r\n\r\n",
-        body.len()
-    );
-    let mut c = Raw::connect(addr);
-    c.write(head.as_bytes());
-    // The body is not sent until the interim response arrives.
-    c.set_read_timeout(Duration::from_secs(3));
-    let status = c.line("interim response");
-    assert_eq!(
-        status.trim_end(),
-        "HTTP/1.1 100 Continue",
-        "the head with Expect: 100-continue must get `HTTP/1.1 100 Continue` before the body is sent"
-    );
-    let blank = c.line("end of the interim response");
-    assert_eq!(
-        blank, "\r\n",
-        "100 Continue must have no header fields here"
-    );
-    c.set_read_timeout(IO_TIMEOUT);
-    c.write(body.as_bytes());
-    let r = c.response("final response after 100 Continue");
-    let t = send_time_of(&r, "send after 100 Continue");
-    let page = pull_page(addr, "expect", 0, 10, true);
-    assert_eq!(page.times(), vec![t]);
-    assert_alive(addr, "after Expect: 100-continue");
-}
-
-#[test]
-fn expect_100_continue_with_oversized_length_is_413_without_100() {
-    let s = Server::memory();
-    let addr = s.http_addr();
-    let mut c = Raw::connect(addr);
-    c.write(
-        b"POST /api/send HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 2000000\r\nExpect: 100-continue\r\n\r\n",
-    );
-    c.set_read_timeout(Duration::from_secs(3));
-    let first = c.line("first response line");
-    assert!(
-        first.starts_with("HTTP/1.1 413"),
-        "a body over the limit with Expect: 100-continue must be answered 413 at once (no 100 Continue), got {first:?}"
-    );
-    // the rest of the 413 response, then close
-    let mut rest = Vec::new();
-    loop {
-        let line = c.line("413 headers");
-        if line == "\r\n" || line.is_empty() {
-            break;
-        }
-        rest.push(line);
-    }
-    assert!(
-        rest.iter()
-            .any(|h| h.to_ascii_lowercase().starts_with("connection: close")),
-        "413 must close the connection: {rest:?}"
-    );
-    assert_alive(addr, "after Expect with an oversized Content-Length");
-}
-
 // ---------------------------------------------------------------------------
 // request smuggling and malformed heads
 // ---------------------------------------------------------------------------
@@ -326,7 +138,7 @@ fn expect_100_continue_with_oversized_length_is_413_without_100() {
 fn content_length_and_transfer_encoding_together_is_400_and_closes() {
     let s = Server::memory();
     let addr = s.http_addr();
-    let body = send_json("smuggle", "x");
+    let body = send_body("smuggle", "hostile", "x");
     // Either framing would make a different request of what follows: refuse both.
     let req = format!(
         "POST /api/send HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\nGET /ping HTTP/1.1\r\nHost: x\r\n\r\n",
@@ -468,9 +280,9 @@ fn malformed_header_lines_are_400() {
 fn bare_lf_line_endings_are_accepted() {
     let s = Server::memory();
     let addr = s.http_addr();
-    let mut c = Raw::connect(addr);
-    c.write(b"GET /ping HTTP/1.1\nHost: x\n\n");
-    let r = c.response("bare-LF request");
+    let mut c = HttpConn::connect(addr);
+    c.write_raw(b"GET /ping HTTP/1.1\nHost: x\n\n");
+    let r = c.read_response();
     assert_eq!(
         r.status,
         200,
@@ -478,18 +290,15 @@ fn bare_lf_line_endings_are_accepted() {
         r.describe()
     );
     // and a bare-LF POST with a body, on the same connection
-    let body = send_json("lf", "bare LF");
-    c.write(
+    let body = send_body("lf", "hostile", "bare LF");
+    c.write_raw(
         format!(
             "POST /api/send HTTP/1.1\nHost: x\nContent-Length: {}\n\n{body}",
             body.len()
         )
         .as_bytes(),
     );
-    send_time_of(
-        &c.response("bare-LF send"),
-        "POST with bare-LF line endings",
-    );
+    send_time_of(&c.read_response(), "POST with bare-LF line endings");
     assert_alive(addr, "after bare-LF requests");
 }
 
@@ -497,20 +306,89 @@ fn bare_lf_line_endings_are_accepted() {
 // limits
 // ---------------------------------------------------------------------------
 
+const ONE_MIB: usize = 1024 * 1024;
+
+/// A syntactically valid send body padded with whitespace to exactly `len` bytes.
+fn padded_send_body(len: usize) -> Vec<u8> {
+    let core = br#"{"chat":"big","text":"padded","sender":"s"}"#;
+    let mut body = b"{".to_vec();
+    body.resize(len - (core.len() - 1), b' ');
+    body.extend_from_slice(&core[1..]);
+    assert_eq!(body.len(), len);
+    body
+}
+
 #[test]
-fn body_over_limit_is_413_before_the_body_is_sent() {
+fn body_over_1_mib_is_413() {
     let s = Server::memory();
     let addr = s.http_addr();
-    let mut c = Raw::connect(addr);
-    // Only the head: the server must answer from the Content-Length alone.
-    c.write(
+
+    // 1 MiB + 1: write the body from another thread (the server may answer early).
+    let body = padded_send_body(ONE_MIB + 1);
+    let mut conn = HttpConn::connect(addr);
+    let head = format!(
+        "POST /api/send HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    conn.write_raw(head.as_bytes());
+    let mut writer = conn.clone_stream();
+    let w = thread::spawn(move || {
+        let _ = writer.write_all(&body); // may fail if the server closes early; that's fine
+    });
+    let r = conn.read_response();
+    assert_error(&r, 413, "POST /api/send with a 1 MiB + 1 byte body");
+    assert_standard_headers(&r, "413");
+    let _ = w.join();
+
+    // a declared Content-Length far above the limit is rejected without sending the body
+    let mut conn = HttpConn::connect(addr);
+    conn.write_raw(
+        format!("POST /api/send HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: 104857600\r\n\r\n{{")
+            .as_bytes(),
+    );
+    let r = conn.read_response();
+    assert_error(&r, 413, "POST /api/send declaring a 100 MiB body");
+    conn.assert_closed("after 413 for a declared 100 MiB body");
+    assert_alive(addr, "after 413 for a declared 100 MiB body");
+
+    // only the head: the server must answer from the Content-Length alone
+    let mut c = HttpConn::connect(addr);
+    c.write_raw(
         b"POST /api/send HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 2000000\r\n\r\n",
     );
     c.set_read_timeout(Duration::from_secs(3));
-    let r = c.response("head announcing 2,000,000 bytes");
+    let r = c.read_response();
     assert_error(&r, 413, "Content-Length: 2000000 (body not sent)");
     c.assert_closed("after 413");
     assert_alive(addr, "after 413");
+
+    // the same padded body just under / exactly at the limit is fine
+    for len in [ONE_MIB - 1, ONE_MIB] {
+        let r = request(addr, "POST", "/api/send", JSON_CT, &padded_send_body(len));
+        send_time_of(
+            &r,
+            &format!("POST /api/send with a valid {len}-byte body (whitespace padded)"),
+        );
+    }
+
+    // a large GET body for pull
+    let mut pull = br#"{"chat":"big"}"#.to_vec();
+    pull.resize(ONE_MIB + 10, b' ');
+    let mut conn = HttpConn::connect(addr);
+    conn.write_raw(
+        format!(
+            "GET /api/pull HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\n\r\n",
+            pull.len()
+        )
+        .as_bytes(),
+    );
+    let mut writer = conn.clone_stream();
+    let w = thread::spawn(move || {
+        let _ = writer.write_all(&pull);
+    });
+    let r = conn.read_response();
+    assert_error(&r, 413, "GET /api/pull with a body over 1 MiB");
+    let _ = w.join();
 }
 
 #[test]
@@ -518,8 +396,8 @@ fn max_body_flag_is_exact() {
     let s = Server::start("all", &["--max-body", "100"], &[]);
     let addr = s.http_addr();
     let fill = |len: usize| {
-        let base = send_json("maxbody", "");
-        let body = send_json("maxbody", &"y".repeat(len - base.len()));
+        let base = send_body("maxbody", "hostile", "");
+        let body = send_body("maxbody", "hostile", &"y".repeat(len - base.len()));
         assert_eq!(body.len(), len);
         body
     };
@@ -538,7 +416,7 @@ fn max_body_flag_is_exact() {
 
     // the same limit applies to the decoded size of a chunked body
     let mut req = CHUNKED_SEND_HEAD.to_vec();
-    req.extend(chunked(over.as_bytes(), 40));
+    req.extend(chunked_body(over.as_bytes(), 40));
     assert_rejected(
         addr,
         &req,
@@ -546,11 +424,11 @@ fn max_body_flag_is_exact() {
         "a 101-byte chunked body with --max-body 100",
     );
     let mut req = CHUNKED_SEND_HEAD.to_vec();
-    req.extend(chunked(ok.as_bytes(), 40));
-    let mut c = Raw::connect(addr);
-    c.write(&req);
+    req.extend(chunked_body(ok.as_bytes(), 40));
+    let mut c = HttpConn::connect(addr);
+    c.write_raw(&req);
     send_time_of(
-        &c.response("100-byte chunked body"),
+        &c.read_response(),
         "a 100-byte chunked body with --max-body 100",
     );
     let page = pull_page(addr, "maxbody", 0, 10, true);
@@ -575,9 +453,9 @@ fn header_section_over_16_kib_is_431() {
 
     // sent in 1000-byte pieces without the final blank line: refused as
     // soon as the 16 KiB are exceeded, not when the client stops
-    let mut c = Raw::connect(addr);
+    let mut c = HttpConn::connect(addr);
     let piece = format!("X-Slow: {}\r\n", "s".repeat(990));
-    c.write(b"GET /ping HTTP/1.1\r\nHost: x\r\n");
+    c.write_raw(b"GET /ping HTTP/1.1\r\nHost: x\r\n");
     let mut sent = 0;
     let mut answered_after = None;
     c.set_read_timeout(Duration::from_millis(20));
@@ -594,7 +472,7 @@ fn header_section_over_16_kib_is_431() {
         }
     }
     c.set_read_timeout(IO_TIMEOUT);
-    let r = c.response("growing header section");
+    let r = c.read_response();
     assert_error(&r, 431, "header section growing past 16 KiB without an end");
     let answered_after = answered_after.unwrap_or_else(|| {
         panic!("431 came only after the client stopped ({sent} bytes of headers sent)")
@@ -624,9 +502,9 @@ fn more_than_64_header_fields_is_431() {
         req.push_str(&format!("X-H{i}: v\r\n"));
     }
     req.push_str("\r\n");
-    let mut c = Raw::connect(addr);
-    c.write(req.as_bytes());
-    let r = c.response("64 header fields");
+    let mut c = HttpConn::connect(addr);
+    c.write_raw(req.as_bytes());
+    let r = c.read_response();
     assert_eq!(r.status, 200, "64 header fields: {}", r.describe());
 }
 
@@ -664,6 +542,16 @@ fn binary_junk_is_400_and_closes() {
     let junk: Vec<u8> = (0..600u32).map(|i| (i * 7919 % 256) as u8).collect();
     assert_rejected(addr, &junk, &[400], "pseudo-random binary bytes");
     assert_rejected(addr, b"\0\0\0\0\r\n\r\n", &[400], "NUL bytes");
+    let garbage: [&[u8]; 4] = [
+        b"this is not http\r\n\r\n",
+        b"GET /ping HTTP/1.1\r\nHost: x\r\nbroken header line\r\n\r\n",
+        b"\x00\x01\x02\x03\xff\xfe\r\n\r\n",
+        b"GET /api/send HTTP/1.1\r\nContent-Length: abc\r\n\r\n",
+    ];
+    for g in garbage {
+        let ctx = format!("garbage {:?}", String::from_utf8_lossy(g));
+        assert_rejected(addr, g, &[400], &ctx);
+    }
     // an HTTP/2 prior-knowledge preface
     assert_rejected(
         addr,
@@ -681,8 +569,8 @@ fn binary_junk_is_400_and_closes() {
 fn slowloris_head_is_cut_off_by_the_request_timeout() {
     let s = Server::start("all", &["--request-timeout-s", "1"], &[]);
     let addr = s.http_addr();
-    let mut c = Raw::connect(addr);
-    c.write(b"GET /pi");
+    let mut c = HttpConn::connect(addr);
+    c.write_raw(b"GET /pi");
     let first_byte = Instant::now();
     // then one byte every 300 ms, forever
     let drip = b"ng HTTP/1.1\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
@@ -739,9 +627,9 @@ fn slowloris_head_is_cut_off_by_the_request_timeout() {
 fn incomplete_body_is_cut_off_by_the_request_timeout() {
     let s = Server::start("all", &["--request-timeout-s", "1"], &[]);
     let addr = s.http_addr();
-    let mut c = Raw::connect(addr);
+    let mut c = HttpConn::connect(addr);
     let start = Instant::now();
-    c.write(b"POST /api/send HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n{\"c");
+    c.write_raw(b"POST /api/send HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n{\"c");
     c.set_read_timeout(Duration::from_secs(5));
     let r = read_response(&mut c.reader, false).unwrap_or_else(|e| {
         panic!(
@@ -764,9 +652,9 @@ fn incomplete_body_is_cut_off_by_the_request_timeout() {
 fn idle_keep_alive_connection_is_closed_after_idle_timeout() {
     let s = Server::start("all", &["--idle-timeout-s", "1"], &[]);
     let addr = s.http_addr();
-    let mut c = Raw::connect(addr);
-    c.write(b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n");
-    let r = c.response("ping before idling");
+    let mut c = HttpConn::connect(addr);
+    c.write_raw(b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n");
+    let r = c.read_response();
     assert_eq!(r.status, 200, "{}", r.describe());
     assert!(
         r.header("connection").is_none(),
@@ -805,10 +693,10 @@ fn two_thousand_idle_connections_do_not_block_a_new_one() {
     }
     // let the server accept them all
     thread::sleep(Duration::from_millis(200));
-    let mut c = Raw::connect(addr);
+    let mut c = HttpConn::connect(addr);
     c.set_read_timeout(Duration::from_secs(2));
     let start = Instant::now();
-    c.write(b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n");
+    c.write_raw(b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n");
     let r = read_response(&mut c.reader, false).unwrap_or_else(|e| {
         panic!(
             "GET /ping with 2,000 idle connections open: not answered within 2 s ({e}) after {:?}",
@@ -847,9 +735,9 @@ fn max_connections_refuses_with_503_then_recovers() {
         .collect();
 
     // The 11th: answered 503 + Retry-After and closed, without sending anything.
-    let mut c = Raw::connect(addr);
+    let mut c = HttpConn::connect(addr);
     c.set_read_timeout(Duration::from_secs(3));
-    let r = c.response("11th connection with --max-connections 10");
+    let r = c.read_response();
     assert_error(&r, 503, "11th connection with --max-connections 10");
     assert!(
         r.header("retry-after").is_some(),
@@ -874,9 +762,9 @@ fn max_connections_refuses_with_503_then_recovers() {
     let mut reopened = Vec::new();
     for i in 0..3 {
         let c = wait_until(Duration::from_secs(3), "a slot to free up", || {
-            let mut c = Raw::connect(addr);
+            let mut c = HttpConn::connect(addr);
             c.set_read_timeout(Duration::from_secs(2));
-            c.write(b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n");
+            c.write_raw(b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n");
             match read_response(&mut c.reader, false) {
                 Ok(r) if r.status == 200 => Some(c),
                 Ok(r) if r.status == 503 => None,
@@ -887,69 +775,15 @@ fn max_connections_refuses_with_503_then_recovers() {
         reopened.push(c);
     }
     // and at 10 again, the next is refused again
-    let mut c = Raw::connect(addr);
+    let mut c = HttpConn::connect(addr);
     c.set_read_timeout(Duration::from_secs(3));
-    let r = c.response("11th connection again");
+    let r = c.read_response();
     assert_error(&r, 503, "11th connection once the slots are full again");
 }
 
 // ---------------------------------------------------------------------------
 // methods, targets, header case, query strings
 // ---------------------------------------------------------------------------
-
-#[test]
-fn head_ping_has_content_length_and_no_body() {
-    let s = Server::memory();
-    let addr = s.http_addr();
-    let mut c = Raw::connect(addr);
-    // HEAD then GET on one connection: a body after the HEAD response would
-    // be read as the start of the GET response.
-    c.write(b"HEAD /ping HTTP/1.1\r\nHost: x\r\n\r\nGET /ping HTTP/1.1\r\nHost: x\r\n\r\n");
-    let head = c.head_response("HEAD /ping");
-    assert_eq!(head.status, 200, "HEAD /ping: {}", head.describe());
-    let get = c.response("GET /ping after HEAD");
-    assert_eq!(get.status, 200, "GET /ping after HEAD: {}", get.describe());
-    assert_eq!(
-        head.header("content-length"),
-        Some(get.body.len().to_string().as_str()),
-        "HEAD must carry the Content-Length of the GET body"
-    );
-    assert_eq!(get.text(), r#"{"message":"pong"}"#);
-}
-
-#[test]
-fn other_methods_are_405_with_allow() {
-    let s = Server::memory();
-    let addr = s.http_addr();
-    for (method, path, allow) in [
-        ("OPTIONS", "/api/send", "POST"),
-        ("DELETE", "/api/pull", "GET"),
-        ("PUT", "/ping", "GET"),
-        ("BREW", "/ping", "GET"),
-        ("PATCH", "/api/send", "POST"),
-        ("GET", "/api/send", "POST"),
-        ("POST", "/ping", "GET"),
-    ] {
-        let ctx = format!("{method} {path}");
-        let mut c = Raw::connect(addr);
-        c.write(
-            format!("{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n").as_bytes(),
-        );
-        let r = c.response(&ctx);
-        assert_error(&r, 405, &ctx);
-        let got = r
-            .header("allow")
-            .unwrap_or_else(|| panic!("{ctx}: 405 without an Allow header: {:?}", r.headers));
-        assert!(
-            got.split(',').any(|m| m.trim() == allow),
-            "{ctx}: Allow should list {allow}, got {got:?}"
-        );
-        // a 405 does not end the connection
-        c.write(b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n");
-        let r = c.response(&format!("ping after {ctx}"));
-        assert_eq!(r.status, 200, "ping after {ctx}: {}", r.describe());
-    }
-}
 
 #[test]
 fn absolute_form_target_is_served() {
@@ -959,47 +793,17 @@ fn absolute_form_target_is_served() {
         "http://localhost/ping".to_string(),
         format!("http://{addr}/ping"),
     ] {
-        let mut c = Raw::connect(addr);
-        c.write(format!("GET {target} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes());
-        let r = c.response(&target);
+        let mut c = HttpConn::connect(addr);
+        c.write_raw(format!("GET {target} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes());
+        let r = c.read_response();
         assert_eq!(r.status, 200, "GET {target}: {}", r.describe());
         assert_eq!(r.text(), r#"{"message":"pong"}"#, "GET {target}");
     }
     let t = send_ok(addr, "absolute", "s", "via absolute form pull");
-    let mut c = Raw::connect(addr);
-    c.write(b"GET http://localhost/api/pull?chat=absolute HTTP/1.1\r\nHost: localhost\r\n\r\n");
-    let page = parse_page(&c.response("absolute-form pull"), "absolute-form pull");
+    let mut c = HttpConn::connect(addr);
+    c.write_raw(b"GET http://localhost/api/pull?chat=absolute HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    let page = parse_page(&c.read_response(), "absolute-form pull");
     assert_eq!(page.times(), vec![t]);
-}
-
-#[test]
-fn odd_case_header_names_work() {
-    let s = Server::memory();
-    let addr = s.http_addr();
-    let body = send_json("oddcase", "odd case");
-    let req = format!(
-        "POST /api/send HTTP/1.1\r\nhOsT: x\r\ncOnTeNt-TyPe: application/json\r\ncOnTeNt-LeNgTh: {}\r\n\r\n{body}GET /ping HTTP/1.1\r\nHost: x\r\ncOnNeCtIoN: ClOsE\r\n\r\n",
-        body.len()
-    );
-    let mut c = Raw::connect(addr);
-    c.write(req.as_bytes());
-    send_time_of(&c.response("odd-case Content-Length"), "cOnTeNt-LeNgTh");
-    let r = c.response("ping with odd-case Connection: close");
-    assert_eq!(r.status, 200, "{}", r.describe());
-    c.assert_closed("cOnNeCtIoN: ClOsE is honoured");
-    // odd-case Transfer-Encoding too
-    let body = send_json("oddcase", "odd case chunked");
-    let mut req =
-        b"POST /api/send HTTP/1.1\r\nHost: x\r\ntRaNsFeR-eNcOdInG: ChUnKeD\r\n\r\n".to_vec();
-    req.extend(chunked(body.as_bytes(), 7));
-    let mut c = Raw::connect(addr);
-    c.write(&req);
-    send_time_of(
-        &c.response("odd-case chunked"),
-        "tRaNsFeR-eNcOdInG: ChUnKeD",
-    );
-    let page = pull_page(addr, "oddcase", 0, 10, true);
-    assert_eq!(page.texts(), vec!["odd case", "odd case chunked"]);
 }
 
 #[test]
@@ -1051,130 +855,33 @@ fn query_strings_are_percent_decoded_and_checked() {
 // ---------------------------------------------------------------------------
 
 /// `PullRequest { chat }`, encoded by prost.
-fn pull_of(chat: &str) -> Vec<u8> {
-    PullRequest {
-        chat: chat.into(),
-        ..PullRequest::default()
-    }
-    .encode_to_vec()
-}
-
 /// The key byte of a length-delimited field (for hand-made malformed bodies).
 fn bytes_key(field: u32) -> u8 {
     (field << 3) as u8 | 2
-}
-
-fn frame(id: u64, kind: u8, body: &[u8]) -> Vec<u8> {
-    let mut out = bytes::BytesMut::new();
-    im_server::rpc::frame::encode_raw(&mut out, id, kind, body);
-    out.to_vec()
-}
-
-struct RpcConn {
-    stream: TcpStream,
-}
-
-impl RpcConn {
-    fn connect(addr: SocketAddr) -> RpcConn {
-        let stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT)
-            .unwrap_or_else(|e| panic!("connect to rpc {addr}: {e}"));
-        stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-        stream.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
-        stream.set_nodelay(true).unwrap();
-        RpcConn { stream }
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        self.stream
-            .write_all(bytes)
-            .unwrap_or_else(|e| panic!("rpc write: {e}"));
-    }
-
-    /// Reads one reply frame: (id, kind, body).
-    fn read_frame(&mut self, ctx: &str) -> (u64, u8, Vec<u8>) {
-        let mut len = [0u8; 4];
-        self.stream
-            .read_exact(&mut len)
-            .unwrap_or_else(|e| panic!("{ctx}: reading a reply frame: {e}"));
-        let len = u32::from_be_bytes(len) as usize;
-        assert!(
-            (9..1 << 20).contains(&len),
-            "{ctx}: implausible reply frame length {len}"
-        );
-        let mut rest = vec![0u8; len];
-        self.stream
-            .read_exact(&mut rest)
-            .unwrap_or_else(|e| panic!("{ctx}: reading a reply frame body: {e}"));
-        let id = u64::from_be_bytes(rest[..8].try_into().unwrap());
-        (id, rest[8], rest[9..].to_vec())
-    }
-
-    /// A valid Pull of chat "x" on this connection gets an OK reply with its id.
-    fn assert_pull_ok(&mut self, id: u64, ctx: &str) {
-        self.write(&frame(id, PULL, &pull_of("x")));
-        let (got_id, kind, body) = self.read_frame(ctx);
-        assert_eq!(
-            (got_id, kind),
-            (id, OK),
-            "{ctx}: a valid Pull must get an OK reply with the same id (body {body:?})"
-        );
-        // PullResponse.code (field 1, varint) is absent or 0 for OK
-        assert!(
-            !body.starts_with(&[0x08]) || body.get(1) == Some(&0),
-            "{ctx}: Pull of chat \"x\" should succeed, got response body {body:?}"
-        );
-    }
-
-    /// Asserts the server closed the connection within 3 s.
-    fn assert_closed(&mut self, ctx: &str) {
-        self.stream
-            .set_read_timeout(Some(Duration::from_secs(3)))
-            .unwrap();
-        let mut buf = [0u8; 256];
-        loop {
-            match self.stream.read(&mut buf) {
-                Ok(0) => return,
-                Ok(n) => panic!(
-                    "{ctx}: expected the rpc connection to be closed, got {n} bytes: {:?}",
-                    &buf[..n]
-                ),
-                Err(e) if is_reset(&e) => return,
-                Err(e) if is_timeout(&e) => {
-                    panic!("{ctx}: the rpc connection is still open after 3 s")
-                }
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(e) => panic!("{ctx}: unexpected error: {e}"),
-            }
-        }
-    }
-}
-
-fn assert_rpc_alive(addr: SocketAddr, ctx: &str) {
-    RpcConn::connect(addr).assert_pull_ok(77, &format!("{ctx}: fresh connection"));
 }
 
 #[test]
 fn rpc_oversized_frames_close_the_connection() {
     let s = Server::rpc(&[]);
     let addr = s.rpc_addr();
-    assert_rpc_alive(addr, "before");
+    assert_rpc_serves(addr, "before");
 
     // 4 GiB announced: refused from the length alone, nothing buffered
     let mut c = RpcConn::connect(addr);
     c.write(&[0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0, 0, 0, 0, 1, PULL]);
     c.assert_closed("frame announcing 0xFFFFFFFF bytes");
-    assert_rpc_alive(addr, "after a 0xFFFFFFFF frame");
+    assert_rpc_serves(addr, "after a 0xFFFFFFFF frame");
 
     // a length that cannot even hold the id and kind
     let mut c = RpcConn::connect(addr);
     c.write(&[0, 0, 0, 3, 1, 2, 3]);
     c.assert_closed("frame of length 3");
-    assert_rpc_alive(addr, "after a too-short frame");
+    assert_rpc_serves(addr, "after a too-short frame");
 
     // a frame in progress and then a valid one on a new connection: untouched
     let mut stalled = RpcConn::connect(addr);
-    stalled.write(&frame(1, PULL, &pull_of("x"))[..6]);
-    assert_rpc_alive(addr, "while another connection has half a frame");
+    stalled.write(&rpc_frame(1, PULL, &pull_request_body("x", 0))[..6]);
+    assert_rpc_serves(addr, "while another connection has half a frame");
     drop(stalled);
 }
 
@@ -1183,21 +890,21 @@ fn rpc_max_frame_flag_refuses_bigger_frames() {
     let s = Server::rpc(&["--max-frame", "1024"]);
     let addr = s.rpc_addr();
     // a 2000-byte PullRequest (chat of 1995 bytes)
-    let body = pull_of(&"c".repeat(1995));
+    let body = pull_request_body(&"c".repeat(1995), 0);
     assert_eq!(body.len(), 1998);
-    let big = frame(5, PULL, &body);
+    let big = rpc_frame(5, PULL, &body);
     assert!(big.len() > 2000);
     let mut c = RpcConn::connect(addr);
     // the server may close before everything is written: ignore write errors
     let _ = c.stream.write_all(&big);
     c.assert_closed("2000-byte frame with --max-frame 1024");
-    assert_rpc_alive(addr, "after a frame over --max-frame");
+    assert_rpc_serves(addr, "after a frame over --max-frame");
 
     // a frame just under the limit is served (the chat is too long: an
     // OK-kind reply carrying InvalidArgument, not a closed connection)
-    let body = pull_of(&"c".repeat(900));
+    let body = pull_request_body(&"c".repeat(900), 0);
     let mut c = RpcConn::connect(addr);
-    c.write(&frame(6, PULL, &body));
+    c.write(&rpc_frame(6, PULL, &body));
     let (id, kind, reply) = c.read_frame("913-byte frame with --max-frame 1024");
     assert_eq!(
         (id, kind),
@@ -1217,7 +924,7 @@ fn rpc_unknown_method_gets_bad_frame_reply() {
     let addr = s.rpc_addr();
     let mut c = RpcConn::connect(addr);
     for (id, method) in [(0xdead_beef_u64, 9u8), (u64::MAX, 0), (3, 255)] {
-        c.write(&frame(id, method, &pull_of("x")));
+        c.write(&rpc_frame(id, method, &pull_request_body("x", 0)));
         let (got, kind, why) = c.read_frame(&format!("method {method}"));
         assert_eq!(
             (got, kind),
@@ -1232,7 +939,7 @@ fn rpc_unknown_method_gets_bad_frame_reply() {
             &format!("after unknown method {method}"),
         );
     }
-    assert_rpc_alive(addr, "after unknown methods");
+    assert_rpc_serves(addr, "after unknown methods");
 }
 
 #[test]
@@ -1258,7 +965,7 @@ fn rpc_undecodable_body_gets_bad_frame_reply() {
     for (i, (method, body, what)) in cases.iter().enumerate() {
         let id = 100 + i as u64;
         let ctx = format!("method {method} with {what} ({body:?})");
-        c.write(&frame(id, *method, body));
+        c.write(&rpc_frame(id, *method, body));
         let (got, kind, why) = c.read_frame(&ctx);
         assert_eq!(
             (got, kind),
@@ -1276,9 +983,9 @@ fn rpc_undecodable_body_gets_bad_frame_reply() {
     let mut burst = Vec::new();
     for id in 0..20u64 {
         if id % 2 == 0 {
-            burst.extend(frame(id, SEND, &[0xff, 0xff, 0xff]));
+            burst.extend(rpc_frame(id, SEND, &[0xff, 0xff, 0xff]));
         } else {
-            burst.extend(frame(id, PULL, &pull_of("x")));
+            burst.extend(rpc_frame(id, PULL, &pull_request_body("x", 0)));
         }
     }
     c.write(&burst);
@@ -1295,5 +1002,5 @@ fn rpc_undecodable_body_gets_bad_frame_reply() {
     }
     c.stream.shutdown(Shutdown::Write).unwrap();
     c.assert_closed("after the client half-closes");
-    assert_rpc_alive(addr, "after undecodable bodies");
+    assert_rpc_serves(addr, "after undecodable bodies");
 }

@@ -287,22 +287,8 @@ fn host_is_required_once_on_http_1_1() {
 #[test]
 fn a_connection_that_sends_nothing_is_closed_at_the_request_timeout() {
     let server = Server::start("all", &[], &[("IM_REQUEST_TIMEOUT_S", "2")]);
-    let mut silent = TcpStream::connect(server.http_addr()).expect("connect");
-    silent
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    let accepted = Instant::now();
-    let mut buf = [0u8; 64];
-    match silent.read(&mut buf) {
-        Ok(0) => {}
-        Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
-        Ok(n) => panic!(
-            "expected a silent close, got {:?}",
-            String::from_utf8_lossy(&buf[..n])
-        ),
-        Err(e) => panic!("still open after {:?}: {e}", accepted.elapsed()),
-    }
-    let waited = accepted.elapsed();
+    let mut silent = HttpConn::connect(server.http_addr());
+    let waited = silent.assert_closed_within(Duration::from_secs(10), "a silent connection");
     assert!(
         waited >= Duration::from_millis(1500) && waited <= Duration::from_secs(6),
         "closed after {waited:?}, want about 2 s"

@@ -64,47 +64,50 @@ enum KeyIn {
     Both,
 }
 
-fn send_keyed(
-    addr: SocketAddr,
+/// Where a send goes: a fresh connection to an address, or a given connection.
+enum Via<'a> {
+    Addr(SocketAddr),
+    Conn(&'a mut HttpConn),
+}
+
+impl From<SocketAddr> for Via<'_> {
+    fn from(addr: SocketAddr) -> Self {
+        Via::Addr(addr)
+    }
+}
+
+impl<'a> From<&'a mut HttpConn> for Via<'a> {
+    fn from(conn: &'a mut HttpConn) -> Self {
+        Via::Conn(conn)
+    }
+}
+
+/// A send with an idempotency key in the header, the body or both.
+fn send_keyed<'a>(
+    via: impl Into<Via<'a>>,
     chat: &str,
     sender: &str,
     text: &str,
     key: &str,
     how: KeyIn,
 ) -> Response {
-    HttpConn::connect(addr).send_keyed(chat, sender, text, key, how)
-}
-
-trait SendKeyed {
-    fn send_keyed(
-        &mut self,
-        chat: &str,
-        sender: &str,
-        text: &str,
-        key: &str,
-        how: KeyIn,
-    ) -> Response;
-}
-
-impl SendKeyed for HttpConn {
-    fn send_keyed(
-        &mut self,
-        chat: &str,
-        sender: &str,
-        text: &str,
-        key: &str,
-        how: KeyIn,
-    ) -> Response {
-        let mut body = json!({"chat": chat, "text": text, "sender": sender});
-        if matches!(how, KeyIn::Body | KeyIn::Both) {
-            body["idempotency_key"] = json!(key);
+    let mut fresh;
+    let conn = match via.into() {
+        Via::Conn(conn) => conn,
+        Via::Addr(addr) => {
+            fresh = HttpConn::connect(addr);
+            &mut fresh
         }
-        let mut headers = vec![("Content-Type", "application/json")];
-        if matches!(how, KeyIn::Header | KeyIn::Both) {
-            headers.push(("Idempotency-Key", key));
-        }
-        self.request("POST", "/api/send", &headers, body.to_string().as_bytes())
+    };
+    let mut body = json!({"chat": chat, "text": text, "sender": sender});
+    if matches!(how, KeyIn::Body | KeyIn::Both) {
+        body["idempotency_key"] = json!(key);
     }
+    let mut headers = vec![("Content-Type", "application/json")];
+    if matches!(how, KeyIn::Header | KeyIn::Both) {
+        headers.push(("Idempotency-Key", key));
+    }
+    conn.request("POST", "/api/send", &headers, body.to_string().as_bytes())
 }
 
 /// Whether the answer says it replays an earlier send.
@@ -188,7 +191,14 @@ fn concurrent_duplicates_store_one_message(make: MakeBackend) {
                 thread::spawn(move || {
                     let mut conn = HttpConn::connect(addr);
                     barrier.wait();
-                    conn.send_keyed("room", "s", &format!("round {round}"), &key, KeyIn::Body)
+                    send_keyed(
+                        &mut conn,
+                        "room",
+                        "s",
+                        &format!("round {round}"),
+                        &key,
+                        KeyIn::Body,
+                    )
                 })
             })
             .collect();
@@ -486,7 +496,7 @@ fn redis_two_rpc_servers_share_the_keys() {
             thread::spawn(move || {
                 let mut conn = HttpConn::connect(addr);
                 barrier.wait();
-                conn.send_keyed("room", "s", "together", "k2", KeyIn::Header)
+                send_keyed(&mut conn, "room", "s", "together", "k2", KeyIn::Header)
             })
         })
         .collect();

@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::io::{ErrorKind, Read};
+use std::io::ErrorKind;
 use std::net::{SocketAddr, TcpStream};
 use std::process::Command;
 use std::sync::{Arc, Barrier};
@@ -77,13 +77,6 @@ fn assert_clean_exit(server: &mut Server, within: Duration, ctx: &str) -> Durati
     start.elapsed()
 }
 
-fn redis_server(redis: &Redis, extra: &[&str]) -> Server {
-    let url = redis.url();
-    let mut args = vec!["--redis", url.as_str()];
-    args.extend_from_slice(extra);
-    Server::start("all", &args, &[])
-}
-
 // ---------------------------------------------------------------------------
 // graceful shutdown
 // ---------------------------------------------------------------------------
@@ -94,7 +87,7 @@ fn redis_server(redis: &Redis, extra: &[&str]) -> Server {
 fn in_flight_requests_survive(sig: &str) {
     const N: usize = 8;
     let redis = Redis::start();
-    let mut server = redis_server(
+    let mut server = Server::on_redis(
         &redis,
         &["--redis-timeout-ms", "5000", "--rpc-timeout-ms", "5000"],
     );
@@ -192,7 +185,7 @@ fn idle_connection_closed(sig: &str) {
     let mut idle = HttpConn::connect(addr);
     let r = idle.request("GET", "/ping", &[], b"");
     assert_eq!(r.status, 200, "{}", r.describe());
-    let mut raw_idle = TcpStream::connect(addr).expect("connect");
+    let mut raw_idle = HttpConn::connect(addr);
     thread::sleep(Duration::from_millis(100));
 
     server.signal(sig);
@@ -200,19 +193,10 @@ fn idle_connection_closed(sig: &str) {
     idle.assert_closed(&format!("SIG{sig}: idle keep-alive connection"));
     let closed_after = signalled.elapsed();
     // a connection that never sent a byte is closed too
-    raw_idle
-        .set_read_timeout(Some(Duration::from_secs(3)))
-        .unwrap();
-    let mut buf = [0u8; 64];
-    match raw_idle.read(&mut buf) {
-        Ok(0) => {}
-        Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
-        Ok(n) => panic!(
-            "SIG{sig}: unexpected bytes on a silent connection: {:?}",
-            String::from_utf8_lossy(&buf[..n])
-        ),
-        Err(e) => panic!("SIG{sig}: a silent connection is not closed: {e}"),
-    }
+    raw_idle.assert_closed_within(
+        Duration::from_secs(3),
+        &format!("SIG{sig}: a silent connection"),
+    );
     let exit_after = assert_clean_exit(&mut server, Duration::from_secs(3), &format!("SIG{sig}"));
     eprintln!(
         "SIG{sig}: idle connection closed after {closed_after:?}, exit {:?} after the signal",
@@ -275,7 +259,7 @@ fn request_being_received_at_sigterm_is_answered() {
 #[test]
 fn drain_timeout_bounds_the_shutdown() {
     let redis = Redis::start();
-    let mut server = redis_server(
+    let mut server = Server::on_redis(
         &redis,
         &[
             "--drain-timeout-s",
@@ -337,7 +321,7 @@ struct Outcome {
 fn backpressure_with_frozen_redis_answers_fast_and_never_hangs() {
     const N: usize = 200;
     let redis = Redis::start();
-    let server = redis_server(
+    let server = Server::on_redis(
         &redis,
         &[
             "--queue",

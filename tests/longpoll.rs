@@ -329,34 +329,16 @@ fn sigterm_answers_waiting_pulls_at_once() {
     }
 }
 
-/// Lets this test process open `n` descriptors (`prlimit`, util-linux):
-/// raises the soft limit, which the hard limit must allow.
-fn raise_own_fd_limit(n: u64) {
-    let status = std::process::Command::new("prlimit")
-        .arg(format!("--pid={}", std::process::id()))
-        .arg(format!("--nofile={n}:"))
-        .status()
-        .expect("run prlimit");
-    assert!(
-        status.success(),
-        "prlimit --nofile={n}: failed (hard limit too low?)"
-    );
-}
-
-/// Resident memory of a process, in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    proc_status_bytes(pid, "VmRSS") / 1024
-}
-
 /// 10,000 pulls waiting across 1,000 chats on one process; a send wakes
 /// exactly its chat's ten.
 #[test]
 fn ten_thousand_waiting_pulls_in_bounded_memory() {
     use std::io::{ErrorKind, Read, Write};
-    raise_own_fd_limit(12_000);
+    // soft limit only, which the hard limit must allow
+    prlimit(std::process::id(), "nofile", "12000:");
     let server = Server::start("all", &["--max-connections", "12000"], &[]);
     let addr = server.http_addr();
-    let before = rss_kib(server.pid().expect("running"));
+    let before = vm_rss_kib(server.pid().expect("running"));
     // Chat k's ten pulls are opened one after another (k = i / 10), and the
     // chat woken is the last one opened: its pulls are surely still waiting
     // (wait_ms is at most 30 s, and opening 10,000 connections on a loaded
@@ -376,7 +358,7 @@ fn ten_thousand_waiting_pulls_in_bounded_memory() {
     }
     eprintln!("opened 10,000 waiting pulls in {:?}", opening.elapsed());
     thread::sleep(Duration::from_secs(1));
-    let held = rss_kib(server.pid().expect("running"));
+    let held = vm_rss_kib(server.pid().expect("running"));
     send_ok(addr, &format!("many{woken}"), "u", "wake");
     let mut buf = [0u8; 4096];
     for (i, c) in conns

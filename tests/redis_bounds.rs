@@ -40,7 +40,7 @@ fn heavy() -> MutexGuard<'static, ()> {
 }
 
 /// A redis-server whose `DEBUG SLEEP` works (off by default since 7.0).
-fn debuggable_redis() -> RedisWithArgs {
+fn debuggable_redis() -> Redis {
     Redis::start_with_args(&["--enable-debug-command", "yes"])
 }
 
@@ -62,10 +62,6 @@ fn stall(redis: &Redis, seconds: f64) -> thread::JoinHandle<()> {
             String::from_utf8_lossy(&out.stderr)
         );
     })
-}
-
-fn vm_rss_kib(pid: u32) -> u64 {
-    proc_status_bytes(pid, "VmRSS") / 1024
 }
 
 /// The sender of send `id` on connection `conn`: fixed width, so that it can

@@ -374,52 +374,12 @@ fn rpc_timeout_gives_504() {
     );
 }
 
-/// What one send during the load test saw.
-struct Outcome {
-    started: Instant,
-    finished: Instant,
-    status: u16,
-    send_time: Option<i64>,
-}
-
 #[test]
 fn redis_restart_under_concurrent_load() {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
-
     let mut redis = Redis::start();
     let server = Server::with_redis(&redis);
     let addr = server.http_addr();
-    let stop = Arc::new(AtomicBool::new(false));
-    let workers: Vec<_> = (0..4)
-        .map(|w| {
-            let stop = stop.clone();
-            thread::spawn(move || {
-                let mut out = Vec::new();
-                let mut conn = HttpConn::connect(addr);
-                let mut i = 0;
-                while !stop.load(Ordering::SeqCst) {
-                    i += 1;
-                    let started = Instant::now();
-                    let body = serde_json::json!({"chat": "load", "text": format!("w{w} #{i}"), "sender": format!("w{w}")});
-                    let r = conn
-                        .try_request("POST", "/api/send", JSON_CT, body.to_string().as_bytes())
-                        .unwrap_or_else(|e| panic!("worker {w}: send #{i} got no response (hang or dropped connection): {e}"));
-                    let send_time = (r.status == 200).then(|| send_time_of(&r, "load send"));
-                    assert!(
-                        r.status == 200 || r.status == 503,
-                        "worker {w}: send #{i} must get 200 or 503, got {}",
-                        r.describe()
-                    );
-                    out.push(Outcome { started, finished: Instant::now(), status: r.status, send_time });
-                    if r.status == 503 {
-                        thread::sleep(Duration::from_millis(20));
-                    }
-                }
-                out
-            })
-        })
-        .collect();
+    let senders = Senders::start(addr, "load", 4);
 
     thread::sleep(Duration::from_millis(300));
     let kill_done = {
@@ -436,21 +396,17 @@ fn redis_restart_under_concurrent_load() {
         (r.status == 200).then_some(())
     });
     thread::sleep(Duration::from_millis(500));
-    stop.store(true, Ordering::SeqCst);
-    let outcomes: Vec<Outcome> = workers
-        .into_iter()
-        .flat_map(|w| w.join().expect("worker panicked"))
-        .collect();
+    let outcomes = senders.stop();
+    for o in &outcomes {
+        assert!(
+            o.status == 200 || o.status == 503,
+            "send {:?} must get 200 or 503, got {}",
+            o.text,
+            o.status
+        );
+    }
 
-    let during_outage: Vec<&Outcome> = outcomes
-        .iter()
-        .filter(|o| o.started > kill_done && o.finished < restart_begin)
-        .collect();
-    assert!(
-        !during_outage.is_empty(),
-        "no send ran entirely inside the outage window"
-    );
-    for o in &during_outage {
+    for o in ran_within(&outcomes, kill_done, restart_begin) {
         assert_eq!(
             o.status, 503,
             "a send that ran entirely while redis was down must get 503, got {}",
@@ -568,12 +524,26 @@ fn send_times_keep_increasing_across_rpc_server_restart() {
 // ---------------------------------------------------------------------------
 
 /// What one send of a [`Senders`] load saw.
-struct DurableOutcome {
+struct Outcome {
     text: String,
     started: Instant,
     finished: Instant,
     status: u16,
     send_time: Option<i64>,
+}
+
+/// The sends that ran entirely between `from` and `to` (an outage); asserts
+/// there are some.
+fn ran_within(outcomes: &[Outcome], from: Instant, to: Instant) -> Vec<&Outcome> {
+    let inside: Vec<&Outcome> = outcomes
+        .iter()
+        .filter(|o| o.started > from && o.finished < to)
+        .collect();
+    assert!(
+        !inside.is_empty(),
+        "no send ran entirely inside the outage window"
+    );
+    inside
 }
 
 /// Client threads, each on its own keep-alive connection, sending unique
@@ -583,7 +553,7 @@ struct DurableOutcome {
 struct Senders {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     oks: std::sync::Arc<std::sync::atomic::AtomicUsize>,
-    workers: Vec<thread::JoinHandle<Vec<DurableOutcome>>>,
+    workers: Vec<thread::JoinHandle<Vec<Outcome>>>,
 }
 
 impl Senders {
@@ -627,7 +597,7 @@ impl Senders {
                                 r.describe()
                             ),
                         };
-                        out.push(DurableOutcome { text, started, finished, status: r.status, send_time });
+                        out.push(Outcome { text, started, finished, status: r.status, send_time });
                         if send_time.is_none() {
                             thread::sleep(Duration::from_millis(5));
                         }
@@ -644,7 +614,7 @@ impl Senders {
         self.oks.load(std::sync::atomic::Ordering::SeqCst)
     }
 
-    fn stop(self) -> Vec<DurableOutcome> {
+    fn stop(self) -> Vec<Outcome> {
         self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
         self.workers
             .into_iter()
@@ -714,14 +684,7 @@ fn redis_sigkill_under_load_loses_no_acknowledged_send() {
     );
 
     // Sends that ran entirely while redis was down were all refused.
-    let inside: Vec<&DurableOutcome> = outcomes
-        .iter()
-        .filter(|o| o.started > kill_done && o.finished < restart_begin)
-        .collect();
-    assert!(
-        !inside.is_empty(),
-        "no send ran entirely inside the outage window"
-    );
+    let inside = ran_within(&outcomes, kill_done, restart_begin);
     for o in &inside {
         assert!(
             o.status == 503 || o.status == 504,
@@ -747,10 +710,10 @@ fn redis_sigkill_under_load_loses_no_acknowledged_send() {
     );
 
     // Every acknowledged send is stored, with its send_time and text.
-    let acked: Vec<&DurableOutcome> = outcomes.iter().filter(|o| o.status == 200).collect();
+    let acked: Vec<&Outcome> = outcomes.iter().filter(|o| o.status == 200).collect();
     let acked_before = acked.iter().filter(|o| o.started < kill_done).count();
     let acked_after = acked.len() - acked_before;
-    let refused: Vec<&DurableOutcome> = outcomes.iter().filter(|o| o.status != 200).collect();
+    let refused: Vec<&Outcome> = outcomes.iter().filter(|o| o.status != 200).collect();
     let refused_503 = refused.iter().filter(|o| o.status == 503).count();
     let stored: HashMap<i64, Msg> = walk(&mut HttpConn::connect(addr), CHAT, 100, true, Form::Json)
         .into_iter()
@@ -838,14 +801,7 @@ fn rpc_server_killed_under_load_gateway_recovers() {
     thread::sleep(Duration::from_millis(300));
     let outcomes = senders.stop();
 
-    let inside: Vec<&DurableOutcome> = outcomes
-        .iter()
-        .filter(|o| o.started > kill_done && o.finished < restart_begin)
-        .collect();
-    assert!(
-        !inside.is_empty(),
-        "no send ran entirely inside the outage window"
-    );
+    let inside = ran_within(&outcomes, kill_done, restart_begin);
     assert!(
         inside.iter().all(|o| o.status == 503),
         "sends made while the rpc server was down must all get 503: {:?}",

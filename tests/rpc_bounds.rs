@@ -6,18 +6,15 @@
 
 mod common;
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
 use common::*;
-use im_server::proto::{Message, PullRequest, PullResponse, SendRequest, SendResponse};
-use im_server::rpc::frame as wire;
+use im_server::proto::PullResponse;
 use im_server::rpc::method::{PULL, SEND};
 use im_server::rpc::status::OK;
 use prost::Message as _;
@@ -25,129 +22,8 @@ use prost::Message as _;
 const MIB: u64 = 1024 * 1024;
 
 // ---------------------------------------------------------------------------
-// helpers: RPC frames from the library's codec and proto/im.proto, /proc, prlimit
+// helpers
 // ---------------------------------------------------------------------------
-
-fn send_request(chat: &str, sender: &str, text: &str) -> Vec<u8> {
-    let message = Message {
-        chat: chat.into(),
-        text: text.into(),
-        sender: sender.into(),
-        send_time: 0,
-    };
-    SendRequest {
-        message: Some(message),
-        ..SendRequest::default()
-    }
-    .encode_to_vec()
-}
-
-fn pull_request(chat: &str, limit: i32) -> Vec<u8> {
-    PullRequest {
-        chat: chat.into(),
-        limit,
-        ..PullRequest::default()
-    }
-    .encode_to_vec()
-}
-
-fn frame(id: u64, kind: u8, body: &[u8]) -> Vec<u8> {
-    let mut out = BytesMut::new();
-    wire::encode_raw(&mut out, id, kind, body);
-    out.to_vec()
-}
-
-/// The `code` of a SendResponse or PullResponse body.
-fn response_code(body: &[u8]) -> i32 {
-    SendResponse::decode(body)
-        .map(|r| r.code)
-        .or_else(|_| PullResponse::decode(body).map(|r| r.code))
-        .unwrap_or_else(|e| panic!("undecodable response body: {e}"))
-}
-
-fn rpc_connect(addr: SocketAddr) -> TcpStream {
-    let stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT)
-        .unwrap_or_else(|e| panic!("connect to rpc {addr}: {e}"));
-    stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-    stream.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
-    stream.set_nodelay(true).unwrap();
-    stream
-}
-
-/// Reads one reply frame: (id, kind, body).
-fn read_frame(stream: &mut TcpStream, ctx: &str) -> (u64, u8, Vec<u8>) {
-    let mut len = [0u8; 4];
-    stream
-        .read_exact(&mut len)
-        .unwrap_or_else(|e| panic!("{ctx}: reading a reply frame: {e}"));
-    let len = u32::from_be_bytes(len) as usize;
-    assert!(
-        (9..=16 << 20).contains(&len),
-        "{ctx}: implausible reply frame length {len}"
-    );
-    let mut rest = vec![0u8; len];
-    stream
-        .read_exact(&mut rest)
-        .unwrap_or_else(|e| panic!("{ctx}: reading a reply frame body: {e}"));
-    let id = u64::from_be_bytes(rest[..8].try_into().unwrap());
-    (id, rest[8], rest[9..].to_vec())
-}
-
-/// A Pull on a fresh connection is answered OK.
-fn assert_rpc_serves(addr: SocketAddr, ctx: &str) {
-    let mut c = rpc_connect(addr);
-    c.write_all(&frame(9, PULL, &pull_request("probe", 1)))
-        .unwrap_or_else(|e| panic!("{ctx}: writing a probe pull: {e}"));
-    let (id, kind, body) = read_frame(&mut c, ctx);
-    assert_eq!(
-        (id, kind, response_code(&body)),
-        (9, OK, 0),
-        "{ctx}: probe pull"
-    );
-}
-
-/// Whether the peer has closed `stream`, waiting up to `wait`.
-fn closed_within(stream: &mut TcpStream, wait: Duration) -> bool {
-    stream.set_read_timeout(Some(wait)).unwrap();
-    let mut buf = [0u8; 64];
-    loop {
-        match stream.read(&mut buf) {
-            Ok(0) => return true,
-            Ok(_) => continue,
-            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                return false;
-            }
-            Err(_) => return true, // reset
-        }
-    }
-}
-
-/// A field of `/proc/<pid>/status` in KiB (`VmRSS`, `VmSize`).
-fn status_kib(pid: u32, field: &str) -> u64 {
-    proc_status_bytes(pid, field) / 1024
-}
-
-/// Sets a resource limit (soft = hard) on a running process with util-linux
-/// `prlimit`, e.g. `--as=...` or `--nofile=...`.
-fn prlimit(pid: u32, resource: &str, value: u64) {
-    let arg = format!("--{resource}={value}:{value}");
-    let out = Command::new("prlimit")
-        .args(["--pid", &pid.to_string(), &arg])
-        .output()
-        .unwrap_or_else(|e| panic!("run prlimit (util-linux): {e}"));
-    assert!(
-        out.status.success(),
-        "prlimit {arg} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn ping(addr: SocketAddr, ctx: &str) {
-    let r = try_request(addr, "GET", "/ping", &[], b"")
-        .unwrap_or_else(|e| panic!("{ctx}: GET /ping failed: {e}"));
-    assert_eq!(r.status, 200, "{ctx}: GET /ping: {}", r.describe());
-}
 
 /// A TCP peer that accepts connections, reads and discards what they send,
 /// and never answers. Stops when dropped.
@@ -225,14 +101,18 @@ fn pipelined_calls_to_a_silent_rpc_peer_all_time_out_within_3_s() {
 
 /// Stores `count` messages of `text_len` bytes in `chat` over raw RPC.
 fn fill_chat(addr: SocketAddr, chat: &str, count: u64, text_len: usize) {
-    let mut c = rpc_connect(addr);
+    let mut c = RpcConn::connect(addr);
     let text = "m".repeat(text_len);
     for id in 0..count {
-        c.write_all(&frame(id, SEND, &send_request(chat, "filler", &text)))
-            .unwrap();
+        c.write_all(&rpc_frame(
+            id,
+            SEND,
+            &send_request_body(chat, "filler", &text),
+        ))
+        .unwrap();
     }
     for _ in 0..count {
-        let (_, kind, body) = read_frame(&mut c, "filling the chat");
+        let (_, kind, body) = c.read_frame("filling the chat");
         assert_eq!((kind, response_code(&body)), (OK, 0), "a filler send");
     }
 }
@@ -258,27 +138,27 @@ fn unread_big_pulls(server: &Server, store: &str) {
     fill_chat(addr, "big", 100, 64_000);
     // Warm up: one full page read normally, so its buffers are counted in
     // the baseline.
-    let mut warm = rpc_connect(addr);
-    warm.write_all(&frame(1, PULL, &pull_request("big", 100)))
+    let mut warm = RpcConn::connect(addr);
+    warm.write_all(&rpc_frame(1, PULL, &pull_request_body("big", 100)))
         .unwrap();
-    let (_, kind, page) = read_frame(&mut warm, "warm-up pull");
+    let (_, kind, page) = warm.read_frame("warm-up pull");
     assert_eq!(kind, OK);
     assert!(page.len() > 6_000_000, "a page is {} bytes", page.len());
     drop(warm);
-    let before = status_kib(pid, "VmRSS");
+    let before = proc_status_kib(pid, "VmRSS");
 
     // 400 pulls of the whole chat (~6.5 MB each, ~2.6 GB in all), none read.
-    let mut attacker = rpc_connect(addr);
+    let mut attacker = RpcConn::connect(addr);
     let mut burst = Vec::new();
     for id in 0..400 {
-        burst.extend(frame(id, PULL, &pull_request("big", 100)));
+        burst.extend(rpc_frame(id, PULL, &pull_request_body("big", 100)));
     }
     attacker.write_all(&burst).unwrap();
     // Let the server do all it will; sample the peak.
     let mut peak = before;
     for _ in 0..30 {
         thread::sleep(Duration::from_millis(100));
-        peak = peak.max(status_kib(pid, "VmRSS"));
+        peak = peak.max(proc_status_kib(pid, "VmRSS"));
     }
     let grew = peak.saturating_sub(before) * 1024;
     eprintln!(
@@ -301,7 +181,7 @@ fn unread_big_pulls(server: &Server, store: &str) {
         .unwrap();
     let mut seen = vec![false; 400];
     for _ in 0..400 {
-        let (id, kind, body) = read_frame(&mut attacker, "reading the unread replies");
+        let (id, kind, body) = attacker.read_frame("reading the unread replies");
         assert_eq!(
             (kind, response_code(&body)),
             (OK, 0),
@@ -324,17 +204,18 @@ fn frame_headers_alone_reserve_nothing_even_under_an_address_space_limit() {
     let server = Server::memory();
     let pid = server.pid().expect("pid");
     let rpc = server.rpc_addr();
-    ping(server.http_addr(), "before");
+    assert_alive(server.http_addr(), "before");
     assert_rpc_serves(rpc, "before");
-    let before = status_kib(pid, "VmSize");
+    let before = proc_status_kib(pid, "VmSize");
     // 1 GiB of headroom: reserving the announced 16 MiB per connection, as
     // the old decoder did, needs 4.7 GiB for the 300 connections below and
     // aborted the process ("memory allocation of 16777220 bytes failed").
-    prlimit(pid, "as", (before + 1024 * 1024) * 1024);
+    let limit = (before + 1024 * 1024) * 1024;
+    prlimit(pid, "as", &format!("{limit}:{limit}"));
 
     let mut held = Vec::new();
     for id in 0..300u64 {
-        let mut c = rpc_connect(rpc);
+        let mut c = RpcConn::connect(rpc);
         let mut prefix = (16_777_216u32 - 4).to_be_bytes().to_vec();
         prefix.extend_from_slice(&id.to_be_bytes());
         prefix.push(PULL);
@@ -344,7 +225,7 @@ fn frame_headers_alone_reserve_nothing_even_under_an_address_space_limit() {
     }
     // Let every connection be accepted and its 13 bytes read.
     thread::sleep(Duration::from_secs(2));
-    let after = status_kib(pid, "VmSize");
+    let after = proc_status_kib(pid, "VmSize");
     let grew = after.saturating_sub(before) * 1024;
     eprintln!(
         "VmSize {} MiB before, {} MiB with 300 connections each announcing a 16 MiB frame (+{} MiB)",
@@ -363,7 +244,7 @@ fn frame_headers_alone_reserve_nothing_even_under_an_address_space_limit() {
         "300 announced frames grew VmSize by {} MiB (bound: 1 GiB)",
         grew / MIB
     );
-    ping(server.http_addr(), "with 300 frames announced");
+    assert_alive(server.http_addr(), "with 300 frames announced");
     assert_rpc_serves(rpc, "with 300 frames announced");
     // The announced frames are still accepted when their bodies come: the
     // limit is unchanged, only the reservation is gone.
@@ -375,15 +256,15 @@ fn frame_headers_alone_reserve_nothing_even_under_an_address_space_limit() {
 #[test]
 fn frames_split_at_every_byte_over_a_socket_are_served() {
     let server = Server::rpc(&[]);
-    let mut c = rpc_connect(server.rpc_addr());
-    let wire = frame(41, SEND, &send_request("split", "s", "hello"));
+    let mut c = RpcConn::connect(server.rpc_addr());
+    let wire = rpc_frame(41, SEND, &send_request_body("split", "s", "hello"));
     for split in 1..wire.len() {
         c.write_all(&wire[..split]).unwrap();
         c.flush().unwrap();
         // Give the server time to read the first part on its own.
         thread::sleep(Duration::from_millis(5));
         c.write_all(&wire[split..]).unwrap();
-        let (id, kind, body) = read_frame(&mut c, &format!("split at {split}"));
+        let (id, kind, body) = c.read_frame(&format!("split at {split}"));
         assert_eq!(
             (id, kind, response_code(&body)),
             (41, OK, 0),
@@ -395,17 +276,17 @@ fn frames_split_at_every_byte_over_a_socket_are_served() {
         c.write_all(&[b]).unwrap();
         thread::sleep(Duration::from_millis(2));
     }
-    let (id, kind, _) = read_frame(&mut c, "byte by byte");
+    let (id, kind, _) = c.read_frame("byte by byte");
     assert_eq!((id, kind), (41, OK), "send written one byte at a time");
     let page = pull_page_rpc(&mut c, "split");
     assert_eq!(page, wire.len(), "every split send was stored once");
 }
 
 /// How many messages a raw pull of `chat` (limit 100) returns.
-fn pull_page_rpc(c: &mut TcpStream, chat: &str) -> usize {
-    c.write_all(&frame(7, PULL, &pull_request(chat, 100)))
+fn pull_page_rpc(c: &mut RpcConn, chat: &str) -> usize {
+    c.write_all(&rpc_frame(7, PULL, &pull_request_body(chat, 100)))
         .unwrap();
-    let (_, kind, body) = read_frame(c, "counting pull");
+    let (_, kind, body) = c.read_frame("counting pull");
     assert_eq!(kind, OK);
     PullResponse::decode(&body[..])
         .expect("a PullResponse")
@@ -427,9 +308,9 @@ fn rpc_connections_over_the_fd_limit_do_not_stop_http() {
         &[],
     );
     let pid = server.pid().expect("pid");
-    prlimit(pid, "nofile", 1024);
+    prlimit(pid, "nofile", "1024:1024");
     let (http, rpc) = (server.http_addr(), server.rpc_addr());
-    ping(http, "before");
+    assert_alive(http, "before");
 
     let mut idle = Vec::new();
     for i in 0..1100 {
@@ -439,7 +320,7 @@ fn rpc_connections_over_the_fd_limit_do_not_stop_http() {
     }
     let started = Instant::now();
     for round in 0..5 {
-        ping(
+        assert_alive(
             http,
             &format!("round {round} with 1,100 idle RPC connections"),
         );
@@ -468,12 +349,13 @@ fn rpc_connections_over_the_fd_limit_do_not_stop_http() {
     // Freed slots are reused.
     drop(idle);
     wait_until(Duration::from_secs(5), "a free RPC slot", || {
-        let mut c = rpc_connect(rpc);
-        c.write_all(&frame(1, PULL, &pull_request("x", 1))).ok()?;
+        let mut c = RpcConn::connect(rpc);
+        c.write_all(&rpc_frame(1, PULL, &pull_request_body("x", 1)))
+            .ok()?;
         let mut len = [0u8; 4];
         c.read_exact(&mut len).ok()
     });
-    ping(http, "after");
+    assert_alive(http, "after");
 }
 
 #[test]
@@ -481,7 +363,7 @@ fn rpc_accept_failures_back_off_and_recover() {
     // A limit above the descriptors: accepts fail with EMFILE.
     let server = Server::start("all", &["--max-rpc-connections", "5000"], &[]);
     let pid = server.pid().expect("pid");
-    prlimit(pid, "nofile", 256);
+    prlimit(pid, "nofile", "256:256");
     let (http, rpc) = (server.http_addr(), server.rpc_addr());
     // 300 connections: past the 256 descriptors, and within the listen
     // backlog (128) for the ones that cannot be accepted.
@@ -514,7 +396,7 @@ fn rpc_accept_failures_back_off_and_recover() {
 fn idle_rpc_connections_are_closed_and_the_gateway_reconnects() {
     let rpc = Server::rpc(&["--rpc-idle-timeout-s", "1"]);
     let addr = rpc.rpc_addr();
-    let mut idle = rpc_connect(addr);
+    let mut idle = RpcConn::connect(addr);
     let started = Instant::now();
     assert!(
         closed_within(&mut idle, Duration::from_secs(4)),
@@ -524,11 +406,11 @@ fn idle_rpc_connections_are_closed_and_the_gateway_reconnects() {
     assert!(took >= Duration::from_millis(800), "closed after {took:?}");
 
     // A connection that keeps sending is not idle.
-    let mut busy = rpc_connect(addr);
+    let mut busy = RpcConn::connect(addr);
     for id in 0..8 {
-        busy.write_all(&frame(id, PULL, &pull_request("x", 1)))
+        busy.write_all(&rpc_frame(id, PULL, &pull_request_body("x", 1)))
             .unwrap();
-        read_frame(&mut busy, "busy connection");
+        busy.read_frame("busy connection");
         thread::sleep(Duration::from_millis(400));
     }
 

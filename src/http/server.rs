@@ -105,8 +105,8 @@ const INITIAL_BUFFER: usize = 4096;
 /// requests holds no read buffer (see also [`Io::finish`]). Measured with
 /// 10,000 waiting pulls (bench/longpoll --held): the gateway held 15.4 KiB
 /// per connection before this and the lazy output buffer, 11.4 KiB after,
-/// 4.9 KiB once the wait released its buffers too and the task stopped
-/// holding the response future twice (the rest is mostly the task: 3.9 KB);
+/// 4.6 KiB once the wait released its buffers too and the task stopped
+/// holding the response future twice (the rest is mostly the task: 3.5 KB);
 /// the cost is one 4 KiB allocation per read.
 async fn read_when_ready(socket: &TcpStream, input: &mut BytesMut) -> std::io::Result<usize> {
     release_if_empty(input);

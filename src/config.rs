@@ -475,6 +475,52 @@ mod tests {
         }
     }
 
+    /// README's Limits table writes defaults in human units (`1 MiB`,
+    /// `10,000`, `1 s` for a millisecond flag, `24 h`): every row naming one
+    /// option whose default cell starts with a number and a unit states the
+    /// declared default.
+    #[test]
+    fn readme_limits_table_states_the_declared_defaults() {
+        let readme = include_str!("../README.md");
+        let section = readme
+            .split("## Limits and timeouts")
+            .nth(1)
+            .and_then(|s| s.split("\n## ").next())
+            .expect("README has a Limits section");
+        let mut checked = 0;
+        for line in section.lines().filter(|l| l.starts_with("| ")) {
+            let cells: Vec<&str> = line.split(" | ").collect();
+            let (Some(default), Some(flag)) = (cells.get(1), cells.get(2)) else {
+                continue;
+            };
+            let flag = flag.trim_matches('`');
+            let Some(option) = OPTIONS.iter().find(|o| o.flag == flag) else {
+                continue;
+            };
+            let mut words = default.split_whitespace();
+            let Some(Ok(n)) = words.next().map(|w| w.replace(',', "").parse::<u64>()) else {
+                continue;
+            };
+            // In the flag's unit: milliseconds, seconds, or bytes / a count.
+            let ms_per = if flag.ends_with("-ms") { 1000 } else { 1 };
+            let value = match words.next() {
+                Some("KiB") => n * 1024,
+                Some("MiB") => n * 1024 * 1024,
+                Some("h") => n * 3600 * ms_per,
+                Some("s") => n * ms_per,
+                Some("ms") => n,
+                _ => n,
+            };
+            assert_eq!(
+                Some(value.to_string().as_str()),
+                option.default,
+                "README's Limits row {line:?}"
+            );
+            checked += 1;
+        }
+        assert!(checked >= 15, "only {checked} Limits rows checked");
+    }
+
     /// `--help` has a line for every option with its env var and default.
     #[test]
     fn help_lists_every_option_with_its_default() {

@@ -421,6 +421,15 @@ mod tests {
         assert_eq!(c.metrics_addr.as_deref(), Some("127.0.0.1:9100"));
     }
 
+    /// The text of README's section `## {title}`, up to the next one.
+    fn readme_section(title: &str) -> &'static str {
+        include_str!("../README.md")
+            .split(&format!("## {title}\n"))
+            .nth(1)
+            .and_then(|s| s.split("\n## ").next())
+            .unwrap_or_else(|| panic!("README has no section {title:?}"))
+    }
+
     /// README's Configuration table has exactly one row per option, with
     /// its env var and its default as `--help` shows it (`unset` included):
     /// the default cell, backticks dropped, is that text or starts with it
@@ -428,12 +437,7 @@ mod tests {
     /// store`); and it has no other rows.
     #[test]
     fn readme_table_matches_the_options() {
-        let readme = include_str!("../README.md");
-        let section = readme
-            .split("## Configuration")
-            .nth(1)
-            .and_then(|s| s.split("\n## ").next())
-            .expect("README has a Configuration section");
+        let section = readme_section("Configuration");
         let rows: Vec<Vec<String>> = section
             .lines()
             .filter(|l| l.starts_with("| `--"))
@@ -481,12 +485,7 @@ mod tests {
     /// declared default.
     #[test]
     fn readme_limits_table_states_the_declared_defaults() {
-        let readme = include_str!("../README.md");
-        let section = readme
-            .split("## Limits and timeouts")
-            .nth(1)
-            .and_then(|s| s.split("\n## ").next())
-            .expect("README has a Limits section");
+        let section = readme_section("Limits and timeouts");
         let mut checked = 0;
         for line in section.lines().filter(|l| l.starts_with("| ")) {
             let cells: Vec<&str> = line.split(" | ").collect();

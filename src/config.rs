@@ -421,39 +421,54 @@ mod tests {
         assert_eq!(c.metrics_addr.as_deref(), Some("127.0.0.1:9100"));
     }
 
-    /// README's Configuration table has one row per option, with its env
-    /// var and its default (the cell's first word), and no other rows.
-    #[test]
-    fn readme_table_matches_the_options() {
-        let readme = include_str!("../README.md");
-        let section = readme
-            .split("## Configuration")
+    /// The text of README's section `## {title}`, up to the next one.
+    fn readme_section(title: &str) -> &'static str {
+        include_str!("../README.md")
+            .split(&format!("## {title}\n"))
             .nth(1)
             .and_then(|s| s.split("\n## ").next())
-            .expect("README has a Configuration section");
+            .unwrap_or_else(|| panic!("README has no section {title:?}"))
+    }
+
+    /// README's Configuration table has exactly one row per option, with
+    /// its env var and its default as `--help` shows it (`unset` included):
+    /// the default cell, backticks dropped, is that text or starts with it
+    /// and a space, `:` or `(` (`0 (one per core)`, `unset: embedded
+    /// store`); and it has no other rows.
+    #[test]
+    fn readme_table_matches_the_options() {
+        let section = readme_section("Configuration");
         let rows: Vec<Vec<String>> = section
             .lines()
             .filter(|l| l.starts_with("| `--"))
             .map(|l| {
                 l.split(" | ")
-                    .map(|c| c.trim_matches(['|', ' ', '`']).to_string())
+                    .map(|c| c.trim_matches(['|', ' ']).replace('`', ""))
                     .collect()
             })
             .collect();
+        assert!(
+            rows.iter().all(|r| r.len() == 4),
+            "README rows have 4 cells"
+        );
         for o in OPTIONS {
-            let row = rows.iter().find(|r| r[0] == o.flag).unwrap_or_else(|| {
-                panic!("README's Configuration table has no row for {}", o.flag)
-            });
-            assert_eq!(row[1], o.env, "env var of {}", o.flag);
-            if let Some(default) = o.default {
-                let first = row[2].split_whitespace().next().unwrap_or("");
-                assert_eq!(
-                    first.trim_matches('`'),
-                    default,
-                    "default of {} in README",
+            let matching: Vec<_> = rows.iter().filter(|r| r[0] == o.flag).collect();
+            let [row] = matching[..] else {
+                panic!(
+                    "README's Configuration table has {} rows for {}, not 1",
+                    matching.len(),
                     o.flag
                 );
-            }
+            };
+            assert_eq!(row[1], o.env, "env var of {} in README", o.flag);
+            let shown = o.default.unwrap_or("unset");
+            let cell = row[2].as_str();
+            assert!(
+                matches!(cell.strip_prefix(shown),
+                    Some(rest) if rest.is_empty() || rest.starts_with([' ', ':', '('])),
+                "default of {} in README is {cell:?}, --help says {shown:?}",
+                o.flag
+            );
         }
         for row in &rows {
             assert!(
@@ -462,5 +477,190 @@ mod tests {
                 row[0]
             );
         }
+    }
+
+    /// README's Limits table writes defaults in human units (`1 MiB`,
+    /// `10,000`, `1 s` for a millisecond flag, `24 h`): every row naming one
+    /// option whose default cell starts with a number and a unit states the
+    /// declared default.
+    #[test]
+    fn readme_limits_table_states_the_declared_defaults() {
+        let section = readme_section("Limits and timeouts");
+        let mut checked = 0;
+        for line in section.lines().filter(|l| l.starts_with("| ")) {
+            let cells: Vec<&str> = line.split(" | ").collect();
+            let (Some(default), Some(flag)) = (cells.get(1), cells.get(2)) else {
+                continue;
+            };
+            let flag = flag.trim_matches('`');
+            let Some(option) = OPTIONS.iter().find(|o| o.flag == flag) else {
+                continue;
+            };
+            let mut words = default.split_whitespace();
+            let Some(Ok(n)) = words.next().map(|w| w.replace(',', "").parse::<u64>()) else {
+                continue;
+            };
+            // In the flag's unit: milliseconds, seconds, or bytes / a count.
+            let ms_per = if flag.ends_with("-ms") { 1000 } else { 1 };
+            let value = match words.next() {
+                Some("KiB") => n * 1024,
+                Some("MiB") => n * 1024 * 1024,
+                Some("h") => n * 3600 * ms_per,
+                Some("s") => n * ms_per,
+                Some("ms") => n,
+                _ => n,
+            };
+            assert_eq!(
+                Some(value.to_string().as_str()),
+                option.default,
+                "README's Limits row {line:?}"
+            );
+            checked += 1;
+        }
+        assert!(checked >= 15, "only {checked} Limits rows checked");
+    }
+
+    /// `--help` has a line for every option with its env var and default.
+    #[test]
+    fn help_lists_every_option_with_its_default() {
+        let help = usage();
+        for o in OPTIONS {
+            let line = help
+                .lines()
+                .find(|l| l.trim_start().starts_with(&format!("{} <v>", o.flag)))
+                .unwrap_or_else(|| panic!("--help has no line for {}", o.flag));
+            assert!(line.contains(o.env), "{line}");
+            assert!(
+                line.ends_with(&format!("[{}]", o.default.unwrap_or("unset"))),
+                "{line}"
+            );
+        }
+    }
+
+    /// Each declared default, given back as text by flag or by env var,
+    /// parses to the value the option has when not given at all.
+    #[test]
+    fn every_default_parses_as_itself() {
+        let defaults = format!("{:?}", Config::defaults());
+        for o in OPTIONS {
+            let Some(text) = o.default else { continue };
+            let by_flag = parse(&[o.flag, text], &[]).expect("the default parses");
+            assert_eq!(format!("{by_flag:?}"), defaults, "{} {text}", o.flag);
+            let by_env = parse(&[], &[(o.env, text)]).expect("the default parses");
+            assert_eq!(format!("{by_env:?}"), defaults, "{}={text}", o.env);
+        }
+    }
+
+    /// No two options share a flag or a variable: the parser finds a flag
+    /// by its first declaration, so a second one would be silently dead.
+    #[test]
+    fn flags_and_variables_are_distinct() {
+        for (i, a) in OPTIONS.iter().enumerate() {
+            for b in &OPTIONS[i + 1..] {
+                assert_ne!(a.flag, b.flag);
+                assert_ne!(a.env, b.env);
+            }
+            assert!(a.flag.starts_with("--") && !a.help.is_empty());
+        }
+    }
+
+    /// The messages are those the per-flag lookups gave before the options
+    /// were declared in one list (scripts and people read them).
+    #[test]
+    fn errors_name_the_flag_and_the_rule() {
+        // Arguments, environment, the message.
+        type Case = (
+            &'static [&'static str],
+            &'static [(&'static str, &'static str)],
+            &'static str,
+        );
+        let cases: &[Case] = &[
+            (
+                &["--max-body", "-1"],
+                &[],
+                "--max-body must be a non-negative integer, got \"-1\"",
+            ),
+            (
+                &[],
+                &[("IM_QUEUE", "x")],
+                "--queue must be a non-negative integer, got \"x\"",
+            ),
+            (&["--queue=0"], &[], "--queue must be at least 1"),
+            (
+                &["--idle-timeout-s", "0"],
+                &[],
+                "--idle-timeout-s must be at least 1",
+            ),
+            (
+                &["--redis-timeout-ms", "0"],
+                &[],
+                "--redis-timeout-ms must be at least 1",
+            ),
+            (
+                &["--redis-wait-replicas", "4294967296"],
+                &[],
+                "--redis-wait-replicas is too large",
+            ),
+            (
+                &["--idempotency-ttl-s", "315360001"],
+                &[],
+                "--idempotency-ttl-s must be at most 315360000",
+            ),
+            (
+                &["--pull-max-wait-ms", "30001"],
+                &[],
+                "--pull-max-wait-ms must be at most 30000",
+            ),
+            (&["--rate-limit-send", "fast"], &[], "--rate-limit-send: "),
+            (
+                &["--max-bodyy", "1"],
+                &[],
+                "unknown option \"--max-bodyy\" (see --help)",
+            ),
+            (&["--queue"], &[], "--queue needs a value"),
+            (&["rpc", "all"], &[], "unexpected argument \"all\""),
+            (
+                &["both"],
+                &[],
+                "unknown role \"both\" (expected all, gateway or rpc)",
+            ),
+            (&["gateway"], &[], "the gateway role needs --rpc "),
+        ];
+        for (args, env, expected) in cases {
+            let Err(err) = parse(args, env) else {
+                panic!("{args:?} {env:?} should be refused");
+            };
+            // A message ending in a space is a prefix (the rest is the
+            // rate parser's or spells out the alternatives).
+            match expected.strip_suffix(' ') {
+                Some(prefix) => assert!(err.starts_with(prefix), "{err}"),
+                None => assert_eq!(&err, expected),
+            }
+        }
+        let zero = [
+            "--drain-timeout-s",
+            "0",
+            "--threads=0",
+            "--max-body",
+            "0",
+            "--pull-max-wait-ms",
+            "0",
+        ];
+        let c = parse(&zero, &[]).expect("0 is allowed for these");
+        assert_eq!(
+            (c.drain_timeout, c.threads, c.max_body, c.pull_max_wait_ms),
+            (Duration::ZERO, 0, 0, 0)
+        );
+        let c = parse(
+            &["--rate-limit-pull", "20/s:40"],
+            &[("IM_RPC_TIMEOUT_MS", "")],
+        )
+        .expect("parses");
+        assert!(c.rate_limit_pull.is_some() && c.rate_limit_send.is_none());
+        assert_eq!(
+            c.rpc_timeout,
+            Duration::from_millis(1000),
+            "an empty variable is unset"
+        );
     }
 }

@@ -208,6 +208,7 @@ spawn_gateway() {
 }
 
 # Extra flags per tier, for experiments: BENCH_RPC_ARGS="--threads 1" bench/run
+# (and BENCH_RPCN_ARGS for the RPC servers of an rpcN stack, see start_variant)
 # shellcheck disable=SC2086 # word splitting of the extra flags is wanted
 start_rpc() {
     spawn_rpc rpc "redis://127.0.0.1:$REDIS_PORT" ${BENCH_RPC_ARGS:-}
@@ -271,7 +272,8 @@ start_variant() {
             ;;
         *) die "unknown stack $name (known: $STACK_NAMES)" ;;
     esac
-    [[ $name == rpc[1-9] ]] && rpcs=${name#rpc}
+    # shellcheck disable=SC2206 # word splitting of the extra flags is wanted
+    [[ $name == rpc[1-9] ]] && rpcs=${name#rpc} && rpc_args+=(${BENCH_RPCN_ARGS:-})
     [[ $name == gw[1-9] ]] && gateways=${name#gw}
     if [[ $name == auth ]]; then
         # HS256 wants >= 32 bytes of key (RFC 7518 §3.2).

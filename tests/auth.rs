@@ -269,14 +269,12 @@ fn the_chats_claim_limits_the_rooms_a_token_opens() {
     );
 }
 
-#[test]
-fn the_token_command_mints_what_the_server_accepts() {
-    let (server, dir) = server(&[]);
-    let addr = server.http_addr();
-    let secret = dir.join("secret");
+/// `im-server token ARGS` with `envs`: the token it prints.
+fn mint_with_the_binary(args: &[&str], envs: &[(&str, &std::ffi::OsStr)]) -> String {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_im-server"))
-        .args(["token", "--sub", "zoe", "--ttl-s", "60", "--chats", "r1"])
-        .env("IM_AUTH_JWT_SECRET_FILE", &secret)
+        .arg("token")
+        .args(args)
+        .envs(envs.iter().copied())
         .output()
         .expect("run im-server token");
     assert!(
@@ -284,10 +282,21 @@ fn the_token_command_mints_what_the_server_accepts() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let t = String::from_utf8(out.stdout)
+    String::from_utf8(out.stdout)
         .expect("utf-8")
         .trim()
-        .to_string();
+        .to_string()
+}
+
+#[test]
+fn the_token_command_mints_what_the_server_accepts() {
+    let (server, dir) = server(&[]);
+    let addr = server.http_addr();
+    let secret = dir.join("secret");
+    let t = mint_with_the_binary(
+        &["--sub", "zoe", "--ttl-s", "60", "--chats", "r1"],
+        &[("IM_AUTH_JWT_SECRET_FILE", secret.as_os_str())],
+    );
     assert_eq!(
         send_as(addr, Some(&t), json!({"chat": "r1", "text": "minted"})).status,
         200
@@ -544,20 +553,8 @@ fn eddsa_tokens_are_accepted_with_the_configured_public_key_only() {
         r.describe()
     );
 
-    let minted = std::process::Command::new(env!("CARGO_BIN_EXE_im-server"))
-        .args(["token", "--sub", "fay", "--private-key-file"])
-        .arg(&private)
-        .output()
-        .expect("run im-server token");
-    assert!(
-        minted.status.success(),
-        "{}",
-        String::from_utf8_lossy(&minted.stderr)
-    );
-    let minted = String::from_utf8(minted.stdout)
-        .expect("utf-8")
-        .trim()
-        .to_string();
+    let private_path = private.to_string_lossy().to_string();
+    let minted = mint_with_the_binary(&["--sub", "fay", "--private-key-file", &private_path], &[]);
     let r = send_as(addr, Some(&minted), json!({"chat": "ed", "text": "minted"}));
     assert_eq!(r.status, 200, "{}", r.describe());
 

@@ -628,3 +628,114 @@ impl Drop for HostsEntry {
         self.drop_lines(&self.lines);
     }
 }
+
+/// A TCP proxy to `upstream` that can lose its connections the way a
+/// network partition does: `partition()` freezes every connection open so
+/// far — nothing forwarded, nothing closed, for ever — while connections
+/// made later are forwarded normally.
+struct LossyProxy {
+    addr: SocketAddr,
+    /// Connections numbered below this are frozen.
+    frozen_below: Arc<std::sync::atomic::AtomicU64>,
+    opened: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl LossyProxy {
+    fn start(upstream: SocketAddr) -> LossyProxy {
+        use std::sync::atomic::AtomicU64;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+        let addr = listener.local_addr().expect("proxy addr");
+        let frozen_below = Arc::new(AtomicU64::new(0));
+        let opened = Arc::new(AtomicU64::new(0));
+        let (frozen, count) = (frozen_below.clone(), opened.clone());
+        thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let Ok(server) = TcpStream::connect(upstream) else {
+                    continue;
+                };
+                let number = count.fetch_add(1, Ordering::SeqCst);
+                for (from, to) in [
+                    (client.try_clone(), server.try_clone()),
+                    (server.try_clone(), client.try_clone()),
+                ] {
+                    let (Ok(from), Ok(to)) = (from, to) else {
+                        continue;
+                    };
+                    let frozen = frozen.clone();
+                    thread::spawn(move || pump(from, to, number, &frozen));
+                }
+            }
+        });
+        LossyProxy {
+            addr,
+            frozen_below,
+            opened,
+        }
+    }
+
+    fn partition(&self) {
+        let opened = self.opened.load(Ordering::SeqCst);
+        self.frozen_below.store(opened, Ordering::SeqCst);
+    }
+}
+
+/// Copies `from` to `to` until either closes, or for ever without a byte
+/// once connection `number` is frozen.
+fn pump(
+    mut from: TcpStream,
+    mut to: TcpStream,
+    number: u64,
+    frozen_below: &std::sync::atomic::AtomicU64,
+) {
+    let mut buf = [0u8; 16 * 1024];
+    let _ = from.set_read_timeout(Some(Duration::from_millis(50)));
+    let frozen = || number < frozen_below.load(Ordering::SeqCst);
+    loop {
+        if frozen() {
+            // Hold both sockets open and silent, as a dead link would.
+            thread::sleep(Duration::from_secs(3600));
+        }
+        match from.read(&mut buf) {
+            // Read as the link died: lost, like the packets of a partition.
+            Ok(_) if frozen() => {}
+            Ok(0) => return,
+            Ok(n) => {
+                if to.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+            Err(e) if is_timeout(&e) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+/// A gateway whose etcd watch connection is lost without a reset (a
+/// partition) still learns of servers registered after it: the watch is
+/// renewed every 10 s.
+#[test]
+fn a_watch_lost_without_a_reset_is_renewed() {
+    let etcd = Etcd::start();
+    let direct = etcd.registry("/im/rpc");
+    let proxy = LossyProxy::start(etcd.addr());
+    let through_proxy = format!("etcd://{}/im/rpc", proxy.addr);
+    let redis = Redis::start();
+    let url = redis.url();
+    let first = Server::rpc(&["--redis", &url, "--registry", &direct]);
+    let gateway = Server::start("gateway", &["--registry", &through_proxy], &[]);
+    send_ok(gateway.http_addr(), "lossy", "a", "through the registry");
+    assert!(served_now(first.rpc_addr()) > 0);
+    // The gateway's watch is now frozen; the next server registers directly.
+    proxy.partition();
+    let second = Server::rpc(&["--redis", &url, "--registry", &direct]);
+    let addr = gateway.http_addr();
+    let start = Instant::now();
+    wait_until(Duration::from_secs(25), "the second server used", || {
+        send_ok(addr, "lossy", "a", "after the partition");
+        (served(second.rpc_addr()).unwrap_or(0) > 0).then_some(())
+    });
+    eprintln!(
+        "second server got traffic {:?} after it started",
+        start.elapsed()
+    );
+}

@@ -33,6 +33,13 @@ pub const RESOLVE_EVERY: Duration = Duration::from_secs(2);
 pub const LEASE_TTL: Duration = Duration::from_secs(10);
 const MIN_RETRY: Duration = Duration::from_millis(200);
 const MAX_RETRY: Duration = Duration::from_secs(5);
+/// A watch is renewed this often: dropped, the prefix read again, then
+/// watched anew from that read. A watch connection that died without a
+/// reset (a network partition, a proxy that lost it) would otherwise never
+/// end, and the gateway would miss every registration after it; a quiet
+/// watch cannot be told from a dead one over etcd's JSON gateway. One range
+/// and one connection per period is nothing to etcd.
+const RENEW_WATCH_EVERY: Duration = Duration::from_secs(10);
 
 /// One `--rpc` entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -244,25 +251,27 @@ async fn registry_loop(registry: RegistryUrl, publish: watch::Sender<Vec<SocketA
                 reported = false;
             }
             retry = MIN_RETRY;
-            client
-                .watch_prefix(prefix, revision + 1, |message| match message {
-                    WatchMessage::Created => true,
-                    WatchMessage::Canceled(why) => {
-                        eprintln!("im-server: etcd watch canceled: {why}; reading again");
-                        false
-                    }
-                    WatchMessage::Events(events) => {
-                        apply(&mut entries, events);
-                        publish_entries(&entries);
-                        true
-                    }
-                })
-                .await
+            let watching = client.watch_prefix(prefix, revision + 1, |message| match message {
+                WatchMessage::Created => true,
+                WatchMessage::Canceled(why) => {
+                    eprintln!("im-server: etcd watch canceled: {why}; reading again");
+                    false
+                }
+                WatchMessage::Events(events) => {
+                    apply(&mut entries, events);
+                    publish_entries(&entries);
+                    true
+                }
+            });
+            // Time to renew: `Ok`, read again at once.
+            match tokio::time::timeout(RENEW_WATCH_EVERY, watching).await {
+                Ok(ended) => ended,
+                Err(_renew) => Ok(()),
+            }
         }
         .await;
-        if let Err(err) = result
-            && !reported
-        {
+        let Err(err) = result else { continue };
+        if !reported {
             eprintln!(
                 "im-server: etcd registry: {err}; keeping the last known endpoints, retrying"
             );

@@ -202,7 +202,9 @@ fn gauges_follow_a_stall_and_return_to_zero() {
     let backend_url = redis.url();
     let server = Server::start(
         "all",
-        &["--redis", &backend_url, "--rpc-timeout-ms", "1000"],
+        // The stall lasts the Redis timeout (80 % of this): long enough for
+        // the scrapes below to see every tier hold the four sends at once.
+        &["--redis", &backend_url, "--rpc-timeout-ms", "3000"],
         &[],
     );
     let http = server.http_addr();
@@ -213,19 +215,25 @@ fn gauges_follow_a_stall_and_return_to_zero() {
     let senders: Vec<_> = (0..4)
         .map(|i| thread::spawn(move || send(http, "stall", "a", &format!("stalled {i}")).status))
         .collect();
-    let during = wait_until(Duration::from_secs(5), "4 sends in flight", || {
-        let s = scrape(http);
-        // The scrape itself is in flight too.
-        (s.value("im_http_requests_in_flight", &[]) >= 5.0).then_some(s)
-    });
     let rpc_endpoint = server.rpc_addr().to_string();
-    assert!(during.value("im_rpc_calls_in_flight", &[("endpoint", &rpc_endpoint)]) >= 4.0);
-    assert!(during.value("im_rpc_server_requests_in_flight", &[]) >= 4.0);
-    assert!(
-        over_peers(&during, "im_redis_calls_in_flight") >= 1.0,
-        "the stalled batch"
+    // Each tier counts the sends when they reach it, so one scrape may see
+    // the gateway hold four while the RPC server has three yet: wait until
+    // a scrape sees them in every tier.
+    wait_until(
+        Duration::from_secs(5),
+        "4 sends in flight in every tier",
+        || {
+            let s = scrape(http);
+            // The scrape itself is in flight too.
+            let all = s.value("im_http_requests_in_flight", &[]) >= 5.0
+            && s.value("im_http_connections_open", &[]) >= 5.0
+            && s.value("im_rpc_calls_in_flight", &[("endpoint", &rpc_endpoint)]) >= 4.0
+            && s.value("im_rpc_server_requests_in_flight", &[]) >= 4.0
+            // The stalled batch.
+            && over_peers(&s, "im_redis_calls_in_flight") >= 1.0;
+            all.then_some(())
+        },
     );
-    assert!(during.value("im_http_connections_open", &[]) >= 5.0);
     for sender in senders {
         assert_eq!(sender.join().expect("sender"), 503, "Redis timed out");
     }

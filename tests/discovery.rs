@@ -108,24 +108,18 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 
-/// Send and Pull calls an RPC server has served, from its Ping reply (a
-/// frame written by hand: length, id, method 3, empty body).
+/// Send and Pull calls an RPC server has served, from its Ping reply;
+/// `None` if it does not answer within 2 s.
 fn served(rpc: SocketAddr) -> Option<u64> {
-    let mut socket = TcpStream::connect_timeout(&rpc, Duration::from_secs(1)).ok()?;
-    socket.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    let mut frame = Vec::new();
-    frame.extend_from_slice(&9u32.to_be_bytes());
-    frame.extend_from_slice(&1u64.to_be_bytes());
-    frame.push(3);
-    socket.write_all(&frame).ok()?;
-    let mut len = [0u8; 4];
-    socket.read_exact(&mut len).ok()?;
-    let mut rest = vec![0u8; u32::from_be_bytes(len) as usize];
-    socket.read_exact(&mut rest).ok()?;
-    if rest.len() < 9 || rest[8] != 0 {
+    let mut conn = RpcConn::try_connect(rpc, Duration::from_secs(2)).ok()?;
+    conn.stream
+        .write_all(&rpc_frame(1, im_server::rpc::method::PING, &[]))
+        .ok()?;
+    let reply = conn.next_frame()?;
+    if reply.method_or_status != im_server::rpc::status::OK {
         return None;
     }
-    let reply = <im_server::proto::PingResponse as prost::Message>::decode(&rest[9..]).ok()?;
+    let reply = <im_server::proto::PingResponse as prost::Message>::decode(reply.body).ok()?;
     Some(reply.served)
 }
 

@@ -188,17 +188,25 @@ impl SendFields {
     }
 }
 
+/// The still-encoded `key=value` pairs of a query string or form body
+/// (empty pairs skipped; a pair without `=` has an empty value).
+fn form_pairs(encoded: &[u8]) -> impl Iterator<Item = (&[u8], &[u8])> {
+    encoded
+        .split(|&b| b == b'&')
+        .filter(|p| !p.is_empty())
+        .map(|pair| match pair.iter().position(|&b| b == b'=') {
+            Some(i) => (&pair[..i], &pair[i + 1..]),
+            None => (pair, &b""[..]),
+        })
+}
+
 /// Parses `chat`, `text`, `sender` and `idempotency_key` from form-encoded
 /// pairs; `None` if none of them is named. Other keys are ignored, a field
 /// given twice is a 400.
 fn parse_send_pairs(encoded: &[u8]) -> Result<Option<SendFields>, ApiError> {
     let mut fields = SendFields::default();
     let mut any = false;
-    for pair in encoded.split(|&b| b == b'&').filter(|p| !p.is_empty()) {
-        let (key, value) = match pair.iter().position(|&b| b == b'=') {
-            Some(i) => (&pair[..i], &pair[i + 1..]),
-            None => (pair, &b""[..]),
-        };
+    for (key, value) in form_pairs(encoded) {
         let key = percent_decode(key)?;
         let slot = match key.as_str() {
             "chat" => &mut fields.chat,
@@ -292,11 +300,7 @@ fn saturating_limit(limit: &serde_json::Number) -> Result<i32, ApiError> {
 fn parse_query(query: &[u8]) -> Result<Option<PullParams<'static>>, ApiError> {
     let mut params = PullParams::default();
     let mut any = false;
-    for pair in query.split(|&b| b == b'&').filter(|p| !p.is_empty()) {
-        let (key, value) = match pair.iter().position(|&b| b == b'=') {
-            Some(i) => (&pair[..i], &pair[i + 1..]),
-            None => (pair, &b""[..]),
-        };
+    for (key, value) in form_pairs(query) {
         let key = percent_decode(key)?;
         let value = percent_decode(value)?;
         let duplicate = || ApiError::Invalid(format!("query parameter `{key}` given twice"));

@@ -55,13 +55,13 @@ pub fn response_code(body: &[u8]) -> i32 {
 }
 
 /// A connection to an RPC server with the test I/O timeouts.
-fn rpc_connect(addr: SocketAddr) -> TcpStream {
-    let stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT)
-        .unwrap_or_else(|e| panic!("connect to rpc {addr}: {e}"));
-    stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-    stream.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
-    stream.set_nodelay(true).unwrap();
-    stream
+/// A connection with `timeout` for connecting, reading and writing.
+fn rpc_connect(addr: SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {
+    let stream = TcpStream::connect_timeout(&addr, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
 }
 
 /// Whether the peer has closed `stream` (EOF or reset), waiting up to `wait`
@@ -106,10 +106,17 @@ impl std::ops::DerefMut for RpcConn {
 
 impl RpcConn {
     pub fn connect(addr: SocketAddr) -> RpcConn {
-        RpcConn {
-            stream: rpc_connect(addr),
+        RpcConn::try_connect(addr, IO_TIMEOUT)
+            .unwrap_or_else(|e| panic!("connect to rpc {addr}: {e}"))
+    }
+
+    /// A connection, or why there is none; `timeout` bounds the connect
+    /// and each read and write.
+    pub fn try_connect(addr: SocketAddr, timeout: Duration) -> std::io::Result<RpcConn> {
+        Ok(RpcConn {
+            stream: rpc_connect(addr, timeout)?,
             input: BytesMut::new(),
-        }
+        })
     }
 
     pub fn write(&mut self, bytes: &[u8]) {

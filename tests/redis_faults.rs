@@ -519,6 +519,51 @@ fn send_times_keep_increasing_across_rpc_server_restart() {
     );
 }
 
+/// A caller whose clock is behind the chat's newest message (a skewed RPC
+/// server) still gets send_times after it, one apart, each stored with its
+/// own: `im_send` formats those itself, where a clock ahead is passed through.
+#[test]
+fn a_clock_behind_the_chat_still_gets_increasing_send_times() {
+    let redis = Redis::start();
+    let server = Server::with_redis(&redis);
+    let mut conn = HttpConn::connect(server.http_addr());
+    let newest = conn.send_ok("skew", "s", "from a good clock");
+    // Three messages (no send_time yet: field 2 text, field 3 sender) at a
+    // clock of 1 µs, in one call, then one at a clock ahead of them all.
+    let member = |text: &str| format!("\x12{}{text}\x1a\x01s", char::from(text.len() as u8));
+    let (a, b, c) = (member("late a"), member("late b"), member("late c"));
+    let chat = "im:{skew}";
+    let late = redis.redis_cmd(&["FCALL", "im_send", "3", chat, chat, chat, &a, &b, &c, "1"]);
+    let expected: Vec<i64> = (1..=3).map(|i| newest + i).collect();
+    let replied: Vec<String> = expected.iter().map(|t| format!(":{t}")).collect();
+    assert_eq!(
+        late.split("\r\n").skip(1).take(3).collect::<Vec<_>>(),
+        replied,
+        "a clock behind: the chat's newest + 1, + 2, + 3: {late:?}"
+    );
+    let ahead = (newest + 1_000_000).to_string();
+    let d = member("ahead");
+    let reply = redis.redis_cmd(&["FCALL", "im_send", "1", chat, &d, &ahead]);
+    assert_eq!(
+        reply,
+        format!("*1\r\n:{ahead}\r\n"),
+        "a clock ahead is taken as is"
+    );
+    let stored: Vec<(i64, String)> = walk(&mut conn, "skew", 10, true, Form::Json)
+        .into_iter()
+        .map(|m| (m.send_time, m.text))
+        .collect();
+    let mut want = vec![(newest, "from a good clock".to_string())];
+    for (t, text) in expected.iter().zip(["late a", "late b", "late c"]) {
+        want.push((*t, text.to_string()));
+    }
+    want.push((newest + 1_000_000, "ahead".to_string()));
+    assert_eq!(
+        stored, want,
+        "each message read back with its send_time, in order"
+    );
+}
+
 // ---------------------------------------------------------------------------
 // durability: redis with AOF, SIGKILLed under load
 // ---------------------------------------------------------------------------

@@ -242,6 +242,8 @@ start_stack() {
 #   standalone    redis-server, one RPC server, one gateway
 #   cluster       Redis Cluster of 3 masters, no replicas
 #   cluster-wait  3 masters with one replica each; sends wait for 1 replica (WAIT)
+#   standalone-wait  redis-server with one replica; sends wait for it (WAIT): what
+#                 cluster-wait is measured against, as it pays for replication too
 #   rpcN          N RPC servers behind the gateway (rpc3: three)
 #   gwN           N gateways on one RPC server, wrk's threads spread over them
 #   auth          JWT authentication on: every request carries a bearer token
@@ -249,7 +251,7 @@ start_stack() {
 #                 an A/B measured side by side, round by round
 declare -A STACK_URL=() STACK_GATEWAYS=() STACK_TOKEN=() STACK_REDIS_PORTS=() \
     STACK_PIDS_gateway=() STACK_PIDS_rpc=() STACK_PIDS_redis=()
-STACK_NAMES="standalone cluster cluster-wait rpcN gwN auth baseline"
+STACK_NAMES="standalone standalone-wait cluster cluster-wait rpcN gwN auth baseline"
 
 start_variant() {
     local name=$1 redis_url rpc_args=() gateway_args=() rpcs=1 gateways=1 i
@@ -263,6 +265,11 @@ start_variant() {
             STACK_PIDS_redis[$name]=$SPAWNED_PID
             STACK_REDIS_PORTS[$name]=$SPAWNED_PORT
             redis_url="redis://127.0.0.1:$SPAWNED_PORT"
+            ;;
+        standalone-wait)
+            start_replicated "$name"
+            redis_url="redis://127.0.0.1:${STACK_REDIS_PORTS[$name]}"
+            rpc_args+=(--redis-wait-replicas 1)
             ;;
         cluster) start_cluster "$name" 0; redis_url=$CLUSTER_URL ;;
         cluster-wait)
@@ -299,6 +306,23 @@ start_variant() {
     STACK_URL[$name]="http://${gw_addrs%%,*}"
     log "stack $name: gateways $gw_addrs (pids ${STACK_PIDS_gateway[$name]}), rpc $rpc_addrs" \
         "(pids ${STACK_PIDS_rpc[$name]}), redis ${STACK_REDIS_PORTS[$name]} (pids ${STACK_PIDS_redis[$name]})"
+}
+
+# start_replicated NAME: a redis-server and one replica of it, ready when the
+# master lists the replica as online. Sets STACK_PIDS_redis (both) and
+# STACK_REDIS_PORTS (the master) under NAME.
+start_replicated() {
+    local name=$1 master replica i
+    spawn_redis "$name-master" 6479
+    master=$SPAWNED_PORT STACK_PIDS_redis[$name]=$SPAWNED_PID
+    spawn_redis "$name-replica" $((master + 1)) --replicaof 127.0.0.1 "$master"
+    replica=$SPAWNED_PORT STACK_PIDS_redis[$name]+=" $SPAWNED_PID"
+    STACK_REDIS_PORTS[$name]=$master
+    for ((i = 0; i < 200; i++)); do
+        [[ $(redis-cli -p "$master" INFO replication) == *"port=$replica,state=online"* ]] && return 0
+        sleep 0.05
+    done
+    die "the replica on $replica did not come online within 10 s"
 }
 
 # start_cluster NAME REPLICAS: a Redis Cluster of 3 masters with REPLICAS

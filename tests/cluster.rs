@@ -803,6 +803,74 @@ fn wait_replicas_on_standalone_redis() {
     );
 }
 
+/// With `--redis-wait-replicas`, Redis reads nothing more from a connection
+/// blocked in WAIT, so the RPC server holds later sends back (two batches in
+/// Redis per connection) and sends them together once a WAIT is answered,
+/// rather than one `im_send` per send, each queued behind the WAIT. Here the
+/// replica is frozen, so every WAIT runs to its timeout (400 ms) while 12
+/// sends, 20 ms apart, arrive: without the window each is its own FCALL;
+/// with it (one thread, so one batcher), the first two go alone and the
+/// rest together.
+#[test]
+fn sends_behind_a_pending_wait_go_as_one_batch() {
+    let master = Redis::start_tcp();
+    let port = master.port().expect("tcp").to_string();
+    let replica = Redis::start_with_args(&["--replicaof", "127.0.0.1", &port]);
+    wait_until(Duration::from_secs(10), "the replica's sync", || {
+        replica
+            .redis_cmd(&["INFO", "replication"])
+            .contains("master_link_status:up")
+            .then_some(())
+    });
+    let url = master.url();
+    let args = [
+        "--redis",
+        &url,
+        "--redis-wait-replicas",
+        "1",
+        "--threads",
+        "1",
+    ];
+    let server = Server::start("all", &args, &[]);
+    send_ok(server.http_addr(), "window", "s", "loads the library");
+    master.redis_cmd(&["CONFIG", "RESETSTAT"]);
+    let replica_pid = replica.pid().expect("the replica runs");
+    send_signal(replica_pid, "STOP");
+    let addr = server.http_addr();
+    let senders: Vec<_> = (0..12u64)
+        .map(|i| {
+            thread::spawn(move || {
+                thread::sleep(Duration::from_millis(20 * i));
+                send(addr, "window", "s", &format!("behind a wait {i}")).status
+            })
+        })
+        .collect();
+    let statuses: Vec<u16> = senders
+        .into_iter()
+        .map(|t| t.join().expect("sender thread"))
+        .collect();
+    send_signal(replica_pid, "CONT");
+    // Answered once every FCALL written before it has run (one connection,
+    // in order), including any still queued behind a WAIT when the 503s came.
+    send_ok(addr, "window", "s", "after the replica is back");
+    let stats = master.redis_cmd(&["INFO", "commandstats"]);
+    let fcalls: u64 = stats
+        .split("cmdstat_fcall:calls=")
+        .nth(1)
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no FCALL count in {stats}"));
+    let fcalls = fcalls - 1; // the last send's
+    assert!(
+        fcalls <= 4,
+        "12 sends behind a pending WAIT took {fcalls} FCALLs (statuses {statuses:?})"
+    );
+    assert!(
+        statuses.iter().all(|&s| s == 503 || s == 504),
+        "no replica confirmed them: 503 or 504 each, got {statuses:?}"
+    );
+}
+
 /// A cluster has only database 0, a node list is only for a cluster, and a
 /// dead seed in the list is skipped.
 #[test]

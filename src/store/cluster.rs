@@ -33,9 +33,9 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::redis::{
-    MAX_SEND_BATCH, QueuedSend, RedisOptions, SendQueue, answer_batch, batch_deadline, chat_key,
-    function_missing, im_send_command, load_library_command, next_batch, outcome, page_from_reply,
-    pull_command, without_wait,
+    BatchWindow, MAX_SEND_BATCH, QueuedSend, RedisOptions, SendQueue, answer_batch, batch_deadline,
+    chat_key, function_missing, held_until, im_send_command, load_library_command, next_batch,
+    outcome, page_from_reply, pull_command, without_wait,
 };
 use super::{Page, Sent, Store};
 use crate::domain::PullQuery;
@@ -470,7 +470,14 @@ async fn store_send_batches(
     // For the closing log line: each batch should cost one `im_send` per
     // distinct slot in it, which tests compare with Redis's own FCALL count.
     let (mut batches, mut slots) = (0u64, 0u64);
-    while next_batch(&mut queue, &queued, &mut batch).await {
+    let window = BatchWindow::new(&router.options);
+    loop {
+        // Shared by the round's calls, one per slot: the round leaves the
+        // window when the last of them is answered.
+        let entered = window.enter().await.map(Arc::new);
+        if !next_batch(&mut queue, &queued, &mut batch).await {
+            break;
+        }
         let now = crate::now_micros();
         batches += 1;
         slots += batch
@@ -482,10 +489,11 @@ async fn store_send_batches(
             let deadline = batch_deadline(&group);
             let request = router.options.send_request(im_send_command(&group, now));
             let waiters: Vec<_> = group.into_iter().map(|s| s.reply).collect();
-            let router = router.clone();
+            let (router, entered) = (router.clone(), entered.clone());
             tokio::spawn(async move {
                 let wait = router.options.wait_replicas;
-                let reply = router.execute(slot, request, wait, deadline).await;
+                let executed = router.execute(slot, request, wait, deadline);
+                let reply = held_until(executed, entered, deadline).await;
                 answer_batch(reply, waiters)
             });
         }

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::{Page, PageWriter, Sent, Store};
@@ -299,6 +299,7 @@ impl RedisStore {
             load_library,
             options: options.clone(),
             stats: stats.clone(),
+            window: BatchWindow::new(options),
         };
         tokio::spawn(batcher.run());
         RedisStore {
@@ -355,7 +356,8 @@ pub(super) fn outcome(reply: &Result<Reply, Error>) -> Outcome {
 /// requests), and a Lua call costs far more than the ZADD inside it:
 /// redis-benchmark, 8 messages to one chat per call, stores 238k messages/s
 /// against 106k/s one per call. Batches are not waited for: several can be
-/// in flight on the pipelined connection.
+/// in flight on the pipelined connection (with WAIT, at most a
+/// [`BatchWindow`]).
 struct Batcher {
     pool: Arc<Pool<RespProtocol>>,
     queue: mpsc::Receiver<QueuedSend>,
@@ -365,6 +367,47 @@ struct Batcher {
     load_library: Bytes,
     options: RedisOptions,
     stats: Arc<PeerStats>,
+    window: BatchWindow,
+}
+
+/// How many send batches may be in Redis at once: any number, except with
+/// `--redis-wait-replicas`. Redis reads nothing more from a connection
+/// blocked in WAIT, so batches pipelined behind one only queue there, each
+/// as small as the moment it was cut; held back here instead, the sends that
+/// arrive meanwhile go as one batch when a WAIT is answered.
+#[derive(Clone)]
+pub(super) struct BatchWindow(Option<Arc<Semaphore>>);
+
+impl BatchWindow {
+    /// Two batches per connection: one waiting for its replicas while the
+    /// next is already written behind it.
+    pub(super) fn new(options: &RedisOptions) -> BatchWindow {
+        let limit = (options.wait_replicas > 0).then(|| 2 * options.connections.max(1));
+        BatchWindow(limit.map(|n| Arc::new(Semaphore::new(n))))
+    }
+
+    /// Waits for room for one more batch; held until its reply.
+    pub(super) async fn enter(&self) -> Option<OwnedSemaphorePermit> {
+        self.0.as_ref()?.clone().acquire_owned().await.ok()
+    }
+}
+
+/// Runs `work`, holding `entered` (a place in the [`BatchWindow`]) until it
+/// ends or `deadline` passes: a stalled Redis must not keep the window shut
+/// once the batch's senders have been told it failed.
+pub(super) async fn held_until<F: Future, P>(
+    work: F,
+    entered: Option<P>,
+    deadline: Instant,
+) -> F::Output {
+    let mut work = std::pin::pin!(work);
+    if let Some(entered) = entered {
+        tokio::select! {
+            out = &mut work => return out,
+            _ = tokio::time::sleep_until(deadline) => drop(entered),
+        }
+    }
+    work.await
 }
 
 /// Waits for queued sends and takes what is queued (up to
@@ -418,16 +461,20 @@ pub(super) fn batch_deadline(batch: &[QueuedSend]) -> Instant {
 impl Batcher {
     async fn run(mut self) {
         let mut batch = Vec::with_capacity(MAX_SEND_BATCH);
-        while next_batch(&mut self.queue, &self.queued, &mut batch).await {
+        loop {
+            let entered = self.window.enter().await;
+            if !next_batch(&mut self.queue, &self.queued, &mut batch).await {
+                return;
+            }
             if !batch.is_empty() {
-                self.start(&mut batch);
+                self.start(&mut batch, entered);
             }
         }
     }
 
     /// Starts one `im_send` call for `batch` (left empty), answered by a
     /// task of its own.
-    fn start(&self, batch: &mut Vec<QueuedSend>) {
+    fn start(&self, batch: &mut Vec<QueuedSend>, entered: Option<OwnedSemaphorePermit>) {
         let deadline = batch_deadline(batch);
         let request = self
             .options
@@ -445,7 +492,8 @@ impl Batcher {
                     wait_replicas: self.options.wait_replicas,
                 };
                 tokio::spawn(async move {
-                    let reply = retry.if_function_missing(pending.wait().await).await;
+                    let answered = async { retry.if_function_missing(pending.wait().await).await };
+                    let reply = held_until(answered, entered, deadline).await;
                     // Nothing times the batch out here (its senders do): an
                     // answer after the earliest deadline came too late.
                     counted.end(match outcome(&reply) {

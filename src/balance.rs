@@ -15,6 +15,13 @@
 //! A call goes to the less loaded of two endpoints drawn at random ("power of
 //! two choices" on in-flight calls): nearly as even as least-loaded, without
 //! herding every gateway shard onto the same momentarily idle endpoint.
+//! Under load the draw is made once per *run*: the calls that follow it while
+//! the chosen endpoint still has calls in flight (up to [`Policy::run_calls`],
+//! within [`Policy::run_window`]) go to the same endpoint, so they share its
+//! connection's writes and its server's reads and Redis batches. Drawn per
+//! call, three endpoints each got a third as many calls per write and per
+//! batch as one, and spent a third more CPU per send (bench/RESULTS.md).
+//! A call with nothing in flight before it (light load) is drawn alone.
 //! A Probing endpoint takes no calls: the caller pings it ([`Balancer::pings_due`])
 //! and the ping decides, so no client request is risked on a server that may
 //! still be dead or frozen. If every
@@ -48,6 +55,10 @@ pub struct Policy {
     pub failures_to_eject: u32,
     pub min_backoff: Duration,
     pub max_backoff: Duration,
+    /// Most calls in one run (1: every call is drawn alone).
+    pub run_calls: u32,
+    /// How long after its draw a run may take calls.
+    pub run_window: Duration,
 }
 
 impl Default for Policy {
@@ -57,8 +68,22 @@ impl Default for Policy {
             // Short: a restarted server should take traffic within a second.
             min_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(5),
+            // About one RPC server's batch at full load; a run of 16 lasts
+            // ~0.6 ms at 25k calls/s per shard, short against any time
+            // that matters to the spread.
+            run_calls: 16,
+            run_window: Duration::from_millis(1),
         }
     }
+}
+
+/// The calls going to one endpoint since its draw (see the module doc).
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    id: EndpointId,
+    drawn: Instant,
+    /// Calls it may still take.
+    left: u32,
 }
 
 /// A state change worth a log line.
@@ -92,6 +117,7 @@ pub struct Balancer<K, T> {
     next_id: EndpointId,
     rng: u64,
     changes: Vec<(K, Change)>,
+    run: Option<Run>,
 }
 
 impl<K: PartialEq + Clone, T> Balancer<K, T> {
@@ -103,6 +129,7 @@ impl<K: PartialEq + Clone, T> Balancer<K, T> {
             // xorshift must not start at 0.
             rng: seed | 1,
             changes: Vec::new(),
+            run: None,
         }
     }
 
@@ -135,42 +162,72 @@ impl<K: PartialEq + Clone, T> Balancer<K, T> {
     /// must be matched by one [`Balancer::finished`].
     pub fn pick(&mut self, now: Instant, exclude: &[EndpointId]) -> Option<(EndpointId, &T)> {
         self.wake(now);
-        let usable = |e: &Entry<K, T>| match e.state {
-            State::Healthy => true,
-            State::Probing { .. } | State::Ejected { .. } => false,
-        };
-        let mut candidates: Vec<usize> = (0..self.entries.len())
-            .filter(|&i| usable(&self.entries[i]) && !exclude.contains(&self.entries[i].id))
-            .collect();
-        if candidates.is_empty() {
-            // All look dead (or were tried): try any not yet tried, then any.
-            candidates = (0..self.entries.len())
-                .filter(|&i| !exclude.contains(&self.entries[i].id))
-                .collect();
-        }
-        if candidates.is_empty() {
-            candidates = (0..self.entries.len()).collect();
-        }
-        let chosen = match candidates.len() {
-            0 => return None,
-            1 => candidates[0],
-            n => {
-                let a = candidates[self.random(n)];
-                let mut b = candidates[self.random(n - 1)];
-                if b == a {
-                    // Draw the second from the others: index n-1 stands in.
-                    b = candidates[n - 1];
-                }
-                if self.entries[b].in_flight < self.entries[a].in_flight {
-                    b
-                } else {
-                    a
-                }
+        let chosen = match self.continue_run(now, exclude) {
+            Some(i) => i,
+            None => {
+                let i = self.draw(exclude)?;
+                self.run = Some(Run {
+                    id: self.entries[i].id,
+                    drawn: now,
+                    left: self.policy.run_calls.saturating_sub(1),
+                });
+                i
             }
         };
         let entry = &mut self.entries[chosen];
         entry.in_flight += 1;
         Some((entry.id, &entry.value))
+    }
+
+    /// The current run's endpoint, if the run goes on: calls left, inside
+    /// its window, the endpoint healthy, not excluded, and busy (with
+    /// nothing in flight there is nothing to share a write with).
+    fn continue_run(&mut self, now: Instant, exclude: &[EndpointId]) -> Option<usize> {
+        let run = self.run.as_mut()?;
+        if run.left == 0
+            || now.saturating_duration_since(run.drawn) >= self.policy.run_window
+            || exclude.contains(&run.id)
+        {
+            return None;
+        }
+        let i = self
+            .entries
+            .iter()
+            .position(|e| e.id == run.id && e.state == State::Healthy && e.in_flight > 0)?;
+        run.left -= 1;
+        Some(i)
+    }
+
+    /// Power of two choices on in-flight calls among the healthy endpoints
+    /// not in `exclude`; if there are none (all look dead, or were tried),
+    /// among any not yet tried, then among all.
+    fn draw(&mut self, exclude: &[EndpointId]) -> Option<usize> {
+        for fallback in 0..3 {
+            let usable = |e: &Entry<K, T>| match fallback {
+                0 => e.state == State::Healthy && !exclude.contains(&e.id),
+                1 => !exclude.contains(&e.id),
+                _ => true,
+            };
+            let n = self.entries.iter().filter(|e| usable(e)).count();
+            let (first, second) = match n {
+                0 => continue,
+                1 => (0, 0),
+                n => (self.random(n), self.random(n - 1)),
+            };
+            let nth = |k: usize| {
+                let mut candidates = self.entries.iter().enumerate().filter(|(_, e)| usable(e));
+                candidates.nth(k).map(|(i, _)| i)
+            };
+            let a = nth(first)?;
+            if n == 1 {
+                return Some(a);
+            }
+            // The second is drawn from the others: index n-1 stands in for `a`.
+            let b = nth(if second == first { n - 1 } else { second })?;
+            let less_loaded = self.entries[b].in_flight < self.entries[a].in_flight;
+            return Some(if less_loaded { b } else { a });
+        }
+        None
     }
 
     /// Records how a picked call ended: `Some(true)` answered, `Some(false)`
@@ -327,6 +384,78 @@ mod tests {
             let (id, _) = b.pick(now, &[]).expect("an endpoint");
             counts[key_of(&b, id) as usize] += 1;
             b.finished(id, Some(true), now);
+        }
+        for c in counts {
+            assert!((9_000..=11_000).contains(&c), "{counts:?}");
+        }
+    }
+
+    /// Calls with others in flight (load) go in runs of `run_calls`; the
+    /// next draw then prefers an idle endpoint over the run's busy one.
+    #[test]
+    fn under_load_calls_go_in_runs() {
+        let (mut b, now) = balancer(3);
+        let (first, _) = b.pick(now, &[]).expect("an endpoint");
+        for i in 1..Policy::default().run_calls {
+            let (id, _) = b.pick(now, &[]).expect("an endpoint");
+            assert_eq!(id, first, "call {i} of the run");
+        }
+        let (next, _) = b.pick(now, &[]).expect("an endpoint");
+        assert_ne!(
+            next, first,
+            "a new draw: the run's endpoint has 16 in flight"
+        );
+    }
+
+    #[test]
+    fn a_run_ends_with_its_window_or_an_ejection() {
+        let policy = Policy::default();
+        let (mut b, now) = balancer(2);
+        let (first, _) = b.pick(now, &[]).expect("an endpoint");
+        let (id, _) = b.pick(now + policy.run_window, &[]).expect("an endpoint");
+        assert_ne!(id, first, "after the window: drawn, and the idle one wins");
+        let (mut b, now) = balancer(2);
+        let (first, _) = b.pick(now, &[]).expect("an endpoint");
+        for _ in 0..policy.failures_to_eject {
+            b.failed(first, now);
+        }
+        let (id, _) = b.pick(now, &[]).expect("an endpoint");
+        assert_ne!(id, first, "no call to an endpoint ejected mid-run");
+    }
+
+    /// One call at a time (nothing else in flight): every call is drawn, so
+    /// a call goes where the one before went a third of the time, not in runs.
+    #[test]
+    fn calls_one_at_a_time_are_drawn_alone() {
+        let (mut b, now) = balancer(3);
+        let mut previous = None;
+        let mut repeats = 0;
+        for _ in 0..3_000 {
+            let (id, _) = b.pick(now, &[]).expect("an endpoint");
+            b.finished(id, Some(true), now);
+            repeats += u32::from(previous == Some(id));
+            previous = Some(id);
+        }
+        assert!(
+            (800..1_200).contains(&repeats),
+            "{repeats} repeats in 3,000"
+        );
+    }
+
+    /// With calls always in flight (runs on), shares stay even over time.
+    #[test]
+    fn runs_keep_shares_equal_under_load() {
+        let (mut b, now) = balancer(3);
+        let mut counts = [0u32; 3];
+        let mut in_flight = std::collections::VecDeque::new();
+        for _ in 0..30_000 {
+            let (id, _) = b.pick(now, &[]).expect("an endpoint");
+            counts[key_of(&b, id) as usize] += 1;
+            in_flight.push_back(id);
+            if in_flight.len() > 40 {
+                let done = in_flight.pop_front().expect("in flight");
+                b.finished(done, Some(true), now);
+            }
         }
         for c in counts {
             assert!((9_000..=11_000).contains(&c), "{counts:?}");

@@ -32,6 +32,32 @@ const PING_TIMEOUT: Duration = Duration::from_millis(500);
 /// Endpoints tried for one call, at most.
 const MAX_ATTEMPTS: usize = 3;
 
+/// The endpoints one call has tried, in order: kept inline, as every call
+/// has one (a `Vec` was an allocation per call).
+#[derive(Clone, Copy, Default)]
+struct Tried {
+    ids: [EndpointId; MAX_ATTEMPTS],
+    len: usize,
+}
+
+impl Tried {
+    fn as_slice(&self) -> &[EndpointId] {
+        &self.ids[..self.len]
+    }
+
+    fn contains(&self, id: &EndpointId) -> bool {
+        self.as_slice().contains(id)
+    }
+
+    /// Callers stop at [`MAX_ATTEMPTS`]; one more is not recorded.
+    fn push(&mut self, id: EndpointId) {
+        if let Some(slot) = self.ids.get_mut(self.len) {
+            *slot = id;
+            self.len += 1;
+        }
+    }
+}
+
 type Endpoints = Balancer<SocketAddr, Arc<RpcClient>>;
 
 struct Shared {
@@ -113,7 +139,7 @@ pub struct BalancedCall {
     call: RpcCall,
     ticket: Ticket,
     /// Endpoints already tried.
-    tried: Vec<EndpointId>,
+    tried: Tried,
     /// A copy to send elsewhere, when there is an elsewhere.
     spare: Option<RpcRequest>,
     deadline: Instant,
@@ -180,14 +206,14 @@ impl BalancedClient {
         };
         let deadline = Instant::now() + self.shared.options.timeout + held;
         let spare = (self.shared.lock().len() > 1).then(|| request.clone());
-        self.attempt(request, spare, Vec::new(), deadline)
+        self.attempt(request, spare, Tried::default(), deadline)
     }
 
     fn attempt(
         &self,
         mut request: RpcRequest,
         spare: Option<RpcRequest>,
-        mut tried: Vec<EndpointId>,
+        mut tried: Tried,
         deadline: Instant,
     ) -> Result<BalancedCall, Error> {
         let mut last = Error::Unavailable;
@@ -196,13 +222,13 @@ impl BalancedClient {
             RpcRequest::Pull(_) => RpcMethod::Pull,
             RpcRequest::Ping => RpcMethod::Ping,
         };
-        while tried.len() < MAX_ATTEMPTS {
+        while tried.len < MAX_ATTEMPTS {
             let (id, client, now) = {
                 let mut balancer = self.shared.lock();
                 let now = Instant::now();
                 balancer.refresh(now, |client| client.going_away());
                 log_changes(&mut balancer);
-                match balancer.pick(now, &tried) {
+                match balancer.pick(now, tried.as_slice()) {
                     Some((id, client)) => (id, client.clone(), now),
                     None => return Err(Error::Unavailable),
                 }

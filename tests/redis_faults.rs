@@ -564,6 +564,50 @@ fn a_clock_behind_the_chat_still_gets_increasing_send_times() {
     );
 }
 
+/// The RPC server puts each chat's messages together in an `im_send` call;
+/// a caller that does not (messages of one chat apart, even with a clock
+/// behind) still gets them stored in order with increasing send_times.
+#[test]
+fn a_chats_messages_apart_in_one_call_stay_in_order() {
+    let redis = Redis::start();
+    let server = Server::with_redis(&redis);
+    let mut conn = HttpConn::connect(server.http_addr());
+    let newest = conn.send_ok("apart", "s", "first");
+    let member = |text: &str| format!("\x12{}{text}\x1a\x01s", char::from(text.len() as u8));
+    let (a, b) = ("im:{apart}", "im:{other}");
+    let reply = redis.redis_cmd(&[
+        "FCALL",
+        "im_send",
+        "3",
+        a,
+        b,
+        a,
+        &member("second"),
+        &member("elsewhere"),
+        &member("third"),
+        "1",
+    ]);
+    let times: Vec<i64> = reply
+        .split("\r\n")
+        .filter_map(|l| l.strip_prefix(':'))
+        .map(|t| t.parse().expect("a send_time"))
+        .collect();
+    assert_eq!(times.len(), 3, "{reply:?}");
+    assert_eq!((times[0], times[2]), (newest + 1, newest + 2), "{reply:?}");
+    let stored: Vec<(i64, String)> = walk(&mut conn, "apart", 10, true, Form::Json)
+        .into_iter()
+        .map(|m| (m.send_time, m.text))
+        .collect();
+    assert_eq!(
+        stored,
+        [
+            (newest, "first".to_string()),
+            (newest + 1, "second".to_string()),
+            (newest + 2, "third".to_string()),
+        ]
+    );
+}
+
 // ---------------------------------------------------------------------------
 // durability: redis with AOF, SIGKILLed under load
 // ---------------------------------------------------------------------------

@@ -485,9 +485,11 @@ async fn store_send_batches(
             .map(|s| key_slot(s.key.as_bytes()))
             .collect::<std::collections::HashSet<_>>()
             .len() as u64;
-        for (slot, group) in split_by_slot(&mut batch) {
+        for (slot, mut group) in split_by_slot(&mut batch) {
             let deadline = batch_deadline(&group);
-            let request = router.options.send_request(im_send_command(&group, now));
+            let request = router
+                .options
+                .send_request(im_send_command(&mut group, now));
             let waiters: Vec<_> = group.into_iter().map(|s| s.reply).collect();
             let (router, entered) = (router.clone(), entered.clone());
             tokio::spawn(async move {
@@ -693,14 +695,14 @@ mod tests {
             .enumerate()
             .map(|(i, c)| queued(c, &i.to_string()))
             .collect();
-        let groups = split_by_slot(&mut batch);
+        let mut groups = split_by_slot(&mut batch);
         assert!(batch.is_empty());
         let slots: std::collections::HashSet<u16> = chats
             .iter()
             .map(|c| key_slot(chat_key(c).as_bytes()))
             .collect();
         assert_eq!(groups.len(), slots.len());
-        for (slot, group) in &groups {
+        for (slot, group) in &mut groups {
             assert!(
                 group.iter().all(|s| key_slot(s.key.as_bytes()) == *slot),
                 "one slot per group"

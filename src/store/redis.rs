@@ -81,65 +81,69 @@ redis.register_function('im_send', function(keys, args)
     records, seen = {}, {}
     for j = 1, m do records[tonumber(args[n + j])] = keys[n + j] end
   end
-  local last, adds, chats, out = {}, {}, {}, {}
-  for i = 1, n do
-    local record = records and records[i]
-    local digest, earlier
-    if record then
-      digest = fingerprint(args[i])
-      -- A key may come several times in one batch (concurrent retries):
-      -- `seen` spares a GET of the record written earlier in this call.
-      earlier = seen[record] or redis.call('GET', record)
-      seen[record] = earlier
-    end
-    if earlier then
-      if string.sub(earlier, 9) == digest then
-        out[i] = {(struct.unpack('<i8', earlier))}
-      else
-        out[i] = {ok = 'REUSED'}
-      end
-    else
-      local key = keys[i]
-      local prev = last[key]
-      if prev == nil then
-        -- The top member carries its send_time (see below): reading it
-        -- there spares Redis printing the score as a double and Lua
-        -- parsing it back.
-        -- The indexes as strings: Redis 7.0 formats a Lua number
-        -- argument with snprintf('%.17g'), 4 % of its time here.
-        local top = redis.call('ZRANGE', key, '-1', '-1')[1]
-        prev = top and struct.unpack('<i8', top, 2) or -1
-        adds[key] = {}
-        chats[#chats + 1] = key
-      end
-      local t, score, packed = now, now_text, now_packed
-      if prev >= now then
-        t = prev + 1
-        -- The score as an integer string: Redis would print a Lua number
-        -- with %.17g, which costs more than the ZADD.
-        score, packed = string.format('%d', t), struct.pack('<i8', t)
-      end
-      last[key] = t
-      -- Prepend field 1 (send_time, sfixed64: tag 0x09 + 8 bytes little-endian):
-      -- the member becomes unique and carries its own send_time.
-      local scored = adds[key]
-      local len = #scored
-      scored[len + 1] = score
-      scored[len + 2] = '\9' .. packed .. args[i]
-      out[i] = t
+  -- The messages go in runs: those to one chat that follow each other. Each
+  -- run reads the chat's top once and stores with one ZADD, and one
+  -- SPUBLISH announces it to pulls waiting for the chat
+  -- (src/store/subscriber.rs; a sharded channel in the chat's slot, so on
+  -- a Cluster only the chat's shard carries it). The caller puts each
+  -- chat's messages together; apart, they are still right (a later run of
+  -- the chat reads the top an earlier one wrote), only dearer.
+  local out, scored = {}, {}
+  local i = 1
+  while i <= n do
+    local key, prev, count = keys[i], nil, 0
+    while i <= n and keys[i] == key do
+      local record = records and records[i]
+      local digest, earlier
       if record then
-        local value = packed .. digest
-        redis.call('SET', record, value, 'EX', ttl)
-        seen[record] = value
+        digest = fingerprint(args[i])
+        -- A key may come several times in one batch (concurrent retries):
+        -- `seen` spares a GET of the record written earlier in this call.
+        earlier = seen[record] or redis.call('GET', record)
+        seen[record] = earlier
       end
+      if earlier then
+        if string.sub(earlier, 9) == digest then
+          out[i] = {(struct.unpack('<i8', earlier))}
+        else
+          out[i] = {ok = 'REUSED'}
+        end
+      else
+        if prev == nil then
+          -- The top member carries its send_time (see below): reading it
+          -- there spares Redis printing the score as a double and Lua
+          -- parsing it back. The indexes as strings: Redis 7.0 formats a
+          -- Lua number argument with snprintf('%.17g').
+          local top = redis.call('ZRANGE', key, '-1', '-1')[1]
+          prev = top and struct.unpack('<i8', top, 2) or -1
+        end
+        local t, score, packed = now, now_text, now_packed
+        if prev >= now then
+          t = prev + 1
+          -- The score as an integer string: Redis would print a Lua number
+          -- with %.17g, which costs more than the ZADD.
+          score, packed = string.format('%d', t), struct.pack('<i8', t)
+        end
+        prev = t
+        -- Prepend field 1 (send_time, sfixed64: tag 0x09 + 8 bytes
+        -- little-endian): the member becomes unique and carries its own
+        -- send_time.
+        scored[count + 1] = score
+        scored[count + 2] = '\9' .. packed .. args[i]
+        count = count + 2
+        out[i] = t
+        if record then
+          local value = packed .. digest
+          redis.call('SET', record, value, 'EX', ttl)
+          seen[record] = value
+        end
+      end
+      i = i + 1
     end
-  end
-  -- One ZADD per chat for the whole batch, and one announcement to pulls
-  -- waiting for the chat (src/store/subscriber.rs): a sharded channel in
-  -- the chat's slot, so on a Cluster only the chat's shard carries it.
-  for _, key in ipairs(chats) do
-    redis.call('ZADD', key, unpack(adds[key]))
-    redis.call('SPUBLISH', key .. ':new', '')
+    if count > 0 then
+      redis.call('ZADD', key, unpack(scored, 1, count))
+      redis.call('SPUBLISH', key .. ':new', '')
+    end
   end
   return out
 end)
@@ -549,9 +553,12 @@ pub(super) fn function_missing(reply: &Result<Reply, Error>) -> bool {
 
 /// The one `im_send` call storing `batch` (see [`LIBRARY`] for its
 /// arguments; in a cluster every key of it must be in one slot); `now` is
-/// the caller's clock in µs.
+/// the caller's clock in µs. First puts each chat's sends together, in
+/// queue order (a stable sort), which `im_send` stores as one run: the
+/// caller's waiters must be taken from `batch` after this.
 /// A batch without idempotency keys is encoded exactly as before they existed.
-pub(super) fn im_send_command(batch: &[QueuedSend], now: i64) -> Bytes {
+pub(super) fn im_send_command(batch: &mut [QueuedSend], now: i64) -> Bytes {
+    batch.sort_by(|a, b| a.key.cmp(&b.key));
     let now = now.to_string();
     // (1-based message index, record) of the keyed sends.
     let keyed: Vec<(String, &IdempotencyRecord)> = batch
@@ -829,6 +836,46 @@ mod tests {
     const SEND_TIME_KEY: u8 = (stored_message::SEND_TIME << 3) as u8 | 1;
     // One key byte, as the Lua assumes (field numbers up to 15).
     const _: () = assert!(stored_message::SEND_TIME < 16);
+
+    /// `im_send` stores a run of one chat's messages with one read and one
+    /// ZADD, so the command puts each chat's sends together, each chat's in
+    /// queue order, and the batch (whose waiters are answered in order)
+    /// with them.
+    #[test]
+    fn a_batch_is_grouped_by_chat_in_queue_order() {
+        let mut batch: Vec<QueuedSend> = ["b", "a", "b", "a"]
+            .iter()
+            .enumerate()
+            .map(|(i, chat)| QueuedSend {
+                key: chat_key(chat),
+                member: encode_member(&i.to_string(), "s"),
+                deadline: Instant::now(),
+                record: None,
+                reply: oneshot::channel().0,
+            })
+            .collect();
+        let command = im_send_command(&mut batch, 1);
+        let order: Vec<(&str, Vec<u8>)> = batch
+            .iter()
+            .map(|s| (s.key.as_str(), s.member.clone()))
+            .collect();
+        let member = |text: &str| encode_member(text, "s");
+        assert_eq!(
+            order,
+            [
+                ("im:{a}", member("1")),
+                ("im:{a}", member("3")),
+                ("im:{b}", member("0")),
+                ("im:{b}", member("2")),
+            ]
+        );
+        let text = String::from_utf8_lossy(&command);
+        let keys: Vec<&str> = text
+            .split("\r\n")
+            .filter(|l| l.starts_with("im:"))
+            .collect();
+        assert_eq!(keys, ["im:{a}", "im:{a}", "im:{b}", "im:{b}"]);
+    }
 
     #[test]
     fn the_lua_prefix_is_the_send_time_field_key() {

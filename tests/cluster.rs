@@ -743,20 +743,26 @@ fn master_sigstop_bounded_waits_and_failover() {
     assert_eq!(others_errors, 0, "chats on healthy masters saw errors");
 }
 
-/// `--redis-wait-replicas` on a standalone Redis with one replica: 200 while
-/// the replica confirms; asking for more replicas than exist, or losing the
-/// replica, gives 503 (the message is on the master: "maybe stored").
-#[test]
-fn wait_replicas_on_standalone_redis() {
+/// A standalone Redis on TCP and one replica of it, in sync.
+fn master_and_replica() -> (Redis, Redis) {
     let master = Redis::start_tcp();
     let port = master.port().expect("tcp").to_string();
-    let mut replica = Redis::start_with_args(&["--replicaof", "127.0.0.1", &port]);
+    let replica = Redis::start_with_args(&["--replicaof", "127.0.0.1", &port]);
     wait_until(Duration::from_secs(10), "the replica's sync", || {
         replica
             .redis_cmd(&["INFO", "replication"])
             .contains("master_link_status:up")
             .then_some(())
     });
+    (master, replica)
+}
+
+/// `--redis-wait-replicas` on a standalone Redis with one replica: 200 while
+/// the replica confirms; asking for more replicas than exist, or losing the
+/// replica, gives 503 (the message is on the master: "maybe stored").
+#[test]
+fn wait_replicas_on_standalone_redis() {
+    let (master, mut replica) = master_and_replica();
     let url = master.url();
     let one = Server::start("all", &["--redis", &url, "--redis-wait-replicas", "1"], &[]);
     let two = Server::start("all", &["--redis", &url, "--redis-wait-replicas", "2"], &[]);
@@ -813,15 +819,7 @@ fn wait_replicas_on_standalone_redis() {
 /// rest together.
 #[test]
 fn sends_behind_a_pending_wait_go_as_one_batch() {
-    let master = Redis::start_tcp();
-    let port = master.port().expect("tcp").to_string();
-    let replica = Redis::start_with_args(&["--replicaof", "127.0.0.1", &port]);
-    wait_until(Duration::from_secs(10), "the replica's sync", || {
-        replica
-            .redis_cmd(&["INFO", "replication"])
-            .contains("master_link_status:up")
-            .then_some(())
-    });
+    let (master, replica) = master_and_replica();
     let url = master.url();
     let args = [
         "--redis",

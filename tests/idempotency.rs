@@ -377,19 +377,6 @@ fn hash_tag(key: &str) -> &str {
         .unwrap_or(key)
 }
 
-/// A message as `im_send` takes it: a StoredMessage without send_time.
-fn member(text: &str, sender: &str) -> String {
-    assert!(
-        text.len() < 128 && sender.len() < 128,
-        "one-byte lengths only"
-    );
-    format!(
-        "\x12{}{text}\x1a{}{sender}",
-        char::from(text.len() as u8),
-        char::from(sender.len() as u8)
-    )
-}
-
 #[test]
 fn redis_record_is_small_in_the_chat_slot_and_expires() {
     let backend = Backend::redis_with(&["--idempotency-ttl-s", "3600"]);
@@ -434,7 +421,7 @@ fn redis_one_call_with_a_key_three_times() {
     send_ok(backend.addr(), "warm-up", "s", "t");
     let chat = "im:{room}";
     let record = record_key("room", "k");
-    let (same, other) = (member("hi", "a"), member("bye", "a"));
+    let (same, other) = (im_send_member("hi", "a"), im_send_member("bye", "a"));
     let now = now_us().to_string();
     let reply = redis.redis_cmd(&[
         "FCALL", "im_send", "6", chat, chat, chat, &record, &record, &record, &same, &same, &other,

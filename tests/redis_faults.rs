@@ -528,9 +528,9 @@ fn a_clock_behind_the_chat_still_gets_increasing_send_times() {
     let server = Server::with_redis(&redis);
     let mut conn = HttpConn::connect(server.http_addr());
     let newest = conn.send_ok("skew", "s", "from a good clock");
-    // Three messages (no send_time yet: field 2 text, field 3 sender) at a
-    // clock of 1 µs, in one call, then one at a clock ahead of them all.
-    let member = |text: &str| format!("\x12{}{text}\x1a\x01s", char::from(text.len() as u8));
+    // Three messages at a clock of 1 µs, in one call, then one at a clock
+    // ahead of them all.
+    let member = |text: &str| im_send_member(text, "s");
     let (a, b, c) = (member("late a"), member("late b"), member("late c"));
     let chat = "im:{skew}";
     let late = redis.redis_cmd(&["FCALL", "im_send", "3", chat, chat, chat, &a, &b, &c, "1"]);
@@ -573,7 +573,7 @@ fn a_chats_messages_apart_in_one_call_stay_in_order() {
     let server = Server::with_redis(&redis);
     let mut conn = HttpConn::connect(server.http_addr());
     let newest = conn.send_ok("apart", "s", "first");
-    let member = |text: &str| format!("\x12{}{text}\x1a\x01s", char::from(text.len() as u8));
+    let member = |text: &str| im_send_member(text, "s");
     let (a, b) = ("im:{apart}", "im:{other}");
     let reply = redis.redis_cmd(&[
         "FCALL",

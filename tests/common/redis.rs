@@ -722,3 +722,17 @@ impl Cluster {
             .to_string()
     }
 }
+
+/// A message as `im_send` takes it (an argument of `FCALL im_send`): a
+/// StoredMessage without send_time, text (field 2) then sender (field 3).
+pub fn im_send_member(text: &str, sender: &str) -> String {
+    assert!(
+        text.len() < 128 && sender.len() < 128,
+        "one-byte lengths only"
+    );
+    format!(
+        "\x12{}{text}\x1a{}{sender}",
+        char::from(text.len() as u8),
+        char::from(sender.len() as u8)
+    )
+}

@@ -1,6 +1,7 @@
 //! The RPC server: decodes request frames, validates, asks the store, and
 //! writes replies as they complete (in any order), batched per connection.
 
+use std::borrow::Cow;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,7 +26,7 @@ use crate::error::{CODE_OK, Error};
 use crate::metrics::{self, Gauge, METRICS, RpcMethod};
 use crate::mux::{MIN_READ, READ_CHUNK};
 use crate::proto::{Message, PingResponse, PullRequest, PullResponse, SendRequest, SendResponse};
-use crate::store::{AnyStore, Page, Store};
+use crate::store::{AnyStore, Completion, Page, Sent, Store};
 use crate::unwind::catch_panic;
 
 #[derive(Debug, Clone)]
@@ -326,32 +327,35 @@ async fn connection(
                 Err(_) => break Ok(()),
             }
         };
-        let (store, replies, output) = (store.clone(), replies.clone(), usage.output.clone());
-        let max_output = usage.max_output;
+        let reply_to = ReplyTo {
+            id,
+            replies: replies.clone(),
+            output: usage.output.clone(),
+            max_output: usage.max_output,
+            budget,
+            permit,
+            started: (metrics_method(&work), Instant::now()),
+            in_flight: metrics::track(Gauge::RpcServerInFlight),
+        };
+        let work = match work {
+            Work::Send(req) if req.idempotency_key.is_empty() => {
+                start_send(&store, req, reply_to);
+                continue;
+            }
+            work => work,
+        };
+        let store = store.clone();
         // Only a pull that may wait watches for shutdown (answered at once then).
         let stop = waits.then(|| shutdown.clone());
-        let started = (metrics_method(&work), Instant::now());
-        let in_flight = metrics::track(Gauge::RpcServerInFlight);
         let task = tokio::spawn(async move {
             let handling = std::pin::pin!(handle(&store, work, stop));
             let reply = catch_panic(handling).await.unwrap_or_else(|| {
                 ServerFrame::BadFrame("internal error while serving the request".into())
             });
-            if let (Some(method), at) = started {
-                METRICS.rpc_served(method, at.elapsed());
+            match waits {
+                false => reply_to.send(reply),
+                true => reply_to.send_when_room(reply).await,
             }
-            drop(in_flight);
-            // (Never more than the whole budget, or it would wait forever.)
-            let needed = encoded_len(&reply).min(max_output);
-            let budget = match waits {
-                false => fit_budget(budget, &output, needed),
-                true => match grow_budget(budget, &output, needed, &replies).await {
-                    Some(budget) => budget,
-                    None => return, // the connection is closing
-                },
-            };
-            let _ = replies.send(Outgoing { id, reply, budget });
-            drop(permit);
         });
         if waits {
             waiting.add(id, task.abort_handle());
@@ -365,6 +369,82 @@ async fn connection(
     drop(replies);
     let _ = write_loop.await;
     result
+}
+
+/// Where a request's reply goes, with what it holds until then: its place
+/// among the connection's requests in flight and its reservation of the
+/// connection's output budget.
+struct ReplyTo {
+    id: u64,
+    replies: mpsc::UnboundedSender<Outgoing>,
+    output: Arc<Semaphore>,
+    max_output: usize,
+    budget: OwnedSemaphorePermit,
+    permit: OwnedSemaphorePermit,
+    started: (Option<RpcMethod>, Instant),
+    in_flight: metrics::Tracked,
+}
+
+impl ReplyTo {
+    /// Hands `reply` to the writer, its reservation trimmed to its size (or
+    /// topped up, where the budget has room).
+    fn send(self, reply: ServerFrame) {
+        let (output, needed) = (self.output.clone(), self.needed(&reply));
+        let (id, replies, budget, permit) = self.served();
+        let budget = fit_budget(budget, &output, needed);
+        let _ = replies.send(Outgoing { id, reply, budget });
+        drop(permit);
+    }
+
+    /// [`ReplyTo::send`] for a waiting pull, which reserved little: waits
+    /// for room for its page like any request read while the peer is slow
+    /// to read replies; gives up if the connection closes meanwhile.
+    async fn send_when_room(self, reply: ServerFrame) {
+        let (output, needed) = (self.output.clone(), self.needed(&reply));
+        let (id, replies, budget, permit) = self.served();
+        if let Some(budget) = grow_budget(budget, &output, needed, &replies).await {
+            let _ = replies.send(Outgoing { id, reply, budget });
+        }
+        drop(permit);
+    }
+
+    /// The reply's bytes: never more than the whole budget, or it would
+    /// wait forever.
+    fn needed(&self, reply: &ServerFrame) -> usize {
+        encoded_len(reply).min(self.max_output)
+    }
+
+    /// Counts the request as served and takes apart what the reply needs.
+    fn served(
+        self,
+    ) -> (
+        u64,
+        mpsc::UnboundedSender<Outgoing>,
+        OwnedSemaphorePermit,
+        OwnedSemaphorePermit,
+    ) {
+        if let (Some(method), at) = self.started {
+            METRICS.rpc_served(method, at.elapsed());
+        }
+        drop(self.in_flight);
+        (self.id, self.replies, self.budget, self.permit)
+    }
+}
+
+/// An un-keyed send, served without a task of its own: validated here, and
+/// answered by whoever learns its outcome ([`AnyStore::start_send`]). A
+/// keyed send takes the task path: the store may retry it, and waits.
+fn start_send(store: &AnyStore, req: SendRequest, reply_to: ReplyTo) {
+    SERVED.fetch_add(1, Ordering::Relaxed);
+    match checked_send(req) {
+        Ok((chat, sender, text, _)) => {
+            let done = Completion::new(move |outcome| {
+                reply_to.send(ServerFrame::Send(send_response(outcome)))
+            });
+            store.start_send(&chat, &sender, &text, done);
+        }
+        Err(invalid) => reply_to.send(ServerFrame::Send(send_response(Err(invalid)))),
+    }
 }
 
 /// The pulls of one connection that may be waiting for messages, by call
@@ -608,44 +688,59 @@ fn failure(err: Error) -> (i32, String) {
 }
 
 async fn send(store: &AnyStore, req: SendRequest) -> SendResponse {
-    let failed = |err: Error| {
-        let (code, msg) = failure(err);
-        SendResponse {
-            code,
-            msg,
-            ..SendResponse::default()
+    send_response(match checked_send(req) {
+        Ok((chat, sender, text, key)) => {
+            // Empty (the proto3 default) = no key.
+            let key = Some(key.as_str()).filter(|k| !k.is_empty());
+            store.send(&chat, &sender, &text, key).await
         }
-    };
+        Err(invalid) => Err(invalid),
+    })
+}
+
+/// A send's chat (canonical), sender, text and idempotency key, once valid.
+fn checked_send(req: SendRequest) -> Result<(String, String, String, String), Error> {
     let Some(Message {
         chat, text, sender, ..
     }) = req.message
     else {
-        return failed(Error::Invalid("`message` is required".into()));
+        return Err(Error::Invalid("`message` is required".into()));
     };
-    if let Err(invalid) = validate_send(&chat, &sender, &text) {
-        return failed(invalid.into());
+    validate_send(&chat, &sender, &text)?;
+    let key = req.idempotency_key;
+    if !key.is_empty() {
+        validate_idempotency_key(&key)?;
     }
-    // Empty (the proto3 default) = no key.
-    let key = Some(req.idempotency_key.as_str()).filter(|k| !k.is_empty());
-    if let Some(Err(invalid)) = key.map(validate_idempotency_key) {
-        return failed(invalid.into());
+    // (Moved, not copied, when already canonical.)
+    let chat = match canonical_chat(&chat) {
+        Cow::Owned(canonical) => Some(canonical),
+        Cow::Borrowed(_) => None,
     }
-    let chat = canonical_chat(&chat);
-    if let Some(key) = key
-        && !crate::store::redis::record_shares_the_chat_slot(&chat, key)
-    {
-        return failed(Error::Invalid(
+    .unwrap_or(chat);
+    if !key.is_empty() && !crate::store::redis::record_shares_the_chat_slot(&chat, &key) {
+        return Err(Error::Invalid(
             "idempotency keys cannot be used in a chat whose name starts with `}`".into(),
         ));
     }
-    match store.send(&chat, &sender, &text, key).await {
+    Ok((chat, sender, text, key))
+}
+
+fn send_response(outcome: Result<Sent, Error>) -> SendResponse {
+    match outcome {
         Ok(sent) => SendResponse {
             code: CODE_OK,
             msg: String::new(),
             send_time: sent.send_time,
             replayed: sent.replayed,
         },
-        Err(err) => failed(err),
+        Err(err) => {
+            let (code, msg) = failure(err);
+            SendResponse {
+                code,
+                msg,
+                ..SendResponse::default()
+            }
+        }
     }
 }
 

@@ -37,7 +37,7 @@ use super::redis::{
     chat_key, function_missing, held_until, im_send_command, load_library_command, next_batch,
     outcome, page_from_reply, pull_command, without_wait,
 };
-use super::{Page, Sent, Store};
+use super::{Completion, Page, Sent, Store};
 use crate::domain::PullQuery;
 use crate::error::Error;
 use crate::metrics::{METRICS, Outcome, PeerKind, PeerStats, Redirection};
@@ -577,6 +577,13 @@ impl ClusterStore {
     }
 }
 
+impl ClusterStore {
+    /// See [`crate::store::AnyStore::start_send`].
+    pub fn start_send(&self, chat: &str, sender: &str, text: &str, done: Completion) {
+        self.sends.start(chat, sender, text, done)
+    }
+}
+
 impl Store for ClusterStore {
     async fn send(
         &self,
@@ -674,7 +681,7 @@ mod tests {
     use tokio::sync::oneshot;
 
     use super::*;
-    use crate::store::redis::encode_member;
+    use crate::store::redis::{SendWaiter, encode_member};
 
     fn queued(chat: &str, text: &str) -> QueuedSend {
         QueuedSend {
@@ -682,7 +689,7 @@ mod tests {
             member: encode_member(text, "s"),
             deadline: Instant::now(),
             record: None,
-            reply: oneshot::channel().0,
+            reply: SendWaiter::Caller(oneshot::channel().0),
         }
     }
 

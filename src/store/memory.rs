@@ -174,8 +174,10 @@ impl MemoryStore {
     }
 }
 
-impl Store for MemoryStore {
-    async fn send(
+impl MemoryStore {
+    /// [`Store::send`], which never waits here: the shard's lock is held
+    /// only while the message is appended.
+    pub fn send_now(
         &self,
         chat: &str,
         sender: &str,
@@ -204,6 +206,18 @@ impl Store for MemoryStore {
             self.hub.notify(chat);
         }
         Ok(sent)
+    }
+}
+
+impl Store for MemoryStore {
+    async fn send(
+        &self,
+        chat: &str,
+        sender: &str,
+        text: &str,
+        idempotency_key: Option<&str>,
+    ) -> Result<Sent, Error> {
+        self.send_now(chat, sender, text, idempotency_key)
     }
 
     async fn pull(&self, query: &PullQuery) -> Result<Page, Error> {

@@ -31,6 +31,35 @@ use crate::error::Error;
 use crate::proto::fields::{message, pull_response};
 use crate::wire;
 
+/// A callback for a send's outcome, for a caller that would rather not wait
+/// ([`AnyStore::start_send`]): it runs exactly once, where the outcome is
+/// known (for Redis, in the task that reads the batch's reply). Dropped
+/// without having run (its batch or the store gone), it runs with
+/// [`Error::Unavailable`], so no caller is left without an answer.
+pub struct Completion(Option<Then>);
+
+type Then = Box<dyn FnOnce(Result<Sent, Error>) + Send>;
+
+impl Completion {
+    pub fn new(then: impl FnOnce(Result<Sent, Error>) + Send + 'static) -> Completion {
+        Completion(Some(Box::new(then)))
+    }
+
+    pub fn complete(mut self, outcome: Result<Sent, Error>) {
+        if let Some(then) = self.0.take() {
+            then(outcome);
+        }
+    }
+}
+
+impl Drop for Completion {
+    fn drop(&mut self) {
+        if let Some(then) = self.0.take() {
+            then(Err(Error::Unavailable));
+        }
+    }
+}
+
 /// What a send did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Sent {
@@ -154,6 +183,22 @@ impl AnyStore {
     }
 }
 
+impl AnyStore {
+    /// Stores an un-keyed send and runs `done` with the outcome, without a
+    /// task or a timer of its own: the RPC server's path for sends. (A task
+    /// per call cost the RPC server ~20 % of its CPU per send under `perf`:
+    /// its 2 KB, 128-aligned cell went through glibc's memalign and
+    /// `malloc_consolidate`; the per-send timer and oneshot came on top.)
+    /// `chat` is canonical and the send validated, as for [`Store::send`].
+    pub fn start_send(&self, chat: &str, sender: &str, text: &str, done: Completion) {
+        match self {
+            AnyStore::Memory(store) => done.complete(store.send_now(chat, sender, text, None)),
+            AnyStore::Redis(store) => store.start_send(chat, sender, text, done),
+            AnyStore::Cluster(store) => store.start_send(chat, sender, text, done),
+        }
+    }
+}
+
 impl Store for AnyStore {
     async fn send(
         &self,
@@ -184,6 +229,23 @@ mod tests {
 
     use super::*;
     use crate::proto::{Message, PullResponse};
+
+    #[test]
+    fn a_completion_runs_once_and_a_dropped_one_answers_unavailable() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let completion =
+            |tx: std::sync::mpsc::Sender<_>| Completion::new(move |o| tx.send(o).unwrap());
+        let sent = Sent {
+            send_time: 7,
+            replayed: false,
+        };
+        completion(tx.clone()).complete(Ok(sent));
+        drop(completion(tx));
+        assert_eq!(
+            rx.try_iter().collect::<Vec<_>>(),
+            [Ok(sent), Err(Error::Unavailable)]
+        );
+    }
 
     #[test]
     fn page_writer_encodes_what_prost_decodes() {

@@ -27,7 +27,7 @@ use bytes::Bytes;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
 
-use super::{Page, PageWriter, Sent, Store};
+use super::{Completion, Page, PageWriter, Sent, Store};
 use crate::domain::PullQuery;
 use crate::error::Error;
 use crate::metrics::{Outcome, PeerKind, PeerStats};
@@ -233,7 +233,34 @@ pub(super) struct QueuedSend {
     pub(super) deadline: Instant,
     /// With an idempotency key, its record.
     pub(super) record: Option<IdempotencyRecord>,
-    pub(super) reply: oneshot::Sender<Result<Sent, Error>>,
+    pub(super) reply: SendWaiter,
+}
+
+/// Who is told how a queued send ended.
+pub(super) enum SendWaiter {
+    /// A caller awaiting it ([`SendQueue::send`]).
+    Caller(oneshot::Sender<Result<Sent, Error>>),
+    /// A callback ([`SendQueue::start`]).
+    Then(Completion),
+}
+
+impl SendWaiter {
+    /// Whether nobody waits any more (a callback always runs).
+    fn is_closed(&self) -> bool {
+        match self {
+            SendWaiter::Caller(reply) => reply.is_closed(),
+            SendWaiter::Then(_) => false,
+        }
+    }
+
+    pub(super) fn answer(self, outcome: Result<Sent, Error>) {
+        match self {
+            SendWaiter::Caller(reply) => {
+                let _ = reply.send(outcome);
+            }
+            SendWaiter::Then(done) => done.complete(outcome),
+        }
+    }
 }
 
 impl QueuedSend {
@@ -445,7 +472,7 @@ fn take(send: QueuedSend, now: Instant, queued: &ByteBudget, batch: &mut Vec<Que
         return;
     }
     if send.deadline <= now {
-        let _ = send.reply.send(Err(Error::Unavailable));
+        send.reply.answer(Err(Error::Unavailable));
         return;
     }
     batch.push(send);
@@ -497,6 +524,13 @@ impl Batcher {
                 };
                 tokio::spawn(async move {
                     let answered = async { retry.if_function_missing(pending.wait().await).await };
+                    // Unanswered at the earliest deadline, the whole batch
+                    // fails: its sends do not each keep a timer.
+                    let answered = async {
+                        tokio::time::timeout_at(deadline, answered)
+                            .await
+                            .unwrap_or(Err(Error::Unavailable))
+                    };
                     let reply = held_until(answered, entered, deadline).await;
                     // Nothing times the batch out here (its senders do): an
                     // answer after the earliest deadline came too late.
@@ -583,10 +617,7 @@ pub(super) fn im_send_command(batch: &mut [QueuedSend], now: i64) -> Bytes {
 }
 
 /// Hands each sender of a batch its outcome, or the batch's failure.
-pub(super) fn answer_batch(
-    reply: Result<Reply, Error>,
-    waiters: Vec<oneshot::Sender<Result<Sent, Error>>>,
-) {
+pub(super) fn answer_batch(reply: Result<Reply, Error>, waiters: Vec<SendWaiter>) {
     let outcomes = match reply {
         Ok(Reply::Array(items)) if items.len() == waiters.len() => items,
         failed => {
@@ -595,13 +626,13 @@ pub(super) fn answer_batch(
                 Err(err) => err,
             };
             for waiter in waiters {
-                let _ = waiter.send(Err(err.clone()));
+                waiter.answer(Err(err.clone()));
             }
             return;
         }
     };
     for (waiter, outcome) in waiters.into_iter().zip(outcomes) {
-        let _ = waiter.send(send_outcome(outcome));
+        waiter.answer(send_outcome(outcome));
     }
 }
 
@@ -665,6 +696,13 @@ fn read_stored(mut member: &[u8]) -> Result<StoredView<'_>, Malformed> {
         }
     }
     Ok(view)
+}
+
+impl RedisStore {
+    /// See [`crate::store::AnyStore::start_send`].
+    pub fn start_send(&self, chat: &str, sender: &str, text: &str, done: Completion) {
+        self.sends.start(chat, sender, text, done)
+    }
 }
 
 impl Store for RedisStore {
@@ -748,6 +786,30 @@ impl SendQueue {
         }
     }
 
+    /// Queues an un-keyed send; `done` runs with its outcome, by the
+    /// timeout at the latest (the batch's reply task times it out).
+    pub(super) fn start(&self, chat: &str, sender: &str, text: &str, done: Completion) {
+        self.enqueue(QueuedSend {
+            key: chat_key(chat),
+            member: encode_member(text, sender),
+            deadline: Instant::now() + self.timeout,
+            record: None,
+            reply: SendWaiter::Then(done),
+        });
+    }
+
+    /// Hands `queued` to the batcher, or answers it `Overloaded` at once.
+    fn enqueue(&self, queued: QueuedSend) {
+        let bytes = queued.bytes();
+        if !self.bytes.add(bytes) {
+            return queued.reply.answer(Err(Error::Overloaded));
+        }
+        if let Err(refused) = self.sends.try_send(queued) {
+            self.bytes.release(bytes);
+            refused.into_inner().reply.answer(Err(Error::Overloaded));
+        }
+    }
+
     /// Queues one send for the batcher and waits for its answer until `deadline`.
     async fn queue(
         &self,
@@ -757,21 +819,13 @@ impl SendQueue {
         deadline: Instant,
     ) -> Result<Sent, Error> {
         let (reply, answer) = oneshot::channel();
-        let queued = QueuedSend {
+        self.enqueue(QueuedSend {
             key,
             member,
             deadline,
             record,
-            reply,
-        };
-        let bytes = queued.bytes();
-        if !self.bytes.add(bytes) {
-            return Err(Error::Overloaded);
-        }
-        if self.sends.try_send(queued).is_err() {
-            self.bytes.release(bytes);
-            return Err(Error::Overloaded);
-        }
+            reply: SendWaiter::Caller(reply),
+        });
         match tokio::time::timeout_at(deadline, answer).await {
             Ok(Ok(result)) => result,
             // The batcher is gone, or Redis did not answer in time.
@@ -851,7 +905,7 @@ mod tests {
                 member: encode_member(&i.to_string(), "s"),
                 deadline: Instant::now(),
                 record: None,
-                reply: oneshot::channel().0,
+                reply: SendWaiter::Caller(oneshot::channel().0),
             })
             .collect();
         let command = im_send_command(&mut batch, 1);

@@ -51,9 +51,14 @@ struct Plan {
     rpc_secret: Option<Arc<[u8]>>,
 }
 
-/// One shard's handles on the listening sockets. Each shard owns its own
-/// (duplicated) descriptor, so the socket closes, and new connections are
-/// refused, as soon as every shard has stopped accepting.
+/// One shard's listening sockets. The RPC and HTTP ones are each shard's
+/// own socket on the shared port (`SO_REUSEPORT`), so the kernel spreads
+/// new connections over the shards by a hash of their addresses. Shards
+/// that shared one socket (duplicated descriptors) raced to accept, and the
+/// first awake took them all: `wrk -c100` against two shards landed every
+/// connection on one of them in 3 runs of 5 (one thread serving all HTTP,
+/// 41-47k sends/s with 10,000 rooms; 51k/s when they were split). New
+/// connections are refused once every shard has closed its socket.
 #[derive(Default)]
 struct Listeners {
     rpc: Option<StdListener>,
@@ -68,8 +73,9 @@ impl Listeners {
         let dup = |l: &Option<StdListener>| -> Result<Option<StdListener>, String> {
             l.as_ref()
                 .map(|l| {
-                    l.try_clone()
-                        .map_err(|e| format!("cannot share a listener: {e}"))
+                    l.local_addr()
+                        .and_then(shared_port_listener)
+                        .map_err(|e| format!("cannot open a shard's listener: {e}"))
                 })
                 .transpose()
         };
@@ -226,7 +232,7 @@ fn plan(config: Config) -> Result<(Plan, Listeners), String> {
                     StoreChoice::Memory(Arc::new(MemoryStore::new(config.idempotency_ttl)))
                 }
             };
-            let (listener, local) = bind(&config.rpc_listen, "rpc")?;
+            let (listener, local) = bind_shared(&config.rpc_listen, "rpc")?;
             eprintln!("im-server: rpc listening on {local}");
             Some((listener, store, local))
         }
@@ -236,7 +242,7 @@ fn plan(config: Config) -> Result<(Plan, Listeners), String> {
         Role::Gateway | Role::All => {
             let local_rpc = rpc.as_ref().map(|(_, _, local)| *local);
             let endpoints = rpc_endpoints(&config, local_rpc)?;
-            let (listener, local) = bind(&config.http_addr, "http")?;
+            let (listener, local) = bind_shared(&config.http_addr, "http")?;
             eprintln!("im-server: http listening on {local}");
             let slots = connection_slots(&ServerOptions::from(&config));
             Some((listener, endpoints, slots))
@@ -403,6 +409,38 @@ fn bind(addr: &str, what: &str) -> Result<(StdListener, SocketAddr), String> {
         .local_addr()
         .map_err(|e| format!("cannot read the {what} address: {e}"))?;
     Ok((listener, local))
+}
+
+/// [`bind`] for an address every shard listens on with a socket of its own
+/// ([`Listeners`]). A first bind, without `SO_REUSEPORT`, checks the port
+/// is free and resolves port 0: a second server started on a port in use
+/// must fail, as it always has, not join the first one's group.
+fn bind_shared(addr: &str, what: &str) -> Result<(StdListener, SocketAddr), String> {
+    let (probe, local) = bind(addr, what)?;
+    drop(probe);
+    let listener = shared_port_listener(local)
+        .map_err(|e| format!("cannot listen for {what} on {local}: {e}"))?;
+    Ok((listener, local))
+}
+
+/// A non-blocking listening socket on `local` (an address [`listen`] has
+/// bound, so dual-stack if it is the IPv6 wildcard) with `SO_REUSEPORT`.
+fn shared_port_listener(local: SocketAddr) -> std::io::Result<StdListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(
+        Domain::for_address(local),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    )?;
+    if local.is_ipv6() && local.ip().is_unspecified() {
+        socket.set_only_v6(false)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.bind(&local.into())?;
+    socket.listen(libc::SOMAXCONN)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
 }
 
 /// A listening socket on `addr`. The IPv6 wildcard (`[::]:port`, the
@@ -650,6 +688,37 @@ mod tests {
             Ok(Parsed::Run(config)) => *config,
             _ => panic!("{args:?} should parse"),
         }
+    }
+
+    /// Connections queued before anyone accepts: one socket per shard means
+    /// each shard's queue gets a share (with a shared socket, the first
+    /// shard to accept would drain them all).
+    #[test]
+    fn each_shard_listener_gets_a_share_of_new_connections() {
+        let (first, local) = bind_shared("127.0.0.1:0", "test").expect("binds");
+        let shards = Listeners {
+            http: Some(first),
+            ..Listeners::default()
+        };
+        let second = shards.try_clone().expect("second shard");
+        let clients: Vec<_> = (0..64)
+            .map(|_| std::net::TcpStream::connect(local).expect("connects"))
+            .collect();
+        let drain = |l: &Option<StdListener>| {
+            let l = l.as_ref().expect("listener");
+            std::iter::from_fn(|| l.accept().ok()).count()
+        };
+        let (a, b) = (drain(&shards.http), drain(&second.http));
+        assert_eq!(a + b, clients.len());
+        // All 64 on one socket: a chance of 2^-63 with the kernel's hash.
+        assert!(a > 0 && b > 0, "one shard took them all: {a} and {b}");
+    }
+
+    #[test]
+    fn a_second_server_on_a_port_in_use_fails_to_bind() {
+        let (_first, local) = bind_shared("127.0.0.1:0", "test").expect("binds");
+        let err = bind_shared(&local.to_string(), "http").expect_err("port in use");
+        assert!(err.contains("cannot listen for http"), "{err}");
     }
 
     #[test]

@@ -26,6 +26,7 @@ use crate::error::{CODE_OK, Error};
 use crate::metrics::{self, Gauge, METRICS, RpcMethod};
 use crate::mux::{MIN_READ, READ_CHUNK};
 use crate::proto::{Message, PingResponse, PullRequest, PullResponse, SendRequest, SendResponse};
+use crate::store::memory::MemoryStore;
 use crate::store::{AnyStore, Completion, Page, Sent, Store};
 use crate::unwind::catch_panic;
 
@@ -337,12 +338,18 @@ async fn connection(
             started: (metrics_method(&work), Instant::now()),
             in_flight: metrics::track(Gauge::RpcServerInFlight),
         };
-        let work = match work {
-            Work::Send(req) if req.idempotency_key.is_empty() => {
+        let work = match (work, store.as_ref()) {
+            (Work::Send(req), _) if req.idempotency_key.is_empty() => {
                 start_send(&store, req, reply_to);
                 continue;
             }
-            work => work,
+            // The embedded store answers a pull at once: no task either.
+            (Work::Pull(req), AnyStore::Memory(memory)) if !waits => {
+                SERVED.fetch_add(1, Ordering::Relaxed);
+                reply_to.send(pull_now(memory, req));
+                continue;
+            }
+            (work, _) => work,
         };
         let store = store.clone();
         // Only a pull that may wait watches for shutdown (answered at once then).
@@ -744,19 +751,32 @@ fn send_response(outcome: Result<Sent, Error>) -> SendResponse {
     }
 }
 
+/// A pull from the embedded store, which never waits: see [`pull`].
+fn pull_now(store: &MemoryStore, req: PullRequest) -> ServerFrame {
+    // In the order `pull` checks them, for the same error.
+    let checked = validate_pull(&req.chat, req.cursor, req.limit, req.reverse)
+        .and_then(|query| validate_wait(req.wait_ms).map(|_| query));
+    match checked {
+        Ok(query) => ServerFrame::PullPage(store.pull_now(&query).wire),
+        Err(invalid) => pull_failed(invalid.into()),
+    }
+}
+
+fn pull_failed(err: Error) -> ServerFrame {
+    let (code, msg) = failure(err);
+    ServerFrame::Pull(PullResponse {
+        code,
+        msg,
+        ..PullResponse::default()
+    })
+}
+
 async fn pull(
     store: &AnyStore,
     req: PullRequest,
     stop: Option<watch::Receiver<bool>>,
 ) -> ServerFrame {
-    let failed = |err: Error| {
-        let (code, msg) = failure(err);
-        ServerFrame::Pull(PullResponse {
-            code,
-            msg,
-            ..PullResponse::default()
-        })
-    };
+    let failed = pull_failed;
     let query = match validate_pull(&req.chat, req.cursor, req.limit, req.reverse) {
         Ok(query) => query,
         Err(invalid) => return failed(invalid.into()),

@@ -221,9 +221,17 @@ impl Store for MemoryStore {
     }
 
     async fn pull(&self, query: &PullQuery) -> Result<Page, Error> {
+        Ok(self.pull_now(query))
+    }
+}
+
+impl MemoryStore {
+    /// [`Store::pull`], which never waits here either: the page is copied
+    /// out under the shard's lock.
+    pub fn pull_now(&self, query: &PullQuery) -> Page {
         let shard = self.shard(&query.chat);
         let Some(log) = shard.chats.get(query.chat.as_str()) else {
-            return Ok(Page::default());
+            return Page::default();
         };
         let mut page = PageWriter::new(&query.chat, query.limit);
         let mut push = |m: &Stored| page.push(&m.text, &m.sender, m.send_time);
@@ -246,7 +254,7 @@ impl Store for MemoryStore {
                 .take_while(|m| push(m))
                 .for_each(drop);
         }
-        Ok(page.finish())
+        page.finish()
     }
 }
 

@@ -334,9 +334,9 @@ async fn connection(
             output: usage.output.clone(),
             max_output: usage.max_output,
             budget,
-            permit,
+            _permit: permit,
+            _in_flight: metrics::track(Gauge::RpcServerInFlight),
             started: (metrics_method(&work), Instant::now()),
-            in_flight: metrics::track(Gauge::RpcServerInFlight),
         };
         let work = match (work, store.as_ref()) {
             (Work::Send(req), _) if req.idempotency_key.is_empty() => {
@@ -387,54 +387,47 @@ struct ReplyTo {
     output: Arc<Semaphore>,
     max_output: usize,
     budget: OwnedSemaphorePermit,
-    permit: OwnedSemaphorePermit,
+    /// Held for their drop: the place in flight, and its gauge.
+    _permit: OwnedSemaphorePermit,
+    _in_flight: metrics::Tracked,
     started: (Option<RpcMethod>, Instant),
-    in_flight: metrics::Tracked,
 }
 
 impl ReplyTo {
     /// Hands `reply` to the writer, its reservation trimmed to its size (or
     /// topped up, where the budget has room).
     fn send(self, reply: ServerFrame) {
-        let (output, needed) = (self.output.clone(), self.needed(&reply));
-        let (id, replies, budget, permit) = self.served();
-        let budget = fit_budget(budget, &output, needed);
-        let _ = replies.send(Outgoing { id, reply, budget });
-        drop(permit);
+        let needed = self.served(&reply);
+        let budget = fit_budget(self.budget, &self.output, needed);
+        let _ = self.replies.send(Outgoing {
+            id: self.id,
+            reply,
+            budget,
+        });
     }
 
     /// [`ReplyTo::send`] for a waiting pull, which reserved little: waits
     /// for room for its page like any request read while the peer is slow
     /// to read replies; gives up if the connection closes meanwhile.
     async fn send_when_room(self, reply: ServerFrame) {
-        let (output, needed) = (self.output.clone(), self.needed(&reply));
-        let (id, replies, budget, permit) = self.served();
-        if let Some(budget) = grow_budget(budget, &output, needed, &replies).await {
-            let _ = replies.send(Outgoing { id, reply, budget });
+        let needed = self.served(&reply);
+        if let Some(budget) = grow_budget(self.budget, &self.output, needed, &self.replies).await {
+            let _ = self.replies.send(Outgoing {
+                id: self.id,
+                reply,
+                budget,
+            });
         }
-        drop(permit);
     }
 
-    /// The reply's bytes: never more than the whole budget, or it would
-    /// wait forever.
-    fn needed(&self, reply: &ServerFrame) -> usize {
-        encoded_len(reply).min(self.max_output)
-    }
-
-    /// Counts the request as served and takes apart what the reply needs.
-    fn served(
-        self,
-    ) -> (
-        u64,
-        mpsc::UnboundedSender<Outgoing>,
-        OwnedSemaphorePermit,
-        OwnedSemaphorePermit,
-    ) {
+    /// Counts the request as served; returns the bytes its reply needs
+    /// (never more than the whole budget, or it would wait forever). The
+    /// in-flight permit and gauge go when `self` does, once it is handed on.
+    fn served(&self, reply: &ServerFrame) -> usize {
         if let (Some(method), at) = self.started {
             METRICS.rpc_served(method, at.elapsed());
         }
-        drop(self.in_flight);
-        (self.id, self.replies, self.budget, self.permit)
+        encoded_len(reply).min(self.max_output)
     }
 }
 

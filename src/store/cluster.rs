@@ -575,9 +575,7 @@ impl ClusterStore {
     pub fn waiter(&self, chat: &str) -> Option<Waiter> {
         self.hub.as_ref().map(|hub| hub.register(chat))
     }
-}
 
-impl ClusterStore {
     /// See [`crate::store::AnyStore::start_send`].
     pub fn start_send(&self, chat: &str, sender: &str, text: &str, done: Completion) {
         self.sends.start(chat, sender, text, done)

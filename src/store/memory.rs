@@ -207,25 +207,7 @@ impl MemoryStore {
         }
         Ok(sent)
     }
-}
 
-impl Store for MemoryStore {
-    async fn send(
-        &self,
-        chat: &str,
-        sender: &str,
-        text: &str,
-        idempotency_key: Option<&str>,
-    ) -> Result<Sent, Error> {
-        self.send_now(chat, sender, text, idempotency_key)
-    }
-
-    async fn pull(&self, query: &PullQuery) -> Result<Page, Error> {
-        Ok(self.pull_now(query))
-    }
-}
-
-impl MemoryStore {
     /// [`Store::pull`], which never waits here either: the page is copied
     /// out under the shard's lock.
     pub fn pull_now(&self, query: &PullQuery) -> Page {
@@ -255,6 +237,22 @@ impl MemoryStore {
                 .for_each(drop);
         }
         page.finish()
+    }
+}
+
+impl Store for MemoryStore {
+    async fn send(
+        &self,
+        chat: &str,
+        sender: &str,
+        text: &str,
+        idempotency_key: Option<&str>,
+    ) -> Result<Sent, Error> {
+        self.send_now(chat, sender, text, idempotency_key)
+    }
+
+    async fn pull(&self, query: &PullQuery) -> Result<Page, Error> {
+        Ok(self.pull_now(query))
     }
 }
 

@@ -181,9 +181,7 @@ impl AnyStore {
             AnyStore::Cluster(store) => store.waiter(chat),
         }
     }
-}
 
-impl AnyStore {
     /// Stores an un-keyed send and runs `done` with the outcome, without a
     /// task or a timer of its own: the RPC server's path for sends. (A task
     /// per call cost the RPC server ~20 % of its CPU per send under `perf`:

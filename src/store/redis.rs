@@ -532,8 +532,8 @@ impl Batcher {
                             .unwrap_or(Err(Error::Unavailable))
                     };
                     let reply = held_until(answered, entered, deadline).await;
-                    // Nothing times the batch out here (its senders do): an
-                    // answer after the earliest deadline came too late.
+                    // An answer, or its absence, after the earliest
+                    // deadline came too late.
                     counted.end(match outcome(&reply) {
                         Outcome::Ok | Outcome::Error if Instant::now() > deadline => {
                             Outcome::Timeout

@@ -26,7 +26,6 @@ use crate::error::{CODE_OK, Error};
 use crate::metrics::{self, Gauge, METRICS, RpcMethod};
 use crate::mux::{MIN_READ, READ_CHUNK};
 use crate::proto::{Message, PingResponse, PullRequest, PullResponse, SendRequest, SendResponse};
-use crate::store::memory::MemoryStore;
 use crate::store::{AnyStore, Completion, Page, Sent, Store};
 use crate::unwind::catch_panic;
 
@@ -343,10 +342,22 @@ async fn connection(
                 start_send(&store, req, reply_to);
                 continue;
             }
-            // The embedded store answers a pull at once: no task either.
+            // A pull that does not wait: no task either. The embedded
+            // store answers at once; Redis through a callback.
             (Work::Pull(req), AnyStore::Memory(memory)) if !waits => {
                 SERVED.fetch_add(1, Ordering::Relaxed);
-                reply_to.send(pull_now(memory, req));
+                reply_to.send(page_frame(checked_pull(&req).map(|q| memory.pull_now(&q))));
+                continue;
+            }
+            (Work::Pull(req), AnyStore::Redis(redis)) if !waits => {
+                SERVED.fetch_add(1, Ordering::Relaxed);
+                match checked_pull(&req) {
+                    Ok(query) => redis.start_pull(
+                        query,
+                        Completion::new(move |page| reply_to.send(page_frame(page))),
+                    ),
+                    Err(invalid) => reply_to.send(pull_failed(invalid)),
+                }
                 continue;
             }
             (work, _) => work,
@@ -744,14 +755,18 @@ fn send_response(outcome: Result<Sent, Error>) -> SendResponse {
     }
 }
 
-/// A pull from the embedded store, which never waits: see [`pull`].
-fn pull_now(store: &MemoryStore, req: PullRequest) -> ServerFrame {
-    // In the order `pull` checks them, for the same error.
-    let checked = validate_pull(&req.chat, req.cursor, req.limit, req.reverse)
-        .and_then(|query| validate_wait(req.wait_ms).map(|_| query));
-    match checked {
-        Ok(query) => ServerFrame::PullPage(store.pull_now(&query).wire),
-        Err(invalid) => pull_failed(invalid.into()),
+/// A pull that does not wait, once valid: see [`pull`], which checks the
+/// same things in the same order (so the same error comes first).
+fn checked_pull(req: &PullRequest) -> Result<PullQuery, Error> {
+    let query = validate_pull(&req.chat, req.cursor, req.limit, req.reverse)?;
+    validate_wait(req.wait_ms)?;
+    Ok(query)
+}
+
+fn page_frame(page: Result<Page, Error>) -> ServerFrame {
+    match page {
+        Ok(page) => ServerFrame::PullPage(page.wire),
+        Err(err) => pull_failed(err),
     }
 }
 

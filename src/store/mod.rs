@@ -31,28 +31,29 @@ use crate::error::Error;
 use crate::proto::fields::{message, pull_response};
 use crate::wire;
 
-/// A callback for a send's outcome, for a caller that would rather not wait
-/// ([`AnyStore::start_send`]): it runs exactly once, where the outcome is
-/// known (for Redis, in the task that reads the batch's reply). Dropped
+/// A callback for the outcome of a send (or of a pull: `Completion<Page>`),
+/// for a caller that would rather not wait ([`AnyStore::start_send`],
+/// [`redis::RedisStore::start_pull`]): it runs exactly once, where the
+/// outcome is known (for Redis, in the task that reads the replies). Dropped
 /// without having run (its batch or the store gone), it runs with
 /// [`Error::Unavailable`], so no caller is left without an answer.
-pub struct Completion(Option<Then>);
+pub struct Completion<T = Sent>(Option<Then<T>>);
 
-type Then = Box<dyn FnOnce(Result<Sent, Error>) + Send>;
+type Then<T> = Box<dyn FnOnce(Result<T, Error>) + Send>;
 
-impl Completion {
-    pub fn new(then: impl FnOnce(Result<Sent, Error>) + Send + 'static) -> Completion {
+impl<T> Completion<T> {
+    pub fn new(then: impl FnOnce(Result<T, Error>) + Send + 'static) -> Completion<T> {
         Completion(Some(Box::new(then)))
     }
 
-    pub fn complete(mut self, outcome: Result<Sent, Error>) {
+    pub fn complete(mut self, outcome: Result<T, Error>) {
         if let Some(then) = self.0.take() {
             then(outcome);
         }
     }
 }
 
-impl Drop for Completion {
+impl<T> Drop for Completion<T> {
     fn drop(&mut self) {
         if let Some(then) = self.0.take() {
             then(Err(Error::Unavailable));

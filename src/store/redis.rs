@@ -217,6 +217,8 @@ pub struct RedisStore {
     pool: Arc<Pool<RespProtocol>>,
     /// Sends waiting for the [`Batcher`].
     sends: SendQueue,
+    /// Pulls started by [`RedisStore::start_pull`], waiting for [`run_pulls`].
+    pulls: mpsc::Sender<QueuedPull>,
     timeout: Duration,
     /// Pulls waiting for new messages, fed by the process's subscriber
     /// (src/store/subscriber.rs); `None`: pulls never wait.
@@ -333,9 +335,12 @@ impl RedisStore {
             window: BatchWindow::new(options),
         };
         tokio::spawn(batcher.run());
+        let (pulls, pull_queue) = mpsc::channel(options.queue.max(1));
+        tokio::spawn(run_pulls(pool.clone(), pull_queue, stats.clone()));
         RedisStore {
             pool,
             sends,
+            pulls,
             timeout: options.timeout,
             hub: None,
             stats,
@@ -346,6 +351,22 @@ impl RedisStore {
     pub fn with_hub(mut self, hub: Arc<Hub>) -> Self {
         self.hub = Some(hub);
         self
+    }
+
+    /// Reads one page (a pull that does not wait) and runs `done` with it,
+    /// without a task or a timer of its own: see [`run_pulls`]. (A task per
+    /// pull is the RPC server's largest allocation; see
+    /// [`crate::store::AnyStore::start_send`].)
+    pub fn start_pull(&self, query: PullQuery, done: Completion<Page>) {
+        let pull = QueuedPull {
+            command: pull_command(&query),
+            query,
+            deadline: Instant::now() + self.timeout,
+            done,
+        };
+        if let Err(refused) = self.pulls.try_send(pull) {
+            refused.into_inner().done.complete(Err(Error::Overloaded));
+        }
     }
 
     /// Registers a pull that will wait for `chat`, if pulls may wait.
@@ -367,6 +388,65 @@ impl RedisStore {
             Ok(Reply::Error(err)) => Err(Error::Internal(format!("redis: {err}"))),
             reply => reply,
         }
+    }
+}
+
+/// A pull for [`run_pulls`].
+struct QueuedPull {
+    command: Bytes,
+    query: PullQuery,
+    /// Not written after it; unanswered by then, it fails as a timeout.
+    deadline: Instant,
+    done: Completion<Page>,
+}
+
+/// Most pulls one [`run_pulls`] round takes.
+const MAX_PULL_ROUND: usize = 64;
+
+/// Starts every pull queued since its last turn on the pipelined
+/// connection(s), and hands their pages on from one task per round, in the
+/// order they were started (each waits at most until its own deadline): one
+/// task per round of pulls instead of one per pull.
+async fn run_pulls(
+    pool: Arc<Pool<RespProtocol>>,
+    mut queue: mpsc::Receiver<QueuedPull>,
+    stats: Arc<PeerStats>,
+) {
+    let mut round = Vec::with_capacity(MAX_PULL_ROUND);
+    while let Some(first) = queue.recv().await {
+        round.push(first);
+        while round.len() < MAX_PULL_ROUND {
+            match queue.try_recv() {
+                Ok(pull) => round.push(pull),
+                Err(_) => break,
+            }
+        }
+        let started: Vec<_> = round
+            .drain(..)
+            .map(|mut pull| {
+                let command = std::mem::take(&mut pull.command);
+                let counted = stats.call();
+                let pending = pool.handle().start_by(command, pull.deadline);
+                (pull, counted, pending)
+            })
+            .collect();
+        tokio::spawn(async move {
+            for (pull, counted, pending) in started {
+                let reply = match pending {
+                    Ok(pending) => tokio::time::timeout_at(pull.deadline, pending.wait())
+                        .await
+                        .unwrap_or(Err(Error::Timeout)),
+                    Err(err) => Err(err),
+                };
+                counted.end(outcome(&reply));
+                let page = match reply {
+                    Ok(Reply::Error(err)) => Err(Error::Internal(format!("redis: {err}"))),
+                    Ok(reply) => page_from_reply(&pull.query, reply),
+                    Err(err) => Err(err),
+                };
+                pull.done.complete(page);
+            }
+        });
     }
 }
 

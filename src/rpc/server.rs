@@ -346,13 +346,15 @@ async fn connection(
             // store answers at once; Redis through a callback.
             (Work::Pull(req), AnyStore::Memory(memory)) if !waits => {
                 SERVED.fetch_add(1, Ordering::Relaxed);
-                reply_to.send(page_frame(checked_pull(&req).map(|q| memory.pull_now(&q))));
+                reply_to.send(page_frame(
+                    checked_pull(&req).map(|(q, _)| memory.pull_now(&q)),
+                ));
                 continue;
             }
             (Work::Pull(req), AnyStore::Redis(redis)) if !waits => {
                 SERVED.fetch_add(1, Ordering::Relaxed);
                 match checked_pull(&req) {
-                    Ok(query) => redis.start_pull(
+                    Ok((query, _)) => redis.start_pull(
                         query,
                         Completion::new(move |page| reply_to.send(page_frame(page))),
                     ),
@@ -755,12 +757,11 @@ fn send_response(outcome: Result<Sent, Error>) -> SendResponse {
     }
 }
 
-/// A pull that does not wait, once valid: see [`pull`], which checks the
-/// same things in the same order (so the same error comes first).
-fn checked_pull(req: &PullRequest) -> Result<PullQuery, Error> {
+/// A pull's query and how long it may wait, once valid.
+fn checked_pull(req: &PullRequest) -> Result<(PullQuery, Duration), Error> {
     let query = validate_pull(&req.chat, req.cursor, req.limit, req.reverse)?;
-    validate_wait(req.wait_ms)?;
-    Ok(query)
+    let wait = validate_wait(req.wait_ms)?;
+    Ok((query, wait))
 }
 
 fn page_frame(page: Result<Page, Error>) -> ServerFrame {
@@ -784,23 +785,15 @@ async fn pull(
     req: PullRequest,
     stop: Option<watch::Receiver<bool>>,
 ) -> ServerFrame {
-    let failed = pull_failed;
-    let query = match validate_pull(&req.chat, req.cursor, req.limit, req.reverse) {
-        Ok(query) => query,
-        Err(invalid) => return failed(invalid.into()),
-    };
-    let wait = match validate_wait(req.wait_ms) {
-        Ok(wait) => wait,
-        Err(invalid) => return failed(invalid.into()),
+    let (query, wait) = match checked_pull(&req) {
+        Ok(checked) => checked,
+        Err(invalid) => return pull_failed(invalid),
     };
     let page = match wait.is_zero() || !query.may_wait() {
         true => store.pull(&query).await,
         false => pull_waiting(store, &query, wait, stop).await,
     };
-    match page {
-        Ok(page) => ServerFrame::PullPage(page.wire),
-        Err(err) => failed(err),
-    }
+    page_frame(page)
 }
 
 /// How long a waiting pull waits for its registration to be confirmed

@@ -34,8 +34,8 @@ use tokio::time::Instant;
 
 use super::redis::{
     BatchWindow, MAX_SEND_BATCH, QueuedSend, RedisOptions, SendQueue, answer_batch, batch_deadline,
-    chat_key, function_missing, held_until, im_send_command, load_library_command, next_batch,
-    outcome, page_from_reply, pull_command, without_wait,
+    chat_key, function_missing, im_send_command, load_library_command, next_batch, outcome,
+    page_from_reply, pull_command, without_wait,
 };
 use super::{Completion, Page, Sent, Store};
 use crate::domain::PullQuery;
@@ -494,8 +494,10 @@ async fn store_send_batches(
             let (router, entered) = (router.clone(), entered.clone());
             tokio::spawn(async move {
                 let wait = router.options.wait_replicas;
-                let executed = router.execute(slot, request, wait, deadline);
-                let reply = held_until(executed, entered, deadline).await;
+                // (Over by the deadline: nothing is written after it, and
+                // no reply is waited for past it.)
+                let reply = router.execute(slot, request, wait, deadline).await;
+                drop(entered);
                 answer_batch(reply, waiters)
             });
         }

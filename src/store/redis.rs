@@ -30,8 +30,8 @@ use tokio::time::Instant;
 use super::{Completion, Page, PageWriter, Sent, Store};
 use crate::domain::PullQuery;
 use crate::error::Error;
-use crate::metrics::{Outcome, PeerKind, PeerStats};
-use crate::mux::{ByteBudget, Handle, MuxOptions, Pool};
+use crate::metrics::{Outcome, PeerCall, PeerKind, PeerStats};
+use crate::mux::{ByteBudget, Handle, MuxOptions, Pending, Pool};
 use crate::notify::{Hub, Waiter};
 use crate::proto::fields::stored_message;
 use crate::resp::protocol::{RespProtocol, RespRequest};
@@ -359,7 +359,6 @@ impl RedisStore {
     /// [`crate::store::AnyStore::start_send`].)
     pub fn start_pull(&self, query: PullQuery, done: Completion<Page>) {
         let pull = QueuedPull {
-            command: pull_command(&query),
             query,
             deadline: Instant::now() + self.timeout,
             done,
@@ -376,14 +375,46 @@ impl RedisStore {
 
     async fn call(&self, command: Bytes) -> Result<Reply, Error> {
         let deadline = Instant::now() + self.timeout;
-        let counted = self.stats.call();
-        let reply = match self.pool.handle().start_by(command, deadline) {
-            Ok(pending) => tokio::time::timeout_at(deadline, pending.wait())
+        StartedCall::new(&self.pool, &self.stats, command, deadline)
+            .reply()
+            .await
+    }
+}
+
+/// A command written (or queued to be) on the pool, counted in the node's
+/// metrics until its reply.
+struct StartedCall {
+    pending: Result<Pending<Reply>, Error>,
+    deadline: Instant,
+    counted: PeerCall,
+}
+
+impl StartedCall {
+    fn new(
+        pool: &Pool<RespProtocol>,
+        stats: &Arc<PeerStats>,
+        command: Bytes,
+        deadline: Instant,
+    ) -> StartedCall {
+        let counted = stats.call();
+        let pending = pool.handle().start_by(command, deadline);
+        StartedCall {
+            pending,
+            deadline,
+            counted,
+        }
+    }
+
+    /// The reply, by the deadline (else `Timeout`); an error reply is
+    /// `Internal` (nothing the store sends should be refused).
+    async fn reply(self) -> Result<Reply, Error> {
+        let reply = match self.pending {
+            Ok(pending) => tokio::time::timeout_at(self.deadline, pending.wait())
                 .await
                 .unwrap_or(Err(Error::Timeout)),
             Err(err) => Err(err),
         };
-        counted.end(outcome(&reply));
+        self.counted.end(outcome(&reply));
         match reply {
             Ok(Reply::Error(err)) => Err(Error::Internal(format!("redis: {err}"))),
             reply => reply,
@@ -393,7 +424,6 @@ impl RedisStore {
 
 /// A pull for [`run_pulls`].
 struct QueuedPull {
-    command: Bytes,
     query: PullQuery,
     /// Not written after it; unanswered by then, it fails as a timeout.
     deadline: Instant,
@@ -423,28 +453,19 @@ async fn run_pulls(
         }
         let started: Vec<_> = round
             .drain(..)
-            .map(|mut pull| {
-                let command = std::mem::take(&mut pull.command);
-                let counted = stats.call();
-                let pending = pool.handle().start_by(command, pull.deadline);
-                (pull, counted, pending)
+            .map(|pull| {
+                let command = pull_command(&pull.query);
+                (
+                    StartedCall::new(&pool, &stats, command, pull.deadline),
+                    pull,
+                )
             })
             .collect();
         tokio::spawn(async move {
-            for (pull, counted, pending) in started {
-                let reply = match pending {
-                    Ok(pending) => tokio::time::timeout_at(pull.deadline, pending.wait())
-                        .await
-                        .unwrap_or(Err(Error::Timeout)),
-                    Err(err) => Err(err),
-                };
-                counted.end(outcome(&reply));
-                let page = match reply {
-                    Ok(Reply::Error(err)) => Err(Error::Internal(format!("redis: {err}"))),
-                    Ok(reply) => page_from_reply(&pull.query, reply),
-                    Err(err) => Err(err),
-                };
-                pull.done.complete(page);
+            for (call, pull) in started {
+                let page = call.reply().await;
+                pull.done
+                    .complete(page.and_then(|reply| page_from_reply(&pull.query, reply)));
             }
         });
     }
@@ -497,28 +518,12 @@ impl BatchWindow {
         BatchWindow(limit.map(|n| Arc::new(Semaphore::new(n))))
     }
 
-    /// Waits for room for one more batch; held until its reply.
+    /// Waits for room for one more batch; held until its reply, which is
+    /// in by the batch's deadline (every batch times out then): a stalled
+    /// Redis does not keep the window shut past it.
     pub(super) async fn enter(&self) -> Option<OwnedSemaphorePermit> {
         self.0.as_ref()?.clone().acquire_owned().await.ok()
     }
-}
-
-/// Runs `work`, holding `entered` (a place in the [`BatchWindow`]) until it
-/// ends or `deadline` passes: a stalled Redis must not keep the window shut
-/// once the batch's senders have been told it failed.
-pub(super) async fn held_until<F: Future, P>(
-    work: F,
-    entered: Option<P>,
-    deadline: Instant,
-) -> F::Output {
-    let mut work = std::pin::pin!(work);
-    if let Some(entered) = entered {
-        tokio::select! {
-            out = &mut work => return out,
-            _ = tokio::time::sleep_until(deadline) => drop(entered),
-        }
-    }
-    work.await
 }
 
 /// Waits for queued sends and takes what is queued (up to
@@ -611,7 +616,8 @@ impl Batcher {
                             .await
                             .unwrap_or(Err(Error::Unavailable))
                     };
-                    let reply = held_until(answered, entered, deadline).await;
+                    let reply = answered.await;
+                    drop(entered);
                     // An answer, or its absence, after the earliest
                     // deadline came too late.
                     counted.end(match outcome(&reply) {

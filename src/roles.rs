@@ -572,6 +572,14 @@ async fn run_shard(
             stopping,
         ))
     });
+    // A gateway shard calls its own shard's RPC server without TCP.
+    let (local_rpc, local_accept) = match (&plan.store, &plan.gateway, plan.rpc_local) {
+        (Some(_), Some(_), Some(addr)) => {
+            let (connect, accept) = crate::rpc::local::channel(addr);
+            (Some(connect), Some(accept))
+        }
+        _ => (None, None),
+    };
     let rpc = match &plan.store {
         Some(store) => {
             let store = match store {
@@ -588,6 +596,7 @@ async fn run_shard(
             };
             let server = crate::rpc::server::serve(
                 shard_listener(listeners.rpc)?,
+                local_accept,
                 Arc::new(store),
                 RpcServerOptions {
                     secret: plan.rpc_secret.clone(),
@@ -609,6 +618,7 @@ async fn run_shard(
             max_in_flight: config.max_in_flight,
             max_frame: config.max_frame,
             secret: plan.rpc_secret.clone(),
+            local: local_rpc,
         };
         let rpc = BalancedClient::new(endpoints.clone(), rpc_options);
         let gateway = Arc::new(Gateway::new(

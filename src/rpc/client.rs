@@ -11,6 +11,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::frame::{self, Frame};
+use super::local::LocalRpc;
 use super::{method, status};
 use crate::error::Error;
 use crate::metrics::{PeerKind, PeerStats};
@@ -32,6 +33,8 @@ struct RpcProtocol {
     going_away: Arc<AtomicBool>,
     /// The shared secret of the handshake ([`super::handshake`]), if any.
     secret: Option<Arc<[u8]>>,
+    /// Set when `addr` is this shard's own RPC server ([`super::local`]).
+    local: Option<LocalRpc>,
 }
 
 impl Protocol for RpcProtocol {
@@ -39,6 +42,11 @@ impl Protocol for RpcProtocol {
     type Reply = Frame;
 
     async fn connect(&mut self) -> io::Result<Stream> {
+        if let Some(local) = &self.local {
+            let stream = local.connect()?;
+            self.going_away.store(false, Ordering::Relaxed);
+            return Ok(Stream::Unix(stream));
+        }
         let mut socket = TcpStream::connect(&self.addr).await?;
         socket.set_nodelay(true)?;
         if let Some(secret) = &self.secret {
@@ -101,6 +109,8 @@ pub struct RpcClientOptions {
     pub max_frame: usize,
     /// The shared secret of the handshake ([`super::handshake`]), if any.
     pub secret: Option<Arc<[u8]>>,
+    /// This shard's own RPC server, reached without TCP ([`super::local`]).
+    pub local: Option<LocalRpc>,
 }
 
 #[derive(Clone)]
@@ -142,6 +152,7 @@ impl RpcClient {
         };
         let max_frame = options.max_frame;
         let going_away = Arc::new(AtomicBool::new(false));
+        let local = options.local.clone().filter(|local| local.serves(&addr));
         let pool = Pool::spawn(
             options.connections,
             || RpcProtocol {
@@ -150,6 +161,7 @@ impl RpcClient {
                 max_frame,
                 going_away: going_away.clone(),
                 secret: options.secret.clone(),
+                local: local.clone(),
             },
             mux,
         );
@@ -205,6 +217,7 @@ mod tests {
             max_frame: crate::config::Config::defaults().max_frame,
             going_away: Arc::new(AtomicBool::new(false)),
             secret: None,
+            local: None,
         };
         let mut input = BytesMut::new();
         frame::encode_raw(&mut input, 7, status::OK, b"reply");

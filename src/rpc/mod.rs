@@ -6,6 +6,7 @@ pub mod balanced;
 pub mod client;
 pub mod frame;
 pub mod handshake;
+pub mod local;
 pub mod server;
 
 /// Method numbers carried in request frames.

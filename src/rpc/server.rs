@@ -9,13 +9,13 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use prost::Message as _;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UnixStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::time::{Instant, Sleep};
 
 use super::frame::{self, Frame};
+use super::local::LocalAccept;
 use super::{method, status};
 use crate::accept::{drain, next_connection};
 use crate::domain::{
@@ -59,6 +59,7 @@ pub fn connection_slots(options: &RpcServerOptions) -> Arc<Semaphore> {
 /// `slots` has finished the requests it had already read.
 pub async fn serve(
     listener: TcpListener,
+    mut local: Option<LocalAccept>,
     store: Arc<AnyStore>,
     options: RpcServerOptions,
     slots: Arc<Semaphore>,
@@ -66,12 +67,22 @@ pub async fn serve(
     drain_timeout: Duration,
 ) {
     let mut refusals = RefusalLog::default();
-    while let Some((socket, peer)) = next_connection(&listener, &mut shutdown, "rpc").await {
+    loop {
+        let incoming = tokio::select! {
+            accepted = next_connection(&listener, &mut shutdown, "rpc") => match accepted {
+                Some((socket, peer)) => Incoming::Tcp(socket, peer),
+                None => break,
+            },
+            pair = async { Some(local.as_mut()?.next().await) }, if local.is_some() => match pair {
+                Some(stream) => Incoming::Local(stream),
+                None => continue,
+            },
+        };
         // Over the limit the connection is closed at once: there is no frame
         // to answer yet, and a gateway retries on its next call.
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             refusals.refused(options.max_connections);
-            drop(socket);
+            drop(incoming);
             continue;
         };
         let store = store.clone();
@@ -79,7 +90,8 @@ pub async fn serve(
         let options = options.clone();
         let counted = metrics::track(Gauge::RpcServerConnections);
         tokio::spawn(async move {
-            if let Err(err) = connection(socket, store, options, shutdown).await {
+            let peer = incoming.peer();
+            if let Err(err) = incoming.serve(store, options, shutdown).await {
                 eprintln!("im-server: rpc connection from {peer} closed: {err}");
             }
             drop((slot, counted));
@@ -88,6 +100,43 @@ pub async fn serve(
     drop(listener);
     if let Err(open) = drain(&slots, options.max_connections, drain_timeout).await {
         eprintln!("im-server: rpc drain timed out with {open} connections open");
+    }
+}
+
+/// A connection to serve: from the network, or from this shard's own
+/// gateway ([`super::local`]).
+enum Incoming {
+    Tcp(TcpStream, std::net::SocketAddr),
+    Local(UnixStream),
+}
+
+impl Incoming {
+    fn peer(&self) -> String {
+        match self {
+            Incoming::Tcp(_, peer) => peer.to_string(),
+            Incoming::Local(_) => "this shard's gateway".into(),
+        }
+    }
+
+    async fn serve(
+        self,
+        store: Arc<AnyStore>,
+        options: RpcServerOptions,
+        shutdown: watch::Receiver<bool>,
+    ) -> std::io::Result<()> {
+        match self {
+            Incoming::Tcp(mut socket, _) => {
+                if let Some(secret) = &options.secret {
+                    super::handshake::accept(&mut socket, secret).await?;
+                }
+                let (reader, writer) = socket.into_split();
+                connection(reader, writer, store, options, shutdown).await
+            }
+            Incoming::Local(stream) => {
+                let (reader, writer) = stream.into_split();
+                connection(reader, writer, store, options, shutdown).await
+            }
+        }
     }
 }
 
@@ -188,8 +237,8 @@ impl Usage {
 }
 
 /// The reader's side of a connection: its socket, input buffer and idle timer.
-struct Requests {
-    reader: OwnedReadHalf,
+struct Requests<R> {
+    reader: R,
     input: BytesMut,
     max_frame: usize,
     idle_timeout: Duration,
@@ -198,7 +247,7 @@ struct Requests {
     going_away: bool,
 }
 
-impl Requests {
+impl<R: AsyncRead + Unpin> Requests<R> {
     /// The next request frame, or `None` when the connection should close
     /// quietly: end of stream, the writer gave up on the peer, or the idle
     /// timeout passed with nothing in flight. On shutdown it sends GOAWAY
@@ -239,7 +288,7 @@ impl Requests {
     }
 }
 
-impl Requests {
+impl<R> Requests<R> {
     /// Queues the GOAWAY frame; `false` if it cannot be (the peer is not
     /// reading its replies, or the writer is gone): then close at once.
     fn go_away(&mut self, usage: &Usage, replies: &mpsc::UnboundedSender<Outgoing>) -> bool {
@@ -260,16 +309,17 @@ impl Requests {
     }
 }
 
-async fn connection(
-    mut socket: TcpStream,
+async fn connection<R, W>(
+    reader: R,
+    writer: W,
     store: Arc<AnyStore>,
     options: RpcServerOptions,
     mut shutdown: watch::Receiver<bool>,
-) -> std::io::Result<()> {
-    if let Some(secret) = &options.secret {
-        super::handshake::accept(&mut socket, secret).await?;
-    }
-    let (reader, writer) = socket.into_split();
+) -> std::io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
     // Unbounded by count: what it holds is bounded in bytes by `usage.output`.
     let (replies, outbox) = mpsc::unbounded_channel::<Outgoing>();
     let write_loop = tokio::spawn(write_replies(writer, outbox));
@@ -490,7 +540,10 @@ impl WaitingPulls {
 
 /// Writes everything finished since the last write in one write; a peer
 /// that accepts no byte for [`WRITE_STALL_TIMEOUT`] is given up on.
-async fn write_replies(mut writer: OwnedWriteHalf, mut outbox: mpsc::UnboundedReceiver<Outgoing>) {
+async fn write_replies<W: AsyncWrite + Unpin>(
+    mut writer: W,
+    mut outbox: mpsc::UnboundedReceiver<Outgoing>,
+) {
     let mut output = BytesMut::with_capacity(READ_CHUNK);
     // The budget of what `output` holds, released once it is written. Each
     // reply is dropped as soon as it is encoded, so `output` is its only copy.

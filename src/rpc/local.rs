@@ -1,0 +1,107 @@
+//! A gateway shard's way to the RPC server of its own shard, when one process
+//! runs both (`im-server` with no role): a unix socket pair, handed to that
+//! shard's RPC server, instead of a TCP connection to the shared port.
+//!
+//! Over TCP, `SO_REUSEPORT` hashed each gateway shard's RPC connection to
+//! either shard's listener, so calls crossed threads and, in 5 of 6 starts
+//! measured (issue 19), both gateway shards' connections landed on one RPC
+//! shard, which then used about twice the CPU of the other and left the
+//! machine partly idle. A pair made inside the shard keeps the call on the
+//! thread that took the HTTP request, whatever the kernel's hash, and skips
+//! loopback TCP. The frames on it are the same protobuf frames: only the
+//! transport differs, so the RPC server serves it with the same loop.
+//!
+//! No handshake is run on it: the other end of a pair made in this process
+//! cannot be held by anyone else.
+
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+
+use tokio::net::UnixStream;
+use tokio::sync::mpsc;
+
+/// The client's side: calls to `addr` connect through a new pair.
+#[derive(Clone)]
+pub struct LocalRpc {
+    addr: SocketAddr,
+    accept: mpsc::UnboundedSender<UnixStream>,
+}
+
+/// The server's side: the ends of the pairs this shard's gateway made.
+pub struct LocalAccept {
+    incoming: mpsc::UnboundedReceiver<UnixStream>,
+}
+
+/// A connector for calls to `addr` (this process's RPC server address) and
+/// the acceptor its shard's RPC server takes them from.
+pub fn channel(addr: SocketAddr) -> (LocalRpc, LocalAccept) {
+    let (accept, incoming) = mpsc::unbounded_channel();
+    (LocalRpc { addr, accept }, LocalAccept { incoming })
+}
+
+impl LocalRpc {
+    /// Whether calls to `target` (as the balancer names it) go through here.
+    pub fn serves(&self, target: &str) -> bool {
+        target.parse::<SocketAddr>().is_ok_and(|t| t == self.addr)
+    }
+
+    /// A new connection to this shard's RPC server.
+    pub fn connect(&self) -> io::Result<UnixStream> {
+        let (ours, theirs) = UnixStream::pair()?;
+        self.accept
+            .send(theirs)
+            .map_err(|_| io::Error::new(io::ErrorKind::ConnectionRefused, "rpc server stopped"))?;
+        Ok(ours)
+    }
+}
+
+impl fmt::Debug for LocalRpc {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "LocalRpc({})", self.addr)
+    }
+}
+
+impl LocalAccept {
+    /// The next connection; pending forever once no connector is left (the
+    /// accept loop stops on shutdown, not here).
+    pub async fn next(&mut self) -> UnixStream {
+        match self.incoming.recv().await {
+            Some(stream) => stream,
+            None => std::future::pending().await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[test]
+    fn serves_only_its_own_address() {
+        let (local, _accept) = channel("127.0.0.1:8888".parse().expect("addr"));
+        assert!(local.serves("127.0.0.1:8888"));
+        assert!(!local.serves("127.0.0.1:8889"));
+        assert!(!local.serves("localhost:8888"));
+    }
+
+    #[tokio::test]
+    async fn a_connection_reaches_the_acceptor() {
+        let (local, mut accept) = channel("127.0.0.1:8888".parse().expect("addr"));
+        let mut ours = local.connect().expect("pair");
+        let mut theirs = accept.next().await;
+        ours.write_all(b"frame").await.expect("write");
+        let mut got = [0u8; 5];
+        theirs.read_exact(&mut got).await.expect("read");
+        assert_eq!(&got, b"frame");
+    }
+
+    #[tokio::test]
+    async fn connecting_after_the_server_stopped_is_refused() {
+        let (local, accept) = channel("127.0.0.1:8888".parse().expect("addr"));
+        drop(accept);
+        let err = local.connect().expect_err("nobody accepts");
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused);
+    }
+}

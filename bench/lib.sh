@@ -57,6 +57,13 @@ build_server() {
     cp "$REPO_DIR/target/release/im-server" "$WORK/im-server"
 }
 
+# The axum + redis-rs reference server (bench/peer, a crate of its own).
+build_peer() {
+    log "cargo build --release (bench/peer)"
+    (cd "$BENCH_DIR/peer" && cargo build --release --quiet) || die "building bench/peer failed"
+    cp "$BENCH_DIR/peer/target/release/im-peer" "$WORK/im-peer"
+}
+
 # --- process bookkeeping -------------------------------------------------------
 
 make_workdir() {
@@ -192,7 +199,10 @@ start_redis() {
 spawn_rpc() {
     local name=$1 url=$2
     shift 2
-    "${IM_BIN:-$WORK/im-server}" rpc --rpc-listen 127.0.0.1:0 --redis "$url" "$@" 2>"$WORK/$name.log" &
+    # Emptied here, not by the child's redirection: that runs after the fork,
+    # so wait_for_log could read a restarted server's old address first.
+    : >"$WORK/$name.log"
+    "${IM_BIN:-$WORK/im-server}" rpc --rpc-listen 127.0.0.1:0 --redis "$url" "$@" 2>>"$WORK/$name.log" &
     SPAWNED_PID=$!
     STARTED_PIDS+=("$SPAWNED_PID")
     SPAWNED_ADDR=$(wait_for_log "$WORK/$name.log" 'rpc listening on ' "$SPAWNED_PID" "im-server rpc ($name)")
@@ -201,7 +211,8 @@ spawn_rpc() {
 spawn_gateway() {
     local name=$1 rpc=$2
     shift 2
-    "${IM_BIN:-$WORK/im-server}" gateway --http-addr 127.0.0.1:0 --rpc "$rpc" "$@" 2>"$WORK/$name.log" &
+    : >"$WORK/$name.log"
+    "${IM_BIN:-$WORK/im-server}" gateway --http-addr 127.0.0.1:0 --rpc "$rpc" "$@" 2>>"$WORK/$name.log" &
     SPAWNED_PID=$!
     STARTED_PIDS+=("$SPAWNED_PID")
     SPAWNED_ADDR=$(wait_for_log "$WORK/$name.log" 'http listening on ' "$SPAWNED_PID" "im-server gateway ($name)")
@@ -249,18 +260,20 @@ start_stack() {
 #   auth          JWT authentication on: every request carries a bearer token
 #   baseline      standalone with another build of im-server (bench/run --baseline BIN):
 #                 an A/B measured side by side, round by round
+#   all           one im-server process with no role (gateway + RPC server) on
+#                 redis-server: what `REDIS_URL=... cargo run --release` runs
+#   all-baseline  all with the --baseline build
+#   peer          the axum + redis-rs reference server (bench/peer) on redis-server
 declare -A STACK_URL=() STACK_GATEWAYS=() STACK_TOKEN=() STACK_REDIS_PORTS=() \
-    STACK_PIDS_gateway=() STACK_PIDS_rpc=() STACK_PIDS_redis=()
-STACK_NAMES="standalone standalone-wait cluster cluster-wait rpcN gwN auth baseline"
+    STACK_PIDS_gateway=() STACK_PIDS_rpc=() STACK_PIDS_redis=() \
+    STACK_REDIS_URL=() STACK_RPC_ARGS=() STACK_GATEWAY_ARGS=()
+STACK_NAMES="all all-baseline peer standalone standalone-wait cluster cluster-wait rpcN gwN auth baseline"
 
 start_variant() {
-    local name=$1 redis_url rpc_args=() gateway_args=() rpcs=1 gateways=1 i
+    local name=$1 redis_url rpc_args=() gateway_args=()
     STACK_TOKEN[$name]=""
-    # The baseline stack runs the other build; every other stack this one.
-    IM_BIN=$WORK/im-server
-    [[ $name == baseline ]] && IM_BIN=$WORK/im-server-baseline
     case $name in
-        standalone | baseline | rpc[1-9] | gw[1-9] | auth)
+        standalone | baseline | rpc[1-9] | gw[1-9] | auth | all | all-baseline | peer)
             spawn_redis "$name-redis" 6479
             STACK_PIDS_redis[$name]=$SPAWNED_PID
             STACK_REDIS_PORTS[$name]=$SPAWNED_PORT
@@ -280,8 +293,7 @@ start_variant() {
         *) die "unknown stack $name (known: $STACK_NAMES)" ;;
     esac
     # shellcheck disable=SC2206 # word splitting of the extra flags is wanted
-    [[ $name == rpc[1-9] ]] && rpcs=${name#rpc} && rpc_args+=(${BENCH_RPCN_ARGS:-})
-    [[ $name == gw[1-9] ]] && gateways=${name#gw}
+    [[ $name == rpc[1-9] ]] && rpc_args+=(${BENCH_RPCN_ARGS:-})
     if [[ $name == auth ]]; then
         # HS256 wants >= 32 bytes of key (RFC 7518 §3.2).
         head -c 48 /dev/urandom | base64 -w0 >"$WORK/jwt.secret"
@@ -290,6 +302,42 @@ start_variant() {
         STACK_TOKEN[$name]=$("$WORK/im-server" token --sub a2 --ttl-s 86400 \
             --auth-jwt-secret-file "$WORK/jwt.secret") || die "im-server token failed"
     fi
+    STACK_REDIS_URL[$name]=$redis_url
+    STACK_RPC_ARGS[$name]="${rpc_args[*]}"
+    STACK_GATEWAY_ARGS[$name]="${gateway_args[*]}"
+    start_servers "$name"
+}
+
+# start_servers NAME: starts the stack's im-server processes (or the peer) on
+# its running Redis, from what start_variant recorded; restart_servers NAME
+# stops them and starts new ones (bench/run --restart: a figure is then a
+# median over starts, not one placement of connections on shards).
+start_servers() {
+    local name=$1 redis_url=${STACK_REDIS_URL[$1]} rpcs=1 gateways=1 i
+    local -a rpc_args gateway_args
+    read -r -a rpc_args <<<"${STACK_RPC_ARGS[$name]}"
+    read -r -a gateway_args <<<"${STACK_GATEWAY_ARGS[$name]}"
+    # The baseline stacks run the other build; every other stack this one.
+    IM_BIN=$WORK/im-server
+    [[ $name == baseline || $name == all-baseline ]] && IM_BIN=$WORK/im-server-baseline
+    case $name in
+        all | all-baseline)
+            spawn_all "$name" "$redis_url"
+            STACK_PIDS_gateway[$name]=$SPAWNED_PID STACK_PIDS_rpc[$name]=""
+            STACK_GATEWAYS[$name]=$SPAWNED_ADDR STACK_URL[$name]="http://$SPAWNED_ADDR"
+            log "stack $name: one process $SPAWNED_PID on $SPAWNED_ADDR, redis ${STACK_REDIS_PORTS[$name]}"
+            return
+            ;;
+        peer)
+            spawn_peer "$name" "$redis_url"
+            STACK_PIDS_gateway[$name]=$SPAWNED_PID STACK_PIDS_rpc[$name]=""
+            STACK_GATEWAYS[$name]=$SPAWNED_ADDR STACK_URL[$name]="http://$SPAWNED_ADDR"
+            log "stack $name: axum + redis-rs $SPAWNED_PID on $SPAWNED_ADDR, redis ${STACK_REDIS_PORTS[$name]}"
+            return
+            ;;
+    esac
+    [[ $name == rpc[1-9] ]] && rpcs=${name#rpc}
+    [[ $name == gw[1-9] ]] && gateways=${name#gw}
     local rpc_addrs="" pids=""
     for ((i = 1; i <= rpcs; i++)); do
         spawn_rpc "$name-rpc$i" "$redis_url" "${rpc_args[@]}"
@@ -306,6 +354,42 @@ start_variant() {
     STACK_URL[$name]="http://${gw_addrs%%,*}"
     log "stack $name: gateways $gw_addrs (pids ${STACK_PIDS_gateway[$name]}), rpc $rpc_addrs" \
         "(pids ${STACK_PIDS_rpc[$name]}), redis ${STACK_REDIS_PORTS[$name]} (pids ${STACK_PIDS_redis[$name]})"
+}
+
+restart_servers() {
+    local name=$1 pid i alive
+    local pids="${STACK_PIDS_gateway[$name]} ${STACK_PIDS_rpc[$name]}"
+    for pid in $pids; do kill -TERM "$pid" 2>/dev/null || true; done
+    for ((i = 0; i < 100; i++)); do
+        alive=0
+        for pid in $pids; do kill -0 "$pid" 2>/dev/null && alive=1; done
+        ((alive)) || break
+        sleep 0.1
+    done
+    for pid in $pids; do kill -KILL "$pid" 2>/dev/null || true; done
+    start_servers "$name"
+}
+
+# spawn_all NAME REDIS_URL: im-server with no role (gateway and RPC server in
+# one process), what `REDIS_URL=... cargo run --release` runs.
+spawn_all() {
+    local name=$1 url=$2
+    : >"$WORK/$name.log"
+    "$IM_BIN" --http-addr 127.0.0.1:0 --rpc-listen 127.0.0.1:0 --redis "$url" 2>>"$WORK/$name.log" &
+    SPAWNED_PID=$!
+    STARTED_PIDS+=("$SPAWNED_PID")
+    SPAWNED_ADDR=$(wait_for_log "$WORK/$name.log" 'http listening on ' "$SPAWNED_PID" "im-server ($name)")
+}
+
+# spawn_peer NAME REDIS_URL: the axum + redis-rs reference (bench/peer).
+spawn_peer() {
+    local name=$1 url=$2 port
+    port=$(free_port 18390)
+    "$WORK/im-peer" "127.0.0.1:$port" "$url" 2>"$WORK/$name.log" &
+    SPAWNED_PID=$!
+    STARTED_PIDS+=("$SPAWNED_PID")
+    wait_for_port "$port" "$SPAWNED_PID" "im-peer ($name)"
+    SPAWNED_ADDR="127.0.0.1:$port"
 }
 
 # start_replicated NAME: a redis-server and one replica of it, ready when the

@@ -54,9 +54,10 @@ function cpu(key, proc,    t) {
     p99[key] = p99[key] " " v["p99_us"]
     p999[key] = p999[key] " " v["p999_us"]
     requests[key] += v["requests"]
+    dur[key] += v["duration_s"]
     for (k in v) {
         if (k ~ /^err_/) err[key, substr(k, 5)] += v[k]
-        if (k ~ /^ticks_/) ticks[key, substr(k, 7)] += v[k]
+        if (k ~ /^ticks_/) { ticks[key, substr(k, 7)] += v[k]; allticks[key] += v[k] }
     }
     if ("fcalls" in v) fcalls[key] += v["fcalls"]
 }
@@ -86,8 +87,11 @@ END {
     print "im_send calls Redis ran per message stored. \"other processes\": CPU time the machine spent on"
     print "anything else meanwhile (it should be near 0; if not, the numbers are skewed)."
     print ""
-    print "| scenario | server | requests | gateway | rpc | redis | nginx workers | wrk | servers µs/req | FCALLs/msg | other processes |"
-    print "|---|---|---:|---|---|---|---|---|---:|---:|---|"
+    print "\"idle\": the share of the machine's CPU time (all cores) that no process used during the runs."
+    print "In `all`, `all-baseline` and `peer` the one process is counted as the gateway."
+    print ""
+    print "| scenario | server | requests | gateway | rpc | redis | nginx workers | wrk | servers µs/req | FCALLs/msg | other processes | idle |"
+    print "|---|---|---:|---|---|---|---|---|---:|---:|---|---:|"
     for (i = 1; i <= n; i++) {
         for (t = 1; t <= nt; t++) {
             target = tg[t]
@@ -96,13 +100,15 @@ END {
             total = 0
             split("gateway rpc redis nginx", procs, " ")
             for (p = 1; p <= 4; p++) if ((key, procs[p]) in ticks) total += ticks[key, procs[p]]
-            printf "| %s | %s | %d | %s | %s | %s | %s | %s | %.1f | %s | %.2f s |\n", sc[i], target, requests[key],
+            idle = (dur[key] > 0) ? 100 - allticks[key] / tck / (dur[key] * cores) * 100 : 0
+            printf "| %s | %s | %d | %s | %s | %s | %s | %s | %.1f | %s | %.2f s | %.0f%% |\n", sc[i], target, requests[key],
                 cpu(key, "gateway"), cpu(key, "rpc"), cpu(key, "redis"), cpu(key, "nginx"),
                 cpu(key, "wrk"), total / tck * 1e6 / requests[key],
                 ((key in fcalls) && requests[key] > 0 ? sprintf("%.3f", fcalls[key] / requests[key]) : "-"),
-                ticks[key, "other"] / tck
+                ticks[key, "other"] / tck, (idle < 0 ? 0 : idle)
         }
     }
+    ratios(n, nt)
     busy = (run_seconds > 0) ? other_ticks / tck / (run_seconds * cores) * 100 : 0
     if (busy >= 5) {
         print ""
@@ -113,5 +119,37 @@ END {
         print "Pipelined latencies are per batch of 16 (wrk times the write of a batch to its last response)."
         print "\"na\": wrk's coordinated-omission correction assumes one request per write, and with"
         print "pipelining its histogram cannot give that percentile (see bench/common.lua)."
+    }
+}
+
+# Same-run ratios of each stack's median req/s against the reference stacks
+# that ran (all-baseline, baseline, peer), with the spread over rounds (each a
+# fresh start with bench/run --restart): the lowest round against the median.
+function ratios(n, nt,    i, t, r, refs, nr, j, ref, line, key, lo, m, a, k) {
+    nr = split("all-baseline baseline peer", refs, " ")
+    line = ""
+    for (j = 1; j <= nr; j++) if ((refs[j] SUBSEP sc[1]) in requests) line = line " | /" refs[j]
+    if (line == "") return
+    print ""
+    print "| scenario | server | req/s" line " | lowest round vs median |"
+    printf "|---|---|---:"
+    for (j = 1; j <= nr; j++) if ((refs[j] SUBSEP sc[1]) in requests) printf "|---:"
+    print "|---:|"
+    for (i = 1; i <= n; i++) {
+        for (t = 1; t <= nt; t++) {
+            key = tg[t] SUBSEP sc[i]
+            if (!(key in requests) || tg[t] ~ /^nginx/) continue
+            r = median(rps[key])
+            printf "| %s | %s | %s", sc[i], tg[t], num(r)
+            for (j = 1; j <= nr; j++) {
+                ref = refs[j] SUBSEP sc[i]
+                if (!((refs[j] SUBSEP sc[1]) in requests)) continue
+                m = median(rps[ref])
+                printf " | %s", (m > 0 ? sprintf("%.2f", r / m) : "-")
+            }
+            k = split(rps[key], a, " "); lo = ""
+            for (j = 1; j <= k; j++) if (lo == "" || a[j] + 0 < lo + 0) lo = a[j]
+            printf " | %s |\n", (r > 0 ? sprintf("%+.1f%%", (lo - r) * 100 / r) : "-")
+        }
     }
 }

@@ -146,6 +146,8 @@ options! {
         "address serving GET /metrics (Prometheus text format) for any role, e.g. the rpc role, which has no HTTP port; the gateway also serves /metrics on --http-addr");
     idempotency_ttl: Duration = idempotency_ttl("--idempotency-ttl-s", "IM_IDEMPOTENCY_TTL_S", "86400",
         "how long a send's idempotency key is remembered, in seconds");
+    log_level: crate::logging::Filter = log_filter("--log-level", "IM_LOG", "info",
+        "what is logged: off, error, warn, info or debug, optionally per module as RUST_LOG spells it (warn,rpc=debug); a message repeated from one place is written once a second with a count");
 }
 
 /// Longest idempotency-key retention accepted, in seconds: 10 years (Redis
@@ -219,6 +221,13 @@ fn wait_ms(flag: &'static str, value: Option<&str>) -> Result<i32, String> {
         n if n > max as u64 => Err(format!("{flag} must be at most {max}")),
         n => Ok(n as i32),
     }
+}
+
+fn log_filter(flag: &'static str, value: Option<&str>) -> Result<crate::logging::Filter, String> {
+    value
+        .unwrap_or_default()
+        .parse()
+        .map_err(|e| format!("{flag}: {e}"))
 }
 
 fn rate(flag: &'static str, value: Option<&str>) -> Result<Option<Rate>, String> {

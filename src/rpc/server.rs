@@ -80,14 +80,14 @@ pub async fn serve(
         let counted = metrics::track(Gauge::RpcServerConnections);
         tokio::spawn(async move {
             if let Err(err) = connection(socket, store, options, shutdown).await {
-                eprintln!("im-server: rpc connection from {peer} closed: {err}");
+                crate::logging::warning!("rpc connection closed"; peer = peer, err = err);
             }
             drop((slot, counted));
         });
     }
     drop(listener);
     if let Err(open) = drain(&slots, options.max_connections, drain_timeout).await {
-        eprintln!("im-server: rpc drain timed out with {open} connections open");
+        crate::logging::warning!("rpc drain timed out with {open} connections open");
     }
 }
 
@@ -108,8 +108,8 @@ impl RefusalLog {
             .last
             .is_none_or(|last| last.elapsed() >= Self::INTERVAL)
         {
-            eprintln!(
-                "im-server: rpc connection limit ({limit}) reached: closed {} new connection(s)",
+            crate::logging::warning!(
+                "rpc connection limit ({limit}) reached: closed {} new connection(s)",
                 self.unlogged
             );
             self.last = Some(Instant::now());
@@ -689,11 +689,16 @@ fn failure(err: Error) -> (i32, String) {
         Error::Invalid(why) => why,
         Error::Unavailable | Error::Lost | Error::Timeout => "the store is unavailable".into(),
         Error::Overloaded => "the store is overloaded".into(),
+        Error::StorageFull => {
+            crate::metrics::METRICS.store_full();
+            crate::logging::error!("the store is full: sends refused until memory is freed");
+            "the store is full".into()
+        }
         Error::IdempotencyKeyReused => {
             "this idempotency key was already used in this chat for a different message".into()
         }
         Error::Internal(why) => {
-            eprintln!("im-server: store error: {why}");
+            crate::logging::error!("store error"; why = why);
             "internal store error".into()
         }
     };

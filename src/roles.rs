@@ -521,11 +521,11 @@ fn access(config: &Config) -> Result<Access, String> {
         };
         crate::logging::info!("authentication on: bearer tokens ({algorithms}) required");
     }
-    Ok(Access::new(
-        auth,
-        config.rate_limit_send,
-        config.rate_limit_pull,
-    ))
+    Ok(Access {
+        trusted_proxies: config.trusted_proxies.clone(),
+        allowed_origins: config.allowed_origins.clone(),
+        ..Access::new(auth, config.rate_limit_send, config.rate_limit_pull)
+    })
 }
 
 /// Clock skew tolerated on a token's `exp` and `nbf`, in seconds.

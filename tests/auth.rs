@@ -588,3 +588,139 @@ fn eddsa_tokens_are_accepted_with_the_configured_public_key_only() {
         r.describe()
     );
 }
+
+// --- issue 20 item 9: the smaller holes ---------------------------------------
+
+fn send_with(addr: std::net::SocketAddr, headers: &[(&str, &str)], chat: &str) -> Response {
+    let mut all = vec![("Content-Type", "application/json")];
+    all.extend_from_slice(headers);
+    let body = json!({"chat": chat, "text": "t", "sender": "s"});
+    request(addr, "POST", "/api/send", &all, body.to_string().as_bytes())
+}
+
+/// Two `Authorization` headers are 400 (not "the first wins"), and tokens
+/// that fail verification count against the client address's bucket: 200
+/// forged tokens meet 429 once the budget is spent, not 200 × 401.
+#[test]
+fn duplicate_authorization_is_400_and_forged_tokens_meet_the_rate_limit() {
+    let (server, _dir) = server(&["--rate-limit-pull", "5/m"]);
+    let addr = server.http_addr();
+    let good = bearer(&user("alice"));
+    let r = request(
+        addr,
+        "GET",
+        "/api/pull?chat=room",
+        &[("Authorization", &good), ("Authorization", "Bearer forged")],
+        b"",
+    );
+    assert_error(&r, 400, "two Authorization headers");
+    let forged = bearer(&jwt::mint(
+        b"another secret of thirty-two bytes!!",
+        &json!({"sub": "mallory", "exp": now_s() + 600}),
+    ));
+    let statuses: Vec<u16> = (0..200)
+        .map(|_| {
+            request(
+                addr,
+                "GET",
+                "/api/pull?chat=room",
+                &[("Authorization", &forged)],
+                b"",
+            )
+            .status
+        })
+        .collect();
+    let unauthorized = statuses.iter().filter(|&&s| s == 401).count();
+    let limited = statuses.iter().filter(|&&s| s == 429).count();
+    assert_eq!(unauthorized, 5, "the budget: {statuses:?}");
+    assert_eq!(limited, 195, "then 429: {statuses:?}");
+    // A user's own bucket is not the address's: alice is still served.
+    assert_eq!(pull_as(addr, Some(&user("alice")), "room").status, 200);
+}
+
+/// Without authentication the bucket is the client's: behind a trusted
+/// proxy the address it names (`X-Forwarded-For`, `Forwarded`), and for
+/// IPv6 the /64; from a peer that is not a trusted proxy the headers are
+/// ignored.
+#[test]
+fn buckets_follow_trusted_proxies_and_ipv6_slash_64() {
+    let limits = ["--rate-limit-send", "2/m"];
+    let mut args = limits.to_vec();
+    args.extend(["--trusted-proxies", "127.0.0.0/8,::1"]);
+    let server = Server::start("all", &args, &[]);
+    let addr = server.http_addr();
+    let xff = |ip: &'static str| [("X-Forwarded-For", ip)];
+    // One /64: two addresses share its two sends.
+    assert_eq!(send_with(addr, &xff("2001:db8:1:2::1"), "p").status, 200);
+    assert_eq!(send_with(addr, &xff("2001:db8:1:2::ffff"), "p").status, 200);
+    assert_error(
+        &send_with(addr, &xff("2001:db8:1:2::7"), "p"),
+        429,
+        "same /64",
+    );
+    // Another /64 and an IPv4 client have their own.
+    assert_eq!(send_with(addr, &xff("2001:db8:1:3::1"), "p").status, 200);
+    let fwd = [("Forwarded", "for=\"203.0.113.9:4711\"")];
+    assert_eq!(send_with(addr, &fwd, "p").status, 200);
+    assert_eq!(send_with(addr, &xff("203.0.113.9"), "p").status, 200);
+    assert_error(&send_with(addr, &fwd, "p"), 429, "203.0.113.9's third");
+    // Not a trusted proxy: the header is ignored, everyone is the peer.
+    let plain = Server::start("all", &limits, &[]);
+    let addr = plain.http_addr();
+    assert_eq!(send_with(addr, &xff("198.51.100.1"), "p").status, 200);
+    assert_eq!(send_with(addr, &xff("198.51.100.2"), "p").status, 200);
+    assert_error(&send_with(addr, &xff("198.51.100.3"), "p"), 429, "one peer");
+}
+
+/// With authentication off, a browser's cross-origin send is refused (403,
+/// nothing stored), as Go's http.CrossOriginProtection does; same-origin
+/// pages, programs sending neither header, and `--allowed-origins` pass.
+#[test]
+fn cross_origin_sends_are_refused_without_authentication() {
+    let server = Server::start("all", &["--allowed-origins", "https://app.example"], &[]);
+    let addr = server.http_addr();
+    let host = format!("{addr}");
+    let same = format!("http://{addr}");
+    let text_plain = |headers: &[(&str, &str)]| {
+        let mut all = vec![("Content-Type", "text/plain")];
+        all.extend_from_slice(headers);
+        let body = json!({"chat": "xo", "text": "t", "sender": "s"});
+        request(addr, "POST", "/api/send", &all, body.to_string().as_bytes())
+    };
+    for (headers, what) in [
+        (vec![("Sec-Fetch-Site", "cross-site")], "Sec-Fetch-Site"),
+        (vec![("Origin", "https://evil.example")], "Origin"),
+        (
+            vec![
+                ("Sec-Fetch-Site", "same-site"),
+                ("Origin", "https://evil.example"),
+            ],
+            "same-site",
+        ),
+    ] {
+        let r = text_plain(&headers);
+        assert_error(&r, 403, what);
+    }
+    assert_eq!(server_messages(addr, "xo"), 0, "nothing stored");
+    for headers in [
+        vec![],
+        vec![("Sec-Fetch-Site", "same-origin"), ("Origin", same.as_str())],
+        vec![("Origin", same.as_str()), ("Host", host.as_str())],
+        vec![
+            ("Sec-Fetch-Site", "cross-site"),
+            ("Origin", "https://app.example"),
+        ],
+    ] {
+        let r = send_with(addr, &headers, "xo");
+        assert_eq!(r.status, 200, "{headers:?}: {}", r.describe());
+    }
+    // Reads are not state-changing: a cross-site pull is served.
+    let r = request(
+        addr,
+        "GET",
+        "/api/pull?chat=xo",
+        &[("Sec-Fetch-Site", "cross-site")],
+        b"",
+    );
+    assert_eq!(r.status, 200);
+}

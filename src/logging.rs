@@ -134,15 +134,24 @@ pub fn enabled(level: Level, path: &str) -> bool {
     }
 }
 
-/// What one call site remembers to collapse its repeats: the second (since
-/// start) and hash of the last line it wrote, and how many identical ones
-/// it has dropped since.
+/// What one call site remembers to collapse its repeats: its last few
+/// messages (by hash), each with the second (since start) it was last
+/// written in and how many identical lines were dropped since. A few, not
+/// one, so that two messages alternating from one place (two reasons to
+/// refuse a connection) are each collapsed too.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Collapse {
-    second: u64,
+    recent: [Recent; RECENT],
+}
+
+const RECENT: usize = 4;
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Recent {
     message: u64,
+    second: u64,
     dropped: u64,
-    written: bool,
+    used: bool,
 }
 
 impl Collapse {
@@ -150,22 +159,32 @@ impl Collapse {
     /// `Some(n)` with the number of identical lines dropped before it, or
     /// `None` (dropped: the same message was already written this second).
     pub fn admit(&mut self, message: u64, second: u64) -> Option<u64> {
-        if self.written && self.message == message && self.second == second {
-            self.dropped += 1;
-            return None;
+        if let Some(seen) = self
+            .recent
+            .iter_mut()
+            .find(|r| r.used && r.message == message)
+        {
+            if seen.second == second {
+                seen.dropped += 1;
+                return None;
+            }
+            let dropped = std::mem::take(&mut seen.dropped);
+            seen.second = second;
+            return Some(dropped);
         }
-        let dropped = if self.message == message {
-            self.dropped
-        } else {
-            0
-        };
-        *self = Collapse {
-            second,
+        // A new message takes the place of the one written longest ago.
+        let oldest = self
+            .recent
+            .iter_mut()
+            .min_by_key(|r| (r.used, r.second))
+            .unwrap_or_else(|| unreachable!("RECENT > 0"));
+        *oldest = Recent {
             message,
+            second,
             dropped: 0,
-            written: true,
+            used: true,
         };
-        Some(dropped)
+        Some(0)
     }
 }
 
@@ -175,11 +194,14 @@ pub struct Site(Mutex<Collapse>);
 impl Site {
     #[allow(clippy::new_without_default)]
     pub const fn new() -> Site {
-        Site(Mutex::new(Collapse {
-            second: 0,
+        const EMPTY: Recent = Recent {
             message: 0,
+            second: 0,
             dropped: 0,
-            written: false,
+            used: false,
+        };
+        Site(Mutex::new(Collapse {
+            recent: [EMPTY; RECENT],
         }))
     }
 }
@@ -296,6 +318,20 @@ mod tests {
         assert_eq!(c.admit(8, 1), None);
         assert_eq!(c.admit(8, 3), Some(1));
         assert_eq!(c.admit(8, 4), Some(0));
+        // Two messages alternating are each collapsed.
+        let mut c = Collapse::default();
+        assert_eq!(c.admit(1, 0), Some(0));
+        assert_eq!(c.admit(2, 0), Some(0));
+        for _ in 0..100 {
+            assert_eq!(c.admit(1, 0), None);
+            assert_eq!(c.admit(2, 0), None);
+        }
+        assert_eq!(c.admit(2, 1), Some(100));
+        // More distinct messages than it remembers: each still written
+        // at most once a second while it is remembered.
+        for m in 10..20 {
+            assert_eq!(c.admit(m, 2), Some(0));
+        }
     }
 
     #[test]

@@ -552,6 +552,7 @@ fn rpc_server_options(config: &Config) -> RpcServerOptions {
         max_connections: config.max_rpc_connections,
         // Read once into the plan (`Plan::rpc_secret`).
         secret: None,
+        advertise: config.rpc_advertise.clone(),
     }
 }
 

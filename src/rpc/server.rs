@@ -15,8 +15,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::time::{Instant, Sleep};
 
+use super::admission::{Admission, Ticket};
 use super::frame::{self, Frame};
-use super::{method, status};
+use super::{handshake, method, status};
 use crate::accept::{drain, next_connection};
 use crate::domain::{
     DEFAULT_LIMIT, MAX_LIMIT, MAX_MESSAGE_WIRE_BYTES, PullQuery, canonical_chat,
@@ -47,7 +48,19 @@ pub struct RpcServerOptions {
     /// With a shared secret every connection must pass the handshake
     /// ([`super::handshake`]) before its first call.
     pub secret: Option<Arc<[u8]>>,
+    /// `--rpc-advertise`: the address gateways dial when it is not the one
+    /// this server listens on (NAT); the handshake accepts proofs for
+    /// either.
+    pub advertise: Option<String>,
 }
+
+/// Connections in the handshake at once, per accept loop (shard): what
+/// clients that have proven nothing may hold (see [`super::admission`]).
+pub const HANDSHAKE_SLOTS: usize = 64;
+
+/// How long a new connection has to prove it knows the secret: a gateway
+/// needs one round trip.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The connection limit shared by every shard's accept loop.
 pub fn connection_slots(options: &RpcServerOptions) -> Arc<Semaphore> {
@@ -66,7 +79,21 @@ pub async fn serve(
     drain_timeout: Duration,
 ) {
     let mut refusals = RefusalLog::default();
+    let admission = Admission::new(HANDSHAKE_SLOTS);
     while let Some((socket, peer)) = next_connection(&listener, &mut shutdown, "rpc").await {
+        if let Some(secret) = options.secret.clone() {
+            // Proven nothing yet: a pre-handshake slot, not a connection slot.
+            let (ticket, _evicted) = admission.admit();
+            let serve = authenticate_then_serve(
+                (socket, peer, ticket, secret),
+                store.clone(),
+                options.clone(),
+                slots.clone(),
+                shutdown.clone(),
+            );
+            tokio::spawn(serve);
+            continue;
+        }
         // Over the limit the connection is closed at once: there is no frame
         // to answer yet, and a gateway retries on its next call.
         let Ok(slot) = slots.clone().try_acquire_owned() else {
@@ -89,6 +116,51 @@ pub async fn serve(
     if let Err(open) = drain(&slots, options.max_connections, drain_timeout).await {
         crate::logging::warning!("rpc drain timed out with {open} connections open");
     }
+}
+
+/// Runs the handshake of a new connection within its pre-handshake slot
+/// (given up if evicted or late), then serves it in a connection slot.
+/// Refusals are logged through the collapse of [`crate::logging`]: a flood
+/// of them writes a line a second per reason.
+async fn authenticate_then_serve(
+    (mut socket, peer, mut ticket, secret): (TcpStream, std::net::SocketAddr, Ticket, Arc<[u8]>),
+    store: Arc<AnyStore>,
+    options: RpcServerOptions,
+    slots: Arc<Semaphore>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let mut names: Vec<String> = options
+        .advertise
+        .iter()
+        .map(|a| handshake::identity(a))
+        .collect();
+    if let Ok(local) = socket.local_addr() {
+        names.push(handshake::identity(&local.to_string()));
+    }
+    let proven = tokio::select! {
+        result = handshake::accept(&mut socket, &secret, &names, HANDSHAKE_TIMEOUT) => result,
+        () = ticket.evicted() => Err(std::io::Error::other(
+            "evicted: every pre-handshake slot was taken by newer connections",
+        )),
+    };
+    drop(ticket);
+    if let Err(err) = proven {
+        crate::logging::warning!("rpc handshake refused: {err}"; peer = peer);
+        return;
+    }
+    let Ok(slot) = slots.try_acquire_owned() else {
+        crate::logging::warning!(
+            "rpc connection limit ({}) reached: closed an authenticated connection",
+            options.max_connections;
+            peer = peer
+        );
+        return;
+    };
+    let counted = metrics::track(Gauge::RpcServerConnections);
+    if let Err(err) = connection(socket, store, options, shutdown).await {
+        crate::logging::warning!("rpc connection closed"; peer = peer, err = err);
+    }
+    drop((slot, counted));
 }
 
 /// Logs refused connections at most once per interval, with a count, so a
@@ -261,14 +333,11 @@ impl Requests {
 }
 
 async fn connection(
-    mut socket: TcpStream,
+    socket: TcpStream,
     store: Arc<AnyStore>,
     options: RpcServerOptions,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
-    if let Some(secret) = &options.secret {
-        super::handshake::accept(&mut socket, secret).await?;
-    }
     let (reader, writer) = socket.into_split();
     // Unbounded by count: what it holds is bounded in bytes by `usage.output`.
     let (replies, outbox) = mpsc::unbounded_channel::<Outgoing>();

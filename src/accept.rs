@@ -43,7 +43,7 @@ pub async fn next_connection(
             }
             Err(err) => {
                 if pause == MIN_PAUSE {
-                    eprintln!("im-server: {what} accept failed: {err}; retrying with backoff");
+                    crate::logging::warning!("{what} accept failed; retrying with backoff"; err = err);
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(pause) => {}

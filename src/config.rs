@@ -142,10 +142,16 @@ options! {
         "sends per user (per client address without authentication) and gateway process: N/s or N/m, optionally :BURST (e.g. 20/s:40); over it 429");
     rate_limit_pull: Option<Rate> = rate("--rate-limit-pull", "IM_RATE_LIMIT_PULL", unset,
         "pulls per user (or client address) and gateway process, like --rate-limit-send");
+    trusted_proxies: Vec<crate::gateway::client_addr::Cidr> = cidrs("--trusted-proxies", "IM_TRUSTED_PROXIES", unset,
+        "comma-separated addresses or CIDR blocks of proxies (load balancers) whose Forwarded / X-Forwarded-For name the client, for the rate limits without authentication");
+    allowed_origins: Vec<String> = list("--allowed-origins", "IM_ALLOWED_ORIGINS", unset,
+        "comma-separated origins (https://app.example) whose browser pages may send without authentication; others' cross-origin sends are 403");
     metrics_addr: Option<String> = optional("--metrics-addr", "IM_METRICS_ADDR", unset,
         "address serving GET /metrics (Prometheus text format) for any role, e.g. the rpc role, which has no HTTP port; the gateway also serves /metrics on --http-addr");
     idempotency_ttl: Duration = idempotency_ttl("--idempotency-ttl-s", "IM_IDEMPOTENCY_TTL_S", "86400",
         "how long a send's idempotency key is remembered, in seconds");
+    log_level: crate::logging::Filter = log_filter("--log-level", "IM_LOG", "info",
+        "what is logged: off, error, warn, info or debug, optionally per module as RUST_LOG spells it (warn,rpc=debug); a message repeated from one place is written once a second with a count");
 }
 
 /// Longest idempotency-key retention accepted, in seconds: 10 years (Redis
@@ -219,6 +225,33 @@ fn wait_ms(flag: &'static str, value: Option<&str>) -> Result<i32, String> {
         n if n > max as u64 => Err(format!("{flag} must be at most {max}")),
         n => Ok(n as i32),
     }
+}
+
+fn list(_flag: &'static str, value: Option<&str>) -> Result<Vec<String>, String> {
+    Ok(value
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .map(String::from)
+        .collect())
+}
+
+fn cidrs(
+    flag: &'static str,
+    value: Option<&str>,
+) -> Result<Vec<crate::gateway::client_addr::Cidr>, String> {
+    list(flag, value)?
+        .iter()
+        .map(|c| c.parse().map_err(|e| format!("{flag}: {e}")))
+        .collect()
+}
+
+fn log_filter(flag: &'static str, value: Option<&str>) -> Result<crate::logging::Filter, String> {
+    value
+        .unwrap_or_default()
+        .parse()
+        .map_err(|e| format!("{flag}: {e}"))
 }
 
 fn rate(flag: &'static str, value: Option<&str>) -> Result<Option<Rate>, String> {

@@ -35,6 +35,10 @@ pub enum Error {
     /// The idempotency key was used in this chat for another message
     /// (other text or sender).
     IdempotencyKeyReused,
+    /// The store is full (Redis at `maxmemory` with `noeviction` refuses
+    /// every write): nothing was written, and retrying will fail until an
+    /// operator frees or adds memory.
+    StorageFull,
     /// The request is invalid; retrying it unchanged will fail again.
     Invalid(String),
     /// A bug, or an answer that should never come (never the client's fault).
@@ -53,6 +57,19 @@ impl Error {
             Error::Overloaded => 3,
             Error::Internal(_) => 4,
             Error::IdempotencyKeyReused => 5,
+            Error::StorageFull => 6,
+        }
+    }
+
+    /// The error a Redis error reply stands for: `OOM` (the write refused
+    /// before any of it ran: Redis checks `maxmemory` before a command or
+    /// function that may write) is [`Error::StorageFull`]; anything else is
+    /// a bug on our side (nothing the store sends should be refused).
+    pub fn from_redis(reply: &str) -> Error {
+        if reply.starts_with("OOM ") {
+            Error::StorageFull
+        } else {
+            Error::Internal(format!("redis: {reply}"))
         }
     }
 
@@ -64,6 +81,7 @@ impl Error {
             2 => Error::Unavailable,
             3 => Error::Overloaded,
             5 => Error::IdempotencyKeyReused,
+            6 => Error::StorageFull,
             _ => Error::Internal(format!("rpc code {code}: {msg}")),
         }
     }
@@ -87,6 +105,7 @@ mod tests {
             Error::Unavailable,
             Error::Overloaded,
             Error::IdempotencyKeyReused,
+            Error::StorageFull,
         ] {
             assert_eq!(Error::from_code(err.code(), msg()), err);
         }
@@ -97,6 +116,14 @@ mod tests {
         assert_eq!(
             Error::from_code(Error::Internal(msg()).code(), msg()),
             Error::Internal("rpc code 4: why".into())
+        );
+        assert_eq!(
+            Error::from_redis("OOM command not allowed when used memory > 'maxmemory'."),
+            Error::StorageFull
+        );
+        assert_eq!(
+            Error::from_redis("ERR boom"),
+            Error::Internal("redis: ERR boom".into())
         );
         assert_eq!(
             Error::from_code(CODE_OK, msg()),

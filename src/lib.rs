@@ -42,6 +42,8 @@
 //!   [`config::Config`]; each option declared once (field, parser, flag,
 //!   environment variable, default, help), and every component's defaults
 //!   taken from that declaration ([`config::Config::defaults`]).
+//! * [`logging`]: the process's log lines: levels (`--log-level`),
+//!   key=value fields, repeats collapsed to one line per second.
 //! * [`metrics`]: Prometheus counters, gauges and histograms, counted per
 //!   thread without locks and summed at scrape time (`GET /metrics`).
 //! * [`discovery`]: where the RPC servers are (a list, DNS, etcd) and the RPC
@@ -60,6 +62,7 @@ pub(crate) mod domain;
 pub(crate) mod error;
 pub mod gateway;
 pub mod http;
+pub mod logging;
 pub(crate) mod metrics;
 pub(crate) mod mux;
 pub(crate) mod notify;

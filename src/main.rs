@@ -16,14 +16,15 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Err(err) => {
-            eprintln!("im-server: {err}");
+            im_server::logging::fatal(&err);
             return ExitCode::from(2);
         }
     };
+    im_server::logging::init(config.log_level.clone());
     match im_server::roles::run(*config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("im-server: {err}");
+            im_server::logging::fatal(&err);
             ExitCode::FAILURE
         }
     }

@@ -91,9 +91,9 @@ const ROUTES: usize = Route::ALL.len();
 
 /// The statuses the server emits (see `gateway::error`), counted exactly;
 /// anything else is counted as `other`, so the label set stays bounded.
-const CODES: [&str; 19] = [
+const CODES: [&str; 20] = [
     "200", "400", "401", "403", "404", "405", "406", "408", "413", "414", "422", "429", "431",
-    "500", "501", "503", "504", "505", "other",
+    "500", "501", "503", "504", "505", "507", "other",
 ];
 
 fn code_index(status: u16) -> usize {
@@ -116,7 +116,8 @@ fn code_index(status: u16) -> usize {
         503 => 15,
         504 => 16,
         505 => 17,
-        _ => 18,
+        507 => 18,
+        _ => 19,
     }
 }
 
@@ -289,6 +290,7 @@ struct Slot {
     rpc_server_requests: [AtomicU64; METHODS],
     rpc_server_duration: [Histogram; METHODS],
     redirections: [AtomicU64; Redirection::ALL.len()],
+    store_full: AtomicU64,
 }
 
 impl Slot {
@@ -303,6 +305,7 @@ impl Slot {
             rpc_server_requests: [const { AtomicU64::new(0) }; METHODS],
             rpc_server_duration: [const { Histogram::new() }; METHODS],
             redirections: [const { AtomicU64::new(0) }; Redirection::ALL.len()],
+            store_full: AtomicU64::new(0),
         }
     }
 }
@@ -382,6 +385,11 @@ impl Metrics {
 
     pub fn redirection(&self, kind: Redirection) {
         self.slot().redirections[kind as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A send refused because the store is full (Redis OOM).
+    pub fn store_full(&self) {
+        self.slot().store_full.fetch_add(1, Ordering::Relaxed);
     }
 
     fn add_gauge(&self, gauge: Gauge, delta: i64) {
@@ -773,6 +781,14 @@ fn render_redis(m: &Metrics, out: &mut text::Writer) {
         let n = m.sum(|s| s.redirections[kind as usize].load(Ordering::Relaxed));
         out.sample(name, &[("kind", kind.name())], n as f64);
     }
+    let name = "im_store_full_total";
+    out.header(
+        name,
+        "counter",
+        "RPC server: sends refused because the store is full (Redis OOM at maxmemory), 507.",
+    );
+    let n = m.sum(|s| s.store_full.load(Ordering::Relaxed));
+    out.sample(name, &[], n as f64);
 }
 
 /// The answer to a request for the metrics: `GET`/`HEAD /metrics`.

@@ -341,10 +341,7 @@ async fn run<P: Protocol>(mut protocol: P, mut calls: Queue<P>, options: MuxOpti
         match tokio::time::timeout(CONNECT_TIMEOUT, protocol.connect()).await {
             Ok(Ok(stream)) => {
                 if !healthy {
-                    eprintln!(
-                        "im-server: {} connected to {}",
-                        options.name, options.target
-                    );
+                    crate::logging::info!("{} connected to {}", options.name, options.target);
                 }
                 backoff = MIN_BACKOFF;
                 let mut connection = Connection {
@@ -368,25 +365,26 @@ async fn run<P: Protocol>(mut protocol: P, mut calls: Queue<P>, options: MuxOpti
                     Ok(()) => return, // every handle dropped
                     Err(_) if idle_close => continue,
                     Err(err) => {
-                        eprintln!(
-                            "im-server: {} connection to {} lost: {err}",
-                            options.name, options.target
+                        crate::logging::warning!(
+                            "{} connection to {} lost", options.name, options.target;
+                            err = err
                         );
                         healthy = false;
                     }
                 }
             }
             Ok(Err(err)) if healthy => {
-                eprintln!(
-                    "im-server: {} cannot connect to {}: {err}; retrying",
-                    options.name, options.target
+                crate::logging::warning!(
+                    "{} cannot connect to {}; retrying", options.name, options.target;
+                    err = err
                 );
                 healthy = false;
             }
             Err(_) if healthy => {
-                eprintln!(
-                    "im-server: {} connect to {} timed out; retrying",
-                    options.name, options.target
+                crate::logging::warning!(
+                    "{} connect to {} timed out; retrying",
+                    options.name,
+                    options.target
                 );
                 healthy = false;
             }

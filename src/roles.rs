@@ -111,15 +111,15 @@ pub fn run(config: Config) -> Result<(), String> {
     };
     match files {
         Some(files) => {
-            eprintln!("im-server: open-file limit {files}");
+            crate::logging::info!("open-file limit {files}");
             let needed = descriptors_needed(&plan.config, shards);
             if needed > files {
-                eprintln!(
-                    "im-server: warning: the connection limits can take {needed} descriptors, over the open-file limit {files}: lower --max-connections / --max-rpc-connections or raise `ulimit -n` (see the README's descriptor budget)"
+                crate::logging::warning!(
+                    "the connection limits can take {needed} descriptors, over the open-file limit {files}: lower --max-connections / --max-rpc-connections or raise `ulimit -n` (see the README's descriptor budget)"
                 );
             }
         }
-        None => eprintln!("im-server: could not read the open-file limit"),
+        None => crate::logging::warning!("could not read the open-file limit"),
     }
     let (stop_gateway, gateway_stopping) = watch::channel(false);
     let (stop_rpc, rpc_stopping) = watch::channel(false);
@@ -175,7 +175,7 @@ pub fn run(config: Config) -> Result<(), String> {
             _ = shutdown_signal() => {}
             Some(err) = failures.recv() => return Err(err),
         }
-        eprintln!("im-server: shutting down: draining in-flight requests");
+        crate::logging::info!("shutting down: draining in-flight requests");
         // Out of the registry first, so that gateways stop choosing this
         // server (GOAWAY tells those already connected).
         if let Some(registration) = registration {
@@ -193,7 +193,7 @@ pub fn run(config: Config) -> Result<(), String> {
             Err(_) => return Err("a worker thread panicked".into()),
         }
     }
-    eprintln!("im-server: stopped");
+    crate::logging::info!("stopped");
     Ok(())
 }
 
@@ -226,14 +226,14 @@ fn plan(config: Config) -> Result<(Plan, Listeners), String> {
             let store = match &config.redis_url {
                 Some(url) => redis_store(url, config.redis_timeout())?,
                 None => {
-                    eprintln!(
-                        "im-server: store: embedded memory store (no Redis URL configured; messages are lost on exit; set REDIS_URL or --redis to use Redis)"
+                    crate::logging::info!(
+                        "store: embedded memory store (no Redis URL configured; messages are lost on exit; set REDIS_URL or --redis to use Redis)"
                     );
                     StoreChoice::Memory(Arc::new(MemoryStore::new(config.idempotency_ttl)))
                 }
             };
             let (listener, local) = bind_shared(&config.rpc_listen, "rpc")?;
-            eprintln!("im-server: rpc listening on {local}");
+            crate::logging::info!("rpc listening on {local}");
             Some((listener, store, local))
         }
         Role::Gateway => None,
@@ -243,7 +243,7 @@ fn plan(config: Config) -> Result<(Plan, Listeners), String> {
             let local_rpc = rpc.as_ref().map(|(_, _, local)| *local);
             let endpoints = rpc_endpoints(&config, local_rpc)?;
             let (listener, local) = bind_shared(&config.http_addr, "http")?;
-            eprintln!("im-server: http listening on {local}");
+            crate::logging::info!("http listening on {local}");
             let slots = connection_slots(&ServerOptions::from(&config));
             Some((listener, endpoints, slots))
         }
@@ -262,7 +262,7 @@ fn plan(config: Config) -> Result<(Plan, Listeners), String> {
     let access = Arc::new(access(&config)?);
     let rpc_secret = match &config.rpc_secret_file {
         Some(path) => {
-            eprintln!("im-server: rpc connections authenticated with the shared secret in {path}");
+            crate::logging::info!("rpc connections authenticated with the shared secret in {path}");
             Some(Arc::from(crate::auth::token_cmd::load_secret(path)?))
         }
         None => None,
@@ -279,7 +279,7 @@ fn plan(config: Config) -> Result<(Plan, Listeners), String> {
     let metrics = match &plan.config.metrics_addr {
         Some(addr) => {
             let (listener, local) = bind(addr, "metrics")?;
-            eprintln!("im-server: metrics listening on {local}");
+            crate::logging::info!("metrics listening on {local}");
             Some(listener)
         }
         None => None,
@@ -321,7 +321,7 @@ fn rpc_endpoints(
         .as_deref()
         .map(|r| format!(", and those registered at {r}"))
         .unwrap_or_default();
-    eprintln!("im-server: gateway calls rpc servers: {listed}{registered}");
+    crate::logging::info!("gateway calls rpc servers: {listed}{registered}");
     discovery::start(Sources { targets, registry }, FIRST_ENDPOINTS_WAIT)
 }
 
@@ -371,7 +371,7 @@ fn redis_store(url: &str, timeout: std::time::Duration) -> Result<StoreChoice, S
     let map = match (probe, list) {
         (Probe::Cluster(map), _) => map,
         (Probe::Unreachable(err), true) => {
-            eprintln!("im-server: no cluster node answers yet ({err}); reading the map later");
+            crate::logging::warning!("no cluster node answers yet; reading the map later"; err = err);
             None
         }
         (Probe::Standalone, true) => {
@@ -381,10 +381,10 @@ fn redis_store(url: &str, timeout: std::time::Duration) -> Result<StoreChoice, S
         }
         (probe, false) => {
             if let Probe::Unreachable(err) = probe {
-                eprintln!("im-server: Redis does not answer yet ({err}); taking it as standalone");
+                crate::logging::warning!("Redis does not answer yet; taking it as standalone"; err = err);
             }
             let target = targets.into_iter().next().ok_or("no Redis node given")?;
-            eprintln!("im-server: store: Redis at {target}");
+            crate::logging::info!("store: Redis at {target}");
             let (hub, requests) = Hub::with_upstream();
             let subscriber = subscriber::run_standalone(target.clone(), hub.clone(), requests);
             crate::discovery::spawn_on_own_runtime("redis subscriber", subscriber)?;
@@ -393,7 +393,7 @@ fn redis_store(url: &str, timeout: std::time::Duration) -> Result<StoreChoice, S
     };
     let shared = ClusterShared::new(&targets, map)?;
     let seeds: Vec<String> = targets.iter().map(ToString::to_string).collect();
-    eprintln!("im-server: store: Redis Cluster via {}", seeds.join(", "));
+    crate::logging::info!("store: Redis Cluster via {}", seeds.join(", "));
     let (hub, requests) = Hub::with_upstream();
     let subscriber = subscriber::run_cluster(shared.clone(), hub.clone(), requests);
     crate::discovery::spawn_on_own_runtime("redis subscriber", subscriber)?;
@@ -456,8 +456,8 @@ fn listen(addr: &str) -> std::io::Result<StdListener> {
     match dual_stack(SocketAddr::V6(v6)) {
         Err(err) if no_ipv6(&err) => {
             let v4 = SocketAddr::from(([0, 0, 0, 0], v6.port()));
-            eprintln!(
-                "im-server: no IPv6 on this host ({err}); listening on {v4} instead of {addr}"
+            crate::logging::warning!(
+                "no IPv6 on this host ({err}); listening on {v4} instead of {addr}"
             );
             StdListener::bind(v4)
         }
@@ -519,13 +519,13 @@ fn access(config: &Config) -> Result<Access, String> {
             (Some(_), None) => "HS256",
             _ => "EdDSA",
         };
-        eprintln!("im-server: authentication on: bearer tokens ({algorithms}) required");
+        crate::logging::info!("authentication on: bearer tokens ({algorithms}) required");
     }
-    Ok(Access::new(
-        auth,
-        config.rate_limit_send,
-        config.rate_limit_pull,
-    ))
+    Ok(Access {
+        trusted_proxies: config.trusted_proxies.clone(),
+        allowed_origins: config.allowed_origins.clone(),
+        ..Access::new(auth, config.rate_limit_send, config.rate_limit_pull)
+    })
 }
 
 /// Clock skew tolerated on a token's `exp` and `nbf`, in seconds.
@@ -552,6 +552,7 @@ fn rpc_server_options(config: &Config) -> RpcServerOptions {
         max_connections: config.max_rpc_connections,
         // Read once into the plan (`Plan::rpc_secret`).
         secret: None,
+        advertise: config.rpc_advertise.clone(),
     }
 }
 
@@ -660,7 +661,7 @@ async fn serve_metrics(
     let listener = match TcpListener::from_std(listener) {
         Ok(listener) => listener,
         Err(err) => {
-            eprintln!("im-server: cannot register the metrics listener: {err}");
+            crate::logging::error!("cannot register the metrics listener"; err = err);
             return;
         }
     };

@@ -405,12 +405,15 @@ fn gateways_with_the_rpc_secret_are_served_and_others_refused() {
 
 #[test]
 fn the_rpc_server_serves_nothing_before_a_valid_hello() {
-    use im_server::proto::{Challenge, HelloRequest};
-    use im_server::rpc::{handshake, method, status};
+    use im_server::proto::{Challenge, HelloRequest, HelloResponse};
+    use im_server::rpc::handshake::{self, Role};
+    use im_server::rpc::{method, status};
     use prost::Message as _;
 
     let (_dir, path) = secret_file("rpc-secret-raw", RPC_SECRET);
     let rpc = Server::rpc(&["--rpc-secret-file", &path]);
+    let server = rpc.rpc_addr().to_string();
+    let secret = RPC_SECRET.as_bytes();
     let connect = || {
         let c = RpcConn::connect(rpc.rpc_addr());
         c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -426,6 +429,12 @@ fn the_rpc_server_serves_nothing_before_a_valid_hello() {
             .expect("a Challenge")
             .nonce
     };
+    let hello = |server: &str, ns: &[u8], nc: &[u8]| HelloRequest {
+        proof: handshake::proof(secret, Role::Client, server, ns, nc),
+        client_nonce: nc.to_vec(),
+        server: server.to_string(),
+    };
+    let nc = [3u8; handshake::NONCE_BYTES];
 
     // A call without the handshake: refused with a reason, then closed, no Pong.
     let mut c = connect();
@@ -440,26 +449,241 @@ fn the_rpc_server_serves_nothing_before_a_valid_hello() {
     let mut c2 = connect();
     let nonce2 = challenge_of(&c2.next_frame().expect("challenge"));
     assert_ne!(nonce, nonce2, "every connection gets a fresh nonce");
-    let replayed = HelloRequest {
-        proof: handshake::proof(RPC_SECRET.as_bytes(), &nonce),
-    };
-    c2.write_frame(0, method::HELLO, &replayed.encode_to_vec());
+    c2.write_frame(
+        0,
+        method::HELLO,
+        &hello(&server, &nonce, &nc).encode_to_vec(),
+    );
     let reply = c2.next_frame().expect("a refusal");
     assert_eq!(reply.method_or_status, status::BAD_FRAME);
     assert!(c2.next_frame().is_none(), "closed after refusing");
 
-    // The right proof: OK, then calls are served.
+    // A valid proof for another server's address (what a relay forwards):
+    // refused.
     let mut c3 = connect();
     let nonce3 = challenge_of(&c3.next_frame().expect("challenge"));
-    let hello = HelloRequest {
-        proof: handshake::proof(RPC_SECRET.as_bytes(), &nonce3),
-    };
-    c3.write_frame(0, method::HELLO, &hello.encode_to_vec());
-    let ok = c3.next_frame().expect("an answer");
+    c3.write_frame(
+        0,
+        method::HELLO,
+        &hello("127.0.0.1:1", &nonce3, &nc).encode_to_vec(),
+    );
+    let reply = c3.next_frame().expect("a refusal");
+    assert_eq!(reply.method_or_status, status::BAD_FRAME);
+    assert!(
+        String::from_utf8_lossy(&reply.body).contains("another address"),
+        "{reply:?}"
+    );
+
+    // The right proof: OK with the server's own proof, then calls are served.
+    let mut c4 = connect();
+    let nonce4 = challenge_of(&c4.next_frame().expect("challenge"));
+    c4.write_frame(
+        0,
+        method::HELLO,
+        &hello(&server, &nonce4, &nc).encode_to_vec(),
+    );
+    let ok = c4.next_frame().expect("an answer");
     assert_eq!((ok.id, ok.method_or_status), (0, status::OK));
-    c3.write_frame(6, method::PING, &[]);
-    let pong = c3.next_frame().expect("a pong");
+    let welcome = HelloResponse::decode(ok.body.clone()).expect("a HelloResponse");
+    assert!(handshake::verify(
+        secret,
+        Role::Server,
+        &server,
+        (&nonce4, &nc),
+        &welcome.proof
+    ));
+    c4.write_frame(6, method::PING, &[]);
+    let pong = c4.next_frame().expect("a pong");
     assert_eq!((pong.id, pong.method_or_status), (6, status::OK));
+}
+
+/// The relay of issue 20 item 6: a rogue endpoint (registered in etcd, or a
+/// listed address someone took over) that the gateway dials, which dials
+/// the real RPC server, forwards its challenge to the gateway and the
+/// gateway's proof back, then tries to use the connection. The proof names
+/// the relay's address, so the real server refuses it: the relay pulls
+/// nothing, and the gateway behind it is not served (503) — while a gateway
+/// that dials the server directly is.
+#[test]
+fn a_relay_forwarding_the_handshake_gets_no_connection() {
+    use im_server::rpc::{method, status};
+    use std::sync::{Arc, Mutex};
+
+    let (_dir, path) = secret_file("rpc-relay", RPC_SECRET);
+    let rpc = Server::rpc(&["--rpc-secret-file", &path]);
+    let direct = Server::gateway(rpc.rpc_addr(), &["--rpc-secret-file", &path]);
+    send_ok(direct.http_addr(), "alice:bob", "alice", "private");
+
+    let relay = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the relay");
+    let relay_addr = relay.local_addr().expect("relay address");
+    // What the real server answered to each relayed hello, and whether the
+    // relay's own pull of alice:bob was served.
+    let outcomes: Arc<Mutex<Vec<(u8, bool)>>> = Arc::default();
+    let seen = outcomes.clone();
+    let server_addr = rpc.rpc_addr();
+    std::thread::spawn(move || {
+        for victim in relay.incoming() {
+            let Ok(victim) = victim else { return };
+            let mut victim = RpcConn::from_stream(victim);
+            let mut real = RpcConn::connect(server_addr);
+            let Some(challenge) = real.next_frame() else {
+                continue;
+            };
+            victim.write_frame(challenge.id, challenge.method_or_status, &challenge.body);
+            let Some(hello) = victim.next_frame() else {
+                continue;
+            };
+            real.write_frame(hello.id, hello.method_or_status, &hello.body);
+            let Some(answer) = real.next_frame() else {
+                continue;
+            };
+            let mut pulled = false;
+            if answer.method_or_status == status::OK {
+                real.write_frame(9, method::PULL, &pull_request_body("alice:bob", 10));
+                pulled = real.next_frame().is_some_and(|f| {
+                    f.method_or_status == status::OK && response_code(&f.body) == 0
+                });
+            }
+            seen.lock()
+                .expect("outcomes")
+                .push((answer.method_or_status, pulled));
+            // Pass the answer on, as a relay would.
+            victim.write_frame(answer.id, answer.method_or_status, &answer.body);
+        }
+    });
+    let relayed = Server::gateway(relay_addr, &["--rpc-secret-file", &path]);
+    let r = request(
+        relayed.http_addr(),
+        "GET",
+        "/api/pull?chat=alice%3Abob",
+        &[],
+        b"",
+    );
+    assert_eq!(r.status, 503, "served through the relay: {}", r.describe());
+    let outcomes = wait_until(Duration::from_secs(10), "a relayed handshake", || {
+        let o = outcomes.lock().expect("outcomes").clone();
+        (!o.is_empty()).then_some(o)
+    });
+    for (answer, pulled) in &outcomes {
+        assert_eq!(
+            *answer,
+            status::BAD_FRAME,
+            "the server accepted a relayed proof"
+        );
+        assert!(!pulled, "the relay pulled alice:bob");
+    }
+    // The direct gateway is served as before.
+    let page = request(
+        direct.http_addr(),
+        "GET",
+        "/api/pull?chat=alice%3Abob",
+        &[],
+        b"",
+    );
+    assert_eq!(page.status, 200, "{}", page.describe());
+    assert_eq!(page.json()["messages"][0]["text"], "private");
+    eprintln!("{} relayed handshakes, all refused", outcomes.len());
+}
+
+/// The gateway authenticates the server: a rogue endpoint without the
+/// secret that opens with a challenge and accepts any answer gets no call
+/// (the message a client sends never reaches it), and the client gets 503.
+#[test]
+fn a_gateway_sends_nothing_to_a_server_that_cannot_prove_the_secret() {
+    use im_server::proto::Challenge;
+    use im_server::rpc::{method, status};
+    use prost::Message as _;
+    use std::sync::{Arc, Mutex};
+
+    let (_dir, path) = secret_file("rpc-rogue", RPC_SECRET);
+    let rogue = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the rogue");
+    let rogue_addr = rogue.local_addr().expect("rogue address");
+    let calls: Arc<Mutex<Vec<u8>>> = Arc::default();
+    let seen = calls.clone();
+    std::thread::spawn(move || {
+        for victim in rogue.incoming() {
+            let Ok(victim) = victim else { return };
+            let mut victim = RpcConn::from_stream(victim);
+            let challenge = Challenge { nonce: vec![1; 32] };
+            victim.write_frame(0, status::CHALLENGE, &challenge.encode_to_vec());
+            if victim.next_frame().is_none() {
+                continue;
+            }
+            victim.write_frame(0, status::OK, &[]);
+            while let Some(call) = victim.next_frame() {
+                seen.lock().expect("calls").push(call.method_or_status);
+            }
+        }
+    });
+    let gateway = Server::gateway(rogue_addr, &["--rpc-secret-file", &path]);
+    let r = send(gateway.http_addr(), "alice:bob", "alice", "for bob only");
+    assert_eq!(r.status, 503, "{}", r.describe());
+    std::thread::sleep(Duration::from_millis(300));
+    let calls = calls.lock().expect("calls").clone();
+    assert!(
+        !calls
+            .iter()
+            .any(|&m| m == method::SEND || m == method::PULL),
+        "the rogue got calls: {calls:?}"
+    );
+}
+
+/// Issue 20 item 7: ~1,100 idle TCP connections to the RPC port of a server
+/// with a secret (never answering its challenge) do not keep a gateway
+/// started meanwhile from being served: they hold pre-handshake slots of
+/// their own (evicted by newer ones, closed after 2 s), not the connection
+/// slots, and their refusals write a line a second, not one each.
+#[test]
+fn idle_unauthenticated_rpc_connections_do_not_keep_a_gateway_out() {
+    prlimit(std::process::id(), "nofile", "12000:");
+    let (_dir, path) = secret_file("rpc-idle-flood", RPC_SECRET);
+    let rpc = Server::rpc(&["--rpc-secret-file", &path]);
+    let lines_before = rpc.stderr().lines().count();
+    let started = Instant::now();
+    let idle: Vec<std::net::TcpStream> = (0..1_100)
+        .filter_map(|_| std::net::TcpStream::connect(rpc.rpc_addr()).ok())
+        .collect();
+    assert!(
+        idle.len() >= 1_050,
+        "only {} idle connections opened",
+        idle.len()
+    );
+    let gateway = Server::gateway(rpc.rpc_addr(), &["--rpc-secret-file", &path]);
+    let addr = gateway.http_addr();
+    let mut slowest = Duration::ZERO;
+    let mut statuses = Vec::new();
+    for i in 0..10 {
+        let asked = Instant::now();
+        let r = send(addr, "flooded", "s", &format!("m{i}"));
+        statuses.push(r.status);
+        let p = request(addr, "GET", "/api/pull?chat=flooded", &[], b"");
+        statuses.push(p.status);
+        slowest = slowest.max(asked.elapsed());
+    }
+    let within = started.elapsed();
+    assert!(
+        statuses.iter().all(|&s| s == 200),
+        "{statuses:?} while {} idle connections were open",
+        idle.len()
+    );
+    // Generous: a send and a pull on loopback take milliseconds.
+    assert!(
+        slowest < Duration::from_secs(1),
+        "slowest send+pull {slowest:?}"
+    );
+    // After the handshake timeout the flood costs nothing; its log is short.
+    std::thread::sleep(Duration::from_secs(3));
+    let lines = rpc.stderr().lines().count() - lines_before;
+    assert!(
+        lines < 20,
+        "{lines} log lines for the flood:\n{}",
+        rpc.stderr()
+    );
+    eprintln!(
+        "{} idle connections; 20 requests served within {within:?} of the flood (slowest send+pull {slowest:?}); {lines} rpc log lines",
+        idle.len()
+    );
+    drop(idle);
 }
 
 /// A flood of distinct clients cannot grow the rate limiter without bound:
@@ -587,4 +811,140 @@ fn eddsa_tokens_are_accepted_with_the_configured_public_key_only() {
         "{}",
         r.describe()
     );
+}
+
+// --- issue 20 item 9: the smaller holes ---------------------------------------
+
+fn send_with(addr: std::net::SocketAddr, headers: &[(&str, &str)], chat: &str) -> Response {
+    let mut all = vec![("Content-Type", "application/json")];
+    all.extend_from_slice(headers);
+    let body = json!({"chat": chat, "text": "t", "sender": "s"});
+    request(addr, "POST", "/api/send", &all, body.to_string().as_bytes())
+}
+
+/// Two `Authorization` headers are 400 (not "the first wins"), and tokens
+/// that fail verification count against the client address's bucket: 200
+/// forged tokens meet 429 once the budget is spent, not 200 × 401.
+#[test]
+fn duplicate_authorization_is_400_and_forged_tokens_meet_the_rate_limit() {
+    let (server, _dir) = server(&["--rate-limit-pull", "5/m"]);
+    let addr = server.http_addr();
+    let good = bearer(&user("alice"));
+    let r = request(
+        addr,
+        "GET",
+        "/api/pull?chat=room",
+        &[("Authorization", &good), ("Authorization", "Bearer forged")],
+        b"",
+    );
+    assert_error(&r, 400, "two Authorization headers");
+    let forged = bearer(&jwt::mint(
+        b"another secret of thirty-two bytes!!",
+        &json!({"sub": "mallory", "exp": now_s() + 600}),
+    ));
+    let statuses: Vec<u16> = (0..200)
+        .map(|_| {
+            request(
+                addr,
+                "GET",
+                "/api/pull?chat=room",
+                &[("Authorization", &forged)],
+                b"",
+            )
+            .status
+        })
+        .collect();
+    let unauthorized = statuses.iter().filter(|&&s| s == 401).count();
+    let limited = statuses.iter().filter(|&&s| s == 429).count();
+    assert_eq!(unauthorized, 5, "the budget: {statuses:?}");
+    assert_eq!(limited, 195, "then 429: {statuses:?}");
+    // A user's own bucket is not the address's: alice is still served.
+    assert_eq!(pull_as(addr, Some(&user("alice")), "room").status, 200);
+}
+
+/// Without authentication the bucket is the client's: behind a trusted
+/// proxy the address it names (`X-Forwarded-For`, `Forwarded`), and for
+/// IPv6 the /64; from a peer that is not a trusted proxy the headers are
+/// ignored.
+#[test]
+fn buckets_follow_trusted_proxies_and_ipv6_slash_64() {
+    let limits = ["--rate-limit-send", "2/m"];
+    let mut args = limits.to_vec();
+    args.extend(["--trusted-proxies", "127.0.0.0/8,::1"]);
+    let server = Server::start("all", &args, &[]);
+    let addr = server.http_addr();
+    let xff = |ip: &'static str| [("X-Forwarded-For", ip)];
+    // One /64: two addresses share its two sends.
+    assert_eq!(send_with(addr, &xff("2001:db8:1:2::1"), "p").status, 200);
+    assert_eq!(send_with(addr, &xff("2001:db8:1:2::ffff"), "p").status, 200);
+    assert_error(
+        &send_with(addr, &xff("2001:db8:1:2::7"), "p"),
+        429,
+        "same /64",
+    );
+    // Another /64 and an IPv4 client have their own.
+    assert_eq!(send_with(addr, &xff("2001:db8:1:3::1"), "p").status, 200);
+    let fwd = [("Forwarded", "for=\"203.0.113.9:4711\"")];
+    assert_eq!(send_with(addr, &fwd, "p").status, 200);
+    assert_eq!(send_with(addr, &xff("203.0.113.9"), "p").status, 200);
+    assert_error(&send_with(addr, &fwd, "p"), 429, "203.0.113.9's third");
+    // Not a trusted proxy: the header is ignored, everyone is the peer.
+    let plain = Server::start("all", &limits, &[]);
+    let addr = plain.http_addr();
+    assert_eq!(send_with(addr, &xff("198.51.100.1"), "p").status, 200);
+    assert_eq!(send_with(addr, &xff("198.51.100.2"), "p").status, 200);
+    assert_error(&send_with(addr, &xff("198.51.100.3"), "p"), 429, "one peer");
+}
+
+/// With authentication off, a browser's cross-origin send is refused (403,
+/// nothing stored), as Go's http.CrossOriginProtection does; same-origin
+/// pages, programs sending neither header, and `--allowed-origins` pass.
+#[test]
+fn cross_origin_sends_are_refused_without_authentication() {
+    let server = Server::start("all", &["--allowed-origins", "https://app.example"], &[]);
+    let addr = server.http_addr();
+    let host = format!("{addr}");
+    let same = format!("http://{addr}");
+    let text_plain = |headers: &[(&str, &str)]| {
+        let mut all = vec![("Content-Type", "text/plain")];
+        all.extend_from_slice(headers);
+        let body = json!({"chat": "xo", "text": "t", "sender": "s"});
+        request(addr, "POST", "/api/send", &all, body.to_string().as_bytes())
+    };
+    for (headers, what) in [
+        (vec![("Sec-Fetch-Site", "cross-site")], "Sec-Fetch-Site"),
+        (vec![("Origin", "https://evil.example")], "Origin"),
+        (
+            vec![
+                ("Sec-Fetch-Site", "same-site"),
+                ("Origin", "https://evil.example"),
+            ],
+            "same-site",
+        ),
+    ] {
+        let r = text_plain(&headers);
+        assert_error(&r, 403, what);
+    }
+    assert_eq!(server_messages(addr, "xo"), 0, "nothing stored");
+    for headers in [
+        vec![],
+        vec![("Sec-Fetch-Site", "same-origin"), ("Origin", same.as_str())],
+        vec![("Origin", same.as_str()), ("Host", host.as_str())],
+        vec![
+            ("Sec-Fetch-Site", "cross-site"),
+            ("Origin", "https://app.example"),
+        ],
+    ] {
+        let r = send_with(addr, &headers, "xo");
+        assert_eq!(r.status, 200, "{headers:?}: {}", r.describe());
+    }
+    // Reads are not state-changing: a cross-site pull is served.
+    let r = request(
+        addr,
+        "GET",
+        "/api/pull?chat=xo",
+        &[("Sec-Fetch-Site", "cross-site")],
+        b"",
+    );
+    assert_eq!(r.status, 200);
 }

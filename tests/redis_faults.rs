@@ -919,3 +919,93 @@ fn rpc_server_killed_under_load_gateway_recovers() {
         acked.len()
     );
 }
+
+/// A full Redis (`maxmemory` with `noeviction`: every write refused with
+/// `OOM command not allowed`) (issue 20 item 8): each send is `507
+/// insufficient_storage` with a message that says so, none of it is
+/// written (the chat holds exactly the sends answered 200; an
+/// idempotency key refused with 507 is not remembered), pulls still work,
+/// `im_store_full_total` counts the refusals, and thousands of refused
+/// sends within a few seconds write a handful of log lines, not one each.
+#[test]
+fn a_full_redis_answers_507_writes_nothing_and_logs_a_line_a_second() {
+    let redis = Redis::start_with_args(&["--maxmemory", "3mb", "--maxmemory-policy", "noeviction"]);
+    let server = Server::with_redis(&redis);
+    let addr = server.http_addr();
+    let text = "x".repeat(500);
+    let mut conn = HttpConn::connect(addr);
+    let mut stored = 0i64;
+    let full = loop {
+        let r = conn.send("full", "s", &text);
+        match r.status {
+            200 => stored += 1,
+            _ => break r,
+        }
+        assert!(stored < 20_000, "3 MB never filled");
+    };
+    assert_error(&full, 507, "a send into a full Redis");
+    assert_eq!(full.json()["error"]["code"], "insufficient_storage");
+    let message = full.json()["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(message.contains("full"), "{message}");
+    let lines_before = server.stderr().lines().count();
+    // The flood: 4 clients, 1,500 sends each, every one refused.
+    let started = Instant::now();
+    let workers: Vec<_> = (0..4)
+        .map(|w| {
+            let text = text.clone();
+            thread::spawn(move || {
+                let mut conn = HttpConn::connect(addr);
+                let mut statuses = Vec::new();
+                for i in 0..1_500 {
+                    let key = format!("k{w}-{i}");
+                    let body = serde_json::json!({"chat": "full", "text": text, "sender": "s",
+                        "idempotency_key": key});
+                    let r = conn.request("POST", "/api/send", JSON_CT, body.to_string().as_bytes());
+                    statuses.push(r.status);
+                }
+                statuses
+            })
+        })
+        .collect();
+    let statuses: Vec<u16> = workers
+        .into_iter()
+        .flat_map(|w| w.join().expect("worker"))
+        .collect();
+    let took = started.elapsed();
+    let refused = statuses.iter().filter(|&&s| s == 507).count();
+    assert_eq!(refused, statuses.len(), "every send refused with 507");
+    // Nothing half-written: the chat holds what was acknowledged, and a
+    // refused idempotency key was not remembered.
+    assert_eq!(redis.zcard_chat("full"), stored);
+    let keys = redis.keys();
+    assert!(
+        !keys.contains("im:idem"),
+        "a refused send's idempotency key was stored: {keys}"
+    );
+    // Reads still work.
+    let r = conn.pull_query("chat=full&limit=5");
+    assert_eq!(r.status, 200, "{}", r.describe());
+    let m = scrape(server.http_addr());
+    assert_eq!(m.value("im_store_full_total", &[]), (refused + 1) as f64);
+    assert_eq!(
+        m.value(
+            "im_http_requests_total",
+            &[("route", "send"), ("code", "507")]
+        ),
+        (refused + 1) as f64
+    );
+    let log = server.stderr();
+    let flood_lines = log.lines().count() - lines_before;
+    let seconds = took.as_secs() + 2;
+    assert!(
+        flood_lines as u64 <= seconds + 2 && flood_lines < 20,
+        "{refused} refused sends in {took:?} wrote {flood_lines} log lines:\n{log}"
+    );
+    assert!(log.contains("store is full"), "{log}");
+    eprintln!(
+        "{stored} sends stored before Redis was full; {refused} refused sends in {took:?} wrote {flood_lines} log lines"
+    );
+}

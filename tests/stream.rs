@@ -353,7 +353,7 @@ fn the_rpc_server_going_down_mid_stream_ends_it_with_an_error_event() {
     let addr = gateway.http_addr();
     let t = send_ok(addr, "c", "a", "one");
     let mut stream = SseStream::open(addr, &stream_path("c"), &[]);
-    stream.set_read_timeout(Duration::from_secs(15));
+    stream.set_read_timeout(Duration::from_secs(10));
     assert_eq!(stream.next_event().send_time(), t);
     rpc.kill();
     let items = stream.read_to_end();
@@ -418,6 +418,74 @@ fn auth_on_refuses_like_pull() {
     let event = stream.next_event();
     assert_eq!(event.send_time(), t);
     assert_eq!(event.json()["sender"], "alice");
+}
+
+/// A stream ends when its token does (issue 20 item 5): opened with a token
+/// that has about 3 s left (`exp` 27 s ago, within the server's 30 s
+/// leeway), it delivers while the token is valid, then ends with a final
+/// `event: error` (`token_expired`), and a message sent after that is not
+/// delivered on it; the same token is then refused by pull too.
+#[test]
+fn a_stream_ends_with_token_expired_when_its_token_expires() {
+    const SECRET: &str = "an HS256 secret of at least 32 bytes, for tests";
+    let dir = unique_temp_dir("stream-exp");
+    let secret = dir.join("secret");
+    std::fs::write(&secret, SECRET).expect("write the secret");
+    let path = secret.to_string_lossy().to_string();
+    let server = Server::start("all", &["--auth-jwt-secret-file", &path], &[]);
+    let addr = server.http_addr();
+    let now = now_us() / 1_000_000;
+    let bearer = |exp: i64| {
+        let t = jwt::mint(SECRET.as_bytes(), &json!({"sub": "alice", "exp": exp}));
+        format!("Bearer {t}")
+    };
+    let (short, long) = (bearer(now - 27), bearer(now + 600));
+    let send = |text: &str| {
+        let r = request(
+            addr,
+            "POST",
+            "/api/send",
+            &[
+                ("Authorization", &long),
+                ("Content-Type", "application/json"),
+            ],
+            json!({"chat": "alice:bob", "text": text})
+                .to_string()
+                .as_bytes(),
+        );
+        send_time_of(&r, text)
+    };
+    let opened = Instant::now();
+    let mut stream = SseStream::try_open(
+        addr,
+        &stream_path("alice:bob"),
+        &[("Authorization", &short)],
+        "HTTP/1.1",
+    )
+    .expect("the token is still valid");
+    let t = send("while valid");
+    assert_eq!(stream.next_event().send_time(), t);
+    stream.set_read_timeout(Duration::from_secs(10));
+    let last = stream.next_event();
+    let ended = opened.elapsed();
+    assert_eq!(last.event.as_deref(), Some("error"), "{last:?}");
+    assert_eq!(last.json()["error"]["code"], "token_expired", "{last:?}");
+    assert!(
+        ended < Duration::from_secs(8),
+        "ended {ended:?} after opening, the token had ~3 s left"
+    );
+    let rest = stream.read_to_end();
+    send("after expiry");
+    assert!(rest.is_empty(), "nothing after the final error: {rest:?}");
+    let r = request(
+        addr,
+        "GET",
+        &format!("/api/pull?chat={}", pct("alice:bob")),
+        &[("Authorization", &short)],
+        b"",
+    );
+    assert_error(&r, 401, "the same token on pull");
+    eprintln!("stream ended with token_expired {ended:?} after it opened");
 }
 
 #[test]

@@ -42,6 +42,9 @@ pub struct Claims {
     pub sub: String,
     /// `chats`: the rooms the token is limited to; `None` = not limited.
     pub chats: Option<Vec<String>>,
+    /// The last second the token is accepted in (`exp` plus the leeway),
+    /// in seconds since the Unix epoch: what ends a stream opened with it.
+    pub until: i64,
 }
 
 impl Claims {
@@ -277,6 +280,7 @@ fn check_claims(
     let claims = Claims {
         sub,
         chats: payload.chats,
+        until: window.until.floor() as i64,
     };
     Ok((claims, window))
 }

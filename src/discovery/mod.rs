@@ -133,7 +133,7 @@ pub(crate) fn spawn_on_own_runtime(
                 .build()
             {
                 Ok(runtime) => runtime.block_on(task),
-                Err(err) => eprintln!("im-server: {what} cannot start a runtime: {err}"),
+                Err(err) => crate::logging::error!("{what} cannot start a runtime"; err = err),
             }
         })
         .map_err(|e| format!("cannot start the {what} thread: {e}"))
@@ -162,7 +162,7 @@ async fn discover(
             if *current == list {
                 return false;
             }
-            eprintln!("im-server: rpc endpoints: {list:?}");
+            crate::logging::info!("rpc endpoints: {list:?}");
             *current = list;
             true
         });
@@ -189,7 +189,7 @@ async fn resolve_loop(hosts: Vec<String>, publish: watch::Sender<Vec<SocketAddr>
                     let addrs: Vec<SocketAddr> = addrs.collect();
                     known.insert(host.clone(), addrs);
                 }
-                Err(err) => eprintln!("im-server: cannot resolve {host}: {err}"),
+                Err(err) => crate::logging::warning!("cannot resolve {host}"; err = err),
             }
         }
         let all: Vec<SocketAddr> = known.values().flatten().copied().collect();
@@ -247,14 +247,14 @@ async fn registry_loop(registry: RegistryUrl, publish: watch::Sender<Vec<SocketA
             }
             publish_entries(&entries);
             if reported {
-                eprintln!("im-server: etcd registry reachable again");
+                crate::logging::info!("etcd registry reachable again");
                 reported = false;
             }
             retry = MIN_RETRY;
             let watching = client.watch_prefix(prefix, revision + 1, |message| match message {
                 WatchMessage::Created => true,
                 WatchMessage::Canceled(why) => {
-                    eprintln!("im-server: etcd watch canceled: {why}; reading again");
+                    crate::logging::warning!("etcd watch canceled; reading again"; why = why);
                     false
                 }
                 WatchMessage::Events(events) => {
@@ -272,8 +272,9 @@ async fn registry_loop(registry: RegistryUrl, publish: watch::Sender<Vec<SocketA
         .await;
         let Err(err) = result else { continue };
         if !reported {
-            eprintln!(
-                "im-server: etcd registry: {err}; keeping the last known endpoints, retrying"
+            crate::logging::warning!(
+                "etcd registry unreachable; keeping the last known endpoints, retrying";
+                err = err
             );
             reported = true;
         }
@@ -328,7 +329,7 @@ async fn register(registry: RegistryUrl, advertise: SocketAddr, mut stop: watch:
             let id = client.grant(LEASE_TTL.as_secs()).await?;
             lease = Some(id);
             client.put(&key, &value, id).await?;
-            eprintln!("im-server: registered {advertise} in etcd (lease {id:x})");
+            crate::logging::info!("registered {advertise} in etcd (lease {id:x})");
             retry = MIN_RETRY;
             reported = false;
             loop {
@@ -345,7 +346,7 @@ async fn register(registry: RegistryUrl, advertise: SocketAddr, mut stop: watch:
         if let Err(err) = result
             && !reported
         {
-            eprintln!("im-server: etcd registration of {advertise}: {err}; retrying");
+            crate::logging::warning!("etcd registration of {advertise} failed; retrying"; err = err);
             reported = true;
         }
         tokio::select! {
@@ -356,10 +357,10 @@ async fn register(registry: RegistryUrl, advertise: SocketAddr, mut stop: watch:
     }
     if let Some(id) = lease {
         match client.revoke(id).await {
-            Ok(()) => eprintln!("im-server: deregistered {advertise} from etcd"),
+            Ok(()) => crate::logging::info!("deregistered {advertise} from etcd"),
             Err(err) => {
                 // The lease expires by itself within its TTL.
-                eprintln!("im-server: could not deregister {advertise} from etcd: {err}");
+                crate::logging::warning!("could not deregister {advertise} from etcd"; err = err);
             }
         }
     }

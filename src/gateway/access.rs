@@ -4,11 +4,11 @@
 //! [`Access::admit`] is one branch and the seed's curl examples work as
 //! they always did.
 
-use std::net::IpAddr;
-
 use tokio::time::Instant;
 
+use super::client_addr::{Cidr, bucket_key, client_address};
 use super::error::ApiError;
+use super::origin::cross_origin_refusal;
 use crate::auth::{self, Auth, Claims, Denied};
 use crate::http::Request;
 use crate::ratelimit::{Limiter, retry_after_secs};
@@ -29,6 +29,11 @@ pub struct Access {
     pub auth: Option<Auth>,
     pub send_limit: Option<Limiter>,
     pub pull_limit: Option<Limiter>,
+    /// `--trusted-proxies`: peers whose `Forwarded` / `X-Forwarded-For`
+    /// name the client.
+    pub trusted_proxies: Vec<Cidr>,
+    /// `--allowed-origins`: origins exempt from the cross-origin check.
+    pub allowed_origins: Vec<String>,
 }
 
 impl Access {
@@ -41,43 +46,93 @@ impl Access {
             auth,
             send_limit: send_rate.map(|r| Limiter::new(r, MAX_BUCKETS)),
             pull_limit: pull_rate.map(|r| Limiter::new(r, MAX_BUCKETS)),
+            ..Access::default()
         }
     }
 
-    /// Authenticates `req` (if tokens are required) and takes one token from
-    /// its client's bucket (if `api` is limited): the user's when
-    /// authenticated, else the client address's.
+    /// Authenticates `req` (if tokens are required; else refuses a browser's
+    /// cross-origin send) and takes one token from its client's bucket (if
+    /// `api` is limited): the user's when authenticated, else the client
+    /// address's. A token that fails costs its address a token too, so
+    /// forged tokens meet the limit (429) like anything else.
     pub fn admit(&self, req: &Request, api: Api) -> Result<Option<Claims>, ApiError> {
-        let claims = match &self.auth {
-            None => None,
-            Some(auth) => {
-                let header = req.header_values("authorization").next();
-                let now = crate::now_micros() / 1_000_000;
-                Some(auth.authenticate(header, now).map_err(denied)?)
-            }
-        };
         let limiter = match api {
             Api::Send => &self.send_limit,
             Api::Pull => &self.pull_limit,
         };
-        if let Some(limiter) = limiter {
-            let client = client_key(claims.as_ref(), req.peer);
-            if let Err(wait) = limiter.check(&client, Instant::now()) {
-                return Err(ApiError::RateLimited(retry_after_secs(wait)));
+        let claims = match &self.auth {
+            None => {
+                if let Some(why) = cross_origin_refusal(req, &self.allowed_origins) {
+                    return Err(ApiError::Forbidden(why));
+                }
+                None
             }
+            Some(auth) => {
+                let mut values = req.header_values("authorization");
+                let header = values.next();
+                if values.next().is_some() {
+                    return Err(ApiError::Invalid(
+                        "`Authorization` given more than once".into(),
+                    ));
+                }
+                Some(self.authenticate(auth, header, req, limiter)?)
+            }
+        };
+        if let Some(limiter) = limiter {
+            let client = match &claims {
+                Some(c) => [b"u:", c.sub.as_bytes()].concat(),
+                None => self.address_key(req),
+            };
+            self.take(limiter, &client)?;
         }
         Ok(claims)
     }
-}
 
-/// The bucket of a request: `u:<user>` or `ip:<address octets>`, so a user
-/// named like an address never shares one with it.
-fn client_key(claims: Option<&Claims>, peer: Option<IpAddr>) -> Vec<u8> {
-    match (claims, peer) {
-        (Some(c), _) => [b"u:", c.sub.as_bytes()].concat(),
-        (None, Some(IpAddr::V4(ip))) => [&b"ip:"[..], &ip.octets()].concat(),
-        (None, Some(IpAddr::V6(ip))) => [&b"ip:"[..], &ip.octets()].concat(),
-        (None, None) => b"ip:".to_vec(),
+    /// The token's claims. Each failure takes a token from the client
+    /// address's bucket, so forged tokens meet the limit (429). (Not checked
+    /// before verifying: behind a proxy, or a NAT, one address is many
+    /// users, and their valid tokens must not be refused for a forger's.)
+    fn authenticate(
+        &self,
+        auth: &Auth,
+        header: Option<&[u8]>,
+        req: &Request,
+        limiter: &Option<Limiter>,
+    ) -> Result<Claims, ApiError> {
+        let now = crate::now_micros() / 1_000_000;
+        match auth.authenticate(header, now) {
+            Ok(claims) => Ok(claims),
+            Err(why @ Denied::InvalidToken(_)) => {
+                if let Some(limiter) = limiter {
+                    self.take(limiter, &self.address_key(req))?;
+                }
+                Err(denied(why))
+            }
+            Err(why) => Err(denied(why)),
+        }
+    }
+
+    fn take(&self, limiter: &Limiter, client: &[u8]) -> Result<(), ApiError> {
+        limiter
+            .check(client, Instant::now())
+            .map_err(|wait| ApiError::RateLimited(retry_after_secs(wait)))
+    }
+
+    /// The bucket of a request without a user: `ip:` and its client's
+    /// address (or /64), so a user named like an address never shares one
+    /// with it.
+    fn address_key(&self, req: &Request) -> Vec<u8> {
+        let Some(peer) = req.peer else {
+            return b"ip:".to_vec();
+        };
+        let client = if self.trusted_proxies.is_empty() {
+            peer
+        } else {
+            let forwarded: Vec<&[u8]> = req.header_values("forwarded").collect();
+            let xff: Vec<&[u8]> = req.header_values("x-forwarded-for").collect();
+            client_address(peer, &forwarded, &xff, &self.trusted_proxies)
+        };
+        bucket_key(client)
     }
 }
 

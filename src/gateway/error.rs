@@ -23,6 +23,8 @@ pub enum ApiError {
         missing: bool,
         why: &'static str,
     },
+    /// An event stream's token expired while it was open: its final event.
+    TokenExpired,
     /// The user may not do this.
     Forbidden(&'static str),
     /// Over the client's rate limit; retry after this many seconds.
@@ -47,8 +49,9 @@ impl ApiError {
             ApiError::Service(Error::Unavailable | Error::Lost | Error::Overloaded) => 503,
             ApiError::Service(Error::Timeout) => 504,
             ApiError::Service(Error::IdempotencyKeyReused) => 422,
+            ApiError::Service(Error::StorageFull) => 507,
             ApiError::Service(Error::Internal(_)) => 500,
-            ApiError::Unauthorized { .. } => 401,
+            ApiError::Unauthorized { .. } | ApiError::TokenExpired => 401,
             ApiError::Forbidden(_) => 403,
             ApiError::RateLimited(_) => 429,
         }
@@ -73,9 +76,11 @@ impl ApiError {
             ApiError::Service(Error::Overloaded) => "overloaded",
             ApiError::Service(Error::Timeout) => "timeout",
             ApiError::Service(Error::IdempotencyKeyReused) => "idempotency_key_reused",
+            ApiError::Service(Error::StorageFull) => "insufficient_storage",
             ApiError::Service(Error::Internal(_)) => "internal",
             ApiError::Unauthorized { missing: true, .. } => "unauthorized",
             ApiError::Unauthorized { missing: false, .. } => "invalid_token",
+            ApiError::TokenExpired => "token_expired",
             ApiError::Forbidden(_) => "forbidden",
             ApiError::RateLimited(_) => "rate_limited",
         }
@@ -117,7 +122,13 @@ impl ApiError {
             ApiError::Service(Error::IdempotencyKeyReused) => {
                 "this idempotency key was already used in this chat for a different message".into()
             }
+            ApiError::Service(Error::StorageFull) => {
+                "the message store is full: the message was not stored; retry after the operator frees space".into()
+            }
             ApiError::Unauthorized { why, .. } | ApiError::Forbidden(why) => (*why).into(),
+            ApiError::TokenExpired => {
+                "the stream's token has expired; reconnect with a fresh one".into()
+            }
             ApiError::RateLimited(secs) => {
                 format!("too many requests from this client; retry in {secs} s")
             }
@@ -144,7 +155,7 @@ impl ApiError {
     /// The response for this error.
     pub fn into_response(self) -> Response {
         if let ApiError::Service(Error::Internal(why)) = &self {
-            eprintln!("im-server: internal error: {why}");
+            crate::logging::error!("internal error"; why = why);
         }
         let mut resp = Response::json(self.status(), self.json_body());
         match self {
@@ -157,7 +168,7 @@ impl ApiError {
             ApiError::Unauthorized { missing: true, .. } => {
                 resp.extra_header = Some(("WWW-Authenticate", r#"Bearer realm="im""#));
             }
-            ApiError::Unauthorized { missing: false, .. } => {
+            ApiError::Unauthorized { missing: false, .. } | ApiError::TokenExpired => {
                 resp.extra_header = Some((
                     "WWW-Authenticate",
                     r#"Bearer realm="im", error="invalid_token""#,

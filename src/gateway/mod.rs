@@ -2,8 +2,10 @@
 //! replies back into JSON.
 
 pub mod access;
+pub mod client_addr;
 pub mod error;
 pub mod json;
+pub mod origin;
 pub mod pull_wire;
 pub mod stream;
 pub mod web;

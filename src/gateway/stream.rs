@@ -78,6 +78,7 @@ impl Gateway {
             chat,
             cursor,
             wait_ms: STREAM_WAIT_MS.min(self.max_wait_ms).max(0),
+            until: user.as_ref().map(|claims| claims.until),
             page: Bytes::new(),
             pos: 0,
             scratch: Vec::new(),
@@ -219,6 +220,23 @@ async fn next_page(rpc: BalancedClient, chat: String, cursor: i64, wait_ms: i32)
     }
 }
 
+/// `page`, unless the token expires first (or already has): then the
+/// stream's final `event: error` with code `token_expired`. A page that
+/// arrives is delivered even if the token expires while it is written: it
+/// was pulled while the token was valid.
+async fn until_expiry(page: impl Future<Output = Batch>, until: i64) -> Batch {
+    let now = crate::now_micros() as f64 / 1e6;
+    let end = until.saturating_add(1) as f64;
+    let left = Duration::try_from_secs_f64(end - now).unwrap_or(Duration::ZERO);
+    if left.is_zero() {
+        return Err(error_event(&ApiError::TokenExpired));
+    }
+    tokio::select! {
+        batch = page => batch,
+        _ = tokio::time::sleep(left) => Err(error_event(&ApiError::TokenExpired)),
+    }
+}
+
 fn has_messages(page: &[u8]) -> bool {
     scalars(page).is_ok_and(|s| s.count > 0)
 }
@@ -240,6 +258,10 @@ pub struct ChatStream {
     cursor: i64,
     /// How long each pull after the first may be held (see [`STREAM_WAIT_MS`]).
     wait_ms: i32,
+    /// With authentication, the last second the stream's token is accepted
+    /// in (since the epoch): the stream ends when it is over, as a pull
+    /// with that token is refused from then on.
+    until: Option<i64>,
     /// The page being rendered (a `PullResponse`), from `pos` on.
     page: Bytes,
     pos: usize,
@@ -283,12 +305,16 @@ impl EventSource for ChatStream {
     }
 
     fn more(&mut self) -> Pin<Box<dyn Future<Output = Batch> + Send>> {
-        Box::pin(next_page(
+        let page = next_page(
             self.rpc.clone(),
             self.chat.clone(),
             self.cursor,
             self.wait_ms,
-        ))
+        );
+        match self.until {
+            None => Box::pin(page),
+            Some(until) => Box::pin(until_expiry(page, until)),
+        }
     }
 
     fn take(&mut self, page: Bytes) {

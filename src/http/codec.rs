@@ -512,10 +512,19 @@ fn parse_chunk_size(line: &[u8]) -> Result<usize, HttpError> {
     if digits.is_empty() || digits.len() > 15 {
         return Err(INVALID);
     }
+    // No control character but HTAB in an extension (RFC 9112 §7.1.1: tokens
+    // and quoted strings): a bare CR is where parsers disagree on where the
+    // line ends (§2.2 says reject), a smuggling vector.
+    if rest.iter().any(|&b| (b < 0x20 && b != b'\t') || b == 0x7f) {
+        return Err(HttpError::BadRequest(
+            "control character in a chunk extension",
+        ));
+    }
     let rest = trim(rest);
     if !rest.is_empty() && rest[0] != b';' {
         return Err(INVALID);
     }
+
     let size = digits.iter().fold(0u64, |acc, &d| {
         acc * 16 + u64::from((d as char).to_digit(16).unwrap_or(0))
     });

@@ -202,3 +202,23 @@ fn header_values_are_found_case_insensitively_and_trimmed() {
     // The request line is not a header, whatever its target holds.
     assert_eq!(reqs[0].header_values("POST /k").count(), 0);
 }
+
+#[test]
+fn a_bare_cr_or_other_control_in_a_chunk_extension_is_refused() {
+    for ext in [&b"5;a\rb"[..], b"5;a\x00", b"5;a=\"x\x7fy\"", b"5\r;a"] {
+        let mut input =
+            b"POST /x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+        input.extend_from_slice(ext);
+        input.extend_from_slice(b"\r\nhello\r\n0\r\n\r\n");
+        for result in [decode_all(&input), decode_bytewise(&input)] {
+            assert!(
+                matches!(result, Err(HttpError::BadRequest(_))),
+                "{:?}: {result:?}",
+                String::from_utf8_lossy(ext)
+            );
+        }
+    }
+    // A tab is allowed (whitespace around `;` and `=`).
+    let input = b"POST /x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\t;a=1\r\nhello\r\n0\r\n\r\n";
+    assert_eq!(decode_all(input).expect("valid")[0].body, &b"hello"[..]);
+}

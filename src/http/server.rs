@@ -165,7 +165,7 @@ pub async fn serve<H: Handler>(
     }
     drop(listener);
     if let Err(open) = drain(&slots, options.max_connections, options.drain_timeout).await {
-        eprintln!("im-server: http drain timed out with {open} connections open");
+        crate::logging::warning!("http drain timed out with {open} connections open");
     }
 }
 

@@ -78,10 +78,12 @@ fn log_changes(balancer: &mut Endpoints) {
     for (addr, change) in balancer.take_changes() {
         match change {
             Change::Ejected(n) => {
-                eprintln!("im-server: rpc endpoint {addr} ejected after {n} consecutive failures")
+                crate::logging::warning!(
+                    "rpc endpoint {addr} ejected after {n} consecutive failures"
+                )
             }
-            Change::Recovered => eprintln!("im-server: rpc endpoint {addr} back in use"),
-            Change::GoingAway => eprintln!("im-server: rpc endpoint {addr} is going away"),
+            Change::Recovered => crate::logging::info!("rpc endpoint {addr} back in use"),
+            Change::GoingAway => crate::logging::info!("rpc endpoint {addr} is going away"),
         }
     }
 }
@@ -303,6 +305,7 @@ impl BalancedClient {
                         // Timeout: maybe carried out. (The client fails with none of the others.)
                         Error::Timeout
                         | Error::IdempotencyKeyReused
+                        | Error::StorageFull
                         | Error::Invalid(_)
                         | Error::Internal(_) => false,
                     };

@@ -50,7 +50,7 @@ impl Protocol for RpcProtocol {
         let mut socket = TcpStream::connect(&self.addr).await?;
         socket.set_nodelay(true)?;
         if let Some(secret) = &self.secret {
-            super::handshake::connect(&mut socket, secret).await?;
+            super::handshake::connect(&mut socket, secret, &self.addr).await?;
         }
         // A new connection: whoever answers has not said GOAWAY on it.
         self.going_away.store(false, Ordering::Relaxed);

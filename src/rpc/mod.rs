@@ -2,6 +2,7 @@
 //! multiplexed client pool the gateway uses ([`client`]), and the server that
 //! validates and stores ([`server`]).
 
+pub(crate) mod admission;
 pub mod balanced;
 pub mod client;
 pub mod frame;

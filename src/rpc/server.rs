@@ -14,9 +14,10 @@ use tokio::net::{TcpListener, TcpStream, UnixStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::time::{Instant, Sleep};
 
+use super::admission::{Admission, Ticket};
 use super::frame::{self, Frame};
 use super::local::LocalAccept;
-use super::{method, status};
+use super::{handshake, method, status};
 use crate::accept::{drain, next_connection};
 use crate::domain::{
     DEFAULT_LIMIT, MAX_LIMIT, MAX_MESSAGE_WIRE_BYTES, PullQuery, canonical_chat,
@@ -47,7 +48,19 @@ pub struct RpcServerOptions {
     /// With a shared secret every connection must pass the handshake
     /// ([`super::handshake`]) before its first call.
     pub secret: Option<Arc<[u8]>>,
+    /// `--rpc-advertise`: the address gateways dial when it is not the one
+    /// this server listens on (NAT); the handshake accepts proofs for
+    /// either.
+    pub advertise: Option<String>,
 }
+
+/// Connections in the handshake at once, per accept loop (shard): what
+/// clients that have proven nothing may hold (see [`super::admission`]).
+pub const HANDSHAKE_SLOTS: usize = 64;
+
+/// How long a new connection has to prove it knows the secret: a gateway
+/// needs one round trip.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The connection limit shared by every shard's accept loop.
 pub fn connection_slots(options: &RpcServerOptions) -> Arc<Semaphore> {
@@ -67,6 +80,7 @@ pub async fn serve(
     drain_timeout: Duration,
 ) {
     let mut refusals = RefusalLog::default();
+    let admission = Admission::new(HANDSHAKE_SLOTS);
     loop {
         let incoming = tokio::select! {
             accepted = next_connection(&listener, &mut shutdown, "rpc") => match accepted {
@@ -77,6 +91,22 @@ pub async fn serve(
                 Some(stream) => Incoming::Local(stream),
                 None => continue,
             },
+        };
+        let incoming = match (incoming, options.secret.clone()) {
+            (Incoming::Tcp(socket, peer), Some(secret)) => {
+                // Proven nothing yet: a pre-handshake slot, not a connection slot.
+                let (ticket, _evicted) = admission.admit();
+                let serve = authenticate_then_serve(
+                    (socket, peer, ticket, secret),
+                    store.clone(),
+                    options.clone(),
+                    slots.clone(),
+                    shutdown.clone(),
+                );
+                tokio::spawn(serve);
+                continue;
+            }
+            (incoming, _) => incoming,
         };
         // Over the limit the connection is closed at once: there is no frame
         // to answer yet, and a gateway retries on its next call.
@@ -92,14 +122,14 @@ pub async fn serve(
         tokio::spawn(async move {
             let peer = incoming.peer();
             if let Err(err) = incoming.serve(store, options, shutdown).await {
-                eprintln!("im-server: rpc connection from {peer} closed: {err}");
+                crate::logging::warning!("rpc connection closed"; peer = peer, err = err);
             }
             drop((slot, counted));
         });
     }
     drop(listener);
     if let Err(open) = drain(&slots, options.max_connections, drain_timeout).await {
-        eprintln!("im-server: rpc drain timed out with {open} connections open");
+        crate::logging::warning!("rpc drain timed out with {open} connections open");
     }
 }
 
@@ -125,10 +155,8 @@ impl Incoming {
         shutdown: watch::Receiver<bool>,
     ) -> std::io::Result<()> {
         match self {
-            Incoming::Tcp(mut socket, _) => {
-                if let Some(secret) = &options.secret {
-                    super::handshake::accept(&mut socket, secret).await?;
-                }
+            // (With a secret, authenticate_then_serve takes TCP connections.)
+            Incoming::Tcp(socket, _) => {
                 let (reader, writer) = socket.into_split();
                 connection(reader, writer, store, options, shutdown).await
             }
@@ -138,6 +166,52 @@ impl Incoming {
             }
         }
     }
+}
+
+/// Runs the handshake of a new connection within its pre-handshake slot
+/// (given up if evicted or late), then serves it in a connection slot.
+/// Refusals are logged through the collapse of [`crate::logging`]: a flood
+/// of them writes a line a second per reason.
+async fn authenticate_then_serve(
+    (mut socket, peer, mut ticket, secret): (TcpStream, std::net::SocketAddr, Ticket, Arc<[u8]>),
+    store: Arc<AnyStore>,
+    options: RpcServerOptions,
+    slots: Arc<Semaphore>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let mut names: Vec<String> = options
+        .advertise
+        .iter()
+        .map(|a| handshake::identity(a))
+        .collect();
+    if let Ok(local) = socket.local_addr() {
+        names.push(handshake::identity(&local.to_string()));
+    }
+    let proven = tokio::select! {
+        result = handshake::accept(&mut socket, &secret, &names, HANDSHAKE_TIMEOUT) => result,
+        () = ticket.evicted() => Err(std::io::Error::other(
+            "evicted: every pre-handshake slot was taken by newer connections",
+        )),
+    };
+    drop(ticket);
+    if let Err(err) = proven {
+        crate::logging::warning!("rpc handshake refused: {err}"; peer = peer);
+        return;
+    }
+    let Ok(slot) = slots.try_acquire_owned() else {
+        crate::logging::warning!(
+            "rpc connection limit ({}) reached: closed an authenticated connection",
+            options.max_connections;
+            peer = peer
+        );
+        return;
+    };
+    let counted = metrics::track(Gauge::RpcServerConnections);
+    let (reader, writer) = socket.into_split();
+    if let Err(err) = connection(reader, writer, store, options, shutdown).await {
+        crate::logging::warning!("rpc connection closed"; peer = peer, err = err);
+    }
+    drop((slot, counted));
 }
 
 /// Logs refused connections at most once per interval, with a count, so a
@@ -157,8 +231,8 @@ impl RefusalLog {
             .last
             .is_none_or(|last| last.elapsed() >= Self::INTERVAL)
         {
-            eprintln!(
-                "im-server: rpc connection limit ({limit}) reached: closed {} new connection(s)",
+            crate::logging::warning!(
+                "rpc connection limit ({limit}) reached: closed {} new connection(s)",
                 self.unlogged
             );
             self.last = Some(Instant::now());
@@ -742,11 +816,16 @@ fn failure(err: Error) -> (i32, String) {
         Error::Invalid(why) => why,
         Error::Unavailable | Error::Lost | Error::Timeout => "the store is unavailable".into(),
         Error::Overloaded => "the store is overloaded".into(),
+        Error::StorageFull => {
+            crate::metrics::METRICS.store_full();
+            crate::logging::error!("the store is full: sends refused until memory is freed");
+            "the store is full".into()
+        }
         Error::IdempotencyKeyReused => {
             "this idempotency key was already used in this chat for a different message".into()
         }
         Error::Internal(why) => {
-            eprintln!("im-server: store error: {why}");
+            crate::logging::error!("store error"; why = why);
             "internal store error".into()
         }
     };

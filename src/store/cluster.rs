@@ -291,15 +291,17 @@ impl Router {
                 // Periodic reads are logged only when something moved; the
                 // others are rate-limited (a few lines a second at worst).
                 if reason != QUIET_REFRESH || !current.same_owners(&map) {
-                    eprintln!(
-                        "im-server: cluster map refresh #{count} ({reason}) from {addr}: {} masters, {} slots unserved",
+                    crate::logging::info!(
+                        "cluster map refresh #{count} ({reason}) from {addr}: {} masters, {} slots unserved",
                         map.masters().len(),
                         map.uncovered()
                     );
                 }
                 *current = map;
             }
-            Err(err) => eprintln!("im-server: cluster map refresh ({reason}) failed: {err}"),
+            Err(err) => {
+                crate::logging::warning!("cluster map refresh ({reason}) failed"; err = err)
+            }
         }
         let mut state = self.shared.lock_refresh();
         state.running = false;
@@ -502,8 +504,8 @@ async fn store_send_batches(
             });
         }
     }
-    eprintln!(
-        "im-server: cluster store closed after {batches} send batches touching {slots} slots"
+    crate::logging::info!(
+        "cluster store closed after {batches} send batches touching {slots} slots"
     );
 }
 
@@ -600,7 +602,7 @@ impl Store for ClusterStore {
         let request = RespRequest::from(pull_command(query));
         let deadline = Instant::now() + self.timeout;
         match self.router.execute(slot, request, 0, deadline).await? {
-            Reply::Error(err) => Err(Error::Internal(format!("redis: {err}"))),
+            Reply::Error(err) => Err(Error::from_redis(&err)),
             reply => page_from_reply(query, reply),
         }
     }

@@ -406,7 +406,7 @@ impl StartedCall {
     }
 
     /// The reply, by the deadline (else `Timeout`); an error reply is
-    /// `Internal` (nothing the store sends should be refused).
+    /// [`Error::from_redis`]'s.
     async fn reply(self) -> Result<Reply, Error> {
         let reply = match self.pending {
             Ok(pending) => tokio::time::timeout_at(self.deadline, pending.wait())
@@ -416,7 +416,7 @@ impl StartedCall {
         };
         self.counted.end(outcome(&reply));
         match reply {
-            Ok(Reply::Error(err)) => Err(Error::Internal(format!("redis: {err}"))),
+            Ok(Reply::Error(err)) => Err(Error::from_redis(&err)),
             reply => reply,
         }
     }
@@ -708,6 +708,9 @@ pub(super) fn answer_batch(reply: Result<Reply, Error>, waiters: Vec<SendWaiter>
         Ok(Reply::Array(items)) if items.len() == waiters.len() => items,
         failed => {
             let err = match failed {
+                // Refused whole (OOM: before the function ran), so none of
+                // the batch was written.
+                Ok(Reply::Error(err)) => Error::from_redis(&err),
                 Ok(other) => Error::Internal(format!("im_send returned {other:?}")),
                 Err(err) => err,
             };

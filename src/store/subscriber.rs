@@ -224,8 +224,9 @@ async fn run_node(
                         Ok(Err(err)) => err.to_string(),
                         _ => "timed out".into(),
                     };
-                    eprintln!(
-                        "im-server: redis subscriber cannot connect to {target}: {why}; retrying"
+                    crate::logging::warning!(
+                        "redis subscriber cannot connect to {target}; retrying";
+                        why = why
                     );
                     warned = true;
                 }
@@ -256,7 +257,9 @@ async fn run_node(
         }
         match result {
             Ok(()) => return, // the hub is gone
-            Err(err) => eprintln!("im-server: redis subscriber connection to {target} lost: {err}"),
+            Err(err) => {
+                crate::logging::warning!("redis subscriber connection to {target} lost"; err = err)
+            }
         }
     }
 }
@@ -285,7 +288,7 @@ async fn serve(
                 read?;
                 while let Some(reply) = decode_reply(&mut input)? {
                     if let Reply::Error(err) = &reply {
-                        eprintln!("im-server: redis subscriber: {err}");
+                        crate::logging::warning!("redis subscriber error"; err = err);
                         for chat in state.read_error() {
                             hub.lost(&chat);
                         }

@@ -119,6 +119,15 @@ impl RpcConn {
         })
     }
 
+    /// An accepted connection (a test standing in for a server or relay).
+    pub fn from_stream(stream: TcpStream) -> RpcConn {
+        stream.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
+        RpcConn {
+            stream,
+            input: BytesMut::new(),
+        }
+    }
+
     pub fn write(&mut self, bytes: &[u8]) {
         self.stream
             .write_all(bytes)

@@ -112,6 +112,8 @@ options! {
         "open HTTP connections; more are answered 503 and closed");
     max_output_buffer: usize = positive("--max-output-buffer", "IM_MAX_OUTPUT_BUFFER", "4194304",
         "response bytes queued per HTTP connection; no further pipelined request starts above it");
+    max_buffered_bytes: Option<usize> = optional_positive("--max-buffered-bytes", "IM_MAX_BUFFERED_BYTES", unset,
+        "reply bytes the gateway process holds for its clients until written (pull pages, queued output), shared fairly between clients; a reply that does not fit is answered 503 overloaded (default: 256 MiB, or 1/8 of RAM if less)");
     write_timeout: Duration = seconds("--write-timeout-s", "IM_WRITE_TIMEOUT_S", "10",
         "an HTTP client that accepts no response bytes for this long is closed");
     stream_heartbeat: Duration = seconds("--stream-heartbeat-s", "IM_STREAM_HEARTBEAT_S", "15",
@@ -181,6 +183,10 @@ fn count(flag: &'static str, value: Option<&str>) -> Result<usize, String> {
 
 fn positive(flag: &'static str, value: Option<&str>) -> Result<usize, String> {
     Ok(positive_number(flag, value)? as usize)
+}
+
+fn optional_positive(flag: &'static str, value: Option<&str>) -> Result<Option<usize>, String> {
+    value.map(|v| positive(flag, Some(v))).transpose()
 }
 
 fn seconds(flag: &'static str, value: Option<&str>) -> Result<Duration, String> {

@@ -43,6 +43,9 @@ struct Plan {
     /// When this process runs the gateway: the RPC servers it calls (kept
     /// current by discovery), and the connection limit.
     gateway: Option<(watch::Receiver<Vec<SocketAddr>>, Arc<Semaphore>)>,
+    /// The gateway's memory budget for replies held until written, shared
+    /// by every shard (`--max-buffered-bytes`).
+    buffered: Arc<crate::budget::MemoryBudget>,
     /// Where this process's RPC server listens, when it runs one.
     rpc_local: Option<SocketAddr>,
     /// Authentication and rate limits, shared by the gateway's shards.
@@ -267,10 +270,16 @@ fn plan(config: Config) -> Result<(Plan, Listeners), String> {
         }
         None => None,
     };
+    let buffered = crate::budget::MemoryBudget::new(
+        config
+            .max_buffered_bytes
+            .unwrap_or_else(crate::budget::default_max),
+    );
     let plan = Plan {
         config,
         store,
         rpc_slots,
+        buffered,
         gateway,
         rpc_local,
         access,
@@ -622,6 +631,7 @@ async fn run_shard(
             gateway,
             ServerOptions::from(config),
             slots.clone(),
+            plan.buffered.clone(),
             gateway_stopping,
         )
         .await;
@@ -661,7 +671,10 @@ async fn serve_metrics(
     };
     let slots = connection_slots(&options);
     let endpoint = Arc::new(crate::metrics::MetricsEndpoint);
-    crate::http::serve(listener, endpoint, options, slots, stopping).await;
+    // Scrapes hold no replies from the RPC server; their output is counted
+    // on a budget of their own.
+    let budget = crate::budget::MemoryBudget::new(crate::budget::DEFAULT_MAX);
+    crate::http::serve(listener, endpoint, options, slots, budget, stopping).await;
 }
 
 async fn shutdown_signal() {

@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
+use crate::budget::{Account, ClientKey};
 use crate::error::CODE_OK;
 use crate::http::{Handler, HttpError, Method, Request, Response};
 use crate::metrics::{self, Gauge, METRICS, Route};
@@ -71,7 +72,7 @@ impl Gateway {
         }
     }
 
-    fn route(&self, req: &Request) -> Result<PendingReply, ApiError> {
+    fn route(&self, req: &Request, account: &Account) -> Result<PendingReply, ApiError> {
         let (path, query) = req.path_and_query();
         let readable = matches!(req.method, Method::Get | Method::Head);
         match path {
@@ -103,14 +104,15 @@ impl Gateway {
                 }
                 request.wait_ms = request.wait_ms.min(self.max_wait_ms);
                 let waits = request.wait_ms > 0;
-                let call = self.rpc.start(RpcRequest::Pull(request))?;
+                let account = charged_to(account, user.as_ref());
+                let call = self.rpc.start(RpcRequest::Pull(request, Some(account)))?;
                 Ok(match waits {
                     true => PendingReply::WaitingPull(call),
                     false => PendingReply::Pull(call),
                 })
             }
             b"/api/pull" => Err(ApiError::MethodNotAllowed("GET, HEAD")),
-            b"/api/stream" if readable => self.start_stream(req),
+            b"/api/stream" if readable => self.start_stream(req, account),
             b"/api/stream" => Err(ApiError::MethodNotAllowed("GET, HEAD")),
             _ => Err(ApiError::NotFound),
         }
@@ -225,7 +227,20 @@ fn unquote(value: &[u8]) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
+/// The account a request's replies are charged to: its connection's, under
+/// the token's subject when there is one (a user's share does not grow with
+/// the addresses they connect from).
+fn charged_to(account: &Account, user: Option<&crate::auth::Claims>) -> Account {
+    match user {
+        Some(user) => account.for_client(ClientKey::of_subject(&user.sub)),
+        None => account.clone(),
+    }
+}
+
 fn check_status(frame: &Frame) -> Result<(), ApiError> {
+    if frame.method_or_status == status::OVER_BUDGET {
+        return Err(ApiError::Service(crate::error::Error::Overloaded));
+    }
     if frame.method_or_status != status::OK {
         let why = String::from_utf8_lossy(&frame.body);
         return Err(ApiError::internal(format!(
@@ -243,41 +258,17 @@ fn decode_reply<M: prost::Message + Default>(frame: Frame) -> Result<M, ApiError
 impl Handler for Gateway {
     type Pending = Started;
 
-    /// A pull holds its page until written: a default page (10 messages)
-    /// unless the request may name a limit (the word `limit`, or any
-    /// escape that could spell it), then a full one (100 messages).
-    fn reply_bound(req: &Request) -> usize {
-        let (path, query) = req.path_and_query();
-        if path == b"/api/stream" {
-            // Its first page, and each later one, is held until written.
-            return crate::domain::MAX_LIMIT as usize * crate::domain::MAX_MESSAGE_WIRE_BYTES;
-        }
-        if path != b"/api/pull" {
-            return 0;
-        }
-        let has = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).any(|w| w == needle);
-        let may_name_limit = query.is_some_and(|q| has(q, b"limit") || q.contains(&b'%'))
-            || has(&req.body, b"limit")
-            || has(&req.body, b"\\u");
-        let messages = if may_name_limit {
-            crate::domain::MAX_LIMIT
-        } else {
-            crate::domain::DEFAULT_LIMIT
-        };
-        messages as usize * crate::domain::MAX_MESSAGE_WIRE_BYTES
-    }
-
     /// A client that stops waiting (closes) frees its pull's memory at once;
     /// the RPC server still holds its side until `wait_ms` ends.
     fn held(started: &Started) -> bool {
         matches!(started.reply, PendingReply::WaitingPull(_))
     }
 
-    fn start(&self, req: &Request) -> Started {
+    fn start(&self, req: &Request, account: &Account) -> Started {
         let at = std::time::Instant::now();
         let _in_flight = metrics::track(Gauge::HttpInFlight);
         let reply = self
-            .route(req)
+            .route(req, account)
             .unwrap_or_else(|err| PendingReply::Ready(err.into_response()));
         let route = Route::of(req.path_and_query().0);
         Started {

@@ -1,6 +1,7 @@
 //! The gateway's side of the RPC: a small pool of multiplexed connections to
 //! the RPC server, each owned by a [`mux`](crate::mux) task.
 
+use std::collections::HashMap;
 use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,6 +13,7 @@ use tokio::time::Instant;
 
 use super::frame::{self, Frame};
 use super::{method, status};
+use crate::budget::Account;
 use crate::error::Error;
 use crate::metrics::{PeerKind, PeerStats};
 use crate::mux::{MuxOptions, Pending, Pool, Protocol, Stream};
@@ -20,7 +22,9 @@ use crate::proto::{PingRequest, PullRequest, SendRequest};
 #[derive(Clone)]
 pub enum RpcRequest {
     Send(SendRequest),
-    Pull(PullRequest),
+    /// A pull, and the account its reply is charged to when it arrives
+    /// (see [`crate::budget`]; `None`: not charged).
+    Pull(PullRequest, Option<Account>),
     Ping,
 }
 
@@ -32,6 +36,32 @@ struct RpcProtocol {
     going_away: Arc<AtomicBool>,
     /// The shared secret of the handshake ([`super::handshake`]), if any.
     secret: Option<Arc<[u8]>>,
+    /// The accounts that the replies of the calls written on this
+    /// connection are charged to, by call id.
+    charged: HashMap<u64, Account>,
+}
+
+impl RpcProtocol {
+    /// Charges a reply to its call's account, if it has one: the body is
+    /// copied out of the read buffer and holds the charge for as long as it
+    /// lives. A reply that does not fit is dropped here, its call answered
+    /// [`status::OVER_BUDGET`].
+    fn charge(&mut self, mut frame: Frame) -> Frame {
+        let Some(account) = self.charged.remove(&frame.id) else {
+            return frame;
+        };
+        if frame.method_or_status != status::OK {
+            return frame;
+        }
+        match account.charge(frame.body.len()) {
+            Some(charge) => frame.body = crate::budget::held(&frame.body, charge),
+            None => {
+                frame.method_or_status = status::OVER_BUDGET;
+                frame.body = bytes::Bytes::new();
+            }
+        }
+        frame
+    }
 }
 
 impl Protocol for RpcProtocol {
@@ -44,8 +74,10 @@ impl Protocol for RpcProtocol {
         if let Some(secret) = &self.secret {
             super::handshake::connect(&mut socket, secret).await?;
         }
-        // A new connection: whoever answers has not said GOAWAY on it.
+        // A new connection: whoever answers has not said GOAWAY on it, and
+        // the calls of the last one are answered (Lost) already.
         self.going_away.store(false, Ordering::Relaxed);
+        self.charged.clear();
         Ok(Stream::Tcp(socket))
     }
 
@@ -53,7 +85,12 @@ impl Protocol for RpcProtocol {
         self.next_id = self.next_id.wrapping_add(1);
         match &request {
             RpcRequest::Send(req) => frame::encode(out, self.next_id, method::SEND, req),
-            RpcRequest::Pull(req) => frame::encode(out, self.next_id, method::PULL, req),
+            RpcRequest::Pull(req, account) => {
+                if let Some(account) = account {
+                    self.charged.insert(self.next_id, account.clone());
+                }
+                frame::encode(out, self.next_id, method::PULL, req)
+            }
             RpcRequest::Ping => frame::encode(out, self.next_id, method::PING, &PingRequest {}),
         }
         self.next_id
@@ -64,6 +101,7 @@ impl Protocol for RpcProtocol {
     }
 
     fn cancel(&mut self, tag: u64, out: &mut BytesMut) -> bool {
+        self.charged.remove(&tag);
         frame::encode_raw(out, tag, method::CANCEL, b"");
         true
     }
@@ -88,7 +126,7 @@ impl Protocol for RpcProtocol {
                 _ => {}
             }
         }
-        Ok(frame.map(|f| (f.id, f)))
+        Ok(frame.map(|f| (f.id, self.charge(f))))
     }
 }
 
@@ -150,6 +188,7 @@ impl RpcClient {
                 max_frame,
                 going_away: going_away.clone(),
                 secret: options.secret.clone(),
+                charged: HashMap::new(),
             },
             mux,
         );
@@ -205,6 +244,7 @@ mod tests {
             max_frame: crate::config::Config::defaults().max_frame,
             going_away: Arc::new(AtomicBool::new(false)),
             secret: None,
+            charged: HashMap::new(),
         };
         let mut input = BytesMut::new();
         frame::encode_raw(&mut input, 7, status::OK, b"reply");

@@ -1,16 +1,24 @@
 //! The gateway's process-wide budget for reply bytes held until written
 //! (`--max-buffered-bytes`), shared fairly between clients.
 //!
-//! Every pull reply is charged when it arrives from the RPC server, by its
-//! real size, to the client that asked (its address, or its token's subject
-//! with authentication) and to the connection that will write it; the charge
-//! rides with the reply's bytes ([`held`]) and ends when the last view of
-//! them is dropped, i.e. once the reply has been rendered into the
-//! connection's output. That output is charged too, while it waits to be
-//! written ([`Charge::resize`]). A reply that does not fit is dropped on
-//! arrival and its request answered 503 `overloaded` with `Retry-After`:
-//! the memory is given back at once instead of waiting behind a client that
-//! does not read.
+//! Every pull reply is charged, by its real size, to the client that asked
+//! (its address, or its token's subject with authentication) and to the
+//! connection that will write it; the charge rides with the reply's bytes
+//! ([`held`]) and ends when the last view of them is dropped, i.e. once the
+//! reply has been rendered into the connection's output. That output is
+//! charged too, while it waits to be written ([`Charge::resize`]).
+//!
+//! A pull that answers at once first reserves the most its page can weigh
+//! ([`Account::reserve`]; refused: 503 `overloaded` with `Retry-After`, at
+//! once, with no call made), and the reservation shrinks to the real size
+//! when the reply arrives ([`Reserved::settle`]): so what one client has in
+//! flight through the RPC tier is bounded too (64 pipelined full-page pulls
+//! on each of 12 connections kept the RPC connection busy for seconds, and
+//! other clients' calls behind them timed out). A pull held for new
+//! messages (long poll, a stream's next page) reserves nothing while it
+//! waits, as held work has its own limits; its reply is charged when it
+//! arrives, and dropped there, answered 503, if it does not fit
+//! ([`Account::charge`]).
 //!
 //! Fair shares: a client may hold at most `max / n` where `n` is the number
 //! of clients holding anything, counting it, and never more than half of
@@ -172,7 +180,19 @@ impl Account {
         Some(Charge {
             account: self.clone(),
             bytes,
+            held: true,
         })
+    }
+
+    /// Reserves `bytes` (the most a reply can weigh) like
+    /// [`charge`](Self::charge), to be settled when the reply arrives.
+    /// Not counted in the connection's [`held`](Self::held) until settled:
+    /// that is what the connection holds, not what it may come to hold.
+    pub fn reserve(&self, bytes: usize) -> Option<Reserved> {
+        let mut charge = self.charge(bytes)?;
+        self.connection.fetch_sub(bytes, Ordering::Relaxed);
+        charge.held = false;
+        Some(Reserved(Arc::new(Mutex::new(Some(charge)))))
     }
 
     /// An empty charge, to be [`resized`](Charge::resize).
@@ -180,6 +200,7 @@ impl Account {
         Charge {
             account: self.clone(),
             bytes: 0,
+            held: true,
         }
     }
 
@@ -194,6 +215,8 @@ impl Account {
 pub struct Charge {
     account: Account,
     bytes: usize,
+    /// Counted in its connection's [`Account::held`] (a reservation is not).
+    held: bool,
 }
 
 impl Charge {
@@ -208,8 +231,10 @@ impl Charge {
         let mut state = self.account.budget.lock();
         MemoryBudget::adjust(&mut state, self.account.client, add, sub);
         drop(state);
-        self.account.connection.fetch_add(add, Ordering::Relaxed);
-        self.account.connection.fetch_sub(sub, Ordering::Relaxed);
+        if self.held {
+            self.account.connection.fetch_add(add, Ordering::Relaxed);
+            self.account.connection.fetch_sub(sub, Ordering::Relaxed);
+        }
         self.bytes = bytes;
     }
 }
@@ -217,6 +242,30 @@ impl Charge {
 impl Drop for Charge {
     fn drop(&mut self) {
         self.resize(0);
+    }
+}
+
+/// A reservation for a reply still to come; its clones share it (a call
+/// retried on another server). Dropped unsettled (the reply never came, or
+/// came for nobody), it is given back.
+#[derive(Debug, Clone)]
+pub struct Reserved(Arc<Mutex<Option<Charge>>>);
+
+impl Reserved {
+    /// The reply has arrived, `bytes` long: the reservation becomes its
+    /// charge (`None` if another attempt's reply took it already).
+    pub fn settle(&self, bytes: usize) -> Option<Charge> {
+        let mut slot = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut charge = slot.take()?;
+        // Never more than the reservation in practice (it is the page's
+        // largest); counted as it is if it were.
+        charge.resize(bytes);
+        charge.held = true;
+        charge
+            .account
+            .connection
+            .fetch_add(bytes, Ordering::Relaxed);
+        Some(charge)
     }
 }
 
@@ -295,6 +344,23 @@ mod tests {
         assert_eq!(a.held(), 5, "a view still holds the charge");
         drop(view);
         assert_eq!((a.held(), budget.used()), (0, 0));
+    }
+
+    #[test]
+    fn a_reservation_settles_to_the_real_size_once() {
+        let budget = MemoryBudget::new(1000);
+        let a = budget.account(ip(1));
+        let reserved = a.reserve(400).expect("room");
+        assert!(a.reserve(200).is_none(), "half the budget is reserved");
+        assert_eq!(a.held(), 0, "what may come is not held");
+        let copy = reserved.clone();
+        let charge = reserved.settle(30).expect("the first reply settles");
+        assert!(copy.settle(30).is_none(), "once");
+        assert_eq!((budget.used(), a.held()), (30, 30));
+        drop(charge);
+        let unsettled = a.reserve(400).expect("room");
+        drop(unsettled);
+        assert_eq!(budget.used(), 0);
     }
 
     #[test]

@@ -12,13 +12,13 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
-use crate::budget::{Account, ClientKey};
+use crate::budget::{Account, ClientKey, Reserved};
 use crate::error::CODE_OK;
 use crate::http::{Handler, HttpError, Method, Request, Response};
 use crate::metrics::{self, Gauge, METRICS, Route};
 use crate::proto::{PullResponse, SendRequest, SendResponse};
 use crate::rpc::balanced::{BalancedCall, BalancedClient};
-use crate::rpc::client::RpcRequest;
+use crate::rpc::client::{Budgeted, RpcRequest};
 use crate::rpc::frame::Frame;
 use crate::rpc::status;
 use access::{Access, Api};
@@ -105,7 +105,11 @@ impl Gateway {
                 request.wait_ms = request.wait_ms.min(self.max_wait_ms);
                 let waits = request.wait_ms > 0;
                 let account = charged_to(account, user.as_ref());
-                let call = self.rpc.start(RpcRequest::Pull(request, Some(account)))?;
+                let budgeted = match waits {
+                    true => Budgeted::OnArrival(account),
+                    false => Budgeted::Reserved(reserve_page(&account, request.limit)?),
+                };
+                let call = self.rpc.start(RpcRequest::Pull(request, Some(budgeted)))?;
                 Ok(match waits {
                     true => PendingReply::WaitingPull(call),
                     false => PendingReply::Pull(call),
@@ -225,6 +229,20 @@ fn unquote(value: &[u8]) -> Option<String> {
         }
     }
     String::from_utf8(out).ok()
+}
+
+/// Reserves the most a page of `limit` messages (0: the default) can weigh;
+/// 503 `overloaded` at once if the client's share or the process has no
+/// room for it (see [`crate::budget`]).
+fn reserve_page(account: &Account, limit: i32) -> Result<Reserved, ApiError> {
+    let messages = match limit {
+        l if l <= 0 => crate::domain::DEFAULT_LIMIT,
+        l => l.min(crate::domain::MAX_LIMIT),
+    };
+    let bound = messages as usize * crate::domain::MAX_MESSAGE_WIRE_BYTES;
+    account
+        .reserve(bound)
+        .ok_or(ApiError::Service(crate::error::Error::Overloaded))
 }
 
 /// The account a request's replies are charged to: its connection's, under

@@ -25,7 +25,7 @@ use crate::http::response::{Batch, EventSource};
 use crate::proto::PullRequest;
 use crate::proto::fields::pull_response;
 use crate::rpc::balanced::{BalancedCall, BalancedClient};
-use crate::rpc::client::RpcRequest;
+use crate::rpc::client::{Budgeted, RpcRequest};
 use crate::rpc::frame::Frame;
 use crate::wire::{Value, next_field};
 
@@ -80,7 +80,10 @@ impl Gateway {
             .rpc
             .start(RpcRequest::Pull(
                 page_request(&chat, cursor, 0),
-                Some(account.clone()),
+                Some(Budgeted::Reserved(super::reserve_page(
+                    &account,
+                    crate::domain::MAX_LIMIT,
+                )?)),
             ))?;
         let stream = ChatStream {
             rpc: self.rpc.clone(),
@@ -223,7 +226,9 @@ async fn next_page(
         let asked = tokio::time::Instant::now();
         let page = async {
             let request = page_request(&chat, cursor, wait_ms);
-            let call = rpc.start(RpcRequest::Pull(request, Some(account.clone())))?;
+            // Held until a message comes: charged when the page arrives.
+            let budgeted = Budgeted::OnArrival(account.clone());
+            let call = rpc.start(RpcRequest::Pull(request, Some(budgeted)))?;
             page_of(rpc.finish(call).await?)
         };
         match page.await {

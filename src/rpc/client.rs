@@ -13,18 +13,28 @@ use tokio::time::Instant;
 
 use super::frame::{self, Frame};
 use super::{method, status};
-use crate::budget::Account;
+use crate::budget::{Account, Reserved};
 use crate::error::Error;
 use crate::metrics::{PeerKind, PeerStats};
 use crate::mux::{MuxOptions, Pending, Pool, Protocol, Stream};
 use crate::proto::{PingRequest, PullRequest, SendRequest};
 
+/// How a pull's reply is charged when it arrives.
+#[derive(Debug, Clone)]
+pub enum Budgeted {
+    /// Its reservation, made when the call started, becomes the charge.
+    Reserved(Reserved),
+    /// Charged to this account if it fits, else dropped
+    /// ([`status::OVER_BUDGET`]).
+    OnArrival(Account),
+}
+
 #[derive(Clone)]
 pub enum RpcRequest {
     Send(SendRequest),
-    /// A pull, and the account its reply is charged to when it arrives
-    /// (see [`crate::budget`]; `None`: not charged).
-    Pull(PullRequest, Option<Account>),
+    /// A pull, and how its reply is charged to the memory budget when it
+    /// arrives (see [`crate::budget`]; `None`: not charged).
+    Pull(PullRequest, Option<Budgeted>),
     Ping,
 }
 
@@ -38,22 +48,31 @@ struct RpcProtocol {
     secret: Option<Arc<[u8]>>,
     /// The accounts that the replies of the calls written on this
     /// connection are charged to, by call id.
-    charged: HashMap<u64, Account>,
+    charged: HashMap<u64, Budgeted>,
 }
 
 impl RpcProtocol {
-    /// Charges a reply to its call's account, if it has one: the body is
-    /// copied out of the read buffer and holds the charge for as long as it
-    /// lives. A reply that does not fit is dropped here, its call answered
-    /// [`status::OVER_BUDGET`].
+    /// Charges a reply as its call asked ([`Budgeted`]), if it did: the
+    /// body is copied out of the read buffer and holds the charge for as
+    /// long as it lives. A reply charged on arrival that does not fit is
+    /// dropped here, its call answered [`status::OVER_BUDGET`].
     fn charge(&mut self, mut frame: Frame) -> Frame {
-        let Some(account) = self.charged.remove(&frame.id) else {
+        let Some(budgeted) = self.charged.remove(&frame.id) else {
             return frame;
         };
         if frame.method_or_status != status::OK {
             return frame;
         }
-        match account.charge(frame.body.len()) {
+        let bytes = frame.body.len();
+        let charge = match budgeted {
+            Budgeted::Reserved(reserved) => match reserved.settle(bytes) {
+                Some(charge) => Some(charge),
+                // Settled by another attempt's reply: nobody waits for this.
+                None => return frame,
+            },
+            Budgeted::OnArrival(account) => account.charge(bytes),
+        };
+        match charge {
             Some(charge) => frame.body = crate::budget::held(&frame.body, charge),
             None => {
                 frame.method_or_status = status::OVER_BUDGET;
@@ -85,9 +104,9 @@ impl Protocol for RpcProtocol {
         self.next_id = self.next_id.wrapping_add(1);
         match &request {
             RpcRequest::Send(req) => frame::encode(out, self.next_id, method::SEND, req),
-            RpcRequest::Pull(req, account) => {
-                if let Some(account) = account {
-                    self.charged.insert(self.next_id, account.clone());
+            RpcRequest::Pull(req, budgeted) => {
+                if let Some(budgeted) = budgeted {
+                    self.charged.insert(self.next_id, budgeted.clone());
                 }
                 frame::encode(out, self.next_id, method::PULL, req)
             }

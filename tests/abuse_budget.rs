@@ -1,0 +1,244 @@
+//! One client cannot take the gateway down (issue 20, items 1-4 and 10):
+//! the process-wide memory budget for replies held until written, charged
+//! by real size; pipelined pulls that start together; limits on held work
+//! (waiting pulls, streams) apart from ordinary calls; connection limits
+//! derived from the open-file limit. Every test runs the real binary with
+//! its defaults (unless a test says otherwise) and measures the server's
+//! RSS from /proc and another client's latency while it is attacked.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const MIB: u64 = 1024 * 1024;
+/// The default `--max-buffered-bytes` on any machine with 2 GiB or more.
+const BUDGET: u64 = 256 * MIB;
+/// What the issue allows the process to grow past the budget.
+const SLACK: u64 = 64 * MIB;
+const BIG_PULL: &[u8] =
+    b"GET /api/pull?chat=big&limit=100&reverse=true HTTP/1.1\r\nHost: x\r\n\r\n";
+
+fn rss(server: &Server) -> u64 {
+    proc_status_bytes(server.pid().expect("server pid"), "VmRSS")
+}
+
+/// A chat of 100 messages of 64 KiB: a full page is 6.5 MB of protobuf.
+fn populate_big_chat(addr: SocketAddr) {
+    let text = "m".repeat(64 * 1024);
+    let mut conn = HttpConn::connect(addr);
+    for _ in 0..100 {
+        conn.send_ok("big", "s", &text);
+    }
+}
+
+/// The attack of item 1: reads 8 small replies first (which opened the
+/// old window to 64), then pipelines 64 full-page pulls and reads nothing.
+fn window_then_unread_big_pulls(addr: SocketAddr) -> TcpStream {
+    let mut conn = HttpConn::connect(addr);
+    for _ in 0..8 {
+        assert_eq!(conn.request("GET", "/ping", &[], b"").status, 200);
+    }
+    let mut s = conn.clone_stream();
+    s.write_all(&BIG_PULL.repeat(64)).expect("write pulls");
+    s
+}
+
+/// Where another client connects from (the attackers use 127.0.0.1).
+const VICTIM: [u8; 4] = [127, 0, 0, 2];
+
+/// Another client's small requests while the attack runs: the slowest
+/// answer and the median, over `rounds` ping + pull pairs.
+fn victim_latency(addr: SocketAddr, rounds: usize) -> (Duration, Duration) {
+    let mut times = Vec::new();
+    for _ in 0..rounds {
+        for path in ["/ping", "/api/pull?chat=victim&limit=5"] {
+            let started = Instant::now();
+            let mut conn = HttpConn::connect_from(addr, VICTIM.into());
+            let r = conn.request("GET", path, &[], b"");
+            assert_eq!(r.status, 200, "victim {path}: {}", r.describe());
+            times.push(started.elapsed());
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    times.sort();
+    (times[times.len() - 1], times[times.len() / 2])
+}
+
+/// The highest RSS over `span`, sampled every 50 ms.
+fn peak_rss(server: &Server, span: Duration) -> u64 {
+    let end = Instant::now() + span;
+    let mut peak = 0;
+    while Instant::now() < end {
+        peak = peak.max(rss(server));
+        thread::sleep(Duration::from_millis(50));
+    }
+    peak
+}
+
+// ---------------------------------------------------------------------------
+// 1 + 3. the pipelining window and unread replies stay within the budget
+// ---------------------------------------------------------------------------
+
+#[test]
+fn unread_pipelined_big_pulls_stay_within_the_process_budget() {
+    let server = Server::memory();
+    let addr = server.http_addr();
+    populate_big_chat(addr);
+    send_ok(addr, "victim", "v", "hello");
+    // One big page read normally, so its buffers are in the baseline.
+    let mut warm = HttpConn::connect(addr);
+    warm.set_read_timeout(Duration::from_secs(30));
+    assert_eq!(warm.pull_query("chat=big&limit=100").status, 200);
+    let base = rss(&server);
+
+    // Four connections (the issue measured +1.26 GB), then eight more.
+    let mut attackers: Vec<TcpStream> = (0..4).map(|_| window_then_unread_big_pulls(addr)).collect();
+    let grown = peak_rss(&server, Duration::from_secs(3)).saturating_sub(base);
+    eprintln!("4 connections of 64 unread big pulls: +{} MiB", grown / MIB);
+    attackers.extend((0..8).map(|_| window_then_unread_big_pulls(addr)));
+    let watch = {
+        let pid = server.pid().expect("pid");
+        thread::spawn(move || {
+            let mut peak = 0;
+            let end = Instant::now() + Duration::from_secs(4);
+            while Instant::now() < end {
+                peak = peak.max(proc_status_bytes(pid, "VmRSS"));
+                thread::sleep(Duration::from_millis(50));
+            }
+            peak
+        })
+    };
+    let (slowest, median) = victim_latency(addr, 10);
+    let grown = watch.join().expect("rss watch").saturating_sub(base);
+    eprintln!(
+        "12 connections: +{} MiB; another client's slowest request {slowest:?}, median {median:?}",
+        grown / MIB
+    );
+    assert!(
+        grown <= BUDGET + SLACK,
+        "unread pulls grew the server by {} MiB, over the {} MiB budget + {} MiB",
+        grown / MIB,
+        BUDGET / MIB,
+        SLACK / MIB
+    );
+    // Generous for a loaded machine; before the budget the victim waited
+    // behind a saturated RPC tier.
+    assert!(
+        median < Duration::from_millis(250) && slowest < Duration::from_secs(2),
+        "another client waited: median {median:?}, slowest {slowest:?}"
+    );
+    drop(attackers);
+    // The memory is given back and the budget is free again: a whole big
+    // page is served.
+    let mut after = HttpConn::connect(addr);
+    after.set_read_timeout(Duration::from_secs(30));
+    let page = parse_page(&after.pull_query("chat=big&limit=100"), "after the attack");
+    assert_eq!(page.messages.len(), 100);
+}
+
+#[test]
+fn a_client_over_its_share_gets_503_overloaded_and_others_do_not() {
+    // A small budget, so that one client's unread pages fill its share fast.
+    let server = Server::start("all", &["--max-buffered-bytes", "33554432"], &[]);
+    let addr = server.http_addr();
+    populate_big_chat(addr);
+    send_ok(addr, "victim", "v", "hello");
+    let mut attacker = HttpConn::connect(addr);
+    attacker.set_read_timeout(Duration::from_secs(30));
+    attacker.write_raw(&BIG_PULL.repeat(16));
+    // Nothing read for a while: the replies arrive and are charged (or
+    // refused) meanwhile.
+    thread::sleep(Duration::from_secs(2));
+    let (slowest, _) = victim_latency(addr, 3);
+    assert!(slowest < Duration::from_secs(2), "victim waited {slowest:?}");
+    let mut statuses = Vec::new();
+    for i in 0..16 {
+        let r = attacker.read_response();
+        if r.status == 503 {
+            assert_error(&r, 503, &format!("refused pull {i}"));
+            assert_eq!(r.json()["error"]["code"], "overloaded", "{}", r.describe());
+            assert_eq!(r.header("retry-after"), Some("1"));
+        }
+        statuses.push(r.status);
+    }
+    let ok = statuses.iter().filter(|&&s| s == 200).count();
+    let refused = statuses.iter().filter(|&&s| s == 503).count();
+    eprintln!("16 unread big pulls against a 32 MiB budget: {ok} x 200, {refused} x 503");
+    // A client alone holds at most half the budget: 16 MiB, two pages.
+    assert!(ok >= 1 && refused >= 8, "statuses {statuses:?}");
+    assert_eq!(ok + refused, 16, "statuses {statuses:?}");
+}
+
+// ---------------------------------------------------------------------------
+// 4. pipelined big pulls to a silent RPC peer time out together
+// ---------------------------------------------------------------------------
+
+/// A TCP peer that accepts connections, reads and discards what they send,
+/// and never answers. Stops when dropped.
+struct SilentPeer {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+}
+
+impl SilentPeer {
+    fn start() -> SilentPeer {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let addr = listener.local_addr().expect("address");
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = stop.clone();
+        thread::spawn(move || {
+            let mut held = Vec::new();
+            while !stopping.load(Ordering::Relaxed) {
+                if let Ok((socket, _)) = listener.accept() {
+                    socket.set_nonblocking(true).expect("nonblocking");
+                    held.push(socket);
+                }
+                let mut sink = [0u8; 4096];
+                for socket in &mut held {
+                    while matches!(socket.read(&mut sink), Ok(n) if n > 0) {}
+                }
+                thread::sleep(Duration::from_millis(10));
+            }
+        });
+        SilentPeer { addr, stop }
+    }
+}
+
+impl Drop for SilentPeer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+#[test]
+fn pipelined_full_page_pulls_to_a_silent_rpc_peer_time_out_together() {
+    let peer = SilentPeer::start();
+    let gateway = Server::gateway(peer.addr, &[]);
+    let mut conn = HttpConn::connect(gateway.http_addr());
+    conn.set_read_timeout(Duration::from_secs(20));
+    let mut burst = Vec::new();
+    for i in 0..8 {
+        burst.extend(
+            format!("GET /api/pull?chat=silent{i}&limit=100 HTTP/1.1\r\nHost: t\r\n\r\n")
+                .into_bytes(),
+        );
+    }
+    let started = Instant::now();
+    conn.write_raw(&burst);
+    for i in 0..8 {
+        let r = conn.read_response();
+        assert_eq!(r.status, 504, "pipelined pull {i}: {}", r.describe());
+    }
+    let took = started.elapsed();
+    eprintln!("8 pipelined full-page pulls to a silent RPC peer answered in {took:?}");
+    // One after another they took 8 s (1 s timeout each).
+    assert!(took < Duration::from_secs(4), "took {took:?}");
+}

@@ -168,6 +168,11 @@ impl Account {
         }
     }
 
+    /// The client charged.
+    pub fn client(&self) -> ClientKey {
+        self.client
+    }
+
     /// Charges `bytes` if the client's share and the process have room.
     pub fn charge(&self, bytes: usize) -> Option<Charge> {
         let mut state = self.budget.lock();
@@ -227,7 +232,10 @@ impl Charge {
         if bytes == self.bytes {
             return;
         }
-        let (add, sub) = (bytes.saturating_sub(self.bytes), self.bytes.saturating_sub(bytes));
+        let (add, sub) = (
+            bytes.saturating_sub(self.bytes),
+            self.bytes.saturating_sub(bytes),
+        );
         let mut state = self.account.budget.lock();
         MemoryBudget::adjust(&mut state, self.account.client, add, sub);
         drop(state);
@@ -320,7 +328,9 @@ mod tests {
         let budget = MemoryBudget::new(1000);
         let clients: Vec<Account> = (1..=5).map(|i| budget.account(ip(i))).collect();
         let _small: Vec<Charge> = clients[..4].iter().filter_map(|c| c.charge(100)).collect();
-        let big = clients[4].charge(550).expect("its first reply, over a 1/5 share");
+        let big = clients[4]
+            .charge(550)
+            .expect("its first reply, over a 1/5 share");
         assert!(clients[4].charge(1).is_none(), "beyond that, its share");
         assert!(
             budget.account(ip(9)).charge(100).is_none(),

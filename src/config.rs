@@ -130,6 +130,10 @@ options! {
         "worker threads, each a single-threaded runtime with its own connections (0 = one per core)");
     pull_max_wait_ms: i32 = wait_ms("--pull-max-wait-ms", "IM_PULL_MAX_WAIT_MS", "30000",
         "longest a pull with `wait_ms` is held for new messages (larger waits are cut to it; 0: never; keep it below your load balancer's idle timeout)");
+    max_held_per_client: usize = positive("--max-held-per-client", "IM_MAX_HELD_PER_CLIENT", "256",
+        "pulls waiting for messages (wait_ms) and open event streams one client (address, or token subject) may hold at once in a gateway process; over it 429");
+    max_held: usize = positive("--max-held", "IM_MAX_HELD", "10000",
+        "pulls waiting for messages and open event streams a gateway process holds at once, over every client; over it 503 overloaded");
     rpc_secret_file: Option<String> = optional("--rpc-secret-file", "IM_RPC_SECRET_FILE", unset,
         "a file holding a shared secret (>= 32 bytes): RPC servers then accept only connections that prove they know it (challenge-response), and gateways prove it; set the same file on both");
     auth_jwt_secret_file: Option<String> = optional("--auth-jwt-secret-file", "IM_AUTH_JWT_SECRET_FILE", unset,

@@ -46,6 +46,8 @@ struct Plan {
     /// The gateway's memory budget for replies held until written, shared
     /// by every shard (`--max-buffered-bytes`).
     buffered: Arc<crate::budget::MemoryBudget>,
+    /// The gateway's limits on held work, shared by every shard.
+    held: Arc<crate::gateway::held::HeldWork>,
     /// Where this process's RPC server listens, when it runs one.
     rpc_local: Option<SocketAddr>,
     /// Authentication and rate limits, shared by the gateway's shards.
@@ -275,11 +277,13 @@ fn plan(config: Config) -> Result<(Plan, Listeners), String> {
             .max_buffered_bytes
             .unwrap_or_else(crate::budget::default_max),
     );
+    let held = crate::gateway::held::HeldWork::new(config.max_held_per_client, config.max_held);
     let plan = Plan {
         config,
         store,
         rpc_slots,
         buffered,
+        held,
         gateway,
         rpc_local,
         access,
@@ -624,6 +628,7 @@ async fn run_shard(
             rpc,
             plan.access.clone(),
             config.pull_max_wait_ms,
+            plan.held.clone(),
             gateway_stopping.clone(),
         ));
         crate::http::serve(

@@ -99,7 +99,8 @@ fn unread_pipelined_big_pulls_stay_within_the_process_budget() {
     let base = rss(&server);
 
     // Four connections (the issue measured +1.26 GB), then eight more.
-    let mut attackers: Vec<TcpStream> = (0..4).map(|_| window_then_unread_big_pulls(addr)).collect();
+    let mut attackers: Vec<TcpStream> =
+        (0..4).map(|_| window_then_unread_big_pulls(addr)).collect();
     let grown = peak_rss(&server, Duration::from_secs(3)).saturating_sub(base);
     eprintln!("4 connections of 64 unread big pulls: +{} MiB", grown / MIB);
     attackers.extend((0..8).map(|_| window_then_unread_big_pulls(addr)));
@@ -157,7 +158,10 @@ fn a_client_over_its_share_gets_503_overloaded_and_others_do_not() {
     // refused) meanwhile.
     thread::sleep(Duration::from_secs(2));
     let (slowest, _) = victim_latency(addr, 3);
-    assert!(slowest < Duration::from_secs(2), "victim waited {slowest:?}");
+    assert!(
+        slowest < Duration::from_secs(2),
+        "victim waited {slowest:?}"
+    );
     let mut statuses = Vec::new();
     for i in 0..16 {
         let r = attacker.read_response();
@@ -241,4 +245,107 @@ fn pipelined_full_page_pulls_to_a_silent_rpc_peer_time_out_together() {
     eprintln!("8 pipelined full-page pulls to a silent RPC peer answered in {took:?}");
     // One after another they took 8 s (1 s timeout each).
     assert!(took < Duration::from_secs(4), "took {took:?}");
+}
+
+// ---------------------------------------------------------------------------
+// 2. held work has its own limits and slots
+// ---------------------------------------------------------------------------
+
+/// Opens `conns` connections from `from`, each pipelining `pulls` pulls
+/// that wait up to 30 s, every one on a chat of its own.
+fn waiting_pulls(addr: SocketAddr, from: [u8; 4], conns: usize, pulls: usize) -> Vec<HttpConn> {
+    (0..conns)
+        .map(|c| {
+            let mut conn = HttpConn::connect_from(addr, from.into());
+            let burst: Vec<u8> = (0..pulls)
+                .flat_map(|p| {
+                    format!(
+                        "GET /api/pull?chat=held-{}-{c}-{p}&wait_ms=30000 HTTP/1.1\r\nHost: x\r\n\r\n",
+                        from[3]
+                    )
+                    .into_bytes()
+                })
+                .collect();
+            conn.write_raw(&burst);
+            conn
+        })
+        .collect()
+}
+
+/// Another client's send and pull, each answered 200: the slowest and the
+/// median of `rounds` pairs.
+fn victim_send_and_pull(addr: SocketAddr, rounds: usize) -> (Duration, Duration) {
+    let mut times = Vec::new();
+    let mut conn = HttpConn::connect_from(addr, VICTIM.into());
+    for i in 0..rounds {
+        let started = Instant::now();
+        let r = conn.send("victim", "v", &format!("hello {i}"));
+        assert_eq!(r.status, 200, "victim send {i}: {}", r.describe());
+        times.push(started.elapsed());
+        let started = Instant::now();
+        let r = conn.pull_query("chat=victim&limit=5");
+        assert_eq!(r.status, 200, "victim pull {i}: {}", r.describe());
+        times.push(started.elapsed());
+        thread::sleep(Duration::from_millis(50));
+    }
+    times.sort();
+    (times[times.len() - 1], times[times.len() / 2])
+}
+
+fn held_at_the_rpc_server(addr: SocketAddr) -> f64 {
+    scrape(addr).value("im_rpc_server_requests_in_flight", &[])
+}
+
+/// The status of the first response on `conn`, within 5 s.
+fn first_status(conn: &mut HttpConn) -> u16 {
+    conn.set_read_timeout(Duration::from_secs(5));
+    conn.read_response().status
+}
+
+#[test]
+fn waiting_pulls_beyond_a_clients_share_get_429_and_leave_the_in_flight_slots_free() {
+    let server = Server::memory();
+    let addr = server.http_addr();
+    // 40 clients (addresses), each with 8 connections of 64 pipelined
+    // waiting pulls: 20,480 pulls, over the 2 x 8,192 in-flight slots of
+    // the RPC tier (the issue's 300 x 64 from one address did the same).
+    let started = Instant::now();
+    let mut attackers = Vec::new();
+    for client in 0..40u8 {
+        attackers.extend(waiting_pulls(addr, [127, 0, 1, client], 8, 64));
+    }
+    eprintln!("20,480 waiting pulls sent in {:?}", started.elapsed());
+    // Each client holds its share (256), and the process its 10,000.
+    let held = wait_until(Duration::from_secs(20), "10,000 pulls held", || {
+        let held = held_at_the_rpc_server(addr);
+        (held >= 10_000.0).then_some(held)
+    });
+    thread::sleep(Duration::from_millis(500));
+    let held = held_at_the_rpc_server(addr).max(held);
+    eprintln!("held at the RPC server: {held}");
+    assert!(held <= 10_000.0 + 1.0, "held {held}");
+
+    let (slowest, median) = victim_send_and_pull(addr, 10);
+    eprintln!("another client while the pulls wait: slowest {slowest:?}, median {median:?}");
+    assert!(
+        median < Duration::from_millis(250) && slowest < Duration::from_secs(1),
+        "another client waited: median {median:?}, slowest {slowest:?}"
+    );
+    // One more from a client at its share: 429 at once; from a client
+    // holding nothing while the process is full: 503.
+    let mut more = waiting_pulls(addr, [127, 0, 1, 0], 1, 1);
+    let r = {
+        more[0].set_read_timeout(Duration::from_secs(5));
+        more[0].read_response()
+    };
+    assert_error(&r, 429, "a client over its share");
+    assert_eq!(r.header("retry-after"), Some("1"));
+    let mut fresh = waiting_pulls(addr, [127, 0, 1, 200], 1, 1);
+    assert_eq!(first_status(&mut fresh[0]), 503, "the process is full");
+    // The held ones are still held: a message wakes one.
+    send_ok(addr, "held-0-0-0", "v", "wake");
+    let mut first = attackers.swap_remove(0);
+    first.set_read_timeout(Duration::from_secs(10));
+    let page = parse_page(&first.read_response(), "the woken pull");
+    assert_eq!(page.messages.len(), 1);
 }

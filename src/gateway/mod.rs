@@ -3,6 +3,7 @@
 
 pub mod access;
 pub mod error;
+pub mod held;
 pub mod json;
 pub mod pull_wire;
 pub mod stream;
@@ -30,6 +31,8 @@ pub struct Gateway {
     access: Arc<Access>,
     /// Longest a pull is held for new messages (`--pull-max-wait-ms`).
     max_wait_ms: i32,
+    /// Waiting pulls and open streams, per client and process.
+    held: Arc<held::HeldWork>,
     /// Turns true when the process shuts down: waiting pulls answer at once.
     stopping: watch::Receiver<bool>,
 }
@@ -41,8 +44,8 @@ pub enum PendingReply {
     Pull(BalancedCall),
     /// A stream's first pull, and the stream to serve once it is answered.
     Stream(BalancedCall, Box<stream::ChatStream>),
-    /// A pull the RPC server may hold (`wait_ms`).
-    WaitingPull(BalancedCall),
+    /// A pull the RPC server may hold (`wait_ms`), and its place among held work.
+    WaitingPull(BalancedCall, held::Held),
 }
 
 /// A started request, with what its metrics need: its route, when it
@@ -62,12 +65,14 @@ impl Gateway {
         rpc: BalancedClient,
         access: Arc<Access>,
         max_wait_ms: i32,
+        held: Arc<held::HeldWork>,
         stopping: watch::Receiver<bool>,
     ) -> Gateway {
         Gateway {
             rpc,
             access,
             max_wait_ms,
+            held,
             stopping,
         }
     }
@@ -105,15 +110,15 @@ impl Gateway {
                 request.wait_ms = request.wait_ms.min(self.max_wait_ms);
                 let waits = request.wait_ms > 0;
                 let account = charged_to(account, user.as_ref());
-                let budgeted = match waits {
-                    true => Budgeted::OnArrival(account),
-                    false => Budgeted::Reserved(reserve_page(&account, request.limit)?),
-                };
+                if !waits {
+                    let budgeted = Budgeted::Reserved(reserve_page(&account, request.limit)?);
+                    let call = self.rpc.start(RpcRequest::Pull(request, Some(budgeted)))?;
+                    return Ok(PendingReply::Pull(call));
+                }
+                let held = self.held.hold(account.client())?;
+                let budgeted = Budgeted::OnArrival(account);
                 let call = self.rpc.start(RpcRequest::Pull(request, Some(budgeted)))?;
-                Ok(match waits {
-                    true => PendingReply::WaitingPull(call),
-                    false => PendingReply::Pull(call),
-                })
+                Ok(PendingReply::WaitingPull(call, held))
             }
             b"/api/pull" => Err(ApiError::MethodNotAllowed("GET, HEAD")),
             b"/api/stream" if readable => self.start_stream(req, account),
@@ -153,7 +158,11 @@ impl Gateway {
 impl Gateway {
     /// A pull the RPC server may hold: on shutdown it is answered at once
     /// with what it had — nothing, or it would not be waiting.
-    async fn finish_waiting_pull(&self, call: BalancedCall) -> Result<Response, ApiError> {
+    async fn finish_waiting_pull(
+        &self,
+        call: BalancedCall,
+        _held: held::Held,
+    ) -> Result<Response, ApiError> {
         let mut stopping = self.stopping.clone();
         tokio::select! {
             reply = self.finish_pull(call) => reply,
@@ -279,7 +288,7 @@ impl Handler for Gateway {
     /// A client that stops waiting (closes) frees its pull's memory at once;
     /// the RPC server still holds its side until `wait_ms` ends.
     fn held(started: &Started) -> bool {
-        matches!(started.reply, PendingReply::WaitingPull(_))
+        matches!(started.reply, PendingReply::WaitingPull(..))
     }
 
     fn start(&self, req: &Request, account: &Account) -> Started {
@@ -313,7 +322,7 @@ impl Handler for Gateway {
                 PendingReply::Send(call) => self.finish_send(call).await,
                 PendingReply::Pull(call) => self.finish_pull(call).await,
                 PendingReply::Stream(call, stream) => self.finish_stream(call, stream).await,
-                PendingReply::WaitingPull(call) => self.finish_waiting_pull(call).await,
+                PendingReply::WaitingPull(call, held) => self.finish_waiting_pull(call, held).await,
             };
             let resp = result.unwrap_or_else(ApiError::into_response);
             METRICS.http_request(route, resp.status, at.elapsed());

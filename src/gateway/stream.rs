@@ -74,17 +74,16 @@ impl Gateway {
             access::authorize(user, &chat, None)?;
         }
         let account = super::charged_to(account, user.as_ref());
+        let held = self.held.hold(account.client())?;
         // The first pull does not wait: the head (and the history) go out at
         // once, so a client sees the stream open even in a silent chat.
-        let call = self
-            .rpc
-            .start(RpcRequest::Pull(
-                page_request(&chat, cursor, 0),
-                Some(Budgeted::Reserved(super::reserve_page(
-                    &account,
-                    crate::domain::MAX_LIMIT,
-                )?)),
-            ))?;
+        let call = self.rpc.start(RpcRequest::Pull(
+            page_request(&chat, cursor, 0),
+            Some(Budgeted::Reserved(super::reserve_page(
+                &account,
+                crate::domain::MAX_LIMIT,
+            )?)),
+        ))?;
         let stream = ChatStream {
             rpc: self.rpc.clone(),
             account,
@@ -94,6 +93,7 @@ impl Gateway {
             page: Bytes::new(),
             pos: 0,
             scratch: Vec::new(),
+            _held: held,
             _open: crate::metrics::track(crate::metrics::Gauge::OpenStreams),
         };
         Ok(PendingReply::Stream(call, Box::new(stream)))
@@ -270,6 +270,8 @@ pub struct ChatStream {
     pos: usize,
     /// One message's JSON; reused.
     scratch: Vec<u8>,
+    /// Its place among the held work, for as long as it is open.
+    _held: super::held::Held,
     /// Counts this stream in `im_streams_open` while it lives.
     _open: crate::metrics::Tracked,
 }

@@ -378,7 +378,10 @@ mod tests {
             idempotency_key: "k1".into(),
             ..SendRequest::default()
         };
-        assert!(repeatable(Some(&RpcRequest::Pull(PullRequest::default(), None))));
+        assert!(repeatable(Some(&RpcRequest::Pull(
+            PullRequest::default(),
+            None
+        ))));
         assert!(repeatable(Some(&RpcRequest::Send(keyed))));
         assert!(!repeatable(Some(&RpcRequest::Send(SendRequest::default()))));
         assert!(!repeatable(Some(&RpcRequest::Ping)));

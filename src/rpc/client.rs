@@ -115,6 +115,12 @@ impl Protocol for RpcProtocol {
         self.next_id
     }
 
+    /// A pull with `wait_ms` may be held by the server until a message
+    /// comes: it has in-flight slots of its own.
+    fn held(request: &RpcRequest) -> bool {
+        matches!(request, RpcRequest::Pull(pull, _) if pull.wait_ms > 0)
+    }
+
     fn retiring(&self) -> bool {
         self.going_away.load(Ordering::Relaxed)
     }

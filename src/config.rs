@@ -38,6 +38,11 @@ macro_rules! options {
         #[derive(Debug, Clone)]
         pub struct Config {
             pub role: Role,
+            /// The flags given (on the command line or in the environment)
+            /// rather than left at their defaults: a default may be lowered
+            /// to fit the machine (e.g. the open-file limit), a given value
+            /// never is.
+            pub given: Vec<&'static str>,
             $( #[doc = $help] pub $field: $ty, )*
         }
 
@@ -47,10 +52,15 @@ macro_rules! options {
 
         impl Config {
             /// `values` holds each option's text, in [`OPTIONS`]' order.
-            fn from_texts(role: Role, values: &[Option<String>]) -> Result<Config, String> {
+            fn from_texts(
+                role: Role,
+                values: &[Option<String>],
+                given: Vec<&'static str>,
+            ) -> Result<Config, String> {
                 let mut texts = values.iter().map(Option::as_deref);
                 Ok(Config {
                     role,
+                    given,
                     $( $field: {
                         let parse: Parser<$ty> = $parse;
                         parse($flag, texts.next().flatten())?
@@ -272,13 +282,19 @@ impl Config {
         args: impl IntoIterator<Item = String>,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Parsed, String> {
+        let from_env: Vec<Option<String>> = OPTIONS
+            .iter()
+            .map(|o| env(o.env).filter(|v| !v.is_empty()))
+            .collect();
+        let mut given: Vec<&'static str> = OPTIONS
+            .iter()
+            .zip(&from_env)
+            .filter_map(|(o, v)| v.as_ref().map(|_| o.flag))
+            .collect();
         let mut values: Vec<Option<String>> = OPTIONS
             .iter()
-            .map(|o| {
-                env(o.env)
-                    .filter(|v| !v.is_empty())
-                    .or(o.default.map(String::from))
-            })
+            .zip(from_env)
+            .map(|(o, v)| v.or(o.default.map(String::from)))
             .collect();
         let mut role = None;
         let mut args = args.into_iter();
@@ -314,9 +330,10 @@ impl Config {
                 None => args.next().ok_or_else(|| format!("{flag} needs a value"))?,
             };
             values[i] = Some(value);
+            given.push(OPTIONS[i].flag);
         }
         let role = role.unwrap_or(Role::All);
-        let config = Config::from_texts(role, &values)?;
+        let config = Config::from_texts(role, &values, given)?;
         if role == Role::Gateway && config.rpc_addr.is_none() && config.registry.is_none() {
             return Err(
                 "the gateway role needs --rpc <addr,...> (or IM_RPC_ADDR) or --registry <etcd://...>"
@@ -334,6 +351,11 @@ impl Config {
             // The declared defaults are constants, checked by a unit test.
             Ok(Parsed::Help) | Err(_) => unreachable!("the declared defaults parse"),
         }
+    }
+
+    /// Whether `flag` was given rather than left at its default.
+    pub fn was_given(&self, flag: &str) -> bool {
+        self.given.contains(&flag)
     }
 
     /// The Redis command timeout: given, or derived from the RPC timeout.

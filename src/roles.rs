@@ -105,27 +105,22 @@ enum StoreChoice {
 
 /// Runs the configured role(s) until SIGINT or SIGTERM, then shuts down
 /// gracefully.
-pub fn run(config: Config) -> Result<(), String> {
+pub fn run(mut config: Config) -> Result<(), String> {
     let files = crate::rlimit::raise_open_files_limit();
-    let (plan, listeners) = plan(config)?;
-    let registration = register(&plan)?;
-    let plan = Arc::new(plan);
-    let shards = match plan.config.threads {
+    let shards = match config.threads {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
     };
     match files {
         Some(files) => {
             eprintln!("im-server: open-file limit {files}");
-            let needed = descriptors_needed(&plan.config, shards);
-            if needed > files {
-                eprintln!(
-                    "im-server: warning: the connection limits can take {needed} descriptors, over the open-file limit {files}: lower --max-connections / --max-rpc-connections or raise `ulimit -n` (see the README's descriptor budget)"
-                );
-            }
+            fit_open_files(&mut config, files, shards);
         }
         None => eprintln!("im-server: could not read the open-file limit"),
     }
+    let (plan, listeners) = plan(config)?;
+    let registration = register(&plan)?;
+    let plan = Arc::new(plan);
     let (stop_gateway, gateway_stopping) = watch::channel(false);
     let (stop_rpc, rpc_stopping) = watch::channel(false);
     let (gateway_drained, mut gateway_drains) = mpsc::channel::<()>(shards);
@@ -200,6 +195,57 @@ pub fn run(config: Config) -> Result<(), String> {
     }
     eprintln!("im-server: stopped");
     Ok(())
+}
+
+/// Lowers the connection limits left at their defaults until the
+/// descriptors they can take fit in `files` (issue 20, item 10: under
+/// `nofile 1024` the defaults allowed 10,000 + 1,024 connections, and 1,100
+/// idle RPC connections took every descriptor, so HTTP `/ping` went
+/// unanswered). What is free after the fixed needs is split 3:1 between
+/// HTTP and RPC connections in `all`; a limit that was given is kept, and
+/// if the given ones still do not fit, a warning says so.
+fn fit_open_files(config: &mut Config, files: u64, shards: usize) {
+    let needed = descriptors_needed(config, shards);
+    if needed <= files {
+        return;
+    }
+    let files = usize::try_from(files).unwrap_or(usize::MAX);
+    let (http_given, rpc_given) = (
+        config.was_given("--max-connections"),
+        config.was_given("--max-rpc-connections"),
+    );
+    let mut fixed = config.clone();
+    fixed.max_connections = 0;
+    fixed.max_rpc_connections = 0;
+    let free = files.saturating_sub(descriptors_needed(&fixed, shards) as usize);
+    let (http, rpc) = match config.role {
+        Role::All => match (http_given, rpc_given) {
+            (false, false) => (free - free / 4, free / 4),
+            (true, _) => (0, free.saturating_sub(config.max_connections)),
+            (false, true) => (free.saturating_sub(config.max_rpc_connections), 0),
+        },
+        Role::Gateway => (free, 0),
+        Role::Rpc => (0, free),
+    };
+    // Never below a few: a limit of 0 would refuse everyone.
+    if !http_given && config.role != Role::Rpc {
+        config.max_connections = config.max_connections.min(http.max(16));
+    }
+    if !rpc_given && config.role != Role::Gateway {
+        config.max_rpc_connections = config.max_rpc_connections.min(rpc.max(16));
+    }
+    if !http_given || !rpc_given {
+        eprintln!(
+            "im-server: connection limits lowered to fit the open-file limit {files}: --max-connections {}, --max-rpc-connections {} (raise `ulimit -n` for more)",
+            config.max_connections, config.max_rpc_connections
+        );
+    }
+    let needed = descriptors_needed(config, shards);
+    if needed as usize > files {
+        eprintln!(
+            "im-server: warning: the connection limits can take {needed} descriptors, over the open-file limit {files}: lower --max-connections / --max-rpc-connections or raise `ulimit -n` (see the README's descriptor budget)"
+        );
+    }
 }
 
 /// Descriptors the configured limits allow this process to hold at once:
@@ -751,5 +797,32 @@ mod tests {
         let mut rpc_args = vec!["rpc", "--redis", "redis://h", "--redis-connections", "3"];
         rpc_args.extend(limits);
         assert_eq!(descriptors_needed(&config(&rpc_args), 2), 512 + 6 + 72);
+    }
+
+    #[test]
+    fn default_connection_limits_are_lowered_to_fit_the_open_file_limit() {
+        // Under 1024 files, `all` with two shards: 1024 - 74 fixed = 950
+        // free, split 3:1.
+        let mut all = config(&[]);
+        fit_open_files(&mut all, 1024, 2);
+        assert_eq!((all.max_connections, all.max_rpc_connections), (713, 237));
+        assert!(descriptors_needed(&all, 2) <= 1024);
+        // A given limit is kept; the other takes what is left.
+        let mut given = config(&["--max-rpc-connections", "100"]);
+        fit_open_files(&mut given, 1024, 2);
+        assert_eq!(
+            (given.max_connections, given.max_rpc_connections),
+            (850, 100)
+        );
+        let mut both = config(&["--max-connections", "5000", "--max-rpc-connections", "100"]);
+        fit_open_files(&mut both, 1024, 2);
+        assert_eq!(both.max_connections, 5000, "given, even if it does not fit");
+        // Room enough: nothing changes.
+        let mut roomy = config(&[]);
+        fit_open_files(&mut roomy, 20_000, 2);
+        assert_eq!(roomy.max_connections, 10_000);
+        let mut gateway = config(&["gateway", "--rpc", "h:1"]);
+        fit_open_files(&mut gateway, 1024, 2);
+        assert_eq!(gateway.max_connections, 1024 - 74);
     }
 }

@@ -349,3 +349,43 @@ fn waiting_pulls_beyond_a_clients_share_get_429_and_leave_the_in_flight_slots_fr
     let page = parse_page(&first.read_response(), "the woken pull");
     assert_eq!(page.messages.len(), 1);
 }
+
+// ---------------------------------------------------------------------------
+// 10. the default connection limits fit the open-file limit
+// ---------------------------------------------------------------------------
+
+#[test]
+fn with_default_limits_under_nofile_1024_idle_rpc_connections_do_not_stop_http() {
+    let server = Server::start_with_open_files("all", &[], 1024);
+    let (http, rpc) = (server.http_addr(), server.rpc_addr());
+    assert!(
+        server.stderr().contains("connection limits lowered to fit"),
+        "{}",
+        server.stderr()
+    );
+    assert_alive(http, "before");
+    let mut idle = Vec::new();
+    for i in 0..1100 {
+        let c = TcpStream::connect_timeout(&rpc, IO_TIMEOUT)
+            .unwrap_or_else(|e| panic!("connection {i} to the RPC port: {e}"));
+        idle.push(c);
+    }
+    // Give the server time to take (and refuse) them all.
+    thread::sleep(Duration::from_millis(500));
+    for round in 0..5 {
+        let started = Instant::now();
+        let mut conn = HttpConn::try_connect(http).expect("connect");
+        conn.set_read_timeout(Duration::from_secs(3));
+        let r = conn
+            .try_request("GET", "/ping", &[], b"")
+            .unwrap_or_else(|e| {
+                panic!("round {round}: /ping with 1,100 idle RPC connections: {e}")
+            });
+        assert_eq!(r.status, 200, "round {round}");
+        eprintln!("round {round}: /ping in {:?}", started.elapsed());
+        thread::sleep(Duration::from_millis(100));
+    }
+    let log = server.stderr();
+    assert!(!log.contains("accept failed"), "no accept may fail:\n{log}");
+    drop(idle);
+}

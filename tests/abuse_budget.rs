@@ -389,3 +389,59 @@ fn with_default_limits_under_nofile_1024_idle_rpc_connections_do_not_stop_http()
     assert!(!log.contains("accept failed"), "no accept may fail:\n{log}");
     drop(idle);
 }
+
+// ---------------------------------------------------------------------------
+// 3. event streams never read stay within the budget too
+// ---------------------------------------------------------------------------
+
+/// Opens an event stream on the big chat from 127.0.0.1 with a 1 KB receive
+/// buffer and never reads it.
+fn unread_stream(addr: SocketAddr) -> TcpStream {
+    let socket =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    socket.set_recv_buffer_size(1024).expect("rcvbuf");
+    socket
+        .connect_timeout(&addr.into(), IO_TIMEOUT)
+        .expect("connect");
+    let mut s: TcpStream = socket.into();
+    s.write_all(
+        b"GET /api/stream?chat=big HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n",
+    )
+    .expect("write");
+    s
+}
+
+#[test]
+fn unread_event_streams_stay_within_the_process_budget() {
+    let server = Server::memory();
+    let addr = server.http_addr();
+    populate_big_chat(addr);
+    send_ok(addr, "victim", "v", "hello");
+    let base = rss(&server);
+    let streams: Vec<TcpStream> = (0..40).map(|_| unread_stream(addr)).collect();
+    // Rendering 40 pages of 64 KiB messages takes a debug build's gateway
+    // seconds of CPU: the memory is watched throughout, another client's
+    // latency once the pages are in.
+    let grown = peak_rss(&server, Duration::from_secs(4)).saturating_sub(base);
+    let (slowest, median) = victim_latency(addr, 10);
+    let grown = grown.max(rss(&server).saturating_sub(base));
+    eprintln!(
+        "40 unread streams of 64 KiB messages: +{} MiB; another client's slowest request {slowest:?}, median {median:?}",
+        grown / MIB
+    );
+    // Before the budget: +432 MB.
+    assert!(
+        grown <= BUDGET + SLACK,
+        "unread streams grew the server by {} MiB",
+        grown / MIB
+    );
+    assert!(
+        median < Duration::from_millis(250) && slowest < Duration::from_secs(2),
+        "another client waited: median {median:?}, slowest {slowest:?}"
+    );
+    // Another client's stream opens and delivers while they hold their share.
+    let mut other = SseStream::try_open_from(addr, VICTIM.into(), "/api/stream?chat=victim")
+        .unwrap_or_else(|r| panic!("another client's stream: {}", r.describe()));
+    assert_eq!(other.next_event().json()["text"], "hello");
+    drop(streams);
+}

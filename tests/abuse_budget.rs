@@ -315,21 +315,25 @@ fn waiting_pulls_beyond_a_clients_share_get_429_and_leave_the_in_flight_slots_fr
         attackers.extend(waiting_pulls(addr, [127, 0, 1, client], 8, 64));
     }
     eprintln!("20,480 waiting pulls sent in {:?}", started.elapsed());
-    // Each client holds its share (256), and the process its 10,000.
-    let held = wait_until(Duration::from_secs(20), "10,000 pulls held", || {
-        let held = held_at_the_rpc_server(addr);
-        (held >= 10_000.0).then_some(held)
-    });
+    // Each client holds its share (256), and the process its 10,000 (or,
+    // without those limits, every in-flight slot of the RPC tier).
+    let settle = Instant::now() + Duration::from_secs(20);
+    while held_at_the_rpc_server(addr) < 10_000.0 && Instant::now() < settle {
+        thread::sleep(Duration::from_millis(200));
+    }
     thread::sleep(Duration::from_millis(500));
-    let held = held_at_the_rpc_server(addr).max(held);
-    eprintln!("held at the RPC server: {held}");
-    assert!(held <= 10_000.0 + 1.0, "held {held}");
 
     let (slowest, median) = victim_send_and_pull(addr, 10);
     eprintln!("another client while the pulls wait: slowest {slowest:?}, median {median:?}");
     assert!(
         median < Duration::from_millis(250) && slowest < Duration::from_secs(1),
         "another client waited: median {median:?}, slowest {slowest:?}"
+    );
+    let held = held_at_the_rpc_server(addr);
+    eprintln!("held at the RPC server: {held}");
+    assert!(
+        (10_000.0..=10_001.0).contains(&held),
+        "held {held} (the victim's pull may be counted)"
     );
     // One more from a client at its share: 429 at once; from a client
     // holding nothing while the process is full: 503.
@@ -358,11 +362,6 @@ fn waiting_pulls_beyond_a_clients_share_get_429_and_leave_the_in_flight_slots_fr
 fn with_default_limits_under_nofile_1024_idle_rpc_connections_do_not_stop_http() {
     let server = Server::start_with_open_files("all", &[], 1024);
     let (http, rpc) = (server.http_addr(), server.rpc_addr());
-    assert!(
-        server.stderr().contains("connection limits lowered to fit"),
-        "{}",
-        server.stderr()
-    );
     assert_alive(http, "before");
     let mut idle = Vec::new();
     for i in 0..1100 {
@@ -387,6 +386,7 @@ fn with_default_limits_under_nofile_1024_idle_rpc_connections_do_not_stop_http()
     }
     let log = server.stderr();
     assert!(!log.contains("accept failed"), "no accept may fail:\n{log}");
+    assert!(log.contains("connection limits lowered to fit"), "{log}");
     drop(idle);
 }
 

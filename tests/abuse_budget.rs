@@ -251,12 +251,17 @@ fn pipelined_full_page_pulls_to_a_silent_rpc_peer_time_out_together() {
 // 2. held work has its own limits and slots
 // ---------------------------------------------------------------------------
 
-/// Opens `conns` connections from `from`, each pipelining `pulls` pulls
-/// that wait up to 30 s, every one on a chat of its own.
+/// Opens `conns` connections from `from`, each reading 8 pings and then
+/// pipelining `pulls` pulls that wait up to 30 s, every one on a chat of
+/// its own.
 fn waiting_pulls(addr: SocketAddr, from: [u8; 4], conns: usize, pulls: usize) -> Vec<HttpConn> {
     (0..conns)
         .map(|c| {
             let mut conn = HttpConn::connect_from(addr, from.into());
+            // Small replies first: they opened the old pipelining window.
+            for _ in 0..8 {
+                assert_eq!(conn.request("GET", "/ping", &[], b"").status, 200);
+            }
             let burst: Vec<u8> = (0..pulls)
                 .flat_map(|p| {
                     format!(
@@ -413,23 +418,27 @@ fn unread_stream(addr: SocketAddr) -> TcpStream {
 
 #[test]
 fn unread_event_streams_stay_within_the_process_budget() {
+    // (In a debug build many of the base commit's first pages time out, so
+    // it grew +206 MiB here, not the issue's +432 MB for 40 streams: item 3
+    // is proven on the base commit by the pipelined pulls above; this holds
+    // the streams' side of the budget.)
     let server = Server::memory();
     let addr = server.http_addr();
     populate_big_chat(addr);
     send_ok(addr, "victim", "v", "hello");
     let base = rss(&server);
-    let streams: Vec<TcpStream> = (0..40).map(|_| unread_stream(addr)).collect();
-    // Rendering 40 pages of 64 KiB messages takes a debug build's gateway
+    let streams: Vec<TcpStream> = (0..100).map(|_| unread_stream(addr)).collect();
+    // Rendering 100 pages of 64 KiB messages takes a debug build's gateway
     // seconds of CPU: the memory is watched throughout, another client's
     // latency once the pages are in.
     let grown = peak_rss(&server, Duration::from_secs(4)).saturating_sub(base);
     let (slowest, median) = victim_latency(addr, 10);
     let grown = grown.max(rss(&server).saturating_sub(base));
     eprintln!(
-        "40 unread streams of 64 KiB messages: +{} MiB; another client's slowest request {slowest:?}, median {median:?}",
+        "100 unread streams of 64 KiB messages: +{} MiB; another client's slowest request {slowest:?}, median {median:?}",
         grown / MIB
     );
-    // Before the budget: +432 MB.
+    // Before the budget: +432 MB for 40 (issue 20, item 3).
     assert!(
         grown <= BUDGET + SLACK,
         "unread streams grew the server by {} MiB",

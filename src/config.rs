@@ -576,9 +576,14 @@ mod tests {
         let defaults = format!("{:?}", Config::defaults());
         for o in OPTIONS {
             let Some(text) = o.default else { continue };
-            let by_flag = parse(&[o.flag, text], &[]).expect("the default parses");
+            // (Apart from which options were given.)
+            let mut by_flag = parse(&[o.flag, text], &[]).expect("the default parses");
+            assert_eq!(by_flag.given, [o.flag]);
+            by_flag.given.clear();
             assert_eq!(format!("{by_flag:?}"), defaults, "{} {text}", o.flag);
-            let by_env = parse(&[], &[(o.env, text)]).expect("the default parses");
+            let mut by_env = parse(&[], &[(o.env, text)]).expect("the default parses");
+            assert_eq!(by_env.given, [o.flag]);
+            by_env.given.clear();
             assert_eq!(format!("{by_env:?}"), defaults, "{}={text}", o.env);
         }
     }

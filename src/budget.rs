@@ -123,6 +123,7 @@ impl MemoryBudget {
             budget: self.clone(),
             client,
             connection: Arc::new(AtomicUsize::new(0)),
+            reserved: Arc::new(AtomicUsize::new(0)),
         }
     }
 
@@ -157,6 +158,8 @@ pub struct Account {
     budget: Arc<MemoryBudget>,
     client: ClientKey,
     connection: Arc<AtomicUsize>,
+    /// Bytes reserved for this connection's replies still to come.
+    reserved: Arc<AtomicUsize>,
 }
 
 impl Account {
@@ -196,6 +199,7 @@ impl Account {
     pub fn reserve(&self, bytes: usize) -> Option<Reserved> {
         let mut charge = self.charge(bytes)?;
         self.connection.fetch_sub(bytes, Ordering::Relaxed);
+        self.reserved.fetch_add(bytes, Ordering::Relaxed);
         charge.held = false;
         Some(Reserved(Arc::new(Mutex::new(Some(charge)))))
     }
@@ -212,6 +216,11 @@ impl Account {
     /// Bytes this connection holds now.
     pub fn held(&self) -> usize {
         self.connection.load(Ordering::Relaxed)
+    }
+
+    /// Bytes reserved for this connection's replies still to come.
+    pub fn reserved(&self) -> usize {
+        self.reserved.load(Ordering::Relaxed)
     }
 }
 
@@ -239,10 +248,12 @@ impl Charge {
         let mut state = self.account.budget.lock();
         MemoryBudget::adjust(&mut state, self.account.client, add, sub);
         drop(state);
-        if self.held {
-            self.account.connection.fetch_add(add, Ordering::Relaxed);
-            self.account.connection.fetch_sub(sub, Ordering::Relaxed);
-        }
+        let counter = match self.held {
+            true => &self.account.connection,
+            false => &self.account.reserved,
+        };
+        counter.fetch_add(add, Ordering::Relaxed);
+        counter.fetch_sub(sub, Ordering::Relaxed);
         self.bytes = bytes;
     }
 }
@@ -265,14 +276,21 @@ impl Reserved {
     pub fn settle(&self, bytes: usize) -> Option<Charge> {
         let mut slot = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let mut charge = slot.take()?;
-        // Never more than the reservation in practice (it is the page's
-        // largest); counted as it is if it were.
-        charge.resize(bytes);
-        charge.held = true;
+        // From what may come to what is held: the same bytes move from the
+        // connection's reserved count to its held one, then take the real
+        // size (never more than the reservation in practice: it is the
+        // page's largest; counted as it is if it were).
+        let reserved = charge.bytes;
+        charge
+            .account
+            .reserved
+            .fetch_sub(reserved, Ordering::Relaxed);
         charge
             .account
             .connection
-            .fetch_add(bytes, Ordering::Relaxed);
+            .fetch_add(reserved, Ordering::Relaxed);
+        charge.held = true;
+        charge.resize(bytes);
         Some(charge)
     }
 }
@@ -362,15 +380,19 @@ mod tests {
         let a = budget.account(ip(1));
         let reserved = a.reserve(400).expect("room");
         assert!(a.reserve(200).is_none(), "half the budget is reserved");
-        assert_eq!(a.held(), 0, "what may come is not held");
+        assert_eq!(
+            (a.held(), a.reserved()),
+            (0, 400),
+            "what may come is not held"
+        );
         let copy = reserved.clone();
         let charge = reserved.settle(30).expect("the first reply settles");
         assert!(copy.settle(30).is_none(), "once");
-        assert_eq!((budget.used(), a.held()), (30, 30));
+        assert_eq!((budget.used(), a.held(), a.reserved()), (30, 30, 0));
         drop(charge);
         let unsettled = a.reserve(400).expect("room");
         drop(unsettled);
-        assert_eq!(budget.used(), 0);
+        assert_eq!((budget.used(), a.reserved()), (0, 0));
     }
 
     #[test]

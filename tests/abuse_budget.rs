@@ -22,6 +22,14 @@ const MIB: u64 = 1024 * 1024;
 const BUDGET: u64 = 256 * MIB;
 /// What the issue allows the process to grow past the budget.
 const SLACK: u64 = 64 * MIB;
+/// The tests here measure the server's memory and another client's
+/// latency: each runs alone, not beside another attack.
+static ALONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn alone() -> std::sync::MutexGuard<'static, ()> {
+    ALONE.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 const BIG_PULL: &[u8] =
     b"GET /api/pull?chat=big&limit=100&reverse=true HTTP/1.1\r\nHost: x\r\n\r\n";
 
@@ -88,6 +96,7 @@ fn peak_rss(server: &Server, span: Duration) -> u64 {
 
 #[test]
 fn unread_pipelined_big_pulls_stay_within_the_process_budget() {
+    let _alone = alone();
     let server = Server::memory();
     let addr = server.http_addr();
     populate_big_chat(addr);
@@ -146,6 +155,7 @@ fn unread_pipelined_big_pulls_stay_within_the_process_budget() {
 
 #[test]
 fn a_client_over_its_share_gets_503_overloaded_and_others_do_not() {
+    let _alone = alone();
     // A small budget, so that one client's unread pages fill its share fast.
     let server = Server::start("all", &["--max-buffered-bytes", "33554432"], &[]);
     let addr = server.http_addr();
@@ -224,6 +234,7 @@ impl Drop for SilentPeer {
 
 #[test]
 fn pipelined_full_page_pulls_to_a_silent_rpc_peer_time_out_together() {
+    let _alone = alone();
     let peer = SilentPeer::start();
     let gateway = Server::gateway(peer.addr, &[]);
     let mut conn = HttpConn::connect(gateway.http_addr());
@@ -309,6 +320,7 @@ fn first_status(conn: &mut HttpConn) -> u16 {
 
 #[test]
 fn waiting_pulls_beyond_a_clients_share_get_429_and_leave_the_in_flight_slots_free() {
+    let _alone = alone();
     let server = Server::memory();
     let addr = server.http_addr();
     // 40 clients (addresses), each with 8 connections of 64 pipelined
@@ -365,6 +377,7 @@ fn waiting_pulls_beyond_a_clients_share_get_429_and_leave_the_in_flight_slots_fr
 
 #[test]
 fn with_default_limits_under_nofile_1024_idle_rpc_connections_do_not_stop_http() {
+    let _alone = alone();
     let server = Server::start_with_open_files("all", &[], 1024);
     let (http, rpc) = (server.http_addr(), server.rpc_addr());
     assert_alive(http, "before");
@@ -399,6 +412,25 @@ fn with_default_limits_under_nofile_1024_idle_rpc_connections_do_not_stop_http()
 // 3. event streams never read stay within the budget too
 // ---------------------------------------------------------------------------
 
+/// CPU ticks (1/100 s) the process `pid` used over `span`.
+fn cpu_ticks(pid: u32, span: Duration) -> u64 {
+    let ticks = || {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+        let fields: Vec<u64> = stat
+            .rsplit_once(')')
+            .expect("comm")
+            .1
+            .split_whitespace()
+            .filter_map(|f| f.parse().ok())
+            .collect();
+        // utime and stime (fields 14 and 15 of the whole line).
+        fields[10] + fields[11]
+    };
+    let before = ticks();
+    thread::sleep(span);
+    ticks() - before
+}
+
 /// Opens an event stream on the big chat from 127.0.0.1 with a 1 KB receive
 /// buffer and never reads it.
 fn unread_stream(addr: SocketAddr) -> TcpStream {
@@ -418,6 +450,7 @@ fn unread_stream(addr: SocketAddr) -> TcpStream {
 
 #[test]
 fn unread_event_streams_stay_within_the_process_budget() {
+    let _alone = alone();
     // (In a debug build many of the base commit's first pages time out, so
     // it grew +206 MiB here, not the issue's +432 MB for 40 streams: item 3
     // is proven on the base commit by the pipelined pulls above; this holds
@@ -427,15 +460,20 @@ fn unread_event_streams_stay_within_the_process_budget() {
     populate_big_chat(addr);
     send_ok(addr, "victim", "v", "hello");
     let base = rss(&server);
-    let streams: Vec<TcpStream> = (0..100).map(|_| unread_stream(addr)).collect();
-    // Rendering 100 pages of 64 KiB messages takes a debug build's gateway
-    // seconds of CPU: the memory is watched throughout, another client's
-    // latency once the pages are in.
+    let streams: Vec<TcpStream> = (0..40).map(|_| unread_stream(addr)).collect();
+    // Rendering 40 pages of 64 KiB messages takes a debug build's gateway
+    // seconds of CPU (more on a loaded machine): the memory is watched
+    // throughout, another client's latency once the pages are rendered and
+    // the streams wait on their unread sockets.
     let grown = peak_rss(&server, Duration::from_secs(4)).saturating_sub(base);
+    let pid = server.pid().expect("pid");
+    let settle = Instant::now() + Duration::from_secs(30);
+    while cpu_ticks(pid, Duration::from_millis(500)) > 10 && Instant::now() < settle {}
+    let grown = grown.max(rss(&server).saturating_sub(base));
     let (slowest, median) = victim_latency(addr, 10);
     let grown = grown.max(rss(&server).saturating_sub(base));
     eprintln!(
-        "100 unread streams of 64 KiB messages: +{} MiB; another client's slowest request {slowest:?}, median {median:?}",
+        "40 unread streams of 64 KiB messages: +{} MiB; another client's slowest request {slowest:?}, median {median:?}",
         grown / MIB
     );
     // Before the budget: +432 MB for 40 (issue 20, item 3).

@@ -77,7 +77,7 @@ fuzz_target!(|data: &[u8]| {
                 }
                 // Replies of the same size arrived for those still in
                 // flight: both admission paths are driven.
-                conn.holding(next_len.saturating_mul(in_flight.len()));
+                conn.holding(next_len.saturating_mul(in_flight.len()), next_len << 6);
                 output += next_len.min(settings.max_output);
                 if next_stream && !framing.head_only {
                     assert!(!framing.keep_alive, "a stream is the last response");

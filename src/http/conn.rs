@@ -14,13 +14,13 @@
 //!   further request starts while the bytes the connection holds (its
 //!   queued output and the replies it has received and not yet written,
 //!   counted by their real size: [`Conn::holding`]) are over `max_output`.
-//!   Up to [`MAX_PIPELINE`] requests may be in flight below that, whatever
-//!   their replies may weigh: a reply that arrives when its client or the
-//!   process is out of memory budget is refused there
-//!   ([`crate::budget`]), so no worst case is reserved up front (reserving
-//!   6.5 MB per pull let a window of small replies start 64 big ones
-//!   unchecked, and made pipelined big pulls to a stalled backend time out
-//!   one after another; issue 20, items 1 and 4).
+//!   Up to [`MAX_PIPELINE`] requests may be in flight below that, while
+//!   the replies still to come have reserved (at their largest, from the
+//!   process's memory budget, [`crate::budget`]) no more than
+//!   [`MAX_RESERVED_OUTPUTS`] output budgets. (A window of requests that
+//!   grew after small replies let 64 pulls of 6.5 MB start unchecked; worst
+//!   cases held to the output budget alone made pipelined big pulls to a
+//!   stalled backend time out one after another; issue 20, items 1 and 4.)
 //! * A new connection must send its first byte, and every request must
 //!   arrive whole, within `request_timeout` of that request's first byte
 //!   (408 if a request had begun); an idle keep-alive connection is closed
@@ -45,6 +45,13 @@ use super::codec::{HttpError, Limits, Method, Request, RequestDecoder, Version};
 /// Most requests of one connection in flight at once; more pipelined
 /// requests wait in the input buffer.
 pub const MAX_PIPELINE: usize = 64;
+/// Output budgets' worth of replies still to come that a connection may
+/// have reserved (at their largest) before its next request waits: 64 MiB
+/// by default, ten full pages, as many as the RPC server makes at once for
+/// one connection. Enough for pipelined full-page pulls to a stalled
+/// backend to time out together; one connection still cannot take its
+/// client's whole share of the memory budget.
+pub const MAX_RESERVED_OUTPUTS: usize = 16;
 
 #[derive(Debug, Clone, Copy)]
 pub struct Settings {
@@ -224,8 +231,10 @@ pub struct Conn {
     /// An unsafe request decoded while earlier ones were still in flight.
     deferred: Option<Request>,
     /// Reply bytes received for the requests in flight and not yet
-    /// written (reported by the driver, [`Conn::holding`]).
+    /// written, and reserved for those still to come (reported by the
+    /// driver, [`Conn::holding`]).
     held: usize,
+    reserved: usize,
     reading: Reading,
     /// When the last bytes arrived.
     last_read: Instant,
@@ -250,6 +259,7 @@ impl Conn {
             in_flight: VecDeque::new(),
             deferred: None,
             held: 0,
+            reserved: 0,
             reading: Reading::Fresh(accepted),
             last_read: accepted,
             closing: false,
@@ -319,7 +329,12 @@ impl Conn {
         // What is held already, not what the request might add: see the
         // module doc.
         let holds = self.held.saturating_add(output_queued);
-        if !self.in_flight.is_empty() && holds > self.settings.max_output {
+        let promised = self
+            .settings
+            .max_output
+            .saturating_mul(MAX_RESERVED_OUTPUTS);
+        let full = holds > self.settings.max_output || self.reserved > promised;
+        if !self.in_flight.is_empty() && full {
             self.deferred = Some(req);
             return None;
         }
@@ -410,9 +425,11 @@ impl Conn {
     }
 
     /// The driver's count of the reply bytes this connection has received
-    /// and not yet written (its share of [`crate::budget`]).
-    pub fn holding(&mut self, bytes: usize) {
-        self.held = bytes;
+    /// and not yet written, and of those reserved for replies still to come
+    /// (its share of [`crate::budget`]).
+    pub fn holding(&mut self, held: usize, reserved: usize) {
+        self.held = held;
+        self.reserved = reserved;
     }
 
     /// The response just finished (a GET's, framed with `keep_alive`

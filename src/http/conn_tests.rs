@@ -180,18 +180,25 @@ fn pipelined_gets_start_together_until_the_held_replies_reach_the_output_budget(
     conn.finished(done(20, false), false);
     // Replies of 3 MiB arrived for two of those in flight, and 2 MiB of
     // output is queued: over the 4 MiB budget, nothing more starts ...
-    conn.holding(6 * 1024 * 1024);
+    conn.holding(6 * 1024 * 1024, 0);
     assert_eq!(conn.next(t0, 1024 * 1024), Action::Finish);
-    conn.holding(3 * 1024 * 1024);
+    conn.holding(3 * 1024 * 1024, 0);
     assert_eq!(conn.next(t0, 2 * 1024 * 1024), Action::Finish);
     // ... until they are written.
-    conn.holding(0);
+    conn.holding(0, 0);
     assert_eq!(started(&mut conn, t0).len(), 1);
+    // Replies still to come may reserve 16 output budgets, not more.
+    conn.finished(done(20, false), false);
+    conn.holding(0, 64 * 1024 * 1024);
+    assert_eq!(started(&mut conn, t0).len(), 1);
+    conn.finished(done(20, false), false);
+    conn.holding(0, 64 * 1024 * 1024 + 1);
+    assert_eq!(conn.next(t0, 0), Action::Finish);
     // Alone, a request starts whatever is held (its own reply is what
     // empties the output).
     let mut alone = Conn::new(settings(), t0);
     feed(&mut alone, GET, t0);
-    alone.holding(usize::MAX);
+    alone.holding(usize::MAX, usize::MAX);
     assert!(target(&alone.next(t0, 0)).is_some());
 }
 

@@ -225,7 +225,10 @@ async fn connection<H: Handler>(
     let mut pending: VecDeque<Option<H::Pending>> = VecDeque::new();
     loop {
         io.charge_output();
-        conn.holding(account.held().saturating_sub(io.output.len()));
+        conn.holding(
+            account.held().saturating_sub(io.output.len()),
+            account.reserved(),
+        );
         match conn.next(std::time::Instant::now(), io.output.len()) {
             Action::Start(mut req) => {
                 req.peer = Some(peer);

@@ -15,6 +15,13 @@ STARTED_PIDS=()   # everything we started, killed in reverse order on exit
 REDIS_PID="" REDIS_PORT=""
 RPC_PID="" RPC_ADDR=""
 GATEWAY_PID="" HTTP_ADDR=""
+# The load generator is one address standing for many clients: the gateway's
+# per-client shares (its memory budget's, held work's) would make it one
+# client. Environment rather than flags, so that a baseline build that has
+# no such options still starts.
+export IM_MAX_BUFFERED_BYTES=${IM_MAX_BUFFERED_BYTES:-4294967296}
+export IM_MAX_HELD_PER_CLIENT=${IM_MAX_HELD_PER_CLIENT:-1000000}
+export IM_MAX_HELD=${IM_MAX_HELD:-1000000}
 # Set by run_wrk, read by the scripts that source this file.
 WRK_RC=0 WRK_TICKS=0 WRK_HWM_KB=0
 

@@ -38,6 +38,11 @@ macro_rules! options {
         #[derive(Debug, Clone)]
         pub struct Config {
             pub role: Role,
+            /// The flags given (on the command line or in the environment)
+            /// rather than left at their defaults: a default may be lowered
+            /// to fit the machine (e.g. the open-file limit), a given value
+            /// never is.
+            pub given: Vec<&'static str>,
             $( #[doc = $help] pub $field: $ty, )*
         }
 
@@ -47,10 +52,15 @@ macro_rules! options {
 
         impl Config {
             /// `values` holds each option's text, in [`OPTIONS`]' order.
-            fn from_texts(role: Role, values: &[Option<String>]) -> Result<Config, String> {
+            fn from_texts(
+                role: Role,
+                values: &[Option<String>],
+                given: Vec<&'static str>,
+            ) -> Result<Config, String> {
                 let mut texts = values.iter().map(Option::as_deref);
                 Ok(Config {
                     role,
+                    given,
                     $( $field: {
                         let parse: Parser<$ty> = $parse;
                         parse($flag, texts.next().flatten())?
@@ -112,6 +122,8 @@ options! {
         "open HTTP connections; more are answered 503 and closed");
     max_output_buffer: usize = positive("--max-output-buffer", "IM_MAX_OUTPUT_BUFFER", "4194304",
         "response bytes queued per HTTP connection; no further pipelined request starts above it");
+    max_buffered_bytes: Option<usize> = optional_positive("--max-buffered-bytes", "IM_MAX_BUFFERED_BYTES", unset,
+        "reply bytes the gateway process holds for its clients until written (pull pages, queued output), shared fairly between clients; a reply that does not fit is answered 503 overloaded (default: 256 MiB, or 1/8 of RAM if less)");
     write_timeout: Duration = seconds("--write-timeout-s", "IM_WRITE_TIMEOUT_S", "10",
         "an HTTP client that accepts no response bytes for this long is closed");
     stream_heartbeat: Duration = seconds("--stream-heartbeat-s", "IM_STREAM_HEARTBEAT_S", "15",
@@ -128,6 +140,10 @@ options! {
         "worker threads, each a single-threaded runtime with its own connections (0 = one per core)");
     pull_max_wait_ms: i32 = wait_ms("--pull-max-wait-ms", "IM_PULL_MAX_WAIT_MS", "30000",
         "longest a pull with `wait_ms` is held for new messages (larger waits are cut to it; 0: never; keep it below your load balancer's idle timeout)");
+    max_held_per_client: usize = positive("--max-held-per-client", "IM_MAX_HELD_PER_CLIENT", "256",
+        "pulls waiting for messages (wait_ms) and open event streams one client (address, or token subject) may hold at once in a gateway process; over it 429");
+    max_held: usize = positive("--max-held", "IM_MAX_HELD", "10000",
+        "pulls waiting for messages and open event streams a gateway process holds at once, over every client; over it 503 overloaded");
     rpc_secret_file: Option<String> = optional("--rpc-secret-file", "IM_RPC_SECRET_FILE", unset,
         "a file holding a shared secret (>= 32 bytes): RPC servers then accept only connections that prove they know it (challenge-response), and gateways prove it; set the same file on both");
     auth_jwt_secret_file: Option<String> = optional("--auth-jwt-secret-file", "IM_AUTH_JWT_SECRET_FILE", unset,
@@ -187,6 +203,10 @@ fn count(flag: &'static str, value: Option<&str>) -> Result<usize, String> {
 
 fn positive(flag: &'static str, value: Option<&str>) -> Result<usize, String> {
     Ok(positive_number(flag, value)? as usize)
+}
+
+fn optional_positive(flag: &'static str, value: Option<&str>) -> Result<Option<usize>, String> {
+    value.map(|v| positive(flag, Some(v))).transpose()
 }
 
 fn seconds(flag: &'static str, value: Option<&str>) -> Result<Duration, String> {
@@ -295,13 +315,19 @@ impl Config {
         args: impl IntoIterator<Item = String>,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Parsed, String> {
+        let from_env: Vec<Option<String>> = OPTIONS
+            .iter()
+            .map(|o| env(o.env).filter(|v| !v.is_empty()))
+            .collect();
+        let mut given: Vec<&'static str> = OPTIONS
+            .iter()
+            .zip(&from_env)
+            .filter_map(|(o, v)| v.as_ref().map(|_| o.flag))
+            .collect();
         let mut values: Vec<Option<String>> = OPTIONS
             .iter()
-            .map(|o| {
-                env(o.env)
-                    .filter(|v| !v.is_empty())
-                    .or(o.default.map(String::from))
-            })
+            .zip(from_env)
+            .map(|(o, v)| v.or(o.default.map(String::from)))
             .collect();
         let mut role = None;
         let mut args = args.into_iter();
@@ -337,9 +363,10 @@ impl Config {
                 None => args.next().ok_or_else(|| format!("{flag} needs a value"))?,
             };
             values[i] = Some(value);
+            given.push(OPTIONS[i].flag);
         }
         let role = role.unwrap_or(Role::All);
-        let config = Config::from_texts(role, &values)?;
+        let config = Config::from_texts(role, &values, given)?;
         if role == Role::Gateway && config.rpc_addr.is_none() && config.registry.is_none() {
             return Err(
                 "the gateway role needs --rpc <addr,...> (or IM_RPC_ADDR) or --registry <etcd://...>"
@@ -357,6 +384,11 @@ impl Config {
             // The declared defaults are constants, checked by a unit test.
             Ok(Parsed::Help) | Err(_) => unreachable!("the declared defaults parse"),
         }
+    }
+
+    /// Whether `flag` was given rather than left at its default.
+    pub fn was_given(&self, flag: &str) -> bool {
+        self.given.contains(&flag)
     }
 
     /// The Redis command timeout: given, or derived from the RPC timeout.
@@ -577,9 +609,14 @@ mod tests {
         let defaults = format!("{:?}", Config::defaults());
         for o in OPTIONS {
             let Some(text) = o.default else { continue };
-            let by_flag = parse(&[o.flag, text], &[]).expect("the default parses");
+            // (Apart from which options were given.)
+            let mut by_flag = parse(&[o.flag, text], &[]).expect("the default parses");
+            assert_eq!(by_flag.given, [o.flag]);
+            by_flag.given.clear();
             assert_eq!(format!("{by_flag:?}"), defaults, "{} {text}", o.flag);
-            let by_env = parse(&[], &[(o.env, text)]).expect("the default parses");
+            let mut by_env = parse(&[], &[(o.env, text)]).expect("the default parses");
+            assert_eq!(by_env.given, [o.flag]);
+            by_env.given.clear();
             assert_eq!(format!("{by_env:?}"), defaults, "{}={text}", o.env);
         }
     }

@@ -55,6 +55,7 @@
 pub(crate) mod accept;
 pub mod auth;
 pub(crate) mod balance;
+pub mod budget;
 pub(crate) mod buf;
 pub mod config;
 pub mod discovery;

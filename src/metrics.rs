@@ -809,7 +809,7 @@ pub struct MetricsEndpoint;
 impl crate::http::Handler for MetricsEndpoint {
     type Pending = Response;
 
-    fn start(&self, req: &Request) -> Response {
+    fn start(&self, req: &Request, _account: &crate::budget::Account) -> Response {
         let result = match req.path_and_query().0 {
             b"/metrics" => response(req),
             _ => Err(crate::gateway::error::ApiError::NotFound),

@@ -120,6 +120,14 @@ pub trait Protocol: Send + 'static {
     fn cancel(&mut self, _tag: u64, _out: &mut BytesMut) -> bool {
         false
     }
+    /// Whether the peer may hold `request` long (a pull waiting for new
+    /// messages): such calls have [`MuxOptions::max_in_flight`] slots of
+    /// their own beside the ordinary calls', so that however many are
+    /// waiting, ordinary calls are still written at once; one over its own
+    /// slots is refused with `Overloaded`. `false` (the default) = never.
+    fn held(_request: &Self::Request) -> bool {
+        false
+    }
 }
 
 struct Call<P: Protocol> {
@@ -350,6 +358,7 @@ async fn run<P: Protocol>(mut protocol: P, mut calls: Queue<P>, options: MuxOpti
                     output: BytesMut::with_capacity(READ_CHUNK),
                     waiting: HashMap::new(),
                     in_flight_bytes: 0,
+                    held: 0,
                 };
                 let connected = Instant::now();
                 let outcome = connection.serve(&mut protocol, &mut calls, &options).await;
@@ -358,7 +367,7 @@ async fn run<P: Protocol>(mut protocol: P, mut calls: Queue<P>, options: MuxOpti
                 // instead of failing calls for a backoff: nothing is wrong.
                 let idle_close = connection.waiting.is_empty()
                     && connected.elapsed() >= MIN_LIFE_FOR_QUICK_RECONNECT;
-                for (_, (reply, _)) in connection.waiting.drain() {
+                for (_, (reply, _, _)) in connection.waiting.drain() {
                     let _ = reply.send(Err(Error::Lost));
                 }
                 match outcome {
@@ -406,12 +415,14 @@ async fn run<P: Protocol>(mut protocol: P, mut calls: Queue<P>, options: MuxOpti
     }
 }
 
-/// Each written call's reply channel and counted bytes, by tag.
+/// Each written call's reply channel, counted bytes and whether it is held
+/// ([`Protocol::held`]), by tag.
 type Waiting<P> = HashMap<
     u64,
     (
         oneshot::Sender<Result<<P as Protocol>::Reply, Error>>,
         usize,
+        bool,
     ),
 >;
 
@@ -422,6 +433,8 @@ struct Connection<P: Protocol> {
     waiting: Waiting<P>,
     /// Counted bytes of the calls in `waiting`.
     in_flight_bytes: usize,
+    /// Held calls in `waiting`.
+    held: usize,
 }
 
 impl<P: Protocol> Connection<P> {
@@ -441,7 +454,7 @@ impl<P: Protocol> Connection<P> {
             // for the select below to pick the channel would starve callers.
             while self.accepting(options) {
                 match calls.try_recv() {
-                    Ok(call) => self.enqueue(protocol, call),
+                    Ok(call) => self.enqueue(protocol, call, options),
                     Err(mpsc::error::TryRecvError::Empty) => break,
                     Err(mpsc::error::TryRecvError::Disconnected) => return Ok(()),
                 }
@@ -451,12 +464,13 @@ impl<P: Protocol> Connection<P> {
             if self.waiting.is_empty() && self.output.is_empty() && protocol.retiring() {
                 return Err(io::Error::other("the peer is going away"));
             }
-            if self.waiting.len() >= options.max_in_flight {
+            if self.ordinary() >= options.max_in_flight {
                 // Callers that timed out leave their slot behind; reclaim them.
                 // Not calls with counted bytes: those bytes stay with the
                 // peer until it answers, and the answer releases them.
                 self.waiting
-                    .retain(|_, (reply, bytes)| *bytes > 0 || !reply.is_closed());
+                    .retain(|_, (reply, bytes, _)| *bytes > 0 || !reply.is_closed());
+                self.recount_held();
             }
             let interest = if self.output.is_empty() {
                 Interest::READABLE
@@ -475,7 +489,7 @@ impl<P: Protocol> Connection<P> {
                     }
                 }
                 call = calls.recv(), if accepting => match call {
-                    Some(call) => self.enqueue(protocol, call),
+                    Some(call) => self.enqueue(protocol, call, options),
                     None => return Ok(()),
                 },
                 _ = sweep.tick(), if !self.waiting.is_empty() => self.cancel_abandoned(protocol),
@@ -488,19 +502,29 @@ impl<P: Protocol> Connection<P> {
     /// stay with the peer until it answers).
     fn cancel_abandoned(&mut self, protocol: &mut P) {
         let output = &mut self.output;
-        self.waiting.retain(|&tag, (reply, bytes)| {
+        self.waiting.retain(|&tag, (reply, bytes, _)| {
             *bytes > 0 || !reply.is_closed() || !protocol.cancel(tag, output)
         });
+        self.recount_held();
+    }
+
+    fn recount_held(&mut self) {
+        self.held = self.waiting.values().filter(|(_, _, held)| *held).count();
+    }
+
+    /// Ordinary (not held) calls written and not yet answered.
+    fn ordinary(&self) -> usize {
+        self.waiting.len().saturating_sub(self.held)
     }
 
     /// Whether to take more calls: not while the peer is behind.
     fn accepting(&self, options: &MuxOptions) -> bool {
-        self.waiting.len() < options.max_in_flight
+        self.ordinary() < options.max_in_flight
             && self.output.len() < MAX_UNSENT
             && self.in_flight_bytes < options.max_queued_bytes
     }
 
-    fn enqueue(&mut self, protocol: &mut P, call: Call<P>) {
+    fn enqueue(&mut self, protocol: &mut P, call: Call<P>, options: &MuxOptions) {
         // The caller gave up (timed out) while the call was queued: sending
         // it would only load the peer with work nobody waits for.
         if call.reply.is_closed() {
@@ -512,9 +536,15 @@ impl<P: Protocol> Connection<P> {
             let _ = call.reply.send(Err(Error::Timeout));
             return;
         }
+        let held = P::held(&call.request);
+        if held && self.held >= options.max_in_flight {
+            let _ = call.reply.send(Err(Error::Overloaded));
+            return;
+        }
         let tag = protocol.encode(call.request, &mut self.output);
         self.in_flight_bytes += call.bytes;
-        self.waiting.insert(tag, (call.reply, call.bytes));
+        self.held += usize::from(held);
+        self.waiting.insert(tag, (call.reply, call.bytes, held));
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -543,8 +573,9 @@ impl<P: Protocol> Connection<P> {
                 Err(e) => return Err(e),
             }
             while let Some((tag, reply)) = protocol.decode(&mut self.input)? {
-                if let Some((waiter, bytes)) = self.waiting.remove(&tag) {
+                if let Some((waiter, bytes, held)) = self.waiting.remove(&tag) {
                     self.in_flight_bytes -= bytes;
+                    self.held = self.held.saturating_sub(usize::from(held));
                     let _ = waiter.send(Ok(reply));
                 }
             }

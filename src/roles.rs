@@ -43,6 +43,11 @@ struct Plan {
     /// When this process runs the gateway: the RPC servers it calls (kept
     /// current by discovery), and the connection limit.
     gateway: Option<(watch::Receiver<Vec<SocketAddr>>, Arc<Semaphore>)>,
+    /// The gateway's memory budget for replies held until written, shared
+    /// by every shard (`--max-buffered-bytes`).
+    buffered: Arc<crate::budget::MemoryBudget>,
+    /// The gateway's limits on held work, shared by every shard.
+    held: Arc<crate::gateway::held::HeldWork>,
     /// Where this process's RPC server listens, when it runs one.
     rpc_local: Option<SocketAddr>,
     /// Authentication and rate limits, shared by the gateway's shards.
@@ -100,27 +105,22 @@ enum StoreChoice {
 
 /// Runs the configured role(s) until SIGINT or SIGTERM, then shuts down
 /// gracefully.
-pub fn run(config: Config) -> Result<(), String> {
+pub fn run(mut config: Config) -> Result<(), String> {
     let files = crate::rlimit::raise_open_files_limit();
-    let (plan, listeners) = plan(config)?;
-    let registration = register(&plan)?;
-    let plan = Arc::new(plan);
-    let shards = match plan.config.threads {
+    let shards = match config.threads {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
     };
     match files {
         Some(files) => {
             crate::logging::info!("open-file limit {files}");
-            let needed = descriptors_needed(&plan.config, shards);
-            if needed > files {
-                crate::logging::warning!(
-                    "the connection limits can take {needed} descriptors, over the open-file limit {files}: lower --max-connections / --max-rpc-connections or raise `ulimit -n` (see the README's descriptor budget)"
-                );
-            }
+            fit_open_files(&mut config, files, shards);
         }
         None => crate::logging::warning!("could not read the open-file limit"),
     }
+    let (plan, listeners) = plan(config)?;
+    let registration = register(&plan)?;
+    let plan = Arc::new(plan);
     let (stop_gateway, gateway_stopping) = watch::channel(false);
     let (stop_rpc, rpc_stopping) = watch::channel(false);
     let (gateway_drained, mut gateway_drains) = mpsc::channel::<()>(shards);
@@ -197,6 +197,57 @@ pub fn run(config: Config) -> Result<(), String> {
     Ok(())
 }
 
+/// Lowers the connection limits left at their defaults until the
+/// descriptors they can take fit in `files` (issue 20, item 10: under
+/// `nofile 1024` the defaults allowed 10,000 + 1,024 connections, and 1,100
+/// idle RPC connections took every descriptor, so HTTP `/ping` went
+/// unanswered). What is free after the fixed needs is split 3:1 between
+/// HTTP and RPC connections in `all`; a limit that was given is kept, and
+/// if the given ones still do not fit, a warning says so.
+fn fit_open_files(config: &mut Config, files: u64, shards: usize) {
+    let needed = descriptors_needed(config, shards);
+    if needed <= files {
+        return;
+    }
+    let files = usize::try_from(files).unwrap_or(usize::MAX);
+    let (http_given, rpc_given) = (
+        config.was_given("--max-connections"),
+        config.was_given("--max-rpc-connections"),
+    );
+    let mut fixed = config.clone();
+    fixed.max_connections = 0;
+    fixed.max_rpc_connections = 0;
+    let free = files.saturating_sub(descriptors_needed(&fixed, shards) as usize);
+    let (http, rpc) = match config.role {
+        Role::All => match (http_given, rpc_given) {
+            (false, false) => (free - free / 4, free / 4),
+            (true, _) => (0, free.saturating_sub(config.max_connections)),
+            (false, true) => (free.saturating_sub(config.max_rpc_connections), 0),
+        },
+        Role::Gateway => (free, 0),
+        Role::Rpc => (0, free),
+    };
+    // Never below a few: a limit of 0 would refuse everyone.
+    if !http_given && config.role != Role::Rpc {
+        config.max_connections = config.max_connections.min(http.max(16));
+    }
+    if !rpc_given && config.role != Role::Gateway {
+        config.max_rpc_connections = config.max_rpc_connections.min(rpc.max(16));
+    }
+    if !http_given || !rpc_given {
+        crate::logging::info!(
+            "connection limits lowered to fit the open-file limit {files}: --max-connections {}, --max-rpc-connections {} (raise `ulimit -n` for more)",
+            config.max_connections, config.max_rpc_connections
+        );
+    }
+    let needed = descriptors_needed(config, shards);
+    if needed as usize > files {
+        crate::logging::warning!(
+            "the connection limits can take {needed} descriptors, over the open-file limit {files}: lower --max-connections / --max-rpc-connections or raise `ulimit -n` (see the README's descriptor budget)"
+        );
+    }
+}
+
 /// Descriptors the configured limits allow this process to hold at once:
 /// the connection limits of the roles it runs, every shard's pooled
 /// connections, and a margin for listeners, epoll and the runtime's own.
@@ -267,10 +318,18 @@ fn plan(config: Config) -> Result<(Plan, Listeners), String> {
         }
         None => None,
     };
+    let buffered = crate::budget::MemoryBudget::new(
+        config
+            .max_buffered_bytes
+            .unwrap_or_else(crate::budget::default_max),
+    );
+    let held = crate::gateway::held::HeldWork::new(config.max_held_per_client, config.max_held);
     let plan = Plan {
         config,
         store,
         rpc_slots,
+        buffered,
+        held,
         gateway,
         rpc_local,
         access,
@@ -626,6 +685,7 @@ async fn run_shard(
             rpc,
             plan.access.clone(),
             config.pull_max_wait_ms,
+            plan.held.clone(),
             gateway_stopping.clone(),
         ));
         crate::http::serve(
@@ -633,6 +693,7 @@ async fn run_shard(
             gateway,
             ServerOptions::from(config),
             slots.clone(),
+            plan.buffered.clone(),
             gateway_stopping,
         )
         .await;
@@ -672,7 +733,10 @@ async fn serve_metrics(
     };
     let slots = connection_slots(&options);
     let endpoint = Arc::new(crate::metrics::MetricsEndpoint);
-    crate::http::serve(listener, endpoint, options, slots, stopping).await;
+    // Scrapes hold no replies from the RPC server; their output is counted
+    // on a budget of their own.
+    let budget = crate::budget::MemoryBudget::new(crate::budget::DEFAULT_MAX);
+    crate::http::serve(listener, endpoint, options, slots, budget, stopping).await;
 }
 
 async fn shutdown_signal() {
@@ -744,5 +808,32 @@ mod tests {
         let mut rpc_args = vec!["rpc", "--redis", "redis://h", "--redis-connections", "3"];
         rpc_args.extend(limits);
         assert_eq!(descriptors_needed(&config(&rpc_args), 2), 512 + 6 + 72);
+    }
+
+    #[test]
+    fn default_connection_limits_are_lowered_to_fit_the_open_file_limit() {
+        // Under 1024 files, `all` with two shards: 1024 - 74 fixed = 950
+        // free, split 3:1.
+        let mut all = config(&[]);
+        fit_open_files(&mut all, 1024, 2);
+        assert_eq!((all.max_connections, all.max_rpc_connections), (713, 237));
+        assert!(descriptors_needed(&all, 2) <= 1024);
+        // A given limit is kept; the other takes what is left.
+        let mut given = config(&["--max-rpc-connections", "100"]);
+        fit_open_files(&mut given, 1024, 2);
+        assert_eq!(
+            (given.max_connections, given.max_rpc_connections),
+            (850, 100)
+        );
+        let mut both = config(&["--max-connections", "5000", "--max-rpc-connections", "100"]);
+        fit_open_files(&mut both, 1024, 2);
+        assert_eq!(both.max_connections, 5000, "given, even if it does not fit");
+        // Room enough: nothing changes.
+        let mut roomy = config(&[]);
+        fit_open_files(&mut roomy, 20_000, 2);
+        assert_eq!(roomy.max_connections, 10_000);
+        let mut gateway = config(&["gateway", "--rpc", "h:1"]);
+        fit_open_files(&mut gateway, 1024, 2);
+        assert_eq!(gateway.max_connections, 1024 - 74);
     }
 }

@@ -336,7 +336,17 @@ fn ten_thousand_waiting_pulls_in_bounded_memory() {
     use std::io::{ErrorKind, Read, Write};
     // soft limit only, which the hard limit must allow
     prlimit(std::process::id(), "nofile", "12000:");
-    let server = Server::start("all", &["--max-connections", "12000"], &[]);
+    // One test client stands for 10,000: its own limit on held work is lifted.
+    let server = Server::start(
+        "all",
+        &[
+            "--max-connections",
+            "12000",
+            "--max-held-per-client",
+            "10000",
+        ],
+        &[],
+    );
     let addr = server.http_addr();
     let before = vm_rss_kib(server.pid().expect("running"));
     // Chat k's ten pulls are opened one after another (k = i / 10), and the

@@ -18,7 +18,7 @@ struct PanickyHandler;
 impl Handler for PanickyHandler {
     type Pending = Vec<u8>;
 
-    fn start(&self, req: &Request) -> Vec<u8> {
+    fn start(&self, req: &Request, _account: &im_server::budget::Account) -> Vec<u8> {
         if &req.target[..] == b"/panic-start" {
             panic!("test panic in start");
         }
@@ -83,6 +83,7 @@ fn a_panicking_request_is_a_500_and_the_connection_carries_on() {
         Arc::new(PanickyHandler),
         options,
         connection_slots(&options),
+        im_server::budget::MemoryBudget::new(im_server::budget::DEFAULT_MAX),
         stopping,
     );
     std::thread::spawn(move || runtime.block_on(server));

@@ -29,6 +29,9 @@ pub enum ApiError {
     Forbidden(&'static str),
     /// Over the client's rate limit; retry after this many seconds.
     RateLimited(u32),
+    /// The client holds as many waiting pulls and open streams as it may
+    /// ([`super::held`]).
+    TooManyHeld,
 }
 
 impl ApiError {
@@ -53,7 +56,7 @@ impl ApiError {
             ApiError::Service(Error::Internal(_)) => 500,
             ApiError::Unauthorized { .. } | ApiError::TokenExpired => 401,
             ApiError::Forbidden(_) => 403,
-            ApiError::RateLimited(_) => 429,
+            ApiError::RateLimited(_) | ApiError::TooManyHeld => 429,
         }
     }
 
@@ -82,7 +85,7 @@ impl ApiError {
             ApiError::Unauthorized { missing: false, .. } => "invalid_token",
             ApiError::TokenExpired => "token_expired",
             ApiError::Forbidden(_) => "forbidden",
-            ApiError::RateLimited(_) => "rate_limited",
+            ApiError::RateLimited(_) | ApiError::TooManyHeld => "rate_limited",
         }
     }
 
@@ -132,6 +135,10 @@ impl ApiError {
             ApiError::RateLimited(secs) => {
                 format!("too many requests from this client; retry in {secs} s")
             }
+            ApiError::TooManyHeld => {
+                "too many waiting pulls and open streams from this client; retry when one ends"
+                    .into()
+            }
         }
     }
 
@@ -164,6 +171,7 @@ impl ApiError {
                 resp.retry_after = Some(1)
             }
             ApiError::RateLimited(secs) => resp.retry_after = Some(secs),
+            ApiError::TooManyHeld => resp.retry_after = Some(1),
             // RFC 6750 §3: no error code when no credentials were sent.
             ApiError::Unauthorized { missing: true, .. } => {
                 resp.extra_header = Some(("WWW-Authenticate", r#"Bearer realm="im""#));

@@ -4,6 +4,7 @@
 pub mod access;
 pub mod client_addr;
 pub mod error;
+pub mod held;
 pub mod json;
 pub mod origin;
 pub mod pull_wire;
@@ -14,12 +15,13 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
+use crate::budget::{Account, ClientKey, Reserved};
 use crate::error::CODE_OK;
 use crate::http::{Handler, HttpError, Method, Request, Response};
 use crate::metrics::{self, Gauge, METRICS, Route};
 use crate::proto::{PullResponse, SendRequest, SendResponse};
 use crate::rpc::balanced::{BalancedCall, BalancedClient};
-use crate::rpc::client::RpcRequest;
+use crate::rpc::client::{Budgeted, RpcRequest};
 use crate::rpc::frame::Frame;
 use crate::rpc::status;
 use access::{Access, Api};
@@ -31,6 +33,8 @@ pub struct Gateway {
     access: Arc<Access>,
     /// Longest a pull is held for new messages (`--pull-max-wait-ms`).
     max_wait_ms: i32,
+    /// Waiting pulls and open streams, per client and process.
+    held: Arc<held::HeldWork>,
     /// Turns true when the process shuts down: waiting pulls answer at once.
     stopping: watch::Receiver<bool>,
 }
@@ -42,8 +46,8 @@ pub enum PendingReply {
     Pull(BalancedCall),
     /// A stream's first pull, and the stream to serve once it is answered.
     Stream(BalancedCall, Box<stream::ChatStream>),
-    /// A pull the RPC server may hold (`wait_ms`).
-    WaitingPull(BalancedCall),
+    /// A pull the RPC server may hold (`wait_ms`), and its place among held work.
+    WaitingPull(BalancedCall, held::Held),
 }
 
 /// A started request, with what its metrics need: its route, when it
@@ -63,17 +67,19 @@ impl Gateway {
         rpc: BalancedClient,
         access: Arc<Access>,
         max_wait_ms: i32,
+        held: Arc<held::HeldWork>,
         stopping: watch::Receiver<bool>,
     ) -> Gateway {
         Gateway {
             rpc,
             access,
             max_wait_ms,
+            held,
             stopping,
         }
     }
 
-    fn route(&self, req: &Request) -> Result<PendingReply, ApiError> {
+    fn route(&self, req: &Request, account: &Account) -> Result<PendingReply, ApiError> {
         let (path, query) = req.path_and_query();
         let readable = matches!(req.method, Method::Get | Method::Head);
         match path {
@@ -105,14 +111,19 @@ impl Gateway {
                 }
                 request.wait_ms = request.wait_ms.min(self.max_wait_ms);
                 let waits = request.wait_ms > 0;
-                let call = self.rpc.start(RpcRequest::Pull(request))?;
-                Ok(match waits {
-                    true => PendingReply::WaitingPull(call),
-                    false => PendingReply::Pull(call),
-                })
+                let account = charged_to(account, user.as_ref());
+                if !waits {
+                    let budgeted = Budgeted::Reserved(reserve_page(&account, request.limit)?);
+                    let call = self.rpc.start(RpcRequest::Pull(request, Some(budgeted)))?;
+                    return Ok(PendingReply::Pull(call));
+                }
+                let held = self.held.hold(account.client())?;
+                let budgeted = Budgeted::OnArrival(account);
+                let call = self.rpc.start(RpcRequest::Pull(request, Some(budgeted)))?;
+                Ok(PendingReply::WaitingPull(call, held))
             }
             b"/api/pull" => Err(ApiError::MethodNotAllowed("GET, HEAD")),
-            b"/api/stream" if readable => self.start_stream(req),
+            b"/api/stream" if readable => self.start_stream(req, account),
             b"/api/stream" => Err(ApiError::MethodNotAllowed("GET, HEAD")),
             _ => Err(ApiError::NotFound),
         }
@@ -149,7 +160,11 @@ impl Gateway {
 impl Gateway {
     /// A pull the RPC server may hold: on shutdown it is answered at once
     /// with what it had — nothing, or it would not be waiting.
-    async fn finish_waiting_pull(&self, call: BalancedCall) -> Result<Response, ApiError> {
+    async fn finish_waiting_pull(
+        &self,
+        call: BalancedCall,
+        _held: held::Held,
+    ) -> Result<Response, ApiError> {
         let mut stopping = self.stopping.clone();
         tokio::select! {
             reply = self.finish_pull(call) => reply,
@@ -227,7 +242,34 @@ fn unquote(value: &[u8]) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
+/// Reserves the most a page of `limit` messages (0: the default) can weigh;
+/// 503 `overloaded` at once if the client's share or the process has no
+/// room for it (see [`crate::budget`]).
+fn reserve_page(account: &Account, limit: i32) -> Result<Reserved, ApiError> {
+    let messages = match limit {
+        l if l <= 0 => crate::domain::DEFAULT_LIMIT,
+        l => l.min(crate::domain::MAX_LIMIT),
+    };
+    let bound = messages as usize * crate::domain::MAX_MESSAGE_WIRE_BYTES;
+    account
+        .reserve(bound)
+        .ok_or(ApiError::Service(crate::error::Error::Overloaded))
+}
+
+/// The account a request's replies are charged to: its connection's, under
+/// the token's subject when there is one (a user's share does not grow with
+/// the addresses they connect from).
+fn charged_to(account: &Account, user: Option<&crate::auth::Claims>) -> Account {
+    match user {
+        Some(user) => account.for_client(ClientKey::of_subject(&user.sub)),
+        None => account.clone(),
+    }
+}
+
 fn check_status(frame: &Frame) -> Result<(), ApiError> {
+    if frame.method_or_status == status::OVER_BUDGET {
+        return Err(ApiError::Service(crate::error::Error::Overloaded));
+    }
     if frame.method_or_status != status::OK {
         let why = String::from_utf8_lossy(&frame.body);
         return Err(ApiError::internal(format!(
@@ -245,41 +287,17 @@ fn decode_reply<M: prost::Message + Default>(frame: Frame) -> Result<M, ApiError
 impl Handler for Gateway {
     type Pending = Started;
 
-    /// A pull holds its page until written: a default page (10 messages)
-    /// unless the request may name a limit (the word `limit`, or any
-    /// escape that could spell it), then a full one (100 messages).
-    fn reply_bound(req: &Request) -> usize {
-        let (path, query) = req.path_and_query();
-        if path == b"/api/stream" {
-            // Its first page, and each later one, is held until written.
-            return crate::domain::MAX_LIMIT as usize * crate::domain::MAX_MESSAGE_WIRE_BYTES;
-        }
-        if path != b"/api/pull" {
-            return 0;
-        }
-        let has = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).any(|w| w == needle);
-        let may_name_limit = query.is_some_and(|q| has(q, b"limit") || q.contains(&b'%'))
-            || has(&req.body, b"limit")
-            || has(&req.body, b"\\u");
-        let messages = if may_name_limit {
-            crate::domain::MAX_LIMIT
-        } else {
-            crate::domain::DEFAULT_LIMIT
-        };
-        messages as usize * crate::domain::MAX_MESSAGE_WIRE_BYTES
-    }
-
     /// A client that stops waiting (closes) frees its pull's memory at once;
     /// the RPC server still holds its side until `wait_ms` ends.
     fn held(started: &Started) -> bool {
-        matches!(started.reply, PendingReply::WaitingPull(_))
+        matches!(started.reply, PendingReply::WaitingPull(..))
     }
 
-    fn start(&self, req: &Request) -> Started {
+    fn start(&self, req: &Request, account: &Account) -> Started {
         let at = std::time::Instant::now();
         let _in_flight = metrics::track(Gauge::HttpInFlight);
         let reply = self
-            .route(req)
+            .route(req, account)
             .unwrap_or_else(|err| PendingReply::Ready(err.into_response()));
         let route = Route::of(req.path_and_query().0);
         Started {
@@ -306,7 +324,7 @@ impl Handler for Gateway {
                 PendingReply::Send(call) => self.finish_send(call).await,
                 PendingReply::Pull(call) => self.finish_pull(call).await,
                 PendingReply::Stream(call, stream) => self.finish_stream(call, stream).await,
-                PendingReply::WaitingPull(call) => self.finish_waiting_pull(call).await,
+                PendingReply::WaitingPull(call, held) => self.finish_waiting_pull(call, held).await,
             };
             let resp = result.unwrap_or_else(ApiError::into_response);
             METRICS.http_request(route, resp.status, at.elapsed());

@@ -18,13 +18,14 @@ use bytes::{BufMut, Bytes, BytesMut};
 use super::error::ApiError;
 use super::pull_wire::{scalars, write_message};
 use super::{Gateway, PendingReply, access, check_status, json};
+use crate::budget::Account;
 use crate::error::CODE_OK;
 use crate::http::Request;
 use crate::http::response::{Batch, EventSource};
 use crate::proto::PullRequest;
 use crate::proto::fields::pull_response;
 use crate::rpc::balanced::{BalancedCall, BalancedClient};
-use crate::rpc::client::RpcRequest;
+use crate::rpc::client::{Budgeted, RpcRequest};
 use crate::rpc::frame::Frame;
 use crate::wire::{Value, next_field};
 
@@ -55,7 +56,11 @@ impl Gateway {
     /// Checks a stream request as a pull is checked (one pull against the
     /// rate limit) and starts its first pull: errors up to its answer are
     /// ordinary JSON errors, before any event.
-    pub(super) fn start_stream(&self, req: &Request) -> Result<PendingReply, ApiError> {
+    pub(super) fn start_stream(
+        &self,
+        req: &Request,
+        account: &Account,
+    ) -> Result<PendingReply, ApiError> {
         let user = self.access.admit(req, access::Api::Pull)?;
         if !accepts_event_stream(req) {
             return Err(ApiError::NotAcceptable);
@@ -68,13 +73,20 @@ impl Gateway {
         if let Some(user) = &user {
             access::authorize(user, &chat, None)?;
         }
+        let account = super::charged_to(account, user.as_ref());
+        let held = self.held.hold(account.client())?;
         // The first pull does not wait: the head (and the history) go out at
         // once, so a client sees the stream open even in a silent chat.
-        let call = self
-            .rpc
-            .start(RpcRequest::Pull(page_request(&chat, cursor, 0)))?;
+        let call = self.rpc.start(RpcRequest::Pull(
+            page_request(&chat, cursor, 0),
+            Some(Budgeted::Reserved(super::reserve_page(
+                &account,
+                crate::domain::MAX_LIMIT,
+            )?)),
+        ))?;
         let stream = ChatStream {
             rpc: self.rpc.clone(),
+            account,
             chat,
             cursor,
             wait_ms: STREAM_WAIT_MS.min(self.max_wait_ms).max(0),
@@ -82,6 +94,7 @@ impl Gateway {
             page: Bytes::new(),
             pos: 0,
             scratch: Vec::new(),
+            _held: held,
             _open: crate::metrics::track(crate::metrics::Gauge::OpenStreams),
         };
         Ok(PendingReply::Stream(call, Box::new(stream)))
@@ -175,8 +188,9 @@ fn is_q_zero(param: &[u8]) -> bool {
 }
 
 /// A pull reply's page, checked whole (so rendering it cannot fail half
-/// way) and copied out of the RPC connection's read buffer (which it would
-/// otherwise pin for as long as a slow reader takes).
+/// way). The RPC client copied it out of its read buffer (which it would
+/// otherwise pin for as long as a slow reader takes) when it charged it to
+/// the memory budget, and the charge lasts as long as the page.
 fn page_of(frame: Frame) -> Result<Bytes, ApiError> {
     check_status(&frame)?;
     let undecodable =
@@ -195,18 +209,27 @@ fn page_of(frame: Frame) -> Result<Bytes, ApiError> {
             write_message(&mut scratch, message).map_err(undecodable)?;
         }
     }
-    Ok(Bytes::copy_from_slice(&frame.body))
+    Ok(frame.body)
 }
 
 /// Pulls until a page holds messages, each pull held by the RPC server
 /// until a message is stored or `wait_ms` passes; an error becomes the
 /// stream's final `error` event.
-async fn next_page(rpc: BalancedClient, chat: String, cursor: i64, wait_ms: i32) -> Batch {
+async fn next_page(
+    rpc: BalancedClient,
+    account: Account,
+    chat: String,
+    cursor: i64,
+    wait_ms: i32,
+) -> Batch {
     let wait = Duration::from_millis(wait_ms.max(0) as u64);
     loop {
         let asked = tokio::time::Instant::now();
         let page = async {
-            let call = rpc.start(RpcRequest::Pull(page_request(&chat, cursor, wait_ms)))?;
+            let request = page_request(&chat, cursor, wait_ms);
+            // Held until a message comes: charged when the page arrives.
+            let budgeted = Budgeted::OnArrival(account.clone());
+            let call = rpc.start(RpcRequest::Pull(request, Some(budgeted)))?;
             page_of(rpc.finish(call).await?)
         };
         match page.await {
@@ -253,6 +276,8 @@ fn error_event(err: &ApiError) -> Vec<u8> {
 /// One chat's event stream.
 pub struct ChatStream {
     rpc: BalancedClient,
+    /// What its pages are charged to while held.
+    account: Account,
     chat: String,
     /// The send_time of the last message taken: the next pull's cursor.
     cursor: i64,
@@ -267,6 +292,8 @@ pub struct ChatStream {
     pos: usize,
     /// One message's JSON; reused.
     scratch: Vec<u8>,
+    /// Its place among the held work, for as long as it is open.
+    _held: super::held::Held,
     /// Counts this stream in `im_streams_open` while it lives.
     _open: crate::metrics::Tracked,
 }
@@ -286,6 +313,9 @@ impl EventSource for ChatStream {
         while out.len() < until {
             let mut rest = &self.page[self.pos..];
             if rest.is_empty() {
+                // Rendered: its memory (and charge) need not wait for the
+                // next page.
+                (self.page, self.pos) = (Bytes::new(), 0);
                 return false;
             }
             // The page was decoded whole by `page_of`.
@@ -307,6 +337,7 @@ impl EventSource for ChatStream {
     fn more(&mut self) -> Pin<Box<dyn Future<Output = Batch> + Send>> {
         let page = next_page(
             self.rpc.clone(),
+            self.account.clone(),
             self.chat.clone(),
             self.cursor,
             self.wait_ms,

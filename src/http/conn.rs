@@ -11,13 +11,16 @@
 //!   one has been answered, so a send never overtakes an earlier request
 //!   (RFC 9112 §9.3.2).
 //! * Responses go out in request order, each as soon as it is ready; no
-//!   further request starts while the queued output is over
-//!   `max_output`, and the number in flight follows a window that shrinks
-//!   after large responses (each started request may hold a reply of
-//!   megabytes before it is written); beyond the window, a request still
-//!   starts if the handler's bound on its reply fits the output budget
-//!   beside those in flight (so pipelined pulls to a stalled backend time
-//!   out together, not one after another).
+//!   further request starts while the bytes the connection holds (its
+//!   queued output and the replies it has received and not yet written,
+//!   counted by their real size: [`Conn::holding`]) are over `max_output`.
+//!   Up to [`MAX_PIPELINE`] requests may be in flight below that, while
+//!   the replies still to come have reserved (at their largest, from the
+//!   process's memory budget, [`crate::budget`]) no more than
+//!   [`MAX_RESERVED_OUTPUTS`] output budgets. (A window of requests that
+//!   grew after small replies let 64 pulls of 6.5 MB start unchecked; worst
+//!   cases held to the output budget alone made pipelined big pulls to a
+//!   stalled backend time out one after another; issue 20, items 1 and 4.)
 //! * A new connection must send its first byte, and every request must
 //!   arrive whole, within `request_timeout` of that request's first byte
 //!   (408 if a request had begun); an idle keep-alive connection is closed
@@ -42,10 +45,13 @@ use super::codec::{HttpError, Limits, Method, Request, RequestDecoder, Version};
 /// Most requests of one connection in flight at once; more pipelined
 /// requests wait in the input buffer.
 pub const MAX_PIPELINE: usize = 64;
-/// Requests in flight on a new connection, before any response size is
-/// known: each may hold a reply of up to a pull page (6.5 MB of protobuf)
-/// until it is written. Doubled after each small response.
-const INITIAL_WINDOW: usize = 1;
+/// Output budgets' worth of replies still to come that a connection may
+/// have reserved (at their largest) before its next request waits: 64 MiB
+/// by default, ten full pages, as many as the RPC server makes at once for
+/// one connection. Enough for pipelined full-page pulls to a stalled
+/// backend to time out together; one connection still cannot take its
+/// client's whole share of the memory budget.
+pub const MAX_RESERVED_OUTPUTS: usize = 16;
 
 #[derive(Debug, Clone, Copy)]
 pub struct Settings {
@@ -53,9 +59,6 @@ pub struct Settings {
     pub idle_timeout: Duration,
     pub request_timeout: Duration,
     pub max_output: usize,
-    /// An upper bound on the reply bytes a request may hold until its
-    /// response is written (from the handler; 0 = small).
-    pub reply_bound: fn(&Request) -> usize,
     /// Silence on an event stream after which a heartbeat is written.
     pub heartbeat: Duration,
     /// How long an event stream's queued output may take to drain before
@@ -71,8 +74,6 @@ pub struct Framing {
     pub http10: bool,
     /// GET or HEAD: may run beside other safe requests.
     pub safe: bool,
-    /// Its [`Settings::reply_bound`], counted in [`Conn`]'s `reserved`.
-    pub reply_bound: usize,
 }
 
 /// What the driver reports of a finished response.
@@ -229,9 +230,10 @@ pub struct Conn {
     in_flight: VecDeque<Framing>,
     /// An unsafe request decoded while earlier ones were still in flight.
     deferred: Option<Request>,
-    /// Requests that may be in flight at once, whatever their bounds.
-    window: usize,
-    /// Sum of the reply bounds of the requests in flight.
+    /// Reply bytes received for the requests in flight and not yet
+    /// written, and reserved for those still to come (reported by the
+    /// driver, [`Conn::holding`]).
+    held: usize,
     reserved: usize,
     reading: Reading,
     /// When the last bytes arrived.
@@ -254,9 +256,9 @@ impl Conn {
             settings,
             decoder: RequestDecoder::new(settings.limits),
             input: BytesMut::with_capacity(INITIAL_BUFFER),
-            in_flight: VecDeque::with_capacity(INITIAL_WINDOW),
+            in_flight: VecDeque::new(),
             deferred: None,
-            window: INITIAL_WINDOW,
+            held: 0,
             reserved: 0,
             reading: Reading::Fresh(accepted),
             last_read: accepted,
@@ -274,7 +276,7 @@ impl Conn {
         if output_queued > self.settings.max_output {
             return Action::Flush;
         }
-        if let Some(req) = self.next_request() {
+        if let Some(req) = self.next_request(output_queued) {
             return Action::Start(req);
         }
         if !self.in_flight.is_empty() {
@@ -300,7 +302,7 @@ impl Conn {
     }
 
     /// The next request that may start now, if any.
-    fn next_request(&mut self) -> Option<Request> {
+    fn next_request(&mut self, output_queued: usize) -> Option<Request> {
         if self.in_flight.len() >= MAX_PIPELINE || self.closing || self.failure.is_some() {
             return None;
         }
@@ -324,24 +326,24 @@ impl Conn {
             self.deferred = Some(req);
             return None;
         }
-        // Beyond the window, a request starts only if the worst its reply can
-        // weigh still fits the output budget beside those in flight: the
-        // window alone (1 on a new connection) would run pipelined pulls to
-        // a stalled backend one timeout after another.
-        let reply_bound = (self.settings.reply_bound)(&req);
-        let fits = self.reserved.saturating_add(reply_bound) <= self.settings.max_output;
-        if self.in_flight.len() >= self.window && !fits {
+        // What is held already, not what the request might add: see the
+        // module doc.
+        let holds = self.held.saturating_add(output_queued);
+        let promised = self
+            .settings
+            .max_output
+            .saturating_mul(MAX_RESERVED_OUTPUTS);
+        let full = holds > self.settings.max_output || self.reserved > promised;
+        if !self.in_flight.is_empty() && full {
             self.deferred = Some(req);
             return None;
         }
-        self.reserved += reply_bound;
         self.closing = !req.keep_alive;
         self.in_flight.push_back(Framing {
             head_only: req.method == Method::Head,
             keep_alive: req.keep_alive,
             http10: req.version == Version::Http10,
             safe,
-            reply_bound,
         });
         Some(req)
     }
@@ -405,45 +407,29 @@ impl Conn {
     /// bytes, asking to close the connection if `close`. Returns how to
     /// frame it: `keep_alive` false means this is the last response.
     pub fn finished(&mut self, done: Finished, shutting_down: bool) -> Framing {
-        let Finished {
-            status,
-            body_len,
-            close,
-        } = done;
+        let Finished { close, .. } = done;
         let mut framing = self.in_flight.pop_front().unwrap_or(Framing {
             head_only: false,
             keep_alive: false,
             http10: false,
             safe: true,
-            reply_bound: 0,
         });
-        self.reserved = self.reserved.saturating_sub(framing.reply_bound);
         // Once shutting down, every response says the connection closes.
         framing.keep_alive &= !close && !shutting_down;
         if !framing.keep_alive {
             self.closing = true;
             // Requests started after this one are never answered.
             self.in_flight.clear();
-            self.reserved = 0;
         }
-        self.adapt_window(status, body_len);
         framing
     }
 
-    /// Fewer requests in flight after a large response: each started one may
-    /// hold as much until it is written. More after a small successful one,
-    /// up to [`MAX_PIPELINE`] (what pipelined small GETs need for
-    /// throughput). An error says nothing of what the next reply weighs: a
-    /// 504 for a big pull that timed out is small, while its reply still
-    /// arrives (growing on it let timed-out big pulls open the window and
-    /// tripled the memory of ten connections of unread big pulls).
-    fn adapt_window(&mut self, status: u16, body_len: usize) {
-        let fits = self.settings.max_output / MAX_PIPELINE;
-        if body_len > fits {
-            self.window = (self.settings.max_output / body_len.max(1)).clamp(1, MAX_PIPELINE);
-        } else if (200..300).contains(&status) {
-            self.window = (self.window * 2).min(MAX_PIPELINE);
-        }
+    /// The driver's count of the reply bytes this connection has received
+    /// and not yet written, and of those reserved for replies still to come
+    /// (its share of [`crate::budget`]).
+    pub fn holding(&mut self, held: usize, reserved: usize) {
+        self.held = held;
+        self.reserved = reserved;
     }
 
     /// The response just finished (a GET's, framed with `keep_alive`
@@ -454,7 +440,6 @@ impl Conn {
         self.closing = true;
         self.in_flight.clear();
         self.deferred = None;
-        self.reserved = 0;
         self.streaming = Some(Streaming {
             last_sent: now,
             backlog_since: None,

@@ -8,11 +8,6 @@ fn settings() -> Settings {
         idle_timeout: Duration::from_secs(60),
         request_timeout: Duration::from_secs(10),
         max_output: 4 * 1024 * 1024,
-        reply_bound: |req| match &req.target[..] {
-            b"/big" => 3 * 1024 * 1024,
-            b"/mid" => 1024 * 1024,
-            _ => 0,
-        },
         heartbeat: Duration::from_secs(15),
         write_timeout: Duration::from_secs(10),
     }
@@ -174,49 +169,37 @@ fn output_over_the_bound_is_written_before_anything_starts() {
 }
 
 #[test]
-fn the_window_shrinks_after_large_responses_and_grows_after_small_ones() {
+fn pipelined_gets_start_together_until_the_held_replies_reach_the_output_budget() {
     let t0 = Instant::now();
     let mut conn = Conn::new(settings(), t0);
-    // Requests whose replies may be big (3 MiB bounds): only the window
-    // lets more than one be in flight.
-    feed(
-        &mut conn,
-        &b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n".repeat(200),
-        t0,
-    );
-    let mut started = 0;
-    while target(&conn.next(t0, 0)).is_some() {
-        started += 1;
-    }
-    assert_eq!(started, INITIAL_WINDOW, "a new connection starts few");
+    feed(&mut conn, &GET.repeat(200), t0);
+    // Nothing held: as many as the pipeline allows, whatever the replies
+    // may weigh (the budget refuses a reply that does not fit on arrival).
+    assert_eq!(started(&mut conn, t0).len(), MAX_PIPELINE);
+    assert_eq!(conn.next(t0, 0), Action::Finish);
     conn.finished(done(20, false), false);
-    let mut started = 0;
-    while target(&conn.next(t0, 0)).is_some() {
-        started += 1;
-    }
-    assert_eq!(
-        started,
-        2 * INITIAL_WINDOW,
-        "doubled after a small response"
-    );
-    for _ in 0..started {
-        conn.finished(done(39_000_000, false), false);
-    }
-    assert!(target(&conn.next(t0, 0)).is_some());
-    assert_eq!(
-        conn.next(t0, 0),
-        Action::Finish,
-        "window of one after big responses"
-    );
-    for _ in 0..8 {
-        conn.finished(done(20, false), false);
-        while target(&conn.next(t0, 0)).is_some() {}
-    }
-    assert_eq!(
-        conn.in_flight(),
-        MAX_PIPELINE,
-        "small responses open it fully"
-    );
+    // Replies of 3 MiB arrived for two of those in flight, and 2 MiB of
+    // output is queued: over the 4 MiB budget, nothing more starts ...
+    conn.holding(6 * 1024 * 1024, 0);
+    assert_eq!(conn.next(t0, 1024 * 1024), Action::Finish);
+    conn.holding(3 * 1024 * 1024, 0);
+    assert_eq!(conn.next(t0, 2 * 1024 * 1024), Action::Finish);
+    // ... until they are written.
+    conn.holding(0, 0);
+    assert_eq!(started(&mut conn, t0).len(), 1);
+    // Replies still to come may reserve 16 output budgets, not more.
+    conn.finished(done(20, false), false);
+    conn.holding(0, 64 * 1024 * 1024);
+    assert_eq!(started(&mut conn, t0).len(), 1);
+    conn.finished(done(20, false), false);
+    conn.holding(0, 64 * 1024 * 1024 + 1);
+    assert_eq!(conn.next(t0, 0), Action::Finish);
+    // Alone, a request starts whatever is held (its own reply is what
+    // empties the output).
+    let mut alone = Conn::new(settings(), t0);
+    feed(&mut alone, GET, t0);
+    alone.holding(usize::MAX, usize::MAX);
+    assert!(target(&alone.next(t0, 0)).is_some());
 }
 
 #[test]
@@ -390,34 +373,6 @@ fn started(conn: &mut Conn, now: Instant) -> Vec<Vec<u8>> {
         targets.push(t.to_vec());
     }
     targets
-}
-
-#[test]
-fn requests_whose_reply_bounds_fit_the_output_budget_start_beyond_the_window() {
-    let t0 = Instant::now();
-    let mut conn = Conn::new(settings(), t0);
-    let mid = b"GET /mid HTTP/1.1\r\nHost: x\r\n\r\n";
-    let big = b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n";
-    // Eight GETs of up to 1 MiB each against a 4 MiB budget: four at once,
-    // although a new connection's window is one.
-    feed(&mut conn, &mid.repeat(8), t0);
-    assert_eq!(started(&mut conn, t0).len(), 4);
-    // One finishing frees its share: one more starts.
-    assert!(matches!(conn.next(t0, 0), Action::Finish));
-    conn.finished(
-        Finished {
-            status: 504,
-            body_len: 10,
-            close: false,
-        },
-        false,
-    );
-    assert_eq!(started(&mut conn, t0).len(), 1);
-
-    // Replies of up to 3 MiB: only the window lets one start at a time.
-    let mut conn = Conn::new(settings(), t0);
-    feed(&mut conn, &big.repeat(3), t0);
-    assert_eq!(started(&mut conn, t0), vec![b"/big".to_vec()]);
 }
 
 /// A connection whose first request (a GET) was answered with an event

@@ -23,6 +23,7 @@ use super::response::{
     Batch, EventSource, HEARTBEAT, LAGGED_EVENT, LAST_CHUNK, Response, put_chunk, write_response,
 };
 use crate::accept::{drain, next_connection};
+use crate::budget::{Account, Charge, ClientKey, MemoryBudget};
 use crate::metrics::{self, Gauge, METRICS};
 use crate::unwind::{catch_panic, catch_panic_sync};
 
@@ -31,18 +32,14 @@ pub trait Handler: Send + Sync + 'static {
     /// A request that has been started and not yet answered.
     type Pending: Send;
     /// Starts serving `req` without waiting (parsing, validation, enqueueing
-    /// an RPC), so that all pipelined requests are in flight together.
-    fn start(&self, req: &Request) -> Self::Pending;
+    /// an RPC), so that all pipelined requests are in flight together. The
+    /// replies it receives are charged to `account` (its connection's, see
+    /// [`crate::budget`]) until written.
+    fn start(&self, req: &Request, account: &Account) -> Self::Pending;
     /// Waits for the response to a started request.
     fn finish(&self, pending: Self::Pending) -> impl Future<Output = Response> + Send;
     /// The response to a request that could not be decoded.
     fn reject(&self, err: HttpError) -> Response;
-    /// An upper bound on the reply bytes `req` may hold before its response
-    /// is written (see [`super::conn`]: requests whose bounds fit in the
-    /// output budget may start beside each other whatever the window says).
-    fn reply_bound(_req: &Request) -> usize {
-        0
-    }
     /// Whether a started request may be held long (a pull waiting for
     /// messages): while it is, the connection watches for the peer's close
     /// and gives the request up then, rather than hold it to its deadline.
@@ -150,6 +147,7 @@ pub async fn serve<H: Handler>(
     handler: Arc<H>,
     options: ServerOptions,
     slots: Arc<Semaphore>,
+    budget: Arc<MemoryBudget>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     while let Some((socket, peer)) = next_connection(&listener, &mut shutdown, "http").await {
@@ -162,8 +160,9 @@ pub async fn serve<H: Handler>(
         let open = metrics::track(Gauge::HttpConnections);
         let handler = handler.clone();
         let shutdown = shutdown.clone();
+        let account = budget.account(ClientKey::of_ip(peer.ip()));
         tokio::spawn(async move {
-            let _ = connection(socket, peer.ip(), handler, options, shutdown).await;
+            let _ = connection(socket, peer.ip(), account, handler, options, shutdown).await;
             drop((slot, open));
         });
     }
@@ -202,6 +201,8 @@ struct Streamed {
 struct Io {
     socket: TcpStream,
     output: BytesMut,
+    /// The output's charge against the memory budget ([`Io::charge_output`]).
+    charged: Charge,
     write_timeout: Duration,
     max_output: usize,
 }
@@ -209,26 +210,33 @@ struct Io {
 async fn connection<H: Handler>(
     socket: TcpStream,
     peer: std::net::IpAddr,
+    account: Account,
     handler: Arc<H>,
     options: ServerOptions,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
-    let mut conn = Conn::new(settings::<H>(&options), std::time::Instant::now());
+    let mut conn = Conn::new(settings(&options), std::time::Instant::now());
     let mut io = Io {
         socket,
         // Allocated by the first response: a connection whose request is
         // held (a pull waiting for messages) holds no output buffer yet.
         output: BytesMut::new(),
+        charged: account.empty(),
         write_timeout: options.write_timeout,
         max_output: options.max_output_buffer,
     };
     // The started requests, oldest first; `None` if `start` panicked.
     let mut pending: VecDeque<Option<H::Pending>> = VecDeque::new();
     loop {
+        io.charge_output();
+        conn.holding(
+            account.held().saturating_sub(io.output.len()),
+            account.reserved(),
+        );
         match conn.next(std::time::Instant::now(), io.output.len()) {
             Action::Start(mut req) => {
                 req.peer = Some(peer);
-                pending.push_back(catch_panic_sync(|| handler.start(&req)));
+                pending.push_back(catch_panic_sync(|| handler.start(&req, &account)));
             }
             Action::Finish => {
                 let answered =
@@ -260,13 +268,12 @@ async fn connection<H: Handler>(
 }
 
 /// The connection policy's settings from the server's options.
-fn settings<H: Handler>(options: &ServerOptions) -> Settings {
+fn settings(options: &ServerOptions) -> Settings {
     Settings {
         limits: options.limits,
         idle_timeout: options.idle_timeout,
         request_timeout: options.request_timeout,
         max_output: options.max_output_buffer,
-        reply_bound: H::reply_bound,
         heartbeat: options.stream_heartbeat,
         write_timeout: options.write_timeout,
     }
@@ -393,6 +400,7 @@ impl Io {
         };
         loop {
             let now = std::time::Instant::now();
+            self.charge_output();
             let Action::Stream(step) = conn.next(now, self.output.len()) else {
                 return Ok(());
             };
@@ -479,10 +487,18 @@ impl Io {
         true
     }
 
+    /// Counts the output queued now against the memory budget: it is held
+    /// until the peer takes it, and replies arriving meanwhile for this
+    /// client are refused if it leaves no room.
+    fn charge_output(&mut self) {
+        self.charged.resize(self.output.len());
+    }
+
     /// Writes the output until it is all out or `deadline` passes (then
     /// returns with output left, for the policy to judge).
     async fn write_until(&mut self, deadline: std::time::Instant) -> std::io::Result<()> {
         let deadline = Instant::from_std(deadline);
+        self.charge_output();
         while !self.output.is_empty() {
             match tokio::time::timeout_at(deadline, self.socket.write(&self.output)).await {
                 Ok(Ok(0)) => return Err(std::io::ErrorKind::WriteZero.into()),
@@ -491,6 +507,7 @@ impl Io {
                 Err(_elapsed) => return Ok(()),
             }
         }
+        self.charge_output();
         if self.output.capacity() > SHRINK_OVER {
             self.output = BytesMut::with_capacity(INITIAL_BUFFER);
         }
@@ -507,6 +524,7 @@ impl Io {
     /// write timeout is given up on (it would hold the connection, its
     /// buffers and a connection slot for ever).
     async fn flush(&mut self) -> std::io::Result<()> {
+        self.charge_output();
         while !self.output.is_empty() {
             let written =
                 tokio::time::timeout(self.write_timeout, self.socket.write(&self.output)).await;
@@ -517,6 +535,7 @@ impl Io {
                 Err(_elapsed) => return Err(std::io::ErrorKind::TimedOut.into()),
             }
         }
+        self.charge_output();
         // A large response grew the buffer: give it back rather than keep
         // megabytes per idle connection.
         if self.output.capacity() > SHRINK_OVER {

@@ -152,7 +152,7 @@ pub struct BalancedCall {
 /// idempotency key stores one message however often it arrives.
 fn repeatable(request: Option<&RpcRequest>) -> bool {
     match request {
-        Some(RpcRequest::Pull(_)) => true,
+        Some(RpcRequest::Pull(..)) => true,
         Some(RpcRequest::Send(send)) => !send.idempotency_key.is_empty(),
         Some(RpcRequest::Ping) | None => false,
     }
@@ -203,7 +203,7 @@ impl BalancedClient {
     pub fn start(&self, request: RpcRequest) -> Result<BalancedCall, Error> {
         // A pull may be held by the server for its `wait_ms` on top.
         let held = match &request {
-            RpcRequest::Pull(pull) => Duration::from_millis(pull.wait_ms.max(0) as u64),
+            RpcRequest::Pull(pull, _) => Duration::from_millis(pull.wait_ms.max(0) as u64),
             _ => Duration::ZERO,
         };
         let deadline = Instant::now() + self.shared.options.timeout + held;
@@ -221,7 +221,7 @@ impl BalancedClient {
         let mut last = Error::Unavailable;
         let method = match &request {
             RpcRequest::Send(_) => RpcMethod::Send,
-            RpcRequest::Pull(_) => RpcMethod::Pull,
+            RpcRequest::Pull(..) => RpcMethod::Pull,
             RpcRequest::Ping => RpcMethod::Ping,
         };
         while tried.len < MAX_ATTEMPTS {
@@ -381,7 +381,10 @@ mod tests {
             idempotency_key: "k1".into(),
             ..SendRequest::default()
         };
-        assert!(repeatable(Some(&RpcRequest::Pull(PullRequest::default()))));
+        assert!(repeatable(Some(&RpcRequest::Pull(
+            PullRequest::default(),
+            None
+        ))));
         assert!(repeatable(Some(&RpcRequest::Send(keyed))));
         assert!(!repeatable(Some(&RpcRequest::Send(SendRequest::default()))));
         assert!(!repeatable(Some(&RpcRequest::Ping)));

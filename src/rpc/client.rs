@@ -1,6 +1,7 @@
 //! The gateway's side of the RPC: a small pool of multiplexed connections to
 //! the RPC server, each owned by a [`mux`](crate::mux) task.
 
+use std::collections::HashMap;
 use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,15 +14,28 @@ use tokio::time::Instant;
 use super::frame::{self, Frame};
 use super::local::LocalRpc;
 use super::{method, status};
+use crate::budget::{Account, Reserved};
 use crate::error::Error;
 use crate::metrics::{PeerKind, PeerStats};
 use crate::mux::{MuxOptions, Pending, Pool, Protocol, Stream};
 use crate::proto::{PingRequest, PullRequest, SendRequest};
 
+/// How a pull's reply is charged when it arrives.
+#[derive(Debug, Clone)]
+pub enum Budgeted {
+    /// Its reservation, made when the call started, becomes the charge.
+    Reserved(Reserved),
+    /// Charged to this account if it fits, else dropped
+    /// ([`status::OVER_BUDGET`]).
+    OnArrival(Account),
+}
+
 #[derive(Clone)]
 pub enum RpcRequest {
     Send(SendRequest),
-    Pull(PullRequest),
+    /// A pull, and how its reply is charged to the memory budget when it
+    /// arrives (see [`crate::budget`]; `None`: not charged).
+    Pull(PullRequest, Option<Budgeted>),
     Ping,
 }
 
@@ -35,6 +49,41 @@ struct RpcProtocol {
     secret: Option<Arc<[u8]>>,
     /// Set when `addr` is this shard's own RPC server ([`super::local`]).
     local: Option<LocalRpc>,
+    /// The accounts that the replies of the calls written on this
+    /// connection are charged to, by call id.
+    charged: HashMap<u64, Budgeted>,
+}
+
+impl RpcProtocol {
+    /// Charges a reply as its call asked ([`Budgeted`]), if it did: the
+    /// body is copied out of the read buffer and holds the charge for as
+    /// long as it lives. A reply charged on arrival that does not fit is
+    /// dropped here, its call answered [`status::OVER_BUDGET`].
+    fn charge(&mut self, mut frame: Frame) -> Frame {
+        let Some(budgeted) = self.charged.remove(&frame.id) else {
+            return frame;
+        };
+        if frame.method_or_status != status::OK {
+            return frame;
+        }
+        let bytes = frame.body.len();
+        let charge = match budgeted {
+            Budgeted::Reserved(reserved) => match reserved.settle(bytes) {
+                Some(charge) => Some(charge),
+                // Settled by another attempt's reply: nobody waits for this.
+                None => return frame,
+            },
+            Budgeted::OnArrival(account) => account.charge(bytes),
+        };
+        match charge {
+            Some(charge) => frame.body = crate::budget::held(&frame.body, charge),
+            None => {
+                frame.method_or_status = status::OVER_BUDGET;
+                frame.body = bytes::Bytes::new();
+            }
+        }
+        frame
+    }
 }
 
 impl Protocol for RpcProtocol {
@@ -45,6 +94,7 @@ impl Protocol for RpcProtocol {
         if let Some(local) = &self.local {
             let stream = local.connect()?;
             self.going_away.store(false, Ordering::Relaxed);
+            self.charged.clear();
             return Ok(Stream::Unix(stream));
         }
         let mut socket = TcpStream::connect(&self.addr).await?;
@@ -52,8 +102,10 @@ impl Protocol for RpcProtocol {
         if let Some(secret) = &self.secret {
             super::handshake::connect(&mut socket, secret, &self.addr).await?;
         }
-        // A new connection: whoever answers has not said GOAWAY on it.
+        // A new connection: whoever answers has not said GOAWAY on it, and
+        // the calls of the last one are answered (Lost) already.
         self.going_away.store(false, Ordering::Relaxed);
+        self.charged.clear();
         Ok(Stream::Tcp(socket))
     }
 
@@ -61,10 +113,21 @@ impl Protocol for RpcProtocol {
         self.next_id = self.next_id.wrapping_add(1);
         match &request {
             RpcRequest::Send(req) => frame::encode(out, self.next_id, method::SEND, req),
-            RpcRequest::Pull(req) => frame::encode(out, self.next_id, method::PULL, req),
+            RpcRequest::Pull(req, budgeted) => {
+                if let Some(budgeted) = budgeted {
+                    self.charged.insert(self.next_id, budgeted.clone());
+                }
+                frame::encode(out, self.next_id, method::PULL, req)
+            }
             RpcRequest::Ping => frame::encode(out, self.next_id, method::PING, &PingRequest {}),
         }
         self.next_id
+    }
+
+    /// A pull with `wait_ms` may be held by the server until a message
+    /// comes: it has in-flight slots of its own.
+    fn held(request: &RpcRequest) -> bool {
+        matches!(request, RpcRequest::Pull(pull, _) if pull.wait_ms > 0)
     }
 
     fn retiring(&self) -> bool {
@@ -72,6 +135,7 @@ impl Protocol for RpcProtocol {
     }
 
     fn cancel(&mut self, tag: u64, out: &mut BytesMut) -> bool {
+        self.charged.remove(&tag);
         frame::encode_raw(out, tag, method::CANCEL, b"");
         true
     }
@@ -96,7 +160,7 @@ impl Protocol for RpcProtocol {
                 _ => {}
             }
         }
-        Ok(frame.map(|f| (f.id, f)))
+        Ok(frame.map(|f| (f.id, self.charge(f))))
     }
 }
 
@@ -162,6 +226,7 @@ impl RpcClient {
                 going_away: going_away.clone(),
                 secret: options.secret.clone(),
                 local: local.clone(),
+                charged: HashMap::new(),
             },
             mux,
         );
@@ -218,6 +283,7 @@ mod tests {
             going_away: Arc::new(AtomicBool::new(false)),
             secret: None,
             local: None,
+            charged: HashMap::new(),
         };
         let mut input = BytesMut::new();
         frame::encode_raw(&mut input, 7, status::OK, b"reply");

@@ -30,6 +30,10 @@ pub mod status {
     /// The frame could not be served (unknown method, undecodable body); the
     /// body is a UTF-8 explanation.
     pub const BAD_FRAME: u8 = 1;
+    /// Never on the wire: the gateway's own mark for a reply it dropped on
+    /// arrival because the memory budget had no room for it
+    /// ([`crate::budget`]); the request is answered 503 `overloaded`.
+    pub const OVER_BUDGET: u8 = 0xfd;
     /// Not a reply (id 0): the server is shutting down. It takes no new
     /// calls after the connection has been quiet for a moment, finishes
     /// those in flight and closes; the client must send new calls elsewhere.

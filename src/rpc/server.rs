@@ -285,6 +285,10 @@ struct Outgoing {
 /// (a count) and reply bytes (reserved, made or unsent).
 struct Usage {
     in_flight: Arc<Semaphore>,
+    /// Pulls that may wait for new messages have slots of their own, as
+    /// many: held ones never take the slots ordinary calls need (issue 20,
+    /// item 2: waiting pulls took all of them and every other call failed).
+    waiting: Arc<Semaphore>,
     max_in_flight: usize,
     output: Arc<Semaphore>,
     max_output: usize,
@@ -297,6 +301,7 @@ impl Usage {
         let max_output = options.max_output.clamp(1, u32::MAX as usize);
         Usage {
             in_flight: Arc::new(Semaphore::new(max_in_flight)),
+            waiting: Arc::new(Semaphore::new(max_in_flight)),
             max_in_flight,
             output: Arc::new(Semaphore::new(max_output)),
             max_output,
@@ -306,6 +311,7 @@ impl Usage {
     /// Whether a request is being served or a reply is not yet written.
     fn busy(&self) -> bool {
         self.in_flight.available_permits() < self.max_in_flight
+            || self.waiting.available_permits() < self.max_in_flight
             || self.output.available_permits() < self.max_output
     }
 }
@@ -419,13 +425,18 @@ where
             continue;
         }
         let work = decode_request(frame);
-        // At the in-flight limit, refuse at once rather than stop reading:
-        // waiting would hold every later frame behind the slowest request.
-        let permit = usage.in_flight.clone().try_acquire_owned().ok();
         // A pull that may wait reserves its reply's bytes only once it has
         // its page: reserving its largest page for the whole wait let ~100
         // waiting pulls fill a connection's budget and stop it being read.
         let waits = matches!(&work, Work::Pull(p) if p.wait_ms > 0);
+        // At the in-flight limit, refuse at once rather than stop reading:
+        // waiting would hold every later frame behind the slowest request.
+        let slots = if waits {
+            &usage.waiting
+        } else {
+            &usage.in_flight
+        };
+        let permit = slots.clone().try_acquire_owned().ok();
         let reserve = match &permit {
             Some(_) if !waits => largest_reply(&work),
             _ => SMALL_REPLY,
@@ -506,10 +517,9 @@ where
         }
     };
     // Wait for the requests in flight, then let the writer flush and finish.
-    let _ = usage
-        .in_flight
-        .acquire_many(usage.max_in_flight as u32)
-        .await;
+    let all = usage.max_in_flight as u32;
+    let _ = usage.in_flight.acquire_many(all).await;
+    let _ = usage.waiting.acquire_many(all).await;
     drop(replies);
     let _ = write_loop.await;
     result

@@ -207,6 +207,32 @@ impl HttpConn {
         })
     }
 
+    /// A connection from the local address `from` (e.g. 127.0.0.2: another
+    /// client to the server's per-client limits).
+    pub fn connect_from(addr: SocketAddr, from: std::net::IpAddr) -> HttpConn {
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            None,
+        )
+        .expect("socket");
+        socket
+            .bind(&SocketAddr::new(from, 0).into())
+            .unwrap_or_else(|e| panic!("bind {from}: {e}"));
+        socket
+            .connect_timeout(&addr.into(), IO_TIMEOUT)
+            .unwrap_or_else(|e| panic!("connect to {addr} from {from}: {e}"));
+        let s: TcpStream = socket.into();
+        s.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
+        s.set_write_timeout(Some(IO_TIMEOUT)).expect("timeout");
+        s.set_nodelay(true).expect("nodelay");
+        HttpConn {
+            addr,
+            reader: BufReader::new(s.try_clone().expect("clone")),
+            stream: s,
+        }
+    }
+
     /// A second handle to the socket (e.g. to write a large body from another thread).
     pub fn clone_stream(&self) -> TcpStream {
         self.stream.try_clone().expect("clone TcpStream")

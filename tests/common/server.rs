@@ -80,6 +80,31 @@ impl Server {
     }
 
     pub fn try_start(role: &str, args: &[&str], envs: &[(&str, &str)]) -> Result<Server, String> {
+        Server::launch(
+            Command::new(env!("CARGO_BIN_EXE_im-server")),
+            role,
+            args,
+            envs,
+        )
+    }
+
+    /// [`Server::start`] under an open-file limit of `files` (soft and hard),
+    /// set before the binary starts (util-linux `prlimit`, which then
+    /// executes it: the pid is the server's).
+    pub fn start_with_open_files(role: &str, args: &[&str], files: u32) -> Server {
+        let mut cmd = Command::new("prlimit");
+        cmd.arg(format!("--nofile={files}:{files}"))
+            .arg("--")
+            .arg(env!("CARGO_BIN_EXE_im-server"));
+        Server::launch(cmd, role, args, &[]).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn launch(
+        mut cmd: Command,
+        role: &str,
+        args: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Result<Server, String> {
         let wants_http = role != "rpc";
         let wants_rpc = role != "gateway";
         let has = |flag: &str, env: &str| {
@@ -88,7 +113,6 @@ impl Server {
                 || envs.iter().any(|(k, _)| *k == env)
         };
 
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_im-server"));
         if !role.is_empty() {
             cmd.arg(role);
         }

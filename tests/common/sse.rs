@@ -74,6 +74,27 @@ impl SseStream {
         version: &str,
     ) -> Result<SseStream, Response> {
         let socket = TcpStream::connect_timeout(&addr, IO_TIMEOUT).expect("connect");
+        SseStream::open_on(socket, addr, path, headers, version)
+    }
+
+    /// [`SseStream::try_open`] from the local address `from` (another
+    /// client to the server's per-client limits).
+    pub fn try_open_from(
+        addr: SocketAddr,
+        from: std::net::IpAddr,
+        path: &str,
+    ) -> Result<SseStream, Response> {
+        let socket = HttpConn::connect_from(addr, from).stream;
+        SseStream::open_on(socket, addr, path, &[], "HTTP/1.1")
+    }
+
+    fn open_on(
+        socket: TcpStream,
+        addr: SocketAddr,
+        path: &str,
+        headers: &[(&str, &str)],
+        version: &str,
+    ) -> Result<SseStream, Response> {
         socket.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
         let mut all: Vec<(&str, &str)> = headers.to_vec();
         if !headers

@@ -241,8 +241,10 @@ fn plan(config: Config) -> Result<(Plan, Listeners), String> {
     let gateway = match config.role {
         Role::Gateway | Role::All => {
             let local_rpc = rpc.as_ref().map(|(_, _, local)| *local);
-            let endpoints = rpc_endpoints(&config, local_rpc)?;
+            // Listening before discovery has named a server: until one is
+            // known, requests are answered 503 (`Retry-After`), not refused.
             let (listener, local) = bind_shared(&config.http_addr, "http")?;
+            let endpoints = rpc_endpoints(&config, local_rpc)?;
             eprintln!("im-server: http listening on {local}");
             let slots = connection_slots(&ServerOptions::from(&config));
             Some((listener, endpoints, slots))
@@ -322,12 +324,8 @@ fn rpc_endpoints(
         .map(|r| format!(", and those registered at {r}"))
         .unwrap_or_default();
     eprintln!("im-server: gateway calls rpc servers: {listed}{registered}");
-    discovery::start(Sources { targets, registry }, FIRST_ENDPOINTS_WAIT)
+    discovery::start(Sources { targets, registry })
 }
-
-/// How long a starting gateway waits for discovery (DNS, etcd) to name a
-/// first RPC server before it starts serving anyway.
-const FIRST_ENDPOINTS_WAIT: Duration = Duration::from_secs(2);
 
 /// Registers this process's RPC server in etcd, when it runs one and a
 /// registry is configured.
@@ -612,7 +610,7 @@ async fn run_shard(
         };
         let rpc = BalancedClient::new(endpoints.clone(), rpc_options);
         let gateway = Arc::new(Gateway::new(
-            rpc,
+            rpc.clone(),
             plan.access.clone(),
             config.pull_max_wait_ms,
             gateway_stopping.clone(),
@@ -625,6 +623,9 @@ async fn run_shard(
             gateway_stopping,
         )
         .await;
+        // Drained: its RPC connections are closed by this side now, not
+        // found closed (and reopened, refused) when the RPC server stops.
+        rpc.close();
     }
     drop(gateway_drained);
     if let Some(rpc) = rpc {

@@ -5,6 +5,7 @@ pub mod access;
 pub mod error;
 pub mod json;
 pub mod pull_wire;
+pub mod ready;
 pub mod stream;
 pub mod web;
 
@@ -42,6 +43,8 @@ pub enum PendingReply {
     Stream(BalancedCall, Box<stream::ChatStream>),
     /// A pull the RPC server may hold (`wait_ms`).
     WaitingPull(BalancedCall),
+    /// `GET /ready`'s ping of an RPC server and its store.
+    Readiness(BalancedCall),
 }
 
 /// A started request, with what its metrics need: its route, when it
@@ -80,6 +83,8 @@ impl Gateway {
             b"/metrics" => Ok(PendingReply::Ready(metrics::response(req)?)),
             b"/ping" if readable => Ok(PendingReply::Ready(Response::json(200, PONG.to_vec()))),
             b"/ping" => Err(ApiError::MethodNotAllowed("GET, HEAD")),
+            b"/ready" if readable => Ok(ready::start(&self.rpc, *self.stopping.borrow())),
+            b"/ready" => Err(ApiError::MethodNotAllowed("GET, HEAD")),
             b"/" if readable => Ok(PendingReply::Ready(web::chat_page())),
             b"/openapi.json" if readable => Ok(PendingReply::Ready(web::openapi())),
             b"/" | b"/openapi.json" => Err(ApiError::MethodNotAllowed("GET, HEAD")),
@@ -97,7 +102,7 @@ impl Gateway {
             b"/api/send" => Err(ApiError::MethodNotAllowed("POST")),
             b"/api/pull" if readable => {
                 let user = self.access.admit(req, Api::Pull)?;
-                let mut request = json::parse_pull(&req.body, query)?;
+                let mut request = json::parse_pull(&req.body, is_form(req), query)?;
                 if let Some(user) = &user {
                     access::authorize(user, &request.chat, None)?;
                 }
@@ -305,6 +310,7 @@ impl Handler for Gateway {
                 PendingReply::Pull(call) => self.finish_pull(call).await,
                 PendingReply::Stream(call, stream) => self.finish_stream(call, stream).await,
                 PendingReply::WaitingPull(call) => self.finish_waiting_pull(call).await,
+                PendingReply::Readiness(call) => Ok(ready::finish(&self.rpc, call).await),
             };
             let resp = result.unwrap_or_else(ApiError::into_response);
             METRICS.http_request(route, resp.status, at.elapsed());

@@ -22,6 +22,8 @@ pub enum RpcRequest {
     Send(SendRequest),
     Pull(PullRequest),
     Ping,
+    /// A ping that asks the server's store too (`GET /ready`).
+    PingStore,
 }
 
 struct RpcProtocol {
@@ -54,7 +56,18 @@ impl Protocol for RpcProtocol {
         match &request {
             RpcRequest::Send(req) => frame::encode(out, self.next_id, method::SEND, req),
             RpcRequest::Pull(req) => frame::encode(out, self.next_id, method::PULL, req),
-            RpcRequest::Ping => frame::encode(out, self.next_id, method::PING, &PingRequest {}),
+            RpcRequest::Ping => frame::encode(
+                out,
+                self.next_id,
+                method::PING,
+                &PingRequest { store: false },
+            ),
+            RpcRequest::PingStore => frame::encode(
+                out,
+                self.next_id,
+                method::PING,
+                &PingRequest { store: true },
+            ),
         }
         self.next_id
     }

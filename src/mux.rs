@@ -367,6 +367,10 @@ async fn run<P: Protocol>(mut protocol: P, mut calls: Queue<P>, options: MuxOpti
                 match outcome {
                     Ok(()) => return, // every handle dropped
                     Err(_) if idle_close => continue,
+                    // The peer said it is going away (GOAWAY: a graceful
+                    // restart or shutdown, already logged where it is read)
+                    // and this side closed: nothing failed.
+                    Err(_) if protocol.retiring() => healthy = false,
                     Err(err) => {
                         eprintln!(
                             "im-server: {} connection to {} lost: {err}",

@@ -101,6 +101,18 @@ enum StoreChoice {
 /// Runs the configured role(s) until SIGINT or SIGTERM, then shuts down
 /// gracefully.
 pub fn run(config: Config) -> Result<(), String> {
+    let control = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start a runtime: {e}"))?;
+    // Installed before anything starts: a SIGTERM during start-up (a script
+    // that stops a server it has just started) is then a graceful shutdown
+    // once the roles are up, exit status 0, instead of the default action
+    // that killed the process (status 143).
+    let mut signals = {
+        let _runtime = control.enter();
+        ShutdownSignals::install()
+    };
     let files = crate::rlimit::raise_open_files_limit();
     let (plan, listeners) = plan(config)?;
     let registration = register(&plan)?;
@@ -166,13 +178,9 @@ pub fn run(config: Config) -> Result<(), String> {
     }
     drop(gateway_drained);
 
-    let control = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| format!("cannot start a runtime: {e}"))?;
     control.block_on(async {
         tokio::select! {
-            _ = shutdown_signal() => {}
+            _ = signals.recv() => {}
             Some(err) = failures.recv() => return Err(err),
         }
         eprintln!("im-server: shutting down: draining in-flight requests");
@@ -665,17 +673,40 @@ async fn serve_metrics(
     crate::http::serve(listener, endpoint, options, slots, stopping).await;
 }
 
-async fn shutdown_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(term) => term,
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+/// SIGTERM and SIGINT, caught from when they are installed: one that
+/// arrives before [`ShutdownSignals::recv`] is polled is kept, not lost.
+struct ShutdownSignals {
+    term: Option<tokio::signal::unix::Signal>,
+    int: Option<tokio::signal::unix::Signal>,
+}
+
+impl ShutdownSignals {
+    /// Call within a runtime.
+    fn install() -> ShutdownSignals {
+        use tokio::signal::unix::{SignalKind, signal};
+        ShutdownSignals {
+            term: signal(SignalKind::terminate()).ok(),
+            int: signal(SignalKind::interrupt()).ok(),
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+    }
+
+    async fn recv(&mut self) {
+        let term = async {
+            match &mut self.term {
+                Some(term) => term.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        let int = async {
+            match &mut self.int {
+                Some(int) => int.recv().await,
+                None => tokio::signal::ctrl_c().await.ok(),
+            }
+        };
+        tokio::select! {
+            _ = term => {}
+            _ = int => {}
+        }
     }
 }
 

@@ -143,3 +143,65 @@ json_seeds = {
 }
 for name, data in json_seeds.items():
     write("json_request", name, data)
+
+
+# ---- jwt: [mode, bytes] (fuzz_targets/jwt.rs) ----
+# Mode 0: the bytes are a token (and a header value). Valid tokens are signed
+# as the target's rules expect (HS256 with b"fuzz secret", EdDSA with the
+# Ed25519 key whose seed is 32 bytes of 9, valid at NOW), so the fuzzer
+# starts from tokens that pass and mutates from there. Mode 1: a `sub` to mint.
+import base64
+import hashlib
+import hmac
+import json
+
+JWT_NOW = 1_795_800_000
+JWT_SECRET = b"fuzz secret"
+
+
+def b64url(data):
+    return base64.urlsafe_b64encode(data).rstrip(b"=")
+
+
+def signing_input(header, claims):
+    return (b64url(json.dumps(header, separators=(",", ":")).encode()) + b"."
+            + b64url(json.dumps(claims, separators=(",", ":"), ensure_ascii=False).encode()))
+
+
+def hs256(claims, header=None):
+    head = signing_input(header or {"alg": "HS256", "typ": "JWT"}, claims)
+    return head + b"." + b64url(hmac.new(JWT_SECRET, head, hashlib.sha256).digest())
+
+
+def eddsa(claims):
+    try:
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    except ImportError:
+        raise SystemExit("the jwt seeds need Python's `cryptography` (apt-get install python3-cryptography)")
+    key = Ed25519PrivateKey.from_private_bytes(bytes([9] * 32))
+    head = signing_input({"alg": "EdDSA", "typ": "JWT"}, claims)
+    return head + b"." + b64url(key.sign(head))
+
+
+alice = {"sub": "alice", "exp": JWT_NOW + 60}
+full = {"sub": "bob", "exp": JWT_NOW + 3600, "nbf": JWT_NOW - 10, "iat": JWT_NOW - 10,
+        "iss": "https://issuer.example", "aud": ["im", "other"], "chats": ["a:b", "*"]}
+valid_hs = hs256(alice)
+jwt_seeds = {
+    "hs256": valid_hs,
+    "hs256-all-claims": hs256(full),
+    "hs256-unicode-sub": hs256({"sub": "zoë 😀", "exp": JWT_NOW + 60}),
+    "eddsa": eddsa(alice),
+    "eddsa-all-claims": eddsa(full),
+    "expired": hs256({"sub": "alice", "exp": JWT_NOW - 3600}),
+    "not-yet-valid": hs256({"sub": "alice", "exp": JWT_NOW + 60, "nbf": JWT_NOW + 600}),
+    "alg-none": signing_input({"alg": "none"}, alice) + b".",
+    "wrong-signature": valid_hs[:-4] + b"AAAA",
+    "four-segments": valid_hs + b".x",
+    "bearer-header": b"Bearer " + valid_hs,
+}
+for name, token in jwt_seeds.items():
+    write("jwt", name, b"\x00" + token)
+for name, sub in {"mint-alice": b"alice", "mint-unicode": "zoë 😀".encode(),
+                  "mint-quotes": b'a"b\\c', "mint-empty": b""}.items():
+    write("jwt", name, b"\x01" + sub)

@@ -51,24 +51,41 @@ macro_rules! options {
         ];
 
         impl Config {
-            /// `values` holds each option's text, in [`OPTIONS`]' order.
-            fn from_texts(
-                role: Role,
-                values: &[Option<String>],
-                given: Vec<&'static str>,
-            ) -> Result<Config, String> {
-                let mut texts = values.iter().map(Option::as_deref);
+            /// `values` holds each option's text and where it came from, in
+            /// [`OPTIONS`]' order. An error names what the user set: the
+            /// flag, or the environment variable.
+            fn from_texts(role: Role, values: &[(Option<String>, Source)]) -> Result<Config, String> {
+                let given = OPTIONS
+                    .iter()
+                    .zip(values)
+                    .filter(|(_, (_, source))| *source != Source::Default)
+                    .map(|(o, _)| o.flag)
+                    .collect();
+                let mut texts = values.iter().map(|(text, source)| (text.as_deref(), *source));
                 Ok(Config {
                     role,
                     given,
                     $( $field: {
                         let parse: Parser<$ty> = $parse;
-                        parse($flag, texts.next().flatten())?
+                        let (text, source) = texts.next().unwrap_or((None, Source::Default));
+                        let name = match source {
+                            Source::Env => $env,
+                            Source::Flag | Source::Default => $flag,
+                        };
+                        parse(name, text)?
                     }, )*
                 })
             }
         }
     };
+}
+
+/// Where an option's text came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    Default,
+    Env,
+    Flag,
 }
 
 pub struct OptionSpec {
@@ -91,7 +108,7 @@ options! {
     rpc_advertise: Option<String> = optional("--rpc-advertise", "IM_RPC_ADVERTISE", unset,
         "ip:port the RPC server registers (default: --rpc-listen, unless that is a wildcard)");
     redis_url: Option<String> = optional("--redis", "REDIS_URL", unset,
-        "redis://[:password@]host[:port][/db], unix:///path.sock, or cluster seeds redis://h1:p1,h2:p2; unset = embedded memory store");
+        "redis://[[user]:password@]host[:port][/db] (user: a Redis ACL user), unix:///path.sock[?db=N&password=P] or a socket path, or cluster seeds redis://[:password@]h1:p1,h2:p2; unset = embedded memory store");
     rpc_timeout: Duration = millis("--rpc-timeout-ms", "IM_RPC_TIMEOUT_MS", "1000",
         "per-call RPC timeout (504 after it)");
     rpc_connections: usize = positive("--rpc-connections", "IM_RPC_CONNECTIONS", "1",
@@ -149,7 +166,7 @@ options! {
     auth_jwt_secret_file: Option<String> = optional("--auth-jwt-secret-file", "IM_AUTH_JWT_SECRET_FILE", unset,
         "turns authentication on: a file holding the HS256 secret (>= 32 bytes) of the bearer tokens the gateway accepts");
     auth_jwt_public_key_file: Option<String> = optional("--auth-jwt-public-key-file", "IM_AUTH_JWT_PUBLIC_KEY_FILE", unset,
-        "turns authentication on: a file holding the Ed25519 public key (PEM, as `openssl pkey -pubout` writes) of the EdDSA bearer tokens the gateway accepts; with --auth-jwt-secret-file too, both kinds are");
+        "turns authentication on: a file holding the Ed25519 public key (PEM, as `openssl pkey -pubout` writes) of the EdDSA bearer tokens the gateway accepts; with --auth-jwt-secret-file too, tokens of either kind are accepted");
     auth_issuer: Option<String> = optional("--auth-issuer", "IM_AUTH_ISSUER", unset,
         "with authentication: the `iss` every token must carry");
     auth_audience: Option<String> = optional("--auth-audience", "IM_AUTH_AUDIENCE", unset,
@@ -284,9 +301,13 @@ fn rate(flag: &'static str, value: Option<&str>) -> Result<Option<Rate>, String>
 pub fn usage() -> String {
     let mut text = String::from(
         "im-server: instant-messaging backend (HTTP gateway -> protobuf RPC -> Redis)\n\n\
-         Usage: im-server [all|gateway|rpc] [OPTIONS]\n\n\
+         Usage: im-server [all|gateway|rpc] [OPTIONS]\n\
+         \x20      im-server token --sub USER [TOKEN OPTIONS]   (see im-server token --help)\n\
+         \x20      im-server --version\n\n\
          Roles:\n  all      gateway and RPC server in one process (default)\n  \
-         gateway  the HTTP gateway alone (needs --rpc)\n  rpc      the RPC server alone\n\nOptions (flag, environment variable, default):\n",
+         gateway  the HTTP gateway alone (needs --rpc or --registry)\n  rpc      the RPC server alone\n  \
+         token    prints a signed bearer token for development and tests (with authentication on)\n\n\
+         Options (flag, environment variable, default):\n",
     );
     for o in OPTIONS {
         let default = o
@@ -299,13 +320,19 @@ pub fn usage() -> String {
             o.help
         ));
     }
-    text.push_str("  -h, --help\n");
+    text.push_str("  -h, --help\n  -V, --version\n");
     text
+}
+
+/// What `--version` prints.
+pub fn version() -> String {
+    format!("im-server {}\n", env!("CARGO_PKG_VERSION"))
 }
 
 pub enum Parsed {
     Run(Box<Config>),
     Help,
+    Version,
 }
 
 impl Config {
@@ -315,25 +342,21 @@ impl Config {
         args: impl IntoIterator<Item = String>,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Parsed, String> {
-        let from_env: Vec<Option<String>> = OPTIONS
+        let mut values: Vec<(Option<String>, Source)> = OPTIONS
             .iter()
-            .map(|o| env(o.env).filter(|v| !v.is_empty()))
-            .collect();
-        let mut given: Vec<&'static str> = OPTIONS
-            .iter()
-            .zip(&from_env)
-            .filter_map(|(o, v)| v.as_ref().map(|_| o.flag))
-            .collect();
-        let mut values: Vec<Option<String>> = OPTIONS
-            .iter()
-            .zip(from_env)
-            .map(|(o, v)| v.or(o.default.map(String::from)))
+            .map(|o| match env(o.env).filter(|v| !v.is_empty()) {
+                Some(value) => (Some(value), Source::Env),
+                None => (o.default.map(String::from), Source::Default),
+            })
             .collect();
         let mut role = None;
         let mut args = args.into_iter();
         while let Some(arg) = args.next() {
             if arg == "-h" || arg == "--help" {
                 return Ok(Parsed::Help);
+            }
+            if arg == "-V" || arg == "--version" {
+                return Ok(Parsed::Version);
             }
             if !arg.starts_with('-') {
                 if role.is_some() {
@@ -345,7 +368,7 @@ impl Config {
                     "rpc" => Role::Rpc,
                     _ => {
                         return Err(format!(
-                            "unknown role {arg:?} (expected all, gateway or rpc)"
+                            "unknown role {arg:?} (expected all, gateway, rpc or token)"
                         ));
                     }
                 });
@@ -362,11 +385,10 @@ impl Config {
                 Some(v) => v,
                 None => args.next().ok_or_else(|| format!("{flag} needs a value"))?,
             };
-            values[i] = Some(value);
-            given.push(OPTIONS[i].flag);
+            values[i] = (Some(value), Source::Flag);
         }
         let role = role.unwrap_or(Role::All);
-        let config = Config::from_texts(role, &values, given)?;
+        let config = Config::from_texts(role, &values)?;
         if role == Role::Gateway && config.rpc_addr.is_none() && config.registry.is_none() {
             return Err(
                 "the gateway role needs --rpc <addr,...> (or IM_RPC_ADDR) or --registry <etcd://...>"
@@ -382,7 +404,9 @@ impl Config {
         match Config::parse(Vec::new(), |_| None) {
             Ok(Parsed::Run(config)) => *config,
             // The declared defaults are constants, checked by a unit test.
-            Ok(Parsed::Help) | Err(_) => unreachable!("the declared defaults parse"),
+            Ok(Parsed::Help | Parsed::Version) | Err(_) => {
+                unreachable!("the declared defaults parse")
+            }
         }
     }
 
@@ -419,7 +443,7 @@ mod tests {
         let lookup = |key: &str| env.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
         match Config::parse(args.iter().map(|s| s.to_string()), lookup)? {
             Parsed::Run(config) => Ok(*config),
-            Parsed::Help => Err("help".into()),
+            Parsed::Help | Parsed::Version => Err("help".into()),
         }
     }
 
@@ -464,6 +488,25 @@ mod tests {
         let c = parse(&["--redis-timeout-ms", "1500"], &[]).expect("parses");
         assert_eq!(c.redis_timeout(), Duration::from_millis(1500));
         assert!(parse(&["--redis-timeout-ms", "0"], &[]).is_err());
+    }
+
+    #[test]
+    fn a_bad_value_is_reported_under_the_name_it_was_given() {
+        let err = parse(&[], &[("IM_MAX_BODY", "1MB")]).expect_err("bad env value");
+        assert_eq!(
+            err,
+            r#"IM_MAX_BODY must be a non-negative integer, got "1MB""#
+        );
+        let err = parse(&["--max-body", "2MB"], &[("IM_MAX_BODY", "1MB")]).expect_err("bad flag");
+        assert_eq!(
+            err,
+            r#"--max-body must be a non-negative integer, got "2MB""#
+        );
+        // A good flag wins over a bad variable, which is then not read.
+        let c = parse(&["--max-body", "10"], &[("IM_MAX_BODY", "1MB")]).expect("flag wins");
+        assert_eq!(c.max_body, 10);
+        let err = parse(&[], &[("IM_RATE_LIMIT_SEND", "fast")]).expect_err("bad rate");
+        assert!(err.starts_with("IM_RATE_LIMIT_SEND: "), "{err}");
     }
 
     #[test]
@@ -653,7 +696,7 @@ mod tests {
             (
                 &[],
                 &[("IM_QUEUE", "x")],
-                "--queue must be a non-negative integer, got \"x\"",
+                "IM_QUEUE must be a non-negative integer, got \"x\"",
             ),
             (&["--queue=0"], &[], "--queue must be at least 1"),
             (
@@ -692,7 +735,7 @@ mod tests {
             (
                 &["both"],
                 &[],
-                "unknown role \"both\" (expected all, gateway or rpc)",
+                "unknown role \"both\" (expected all, gateway, rpc or token)",
             ),
             (&["gateway"], &[], "the gateway role needs --rpc "),
         ];

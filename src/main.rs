@@ -1,9 +1,10 @@
 //! `im-server [all|gateway|rpc] [OPTIONS]`: see `im-server --help`;
+//! `im-server --version`;
 //! `im-server token --sub USER`: mints a development token.
 
 use std::process::ExitCode;
 
-use im_server::config::{Config, Parsed, usage};
+use im_server::config::{Config, Parsed, usage, version};
 
 fn main() -> ExitCode {
     if std::env::args().nth(1).as_deref() == Some("token") {
@@ -13,6 +14,10 @@ fn main() -> ExitCode {
         Ok(Parsed::Run(config)) => config,
         Ok(Parsed::Help) => {
             print!("{}", usage());
+            return ExitCode::SUCCESS;
+        }
+        Ok(Parsed::Version) => {
+            print!("{}", version());
             return ExitCode::SUCCESS;
         }
         Err(err) => {

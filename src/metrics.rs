@@ -38,6 +38,7 @@ pub enum Route {
     Pull,
     Stream,
     Ping,
+    Ready,
     Metrics,
     OpenApi,
     /// `/`, the chat page.
@@ -47,11 +48,12 @@ pub enum Route {
 }
 
 impl Route {
-    pub const ALL: [Route; 8] = [
+    pub const ALL: [Route; 9] = [
         Route::Send,
         Route::Pull,
         Route::Stream,
         Route::Ping,
+        Route::Ready,
         Route::Metrics,
         Route::OpenApi,
         Route::Page,
@@ -65,6 +67,7 @@ impl Route {
             Route::Pull => "pull",
             Route::Stream => "stream",
             Route::Ping => "ping",
+            Route::Ready => "ready",
             Route::Metrics => "metrics",
             Route::OpenApi => "openapi",
             Route::Page => "page",
@@ -79,6 +82,7 @@ impl Route {
             b"/api/pull" => Route::Pull,
             b"/api/stream" => Route::Stream,
             b"/ping" => Route::Ping,
+            b"/ready" => Route::Ready,
             b"/metrics" => Route::Metrics,
             b"/openapi.json" => Route::OpenApi,
             b"/" => Route::Page,

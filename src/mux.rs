@@ -76,6 +76,16 @@ impl Stream {
         Ok(())
     }
 
+    /// Ends this side's writing (TCP FIN): the peer reads end of stream
+    /// while it may still answer what it had.
+    pub fn shutdown_write(&self) -> io::Result<()> {
+        let sock = match self {
+            Stream::Tcp(s) => socket2::SockRef::from(s),
+            Stream::Unix(s) => socket2::SockRef::from(s),
+        };
+        sock.shutdown(std::net::Shutdown::Write)
+    }
+
     /// Reads at least one byte into `buf`; end of stream is an error.
     pub async fn read_some(&self, buf: &mut BytesMut) -> io::Result<()> {
         loop {
@@ -317,6 +327,9 @@ const MIN_LIFE_FOR_QUICK_RECONNECT: Duration = Duration::from_secs(1);
 /// them at the peer ([`Protocol::cancel`]): a pull held for up to 30 s is
 /// freed at the RPC server within about this long of its client leaving.
 const CANCEL_SWEEP: Duration = Duration::from_secs(1);
+/// Longest a connection closed by this side waits for its peer to close too
+/// ([`Connection::close`]).
+const CLOSE_LINGER: Duration = Duration::from_millis(500);
 
 /// The task's end of a [`Handle`]'s channel: taking a call releases its
 /// bytes from the budget.
@@ -362,6 +375,10 @@ async fn run<P: Protocol>(mut protocol: P, mut calls: Queue<P>, options: MuxOpti
                 };
                 let connected = Instant::now();
                 let outcome = connection.serve(&mut protocol, &mut calls, &options).await;
+                if outcome.is_ok() {
+                    // Every handle dropped: this side closes, cleanly.
+                    return connection.close(&mut protocol).await;
+                }
                 // Closed by the peer with no call waiting, after it had been
                 // up a while: a server's idle timeout. Reconnect at once
                 // instead of failing calls for a backoff: nothing is wrong.
@@ -371,8 +388,12 @@ async fn run<P: Protocol>(mut protocol: P, mut calls: Queue<P>, options: MuxOpti
                     let _ = reply.send(Err(Error::Lost));
                 }
                 match outcome {
-                    Ok(()) => return, // every handle dropped
+                    Ok(()) => return,
                     Err(_) if idle_close => continue,
+                    // The peer said it is going away (GOAWAY: a graceful
+                    // restart or shutdown, already logged where it is read)
+                    // and this side closed: nothing failed.
+                    Err(_) if protocol.retiring() => healthy = false,
                     Err(err) => {
                         crate::logging::warning!(
                             "{} connection to {} lost", options.name, options.target;
@@ -495,6 +516,35 @@ impl<P: Protocol> Connection<P> {
                 _ = sweep.tick(), if !self.waiting.is_empty() => self.cancel_abandoned(protocol),
             }
         }
+    }
+
+    /// Ends the connection so that the peer sees a clean close, not a reset:
+    /// the calls still waiting are cancelled at the peer (nobody is left to
+    /// read their replies), what is queued is written, this side half-closes,
+    /// and replies are read and dropped until the peer closes too, for at
+    /// most [`CLOSE_LINGER`]. Closing with replies unread, or before the
+    /// peer's last replies arrived, made the kernel answer with a reset,
+    /// which the peer (the RPC server of this very process, on shutdown)
+    /// logged as a failed connection.
+    async fn close(mut self, protocol: &mut P) {
+        let output = &mut self.output;
+        for &tag in self.waiting.keys() {
+            protocol.cancel(tag, output);
+        }
+        let closing = async {
+            while !self.output.is_empty() {
+                self.stream.ready(Interest::WRITABLE).await?;
+                self.flush()?;
+            }
+            self.stream.shutdown_write()?;
+            loop {
+                self.input.clear();
+                self.stream.read_some(&mut self.input).await?;
+            }
+        };
+        // Ends with the peer's end of stream (an error to `read_some`), a
+        // failure, or the linger bound: each leaves nothing more to do.
+        let _: Result<io::Result<()>, _> = tokio::time::timeout(CLOSE_LINGER, closing).await;
     }
 
     /// Cancels at the peer the calls whose callers stopped waiting, and

@@ -106,6 +106,18 @@ enum StoreChoice {
 /// Runs the configured role(s) until SIGINT or SIGTERM, then shuts down
 /// gracefully.
 pub fn run(mut config: Config) -> Result<(), String> {
+    let control = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start a runtime: {e}"))?;
+    // Installed before anything starts: a SIGTERM during start-up (a script
+    // that stops a server it has just started) is then a graceful shutdown
+    // once the roles are up, exit status 0, instead of the default action
+    // that killed the process (status 143).
+    let mut signals = {
+        let _runtime = control.enter();
+        ShutdownSignals::install()
+    };
     let files = crate::rlimit::raise_open_files_limit();
     let shards = match config.threads {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -166,13 +178,9 @@ pub fn run(mut config: Config) -> Result<(), String> {
     }
     drop(gateway_drained);
 
-    let control = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| format!("cannot start a runtime: {e}"))?;
     control.block_on(async {
         tokio::select! {
-            _ = shutdown_signal() => {}
+            _ = signals.recv() => {}
             Some(err) = failures.recv() => return Err(err),
         }
         crate::logging::info!("shutting down: draining in-flight requests");
@@ -237,7 +245,8 @@ fn fit_open_files(config: &mut Config, files: u64, shards: usize) {
     if !http_given || !rpc_given {
         crate::logging::info!(
             "connection limits lowered to fit the open-file limit {files}: --max-connections {}, --max-rpc-connections {} (raise `ulimit -n` for more)",
-            config.max_connections, config.max_rpc_connections
+            config.max_connections,
+            config.max_rpc_connections
         );
     }
     let needed = descriptors_needed(config, shards);
@@ -292,8 +301,10 @@ fn plan(config: Config) -> Result<(Plan, Listeners), String> {
     let gateway = match config.role {
         Role::Gateway | Role::All => {
             let local_rpc = rpc.as_ref().map(|(_, _, local)| *local);
-            let endpoints = rpc_endpoints(&config, local_rpc)?;
+            // Listening before discovery has named a server: until one is
+            // known, requests are answered 503 (`Retry-After`), not refused.
             let (listener, local) = bind_shared(&config.http_addr, "http")?;
+            let endpoints = rpc_endpoints(&config, local_rpc)?;
             crate::logging::info!("http listening on {local}");
             let slots = connection_slots(&ServerOptions::from(&config));
             Some((listener, endpoints, slots))
@@ -381,12 +392,8 @@ fn rpc_endpoints(
         .map(|r| format!(", and those registered at {r}"))
         .unwrap_or_default();
     crate::logging::info!("gateway calls rpc servers: {listed}{registered}");
-    discovery::start(Sources { targets, registry }, FIRST_ENDPOINTS_WAIT)
+    discovery::start(Sources { targets, registry })
 }
-
-/// How long a starting gateway waits for discovery (DNS, etcd) to name a
-/// first RPC server before it starts serving anyway.
-const FIRST_ENDPOINTS_WAIT: Duration = Duration::from_secs(2);
 
 /// Registers this process's RPC server in etcd, when it runs one and a
 /// registry is configured.
@@ -682,7 +689,7 @@ async fn run_shard(
         };
         let rpc = BalancedClient::new(endpoints.clone(), rpc_options);
         let gateway = Arc::new(Gateway::new(
-            rpc,
+            rpc.clone(),
             plan.access.clone(),
             config.pull_max_wait_ms,
             plan.held.clone(),
@@ -697,6 +704,9 @@ async fn run_shard(
             gateway_stopping,
         )
         .await;
+        // Drained: its RPC connections are closed by this side now, not
+        // found closed (and reopened, refused) when the RPC server stops.
+        rpc.close();
     }
     drop(gateway_drained);
     if let Some(rpc) = rpc {
@@ -739,17 +749,40 @@ async fn serve_metrics(
     crate::http::serve(listener, endpoint, options, slots, budget, stopping).await;
 }
 
-async fn shutdown_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(term) => term,
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+/// SIGTERM and SIGINT, caught from when they are installed: one that
+/// arrives before [`ShutdownSignals::recv`] is polled is kept, not lost.
+struct ShutdownSignals {
+    term: Option<tokio::signal::unix::Signal>,
+    int: Option<tokio::signal::unix::Signal>,
+}
+
+impl ShutdownSignals {
+    /// Call within a runtime.
+    fn install() -> ShutdownSignals {
+        use tokio::signal::unix::{SignalKind, signal};
+        ShutdownSignals {
+            term: signal(SignalKind::terminate()).ok(),
+            int: signal(SignalKind::interrupt()).ok(),
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+    }
+
+    async fn recv(&mut self) {
+        let term = async {
+            match &mut self.term {
+                Some(term) => term.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        let int = async {
+            match &mut self.int {
+                Some(int) => int.recv().await,
+                None => tokio::signal::ctrl_c().await.ok(),
+            }
+        };
+        tokio::select! {
+            _ = term => {}
+            _ = int => {}
+        }
     }
 }
 

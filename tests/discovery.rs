@@ -481,6 +481,7 @@ fn etcd_registry_adds_and_drops_servers_live() {
     let url = redis.url();
     let first = Server::rpc(&["--redis", &url, "--registry", &registry]);
     let gateway = Server::start("gateway", &["--registry", &registry], &[]);
+    gateway.wait_ready(Duration::from_secs(10));
     let addr = gateway.http_addr();
     send_ok(addr, "etcd", "a", "through the registry");
     assert!(served_now(first.rpc_addr()) > 0);
@@ -559,6 +560,7 @@ fn host_name_with_several_addresses_is_several_endpoints() {
     let a = Server::rpc(&["--rpc-listen", &format!("127.0.0.2:{port}")]);
     let b = Server::rpc(&["--rpc-listen", &format!("127.0.0.3:{port}")]);
     let gateway = Server::start("gateway", &["--rpc", &format!("{name}:{port}")], &[]);
+    gateway.wait_ready(Duration::from_secs(10));
     let addr = gateway.http_addr();
     for i in 0..60 {
         send_ok(addr, &format!("dns{}", i % 3), "s", "x");
@@ -717,6 +719,7 @@ fn a_watch_lost_without_a_reset_is_renewed() {
     let url = redis.url();
     let first = Server::rpc(&["--redis", &url, "--registry", &direct]);
     let gateway = Server::start("gateway", &["--registry", &through_proxy], &[]);
+    gateway.wait_ready(Duration::from_secs(10));
     send_ok(gateway.http_addr(), "lossy", "a", "through the registry");
     assert!(served_now(first.rpc_addr()) > 0);
     // The gateway's watch is now frozen; the next server registers directly.

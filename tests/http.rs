@@ -803,3 +803,59 @@ fn default_style_address_is_dual_stack() {
     assert_eq!(r.status, 200, "GET /ping over 127.0.0.1: {}", r.describe());
     send_ok(v4, "dual", "v4", "over IPv4");
 }
+
+/// What `curl` sends when a user follows their instinct: `-d` labels any
+/// body a form. The answer says what the body was taken for and what to
+/// send instead, rather than quoting a rule about a field the user never
+/// saw (`chat must not be empty`).
+fn curl(args: &[&str]) -> serde_json::Value {
+    let out = std::process::Command::new("curl")
+        .args(["-s", "--max-time", "5"])
+        .args(args)
+        .output()
+        .expect("curl runs (apt-get install curl)");
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("curl {args:?}: not JSON ({e}): {:?}", out.stdout))
+}
+
+#[test]
+fn bodies_of_the_wrong_kind_get_messages_that_say_what_to_send() {
+    let s = Server::memory();
+    let base = format!("http://{}", s.http_addr());
+    let send = format!("{base}/api/send");
+    let pull = format!("{base}/api/pull");
+    let message = |v: &serde_json::Value| v["error"]["message"].as_str().unwrap_or("").to_string();
+
+    let m = message(&curl(&["-d", "notjson", &send]));
+    assert!(m.contains("sent as a form"), "{m}");
+    assert!(
+        m.contains(r#"{"chat":"a:b","text":"hi","sender":"a"}"#),
+        "{m}"
+    );
+    assert!(m.contains("chat=a:b&text=hi&sender=a"), "{m}");
+    let json_ct = "Content-Type: application/json";
+    let m = message(&curl(&["-H", json_ct, "-d", "notjson", &send]));
+    assert!(m.starts_with("the body is not a JSON object"), "{m}");
+    assert!(
+        m.contains(r#"{"chat":"a:b","text":"hi","sender":"a"}"#),
+        "{m}"
+    );
+    let m = message(&curl(&["-H", json_ct, "-d", r#"["a:b","hi"]"#, &send]));
+    assert!(m.starts_with("the body is a JSON array"), "{m}");
+
+    let m = message(&curl(&["-X", "GET", "-d", "chat=a:b", &pull]));
+    assert!(
+        m.contains("sent as a form") && m.contains("a pull reads no form"),
+        "{m}"
+    );
+    assert!(m.contains("curl -G -d chat=a:b"), "{m}");
+    let m = message(&curl(&[
+        "-X", "GET", "-H", json_ct, "-d", "chat=a:b", &pull,
+    ]));
+    assert!(m.starts_with("the body is not a JSON object"), "{m}");
+    // What the messages advise works.
+    let sent = curl(&["-d", "chat=a:b&text=hi&sender=a", &send]);
+    assert!(sent["send_time"].is_i64(), "{sent}");
+    let page = curl(&["-G", "-d", "chat=a:b", &pull]);
+    assert_eq!(page["messages"][0]["text"], "hi", "{page}");
+}

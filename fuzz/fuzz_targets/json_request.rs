@@ -86,7 +86,7 @@ fn check_send(body: &[u8]) {
 }
 
 fn check_pull(body: &[u8], query: Option<&[u8]>) {
-    let Ok(req) = parse_pull(body, query) else {
+    let Ok(req) = parse_pull(body, false, query) else {
         return;
     };
     let q = format!(
@@ -97,7 +97,7 @@ fn check_pull(body: &[u8], query: Option<&[u8]>) {
         req.reverse
     );
     let back: PullRequest =
-        parse_pull(b"", Some(q.as_bytes())).expect("re-encoded query is accepted");
+        parse_pull(b"", false, Some(q.as_bytes())).expect("re-encoded query is accepted");
     assert_eq!(back, req, "query {q}");
     // The same parameters as a JSON body.
     let body = serde_json::to_vec(&json!({
@@ -107,7 +107,7 @@ fn check_pull(body: &[u8], query: Option<&[u8]>) {
         "reverse": req.reverse,
     }))
     .expect("serialisable");
-    let back = parse_pull(&body, None).expect("re-serialised pull body is accepted");
+    let back = parse_pull(&body, false, None).expect("re-serialised pull body is accepted");
     assert_eq!(back, req);
 }
 

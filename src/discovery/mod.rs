@@ -81,14 +81,13 @@ fn merged(parts: &[&[SocketAddr]]) -> Vec<SocketAddr> {
     all
 }
 
-/// Starts discovery on its own thread and returns the endpoint list, after
-/// waiting up to `first_wait` for it to be non-empty (so that a gateway does
-/// not answer its first requests 503 only because DNS or etcd had not
-/// answered yet).
-pub fn start(
-    sources: Sources,
-    first_wait: Duration,
-) -> Result<watch::Receiver<Vec<SocketAddr>>, String> {
+/// Starts discovery on its own thread and returns the endpoint list at once:
+/// the fixed addresses, then whatever DNS and etcd add. The gateway serves
+/// meanwhile (its port open from the start), answering 503 with
+/// `Retry-After` and `GET /ready` 503 until a server is known: a closed
+/// port for the first seconds looked like a dead server, and `curl -s` hid
+/// the refusal.
+pub fn start(sources: Sources) -> Result<watch::Receiver<Vec<SocketAddr>>, String> {
     let fixed: Vec<SocketAddr> = sources
         .targets
         .iter()
@@ -109,12 +108,10 @@ pub fn start(
     if hosts.is_empty() && sources.registry.is_none() {
         return Ok(endpoints);
     }
-    let (ready_tx, ready) = std::sync::mpsc::channel::<()>();
     spawn_on_own_runtime(
         "discovery",
-        discover(fixed, hosts, sources.registry, publish, ready_tx),
+        discover(fixed, hosts, sources.registry, publish),
     )?;
-    let _ = ready.recv_timeout(first_wait);
     Ok(endpoints)
 }
 
@@ -144,7 +141,6 @@ async fn discover(
     hosts: Vec<String>,
     registry: Option<RegistryUrl>,
     publish: watch::Sender<Vec<SocketAddr>>,
-    ready: std::sync::mpsc::Sender<()>,
 ) {
     let (dns_tx, mut dns) = watch::channel(Vec::new());
     let (etcd_tx, mut etcd) = watch::channel(Vec::new());
@@ -157,7 +153,6 @@ async fn discover(
     }
     loop {
         let list = merged(&[&fixed, &dns.borrow_and_update(), &etcd.borrow_and_update()]);
-        let found = !list.is_empty();
         publish.send_if_modified(|current| {
             if *current == list {
                 return false;
@@ -166,10 +161,6 @@ async fn discover(
             *current = list;
             true
         });
-        // Only once published: the starting gateway reads the list next.
-        if found {
-            let _ = ready.send(());
-        }
         tokio::select! {
             _ = dns.changed() => {}
             _ = etcd.changed() => {}

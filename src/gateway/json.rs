@@ -101,12 +101,25 @@ fn closing_quote(s: &str) -> Option<usize> {
 
 /// The README defines both bodies as JSON objects; serde's derived
 /// `Deserialize` would also take a sequence (`["c","t","s"]` as a send).
-fn require_object(body: &[u8]) -> Result<(), ApiError> {
+/// The message says what the body was taken for and what to send instead
+/// (`expected`).
+fn require_object(body: &[u8], expected: &str) -> Result<(), ApiError> {
     match body.trim_ascii_start().first() {
         Some(b'{') => Ok(()),
-        _ => Err(ApiError::Invalid("the JSON body must be an object".into())),
+        Some(b'[') => Err(ApiError::Invalid(format!(
+            "the body is a JSON array, not an object; send {expected}"
+        ))),
+        _ => Err(ApiError::Invalid(format!(
+            "the body is not a JSON object (it does not start with `{{`); send {expected}"
+        ))),
     }
 }
+
+/// What a send's body may be, for error messages.
+const SEND_FORMS: &str = r#"a JSON object {"chat":"a:b","text":"hi","sender":"a"} with Content-Type: application/json, or form fields chat=a:b&text=hi&sender=a"#;
+
+/// What a pull's parameters may be, for error messages.
+const PULL_FORMS: &str = r#"the parameters in the query string (/api/pull?chat=a:b; `curl -G -d chat=a:b` puts them there), or a JSON object body {"chat":"a:b"}"#;
 
 /// `POST /api/send` body. Missing fields become empty strings, which the RPC
 /// server's validation rejects with a message naming the field.
@@ -116,7 +129,7 @@ pub fn parse_send(body: &[u8]) -> Result<SendRequest, ApiError> {
             "a JSON body {\"chat\",\"text\",\"sender\"} is required".into(),
         ));
     }
-    require_object(body)?;
+    require_object(body, SEND_FORMS)?;
     let parsed: SendBody = serde_json::from_slice(body).map_err(invalid_json)?;
     // Checked here, not by the RPC server: there an empty key means none.
     if let Some(key) = &parsed.idempotency_key {
@@ -156,7 +169,14 @@ pub fn parse_send_any(
         )),
         (false, Some(fields)) => fields.into_request(),
         (true, None) if form && !body.trim_ascii_start().starts_with(b"{") => {
-            parse_send_pairs(body)?.unwrap_or_default().into_request()
+            match parse_send_pairs(body)? {
+                Some(fields) => fields.into_request(),
+                // `curl -d notjson` labels anything a form: say so, rather
+                // than report the empty `chat` of a form that named none.
+                None => Err(ApiError::Invalid(format!(
+                    "the body was sent as a form (Content-Type: application/x-www-form-urlencoded, which `curl -d` sets unless told otherwise) but names none of `chat`, `text`, `sender`; send {SEND_FORMS}"
+                ))),
+            }
         }
         _ => parse_send(body),
     }
@@ -226,7 +246,9 @@ fn parse_send_pairs(encoded: &[u8]) -> Result<Option<SendFields>, ApiError> {
 
 /// `GET /api/pull` parameters, from a JSON body or from the query string
 /// (not both: which one would win is a guess we refuse to make).
-pub fn parse_pull(body: &[u8], query: Option<&[u8]>) -> Result<PullRequest, ApiError> {
+/// A body declared a form (`form`) is refused with a message that says so:
+/// `curl -d chat=a:b` sends one, and a pull reads no form.
+pub fn parse_pull(body: &[u8], form: bool, query: Option<&[u8]>) -> Result<PullRequest, ApiError> {
     let from_body = !body.trim_ascii().is_empty();
     let query_params = match query {
         Some(q) => parse_query(q)?,
@@ -239,8 +261,13 @@ pub fn parse_pull(body: &[u8], query: Option<&[u8]>) -> Result<PullRequest, ApiE
                     .into(),
             ));
         }
+        (true, None) if form && !body.trim_ascii_start().starts_with(b"{") => {
+            return Err(ApiError::Invalid(format!(
+                "the body was sent as a form (Content-Type: application/x-www-form-urlencoded, which `curl -d` sets), and a pull reads no form; send {PULL_FORMS}"
+            )));
+        }
         (true, None) => {
-            require_object(body)?;
+            require_object(body, PULL_FORMS)?;
             serde_json::from_slice::<PullParams>(body).map_err(invalid_json)?
         }
         (false, Some(params)) => params,
@@ -381,24 +408,28 @@ mod tests {
 
     #[test]
     fn pull_from_query_decodes_and_rejects_duplicates() {
-        let req =
-            parse_pull(b"", Some(b"chat=a%3Ab&cursor=5&limit=3&reverse=true&x=1")).expect("valid");
+        let req = parse_pull(
+            b"",
+            false,
+            Some(b"chat=a%3Ab&cursor=5&limit=3&reverse=true&x=1"),
+        )
+        .expect("valid");
         assert_eq!(
             (req.chat.as_str(), req.cursor, req.limit, req.reverse),
             ("a:b", 5, 3, true)
         );
-        let req = parse_pull(b"", Some(b"chat=hello+world%F0%9F%98%80")).expect("valid");
+        let req = parse_pull(b"", false, Some(b"chat=hello+world%F0%9F%98%80")).expect("valid");
         assert_eq!(req.chat, "hello world😀");
-        assert!(parse_pull(b"", Some(b"chat=a&chat=b")).is_err());
-        assert!(parse_pull(b"", Some(b"chat=%FF")).is_err());
-        assert!(parse_pull(b"", Some(b"chat=%4")).is_err());
-        assert!(parse_pull(b"", Some(b"limit=ten")).is_err());
-        assert!(parse_pull(b"", Some(b"limit=1.5")).is_err());
-        let huge = parse_pull(b"", Some(b"limit=18446744073709551615")).expect("valid");
+        assert!(parse_pull(b"", false, Some(b"chat=a&chat=b")).is_err());
+        assert!(parse_pull(b"", false, Some(b"chat=%FF")).is_err());
+        assert!(parse_pull(b"", false, Some(b"chat=%4")).is_err());
+        assert!(parse_pull(b"", false, Some(b"limit=ten")).is_err());
+        assert!(parse_pull(b"", false, Some(b"limit=1.5")).is_err());
+        let huge = parse_pull(b"", false, Some(b"limit=18446744073709551615")).expect("valid");
         assert_eq!(huge.limit, i32::MAX);
-        let low = parse_pull(br#"{"chat":"c","limit":-9999999999}"#, None).expect("valid");
+        let low = parse_pull(br#"{"chat":"c","limit":-9999999999}"#, false, None).expect("valid");
         assert_eq!(low.limit, i32::MIN);
-        assert!(parse_pull(b"{\"chat\":\"a\"}", Some(b"chat=a")).is_err());
+        assert!(parse_pull(b"{\"chat\":\"a\"}", false, Some(b"chat=a")).is_err());
     }
 
     #[test]
@@ -425,8 +456,8 @@ mod tests {
     #[test]
     fn json_types_are_enforced() {
         assert!(parse_send(br#"{"chat":5,"text":"t","sender":"s"}"#).is_err());
-        assert!(parse_pull(br#"{"chat":"c","limit":"3"}"#, None).is_err());
-        assert!(parse_pull(br#"{"chat":"c","reverse":"yes"}"#, None).is_err());
+        assert!(parse_pull(br#"{"chat":"c","limit":"3"}"#, false, None).is_err());
+        assert!(parse_pull(br#"{"chat":"c","reverse":"yes"}"#, false, None).is_err());
         assert!(parse_send(b"{\"chat\":\"\xff\",\"text\":\"t\",\"sender\":\"s\"}").is_err());
         assert!(parse_send(b"not json").is_err());
     }
@@ -439,7 +470,7 @@ mod tests {
         };
         assert!(err(parse_send(br#"["arr","t","s"]"#)).contains("object"));
         assert!(err(parse_send(b" 5")).contains("object"));
-        assert!(parse_pull(br#"["c"]"#, None).is_err());
+        assert!(parse_pull(br#"["c"]"#, false, None).is_err());
         assert!(parse_send(br#" {"chat":"c","text":"t","sender":"s"}"#).is_ok());
     }
 
@@ -452,7 +483,7 @@ mod tests {
         assert_eq!(cut.trim_end_matches('…'), "é".repeat(MAX_QUOTED / 2));
         assert_eq!(quote("short"), "short");
         let body = format!(r#"{{"chat":"c","cursor":"{}"}}"#, "\\\"".repeat(100_000));
-        let Err(ApiError::Invalid(msg)) = parse_pull(body.as_bytes(), None) else {
+        let Err(ApiError::Invalid(msg)) = parse_pull(body.as_bytes(), false, None) else {
             panic!("a string cursor must be refused");
         };
         assert!(msg.len() < 300, "message of {} bytes: {msg}", msg.len());

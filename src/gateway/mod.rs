@@ -8,6 +8,7 @@ pub mod held;
 pub mod json;
 pub mod origin;
 pub mod pull_wire;
+pub mod ready;
 pub mod stream;
 pub mod web;
 
@@ -48,6 +49,8 @@ pub enum PendingReply {
     Stream(BalancedCall, Box<stream::ChatStream>),
     /// A pull the RPC server may hold (`wait_ms`), and its place among held work.
     WaitingPull(BalancedCall, held::Held),
+    /// `GET /ready`'s ping of an RPC server and its store.
+    Readiness(BalancedCall),
 }
 
 /// A started request, with what its metrics need: its route, when it
@@ -88,6 +91,8 @@ impl Gateway {
             b"/metrics" => Ok(PendingReply::Ready(metrics::response(req)?)),
             b"/ping" if readable => Ok(PendingReply::Ready(Response::json(200, PONG.to_vec()))),
             b"/ping" => Err(ApiError::MethodNotAllowed("GET, HEAD")),
+            b"/ready" if readable => Ok(ready::start(&self.rpc, *self.stopping.borrow())),
+            b"/ready" => Err(ApiError::MethodNotAllowed("GET, HEAD")),
             b"/" if readable => Ok(PendingReply::Ready(web::chat_page())),
             b"/openapi.json" if readable => Ok(PendingReply::Ready(web::openapi())),
             b"/" | b"/openapi.json" => Err(ApiError::MethodNotAllowed("GET, HEAD")),
@@ -105,7 +110,7 @@ impl Gateway {
             b"/api/send" => Err(ApiError::MethodNotAllowed("POST")),
             b"/api/pull" if readable => {
                 let user = self.access.admit(req, Api::Pull)?;
-                let mut request = json::parse_pull(&req.body, query)?;
+                let mut request = json::parse_pull(&req.body, is_form(req), query)?;
                 if let Some(user) = &user {
                     access::authorize(user, &request.chat, None)?;
                 }
@@ -325,6 +330,7 @@ impl Handler for Gateway {
                 PendingReply::Pull(call) => self.finish_pull(call).await,
                 PendingReply::Stream(call, stream) => self.finish_stream(call, stream).await,
                 PendingReply::WaitingPull(call, held) => self.finish_waiting_pull(call, held).await,
+                PendingReply::Readiness(call) => Ok(ready::finish(&self.rpc, call).await),
             };
             let resp = result.unwrap_or_else(ApiError::into_response);
             METRICS.http_request(route, resp.status, at.elapsed());

@@ -63,6 +63,8 @@ type Endpoints = Balancer<SocketAddr, Arc<RpcClient>>;
 struct Shared {
     balancer: Mutex<Endpoints>,
     options: RpcClientOptions,
+    /// Turns true on [`BalancedClient::close`]: discovery and pings stop.
+    closed: watch::Sender<bool>,
 }
 
 impl Shared {
@@ -154,7 +156,7 @@ fn repeatable(request: Option<&RpcRequest>) -> bool {
     match request {
         Some(RpcRequest::Pull(..)) => true,
         Some(RpcRequest::Send(send)) => !send.idempotency_key.is_empty(),
-        Some(RpcRequest::Ping) | None => false,
+        Some(RpcRequest::Ping | RpcRequest::PingStore) | None => false,
     }
 }
 
@@ -177,19 +179,40 @@ impl BalancedClient {
         let shared = Arc::new(Shared {
             balancer: Mutex::new(Balancer::new(policy(), seed)),
             options,
+            closed: watch::Sender::new(false),
         });
         let client = BalancedClient { shared };
         client.set_endpoints(&endpoints.borrow_and_update());
         let follower = client.clone();
+        let mut closed = client.shared.closed.subscribe();
         tokio::spawn(async move {
-            while endpoints.changed().await.is_ok() {
+            loop {
+                tokio::select! {
+                    changed = endpoints.changed() => if changed.is_err() { return },
+                    _ = closed.wait_for(|&c| c) => return,
+                }
                 let list = endpoints.borrow_and_update().clone();
                 follower.set_endpoints(&list);
             }
         });
         let pinger = client.clone();
-        tokio::spawn(async move { pinger.ping_loop().await });
+        let mut closed = client.shared.closed.subscribe();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = pinger.ping_loop() => {}
+                _ = closed.wait_for(|&c| c) => {}
+            }
+        });
         client
+    }
+
+    /// Lets go of every RPC server, for good: the gateway has drained and
+    /// sends nothing more. Its connections then close as their last handle
+    /// goes, instead of being reopened, and logged as refused, while the
+    /// RPC servers (this process's own, on shutdown) close theirs.
+    pub fn close(&self) {
+        self.shared.closed.send_replace(true);
+        self.set_endpoints(&[]);
     }
 
     fn set_endpoints(&self, list: &[SocketAddr]) {
@@ -197,6 +220,11 @@ impl BalancedClient {
         self.shared.lock().set_endpoints(list, |addr| {
             Arc::new(RpcClient::new(addr.to_string(), options))
         });
+    }
+
+    /// How many RPC servers this client knows (whether or not they answer).
+    pub fn known(&self) -> usize {
+        self.shared.lock().len()
     }
 
     /// Starts `request` on the best endpoint, or another if that one refuses.
@@ -222,7 +250,7 @@ impl BalancedClient {
         let method = match &request {
             RpcRequest::Send(_) => RpcMethod::Send,
             RpcRequest::Pull(..) => RpcMethod::Pull,
-            RpcRequest::Ping => RpcMethod::Ping,
+            RpcRequest::Ping | RpcRequest::PingStore => RpcMethod::Ping,
         };
         while tried.len < MAX_ATTEMPTS {
             let (id, client, now) = {

@@ -37,6 +37,8 @@ pub enum RpcRequest {
     /// arrives (see [`crate::budget`]; `None`: not charged).
     Pull(PullRequest, Option<Budgeted>),
     Ping,
+    /// A ping that asks the server's store too (`GET /ready`).
+    PingStore,
 }
 
 struct RpcProtocol {
@@ -119,7 +121,18 @@ impl Protocol for RpcProtocol {
                 }
                 frame::encode(out, self.next_id, method::PULL, req)
             }
-            RpcRequest::Ping => frame::encode(out, self.next_id, method::PING, &PingRequest {}),
+            RpcRequest::Ping => frame::encode(
+                out,
+                self.next_id,
+                method::PING,
+                &PingRequest { store: false },
+            ),
+            RpcRequest::PingStore => frame::encode(
+                out,
+                self.next_id,
+                method::PING,
+                &PingRequest { store: true },
+            ),
         }
         self.next_id
     }

@@ -26,7 +26,9 @@ use crate::domain::{
 use crate::error::{CODE_OK, Error};
 use crate::metrics::{self, Gauge, METRICS, RpcMethod};
 use crate::mux::{MIN_READ, READ_CHUNK};
-use crate::proto::{Message, PingResponse, PullRequest, PullResponse, SendRequest, SendResponse};
+use crate::proto::{
+    Message, PingRequest, PingResponse, PullRequest, PullResponse, SendRequest, SendResponse,
+};
 use crate::store::{AnyStore, Completion, Page, Sent, Store};
 use crate::unwind::catch_panic;
 
@@ -256,7 +258,10 @@ const GOAWAY_QUIET: Duration = Duration::from_secs(1);
 enum Work {
     Send(SendRequest),
     Pull(PullRequest),
-    Ping,
+    /// `store`: the caller asks whether the store answers too.
+    Ping {
+        store: bool,
+    },
     Bad(String),
 }
 
@@ -267,7 +272,8 @@ enum ServerFrame {
     Pull(PullResponse),
     /// An OK PullResponse, encoded by the store.
     PullPage(Vec<u8>),
-    Pong,
+    /// Why the store did not answer, when the ping asked it (else empty).
+    Pong(String),
     BadFrame(String),
     /// Not a reply: see [`status::GOAWAY`].
     GoAway,
@@ -686,7 +692,7 @@ fn largest_reply(work: &Work) -> usize {
             SMALL_REPLY + req.chat.len() + limit * MAX_MESSAGE_WIRE_BYTES
         }
         Work::Send(req) => SMALL_REPLY + req.encoded_len(),
-        Work::Ping => SMALL_REPLY,
+        Work::Ping { .. } => SMALL_REPLY,
         Work::Bad(why) => SMALL_REPLY + why.len(),
     }
 }
@@ -738,7 +744,11 @@ fn encoded_len(reply: &ServerFrame) -> usize {
             ServerFrame::Pull(resp) => resp.encoded_len(),
             ServerFrame::PullPage(wire) => wire.len(),
             ServerFrame::BadFrame(why) => why.len(),
-            ServerFrame::Pong => PingResponse { served: u64::MAX }.encoded_len(),
+            ServerFrame::Pong(store_error) => PingResponse {
+                served: u64::MAX,
+                store_error: store_error.clone(),
+            }
+            .encoded_len(),
             ServerFrame::GoAway => 0,
         }
 }
@@ -750,9 +760,13 @@ fn encode_reply(output: &mut BytesMut, outgoing: Outgoing) -> OwnedSemaphorePerm
         ServerFrame::Send(resp) => frame::encode(output, id, status::OK, &resp),
         ServerFrame::Pull(resp) => frame::encode(output, id, status::OK, &resp),
         ServerFrame::PullPage(wire) => frame::encode_raw(output, id, status::OK, &wire),
-        ServerFrame::Pong => {
+        ServerFrame::Pong(store_error) => {
             let served = SERVED.load(Ordering::Relaxed);
-            frame::encode(output, id, status::OK, &PingResponse { served });
+            let pong = PingResponse {
+                served,
+                store_error,
+            };
+            frame::encode(output, id, status::OK, &pong);
         }
         ServerFrame::BadFrame(why) => {
             frame::encode_raw(output, id, status::BAD_FRAME, why.as_bytes())
@@ -767,7 +781,7 @@ fn metrics_method(work: &Work) -> Option<RpcMethod> {
     match work {
         Work::Send(_) => Some(RpcMethod::Send),
         Work::Pull(_) => Some(RpcMethod::Pull),
-        Work::Ping => Some(RpcMethod::Ping),
+        Work::Ping { .. } => Some(RpcMethod::Ping),
         Work::Bad(_) => None,
     }
 }
@@ -787,7 +801,7 @@ fn overloaded(method: u8) -> ServerFrame {
             msg,
             ..PullResponse::default()
         }),
-        method::PING => ServerFrame::Pong,
+        method::PING => ServerFrame::Pong(String::new()),
         other => ServerFrame::BadFrame(format!("unknown method {other}")),
     }
 }
@@ -802,7 +816,10 @@ fn decode_request(frame: Frame) -> Work {
             Ok(req) => Work::Pull(req),
             Err(err) => Work::Bad(format!("undecodable PullRequest: {err}")),
         },
-        method::PING => Work::Ping,
+        method::PING => match PingRequest::decode(frame.body) {
+            Ok(req) => Work::Ping { store: req.store },
+            Err(err) => Work::Bad(format!("undecodable PingRequest: {err}")),
+        },
         other => Work::Bad(format!("unknown method {other}")),
     }
 }
@@ -814,7 +831,10 @@ async fn handle(store: &AnyStore, work: Work, stop: Option<watch::Receiver<bool>
     match work {
         Work::Send(req) => ServerFrame::Send(send(store, req).await),
         Work::Pull(req) => pull(store, req, stop).await,
-        Work::Ping => ServerFrame::Pong,
+        Work::Ping { store: false } => ServerFrame::Pong(String::new()),
+        Work::Ping { store: true } => {
+            ServerFrame::Pong(store.ping().await.err().unwrap_or_default())
+        }
         Work::Bad(why) => ServerFrame::BadFrame(why),
     }
 }

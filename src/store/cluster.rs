@@ -143,6 +143,19 @@ impl ClusterShared {
             .or_else(|| self.seeds.first().cloned())
     }
 
+    /// Every master of the map; the seeds while no map was read.
+    pub(super) fn masters(&self) -> Vec<Arc<str>> {
+        let masters = self
+            .map
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .masters();
+        match masters.is_empty() {
+            true => self.seeds.clone(),
+            false => masters,
+        }
+    }
+
     /// How to reach the node at `addr`: its address, the shared credentials.
     pub(super) fn node_target(&self, addr: &str) -> RedisTarget {
         RedisTarget {
@@ -583,6 +596,31 @@ impl ClusterStore {
     /// See [`crate::store::AnyStore::start_send`].
     pub fn start_send(&self, chat: &str, sender: &str, text: &str, done: Completion) {
         self.sends.start(chat, sender, text, done)
+    }
+
+    /// `PING` on every master of the map (each in turn, within one Redis
+    /// timeout): a cluster answers for every chat only if each of them does.
+    pub async fn ping(&self) -> Result<(), String> {
+        let masters = self.router.shared.masters();
+        if masters.is_empty() {
+            return Err("no Redis Cluster master is known yet".into());
+        }
+        let deadline = Instant::now() + self.timeout;
+        for addr in masters {
+            let node = self.router.pool(&addr);
+            let ping = RespRequest::from(command::encode(&[b"PING"]));
+            let handle = node.pool.handle().clone();
+            if let Err(err) = self
+                .router
+                .attempt(&handle, &node.stats, ping, deadline)
+                .await
+            {
+                return Err(format!(
+                    "Redis Cluster master {addr} does not answer ({err:?})"
+                ));
+            }
+        }
+        Ok(())
     }
 }
 

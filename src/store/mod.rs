@@ -198,6 +198,19 @@ impl AnyStore {
     }
 }
 
+impl AnyStore {
+    /// Whether the store answers now (the RPC `Ping` with `store` set, for
+    /// the gateway's `GET /ready`): `Err` says why not. The embedded store
+    /// always does.
+    pub async fn ping(&self) -> Result<(), String> {
+        match self {
+            AnyStore::Memory(_) => Ok(()),
+            AnyStore::Redis(store) => store.ping().await,
+            AnyStore::Cluster(store) => store.ping().await,
+        }
+    }
+}
+
 impl Store for AnyStore {
     async fn send(
         &self,

@@ -379,6 +379,15 @@ impl RedisStore {
             .reply()
             .await
     }
+
+    /// `PING` on the pipelined connection, within the Redis timeout: whether
+    /// Redis answers commands now (`GET /ready`, through the RPC `Ping`).
+    pub async fn ping(&self) -> Result<(), String> {
+        match self.call(crate::resp::command::encode(&[b"PING"])).await {
+            Ok(_) => Ok(()),
+            Err(err) => Err(format!("Redis does not answer ({err:?})")),
+        }
+    }
 }
 
 /// A command written (or queued to be) on the pool, counted in the node's

@@ -210,6 +210,11 @@ class ChatPage(unittest.TestCase):
             driver.get(base + "/")
 
             def join(room, name, bearer):
+                # As a person would: an empty token field first (the name is
+                # editable again), then room, name and token typed in turn.
+                driver.execute_script(
+                    "const t = document.getElementById('token');"
+                    " t.value = ''; t.dispatchEvent(new Event('input'));")
                 for field, value in (("room", room), ("name", name), ("token", bearer)):
                     box = driver.find_element(By.ID, field)
                     box.clear()
@@ -230,6 +235,18 @@ class ChatPage(unittest.TestCase):
                 self.assertEqual(resp.status, 200)
             WebDriverWait(driver, 5, poll_frequency=0.05).until(
                 lambda d: [m[2] for m in self.messages(d)] == ["signed hello", "hi frank"])
+            # The name is the token's user: "bob" typed with frank's token
+            # joins as frank (it used to join as bob, then every send was 403).
+            join("frank:grace", "bob", token("frank"))
+            WebDriverWait(driver, 5).until(
+                lambda d: d.find_element(By.ID, "room-title").text.endswith("as frank"))
+            name_box = driver.find_element(By.ID, "name")
+            self.assertEqual(name_box.get_property("value"), "frank")
+            self.assertTrue(name_box.get_property("readOnly"))
+            self.type_and_send(driver, "sent as the token's user")
+            WebDriverWait(driver, 5).until(
+                lambda d: [m[1:] for m in self.messages(d)][-1:] == [["frank", "sent as the token's user"]])
+            self.assertEqual(driver.find_element(By.ID, "error").text, "")
             join("grace:heidi", "frank", token("frank"))
             self.assertIn("403: ", self.error_text(driver))
         finally:

@@ -23,14 +23,20 @@ const ETCD_MISSING: &str =
 
 impl Etcd {
     pub fn start() -> Etcd {
-        let mut etcd = Etcd {
+        let mut etcd = Etcd::planned();
+        etcd.spawn();
+        etcd
+    }
+
+    /// Ports and directory chosen, not started yet ([`Etcd::restart`] starts
+    /// it): for what must cope with an etcd that is not up yet.
+    pub fn planned() -> Etcd {
+        Etcd {
             process: ChildProc::default(),
             dir: unique_temp_dir("etcd"),
             client_port: free_port(),
             peer_port: free_port(),
-        };
-        etcd.spawn();
-        etcd
+        }
     }
 
     fn spawn(&mut self) {

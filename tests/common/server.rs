@@ -195,6 +195,26 @@ impl Server {
             .unwrap_or_else(|| panic!("server role {:?} has no rpc address", self.role))
     }
 
+    /// Polls `GET /ready` until it answers 200: a gateway that discovers
+    /// its RPC servers (DNS, etcd) serves 503 until it knows one.
+    pub fn wait_ready(&self, deadline: Duration) {
+        let addr = self.http_addr();
+        let mut last = String::new();
+        let start = Instant::now();
+        while start.elapsed() < deadline {
+            match try_request(addr, "GET", "/ready", &[], b"") {
+                Ok(r) if r.status == 200 => return,
+                Ok(r) => last = r.describe(),
+                Err(err) => last = err.to_string(),
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "GET /ready not 200 within {deadline:?}; last: {last}\nstderr:\n{}",
+            self.stderr()
+        );
+    }
+
     /// Everything the process wrote to stderr so far.
     pub fn stderr(&self) -> String {
         self.log.lock().unwrap().clone()

@@ -112,12 +112,12 @@ fn a_bad_value_is_reported_by_the_name_the_user_set() {
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert_eq!(
         stderr(&out),
-        "im-server: IM_MAX_BODY must be a non-negative integer, got \"1MB\"\n"
+        "im-server: error: IM_MAX_BODY must be a non-negative integer, got \"1MB\"\n"
     );
     let out = im_server(&["--max-body", "1MB"], &[]);
     assert_eq!(out.status.code(), Some(2));
     assert!(
-        stderr(&out).starts_with("im-server: --max-body must be"),
+        stderr(&out).starts_with("im-server: error: --max-body must be"),
         "{}",
         stderr(&out)
     );

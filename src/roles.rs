@@ -611,12 +611,15 @@ async fn run_shard(
             secret: plan.rpc_secret.clone(),
         };
         let rpc = BalancedClient::new(endpoints.clone(), rpc_options);
-        let gateway = Arc::new(Gateway::new(
-            rpc,
-            plan.access.clone(),
-            config.pull_max_wait_ms,
-            gateway_stopping.clone(),
-        ));
+        let gateway = Arc::new(
+            Gateway::new(
+                rpc,
+                plan.access.clone(),
+                config.pull_max_wait_ms,
+                gateway_stopping.clone(),
+            )
+            .with_ws(crate::gateway::ws::WsOptions::from(config)),
+        );
         crate::http::serve(
             shard_listener(listeners.http)?,
             gateway,

@@ -70,6 +70,29 @@ impl Access {
     }
 }
 
+impl Access {
+    /// Takes one token from the bucket of `user` (or of `peer` without
+    /// authentication) if `api` is limited: the limit of [`Access::admit`],
+    /// for a request that arrived on a WebSocket.
+    pub fn limit(
+        &self,
+        user: Option<&Claims>,
+        peer: Option<IpAddr>,
+        api: Api,
+    ) -> Result<(), ApiError> {
+        let limiter = match api {
+            Api::Send => &self.send_limit,
+            Api::Pull => &self.pull_limit,
+        };
+        if let Some(limiter) = limiter
+            && let Err(wait) = limiter.check(&client_key(user, peer), Instant::now())
+        {
+            return Err(ApiError::RateLimited(retry_after_secs(wait)));
+        }
+        Ok(())
+    }
+}
+
 /// The bucket of a request: `u:<user>` or `ip:<address octets>`, so a user
 /// named like an address never shares one with it.
 fn client_key(claims: Option<&Claims>, peer: Option<IpAddr>) -> Vec<u8> {

@@ -7,6 +7,7 @@ pub mod json;
 pub mod pull_wire;
 pub mod stream;
 pub mod web;
+pub mod ws;
 
 use std::sync::Arc;
 
@@ -31,6 +32,8 @@ pub struct Gateway {
     max_wait_ms: i32,
     /// Turns true when the process shuts down: waiting pulls answer at once.
     stopping: watch::Receiver<bool>,
+    /// `GET /api/ws`'s options ([`Gateway::with_ws`]).
+    ws: ws::WsOptions,
 }
 
 /// A started request.
@@ -68,7 +71,14 @@ impl Gateway {
             access,
             max_wait_ms,
             stopping,
+            ws: ws::WsOptions::default(),
         }
+    }
+
+    /// The WebSocket endpoint's options (defaults unless set).
+    pub fn with_ws(mut self, options: ws::WsOptions) -> Gateway {
+        self.ws = options;
+        self
     }
 
     fn route(&self, req: &Request) -> Result<PendingReply, ApiError> {
@@ -112,6 +122,8 @@ impl Gateway {
             b"/api/pull" => Err(ApiError::MethodNotAllowed("GET, HEAD")),
             b"/api/stream" if readable => self.start_stream(req),
             b"/api/stream" => Err(ApiError::MethodNotAllowed("GET, HEAD")),
+            b"/api/ws" if req.method == Method::Get => self.start_ws(req),
+            b"/api/ws" => Err(ApiError::MethodNotAllowed("GET")),
             _ => Err(ApiError::NotFound),
         }
     }

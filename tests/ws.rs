@@ -541,6 +541,17 @@ fn the_connection_closes_1008_when_its_token_expires() {
 }
 
 #[test]
+fn a_connection_that_never_authenticates_is_closed_1008() {
+    let (server, _dir) = auth_server(&["--request-timeout-s", "1"]);
+    let mut ws = WsClient::connect(server.http_addr(), &[]);
+    let start = Instant::now();
+    assert_eq!(ws.expect_close(), 1008);
+    let waited = start.elapsed();
+    assert!(waited >= Duration::from_millis(900), "{waited:?}");
+    assert!(waited < Duration::from_secs(4), "{waited:?}");
+}
+
+#[test]
 fn rate_limits_count_each_op() {
     let server = Server::start("all", &["--rate-limit-send", "3/m"], &[]);
     let mut ws = WsClient::connect(server.http_addr(), &[]);

@@ -46,6 +46,9 @@ use crate::ws::frame::{close_code, opcode, put_frame};
 #[derive(Debug, Clone, Copy)]
 pub struct WsOptions {
     pub max_subscriptions: usize,
+    /// How long a connection may wait for its `auth` (`--request-timeout-s`,
+    /// as a request must arrive whole within it).
+    pub auth_timeout: std::time::Duration,
     pub driver: driver::Options,
 }
 
@@ -53,6 +56,7 @@ impl From<&crate::config::Config> for WsOptions {
     fn from(config: &crate::config::Config) -> Self {
         WsOptions {
             max_subscriptions: config.ws_max_subscriptions,
+            auth_timeout: config.request_timeout,
             driver: driver::Options {
                 conn: crate::ws::conn::Settings {
                     max_message: config.ws_max_message,
@@ -84,7 +88,7 @@ impl Gateway {
         let mut auth = AuthState::Open;
         if let Some(checker) = &self.access.auth {
             auth = match req.header_values("authorization").next() {
-                None => AuthState::Awaiting,
+                None => AuthState::Awaiting(tokio::time::Instant::now() + self.ws.auth_timeout),
                 header => {
                     let now = crate::now_micros() / 1_000_000;
                     let (claims, until) = checker
@@ -151,8 +155,8 @@ impl Upgrade for WsUpgrade {
 enum AuthState {
     /// Authentication is off.
     Open,
-    /// On, and no token yet: only `auth` is served.
-    Awaiting,
+    /// On, and no token yet: only `auth` is served, until this time.
+    Awaiting(tokio::time::Instant),
     /// This user, until this time (the token's `exp`).
     User(Box<Claims>, Option<tokio::time::Instant>),
 }
@@ -286,7 +290,7 @@ impl WsSession {
             return self.authenticate(op);
         }
         let user = match &self.auth {
-            AuthState::Awaiting => {
+            AuthState::Awaiting(_) => {
                 return Err(ApiError::Unauthorized {
                     missing: true,
                     why: "authenticate first: {\"op\":\"auth\",\"token\":\"<token>\"}",
@@ -599,9 +603,10 @@ impl Session for WsSession {
 
     fn next(&mut self) -> impl Future<Output = Event> + Send {
         let now = self.try_next();
-        let expires = match &self.auth {
-            AuthState::User(_, expires) => *expires,
-            _ => None,
+        let (expires, why) = match &self.auth {
+            AuthState::User(_, expires) => (*expires, "token expired"),
+            AuthState::Awaiting(until) => (Some(*until), "no auth op in time"),
+            AuthState::Open => (None, ""),
         };
         let events = &mut self.events;
         async move {
@@ -616,7 +621,7 @@ impl Session for WsSession {
             };
             tokio::select! {
                 event = events.recv() => event.unwrap_or(Event::Close(close_code::INTERNAL_ERROR, "")),
-                () = expired => Event::Close(close_code::POLICY_VIOLATION, "token expired"),
+                () = expired => Event::Close(close_code::POLICY_VIOLATION, why),
             }
         }
     }

@@ -155,9 +155,16 @@ impl WsConn {
     /// Starts the close handshake with `code` (lagging, token expiry,
     /// shutdown, a silent peer); nothing if it has begun already.
     pub fn close(&mut self, code: u16, reason: &str, out: &mut BytesMut, now: Instant) {
+        self.close_within(code, reason, out, now + self.settings.write_timeout);
+    }
+
+    /// [`WsConn::close`], the peer's close awaited only until `deadline`
+    /// (on shutdown: closing promptly comes first, the drain waits for
+    /// every connection).
+    pub fn close_within(&mut self, code: u16, reason: &str, out: &mut BytesMut, deadline: Instant) {
         if self.state == State::Open {
             put_close(out, code, reason);
-            self.state = State::Closing(now + self.settings.write_timeout);
+            self.state = State::Closing(deadline);
         }
     }
 

@@ -54,6 +54,10 @@ pub const LAGGED: &[u8] = br#"{"event":"lagged"}"#;
 
 const READ_CHUNK: usize = 16 * 1024;
 
+/// How long a close on shutdown waits for the peer's (as an event stream's
+/// last bytes get on shutdown in [`crate::http::conn`]).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
+
 /// Serves one connection until it ends: `input` holds bytes read with the
 /// handshake, if the client sent frames right after it.
 pub async fn run<S: Session>(
@@ -80,7 +84,8 @@ pub async fn run<S: Session>(
         let reads = conn.reads() && !session.busy() && input.len() < options.conn.max_message + 14;
         tokio::select! {
             _ = shutdown.wait_for(|&stop| stop), if conn.is_open() => {
-                conn.close(close_code::GOING_AWAY, "server shutting down", &mut out, now);
+                let deadline = now + SHUTDOWN_GRACE;
+                conn.close_within(close_code::GOING_AWAY, "server shutting down", &mut out, deadline);
             }
             read = read_some(&socket, &mut input), if reads => match read {
                 Ok(0) | Err(_) => return,

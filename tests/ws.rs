@@ -459,6 +459,63 @@ fn a_subscriber_that_stops_reading_gets_lagged_and_1008() {
     );
 }
 
+/// Pipelined pulls of big pages to a client that does not read: they run
+/// only as far as their pages fit the output budget (as over HTTP), so the
+/// gateway holds a bounded amount, and every reply arrives once read.
+#[test]
+fn pipelined_big_pulls_to_a_client_that_does_not_read_hold_bounded_memory() {
+    let backend = Backend::memory_with(&["--threads", "1"]);
+    let addr = backend.addr();
+    let pid = backend.server.pid().expect("pid");
+    let text = "\u{1}".repeat(60 * 1024);
+    let mut conn = HttpConn::connect(addr);
+    for _ in 0..100 {
+        conn.send_ok("big", "a", &text);
+    }
+    let before = proc_status_bytes(pid, "VmRSS");
+    let mut ws = WsClient::connect(addr, &[]);
+    ws.set_read_timeout(Duration::from_secs(60));
+    // 20 pulls of 100 messages: ~37 MB of JSON each.
+    let mut batch = bytes::BytesMut::new();
+    for i in 0..20 {
+        let op = json!({"id": i, "op": "pull", "chat": "big", "limit": 100});
+        im_server::ws::frame::put_client_frame(
+            &mut batch,
+            true,
+            opcode::TEXT,
+            op.to_string().as_bytes(),
+            [5, 6, 7, 8],
+        );
+    }
+    ws.write_raw(&batch);
+    let mut peak = before;
+    let paused = Instant::now();
+    while paused.elapsed() < Duration::from_secs(3) {
+        peak = peak.max(proc_status_bytes(pid, "VmRSS"));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let growth = peak.saturating_sub(before);
+    eprintln!("20 pipelined 37 MB pulls, not read: +{} MiB", growth >> 20);
+    // Unbounded, the 20 replies would be ~740 MB of JSON held at once.
+    assert!(growth < 250 << 20, "the gateway held {} MiB", growth >> 20);
+    let mut ids = Vec::new();
+    for _ in 0..20 {
+        // Read without parsing 37 MB of JSON each: the id and the size.
+        let text = ws.recv_text();
+        let head = String::from_utf8_lossy(&text[..40]).to_string();
+        let id = head
+            .trim_start_matches("{\"id\":")
+            .split(',')
+            .next()
+            .unwrap_or("");
+        ids.push(id.parse::<i64>().unwrap_or(-1));
+        assert!(head.contains("\"ok\":true"), "{head}");
+        assert!(text.len() > 30 << 20, "{} bytes", text.len());
+    }
+    ids.sort_unstable();
+    assert_eq!(ids, (0..20).collect::<Vec<i64>>());
+}
+
 const SECRET: &str = "an HS256 secret of at least 32 bytes, for tests";
 
 fn auth_server(args: &[&str]) -> (Server, std::path::PathBuf) {

@@ -163,8 +163,9 @@ enum AuthState {
 
 /// What the connection's tasks hand back.
 pub(super) enum Event {
-    /// A reply to a request, from its task.
-    Reply(Vec<u8>),
+    /// A reply to a request, from its task, and the reply bytes its
+    /// request had reserved.
+    Reply(Vec<u8>, usize),
     /// A reply made without a task (a refusal, `unsubscribe`, `auth`).
     Answer(Vec<u8>),
     /// A subscription's page (a `PullResponse`), its chat and generation;
@@ -221,6 +222,10 @@ struct WsSession {
     generation: u64,
     /// Requests started and not yet answered.
     in_flight: usize,
+    /// The most reply bytes those may hold (pulls: a page each), and the
+    /// output budget they must fit (one may exceed it alone), as over HTTP.
+    reserved: usize,
+    max_output: usize,
     /// Replies made without a task (refusals), to go out first.
     ready: std::collections::VecDeque<Vec<u8>>,
     /// A close to send (a failed `auth`).
@@ -270,6 +275,8 @@ impl WsSession {
             subscriptions: HashMap::new(),
             generation: 0,
             in_flight: 0,
+            reserved: 0,
+            max_output: gateway.ws.driver.max_output,
             ready: Default::default(),
             closing: None,
             rendering: None,
@@ -365,7 +372,7 @@ impl WsSession {
         };
         let call = self.rpc.start(RpcRequest::Send(request))?;
         let rpc = self.rpc.clone();
-        self.spawn_reply(op.id, async move {
+        self.spawn_reply(op.id, 0, async move {
             let resp: SendResponse = decode_reply(rpc.finish(call).await?)?;
             if resp.code != CODE_OK {
                 return Err(ApiError::from_code(resp.code, resp.msg));
@@ -395,9 +402,16 @@ impl WsSession {
         if let Some(user) = user {
             access::authorize(user, &request.chat, None)?;
         }
+        // The page it may hold until written (a refused limit holds none).
+        let messages = match request.limit {
+            0 => crate::domain::DEFAULT_LIMIT,
+            n => n.clamp(1, crate::domain::MAX_LIMIT),
+        };
+        let bound = messages as usize * crate::domain::MAX_MESSAGE_WIRE_BYTES;
         let call = self.rpc.start(RpcRequest::Pull(request))?;
         let rpc = self.rpc.clone();
-        self.spawn_reply(op.id, async move {
+        self.reserved += bound;
+        self.spawn_reply(op.id, bound, async move {
             let frame = rpc.finish(call).await?;
             super::check_status(&frame)?;
             match super::pull_wire::pull_json(&frame.body) {
@@ -410,8 +424,9 @@ impl WsSession {
         Ok(())
     }
 
-    /// Runs `reply` in a task; its fields (or error) become the reply to `id`.
-    fn spawn_reply<F>(&mut self, id: serde_json::Value, reply: F)
+    /// Runs `reply` in a task; its fields (or error) become the reply to
+    /// `id`. `bound`: the reply bytes it may hold (reserved until rendered).
+    fn spawn_reply<F>(&mut self, id: serde_json::Value, bound: usize, reply: F)
     where
         F: Future<Output = Result<Vec<u8>, ApiError>> + Send + 'static,
     {
@@ -422,7 +437,7 @@ impl WsSession {
                 Ok(fields) => ok_reply(&id, &fields),
                 Err(err) => error_reply(&id, &err),
             };
-            let _ = sender.send(Event::Reply(reply));
+            let _ = sender.send(Event::Reply(reply, bound));
         });
     }
 }
@@ -544,11 +559,11 @@ impl Follow {
                 // Ended first: once the client reads the refusal, the chat
                 // may be subscribed to again.
                 self.end(Vec::new());
-                let _ = self.sender.send(Event::Reply(error_reply(&id, &err)));
+                let _ = self.sender.send(Event::Reply(error_reply(&id, &err), 0));
                 return;
             }
         };
-        let _ = self.sender.send(Event::Reply(ok_reply(&id, b"")));
+        let _ = self.sender.send(Event::Reply(ok_reply(&id, b""), 0));
         loop {
             if let Some(last) = stream::last_send_time(&page) {
                 self.cursor = last;
@@ -601,28 +616,27 @@ impl Session for WsSession {
         }
     }
 
-    fn next(&mut self) -> impl Future<Output = Event> + Send {
-        let now = self.try_next();
+    /// Lazy: the driver's `select!` makes this future on every turn, even
+    /// when it will not poll it, so nothing is taken until it is polled
+    /// (an event taken by a future then dropped would be lost).
+    async fn next(&mut self) -> Event {
+        if let Some(event) = self.try_next() {
+            return event;
+        }
         let (expires, why) = match &self.auth {
             AuthState::User(_, expires) => (*expires, "token expired"),
             AuthState::Awaiting(until) => (Some(*until), "no auth op in time"),
             AuthState::Open => (None, ""),
         };
-        let events = &mut self.events;
-        async move {
-            if let Some(event) = now {
-                return event;
+        let expired = async {
+            match expires {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
             }
-            let expired = async {
-                match expires {
-                    Some(at) => tokio::time::sleep_until(at).await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                event = events.recv() => event.unwrap_or(Event::Close(close_code::INTERNAL_ERROR, "")),
-                () = expired => Event::Close(close_code::POLICY_VIOLATION, why),
-            }
+        };
+        tokio::select! {
+            event = self.events.recv() => event.unwrap_or(Event::Close(close_code::INTERNAL_ERROR, "")),
+            () = expired => Event::Close(close_code::POLICY_VIOLATION, why),
         }
     }
 
@@ -646,8 +660,9 @@ impl Session for WsSession {
         until: usize,
     ) -> Option<(u16, &'static str)> {
         match event {
-            Event::Reply(reply) => {
+            Event::Reply(reply, bound) => {
                 self.in_flight = self.in_flight.saturating_sub(1);
+                self.reserved = self.reserved.saturating_sub(bound);
                 put_frame(out, opcode::TEXT, &reply);
             }
             Event::Answer(reply) => put_frame(out, opcode::TEXT, &reply),
@@ -687,7 +702,7 @@ impl Session for WsSession {
     }
 
     fn busy(&self) -> bool {
-        self.in_flight >= MAX_IN_FLIGHT
+        self.in_flight >= MAX_IN_FLIGHT || (self.in_flight > 0 && self.reserved > self.max_output)
     }
 }
 

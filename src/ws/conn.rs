@@ -5,7 +5,8 @@
 //! The rules:
 //! * A ping is answered with a pong carrying its payload; a peer silent
 //!   for `ping_after` is pinged, and closed (1001) if it stays silent for
-//!   another `ping_after`: any frame from it counts as a sign of life.
+//!   another `ping_after` once the ping is written out: any frame from it
+//!   counts as a sign of life.
 //! * A frame that breaks the protocol fails the connection: a close frame
 //!   with the matching code (1002, 1007, 1009; 1003 for a binary message,
 //!   which this protocol does not speak), then the TCP close, with no
@@ -55,6 +56,16 @@ pub enum Step {
     Finish,
 }
 
+/// A ping sent: where it ends in the output, and when it was written out.
+/// Its answer is awaited from then: a peer busy reading megabytes queued
+/// before it cannot answer sooner (and the lag rule covers one that reads
+/// nothing).
+#[derive(Debug, Clone, Copy)]
+struct Ping {
+    end: u64,
+    written_at: Option<Instant>,
+}
+
 #[derive(Debug)]
 pub struct WsConn {
     settings: Settings,
@@ -62,8 +73,8 @@ pub struct WsConn {
     state: State,
     /// When a frame last arrived.
     last_heard: Instant,
-    /// When our ping went unanswered since (`None`: none out).
-    ping_sent: Option<Instant>,
+    /// Our ping awaiting an answer (`None`: none out).
+    ping: Option<Ping>,
     /// Bytes written to the socket so far.
     written: u64,
     /// Output marks, oldest first: the total queued after a batch, and when.
@@ -77,7 +88,7 @@ impl WsConn {
             settings,
             state: State::Open,
             last_heard: now,
-            ping_sent: None,
+            ping: None,
             written: 0,
             marks: VecDeque::new(),
         }
@@ -91,6 +102,13 @@ impl WsConn {
     /// Whether the driver should read.
     pub fn reads(&self) -> bool {
         self.state != State::Done
+    }
+
+    /// Bytes arrived: a sign of life, as a frame is (a pong may be among
+    /// them, behind requests not yet decoded while the session is busy).
+    pub fn heard(&mut self, now: Instant) {
+        self.last_heard = now;
+        self.ping = None;
     }
 
     /// Decodes what `input` holds: control frames are answered into `out`;
@@ -111,7 +129,7 @@ impl WsConn {
                 }
             };
             self.last_heard = now;
-            self.ping_sent = None;
+            self.ping = None;
             match incoming {
                 Incoming::Text(text) if self.state == State::Open => return Some(text),
                 Incoming::Text(_) => {}
@@ -188,9 +206,15 @@ impl WsConn {
         }
     }
 
-    /// `n` more bytes were written.
-    pub fn wrote(&mut self, n: usize) {
+    /// `n` more bytes were written, at `now`.
+    pub fn wrote(&mut self, n: usize, now: Instant) {
         self.written += n as u64;
+        if let Some(ping) = &mut self.ping
+            && ping.written_at.is_none()
+            && self.written >= ping.end
+        {
+            ping.written_at = Some(now);
+        }
         while self
             .marks
             .front()
@@ -217,25 +241,36 @@ impl WsConn {
         if lag_at(&self.marks).is_some_and(|at| now >= at) && self.state == State::Open {
             return Step::Lagged;
         }
-        let ping_at = self.last_heard + self.settings.ping_after;
-        if self.state == State::Open && self.ping_sent.is_none() && now >= ping_at {
+        let ping_after = self.settings.ping_after;
+        let ping_at = self.last_heard + ping_after;
+        if self.state == State::Open && self.ping.is_none() && now >= ping_at {
             put_frame(out, opcode::PING, b"");
             self.queued(out.len(), now);
-            self.ping_sent = Some(now);
+            let end = self.written + out.len() as u64;
+            self.ping = Some(Ping {
+                end,
+                written_at: None,
+            });
         }
-        if let Some(sent) = self.ping_sent
-            && now >= sent + self.settings.ping_after
-        {
+        let answer_by = self
+            .ping
+            .and_then(|p| p.written_at)
+            .map(|at| at + ping_after);
+        if answer_by.is_some_and(|by| now >= by) {
             self.close(close_code::GOING_AWAY, "no answer to ping", out, now);
         }
-        let wake = match (self.state, self.ping_sent) {
-            (State::Closing(until), _) => until,
-            (_, Some(sent)) => sent + self.settings.ping_after,
-            (_, None) => ping_at,
+        let ping_wake = match self.ping {
+            None => Some(ping_at),
+            Some(_) => answer_by,
         };
-        let wake = match lag_at(&self.marks).filter(|_| self.state == State::Open) {
-            Some(at) => wake.min(at),
-            None => wake,
+        let lag_wake = lag_at(&self.marks).filter(|_| self.state == State::Open);
+        let wake = match self.state {
+            State::Closing(until) => until,
+            _ => [ping_wake, lag_wake]
+                .into_iter()
+                .flatten()
+                .min()
+                .unwrap_or(now + ping_after),
         };
         Step::Run(wake.max(now))
     }

@@ -64,7 +64,7 @@ fn a_silent_peer_is_pinged_then_closed() {
         "the ping's own lag deadline"
     );
     assert_eq!(sent(&mut out), vec![Incoming::Ping(Bytes::new())]);
-    conn.wrote(2);
+    conn.wrote(2, t1);
     // Written: now the pong is awaited for another interval.
     assert_eq!(conn.next(t1, &mut out), Step::Run(t1 + 10 * SECOND));
     // A pong (any frame) is a sign of life: the next ping is due later.
@@ -77,7 +77,7 @@ fn a_silent_peer_is_pinged_then_closed() {
     // Silent after the next ping: closed with 1001, then TCP after the grace.
     let t3 = t2 + 10 * SECOND;
     conn.next(t3, &mut out);
-    conn.wrote(out.len());
+    conn.wrote(out.len(), t3);
     out.clear();
     let t4 = t3 + 10 * SECOND;
     assert_eq!(conn.next(t4, &mut out), Step::Run(t4 + 3 * SECOND));
@@ -148,7 +148,7 @@ fn output_not_written_within_the_write_timeout_lags() {
     conn.queued(300, t0 + SECOND);
     assert_eq!(conn.next(t0, &mut out), Step::Run(t0 + 3 * SECOND));
     // The first batch written in time: the second's deadline applies.
-    conn.wrote(150);
+    conn.wrote(150, t0 + SECOND);
     assert_eq!(
         conn.next(t0 + 2 * SECOND, &mut out),
         Step::Run(t0 + 4 * SECOND)
@@ -164,4 +164,37 @@ fn output_not_written_within_the_write_timeout_lags() {
     assert!(matches!(frames[1], Incoming::Close(Some((1008, _)))));
     assert_eq!(conn.next(now, &mut out), Step::Run(now + 3 * SECOND));
     assert_eq!(conn.next(now + 3 * SECOND, &mut out), Step::Finish);
+}
+
+#[test]
+fn a_pings_answer_is_awaited_from_when_it_is_written() {
+    let t0 = Instant::now();
+    let mut conn = WsConn::new(settings(), t0);
+    let mut out = BytesMut::from(&[0u8; 1000][..]);
+    conn.queued(out.len(), t0);
+    // Pinged behind 1000 bytes not yet written.
+    let t1 = t0 + 10 * SECOND;
+    conn.wrote(500, t0 + SECOND);
+    assert_eq!(
+        conn.next(t1, &mut out),
+        Step::Lagged,
+        "the first bytes waited 10 s"
+    );
+    let mut conn = WsConn::new(settings(), t0);
+    let mut out = BytesMut::from(&[0u8; 1000][..]);
+    conn.queued(out.len(), t1 - SECOND);
+    assert_eq!(
+        conn.next(t1, &mut out),
+        Step::Run(t1 + 2 * SECOND),
+        "only the lag deadline"
+    );
+    assert_eq!(out.len(), 1002, "the ping is queued");
+    // Written 1.5 s later: the answer is due an interval after that.
+    conn.wrote(1002, t1 + 1500 * Duration::from_millis(1));
+    let written = t1 + Duration::from_millis(1500);
+    assert_eq!(
+        conn.next(written, &mut out),
+        Step::Run(written + 10 * SECOND)
+    );
+    assert!(conn.is_open());
 }

@@ -23,7 +23,9 @@ pub trait Session: Send {
     type Event: Send;
     /// A text message from the peer (UTF-8, checked).
     fn message(&mut self, text: &[u8]);
-    /// Waits for the next event; cancel-safe (it is raced against I/O).
+    /// Waits for the next event; cancel-safe (it is raced against I/O), and
+    /// lazy: `select!` makes the future even on turns it does not poll it,
+    /// so it must take nothing before it is polled.
     fn next(&mut self) -> impl Future<Output = Self::Event> + Send;
     /// The next event if one is ready now.
     fn try_next(&mut self) -> Option<Self::Event>;
@@ -37,7 +39,7 @@ pub trait Session: Send {
         until: usize,
     ) -> Option<(u16, &'static str)>;
     /// Whether it takes no more messages for now (too many in flight):
-    /// the connection is then not read.
+    /// they then wait, undecoded, in the connection's input.
     fn busy(&self) -> bool;
 }
 
@@ -81,7 +83,9 @@ pub async fn run<S: Session>(
             Step::Run(wake) => Instant::from_std(wake),
         };
         let takes = conn.is_open() && out.len() < options.max_output;
-        let reads = conn.reads() && !session.busy() && input.len() < options.conn.max_message + 14;
+        // Read on while the session is busy (a pong may come), but hold no
+        // more than one message's worth of frames not yet decoded.
+        let reads = conn.reads() && input.len() < options.conn.max_message + 14;
         tokio::select! {
             _ = shutdown.wait_for(|&stop| stop), if conn.is_open() => {
                 let deadline = now + SHUTDOWN_GRACE;
@@ -89,7 +93,10 @@ pub async fn run<S: Session>(
             }
             read = read_some(&socket, &mut input), if reads => match read {
                 Ok(0) | Err(_) => return,
-                Ok(_) => deliver(&mut conn, &mut session, &mut input, &mut out),
+                Ok(_) => {
+                    conn.heard(std::time::Instant::now());
+                    deliver(&mut conn, &mut session, &mut input, &mut out);
+                }
             },
             written = socket.writable(), if !out.is_empty() => {
                 if written.is_err() || !write_some(&socket, &mut conn, &mut out) {
@@ -107,6 +114,9 @@ pub async fn run<S: Session>(
                     }
                 }
                 conn.queued(out.len(), std::time::Instant::now());
+                if !input.is_empty() {
+                    deliver(&mut conn, &mut session, &mut input, &mut out);
+                }
             }
             () = tokio::time::sleep_until(wake) => {}
         }
@@ -114,7 +124,7 @@ pub async fn run<S: Session>(
     finish(socket, out, options.conn.write_timeout).await;
 }
 
-/// Hands every whole message read to the session.
+/// Hands the whole messages read to the session while it takes them.
 fn deliver<S: Session>(
     conn: &mut WsConn,
     session: &mut S,
@@ -122,7 +132,12 @@ fn deliver<S: Session>(
     out: &mut BytesMut,
 ) {
     let now = std::time::Instant::now();
-    while let Some(text) = conn.received(input, out, now) {
+    // A busy session takes no more: the rest waits in `input`, and the
+    // connection is not read, until replies go out.
+    while !session.busy() {
+        let Some(text) = conn.received(input, out, now) else {
+            break;
+        };
         session.message(&text);
     }
 }
@@ -145,7 +160,7 @@ fn write_some(socket: &TcpStream, conn: &mut WsConn, out: &mut BytesMut) -> bool
         Ok(0) => false,
         Ok(n) => {
             out.advance(n);
-            conn.wrote(n);
+            conn.wrote(n, std::time::Instant::now());
             if out.is_empty() && out.capacity() > 64 * 1024 {
                 *out = BytesMut::new();
             }

@@ -133,12 +133,18 @@ impl WsClient {
         }
     }
 
-    /// The next text message as JSON (control frames other than close skipped).
+    /// The next text message as JSON (see [`WsClient::recv_text`]).
     pub fn recv_json(&mut self) -> Value {
+        serde_json::from_slice(&self.recv_text()).expect("JSON")
+    }
+
+    /// The next text message; pings are answered, as a client must.
+    pub fn recv_text(&mut self) -> bytes::Bytes {
         loop {
             match self.recv() {
-                Incoming::Text(text) => return serde_json::from_slice(&text).expect("JSON"),
-                Incoming::Ping(_) | Incoming::Pong(_) => {}
+                Incoming::Text(text) => return text,
+                Incoming::Ping(payload) => self.send_frame(true, opcode::PONG, &payload),
+                Incoming::Pong(_) => {}
                 other => panic!("expected a text message, got {other:?}"),
             }
         }

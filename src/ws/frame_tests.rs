@@ -212,3 +212,70 @@ fn masking_matches_a_byte_by_byte_xor_at_every_length() {
         assert_eq!(fast, slow, "len {len}");
     }
 }
+
+/// The fuzz target's main property (fuzz/fuzz_targets/ws_frame.rs) as a
+/// plain test over pseudo-random inputs: valid frames, mutated frames and
+/// noise, decoded whole and in random chunks, give the same messages and
+/// the same error, and every message respects the limits.
+#[test]
+fn property_random_frames_decode_the_same_whole_and_in_chunks() {
+    let mut seed = 0x2545_F491_4F6C_DD1Du64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    for _ in 0..3000 {
+        let mut wire = BytesMut::new();
+        for _ in 0..(next() % 6) {
+            let op = [0u8, 1, 2, 8, 9, 10, 3][(next() % 7) as usize];
+            let len = [0usize, 1, 5, 125, 126, 300][(next() % 6) as usize];
+            let payload: Vec<u8> = (0..len).map(|_| (next() % 128) as u8).collect();
+            put_client_frame(&mut wire, next() % 4 != 0, op, &payload, KEY);
+        }
+        // Flip a few bytes, or append noise.
+        for _ in 0..(next() % 3) {
+            if !wire.is_empty() {
+                let i = (next() % wire.len() as u64) as usize;
+                wire[i] ^= (next() % 256) as u8;
+            }
+        }
+        let max = 16 + (next() % 400) as usize;
+        let whole = collect(&[&wire[..]], max);
+        let mut chunks = Vec::new();
+        let mut rest = &wire[..];
+        while !rest.is_empty() {
+            let n = (1 + next() % 50) as usize;
+            let (a, b) = rest.split_at(n.min(rest.len()));
+            chunks.push(a);
+            rest = b;
+        }
+        assert_eq!(whole, collect(&chunks, max), "{wire:?}");
+        for m in &whole.0 {
+            match m {
+                Incoming::Text(t) => assert!(t.len() <= max && std::str::from_utf8(t).is_ok()),
+                Incoming::Binary(b) => assert!(b.len() <= max),
+                Incoming::Ping(p) | Incoming::Pong(p) => assert!(p.len() <= MAX_CONTROL_PAYLOAD),
+                Incoming::Close(_) => {}
+            }
+        }
+    }
+}
+
+fn collect(chunks: &[&[u8]], max: usize) -> (Vec<Incoming>, Option<FrameError>) {
+    let mut decoder = Decoder::new(Side::Server, max);
+    let mut input = BytesMut::new();
+    let mut out = Vec::new();
+    for chunk in chunks {
+        input.extend_from_slice(chunk);
+        loop {
+            match decoder.decode(&mut input) {
+                Ok(Some(m)) => out.push(m),
+                Ok(None) => break,
+                Err(err) => return (out, Some(err)),
+            }
+        }
+    }
+    (out, None)
+}

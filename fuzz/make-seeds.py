@@ -205,3 +205,35 @@ for name, token in jwt_seeds.items():
 for name, sub in {"mint-alice": b"alice", "mint-unicode": "zoë 😀".encode(),
                   "mint-quotes": b'a"b\\c', "mint-empty": b""}.items():
     write("jwt", name, b"\x01" + sub)
+
+# ---- ws_frame: [split seed, max selector] + client frames ----
+def ws_frame(op, payload, fin=True, mask=b"\x37\xfa\x21\x3d", rsv=0):
+    head = bytes([(0x80 if fin else 0) | rsv | op])
+    n = len(payload)
+    if n < 126:
+        head += bytes([0x80 | n])
+    elif n < 65536:
+        head += bytes([0x80 | 126]) + struct.pack(">H", n)
+    else:
+        head += bytes([0x80 | 127]) + struct.pack(">Q", n)
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+WS_SEND = b'{"id":1,"op":"send","chat":"chatroom12345","text":"hi guys! :) ","sender":"kylie"}'
+ws = {
+    "rfc-hello": ws_frame(1, b"Hello"),
+    "requests": (ws_frame(1, WS_SEND) + ws_frame(1, b'{"id":2,"op":"subscribe","chat":"room","cursor":0}')
+                 + ws_frame(1, b'{"id":3,"op":"pull","chat":"room","limit":3}')),
+    "fragmented-with-ping": (ws_frame(1, "héllo ".encode(), fin=False) + ws_frame(9, b"p")
+                             + ws_frame(0, "wö".encode()[:2], fin=False) + ws_frame(0, "wö".encode()[2:])),
+    "ping-pong-close": ws_frame(9, b"abc") + ws_frame(10, b"") + ws_frame(8, struct.pack(">H", 1000) + b"bye"),
+    "medium": ws_frame(1, b" " * 300),
+    "binary": ws_frame(2, b"\x00\xff"),
+    "bad-utf8": ws_frame(1, b"ok \xff"),
+    "reserved-bit": ws_frame(1, b"x", rsv=0x40),
+    "unmasked": b"\x81\x02hi",
+    "bad-close-code": ws_frame(8, struct.pack(">H", 1005)),
+}
+for name, wire in ws.items():
+    write("ws_frame", name, bytes([0, 255]) + wire)
+    write("ws_frame", name + "-split", bytes([0x41, 3]) + wire)

@@ -181,6 +181,12 @@ options! {
         "comma-separated origins (https://app.example) whose browser pages may send without authentication; others' cross-origin sends are 403");
     metrics_addr: Option<String> = optional("--metrics-addr", "IM_METRICS_ADDR", unset,
         "address serving GET /metrics (Prometheus text format) for any role, e.g. the rpc role, which has no HTTP port; the gateway also serves /metrics on --http-addr");
+    ws_max_subscriptions: usize = positive("--ws-max-subscriptions", "IM_WS_MAX_SUBSCRIPTIONS", "256",
+        "chats one WebSocket connection (/api/ws) may subscribe to at once");
+    ws_max_message: usize = positive("--ws-max-message", "IM_WS_MAX_MESSAGE", "1048576",
+        "largest WebSocket message a client may send, in bytes (close 1009 above)");
+    ws_ping_interval: Duration = seconds("--ws-ping-interval-s", "IM_WS_PING_INTERVAL_S", "30",
+        "a WebSocket client silent for this long is pinged, and closed if silent for as long again");
     idempotency_ttl: Duration = idempotency_ttl("--idempotency-ttl-s", "IM_IDEMPOTENCY_TTL_S", "86400",
         "how long a send's idempotency key is remembered, in seconds");
     log_level: crate::logging::Filter = log_filter("--log-level", "IM_LOG", "info",

@@ -688,13 +688,16 @@ async fn run_shard(
             local: local_rpc,
         };
         let rpc = BalancedClient::new(endpoints.clone(), rpc_options);
-        let gateway = Arc::new(Gateway::new(
-            rpc.clone(),
-            plan.access.clone(),
-            config.pull_max_wait_ms,
-            plan.held.clone(),
-            gateway_stopping.clone(),
-        ));
+        let gateway = Arc::new(
+            Gateway::new(
+                rpc.clone(),
+                plan.access.clone(),
+                config.pull_max_wait_ms,
+                plan.held.clone(),
+                gateway_stopping.clone(),
+            )
+            .with_ws(crate::gateway::ws::WsOptions::from(config)),
+        );
         crate::http::serve(
             shard_listener(listeners.http)?,
             gateway,

@@ -68,6 +68,26 @@ impl Auth {
     }
 }
 
+impl Auth {
+    /// [`Auth::authenticate`], also telling until when the token holds
+    /// (its `exp`, Unix seconds; infinite without one): a WebSocket
+    /// connection authenticated by it is closed then. Once per connection,
+    /// so not through the cache.
+    pub fn authenticate_until(
+        &self,
+        header: Option<&[u8]>,
+        now: i64,
+    ) -> Result<(Claims, f64), Denied> {
+        let header = header.ok_or(Denied::MissingToken)?;
+        let token = jwt::bearer_token(header).ok_or(Denied::InvalidToken(
+            TokenError::Malformed("the Authorization header is not `Bearer <token>`"),
+        ))?;
+        let (claims, window) =
+            jwt::verify_with_window(token, &self.rules, now).map_err(Denied::InvalidToken)?;
+        Ok((claims, window.until))
+    }
+}
+
 /// Verified tokens by their exact text, each with its claims and the
 /// window it is valid in (checked on every hit, so an expired token is
 /// verified again, and refused). Only tokens that passed every check are

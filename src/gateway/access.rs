@@ -4,6 +4,8 @@
 //! [`Access::admit`] is one branch and the seed's curl examples work as
 //! they always did.
 
+use std::net::IpAddr;
+
 use tokio::time::Instant;
 
 use super::client_addr::{Cidr, bucket_key, client_address};
@@ -133,6 +135,41 @@ impl Access {
             client_address(peer, &forwarded, &xff, &self.trusted_proxies)
         };
         bucket_key(client)
+    }
+}
+
+impl Access {
+    /// Takes one token from the bucket of `user` (or of `peer` without
+    /// authentication) if `api` is limited: the limit of [`Access::admit`],
+    /// for a request that arrived on a WebSocket.
+    pub fn limit(
+        &self,
+        user: Option<&Claims>,
+        peer: Option<IpAddr>,
+        api: Api,
+    ) -> Result<(), ApiError> {
+        let limiter = match api {
+            Api::Send => &self.send_limit,
+            Api::Pull => &self.pull_limit,
+        };
+        if let Some(limiter) = limiter
+            && let Err(wait) = limiter.check(&client_key(user, peer), Instant::now())
+        {
+            return Err(ApiError::RateLimited(retry_after_secs(wait)));
+        }
+        Ok(())
+    }
+}
+
+/// The bucket of a WebSocket request: `u:<user>`, or the connection's
+/// address bucket ([`bucket_key`]: an IPv6 client by its /64). (The
+/// connection's peer: a trusted proxy's forwarded address is not applied
+/// to WebSocket requests.)
+fn client_key(claims: Option<&Claims>, peer: Option<IpAddr>) -> Vec<u8> {
+    match (claims, peer) {
+        (Some(c), _) => [b"u:", c.sub.as_bytes()].concat(),
+        (None, Some(ip)) => bucket_key(ip),
+        (None, None) => b"ip:".to_vec(),
     }
 }
 

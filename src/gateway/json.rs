@@ -38,7 +38,7 @@ struct PullParams<'a> {
     wait_ms: Option<i64>,
 }
 
-fn invalid_json(err: serde_json::Error) -> ApiError {
+pub(super) fn invalid_json(err: serde_json::Error) -> ApiError {
     // serde quotes the offending value whole ("invalid type: string \"…\""):
     // a 1 MB bad string would come back as a 1 MB 400.
     ApiError::Invalid(format!(

@@ -11,6 +11,7 @@ pub mod pull_wire;
 pub mod ready;
 pub mod stream;
 pub mod web;
+pub mod ws;
 
 use std::sync::Arc;
 
@@ -38,6 +39,8 @@ pub struct Gateway {
     held: Arc<held::HeldWork>,
     /// Turns true when the process shuts down: waiting pulls answer at once.
     stopping: watch::Receiver<bool>,
+    /// `GET /api/ws`'s options ([`Gateway::with_ws`]).
+    ws: ws::WsOptions,
 }
 
 /// A started request.
@@ -79,7 +82,14 @@ impl Gateway {
             max_wait_ms,
             held,
             stopping,
+            ws: ws::WsOptions::default(),
         }
+    }
+
+    /// The WebSocket endpoint's options (defaults unless set).
+    pub fn with_ws(mut self, options: ws::WsOptions) -> Gateway {
+        self.ws = options;
+        self
     }
 
     fn route(&self, req: &Request, account: &Account) -> Result<PendingReply, ApiError> {
@@ -130,6 +140,8 @@ impl Gateway {
             b"/api/pull" => Err(ApiError::MethodNotAllowed("GET, HEAD")),
             b"/api/stream" if readable => self.start_stream(req, account),
             b"/api/stream" => Err(ApiError::MethodNotAllowed("GET, HEAD")),
+            b"/api/ws" if req.method == Method::Get => self.start_ws(req),
+            b"/api/ws" => Err(ApiError::MethodNotAllowed("GET")),
             _ => Err(ApiError::NotFound),
         }
     }

@@ -33,7 +33,7 @@ use crate::wire::{Value, next_field};
 /// message is stored in its chat (`PullRequest.wait_ms`, capped by
 /// `--pull-max-wait-ms`): well under the 30 s most proxies allow a silent
 /// upstream, and heartbeats keep the client side alive meanwhile.
-const STREAM_WAIT_MS: i32 = 25_000;
+pub(super) const STREAM_WAIT_MS: i32 = 25_000;
 
 /// Pause after an empty page that came back before its wait was up (waiting
 /// turned off with `--pull-max-wait-ms 0`, the RPC server shutting down, a
@@ -42,7 +42,7 @@ const EARLY_EMPTY_PAUSE: Duration = Duration::from_millis(100);
 
 /// The pull after `cursor`: oldest first, a full page, held up to `wait_ms`
 /// by the RPC server while there is nothing new.
-fn page_request(chat: &str, cursor: i64, wait_ms: i32) -> PullRequest {
+pub(super) fn page_request(chat: &str, cursor: i64, wait_ms: i32) -> PullRequest {
     PullRequest {
         chat: chat.to_string(),
         cursor,
@@ -191,7 +191,7 @@ fn is_q_zero(param: &[u8]) -> bool {
 /// way). The RPC client copied it out of its read buffer (which it would
 /// otherwise pin for as long as a slow reader takes) when it charged it to
 /// the memory budget, and the charge lasts as long as the page.
-fn page_of(frame: Frame) -> Result<Bytes, ApiError> {
+pub(super) fn page_of(frame: Frame) -> Result<Bytes, ApiError> {
     check_status(&frame)?;
     let undecodable =
         |e: crate::wire::Malformed| ApiError::internal(format!("undecodable rpc reply: {e}"));
@@ -222,14 +222,30 @@ async fn next_page(
     cursor: i64,
     wait_ms: i32,
 ) -> Batch {
+    next_page_of(rpc, Some(account), chat, cursor, wait_ms)
+        .await
+        .map_err(|err| error_event(&err))
+}
+
+/// The loop of pulls of [`next_page`], shared with WebSocket
+/// subscriptions ([`super::ws`]): the next page after `cursor` that holds
+/// messages, or the error that ended the loop. Each page is charged to
+/// `account`'s share of the memory budget when it arrives, if given.
+pub(super) async fn next_page_of(
+    rpc: BalancedClient,
+    account: Option<Account>,
+    chat: String,
+    cursor: i64,
+    wait_ms: i32,
+) -> Result<Bytes, ApiError> {
     let wait = Duration::from_millis(wait_ms.max(0) as u64);
     loop {
         let asked = tokio::time::Instant::now();
         let page = async {
             let request = page_request(&chat, cursor, wait_ms);
             // Held until a message comes: charged when the page arrives.
-            let budgeted = Budgeted::OnArrival(account.clone());
-            let call = rpc.start(RpcRequest::Pull(request, Some(budgeted)))?;
+            let budgeted = account.clone().map(Budgeted::OnArrival);
+            let call = rpc.start(RpcRequest::Pull(request, budgeted))?;
             page_of(rpc.finish(call).await?)
         };
         match page.await {
@@ -238,7 +254,7 @@ async fn next_page(
                 tokio::time::sleep(EARLY_EMPTY_PAUSE).await;
             }
             Ok(_) => {}
-            Err(err) => return Err(error_event(&err)),
+            Err(err) => return Err(err),
         }
     }
 }
@@ -258,6 +274,26 @@ async fn until_expiry(page: impl Future<Output = Batch>, until: i64) -> Batch {
         batch = page => batch,
         _ = tokio::time::sleep(left) => Err(error_event(&ApiError::TokenExpired)),
     }
+}
+
+/// The send_time of a page's last message (the newest: pages are oldest
+/// first), the next pull's cursor; `None` if it holds none.
+pub(super) fn last_send_time(page: &[u8]) -> Option<i64> {
+    let mut last = None;
+    let mut rest = page;
+    while let Ok(field) = next_field(&mut rest) {
+        if let (pull_response::MESSAGES, Value::Bytes(mut message)) = field {
+            while let Ok(field) = next_field(&mut message) {
+                if let (crate::proto::fields::message::SEND_TIME, Value::Varint(t)) = field {
+                    last = Some(t as i64);
+                }
+            }
+        }
+        if rest.is_empty() {
+            break;
+        }
+    }
+    last
 }
 
 fn has_messages(page: &[u8]) -> bool {

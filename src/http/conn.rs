@@ -247,6 +247,14 @@ pub struct Conn {
     streaming: Option<Streaming>,
 }
 
+/// Whether `req` asks to switch to WebSocket (an `Upgrade` naming it).
+pub fn is_websocket_upgrade(req: &Request) -> bool {
+    req.header_values("upgrade").any(|v| {
+        v.split(|&b| b == b',')
+            .any(|p| p.trim_ascii().eq_ignore_ascii_case(b"websocket"))
+    })
+}
+
 /// Small to start: thousands of idle connections should cost little.
 const INITIAL_BUFFER: usize = 4096;
 
@@ -320,6 +328,12 @@ impl Conn {
                 }
             },
         };
+        // A WebSocket handshake is the connection's last HTTP request: the
+        // bytes after it are frames (or, if it is refused, nothing more is
+        // served), never requests to decode.
+        if is_websocket_upgrade(&req) {
+            self.closing = true;
+        }
         let safe = matches!(req.method, Method::Get | Method::Head);
         let unsafe_in_flight = self.in_flight.iter().any(|f| !f.safe);
         if !self.in_flight.is_empty() && (!safe || unsafe_in_flight) {

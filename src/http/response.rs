@@ -53,6 +53,22 @@ pub const HEARTBEAT: &[u8] = b": hb\n\n";
 /// within the write timeout (see README, "Live stream").
 pub const LAGGED_EVENT: &[u8] = b"event: lagged\ndata: {\"error\":{\"code\":\"lagged\",\"message\":\"the client read too slowly; reconnect with Last-Event-ID to resume\"}}\n\n";
 
+/// What takes over a connection after a `101 Switching Protocols` (the
+/// WebSocket session, [`crate::ws`]): the HTTP driver writes the 101 with
+/// its header lines, then hands it the socket and any bytes already read.
+pub trait Upgrade: Send {
+    /// The 101's header lines after `Date`, each as `\r\nName: value`.
+    fn put_head(&self, out: &mut BytesMut);
+    /// Serves the connection until it ends; `shutdown` turns true when the
+    /// process stops.
+    fn run(
+        self: Box<Self>,
+        socket: tokio::net::TcpStream,
+        input: BytesMut,
+        shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send>>;
+}
+
 /// A response ready to be written. The body is already serialised JSON, or
 /// is produced by `stream` while being written.
 pub struct Response {
@@ -74,6 +90,8 @@ pub struct Response {
     /// text/event-stream`, no `Content-Length`, and the connection ends
     /// with it.
     pub events: Option<Box<dyn EventSource>>,
+    /// When set, `101 Switching Protocols`: the connection is handed to it.
+    pub upgrade: Option<Box<dyn Upgrade>>,
 }
 
 impl Response {
@@ -88,7 +106,16 @@ impl Response {
             extra_header: None,
             content_type: "application/json",
             events: None,
+            upgrade: None,
         }
+    }
+
+    /// `101 Switching Protocols`, the connection then served by `upgrade`.
+    pub fn switching(upgrade: Box<dyn Upgrade>) -> Response {
+        let mut resp = Response::json(101, Vec::new());
+        resp.upgrade = Some(upgrade);
+        resp.close = true;
+        resp
     }
 
     /// `200 text/event-stream`, its events from `events`.
@@ -122,6 +149,7 @@ impl std::fmt::Debug for Response {
 pub fn reason(status: u16) -> &'static str {
     match status {
         100 => "Continue",
+        101 => "Switching Protocols",
         200 => "OK",
         400 => "Bad Request",
         401 => "Unauthorized",
@@ -161,6 +189,12 @@ pub fn write_response(
     out.put_slice(reason(resp.status).as_bytes());
     out.put_slice(b"\r\nDate: ");
     with_date(|date| out.put_slice(date));
+    if let Some(upgrade) = &resp.upgrade {
+        // No body, no Content-Length (RFC 9110 §8.6), its own `Connection`.
+        upgrade.put_head(out);
+        out.put_slice(b"\r\n\r\n");
+        return;
+    }
     if resp.events.is_some() {
         put_event_stream_head(out, http10);
     } else {

@@ -20,7 +20,8 @@ use super::conn::{
     Action, Conn, Expiry, Finished, Framing, ReadUntil, Settings, StreamEnd, StreamStep,
 };
 use super::response::{
-    Batch, EventSource, HEARTBEAT, LAGGED_EVENT, LAST_CHUNK, Response, put_chunk, write_response,
+    Batch, EventSource, HEARTBEAT, LAGGED_EVENT, LAST_CHUNK, Response, Upgrade, put_chunk,
+    write_response,
 };
 use crate::accept::{drain, next_connection};
 use crate::budget::{Account, Charge, ClientKey, MemoryBudget};
@@ -241,10 +242,20 @@ async fn connection<H: Handler>(
             Action::Finish => {
                 let answered =
                     answer_oldest(&mut io, &mut conn, &mut pending, &*handler, &shutdown);
-                if let Some((events, chunked)) = answered.await? {
+                match answered.await? {
+                    Then::Next => {}
                     // Boxed: a stream's driver is large, and inline it
                     // would make every connection's task that large.
-                    return Box::pin(io.stream(&mut conn, events, chunked, &mut shutdown)).await;
+                    Then::Stream(events, chunked) => {
+                        return Box::pin(io.stream(&mut conn, events, chunked, &mut shutdown))
+                            .await;
+                    }
+                    Then::Upgrade(upgrade) => {
+                        io.flush().await?;
+                        let input = std::mem::take(&mut conn.input);
+                        upgrade.run(io.socket, input, shutdown).await;
+                        return Ok(());
+                    }
                 }
             }
             Action::Stream(_) => return Ok(()),
@@ -279,16 +290,25 @@ fn settings(options: &ServerOptions) -> Settings {
     }
 }
 
+/// What the connection does after a response.
+enum Then {
+    Next,
+    /// Drive this event stream (chunked or not).
+    Stream(Box<dyn EventSource>, bool),
+    /// Hand the connection over (after `101 Switching Protocols`).
+    Upgrade(Box<dyn Upgrade>),
+}
+
 /// Answers the oldest started request and queues its response; an event
-/// stream's source (and whether it is chunked) is handed back for the
-/// connection to drive.
+/// stream's source (and whether it is chunked), or what takes the
+/// connection over, is handed back for the connection to drive.
 async fn answer_oldest<H: Handler>(
     io: &mut Io,
     conn: &mut Conn,
     pending: &mut VecDeque<Option<H::Pending>>,
     handler: &H,
     shutdown: &watch::Receiver<bool>,
-) -> std::io::Result<Option<(Box<dyn EventSource>, bool)>> {
+) -> std::io::Result<Then> {
     // The future is made and pinned here, in one place: an `async fn`
     // taking the started request or its future by value would hold it twice
     // (rust-lang/rust#62958), in every waiting connection's task.
@@ -307,7 +327,7 @@ async fn answer_oldest<H: Handler>(
         Some(future) => io.response(catch_panic(future), held, release_idle).await?,
         None => None,
     };
-    let resp = resp.unwrap_or_else(|| handler.reject(HttpError::HandlerPanicked));
+    let mut resp = resp.unwrap_or_else(|| handler.reject(HttpError::HandlerPanicked));
     let done = Finished {
         status: resp.status,
         body_len: resp.body_len(),
@@ -317,11 +337,19 @@ async fn answer_oldest<H: Handler>(
     if !framing.keep_alive {
         pending.clear();
     }
-    let events = io.put_response(resp, framing).await?;
-    Ok(events.map(|events| {
-        conn.start_stream(std::time::Instant::now());
-        (events, !framing.http10)
-    }))
+    if resp.upgrade.is_some() {
+        write_response(&mut io.output, &resp, false, false, false);
+    }
+    if let Some(upgrade) = resp.upgrade.take() {
+        return Ok(Then::Upgrade(upgrade));
+    }
+    Ok(match io.put_response(resp, framing).await? {
+        Some(events) => {
+            conn.start_stream(std::time::Instant::now());
+            Then::Stream(events, !framing.http10)
+        }
+        None => Then::Next,
+    })
 }
 
 impl Io {

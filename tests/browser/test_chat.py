@@ -145,6 +145,9 @@ class ChatPage(unittest.TestCase):
             WebDriverWait(receiver, float(os.environ.get("LIVE_TIMEOUT", "1.0")), poll_frequency=0.02).until(
                 lambda d: any(m[2] == text for m in self.messages(d)))
             print(f"  live: shown in the other session after {time.monotonic() - started:.3f} s")
+        # Live updates and sends went over the WebSocket (/api/ws).
+        for driver in (self.alice, self.bob):
+            self.assertEqual(driver.execute_script("return window.imTransport"), "websocket")
         # Text is text: the markup arrived as characters, not as an element.
         self.assertEqual(self.bob.find_elements(By.CSS_SELECTOR, "li.msg .text b"), [])
         for driver in (self.alice, self.bob):
@@ -154,6 +157,28 @@ class ChatPage(unittest.TestCase):
             lambda d: d.find_element(By.ID, "send").is_enabled()
             and d.find_element(By.ID, "text").get_property("value") == "")
         self.alice.save_screenshot(os.path.join(SCREENSHOT_DIR, "chat.png"))
+
+    def test_without_a_websocket_the_page_falls_back_to_sse_and_http(self):
+        if self.status_only("/api/stream?chat=probe") == 404:
+            self.skipTest("GET /api/stream is not in this build: live updates cannot be tested")
+        # A browser whose WebSocket cannot connect (its URL answers 404, as
+        # behind a proxy that refuses the upgrade): the page follows by SSE.
+        driver = browser()
+        try:
+            driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": (
+                "const Real = window.WebSocket;"
+                "window.WebSocket = class extends Real {"
+                " constructor(url) { super(url.replace('/api/ws', '/api/no-ws')); } };")})
+            self.open_room(driver, "fallback-room", "ivan")
+            WebDriverWait(driver, 5).until(lambda d: d.execute_script("return window.imTransport") == "sse")
+            self.type_and_send(driver, "sent over HTTP")
+            WebDriverWait(driver, 5).until(
+                lambda d: [m[2] for m in self.messages(d)] == ["sent over HTTP"])
+            self.send("fallback-room", "judy", "arrived by SSE")
+            WebDriverWait(driver, 5, poll_frequency=0.05).until(
+                lambda d: [m[2] for m in self.messages(d)] == ["sent over HTTP", "arrived by SSE"])
+        finally:
+            driver.quit()
 
     def test_scrolling_back_loads_every_older_message_exactly_once(self):
         room = "history-room"
@@ -226,7 +251,7 @@ class ChatPage(unittest.TestCase):
             self.type_and_send(driver, "signed hello")
             WebDriverWait(driver, 5).until(
                 lambda d: [m[1:] for m in self.messages(d)] == [["frank", "signed hello"]])
-            # Grace's answer arrives by pulls (an EventSource cannot send the token).
+            # Grace's answer arrives on the WebSocket, authenticated by its first frame.
             req = urllib.request.Request(
                 base + "/api/send", method="POST",
                 data=json.dumps({"chat": "grace:frank", "text": "hi frank"}).encode(),
@@ -235,6 +260,7 @@ class ChatPage(unittest.TestCase):
                 self.assertEqual(resp.status, 200)
             WebDriverWait(driver, 5, poll_frequency=0.05).until(
                 lambda d: [m[2] for m in self.messages(d)] == ["signed hello", "hi frank"])
+            self.assertEqual(driver.execute_script("return window.imTransport"), "websocket")
             # The name is the token's user: "bob" typed with frank's token
             # joins as frank (it used to join as bob, then every send was 403).
             join("frank:grace", "bob", token("frank"))

@@ -7,7 +7,8 @@
 //! - [`client`]: one raw HTTP/1.1 client and the assertions on responses and connections;
 //! - [`rpc`]: one raw client of the internal RPC protocol;
 //! - [`api`]: the IM API (send, pull, pages) on top of [`client`];
-//! - [`sse`], [`metrics`]: event streams and Prometheus scrapes.
+//! - [`sse`], [`metrics`]: event streams and Prometheus scrapes;
+//! - [`ws`]: a raw WebSocket client (any frame, valid or not).
 //!
 //! Everything is re-exported here, so a test file says `use common::*;`.
 
@@ -102,6 +103,10 @@ mod rpc;
 mod server;
 #[allow(dead_code)]
 mod sse;
+#[allow(dead_code)]
+mod ws;
 
 #[allow(unused_imports)]
-pub use {api::*, client::*, etcd::*, metrics::*, proc::*, redis::*, rpc::*, server::*, sse::*};
+pub use {
+    api::*, client::*, etcd::*, metrics::*, proc::*, redis::*, rpc::*, server::*, sse::*, ws::*,
+};

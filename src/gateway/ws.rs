@@ -1,0 +1,754 @@
+//! `GET /api/ws`: the API over one WebSocket connection (README,
+//! "WebSocket"). Each text frame is one JSON request with a client-chosen
+//! `id`, answered by a reply with the same `id`; requests run at once and
+//! side by side, so replies come in the order they are ready.
+//!
+//! * `send` and `pull` are the RPCs of `POST /api/send` and `GET /api/pull`,
+//!   checked the same way (authentication, rooms, `sender`, rate limits),
+//!   their failures the same codes ([`super::error`]).
+//! * `subscribe` follows a chat as `/api/stream` does: the same loop of
+//!   pulls ([`super::stream`]), so its events are exact (history after the
+//!   cursor oldest first, then each new message once). Each subscription
+//!   holds at most one page until it is written, and the connection's
+//!   output is bounded as an event stream's is: a subscriber whose output
+//!   is not written within the write timeout gets `{"event":"lagged"}` and
+//!   close 1008.
+//! * `auth` authenticates a connection whose upgrade carried no token (a
+//!   browser cannot set headers on a WebSocket); it is closed (1008) when
+//!   the token expires.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use serde::Deserialize;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+use super::access::{self, Access, Api};
+use super::error::ApiError;
+use super::pull_wire::write_message;
+use super::{Gateway, PendingReply, decode_reply, json, stream};
+use crate::auth::Claims;
+use crate::error::CODE_OK;
+use crate::http::Request;
+use crate::http::response::{Response, Upgrade};
+use crate::proto::fields::pull_response;
+use crate::proto::{Message, PullRequest, SendRequest, SendResponse};
+use crate::rpc::balanced::BalancedClient;
+use crate::rpc::client::RpcRequest;
+use crate::wire::{Value, next_field};
+use crate::ws::driver::{self, Session};
+use crate::ws::frame::{close_code, opcode, put_frame};
+
+/// The WebSocket options (`--ws-*`, and the HTTP output limits they share).
+#[derive(Debug, Clone, Copy)]
+pub struct WsOptions {
+    pub max_subscriptions: usize,
+    /// How long a connection may wait for its `auth` (`--request-timeout-s`,
+    /// as a request must arrive whole within it).
+    pub auth_timeout: std::time::Duration,
+    pub driver: driver::Options,
+}
+
+impl From<&crate::config::Config> for WsOptions {
+    fn from(config: &crate::config::Config) -> Self {
+        WsOptions {
+            max_subscriptions: config.ws_max_subscriptions,
+            auth_timeout: config.request_timeout,
+            driver: driver::Options {
+                conn: crate::ws::conn::Settings {
+                    max_message: config.ws_max_message,
+                    ping_after: config.ws_ping_interval,
+                    write_timeout: config.write_timeout,
+                },
+                max_output: config.max_output_buffer,
+            },
+        }
+    }
+}
+
+impl Default for WsOptions {
+    fn default() -> Self {
+        WsOptions::from(&crate::config::Config::defaults())
+    }
+}
+
+/// Requests of one connection in flight at once; past it the connection
+/// is not read until replies go out.
+const MAX_IN_FLIGHT: usize = 64;
+
+impl Gateway {
+    /// Checks the handshake and the token it carries, if any (a bad one is
+    /// a 401 as over HTTP; none leaves the `auth` op to come).
+    pub(super) fn start_ws(&self, req: &Request) -> Result<PendingReply, ApiError> {
+        let accept =
+            crate::ws::handshake::accept(req).map_err(|why| ApiError::Invalid(why.into()))?;
+        let mut auth = AuthState::Open;
+        if let Some(checker) = &self.access.auth {
+            auth = match req.header_values("authorization").next() {
+                None => AuthState::Awaiting(tokio::time::Instant::now() + self.ws.auth_timeout),
+                header => {
+                    let now = crate::now_micros() / 1_000_000;
+                    let (claims, until) = checker
+                        .authenticate_until(header, now)
+                        .map_err(access::denied)?;
+                    AuthState::User(Box::new(claims), expiry(until))
+                }
+            };
+        }
+        let upgrade = WsUpgrade {
+            accept,
+            session: WsSession::new(self, auth, req.peer),
+            options: self.ws,
+        };
+        Ok(PendingReply::Ready(Response::switching(Box::new(upgrade))))
+    }
+}
+
+/// When a token whose `exp` is `until` (Unix seconds) runs out, on the
+/// runtime's clock; `None` if never.
+fn expiry(until: f64) -> Option<tokio::time::Instant> {
+    if !until.is_finite() {
+        return None;
+    }
+    let left = until - crate::now_micros() as f64 / 1e6;
+    let left = std::time::Duration::from_secs_f64(left.clamp(0.0, 1e9));
+    Some(tokio::time::Instant::now() + left)
+}
+
+struct WsUpgrade {
+    accept: String,
+    session: WsSession,
+    options: WsOptions,
+}
+
+impl Upgrade for WsUpgrade {
+    fn put_head(&self, out: &mut BytesMut) {
+        out.extend_from_slice(
+            b"\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ",
+        );
+        out.extend_from_slice(self.accept.as_bytes());
+    }
+
+    fn run(
+        self: Box<Self>,
+        socket: tokio::net::TcpStream,
+        input: BytesMut,
+        shutdown: watch::Receiver<bool>,
+    ) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>> {
+        let WsUpgrade {
+            session, options, ..
+        } = *self;
+        Box::pin(driver::run(
+            socket,
+            input,
+            session,
+            options.driver,
+            shutdown,
+        ))
+    }
+}
+
+/// Who the connection speaks for.
+enum AuthState {
+    /// Authentication is off.
+    Open,
+    /// On, and no token yet: only `auth` is served, until this time.
+    Awaiting(tokio::time::Instant),
+    /// This user, until this time (the token's `exp`).
+    User(Box<Claims>, Option<tokio::time::Instant>),
+}
+
+/// What the connection's tasks hand back.
+pub(super) enum Event {
+    /// A reply to a request, from its task, and the reply bytes its
+    /// request had reserved.
+    Reply(Vec<u8>, usize),
+    /// A reply made without a task (a refusal, `unsubscribe`, `auth`).
+    Answer(Vec<u8>),
+    /// A subscription's page (a `PullResponse`), its chat and generation;
+    /// the task pulls the next page once `rendered` is dropped.
+    Page {
+        chat: Arc<str>,
+        generation: u64,
+        page: Bytes,
+        rendered: oneshot::Sender<()>,
+    },
+    /// A subscription ended (it failed); its final event, if any.
+    Ended {
+        chat: Arc<str>,
+        generation: u64,
+        event: Vec<u8>,
+    },
+    /// More of the page being rendered.
+    More,
+    /// Close the connection (a refused `auth`, the token's expiry).
+    Close(u16, &'static str),
+}
+
+/// A page being rendered, one event per message, and its task's signal.
+struct Rendering {
+    chat: Arc<str>,
+    page: Bytes,
+    pos: usize,
+    _rendered: oneshot::Sender<()>,
+}
+
+/// A subscription's task, stopped when dropped (unsubscribed, or the
+/// connection ended).
+struct Subscription {
+    generation: u64,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+struct WsSession {
+    rpc: BalancedClient,
+    access: Arc<Access>,
+    auth: AuthState,
+    peer: Option<IpAddr>,
+    max_wait_ms: i32,
+    max_subscriptions: usize,
+    events: mpsc::UnboundedReceiver<Event>,
+    sender: mpsc::UnboundedSender<Event>,
+    subscriptions: HashMap<Arc<str>, Subscription>,
+    generation: u64,
+    /// Requests started and not yet answered.
+    in_flight: usize,
+    /// The most reply bytes those may hold (pulls: a page each), and the
+    /// output budget they must fit (one may exceed it alone), as over HTTP.
+    reserved: usize,
+    max_output: usize,
+    /// Replies made without a task (refusals), to go out first.
+    ready: std::collections::VecDeque<Vec<u8>>,
+    /// A close to send (a failed `auth`).
+    closing: Option<(u16, &'static str)>,
+    rendering: Option<Rendering>,
+    /// One message's JSON; reused.
+    scratch: Vec<u8>,
+}
+
+/// One request frame. Fields an op does not use are ignored.
+#[derive(Deserialize)]
+struct Op {
+    #[serde(default)]
+    id: serde_json::Value,
+    #[serde(default)]
+    op: String,
+    #[serde(default)]
+    chat: Option<String>,
+    #[serde(default)]
+    text: Option<String>,
+    #[serde(default)]
+    sender: Option<String>,
+    #[serde(default)]
+    idempotency_key: Option<String>,
+    #[serde(default)]
+    cursor: Option<i64>,
+    #[serde(default)]
+    limit: Option<i64>,
+    #[serde(default)]
+    reverse: Option<bool>,
+    #[serde(default)]
+    token: Option<String>,
+}
+
+impl WsSession {
+    fn new(gateway: &Gateway, auth: AuthState, peer: Option<IpAddr>) -> WsSession {
+        let (sender, events) = mpsc::unbounded_channel();
+        WsSession {
+            rpc: gateway.rpc.clone(),
+            access: gateway.access.clone(),
+            auth,
+            peer,
+            max_wait_ms: gateway.max_wait_ms,
+            max_subscriptions: gateway.ws.max_subscriptions,
+            events,
+            sender,
+            subscriptions: HashMap::new(),
+            generation: 0,
+            in_flight: 0,
+            reserved: 0,
+            max_output: gateway.ws.driver.max_output,
+            ready: Default::default(),
+            closing: None,
+            rendering: None,
+            scratch: Vec::new(),
+        }
+    }
+
+    /// Serves one request: a refusal is answered at once, an RPC in a task.
+    fn serve(&mut self, op: Op) {
+        let id = op.id.clone();
+        if let Err(err) = self.start(op) {
+            self.ready.push_back(error_reply(&id, &err));
+        }
+    }
+
+    fn start(&mut self, op: Op) -> Result<(), ApiError> {
+        if op.op == "auth" {
+            return self.authenticate(op);
+        }
+        let user = match &self.auth {
+            AuthState::Awaiting(_) => {
+                return Err(ApiError::Unauthorized {
+                    missing: true,
+                    why: "authenticate first: {\"op\":\"auth\",\"token\":\"<token>\"}",
+                });
+            }
+            AuthState::User(claims, _) => Some(claims.as_ref().clone()),
+            AuthState::Open => None,
+        };
+        match op.op.as_str() {
+            "send" => self.start_send(op, user.as_ref()),
+            "pull" => self.start_pull(op, user.as_ref()),
+            "subscribe" => self.subscribe(op, user.as_ref()),
+            "unsubscribe" => self.unsubscribe(op),
+            "" => Err(ApiError::Invalid("`op` is required".into())),
+            other => Err(ApiError::Invalid(format!(
+                "unknown op `{}`; use send, pull, subscribe, unsubscribe or auth",
+                json::quote(other)
+            ))),
+        }
+    }
+
+    /// `auth`: the connection's user from here on; a refused token closes
+    /// the connection (1008) after its reply.
+    fn authenticate(&mut self, op: Op) -> Result<(), ApiError> {
+        let Some(checker) = &self.access.auth else {
+            self.ready.push_back(ok_reply(&op.id, b""));
+            return Ok(());
+        };
+        if matches!(self.auth, AuthState::User(..)) {
+            return Err(ApiError::Invalid(
+                "this connection is authenticated already".into(),
+            ));
+        }
+        let header = format!("Bearer {}", op.token.unwrap_or_default());
+        let now = crate::now_micros() / 1_000_000;
+        match checker.authenticate_until(Some(header.as_bytes()), now) {
+            Ok((claims, until)) => {
+                self.auth = AuthState::User(Box::new(claims), expiry(until));
+                self.ready.push_back(ok_reply(&op.id, b""));
+                Ok(())
+            }
+            Err(denied) => {
+                self.closing = Some((close_code::POLICY_VIOLATION, "authentication failed"));
+                Err(access::denied(denied))
+            }
+        }
+    }
+
+    /// Takes one token of the op's rate limit, as an HTTP request would.
+    fn admit(&self, user: Option<&Claims>, api: Api) -> Result<(), ApiError> {
+        self.access.limit(user, self.peer, api)
+    }
+
+    fn start_send(&mut self, op: Op, user: Option<&Claims>) -> Result<(), ApiError> {
+        self.admit(user, Api::Send)?;
+        let key = op.idempotency_key.unwrap_or_default();
+        if !key.is_empty() {
+            crate::domain::validate_idempotency_key(&key).map_err(|e| ApiError::Invalid(e.0))?;
+        }
+        let mut message = Message {
+            chat: op.chat.unwrap_or_default(),
+            text: op.text.unwrap_or_default(),
+            sender: op.sender.unwrap_or_default(),
+            send_time: 0,
+        };
+        if let Some(user) = user {
+            access::authorize(user, &message.chat, Some(&mut message.sender))?;
+        }
+        let request = SendRequest {
+            message: Some(message),
+            idempotency_key: key,
+        };
+        let call = self.rpc.start(RpcRequest::Send(request))?;
+        let rpc = self.rpc.clone();
+        self.spawn_reply(op.id, 0, async move {
+            let resp: SendResponse = decode_reply(rpc.finish(call).await?)?;
+            if resp.code != CODE_OK {
+                return Err(ApiError::from_code(resp.code, resp.msg));
+            }
+            let mut body = b"\"send_time\":".to_vec();
+            json::put_i64(&mut body, resp.send_time);
+            if resp.replayed {
+                body.extend_from_slice(b",\"replayed\":true");
+            }
+            Ok(body)
+        });
+        Ok(())
+    }
+
+    fn start_pull(&mut self, op: Op, user: Option<&Claims>) -> Result<(), ApiError> {
+        self.admit(user, Api::Pull)?;
+        let request = PullRequest {
+            chat: op.chat.unwrap_or_default(),
+            cursor: op.cursor.unwrap_or(0),
+            limit: op
+                .limit
+                .unwrap_or(0)
+                .clamp(i64::from(i32::MIN), i64::from(i32::MAX)) as i32,
+            reverse: op.reverse.unwrap_or(false),
+            wait_ms: 0,
+        };
+        if let Some(user) = user {
+            access::authorize(user, &request.chat, None)?;
+        }
+        // The page it may hold until written (a refused limit holds none).
+        let messages = match request.limit {
+            0 => crate::domain::DEFAULT_LIMIT,
+            n => n.clamp(1, crate::domain::MAX_LIMIT),
+        };
+        let bound = messages as usize * crate::domain::MAX_MESSAGE_WIRE_BYTES;
+        let call = self.rpc.start(RpcRequest::Pull(request, None))?;
+        let rpc = self.rpc.clone();
+        self.reserved += bound;
+        self.spawn_reply(op.id, bound, async move {
+            let frame = rpc.finish(call).await?;
+            super::check_status(&frame)?;
+            match super::pull_wire::pull_json(&frame.body) {
+                // `{"messages":...}` without its braces.
+                Ok(Ok(body)) => Ok(body[1..body.len() - 1].to_vec()),
+                Ok(Err(failed)) => Err(ApiError::from_code(failed.code, failed.msg)),
+                Err(err) => Err(ApiError::internal(format!("undecodable rpc reply: {err}"))),
+            }
+        });
+        Ok(())
+    }
+
+    /// Runs `reply` in a task; its fields (or error) become the reply to
+    /// `id`. `bound`: the reply bytes it may hold (reserved until rendered).
+    fn spawn_reply<F>(&mut self, id: serde_json::Value, bound: usize, reply: F)
+    where
+        F: Future<Output = Result<Vec<u8>, ApiError>> + Send + 'static,
+    {
+        self.in_flight += 1;
+        let sender = self.sender.clone();
+        tokio::spawn(async move {
+            let reply = match reply.await {
+                Ok(fields) => ok_reply(&id, &fields),
+                Err(err) => error_reply(&id, &err),
+            };
+            let _ = sender.send(Event::Reply(reply, bound));
+        });
+    }
+}
+
+impl WsSession {
+    /// `subscribe`: checked as a pull (one token of the pull limit), its
+    /// first pull started here; the task replies once it is answered.
+    fn subscribe(&mut self, op: Op, user: Option<&Claims>) -> Result<(), ApiError> {
+        self.admit(user, Api::Pull)?;
+        let chat: Arc<str> = op.chat.unwrap_or_default().into();
+        if let Some(user) = user {
+            access::authorize(user, &chat, None)?;
+        }
+        if self.subscriptions.contains_key(&chat) {
+            return Err(ApiError::Invalid("already subscribed to this chat".into()));
+        }
+        if self.subscriptions.len() >= self.max_subscriptions {
+            return Err(ApiError::Invalid(format!(
+                "at most {} subscriptions per connection (--ws-max-subscriptions)",
+                self.max_subscriptions
+            )));
+        }
+        let cursor = op.cursor.unwrap_or(0);
+        let first = self.rpc.start(RpcRequest::Pull(
+            stream::page_request(&chat, cursor, 0),
+            None,
+        ))?;
+        self.generation += 1;
+        self.in_flight += 1;
+        let follow = Follow {
+            rpc: self.rpc.clone(),
+            chat: chat.clone(),
+            generation: self.generation,
+            cursor,
+            wait_ms: stream::STREAM_WAIT_MS.min(self.max_wait_ms).max(0),
+            sender: self.sender.clone(),
+        };
+        let task = tokio::spawn(follow.run(op.id, first));
+        let subscription = Subscription {
+            generation: self.generation,
+            task,
+        };
+        self.subscriptions.insert(chat, subscription);
+        Ok(())
+    }
+
+    fn unsubscribe(&mut self, op: Op) -> Result<(), ApiError> {
+        let chat = op.chat.unwrap_or_default();
+        if self.subscriptions.remove(chat.as_str()).is_none() {
+            return Err(ApiError::Invalid("not subscribed to this chat".into()));
+        }
+        if self.rendering.as_ref().is_some_and(|r| *r.chat == *chat) {
+            self.rendering = None;
+        }
+        self.ready.push_back(ok_reply(&op.id, b""));
+        Ok(())
+    }
+
+    /// Whether `generation` is still the chat's subscription.
+    fn current(&self, chat: &str, generation: u64) -> bool {
+        self.subscriptions
+            .get(chat)
+            .is_some_and(|s| s.generation == generation)
+    }
+
+    /// Renders the page in progress, one event per message, until `out`
+    /// holds `until` bytes.
+    fn render_page(&mut self, out: &mut BytesMut, until: usize) {
+        let Some(rendering) = &mut self.rendering else {
+            return;
+        };
+        while out.len() < until {
+            let mut rest = &rendering.page[rendering.pos..];
+            if rest.is_empty() {
+                self.rendering = None;
+                return;
+            }
+            // The page was decoded whole by `page_of`.
+            let Ok(field) = next_field(&mut rest) else {
+                self.rendering = None;
+                return;
+            };
+            rendering.pos = rendering.page.len() - rest.len();
+            if let (pull_response::MESSAGES, Value::Bytes(message)) = field {
+                self.scratch.clear();
+                self.scratch
+                    .extend_from_slice(b"{\"event\":\"message\",\"chat\":");
+                json::put_str(&mut self.scratch, &rendering.chat);
+                self.scratch.extend_from_slice(b",\"message\":");
+                if write_message(&mut self.scratch, message).is_ok() {
+                    self.scratch.push(b'}');
+                    put_frame(out, opcode::TEXT, &self.scratch);
+                }
+            }
+        }
+    }
+}
+
+/// A subscription's task: its first page (then the reply), and the loop of
+/// pulls of `/api/stream`, each page handed to the connection and the next
+/// pulled once it is rendered.
+struct Follow {
+    rpc: BalancedClient,
+    chat: Arc<str>,
+    generation: u64,
+    cursor: i64,
+    wait_ms: i32,
+    sender: mpsc::UnboundedSender<Event>,
+}
+
+impl Follow {
+    async fn run(mut self, id: serde_json::Value, first: crate::rpc::balanced::BalancedCall) {
+        let first = match self.rpc.finish(first).await {
+            Ok(frame) => stream::page_of(frame),
+            Err(err) => Err(err.into()),
+        };
+        let mut page = match first {
+            Ok(page) => page,
+            Err(err) => {
+                // Ended first: once the client reads the refusal, the chat
+                // may be subscribed to again.
+                self.end(Vec::new());
+                let _ = self.sender.send(Event::Reply(error_reply(&id, &err), 0));
+                return;
+            }
+        };
+        let _ = self.sender.send(Event::Reply(ok_reply(&id, b""), 0));
+        loop {
+            if let Some(last) = stream::last_send_time(&page) {
+                self.cursor = last;
+                let (rendered, wait) = oneshot::channel();
+                let chat = self.chat.clone();
+                let generation = self.generation;
+                if self
+                    .sender
+                    .send(Event::Page {
+                        chat,
+                        generation,
+                        page,
+                        rendered,
+                    })
+                    .is_err()
+                {
+                    return;
+                }
+                // Dropped when rendered (or dropped with the connection).
+                let _ = wait.await;
+            }
+            let chat = self.chat.to_string();
+            page =
+                match stream::next_page_of(self.rpc.clone(), None, chat, self.cursor, self.wait_ms)
+                    .await
+                {
+                    Ok(page) => page,
+                    Err(err) => return self.end(event_error(&self.chat, &err)),
+                };
+        }
+    }
+
+    fn end(&self, event: Vec<u8>) {
+        let chat = self.chat.clone();
+        let generation = self.generation;
+        let _ = self.sender.send(Event::Ended {
+            chat,
+            generation,
+            event,
+        });
+    }
+}
+
+impl Session for WsSession {
+    type Event = Event;
+
+    fn message(&mut self, text: &[u8]) {
+        match parse_op(text) {
+            Ok(op) => self.serve(op),
+            Err((id, err)) => self.ready.push_back(error_reply(&id, &err)),
+        }
+    }
+
+    /// Lazy: the driver's `select!` makes this future on every turn, even
+    /// when it will not poll it, so nothing is taken until it is polled
+    /// (an event taken by a future then dropped would be lost).
+    async fn next(&mut self) -> Event {
+        if let Some(event) = self.try_next() {
+            return event;
+        }
+        let (expires, why) = match &self.auth {
+            AuthState::User(_, expires) => (*expires, "token expired"),
+            AuthState::Awaiting(until) => (Some(*until), "no auth op in time"),
+            AuthState::Open => (None, ""),
+        };
+        let expired = async {
+            match expires {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            event = self.events.recv() => event.unwrap_or(Event::Close(close_code::INTERNAL_ERROR, "")),
+            () = expired => Event::Close(close_code::POLICY_VIOLATION, why),
+        }
+    }
+
+    fn try_next(&mut self) -> Option<Event> {
+        if let Some(reply) = self.ready.pop_front() {
+            return Some(Event::Answer(reply));
+        }
+        if let Some((code, reason)) = self.closing.take() {
+            return Some(Event::Close(code, reason));
+        }
+        if self.rendering.is_some() {
+            return Some(Event::More);
+        }
+        self.events.try_recv().ok()
+    }
+
+    fn render(
+        &mut self,
+        event: Event,
+        out: &mut BytesMut,
+        until: usize,
+    ) -> Option<(u16, &'static str)> {
+        match event {
+            Event::Reply(reply, bound) => {
+                self.in_flight = self.in_flight.saturating_sub(1);
+                self.reserved = self.reserved.saturating_sub(bound);
+                put_frame(out, opcode::TEXT, &reply);
+            }
+            Event::Answer(reply) => put_frame(out, opcode::TEXT, &reply),
+            Event::Page {
+                chat,
+                generation,
+                page,
+                rendered,
+            } => {
+                if self.current(&chat, generation) {
+                    let pos = 0;
+                    self.rendering = Some(Rendering {
+                        chat,
+                        page,
+                        pos,
+                        _rendered: rendered,
+                    });
+                    self.render_page(out, until);
+                }
+            }
+            Event::More => self.render_page(out, until),
+            Event::Ended {
+                chat,
+                generation,
+                event,
+            } => {
+                if self.current(&chat, generation) {
+                    self.subscriptions.remove(&chat);
+                    if !event.is_empty() {
+                        put_frame(out, opcode::TEXT, &event);
+                    }
+                }
+            }
+            Event::Close(code, reason) => return Some((code, reason)),
+        }
+        None
+    }
+
+    fn busy(&self) -> bool {
+        self.in_flight >= MAX_IN_FLIGHT || (self.in_flight > 0 && self.reserved > self.max_output)
+    }
+}
+
+/// A request frame, or why it is not one (with its `id` if it had one).
+fn parse_op(text: &[u8]) -> Result<Op, (serde_json::Value, ApiError)> {
+    let value: serde_json::Value = serde_json::from_slice(text)
+        .map_err(|e| (serde_json::Value::Null, json::invalid_json(e)))?;
+    let id = value.get("id").cloned().unwrap_or_default();
+    if !value.is_object() {
+        let why = "each frame is one JSON object: {\"id\",\"op\",...}";
+        return Err((serde_json::Value::Null, ApiError::Invalid(why.into())));
+    }
+    serde_json::from_value(value).map_err(|e| (id, json::invalid_json(e)))
+}
+
+/// `{"id":…,"ok":true,<fields>}`.
+fn ok_reply(id: &serde_json::Value, fields: &[u8]) -> Vec<u8> {
+    let mut out = b"{\"id\":".to_vec();
+    out.extend_from_slice(id.to_string().as_bytes());
+    out.extend_from_slice(b",\"ok\":true");
+    if !fields.is_empty() {
+        out.push(b',');
+        out.extend_from_slice(fields);
+    }
+    out.push(b'}');
+    out
+}
+
+/// `{"id":…,"ok":false,"error":{"code","message"}}`: the codes of HTTP.
+fn error_reply(id: &serde_json::Value, err: &ApiError) -> Vec<u8> {
+    let body = err.json_body();
+    let mut out = b"{\"id\":".to_vec();
+    out.extend_from_slice(id.to_string().as_bytes());
+    out.extend_from_slice(b",\"ok\":false,");
+    // `{"error":…}` without its opening brace.
+    out.extend_from_slice(&body[1..]);
+    out
+}
+
+/// `{"event":"error","chat":…,"error":{…}}`: a subscription's end.
+fn event_error(chat: &str, err: &ApiError) -> Vec<u8> {
+    let mut out = b"{\"event\":\"error\",\"chat\":".to_vec();
+    json::put_str(&mut out, chat);
+    out.push(b',');
+    out.extend_from_slice(&err.json_body()[1..]);
+    out
+}

@@ -1,0 +1,192 @@
+//! The I/O of one WebSocket connection: it reads, writes and waits as the
+//! connection's policy ([`super::conn::WsConn`]) says, hands each text
+//! message to the application's [`Session`] and frames what the session
+//! produces. Replies ready together go out in one write.
+
+use std::future::Future;
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::conn::{Settings, Step, WsConn};
+use super::frame::close_code;
+#[cfg(doc)]
+use super::frame::put_frame;
+
+/// The application spoken over the connection.
+pub trait Session: Send {
+    /// What the session waits for (replies, events of its tasks).
+    type Event: Send;
+    /// A text message from the peer (UTF-8, checked).
+    fn message(&mut self, text: &[u8]);
+    /// Waits for the next event; cancel-safe (it is raced against I/O), and
+    /// lazy: `select!` makes the future even on turns it does not poll it,
+    /// so it must take nothing before it is polled.
+    fn next(&mut self) -> impl Future<Output = Self::Event> + Send;
+    /// The next event if one is ready now.
+    fn try_next(&mut self) -> Option<Self::Event>;
+    /// Frames what `event` has to say into `out` (text frames, see
+    /// [`put_frame`]), stopping once `out` holds `until` bytes (the session
+    /// keeps the rest and says so by its next event); or the close to send.
+    fn render(
+        &mut self,
+        event: Self::Event,
+        out: &mut BytesMut,
+        until: usize,
+    ) -> Option<(u16, &'static str)>;
+    /// Whether it takes no more messages for now (too many in flight):
+    /// they then wait, undecoded, in the connection's input.
+    fn busy(&self) -> bool;
+}
+
+/// The driver's limits.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    pub conn: Settings,
+    /// Output queued beyond which the session's output is not taken.
+    pub max_output: usize,
+}
+
+/// The final text message to a peer whose output lagged.
+pub const LAGGED: &[u8] = br#"{"event":"lagged"}"#;
+
+const READ_CHUNK: usize = 16 * 1024;
+
+/// How long a close on shutdown waits for the peer's (as an event stream's
+/// last bytes get on shutdown in [`crate::http::conn`]).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
+
+/// Serves one connection until it ends: `input` holds bytes read with the
+/// handshake, if the client sent frames right after it.
+pub async fn run<S: Session>(
+    socket: TcpStream,
+    mut input: BytesMut,
+    mut session: S,
+    options: Options,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut conn = WsConn::new(options.conn, std::time::Instant::now());
+    let mut out = BytesMut::new();
+    deliver(&mut conn, &mut session, &mut input, &mut out);
+    loop {
+        let now = std::time::Instant::now();
+        let wake = match conn.next(now, &mut out) {
+            Step::Finish => break,
+            Step::Lagged => {
+                conn.lagged(&mut out, LAGGED, now);
+                continue;
+            }
+            Step::Run(wake) => Instant::from_std(wake),
+        };
+        let takes = conn.is_open() && out.len() < options.max_output;
+        // Read on while the session is busy (a pong may come), but hold no
+        // more than one message's worth of frames not yet decoded.
+        let reads = conn.reads() && input.len() < options.conn.max_message + 14;
+        tokio::select! {
+            _ = shutdown.wait_for(|&stop| stop), if conn.is_open() => {
+                let deadline = now + SHUTDOWN_GRACE;
+                conn.close_within(close_code::GOING_AWAY, "server shutting down", &mut out, deadline);
+            }
+            read = read_some(&socket, &mut input), if reads => match read {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {
+                    conn.heard(std::time::Instant::now());
+                    deliver(&mut conn, &mut session, &mut input, &mut out);
+                }
+            },
+            written = socket.writable(), if !out.is_empty() => {
+                if written.is_err() || !write_some(&socket, &mut conn, &mut out) {
+                    return;
+                }
+            }
+            next = session.next(), if takes => {
+                let mut next = Some(next);
+                while let Some(event) = next.take() {
+                    if let Some((code, reason)) = session.render(event, &mut out, options.max_output) {
+                        conn.close(code, reason, &mut out, now);
+                    }
+                    if out.len() < options.max_output && conn.is_open() {
+                        next = session.try_next();
+                    }
+                }
+                conn.queued(out.len(), std::time::Instant::now());
+                if !input.is_empty() {
+                    deliver(&mut conn, &mut session, &mut input, &mut out);
+                }
+            }
+            () = tokio::time::sleep_until(wake) => {}
+        }
+    }
+    finish(socket, out, options.conn.write_timeout).await;
+}
+
+/// Hands the whole messages read to the session while it takes them.
+fn deliver<S: Session>(
+    conn: &mut WsConn,
+    session: &mut S,
+    input: &mut BytesMut,
+    out: &mut BytesMut,
+) {
+    let now = std::time::Instant::now();
+    // A busy session takes no more: the rest waits in `input`, and the
+    // connection is not read, until replies go out.
+    while !session.busy() {
+        let Some(text) = conn.received(input, out, now) else {
+            break;
+        };
+        session.message(&text);
+    }
+}
+
+/// Reads what has arrived (waiting for it first).
+async fn read_some(socket: &TcpStream, input: &mut BytesMut) -> std::io::Result<usize> {
+    loop {
+        socket.readable().await?;
+        crate::buf::reserve_for_read(input, 2048, READ_CHUNK);
+        match socket.try_read_buf(input) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            read => return read,
+        }
+    }
+}
+
+/// Writes what the socket takes now; false if the connection is broken.
+fn write_some(socket: &TcpStream, conn: &mut WsConn, out: &mut BytesMut) -> bool {
+    match socket.try_write(out) {
+        Ok(0) => false,
+        Ok(n) => {
+            out.advance(n);
+            conn.wrote(n, std::time::Instant::now());
+            if out.is_empty() && out.capacity() > 64 * 1024 {
+                *out = BytesMut::new();
+            }
+            true
+        }
+        Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
+    }
+}
+
+/// Writes the last frames (by `deadline`), then closes without resetting
+/// the connection: half-close, and drop what the peer still sends until
+/// it closes too (its close frame, if it answers ours), briefly.
+async fn finish(mut socket: TcpStream, out: BytesMut, write_timeout: Duration) {
+    let _ = tokio::time::timeout(write_timeout, socket.write_all(&out)).await;
+    let _ = socket.shutdown().await;
+    let mut sink = [0u8; 4096];
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let mut drained = 0usize;
+    while drained < 1 << 20 {
+        let read = tokio::time::timeout_at(
+            deadline,
+            tokio::io::AsyncReadExt::read(&mut socket, &mut sink),
+        );
+        match read.await {
+            Ok(Ok(n)) if n > 0 => drained += n,
+            _ => break,
+        }
+    }
+}

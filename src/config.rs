@@ -146,6 +146,8 @@ options! {
         "address serving GET /metrics (Prometheus text format) for any role, e.g. the rpc role, which has no HTTP port; the gateway also serves /metrics on --http-addr");
     idempotency_ttl: Duration = idempotency_ttl("--idempotency-ttl-s", "IM_IDEMPOTENCY_TTL_S", "86400",
         "how long a send's idempotency key is remembered, in seconds");
+    change_log_retention: Duration = idempotency_ttl("--change-log-retention-s", "IM_CHANGE_LOG_RETENTION_S", "86400",
+        "how long a chat's change log keeps an edit or delete for streams that resume, in seconds");
 }
 
 /// Longest idempotency-key retention accepted, in seconds: 10 years (Redis

@@ -126,15 +126,25 @@ pub enum RpcMethod {
     Send,
     Pull,
     Ping,
+    Edit,
+    Delete,
 }
 
 impl RpcMethod {
-    const ALL: [RpcMethod; 3] = [RpcMethod::Send, RpcMethod::Pull, RpcMethod::Ping];
+    const ALL: [RpcMethod; 5] = [
+        RpcMethod::Send,
+        RpcMethod::Pull,
+        RpcMethod::Ping,
+        RpcMethod::Edit,
+        RpcMethod::Delete,
+    ];
     const fn name(self) -> &'static str {
         match self {
             RpcMethod::Send => "send",
             RpcMethod::Pull => "pull",
             RpcMethod::Ping => "ping",
+            RpcMethod::Edit => "edit",
+            RpcMethod::Delete => "delete",
         }
     }
 }

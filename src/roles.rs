@@ -540,6 +540,7 @@ fn redis_options(config: &Config) -> RedisOptions {
         wait_replicas: config.redis_wait_replicas,
         max_queued_bytes: config.max_queued_bytes,
         idempotency_ttl: config.idempotency_ttl,
+        change_log_retention: config.change_log_retention,
     }
 }
 

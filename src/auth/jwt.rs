@@ -42,6 +42,8 @@ pub struct Claims {
     pub sub: String,
     /// `chats`: the rooms the token is limited to; `None` = not limited.
     pub chats: Option<Vec<String>>,
+    /// `"admin": true`: may delete anyone's message (not edit it).
+    pub admin: bool,
 }
 
 impl Claims {
@@ -103,6 +105,9 @@ struct Payload {
     iss: Option<String>,
     aud: Option<Audience>,
     chats: Option<Vec<String>>,
+    /// Any JSON: only `true` makes an admin (a token is not refused for
+    /// another value here).
+    admin: Option<serde_json::Value>,
 }
 
 fn segment<'a>(parts: &mut std::str::Split<'a, char>) -> Result<&'a str, TokenError> {
@@ -277,6 +282,7 @@ fn check_claims(
     let claims = Claims {
         sub,
         chats: payload.chats,
+        admin: payload.admin == Some(serde_json::Value::Bool(true)),
     };
     Ok((claims, window))
 }

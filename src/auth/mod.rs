@@ -203,6 +203,7 @@ mod tests {
         Claims {
             sub: sub.into(),
             chats: chats.map(|c| c.iter().map(|s| s.to_string()).collect()),
+            admin: false,
         }
     }
 

@@ -47,6 +47,8 @@ impl ApiError {
             ApiError::Service(Error::Unavailable | Error::Lost | Error::Overloaded) => 503,
             ApiError::Service(Error::Timeout) => 504,
             ApiError::Service(Error::IdempotencyKeyReused) => 422,
+            ApiError::Service(Error::MessageNotFound) => 404,
+            ApiError::Service(Error::Forbidden) => 403,
             ApiError::Service(Error::Internal(_)) => 500,
             ApiError::Unauthorized { .. } => 401,
             ApiError::Forbidden(_) => 403,
@@ -73,6 +75,8 @@ impl ApiError {
             ApiError::Service(Error::Overloaded) => "overloaded",
             ApiError::Service(Error::Timeout) => "timeout",
             ApiError::Service(Error::IdempotencyKeyReused) => "idempotency_key_reused",
+            ApiError::Service(Error::MessageNotFound) => "message_not_found",
+            ApiError::Service(Error::Forbidden) => "forbidden",
             ApiError::Service(Error::Internal(_)) => "internal",
             ApiError::Unauthorized { missing: true, .. } => "unauthorized",
             ApiError::Unauthorized { missing: false, .. } => "invalid_token",
@@ -116,6 +120,12 @@ impl ApiError {
             }
             ApiError::Service(Error::IdempotencyKeyReused) => {
                 "this idempotency key was already used in this chat for a different message".into()
+            }
+            ApiError::Service(Error::MessageNotFound) => {
+                "the chat holds no message with this send_time".into()
+            }
+            ApiError::Service(Error::Forbidden) => {
+                "only the message's sender may edit it, or its sender or an admin delete it".into()
             }
             ApiError::Unauthorized { why, .. } | ApiError::Forbidden(why) => (*why).into(),
             ApiError::RateLimited(secs) => {

@@ -150,9 +150,11 @@ pub struct BalancedCall {
 /// idempotency key stores one message however often it arrives.
 fn repeatable(request: Option<&RpcRequest>) -> bool {
     match request {
-        Some(RpcRequest::Pull(_)) => true,
+        // A second delete answers as the first did (the message is gone).
+        Some(RpcRequest::Pull(_) | RpcRequest::Delete(_)) => true,
         Some(RpcRequest::Send(send)) => !send.idempotency_key.is_empty(),
-        Some(RpcRequest::Ping) | None => false,
+        // A second edit would give the message a second edited_at.
+        Some(RpcRequest::Ping | RpcRequest::Edit(_)) | None => false,
     }
 }
 
@@ -221,6 +223,8 @@ impl BalancedClient {
             RpcRequest::Send(_) => RpcMethod::Send,
             RpcRequest::Pull(_) => RpcMethod::Pull,
             RpcRequest::Ping => RpcMethod::Ping,
+            RpcRequest::Edit(_) => RpcMethod::Edit,
+            RpcRequest::Delete(_) => RpcMethod::Delete,
         };
         while tried.len < MAX_ATTEMPTS {
             let (id, client, now) = {
@@ -303,6 +307,8 @@ impl BalancedClient {
                         // Timeout: maybe carried out. (The client fails with none of the others.)
                         Error::Timeout
                         | Error::IdempotencyKeyReused
+                        | Error::MessageNotFound
+                        | Error::Forbidden
                         | Error::Invalid(_)
                         | Error::Internal(_) => false,
                     };

@@ -15,13 +15,15 @@ use super::{method, status};
 use crate::error::Error;
 use crate::metrics::{PeerKind, PeerStats};
 use crate::mux::{MuxOptions, Pending, Pool, Protocol, Stream};
-use crate::proto::{PingRequest, PullRequest, SendRequest};
+use crate::proto::{DeleteRequest, EditRequest, PingRequest, PullRequest, SendRequest};
 
 #[derive(Clone)]
 pub enum RpcRequest {
     Send(SendRequest),
     Pull(PullRequest),
     Ping,
+    Edit(EditRequest),
+    Delete(DeleteRequest),
 }
 
 struct RpcProtocol {
@@ -55,6 +57,8 @@ impl Protocol for RpcProtocol {
             RpcRequest::Send(req) => frame::encode(out, self.next_id, method::SEND, req),
             RpcRequest::Pull(req) => frame::encode(out, self.next_id, method::PULL, req),
             RpcRequest::Ping => frame::encode(out, self.next_id, method::PING, &PingRequest {}),
+            RpcRequest::Edit(req) => frame::encode(out, self.next_id, method::EDIT, req),
+            RpcRequest::Delete(req) => frame::encode(out, self.next_id, method::DELETE, req),
         }
         self.next_id
     }

@@ -19,13 +19,16 @@ use super::frame::{self, Frame};
 use super::{method, status};
 use crate::accept::{drain, next_connection};
 use crate::domain::{
-    DEFAULT_LIMIT, MAX_LIMIT, MAX_MESSAGE_WIRE_BYTES, PullQuery, canonical_chat,
+    DEFAULT_LIMIT, MAX_LIMIT, MAX_MESSAGE_WIRE_BYTES, PullQuery, canonical_chat, validate_change,
     validate_idempotency_key, validate_pull, validate_send, validate_wait,
 };
 use crate::error::{CODE_OK, Error};
 use crate::metrics::{self, Gauge, METRICS, RpcMethod};
 use crate::mux::{MIN_READ, READ_CHUNK};
-use crate::proto::{Message, PingResponse, PullRequest, PullResponse, SendRequest, SendResponse};
+use crate::proto::{
+    DeleteRequest, DeleteResponse, EditRequest, EditResponse, Message, PingResponse, PullRequest,
+    PullResponse, SendRequest, SendResponse,
+};
 use crate::store::{AnyStore, Completion, Page, Sent, Store};
 use crate::unwind::catch_panic;
 
@@ -133,6 +136,8 @@ const GOAWAY_QUIET: Duration = Duration::from_secs(1);
 enum Work {
     Send(SendRequest),
     Pull(PullRequest),
+    Edit(EditRequest),
+    Delete(DeleteRequest),
     Ping,
     Bad(String),
 }
@@ -142,6 +147,8 @@ enum Work {
 enum ServerFrame {
     Send(SendResponse),
     Pull(PullResponse),
+    Edit(EditResponse),
+    Delete(DeleteResponse),
     /// An OK PullResponse, encoded by the store.
     PullPage(Vec<u8>),
     Pong,
@@ -549,6 +556,8 @@ fn largest_reply(work: &Work) -> usize {
             SMALL_REPLY + req.chat.len() + limit * MAX_MESSAGE_WIRE_BYTES
         }
         Work::Send(req) => SMALL_REPLY + req.encoded_len(),
+        Work::Edit(req) => SMALL_REPLY + req.encoded_len(),
+        Work::Delete(req) => SMALL_REPLY + req.encoded_len(),
         Work::Ping => SMALL_REPLY,
         Work::Bad(why) => SMALL_REPLY + why.len(),
     }
@@ -599,6 +608,8 @@ fn encoded_len(reply: &ServerFrame) -> usize {
         + match reply {
             ServerFrame::Send(resp) => resp.encoded_len(),
             ServerFrame::Pull(resp) => resp.encoded_len(),
+            ServerFrame::Edit(resp) => resp.encoded_len(),
+            ServerFrame::Delete(resp) => resp.encoded_len(),
             ServerFrame::PullPage(wire) => wire.len(),
             ServerFrame::BadFrame(why) => why.len(),
             ServerFrame::Pong => PingResponse { served: u64::MAX }.encoded_len(),
@@ -612,6 +623,8 @@ fn encode_reply(output: &mut BytesMut, outgoing: Outgoing) -> OwnedSemaphorePerm
     match reply {
         ServerFrame::Send(resp) => frame::encode(output, id, status::OK, &resp),
         ServerFrame::Pull(resp) => frame::encode(output, id, status::OK, &resp),
+        ServerFrame::Edit(resp) => frame::encode(output, id, status::OK, &resp),
+        ServerFrame::Delete(resp) => frame::encode(output, id, status::OK, &resp),
         ServerFrame::PullPage(wire) => frame::encode_raw(output, id, status::OK, &wire),
         ServerFrame::Pong => {
             let served = SERVED.load(Ordering::Relaxed);
@@ -630,6 +643,8 @@ fn metrics_method(work: &Work) -> Option<RpcMethod> {
     match work {
         Work::Send(_) => Some(RpcMethod::Send),
         Work::Pull(_) => Some(RpcMethod::Pull),
+        Work::Edit(_) => Some(RpcMethod::Edit),
+        Work::Delete(_) => Some(RpcMethod::Delete),
         Work::Ping => Some(RpcMethod::Ping),
         Work::Bad(_) => None,
     }
@@ -650,6 +665,16 @@ fn overloaded(method: u8) -> ServerFrame {
             msg,
             ..PullResponse::default()
         }),
+        method::EDIT => ServerFrame::Edit(EditResponse {
+            code,
+            msg,
+            ..EditResponse::default()
+        }),
+        method::DELETE => ServerFrame::Delete(DeleteResponse {
+            code,
+            msg,
+            ..DeleteResponse::default()
+        }),
         method::PING => ServerFrame::Pong,
         other => ServerFrame::BadFrame(format!("unknown method {other}")),
     }
@@ -665,17 +690,30 @@ fn decode_request(frame: Frame) -> Work {
             Ok(req) => Work::Pull(req),
             Err(err) => Work::Bad(format!("undecodable PullRequest: {err}")),
         },
+        method::EDIT => match EditRequest::decode(frame.body) {
+            Ok(req) => Work::Edit(req),
+            Err(err) => Work::Bad(format!("undecodable EditRequest: {err}")),
+        },
+        method::DELETE => match DeleteRequest::decode(frame.body) {
+            Ok(req) => Work::Delete(req),
+            Err(err) => Work::Bad(format!("undecodable DeleteRequest: {err}")),
+        },
         method::PING => Work::Ping,
         other => Work::Bad(format!("unknown method {other}")),
     }
 }
 
 async fn handle(store: &AnyStore, work: Work, stop: Option<watch::Receiver<bool>>) -> ServerFrame {
-    if matches!(work, Work::Send(_) | Work::Pull(_)) {
+    if matches!(
+        work,
+        Work::Send(_) | Work::Pull(_) | Work::Edit(_) | Work::Delete(_)
+    ) {
         SERVED.fetch_add(1, Ordering::Relaxed);
     }
     match work {
         Work::Send(req) => ServerFrame::Send(send(store, req).await),
+        Work::Edit(req) => ServerFrame::Edit(edit(store, req).await),
+        Work::Delete(req) => ServerFrame::Delete(delete(store, req).await),
         Work::Pull(req) => pull(store, req, stop).await,
         Work::Ping => ServerFrame::Pong,
         Work::Bad(why) => ServerFrame::BadFrame(why),
@@ -692,6 +730,8 @@ fn failure(err: Error) -> (i32, String) {
         Error::IdempotencyKeyReused => {
             "this idempotency key was already used in this chat for a different message".into()
         }
+        Error::MessageNotFound => "no such message".into(),
+        Error::Forbidden => "not allowed to change this message".into(),
         Error::Internal(why) => {
             eprintln!("im-server: store error: {why}");
             "internal store error".into()
@@ -752,6 +792,63 @@ fn send_response(outcome: Result<Sent, Error>) -> SendResponse {
                 code,
                 msg,
                 ..SendResponse::default()
+            }
+        }
+    }
+}
+
+/// The actor of an edit or delete: empty = authentication is off.
+fn actor(actor: &str) -> Option<&str> {
+    Some(actor).filter(|a| !a.is_empty())
+}
+
+async fn edit(store: &AnyStore, req: EditRequest) -> EditResponse {
+    let outcome = match validate_change(&req.chat, req.send_time, Some(&req.text)) {
+        Ok(()) => {
+            let chat = canonical_chat(&req.chat);
+            store
+                .edit(&chat, req.send_time, &req.text, actor(&req.actor))
+                .await
+        }
+        Err(invalid) => Err(invalid.into()),
+    };
+    match outcome {
+        Ok(edited_at) => EditResponse {
+            send_time: req.send_time,
+            edited_at,
+            ..EditResponse::default()
+        },
+        Err(err) => {
+            let (code, msg) = failure(err);
+            EditResponse {
+                code,
+                msg,
+                ..EditResponse::default()
+            }
+        }
+    }
+}
+
+async fn delete(store: &AnyStore, req: DeleteRequest) -> DeleteResponse {
+    let outcome = match validate_change(&req.chat, req.send_time, None) {
+        Ok(()) => {
+            let chat = canonical_chat(&req.chat);
+            let actor = actor(&req.actor);
+            store.delete(&chat, req.send_time, actor, req.admin).await
+        }
+        Err(invalid) => Err(invalid.into()),
+    };
+    match outcome {
+        Ok(()) => DeleteResponse {
+            send_time: req.send_time,
+            ..DeleteResponse::default()
+        },
+        Err(err) => {
+            let (code, msg) = failure(err);
+            DeleteResponse {
+                code,
+                msg,
+                ..DeleteResponse::default()
             }
         }
     }
@@ -849,6 +946,7 @@ mod tests {
             text: "t".repeat(MAX_TEXT_BYTES),
             sender: "s".repeat(MAX_NAME_BYTES),
             send_time: i64::MAX,
+            edited_at: i64::MAX,
         };
         PullResponse {
             code: 0,

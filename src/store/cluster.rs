@@ -540,6 +540,8 @@ pub struct ClusterStore {
     router: Arc<Router>,
     sends: SendQueue,
     timeout: Duration,
+    /// The change log's retention, as `im_edit` / `im_delete` take it.
+    keep: String,
     /// Pulls waiting for new messages (see [`RedisStore`]'s).
     hub: Option<Arc<Hub>>,
 }
@@ -563,6 +565,7 @@ impl ClusterStore {
             router,
             sends,
             timeout: options.timeout,
+            keep: super::lifecycle::keep_micros(options.change_log_retention),
             hub: None,
         }
     }
@@ -602,6 +605,70 @@ impl Store for ClusterStore {
         match self.router.execute(slot, request, 0, deadline).await? {
             Reply::Error(err) => Err(Error::Internal(format!("redis: {err}"))),
             reply => page_from_reply(query, reply),
+        }
+    }
+
+    async fn edit(
+        &self,
+        chat: &str,
+        send_time: i64,
+        text: &str,
+        actor: Option<&str>,
+    ) -> Result<i64, Error> {
+        let runner = ChatRunner::new(self, chat);
+        super::lifecycle::edit(&runner, chat, send_time, text, actor, &self.keep).await
+    }
+
+    async fn delete(
+        &self,
+        chat: &str,
+        send_time: i64,
+        actor: Option<&str>,
+        admin: bool,
+    ) -> Result<(), Error> {
+        let runner = ChatRunner::new(self, chat);
+        super::lifecycle::delete(&runner, chat, send_time, actor, admin, &self.keep).await
+    }
+}
+
+/// Runs an edit's or delete's commands on its chat's master (every key of
+/// theirs is in the chat's slot), redirections followed.
+struct ChatRunner<'a> {
+    router: &'a Arc<Router>,
+    slot: u16,
+    timeout: Duration,
+    wait_replicas: u32,
+}
+
+impl<'a> ChatRunner<'a> {
+    fn new(store: &'a ClusterStore, chat: &str) -> ChatRunner<'a> {
+        ChatRunner {
+            router: &store.router,
+            slot: key_slot(chat_key(chat).as_bytes()),
+            timeout: store.timeout,
+            wait_replicas: store.router.options.wait_replicas,
+        }
+    }
+}
+
+impl super::lifecycle::Runner for ChatRunner<'_> {
+    async fn run(&self, command: bytes::Bytes, change: bool) -> Result<Reply, Error> {
+        let deadline = Instant::now() + self.timeout;
+        // Changes wait for replicas like sends; reads need not.
+        let (request, wait) = match change {
+            true => (
+                self.router.options.send_request(command),
+                self.wait_replicas,
+            ),
+            false => (RespRequest::from(command), 0),
+        };
+        match self
+            .router
+            .execute(self.slot, request, wait, deadline)
+            .await?
+        {
+            Reply::Error(err) => Err(Error::Internal(format!("redis: {err}"))),
+            reply => Ok(reply),
         }
     }
 }

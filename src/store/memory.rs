@@ -5,11 +5,12 @@
 //! Idempotency keys live in the shard of their chat, so checking a key and
 //! storing the message happen under the same lock, as one step.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasher, RandomState};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use super::lifecycle::{may_delete, may_edit};
 use super::{Page, PageWriter, Sent, Store};
 use crate::domain::PullQuery;
 use crate::error::Error;
@@ -19,11 +20,39 @@ struct Stored {
     send_time: i64,
     sender: Box<str>,
     text: Box<str>,
+    /// 0: never edited.
+    edited_at: i64,
+}
+
+/// One chat: its visible messages, in `send_time` order (a deleted one is
+/// removed, so pages need no filter), and what edits and deletes need.
+#[derive(Default)]
+struct Chat {
+    log: Vec<Stored>,
+    /// Deleted messages' senders by `send_time`: a second delete answers as
+    /// the first did (see `super::lifecycle`).
+    deleted: BTreeMap<i64, Box<str>>,
+    /// The last change's sequence (an edit's `edited_at`): changes get
+    /// max(clock, this + 1), like send_times.
+    last_seq: i64,
+}
+
+impl Chat {
+    fn next_seq(&mut self) -> i64 {
+        self.last_seq = crate::now_micros().max(self.last_seq + 1);
+        self.last_seq
+    }
+
+    fn find(&mut self, send_time: i64) -> Option<usize> {
+        self.log
+            .binary_search_by_key(&send_time, |m| m.send_time)
+            .ok()
+    }
 }
 
 #[derive(Default)]
 struct ShardData {
-    chats: HashMap<Box<str>, Vec<Stored>>,
+    chats: HashMap<Box<str>, Chat>,
     keys: IdempotencyKeys,
 }
 
@@ -32,10 +61,10 @@ type Shard = Mutex<ShardData>;
 /// The idempotency keys remembered by one shard.
 struct IdempotencyKeys {
     /// `"<chat>\0<key>"` (a key has no NUL, so this is unambiguous) → the
-    /// send_time of the message the key stored, and when it is forgotten.
-    /// Only the send_time is kept: the message itself, found by it in the
-    /// chat's log, is what a retry is compared with.
-    records: HashMap<Box<str>, (i64, Instant)>,
+    /// send_time of the message the key stored, a fingerprint of its text
+    /// and sender (what a retry is compared with: the message itself may
+    /// have been edited or deleted since), and when it is forgotten.
+    records: HashMap<Box<str>, (i64, u64, Instant)>,
     /// Expired records are swept out when the map has doubled since the last
     /// sweep: amortised O(1) per insert, and at most twice the live records.
     sweep_at: usize,
@@ -54,18 +83,18 @@ impl Default for IdempotencyKeys {
 const MIN_SWEEP: usize = 1024;
 
 impl IdempotencyKeys {
-    /// The send_time an unexpired record of `key` holds.
-    fn get(&self, key: &str, now: Instant) -> Option<i64> {
+    /// The send_time and fingerprint an unexpired record of `key` holds.
+    fn get(&self, key: &str, now: Instant) -> Option<(i64, u64)> {
         match self.records.get(key) {
-            Some(&(send_time, expires)) if expires > now => Some(send_time),
+            Some(&(send_time, print, expires)) if expires > now => Some((send_time, print)),
             _ => None,
         }
     }
 
-    fn insert(&mut self, key: String, send_time: i64, expires: Instant, now: Instant) {
-        self.records.insert(key.into(), (send_time, expires));
+    fn insert(&mut self, key: String, sent: (i64, u64), expires: Instant, now: Instant) {
+        self.records.insert(key.into(), (sent.0, sent.1, expires));
         if self.records.len() >= self.sweep_at {
-            self.records.retain(|_, (_, expires)| *expires > now);
+            self.records.retain(|_, (_, _, expires)| *expires > now);
             self.sweep_at = (2 * self.records.len()).max(MIN_SWEEP);
         }
     }
@@ -115,6 +144,16 @@ impl MemoryStore {
     }
 }
 
+/// A send's fingerprint for its idempotency record: SipHash with fixed
+/// keys, the same in every run.
+fn fingerprint(sender: &str, text: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    #[allow(deprecated)] // SipHasher: stable output, unlike DefaultHasher's promise.
+    let mut hasher = std::hash::SipHasher::new();
+    (sender, text).hash(&mut hasher);
+    hasher.finish()
+}
+
 /// Appends a message to a chat's log; returns its send_time.
 fn append(log: &mut Vec<Stored>, sender: &str, text: &str) -> i64 {
     let now = crate::now_micros();
@@ -126,6 +165,7 @@ fn append(log: &mut Vec<Stored>, sender: &str, text: &str) -> i64 {
         send_time,
         sender: sender.into(),
         text: text.into(),
+        edited_at: 0,
     });
     send_time
 }
@@ -148,25 +188,19 @@ impl MemoryStore {
             Some(log) => log,
             None => shard.chats.entry(chat.into()).or_default(),
         };
-        if let Some(send_time) = shard.keys.get(&record, now) {
-            let first = log
-                .binary_search_by_key(&send_time, |m| m.send_time)
-                .ok()
-                .and_then(|i| log.get(i));
-            return match first {
-                Some(m) if *m.sender == *sender && *m.text == *text => Ok(Sent {
+        let print = fingerprint(sender, text);
+        if let Some((send_time, first)) = shard.keys.get(&record, now) {
+            return match first == print {
+                true => Ok(Sent {
                     send_time,
                     replayed: true,
                 }),
-                Some(_) => Err(Error::IdempotencyKeyReused),
-                None => Err(Error::Internal(
-                    "an idempotency record names a message that is not stored".into(),
-                )),
+                false => Err(Error::IdempotencyKeyReused),
             };
         }
-        let send_time = append(log, sender, text);
+        let send_time = append(&mut log.log, sender, text);
         let expires = now + self.idempotency_ttl;
-        shard.keys.insert(record, send_time, expires, now);
+        shard.keys.insert(record, (send_time, print), expires, now);
         Ok(Sent {
             send_time,
             replayed: false,
@@ -195,7 +229,7 @@ impl MemoryStore {
                         None => shard.chats.entry(chat.into()).or_default(),
                     };
                     Sent {
-                        send_time: append(log, sender, text),
+                        send_time: append(&mut log.log, sender, text),
                         replayed: false,
                     }
                 }
@@ -212,11 +246,12 @@ impl MemoryStore {
     /// out under the shard's lock.
     pub fn pull_now(&self, query: &PullQuery) -> Page {
         let shard = self.shard(&query.chat);
-        let Some(log) = shard.chats.get(query.chat.as_str()) else {
+        let Some(chat) = shard.chats.get(query.chat.as_str()) else {
             return Page::default();
         };
+        let log = &chat.log;
         let mut page = PageWriter::new(&query.chat, query.limit);
-        let mut push = |m: &Stored| page.push(&m.text, &m.sender, m.send_time);
+        let mut push = |m: &Stored| page.push(&m.text, &m.sender, m.send_time, m.edited_at);
         if query.reverse {
             // Oldest first, strictly after the cursor.
             let start = match query.cursor {
@@ -254,6 +289,58 @@ impl Store for MemoryStore {
     async fn pull(&self, query: &PullQuery) -> Result<Page, Error> {
         Ok(self.pull_now(query))
     }
+
+    async fn edit(
+        &self,
+        chat: &str,
+        send_time: i64,
+        text: &str,
+        actor: Option<&str>,
+    ) -> Result<i64, Error> {
+        let edited_at = {
+            let mut shard = self.shard(chat);
+            let chat = shard.chats.get_mut(chat).ok_or(Error::MessageNotFound)?;
+            let i = chat.find(send_time).ok_or(Error::MessageNotFound)?;
+            if !may_edit(&chat.log[i].sender, actor) {
+                return Err(Error::Forbidden);
+            }
+            let edited_at = chat.next_seq();
+            let message = &mut chat.log[i];
+            message.text = text.into();
+            message.edited_at = edited_at;
+            edited_at
+        };
+        self.hub.notify(chat);
+        Ok(edited_at)
+    }
+
+    async fn delete(
+        &self,
+        chat: &str,
+        send_time: i64,
+        actor: Option<&str>,
+        admin: bool,
+    ) -> Result<(), Error> {
+        {
+            let mut shard = self.shard(chat);
+            let chat = shard.chats.get_mut(chat).ok_or(Error::MessageNotFound)?;
+            let Some(i) = chat.find(send_time) else {
+                return match chat.deleted.get(&send_time) {
+                    Some(sender) if may_delete(sender, actor, admin) => Ok(()),
+                    Some(_) => Err(Error::Forbidden),
+                    None => Err(Error::MessageNotFound),
+                };
+            };
+            if !may_delete(&chat.log[i].sender, actor, admin) {
+                return Err(Error::Forbidden);
+            }
+            chat.next_seq();
+            let gone = chat.log.remove(i);
+            chat.deleted.insert(send_time, gone.sender);
+        }
+        self.hub.notify(chat);
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -268,7 +355,7 @@ mod tests {
         // Each record is expired by the time the next 10 are made.
         for i in 0..100_000u64 {
             let now = start + Duration::from_millis(100 * i);
-            keys.insert(format!("c\0{i}"), i as i64, now + ttl, now);
+            keys.insert(format!("c\0{i}"), (i as i64, 0), now + ttl, now);
             assert!(
                 keys.records.len() < 2 * MIN_SWEEP,
                 "{} records",
@@ -276,7 +363,7 @@ mod tests {
             );
         }
         let now = start + Duration::from_millis(100 * 99_999);
-        assert_eq!(keys.get("c\099999", now), Some(99_999));
+        assert_eq!(keys.get("c\099999", now), Some((99_999, 0)));
         assert_eq!(keys.get("c\099999", now + ttl), None, "expired");
     }
 }

@@ -40,7 +40,8 @@ use crate::resp::{Reply, command};
 use crate::wire::{self, Malformed, Value, next_field, text};
 
 /// Loaded (idempotently) on every connection. Needs Redis >= 7.0.
-const LIBRARY: &str = r#"#!lua name=im
+const LIBRARY: &str = concat!(
+    r#"#!lua name=im
 -- Stores a batch of messages, each atomically with its send_time.
 -- Without idempotency keys: KEYS[i] = message i's chat; ARGV[i] = message i
 -- as a StoredMessage protobuf without send_time; ARGV[#KEYS + 1] = the
@@ -147,7 +148,9 @@ redis.register_function('im_send', function(keys, args)
   end
   return out
 end)
-"#;
+"#,
+    include_str!("lifecycle.lua")
+);
 
 /// Most messages stored by one `im_send` call.
 pub(super) const MAX_SEND_BATCH: usize = 64;
@@ -173,6 +176,8 @@ pub struct RedisOptions {
     pub wait_replicas: u32,
     /// How long an idempotency key is remembered (whole seconds, at least 1).
     pub idempotency_ttl: Duration,
+    /// How long a chat's change log keeps an edit or delete.
+    pub change_log_retention: Duration,
 }
 
 impl RedisOptions {
@@ -225,6 +230,10 @@ pub struct RedisStore {
     hub: Option<Arc<Hub>>,
     /// The node's metrics (commands, errors, timeouts, in flight).
     stats: Arc<PeerStats>,
+    /// The change log's retention, as `im_edit` / `im_delete` take it.
+    keep: String,
+    /// How edits and deletes are written (`WAIT` after them, as after sends).
+    options: RedisOptions,
 }
 
 pub(super) struct QueuedSend {
@@ -344,6 +353,8 @@ impl RedisStore {
             timeout: options.timeout,
             hub: None,
             stats,
+            keep: super::lifecycle::keep_micros(options.change_log_retention),
+            options: options.clone(),
         }
     }
 
@@ -381,6 +392,46 @@ impl RedisStore {
     }
 }
 
+impl super::lifecycle::Runner for RedisStore {
+    /// One command; a function call that finds the library missing (a
+    /// flushed or restored Redis, or one an older server loaded its
+    /// library into) loads it and runs once more: the error came before
+    /// the function ran.
+    async fn run(&self, command: Bytes, change: bool) -> Result<Reply, Error> {
+        if !change {
+            return self.call(command).await;
+        }
+        let wait = self.options.wait_replicas;
+        let once = |command: Bytes| async move {
+            let deadline = Instant::now() + self.timeout;
+            let request = self.options.send_request(command);
+            let call = StartedCall::new(&self.pool, &self.stats, request, deadline);
+            // `reply` makes an error reply `Internal`; WAIT's shortfall is
+            // judged on the raw replies.
+            let raw = match call.pending {
+                Ok(pending) => tokio::time::timeout_at(deadline, pending.wait())
+                    .await
+                    .unwrap_or(Err(Error::Timeout)),
+                Err(err) => Err(err),
+            };
+            call.counted.end(outcome(&raw));
+            without_wait(raw, wait)
+        };
+        let reply = once(command.clone()).await;
+        let reply = match function_missing(&reply) {
+            true => {
+                self.call(load_library_command()).await?;
+                once(command).await?
+            }
+            false => reply?,
+        };
+        match reply {
+            Reply::Error(err) => Err(Error::Internal(format!("redis: {err}"))),
+            reply => Ok(reply),
+        }
+    }
+}
+
 /// A command written (or queued to be) on the pool, counted in the node's
 /// metrics until its reply.
 struct StartedCall {
@@ -393,7 +444,7 @@ impl StartedCall {
     fn new(
         pool: &Pool<RespProtocol>,
         stats: &Arc<PeerStats>,
-        command: Bytes,
+        command: impl Into<RespRequest>,
         deadline: Instant,
     ) -> StartedCall {
         let counted = stats.call();
@@ -758,24 +809,35 @@ pub(super) fn encode_member(text: &str, sender: &str) -> Vec<u8> {
 }
 
 /// A `StoredMessage` member, borrowed.
-struct StoredView<'a> {
-    send_time: i64,
-    text: &'a str,
-    sender: &'a str,
+pub(super) struct StoredView<'a> {
+    pub(super) send_time: i64,
+    pub(super) text: &'a str,
+    pub(super) sender: &'a str,
+    /// 0: never edited.
+    pub(super) edited_at: i64,
 }
 
-fn read_stored(mut member: &[u8]) -> Result<StoredView<'_>, Malformed> {
+/// Reads a member; fields it does not know are skipped (a newer writer's).
+pub(super) fn read_stored(mut member: &[u8]) -> Result<StoredView<'_>, Malformed> {
     let mut view = StoredView {
         send_time: 0,
         text: "",
         sender: "",
+        edited_at: 0,
     };
     while !member.is_empty() {
         match next_field(&mut member)? {
             (stored_message::SEND_TIME, Value::Fixed64(t)) => view.send_time = t as i64,
             (stored_message::TEXT, Value::Bytes(b)) => view.text = text(b)?,
             (stored_message::SENDER, Value::Bytes(b)) => view.sender = text(b)?,
-            (stored_message::SEND_TIME | stored_message::TEXT | stored_message::SENDER, _) => {
+            (stored_message::EDITED_AT, Value::Fixed64(t)) => view.edited_at = t as i64,
+            (
+                stored_message::SEND_TIME
+                | stored_message::TEXT
+                | stored_message::SENDER
+                | stored_message::EDITED_AT,
+                _,
+            ) => {
                 return Err(Malformed("field of the wrong type"));
             }
             _ => {}
@@ -805,6 +867,26 @@ impl Store for RedisStore {
     async fn pull(&self, query: &PullQuery) -> Result<Page, Error> {
         let reply = self.call(pull_command(query)).await?;
         page_from_reply(query, reply)
+    }
+
+    async fn edit(
+        &self,
+        chat: &str,
+        send_time: i64,
+        text: &str,
+        actor: Option<&str>,
+    ) -> Result<i64, Error> {
+        super::lifecycle::edit(self, chat, send_time, text, actor, &self.keep).await
+    }
+
+    async fn delete(
+        &self,
+        chat: &str,
+        send_time: i64,
+        actor: Option<&str>,
+        admin: bool,
+    ) -> Result<(), Error> {
+        super::lifecycle::delete(self, chat, send_time, actor, admin, &self.keep).await
     }
 }
 
@@ -956,7 +1038,12 @@ pub(super) fn page_from_reply(query: &PullQuery, reply: Reply) -> Result<Page, E
         };
         let stored = read_stored(&bytes)
             .map_err(|e| Error::Internal(format!("undecodable stored message: {e}")))?;
-        if !page.push(stored.text, stored.sender, stored.send_time) {
+        if !page.push(
+            stored.text,
+            stored.sender,
+            stored.send_time,
+            stored.edited_at,
+        ) {
             break;
         }
     }
@@ -1064,6 +1151,7 @@ mod tests {
             send_time: 1_795_800_000_000_123,
             text: "hi 😀".into(),
             sender: "kylie".into(),
+            edited_at: 0,
         };
         assert_eq!(StoredMessage::decode(&member[..]), Ok(expected));
         let view = read_stored(&member).expect("readable");

@@ -128,15 +128,17 @@ pub enum RpcMethod {
     Ping,
     Edit,
     Delete,
+    Changes,
 }
 
 impl RpcMethod {
-    const ALL: [RpcMethod; 5] = [
+    const ALL: [RpcMethod; 6] = [
         RpcMethod::Send,
         RpcMethod::Pull,
         RpcMethod::Ping,
         RpcMethod::Edit,
         RpcMethod::Delete,
+        RpcMethod::Changes,
     ];
     const fn name(self) -> &'static str {
         match self {
@@ -145,6 +147,7 @@ impl RpcMethod {
             RpcMethod::Ping => "ping",
             RpcMethod::Edit => "edit",
             RpcMethod::Delete => "delete",
+            RpcMethod::Changes => "changes",
         }
     }
 }

@@ -229,7 +229,10 @@ fn plan(config: Config) -> Result<(Plan, Listeners), String> {
                     eprintln!(
                         "im-server: store: embedded memory store (no Redis URL configured; messages are lost on exit; set REDIS_URL or --redis to use Redis)"
                     );
-                    StoreChoice::Memory(Arc::new(MemoryStore::new(config.idempotency_ttl)))
+                    StoreChoice::Memory(Arc::new(
+                        MemoryStore::new(config.idempotency_ttl)
+                            .with_change_log_retention(config.change_log_retention),
+                    ))
                 }
             };
             let (listener, local) = bind_shared(&config.rpc_listen, "rpc")?;

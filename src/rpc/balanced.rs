@@ -151,7 +151,7 @@ pub struct BalancedCall {
 fn repeatable(request: Option<&RpcRequest>) -> bool {
     match request {
         // A second delete answers as the first did (the message is gone).
-        Some(RpcRequest::Pull(_) | RpcRequest::Delete(_)) => true,
+        Some(RpcRequest::Pull(_) | RpcRequest::Delete(_) | RpcRequest::Changes(_)) => true,
         Some(RpcRequest::Send(send)) => !send.idempotency_key.is_empty(),
         // A second edit would give the message a second edited_at.
         Some(RpcRequest::Ping | RpcRequest::Edit(_)) | None => false,
@@ -225,6 +225,7 @@ impl BalancedClient {
             RpcRequest::Ping => RpcMethod::Ping,
             RpcRequest::Edit(_) => RpcMethod::Edit,
             RpcRequest::Delete(_) => RpcMethod::Delete,
+            RpcRequest::Changes(_) => RpcMethod::Changes,
         };
         while tried.len < MAX_ATTEMPTS {
             let (id, client, now) = {

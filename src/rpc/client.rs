@@ -15,7 +15,9 @@ use super::{method, status};
 use crate::error::Error;
 use crate::metrics::{PeerKind, PeerStats};
 use crate::mux::{MuxOptions, Pending, Pool, Protocol, Stream};
-use crate::proto::{DeleteRequest, EditRequest, PingRequest, PullRequest, SendRequest};
+use crate::proto::{
+    ChangesRequest, DeleteRequest, EditRequest, PingRequest, PullRequest, SendRequest,
+};
 
 #[derive(Clone)]
 pub enum RpcRequest {
@@ -24,6 +26,7 @@ pub enum RpcRequest {
     Ping,
     Edit(EditRequest),
     Delete(DeleteRequest),
+    Changes(ChangesRequest),
 }
 
 struct RpcProtocol {
@@ -59,6 +62,7 @@ impl Protocol for RpcProtocol {
             RpcRequest::Ping => frame::encode(out, self.next_id, method::PING, &PingRequest {}),
             RpcRequest::Edit(req) => frame::encode(out, self.next_id, method::EDIT, req),
             RpcRequest::Delete(req) => frame::encode(out, self.next_id, method::DELETE, req),
+            RpcRequest::Changes(req) => frame::encode(out, self.next_id, method::CHANGES, req),
         }
         self.next_id
     }

@@ -23,6 +23,8 @@ pub mod method {
     pub const EDIT: u8 = 6;
     /// `DeleteRequest` -> `DeleteResponse`.
     pub const DELETE: u8 = 7;
+    /// `ChangesRequest` -> `ChangesResponse`.
+    pub const CHANGES: u8 = 8;
 }
 
 /// Status bytes carried in reply frames.

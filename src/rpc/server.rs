@@ -26,9 +26,10 @@ use crate::error::{CODE_OK, Error};
 use crate::metrics::{self, Gauge, METRICS, RpcMethod};
 use crate::mux::{MIN_READ, READ_CHUNK};
 use crate::proto::{
-    DeleteRequest, DeleteResponse, EditRequest, EditResponse, Message, PingResponse, PullRequest,
-    PullResponse, SendRequest, SendResponse,
+    ChangesRequest, ChangesResponse, DeleteRequest, DeleteResponse, EditRequest, EditResponse,
+    Message, PingResponse, PullRequest, PullResponse, SendRequest, SendResponse,
 };
+use crate::store::lifecycle::MAX_CHANGES;
 use crate::store::{AnyStore, Completion, Page, Sent, Store};
 use crate::unwind::catch_panic;
 
@@ -138,6 +139,7 @@ enum Work {
     Pull(PullRequest),
     Edit(EditRequest),
     Delete(DeleteRequest),
+    Changes(ChangesRequest),
     Ping,
     Bad(String),
 }
@@ -149,6 +151,7 @@ enum ServerFrame {
     Pull(PullResponse),
     Edit(EditResponse),
     Delete(DeleteResponse),
+    Changes(ChangesResponse),
     /// An OK PullResponse, encoded by the store.
     PullPage(Vec<u8>),
     Pong,
@@ -558,6 +561,10 @@ fn largest_reply(work: &Work) -> usize {
         Work::Send(req) => SMALL_REPLY + req.encoded_len(),
         Work::Edit(req) => SMALL_REPLY + req.encoded_len(),
         Work::Delete(req) => SMALL_REPLY + req.encoded_len(),
+        // Each change at most one message.
+        Work::Changes(req) => {
+            SMALL_REPLY + req.chat.len() + MAX_CHANGES * (MAX_MESSAGE_WIRE_BYTES + 32)
+        }
         Work::Ping => SMALL_REPLY,
         Work::Bad(why) => SMALL_REPLY + why.len(),
     }
@@ -610,6 +617,7 @@ fn encoded_len(reply: &ServerFrame) -> usize {
             ServerFrame::Pull(resp) => resp.encoded_len(),
             ServerFrame::Edit(resp) => resp.encoded_len(),
             ServerFrame::Delete(resp) => resp.encoded_len(),
+            ServerFrame::Changes(resp) => resp.encoded_len(),
             ServerFrame::PullPage(wire) => wire.len(),
             ServerFrame::BadFrame(why) => why.len(),
             ServerFrame::Pong => PingResponse { served: u64::MAX }.encoded_len(),
@@ -625,6 +633,7 @@ fn encode_reply(output: &mut BytesMut, outgoing: Outgoing) -> OwnedSemaphorePerm
         ServerFrame::Pull(resp) => frame::encode(output, id, status::OK, &resp),
         ServerFrame::Edit(resp) => frame::encode(output, id, status::OK, &resp),
         ServerFrame::Delete(resp) => frame::encode(output, id, status::OK, &resp),
+        ServerFrame::Changes(resp) => frame::encode(output, id, status::OK, &resp),
         ServerFrame::PullPage(wire) => frame::encode_raw(output, id, status::OK, &wire),
         ServerFrame::Pong => {
             let served = SERVED.load(Ordering::Relaxed);
@@ -645,6 +654,7 @@ fn metrics_method(work: &Work) -> Option<RpcMethod> {
         Work::Pull(_) => Some(RpcMethod::Pull),
         Work::Edit(_) => Some(RpcMethod::Edit),
         Work::Delete(_) => Some(RpcMethod::Delete),
+        Work::Changes(_) => Some(RpcMethod::Changes),
         Work::Ping => Some(RpcMethod::Ping),
         Work::Bad(_) => None,
     }
@@ -675,6 +685,11 @@ fn overloaded(method: u8) -> ServerFrame {
             msg,
             ..DeleteResponse::default()
         }),
+        method::CHANGES => ServerFrame::Changes(ChangesResponse {
+            code,
+            msg,
+            ..ChangesResponse::default()
+        }),
         method::PING => ServerFrame::Pong,
         other => ServerFrame::BadFrame(format!("unknown method {other}")),
     }
@@ -698,6 +713,10 @@ fn decode_request(frame: Frame) -> Work {
             Ok(req) => Work::Delete(req),
             Err(err) => Work::Bad(format!("undecodable DeleteRequest: {err}")),
         },
+        method::CHANGES => match ChangesRequest::decode(frame.body) {
+            Ok(req) => Work::Changes(req),
+            Err(err) => Work::Bad(format!("undecodable ChangesRequest: {err}")),
+        },
         method::PING => Work::Ping,
         other => Work::Bad(format!("unknown method {other}")),
     }
@@ -706,7 +725,7 @@ fn decode_request(frame: Frame) -> Work {
 async fn handle(store: &AnyStore, work: Work, stop: Option<watch::Receiver<bool>>) -> ServerFrame {
     if matches!(
         work,
-        Work::Send(_) | Work::Pull(_) | Work::Edit(_) | Work::Delete(_)
+        Work::Send(_) | Work::Pull(_) | Work::Edit(_) | Work::Delete(_) | Work::Changes(_)
     ) {
         SERVED.fetch_add(1, Ordering::Relaxed);
     }
@@ -714,6 +733,7 @@ async fn handle(store: &AnyStore, work: Work, stop: Option<watch::Receiver<bool>
         Work::Send(req) => ServerFrame::Send(send(store, req).await),
         Work::Edit(req) => ServerFrame::Edit(edit(store, req).await),
         Work::Delete(req) => ServerFrame::Delete(delete(store, req).await),
+        Work::Changes(req) => ServerFrame::Changes(changes(store, req).await),
         Work::Pull(req) => pull(store, req, stop).await,
         Work::Ping => ServerFrame::Pong,
         Work::Bad(why) => ServerFrame::BadFrame(why),
@@ -854,6 +874,31 @@ async fn delete(store: &AnyStore, req: DeleteRequest) -> DeleteResponse {
     }
 }
 
+async fn changes(store: &AnyStore, req: ChangesRequest) -> ChangesResponse {
+    let limit = match req.limit {
+        n if n <= 0 => MAX_CHANGES,
+        n => (n as usize).min(MAX_CHANGES),
+    };
+    // (A pull's checks: the chat's name, and `after` like a cursor.)
+    let outcome = match validate_pull(&req.chat, req.after, 0, false) {
+        // Its changes cannot be logged (see `validate_change`): none.
+        Ok(query) if query.chat.starts_with('}') => Ok(ChangesResponse {
+            next: req.after,
+            ..ChangesResponse::default()
+        }),
+        Ok(query) => store.changes(&query.chat, req.after, limit).await,
+        Err(invalid) => Err(invalid.into()),
+    };
+    outcome.unwrap_or_else(|err| {
+        let (code, msg) = failure(err);
+        ChangesResponse {
+            code,
+            msg,
+            ..ChangesResponse::default()
+        }
+    })
+}
+
 /// A pull's query and how long it may wait, once valid.
 fn checked_pull(req: &PullRequest) -> Result<(PullQuery, Duration), Error> {
     let query = validate_pull(&req.chat, req.cursor, req.limit, req.reverse)?;
@@ -888,7 +933,7 @@ async fn pull(
     };
     let page = match wait.is_zero() || !query.may_wait() {
         true => store.pull(&query).await,
-        false => pull_waiting(store, &query, wait, stop).await,
+        false => pull_waiting(store, &query, wait, stop, req.changes_after).await,
     };
     page_frame(page)
 }
@@ -907,6 +952,7 @@ async fn pull_waiting(
     query: &PullQuery,
     wait: Duration,
     stop: Option<watch::Receiver<bool>>,
+    changes_after: i64,
 ) -> Result<Page, Error> {
     let deadline = Instant::now() + wait;
     let mut waiter = store.waiter(&query.chat);
@@ -919,6 +965,12 @@ async fn pull_waiting(
     let Some(mut waiter) = waiter.filter(|_| page.count == 0) else {
         return Ok(page);
     };
+    if changes_after > 0 && !query.chat.starts_with('}') {
+        let changes = store.changes(&query.chat, changes_after, 1).await?;
+        if !changes.changes.is_empty() || changes.reset {
+            return Ok(page);
+        }
+    }
     let _waiting = metrics::track(Gauge::WaitingPulls);
     let stopped = async {
         match stop {
@@ -964,6 +1016,7 @@ mod tests {
             limit,
             reverse: false,
             wait_ms: 0,
+            changes_after: 0,
         })
     }
 

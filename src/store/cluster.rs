@@ -629,6 +629,16 @@ impl Store for ClusterStore {
         let runner = ChatRunner::new(self, chat);
         super::lifecycle::delete(&runner, chat, send_time, actor, admin, &self.keep).await
     }
+
+    async fn changes(
+        &self,
+        chat: &str,
+        after: i64,
+        limit: usize,
+    ) -> Result<crate::proto::ChangesResponse, Error> {
+        let runner = ChatRunner::new(self, chat);
+        super::lifecycle::changes(&runner, chat, after, limit, &self.keep).await
+    }
 }
 
 /// Runs an edit's or delete's commands on its chat's master (every key of

@@ -32,8 +32,11 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use super::redis::{chat_key, encode_member, read_stored};
+use prost::Message as _;
+
 use crate::error::Error;
 use crate::proto::fields::{change, stored_message};
+use crate::proto::{Change, ChangesResponse};
 use crate::resp::{Reply, command};
 use crate::wire;
 
@@ -224,6 +227,105 @@ pub(super) async fn delete(
     Err(Error::Unavailable)
 }
 
+/// Most changes one [`changes`] call answers.
+pub const MAX_CHANGES: usize = 100;
+
+/// How far back a change read trusts the clock (µs): a change committed
+/// after a read gets a sequence above the read's clock minus this (so
+/// clocks of RPC servers must agree within it). A new stream starts its
+/// changes this far back, and a read that found nothing moves its caller's
+/// cursor up to that point, so that a follower of a quiet chat stays within
+/// the log's window. Replaying a change is harmless (an edit carries the
+/// whole message, a delete is idempotent); missing one is not.
+pub const FRESH_MARGIN_US: i64 = 5_000_000;
+
+/// Where a change read may move its cursor once it has read everything:
+/// [`FRESH_MARGIN_US`] back (at most half the log's window).
+pub fn watermark(now: i64, keep_us: i64) -> i64 {
+    now - FRESH_MARGIN_US.min(keep_us / 2)
+}
+
+/// Whether changes after `after` may have been trimmed: it is older than
+/// the log keeps (by the clock: trimming is by sequence, which follows the
+/// clock), and the oldest change left, if any, is newer than it (the log
+/// always keeps its newest change until it expires whole).
+pub fn must_reset(after: i64, oldest: Option<i64>, now: i64, keep_us: i64) -> bool {
+    after < now.saturating_sub(keep_us) && oldest.is_none_or(|o| o > after)
+}
+
+/// The answer to a read that found `changes` after its cursor `from`
+/// (`more`: the limit cut it short).
+pub fn changes_response(from: i64, changes: Vec<Change>, more: bool, mark: i64) -> ChangesResponse {
+    let last = changes.last().map_or(from, |c| c.seq);
+    ChangesResponse {
+        next: if more { last } else { last.max(mark) },
+        has_more: more,
+        changes,
+        ..ChangesResponse::default()
+    }
+}
+
+/// The answer to a resume older than the log: start again from `mark`.
+pub fn reset_response(mark: i64) -> ChangesResponse {
+    ChangesResponse {
+        next: mark,
+        reset: true,
+        ..ChangesResponse::default()
+    }
+}
+
+/// The changes of `chat` after `after` (see `ChangesRequest`).
+pub(super) async fn changes(
+    runner: &impl Runner,
+    chat: &str,
+    after: i64,
+    limit: usize,
+    keep: &str,
+) -> Result<ChangesResponse, Error> {
+    let log = changes_key(chat);
+    let now = crate::now_micros();
+    let keep_us: i64 = keep.parse().unwrap_or(i64::MAX);
+    let mark = watermark(now, keep_us);
+    if after != 0 {
+        let oldest = command::encode(&[b"ZRANGE", log.as_bytes(), b"0", b"0"]);
+        let oldest = first_member(runner.run(oldest, false).await?)?;
+        let seq = oldest.as_deref().and_then(|m| m.get(1..9)?.try_into().ok());
+        if must_reset(after, seq.map(i64::from_le_bytes), now, keep_us) {
+            return Ok(reset_response(mark));
+        }
+    }
+    let from = if after == 0 { mark } else { after };
+    let (start, count) = (format!("({from}"), (limit + 1).to_string());
+    let range = command::encode(&[
+        b"ZRANGE",
+        log.as_bytes(),
+        start.as_bytes(),
+        b"+inf",
+        b"BYSCORE",
+        b"LIMIT",
+        b"0",
+        count.as_bytes(),
+    ]);
+    let Reply::Array(members) = runner.run(range, false).await? else {
+        return Err(Error::Internal(
+            "ZRANGE of the change log: not an array".into(),
+        ));
+    };
+    let more = members.len() > limit;
+    let mut changes = Vec::with_capacity(members.len().min(limit));
+    for member in members.into_iter().take(limit) {
+        let Reply::BulkString(member) = member else {
+            return Err(Error::Internal(
+                "ZRANGE of the change log: not a string".into(),
+            ));
+        };
+        let change = Change::decode(member)
+            .map_err(|e| Error::Internal(format!("undecodable change: {e}")))?;
+        changes.push(change);
+    }
+    Ok(changes_response(from, changes, more, mark))
+}
+
 fn undecodable(err: wire::Malformed) -> Error {
     Error::Internal(format!("undecodable stored message: {err}"))
 }
@@ -234,6 +336,21 @@ mod tests {
 
     use super::*;
     use crate::proto::{Change, StoredMessage};
+
+    #[test]
+    fn a_resume_resets_only_when_changes_may_be_gone() {
+        let (now, keep) = (1_000_000_000, 100);
+        assert!(!must_reset(now - 50, None, now, keep), "within the window");
+        assert!(must_reset(now - 150, None, now, keep), "older, log gone");
+        assert!(
+            must_reset(now - 150, Some(now - 90), now, keep),
+            "older than the log"
+        );
+        assert!(
+            !must_reset(now - 150, Some(now - 150), now, keep),
+            "the log still holds `after` itself: nothing after it was trimmed"
+        );
+    }
 
     #[test]
     fn who_may_change_a_message() {

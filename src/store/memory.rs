@@ -5,16 +5,19 @@
 //! Idempotency keys live in the shard of their chat, so checking a key and
 //! storing the message happen under the same lock, as one step.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::hash::{BuildHasher, RandomState};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use super::lifecycle::{may_delete, may_edit};
+use super::lifecycle::{
+    changes_response, may_delete, may_edit, must_reset, reset_response, watermark,
+};
 use super::{Page, PageWriter, Sent, Store};
 use crate::domain::PullQuery;
 use crate::error::Error;
 use crate::notify::{Hub, Waiter};
+use crate::proto::{Change, ChangesResponse, StoredMessage};
 
 struct Stored {
     send_time: i64,
@@ -35,12 +38,33 @@ struct Chat {
     /// The last change's sequence (an edit's `edited_at`): changes get
     /// max(clock, this + 1), like send_times.
     last_seq: i64,
+    /// The change log, oldest first, trimmed to the retention on write.
+    changes: VecDeque<Change>,
 }
 
 impl Chat {
     fn next_seq(&mut self) -> i64 {
         self.last_seq = crate::now_micros().max(self.last_seq + 1);
         self.last_seq
+    }
+
+    /// Logs a change (an edit when `edited` holds the message) and drops
+    /// those older than `keep`.
+    fn log_change(&mut self, seq: i64, send_time: i64, edited: Option<&Stored>, keep: i64) {
+        self.changes.push_back(Change {
+            seq,
+            deleted: if edited.is_none() { send_time } else { 0 },
+            edited: edited.map(|m| StoredMessage {
+                send_time,
+                text: m.text.to_string(),
+                sender: m.sender.to_string(),
+                edited_at: 0,
+            }),
+        });
+        // The newest change stays (see `lifecycle::must_reset`).
+        while self.changes.len() > 1 && self.changes.front().is_some_and(|c| c.seq < seq - keep) {
+            self.changes.pop_front();
+        }
     }
 
     fn find(&mut self, send_time: i64) -> Option<usize> {
@@ -104,6 +128,8 @@ pub struct MemoryStore {
     shards: Box<[Shard]>,
     hasher: RandomState,
     idempotency_ttl: Duration,
+    /// How long the change logs keep a change, in µs.
+    change_log_keep: i64,
     /// Pulls waiting for new messages (`wait_ms`), woken by `send`.
     hub: Arc<Hub>,
 }
@@ -124,8 +150,17 @@ impl MemoryStore {
             shards: (0..SHARDS).map(|_| Shard::default()).collect(),
             hasher: RandomState::new(),
             idempotency_ttl,
+            change_log_keep: crate::config::Config::defaults()
+                .change_log_retention
+                .as_micros() as i64,
             hub: Hub::in_process(),
         }
+    }
+
+    /// Keeps each change for `retention` (`--change-log-retention-s`).
+    pub fn with_change_log_retention(mut self, retention: Duration) -> Self {
+        self.change_log_keep = retention.as_micros().min(i64::MAX as u128) as i64;
+        self
     }
 
     /// Registers a pull that will wait for `chat` (see [`crate::notify`]).
@@ -308,6 +343,14 @@ impl Store for MemoryStore {
             let message = &mut chat.log[i];
             message.text = text.into();
             message.edited_at = edited_at;
+            let message = &chat.log[i];
+            let edited = Stored {
+                send_time,
+                sender: message.sender.clone(),
+                text: message.text.clone(),
+                edited_at,
+            };
+            chat.log_change(edited_at, send_time, Some(&edited), self.change_log_keep);
             edited_at
         };
         self.hub.notify(chat);
@@ -334,12 +377,34 @@ impl Store for MemoryStore {
             if !may_delete(&chat.log[i].sender, actor, admin) {
                 return Err(Error::Forbidden);
             }
-            chat.next_seq();
+            let seq = chat.next_seq();
+            chat.log_change(seq, send_time, None, self.change_log_keep);
             let gone = chat.log.remove(i);
             chat.deleted.insert(send_time, gone.sender);
         }
         self.hub.notify(chat);
         Ok(())
+    }
+
+    async fn changes(
+        &self,
+        chat: &str,
+        after: i64,
+        limit: usize,
+    ) -> Result<ChangesResponse, Error> {
+        let now = crate::now_micros();
+        let mark = watermark(now, self.change_log_keep);
+        let shard = self.shard(chat);
+        let log = shard.chats.get(chat).map(|c| &c.changes);
+        let oldest = log.and_then(|c| c.front()).map(|c| c.seq);
+        if after != 0 && must_reset(after, oldest, now, self.change_log_keep) {
+            return Ok(reset_response(mark));
+        }
+        let from = if after == 0 { mark } else { after };
+        let mut newer = log.into_iter().flatten().skip_while(|c| c.seq <= from);
+        let changes: Vec<Change> = newer.by_ref().take(limit).cloned().collect();
+        let more = newer.next().is_some();
+        Ok(changes_response(from, changes, more, mark))
     }
 }
 

@@ -195,6 +195,15 @@ pub trait Store: Send + Sync + 'static {
         actor: Option<&str>,
         admin: bool,
     ) -> impl Future<Output = Result<(), Error>> + Send;
+
+    /// The chat's changes after `after` (at most `limit`), oldest first;
+    /// see `ChangesRequest` in `proto/im.proto`.
+    fn changes(
+        &self,
+        chat: &str,
+        after: i64,
+        limit: usize,
+    ) -> impl Future<Output = Result<crate::proto::ChangesResponse, Error>> + Send;
 }
 
 /// The store chosen at start-up.
@@ -279,6 +288,19 @@ impl Store for AnyStore {
             AnyStore::Memory(store) => store.delete(chat, send_time, actor, admin).await,
             AnyStore::Redis(store) => store.delete(chat, send_time, actor, admin).await,
             AnyStore::Cluster(store) => store.delete(chat, send_time, actor, admin).await,
+        }
+    }
+
+    async fn changes(
+        &self,
+        chat: &str,
+        after: i64,
+        limit: usize,
+    ) -> Result<crate::proto::ChangesResponse, Error> {
+        match self {
+            AnyStore::Memory(store) => store.changes(chat, after, limit).await,
+            AnyStore::Redis(store) => store.changes(chat, after, limit).await,
+            AnyStore::Cluster(store) => store.changes(chat, after, limit).await,
         }
     }
 }

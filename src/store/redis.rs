@@ -888,6 +888,15 @@ impl Store for RedisStore {
     ) -> Result<(), Error> {
         super::lifecycle::delete(self, chat, send_time, actor, admin, &self.keep).await
     }
+
+    async fn changes(
+        &self,
+        chat: &str,
+        after: i64,
+        limit: usize,
+    ) -> Result<crate::proto::ChangesResponse, Error> {
+        super::lifecycle::changes(self, chat, after, limit, &self.keep).await
+    }
 }
 
 /// The front of a send batcher, shared by the standalone and cluster

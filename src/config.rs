@@ -148,6 +148,10 @@ options! {
         "how long a send's idempotency key is remembered, in seconds");
     change_log_retention: Duration = idempotency_ttl("--change-log-retention-s", "IM_CHANGE_LOG_RETENTION_S", "86400",
         "how long a chat's change log keeps an edit or delete for streams that resume, in seconds");
+    retain_messages: usize = count("--retain-messages", "IM_RETAIN_MESSAGES", "0",
+        "messages kept per chat, the newest; older ones are removed (0 = unlimited)");
+    retain_age: Duration = seconds_or_zero("--retain-age-s", "IM_RETAIN_AGE_S", "0",
+        "how long a message is kept, in seconds; older ones are removed (0 = forever)");
 }
 
 /// Longest idempotency-key retention accepted, in seconds: 10 years (Redis

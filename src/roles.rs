@@ -229,10 +229,15 @@ fn plan(config: Config) -> Result<(Plan, Listeners), String> {
                     eprintln!(
                         "im-server: store: embedded memory store (no Redis URL configured; messages are lost on exit; set REDIS_URL or --redis to use Redis)"
                     );
-                    StoreChoice::Memory(Arc::new(
-                        MemoryStore::new(config.idempotency_ttl)
-                            .with_change_log_retention(config.change_log_retention),
-                    ))
+                    {
+                        let store = Arc::new(
+                            MemoryStore::new(config.idempotency_ttl)
+                                .with_change_log_retention(config.change_log_retention)
+                                .with_retention(retention(&config)),
+                        );
+                        store.start_sweeper();
+                        StoreChoice::Memory(store)
+                    }
                 }
             };
             let (listener, local) = bind_shared(&config.rpc_listen, "rpc")?;
@@ -544,6 +549,15 @@ fn redis_options(config: &Config) -> RedisOptions {
         max_queued_bytes: config.max_queued_bytes,
         idempotency_ttl: config.idempotency_ttl,
         change_log_retention: config.change_log_retention,
+        retention: retention(config),
+    }
+}
+
+/// `--retain-messages` and `--retain-age-s`.
+fn retention(config: &Config) -> crate::store::retention::Retention {
+    crate::store::retention::Retention {
+        messages: config.retain_messages,
+        age: config.retain_age,
     }
 }
 

@@ -60,3 +60,49 @@ redis.register_function('im_delete', function(keys, args)
   redis.call('SPUBLISH', chat .. ':new', '')
   return seq
 end)
+
+-- Retention (--retain-messages, --retain-age-s): removes from a chat what
+-- is outside its window. Bounded work: at most `limit` members by age (a
+-- pull never shows them anyway: it reads from the floor up); by count,
+-- whatever is beyond the newest `keep` (a send adds at most its batch, so
+-- at most that, unless the option was just lowered).
+local function trim_chat(key, keep, floor, limit)
+  if keep > 0 then
+    redis.call('ZREMRANGEBYRANK', key, '0', string.format('%d', -keep - 1))
+  end
+  if floor ~= '0' then
+    local old = redis.call('ZRANGE', key, '-inf', '(' .. floor, 'BYSCORE', 'LIMIT', '0', limit)
+    if #old > 0 then redis.call('ZREM', key, unpack(old)) end
+  end
+end
+
+-- im_send with retention: ARGV = im_send's own arguments, then keep
+-- (messages per chat, 0 = any) and floor (the oldest send_time kept, 0 =
+-- any), taken off the end (no copy of the arguments). Kept apart from
+-- im_send so that sends without retention cost what they always did.
+redis.register_function('im_send_keep', function(keys, args)
+  local floor = table.remove(args)
+  local keep = tonumber(table.remove(args))
+  return send_batch(keys, args, function(key, t)
+    -- By age, amortised: one run in 16 (by its last send_time) also
+    -- removes up to 64 expired messages; reads skip them meanwhile, and
+    -- the sweep takes the rest.
+    local by_age = floor
+    if t % 16 ~= 0 then by_age = '0' end
+    trim_chat(key, keep, by_age, '64')
+  end)
+end)
+
+-- The background sweep for chats nobody writes to: KEYS = chats (one slot
+-- on a Cluster: called per chat), ARGV = floor. Removes up to 256 expired
+-- messages per chat, and the tombstones below the floor; returns how many
+-- messages went.
+redis.register_function('im_trim', function(keys, args)
+  local removed = 0
+  for _, key in ipairs(keys) do
+    local before = redis.call('ZCARD', key)
+    trim_chat(key, 0, args[1], '256')
+    removed = removed + before - redis.call('ZCARD', key)
+  end
+  return removed
+end)

@@ -124,6 +124,10 @@ pub(super) trait Runner {
         command: Bytes,
         change: bool,
     ) -> impl Future<Output = Result<Reply, Error>> + Send;
+
+    /// The retention window's oldest send_time now (0: any): an older
+    /// message is not there to change, trimmed yet or not.
+    fn floor(&self) -> i64;
 }
 
 /// Replaces the text of the message at `send_time`; returns its `edited_at`.
@@ -137,6 +141,9 @@ pub(super) async fn edit(
 ) -> Result<i64, Error> {
     let key = chat_key(chat);
     let log = changes_key(chat);
+    if send_time < runner.floor() {
+        return Err(Error::MessageNotFound);
+    }
     for _ in 0..MAX_ATTEMPTS {
         let Some(old) = first_member(runner.run(read_command(&key, send_time), false).await?)?
         else {
@@ -183,6 +190,9 @@ pub(super) async fn delete(
     let key = chat_key(chat);
     let tombs = deleted_key(chat);
     let log = changes_key(chat);
+    if send_time < runner.floor() {
+        return Err(Error::MessageNotFound);
+    }
     for _ in 0..MAX_ATTEMPTS {
         let Some(old) = first_member(runner.run(read_command(&key, send_time), false).await?)?
         else {

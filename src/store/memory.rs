@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use super::lifecycle::{
     changes_response, may_delete, may_edit, must_reset, reset_response, watermark,
 };
+use super::retention::Retention;
 use super::{Page, PageWriter, Sent, Store};
 use crate::domain::PullQuery;
 use crate::error::Error;
@@ -72,6 +73,24 @@ impl Chat {
             .binary_search_by_key(&send_time, |m| m.send_time)
             .ok()
     }
+
+    /// Drops what is beyond the newest `keep` (0: any number) and up to
+    /// `limit` messages older than `floor`, with their tombstones.
+    fn trim(&mut self, keep: usize, floor: i64, limit: usize) {
+        let mut cut = match keep {
+            0 => 0,
+            n => self.log.len().saturating_sub(n),
+        };
+        if floor > 0 {
+            let old = self.log.partition_point(|m| m.send_time < floor);
+            cut = cut.max(old.min(cut + limit));
+        }
+        if cut > 0 {
+            let oldest_kept = self.log.get(cut).map_or(i64::MAX, |m| m.send_time);
+            self.log.drain(..cut);
+            self.deleted.retain(|&t, _| t >= oldest_kept);
+        }
+    }
 }
 
 #[derive(Default)]
@@ -130,6 +149,8 @@ pub struct MemoryStore {
     idempotency_ttl: Duration,
     /// How long the change logs keep a change, in µs.
     change_log_keep: i64,
+    /// How much history a chat keeps.
+    retention: Retention,
     /// Pulls waiting for new messages (`wait_ms`), woken by `send`.
     hub: Arc<Hub>,
 }
@@ -153,7 +174,41 @@ impl MemoryStore {
             change_log_keep: crate::config::Config::defaults()
                 .change_log_retention
                 .as_micros() as i64,
+            retention: Retention::default(),
             hub: Hub::in_process(),
+        }
+    }
+
+    /// Keeps what `retention` says (`--retain-messages`, `--retain-age-s`).
+    pub fn with_retention(mut self, retention: Retention) -> Self {
+        self.retention = retention;
+        self
+    }
+
+    /// Starts the sweep of chats nobody writes to (age retention only),
+    /// on a thread of its own that ends with the store.
+    pub fn start_sweeper(self: &Arc<Self>) {
+        if !super::retention::take_sweeper(&self.retention) {
+            return;
+        }
+        let store = Arc::downgrade(self);
+        std::thread::spawn(move || {
+            loop {
+                std::thread::sleep(super::retention::SWEEP_PAUSE);
+                let Some(store) = store.upgrade() else { return };
+                store.sweep();
+            }
+        });
+    }
+
+    /// Removes every message older than the age window, shard by shard.
+    fn sweep(&self) {
+        let floor = self.retention.floor(crate::now_micros());
+        for shard in self.shards.iter() {
+            let mut shard = shard.lock().unwrap_or_else(PoisonError::into_inner);
+            for chat in shard.chats.values_mut() {
+                chat.trim(0, floor, usize::MAX);
+            }
         }
     }
 
@@ -234,6 +289,7 @@ impl MemoryStore {
             };
         }
         let send_time = append(&mut log.log, sender, text);
+        self.trim_on_write(log);
         let expires = now + self.idempotency_ttl;
         shard.keys.insert(record, (send_time, print), expires, now);
         Ok(Sent {
@@ -263,8 +319,10 @@ impl MemoryStore {
                         Some(log) => log,
                         None => shard.chats.entry(chat.into()).or_default(),
                     };
+                    let send_time = append(&mut log.log, sender, text);
+                    self.trim_on_write(log);
                     Sent {
-                        send_time: append(&mut log.log, sender, text),
+                        send_time,
                         replayed: false,
                     }
                 }
@@ -277,6 +335,14 @@ impl MemoryStore {
         Ok(sent)
     }
 
+    /// Retention on write: the count window exactly, up to 64 expired.
+    fn trim_on_write(&self, chat: &mut Chat) {
+        if self.retention.is_on() {
+            let floor = self.retention.floor(crate::now_micros());
+            chat.trim(self.retention.messages, floor, 64);
+        }
+    }
+
     /// [`Store::pull`], which never waits here either: the page is copied
     /// out under the shard's lock.
     pub fn pull_now(&self, query: &PullQuery) -> Page {
@@ -284,7 +350,9 @@ impl MemoryStore {
         let Some(chat) = shard.chats.get(query.chat.as_str()) else {
             return Page::default();
         };
-        let log = &chat.log;
+        // Nothing older than the retention window, trimmed yet or not.
+        let floor = self.retention.floor(crate::now_micros());
+        let log = &chat.log[chat.log.partition_point(|m| m.send_time < floor)..];
         let mut page = PageWriter::new(&query.chat, query.limit);
         let mut push = |m: &Stored| page.push(&m.text, &m.sender, m.send_time, m.edited_at);
         if query.reverse {
@@ -334,8 +402,10 @@ impl Store for MemoryStore {
     ) -> Result<i64, Error> {
         let edited_at = {
             let mut shard = self.shard(chat);
+            let floor = self.retention.floor(crate::now_micros());
             let chat = shard.chats.get_mut(chat).ok_or(Error::MessageNotFound)?;
-            let i = chat.find(send_time).ok_or(Error::MessageNotFound)?;
+            let i = chat.find(send_time).filter(|_| send_time >= floor);
+            let i = i.ok_or(Error::MessageNotFound)?;
             if !may_edit(&chat.log[i].sender, actor) {
                 return Err(Error::Forbidden);
             }
@@ -366,7 +436,11 @@ impl Store for MemoryStore {
     ) -> Result<(), Error> {
         {
             let mut shard = self.shard(chat);
+            let floor = self.retention.floor(crate::now_micros());
             let chat = shard.chats.get_mut(chat).ok_or(Error::MessageNotFound)?;
+            if send_time < floor {
+                return Err(Error::MessageNotFound);
+            }
             let Some(i) = chat.find(send_time) else {
                 return match chat.deleted.get(&send_time) {
                     Some(sender) if may_delete(sender, actor, admin) => Ok(()),

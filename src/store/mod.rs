@@ -23,6 +23,7 @@ pub mod cluster;
 pub mod lifecycle;
 pub mod memory;
 pub mod redis;
+pub mod retention;
 pub mod subscriber;
 
 use std::future::Future;

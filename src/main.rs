@@ -1,5 +1,6 @@
 //! `im-server [all|gateway|rpc] [OPTIONS]`: see `im-server --help`;
-//! `im-server token --sub USER`: mints a development token.
+//! `im-server token --sub USER`: mints a development token;
+//! `im-server export|import --chat CHAT --redis URL`: a chat as NDJSON.
 
 use std::process::ExitCode;
 
@@ -8,6 +9,15 @@ use im_server::config::{Config, Parsed, usage};
 fn main() -> ExitCode {
     if std::env::args().nth(1).as_deref() == Some("token") {
         return token(std::env::args().skip(2));
+    }
+    if let Some(name @ ("export" | "import")) = std::env::args().nth(1).as_deref() {
+        return match im_server::roles::transfer(name, std::env::args().skip(2).collect()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("im-server {name}: {err}");
+                ExitCode::FAILURE
+            }
+        };
     }
     let config = match Config::parse(std::env::args().skip(1), |key| std::env::var(key).ok()) {
         Ok(Parsed::Run(config)) => config,

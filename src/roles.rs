@@ -358,6 +358,12 @@ fn register(plan: &Plan) -> Result<Option<Registration>, String> {
     Registration::start(registry, advertise).map(Some)
 }
 
+/// `im-server export|import --chat CHAT --redis URL` (see
+/// `store::transfer`).
+pub fn transfer(name: &str, args: Vec<String>) -> Result<(), String> {
+    crate::store::transfer::main(name, args)
+}
+
 /// Standalone Redis or a cluster: asks the node(s) (`INFO cluster`) before
 /// the shards start. A list of nodes is a cluster; a single node that does
 /// not answer is taken as standalone, as before clusters were supported.

@@ -3,6 +3,7 @@
 
 pub mod access;
 pub mod error;
+pub mod export;
 pub mod json;
 pub mod pull_wire;
 pub mod stream;
@@ -47,6 +48,8 @@ pub enum PendingReply {
     WaitingPull(BalancedCall),
     Edit(BalancedCall),
     Delete(BalancedCall),
+    /// An export's first page, and the export to stream once it is answered.
+    Export(BalancedCall, Box<export::Export>),
 }
 
 /// A started request, with what its metrics need: its route, when it
@@ -118,6 +121,8 @@ impl Gateway {
             b"/api/edit" if req.method == Method::Post => self.start_change(req, query, true),
             b"/api/delete" if req.method == Method::Post => self.start_change(req, query, false),
             b"/api/edit" | b"/api/delete" => Err(ApiError::MethodNotAllowed("POST")),
+            b"/api/export" if readable => self.start_export(req),
+            b"/api/export" => Err(ApiError::MethodNotAllowed("GET, HEAD")),
             b"/api/stream" if readable => self.start_stream(req),
             b"/api/stream" => Err(ApiError::MethodNotAllowed("GET, HEAD")),
             _ => Err(ApiError::NotFound),
@@ -310,7 +315,7 @@ impl Handler for Gateway {
     /// escape that could spell it), then a full one (100 messages).
     fn reply_bound(req: &Request) -> usize {
         let (path, query) = req.path_and_query();
-        if path == b"/api/stream" {
+        if path == b"/api/stream" || path == b"/api/export" {
             // Its first page, and each later one, is held until written.
             return crate::domain::MAX_LIMIT as usize * crate::domain::MAX_MESSAGE_WIRE_BYTES;
         }
@@ -369,6 +374,7 @@ impl Handler for Gateway {
                 PendingReply::WaitingPull(call) => self.finish_waiting_pull(call).await,
                 PendingReply::Edit(call) => self.finish_edit(call).await,
                 PendingReply::Delete(call) => self.finish_delete(call).await,
+                PendingReply::Export(call, export) => self.finish_export(call, export).await,
             };
             let resp = result.unwrap_or_else(ApiError::into_response);
             METRICS.http_request(route, resp.status, at.elapsed());

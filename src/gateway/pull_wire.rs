@@ -237,7 +237,7 @@ pub fn pull_json_of(resp: &PullResponse) -> Vec<u8> {
 }
 
 /// Writes one message's JSON object; returns its send_time.
-pub(super) fn write_message(out: &mut Vec<u8>, mut wire: &[u8]) -> Result<i64, Malformed> {
+pub fn write_message(out: &mut Vec<u8>, mut wire: &[u8]) -> Result<i64, Malformed> {
     let (mut chat, mut message_text, mut sender, mut send_time) = ("", "", "", 0i64);
     let mut edited_at = 0i64;
     while !wire.is_empty() {

@@ -201,7 +201,7 @@ fn is_q_zero(param: &[u8]) -> bool {
 /// A pull reply's page, checked whole (so rendering it cannot fail half
 /// way) and copied out of the RPC connection's read buffer (which it would
 /// otherwise pin for as long as a slow reader takes).
-fn page_of(frame: Frame) -> Result<Bytes, ApiError> {
+pub(super) fn page_of(frame: Frame) -> Result<Bytes, ApiError> {
     check_status(&frame)?;
     let undecodable =
         |e: crate::wire::Malformed| ApiError::internal(format!("undecodable rpc reply: {e}"));
@@ -332,7 +332,7 @@ async fn next_page(
     }
 }
 
-fn has_messages(page: &[u8]) -> bool {
+pub(super) fn has_messages(page: &[u8]) -> bool {
     scalars(page).is_ok_and(|s| s.count > 0)
 }
 

@@ -19,9 +19,7 @@ use super::codec::{HttpError, Limits, Request};
 use super::conn::{
     Action, Conn, Expiry, Finished, Framing, ReadUntil, Settings, StreamEnd, StreamStep,
 };
-use super::response::{
-    Batch, EventSource, HEARTBEAT, LAGGED_EVENT, LAST_CHUNK, Response, put_chunk, write_response,
-};
+use super::response::{Batch, EventSource, LAST_CHUNK, Response, put_chunk, write_response};
 use crate::accept::{drain, next_connection};
 use crate::metrics::{self, Gauge, METRICS};
 use crate::unwind::{catch_panic, catch_panic_sync};
@@ -406,7 +404,7 @@ impl Io {
                     }
                 }
                 StreamStep::Heartbeat => {
-                    put_chunk(&mut self.output, HEARTBEAT, chunked);
+                    put_chunk(&mut self.output, stream.events.heartbeat(), chunked);
                     conn.sent(now);
                 }
                 StreamStep::Drain(deadline) => tokio::select! {
@@ -423,7 +421,7 @@ impl Io {
                 }
                 StreamStep::End { why, deadline } => {
                     if why == StreamEnd::Lagged {
-                        put_chunk(&mut self.output, LAGGED_EVENT, chunked);
+                        put_chunk(&mut self.output, stream.events.lagged(), chunked);
                     }
                     if chunked {
                         self.output.put_slice(LAST_CHUNK);

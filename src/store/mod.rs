@@ -25,6 +25,7 @@ pub mod memory;
 pub mod redis;
 pub mod retention;
 pub mod subscriber;
+pub mod transfer;
 
 use std::future::Future;
 

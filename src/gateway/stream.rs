@@ -233,7 +233,18 @@ async fn fetch_changes(
         after,
         limit: 0,
     }))?;
-    let resp: ChangesResponse = super::decode_reply(rpc.finish(call).await?)?;
+    let frame = rpc.finish(call).await?;
+    // An RPC server from before edits (a rolling upgrade) does not know the
+    // method: its chats have no changes, the stream goes on with messages.
+    if frame.method_or_status == crate::rpc::status::BAD_FRAME
+        && frame.body.starts_with(b"unknown method")
+    {
+        return Ok(ChangesResponse {
+            next: after,
+            ..ChangesResponse::default()
+        });
+    }
+    let resp: ChangesResponse = super::decode_reply(frame)?;
     if resp.code != CODE_OK {
         return Err(ApiError::from_code(resp.code, resp.msg));
     }

@@ -88,10 +88,16 @@ fn by_age(b: &Backend) {
     let old: Vec<i64> = (0..5)
         .map(|i| conn.send_ok("aging", "s", &format!("o{i}")))
         .collect();
+    let headers = [("Content-Type", "application/json")];
+    let deleted = json!({"chat": "aging", "send_time": old[4]}).to_string();
+    assert_eq!(
+        request(addr, "POST", "/api/delete", &headers, deleted.as_bytes()).status,
+        200
+    );
     for i in 0..4 {
         conn.send_ok("idle", "s", &format!("i{i}"));
     }
-    assert_eq!(walk_both(b, "aging", 2).len(), 5);
+    assert_eq!(walk_both(b, "aging", 2).len(), 4);
     std::thread::sleep(Duration::from_millis(2_300));
     assert_eq!(
         walk_both(b, "aging", 2),
@@ -122,6 +128,13 @@ fn by_age(b: &Backend) {
             let aging = stored(b, "aging").unwrap_or(-1);
             (stored(b, "idle") == Some(0) && (0..=1).contains(&aging)).then_some(())
         });
+        if let Some(redis) = &b.redis {
+            assert_eq!(
+                redis.redis_int(&["EXISTS", "im:del:{aging}"]),
+                0,
+                "the expired message's tombstone went with it"
+            );
+        }
     }
 }
 

@@ -93,16 +93,12 @@ redis.register_function('im_send_keep', function(keys, args)
   end)
 end)
 
--- The background sweep for chats nobody writes to: KEYS = chats (one slot
--- on a Cluster: called per chat), ARGV = floor. Removes up to 256 expired
--- messages per chat, and the tombstones below the floor; returns how many
--- messages went.
+-- The background sweep for chats nobody writes to: KEYS = a chat and its
+-- tombstones (one slot), ARGV = floor. Removes up to 256 expired messages
+-- and the tombstones below the floor; returns how many messages went.
 redis.register_function('im_trim', function(keys, args)
-  local removed = 0
-  for _, key in ipairs(keys) do
-    local before = redis.call('ZCARD', key)
-    trim_chat(key, 0, args[1], '256')
-    removed = removed + before - redis.call('ZCARD', key)
-  end
-  return removed
+  local before = redis.call('ZCARD', keys[1])
+  trim_chat(keys[1], 0, args[1], '256')
+  redis.call('ZREMRANGEBYSCORE', keys[2], '-inf', '(' .. args[1])
+  return before - redis.call('ZCARD', keys[1])
 end)

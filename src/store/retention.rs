@@ -12,7 +12,8 @@
 //! (amortised, bounded work per send),
 //! and the sweep removes the rest and those of idle chats: every
 //! [`SWEEP_PAUSE`], a pass over the chats (Redis: `SCAN` of `im:{*` on
-//! each master, a few hundred keys per step; `im_trim` per chat).
+//! each master, a few hundred keys per step; `im_trim` per chat, which
+//! also drops the chat's tombstones below the floor).
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -99,7 +100,10 @@ where
             let Reply::BulkString(key) = key else {
                 continue;
             };
-            let trim = command::encode(&[b"FCALL", b"im_trim", b"1", &key, floor.as_bytes()]);
+            // `im:{<chat>}` -> `im:del:{<chat>}` (see `lifecycle::deleted_key`).
+            let tombs = [&b"im:del:"[..], key.get(3..).unwrap_or_default()].concat();
+            let trim =
+                command::encode(&[b"FCALL", b"im_trim", b"2", &key, &tombs, floor.as_bytes()]);
             if let Ok(Reply::Integer(n)) = run(trim).await {
                 removed += n.max(0) as u64;
             }

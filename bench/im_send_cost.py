@@ -2,7 +2,7 @@
 """bench/im_send_cost.py: what one message costs Redis inside `im_send`.
 
 Usage: bench/im_send_cost.py [--port P] [--rooms N] [--messages M] [--batch B]
-                             [--library FILE]
+                             [--library FILE] [--keep N] [--age-floor]
 
 Loads the `im` function library from FILE (default src/store/redis.rs, the
 LIBRARY constant; give an older copy, e.g. from `git show`, for an A/B),
@@ -13,6 +13,10 @@ Redis's own accounting (INFO commandstats): FCALL µs per message, and µs
 per call of the ZADD, ZRANGE and SPUBLISH it makes. The same seed and counts
 give every run the same room sizes, which set the cost of a listpack ZADD.
 No load generator's noise is in these numbers: they are Redis's CPU only.
+
+With --keep N (retention, issue 21) the calls are `im_send_keep` keeping
+each room's newest N (what `--retain-messages N` sends); --age-floor also
+passes an age floor (one hour back: nothing expires, the check is paid).
 """
 import argparse
 import random
@@ -55,10 +59,15 @@ class Conn:
 
 
 def library(path):
-    found = re.search(r'const LIBRARY: &str = r#"(.*?)"#;', Path(path).read_text(), re.S)
+    text = Path(path).read_text()
+    found = re.search(r'const LIBRARY: &str = r#"(.*?)"#;', text, re.S)
+    if found:
+        return found.group(1)
+    # Since issue 21: concat!(r#"..."#, include_str!("lifecycle.lua")).
+    found = re.search(r'const LIBRARY: &str = concat!\(\s*r#"(.*?)"#,\s*include_str!\("([^"]+)"\)', text, re.S)
     if not found:
         raise SystemExit(f"no LIBRARY constant in {path}")
-    return found.group(1)
+    return found.group(1) + (Path(path).parent / found.group(2)).read_text()
 
 
 def main():
@@ -68,6 +77,8 @@ def main():
     p.add_argument("--messages", type=int, default=600_000)
     p.add_argument("--batch", type=int, default=20)
     p.add_argument("--library", default=str(Path(__file__).parent.parent / "src/store/redis.rs"))
+    p.add_argument("--keep", type=int, default=0)
+    p.add_argument("--age-floor", action="store_true")
     opt = p.parse_args()
     redis = Conn(opt.port)
     redis.call("FUNCTION", "LOAD", "REPLACE", library(opt.library))
@@ -83,8 +94,14 @@ def main():
         frames = []
         for _ in range(burst):
             keys = ["im:{bench-room-%d}" % rooms.randrange(opt.rooms) for _ in range(opt.batch)]
-            now = str(int(time.time() * 1e6))
-            frames.append(encode(["FCALL", "im_send", str(opt.batch), *keys, *[member] * opt.batch, now]))
+            now_us = int(time.time() * 1e6)
+            now = str(now_us)
+            if opt.keep or opt.age_floor:
+                floor = str(now_us - 3_600_000_000) if opt.age_floor else "0"
+                frames.append(encode(["FCALL", "im_send_keep", str(opt.batch), *keys,
+                                      *[member] * opt.batch, now, str(opt.keep), floor]))
+            else:
+                frames.append(encode(["FCALL", "im_send", str(opt.batch), *keys, *[member] * opt.batch, now]))
         redis.sock.sendall(b"".join(frames))
         for _ in range(burst):
             redis.reply()
@@ -99,7 +116,8 @@ def main():
     print(
         f"im_send: {stats['fcall'][1] / (calls * opt.batch):.2f} µs per message "
         f"({opt.messages} messages, {opt.rooms} rooms, {opt.batch} per call); per call: "
-        + ", ".join(f"{n} {per_call.get(n, 0.0):.2f} µs" for n in ("zadd", "zrange", "spublish"))
+        + ", ".join(f"{n} {per_call.get(n, 0.0):.2f} µs"
+                    for n in ("zadd", "zrange", "spublish", "zremrangebyrank", "zrem"))
     )
 
 

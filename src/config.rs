@@ -191,6 +191,12 @@ options! {
         "how long a send's idempotency key is remembered, in seconds");
     log_level: crate::logging::Filter = log_filter("--log-level", "IM_LOG", "info",
         "what is logged: off, error, warn, info or debug, optionally per module as RUST_LOG spells it (warn,rpc=debug); a message repeated from one place is written once a second with a count");
+    change_log_retention: Duration = idempotency_ttl("--change-log-retention-s", "IM_CHANGE_LOG_RETENTION_S", "86400",
+        "how long a chat's change log keeps an edit or delete for streams that resume, in seconds");
+    retain_messages: usize = count("--retain-messages", "IM_RETAIN_MESSAGES", "0",
+        "messages kept per chat, the newest; older ones are removed (0 = unlimited)");
+    retain_age: Duration = seconds_or_zero("--retain-age-s", "IM_RETAIN_AGE_S", "0",
+        "how long a message is kept, in seconds; older ones are removed (0 = forever)");
 }
 
 /// Longest idempotency-key retention accepted, in seconds: 10 years (Redis

@@ -48,6 +48,24 @@ pub fn validate_send(chat: &str, sender: &str, text: &str) -> Result<(), Invalid
     Ok(())
 }
 
+/// Checks an edit or delete: the chat as for a send, a `send_time` that
+/// can name a message, and (an edit's) `text` as for a send.
+pub fn validate_change(chat: &str, send_time: i64, text: Option<&str>) -> Result<(), Invalid> {
+    check_name("chat", chat)?;
+    if send_time <= 0 {
+        return Err(Invalid("`send_time` must be a positive integer".into()));
+    }
+    if chat.starts_with('}') {
+        return Err(Invalid(
+            "messages in a chat whose name starts with `}` cannot be edited or deleted".into(),
+        ));
+    }
+    match text {
+        Some(text) => validate_send(chat, "-", text),
+        None => Ok(()),
+    }
+}
+
 /// Checks an idempotency key: 1 to [`MAX_IDEMPOTENCY_KEY_BYTES`] printable
 /// ASCII bytes (space to `~`), so it is safe in a header, a log line and a
 /// Redis key alike.
@@ -183,6 +201,17 @@ mod tests {
         for key in ["", &"k".repeat(129), "tab\there", "é", "nul\0", "del\x7f"] {
             assert!(validate_idempotency_key(key).is_err(), "{key:?}");
         }
+    }
+
+    #[test]
+    fn change_bounds() {
+        assert!(validate_change("c", 1, Some("t")).is_ok());
+        assert!(validate_change("c", 1, None).is_ok());
+        assert!(validate_change("c", 0, None).is_err());
+        assert!(validate_change("", 1, None).is_err());
+        assert!(validate_change("}c", 1, None).is_err());
+        assert!(validate_change("c", 1, Some("")).is_err());
+        assert!(validate_change("c", 1, Some(&"t".repeat(MAX_TEXT_BYTES + 1))).is_err());
     }
 
     #[test]

@@ -41,6 +41,12 @@ pub enum Error {
     StorageFull,
     /// The request is invalid; retrying it unchanged will fail again.
     Invalid(String),
+    /// An edit or delete names a message the chat does not hold (never
+    /// stored, or trimmed by retention).
+    MessageNotFound,
+    /// The caller may not change this message (not its sender; or an
+    /// edit by an admin, who may only delete).
+    Forbidden,
     /// A bug, or an answer that should never come (never the client's fault).
     Internal(String),
 }
@@ -58,6 +64,9 @@ impl Error {
             Error::Internal(_) => 4,
             Error::IdempotencyKeyReused => 5,
             Error::StorageFull => 6,
+            // 6 and 7 are left for other kinds being added at the same time.
+            Error::MessageNotFound => 8,
+            Error::Forbidden => 9,
         }
     }
 
@@ -82,6 +91,8 @@ impl Error {
             3 => Error::Overloaded,
             5 => Error::IdempotencyKeyReused,
             6 => Error::StorageFull,
+            8 => Error::MessageNotFound,
+            9 => Error::Forbidden,
             _ => Error::Internal(format!("rpc code {code}: {msg}")),
         }
     }
@@ -106,6 +117,8 @@ mod tests {
             Error::Overloaded,
             Error::IdempotencyKeyReused,
             Error::StorageFull,
+            Error::MessageNotFound,
+            Error::Forbidden,
         ] {
             assert_eq!(Error::from_code(err.code(), msg()), err);
         }

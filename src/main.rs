@@ -1,6 +1,7 @@
 //! `im-server [all|gateway|rpc] [OPTIONS]`: see `im-server --help`;
 //! `im-server --version`;
-//! `im-server token --sub USER`: mints a development token.
+//! `im-server token --sub USER`: mints a development token;
+//! `im-server export|import --chat CHAT --redis URL`: a chat as NDJSON.
 
 use std::process::ExitCode;
 
@@ -9,6 +10,15 @@ use im_server::config::{Config, Parsed, usage, version};
 fn main() -> ExitCode {
     if std::env::args().nth(1).as_deref() == Some("token") {
         return token(std::env::args().skip(2));
+    }
+    if let Some(name @ ("export" | "import")) = std::env::args().nth(1).as_deref() {
+        return match im_server::roles::transfer(name, std::env::args().skip(2).collect()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("im-server {name}: {err}");
+                ExitCode::FAILURE
+            }
+        };
     }
     let config = match Config::parse(std::env::args().skip(1), |key| std::env::var(key).ok()) {
         Ok(Parsed::Run(config)) => config,

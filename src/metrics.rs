@@ -131,15 +131,28 @@ pub enum RpcMethod {
     Send,
     Pull,
     Ping,
+    Edit,
+    Delete,
+    Changes,
 }
 
 impl RpcMethod {
-    const ALL: [RpcMethod; 3] = [RpcMethod::Send, RpcMethod::Pull, RpcMethod::Ping];
+    const ALL: [RpcMethod; 6] = [
+        RpcMethod::Send,
+        RpcMethod::Pull,
+        RpcMethod::Ping,
+        RpcMethod::Edit,
+        RpcMethod::Delete,
+        RpcMethod::Changes,
+    ];
     const fn name(self) -> &'static str {
         match self {
             RpcMethod::Send => "send",
             RpcMethod::Pull => "pull",
             RpcMethod::Ping => "ping",
+            RpcMethod::Edit => "edit",
+            RpcMethod::Delete => "delete",
+            RpcMethod::Changes => "changes",
         }
     }
 }

@@ -289,7 +289,15 @@ fn plan(config: Config) -> Result<(Plan, Listeners), String> {
                     crate::logging::info!(
                         "store: embedded memory store (no Redis URL configured; messages are lost on exit; set REDIS_URL or --redis to use Redis)"
                     );
-                    StoreChoice::Memory(Arc::new(MemoryStore::new(config.idempotency_ttl)))
+                    {
+                        let store = Arc::new(
+                            MemoryStore::new(config.idempotency_ttl)
+                                .with_change_log_retention(config.change_log_retention)
+                                .with_retention(retention(&config)),
+                        );
+                        store.start_sweeper();
+                        StoreChoice::Memory(store)
+                    }
                 }
             };
             let (listener, local) = bind_shared(&config.rpc_listen, "rpc")?;
@@ -414,6 +422,12 @@ fn register(plan: &Plan) -> Result<Option<Registration>, String> {
         None => local,
     };
     Registration::start(registry, advertise).map(Some)
+}
+
+/// `im-server export|import --chat CHAT --redis URL` (see
+/// `store::transfer`).
+pub fn transfer(name: &str, args: Vec<String>) -> Result<(), String> {
+    crate::store::transfer::main(name, args)
 }
 
 /// Standalone Redis or a cluster: asks the node(s) (`INFO cluster`) before
@@ -606,6 +620,16 @@ fn redis_options(config: &Config) -> RedisOptions {
         wait_replicas: config.redis_wait_replicas,
         max_queued_bytes: config.max_queued_bytes,
         idempotency_ttl: config.idempotency_ttl,
+        change_log_retention: config.change_log_retention,
+        retention: retention(config),
+    }
+}
+
+/// `--retain-messages` and `--retain-age-s`.
+fn retention(config: &Config) -> crate::store::retention::Retention {
+    crate::store::retention::Retention {
+        messages: config.retain_messages,
+        age: config.retain_age,
     }
 }
 

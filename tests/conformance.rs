@@ -56,6 +56,12 @@ macro_rules! conformance {
                 json_escapes_round_trip,
                 identical_messages_are_both_stored,
                 pull_unknown_chat_is_empty,
+                edit_replaces_text_in_place,
+                edit_and_delete_take_every_form,
+                delete_is_retry_safe_and_pages_stay_exact,
+                unknown_messages_are_404,
+                edit_and_delete_are_validated,
+                walks_stay_exact_under_concurrent_changes,
             );
         }
     };
@@ -189,6 +195,7 @@ fn seed_curl_send_verbatim(b: &Backend) {
             text: "hi guys! :) ".into(),
             sender: "kylie".into(),
             send_time: t,
+            edited_at: None,
         }],
         "the seed message must be stored exactly as sent"
     );
@@ -1519,4 +1526,313 @@ fn pull_unknown_chat_is_empty(b: &Backend) {
     }
     let r = pull_query(addr, "chat=unknown");
     assert_eq!(parse_page(&r, "pull ?chat=unknown"), empty);
+}
+
+// ---------------------------------------------------------------------------
+// editing and deleting (issue 21)
+// ---------------------------------------------------------------------------
+
+fn post_json(addr: SocketAddr, path: &str, body: Value) -> Response {
+    let headers = [("Content-Type", "application/json")];
+    request(addr, "POST", path, &headers, body.to_string().as_bytes())
+}
+
+fn edit_ok(addr: SocketAddr, chat: &str, send_time: i64, text: &str) -> i64 {
+    let r = post_json(
+        addr,
+        "/api/edit",
+        json!({"chat": chat, "send_time": send_time, "text": text}),
+    );
+    assert_eq!(r.status, 200, "edit {send_time}: {}", r.describe());
+    assert_eq!(r.json()["send_time"], send_time, "{}", r.describe());
+    r.json()["edited_at"]
+        .as_i64()
+        .unwrap_or_else(|| panic!("edited_at missing: {}", r.describe()))
+}
+
+fn delete_ok(addr: SocketAddr, chat: &str, send_time: i64) {
+    let r = post_json(
+        addr,
+        "/api/delete",
+        json!({"chat": chat, "send_time": send_time}),
+    );
+    assert_eq!(r.status, 200, "delete {send_time}: {}", r.describe());
+    assert_eq!(
+        r.json(),
+        json!({"send_time": send_time, "deleted": true}),
+        "delete {send_time}"
+    );
+}
+
+fn edit_replaces_text_in_place(b: &Backend) {
+    let addr = b.addr();
+    let before = now_us();
+    let times = send_n(addr, "ed", "m", 3);
+    let edited_at = edit_ok(addr, "ed", times[1], "changed 😀");
+    assert!(edited_at > before && edited_at < now_us() + 1_000_000);
+    let second = edit_ok(addr, "ed", times[1], "changed again");
+    assert!(
+        second > edited_at,
+        "edited_at increases: {edited_at} then {second}"
+    );
+    let page = pull_page(addr, "ed", 0, 10, false);
+    assert_eq!(
+        page.times(),
+        desc(times.clone()),
+        "same place, same send_times"
+    );
+    assert_eq!(page.texts(), ["m2", "changed again", "m0"]);
+    let edits: Vec<Option<i64>> = page.messages.iter().map(|m| m.edited_at).collect();
+    assert_eq!(edits, [None, Some(second), None]);
+    assert_eq!(page.messages[1].sender, "sender", "the sender is kept");
+    // A DM room edited under its other spelling is the same room.
+    let t = send_ok(addr, "bob:amy", "amy", "dm");
+    edit_ok(addr, "amy:bob", t, "dm edited");
+    assert_eq!(
+        pull_page(addr, "bob:amy", 0, 10, false).texts(),
+        ["dm edited"]
+    );
+}
+
+fn edit_and_delete_take_every_form(b: &Backend) {
+    let addr = b.addr();
+    let times = send_n(addr, "forms", "m", 4);
+    let form = [("Content-Type", "application/x-www-form-urlencoded")];
+    let body = format!("chat=forms&send_time={}&text=by+form", times[0]);
+    let r = request(addr, "POST", "/api/edit", &form, body.as_bytes());
+    assert_eq!(r.status, 200, "form edit: {}", r.describe());
+    let path = format!(
+        "/api/edit?chat=forms&send_time={}&text=by%20query",
+        times[1]
+    );
+    let r = request(addr, "POST", &path, &[], b"");
+    assert_eq!(r.status, 200, "query edit: {}", r.describe());
+    let body = format!("chat=forms&send_time={}", times[2]);
+    let r = request(addr, "POST", "/api/delete", &form, body.as_bytes());
+    assert_eq!(r.status, 200, "form delete: {}", r.describe());
+    let path = format!("/api/delete?chat=forms&send_time={}", times[3]);
+    let r = request(addr, "POST", &path, &[], b"");
+    assert_eq!(r.status, 200, "query delete: {}", r.describe());
+    let page = pull_page(addr, "forms", 0, 10, true);
+    assert_eq!(page.texts(), ["by form", "by query"]);
+    let r = request(addr, "GET", "/api/delete?chat=forms&send_time=1", &[], b"");
+    assert_eq!(r.status, 405, "{}", r.describe());
+    assert_eq!(r.header("allow"), Some("POST"));
+}
+
+fn delete_is_retry_safe_and_pages_stay_exact(b: &Backend) {
+    let addr = b.addr();
+    let times = send_n(addr, "del", "m", 10);
+    for &t in &[times[1], times[4], times[5], times[9]] {
+        delete_ok(addr, "del", t);
+        delete_ok(addr, "del", t);
+    }
+    let visible: Vec<i64> = [0, 2, 3, 6, 7, 8].iter().map(|&i| times[i]).collect();
+    // `limit` counts visible messages; has_more and next_cursor are exact.
+    let page = pull_page(addr, "del", 0, 3, false);
+    assert_eq!(page.times(), [times[8], times[7], times[6]]);
+    assert!(page.has_more);
+    assert_eq!(page.next_cursor, times[6]);
+    let page = pull_page(addr, "del", times[6], 3, false);
+    assert_eq!(page.times(), [times[3], times[2], times[0]]);
+    assert!(!page.has_more, "nothing visible is older");
+    for reverse in [false, true] {
+        for limit in [1, 2, 4, 100] {
+            let got = walk(
+                &mut HttpConn::connect(addr),
+                "del",
+                limit,
+                reverse,
+                Form::Json,
+            );
+            let got: Vec<i64> = got.iter().map(|m| m.send_time).collect();
+            let want = if reverse {
+                asc(visible.clone())
+            } else {
+                desc(visible.clone())
+            };
+            assert_eq!(got, want, "walk limit={limit} reverse={reverse}");
+        }
+    }
+}
+
+fn unknown_messages_are_404(b: &Backend) {
+    let addr = b.addr();
+    let t = send_ok(addr, "gone", "s", "x");
+    for (path, body) in [
+        (
+            "/api/edit",
+            json!({"chat": "gone", "send_time": t + 1, "text": "y"}),
+        ),
+        ("/api/delete", json!({"chat": "gone", "send_time": t - 1})),
+        ("/api/delete", json!({"chat": "never", "send_time": t})),
+    ] {
+        let r = post_json(addr, path, body.clone());
+        assert_error(&r, 404, &format!("{path} {body}"));
+        assert_eq!(r.json()["error"]["code"], "message_not_found");
+    }
+    delete_ok(addr, "gone", t);
+    let r = post_json(
+        addr,
+        "/api/edit",
+        json!({"chat": "gone", "send_time": t, "text": "z"}),
+    );
+    assert_error(&r, 404, "editing a deleted message");
+    assert_eq!(r.json()["error"]["code"], "message_not_found");
+}
+
+fn edit_and_delete_are_validated(b: &Backend) {
+    let addr = b.addr();
+    let t = send_ok(addr, "val", "s", "x");
+    let too_long = "t".repeat(64 * 1024 + 1);
+    for (path, body) in [
+        (
+            "/api/edit",
+            json!({"chat": "val", "send_time": t, "text": ""}),
+        ),
+        (
+            "/api/edit",
+            json!({"chat": "val", "send_time": t, "text": too_long}),
+        ),
+        ("/api/edit", json!({"chat": "val", "text": "no send_time"})),
+        (
+            "/api/edit",
+            json!({"chat": "", "send_time": t, "text": "y"}),
+        ),
+        ("/api/delete", json!({"chat": "val", "send_time": -1})),
+        ("/api/delete", json!({"chat": "val", "send_time": "1"})),
+        ("/api/delete", json!({"send_time": t})),
+        ("/api/delete", json!({"chat": "}x", "send_time": t})),
+    ] {
+        let r = post_json(addr, path, body.clone());
+        assert_error(&r, 400, &format!("{path} {}", quoted(&body)));
+        assert_eq!(r.json()["error"]["code"], "invalid_request");
+    }
+    let r = request(addr, "POST", "/api/delete", &[], b"not json");
+    assert_error(&r, 400, "a body that is not JSON");
+    let path = format!("/api/delete?chat=val&send_time={t}");
+    let body = json!({"chat": "val", "send_time": t}).to_string();
+    let r = request(addr, "POST", &path, &[], body.as_bytes());
+    assert_error(&r, 400, "fields in both the body and the query string");
+    assert_eq!(
+        pull_page(addr, "val", 0, 10, false).texts(),
+        ["x"],
+        "unchanged"
+    );
+}
+
+fn quoted(v: &Value) -> String {
+    let s = v.to_string();
+    s.chars().take(80).collect()
+}
+
+/// A message's state in the property test's model.
+#[derive(Clone, Debug, PartialEq)]
+enum State {
+    Visible(String),
+    /// Its delete was sent and may or may not have happened yet.
+    Deleting,
+    Deleted,
+}
+
+/// Concurrent senders, editors and deleters against a model: walks made
+/// meanwhile return no message twice, never one deleted before the walk
+/// began, every message that stayed visible throughout, and with full
+/// pages wherever `has_more`; once quiet, every walk equals the model.
+fn walks_stay_exact_under_concurrent_changes(b: &Backend) {
+    const ROUNDS: usize = 120;
+    let addr = b.addr();
+    let seed = send_n(addr, "prop", "seed", 60);
+    let model = Arc::new(std::sync::Mutex::new(
+        seed.iter()
+            .enumerate()
+            .map(|(i, &t)| (t, State::Visible(format!("seed{i}"))))
+            .collect::<HashMap<i64, State>>(),
+    ));
+    let done = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (model, done) = (model.clone(), done.clone());
+        thread::spawn(move || {
+            let mut conn = HttpConn::connect(addr);
+            let mut rng = 0x2545_f491_4f6c_dd1du64;
+            for round in 0..ROUNDS {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                let visible: Vec<i64> = {
+                    let m = model.lock().unwrap();
+                    let mut v: Vec<i64> = m
+                        .iter()
+                        .filter(|(_, s)| matches!(s, State::Visible(_)))
+                        .map(|(k, _)| *k)
+                        .collect();
+                    v.sort();
+                    v
+                };
+                let pick = visible.get((rng as usize) % visible.len().max(1)).copied();
+                match (rng % 3, pick) {
+                    (0, Some(t)) => {
+                        model.lock().unwrap().insert(t, State::Deleting);
+                        delete_ok(addr, "prop", t);
+                        model.lock().unwrap().insert(t, State::Deleted);
+                    }
+                    (1, Some(t)) => {
+                        let text = format!("edit{round}");
+                        edit_ok(addr, "prop", t, &text);
+                        model.lock().unwrap().insert(t, State::Visible(text));
+                    }
+                    _ => {
+                        let text = format!("new{round}");
+                        let t = conn.send_ok("prop", "sender", &text);
+                        model.lock().unwrap().insert(t, State::Visible(text));
+                    }
+                }
+            }
+            done.store(true, Ordering::SeqCst);
+        })
+    };
+    let mut conn = HttpConn::connect(addr);
+    let mut walks = 0;
+    while !done.load(Ordering::SeqCst) || walks < 2 {
+        let reverse = walks % 2 == 1;
+        let before: HashMap<i64, State> = model.lock().unwrap().clone();
+        let got = walk(&mut conn, "prop", 7, reverse, Form::Json);
+        let after: HashMap<i64, State> = model.lock().unwrap().clone();
+        let times: Vec<i64> = got.iter().map(|m| m.send_time).collect();
+        assert_unique(&times, "a walk during changes");
+        for m in &got {
+            assert_ne!(
+                before.get(&m.send_time),
+                Some(&State::Deleted),
+                "{m:?} was deleted before the walk began"
+            );
+        }
+        for (t, state) in &before {
+            // A delete never starts again once started: visible after the
+            // walk means visible throughout.
+            let stayed = matches!(state, State::Visible(_))
+                && matches!(after.get(t), Some(State::Visible(_)));
+            assert!(
+                !stayed || times.contains(t),
+                "{t} stayed visible but the walk missed it"
+            );
+        }
+        walks += 1;
+    }
+    writer.join().expect("writer thread");
+    let model = model.lock().unwrap();
+    let mut want: Vec<(i64, String)> = model
+        .iter()
+        .filter_map(|(t, state)| match state {
+            State::Visible(text) => Some((*t, text.clone())),
+            _ => None,
+        })
+        .collect();
+    want.sort();
+    for limit in [3, 100] {
+        let got = walk(&mut conn, "prop", limit, true, Form::Query);
+        let got: Vec<(i64, String)> = got.into_iter().map(|m| (m.send_time, m.text)).collect();
+        assert_eq!(got, want, "quiet walk, limit {limit}");
+    }
+    assert!(walks >= 2);
 }

@@ -95,6 +95,7 @@ fn send_frame(id: u64, chat: &str, sender: &str, text: &str) -> Vec<u8> {
             text: text.into(),
             sender: sender.into(),
             send_time: 0,
+            edited_at: 0,
         }),
         ..SendRequest::default()
     }

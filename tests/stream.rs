@@ -569,10 +569,10 @@ fn curl_n_prints_events_as_they_come() {
     let out = child.wait_with_output().expect("curl output");
     let text = String::from_utf8_lossy(&out.stdout);
     let first = text
-        .find(&format!("id: {t1}\ndata: "))
+        .find(&format!("id: {t1}."))
         .unwrap_or_else(|| panic!("{text}"));
     let second = text
-        .find(&format!("id: {t2}\ndata: "))
+        .find(&format!("id: {t2}."))
         .unwrap_or_else(|| panic!("{text}"));
     assert!(first < second, "{text}");
     assert!(text.contains(r#""text":"second""#), "{text}");

@@ -45,6 +45,8 @@ pub struct Claims {
     /// The last second the token is accepted in (`exp` plus the leeway),
     /// in seconds since the Unix epoch: what ends a stream opened with it.
     pub until: i64,
+    /// `"admin": true`: may delete anyone's message (not edit it).
+    pub admin: bool,
 }
 
 impl Claims {
@@ -106,6 +108,9 @@ struct Payload {
     iss: Option<String>,
     aud: Option<Audience>,
     chats: Option<Vec<String>>,
+    /// Any JSON: only `true` makes an admin (a token is not refused for
+    /// another value here).
+    admin: Option<serde_json::Value>,
 }
 
 fn segment<'a>(parts: &mut std::str::Split<'a, char>) -> Result<&'a str, TokenError> {
@@ -281,6 +286,7 @@ fn check_claims(
         sub,
         chats: payload.chats,
         until: window.until.floor() as i64,
+        admin: payload.admin == Some(serde_json::Value::Bool(true)),
     };
     Ok((claims, window))
 }

@@ -224,6 +224,7 @@ mod tests {
             sub: sub.into(),
             chats: chats.map(|c| c.iter().map(|s| s.to_string()).collect()),
             until: i64::MAX,
+            admin: false,
         }
     }
 

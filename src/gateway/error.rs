@@ -53,6 +53,8 @@ impl ApiError {
             ApiError::Service(Error::Timeout) => 504,
             ApiError::Service(Error::IdempotencyKeyReused) => 422,
             ApiError::Service(Error::StorageFull) => 507,
+            ApiError::Service(Error::MessageNotFound) => 404,
+            ApiError::Service(Error::Forbidden) => 403,
             ApiError::Service(Error::Internal(_)) => 500,
             ApiError::Unauthorized { .. } | ApiError::TokenExpired => 401,
             ApiError::Forbidden(_) => 403,
@@ -80,6 +82,8 @@ impl ApiError {
             ApiError::Service(Error::Timeout) => "timeout",
             ApiError::Service(Error::IdempotencyKeyReused) => "idempotency_key_reused",
             ApiError::Service(Error::StorageFull) => "insufficient_storage",
+            ApiError::Service(Error::MessageNotFound) => "message_not_found",
+            ApiError::Service(Error::Forbidden) => "forbidden",
             ApiError::Service(Error::Internal(_)) => "internal",
             ApiError::Unauthorized { missing: true, .. } => "unauthorized",
             ApiError::Unauthorized { missing: false, .. } => "invalid_token",
@@ -127,6 +131,12 @@ impl ApiError {
             }
             ApiError::Service(Error::StorageFull) => {
                 "the message store is full: the message was not stored; retry after the operator frees space".into()
+            }
+            ApiError::Service(Error::MessageNotFound) => {
+                "the chat holds no message with this send_time".into()
+            }
+            ApiError::Service(Error::Forbidden) => {
+                "only the message's sender may edit it, or its sender or an admin delete it".into()
             }
             ApiError::Unauthorized { why, .. } | ApiError::Forbidden(why) => (*why).into(),
             ApiError::TokenExpired => {

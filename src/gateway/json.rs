@@ -119,6 +119,8 @@ fn require_object(body: &[u8], expected: &str) -> Result<(), ApiError> {
 const SEND_FORMS: &str = r#"a JSON object {"chat":"a:b","text":"hi","sender":"a"} with Content-Type: application/json, or form fields chat=a:b&text=hi&sender=a"#;
 
 /// What a pull's parameters may be, for error messages.
+const CHANGE_FORMS: &str = r#"a JSON object {"chat":"a:b","send_time":1796622088185963} (with "text" to edit) with Content-Type: application/json, or form fields chat=a:b&send_time=1796622088185963"#;
+
 const PULL_FORMS: &str = r#"the parameters in the query string (/api/pull?chat=a:b; `curl -G -d chat=a:b` puts them there), or a JSON object body {"chat":"a:b"}"#;
 
 /// `POST /api/send` body. Missing fields become empty strings, which the RPC
@@ -142,6 +144,7 @@ pub fn parse_send(body: &[u8]) -> Result<SendRequest, ApiError> {
             text: owned(parsed.text),
             sender: owned(parsed.sender),
             send_time: 0,
+            edited_at: 0,
         }),
         idempotency_key: owned(parsed.idempotency_key),
     })
@@ -202,6 +205,7 @@ impl SendFields {
                 text: self.text.unwrap_or_default(),
                 sender: self.sender.unwrap_or_default(),
                 send_time: 0,
+                edited_at: 0,
             }),
             idempotency_key: self.idempotency_key.unwrap_or_default(),
         })
@@ -244,6 +248,114 @@ fn parse_send_pairs(encoded: &[u8]) -> Result<Option<SendFields>, ApiError> {
     Ok(any.then_some(fields))
 }
 
+/// The fields of `POST /api/edit` and `POST /api/delete`.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ChangeFields {
+    pub chat: String,
+    /// 0 when missing: the RPC server refuses it, naming the field.
+    pub send_time: i64,
+    pub text: String,
+}
+
+#[derive(Deserialize)]
+struct ChangeBody<'a> {
+    #[serde(borrow, default)]
+    chat: Option<Cow<'a, str>>,
+    #[serde(default)]
+    send_time: Option<i64>,
+    #[serde(borrow, default)]
+    text: Option<Cow<'a, str>>,
+}
+
+/// `POST /api/edit` / `POST /api/delete` fields, from exactly one of a JSON
+/// body, a form body or the query string, as [`parse_send_any`] takes a
+/// send's (a delete ignores `text`).
+pub fn parse_change_any(
+    body: &[u8],
+    form: bool,
+    query: Option<&[u8]>,
+) -> Result<ChangeFields, ApiError> {
+    let from_query = match query {
+        Some(q) => parse_change_pairs(q)?,
+        None => None,
+    };
+    let has_body = !body.trim_ascii().is_empty();
+    match (has_body, from_query) {
+        (true, Some(_)) => Err(ApiError::Invalid(
+            "give the fields either in the body or in the query string, not both".into(),
+        )),
+        (false, Some(fields)) => Ok(fields),
+        (false, None) => Err(ApiError::Invalid(
+            "`chat` and `send_time` are required (a JSON body, a form body or the query string)"
+                .into(),
+        )),
+        (true, None) if form && !body.trim_ascii_start().starts_with(b"{") => {
+            Ok(parse_change_pairs(body)?.unwrap_or_default())
+        }
+        (true, None) => {
+            require_object(body, CHANGE_FORMS)?;
+            let parsed: ChangeBody = serde_json::from_slice(body).map_err(invalid_json)?;
+            let owned = |f: Option<Cow<'_, str>>| f.map(Cow::into_owned).unwrap_or_default();
+            Ok(ChangeFields {
+                chat: owned(parsed.chat),
+                send_time: parsed.send_time.unwrap_or(0),
+                text: owned(parsed.text),
+            })
+        }
+    }
+}
+
+/// `chat`, `send_time` and `text` from form-encoded pairs; `None` if none
+/// of them is named.
+fn parse_change_pairs(encoded: &[u8]) -> Result<Option<ChangeFields>, ApiError> {
+    let mut fields = ChangeFields::default();
+    let (mut chat, mut send_time, mut text) = (None, None, None);
+    for (key, value) in form_pairs(encoded) {
+        let key = percent_decode(key)?;
+        let slot = match key.as_str() {
+            "chat" => &mut chat,
+            "send_time" => &mut send_time,
+            "text" => &mut text,
+            _ => continue,
+        };
+        if slot.is_some() {
+            return Err(ApiError::Invalid(format!("parameter `{key}` given twice")));
+        }
+        *slot = Some(percent_decode(value)?);
+    }
+    if chat.is_none() && send_time.is_none() && text.is_none() {
+        return Ok(None);
+    }
+    if let Some(t) = send_time {
+        fields.send_time = t
+            .parse()
+            .map_err(|_| ApiError::Invalid("parameter `send_time` must be an integer".into()))?;
+    }
+    fields.chat = chat.unwrap_or_default();
+    fields.text = text.unwrap_or_default();
+    Ok(Some(fields))
+}
+
+/// `{"send_time":T,"edited_at":E}`
+pub fn edit_body(send_time: i64, edited_at: i64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(48);
+    out.extend_from_slice(b"{\"send_time\":");
+    put_i64(&mut out, send_time);
+    out.extend_from_slice(b",\"edited_at\":");
+    put_i64(&mut out, edited_at);
+    out.push(b'}');
+    out
+}
+
+/// `{"send_time":T,"deleted":true}`
+pub fn delete_body(send_time: i64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(48);
+    out.extend_from_slice(b"{\"send_time\":");
+    put_i64(&mut out, send_time);
+    out.extend_from_slice(b",\"deleted\":true}");
+    out
+}
+
 /// `GET /api/pull` parameters, from a JSON body or from the query string
 /// (not both: which one would win is a guess we refuse to make).
 /// A body declared a form (`form`) is refused with a message that says so:
@@ -279,6 +391,7 @@ pub fn parse_pull(body: &[u8], form: bool, query: Option<&[u8]>) -> Result<PullR
         limit: params.limit.as_ref().map_or(Ok(0), saturating_limit)?,
         reverse: params.reverse.unwrap_or(false),
         wait_ms: wait_ms(params.wait_ms)?,
+        changes_after: 0,
     })
 }
 
@@ -451,6 +564,28 @@ mod tests {
         let keyed = parse_send_any(b"", false, Some(b"chat=c&idempotency_key=k%201")).expect("ok");
         assert_eq!(keyed.idempotency_key, "k 1");
         assert!(parse_send_any(b"", false, Some(b"chat=c&idempotency_key=%C3%A9")).is_err());
+    }
+
+    #[test]
+    fn change_fields_come_from_one_place() {
+        let want = ChangeFields {
+            chat: "c d".into(),
+            send_time: 17,
+            text: "a&b".into(),
+        };
+        let query = b"chat=c+d&send_time=17&text=a%26b";
+        assert_eq!(parse_change_any(b"", false, Some(query)), Ok(want));
+        let json = br#"{"chat":"c d","send_time":17,"text":"a&b"}"#;
+        assert_eq!(
+            parse_change_any(json, true, None).map(|f| f.send_time),
+            Ok(17)
+        );
+        assert!(parse_change_any(query, true, None).is_ok());
+        assert!(parse_change_any(json, false, Some(b"chat=c")).is_err());
+        assert!(parse_change_any(b"", false, None).is_err());
+        assert!(parse_change_any(b"", false, Some(b"send_time=x")).is_err());
+        assert!(parse_change_any(br#"{"chat":"c","send_time":"1"}"#, false, None).is_err());
+        assert!(parse_change_any(b"[1]", false, None).is_err());
     }
 
     #[test]

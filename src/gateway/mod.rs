@@ -4,6 +4,7 @@
 pub mod access;
 pub mod client_addr;
 pub mod error;
+pub mod export;
 pub mod held;
 pub mod json;
 pub mod origin;
@@ -21,7 +22,10 @@ use crate::budget::{Account, ClientKey, Reserved};
 use crate::error::CODE_OK;
 use crate::http::{Handler, HttpError, Method, Request, Response};
 use crate::metrics::{self, Gauge, METRICS, Route};
-use crate::proto::{PullResponse, SendRequest, SendResponse};
+use crate::proto::{
+    DeleteRequest, DeleteResponse, EditRequest, EditResponse, PullResponse, SendRequest,
+    SendResponse,
+};
 use crate::rpc::balanced::{BalancedCall, BalancedClient};
 use crate::rpc::client::{Budgeted, RpcRequest};
 use crate::rpc::frame::Frame;
@@ -54,6 +58,10 @@ pub enum PendingReply {
     WaitingPull(BalancedCall, held::Held),
     /// `GET /ready`'s ping of an RPC server and its store.
     Readiness(BalancedCall),
+    Edit(BalancedCall),
+    Delete(BalancedCall),
+    /// An export's first page, and the export to stream once it is answered.
+    Export(BalancedCall, Box<export::Export>),
 }
 
 /// A started request, with what its metrics need: its route, when it
@@ -138,6 +146,11 @@ impl Gateway {
                 Ok(PendingReply::WaitingPull(call, held))
             }
             b"/api/pull" => Err(ApiError::MethodNotAllowed("GET, HEAD")),
+            b"/api/edit" if req.method == Method::Post => self.start_change(req, query, true),
+            b"/api/delete" if req.method == Method::Post => self.start_change(req, query, false),
+            b"/api/edit" | b"/api/delete" => Err(ApiError::MethodNotAllowed("POST")),
+            b"/api/export" if readable => self.start_export(req),
+            b"/api/export" => Err(ApiError::MethodNotAllowed("GET, HEAD")),
             b"/api/stream" if readable => self.start_stream(req, account),
             b"/api/stream" => Err(ApiError::MethodNotAllowed("GET, HEAD")),
             b"/api/ws" if req.method == Method::Get => self.start_ws(req),
@@ -156,6 +169,60 @@ impl Gateway {
             response.extra_header = Some(("Idempotent-Replayed", "true"));
         }
         Ok(response)
+    }
+
+    /// An edit (`edit`) or a delete: admitted and authorized for the chat
+    /// as a send is; the store checks that the user may change the message.
+    fn start_change(
+        &self,
+        req: &Request,
+        query: Option<&[u8]>,
+        edit: bool,
+    ) -> Result<PendingReply, ApiError> {
+        let user = self.access.admit(req, Api::Send)?;
+        let fields = json::parse_change_any(&req.body, is_form(req), query)?;
+        if let Some(user) = &user {
+            access::authorize(user, &fields.chat, None)?;
+        }
+        let actor = user.as_ref().map(|u| u.sub.clone()).unwrap_or_default();
+        let request = match edit {
+            true => RpcRequest::Edit(EditRequest {
+                chat: fields.chat,
+                send_time: fields.send_time,
+                text: fields.text,
+                actor,
+            }),
+            false => RpcRequest::Delete(DeleteRequest {
+                chat: fields.chat,
+                send_time: fields.send_time,
+                actor,
+                admin: user.is_some_and(|u| u.admin),
+            }),
+        };
+        let call = self.rpc.start(request)?;
+        Ok(match edit {
+            true => PendingReply::Edit(call),
+            false => PendingReply::Delete(call),
+        })
+    }
+
+    async fn finish_edit(&self, call: BalancedCall) -> Result<Response, ApiError> {
+        let resp: EditResponse = decode_reply(self.rpc.finish(call).await?)?;
+        if resp.code != CODE_OK {
+            return Err(ApiError::from_code(resp.code, resp.msg));
+        }
+        Ok(Response::json(
+            200,
+            json::edit_body(resp.send_time, resp.edited_at),
+        ))
+    }
+
+    async fn finish_delete(&self, call: BalancedCall) -> Result<Response, ApiError> {
+        let resp: DeleteResponse = decode_reply(self.rpc.finish(call).await?)?;
+        if resp.code != CODE_OK {
+            return Err(ApiError::from_code(resp.code, resp.msg));
+        }
+        Ok(Response::json(200, json::delete_body(resp.send_time)))
     }
 
     async fn finish_pull(&self, call: BalancedCall) -> Result<Response, ApiError> {
@@ -343,6 +410,9 @@ impl Handler for Gateway {
                 PendingReply::Stream(call, stream) => self.finish_stream(call, stream).await,
                 PendingReply::WaitingPull(call, held) => self.finish_waiting_pull(call, held).await,
                 PendingReply::Readiness(call) => Ok(ready::finish(&self.rpc, call).await),
+                PendingReply::Edit(call) => self.finish_edit(call).await,
+                PendingReply::Delete(call) => self.finish_delete(call).await,
+                PendingReply::Export(call, export) => self.finish_export(call, export).await,
             };
             let resp = result.unwrap_or_else(ApiError::into_response);
             METRICS.http_request(route, resp.status, at.elapsed());

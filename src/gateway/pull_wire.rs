@@ -236,15 +236,24 @@ pub fn pull_json_of(resp: &PullResponse) -> Vec<u8> {
 }
 
 /// Writes one message's JSON object; returns its send_time.
-pub(super) fn write_message(out: &mut Vec<u8>, mut wire: &[u8]) -> Result<i64, Malformed> {
+pub fn write_message(out: &mut Vec<u8>, mut wire: &[u8]) -> Result<i64, Malformed> {
     let (mut chat, mut message_text, mut sender, mut send_time) = ("", "", "", 0i64);
+    let mut edited_at = 0i64;
     while !wire.is_empty() {
         match next_field(&mut wire)? {
             (message::CHAT, Value::Bytes(b)) => chat = text(b)?,
             (message::TEXT, Value::Bytes(b)) => message_text = text(b)?,
             (message::SENDER, Value::Bytes(b)) => sender = text(b)?,
             (message::SEND_TIME, Value::Varint(v)) => send_time = v as i64,
-            (message::CHAT | message::TEXT | message::SENDER | message::SEND_TIME, _) => {
+            (message::EDITED_AT, Value::Varint(v)) => edited_at = v as i64,
+            (
+                message::CHAT
+                | message::TEXT
+                | message::SENDER
+                | message::SEND_TIME
+                | message::EDITED_AT,
+                _,
+            ) => {
                 return Err(Malformed("message field of the wrong type"));
             }
             _ => {}
@@ -258,6 +267,11 @@ pub(super) fn write_message(out: &mut Vec<u8>, mut wire: &[u8]) -> Result<i64, M
     put_str(out, sender);
     out.extend_from_slice(b",\"send_time\":");
     put_i64(out, send_time);
+    // Only on an edited message: the seed's clients see the fields they know.
+    if edited_at != 0 {
+        out.extend_from_slice(b",\"edited_at\":");
+        put_i64(out, edited_at);
+    }
     out.push(b'}');
     Ok(send_time)
 }
@@ -277,12 +291,14 @@ mod tests {
                     text: "quote \" backslash \\ newline \n emoji 😀".into(),
                     sender: "a".into(),
                     send_time: 1_700_000_000_000_002,
+                    edited_at: 0,
                 },
                 Message {
                     chat: "a:b".into(),
                     text: String::new(),
                     sender: "b".into(),
                     send_time: 1_700_000_000_000_001,
+                    edited_at: 1_700_000_000_000_009,
                 },
             ],
             has_more: true,
@@ -303,6 +319,11 @@ mod tests {
             assert_eq!(parsed["messages"][i]["text"], m.text.as_str());
             assert_eq!(parsed["messages"][i]["sender"], m.sender.as_str());
             assert_eq!(parsed["messages"][i]["send_time"], m.send_time);
+            // Only an edited message carries `edited_at`.
+            match m.edited_at {
+                0 => assert!(parsed["messages"][i].get("edited_at").is_none()),
+                t => assert_eq!(parsed["messages"][i]["edited_at"], t),
+            }
         }
         assert_eq!(parsed["has_more"], true);
         assert_eq!(parsed["next_cursor"], 1_700_000_000_000_001i64);
@@ -323,6 +344,7 @@ mod tests {
                 text: big.clone(),
                 sender: format!("s{i}"),
                 send_time: i,
+                edited_at: 0,
             });
         }
         let wire = resp.encode_to_vec();
@@ -381,6 +403,7 @@ mod tests {
                 text: "quote \" backslash \\ newline \n emoji 😀".into(),
                 sender: "a".into(),
                 send_time: 1_700_000_000_000_001,
+                edited_at: 0,
             }],
             has_more: true,
             next_cursor: 1_700_000_000_000_001,

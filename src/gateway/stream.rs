@@ -2,10 +2,16 @@
 //! after the cursor, oldest first, then each new one as it is stored.
 //!
 //! The stream is a loop of ordinary pulls (oldest first, a full page, the
-//! cursor the last message's `send_time`), so it is exact by construction:
-//! every event's `id` is its message's `send_time`, and a client that
-//! reconnects with `Last-Event-ID` resumes right after the last event it
-//! got, with no gap and no duplicate. The connection's policy
+//! cursor the last message's `send_time`), so it is exact by construction,
+//! each followed by a read of the chat's change log (edits and deletes,
+//! `event: edit` / `event: delete`, see [`crate::store::lifecycle`]) after
+//! the last change sent; a round's messages and changes go out merged in
+//! time order. Every event's `id` is `<send_time>.<change seq>`, the two
+//! cursors, and a client that reconnects with `Last-Event-ID` resumes
+//! right after the last event it got, with no gap and no duplicate, for
+//! messages and changes alike (an id without `.<seq>` resumes the changes
+//! from its send_time). A resume older than the change log keeps gets one
+//! `event: reset` (the client reloads) and goes on from there. The connection's policy
 //! ([`crate::http::conn`]) decides when the next page is pulled: only once
 //! the previous one has been written out, so a stream holds at most one page.
 
@@ -22,8 +28,8 @@ use crate::budget::Account;
 use crate::error::CODE_OK;
 use crate::http::Request;
 use crate::http::response::{Batch, EventSource};
-use crate::proto::PullRequest;
-use crate::proto::fields::pull_response;
+use crate::proto::fields::{pull_response, stream_batch};
+use crate::proto::{Change, ChangesRequest, ChangesResponse, PullRequest};
 use crate::rpc::balanced::{BalancedCall, BalancedClient};
 use crate::rpc::client::{Budgeted, RpcRequest};
 use crate::rpc::frame::Frame;
@@ -42,13 +48,21 @@ const EARLY_EMPTY_PAUSE: Duration = Duration::from_millis(100);
 
 /// The pull after `cursor`: oldest first, a full page, held up to `wait_ms`
 /// by the RPC server while there is nothing new.
-pub(super) fn page_request(chat: &str, cursor: i64, wait_ms: i32) -> PullRequest {
+/// `changes_after`: the stream's change cursor (the pull does not wait if
+/// the log has a change after it).
+pub(super) fn page_request(
+    chat: &str,
+    cursor: i64,
+    wait_ms: i32,
+    changes_after: i64,
+) -> PullRequest {
     PullRequest {
         chat: chat.to_string(),
         cursor,
         limit: crate::domain::MAX_LIMIT,
         reverse: true,
         wait_ms,
+        changes_after,
     }
 }
 
@@ -66,9 +80,12 @@ impl Gateway {
             return Err(ApiError::NotAcceptable);
         }
         let (chat, cursor) = json::parse_stream(&req.body, req.path_and_query().1)?;
-        let cursor = match last_event_id(req)? {
-            Some(id) => id,
-            None => cursor,
+        // Changes are read from where the client left them; a new stream
+        // (whose first page is read now) from a moment ago (0: the store
+        // decides, by its clock).
+        let (cursor, seq) = match last_event_id(req)? {
+            Some((cursor, seq)) => (cursor, seq.unwrap_or(cursor)),
+            None => (cursor, cursor),
         };
         if let Some(user) = &user {
             access::authorize(user, &chat, None)?;
@@ -78,7 +95,7 @@ impl Gateway {
         // The first pull does not wait: the head (and the history) go out at
         // once, so a client sees the stream open even in a silent chat.
         let call = self.rpc.start(RpcRequest::Pull(
-            page_request(&chat, cursor, 0),
+            page_request(&chat, cursor, 0, 0),
             Some(Budgeted::Reserved(super::reserve_page(
                 &account,
                 crate::domain::MAX_LIMIT,
@@ -89,6 +106,9 @@ impl Gateway {
             account,
             chat,
             cursor,
+            seq,
+            more_changes: false,
+            id: (cursor, seq),
             wait_ms: STREAM_WAIT_MS.min(self.max_wait_ms).max(0),
             until: user.as_ref().map(|claims| claims.until),
             page: Bytes::new(),
@@ -106,15 +126,21 @@ impl Gateway {
         mut stream: Box<ChatStream>,
     ) -> Result<crate::http::Response, ApiError> {
         let page = page_of(self.rpc.finish(call).await?)?;
-        stream.take(page);
+        let changes = fetch_changes(&self.rpc, &stream.chat, stream.seq).await?;
+        if stream.seq == 0 {
+            // A new stream: its first events resume before this batch's changes.
+            stream.id.1 = changes.changes.first().map_or(changes.next, |c| c.seq - 1);
+        }
+        stream.take(merge(page, stream.seq, changes));
         Ok(crate::http::Response::event_stream(stream))
     }
 }
 
 /// `Last-Event-ID` (what an `EventSource` sends when it reconnects): the
-/// send_time to resume after. It wins over the `cursor` parameter, because
-/// a reconnecting `EventSource` repeats the URL it was first given.
-fn last_event_id(req: &Request) -> Result<Option<i64>, ApiError> {
+/// send_time to resume after, and the change sequence if the id has one.
+/// It wins over the `cursor` parameter, because a reconnecting
+/// `EventSource` repeats the URL it was first given.
+fn last_event_id(req: &Request) -> Result<Option<(i64, Option<i64>)>, ApiError> {
     let mut values = req.header_values("last-event-id");
     let Some(value) = values.next() else {
         return Ok(None);
@@ -129,16 +155,20 @@ fn last_event_id(req: &Request) -> Result<Option<i64>, ApiError> {
         // What an EventSource sends after an event with an empty id: none.
         return Ok(None);
     }
-    std::str::from_utf8(value)
-        .ok()
-        .and_then(|v| v.parse::<i64>().ok())
-        .filter(|&id| id >= 0)
-        .map(Some)
-        .ok_or_else(|| {
-            ApiError::Invalid(
-                "`Last-Event-ID` must be an event id (a send_time) this stream sent".into(),
-            )
-        })
+    let number = |v: &str| v.parse::<i64>().ok().filter(|&n| n >= 0);
+    let parsed = match std::str::from_utf8(value).ok().map(|v| v.split_once('.')) {
+        Some(Some((t, s))) => number(t).zip(number(s)).map(|(t, s)| (t, Some(s))),
+        Some(None) => std::str::from_utf8(value)
+            .ok()
+            .and_then(number)
+            .map(|t| (t, None)),
+        None => None,
+    };
+    parsed.map(Some).ok_or_else(|| {
+        ApiError::Invalid(
+            "`Last-Event-ID` must be an event id (`<send_time>.<seq>`) this stream sent".into(),
+        )
+    })
 }
 
 /// Whether the `Accept` fields allow `text/event-stream` (RFC 9110 §12.5.1):
@@ -212,25 +242,136 @@ pub(super) fn page_of(frame: Frame) -> Result<Bytes, ApiError> {
     Ok(frame.body)
 }
 
-/// Pulls until a page holds messages, each pull held by the RPC server
-/// until a message is stored or `wait_ms` passes; an error becomes the
-/// stream's final `error` event.
+/// The chat's changes after `after` (see `ChangesRequest`).
+async fn fetch_changes(
+    rpc: &BalancedClient,
+    chat: &str,
+    after: i64,
+) -> Result<ChangesResponse, ApiError> {
+    let call = rpc.start(RpcRequest::Changes(ChangesRequest {
+        chat: chat.to_string(),
+        after,
+        limit: 0,
+    }))?;
+    let frame = rpc.finish(call).await?;
+    // An RPC server from before edits (a rolling upgrade) does not know the
+    // method: its chats have no changes, the stream goes on with messages.
+    if frame.method_or_status == crate::rpc::status::BAD_FRAME
+        && frame.body.starts_with(b"unknown method")
+    {
+        return Ok(ChangesResponse {
+            next: after,
+            ..ChangesResponse::default()
+        });
+    }
+    let resp: ChangesResponse = super::decode_reply(frame)?;
+    if resp.code != CODE_OK {
+        return Err(ApiError::from_code(resp.code, resp.msg));
+    }
+    Ok(resp)
+}
+
+/// A `StreamBatch`: the page's messages and the changes, merged by time
+/// (`send_time`, change `seq`: both the store's µs clock), the reset first.
+/// Without changes and with the change cursor where it was (`after`), the
+/// page as it is.
+fn merge(page: Bytes, after: i64, changes: ChangesResponse) -> Bytes {
+    if changes.changes.is_empty() && !changes.reset && changes.next == after {
+        return page;
+    }
+    let next = changes.next;
+    let mut out = Vec::with_capacity(page.len() + 64);
+    if changes.reset {
+        crate::wire::put_varint_field(&mut out, stream_batch::RESET, changes.next as u64);
+    }
+    if changes.has_more {
+        crate::wire::put_varint_field(&mut out, stream_batch::MORE_CHANGES, 1);
+    }
+    let mut pending = changes.changes.into_iter().peekable();
+    let mut rest = &page[..];
+    // The page was decoded whole by `page_of`.
+    while let Ok(field) = next_field(&mut rest) {
+        if let (pull_response::MESSAGES, Value::Bytes(message)) = field {
+            let time = send_time_of(message);
+            while let Some(change) = pending.next_if(|c| c.seq < time) {
+                put_change(&mut out, &change);
+            }
+            crate::wire::put_bytes_field(&mut out, stream_batch::MESSAGES, message);
+        }
+        if rest.is_empty() {
+            break;
+        }
+    }
+    for change in pending {
+        put_change(&mut out, &change);
+    }
+    crate::wire::put_varint_field(&mut out, stream_batch::CHANGES_NEXT, next as u64);
+    Bytes::from(out)
+}
+
+fn put_change(out: &mut Vec<u8>, change: &Change) {
+    use prost::Message as _;
+    crate::wire::put_bytes_field(out, stream_batch::CHANGES, &change.encode_to_vec());
+}
+
+fn send_time_of(mut message: &[u8]) -> i64 {
+    let mut time = 0;
+    while let Ok(field) = next_field(&mut message) {
+        if let (crate::proto::fields::message::SEND_TIME, Value::Varint(t)) = field {
+            time = t as i64;
+        }
+    }
+    time
+}
+
+/// Pulls until a page holds messages or changes came, each pull held by
+/// the RPC server until a message is stored (or a message changed) or
+/// `wait_ms` passes; an error becomes the stream's final `error` event.
+/// Each page is charged to `account`'s share of the memory budget when it
+/// arrives.
 async fn next_page(
     rpc: BalancedClient,
     account: Account,
     chat: String,
-    cursor: i64,
-    wait_ms: i32,
+    (cursor, seq): (i64, i64),
+    (wait_ms, hurry): (i32, bool),
 ) -> Batch {
-    next_page_of(rpc, Some(account), chat, cursor, wait_ms)
-        .await
-        .map_err(|err| error_event(&err))
+    let wait = Duration::from_millis(wait_ms.max(0) as u64);
+    let mut wait_ms = if hurry { 0 } else { wait_ms };
+    // Moved on by reads that found nothing (the store's watermark), so a
+    // quiet stream's cursor stays within the log's window.
+    let mut after = seq;
+    loop {
+        let asked = tokio::time::Instant::now();
+        let batch = async {
+            let request = page_request(&chat, cursor, wait_ms, after);
+            // Held until a message comes: charged when the page arrives.
+            let budgeted = Some(Budgeted::OnArrival(account.clone()));
+            let call = rpc.start(RpcRequest::Pull(request, budgeted))?;
+            let page = page_of(rpc.finish(call).await?)?;
+            let changes = fetch_changes(&rpc, &chat, after).await?;
+            let news = has_messages(&page) || !changes.changes.is_empty() || changes.reset;
+            Ok::<_, ApiError>((page, changes, news))
+        };
+        match batch.await {
+            Ok((page, changes, true)) => return Ok(merge(page, seq, changes)),
+            Ok((_, changes, false)) => {
+                after = changes.next;
+                if wait.is_zero() || asked.elapsed() < wait {
+                    tokio::time::sleep(EARLY_EMPTY_PAUSE).await;
+                }
+            }
+            Err(err) => return Err(error_event(&err)),
+        }
+        wait_ms = wait.as_millis() as i32;
+    }
 }
 
-/// The loop of pulls of [`next_page`], shared with WebSocket
-/// subscriptions ([`super::ws`]): the next page after `cursor` that holds
-/// messages, or the error that ended the loop. Each page is charged to
-/// `account`'s share of the memory budget when it arrives, if given.
+/// The loop of pulls of WebSocket subscriptions ([`super::ws`]): the next
+/// page after `cursor` that holds messages (messages only: WebSocket
+/// subscriptions do not carry edits and deletes yet), or the error that
+/// ended the loop. Each page is charged to `account`'s share of the memory
+/// budget when it arrives, if given.
 pub(super) async fn next_page_of(
     rpc: BalancedClient,
     account: Option<Account>,
@@ -242,8 +383,7 @@ pub(super) async fn next_page_of(
     loop {
         let asked = tokio::time::Instant::now();
         let page = async {
-            let request = page_request(&chat, cursor, wait_ms);
-            // Held until a message comes: charged when the page arrives.
+            let request = page_request(&chat, cursor, wait_ms, 0);
             let budgeted = account.clone().map(Budgeted::OnArrival);
             let call = rpc.start(RpcRequest::Pull(request, budgeted))?;
             page_of(rpc.finish(call).await?)
@@ -296,7 +436,7 @@ pub(super) fn last_send_time(page: &[u8]) -> Option<i64> {
     last
 }
 
-fn has_messages(page: &[u8]) -> bool {
+pub(super) fn has_messages(page: &[u8]) -> bool {
     scalars(page).is_ok_and(|s| s.count > 0)
 }
 
@@ -317,6 +457,12 @@ pub struct ChatStream {
     chat: String,
     /// The send_time of the last message taken: the next pull's cursor.
     cursor: i64,
+    /// The sequence of the last change taken: the next change read's cursor.
+    seq: i64,
+    /// The last batch left changes unread: the next pull must not wait.
+    more_changes: bool,
+    /// The (send_time, seq) of the last event rendered: the next event's id.
+    id: (i64, i64),
     /// How long each pull after the first may be held (see [`STREAM_WAIT_MS`]).
     wait_ms: i32,
     /// With authentication, the last second the stream's token is accepted
@@ -334,20 +480,56 @@ pub struct ChatStream {
     _open: crate::metrics::Tracked,
 }
 
-/// `id: <send_time>`, `data: <message JSON>` (one line: JSON strings
-/// escape newlines), blank line.
-fn put_event(out: &mut BytesMut, send_time: i64, message_json: &[u8]) {
+/// `id: <send_time>.<seq>`, `event: <kind>` unless a message,
+/// `data: <JSON>` (one line: JSON strings escape newlines), blank line.
+fn put_event(out: &mut BytesMut, (send_time, seq): (i64, i64), kind: &[u8], json: &[u8]) {
     out.put_slice(b"id: ");
     crate::http::response::put_u64(out, send_time.max(0) as u64);
+    out.put_u8(b'.');
+    crate::http::response::put_u64(out, seq.max(0) as u64);
+    if !kind.is_empty() {
+        out.put_slice(b"\nevent: ");
+        out.put_slice(kind);
+    }
     out.put_slice(b"\ndata: ");
-    out.put_slice(message_json);
+    out.put_slice(json);
     out.put_slice(b"\n\n");
+}
+
+/// A change's event kind and JSON: an edit's whole message (with
+/// `edited_at`), a delete's `{"chat","send_time"}`.
+fn change_json(out: &mut Vec<u8>, chat: &str, change: &Change) -> &'static [u8] {
+    use super::json::{put_i64, put_str};
+    out.extend_from_slice(b"{\"chat\":");
+    put_str(out, chat);
+    match &change.edited {
+        Some(message) => {
+            out.extend_from_slice(b",\"text\":");
+            put_str(out, &message.text);
+            out.extend_from_slice(b",\"sender\":");
+            put_str(out, &message.sender);
+            out.extend_from_slice(b",\"send_time\":");
+            put_i64(out, message.send_time);
+            out.extend_from_slice(b",\"edited_at\":");
+            put_i64(out, change.seq);
+            out.push(b'}');
+            b"edit"
+        }
+        None => {
+            out.extend_from_slice(b",\"send_time\":");
+            put_i64(out, change.deleted);
+            out.push(b'}');
+            b"delete"
+        }
+    }
 }
 
 impl EventSource for ChatStream {
     fn fill(&mut self, out: &mut BytesMut, until: usize) -> bool {
         while out.len() < until {
-            let mut rest = &self.page[self.pos..];
+            // (A reference count, not a copy: `render` needs `self`.)
+            let page = self.page.clone();
+            let mut rest = &page[self.pos..];
             if rest.is_empty() {
                 // Rendered: its memory (and charge) need not wait for the
                 // next page.
@@ -360,12 +542,7 @@ impl EventSource for ChatStream {
                 return false;
             };
             self.pos = self.page.len() - rest.len();
-            if let (pull_response::MESSAGES, Value::Bytes(message)) = field {
-                self.scratch.clear();
-                if let Ok(send_time) = write_message(&mut self.scratch, message) {
-                    put_event(out, send_time, &self.scratch);
-                }
-            }
+            self.render(out, field);
         }
         self.pos < self.page.len()
     }
@@ -375,8 +552,8 @@ impl EventSource for ChatStream {
             self.rpc.clone(),
             self.account.clone(),
             self.chat.clone(),
-            self.cursor,
-            self.wait_ms,
+            (self.cursor, self.seq),
+            (self.wait_ms, self.more_changes),
         );
         match self.until {
             None => Box::pin(page),
@@ -385,15 +562,24 @@ impl EventSource for ChatStream {
     }
 
     fn take(&mut self, page: Bytes) {
-        // Oldest first: the last message is the newest, the next cursor.
+        // Oldest first: the last message is the newest, the next cursor;
+        // likewise the last change.
         let mut rest = &page[..];
+        self.more_changes = false;
         while let Ok(field) = next_field(&mut rest) {
-            if let (pull_response::MESSAGES, Value::Bytes(mut message)) = field {
-                while let Ok(field) = next_field(&mut message) {
-                    if let (crate::proto::fields::message::SEND_TIME, Value::Varint(t)) = field {
-                        self.cursor = t as i64;
+            match field {
+                (pull_response::MESSAGES, Value::Bytes(message)) => {
+                    self.cursor = send_time_of(message);
+                }
+                (stream_batch::CHANGES, Value::Bytes(change)) => {
+                    if let Some(seq) = change_seq(change) {
+                        self.seq = seq;
                     }
                 }
+                (stream_batch::RESET, Value::Varint(seq)) => self.seq = seq as i64,
+                (stream_batch::MORE_CHANGES, Value::Varint(more)) => self.more_changes = more != 0,
+                (stream_batch::CHANGES_NEXT, Value::Varint(next)) => self.seq = next as i64,
+                _ => {}
             }
             if rest.is_empty() {
                 break;
@@ -401,6 +587,40 @@ impl EventSource for ChatStream {
         }
         self.page = page;
         self.pos = 0;
+    }
+}
+
+fn change_seq(change: &[u8]) -> Option<i64> {
+    use prost::Message as _;
+    Change::decode(change).ok().map(|c| c.seq)
+}
+
+impl ChatStream {
+    /// One field of the batch as its event, if it is one.
+    fn render(&mut self, out: &mut BytesMut, field: (u32, Value<'_>)) {
+        use prost::Message as _;
+        self.scratch.clear();
+        match field {
+            (pull_response::MESSAGES, Value::Bytes(message)) => {
+                if let Ok(send_time) = write_message(&mut self.scratch, message) {
+                    self.id.0 = send_time;
+                    put_event(out, self.id, b"", &self.scratch);
+                }
+            }
+            (stream_batch::CHANGES, Value::Bytes(change)) => {
+                if let Ok(change) = Change::decode(change) {
+                    self.id.1 = change.seq;
+                    let kind = change_json(&mut self.scratch, &self.chat, &change);
+                    put_event(out, self.id, kind, &self.scratch);
+                }
+            }
+            (stream_batch::RESET, Value::Varint(seq)) => {
+                self.id.1 = seq as i64;
+                put_event(out, self.id, b"reset", b"{}");
+            }
+            (stream_batch::CHANGES_NEXT, Value::Varint(next)) => self.id.1 = next as i64,
+            _ => {}
+        }
     }
 }
 
@@ -443,14 +663,18 @@ mod tests {
     }
 
     #[test]
-    fn last_event_id_is_a_send_time() {
+    fn last_event_id_is_a_send_time_and_a_seq() {
         assert_eq!(last_event_id(&request("")), Ok(None));
         assert_eq!(last_event_id(&request("Last-Event-ID: \r\n")), Ok(None));
         assert_eq!(
             last_event_id(&request("Last-Event-ID: 1700000000000001\r\n")),
-            Ok(Some(1_700_000_000_000_001))
+            Ok(Some((1_700_000_000_000_001, None)))
         );
-        for bad in ["abc", "-1", "1.5", "99999999999999999999"] {
+        assert_eq!(
+            last_event_id(&request("Last-Event-ID: 17.25\r\n")),
+            Ok(Some((17, Some(25))))
+        );
+        for bad in ["abc", "-1", "1.x", "1.-5", ".5", "99999999999999999999"] {
             let head = format!("Last-Event-ID: {bad}\r\n");
             assert!(last_event_id(&request(&head)).is_err(), "{bad}");
         }

@@ -362,6 +362,7 @@ impl WsSession {
             text: op.text.unwrap_or_default(),
             sender: op.sender.unwrap_or_default(),
             send_time: 0,
+            edited_at: 0,
         };
         if let Some(user) = user {
             access::authorize(user, &message.chat, Some(&mut message.sender))?;
@@ -398,6 +399,7 @@ impl WsSession {
                 .clamp(i64::from(i32::MIN), i64::from(i32::MAX)) as i32,
             reverse: op.reverse.unwrap_or(false),
             wait_ms: 0,
+            changes_after: 0,
         };
         if let Some(user) = user {
             access::authorize(user, &request.chat, None)?;
@@ -462,7 +464,7 @@ impl WsSession {
         }
         let cursor = op.cursor.unwrap_or(0);
         let first = self.rpc.start(RpcRequest::Pull(
-            stream::page_request(&chat, cursor, 0),
+            stream::page_request(&chat, cursor, 0, 0),
             None,
         ))?;
         self.generation += 1;

@@ -44,6 +44,19 @@ pub trait EventSource: Send {
     /// Takes the batch that [`EventSource::more`] produced, to be rendered
     /// by [`EventSource::fill`].
     fn take(&mut self, batch: Bytes);
+    /// The body's media type (a stream of another format than SSE, e.g.
+    /// the NDJSON of `/api/export`).
+    fn content_type(&self) -> &'static [u8] {
+        b"text/event-stream"
+    }
+    /// What is written after a silence (nothing: no heartbeat).
+    fn heartbeat(&self) -> &'static [u8] {
+        HEARTBEAT
+    }
+    /// What ends the body when the reader lags.
+    fn lagged(&self) -> &'static [u8] {
+        LAGGED_EVENT
+    }
 }
 
 /// An SSE comment, written after [`super::conn::Settings::heartbeat`] of
@@ -195,8 +208,8 @@ pub fn write_response(
         out.put_slice(b"\r\n\r\n");
         return;
     }
-    if resp.events.is_some() {
-        put_event_stream_head(out, http10);
+    if let Some(events) = &resp.events {
+        put_event_stream_head(out, events.content_type(), http10);
     } else {
         out.put_slice(b"\r\nContent-Type: ");
         out.put_slice(resp.content_type.as_bytes());
@@ -236,10 +249,10 @@ pub fn write_response(
 /// coding (§6.1: not to be sent to it), so there the close ends the body.
 /// `no-store`: the events are live, never to be cached; `X-Accel-Buffering`
 /// keeps nginx from buffering them when it is the proxy in front.
-fn put_event_stream_head(out: &mut BytesMut, http10: bool) {
-    out.put_slice(
-        b"\r\nContent-Type: text/event-stream\r\nCache-Control: no-store\r\nX-Accel-Buffering: no",
-    );
+fn put_event_stream_head(out: &mut BytesMut, content_type: &[u8], http10: bool) {
+    out.put_slice(b"\r\nContent-Type: ");
+    out.put_slice(content_type);
+    out.put_slice(b"\r\nCache-Control: no-store\r\nX-Accel-Buffering: no");
     if !http10 {
         out.put_slice(b"\r\nTransfer-Encoding: chunked");
     }

@@ -20,8 +20,7 @@ use super::conn::{
     Action, Conn, Expiry, Finished, Framing, ReadUntil, Settings, StreamEnd, StreamStep,
 };
 use super::response::{
-    Batch, EventSource, HEARTBEAT, LAGGED_EVENT, LAST_CHUNK, Response, Upgrade, put_chunk,
-    write_response,
+    Batch, EventSource, LAST_CHUNK, Response, Upgrade, put_chunk, write_response,
 };
 use crate::accept::{drain, next_connection};
 use crate::budget::{Account, Charge, ClientKey, MemoryBudget};
@@ -446,7 +445,7 @@ impl Io {
                     }
                 }
                 StreamStep::Heartbeat => {
-                    put_chunk(&mut self.output, HEARTBEAT, chunked);
+                    put_chunk(&mut self.output, stream.events.heartbeat(), chunked);
                     conn.sent(now);
                 }
                 StreamStep::Drain(deadline) => tokio::select! {
@@ -463,7 +462,7 @@ impl Io {
                 }
                 StreamStep::End { why, deadline } => {
                     if why == StreamEnd::Lagged {
-                        put_chunk(&mut self.output, LAGGED_EVENT, chunked);
+                        put_chunk(&mut self.output, stream.events.lagged(), chunked);
                     }
                     if chunked {
                         self.output.put_slice(LAST_CHUNK);

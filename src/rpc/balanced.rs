@@ -154,9 +154,11 @@ pub struct BalancedCall {
 /// idempotency key stores one message however often it arrives.
 fn repeatable(request: Option<&RpcRequest>) -> bool {
     match request {
-        Some(RpcRequest::Pull(..)) => true,
+        // A second delete answers as the first did (the message is gone).
+        Some(RpcRequest::Pull(..) | RpcRequest::Delete(_) | RpcRequest::Changes(_)) => true,
         Some(RpcRequest::Send(send)) => !send.idempotency_key.is_empty(),
-        Some(RpcRequest::Ping | RpcRequest::PingStore) | None => false,
+        // A second edit would give the message a second edited_at.
+        Some(RpcRequest::Ping | RpcRequest::PingStore | RpcRequest::Edit(_)) | None => false,
     }
 }
 
@@ -251,6 +253,9 @@ impl BalancedClient {
             RpcRequest::Send(_) => RpcMethod::Send,
             RpcRequest::Pull(..) => RpcMethod::Pull,
             RpcRequest::Ping | RpcRequest::PingStore => RpcMethod::Ping,
+            RpcRequest::Edit(_) => RpcMethod::Edit,
+            RpcRequest::Delete(_) => RpcMethod::Delete,
+            RpcRequest::Changes(_) => RpcMethod::Changes,
         };
         while tried.len < MAX_ATTEMPTS {
             let (id, client, now) = {
@@ -334,6 +339,8 @@ impl BalancedClient {
                         Error::Timeout
                         | Error::IdempotencyKeyReused
                         | Error::StorageFull
+                        | Error::MessageNotFound
+                        | Error::Forbidden
                         | Error::Invalid(_)
                         | Error::Internal(_) => false,
                     };

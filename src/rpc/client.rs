@@ -18,7 +18,9 @@ use crate::budget::{Account, Reserved};
 use crate::error::Error;
 use crate::metrics::{PeerKind, PeerStats};
 use crate::mux::{MuxOptions, Pending, Pool, Protocol, Stream};
-use crate::proto::{PingRequest, PullRequest, SendRequest};
+use crate::proto::{
+    ChangesRequest, DeleteRequest, EditRequest, PingRequest, PullRequest, SendRequest,
+};
 
 /// How a pull's reply is charged when it arrives.
 #[derive(Debug, Clone)]
@@ -39,6 +41,9 @@ pub enum RpcRequest {
     Ping,
     /// A ping that asks the server's store too (`GET /ready`).
     PingStore,
+    Edit(EditRequest),
+    Delete(DeleteRequest),
+    Changes(ChangesRequest),
 }
 
 struct RpcProtocol {
@@ -133,6 +138,9 @@ impl Protocol for RpcProtocol {
                 method::PING,
                 &PingRequest { store: true },
             ),
+            RpcRequest::Edit(req) => frame::encode(out, self.next_id, method::EDIT, req),
+            RpcRequest::Delete(req) => frame::encode(out, self.next_id, method::DELETE, req),
+            RpcRequest::Changes(req) => frame::encode(out, self.next_id, method::CHANGES, req),
         }
         self.next_id
     }

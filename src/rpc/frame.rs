@@ -118,6 +118,7 @@ mod tests {
                 text: "hello 🌍".into(),
                 sender: "a".into(),
                 send_time: 0,
+                edited_at: 0,
             }),
             idempotency_key: "key-1".into(),
         }

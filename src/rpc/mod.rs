@@ -21,6 +21,12 @@ pub mod method {
     /// call `id`. A pull of that id still waiting for messages is ended
     /// there and then; any other call is unaffected (it is short).
     pub const CANCEL: u8 = 5;
+    /// `EditRequest` -> `EditResponse`.
+    pub const EDIT: u8 = 6;
+    /// `DeleteRequest` -> `DeleteResponse`.
+    pub const DELETE: u8 = 7;
+    /// `ChangesRequest` -> `ChangesResponse`.
+    pub const CHANGES: u8 = 8;
 }
 
 /// Status bytes carried in reply frames.

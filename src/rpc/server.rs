@@ -20,15 +20,17 @@ use super::local::LocalAccept;
 use super::{handshake, method, status};
 use crate::accept::{drain, next_connection};
 use crate::domain::{
-    DEFAULT_LIMIT, MAX_LIMIT, MAX_MESSAGE_WIRE_BYTES, PullQuery, canonical_chat,
+    DEFAULT_LIMIT, MAX_LIMIT, MAX_MESSAGE_WIRE_BYTES, PullQuery, canonical_chat, validate_change,
     validate_idempotency_key, validate_pull, validate_send, validate_wait,
 };
 use crate::error::{CODE_OK, Error};
 use crate::metrics::{self, Gauge, METRICS, RpcMethod};
 use crate::mux::{MIN_READ, READ_CHUNK};
 use crate::proto::{
+    ChangesRequest, ChangesResponse, DeleteRequest, DeleteResponse, EditRequest, EditResponse,
     Message, PingRequest, PingResponse, PullRequest, PullResponse, SendRequest, SendResponse,
 };
+use crate::store::lifecycle::MAX_CHANGES;
 use crate::store::{AnyStore, Completion, Page, Sent, Store};
 use crate::unwind::catch_panic;
 
@@ -258,6 +260,9 @@ const GOAWAY_QUIET: Duration = Duration::from_secs(1);
 enum Work {
     Send(SendRequest),
     Pull(PullRequest),
+    Edit(EditRequest),
+    Delete(DeleteRequest),
+    Changes(ChangesRequest),
     /// `store`: the caller asks whether the store answers too.
     Ping {
         store: bool,
@@ -270,6 +275,9 @@ enum Work {
 enum ServerFrame {
     Send(SendResponse),
     Pull(PullResponse),
+    Edit(EditResponse),
+    Delete(DeleteResponse),
+    Changes(ChangesResponse),
     /// An OK PullResponse, encoded by the store.
     PullPage(Vec<u8>),
     /// Why the store did not answer, when the ping asked it (else empty).
@@ -692,6 +700,12 @@ fn largest_reply(work: &Work) -> usize {
             SMALL_REPLY + req.chat.len() + limit * MAX_MESSAGE_WIRE_BYTES
         }
         Work::Send(req) => SMALL_REPLY + req.encoded_len(),
+        Work::Edit(req) => SMALL_REPLY + req.encoded_len(),
+        Work::Delete(req) => SMALL_REPLY + req.encoded_len(),
+        // Each change at most one message.
+        Work::Changes(req) => {
+            SMALL_REPLY + req.chat.len() + MAX_CHANGES * (MAX_MESSAGE_WIRE_BYTES + 32)
+        }
         Work::Ping { .. } => SMALL_REPLY,
         Work::Bad(why) => SMALL_REPLY + why.len(),
     }
@@ -742,6 +756,9 @@ fn encoded_len(reply: &ServerFrame) -> usize {
         + match reply {
             ServerFrame::Send(resp) => resp.encoded_len(),
             ServerFrame::Pull(resp) => resp.encoded_len(),
+            ServerFrame::Edit(resp) => resp.encoded_len(),
+            ServerFrame::Delete(resp) => resp.encoded_len(),
+            ServerFrame::Changes(resp) => resp.encoded_len(),
             ServerFrame::PullPage(wire) => wire.len(),
             ServerFrame::BadFrame(why) => why.len(),
             ServerFrame::Pong(store_error) => PingResponse {
@@ -759,6 +776,9 @@ fn encode_reply(output: &mut BytesMut, outgoing: Outgoing) -> OwnedSemaphorePerm
     match reply {
         ServerFrame::Send(resp) => frame::encode(output, id, status::OK, &resp),
         ServerFrame::Pull(resp) => frame::encode(output, id, status::OK, &resp),
+        ServerFrame::Edit(resp) => frame::encode(output, id, status::OK, &resp),
+        ServerFrame::Delete(resp) => frame::encode(output, id, status::OK, &resp),
+        ServerFrame::Changes(resp) => frame::encode(output, id, status::OK, &resp),
         ServerFrame::PullPage(wire) => frame::encode_raw(output, id, status::OK, &wire),
         ServerFrame::Pong(store_error) => {
             let served = SERVED.load(Ordering::Relaxed);
@@ -781,6 +801,9 @@ fn metrics_method(work: &Work) -> Option<RpcMethod> {
     match work {
         Work::Send(_) => Some(RpcMethod::Send),
         Work::Pull(_) => Some(RpcMethod::Pull),
+        Work::Edit(_) => Some(RpcMethod::Edit),
+        Work::Delete(_) => Some(RpcMethod::Delete),
+        Work::Changes(_) => Some(RpcMethod::Changes),
         Work::Ping { .. } => Some(RpcMethod::Ping),
         Work::Bad(_) => None,
     }
@@ -801,6 +824,21 @@ fn overloaded(method: u8) -> ServerFrame {
             msg,
             ..PullResponse::default()
         }),
+        method::EDIT => ServerFrame::Edit(EditResponse {
+            code,
+            msg,
+            ..EditResponse::default()
+        }),
+        method::DELETE => ServerFrame::Delete(DeleteResponse {
+            code,
+            msg,
+            ..DeleteResponse::default()
+        }),
+        method::CHANGES => ServerFrame::Changes(ChangesResponse {
+            code,
+            msg,
+            ..ChangesResponse::default()
+        }),
         method::PING => ServerFrame::Pong(String::new()),
         other => ServerFrame::BadFrame(format!("unknown method {other}")),
     }
@@ -816,6 +854,18 @@ fn decode_request(frame: Frame) -> Work {
             Ok(req) => Work::Pull(req),
             Err(err) => Work::Bad(format!("undecodable PullRequest: {err}")),
         },
+        method::EDIT => match EditRequest::decode(frame.body) {
+            Ok(req) => Work::Edit(req),
+            Err(err) => Work::Bad(format!("undecodable EditRequest: {err}")),
+        },
+        method::DELETE => match DeleteRequest::decode(frame.body) {
+            Ok(req) => Work::Delete(req),
+            Err(err) => Work::Bad(format!("undecodable DeleteRequest: {err}")),
+        },
+        method::CHANGES => match ChangesRequest::decode(frame.body) {
+            Ok(req) => Work::Changes(req),
+            Err(err) => Work::Bad(format!("undecodable ChangesRequest: {err}")),
+        },
         method::PING => match PingRequest::decode(frame.body) {
             Ok(req) => Work::Ping { store: req.store },
             Err(err) => Work::Bad(format!("undecodable PingRequest: {err}")),
@@ -825,11 +875,17 @@ fn decode_request(frame: Frame) -> Work {
 }
 
 async fn handle(store: &AnyStore, work: Work, stop: Option<watch::Receiver<bool>>) -> ServerFrame {
-    if matches!(work, Work::Send(_) | Work::Pull(_)) {
+    if matches!(
+        work,
+        Work::Send(_) | Work::Pull(_) | Work::Edit(_) | Work::Delete(_) | Work::Changes(_)
+    ) {
         SERVED.fetch_add(1, Ordering::Relaxed);
     }
     match work {
         Work::Send(req) => ServerFrame::Send(send(store, req).await),
+        Work::Edit(req) => ServerFrame::Edit(edit(store, req).await),
+        Work::Delete(req) => ServerFrame::Delete(delete(store, req).await),
+        Work::Changes(req) => ServerFrame::Changes(changes(store, req).await),
         Work::Pull(req) => pull(store, req, stop).await,
         Work::Ping { store: false } => ServerFrame::Pong(String::new()),
         Work::Ping { store: true } => {
@@ -854,6 +910,8 @@ fn failure(err: Error) -> (i32, String) {
         Error::IdempotencyKeyReused => {
             "this idempotency key was already used in this chat for a different message".into()
         }
+        Error::MessageNotFound => "no such message".into(),
+        Error::Forbidden => "not allowed to change this message".into(),
         Error::Internal(why) => {
             crate::logging::error!("store error"; why = why);
             "internal store error".into()
@@ -919,6 +977,88 @@ fn send_response(outcome: Result<Sent, Error>) -> SendResponse {
     }
 }
 
+/// The actor of an edit or delete: empty = authentication is off.
+fn actor(actor: &str) -> Option<&str> {
+    Some(actor).filter(|a| !a.is_empty())
+}
+
+async fn edit(store: &AnyStore, req: EditRequest) -> EditResponse {
+    let outcome = match validate_change(&req.chat, req.send_time, Some(&req.text)) {
+        Ok(()) => {
+            let chat = canonical_chat(&req.chat);
+            store
+                .edit(&chat, req.send_time, &req.text, actor(&req.actor))
+                .await
+        }
+        Err(invalid) => Err(invalid.into()),
+    };
+    match outcome {
+        Ok(edited_at) => EditResponse {
+            send_time: req.send_time,
+            edited_at,
+            ..EditResponse::default()
+        },
+        Err(err) => {
+            let (code, msg) = failure(err);
+            EditResponse {
+                code,
+                msg,
+                ..EditResponse::default()
+            }
+        }
+    }
+}
+
+async fn delete(store: &AnyStore, req: DeleteRequest) -> DeleteResponse {
+    let outcome = match validate_change(&req.chat, req.send_time, None) {
+        Ok(()) => {
+            let chat = canonical_chat(&req.chat);
+            let actor = actor(&req.actor);
+            store.delete(&chat, req.send_time, actor, req.admin).await
+        }
+        Err(invalid) => Err(invalid.into()),
+    };
+    match outcome {
+        Ok(()) => DeleteResponse {
+            send_time: req.send_time,
+            ..DeleteResponse::default()
+        },
+        Err(err) => {
+            let (code, msg) = failure(err);
+            DeleteResponse {
+                code,
+                msg,
+                ..DeleteResponse::default()
+            }
+        }
+    }
+}
+
+async fn changes(store: &AnyStore, req: ChangesRequest) -> ChangesResponse {
+    let limit = match req.limit {
+        n if n <= 0 => MAX_CHANGES,
+        n => (n as usize).min(MAX_CHANGES),
+    };
+    // (A pull's checks: the chat's name, and `after` like a cursor.)
+    let outcome = match validate_pull(&req.chat, req.after, 0, false) {
+        // Its changes cannot be logged (see `validate_change`): none.
+        Ok(query) if query.chat.starts_with('}') => Ok(ChangesResponse {
+            next: req.after,
+            ..ChangesResponse::default()
+        }),
+        Ok(query) => store.changes(&query.chat, req.after, limit).await,
+        Err(invalid) => Err(invalid.into()),
+    };
+    outcome.unwrap_or_else(|err| {
+        let (code, msg) = failure(err);
+        ChangesResponse {
+            code,
+            msg,
+            ..ChangesResponse::default()
+        }
+    })
+}
+
 /// A pull's query and how long it may wait, once valid.
 fn checked_pull(req: &PullRequest) -> Result<(PullQuery, Duration), Error> {
     let query = validate_pull(&req.chat, req.cursor, req.limit, req.reverse)?;
@@ -953,7 +1093,7 @@ async fn pull(
     };
     let page = match wait.is_zero() || !query.may_wait() {
         true => store.pull(&query).await,
-        false => pull_waiting(store, &query, wait, stop).await,
+        false => pull_waiting(store, &query, wait, stop, req.changes_after).await,
     };
     page_frame(page)
 }
@@ -972,6 +1112,7 @@ async fn pull_waiting(
     query: &PullQuery,
     wait: Duration,
     stop: Option<watch::Receiver<bool>>,
+    changes_after: i64,
 ) -> Result<Page, Error> {
     let deadline = Instant::now() + wait;
     let mut waiter = store.waiter(&query.chat);
@@ -984,6 +1125,12 @@ async fn pull_waiting(
     let Some(mut waiter) = waiter.filter(|_| page.count == 0) else {
         return Ok(page);
     };
+    if changes_after > 0 && !query.chat.starts_with('}') {
+        let changes = store.changes(&query.chat, changes_after, 1).await?;
+        if !changes.changes.is_empty() || changes.reset {
+            return Ok(page);
+        }
+    }
     let _waiting = metrics::track(Gauge::WaitingPulls);
     let stopped = async {
         match stop {
@@ -1011,6 +1158,7 @@ mod tests {
             text: "t".repeat(MAX_TEXT_BYTES),
             sender: "s".repeat(MAX_NAME_BYTES),
             send_time: i64::MAX,
+            edited_at: i64::MAX,
         };
         PullResponse {
             code: 0,
@@ -1028,6 +1176,7 @@ mod tests {
             limit,
             reverse: false,
             wait_ms: 0,
+            changes_after: 0,
         })
     }
 

@@ -502,9 +502,11 @@ async fn store_send_batches(
             .len() as u64;
         for (slot, mut group) in split_by_slot(&mut batch) {
             let deadline = batch_deadline(&group);
-            let request = router
-                .options
-                .send_request(im_send_command(&mut group, now));
+            let request = router.options.send_request(im_send_command(
+                &mut group,
+                now,
+                &router.options.retention,
+            ));
             let waiters: Vec<_> = group.into_iter().map(|s| s.reply).collect();
             let (router, entered) = (router.clone(), entered.clone());
             tokio::spawn(async move {
@@ -520,6 +522,48 @@ async fn store_send_batches(
     crate::logging::info!(
         "cluster store closed after {batches} send batches touching {slots} slots"
     );
+}
+
+/// The process's retention sweep on a Cluster: each pass sweeps every
+/// master in turn (`SCAN` is per node), on the connections of the thread
+/// that started it; a command refused by a node (moved slots) is skipped.
+async fn sweep_masters(router: std::sync::Weak<Router>) {
+    loop {
+        tokio::time::sleep(super::retention::SWEEP_PAUSE).await;
+        let Some(router) = router.upgrade() else {
+            return;
+        };
+        let masters = router
+            .shared
+            .map
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .masters();
+        let mut removed = 0;
+        for addr in masters {
+            let node = router.pool(&addr);
+            let run = |command: bytes::Bytes| {
+                let handle = node.pool.handle().clone();
+                async move {
+                    let deadline = Instant::now() + Duration::from_secs(5);
+                    match tokio::time::timeout_at(
+                        deadline,
+                        handle.start_by(command, deadline)?.wait(),
+                    )
+                    .await
+                    {
+                        Ok(Ok(Reply::Error(err))) => Err(Error::Internal(err.to_string())),
+                        Ok(reply) => reply,
+                        Err(_elapsed) => Err(Error::Timeout),
+                    }
+                }
+            };
+            removed += super::retention::sweep_node(run, &router.options.retention).await;
+        }
+        if removed > 0 {
+            eprintln!("im-server: retention sweep removed {removed} expired messages");
+        }
+    }
 }
 
 /// Re-reads the map every [`PERIODIC_REFRESH`], or every
@@ -555,6 +599,8 @@ pub struct ClusterStore {
     router: Arc<Router>,
     sends: SendQueue,
     timeout: Duration,
+    /// The change log's retention, as `im_edit` / `im_delete` take it.
+    keep: String,
     /// Pulls waiting for new messages (see [`RedisStore`]'s).
     hub: Option<Arc<Hub>>,
 }
@@ -574,10 +620,14 @@ impl ClusterStore {
         let (sends, queue, queued) = SendQueue::new(options);
         tokio::spawn(store_send_batches(router.clone(), queue, queued));
         tokio::spawn(refresh_periodically(Arc::downgrade(&router)));
+        if super::retention::take_sweeper(&options.retention) {
+            tokio::spawn(sweep_masters(Arc::downgrade(&router)));
+        }
         ClusterStore {
             router,
             sends,
             timeout: options.timeout,
+            keep: super::lifecycle::keep_micros(options.change_log_retention),
             hub: None,
         }
     }
@@ -637,11 +687,90 @@ impl Store for ClusterStore {
 
     async fn pull(&self, query: &PullQuery) -> Result<Page, Error> {
         let slot = key_slot(chat_key(&query.chat).as_bytes());
-        let request = RespRequest::from(pull_command(query));
+        let floor = self.router.options.retention.floor(crate::now_micros());
+        let request = RespRequest::from(pull_command(query, floor));
         let deadline = Instant::now() + self.timeout;
         match self.router.execute(slot, request, 0, deadline).await? {
             Reply::Error(err) => Err(Error::from_redis(&err)),
             reply => page_from_reply(query, reply),
+        }
+    }
+
+    async fn edit(
+        &self,
+        chat: &str,
+        send_time: i64,
+        text: &str,
+        actor: Option<&str>,
+    ) -> Result<i64, Error> {
+        let runner = ChatRunner::new(self, chat);
+        super::lifecycle::edit(&runner, chat, send_time, text, actor, &self.keep).await
+    }
+
+    async fn delete(
+        &self,
+        chat: &str,
+        send_time: i64,
+        actor: Option<&str>,
+        admin: bool,
+    ) -> Result<(), Error> {
+        let runner = ChatRunner::new(self, chat);
+        super::lifecycle::delete(&runner, chat, send_time, actor, admin, &self.keep).await
+    }
+
+    async fn changes(
+        &self,
+        chat: &str,
+        after: i64,
+        limit: usize,
+    ) -> Result<crate::proto::ChangesResponse, Error> {
+        let runner = ChatRunner::new(self, chat);
+        super::lifecycle::changes(&runner, chat, after, limit, &self.keep).await
+    }
+}
+
+/// Runs an edit's or delete's commands on its chat's master (every key of
+/// theirs is in the chat's slot), redirections followed.
+struct ChatRunner<'a> {
+    router: &'a Arc<Router>,
+    slot: u16,
+    timeout: Duration,
+    wait_replicas: u32,
+}
+
+impl<'a> ChatRunner<'a> {
+    fn new(store: &'a ClusterStore, chat: &str) -> ChatRunner<'a> {
+        ChatRunner {
+            router: &store.router,
+            slot: key_slot(chat_key(chat).as_bytes()),
+            timeout: store.timeout,
+            wait_replicas: store.router.options.wait_replicas,
+        }
+    }
+}
+
+impl super::lifecycle::Runner for ChatRunner<'_> {
+    fn floor(&self) -> i64 {
+        self.router.options.retention.floor(crate::now_micros())
+    }
+
+    async fn run(&self, command: bytes::Bytes, change: bool) -> Result<Reply, Error> {
+        let deadline = Instant::now() + self.timeout;
+        // Changes wait for replicas like sends; reads need not.
+        let (request, wait) = match change {
+            true => (
+                self.router.options.send_request(command),
+                self.wait_replicas,
+            ),
+            false => (RespRequest::from(command), 0),
+        };
+        match self
+            .router
+            .execute(self.slot, request, wait, deadline)
+            .await?
+        {
+            Reply::Error(err) => Err(Error::Internal(format!("redis: {err}"))),
+            reply => Ok(reply),
         }
     }
 }
@@ -754,7 +883,7 @@ mod tests {
                 group.iter().all(|s| key_slot(s.key.as_bytes()) == *slot),
                 "one slot per group"
             );
-            let command = im_send_command(group, 1);
+            let command = im_send_command(group, 1, &Default::default());
             assert!(command.starts_with(b"*"));
         }
         let a = groups

@@ -20,9 +20,12 @@
 //! answered something it never should.
 
 pub mod cluster;
+pub mod lifecycle;
 pub mod memory;
 pub mod redis;
+pub mod retention;
 pub mod subscriber;
+pub mod transfer;
 
 use std::future::Future;
 
@@ -103,7 +106,8 @@ impl<'a> PageWriter<'a> {
 
     /// Adds the next message. Stores fetch one more than the limit: pushing
     /// that one only records that there is more, and returns false.
-    pub fn push(&mut self, text: &str, sender: &str, send_time: i64) -> bool {
+    /// `edited_at`: 0 = never edited (then not on the wire).
+    pub fn push(&mut self, text: &str, sender: &str, send_time: i64, edited_at: i64) -> bool {
         if self.page.count == self.limit {
             self.page.has_more = true;
             return false;
@@ -118,7 +122,11 @@ impl<'a> PageWriter<'a> {
             .filter(|(_, s)| !s.is_empty())
             .map(|&(tag, s)| wire::bytes_field_len(tag, s.len()))
             .sum::<usize>()
-            + wire::varint_field_len(message::SEND_TIME, send_time as u64);
+            + wire::varint_field_len(message::SEND_TIME, send_time as u64)
+            + match edited_at {
+                0 => 0,
+                t => wire::varint_field_len(message::EDITED_AT, t as u64),
+            };
         let out = &mut self.page.wire;
         prost::encoding::encode_key(
             pull_response::MESSAGES,
@@ -130,6 +138,9 @@ impl<'a> PageWriter<'a> {
             wire::put_bytes_field(out, tag, s.as_bytes());
         }
         wire::put_varint_field(out, message::SEND_TIME, send_time as u64);
+        if edited_at != 0 {
+            wire::put_varint_field(out, message::EDITED_AT, edited_at as u64);
+        }
         self.page.count += 1;
         self.last_send_time = send_time;
         true
@@ -162,6 +173,39 @@ pub trait Store: Send + Sync + 'static {
 
     /// One page of `query.chat`, in the order `query.reverse` asks for.
     fn pull(&self, query: &PullQuery) -> impl Future<Output = Result<Page, Error>> + Send;
+
+    /// Replaces the text of the message at `send_time` in the (canonical)
+    /// `chat`, keeping its place; returns its `edited_at` (µs, unique and
+    /// increasing within the chat). `actor`: the authenticated user, who
+    /// must be its sender ([`Error::Forbidden`]); `None` = anyone.
+    /// [`Error::MessageNotFound`] if the chat holds no such message.
+    fn edit(
+        &self,
+        chat: &str,
+        send_time: i64,
+        text: &str,
+        actor: Option<&str>,
+    ) -> impl Future<Output = Result<i64, Error>> + Send;
+
+    /// Deletes the message at `send_time`; a message already deleted
+    /// answers `Ok` again (to whoever could have deleted it). `admin` may
+    /// delete anyone's message.
+    fn delete(
+        &self,
+        chat: &str,
+        send_time: i64,
+        actor: Option<&str>,
+        admin: bool,
+    ) -> impl Future<Output = Result<(), Error>> + Send;
+
+    /// The chat's changes after `after` (at most `limit`), oldest first;
+    /// see `ChangesRequest` in `proto/im.proto`.
+    fn changes(
+        &self,
+        chat: &str,
+        after: i64,
+        limit: usize,
+    ) -> impl Future<Output = Result<crate::proto::ChangesResponse, Error>> + Send;
 }
 
 /// The store chosen at start-up.
@@ -233,6 +277,47 @@ impl Store for AnyStore {
             AnyStore::Cluster(store) => store.pull(query).await,
         }
     }
+
+    async fn edit(
+        &self,
+        chat: &str,
+        send_time: i64,
+        text: &str,
+        actor: Option<&str>,
+    ) -> Result<i64, Error> {
+        match self {
+            AnyStore::Memory(store) => store.edit(chat, send_time, text, actor).await,
+            AnyStore::Redis(store) => store.edit(chat, send_time, text, actor).await,
+            AnyStore::Cluster(store) => store.edit(chat, send_time, text, actor).await,
+        }
+    }
+
+    async fn delete(
+        &self,
+        chat: &str,
+        send_time: i64,
+        actor: Option<&str>,
+        admin: bool,
+    ) -> Result<(), Error> {
+        match self {
+            AnyStore::Memory(store) => store.delete(chat, send_time, actor, admin).await,
+            AnyStore::Redis(store) => store.delete(chat, send_time, actor, admin).await,
+            AnyStore::Cluster(store) => store.delete(chat, send_time, actor, admin).await,
+        }
+    }
+
+    async fn changes(
+        &self,
+        chat: &str,
+        after: i64,
+        limit: usize,
+    ) -> Result<crate::proto::ChangesResponse, Error> {
+        match self {
+            AnyStore::Memory(store) => store.changes(chat, after, limit).await,
+            AnyStore::Redis(store) => store.changes(chat, after, limit).await,
+            AnyStore::Cluster(store) => store.changes(chat, after, limit).await,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -262,22 +347,23 @@ mod tests {
     #[test]
     fn page_writer_encodes_what_prost_decodes() {
         let mut writer = PageWriter::new("a:b", 2);
-        assert!(writer.push("hello 😀", "a", 30));
-        assert!(writer.push("", "b", 20)); // empty strings are omitted, as proto3 does
-        assert!(!writer.push("one too many", "a", 10));
+        assert!(writer.push("hello 😀", "a", 30, 0));
+        assert!(writer.push("", "b", 20, 25)); // empty strings are omitted, as proto3 does
+        assert!(!writer.push("one too many", "a", 10, 0));
         let page = writer.finish();
         assert_eq!((page.count, page.has_more, page.next_cursor), (2, true, 20));
         let decoded = PullResponse::decode(&page.wire[..]).expect("valid PullResponse");
-        let message = |text: &str, sender: &str, send_time| Message {
+        let message = |text: &str, sender: &str, send_time, edited_at| Message {
             chat: "a:b".into(),
             text: text.into(),
             sender: sender.into(),
             send_time,
+            edited_at,
         };
         assert_eq!(
             decoded,
             PullResponse {
-                messages: vec![message("hello 😀", "a", 30), message("", "b", 20)],
+                messages: vec![message("hello 😀", "a", 30, 0), message("", "b", 20, 25)],
                 has_more: true,
                 next_cursor: 20,
                 ..PullResponse::default()

@@ -27,6 +27,7 @@ use bytes::Bytes;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
 
+use super::retention::Retention;
 use super::{Completion, Page, PageWriter, Sent, Store};
 use crate::domain::PullQuery;
 use crate::error::Error;
@@ -40,7 +41,8 @@ use crate::resp::{Reply, command};
 use crate::wire::{self, Malformed, Value, next_field, text};
 
 /// Loaded (idempotently) on every connection. Needs Redis >= 7.0.
-const LIBRARY: &str = r#"#!lua name=im
+const LIBRARY: &str = concat!(
+    r#"#!lua name=im
 -- Stores a batch of messages, each atomically with its send_time.
 -- Without idempotency keys: KEYS[i] = message i's chat; ARGV[i] = message i
 -- as a StoredMessage protobuf without send_time; ARGV[#KEYS + 1] = the
@@ -62,7 +64,9 @@ local function fingerprint(member)
   return string.sub(redis.sha1hex(member), 1, 32)
 end
 
-redis.register_function('im_send', function(keys, args)
+-- `trim`, if any, runs on each chat after its run's ZADD (retention: see
+-- im_send_keep in lifecycle.lua).
+local function send_batch(keys, args, trim)
   local n, nargs = #keys, #args
   -- The clock as the caller wrote it (a decimal integer) and packed: most
   -- messages get exactly `now` (every one in a batch to distinct chats), and
@@ -142,12 +146,19 @@ redis.register_function('im_send', function(keys, args)
     end
     if count > 0 then
       redis.call('ZADD', key, unpack(scored, 1, count))
+      if trim then trim(key, prev) end
       redis.call('SPUBLISH', key .. ':new', '')
     end
   end
   return out
+end
+
+redis.register_function('im_send', function(keys, args)
+  return send_batch(keys, args, nil)
 end)
-"#;
+"#,
+    include_str!("lifecycle.lua")
+);
 
 /// Most messages stored by one `im_send` call.
 pub(super) const MAX_SEND_BATCH: usize = 64;
@@ -173,6 +184,10 @@ pub struct RedisOptions {
     pub wait_replicas: u32,
     /// How long an idempotency key is remembered (whole seconds, at least 1).
     pub idempotency_ttl: Duration,
+    /// How long a chat's change log keeps an edit or delete.
+    pub change_log_retention: Duration,
+    /// How much history a chat keeps.
+    pub retention: Retention,
 }
 
 impl RedisOptions {
@@ -225,6 +240,10 @@ pub struct RedisStore {
     hub: Option<Arc<Hub>>,
     /// The node's metrics (commands, errors, timeouts, in flight).
     stats: Arc<PeerStats>,
+    /// The change log's retention, as `im_edit` / `im_delete` take it.
+    keep: String,
+    /// How edits and deletes are written (`WAIT` after them, as after sends).
+    options: RedisOptions,
 }
 
 pub(super) struct QueuedSend {
@@ -336,7 +355,16 @@ impl RedisStore {
         };
         tokio::spawn(batcher.run());
         let (pulls, pull_queue) = mpsc::channel(options.queue.max(1));
-        tokio::spawn(run_pulls(pool.clone(), pull_queue, stats.clone()));
+        let retention = options.retention;
+        tokio::spawn(run_pulls(
+            pool.clone(),
+            pull_queue,
+            stats.clone(),
+            retention,
+        ));
+        if super::retention::take_sweeper(&retention) {
+            tokio::spawn(sweep_standalone(pool.clone(), stats.clone(), retention));
+        }
         RedisStore {
             pool,
             sends,
@@ -344,6 +372,8 @@ impl RedisStore {
             timeout: options.timeout,
             hub: None,
             stats,
+            keep: super::lifecycle::keep_micros(options.change_log_retention),
+            options: options.clone(),
         }
     }
 
@@ -390,6 +420,50 @@ impl RedisStore {
     }
 }
 
+impl super::lifecycle::Runner for RedisStore {
+    fn floor(&self) -> i64 {
+        self.options.retention.floor(crate::now_micros())
+    }
+
+    /// One command; a function call that finds the library missing (a
+    /// flushed or restored Redis, or one an older server loaded its
+    /// library into) loads it and runs once more: the error came before
+    /// the function ran.
+    async fn run(&self, command: Bytes, change: bool) -> Result<Reply, Error> {
+        if !change {
+            return self.call(command).await;
+        }
+        let wait = self.options.wait_replicas;
+        let once = |command: Bytes| async move {
+            let deadline = Instant::now() + self.timeout;
+            let request = self.options.send_request(command);
+            let call = StartedCall::new(&self.pool, &self.stats, request, deadline);
+            // `reply` makes an error reply `Internal`; WAIT's shortfall is
+            // judged on the raw replies.
+            let raw = match call.pending {
+                Ok(pending) => tokio::time::timeout_at(deadline, pending.wait())
+                    .await
+                    .unwrap_or(Err(Error::Timeout)),
+                Err(err) => Err(err),
+            };
+            call.counted.end(outcome(&raw));
+            without_wait(raw, wait)
+        };
+        let reply = once(command.clone()).await;
+        let reply = match function_missing(&reply) {
+            true => {
+                self.call(load_library_command()).await?;
+                once(command).await?
+            }
+            false => reply?,
+        };
+        match reply {
+            Reply::Error(err) => Err(Error::Internal(format!("redis: {err}"))),
+            reply => Ok(reply),
+        }
+    }
+}
+
 /// A command written (or queued to be) on the pool, counted in the node's
 /// metrics until its reply.
 struct StartedCall {
@@ -402,7 +476,7 @@ impl StartedCall {
     fn new(
         pool: &Pool<RespProtocol>,
         stats: &Arc<PeerStats>,
-        command: Bytes,
+        command: impl Into<RespRequest>,
         deadline: Instant,
     ) -> StartedCall {
         let counted = stats.call();
@@ -450,6 +524,7 @@ async fn run_pulls(
     pool: Arc<Pool<RespProtocol>>,
     mut queue: mpsc::Receiver<QueuedPull>,
     stats: Arc<PeerStats>,
+    retention: Retention,
 ) {
     let mut round = Vec::with_capacity(MAX_PULL_ROUND);
     while let Some(first) = queue.recv().await {
@@ -460,10 +535,11 @@ async fn run_pulls(
                 Err(_) => break,
             }
         }
+        let floor = retention.floor(crate::now_micros());
         let started: Vec<_> = round
             .drain(..)
             .map(|pull| {
-                let command = pull_command(&pull.query);
+                let command = pull_command(&pull.query, floor);
                 (
                     StartedCall::new(&pool, &stats, command, pull.deadline),
                     pull,
@@ -477,6 +553,39 @@ async fn run_pulls(
                     .complete(page.and_then(|reply| page_from_reply(&pull.query, reply)));
             }
         });
+    }
+}
+
+/// The process's retention sweep on a standalone Redis (see
+/// [`super::retention`]): a pass every [`super::retention::SWEEP_PAUSE`].
+async fn sweep_standalone(pool: Arc<Pool<RespProtocol>>, stats: Arc<PeerStats>, keep: Retention) {
+    let run = |command: Bytes| {
+        let (pool, stats) = (pool.clone(), stats.clone());
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let reply = StartedCall::new(&pool, &stats, command.clone(), deadline)
+                .reply()
+                .await;
+            match reply {
+                Err(Error::Internal(why)) if why.contains("Function not found") => {
+                    let load = load_library_command();
+                    StartedCall::new(&pool, &stats, load, deadline)
+                        .reply()
+                        .await?;
+                    StartedCall::new(&pool, &stats, command, deadline)
+                        .reply()
+                        .await
+                }
+                reply => reply,
+            }
+        }
+    };
+    loop {
+        let removed = super::retention::sweep_node(run, &keep).await;
+        if removed > 0 {
+            eprintln!("im-server: retention sweep removed {removed} expired messages");
+        }
+        tokio::time::sleep(super::retention::SWEEP_PAUSE).await;
     }
 }
 
@@ -601,9 +710,11 @@ impl Batcher {
     /// task of its own.
     fn start(&self, batch: &mut Vec<QueuedSend>, entered: Option<OwnedSemaphorePermit>) {
         let deadline = batch_deadline(batch);
-        let request = self
-            .options
-            .send_request(im_send_command(batch, crate::now_micros()));
+        let request = self.options.send_request(im_send_command(
+            batch,
+            crate::now_micros(),
+            &self.options.retention,
+        ));
         let waiters: Vec<_> = batch.drain(..).map(|s| s.reply).collect();
         let handle = self.pool.handle();
         let counted = self.stats.call();
@@ -686,8 +797,10 @@ pub(super) fn function_missing(reply: &Result<Reply, Error>) -> bool {
 /// queue order (a stable sort), which `im_send` stores as one run: the
 /// caller's waiters must be taken from `batch` after this.
 /// A batch without idempotency keys is encoded exactly as before they existed.
-pub(super) fn im_send_command(batch: &mut [QueuedSend], now: i64) -> Bytes {
+/// With retention on, the call is `im_send_keep` with the window first.
+pub(super) fn im_send_command(batch: &mut [QueuedSend], now: i64, keep: &Retention) -> Bytes {
     batch.sort_by(|a, b| a.key.cmp(&b.key));
+    let (messages, floor) = (keep.messages.to_string(), keep.floor(now).to_string());
     let now = now.to_string();
     // (1-based message index, record) of the keyed sends.
     let keyed: Vec<(String, &IdempotencyRecord)> = batch
@@ -697,7 +810,10 @@ pub(super) fn im_send_command(batch: &mut [QueuedSend], now: i64) -> Bytes {
         .collect();
     let count = (batch.len() + keyed.len()).to_string();
     let mut args: Vec<&[u8]> = Vec::with_capacity(4 + 2 * batch.len() + 2 * keyed.len() + 2);
-    args.extend([&b"FCALL"[..], b"im_send", count.as_bytes()]);
+    match keep.is_on() {
+        false => args.extend([&b"FCALL"[..], b"im_send", count.as_bytes()]),
+        true => args.extend([&b"FCALL"[..], b"im_send_keep", count.as_bytes()]),
+    }
     args.extend(batch.iter().map(|s| s.key.as_bytes()));
     args.extend(keyed.iter().map(|(_, r)| r.key.as_bytes()));
     args.extend(batch.iter().map(|s| &s.member[..]));
@@ -708,6 +824,9 @@ pub(super) fn im_send_command(batch: &mut [QueuedSend], now: i64) -> Bytes {
         args.extend([first.ttl.as_bytes(), keyed_count.as_bytes()]);
     }
     args.push(now.as_bytes());
+    if keep.is_on() {
+        args.extend([messages.as_bytes(), floor.as_bytes()]);
+    }
     command::encode(&args)
 }
 
@@ -770,24 +889,35 @@ pub(super) fn encode_member(text: &str, sender: &str) -> Vec<u8> {
 }
 
 /// A `StoredMessage` member, borrowed.
-struct StoredView<'a> {
-    send_time: i64,
-    text: &'a str,
-    sender: &'a str,
+pub(super) struct StoredView<'a> {
+    pub(super) send_time: i64,
+    pub(super) text: &'a str,
+    pub(super) sender: &'a str,
+    /// 0: never edited.
+    pub(super) edited_at: i64,
 }
 
-fn read_stored(mut member: &[u8]) -> Result<StoredView<'_>, Malformed> {
+/// Reads a member; fields it does not know are skipped (a newer writer's).
+pub(super) fn read_stored(mut member: &[u8]) -> Result<StoredView<'_>, Malformed> {
     let mut view = StoredView {
         send_time: 0,
         text: "",
         sender: "",
+        edited_at: 0,
     };
     while !member.is_empty() {
         match next_field(&mut member)? {
             (stored_message::SEND_TIME, Value::Fixed64(t)) => view.send_time = t as i64,
             (stored_message::TEXT, Value::Bytes(b)) => view.text = text(b)?,
             (stored_message::SENDER, Value::Bytes(b)) => view.sender = text(b)?,
-            (stored_message::SEND_TIME | stored_message::TEXT | stored_message::SENDER, _) => {
+            (stored_message::EDITED_AT, Value::Fixed64(t)) => view.edited_at = t as i64,
+            (
+                stored_message::SEND_TIME
+                | stored_message::TEXT
+                | stored_message::SENDER
+                | stored_message::EDITED_AT,
+                _,
+            ) => {
                 return Err(Malformed("field of the wrong type"));
             }
             _ => {}
@@ -815,8 +945,38 @@ impl Store for RedisStore {
     }
 
     async fn pull(&self, query: &PullQuery) -> Result<Page, Error> {
-        let reply = self.call(pull_command(query)).await?;
+        let floor = self.options.retention.floor(crate::now_micros());
+        let reply = self.call(pull_command(query, floor)).await?;
         page_from_reply(query, reply)
+    }
+
+    async fn edit(
+        &self,
+        chat: &str,
+        send_time: i64,
+        text: &str,
+        actor: Option<&str>,
+    ) -> Result<i64, Error> {
+        super::lifecycle::edit(self, chat, send_time, text, actor, &self.keep).await
+    }
+
+    async fn delete(
+        &self,
+        chat: &str,
+        send_time: i64,
+        actor: Option<&str>,
+        admin: bool,
+    ) -> Result<(), Error> {
+        super::lifecycle::delete(self, chat, send_time, actor, admin, &self.keep).await
+    }
+
+    async fn changes(
+        &self,
+        chat: &str,
+        after: i64,
+        limit: usize,
+    ) -> Result<crate::proto::ChangesResponse, Error> {
+        super::lifecycle::changes(self, chat, after, limit, &self.keep).await
     }
 }
 
@@ -933,16 +1093,24 @@ impl SendQueue {
 }
 
 /// The range command reading one page (one more than the limit, to learn
-/// whether there is more).
-pub(super) fn pull_command(query: &PullQuery) -> Bytes {
+/// whether there is more), from `floor` up (the retention window's oldest
+/// send_time, inclusive; 0 = the whole chat, the command as it always was).
+pub(super) fn pull_command(query: &PullQuery, floor: i64) -> Bytes {
     let key = chat_key(&query.chat);
     let cursor = format!("({}", query.cursor);
     let count = (query.limit + 1).to_string();
-    // The cursor is exclusive: "(" makes the bound open.
+    let floor_text = floor.to_string();
+    let low: &[u8] = if floor == 0 {
+        b"-inf"
+    } else {
+        floor_text.as_bytes()
+    };
+    // The cursor is exclusive: "(" makes the bound open; below the floor,
+    // the floor is where oldest first starts.
     let (verb, from, to): (&[u8], &[u8], &[u8]) = match (query.reverse, query.cursor) {
-        (false, 0) => (b"ZREVRANGEBYSCORE", b"+inf", b"-inf"),
-        (false, _) => (b"ZREVRANGEBYSCORE", cursor.as_bytes(), b"-inf"),
-        (true, 0) => (b"ZRANGEBYSCORE", b"-inf", b"+inf"),
+        (false, 0) => (b"ZREVRANGEBYSCORE", b"+inf", low),
+        (false, _) => (b"ZREVRANGEBYSCORE", cursor.as_bytes(), low),
+        (true, c) if c == 0 || c < floor => (b"ZRANGEBYSCORE", low, b"+inf"),
         (true, _) => (b"ZRANGEBYSCORE", cursor.as_bytes(), b"+inf"),
     };
     command::encode(&[
@@ -968,7 +1136,12 @@ pub(super) fn page_from_reply(query: &PullQuery, reply: Reply) -> Result<Page, E
         };
         let stored = read_stored(&bytes)
             .map_err(|e| Error::Internal(format!("undecodable stored message: {e}")))?;
-        if !page.push(stored.text, stored.sender, stored.send_time) {
+        if !page.push(
+            stored.text,
+            stored.sender,
+            stored.send_time,
+            stored.edited_at,
+        ) {
             break;
         }
     }
@@ -1006,7 +1179,7 @@ mod tests {
                 reply: SendWaiter::Caller(oneshot::channel().0),
             })
             .collect();
-        let command = im_send_command(&mut batch, 1);
+        let command = im_send_command(&mut batch, 1, &Retention::default());
         let order: Vec<(&str, Vec<u8>)> = batch
             .iter()
             .map(|s| (s.key.as_str(), s.member.clone()))
@@ -1076,6 +1249,7 @@ mod tests {
             send_time: 1_795_800_000_000_123,
             text: "hi 😀".into(),
             sender: "kylie".into(),
+            edited_at: 0,
         };
         assert_eq!(StoredMessage::decode(&member[..]), Ok(expected));
         let view = read_stored(&member).expect("readable");

@@ -180,6 +180,38 @@ class ChatPage(unittest.TestCase):
         finally:
             driver.quit()
 
+    def test_edit_and_delete_your_own_message_shows_in_both_sessions(self):
+        if self.status_only("/api/stream?chat=probe") == 404:
+            self.skipTest("GET /api/stream is not in this build: live updates cannot be tested")
+        room = "edit-room"
+        self.open_room(self.alice, room, "alice")
+        self.open_room(self.bob, room, "bob")
+        self.type_and_send(self.alice, "a typo hre")
+        for driver in (self.alice, self.bob):
+            WebDriverWait(driver, 5).until(
+                lambda d: [m[2] for m in self.messages(d)] == ["a typo hre"])
+        # Only one's own message offers Edit and Delete.
+        self.assertEqual(len(self.alice.find_elements(By.CSS_SELECTOR, "li.msg button.edit")), 1)
+        self.assertEqual(self.bob.find_elements(By.CSS_SELECTOR, "li.msg button.edit"), [])
+        self.alice.find_element(By.CSS_SELECTOR, "li.msg button.edit").click()
+        box = WebDriverWait(self.alice, 5).until(
+            lambda d: d.find_element(By.CSS_SELECTOR, "li.msg textarea.edit-box"))
+        box.clear()
+        box.send_keys("a typo here, fixed")
+        self.alice.find_element(By.CSS_SELECTOR, "li.msg button.save").click()
+        for driver in (self.alice, self.bob):
+            WebDriverWait(driver, 5).until(
+                lambda d: [m[2] for m in self.messages(d)] == ["a typo here, fixed"]
+                and d.find_elements(By.CSS_SELECTOR, "li.msg .edited"))
+        self.alice.save_screenshot(os.path.join(SCREENSHOT_DIR, "chat-edited.png"))
+        status, body = self.api("GET", "/api/pull?chat=" + room)
+        self.assertEqual(json.loads(body)["messages"][0]["text"], "a typo here, fixed")
+        self.alice.find_element(By.CSS_SELECTOR, "li.msg button.delete").click()
+        for driver in (self.alice, self.bob):
+            WebDriverWait(driver, 5).until(lambda d: self.messages(d) == [])
+        status, body = self.api("GET", "/api/pull?chat=" + room)
+        self.assertEqual(json.loads(body)["messages"], [])
+
     def test_scrolling_back_loads_every_older_message_exactly_once(self):
         room = "history-room"
         seeded = [self.send(room, "seed", f"message {i:02}") for i in range(45)]

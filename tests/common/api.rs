@@ -26,6 +26,8 @@ pub struct Msg {
     pub text: String,
     pub sender: String,
     pub send_time: i64,
+    /// Only on an edited message.
+    pub edited_at: Option<i64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -73,6 +75,10 @@ pub fn parse_page(r: &Response, ctx: &str) -> Page {
                     .unwrap_or_else(|| {
                         panic!("{ctx}: message send_time missing or not an integer in {m}")
                     }),
+                edited_at: m.get("edited_at").map(|e| {
+                    e.as_i64()
+                        .unwrap_or_else(|| panic!("{ctx}: edited_at not an integer in {m}"))
+                }),
             }
         })
         .collect();

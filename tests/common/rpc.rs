@@ -21,6 +21,7 @@ pub fn send_request_body(chat: &str, sender: &str, text: &str) -> Vec<u8> {
         text: text.into(),
         sender: sender.into(),
         send_time: 0,
+        edited_at: 0,
     };
     SendRequest {
         message: Some(message),

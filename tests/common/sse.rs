@@ -24,14 +24,26 @@ pub struct SseEvent {
 }
 
 impl SseEvent {
-    /// The id as a send_time (panics if absent or not a number).
+    /// The id's send_time (an id is `<send_time>.<change seq>`; panics if
+    /// absent or not numbers).
     pub fn send_time(&self) -> i64 {
+        self.cursors().0
+    }
+
+    /// The id's two cursors: send_time and change sequence.
+    pub fn cursors(&self) -> (i64, i64) {
         let id = self
             .id
             .as_deref()
             .unwrap_or_else(|| panic!("no id: {self:?}"));
-        id.parse()
-            .unwrap_or_else(|_| panic!("id {id:?} is not a send_time"))
+        let (t, s) = id
+            .split_once('.')
+            .unwrap_or_else(|| panic!("id {id:?} is not <send_time>.<seq>"));
+        let number = |v: &str| {
+            v.parse()
+                .unwrap_or_else(|_| panic!("id {id:?} is not <send_time>.<seq>"))
+        };
+        (number(t), number(s))
     }
 
     pub fn json(&self) -> Value {

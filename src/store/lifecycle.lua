@@ -1,0 +1,104 @@
+
+-- Message lifecycle (src/store/lifecycle.rs): edits and deletions, each
+-- written with its entry in the chat's change log in one call.
+-- Every function here is a compare-and-set: the caller read the message's
+-- member at score T, checked who may change it, and passes that member; the
+-- change is made only if it is still there, else CHANGED (the caller reads
+-- again). So two concurrent edits cannot lose one another, and an edit
+-- racing a delete cannot bring the message back.
+
+-- The next change sequence of a chat: max(clock, the log's top + 1), like a
+-- send_time. The log's members start with their sequence (tag + 8 bytes).
+local function next_seq(log, now)
+  local top = redis.call('ZRANGE', log, '-1', '-1')[1]
+  local prev = top and struct.unpack('<i8', top, 2) or -1
+  if prev >= now then return prev + 1 end
+  return now
+end
+
+-- Adds a Change (its sequence prepended, as field 1: '\9' + 8 bytes) and
+-- trims the log to `keep` microseconds; the whole log expires `keep` after
+-- its last change, so an idle chat's log goes too.
+local function log_change(log, seq, tail, keep)
+  redis.call('ZADD', log, string.format('%d', seq), '\9' .. struct.pack('<i8', seq) .. tail)
+  redis.call('ZREMRANGEBYSCORE', log, '-inf', string.format('(%d', seq - keep))
+  redis.call('PEXPIRE', log, math.max(1, math.floor(keep / 1000)))
+end
+
+-- KEYS = chat, log; ARGV = T, old member, new member (without edited_at),
+-- change tail (the Change's field 3), clock (µs), keep (µs).
+-- Returns edited_at (the change's sequence) or the status CHANGED.
+redis.register_function('im_edit', function(keys, args)
+  local chat, log = keys[1], keys[2]
+  local t = args[1]
+  if redis.call('ZRANGE', chat, t, t, 'BYSCORE')[1] ~= args[2] then
+    return {ok = 'CHANGED'}
+  end
+  local seq = next_seq(log, tonumber(args[5]))
+  redis.call('ZREM', chat, args[2])
+  -- edited_at: field 4, sfixed64 (tag 0x21 = '!').
+  redis.call('ZADD', chat, t, args[3] .. '!' .. struct.pack('<i8', seq))
+  log_change(log, seq, args[4], tonumber(args[6]))
+  redis.call('SPUBLISH', chat .. ':new', '')
+  return seq
+end)
+
+-- KEYS = chat, tombstones, log; ARGV = T, old member, tombstone, change
+-- tail (field 2), clock (µs), keep (µs).
+-- The tombstone (T as 8 bytes + the sender), scored T, lets a repeated
+-- delete answer as the first did. Returns the change's sequence or CHANGED.
+redis.register_function('im_delete', function(keys, args)
+  local chat, tombs, log = keys[1], keys[2], keys[3]
+  local t = args[1]
+  if redis.call('ZRANGE', chat, t, t, 'BYSCORE')[1] ~= args[2] then
+    return {ok = 'CHANGED'}
+  end
+  local seq = next_seq(log, tonumber(args[5]))
+  redis.call('ZREM', chat, args[2])
+  redis.call('ZADD', tombs, t, args[3])
+  log_change(log, seq, args[4], tonumber(args[6]))
+  redis.call('SPUBLISH', chat .. ':new', '')
+  return seq
+end)
+
+-- Retention (--retain-messages, --retain-age-s): removes from a chat what
+-- is outside its window. Bounded work: at most `limit` members by age (a
+-- pull never shows them anyway: it reads from the floor up); by count,
+-- whatever is beyond the newest `keep` (a send adds at most its batch, so
+-- at most that, unless the option was just lowered).
+local function trim_chat(key, keep, floor, limit)
+  if keep > 0 then
+    redis.call('ZREMRANGEBYRANK', key, '0', string.format('%d', -keep - 1))
+  end
+  if floor ~= '0' then
+    local old = redis.call('ZRANGE', key, '-inf', '(' .. floor, 'BYSCORE', 'LIMIT', '0', limit)
+    if #old > 0 then redis.call('ZREM', key, unpack(old)) end
+  end
+end
+
+-- im_send with retention: ARGV = im_send's own arguments, then keep
+-- (messages per chat, 0 = any) and floor (the oldest send_time kept, 0 =
+-- any), taken off the end (no copy of the arguments). Kept apart from
+-- im_send so that sends without retention cost what they always did.
+redis.register_function('im_send_keep', function(keys, args)
+  local floor = table.remove(args)
+  local keep = tonumber(table.remove(args))
+  return send_batch(keys, args, function(key, t)
+    -- By age, amortised: one run in 16 (by its last send_time) also
+    -- removes up to 64 expired messages; reads skip them meanwhile, and
+    -- the sweep takes the rest.
+    local by_age = floor
+    if t % 16 ~= 0 then by_age = '0' end
+    trim_chat(key, keep, by_age, '64')
+  end)
+end)
+
+-- The background sweep for chats nobody writes to: KEYS = a chat and its
+-- tombstones (one slot), ARGV = floor. Removes up to 256 expired messages
+-- and the tombstones below the floor; returns how many messages went.
+redis.register_function('im_trim', function(keys, args)
+  local before = redis.call('ZCARD', keys[1])
+  trim_chat(keys[1], 0, args[1], '256')
+  redis.call('ZREMRANGEBYSCORE', keys[2], '-inf', '(' .. args[1])
+  return before - redis.call('ZCARD', keys[1])
+end)

@@ -222,3 +222,18 @@ fn a_bare_cr_or_other_control_in_a_chunk_extension_is_refused() {
     let input = b"POST /x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\t;a=1\r\nhello\r\n0\r\n\r\n";
     assert_eq!(decode_all(input).expect("valid")[0].body, &b"hello"[..]);
 }
+
+#[test]
+fn an_upgrade_naming_websocket_is_read_in_the_parse() {
+    let upgrade = |fields: &str| {
+        let head = format!("GET /api/ws HTTP/1.1\r\nHost: x\r\n{fields}\r\n");
+        decode_all(head.as_bytes()).expect("valid")[0].upgrade_websocket
+    };
+    assert!(upgrade("Upgrade: websocket\r\n"));
+    assert!(upgrade("upgrade: h2c, WebSocket \r\n"));
+    assert!(upgrade("Upgrade: h2c\r\nUpgrade: websocket\r\n"));
+    assert!(!upgrade(""));
+    assert!(!upgrade("Upgrade: h2c\r\n"));
+    assert!(!upgrade("X-Upgrade: websocket\r\n"));
+    assert!(!upgrade("Upgrade: websocket-ish\r\n"));
+}

@@ -249,10 +249,7 @@ pub struct Conn {
 
 /// Whether `req` asks to switch to WebSocket (an `Upgrade` naming it).
 pub fn is_websocket_upgrade(req: &Request) -> bool {
-    req.header_values("upgrade").any(|v| {
-        v.split(|&b| b == b',')
-            .any(|p| p.trim_ascii().eq_ignore_ascii_case(b"websocket"))
-    })
+    req.upgrade_websocket
 }
 
 /// Small to start: thousands of idle connections should cost little.

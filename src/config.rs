@@ -5,7 +5,8 @@
 //! in the `options!` list below: its typed [`Config`] field, parser, flag,
 //! environment variable, default and help line. Everything else — parsing,
 //! `--help`, the components' defaults ([`Config::defaults`]) — comes from
-//! it, and a unit test holds README's Configuration table to it.
+//! it, and a unit test holds the Configuration table of docs/operations.md
+//! to it.
 
 use std::time::Duration;
 
@@ -541,23 +542,25 @@ mod tests {
         assert_eq!(c.metrics_addr.as_deref(), Some("127.0.0.1:9100"));
     }
 
-    /// The text of README's section `## {title}`, up to the next one.
-    fn readme_section(title: &str) -> &'static str {
-        include_str!("../README.md")
+    /// The text of docs/operations.md's section `## {title}`, up to the
+    /// next one.
+    fn operations_section(title: &str) -> &'static str {
+        include_str!("../docs/operations.md")
             .split(&format!("## {title}\n"))
             .nth(1)
             .and_then(|s| s.split("\n## ").next())
-            .unwrap_or_else(|| panic!("README has no section {title:?}"))
+            .unwrap_or_else(|| panic!("docs/operations.md has no section {title:?}"))
     }
 
-    /// README's Configuration table has exactly one row per option, with
+    /// The Configuration table (docs/operations.md) has exactly one row per
+    /// option, with
     /// its env var and its default as `--help` shows it (`unset` included):
     /// the default cell, backticks dropped, is that text or starts with it
     /// and a space, `:` or `(` (`0 (one per core)`, `unset: embedded
     /// store`); and it has no other rows.
     #[test]
-    fn readme_table_matches_the_options() {
-        let section = readme_section("Configuration");
+    fn configuration_table_matches_the_options() {
+        let section = operations_section("Configuration");
         let rows: Vec<Vec<String>> = section
             .lines()
             .filter(|l| l.starts_with("| `--"))
@@ -569,43 +572,43 @@ mod tests {
             .collect();
         assert!(
             rows.iter().all(|r| r.len() == 4),
-            "README rows have 4 cells"
+            "Configuration rows have 4 cells"
         );
         for o in OPTIONS {
             let matching: Vec<_> = rows.iter().filter(|r| r[0] == o.flag).collect();
             let [row] = matching[..] else {
                 panic!(
-                    "README's Configuration table has {} rows for {}, not 1",
+                    "the Configuration table has {} rows for {}, not 1",
                     matching.len(),
                     o.flag
                 );
             };
-            assert_eq!(row[1], o.env, "env var of {} in README", o.flag);
+            assert_eq!(row[1], o.env, "env var of {} in docs/operations.md", o.flag);
             let shown = o.default.unwrap_or("unset");
             let cell = row[2].as_str();
             assert!(
                 matches!(cell.strip_prefix(shown),
                     Some(rest) if rest.is_empty() || rest.starts_with([' ', ':', '('])),
-                "default of {} in README is {cell:?}, --help says {shown:?}",
+                "default of {} in docs/operations.md is {cell:?}, --help says {shown:?}",
                 o.flag
             );
         }
         for row in &rows {
             assert!(
                 OPTIONS.iter().any(|o| o.flag == row[0]),
-                "README documents {}, which is not an option",
+                "docs/operations.md documents {}, which is not an option",
                 row[0]
             );
         }
     }
 
-    /// README's Limits table writes defaults in human units (`1 MiB`,
+    /// The Limits table (docs/operations.md) writes defaults in human units (`1 MiB`,
     /// `10,000`, `1 s` for a millisecond flag, `24 h`): every row naming one
     /// option whose default cell starts with a number and a unit states the
     /// declared default.
     #[test]
-    fn readme_limits_table_states_the_declared_defaults() {
-        let section = readme_section("Limits and timeouts");
+    fn limits_table_states_the_declared_defaults() {
+        let section = operations_section("Limits and timeouts");
         let mut checked = 0;
         for line in section.lines().filter(|l| l.starts_with("| ")) {
             let cells: Vec<&str> = line.split(" | ").collect();
@@ -633,7 +636,7 @@ mod tests {
             assert_eq!(
                 Some(value.to_string().as_str()),
                 option.default,
-                "README's Limits row {line:?}"
+                "Limits row {line:?} of docs/operations.md"
             );
             checked += 1;
         }

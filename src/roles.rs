@@ -252,7 +252,7 @@ fn fit_open_files(config: &mut Config, files: u64, shards: usize) {
     let needed = descriptors_needed(config, shards);
     if needed as usize > files {
         crate::logging::warning!(
-            "the connection limits can take {needed} descriptors, over the open-file limit {files}: lower --max-connections / --max-rpc-connections or raise `ulimit -n` (see the README's descriptor budget)"
+            "the connection limits can take {needed} descriptors, over the open-file limit {files}: lower --max-connections / --max-rpc-connections or raise `ulimit -n` (see docs/operations.md, Descriptor budget)"
         );
     }
 }

@@ -1,4 +1,4 @@
-//! Retry-safe sends (README, "Retry-safe sends"): a send with an idempotency
+//! Retry-safe sends (docs/api.md, "Retry-safe sends"): a send with an idempotency
 //! key stores its message once per chat within the retention window. Run
 //! against both stores, then against Redis alone: two RPC server processes
 //! on one Redis, the `im_send` call itself, a connection cut between the
@@ -659,7 +659,7 @@ fn redis_connection_cut_after_the_write_stores_a_keyed_send_once() {
     assert_eq!(redis.zcard_chat("room"), 3, "warm-up + one each");
 }
 
-/// What the README tells clients: on 503 or 504, resend with the same key.
+/// What docs/api.md tells clients: on 503 or 504, resend with the same key.
 /// Redis stalls writes for longer than the server waits; the first send's
 /// command runs once the stall ends, and the resends find its record.
 fn client_resending_after_a_stall_gets_one_message(args: &[&str], status: u16) {

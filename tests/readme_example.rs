@@ -1,9 +1,10 @@
-//! README's deployment example ("To try it on one machine"), run as the
-//! script it is: pasted on a fresh machine it must serve a send and a pull
-//! on the first try, and leave nothing running or on disk. The block is read
-//! from README.md, so the two cannot drift apart; only its ports change (to
-//! free ones, so that runs side by side do not meet) and its
-//! `cargo build --release` step (the test runs the binary it was built with).
+//! The deployment example of docs/deployment.md ("To try it on one
+//! machine"), run as the script it is: pasted on a fresh machine it must
+//! serve a send and a pull on the first try, and leave nothing running or on
+//! disk. The block is read from docs/deployment.md, so the two cannot drift
+//! apart; only its ports change (to free ones, so that runs side by side do
+//! not meet) and its `cargo build --release` step (the test runs the binary
+//! it was built with).
 
 mod common;
 
@@ -20,11 +21,11 @@ const PORTS: [&str; 8] = [
 
 /// The block after "To try it on one machine".
 fn example() -> String {
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
-        .expect("README.md");
-    let (_, after) = readme
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/deployment.md"))
+        .expect("docs/deployment.md");
+    let (_, after) = doc
         .split_once("To try it on one machine")
-        .expect("README has the deployment example");
+        .expect("docs/deployment.md has the deployment example");
     let (_, block) = after.split_once("```bash\n").expect("a bash block follows");
     let (block, _) = block.split_once("```").expect("the block ends");
     block.to_string()

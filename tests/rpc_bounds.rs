@@ -300,7 +300,7 @@ fn pull_page_rpc(c: &mut RpcConn, chat: &str) -> usize {
 
 #[test]
 fn rpc_connections_over_the_fd_limit_do_not_stop_http() {
-    // The descriptor budget (README): 1024 files hold the 400 HTTP and 512
+    // The descriptor budget (docs/operations.md): 1024 files hold the 400 HTTP and 512
     // RPC connections allowed here, the pools and the listeners.
     let server = Server::start(
         "all",

@@ -2,7 +2,7 @@
 //! with no I/O. The gateway asks [`Auth::authenticate`] and then
 //! [`authorize`] before any RPC, so a refused request costs no store work.
 //!
-//! Rules (README, "Authentication"):
+//! Rules (docs/auth.md):
 //! * the user is the token's `sub`; a send's `sender` must be the user (or be
 //!   omitted, and is then taken from it);
 //! * a two-person room `a:b` is open to `a` and `b` only; the answer to anyone

@@ -99,7 +99,7 @@ fn closing_quote(s: &str) -> Option<usize> {
     None
 }
 
-/// The README defines both bodies as JSON objects; serde's derived
+/// docs/api.md defines both bodies as JSON objects; serde's derived
 /// `Deserialize` would also take a sequence (`["c","t","s"]` as a send).
 /// The message says what the body was taken for and what to send instead
 /// (`expected`).

@@ -105,7 +105,7 @@ impl Gateway {
         let readable = matches!(req.method, Method::Get | Method::Head);
         match path {
             // Not behind authentication: a scraper has no user token (see
-            // the README on restricting it).
+            // docs/operations.md, Metrics, on restricting it).
             b"/metrics" => Ok(PendingReply::Ready(metrics::response(req)?)),
             b"/ping" if readable => Ok(PendingReply::Ready(Response::json(200, PONG.to_vec()))),
             b"/ping" => Err(ApiError::MethodNotAllowed("GET, HEAD")),

@@ -1,4 +1,4 @@
-//! `GET /api/ws`: the API over one WebSocket connection (README,
+//! `GET /api/ws`: the API over one WebSocket connection (docs/api.md,
 //! "WebSocket"). Each text frame is one JSON request with a client-chosen
 //! `id`, answered by a reply with the same `id`; requests run at once and
 //! side by side, so replies come in the order they are ready.

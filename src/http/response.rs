@@ -63,7 +63,7 @@ pub trait EventSource: Send {
 /// silence so that proxies and clients see a live connection.
 pub const HEARTBEAT: &[u8] = b": hb\n\n";
 /// The final event to a reader that could not take the stream's output
-/// within the write timeout (see README, "Live stream").
+/// within the write timeout (see docs/api.md, `GET /api/stream`).
 pub const LAGGED_EVENT: &[u8] = b"event: lagged\ndata: {\"error\":{\"code\":\"lagged\",\"message\":\"the client read too slowly; reconnect with Last-Event-ID to resume\"}}\n\n";
 
 /// What takes over a connection after a `101 Switching Protocols` (the

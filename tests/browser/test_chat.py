@@ -211,6 +211,8 @@ class ChatPage(unittest.TestCase):
             WebDriverWait(driver, 5).until(lambda d: self.messages(d) == [])
         status, body = self.api("GET", "/api/pull?chat=" + room)
         self.assertEqual(json.loads(body)["messages"], [])
+        # Bob learnt of both over his WebSocket subscription (/api/ws).
+        self.assertEqual(self.bob.execute_script("return window.imTransport"), "websocket")
 
     def test_scrolling_back_loads_every_older_message_exactly_once(self):
         room = "history-room"

@@ -14,6 +14,8 @@
 //! `event: reset` (the client reloads) and goes on from there. The connection's policy
 //! ([`crate::http::conn`]) decides when the next page is pulled: only once
 //! the previous one has been written out, so a stream holds at most one page.
+//! WebSocket subscriptions ([`super::ws`]) follow chats with the same
+//! [`Position`], [`first_batch`], [`next_page`] and [`event_of`].
 
 use std::future::Future;
 use std::pin::Pin;

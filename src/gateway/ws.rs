@@ -7,9 +7,12 @@
 //!   checked the same way (authentication, rooms, `sender`, rate limits),
 //!   their failures the same codes ([`super::error`]).
 //! * `subscribe` follows a chat as `/api/stream` does: the same loop of
-//!   pulls ([`super::stream`]), so its events are exact (history after the
-//!   cursor oldest first, then each new message once). Each subscription
-//!   holds at most one page until it is written, and the connection's
+//!   pulls and change reads ([`super::stream::next_page`]), so its events
+//!   are exact and the same as the stream's (history after the cursor
+//!   oldest first, then each new message once, edits, deletes and resets in
+//!   order with them, each with the stream's id `<send_time>.<seq>`; a
+//!   subscribe with `cursor` and `changes_after` resumes after such an id).
+//!   Each subscription holds at most one batch until it is written, and the connection's
 //!   output is bounded as an event stream's is: a subscriber whose output
 //!   is not written within the write timeout gets `{"event":"lagged"}` and
 //!   close 1008.

@@ -1,7 +1,8 @@
 //! `GET /api/ws` against the real binary over real sockets, with raw
 //! frames (tests/common/ws.rs): the handshake, every protocol error's close
 //! code, ping/pong and idle pings, the close handshake, pipelined requests,
-//! subscriptions (exact history then live, across gateways and RPC servers),
+//! subscriptions (exact history then live, across gateways and RPC servers;
+//! edits, deletes and resets as /api/stream has them),
 //! lagging subscribers, limits and authentication. The same protocol
 //! through another implementation (Python `websockets`) is tests/ws/.
 
@@ -757,6 +758,11 @@ fn edits_and_deletes_reach_a_subscriber_live_and_on_resume_on_the_memory_store()
 #[test]
 fn edits_and_deletes_reach_a_subscriber_live_and_on_resume_on_redis() {
     edits_and_deletes_live_and_resumed(&Backend::redis());
+}
+
+#[test]
+fn edits_and_deletes_reach_a_subscriber_live_and_on_resume_on_a_cluster() {
+    edits_and_deletes_live_and_resumed(&Backend::cluster());
 }
 
 /// With a 1 s change log, a subscriber away for longer than that gets one

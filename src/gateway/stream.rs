@@ -693,6 +693,76 @@ mod tests {
         }
     }
 
+    /// A merged batch's events come in time order with their ids, and the
+    /// id after the last one is where `Position::take` puts the cursors
+    /// (what a WebSocket subscription relies on between batches).
+    #[test]
+    fn a_batch_renders_in_time_order_and_ends_at_the_position_it_moves_to() {
+        use crate::proto::{Message, PullResponse, StoredMessage};
+        use prost::Message as _;
+        let message = |t: i64| Message {
+            chat: "c".into(),
+            text: format!("m{t}"),
+            sender: "s".into(),
+            send_time: t,
+            edited_at: 0,
+        };
+        let page = PullResponse {
+            messages: vec![message(10), message(30)],
+            ..PullResponse::default()
+        };
+        let edit = Change {
+            seq: 20,
+            edited: Some(StoredMessage {
+                send_time: 10,
+                text: "edited".into(),
+                sender: "s".into(),
+                edited_at: 0,
+            }),
+            ..Change::default()
+        };
+        let delete = Change {
+            seq: 40,
+            deleted: 30,
+            ..Change::default()
+        };
+        let changes = ChangesResponse {
+            changes: vec![edit, delete],
+            next: 45,
+            ..ChangesResponse::default()
+        };
+        let batch = merge(Bytes::from(page.encode_to_vec()), 5, changes);
+        let mut at = Position::new(5, None);
+        let mut id = at.id;
+        let (mut rendered, mut data) = (Vec::new(), Vec::new());
+        let mut rest = &batch[..];
+        while !rest.is_empty() {
+            let field = next_field(&mut rest).expect("decodable");
+            if let Some(kind) = event_of(&mut id, "c", field, &mut data) {
+                rendered.push((kind, id, String::from_utf8(data.clone()).expect("utf-8")));
+            }
+        }
+        let kinds: Vec<_> = rendered.iter().map(|(k, id, _)| (*k, *id)).collect();
+        assert_eq!(
+            kinds,
+            [
+                (EventKind::Message, (10, 5)),
+                (EventKind::Edit, (10, 20)),
+                (EventKind::Message, (30, 20)),
+                (EventKind::Delete(30), (30, 40)),
+            ]
+        );
+        assert!(
+            rendered[1].2.contains("\"edited_at\":20"),
+            "{}",
+            rendered[1].2
+        );
+        assert_eq!(rendered[3].2, "{\"chat\":\"c\",\"send_time\":30}");
+        at.take(&batch);
+        assert_eq!((at.cursor, at.seq), (30, 45));
+        assert_eq!(id, (30, 45), "the id after the batch is the position");
+    }
+
     #[test]
     fn last_event_id_is_a_send_time_and_a_seq() {
         assert_eq!(last_event_id(&request("")), Ok(None));

@@ -1,7 +1,8 @@
 //! `GET /api/ws` against the real binary over real sockets, with raw
 //! frames (tests/common/ws.rs): the handshake, every protocol error's close
 //! code, ping/pong and idle pings, the close handshake, pipelined requests,
-//! subscriptions (exact history then live, across gateways and RPC servers),
+//! subscriptions (exact history then live, across gateways and RPC servers;
+//! edits, deletes and resets as /api/stream has them),
 //! lagging subscribers, limits and authentication. The same protocol
 //! through another implementation (Python `websockets`) is tests/ws/.
 
@@ -633,4 +634,190 @@ fn shutdown_closes_with_1001() {
     server.signal("TERM");
     assert_eq!(ws.expect_close(), 1001);
     assert!(server.wait_exit(Duration::from_secs(10)).is_some());
+}
+
+fn post_ok(addr: std::net::SocketAddr, path: &str, body: Value) -> Value {
+    let headers = [("Content-Type", "application/json")];
+    let r = request(addr, "POST", path, &headers, body.to_string().as_bytes());
+    assert_eq!(r.status, 200, "{path} {body}: {}", r.describe());
+    r.json()
+}
+
+/// (event, send_time, text) of a subscription's event.
+fn change_summary(v: &Value) -> (String, i64, String) {
+    let kind = v["event"].as_str().expect("event").to_string();
+    let (time, text) = match kind.as_str() {
+        "delete" => (v["send_time"].as_i64(), ""),
+        _ => (
+            v["message"]["send_time"].as_i64(),
+            v["message"]["text"].as_str().unwrap_or(""),
+        ),
+    };
+    (kind, time.unwrap_or(-1), text.to_string())
+}
+
+/// An event's `"id"`: `<send_time>.<seq>`, both cursors.
+fn event_id(v: &Value) -> (i64, i64) {
+    let id = v["id"].as_str().expect("id");
+    let (t, s) = id.split_once('.').expect("<send_time>.<seq>");
+    (t.parse().expect("send_time"), s.parse().expect("seq"))
+}
+
+/// The next `n` subscription events, whatever their kind.
+fn any_events(ws: &mut WsClient, n: usize) -> Vec<Value> {
+    (0..n)
+        .map(|_| {
+            let v = ws.recv_json();
+            assert!(v.get("event").is_some(), "{v}");
+            v
+        })
+        .collect()
+}
+
+/// A WebSocket subscriber learns of edits and deletes as `/api/stream`
+/// does (tests/stream_changes.rs): live, in order with new messages, and
+/// on resume with both cursors of the last event's id.
+fn edits_and_deletes_live_and_resumed(b: &Backend) {
+    let addr = b.addr();
+    let chat = "changing";
+    let t1 = send_ok(addr, chat, "ann", "one");
+    let mut ws = WsClient::connect(addr, &[]);
+    let (reply, _) = ws.call(json!({"id": 1, "op": "subscribe", "chat": chat}));
+    assert_eq!(reply["ok"], true, "{reply}");
+    let first = any_events(&mut ws, 1);
+    assert_eq!(
+        change_summary(&first[0]),
+        ("message".into(), t1, "one".into())
+    );
+    let t2 = send_ok(addr, chat, "ann", "two");
+    let edit = json!({"chat": chat, "send_time": t1, "text": "one, edited"});
+    let e1 = post_ok(addr, "/api/edit", edit)["edited_at"]
+        .as_i64()
+        .expect("edited_at");
+    post_ok(addr, "/api/delete", json!({"chat": chat, "send_time": t2}));
+    let t3 = send_ok(addr, chat, "bob", "three");
+    let events = any_events(&mut ws, 4);
+    let got: Vec<_> = events.iter().map(change_summary).collect();
+    assert_eq!(
+        got,
+        [
+            ("message".into(), t2, "two".into()),
+            ("edit".into(), t1, "one, edited".into()),
+            ("delete".into(), t2, String::new()),
+            ("message".into(), t3, "three".into()),
+        ],
+        "live, in order: {events:?}"
+    );
+    assert_eq!(
+        events[1],
+        json!({"event": "edit", "chat": chat, "id": format!("{t2}.{e1}"),
+               "message": {"chat": chat, "text": "one, edited", "sender": "ann",
+                           "send_time": t1, "edited_at": e1}})
+    );
+    assert_eq!(events[2]["chat"], chat);
+    let ids: Vec<(i64, i64)> = events.iter().map(event_id).collect();
+    assert!(
+        ids.windows(2).all(|w| w[0].0 <= w[1].0 && w[0].1 <= w[1].1),
+        "ids never go back: {ids:?}"
+    );
+    // Away: what changes meanwhile comes on resume, then live again.
+    let (cursor, seq) = event_id(&events[3]);
+    drop(ws);
+    let edit = json!({"chat": chat, "send_time": t3, "text": "three, edited"});
+    post_ok(addr, "/api/edit", edit);
+    post_ok(addr, "/api/delete", json!({"chat": chat, "send_time": t1}));
+    let t4 = send_ok(addr, chat, "ann", "four");
+    let mut ws = WsClient::connect(addr, &[]);
+    let resume =
+        json!({"id": 2, "op": "subscribe", "chat": chat, "cursor": cursor, "changes_after": seq});
+    let (reply, _) = ws.call(resume);
+    assert_eq!(reply["ok"], true, "{reply}");
+    let mut resumed: Vec<_> = any_events(&mut ws, 3).iter().map(change_summary).collect();
+    assert_eq!(
+        resumed,
+        [
+            ("edit".into(), t3, "three, edited".into()),
+            ("delete".into(), t1, String::new()),
+            ("message".into(), t4, "four".into()),
+        ],
+        "what happened while away, once, in order"
+    );
+    let edit = json!({"chat": chat, "send_time": t4, "text": "four, edited"});
+    post_ok(addr, "/api/edit", edit);
+    resumed.push(change_summary(&ws.recv_json()));
+    assert_eq!(resumed[3], ("edit".into(), t4, "four, edited".into()));
+    let bad = json!({"id": 3, "op": "subscribe", "chat": "other", "changes_after": -1});
+    assert_eq!(ws.call(bad).0["error"]["code"], "invalid_request");
+}
+
+#[test]
+fn edits_and_deletes_reach_a_subscriber_live_and_on_resume_on_the_memory_store() {
+    edits_and_deletes_live_and_resumed(&Backend::memory());
+}
+
+#[test]
+fn edits_and_deletes_reach_a_subscriber_live_and_on_resume_on_redis() {
+    edits_and_deletes_live_and_resumed(&Backend::redis());
+}
+
+#[test]
+fn edits_and_deletes_reach_a_subscriber_live_and_on_resume_on_a_cluster() {
+    edits_and_deletes_live_and_resumed(&Backend::cluster());
+}
+
+/// With a 1 s change log, a subscriber away for longer than that gets one
+/// `reset` event, then the subscription goes on.
+fn reset_when_older_than_the_log(b: &Backend) {
+    let addr = b.addr();
+    let chat = "forgetful";
+    let t1 = send_ok(addr, chat, "ann", "one");
+    let mut ws = WsClient::connect(addr, &[]);
+    let (reply, _) = ws.call(json!({"id": 1, "op": "subscribe", "chat": chat}));
+    assert_eq!(reply["ok"], true, "{reply}");
+    let first = any_events(&mut ws, 1).remove(0);
+    assert_eq!(change_summary(&first), ("message".into(), t1, "one".into()));
+    let (cursor, seq) = event_id(&first);
+    drop(ws);
+    std::thread::sleep(Duration::from_millis(1_500));
+    let edit = json!({"chat": chat, "send_time": t1, "text": "edited while away"});
+    post_ok(addr, "/api/edit", edit);
+    let mut ws = WsClient::connect(addr, &[]);
+    let resume =
+        json!({"id": 2, "op": "subscribe", "chat": chat, "cursor": cursor, "changes_after": seq});
+    assert_eq!(ws.call(resume).0["ok"], true);
+    let reset = ws.recv_json();
+    assert_eq!(reset["event"], "reset", "{reset}");
+    assert_eq!(reset["chat"], chat);
+    assert_eq!(
+        event_id(&reset).0,
+        t1,
+        "the message cursor is kept: {reset}"
+    );
+    let t2 = send_ok(addr, chat, "ann", "two");
+    // (The change just before the reset may come again: a replay is
+    // harmless, and the client reloads anyway.)
+    loop {
+        let next = ws.recv_json();
+        assert_ne!(next["event"], "reset", "one reset only");
+        if change_summary(&next) == ("message".into(), t2, "two".into()) {
+            break;
+        }
+        assert_eq!(
+            change_summary(&next),
+            ("edit".into(), t1, "edited while away".into())
+        );
+    }
+    let edit = json!({"chat": chat, "send_time": t2, "text": "live again"});
+    post_ok(addr, "/api/edit", edit);
+    assert_eq!(ws.recv_json()["event"], "edit");
+}
+
+#[test]
+fn a_subscriber_older_than_the_change_log_gets_reset_on_the_memory_store() {
+    reset_when_older_than_the_log(&Backend::memory_with(&["--change-log-retention-s", "1"]));
+}
+
+#[test]
+fn a_subscriber_older_than_the_change_log_gets_reset_on_redis() {
+    reset_when_older_than_the_log(&Backend::redis_with(&["--change-log-retention-s", "1"]));
 }

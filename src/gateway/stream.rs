@@ -14,9 +14,12 @@
 //! `event: reset` (the client reloads) and goes on from there. The connection's policy
 //! ([`crate::http::conn`]) decides when the next page is pulled: only once
 //! the previous one has been written out, so a stream holds at most one page.
+//! WebSocket subscriptions ([`super::ws`]) follow chats with the same
+//! [`Position`], [`first_batch`], [`next_page`] and [`event_of`].
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -84,8 +87,8 @@ impl Gateway {
         // (whose first page is read now) from a moment ago (0: the store
         // decides, by its clock).
         let (cursor, seq) = match last_event_id(req)? {
-            Some((cursor, seq)) => (cursor, seq.unwrap_or(cursor)),
-            None => (cursor, cursor),
+            Some((cursor, seq)) => (cursor, seq),
+            None => (cursor, None),
         };
         if let Some(user) = &user {
             access::authorize(user, &chat, None)?;
@@ -104,11 +107,8 @@ impl Gateway {
         let stream = ChatStream {
             rpc: self.rpc.clone(),
             account,
-            chat,
-            cursor,
-            seq,
-            more_changes: false,
-            id: (cursor, seq),
+            chat: chat.into(),
+            at: Position::new(cursor, seq),
             wait_ms: STREAM_WAIT_MS.min(self.max_wait_ms).max(0),
             until: user.as_ref().map(|claims| claims.until),
             page: Bytes::new(),
@@ -125,13 +125,8 @@ impl Gateway {
         call: BalancedCall,
         mut stream: Box<ChatStream>,
     ) -> Result<crate::http::Response, ApiError> {
-        let page = page_of(self.rpc.finish(call).await?)?;
-        let changes = fetch_changes(&self.rpc, &stream.chat, stream.seq).await?;
-        if stream.seq == 0 {
-            // A new stream: its first events resume before this batch's changes.
-            stream.id.1 = changes.changes.first().map_or(changes.next, |c| c.seq - 1);
-        }
-        stream.take(merge(page, stream.seq, changes));
+        let batch = first_batch(&self.rpc, call, &stream.chat, &mut stream.at).await?;
+        stream.take(batch);
         Ok(crate::http::Response::event_stream(stream))
     }
 }
@@ -324,78 +319,114 @@ fn send_time_of(mut message: &[u8]) -> i64 {
     time
 }
 
-/// Pulls until a page holds messages or changes came, each pull held by
-/// the RPC server until a message is stored (or a message changed) or
-/// `wait_ms` passes; an error becomes the stream's final `error` event.
-/// Each page is charged to `account`'s share of the memory budget when it
-/// arrives.
-async fn next_page(
-    rpc: BalancedClient,
-    account: Account,
-    chat: String,
-    (cursor, seq): (i64, i64),
-    (wait_ms, hurry): (i32, bool),
-) -> Batch {
-    let wait = Duration::from_millis(wait_ms.max(0) as u64);
-    let mut wait_ms = if hurry { 0 } else { wait_ms };
-    // Moved on by reads that found nothing (the store's watermark), so a
-    // quiet stream's cursor stays within the log's window.
-    let mut after = seq;
-    loop {
-        let asked = tokio::time::Instant::now();
-        let batch = async {
-            let request = page_request(&chat, cursor, wait_ms, after);
-            // Held until a message comes: charged when the page arrives.
-            let budgeted = Some(Budgeted::OnArrival(account.clone()));
-            let call = rpc.start(RpcRequest::Pull(request, budgeted))?;
-            let page = page_of(rpc.finish(call).await?)?;
-            let changes = fetch_changes(&rpc, &chat, after).await?;
-            let news = has_messages(&page) || !changes.changes.is_empty() || changes.reset;
-            Ok::<_, ApiError>((page, changes, news))
-        };
-        match batch.await {
-            Ok((page, changes, true)) => return Ok(merge(page, seq, changes)),
-            Ok((_, changes, false)) => {
-                after = changes.next;
-                if wait.is_zero() || asked.elapsed() < wait {
-                    tokio::time::sleep(EARLY_EMPTY_PAUSE).await;
-                }
-            }
-            Err(err) => return Err(error_event(&err)),
+/// Where a follower of a chat is (an `/api/stream` or a WebSocket
+/// subscription: both follow a chat with this one loop of pulls and change
+/// reads, so their events are the same, with the same ids).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Position {
+    /// The send_time of the last message taken: the next pull's cursor.
+    pub cursor: i64,
+    /// The sequence of the last change taken: the next change read's cursor
+    /// (0 until the first read: a new follower, from a moment ago).
+    pub seq: i64,
+    /// The last batch left changes unread: the next pull must not wait.
+    pub more_changes: bool,
+    /// The (send_time, seq) of the last event rendered: the next event's id.
+    pub id: (i64, i64),
+}
+
+impl Position {
+    /// After the message `cursor` and the change `changes_after` (by
+    /// default the changes after `cursor`'s time, as for a new stream).
+    pub fn new(cursor: i64, changes_after: Option<i64>) -> Position {
+        let seq = changes_after.unwrap_or(cursor);
+        Position {
+            cursor,
+            seq,
+            more_changes: false,
+            id: (cursor, seq),
         }
-        wait_ms = wait.as_millis() as i32;
+    }
+
+    /// Moves both cursors past a `StreamBatch` (oldest first: the last
+    /// message is the newest, the next cursor; likewise the last change).
+    /// `id` is left to rendering, which reaches the same place event by event.
+    pub fn take(&mut self, batch: &[u8]) {
+        let mut rest = batch;
+        self.more_changes = false;
+        while let Ok(field) = next_field(&mut rest) {
+            match field {
+                (pull_response::MESSAGES, Value::Bytes(message)) => {
+                    self.cursor = send_time_of(message);
+                }
+                (stream_batch::CHANGES, Value::Bytes(change)) => {
+                    if let Some(seq) = change_seq(change) {
+                        self.seq = seq;
+                    }
+                }
+                (stream_batch::RESET, Value::Varint(seq)) => self.seq = seq as i64,
+                (stream_batch::MORE_CHANGES, Value::Varint(more)) => self.more_changes = more != 0,
+                (stream_batch::CHANGES_NEXT, Value::Varint(next)) => self.seq = next as i64,
+                _ => {}
+            }
+            if rest.is_empty() {
+                break;
+            }
+        }
     }
 }
 
-/// The loop of pulls of WebSocket subscriptions ([`super::ws`]): the next
-/// page after `cursor` that holds messages (messages only: WebSocket
-/// subscriptions do not carry edits and deletes yet), or the error that
-/// ended the loop. Each page is charged to `account`'s share of the memory
-/// budget when it arrives, if given.
-pub(super) async fn next_page_of(
+/// The first batch of a follower whose first pull is `call` (started
+/// without waiting, so the head goes out at once): that page and the
+/// changes after `pos.seq`, merged.
+pub(super) async fn first_batch(
+    rpc: &BalancedClient,
+    call: BalancedCall,
+    chat: &str,
+    pos: &mut Position,
+) -> Result<Bytes, ApiError> {
+    let page = page_of(rpc.finish(call).await?)?;
+    let changes = fetch_changes(rpc, chat, pos.seq).await?;
+    if pos.seq == 0 {
+        // A new follower: its first events resume before this batch's changes.
+        pos.id.1 = changes.changes.first().map_or(changes.next, |c| c.seq - 1);
+    }
+    Ok(merge(page, pos.seq, changes))
+}
+
+/// Pulls until a page holds messages or changes came, each pull held by
+/// the RPC server until a message is stored (or a message changed) or
+/// `wait_ms` passes (at once if `pos.more_changes`); the `StreamBatch`, or
+/// the error that ends the follower. Each page is charged to `account`'s
+/// share of the memory budget when it arrives, if given.
+pub(super) async fn next_page(
     rpc: BalancedClient,
     account: Option<Account>,
-    chat: String,
-    cursor: i64,
+    chat: Arc<str>,
+    pos: Position,
     wait_ms: i32,
 ) -> Result<Bytes, ApiError> {
     let wait = Duration::from_millis(wait_ms.max(0) as u64);
+    let mut wait_ms = if pos.more_changes { 0 } else { wait_ms };
+    // Moved on by reads that found nothing (the store's watermark), so a
+    // quiet follower's cursor stays within the log's window.
+    let mut after = pos.seq;
     loop {
         let asked = tokio::time::Instant::now();
-        let page = async {
-            let request = page_request(&chat, cursor, wait_ms, 0);
-            let budgeted = account.clone().map(Budgeted::OnArrival);
-            let call = rpc.start(RpcRequest::Pull(request, budgeted))?;
-            page_of(rpc.finish(call).await?)
-        };
-        match page.await {
-            Ok(page) if has_messages(&page) => return Ok(page),
-            Ok(_) if wait.is_zero() || asked.elapsed() < wait => {
-                tokio::time::sleep(EARLY_EMPTY_PAUSE).await;
-            }
-            Ok(_) => {}
-            Err(err) => return Err(err),
+        let request = page_request(&chat, pos.cursor, wait_ms, after);
+        // Held until a message comes: charged when the page arrives.
+        let budgeted = account.clone().map(Budgeted::OnArrival);
+        let call = rpc.start(RpcRequest::Pull(request, budgeted))?;
+        let page = page_of(rpc.finish(call).await?)?;
+        let changes = fetch_changes(&rpc, &chat, after).await?;
+        if has_messages(&page) || !changes.changes.is_empty() || changes.reset {
+            return Ok(merge(page, pos.seq, changes));
         }
+        after = changes.next;
+        if wait.is_zero() || asked.elapsed() < wait {
+            tokio::time::sleep(EARLY_EMPTY_PAUSE).await;
+        }
+        wait_ms = wait.as_millis() as i32;
     }
 }
 
@@ -416,26 +447,6 @@ async fn until_expiry(page: impl Future<Output = Batch>, until: i64) -> Batch {
     }
 }
 
-/// The send_time of a page's last message (the newest: pages are oldest
-/// first), the next pull's cursor; `None` if it holds none.
-pub(super) fn last_send_time(page: &[u8]) -> Option<i64> {
-    let mut last = None;
-    let mut rest = page;
-    while let Ok(field) = next_field(&mut rest) {
-        if let (pull_response::MESSAGES, Value::Bytes(mut message)) = field {
-            while let Ok(field) = next_field(&mut message) {
-                if let (crate::proto::fields::message::SEND_TIME, Value::Varint(t)) = field {
-                    last = Some(t as i64);
-                }
-            }
-        }
-        if rest.is_empty() {
-            break;
-        }
-    }
-    last
-}
-
 pub(super) fn has_messages(page: &[u8]) -> bool {
     scalars(page).is_ok_and(|s| s.count > 0)
 }
@@ -454,15 +465,9 @@ pub struct ChatStream {
     rpc: BalancedClient,
     /// What its pages are charged to while held.
     account: Account,
-    chat: String,
-    /// The send_time of the last message taken: the next pull's cursor.
-    cursor: i64,
-    /// The sequence of the last change taken: the next change read's cursor.
-    seq: i64,
-    /// The last batch left changes unread: the next pull must not wait.
-    more_changes: bool,
-    /// The (send_time, seq) of the last event rendered: the next event's id.
-    id: (i64, i64),
+    chat: Arc<str>,
+    /// Its cursors and the id of its last event.
+    at: Position,
     /// How long each pull after the first may be held (see [`STREAM_WAIT_MS`]).
     wait_ms: i32,
     /// With authentication, the last second the stream's token is accepted
@@ -480,13 +485,19 @@ pub struct ChatStream {
     _open: crate::metrics::Tracked,
 }
 
-/// `id: <send_time>.<seq>`, `event: <kind>` unless a message,
-/// `data: <JSON>` (one line: JSON strings escape newlines), blank line.
-fn put_event(out: &mut BytesMut, (send_time, seq): (i64, i64), kind: &[u8], json: &[u8]) {
-    out.put_slice(b"id: ");
+/// `<send_time>.<seq>`: an event's id, both cursors (SSE's `id:`, a
+/// WebSocket event's `"id"`).
+fn put_id(out: &mut BytesMut, (send_time, seq): (i64, i64)) {
     crate::http::response::put_u64(out, send_time.max(0) as u64);
     out.put_u8(b'.');
     crate::http::response::put_u64(out, seq.max(0) as u64);
+}
+
+/// `id: <send_time>.<seq>`, `event: <kind>` unless a message,
+/// `data: <JSON>` (one line: JSON strings escape newlines), blank line.
+fn put_event(out: &mut BytesMut, id: (i64, i64), kind: &[u8], json: &[u8]) {
+    out.put_slice(b"id: ");
+    put_id(out, id);
     if !kind.is_empty() {
         out.put_slice(b"\nevent: ");
         out.put_slice(kind);
@@ -496,9 +507,71 @@ fn put_event(out: &mut BytesMut, (send_time, seq): (i64, i64), kind: &[u8], json
     out.put_slice(b"\n\n");
 }
 
+/// What a field of a `StreamBatch` is to a follower.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum EventKind {
+    /// A new message; its data is the message.
+    Message,
+    /// An edit; its data is the whole message, with `edited_at`.
+    Edit,
+    /// A delete of the message with this send_time; its data is
+    /// `{"chat","send_time"}`.
+    Delete(i64),
+    /// The change log no longer reaches back to the follower's change
+    /// cursor: the client reloads. Its data is `{}`.
+    Reset,
+}
+
+impl EventKind {
+    pub fn name(self) -> &'static [u8] {
+        match self {
+            EventKind::Message => b"message",
+            EventKind::Edit => b"edit",
+            EventKind::Delete(_) => b"delete",
+            EventKind::Reset => b"reset",
+        }
+    }
+}
+
+/// One field of a `StreamBatch` (decoded whole by `page_of` and `merge`)
+/// as its event, if it is one: its kind, its data's JSON in `out`, `id`
+/// moved to it (the event's id). Fields that are not events still move the
+/// id (`CHANGES_NEXT`), so the id after a whole batch is the follower's
+/// [`Position`].
+pub(super) fn event_of(
+    id: &mut (i64, i64),
+    chat: &str,
+    field: (u32, Value<'_>),
+    out: &mut Vec<u8>,
+) -> Option<EventKind> {
+    use prost::Message as _;
+    out.clear();
+    match field {
+        (pull_response::MESSAGES, Value::Bytes(message)) => {
+            id.0 = write_message(out, message).ok()?;
+            Some(EventKind::Message)
+        }
+        (stream_batch::CHANGES, Value::Bytes(change)) => {
+            let change = Change::decode(change).ok()?;
+            id.1 = change.seq;
+            Some(change_json(out, chat, &change))
+        }
+        (stream_batch::RESET, Value::Varint(seq)) => {
+            id.1 = seq as i64;
+            out.extend_from_slice(b"{}");
+            Some(EventKind::Reset)
+        }
+        (stream_batch::CHANGES_NEXT, Value::Varint(next)) => {
+            id.1 = next as i64;
+            None
+        }
+        _ => None,
+    }
+}
+
 /// A change's event kind and JSON: an edit's whole message (with
 /// `edited_at`), a delete's `{"chat","send_time"}`.
-fn change_json(out: &mut Vec<u8>, chat: &str, change: &Change) -> &'static [u8] {
+fn change_json(out: &mut Vec<u8>, chat: &str, change: &Change) -> EventKind {
     use super::json::{put_i64, put_str};
     out.extend_from_slice(b"{\"chat\":");
     put_str(out, chat);
@@ -513,13 +586,13 @@ fn change_json(out: &mut Vec<u8>, chat: &str, change: &Change) -> &'static [u8] 
             out.extend_from_slice(b",\"edited_at\":");
             put_i64(out, change.seq);
             out.push(b'}');
-            b"edit"
+            EventKind::Edit
         }
         None => {
             out.extend_from_slice(b",\"send_time\":");
             put_i64(out, change.deleted);
             out.push(b'}');
-            b"delete"
+            EventKind::Delete(change.deleted)
         }
     }
 }
@@ -542,19 +615,28 @@ impl EventSource for ChatStream {
                 return false;
             };
             self.pos = self.page.len() - rest.len();
-            self.render(out, field);
+            let id = &mut self.at.id;
+            if let Some(kind) = event_of(id, &self.chat, field, &mut self.scratch) {
+                // A message is SSE's default event type: no `event:` line.
+                let name = if kind == EventKind::Message {
+                    b"" as &[u8]
+                } else {
+                    kind.name()
+                };
+                put_event(out, *id, name, &self.scratch);
+            }
         }
         self.pos < self.page.len()
     }
 
     fn more(&mut self) -> Pin<Box<dyn Future<Output = Batch> + Send>> {
-        let page = next_page(
-            self.rpc.clone(),
-            self.account.clone(),
-            self.chat.clone(),
-            (self.cursor, self.seq),
-            (self.wait_ms, self.more_changes),
-        );
+        let (rpc, account, chat) = (self.rpc.clone(), self.account.clone(), self.chat.clone());
+        let (at, wait_ms) = (self.at, self.wait_ms);
+        let page = async move {
+            next_page(rpc, Some(account), chat, at, wait_ms)
+                .await
+                .map_err(|err| error_event(&err))
+        };
         match self.until {
             None => Box::pin(page),
             Some(until) => Box::pin(until_expiry(page, until)),
@@ -562,29 +644,7 @@ impl EventSource for ChatStream {
     }
 
     fn take(&mut self, page: Bytes) {
-        // Oldest first: the last message is the newest, the next cursor;
-        // likewise the last change.
-        let mut rest = &page[..];
-        self.more_changes = false;
-        while let Ok(field) = next_field(&mut rest) {
-            match field {
-                (pull_response::MESSAGES, Value::Bytes(message)) => {
-                    self.cursor = send_time_of(message);
-                }
-                (stream_batch::CHANGES, Value::Bytes(change)) => {
-                    if let Some(seq) = change_seq(change) {
-                        self.seq = seq;
-                    }
-                }
-                (stream_batch::RESET, Value::Varint(seq)) => self.seq = seq as i64,
-                (stream_batch::MORE_CHANGES, Value::Varint(more)) => self.more_changes = more != 0,
-                (stream_batch::CHANGES_NEXT, Value::Varint(next)) => self.seq = next as i64,
-                _ => {}
-            }
-            if rest.is_empty() {
-                break;
-            }
-        }
+        self.at.take(&page);
         self.page = page;
         self.pos = 0;
     }
@@ -593,35 +653,6 @@ impl EventSource for ChatStream {
 fn change_seq(change: &[u8]) -> Option<i64> {
     use prost::Message as _;
     Change::decode(change).ok().map(|c| c.seq)
-}
-
-impl ChatStream {
-    /// One field of the batch as its event, if it is one.
-    fn render(&mut self, out: &mut BytesMut, field: (u32, Value<'_>)) {
-        use prost::Message as _;
-        self.scratch.clear();
-        match field {
-            (pull_response::MESSAGES, Value::Bytes(message)) => {
-                if let Ok(send_time) = write_message(&mut self.scratch, message) {
-                    self.id.0 = send_time;
-                    put_event(out, self.id, b"", &self.scratch);
-                }
-            }
-            (stream_batch::CHANGES, Value::Bytes(change)) => {
-                if let Ok(change) = Change::decode(change) {
-                    self.id.1 = change.seq;
-                    let kind = change_json(&mut self.scratch, &self.chat, &change);
-                    put_event(out, self.id, kind, &self.scratch);
-                }
-            }
-            (stream_batch::RESET, Value::Varint(seq)) => {
-                self.id.1 = seq as i64;
-                put_event(out, self.id, b"reset", b"{}");
-            }
-            (stream_batch::CHANGES_NEXT, Value::Varint(next)) => self.id.1 = next as i64,
-            _ => {}
-        }
-    }
 }
 
 #[cfg(test)]
@@ -660,6 +691,76 @@ mod tests {
         ] {
             assert!(!accepts_event_stream(&request(refused)), "{refused:?}");
         }
+    }
+
+    /// A merged batch's events come in time order with their ids, and the
+    /// id after the last one is where `Position::take` puts the cursors
+    /// (what a WebSocket subscription relies on between batches).
+    #[test]
+    fn a_batch_renders_in_time_order_and_ends_at_the_position_it_moves_to() {
+        use crate::proto::{Message, PullResponse, StoredMessage};
+        use prost::Message as _;
+        let message = |t: i64| Message {
+            chat: "c".into(),
+            text: format!("m{t}"),
+            sender: "s".into(),
+            send_time: t,
+            edited_at: 0,
+        };
+        let page = PullResponse {
+            messages: vec![message(10), message(30)],
+            ..PullResponse::default()
+        };
+        let edit = Change {
+            seq: 20,
+            edited: Some(StoredMessage {
+                send_time: 10,
+                text: "edited".into(),
+                sender: "s".into(),
+                edited_at: 0,
+            }),
+            ..Change::default()
+        };
+        let delete = Change {
+            seq: 40,
+            deleted: 30,
+            ..Change::default()
+        };
+        let changes = ChangesResponse {
+            changes: vec![edit, delete],
+            next: 45,
+            ..ChangesResponse::default()
+        };
+        let batch = merge(Bytes::from(page.encode_to_vec()), 5, changes);
+        let mut at = Position::new(5, None);
+        let mut id = at.id;
+        let (mut rendered, mut data) = (Vec::new(), Vec::new());
+        let mut rest = &batch[..];
+        while !rest.is_empty() {
+            let field = next_field(&mut rest).expect("decodable");
+            if let Some(kind) = event_of(&mut id, "c", field, &mut data) {
+                rendered.push((kind, id, String::from_utf8(data.clone()).expect("utf-8")));
+            }
+        }
+        let kinds: Vec<_> = rendered.iter().map(|(k, id, _)| (*k, *id)).collect();
+        assert_eq!(
+            kinds,
+            [
+                (EventKind::Message, (10, 5)),
+                (EventKind::Edit, (10, 20)),
+                (EventKind::Message, (30, 20)),
+                (EventKind::Delete(30), (30, 40)),
+            ]
+        );
+        assert!(
+            rendered[1].2.contains("\"edited_at\":20"),
+            "{}",
+            rendered[1].2
+        );
+        assert_eq!(rendered[3].2, "{\"chat\":\"c\",\"send_time\":30}");
+        at.take(&batch);
+        assert_eq!((at.cursor, at.seq), (30, 45));
+        assert_eq!(id, (30, 45), "the id after the batch is the position");
     }
 
     #[test]

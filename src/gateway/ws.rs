@@ -7,9 +7,12 @@
 //!   checked the same way (authentication, rooms, `sender`, rate limits),
 //!   their failures the same codes ([`super::error`]).
 //! * `subscribe` follows a chat as `/api/stream` does: the same loop of
-//!   pulls ([`super::stream`]), so its events are exact (history after the
-//!   cursor oldest first, then each new message once). Each subscription
-//!   holds at most one page until it is written, and the connection's
+//!   pulls and change reads ([`super::stream::next_page`]), so its events
+//!   are exact and the same as the stream's (history after the cursor
+//!   oldest first, then each new message once, edits, deletes and resets in
+//!   order with them, each with the stream's id `<send_time>.<seq>`; a
+//!   subscribe with `cursor` and `changes_after` resumes after such an id).
+//!   Each subscription holds at most one batch until it is written, and the connection's
 //!   output is bounded as an event stream's is: a subscriber whose output
 //!   is not written within the write timeout gets `{"event":"lagged"}` and
 //!   close 1008.
@@ -28,17 +31,16 @@ use tokio::task::JoinHandle;
 
 use super::access::{self, Access, Api};
 use super::error::ApiError;
-use super::pull_wire::write_message;
+use super::stream::EventKind;
 use super::{Gateway, PendingReply, decode_reply, json, stream};
 use crate::auth::Claims;
 use crate::error::CODE_OK;
 use crate::http::Request;
 use crate::http::response::{Response, Upgrade};
-use crate::proto::fields::pull_response;
 use crate::proto::{Message, PullRequest, SendRequest, SendResponse};
 use crate::rpc::balanced::BalancedClient;
 use crate::rpc::client::RpcRequest;
-use crate::wire::{Value, next_field};
+use crate::wire::next_field;
 use crate::ws::driver::{self, Session};
 use crate::ws::frame::{close_code, opcode, put_frame};
 
@@ -168,11 +170,13 @@ pub(super) enum Event {
     Reply(Vec<u8>, usize),
     /// A reply made without a task (a refusal, `unsubscribe`, `auth`).
     Answer(Vec<u8>),
-    /// A subscription's page (a `PullResponse`), its chat and generation;
-    /// the task pulls the next page once `rendered` is dropped.
+    /// A subscription's batch (a `StreamBatch`: messages and changes), its
+    /// chat and generation, and the id of the event before it; the task
+    /// pulls the next batch once `rendered` is dropped.
     Page {
         chat: Arc<str>,
         generation: u64,
+        id: (i64, i64),
         page: Bytes,
         rendered: oneshot::Sender<()>,
     },
@@ -188,9 +192,12 @@ pub(super) enum Event {
     Close(u16, &'static str),
 }
 
-/// A page being rendered, one event per message, and its task's signal.
+/// A batch being rendered, one event per message or change, and its
+/// task's signal.
 struct Rendering {
     chat: Arc<str>,
+    /// The id of the last event rendered.
+    id: (i64, i64),
     page: Bytes,
     pos: usize,
     _rendered: oneshot::Sender<()>,
@@ -231,8 +238,9 @@ struct WsSession {
     /// A close to send (a failed `auth`).
     closing: Option<(u16, &'static str)>,
     rendering: Option<Rendering>,
-    /// One message's JSON; reused.
+    /// One event's data and one event; reused.
     scratch: Vec<u8>,
+    event: Vec<u8>,
 }
 
 /// One request frame. Fields an op does not use are ignored.
@@ -252,6 +260,8 @@ struct Op {
     idempotency_key: Option<String>,
     #[serde(default)]
     cursor: Option<i64>,
+    #[serde(default)]
+    changes_after: Option<i64>,
     #[serde(default)]
     limit: Option<i64>,
     #[serde(default)]
@@ -281,6 +291,7 @@ impl WsSession {
             closing: None,
             rendering: None,
             scratch: Vec::new(),
+            event: Vec::new(),
         }
     }
 
@@ -463,6 +474,12 @@ impl WsSession {
             )));
         }
         let cursor = op.cursor.unwrap_or(0);
+        if op.changes_after.is_some_and(|seq| seq < 0) {
+            return Err(ApiError::Invalid(
+                "`changes_after` must be the `<seq>` of an event id `<send_time>.<seq>`".into(),
+            ));
+        }
+        // The first pull does not wait: the history goes out at once.
         let first = self.rpc.start(RpcRequest::Pull(
             stream::page_request(&chat, cursor, 0, 0),
             None,
@@ -473,7 +490,7 @@ impl WsSession {
             rpc: self.rpc.clone(),
             chat: chat.clone(),
             generation: self.generation,
-            cursor,
+            at: stream::Position::new(cursor, op.changes_after),
             wait_ms: stream::STREAM_WAIT_MS.min(self.max_wait_ms).max(0),
             sender: self.sender.clone(),
         };
@@ -505,8 +522,8 @@ impl WsSession {
             .is_some_and(|s| s.generation == generation)
     }
 
-    /// Renders the page in progress, one event per message, until `out`
-    /// holds `until` bytes.
+    /// Renders the batch in progress, one event per message or change,
+    /// until `out` holds `until` bytes.
     fn render_page(&mut self, out: &mut BytesMut, until: usize) {
         let Some(rendering) = &mut self.rendering else {
             return;
@@ -517,47 +534,68 @@ impl WsSession {
                 self.rendering = None;
                 return;
             }
-            // The page was decoded whole by `page_of`.
+            // The batch was decoded whole by `stream::page_of`.
             let Ok(field) = next_field(&mut rest) else {
                 self.rendering = None;
                 return;
             };
             rendering.pos = rendering.page.len() - rest.len();
-            if let (pull_response::MESSAGES, Value::Bytes(message)) = field {
-                self.scratch.clear();
-                self.scratch
-                    .extend_from_slice(b"{\"event\":\"message\",\"chat\":");
-                json::put_str(&mut self.scratch, &rendering.chat);
-                self.scratch.extend_from_slice(b",\"message\":");
-                if write_message(&mut self.scratch, message).is_ok() {
-                    self.scratch.push(b'}');
-                    put_frame(out, opcode::TEXT, &self.scratch);
-                }
+            let (id, chat) = (&mut rendering.id, &rendering.chat);
+            if let Some(kind) = stream::event_of(id, chat, field, &mut self.scratch) {
+                event_json(&mut self.event, chat, *id, kind, &self.scratch);
+                put_frame(out, opcode::TEXT, &self.event);
             }
         }
     }
 }
 
-/// A subscription's task: its first page (then the reply), and the loop of
-/// pulls of `/api/stream`, each page handed to the connection and the next
-/// pulled once it is rendered.
+/// `{"event":<kind>,"chat":…,"id":"<send_time>.<seq>",…}`: a message or
+/// an edit with its `"message"` (`data`), a delete with its `"send_time"`,
+/// a reset with nothing more. The `id` is the SSE event's id: subscribing
+/// with `cursor` = its send_time and `changes_after` = its seq resumes
+/// right after it.
+fn event_json(out: &mut Vec<u8>, chat: &str, id: (i64, i64), kind: EventKind, data: &[u8]) {
+    out.clear();
+    out.extend_from_slice(b"{\"event\":\"");
+    out.extend_from_slice(kind.name());
+    out.extend_from_slice(b"\",\"chat\":");
+    json::put_str(out, chat);
+    out.extend_from_slice(b",\"id\":\"");
+    json::put_i64(out, id.0.max(0));
+    out.push(b'.');
+    json::put_i64(out, id.1.max(0));
+    out.push(b'"');
+    match kind {
+        EventKind::Message | EventKind::Edit => {
+            out.extend_from_slice(b",\"message\":");
+            out.extend_from_slice(data);
+        }
+        EventKind::Delete(send_time) => {
+            out.extend_from_slice(b",\"send_time\":");
+            json::put_i64(out, send_time);
+        }
+        EventKind::Reset => {}
+    }
+    out.push(b'}');
+}
+
+/// A subscription's task: its first batch (then the reply), and the loop
+/// of pulls and change reads of `/api/stream` ([`stream::next_page`]), each
+/// batch handed to the connection and the next pulled once it is rendered.
 struct Follow {
     rpc: BalancedClient,
     chat: Arc<str>,
     generation: u64,
-    cursor: i64,
+    at: stream::Position,
     wait_ms: i32,
     sender: mpsc::UnboundedSender<Event>,
 }
 
 impl Follow {
     async fn run(mut self, id: serde_json::Value, first: crate::rpc::balanced::BalancedCall) {
-        let first = match self.rpc.finish(first).await {
-            Ok(frame) => stream::page_of(frame),
-            Err(err) => Err(err.into()),
-        };
-        let mut page = match first {
-            Ok(page) => page,
+        let mut batch = match stream::first_batch(&self.rpc, first, &self.chat, &mut self.at).await
+        {
+            Ok(batch) => batch,
             Err(err) => {
                 // Ended first: once the client reads the refusal, the chat
                 // may be subscribed to again.
@@ -568,34 +606,39 @@ impl Follow {
         };
         let _ = self.sender.send(Event::Reply(ok_reply(&id, b""), 0));
         loop {
-            if let Some(last) = stream::last_send_time(&page) {
-                self.cursor = last;
+            let before = self.at.id;
+            self.at.take(&batch);
+            // Rendering moves the id event by event to where `take` put the
+            // cursors (see `stream::event_of`).
+            self.at.id = (self.at.cursor, self.at.seq);
+            if !batch.is_empty() {
                 let (rendered, wait) = oneshot::channel();
-                let chat = self.chat.clone();
-                let generation = self.generation;
-                if self
-                    .sender
-                    .send(Event::Page {
-                        chat,
-                        generation,
-                        page,
-                        rendered,
-                    })
-                    .is_err()
-                {
+                let page = Event::Page {
+                    chat: self.chat.clone(),
+                    generation: self.generation,
+                    id: before,
+                    page: batch,
+                    rendered,
+                };
+                if self.sender.send(page).is_err() {
                     return;
                 }
                 // Dropped when rendered (or dropped with the connection).
                 let _ = wait.await;
             }
-            let chat = self.chat.to_string();
-            page =
-                match stream::next_page_of(self.rpc.clone(), None, chat, self.cursor, self.wait_ms)
-                    .await
-                {
-                    Ok(page) => page,
-                    Err(err) => return self.end(event_error(&self.chat, &err)),
-                };
+            // WebSocket batches are not charged to the memory budget: the
+            // connection's output budget bounds them (one per subscription).
+            let next = stream::next_page(
+                self.rpc.clone(),
+                None,
+                self.chat.clone(),
+                self.at,
+                self.wait_ms,
+            );
+            batch = match next.await {
+                Ok(batch) => batch,
+                Err(err) => return self.end(event_error(&self.chat, &err)),
+            };
         }
     }
 
@@ -673,6 +716,7 @@ impl Session for WsSession {
             Event::Page {
                 chat,
                 generation,
+                id,
                 page,
                 rendered,
             } => {
@@ -680,6 +724,7 @@ impl Session for WsSession {
                     let pos = 0;
                     self.rendering = Some(Rendering {
                         chat,
+                        id,
                         page,
                         pos,
                         _rendered: rendered,

@@ -211,6 +211,50 @@ class ChatPage(unittest.TestCase):
             WebDriverWait(driver, 5).until(lambda d: self.messages(d) == [])
         status, body = self.api("GET", "/api/pull?chat=" + room)
         self.assertEqual(json.loads(body)["messages"], [])
+        # Bob learnt of both over his WebSocket subscription (/api/ws).
+        self.assertEqual(self.bob.execute_script("return window.imTransport"), "websocket")
+
+    def test_after_a_dropped_websocket_the_page_resumes_with_the_changes_it_missed(self):
+        if self.status_only("/api/stream?chat=probe") == 404:
+            self.skipTest("GET /api/stream is not in this build: live updates cannot be tested")
+        room = "resume-room"
+        t1 = self.send(room, "erin", "first")
+        t2 = self.send(room, "erin", "second")
+        # A browser whose WebSockets the test can see and close (as a
+        # network drop would), and whose frames it can read.
+        driver = browser()
+        try:
+            driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": (
+                "window.testSockets = []; window.testSent = [];"
+                "const Real = window.WebSocket;"
+                "window.WebSocket = class extends Real {"
+                " constructor(url) { super(url); window.testSockets.push(this); }"
+                " send(data) { window.testSent.push(String(data)); super.send(data); } };")})
+            self.open_room(driver, room, "frank")
+            WebDriverWait(driver, 5).until(
+                lambda d: d.execute_script("return window.imTransport") == "websocket")
+            # A live event, so the page holds an event id (both cursors).
+            t3 = self.send(room, "erin", "third")
+            WebDriverWait(driver, 5).until(
+                lambda d: [m[2] for m in self.messages(d)] == ["first", "second", "third"])
+            driver.execute_script("window.testSockets[window.testSockets.length - 1].close();")
+            # Away (the page reconnects after 1 s): an edit and a delete.
+            status, body = self.api("POST", "/api/edit", {"chat": room, "send_time": t1, "text": "first, edited"})
+            self.assertEqual(status, 200, body)
+            status, body = self.api("POST", "/api/delete", {"chat": room, "send_time": t2})
+            self.assertEqual(status, 200, body)
+            WebDriverWait(driver, 10).until(
+                lambda d: [m[2] for m in self.messages(d)] == ["first, edited", "third"]
+                and d.find_elements(By.CSS_SELECTOR, "li.msg .edited"))
+            self.assertEqual(driver.execute_script("return window.testSockets.length"), 2)
+            sent = [json.loads(f) for f in driver.execute_script("return window.testSent")]
+            subscribes = [f for f in sent if f.get("op") == "subscribe"]
+            self.assertEqual(len(subscribes), 2, sent)
+            self.assertNotIn("changes_after", subscribes[0], "a first subscription starts afresh")
+            self.assertEqual(subscribes[1]["cursor"], t3, "resumed after the newest message")
+            self.assertGreater(subscribes[1]["changes_after"], 0, "and after the last change seen")
+        finally:
+            driver.quit()
 
     def test_scrolling_back_loads_every_older_message_exactly_once(self):
         room = "history-room"

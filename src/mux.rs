@@ -389,11 +389,13 @@ async fn run<P: Protocol>(mut protocol: P, mut calls: Queue<P>, options: MuxOpti
                 }
                 match outcome {
                     Ok(()) => return,
-                    Err(_) if idle_close => continue,
                     // The peer said it is going away (GOAWAY: a graceful
                     // restart or shutdown, already logged where it is read)
-                    // and this side closed: nothing failed.
+                    // and this side closed: nothing failed. Not reopened at
+                    // once: the peer no longer accepts (it says GOAWAY only
+                    // after that), and it takes a restart to come back.
                     Err(_) if protocol.retiring() => healthy = false,
+                    Err(_) if idle_close => continue,
                     Err(err) => {
                         crate::logging::warning!(
                             "{} connection to {} lost", options.name, options.target;

@@ -39,7 +39,7 @@ struct Plan {
     /// The store, when this process runs the RPC server.
     store: Option<StoreChoice>,
     /// The RPC server's connection limit, shared by every shard.
-    rpc_slots: Arc<Semaphore>,
+    rpc_shared: Arc<crate::rpc::server::SharedListener>,
     /// When this process runs the gateway: the RPC servers it calls (kept
     /// current by discovery), and the connection limit.
     gateway: Option<(watch::Receiver<Vec<SocketAddr>>, Arc<Semaphore>)>,
@@ -328,7 +328,7 @@ fn plan(config: Config) -> Result<(Plan, Listeners), String> {
         Some((listener, target, slots)) => (Some(listener), Some((target, slots))),
         None => (None, None),
     };
-    let rpc_slots = crate::rpc::server::connection_slots(&rpc_server_options(&config));
+    let rpc_shared = crate::rpc::server::SharedListener::new(&rpc_server_options(&config));
     let access = Arc::new(access(&config)?);
     let rpc_secret = match &config.rpc_secret_file {
         Some(path) => {
@@ -346,7 +346,7 @@ fn plan(config: Config) -> Result<(Plan, Listeners), String> {
     let plan = Plan {
         config,
         store,
-        rpc_slots,
+        rpc_shared,
         buffered,
         held,
         gateway,
@@ -693,7 +693,7 @@ async fn run_shard(
                     secret: plan.rpc_secret.clone(),
                     ..rpc_server_options(config)
                 },
-                plan.rpc_slots.clone(),
+                plan.rpc_shared.clone(),
                 rpc_stopping,
                 config.drain_timeout,
             );

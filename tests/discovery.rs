@@ -736,3 +736,30 @@ fn a_watch_lost_without_a_reset_is_renewed() {
         start.elapsed()
     );
 }
+
+/// An RPC server says GOAWAY only once no shard accepts on its address any
+/// more: a gateway that reconnects the moment it reads the GOAWAY is
+/// refused, instead of landing in the accept queue of a socket about to
+/// close, which resets the connection under the calls written on it. And
+/// what was sent after the GOAWAY is still served.
+#[test]
+fn goaway_comes_after_the_listener_closed() {
+    let mut rpc = Server::rpc(&["--threads", "2"]);
+    let addr = rpc.rpc_addr();
+    let mut conn = RpcConn::connect(addr);
+    conn.assert_pull_ok(1, "before the shutdown");
+    rpc.signal("TERM");
+    let (id, kind, _) = conn.read_frame("GOAWAY");
+    assert_eq!((id, kind), (0, im_server::rpc::status::GOAWAY), "a GOAWAY");
+    let again = TcpStream::connect_timeout(&addr, Duration::from_secs(1));
+    assert!(
+        again.is_err(),
+        "a connection made after the GOAWAY was accepted or queued: {again:?}"
+    );
+    conn.assert_pull_ok(2, "after the GOAWAY");
+    drop(conn);
+    let status = rpc
+        .wait_exit(Duration::from_secs(10))
+        .expect("the rpc server exits once its connection closes");
+    assert!(status.success(), "exit {status}");
+}

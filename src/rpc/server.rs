@@ -18,7 +18,7 @@ use super::admission::{Admission, Ticket};
 use super::frame::{self, Frame};
 use super::local::LocalAccept;
 use super::{handshake, method, status};
-use crate::accept::{drain, next_connection};
+use crate::accept::{Accepting, drain, next_connection, pending};
 use crate::domain::{
     DEFAULT_LIMIT, MAX_LIMIT, MAX_MESSAGE_WIRE_BYTES, PullQuery, canonical_chat, validate_change,
     validate_idempotency_key, validate_pull, validate_send, validate_wait,
@@ -66,25 +66,48 @@ pub const HANDSHAKE_SLOTS: usize = 64;
 /// needs one round trip.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// The connection limit shared by every shard's accept loop.
-pub fn connection_slots(options: &RpcServerOptions) -> Arc<Semaphore> {
-    Arc::new(Semaphore::new(options.max_connections))
+/// What every shard serving one RPC address shares: the connection limit
+/// and the count of shards still accepting on its socket.
+pub struct SharedListener {
+    slots: Arc<Semaphore>,
+    accepting: Accepting,
+}
+
+impl SharedListener {
+    pub fn new(options: &RpcServerOptions) -> Arc<SharedListener> {
+        Arc::new(SharedListener {
+            slots: Arc::new(Semaphore::new(options.max_connections)),
+            accepting: Accepting::default(),
+        })
+    }
 }
 
 /// Accepts connections until `shutdown` turns true, then stops accepting and
 /// waits (up to `drain_timeout`) until every connection holding one of
-/// `slots` has finished the requests it had already read.
+/// the shared slots has finished the requests it had already read.
+///
+/// Connections are told to go away (GOAWAY) only once no shard accepts on
+/// the address any more ([`Accepting`]), and what was still in the accept
+/// queue is taken and told too, so that no connection is reset under the
+/// calls written on it.
 pub async fn serve(
     listener: TcpListener,
     mut local: Option<LocalAccept>,
     store: Arc<AnyStore>,
     options: RpcServerOptions,
-    slots: Arc<Semaphore>,
+    shared: Arc<SharedListener>,
     mut shutdown: watch::Receiver<bool>,
     drain_timeout: Duration,
 ) {
-    let mut refusals = RefusalLog::default();
-    let admission = Admission::new(HANDSHAKE_SLOTS);
+    shared.accepting.opened();
+    let mut acceptor = Acceptor {
+        store,
+        options,
+        slots: shared.slots.clone(),
+        going_away: shared.accepting.all_closed(),
+        admission: Admission::new(HANDSHAKE_SLOTS),
+        refusals: RefusalLog::default(),
+    };
     loop {
         let incoming = tokio::select! {
             accepted = next_connection(&listener, &mut shutdown, "rpc") => match accepted {
@@ -96,44 +119,68 @@ pub async fn serve(
                 None => continue,
             },
         };
-        let incoming = match (incoming, options.secret.clone()) {
+        acceptor.admit(incoming);
+    }
+    for (socket, peer) in pending(&listener) {
+        acceptor.admit(Incoming::Tcp(socket, peer));
+    }
+    drop(listener);
+    shared.accepting.closed_one();
+    let max_connections = acceptor.options.max_connections;
+    if let Err(open) = drain(&shared.slots, max_connections, drain_timeout).await {
+        crate::logging::warning!("rpc drain timed out with {open} connections open");
+    }
+}
+
+/// What the accept loop needs to start serving a connection.
+struct Acceptor {
+    store: Arc<AnyStore>,
+    options: RpcServerOptions,
+    slots: Arc<Semaphore>,
+    /// True once no shard accepts on the address: connections say GOAWAY.
+    going_away: watch::Receiver<bool>,
+    admission: Admission,
+    refusals: RefusalLog,
+}
+
+impl Acceptor {
+    /// Starts serving `incoming` in a task of its own, or closes it at once
+    /// when every connection slot is taken.
+    fn admit(&mut self, incoming: Incoming) {
+        let incoming = match (incoming, self.options.secret.clone()) {
             (Incoming::Tcp(socket, peer), Some(secret)) => {
                 // Proven nothing yet: a pre-handshake slot, not a connection slot.
-                let (ticket, _evicted) = admission.admit();
+                let (ticket, _evicted) = self.admission.admit();
                 let serve = authenticate_then_serve(
                     (socket, peer, ticket, secret),
-                    store.clone(),
-                    options.clone(),
-                    slots.clone(),
-                    shutdown.clone(),
+                    self.store.clone(),
+                    self.options.clone(),
+                    self.slots.clone(),
+                    self.going_away.clone(),
                 );
                 tokio::spawn(serve);
-                continue;
+                return;
             }
             (incoming, _) => incoming,
         };
         // Over the limit the connection is closed at once: there is no frame
         // to answer yet, and a gateway retries on its next call.
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            refusals.refused(options.max_connections);
+        let Ok(slot) = self.slots.clone().try_acquire_owned() else {
+            self.refusals.refused(self.options.max_connections);
             drop(incoming);
-            continue;
+            return;
         };
-        let store = store.clone();
-        let shutdown = shutdown.clone();
-        let options = options.clone();
+        let store = self.store.clone();
+        let going_away = self.going_away.clone();
+        let options = self.options.clone();
         let counted = metrics::track(Gauge::RpcServerConnections);
         tokio::spawn(async move {
             let peer = incoming.peer();
-            if let Err(err) = incoming.serve(store, options, shutdown).await {
+            if let Err(err) = incoming.serve(store, options, going_away).await {
                 crate::logging::warning!("rpc connection closed"; peer = peer, err = err);
             }
             drop((slot, counted));
         });
-    }
-    drop(listener);
-    if let Err(open) = drain(&slots, options.max_connections, drain_timeout).await {
-        crate::logging::warning!("rpc drain timed out with {open} connections open");
     }
 }
 

@@ -47,10 +47,35 @@ pub fn unique_temp_dir(tag: &str) -> PathBuf {
     dir
 }
 
-/// Picks a currently free TCP port on 127.0.0.1 (bind to port 0, then release it).
+/// Ports handed out come from here, below the kernel's ephemeral range
+/// (32768-60999 on Linux), and so that port + 10000 (a Redis Cluster node's
+/// bus port) is below it too. A port from `bind(0)` is an ephemeral port:
+/// between handing it out and the server binding it, any outgoing
+/// connection (a client, a gateway's RPC connection, curl) may take it as
+/// its local port, and the server then fails to start (seen in CI: one RPC
+/// server of the deployment example exited at once).
+const PORT_RANGE: std::ops::Range<usize> = 10_000..22_000;
+/// The next candidate, as an offset into [`PORT_RANGE`]; starts at a place
+/// that depends on the process, and every port is handed out once.
+static NEXT_PORT: AtomicUsize = AtomicUsize::new(usize::MAX);
+
+fn bindable(port: usize) -> bool {
+    TcpListener::bind(("127.0.0.1", port as u16)).is_ok()
+}
+
+/// Picks a currently free TCP port on 127.0.0.1 outside the ephemeral
+/// range, never the same one twice in one test process.
 pub fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    l.local_addr().unwrap().port()
+    let span = PORT_RANGE.len();
+    let start = (std::process::id() as usize).wrapping_mul(7919) % span;
+    let _ = NEXT_PORT.compare_exchange(usize::MAX, start, Ordering::SeqCst, Ordering::SeqCst);
+    for _ in 0..span {
+        let port = PORT_RANGE.start + NEXT_PORT.fetch_add(1, Ordering::SeqCst) % span;
+        if bindable(port) && bindable(port + 10_000) {
+            return port as u16;
+        }
+    }
+    panic!("no free port in 127.0.0.1:{PORT_RANGE:?}");
 }
 
 /// Percent-encodes everything except RFC 3986 unreserved characters.

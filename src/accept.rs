@@ -86,9 +86,11 @@ pub fn pending(listener: &TcpListener) -> Vec<(TcpStream, SocketAddr)> {
     taken
 }
 
-/// The shards accepting on one listening socket, each on a duplicate of its
-/// descriptor: the socket stops taking connections only once the last shard
-/// has closed its copy, and [`Accepting::all_closed`] turns true then.
+/// The shards accepting on one address, each on a socket of its own bound
+/// to it with `SO_REUSEPORT`: the address stops taking connections only
+/// once the last shard has closed its socket (until then the kernel sends
+/// new ones to the sockets left), and [`Accepting::all_closed`] turns true
+/// then.
 ///
 /// A server that is shutting down says GOAWAY only after that. Before, a
 /// gateway that reconnected the moment it read the GOAWAY was accepted or
@@ -121,7 +123,7 @@ impl Accepting {
         self.open.fetch_add(1, Ordering::SeqCst);
     }
 
-    /// A shard has closed its copy of the socket.
+    /// A shard has closed its socket.
     pub fn closed_one(&self) {
         if self.open.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.closed.send_replace(true);

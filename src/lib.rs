@@ -61,6 +61,7 @@ pub(crate) mod balance;
 pub mod budget;
 pub(crate) mod buf;
 pub mod config;
+pub(crate) mod digits;
 pub mod discovery;
 pub(crate) mod domain;
 pub(crate) mod error;

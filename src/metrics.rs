@@ -1,6 +1,7 @@
 //! Prometheus metrics: counters, gauges and histograms kept so that counting
 //! costs nothing measurable on the request path, and their text exposition
-//! (format 0.0.4) for `GET /metrics`.
+//! (format 0.0.4) for `GET /metrics` (served by the gateway:
+//! `gateway::metrics_endpoint`).
 //!
 //! Counting: every fixed metric lives in [`METRICS`], one [`Slot`] per
 //! thread (threads take slots in turn, modulo [`SLOTS`]), each slot

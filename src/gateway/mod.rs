@@ -114,6 +114,8 @@ impl Gateway {
         let route = entry.ok_or(ApiError::NotFound)?.route_for(req.method)?;
         let query = req.path_and_query().1;
         match route {
+            // Not behind authentication: a scraper has no user token (see
+            // docs/operations.md, Metrics, on restricting it).
             Route::Metrics => Ok(PendingReply::Ready(metrics_endpoint::scrape())),
             Route::Ping => Ok(PendingReply::Ready(Response::json(200, PONG.to_vec()))),
             Route::Ready => Ok(ready::start(&self.rpc, *self.stopping.borrow())),

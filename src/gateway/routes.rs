@@ -129,8 +129,6 @@ const fn entry(path: &'static [u8], route: Route, methods: Methods, label: Label
 }
 
 /// Every route; the busiest first (they are looked up in order).
-/// `/metrics` is not behind authentication: a scraper has no user token
-/// (see docs/operations.md, Metrics, on restricting it).
 pub const TABLE: [Entry; 12] = [
     entry(b"/api/send", Route::Send, Methods::Post, Label::Send),
     entry(b"/api/pull", Route::Pull, Methods::GetHead, Label::Pull),

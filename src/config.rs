@@ -12,6 +12,8 @@ use std::time::Duration;
 
 use crate::ratelimit::Rate;
 
+mod components;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
     /// Gateway and RPC server in one process, talking over real TCP.

@@ -12,7 +12,7 @@
 //!   which pipelined request may start, when output is written, which
 //!   deadline applies, how an event stream is paced) and the driver that
 //!   does its I/O ([`http::server`]).
-//! * [`gateway`]: routes, JSON <-> RPC types, the one place where errors
+//! * [`gateway`]: the route table ([`gateway::routes`]), JSON <-> RPC types, the one place where errors
 //!   become HTTP statuses ([`gateway::error`]), and who may call
 //!   ([`gateway::access`]: bearer tokens from [`auth`], limits from
 //!   [`ratelimit`]); `/api/stream` as a loop of pulls ([`gateway::stream`]);
@@ -61,6 +61,7 @@ pub(crate) mod balance;
 pub mod budget;
 pub(crate) mod buf;
 pub mod config;
+pub(crate) mod digits;
 pub mod discovery;
 pub(crate) mod domain;
 pub(crate) mod error;

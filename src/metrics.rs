@@ -1,6 +1,7 @@
 //! Prometheus metrics: counters, gauges and histograms kept so that counting
 //! costs nothing measurable on the request path, and their text exposition
-//! (format 0.0.4) for `GET /metrics`.
+//! (format 0.0.4) for `GET /metrics` (served by the gateway:
+//! `gateway::metrics_endpoint`).
 //!
 //! Counting: every fixed metric lives in [`METRICS`], one [`Slot`] per
 //! thread (threads take slots in turn, modulo [`SLOTS`]), each slot
@@ -23,75 +24,18 @@ use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
-use crate::http::{HttpError, Method, Request, Response};
-
 /// Per-thread slots. More threads than this share slots (still correct:
 /// the counters are atomics), fewer leave some unused.
 pub const SLOTS: usize = 16;
 
-/// The HTTP routes counted apart. Adding one: a variant here, its name in
-/// [`Route::name`], its entry in [`Route::ALL`], and its path in
-/// [`Route::of`].
+/// The HTTP routes counted apart, at most: the gateway's route table
+/// names them (`gateway::routes::Label`) and gives each its [`RouteId`];
+/// the counters only know their places, and [`render`] their names.
+pub const MAX_ROUTES: usize = 12;
+
+/// A `route` label's place in the HTTP counters, below [`MAX_ROUTES`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Route {
-    Send,
-    Pull,
-    Stream,
-    Ping,
-    Ready,
-    Metrics,
-    OpenApi,
-    /// `/`, the chat page.
-    Page,
-    /// Any other path (404s, malformed requests).
-    Other,
-}
-
-impl Route {
-    pub const ALL: [Route; 9] = [
-        Route::Send,
-        Route::Pull,
-        Route::Stream,
-        Route::Ping,
-        Route::Ready,
-        Route::Metrics,
-        Route::OpenApi,
-        Route::Page,
-        Route::Other,
-    ];
-
-    /// The `route` label.
-    pub const fn name(self) -> &'static str {
-        match self {
-            Route::Send => "send",
-            Route::Pull => "pull",
-            Route::Stream => "stream",
-            Route::Ping => "ping",
-            Route::Ready => "ready",
-            Route::Metrics => "metrics",
-            Route::OpenApi => "openapi",
-            Route::Page => "page",
-            Route::Other => "other",
-        }
-    }
-
-    /// The route a request path is counted under (whatever its method).
-    pub fn of(path: &[u8]) -> Route {
-        match path {
-            b"/api/send" => Route::Send,
-            b"/api/pull" => Route::Pull,
-            b"/api/stream" => Route::Stream,
-            b"/ping" => Route::Ping,
-            b"/ready" => Route::Ready,
-            b"/metrics" => Route::Metrics,
-            b"/openapi.json" => Route::OpenApi,
-            b"/" => Route::Page,
-            _ => Route::Other,
-        }
-    }
-}
-
-const ROUTES: usize = Route::ALL.len();
+pub struct RouteId(pub usize);
 
 /// The statuses the server emits (see `gateway::error`), counted exactly;
 /// anything else is counted as `other`, so the label set stays bounded.
@@ -298,8 +242,8 @@ impl Histogram {
 /// adjacent-line prefetcher pairs them) so that slots never share a line.
 #[repr(align(128))]
 struct Slot {
-    http_requests: [[AtomicU64; CODES.len()]; ROUTES],
-    http_duration: [Histogram; ROUTES],
+    http_requests: [[AtomicU64; CODES.len()]; MAX_ROUTES],
+    http_duration: [Histogram; MAX_ROUTES],
     http_connections: AtomicU64,
     http_refused: AtomicU64,
     gauges: [AtomicI64; GAUGES],
@@ -313,8 +257,8 @@ struct Slot {
 impl Slot {
     const fn new() -> Slot {
         Slot {
-            http_requests: [const { [const { AtomicU64::new(0) }; CODES.len()] }; ROUTES],
-            http_duration: [const { Histogram::new() }; ROUTES],
+            http_requests: [const { [const { AtomicU64::new(0) }; CODES.len()] }; MAX_ROUTES],
+            http_duration: [const { Histogram::new() }; MAX_ROUTES],
             http_connections: AtomicU64::new(0),
             http_refused: AtomicU64::new(0),
             gauges: [const { AtomicI64::new(0) }; GAUGES],
@@ -366,17 +310,16 @@ impl Metrics {
     }
 
     /// An HTTP request answered `status` after `elapsed`.
-    pub fn http_request(&self, route: Route, status: u16, elapsed: Duration) {
+    pub fn http_request(&self, route: RouteId, status: u16, elapsed: Duration) {
         let slot = self.slot();
-        slot.http_requests[route as usize][code_index(status)].fetch_add(1, Ordering::Relaxed);
-        slot.http_duration[route as usize].observe(elapsed);
+        slot.http_requests[route.0][code_index(status)].fetch_add(1, Ordering::Relaxed);
+        slot.http_duration[route.0].observe(elapsed);
     }
 
-    /// A request refused before it was routed: counted under
-    /// [`Route::Other`], without a duration.
-    pub fn http_rejected(&self, status: u16) {
-        self.slot().http_requests[Route::Other as usize][code_index(status)]
-            .fetch_add(1, Ordering::Relaxed);
+    /// A request refused before it was routed (counted under `route`,
+    /// without a duration).
+    pub fn http_rejected(&self, route: RouteId, status: u16) {
+        self.slot().http_requests[route.0][code_index(status)].fetch_add(1, Ordering::Relaxed);
     }
 
     /// A connection accepted (`true`) or refused at the connection limit.
@@ -631,10 +574,11 @@ fn peer_totals() -> Vec<PeerTotals> {
 /// `Content-Type` of the text exposition format.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-/// Everything, in the text exposition format.
-pub fn render() -> String {
+/// Everything, in the text exposition format; `routes` names the HTTP
+/// `route` labels, each at its [`RouteId`]'s place.
+pub fn render(routes: &[&str]) -> String {
     let mut out = text::Writer::default();
-    render_http(&METRICS, &mut out);
+    render_http(&METRICS, routes, &mut out);
     render_rpc(&METRICS, &mut out);
     render_peers(&peer_totals(), &mut out);
     render_redis(&METRICS, &mut out);
@@ -648,19 +592,19 @@ pub fn render() -> String {
     out.finish()
 }
 
-fn render_http(m: &Metrics, out: &mut text::Writer) {
+fn render_http(m: &Metrics, routes: &[&str], out: &mut text::Writer) {
     let name = "im_http_requests_total";
     out.header(
         name,
         "counter",
         "HTTP requests answered, by route and status code.",
     );
-    for route in Route::ALL {
+    for (r, route) in routes.iter().enumerate().take(MAX_ROUTES) {
         for (c, code) in CODES.iter().enumerate() {
-            let n = m.sum(|s| s.http_requests[route as usize][c].load(Ordering::Relaxed));
+            let n = m.sum(|s| s.http_requests[r][c].load(Ordering::Relaxed));
             // Only the pairs that happened: most of the grid never does.
             if n > 0 {
-                out.sample(name, &[("route", route.name()), ("code", code)], n as f64);
+                out.sample(name, &[("route", route), ("code", code)], n as f64);
             }
         }
     }
@@ -670,9 +614,9 @@ fn render_http(m: &Metrics, out: &mut text::Writer) {
         "histogram",
         "Time from a request's start to its response being ready, by route.",
     );
-    for route in Route::ALL {
-        let (buckets, sum) = m.histogram(|s| &s.http_duration[route as usize]);
-        out.histogram(name, ("route", route.name()), &BUCKET_LABELS, &buckets, sum);
+    for (r, route) in routes.iter().enumerate().take(MAX_ROUTES) {
+        let (buckets, sum) = m.histogram(|s| &s.http_duration[r]);
+        out.histogram(name, ("route", route), &BUCKET_LABELS, &buckets, sum);
     }
     let counters = [
         (
@@ -808,53 +752,21 @@ fn render_redis(m: &Metrics, out: &mut text::Writer) {
     out.sample(name, &[], n as f64);
 }
 
-/// The answer to a request for the metrics: `GET`/`HEAD /metrics`.
-pub fn response(req: &Request) -> Result<Response, crate::gateway::error::ApiError> {
-    if !matches!(req.method, Method::Get | Method::Head) {
-        return Err(crate::gateway::error::ApiError::MethodNotAllowed(
-            "GET, HEAD",
-        ));
-    }
-    let mut resp = Response::json(200, render().into_bytes());
-    resp.content_type = CONTENT_TYPE;
-    Ok(resp)
-}
-
-/// The HTTP handler of `--metrics-addr`: `/metrics` and nothing else.
-pub struct MetricsEndpoint;
-
-impl crate::http::Handler for MetricsEndpoint {
-    type Pending = Response;
-
-    fn start(&self, req: &Request, _account: &crate::budget::Account) -> Response {
-        let result = match req.path_and_query().0 {
-            b"/metrics" => response(req),
-            _ => Err(crate::gateway::error::ApiError::NotFound),
-        };
-        result.unwrap_or_else(crate::gateway::error::ApiError::into_response)
-    }
-
-    async fn finish(&self, pending: Response) -> Response {
-        pending
-    }
-
-    fn reject(&self, err: HttpError) -> Response {
-        crate::gateway::error::ApiError::Http(err).into_response()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Two routes' places (the gateway's labels are not known here).
+    const SEND: RouteId = RouteId(0);
+    const PULL: RouteId = RouteId(1);
 
     #[test]
     fn histograms_are_cumulative_and_count_every_observation() {
         let m = Box::new(Metrics::new());
         for us in [50, 100, 101, 3_000, 20_000_000] {
-            m.slots[us as usize % SLOTS].http_duration[Route::Pull as usize]
-                .observe(Duration::from_micros(us));
+            m.slots[us as usize % SLOTS].http_duration[PULL.0].observe(Duration::from_micros(us));
         }
-        let (buckets, sum) = m.histogram(|s| &s.http_duration[Route::Pull as usize]);
+        let (buckets, sum) = m.histogram(|s| &s.http_duration[PULL.0]);
         // <= 100 µs: 50 and 100 (bounds are inclusive).
         assert_eq!(buckets[0], 2);
         assert_eq!(buckets[1], 3, "101 µs is under 250 µs");
@@ -872,21 +784,20 @@ mod tests {
             .map(|_| {
                 std::thread::spawn(move || {
                     for _ in 0..1000 {
-                        m.http_request(Route::Send, 200, Duration::from_micros(300));
+                        m.http_request(SEND, 200, Duration::from_micros(300));
                     }
-                    m.http_request(Route::Send, 299, Duration::ZERO);
+                    m.http_request(SEND, 299, Duration::ZERO);
                 })
             })
             .collect();
         for t in threads {
             t.join().expect("counting thread");
         }
-        let sum =
-            |c: usize| m.sum(|s| s.http_requests[Route::Send as usize][c].load(Ordering::Relaxed));
+        let sum = |c: usize| m.sum(|s| s.http_requests[SEND.0][c].load(Ordering::Relaxed));
         assert_eq!(sum(code_index(200)), 20_000);
         assert_eq!(sum(code_index(299)), 20, "unknown statuses are `other`");
         assert_eq!(CODES[code_index(299)], "other");
-        let (buckets, _) = m.histogram(|s| &s.http_duration[Route::Send as usize]);
+        let (buckets, _) = m.histogram(|s| &s.http_duration[SEND.0]);
         assert_eq!(buckets[BUCKETS_NS.len()], 20_020);
     }
 
@@ -895,9 +806,6 @@ mod tests {
         for (i, code) in CODES.iter().enumerate().take(CODES.len() - 1) {
             let status: u16 = code.parse().expect("numeric");
             assert_eq!(code_index(status), i);
-        }
-        for route in Route::ALL {
-            assert_eq!(Route::ALL[route as usize], route, "ALL is in variant order");
         }
     }
 
@@ -926,7 +834,7 @@ mod tests {
                 drop(served);
                 rpc.ended(Outcome::Ok);
                 METRICS.rpc_call(RpcMethod::Pull, at.elapsed());
-                METRICS.http_request(Route::Pull, 200, at.elapsed());
+                METRICS.http_request(PULL, 200, at.elapsed());
                 drop(in_flight);
             }
             start.elapsed() / N

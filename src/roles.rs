@@ -769,7 +769,7 @@ async fn serve_metrics(
         ..http
     };
     let slots = connection_slots(&options);
-    let endpoint = Arc::new(crate::metrics::MetricsEndpoint);
+    let endpoint = Arc::new(crate::gateway::metrics_endpoint::MetricsEndpoint);
     // Scrapes hold no replies from the RPC server; their output is counted
     // on a budget of their own.
     let budget = crate::budget::MemoryBudget::new(crate::budget::DEFAULT_MAX);

@@ -14,14 +14,14 @@ use serde_json::Value;
 
 const OPENAPI: &[u8] = include_bytes!("../openapi.json");
 const CHAT_HTML: &[u8] = include_bytes!("../web/chat.html");
-const ROUTES_SRC: &str = include_str!("../src/gateway/mod.rs");
+const ROUTES_SRC: &str = include_str!("../src/gateway/routes.rs");
 const ERRORS_SRC: &str = include_str!("../src/gateway/error.rs");
 
 fn document() -> Value {
     serde_json::from_slice(OPENAPI).expect("openapi.json is JSON")
 }
 
-/// Every `b"/..."` literal in the gateway's routing code: its paths.
+/// Every `b"/..."` literal in the gateway's route table: its paths.
 fn routed_paths() -> BTreeSet<String> {
     ROUTES_SRC
         .split("b\"/")

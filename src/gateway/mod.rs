@@ -7,9 +7,11 @@ pub mod error;
 pub mod export;
 pub mod held;
 pub mod json;
+pub mod metrics_endpoint;
 pub mod origin;
 pub mod pull_wire;
 pub mod ready;
+pub mod routes;
 pub mod stream;
 pub mod web;
 pub mod ws;
@@ -20,8 +22,8 @@ use tokio::sync::watch;
 
 use crate::budget::{Account, ClientKey, Reserved};
 use crate::error::CODE_OK;
-use crate::http::{Handler, HttpError, Method, Request, Response};
-use crate::metrics::{self, Gauge, METRICS, Route};
+use crate::http::{Handler, HttpError, Request, Response};
+use crate::metrics::{self, Gauge, METRICS};
 use crate::proto::{
     DeleteRequest, DeleteResponse, EditRequest, EditResponse, PullResponse, SendRequest,
     SendResponse,
@@ -32,6 +34,7 @@ use crate::rpc::frame::Frame;
 use crate::rpc::status;
 use access::{Access, Api};
 use error::ApiError;
+use routes::{Entry, Label, Route};
 
 pub struct Gateway {
     rpc: BalancedClient,
@@ -64,12 +67,12 @@ pub enum PendingReply {
     Export(BalancedCall, Box<export::Export>),
 }
 
-/// A started request, with what its metrics need: its route, when it
-/// started, and its place in the in-flight gauge (left when answered or
+/// A started request, with what its metrics need: its route's label, when
+/// it started, and its place in the in-flight gauge (left when answered or
 /// dropped with its connection).
 pub struct Started {
     reply: PendingReply,
-    route: Route,
+    label: Label,
     at: std::time::Instant,
     _in_flight: metrics::Tracked,
 }
@@ -100,63 +103,69 @@ impl Gateway {
         self
     }
 
-    fn route(&self, req: &Request, account: &Account) -> Result<PendingReply, ApiError> {
-        let (path, query) = req.path_and_query();
-        let readable = matches!(req.method, Method::Get | Method::Head);
-        match path {
+    /// Starts the request `entry` (its path's row of the route table, if
+    /// any) serves.
+    fn route(
+        &self,
+        req: &Request,
+        account: &Account,
+        entry: Option<&Entry>,
+    ) -> Result<PendingReply, ApiError> {
+        let route = entry.ok_or(ApiError::NotFound)?.route_for(req.method)?;
+        let query = req.path_and_query().1;
+        match route {
             // Not behind authentication: a scraper has no user token (see
             // docs/operations.md, Metrics, on restricting it).
-            b"/metrics" => Ok(PendingReply::Ready(metrics::response(req)?)),
-            b"/ping" if readable => Ok(PendingReply::Ready(Response::json(200, PONG.to_vec()))),
-            b"/ping" => Err(ApiError::MethodNotAllowed("GET, HEAD")),
-            b"/ready" if readable => Ok(ready::start(&self.rpc, *self.stopping.borrow())),
-            b"/ready" => Err(ApiError::MethodNotAllowed("GET, HEAD")),
-            b"/" if readable => Ok(PendingReply::Ready(web::chat_page())),
-            b"/openapi.json" if readable => Ok(PendingReply::Ready(web::openapi())),
-            b"/" | b"/openapi.json" => Err(ApiError::MethodNotAllowed("GET, HEAD")),
-            b"/api/send" if req.method == Method::Post => {
-                let user = self.access.admit(req, Api::Send)?;
-                let mut request = json::parse_send_any(&req.body, is_form(req), query)?;
-                merge_idempotency_header(req, &mut request)?;
-                if let (Some(user), Some(message)) = (&user, &mut request.message) {
-                    access::authorize(user, &message.chat, Some(&mut message.sender))?;
-                }
-                Ok(PendingReply::Send(
-                    self.rpc.start(RpcRequest::Send(request))?,
-                ))
-            }
-            b"/api/send" => Err(ApiError::MethodNotAllowed("POST")),
-            b"/api/pull" if readable => {
-                let user = self.access.admit(req, Api::Pull)?;
-                let mut request = json::parse_pull(&req.body, is_form(req), query)?;
-                if let Some(user) = &user {
-                    access::authorize(user, &request.chat, None)?;
-                }
-                request.wait_ms = request.wait_ms.min(self.max_wait_ms);
-                let waits = request.wait_ms > 0;
-                let account = charged_to(account, user.as_ref());
-                if !waits {
-                    let budgeted = Budgeted::Reserved(reserve_page(&account, request.limit)?);
-                    let call = self.rpc.start(RpcRequest::Pull(request, Some(budgeted)))?;
-                    return Ok(PendingReply::Pull(call));
-                }
-                let held = self.held.hold(account.client())?;
-                let budgeted = Budgeted::OnArrival(account);
-                let call = self.rpc.start(RpcRequest::Pull(request, Some(budgeted)))?;
-                Ok(PendingReply::WaitingPull(call, held))
-            }
-            b"/api/pull" => Err(ApiError::MethodNotAllowed("GET, HEAD")),
-            b"/api/edit" if req.method == Method::Post => self.start_change(req, query, true),
-            b"/api/delete" if req.method == Method::Post => self.start_change(req, query, false),
-            b"/api/edit" | b"/api/delete" => Err(ApiError::MethodNotAllowed("POST")),
-            b"/api/export" if readable => self.start_export(req),
-            b"/api/export" => Err(ApiError::MethodNotAllowed("GET, HEAD")),
-            b"/api/stream" if readable => self.start_stream(req, account),
-            b"/api/stream" => Err(ApiError::MethodNotAllowed("GET, HEAD")),
-            b"/api/ws" if req.method == Method::Get => self.start_ws(req),
-            b"/api/ws" => Err(ApiError::MethodNotAllowed("GET")),
-            _ => Err(ApiError::NotFound),
+            Route::Metrics => Ok(PendingReply::Ready(metrics_endpoint::scrape())),
+            Route::Ping => Ok(PendingReply::Ready(Response::json(200, PONG.to_vec()))),
+            Route::Ready => Ok(ready::start(&self.rpc, *self.stopping.borrow())),
+            Route::Page => Ok(PendingReply::Ready(web::chat_page())),
+            Route::OpenApi => Ok(PendingReply::Ready(web::openapi())),
+            Route::Send => self.start_send(req, query),
+            Route::Pull => self.start_pull(req, query, account),
+            Route::Edit => self.start_change(req, query, true),
+            Route::Delete => self.start_change(req, query, false),
+            Route::Export => self.start_export(req),
+            Route::Stream => self.start_stream(req, account),
+            Route::Ws => self.start_ws(req),
         }
+    }
+
+    fn start_send(&self, req: &Request, query: Option<&[u8]>) -> Result<PendingReply, ApiError> {
+        let user = self.access.admit(req, Api::Send)?;
+        let mut request = json::parse_send_any(&req.body, is_form(req), query)?;
+        merge_idempotency_header(req, &mut request)?;
+        if let (Some(user), Some(message)) = (&user, &mut request.message) {
+            access::authorize(user, &message.chat, Some(&mut message.sender))?;
+        }
+        Ok(PendingReply::Send(
+            self.rpc.start(RpcRequest::Send(request))?,
+        ))
+    }
+
+    fn start_pull(
+        &self,
+        req: &Request,
+        query: Option<&[u8]>,
+        account: &Account,
+    ) -> Result<PendingReply, ApiError> {
+        let user = self.access.admit(req, Api::Pull)?;
+        let mut request = json::parse_pull(&req.body, is_form(req), query)?;
+        if let Some(user) = &user {
+            access::authorize(user, &request.chat, None)?;
+        }
+        request.wait_ms = request.wait_ms.min(self.max_wait_ms);
+        let waits = request.wait_ms > 0;
+        let account = charged_to(account, user.as_ref());
+        if !waits {
+            let budgeted = Budgeted::Reserved(reserve_page(&account, request.limit)?);
+            let call = self.rpc.start(RpcRequest::Pull(request, Some(budgeted)))?;
+            return Ok(PendingReply::Pull(call));
+        }
+        let held = self.held.hold(account.client())?;
+        let budgeted = Budgeted::OnArrival(account);
+        let call = self.rpc.start(RpcRequest::Pull(request, Some(budgeted)))?;
+        Ok(PendingReply::WaitingPull(call, held))
     }
 
     async fn finish_send(&self, call: BalancedCall) -> Result<Response, ApiError> {
@@ -239,9 +248,7 @@ impl Gateway {
             Err(err) => Err(ApiError::internal(format!("undecodable rpc reply: {err}"))),
         }
     }
-}
 
-impl Gateway {
     /// A pull the RPC server may hold: on shutdown it is answered at once
     /// with what it had — nothing, or it would not be waiting.
     async fn finish_waiting_pull(
@@ -380,13 +387,13 @@ impl Handler for Gateway {
     fn start(&self, req: &Request, account: &Account) -> Started {
         let at = std::time::Instant::now();
         let _in_flight = metrics::track(Gauge::HttpInFlight);
+        let entry = routes::find(req.path_and_query().0);
         let reply = self
-            .route(req, account)
+            .route(req, account, entry)
             .unwrap_or_else(|err| PendingReply::Ready(err.into_response()));
-        let route = Route::of(req.path_and_query().0);
         Started {
             reply,
-            route,
+            label: routes::label_of(entry),
             at,
             _in_flight,
         }
@@ -398,7 +405,7 @@ impl Handler for Gateway {
     fn finish(&self, started: Started) -> impl Future<Output = Response> + Send {
         let Started {
             reply,
-            route,
+            label,
             at,
             _in_flight,
         } = started;
@@ -415,7 +422,7 @@ impl Handler for Gateway {
                 PendingReply::Export(call, export) => self.finish_export(call, export).await,
             };
             let resp = result.unwrap_or_else(ApiError::into_response);
-            METRICS.http_request(route, resp.status, at.elapsed());
+            METRICS.http_request(label.id(), resp.status, at.elapsed());
             drop(_in_flight);
             resp
         }
@@ -425,7 +432,7 @@ impl Handler for Gateway {
     /// connection limit) count under route `other`, with no duration.
     fn reject(&self, err: HttpError) -> Response {
         let resp = ApiError::Http(err).into_response();
-        METRICS.http_rejected(resp.status);
+        METRICS.http_rejected(Label::Other.id(), resp.status);
         resp
     }
 }

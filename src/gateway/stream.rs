@@ -488,9 +488,9 @@ pub struct ChatStream {
 /// `<send_time>.<seq>`: an event's id, both cursors (SSE's `id:`, a
 /// WebSocket event's `"id"`).
 fn put_id(out: &mut BytesMut, (send_time, seq): (i64, i64)) {
-    crate::http::response::put_u64(out, send_time.max(0) as u64);
+    crate::digits::put_u64(out, send_time.max(0) as u64);
     out.put_u8(b'.');
-    crate::http::response::put_u64(out, seq.max(0) as u64);
+    crate::digits::put_u64(out, seq.max(0) as u64);
 }
 
 /// `id: <send_time>.<seq>`, `event: <kind>` unless a message,

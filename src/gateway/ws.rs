@@ -44,7 +44,8 @@ use crate::wire::next_field;
 use crate::ws::driver::{self, Session};
 use crate::ws::frame::{close_code, opcode, put_frame};
 
-/// The WebSocket options (`--ws-*`, and the HTTP output limits they share).
+/// The WebSocket options (`--ws-*`, and the HTTP output limits they share);
+/// mapped from the config, with their `Default`, in `config/components.rs`.
 #[derive(Debug, Clone, Copy)]
 pub struct WsOptions {
     pub max_subscriptions: usize,
@@ -52,29 +53,6 @@ pub struct WsOptions {
     /// as a request must arrive whole within it).
     pub auth_timeout: std::time::Duration,
     pub driver: driver::Options,
-}
-
-impl From<&crate::config::Config> for WsOptions {
-    fn from(config: &crate::config::Config) -> Self {
-        WsOptions {
-            max_subscriptions: config.ws_max_subscriptions,
-            auth_timeout: config.request_timeout,
-            driver: driver::Options {
-                conn: crate::ws::conn::Settings {
-                    max_message: config.ws_max_message,
-                    ping_after: config.ws_ping_interval,
-                    write_timeout: config.write_timeout,
-                },
-                max_output: config.max_output_buffer,
-            },
-        }
-    }
-}
-
-impl Default for WsOptions {
-    fn default() -> Self {
-        WsOptions::from(&crate::config::Config::defaults())
-    }
 }
 
 /// Requests of one connection in flight at once; past it the connection

@@ -4,7 +4,8 @@
 
 use bytes::{Buf, Bytes, BytesMut};
 
-/// Size limits, checked as soon as the bytes that break them arrive.
+/// Size limits, checked as soon as the bytes that break them arrive. Their
+/// `Default` is the options' defaults (`config/components.rs`).
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     /// Request line plus header section, in bytes (431 beyond it).
@@ -27,14 +28,6 @@ impl Limits {
             max_body,
             max_request_line: 8 * 1024,
         }
-    }
-}
-
-/// The options' defaults (`--max-header-bytes`, `--max-body`).
-impl Default for Limits {
-    fn default() -> Self {
-        let defaults = crate::config::Config::defaults();
-        Limits::new(defaults.max_head, defaults.max_body)
     }
 }
 

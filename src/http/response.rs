@@ -7,6 +7,7 @@ use std::pin::Pin;
 use bytes::{BufMut, Bytes, BytesMut};
 
 use super::date::with_date;
+use crate::digits::{put_hex, put_u64};
 
 /// A body produced piece by piece as the connection's output drains, so
 /// that a large response is never held whole (a pull page of 100 × 64 KiB
@@ -278,36 +279,6 @@ pub fn put_chunk(out: &mut BytesMut, data: &[u8], chunked: bool) {
 /// The end of a chunked body.
 pub const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
 
-/// Hexadecimal digits of `v` (a chunk size), without going through `fmt`.
-fn put_hex(out: &mut BytesMut, mut v: usize) {
-    let mut digits = [0u8; 16];
-    let mut i = digits.len();
-    loop {
-        i -= 1;
-        digits[i] = b"0123456789abcdef"[v % 16];
-        v /= 16;
-        if v == 0 {
-            break;
-        }
-    }
-    out.put_slice(&digits[i..]);
-}
-
-/// Decimal digits of `v`, without going through `fmt`.
-pub fn put_u64(out: &mut BytesMut, mut v: u64) {
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (v % 10) as u8;
-        v /= 10;
-        if v == 0 {
-            break;
-        }
-    }
-    out.put_slice(&digits[i..]);
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -323,9 +294,5 @@ mod tests {
         expected.extend_from_slice(&[b'x'; 26]);
         expected.extend_from_slice(b"\r\nab0\r\n\r\n");
         assert_eq!(&out[..], &expected[..]);
-        let mut big = BytesMut::new();
-        put_hex(&mut big, 0x10_0000);
-        put_hex(&mut big, 0);
-        assert_eq!(&big[..], b"1000000");
     }
 }

@@ -48,6 +48,8 @@ pub trait Handler: Send + Sync + 'static {
     }
 }
 
+/// The server's options. The config maps into them, and their `Default`
+/// is every option's default (both in `config/components.rs`).
 #[derive(Debug, Clone, Copy)]
 pub struct ServerOptions {
     pub limits: Limits,
@@ -66,28 +68,6 @@ pub struct ServerOptions {
     pub write_timeout: Duration,
     /// Silence on an event stream after which a heartbeat comment is written.
     pub stream_heartbeat: Duration,
-}
-
-impl From<&crate::config::Config> for ServerOptions {
-    fn from(config: &crate::config::Config) -> Self {
-        ServerOptions {
-            limits: Limits::new(config.max_head, config.max_body),
-            idle_timeout: config.idle_timeout,
-            request_timeout: config.request_timeout,
-            max_connections: config.max_connections,
-            max_output_buffer: config.max_output_buffer,
-            write_timeout: config.write_timeout,
-            stream_heartbeat: config.stream_heartbeat,
-            drain_timeout: config.drain_timeout,
-        }
-    }
-}
-
-/// The options' defaults.
-impl Default for ServerOptions {
-    fn default() -> Self {
-        ServerOptions::from(&crate::config::Config::defaults())
-    }
 }
 
 /// Bytes asked of each read.

@@ -2,7 +2,7 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use crate::http::response::put_u64;
+use crate::digits::put_u64;
 
 /// Encodes a command (`args[0]` is its name) as a RESP array of bulk strings.
 pub fn encode(args: &[&[u8]]) -> Bytes {

@@ -198,6 +198,22 @@ pub struct RpcClientOptions {
     pub local: Option<LocalRpc>,
 }
 
+/// The configured pool; the secret and the local channel are set by the
+/// caller (read once, and made per shard).
+impl From<&crate::config::Config> for RpcClientOptions {
+    fn from(config: &crate::config::Config) -> Self {
+        RpcClientOptions {
+            connections: config.rpc_connections,
+            timeout: config.rpc_timeout,
+            queue: config.queue,
+            max_in_flight: config.max_in_flight,
+            max_frame: config.max_frame,
+            secret: None,
+            local: None,
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct RpcClient {
     pool: Arc<Pool<RpcProtocol>>,

@@ -63,7 +63,8 @@ pub(super) fn bind(addr: &str, what: &str) -> Result<(StdListener, SocketAddr), 
 /// [`bind`] for an address every shard listens on with a socket of its own
 /// ([`Listeners`]). A first bind, without `SO_REUSEPORT`, checks the port
 /// is free and resolves port 0: a second server started on a port in use
-/// must fail, as it always has, not join the first one's group.
+/// must fail, not join the first one's group and take a share of its
+/// connections.
 pub(super) fn bind_shared(addr: &str, what: &str) -> Result<(StdListener, SocketAddr), String> {
     let (probe, local) = bind(addr, what)?;
     drop(probe);

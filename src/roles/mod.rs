@@ -9,10 +9,10 @@
 //! in-flight requests and closes; only then the RPC server does the same,
 //! so the gateway's last requests still find it.
 //!
-//! This module runs the shards and the shutdown; [`context`] prepares what
-//! they share, [`sockets`] their listeners, [`store_start`] the store,
-//! [`options`] the options built from the configuration, [`open_files`]
-//! the descriptor budget, [`metrics_listener`] `--metrics-addr`.
+//! This module runs the shards and the shutdown; `context` prepares what
+//! they share, `sockets` their listeners, `store_start` the store,
+//! `options` the options built from the configuration, `open_files` the
+//! descriptor budget, `metrics_listener` `--metrics-addr`.
 
 mod context;
 mod metrics_listener;

@@ -71,13 +71,15 @@ pub fn run(mut config: Config) -> Result<(), String> {
     };
     let threads = spawn_shards(&context, listeners, shards, &stop, &failed)?;
     drop(stop.gateway_drained);
-    let shutdown = Shutdown {
+    let mut shutdown = Shutdown {
         registration,
         stop_gateway,
         gateway_drains,
         stop_rpc,
     };
     control.block_on(shutdown.after_signal(&mut signals, failures))?;
+    // The senders in `shutdown` live until every shard has ended: a shard
+    // still draining sees its stop signal set, not its channel closed.
     for thread in threads {
         match thread.join() {
             Ok(result) => result?,
@@ -112,7 +114,7 @@ impl Shutdown {
     /// error), then stops the roles in order: out of the registry, the
     /// gateway drained, then the RPC server.
     async fn after_signal(
-        mut self,
+        &mut self,
         signals: &mut ShutdownSignals,
         mut failures: mpsc::Receiver<String>,
     ) -> Result<(), String> {
@@ -123,7 +125,7 @@ impl Shutdown {
         crate::logging::info!("shutting down: draining in-flight requests");
         // Out of the registry first, so that gateways stop choosing this
         // server (GOAWAY tells those already connected).
-        if let Some(registration) = self.registration {
+        if let Some(registration) = self.registration.take() {
             registration.deregister();
         }
         let _ = self.stop_gateway.send(true);

@@ -76,6 +76,7 @@ pub mod resp;
 pub(crate) mod rlimit;
 pub mod roles;
 pub mod rpc;
+pub(crate) mod runtime;
 pub(crate) mod store;
 pub(crate) mod unwind;
 pub(crate) mod wire;

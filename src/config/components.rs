@@ -1,12 +1,17 @@
-//! The config mapped into the components' own options structs, and those
-//! structs' defaults (every option at its declared default): the HTTP
-//! codec and server and the WebSocket endpoint take their options, not the
+//! The config mapped into the components' own options structs, in one
+//! place, and some of those structs' defaults (every option at its declared
+//! default): the HTTP codec and server, the WebSocket endpoint, the RPC
+//! client and server and the Redis store take their options, not the
 //! [`Config`], so they import nothing from here.
 
 use super::Config;
 use crate::gateway::ws::WsOptions;
 use crate::http::codec::Limits;
 use crate::http::server::ServerOptions;
+use crate::rpc::client::RpcClientOptions;
+use crate::rpc::server::RpcServerOptions;
+use crate::store::redis::RedisOptions;
+use crate::store::retention::Retention;
 use crate::ws::{conn, driver};
 
 impl From<&Config> for ServerOptions {
@@ -57,5 +62,60 @@ impl From<&Config> for WsOptions {
 impl Default for WsOptions {
     fn default() -> Self {
         WsOptions::from(&Config::defaults())
+    }
+}
+
+impl From<&Config> for RedisOptions {
+    fn from(config: &Config) -> Self {
+        RedisOptions {
+            connections: config.redis_connections,
+            queue: config.queue,
+            max_in_flight: config.max_in_flight,
+            timeout: config.redis_timeout(),
+            wait_replicas: config.redis_wait_replicas,
+            max_queued_bytes: config.max_queued_bytes,
+            idempotency_ttl: config.idempotency_ttl,
+            change_log_retention: config.change_log_retention,
+            retention: Retention::from(config),
+        }
+    }
+}
+
+/// `--retain-messages` and `--retain-age-s`.
+impl From<&Config> for Retention {
+    fn from(config: &Config) -> Self {
+        Retention {
+            messages: config.retain_messages,
+            age: config.retain_age,
+        }
+    }
+}
+
+impl From<&Config> for RpcServerOptions {
+    fn from(config: &Config) -> Self {
+        RpcServerOptions {
+            max_frame: config.max_frame,
+            max_in_flight: config.max_in_flight,
+            max_output: config.max_rpc_output,
+            idle_timeout: config.rpc_idle_timeout,
+            max_connections: config.max_rpc_connections,
+            // Read once, at start-up (`ShardContext::rpc_secret`).
+            secret: None,
+            advertise: config.rpc_advertise.clone(),
+        }
+    }
+}
+
+impl From<&Config> for RpcClientOptions {
+    fn from(config: &Config) -> Self {
+        RpcClientOptions {
+            connections: config.rpc_connections,
+            timeout: config.rpc_timeout,
+            queue: config.queue,
+            max_in_flight: config.max_in_flight,
+            max_frame: config.max_frame,
+            secret: None,
+            local: None,
+        }
     }
 }

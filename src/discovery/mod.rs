@@ -108,32 +108,11 @@ pub fn start(sources: Sources) -> Result<watch::Receiver<Vec<SocketAddr>>, Strin
     if hosts.is_empty() && sources.registry.is_none() {
         return Ok(endpoints);
     }
-    spawn_on_own_runtime(
+    crate::runtime::spawn_on_own_runtime(
         "discovery",
         discover(fixed, hosts, sources.registry, publish),
     )?;
     Ok(endpoints)
-}
-
-/// Runs `task` on a thread `im-<what>` with a current-thread runtime of its
-/// own: discovery and registration keep their timers and etcd connections
-/// off the shards that serve requests.
-pub(crate) fn spawn_on_own_runtime(
-    what: &'static str,
-    task: impl std::future::Future<Output = ()> + Send + 'static,
-) -> Result<std::thread::JoinHandle<()>, String> {
-    std::thread::Builder::new()
-        .name(format!("im-{what}"))
-        .spawn(move || {
-            match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(runtime) => runtime.block_on(task),
-                Err(err) => crate::logging::error!("{what} cannot start a runtime"; err = err),
-            }
-        })
-        .map_err(|e| format!("cannot start the {what} thread: {e}"))
 }
 
 async fn discover(
@@ -285,7 +264,10 @@ pub struct Registration {
 impl Registration {
     pub fn start(registry: RegistryUrl, advertise: SocketAddr) -> Result<Registration, String> {
         let (stop, stopping) = watch::channel(false);
-        let thread = spawn_on_own_runtime("registration", register(registry, advertise, stopping))?;
+        let thread = crate::runtime::spawn_on_own_runtime(
+            "registration",
+            register(registry, advertise, stopping),
+        )?;
         Ok(Registration {
             stop,
             thread: Some(thread),

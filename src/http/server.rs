@@ -225,14 +225,14 @@ async fn connection<H: Handler>(
                 let answered =
                     answer_oldest(&mut io, &mut conn, &mut pending, &*handler, &shutdown);
                 match answered.await? {
-                    Then::Next => {}
+                    AfterResponse::Next => {}
                     // Boxed: a stream's driver is large, and inline it
                     // would make every connection's task that large.
-                    Then::Stream(events, chunked) => {
+                    AfterResponse::Stream(events, chunked) => {
                         return Box::pin(io.stream(&mut conn, events, chunked, &mut shutdown))
                             .await;
                     }
-                    Then::Upgrade(upgrade) => {
+                    AfterResponse::Upgrade(upgrade) => {
                         io.flush().await?;
                         let input = std::mem::take(&mut conn.input);
                         upgrade.run(io.socket, input, shutdown).await;
@@ -273,7 +273,7 @@ fn settings(options: &ServerOptions) -> Settings {
 }
 
 /// What the connection does after a response.
-enum Then {
+enum AfterResponse {
     Next,
     /// Drive this event stream (chunked or not).
     Stream(Box<dyn EventSource>, bool),
@@ -290,7 +290,7 @@ async fn answer_oldest<H: Handler>(
     pending: &mut VecDeque<Option<H::Pending>>,
     handler: &H,
     shutdown: &watch::Receiver<bool>,
-) -> std::io::Result<Then> {
+) -> std::io::Result<AfterResponse> {
     // The future is made and pinned here, in one place: an `async fn`
     // taking the started request or its future by value would hold it twice
     // (rust-lang/rust#62958), in every waiting connection's task.
@@ -323,14 +323,14 @@ async fn answer_oldest<H: Handler>(
         write_response(&mut io.output, &resp, false, false, false);
     }
     if let Some(upgrade) = resp.upgrade.take() {
-        return Ok(Then::Upgrade(upgrade));
+        return Ok(AfterResponse::Upgrade(upgrade));
     }
     Ok(match io.put_response(resp, framing).await? {
         Some(events) => {
             conn.start_stream(std::time::Instant::now());
-            Then::Stream(events, !framing.http10)
+            AfterResponse::Stream(events, !framing.http10)
         }
-        None => Then::Next,
+        None => AfterResponse::Next,
     })
 }
 

@@ -33,7 +33,7 @@ const PING_TIMEOUT: Duration = Duration::from_millis(500);
 const MAX_ATTEMPTS: usize = 3;
 
 /// The endpoints one call has tried, in order: kept inline, as every call
-/// has one (a `Vec` was an allocation per call).
+/// has one (a `Vec` would be an allocation per call).
 #[derive(Clone, Copy, Default)]
 struct Tried {
     ids: [EndpointId; MAX_ATTEMPTS],

@@ -198,6 +198,8 @@ pub struct RpcClientOptions {
     pub local: Option<LocalRpc>,
 }
 
+/// The configured pool; the secret and the local channel are set by the
+/// caller (read once, and made per shard).
 #[derive(Clone)]
 pub struct RpcClient {
     pool: Arc<Pool<RpcProtocol>>,

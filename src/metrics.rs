@@ -31,7 +31,7 @@ pub const SLOTS: usize = 16;
 /// The HTTP routes counted apart, at most: the gateway's route table
 /// names them (`gateway::routes::Label`) and gives each its [`RouteId`];
 /// the counters only know their places, and [`render`] their names.
-pub const MAX_ROUTES: usize = 12;
+pub const MAX_ROUTES: usize = 16;
 
 /// A `route` label's place in the HTTP counters, below [`MAX_ROUTES`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,6 +115,10 @@ pub enum Gauge {
     WaitingPulls,
     /// Open event streams (SSE), in the gateway.
     OpenStreams,
+    /// Open WebSocket connections (`/api/ws`), in the gateway.
+    WsConnections,
+    /// Chats followed by WebSocket subscriptions, in the gateway.
+    WsSubscriptions,
     /// Rate-limit buckets held (send and pull limiters together).
     RateLimitBuckets,
     /// Requests the RPC server is serving.
@@ -124,11 +128,13 @@ pub enum Gauge {
 }
 
 impl Gauge {
-    const ALL: [Gauge; 7] = [
+    const ALL: [Gauge; 9] = [
         Gauge::HttpInFlight,
         Gauge::HttpConnections,
         Gauge::WaitingPulls,
         Gauge::OpenStreams,
+        Gauge::WsConnections,
+        Gauge::WsSubscriptions,
         Gauge::RateLimitBuckets,
         Gauge::RpcServerInFlight,
         Gauge::RpcServerConnections,
@@ -147,6 +153,11 @@ impl Gauge {
                 "Pulls held waiting for a new message (long poll).",
             ),
             Gauge::OpenStreams => ("im_streams_open", "Open event streams (SSE)."),
+            Gauge::WsConnections => ("im_ws_connections_open", "Open WebSocket connections."),
+            Gauge::WsSubscriptions => (
+                "im_ws_subscriptions",
+                "Chats followed by WebSocket subscriptions.",
+            ),
             Gauge::RateLimitBuckets => (
                 "im_rate_limit_buckets",
                 "Rate-limit buckets held (send and pull limiters together; at most about 100,000 each).",

@@ -367,3 +367,45 @@ fn metrics_need_no_token_and_the_metrics_listener_serves_only_metrics() {
     assert_eq!(head.status, 200);
     assert!(head.body.is_empty(), "HEAD has no body");
 }
+
+/// WebSocket connections and their subscriptions are gauges of the
+/// gateway, back to 0 once the client has gone; edits and deletes are
+/// counted under routes of their own.
+#[test]
+fn websocket_gauges_follow_connections_and_subscriptions() {
+    let server = Server::memory();
+    let http = server.http_addr();
+    let sent = send_ok(http, "gauged", "a", "first");
+    let gauges = |s: &Scrape| {
+        (
+            s.value("im_ws_connections_open", &[]),
+            s.value("im_ws_subscriptions", &[]),
+        )
+    };
+    let mut ws = WsClient::connect(http, &[]);
+    let (reply, _) = ws.call(json!({"id": 1, "op": "subscribe", "chat": "gauged"}));
+    assert_eq!(reply["ok"], true, "{reply}");
+    let during = scrape(http);
+    promtool_check(&during.text);
+    assert_eq!(gauges(&during), (1.0, 1.0));
+    drop(ws);
+    wait_until(Duration::from_secs(5), "WebSocket gauges back to 0", || {
+        (gauges(&scrape(http)) == (0.0, 0.0)).then_some(())
+    });
+    let before = scrape(http);
+    let edit = json!({"chat": "gauged", "send_time": sent, "text": "edited"});
+    let json = [("Content-Type", "application/json")];
+    let r = request(
+        http,
+        "POST",
+        "/api/edit",
+        &json,
+        edit.to_string().as_bytes(),
+    );
+    assert_eq!(r.status, 200, "{}", r.describe());
+    let after = scrape(http);
+    assert_eq!(
+        requests(&after, "edit", "200") - requests(&before, "edit", "200"),
+        1.0
+    );
+}

@@ -64,6 +64,10 @@ pub enum Label {
     Send,
     Pull,
     Stream,
+    Ws,
+    Edit,
+    Delete,
+    Export,
     Ping,
     Ready,
     Metrics,
@@ -73,10 +77,14 @@ pub enum Label {
 }
 
 impl Label {
-    pub const ALL: [Label; 9] = [
+    pub const ALL: [Label; 13] = [
         Label::Send,
         Label::Pull,
         Label::Stream,
+        Label::Ws,
+        Label::Edit,
+        Label::Delete,
+        Label::Export,
         Label::Ping,
         Label::Ready,
         Label::Metrics,
@@ -87,8 +95,9 @@ impl Label {
 
     /// The label values, in [`Label::ALL`]'s order: the metrics' own
     /// index of each ([`Label::id`]) is its place here.
-    pub const NAMES: [&'static str; 9] = [
-        "send", "pull", "stream", "ping", "ready", "metrics", "openapi", "page", "other",
+    pub const NAMES: [&'static str; 13] = [
+        "send", "pull", "stream", "ws", "edit", "delete", "export", "ping", "ready", "metrics",
+        "openapi", "page", "other",
     ];
 
     /// The label's place in the metrics' counters.
@@ -138,14 +147,14 @@ pub const TABLE: [Entry; 12] = [
         Methods::GetHead,
         Label::Stream,
     ),
-    entry(b"/api/ws", Route::Ws, Methods::Get, Label::Other),
-    entry(b"/api/edit", Route::Edit, Methods::Post, Label::Other),
-    entry(b"/api/delete", Route::Delete, Methods::Post, Label::Other),
+    entry(b"/api/ws", Route::Ws, Methods::Get, Label::Ws),
+    entry(b"/api/edit", Route::Edit, Methods::Post, Label::Edit),
+    entry(b"/api/delete", Route::Delete, Methods::Post, Label::Delete),
     entry(
         b"/api/export",
         Route::Export,
         Methods::GetHead,
-        Label::Other,
+        Label::Export,
     ),
     entry(b"/ping", Route::Ping, Methods::GetHead, Label::Ping),
     entry(b"/ready", Route::Ready, Methods::GetHead, Label::Ready),

@@ -186,6 +186,8 @@ struct Rendering {
 struct Subscription {
     generation: u64,
     task: JoinHandle<()>,
+    /// Held for its drop: `im_ws_subscriptions`.
+    _counted: crate::metrics::Tracked,
 }
 
 impl Drop for Subscription {
@@ -219,6 +221,8 @@ struct WsSession {
     /// One event's data and one event; reused.
     scratch: Vec<u8>,
     event: Vec<u8>,
+    /// Held for its drop: `im_ws_connections_open`.
+    _open: crate::metrics::Tracked,
 }
 
 /// One request frame. Fields an op does not use are ignored.
@@ -270,6 +274,7 @@ impl WsSession {
             rendering: None,
             scratch: Vec::new(),
             event: Vec::new(),
+            _open: crate::metrics::track(crate::metrics::Gauge::WsConnections),
         }
     }
 
@@ -476,6 +481,7 @@ impl WsSession {
         let subscription = Subscription {
             generation: self.generation,
             task,
+            _counted: crate::metrics::track(crate::metrics::Gauge::WsSubscriptions),
         };
         self.subscriptions.insert(chat, subscription);
         Ok(())

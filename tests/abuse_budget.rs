@@ -492,3 +492,60 @@ fn unread_event_streams_stay_within_the_process_budget() {
     assert_eq!(other.next_event().json()["text"], "hello");
     drop(streams);
 }
+
+/// `n` waiting pulls of one connection, pipelined, through a proxy that
+/// says they come from `client`.
+fn forwarded_waiting_pulls(addr: SocketAddr, client: &str, n: usize) -> HttpConn {
+    let mut conn = HttpConn::connect(addr);
+    let burst: Vec<u8> = (0..n)
+        .flat_map(|p| {
+            format!(
+                "GET /api/pull?chat=fwd-{client}-{p}&wait_ms=30000 HTTP/1.1\r\nHost: x\r\n\
+                 X-Forwarded-For: {client}\r\n\r\n"
+            )
+            .into_bytes()
+        })
+        .collect();
+    conn.write_raw(&burst);
+    conn
+}
+
+/// Behind a trusted proxy every connection's peer is the proxy: shares go
+/// by the address it forwards, so one client at its share of waiting pulls
+/// leaves another client, through the same proxy, its own.
+#[test]
+fn behind_a_trusted_proxy_shares_are_per_forwarded_client() {
+    let _alone = alone();
+    let server = Server::start(
+        "all",
+        &[
+            "--trusted-proxies",
+            "127.0.0.1/32",
+            "--max-held-per-client",
+            "16",
+        ],
+        &[],
+    );
+    let addr = server.http_addr();
+    let _holding = forwarded_waiting_pulls(addr, "203.0.113.1", 16);
+    let settle = Instant::now() + Duration::from_secs(10);
+    while held_at_the_rpc_server(addr) < 16.0 && Instant::now() < settle {
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        held_at_the_rpc_server(addr),
+        16.0,
+        "the first client's pulls"
+    );
+    let mut over = forwarded_waiting_pulls(addr, "203.0.113.1", 1);
+    assert_eq!(
+        first_status(&mut over),
+        429,
+        "the first client over its share"
+    );
+    let mut other = forwarded_waiting_pulls(addr, "203.0.113.2", 1);
+    send_ok(addr, "fwd-203.0.113.2-0", "v", "wake");
+    other.set_read_timeout(Duration::from_secs(10));
+    let page = parse_page(&other.read_response(), "another client's pull");
+    assert_eq!(page.messages.len(), 1);
+}

@@ -124,17 +124,27 @@ impl Access {
     /// address (or /64), so a user named like an address never shares one
     /// with it.
     fn address_key(&self, req: &Request) -> Vec<u8> {
-        let Some(peer) = req.peer else {
-            return b"ip:".to_vec();
-        };
-        let client = if self.trusted_proxies.is_empty() {
-            peer
-        } else {
-            let forwarded: Vec<&[u8]> = req.header_values("forwarded").collect();
-            let xff: Vec<&[u8]> = req.header_values("x-forwarded-for").collect();
-            client_address(peer, &forwarded, &xff, &self.trusted_proxies)
-        };
-        bucket_key(client)
+        match self.client_ip(req) {
+            Some(client) => bucket_key(client),
+            None => b"ip:".to_vec(),
+        }
+    }
+
+    /// The client's address: the connection's peer, or, when that is a
+    /// trusted proxy, the address it forwarded (see [`client_address`]).
+    pub fn client_ip(&self, req: &Request) -> Option<IpAddr> {
+        let peer = req.peer?;
+        if self.trusted_proxies.is_empty() {
+            return Some(peer);
+        }
+        let forwarded: Vec<&[u8]> = req.header_values("forwarded").collect();
+        let xff: Vec<&[u8]> = req.header_values("x-forwarded-for").collect();
+        Some(client_address(
+            peer,
+            &forwarded,
+            &xff,
+            &self.trusted_proxies,
+        ))
     }
 }
 
@@ -161,10 +171,9 @@ impl Access {
     }
 }
 
-/// The bucket of a WebSocket request: `u:<user>`, or the connection's
-/// address bucket ([`bucket_key`]: an IPv6 client by its /64). (The
-/// connection's peer: a trusted proxy's forwarded address is not applied
-/// to WebSocket requests.)
+/// The bucket of a WebSocket request: `u:<user>`, or the client's address
+/// bucket ([`bucket_key`]: an IPv6 client by its /64), `peer` being the
+/// address [`Access::client_ip`] found at the upgrade.
 fn client_key(claims: Option<&Claims>, peer: Option<IpAddr>) -> Vec<u8> {
     match (claims, peer) {
         (Some(c), _) => [b"u:", c.sub.as_bytes()].concat(),

@@ -156,7 +156,7 @@ impl Gateway {
         }
         request.wait_ms = request.wait_ms.min(self.max_wait_ms);
         let waits = request.wait_ms > 0;
-        let account = charged_to(account, user.as_ref());
+        let account = charged_to(account, user.as_ref(), self.access.client_ip(req));
         if !waits {
             let budgeted = Budgeted::Reserved(reserve_page(&account, request.limit)?);
             let call = self.rpc.start(RpcRequest::Pull(request, Some(budgeted)))?;
@@ -349,11 +349,21 @@ fn reserve_page(account: &Account, limit: i32) -> Result<Reserved, ApiError> {
 
 /// The account a request's replies are charged to: its connection's, under
 /// the token's subject when there is one (a user's share does not grow with
-/// the addresses they connect from).
-fn charged_to(account: &Account, user: Option<&crate::auth::Claims>) -> Account {
-    match user {
-        Some(user) => account.for_client(ClientKey::of_subject(&user.sub)),
-        None => account.clone(),
+/// the addresses they connect from), else under the client's address
+/// (`client`: a trusted proxy's forwarded one; behind a proxy every
+/// connection's peer is the proxy, and one client would take the share of
+/// all).
+fn charged_to(
+    account: &Account,
+    user: Option<&crate::auth::Claims>,
+    client: Option<std::net::IpAddr>,
+) -> Account {
+    match (user, client) {
+        (Some(user), _) => account.for_client(ClientKey::of_subject(&user.sub)),
+        (None, Some(ip)) if ClientKey::of_ip(ip) != account.client() => {
+            account.for_client(ClientKey::of_ip(ip))
+        }
+        (None, _) => account.clone(),
     }
 }
 

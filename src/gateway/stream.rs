@@ -93,7 +93,7 @@ impl Gateway {
         if let Some(user) = &user {
             access::authorize(user, &chat, None)?;
         }
-        let account = super::charged_to(account, user.as_ref());
+        let account = super::charged_to(account, user.as_ref(), self.access.client_ip(req));
         let held = self.held.hold(account.client())?;
         // The first pull does not wait: the head (and the history) go out at
         // once, so a client sees the stream open even in a silent chat.

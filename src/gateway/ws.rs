@@ -80,7 +80,7 @@ impl Gateway {
         }
         let upgrade = WsUpgrade {
             accept,
-            session: WsSession::new(self, auth, req.peer),
+            session: WsSession::new(self, auth, self.access.client_ip(req)),
             options: self.ws,
         };
         Ok(PendingReply::Ready(Response::switching(Box::new(upgrade))))
@@ -200,7 +200,8 @@ struct WsSession {
     rpc: BalancedClient,
     access: Arc<Access>,
     auth: AuthState,
-    peer: Option<IpAddr>,
+    /// The client's address (a trusted proxy's forwarded one), for rate limits.
+    client: Option<IpAddr>,
     max_wait_ms: i32,
     max_subscriptions: usize,
     events: mpsc::UnboundedReceiver<Event>,
@@ -253,13 +254,13 @@ struct Op {
 }
 
 impl WsSession {
-    fn new(gateway: &Gateway, auth: AuthState, peer: Option<IpAddr>) -> WsSession {
+    fn new(gateway: &Gateway, auth: AuthState, client: Option<IpAddr>) -> WsSession {
         let (sender, events) = mpsc::unbounded_channel();
         WsSession {
             rpc: gateway.rpc.clone(),
             access: gateway.access.clone(),
             auth,
-            peer,
+            client,
             max_wait_ms: gateway.max_wait_ms,
             max_subscriptions: gateway.ws.max_subscriptions,
             events,
@@ -342,7 +343,7 @@ impl WsSession {
 
     /// Takes one token of the op's rate limit, as an HTTP request would.
     fn admit(&self, user: Option<&Claims>, api: Api) -> Result<(), ApiError> {
-        self.access.limit(user, self.peer, api)
+        self.access.limit(user, self.client, api)
     }
 
     fn start_send(&mut self, op: Op, user: Option<&Claims>) -> Result<(), ApiError> {

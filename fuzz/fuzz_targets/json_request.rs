@@ -126,6 +126,7 @@ fn build_pull_response(data: &[u8]) -> PullResponse {
             text: lossy(&mut u),
             sender: lossy(&mut u),
             send_time: i64::arbitrary(&mut u).unwrap_or(0),
+            edited_at: i64::arbitrary(&mut u).unwrap_or(0),
         });
     }
     PullResponse {
@@ -152,7 +153,11 @@ fn check_pull_body(data: &[u8]) {
     let msgs = v["messages"].as_array().expect("messages is an array");
     assert_eq!(msgs.len(), resp.messages.len());
     for (got, want) in msgs.iter().zip(&resp.messages) {
-        assert_eq!(got.as_object().expect("message object").len(), 4);
+        // `edited_at` only for an edited message.
+        let keys = 4 + usize::from(want.edited_at != 0);
+        assert_eq!(got.as_object().expect("message object").len(), keys);
+        let edited = got.get("edited_at").and_then(Value::as_i64);
+        assert_eq!(edited.unwrap_or(0), want.edited_at);
         assert_eq!(got["chat"].as_str(), Some(want.chat.as_str()));
         assert_eq!(got["text"].as_str(), Some(want.text.as_str()));
         assert_eq!(got["sender"].as_str(), Some(want.sender.as_str()));

@@ -74,6 +74,14 @@ pub async fn run<S: Session>(
     let mut out = BytesMut::new();
     deliver(&mut conn, &mut session, &mut input, &mut out);
     let (mut reader, writer) = socket.split();
+    // One timer for the connection: a new `sleep_until` per turn registered
+    // and dropped a timer entry per message (1.5 % of the process under
+    // ws_load sends), and moving it per message cost 0.8 %. It is moved
+    // only to an earlier deadline or once it has fired: a later deadline
+    // (each message heard moves the ping deadline on) is found when the
+    // timer fires early, once per quiet spell.
+    let timer = tokio::time::sleep_until(Instant::now());
+    tokio::pin!(timer);
     loop {
         let now = std::time::Instant::now();
         let wake = match conn.next(now, &mut out) {
@@ -84,6 +92,9 @@ pub async fn run<S: Session>(
             }
             Step::Run(wake) => Instant::from_std(wake),
         };
+        if wake < timer.deadline() || timer.is_elapsed() {
+            timer.as_mut().reset(wake);
+        }
         let takes = conn.is_open() && out.len() < options.max_output;
         // Read on while the session is busy (a pong may come), but hold no
         // more than one message's worth of frames not yet decoded.
@@ -120,7 +131,7 @@ pub async fn run<S: Session>(
                     deliver(&mut conn, &mut session, &mut input, &mut out);
                 }
             }
-            () = tokio::time::sleep_until(wake) => {}
+            () = &mut timer => {}
         }
     }
     finish(socket, out, options.conn.write_timeout).await;

@@ -28,8 +28,8 @@ use crate::rpc::balanced::BalancedClient;
 use crate::rpc::client::RpcClientOptions;
 use crate::rpc::server::RpcServerOptions;
 use crate::store::AnyStore;
-use crate::store::cluster::{ClusterShared, ClusterStore, Probe, probe};
 use crate::store::memory::MemoryStore;
+use crate::store::redis::{ClusterShared, ClusterStore, Probe, probe};
 use crate::store::redis::{RedisOptions, RedisStore};
 use crate::store::subscriber;
 

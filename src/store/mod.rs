@@ -1,5 +1,5 @@
 //! Message storage: one [`Store`] trait, implemented by Redis
-//! ([`redis::RedisStore`], the real store; [`cluster::ClusterStore`] on a
+//! ([`redis::RedisStore`], the real store; [`redis::ClusterStore`] on a
 //! Redis Cluster) and by an embedded in-process
 //! store ([`memory::MemoryStore`], used when no Redis URL is configured).
 //! Both pass the same conformance suite (`tests/conformance.rs`).
@@ -19,7 +19,6 @@
 //! acknowledge in time (a send may or may not be stored); `Internal` when it
 //! answered something it never should.
 
-pub mod cluster;
 pub mod lifecycle;
 pub mod memory;
 pub mod redis;
@@ -213,7 +212,7 @@ pub enum AnyStore {
     /// Shared by every thread of the process.
     Memory(std::sync::Arc<memory::MemoryStore>),
     Redis(redis::RedisStore),
-    Cluster(cluster::ClusterStore),
+    Cluster(redis::ClusterStore),
 }
 
 impl AnyStore {

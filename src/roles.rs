@@ -23,15 +23,12 @@ use crate::gateway::Gateway;
 use crate::gateway::access::Access;
 use crate::http::server::{ServerOptions, connection_slots};
 use crate::notify::Hub;
-use crate::resp::url::RedisTarget;
 use crate::rpc::balanced::BalancedClient;
 use crate::rpc::client::RpcClientOptions;
 use crate::rpc::server::RpcServerOptions;
-use crate::store::AnyStore;
 use crate::store::memory::MemoryStore;
-use crate::store::redis::{ClusterShared, ClusterStore, Probe, probe};
-use crate::store::redis::{RedisOptions, RedisStore};
-use crate::store::subscriber;
+use crate::store::redis::{ClusterShared, Probe, RedisOptions, probe};
+use crate::store::{StoreChoice, subscriber};
 
 /// What every shard shares.
 struct Plan {
@@ -90,17 +87,6 @@ impl Listeners {
             metrics: None,
         })
     }
-}
-
-#[derive(Clone)]
-enum StoreChoice {
-    Memory(Arc<MemoryStore>),
-    /// Each shard opens its own connections; waiting pulls share the hub
-    /// that the process's one subscriber connection feeds.
-    Redis(RedisTarget, Arc<Hub>),
-    /// The slot map is shared; each shard opens its own connections; the
-    /// hub is fed by one subscriber connection per master.
-    Cluster(Arc<ClusterShared>, Arc<Hub>),
 }
 
 /// Runs the configured role(s) until SIGINT or SIGTERM, then shuts down
@@ -673,18 +659,7 @@ async fn run_shard(
     };
     let rpc = match &plan.store {
         Some(store) => {
-            let store = match store {
-                StoreChoice::Memory(memory) => AnyStore::Memory(memory.clone()),
-                StoreChoice::Redis(target, hub) => AnyStore::Redis(
-                    RedisStore::new(target.clone(), &redis_options(config)).with_hub(hub.clone()),
-                ),
-                StoreChoice::Cluster(shared, hub) => {
-                    let options = redis_options(config);
-                    AnyStore::Cluster(
-                        ClusterStore::new(shared.clone(), &options).with_hub(hub.clone()),
-                    )
-                }
-            };
+            let store = store.open(&redis_options(config));
             let server = crate::rpc::server::serve(
                 shard_listener(listeners.rpc)?,
                 local_accept,

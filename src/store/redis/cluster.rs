@@ -142,13 +142,15 @@ impl ClusterShared {
             .or_else(|| self.seeds.first().cloned())
     }
 
+    /// Every master of the map (none while no map was read).
+    fn map_masters(&self) -> Vec<Arc<str>> {
+        let map = self.map.read().unwrap_or_else(PoisonError::into_inner);
+        map.masters()
+    }
+
     /// Every master of the map; the seeds while no map was read.
     pub(super) fn masters(&self) -> Vec<Arc<str>> {
-        let masters = self
-            .map
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .masters();
+        let masters = self.map_masters();
         match masters.is_empty() {
             true => self.seeds.clone(),
             false => masters,
@@ -171,11 +173,7 @@ impl ClusterShared {
 
     /// Nodes to ask for the map: the known masters, then the seeds.
     fn refresh_candidates(&self) -> Vec<Arc<str>> {
-        let mut nodes = self
-            .map
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .masters();
+        let mut nodes = self.map_masters();
         // Start at a different master each time: the first may be the dead one.
         let turn = self.refreshes() as usize;
         if !nodes.is_empty() {
@@ -213,12 +211,7 @@ impl Router {
     /// Closes the pools of nodes that no longer serve a slot (their tasks
     /// end once the last in-flight command lets go of them).
     fn prune(&self) {
-        let masters = self
-            .shared
-            .map
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .masters();
+        let masters = self.shared.map_masters();
         let mut nodes = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);
         nodes.retain(|addr, _| masters.contains(addr));
     }
@@ -485,12 +478,7 @@ async fn sweep_masters(router: std::sync::Weak<Router>) {
         let Some(router) = router.upgrade() else {
             return;
         };
-        let masters = router
-            .shared
-            .map
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .masters();
+        let masters = router.shared.map_masters();
         let mut removed = 0;
         for addr in masters {
             let node = router.node(&addr);

@@ -47,7 +47,7 @@ impl Level {
 }
 
 /// `--log-level`: a default level and optional per-module ones, as
-/// `RUST_LOG` spells them: `info`, `warn,rpc=debug,store::cluster=off`.
+/// `RUST_LOG` spells them: `info`, `warn,rpc=debug,store::redis::cluster=off`.
 /// Module paths are relative to the crate (`rpc` is `im_server::rpc`); the
 /// longest matching prefix wins.
 #[derive(Debug, Clone, PartialEq, Eq)]

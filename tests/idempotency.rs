@@ -361,7 +361,7 @@ fn invalid_or_conflicting_keys_are_400(make: MakeBackend) {
 // Redis only
 // ---------------------------------------------------------------------------
 
-/// The record of `key` in `chat` (see `idempotency_record_key` in src/store/redis.rs).
+/// The record of `key` in `chat` (see `idempotency_record_key` in src/store/redis/schema.rs).
 fn record_key(chat: &str, key: &str) -> String {
     format!("im:idem:{}:{{{chat}}}:{key}", chat.len())
 }

@@ -1,6 +1,7 @@
 //! The pure parts of talking to a Redis Cluster: the slot map (from
 //! `CLUSTER SLOTS`, patched by MOVED), and what an error reply means for a
-//! command that got it. The I/O around them is in `store::cluster`.
+//! command that got it. The I/O around them is in
+//! `store::redis::cluster`.
 
 use std::sync::Arc;
 

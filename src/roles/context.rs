@@ -7,7 +7,6 @@ use std::sync::Arc;
 use tokio::sync::{Semaphore, watch};
 
 use super::sockets::{Listeners, bind_shared};
-use super::store_start::StoreChoice;
 use crate::budget::MemoryBudget;
 use crate::config::{Config, Role};
 use crate::discovery::{self, Registration, Sources, Target};
@@ -15,6 +14,7 @@ use crate::gateway::access::Access;
 use crate::gateway::held::HeldWork;
 use crate::http::server::{ServerOptions, connection_slots};
 use crate::rpc::server::RpcServerOptions;
+use crate::store::StoreChoice;
 
 /// What every shard shares.
 pub(super) struct ShardContext {
@@ -103,7 +103,7 @@ pub(super) fn prepare(config: Config) -> Result<(ShardContext, Listeners), Strin
 
 /// The store, then the RPC listener.
 fn prepare_rpc(config: &Config) -> Result<RpcSide, String> {
-    let store = StoreChoice::start(config)?;
+    let store = super::store_start::start(config)?;
     let (listener, local) = bind_shared(&config.rpc_listen, "rpc")?;
     crate::logging::info!("rpc listening on {local}");
     Ok(RpcSide {

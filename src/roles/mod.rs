@@ -36,9 +36,9 @@ use crate::rpc::balanced::BalancedClient;
 use crate::rpc::client::RpcClientOptions;
 use crate::rpc::local::LocalAccept;
 use crate::rpc::server::RpcServerOptions;
+use crate::store::StoreChoice;
 use context::ShardContext;
 use sockets::{Listeners, shard_listener};
-use store_start::StoreChoice;
 
 /// Runs the configured role(s) until SIGINT or SIGTERM, then shuts down
 /// gracefully.
@@ -240,7 +240,7 @@ fn spawn_rpc_server(
     let server = crate::rpc::server::serve(
         listener,
         local_accept,
-        Arc::new(store.open_for_shard(config)),
+        Arc::new(store.open(&crate::store::redis::RedisOptions::from(config))),
         RpcServerOptions {
             secret: context.rpc_secret.clone(),
             ..RpcServerOptions::from(config)

@@ -1,7 +1,7 @@
 //! The store the RPC server serves, chosen once before the shards start:
 //! the embedded memory store, or Redis (standalone or a cluster, as the
 //! probe finds) with the subscriber that feeds waiting pulls. Each shard
-//! then opens its own store on it ([`StoreChoice::open_for_shard`]).
+//! then opens its own store on it (`StoreChoice::open`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,56 +10,26 @@ use crate::config::Config;
 use crate::notify::Hub;
 use crate::resp::url::RedisTarget;
 use crate::runtime::spawn_on_own_runtime;
-use crate::store::AnyStore;
-use crate::store::cluster::{ClusterShared, ClusterStore, Probe, probe};
 use crate::store::memory::MemoryStore;
-use crate::store::redis::{RedisOptions, RedisStore};
+use crate::store::redis::{ClusterShared, Probe, probe};
 use crate::store::retention::Retention;
-use crate::store::subscriber;
+use crate::store::{StoreChoice, subscriber};
 
-#[derive(Clone)]
-pub(super) enum StoreChoice {
-    Memory(Arc<MemoryStore>),
-    /// Each shard opens its own connections; waiting pulls share the hub
-    /// that the process's one subscriber connection feeds.
-    Redis(RedisTarget, Arc<Hub>),
-    /// The slot map is shared; each shard opens its own connections; the
-    /// hub is fed by one subscriber connection per master.
-    Cluster(Arc<ClusterShared>, Arc<Hub>),
-}
-
-impl StoreChoice {
-    /// `--redis`, else the embedded memory store (its sweeper started).
-    pub fn start(config: &Config) -> Result<StoreChoice, String> {
-        match &config.redis_url {
-            Some(url) => redis_store(url, config.redis_timeout()),
-            None => {
-                crate::logging::info!(
-                    "store: embedded memory store (no Redis URL configured; messages are lost on exit; set REDIS_URL or --redis to use Redis)"
-                );
-                let store = Arc::new(
-                    MemoryStore::new(config.idempotency_ttl)
-                        .with_change_log_retention(config.change_log_retention)
-                        .with_retention(Retention::from(config)),
-                );
-                store.start_sweeper();
-                Ok(StoreChoice::Memory(store))
-            }
-        }
-    }
-
-    /// The store one shard serves: the shared memory store, or Redis
-    /// connections of the shard's own.
-    pub fn open_for_shard(&self, config: &Config) -> AnyStore {
-        match self {
-            StoreChoice::Memory(memory) => AnyStore::Memory(memory.clone()),
-            StoreChoice::Redis(target, hub) => AnyStore::Redis(
-                RedisStore::new(target.clone(), &RedisOptions::from(config)).with_hub(hub.clone()),
-            ),
-            StoreChoice::Cluster(shared, hub) => {
-                let options = RedisOptions::from(config);
-                AnyStore::Cluster(ClusterStore::new(shared.clone(), &options).with_hub(hub.clone()))
-            }
+/// `--redis`, else the embedded memory store (its sweeper started).
+pub(super) fn start(config: &Config) -> Result<StoreChoice, String> {
+    match &config.redis_url {
+        Some(url) => redis_store(url, config.redis_timeout()),
+        None => {
+            crate::logging::info!(
+                "store: embedded memory store (no Redis URL configured; messages are lost on exit; set REDIS_URL or --redis to use Redis)"
+            );
+            let store = Arc::new(
+                MemoryStore::new(config.idempotency_ttl)
+                    .with_change_log_retention(config.change_log_retention)
+                    .with_retention(Retention::from(config)),
+            );
+            store.start_sweeper();
+            Ok(StoreChoice::Memory(store))
         }
     }
 }

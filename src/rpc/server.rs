@@ -31,7 +31,7 @@ use crate::proto::{
     Message, PingRequest, PingResponse, PullRequest, PullResponse, SendRequest, SendResponse,
 };
 use crate::store::lifecycle::MAX_CHANGES;
-use crate::store::{AnyStore, Completion, Page, Sent, Store};
+use crate::store::{AnyStore, Page, Sent, Store};
 use crate::unwind::catch_panic;
 
 #[derive(Debug, Clone)]
@@ -304,7 +304,7 @@ static SERVED: AtomicU64 = AtomicU64::new(0);
 const GOAWAY_QUIET: Duration = Duration::from_secs(1);
 
 /// A decoded request, or why it cannot be served.
-enum Work {
+enum Request {
     Send(SendRequest),
     Pull(PullRequest),
     Edit(EditRequest),
@@ -315,6 +315,18 @@ enum Work {
         store: bool,
     },
     Bad(String),
+}
+
+impl Request {
+    /// Whether it is a pull that may wait for new messages.
+    fn waits(&self) -> bool {
+        matches!(self, Request::Pull(p) if p.wait_ms > 0)
+    }
+
+    /// Whether it is counted in [`SERVED`]: the calls on messages.
+    fn counts_as_served(&self) -> bool {
+        !matches!(self, Request::Ping { .. } | Request::Bad(_))
+    }
 }
 
 /// What the server writes in one frame: the reply to a request, or GOAWAY.
@@ -344,7 +356,7 @@ struct Outgoing {
 
 /// How much of a connection's capacity is in use: requests being served
 /// (a count) and reply bytes (reserved, made or unsent).
-struct Usage {
+struct Capacity {
     in_flight: Arc<Semaphore>,
     /// Pulls that may wait for new messages have slots of their own, as
     /// many: held ones never take the slots ordinary calls need (issue 20,
@@ -355,12 +367,12 @@ struct Usage {
     max_output: usize,
 }
 
-impl Usage {
-    fn new(options: &RpcServerOptions) -> Usage {
+impl Capacity {
+    fn new(options: &RpcServerOptions) -> Capacity {
         let max_in_flight = options.max_in_flight.max(1);
         // Reservations are taken in one `acquire_many(u32)`.
         let max_output = options.max_output.clamp(1, u32::MAX as usize);
-        Usage {
+        Capacity {
             in_flight: Arc::new(Semaphore::new(max_in_flight)),
             waiting: Arc::new(Semaphore::new(max_in_flight)),
             max_in_flight,
@@ -378,7 +390,7 @@ impl Usage {
 }
 
 /// The reader's side of a connection: its socket, input buffer and idle timer.
-struct Requests<R> {
+struct FrameReader<R> {
     reader: R,
     input: BytesMut,
     max_frame: usize,
@@ -388,14 +400,14 @@ struct Requests<R> {
     going_away: bool,
 }
 
-impl<R: AsyncRead + Unpin> Requests<R> {
+impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// The next request frame, or `None` when the connection should close
     /// quietly: end of stream, the writer gave up on the peer, or the idle
     /// timeout passed with nothing in flight. On shutdown it sends GOAWAY
     /// and goes on reading, with the shorter idle timer [`GOAWAY_QUIET`].
     async fn next(
         &mut self,
-        usage: &Usage,
+        capacity: &Capacity,
         replies: &mpsc::UnboundedSender<Outgoing>,
         shutdown: &mut watch::Receiver<bool>,
     ) -> std::io::Result<Option<Frame>> {
@@ -409,12 +421,12 @@ impl<R: AsyncRead + Unpin> Requests<R> {
                     return Ok(None);
                 },
                 _ = shutdown.wait_for(|&stop| stop), if !self.going_away => {
-                    if !self.go_away(usage, replies) {
+                    if !self.go_away(capacity, replies) {
                         return Ok(None);
                     }
                 }
                 _ = replies.closed() => return Ok(None),
-                _ = &mut self.idle => if !usage.busy() {
+                _ = &mut self.idle => if !capacity.busy() {
                     return Ok(None);
                 },
             }
@@ -429,12 +441,12 @@ impl<R: AsyncRead + Unpin> Requests<R> {
     }
 }
 
-impl<R> Requests<R> {
+impl<R> FrameReader<R> {
     /// Queues the GOAWAY frame; `false` if it cannot be (the peer is not
     /// reading its replies, or the writer is gone): then close at once.
-    fn go_away(&mut self, usage: &Usage, replies: &mpsc::UnboundedSender<Outgoing>) -> bool {
+    fn go_away(&mut self, capacity: &Capacity, replies: &mpsc::UnboundedSender<Outgoing>) -> bool {
         self.going_away = true;
-        let Ok(budget) = usage
+        let Ok(budget) = capacity
             .output
             .clone()
             .try_acquire_many_owned(FRAME_HEADER as u32)
@@ -461,12 +473,12 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    // Unbounded by count: what it holds is bounded in bytes by `usage.output`.
+    // Unbounded by count: what it holds is bounded in bytes by `capacity.output`.
     let (replies, outbox) = mpsc::unbounded_channel::<Outgoing>();
     let write_loop = tokio::spawn(write_replies(writer, outbox));
-    let usage = Usage::new(&options);
+    let capacity = Capacity::new(&options);
     let mut waiting = WaitingPulls::default();
-    let mut requests = Requests {
+    let mut frames = FrameReader {
         reader,
         input: BytesMut::with_capacity(READ_CHUNK),
         max_frame: options.max_frame,
@@ -475,7 +487,7 @@ where
         going_away: false,
     };
     let result = loop {
-        let frame = match requests.next(&usage, &replies, &mut shutdown).await {
+        let frame = match frames.next(&capacity, &replies, &mut shutdown).await {
             Ok(Some(frame)) => frame,
             Ok(None) => break Ok(()),
             Err(err) => break Err(err),
@@ -485,105 +497,143 @@ where
             waiting.cancel(id);
             continue;
         }
-        let work = decode_request(frame);
-        // A pull that may wait reserves its reply's bytes only once it has
-        // its page: reserving its largest page for the whole wait let ~100
-        // waiting pulls fill a connection's budget and stop it being read.
-        let waits = matches!(&work, Work::Pull(p) if p.wait_ms > 0);
-        // At the in-flight limit, refuse at once rather than stop reading:
-        // waiting would hold every later frame behind the slowest request.
-        let slots = if waits {
-            &usage.waiting
-        } else {
-            &usage.in_flight
-        };
-        let permit = slots.clone().try_acquire_owned().ok();
-        let reserve = match &permit {
-            Some(_) if !waits => largest_reply(&work),
-            _ => SMALL_REPLY,
-        }
-        .min(usage.max_output);
-        // Over the output budget, stop reading instead: the peer is not
-        // reading its replies, and every request read would add one more.
-        let budget = tokio::select! {
-            // Budget first: a frame read just as shutdown began is still
-            // served (the GOAWAY follows from the next read).
-            biased;
-            budget = usage.output.clone().acquire_many_owned(reserve as u32) => budget,
-            _ = replies.closed() => break Ok(()),
-            // (After GOAWAY, shutdown is already on: the quiet timer and the
-            // drain timeout bound this wait instead.)
-            _ = shutdown.wait_for(|&stop| stop), if !requests.going_away => break Ok(()),
-        };
-        let Ok(budget) = budget else { break Ok(()) };
-        let Some(permit) = permit else {
-            let reply = overloaded(method);
-            match replies.send(Outgoing { id, reply, budget }) {
-                Ok(()) => continue,
-                Err(_) => break Ok(()),
-            }
-        };
-        let reply_to = ReplyTo {
+        let request = decode_request(frame);
+        let going_away = frames.going_away;
+        let admitted = admit(
+            &capacity,
+            &replies,
+            &mut shutdown,
+            going_away,
             id,
-            replies: replies.clone(),
-            output: usage.output.clone(),
-            max_output: usage.max_output,
-            budget,
-            _permit: permit,
-            _in_flight: metrics::track(Gauge::RpcServerInFlight),
-            started: (metrics_method(&work), Instant::now()),
+            method,
+            &request,
+        );
+        let reply_to = match admitted.await {
+            Admitted::Serve(reply_to) => reply_to,
+            Admitted::Refused => continue,
+            Admitted::Close => break Ok(()),
         };
-        let work = match (work, store.as_ref()) {
-            (Work::Send(req), _) if req.idempotency_key.is_empty() => {
-                start_send(&store, req, reply_to);
-                continue;
-            }
-            // A pull that does not wait: no task either. The embedded
-            // store answers at once; Redis through a callback.
-            (Work::Pull(req), AnyStore::Memory(memory)) if !waits => {
-                SERVED.fetch_add(1, Ordering::Relaxed);
-                reply_to.send(page_frame(
-                    checked_pull(&req).map(|(q, _)| memory.pull_now(&q)),
-                ));
-                continue;
-            }
-            (Work::Pull(req), AnyStore::Redis(redis)) if !waits => {
-                SERVED.fetch_add(1, Ordering::Relaxed);
-                match checked_pull(&req) {
-                    Ok((query, _)) => redis.start_pull(
-                        query,
-                        Completion::new(move |page| reply_to.send(page_frame(page))),
-                    ),
-                    Err(invalid) => reply_to.send(pull_failed(invalid)),
-                }
-                continue;
-            }
-            (work, _) => work,
-        };
-        let store = store.clone();
         // Only a pull that may wait watches for shutdown (answered at once then).
-        let stop = waits.then(|| shutdown.clone());
-        let task = tokio::spawn(async move {
-            let handling = std::pin::pin!(handle(&store, work, stop));
-            let reply = catch_panic(handling).await.unwrap_or_else(|| {
-                ServerFrame::BadFrame("internal error while serving the request".into())
-            });
-            match waits {
-                false => reply_to.send(reply),
-                true => reply_to.send_when_room(reply).await,
-            }
-        });
-        if waits {
-            waiting.add(id, task.abort_handle());
+        let stop = request.waits().then(|| shutdown.clone());
+        if let Some(task) = dispatch(&store, request, reply_to, stop) {
+            waiting.add(id, task);
         }
     };
     // Wait for the requests in flight, then let the writer flush and finish.
-    let all = usage.max_in_flight as u32;
-    let _ = usage.in_flight.acquire_many(all).await;
-    let _ = usage.waiting.acquire_many(all).await;
+    let all = capacity.max_in_flight as u32;
+    let _ = capacity.in_flight.acquire_many(all).await;
+    let _ = capacity.waiting.acquire_many(all).await;
     drop(replies);
     let _ = write_loop.await;
     result
+}
+
+/// What becomes of a request read: served, refused as overloaded (that
+/// answer queued), or the connection closes.
+enum Admitted {
+    Serve(ReplyTo),
+    Refused,
+    Close,
+}
+
+/// Takes a place in flight and reserves the reply's bytes for `request`.
+async fn admit(
+    capacity: &Capacity,
+    replies: &mpsc::UnboundedSender<Outgoing>,
+    shutdown: &mut watch::Receiver<bool>,
+    going_away: bool,
+    id: u64,
+    method: u8,
+    request: &Request,
+) -> Admitted {
+    let waits = request.waits();
+    // At the in-flight limit, refuse at once rather than stop reading:
+    // waiting would hold every later frame behind the slowest request.
+    let slots = match waits {
+        true => &capacity.waiting,
+        false => &capacity.in_flight,
+    };
+    let permit = slots.clone().try_acquire_owned().ok();
+    // A pull that may wait reserves its reply's bytes only once it has
+    // its page: reserving its largest page for the whole wait let ~100
+    // waiting pulls fill a connection's budget and stop it being read.
+    let reserve = match &permit {
+        Some(_) if !waits => largest_reply(request),
+        _ => SMALL_REPLY,
+    }
+    .min(capacity.max_output);
+    // Over the output budget, stop reading instead: the peer is not
+    // reading its replies, and every request read would add one more.
+    let budget = tokio::select! {
+        // Budget first: a frame read just as shutdown began is still
+        // served (the GOAWAY follows from the next read).
+        biased;
+        budget = capacity.output.clone().acquire_many_owned(reserve as u32) => budget,
+        _ = replies.closed() => return Admitted::Close,
+        // (After GOAWAY, shutdown is already on: the quiet timer and the
+        // drain timeout bound this wait instead.)
+        _ = shutdown.wait_for(|&stop| stop), if !going_away => return Admitted::Close,
+    };
+    let Ok(budget) = budget else {
+        return Admitted::Close;
+    };
+    let Some(permit) = permit else {
+        let reply = overloaded(method);
+        return match replies.send(Outgoing { id, reply, budget }) {
+            Ok(()) => Admitted::Refused,
+            Err(_) => Admitted::Close,
+        };
+    };
+    Admitted::Serve(ReplyTo {
+        id,
+        replies: replies.clone(),
+        output: capacity.output.clone(),
+        max_output: capacity.max_output,
+        budget,
+        _permit: permit,
+        _in_flight: metrics::track(Gauge::RpcServerInFlight),
+        started: (metrics_method(request), Instant::now()),
+    })
+}
+
+/// Serves an admitted request. An un-keyed send and a pull that does not
+/// wait have no task of their own: the store answers through a callback
+/// (the embedded store at once; Redis from the task reading its replies).
+/// The rest get a task; `stop` (a pull that may wait: the shutdown signal)
+/// makes it one a CANCEL can end, whose handle is returned.
+fn dispatch(
+    store: &Arc<AnyStore>,
+    request: Request,
+    reply_to: ReplyTo,
+    stop: Option<watch::Receiver<bool>>,
+) -> Option<tokio::task::AbortHandle> {
+    if request.counts_as_served() {
+        SERVED.fetch_add(1, Ordering::Relaxed);
+    }
+    let waits = stop.is_some();
+    let request = match request {
+        Request::Send(req) if req.idempotency_key.is_empty() => {
+            start_send(store, req, reply_to);
+            return None;
+        }
+        Request::Pull(req) if !waits => {
+            start_pull(store, req, reply_to);
+            return None;
+        }
+        request => request,
+    };
+    let store = store.clone();
+    let task = tokio::spawn(async move {
+        let handling = std::pin::pin!(handle(&store, request, stop));
+        let reply = catch_panic(handling).await.unwrap_or_else(|| {
+            ServerFrame::BadFrame("internal error while serving the request".into())
+        });
+        match waits {
+            false => reply_to.send(reply),
+            true => reply_to.send_when_room(reply).await,
+        }
+    });
+    waits.then(|| task.abort_handle())
 }
 
 /// Where a request's reply goes, with what it holds until then: its place
@@ -606,26 +656,19 @@ impl ReplyTo {
     /// topped up, where the budget has room).
     fn send(self, reply: ServerFrame) {
         let needed = self.served(&reply);
-        let budget = fit_budget(self.budget, &self.output, needed);
-        let _ = self.replies.send(Outgoing {
-            id: self.id,
-            reply,
-            budget,
-        });
+        self.hand_on(reply, needed);
     }
 
     /// [`ReplyTo::send`] for a waiting pull, which reserved little: waits
     /// for room for its page like any request read while the peer is slow
     /// to read replies; gives up if the connection closes meanwhile.
-    async fn send_when_room(self, reply: ServerFrame) {
+    async fn send_when_room(mut self, reply: ServerFrame) {
         let needed = self.served(&reply);
-        if let Some(budget) = grow_budget(self.budget, &self.output, needed, &self.replies).await {
-            let _ = self.replies.send(Outgoing {
-                id: self.id,
-                reply,
-                budget,
-            });
+        match grow_budget(self.budget, &self.output, needed, &self.replies).await {
+            Some(budget) => self.budget = budget,
+            None => return,
         }
+        self.hand_on(reply, needed);
     }
 
     /// Counts the request as served; returns the bytes its reply needs
@@ -637,21 +680,35 @@ impl ReplyTo {
         }
         encoded_len(reply).min(self.max_output)
     }
+
+    fn hand_on(self, reply: ServerFrame, needed: usize) {
+        let budget = fit_budget(self.budget, &self.output, needed);
+        let _ = self.replies.send(Outgoing {
+            id: self.id,
+            reply,
+            budget,
+        });
+    }
 }
 
 /// An un-keyed send, served without a task of its own: validated here, and
 /// answered by whoever learns its outcome ([`AnyStore::start_send`]). A
 /// keyed send takes the task path: the store may retry it, and waits.
 fn start_send(store: &AnyStore, req: SendRequest, reply_to: ReplyTo) {
-    SERVED.fetch_add(1, Ordering::Relaxed);
+    let answer = move |outcome| reply_to.send(ServerFrame::Send(send_response(outcome)));
     match checked_send(req) {
-        Ok((chat, sender, text, _)) => {
-            let done = Completion::new(move |outcome| {
-                reply_to.send(ServerFrame::Send(send_response(outcome)))
-            });
-            store.start_send(&chat, &sender, &text, done);
-        }
-        Err(invalid) => reply_to.send(ServerFrame::Send(send_response(Err(invalid)))),
+        Ok((chat, sender, text, _)) => store.start_send(&chat, &sender, &text, answer),
+        Err(invalid) => answer(Err(invalid)),
+    }
+}
+
+/// A pull that does not wait, served without a task of its own
+/// ([`AnyStore::start_pull`]).
+fn start_pull(store: &AnyStore, req: PullRequest, reply_to: ReplyTo) {
+    let answer = move |page| reply_to.send(page_frame(page));
+    match checked_pull(&req) {
+        Ok((query, _)) => store.start_pull(query, answer),
+        Err(invalid) => answer(Err(invalid)),
     }
 }
 
@@ -735,26 +792,26 @@ const FRAME_HEADER: usize = 4 + 9;
 /// `Overloaded`, a bad-frame reason (their texts are under 200 bytes).
 const SMALL_REPLY: usize = 1024;
 
-/// The most bytes the reply to `work` can take, known before it is served.
+/// The most bytes the reply to `request` can take, known before it is served.
 /// A validation error may quote the request, hence its length for sends.
-fn largest_reply(work: &Work) -> usize {
-    match work {
-        Work::Pull(req) => {
+fn largest_reply(request: &Request) -> usize {
+    match request {
+        Request::Pull(req) => {
             let limit = match req.limit {
                 0 => DEFAULT_LIMIT,
                 n => n.clamp(1, MAX_LIMIT),
             } as usize;
             SMALL_REPLY + req.chat.len() + limit * MAX_MESSAGE_WIRE_BYTES
         }
-        Work::Send(req) => SMALL_REPLY + req.encoded_len(),
-        Work::Edit(req) => SMALL_REPLY + req.encoded_len(),
-        Work::Delete(req) => SMALL_REPLY + req.encoded_len(),
+        Request::Send(req) => SMALL_REPLY + req.encoded_len(),
+        Request::Edit(req) => SMALL_REPLY + req.encoded_len(),
+        Request::Delete(req) => SMALL_REPLY + req.encoded_len(),
         // Each change at most one message.
-        Work::Changes(req) => {
+        Request::Changes(req) => {
             SMALL_REPLY + req.chat.len() + MAX_CHANGES * (MAX_MESSAGE_WIRE_BYTES + 32)
         }
-        Work::Ping { .. } => SMALL_REPLY,
-        Work::Bad(why) => SMALL_REPLY + why.len(),
+        Request::Ping { .. } => SMALL_REPLY,
+        Request::Bad(why) => SMALL_REPLY + why.len(),
     }
 }
 
@@ -788,7 +845,7 @@ async fn grow_budget(
 ) -> Option<OwnedSemaphorePermit> {
     let held = bytes.num_permits();
     if needed <= held {
-        return Some(fit_budget(bytes, budget, needed));
+        return Some(bytes);
     }
     let extra = u32::try_from(needed - held).unwrap_or(u32::MAX);
     tokio::select! {
@@ -844,15 +901,15 @@ fn encode_reply(output: &mut BytesMut, outgoing: Outgoing) -> OwnedSemaphorePerm
 }
 
 /// The method a request is counted under in the metrics (not bad frames).
-fn metrics_method(work: &Work) -> Option<RpcMethod> {
-    match work {
-        Work::Send(_) => Some(RpcMethod::Send),
-        Work::Pull(_) => Some(RpcMethod::Pull),
-        Work::Edit(_) => Some(RpcMethod::Edit),
-        Work::Delete(_) => Some(RpcMethod::Delete),
-        Work::Changes(_) => Some(RpcMethod::Changes),
-        Work::Ping { .. } => Some(RpcMethod::Ping),
-        Work::Bad(_) => None,
+fn metrics_method(request: &Request) -> Option<RpcMethod> {
+    match request {
+        Request::Send(_) => Some(RpcMethod::Send),
+        Request::Pull(_) => Some(RpcMethod::Pull),
+        Request::Edit(_) => Some(RpcMethod::Edit),
+        Request::Delete(_) => Some(RpcMethod::Delete),
+        Request::Changes(_) => Some(RpcMethod::Changes),
+        Request::Ping { .. } => Some(RpcMethod::Ping),
+        Request::Bad(_) => None,
     }
 }
 
@@ -891,54 +948,52 @@ fn overloaded(method: u8) -> ServerFrame {
     }
 }
 
-fn decode_request(frame: Frame) -> Work {
+fn decode_request(frame: Frame) -> Request {
     match frame.method_or_status {
         method::SEND => match SendRequest::decode(frame.body) {
-            Ok(req) => Work::Send(req),
-            Err(err) => Work::Bad(format!("undecodable SendRequest: {err}")),
+            Ok(req) => Request::Send(req),
+            Err(err) => Request::Bad(format!("undecodable SendRequest: {err}")),
         },
         method::PULL => match PullRequest::decode(frame.body) {
-            Ok(req) => Work::Pull(req),
-            Err(err) => Work::Bad(format!("undecodable PullRequest: {err}")),
+            Ok(req) => Request::Pull(req),
+            Err(err) => Request::Bad(format!("undecodable PullRequest: {err}")),
         },
         method::EDIT => match EditRequest::decode(frame.body) {
-            Ok(req) => Work::Edit(req),
-            Err(err) => Work::Bad(format!("undecodable EditRequest: {err}")),
+            Ok(req) => Request::Edit(req),
+            Err(err) => Request::Bad(format!("undecodable EditRequest: {err}")),
         },
         method::DELETE => match DeleteRequest::decode(frame.body) {
-            Ok(req) => Work::Delete(req),
-            Err(err) => Work::Bad(format!("undecodable DeleteRequest: {err}")),
+            Ok(req) => Request::Delete(req),
+            Err(err) => Request::Bad(format!("undecodable DeleteRequest: {err}")),
         },
         method::CHANGES => match ChangesRequest::decode(frame.body) {
-            Ok(req) => Work::Changes(req),
-            Err(err) => Work::Bad(format!("undecodable ChangesRequest: {err}")),
+            Ok(req) => Request::Changes(req),
+            Err(err) => Request::Bad(format!("undecodable ChangesRequest: {err}")),
         },
         method::PING => match PingRequest::decode(frame.body) {
-            Ok(req) => Work::Ping { store: req.store },
-            Err(err) => Work::Bad(format!("undecodable PingRequest: {err}")),
+            Ok(req) => Request::Ping { store: req.store },
+            Err(err) => Request::Bad(format!("undecodable PingRequest: {err}")),
         },
-        other => Work::Bad(format!("unknown method {other}")),
+        other => Request::Bad(format!("unknown method {other}")),
     }
 }
 
-async fn handle(store: &AnyStore, work: Work, stop: Option<watch::Receiver<bool>>) -> ServerFrame {
-    if matches!(
-        work,
-        Work::Send(_) | Work::Pull(_) | Work::Edit(_) | Work::Delete(_) | Work::Changes(_)
-    ) {
-        SERVED.fetch_add(1, Ordering::Relaxed);
-    }
-    match work {
-        Work::Send(req) => ServerFrame::Send(send(store, req).await),
-        Work::Edit(req) => ServerFrame::Edit(edit(store, req).await),
-        Work::Delete(req) => ServerFrame::Delete(delete(store, req).await),
-        Work::Changes(req) => ServerFrame::Changes(changes(store, req).await),
-        Work::Pull(req) => pull(store, req, stop).await,
-        Work::Ping { store: false } => ServerFrame::Pong(String::new()),
-        Work::Ping { store: true } => {
+async fn handle(
+    store: &AnyStore,
+    request: Request,
+    stop: Option<watch::Receiver<bool>>,
+) -> ServerFrame {
+    match request {
+        Request::Send(req) => ServerFrame::Send(send(store, req).await),
+        Request::Edit(req) => ServerFrame::Edit(edit(store, req).await),
+        Request::Delete(req) => ServerFrame::Delete(delete(store, req).await),
+        Request::Changes(req) => ServerFrame::Changes(changes(store, req).await),
+        Request::Pull(req) => pull(store, req, stop).await,
+        Request::Ping { store: false } => ServerFrame::Pong(String::new()),
+        Request::Ping { store: true } => {
             ServerFrame::Pong(store.ping().await.err().unwrap_or_default())
         }
-        Work::Bad(why) => ServerFrame::BadFrame(why),
+        Request::Bad(why) => ServerFrame::BadFrame(why),
     }
 }
 
@@ -1216,8 +1271,8 @@ mod tests {
         }
     }
 
-    fn pull(limit: i32) -> Work {
-        Work::Pull(PullRequest {
+    fn pull(limit: i32) -> Request {
+        Request::Pull(PullRequest {
             chat: "c".repeat(MAX_NAME_BYTES),
             cursor: 0,
             limit,

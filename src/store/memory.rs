@@ -232,35 +232,7 @@ impl MemoryStore {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
     }
-}
 
-/// A send's fingerprint for its idempotency record: SipHash with fixed
-/// keys, the same in every run.
-fn fingerprint(sender: &str, text: &str) -> u64 {
-    use std::hash::{Hash, Hasher};
-    #[allow(deprecated)] // SipHasher: stable output, unlike DefaultHasher's promise.
-    let mut hasher = std::hash::SipHasher::new();
-    (sender, text).hash(&mut hasher);
-    hasher.finish()
-}
-
-/// Appends a message to a chat's log; returns its send_time.
-fn append(log: &mut Vec<Stored>, sender: &str, text: &str) -> i64 {
-    let now = crate::now_micros();
-    let send_time = match log.last() {
-        Some(last) if last.send_time >= now => last.send_time + 1,
-        _ => now,
-    };
-    log.push(Stored {
-        send_time,
-        sender: sender.into(),
-        text: text.into(),
-        edited_at: 0,
-    });
-    send_time
-}
-
-impl MemoryStore {
     /// A keyed send: replays the key's message, refuses another one, or
     /// stores it and remembers the key; all under the shard's one lock.
     fn send_once(
@@ -297,9 +269,7 @@ impl MemoryStore {
             replayed: false,
         })
     }
-}
 
-impl MemoryStore {
     /// [`Store::send`], which never waits here: the shard's lock is held
     /// only while the message is appended.
     pub fn send_now(
@@ -376,6 +346,32 @@ impl MemoryStore {
         }
         page.finish()
     }
+}
+
+/// A send's fingerprint for its idempotency record: SipHash with fixed
+/// keys, the same in every run.
+fn fingerprint(sender: &str, text: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    #[allow(deprecated)] // SipHasher: stable output, unlike DefaultHasher's promise.
+    let mut hasher = std::hash::SipHasher::new();
+    (sender, text).hash(&mut hasher);
+    hasher.finish()
+}
+
+/// Appends a message to a chat's log; returns its send_time.
+fn append(log: &mut Vec<Stored>, sender: &str, text: &str) -> i64 {
+    let now = crate::now_micros();
+    let send_time = match log.last() {
+        Some(last) if last.send_time >= now => last.send_time + 1,
+        _ => now,
+    };
+    log.push(Stored {
+        send_time,
+        sender: sender.into(),
+        text: text.into(),
+        edited_at: 0,
+    });
+    send_time
 }
 
 impl Store for MemoryStore {

@@ -1,5 +1,5 @@
 //! Message storage: one [`Store`] trait, implemented by Redis
-//! ([`redis::RedisStore`], the real store; [`cluster::ClusterStore`] on a
+//! ([`redis::RedisStore`], the real store; [`redis::ClusterStore`] on a
 //! Redis Cluster) and by an embedded in-process
 //! store ([`memory::MemoryStore`], used when no Redis URL is configured).
 //! Both pass the same conformance suite (`tests/conformance.rs`).
@@ -19,7 +19,6 @@
 //! acknowledge in time (a send may or may not be stored); `Internal` when it
 //! answered something it never should.
 
-pub mod cluster;
 pub mod lifecycle;
 pub mod memory;
 pub mod redis;
@@ -36,7 +35,7 @@ use crate::wire;
 
 /// A callback for the outcome of a send (or of a pull: `Completion<Page>`),
 /// for a caller that would rather not wait ([`AnyStore::start_send`],
-/// [`redis::RedisStore::start_pull`]): it runs exactly once, where the
+/// [`AnyStore::start_pull`]): it runs exactly once, where the
 /// outcome is known (for Redis, in the task that reads the replies). Dropped
 /// without having run (its batch or the store gone), it runs with
 /// [`Error::Unavailable`], so no caller is left without an answer.
@@ -208,12 +207,47 @@ pub trait Store: Send + Sync + 'static {
     ) -> impl Future<Output = Result<crate::proto::ChangesResponse, Error>> + Send;
 }
 
-/// The store chosen at start-up.
+/// The store chosen at start-up, as every shard shares it: the one place
+/// the kinds of store are listed ([`StoreChoice::open`] makes each shard's
+/// [`AnyStore`] of it).
+#[derive(Clone)]
+pub enum StoreChoice {
+    Memory(std::sync::Arc<memory::MemoryStore>),
+    /// Each shard opens its own connections; waiting pulls share the hub
+    /// that the process's one subscriber connection feeds.
+    Redis(
+        crate::resp::url::RedisTarget,
+        std::sync::Arc<crate::notify::Hub>,
+    ),
+    /// The slot map is shared; each shard opens its own connections; the
+    /// hub is fed by one subscriber connection per master.
+    Cluster(
+        std::sync::Arc<redis::ClusterShared>,
+        std::sync::Arc<crate::notify::Hub>,
+    ),
+}
+
+impl StoreChoice {
+    /// One shard's store. Call on the shard's runtime.
+    pub fn open(&self, options: &redis::RedisOptions) -> AnyStore {
+        match self {
+            StoreChoice::Memory(memory) => AnyStore::Memory(memory.clone()),
+            StoreChoice::Redis(target, hub) => AnyStore::Redis(
+                redis::RedisStore::new(target.clone(), options).with_hub(hub.clone()),
+            ),
+            StoreChoice::Cluster(shared, hub) => AnyStore::Cluster(
+                redis::ClusterStore::new(shared.clone(), options).with_hub(hub.clone()),
+            ),
+        }
+    }
+}
+
+/// One shard's store (see [`StoreChoice`]).
 pub enum AnyStore {
     /// Shared by every thread of the process.
     Memory(std::sync::Arc<memory::MemoryStore>),
     Redis(redis::RedisStore),
-    Cluster(cluster::ClusterStore),
+    Cluster(redis::ClusterStore),
 }
 
 impl AnyStore {
@@ -233,16 +267,36 @@ impl AnyStore {
     /// its 2 KB, 128-aligned cell went through glibc's memalign and
     /// `malloc_consolidate`; the per-send timer and oneshot came on top.)
     /// `chat` is canonical and the send validated, as for [`Store::send`].
-    pub fn start_send(&self, chat: &str, sender: &str, text: &str, done: Completion) {
+    /// The embedded store runs `done` at once; Redis, as a [`Completion`].
+    pub fn start_send(
+        &self,
+        chat: &str,
+        sender: &str,
+        text: &str,
+        done: impl FnOnce(Result<Sent, Error>) + Send + 'static,
+    ) {
         match self {
-            AnyStore::Memory(store) => done.complete(store.send_now(chat, sender, text, None)),
-            AnyStore::Redis(store) => store.start_send(chat, sender, text, done),
-            AnyStore::Cluster(store) => store.start_send(chat, sender, text, done),
+            AnyStore::Memory(store) => done(store.send_now(chat, sender, text, None)),
+            AnyStore::Redis(store) => store.start_send(chat, sender, text, Completion::new(done)),
+            AnyStore::Cluster(store) => store.start_send(chat, sender, text, Completion::new(done)),
         }
     }
-}
 
-impl AnyStore {
+    /// Reads one page (a pull that does not wait) and runs `done` with it,
+    /// as [`AnyStore::start_send`] stores: the embedded store at once, a
+    /// Redis through a [`Completion`] (see [`redis::RedisEngine::start_pull`]).
+    pub fn start_pull(
+        &self,
+        query: PullQuery,
+        done: impl FnOnce(Result<Page, Error>) + Send + 'static,
+    ) {
+        match self {
+            AnyStore::Memory(store) => done(Ok(store.pull_now(&query))),
+            AnyStore::Redis(store) => store.start_pull(query, Completion::new(done)),
+            AnyStore::Cluster(store) => store.start_pull(query, Completion::new(done)),
+        }
+    }
+
     /// Whether the store answers now (the RPC `Ping` with `store` set, for
     /// the gateway's `GET /ready`): `Err` says why not. The embedded store
     /// always does.

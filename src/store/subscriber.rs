@@ -24,7 +24,7 @@ use bytes::BytesMut;
 use redis_protocol::resp2::types::Resp2Frame as _;
 use tokio::sync::mpsc;
 
-use super::cluster::ClusterShared;
+use super::redis::ClusterShared;
 use crate::mux::Protocol;
 use crate::notify::{Hub, Upstream};
 use crate::resp::protocol::{RespProtocol, decode_reply};

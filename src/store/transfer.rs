@@ -125,6 +125,7 @@ pub async fn import(
 ) -> Result<(), String> {
     let key = chat_key(chat);
     let count = store
+        .runner(chat)
         .run(command::encode(&[b"ZCARD", key.as_bytes()]), false)
         .await
         .map_err(failed)?;
@@ -149,10 +150,10 @@ pub async fn import(
         }
         batch.push((m.send_time.to_string(), member(&m)));
         if batch.len() == IMPORT_BATCH {
-            total += write(store, &key, &mut batch).await?;
+            total += write(store, chat, &key, &mut batch).await?;
         }
     }
-    total += write(store, &key, &mut batch).await?;
+    total += write(store, chat, &key, &mut batch).await?;
     eprintln!("im-server import: {total} messages into {chat:?}");
     Ok(())
 }
@@ -172,6 +173,7 @@ fn member(m: &Line) -> Vec<u8> {
 
 async fn write(
     store: &RedisStore,
+    chat: &str,
     key: &str,
     batch: &mut Vec<(String, Vec<u8>)>,
 ) -> Result<usize, String> {
@@ -183,6 +185,7 @@ async fn write(
         args.extend([score.as_bytes(), &member[..]]);
     }
     let reply = store
+        .runner(chat)
         .run(command::encode(&args), true)
         .await
         .map_err(failed)?;

@@ -1,5 +1,5 @@
-//! The Redis Cluster store: the same keys, members and `im_send` function as
-//! the standalone store ([`super::redis`]), routed by hash slot.
+//! The store on a Redis Cluster: the same keys, members, library, send
+//! queue and calls as on one node (see [`super`]), routed by hash slot.
 //!
 //! * The slot map comes from `CLUSTER SLOTS` and is shared by every thread of
 //!   the process ([`ClusterShared`]). A MOVED patches its one slot at once
@@ -15,11 +15,9 @@
 //!   promoted by failover or given slots by resharding gets the library.
 //! * Sends queued together become one `im_send` call per slot (all keys of
 //!   an FCALL must be in one slot, so CROSSSLOT cannot happen).
-//! * MOVED, ASK, TRYAGAIN, CLUSTERDOWN, LOADING, MASTERDOWN and READONLY
-//!   prove the command did not run: it is resent, at most
-//!   [`MAX_REDIRECTIONS`] times and within the Redis timeout; so does
-//!   `Function not found` (the library is loaded again on that node first).
-//!   A lost connection or a timeout may have run it: never resent (503).
+//! * What a reply means for its command is [`super::redirect`]'s: a command
+//!   proven not to have run is resent, at most [`MAX_REDIRECTIONS`] times
+//!   and within the Redis timeout; one that may have run never is (503).
 //! * Per-node connections have the standalone store's bounds: a send whose
 //!   caller has given up is never written, and queued bytes are capped.
 
@@ -28,25 +26,26 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
-use bytes::BytesMut;
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio::time::Instant;
 
-use super::redis::{
-    BatchWindow, MAX_SEND_BATCH, QueuedSend, RedisOptions, SendQueue, answer_batch, batch_deadline,
-    chat_key, function_missing, im_send_command, load_library_command, next_batch, outcome,
-    page_from_reply, pull_command, without_wait,
-};
-use super::{Completion, Page, Sent, Store};
+use super::batch::{BatchWindow, answer_batch, batch_deadline, run_batches};
+use super::node::{Node, start_reload, sweep_step};
+use super::probe::read_slot_map;
+use super::queue::{QueuedSend, SendQueue};
+use super::redirect::{Failure, Next, after_failure, after_reply};
+use super::schema::{chat_key, im_send_command, without_wait};
+use super::{RedisEngine, RedisOptions, Route, page_of};
 use crate::domain::PullQuery;
 use crate::error::Error;
-use crate::metrics::{METRICS, Outcome, PeerKind, PeerStats, Redirection};
-use crate::mux::{ByteBudget, Handle, MuxOptions, Pool, Stream};
-use crate::notify::{Hub, Waiter};
-use crate::resp::cluster::{Redirect, SlotMap, classify, is_cluster_info, key_slot};
-use crate::resp::protocol::{RespProtocol, RespRequest, decode_reply};
+use crate::metrics::METRICS;
+use crate::mux::ByteBudget;
+use crate::resp::cluster::{SlotMap, key_slot};
+use crate::resp::protocol::RespRequest;
 use crate::resp::url::{Address, RedisTarget};
 use crate::resp::{Reply, command};
+use crate::store::retention;
+use crate::store::{Completion, Page};
 
 /// Resends of one command after MOVED/ASK/TRYAGAIN/... (what redis-rs and
 /// fred default to).
@@ -136,20 +135,22 @@ impl ClusterShared {
 
     /// Where to send a command for `slot`: its master, or, while the map does
     /// not know it, any node (which answers MOVED if it is not the owner).
-    pub(super) fn owner(&self, slot: u16) -> Option<Arc<str>> {
+    pub(in crate::store) fn owner(&self, slot: u16) -> Option<Arc<str>> {
         let map = self.map.read().unwrap_or_else(PoisonError::into_inner);
         map.owner(slot)
             .or_else(|| map.masters().into_iter().next())
             .or_else(|| self.seeds.first().cloned())
     }
 
+    /// Every master of the map (none while no map was read).
+    fn map_masters(&self) -> Vec<Arc<str>> {
+        let map = self.map.read().unwrap_or_else(PoisonError::into_inner);
+        map.masters()
+    }
+
     /// Every master of the map; the seeds while no map was read.
     pub(super) fn masters(&self) -> Vec<Arc<str>> {
-        let masters = self
-            .map
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .masters();
+        let masters = self.map_masters();
         match masters.is_empty() {
             true => self.seeds.clone(),
             false => masters,
@@ -157,7 +158,7 @@ impl ClusterShared {
     }
 
     /// How to reach the node at `addr`: its address, the shared credentials.
-    pub(super) fn node_target(&self, addr: &str) -> RedisTarget {
+    pub(in crate::store) fn node_target(&self, addr: &str) -> RedisTarget {
         RedisTarget {
             address: Address::Tcp(addr.to_string()),
             db: 0,
@@ -172,11 +173,7 @@ impl ClusterShared {
 
     /// Nodes to ask for the map: the known masters, then the seeds.
     fn refresh_candidates(&self) -> Vec<Arc<str>> {
-        let mut nodes = self
-            .map
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .masters();
+        let mut nodes = self.map_masters();
         // Start at a different master each time: the first may be the dead one.
         let turn = self.refreshes() as usize;
         if !nodes.is_empty() {
@@ -191,44 +188,22 @@ impl ClusterShared {
         nodes
     }
 }
-
 /// One thread's side of the cluster: its connections to each master.
 struct Router {
     shared: Arc<ClusterShared>,
     options: RedisOptions,
-    pools: Mutex<HashMap<Arc<str>, Node>>,
-}
-
-/// One master's connections and metrics, for one thread.
-#[derive(Clone)]
-struct Node {
-    pool: Arc<Pool<RespProtocol>>,
-    stats: Arc<PeerStats>,
+    nodes: Mutex<HashMap<Arc<str>, Node>>,
 }
 
 impl Router {
-    /// The pool of `addr`, opened on first use.
-    fn pool(&self, addr: &Arc<str>) -> Node {
-        let mut pools = self.pools.lock().unwrap_or_else(PoisonError::into_inner);
-        pools
+    /// The connections to the master at `addr`, opened on first use.
+    fn node(&self, addr: &Arc<str>) -> Node {
+        let mut nodes = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);
+        nodes
             .entry(addr.clone())
             .or_insert_with(|| {
                 let target = self.shared.node_target(addr);
-                let setup = [load_library_command()];
-                let mux = MuxOptions {
-                    name: "redis cluster node",
-                    target: target.to_string(),
-                    queue: self.options.queue,
-                    max_in_flight: self.options.max_in_flight,
-                    max_queued_bytes: self.options.max_queued_bytes,
-                };
-                let pool = Pool::spawn(
-                    self.options.connections,
-                    || RespProtocol::new(target.clone(), &setup),
-                    mux,
-                );
-                let stats = crate::metrics::peer(PeerKind::Redis, addr);
-                Node { pool, stats }
+                Node::open(&target, &self.options, "redis cluster node", addr)
             })
             .clone()
     }
@@ -236,14 +211,9 @@ impl Router {
     /// Closes the pools of nodes that no longer serve a slot (their tasks
     /// end once the last in-flight command lets go of them).
     fn prune(&self) {
-        let masters = self
-            .shared
-            .map
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .masters();
-        let mut pools = self.pools.lock().unwrap_or_else(PoisonError::into_inner);
-        pools.retain(|addr, _| masters.contains(addr));
+        let masters = self.shared.map_masters();
+        let mut nodes = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);
+        nodes.retain(|addr, _| masters.contains(addr));
     }
 
     /// Asks for a map refresh: at most one runs per process at a time, and
@@ -320,7 +290,6 @@ impl Router {
         state.running = false;
         state.last = Some(Instant::now());
     }
-
     /// Runs `request` on the master of `slot`, following redirections, and
     /// returns the reply of its (last) command: a redirection or retryable
     /// error never comes back, other error replies do. With `wait_replicas`,
@@ -333,54 +302,45 @@ impl Router {
         wait_replicas: u32,
         deadline: Instant,
     ) -> Result<Reply, Error> {
-        let mut ask: Option<Arc<str>> = None;
+        // Where an ASK redirection sends the next attempt (after `ASKING`).
+        let mut asked_to: Option<Arc<str>> = None;
         let mut pause = RETRY_PAUSE;
         let mut reloaded = false;
         for _ in 0..=MAX_REDIRECTIONS {
-            let asking = ask.is_some();
-            let Some(addr) = ask.take().or_else(|| self.shared.owner(slot)) else {
+            let asking = asked_to.is_some();
+            let Some(addr) = asked_to.take().or_else(|| self.shared.owner(slot)) else {
                 return Err(Error::Unavailable);
             };
-            let sent = if asking {
-                request.clone().asking()
-            } else {
-                request.clone()
+            let sent = match asking {
+                true => request.clone().asking(),
+                false => request.clone(),
             };
-            let node = self.pool(&addr);
-            let handle = node.pool.handle().clone();
-            let stats = &node.stats;
-            let reply = self.attempt(&handle, stats, sent.clone(), deadline).await?;
-            let mut reply = without_wait(without_asking(reply, asking), wait_replicas);
-            if function_missing(&reply) && !reloaded {
-                // The node lost the library (flushed, restored): load it
-                // and run the same command once more, in order on one
-                // connection. The error came before the function ran, so
-                // nothing was stored.
+            let node = self.node(&addr);
+            let handle = node.pool.handle();
+            let raw = self.attempt(&node, handle, sent.clone(), deadline).await?;
+            let mut reply = without_wait(without_asking(raw, asking), wait_replicas)?;
+            let mut next = after_reply(&reply, &addr, reloaded);
+            if next == Next::ReloadLibrary {
                 reloaded = true;
-                let load = handle.start_by(load_library_command(), deadline);
-                let again = self.attempt(&handle, stats, sent, deadline).await?;
+                let load = start_reload(handle, deadline);
+                let again = self.attempt(&node, handle, sent, deadline).await?;
                 drop(load);
-                reply = without_wait(without_asking(again, asking), wait_replicas);
+                reply = without_wait(without_asking(again, asking), wait_replicas)?;
+                next = after_reply(&reply, &addr, reloaded);
             }
-            let reply = reply?;
-            let Reply::Error(error) = &reply else {
-                return Ok(reply);
-            };
-            match classify(error, &addr) {
-                None => return Ok(reply),
-                Some(Redirect::Moved { slot, addr }) => {
-                    METRICS.redirection(Redirection::Moved);
+            if let Some(redirection) = next.redirection() {
+                METRICS.redirection(redirection);
+            }
+            match next {
+                Next::Return | Next::ReloadLibrary => return Ok(reply),
+                Next::Moved { slot, addr } => {
                     self.shared.patch(slot, &addr);
                     self.request_refresh("MOVED");
                 }
-                Some(Redirect::Ask { addr, .. }) => {
-                    METRICS.redirection(Redirection::Ask);
-                    ask = Some(Arc::from(addr));
-                }
-                Some(Redirect::Retry { refresh }) => {
-                    METRICS.redirection(Redirection::Retry);
-                    if refresh {
-                        self.request_refresh(retry_reason(error));
+                Next::Ask { addr } => asked_to = Some(Arc::from(addr)),
+                Next::Retry { refresh } => {
+                    if let Some(reason) = refresh {
+                        self.request_refresh(reason);
                     }
                     if Instant::now() + pause >= deadline {
                         return Err(Error::Unavailable);
@@ -393,52 +353,32 @@ impl Router {
         Err(Error::Unavailable)
     }
 
-    /// Writes `request` on `handle` (unless `deadline` passes first) and
-    /// waits for its reply until `deadline`.
+    /// Writes `request` on `handle` of `node` (unless `deadline` passes
+    /// first) and waits for its reply until `deadline`; a command that got
+    /// none may have run, and is never resent.
     async fn attempt(
         self: &Arc<Self>,
-        handle: &Handle<RespProtocol>,
-        stats: &Arc<PeerStats>,
+        node: &Node,
+        handle: &crate::mux::Handle<crate::resp::protocol::RespProtocol>,
         request: RespRequest,
         deadline: Instant,
     ) -> Result<Reply, Error> {
-        let counted = stats.call();
-        let reply = match handle.start_by(request, deadline) {
-            Ok(pending) => tokio::time::timeout_at(deadline, pending.wait()).await,
-            Err(err) => Ok(Err(err)),
+        let failure = match node.start_on(handle, request, deadline) {
+            Ok(call) => match call.answer().await {
+                Ok(Ok(reply)) => return Ok(reply),
+                Ok(Err(err)) => Failure::Failed(err),
+                Err(_elapsed) => Failure::Elapsed,
+            },
+            Err(err) => Failure::Failed(err),
         };
-        counted.end(match &reply {
-            Ok(reply) => outcome(reply),
-            Err(_elapsed) => Outcome::Timeout,
-        });
-        match reply {
-            Ok(Ok(reply)) => Ok(reply),
-            Ok(Err(Error::Unavailable)) => {
-                // Not connected, or the connection broke with the command
-                // maybe run: the master may be gone.
-                self.request_refresh("connection lost");
-                Err(Error::Unavailable)
-            }
-            // Overloaded, or Timeout: never written.
-            Ok(Err(err)) => Err(err),
-            // Maybe run: never resent. A master that stopped answering may
-            // have been replaced (a stale map after timeouts kept clients
-            // on a frozen node: fred #59).
-            Err(_elapsed) => {
-                self.shared.lock_refresh().suspect_until = Some(Instant::now() + SUSPECT_FOR);
-                self.request_refresh("timeout");
-                Err(Error::Unavailable)
-            }
+        let give_up = after_failure(failure);
+        if give_up.suspect {
+            self.shared.lock_refresh().suspect_until = Some(Instant::now() + SUSPECT_FOR);
         }
-    }
-}
-
-/// For the log line of the refresh a retryable error asked for.
-fn retry_reason(error: &str) -> &'static str {
-    match error.split_ascii_whitespace().next() {
-        Some("READONLY") => "READONLY",
-        Some("MASTERDOWN") => "MASTERDOWN",
-        _ => "CLUSTERDOWN",
+        if let Some(reason) = give_up.refresh {
+            self.request_refresh(reason);
+        }
+        Err(give_up.error)
     }
 }
 
@@ -478,50 +418,55 @@ fn split_by_slot(batch: &mut Vec<QueuedSend>) -> Vec<(u16, Vec<QueuedSend>)> {
 /// each routed (and redirected) on its own.
 async fn store_send_batches(
     router: Arc<Router>,
-    mut queue: mpsc::Receiver<QueuedSend>,
+    queue: mpsc::Receiver<QueuedSend>,
     queued: ByteBudget,
 ) {
-    let mut batch = Vec::with_capacity(MAX_SEND_BATCH);
     // For the closing log line: each batch should cost one `im_send` per
     // distinct slot in it, which tests compare with Redis's own FCALL count.
     let (mut batches, mut slots) = (0u64, 0u64);
     let window = BatchWindow::new(&router.options);
-    loop {
-        // Shared by the round's calls, one per slot: the round leaves the
-        // window when the last of them is answered.
-        let entered = window.enter().await.map(Arc::new);
-        if !next_batch(&mut queue, &queued, &mut batch).await {
-            break;
-        }
-        let now = crate::now_micros();
+    run_batches(queue, queued, window, |batch, entered| {
         batches += 1;
-        slots += batch
-            .iter()
-            .map(|s| key_slot(s.key.as_bytes()))
-            .collect::<std::collections::HashSet<_>>()
-            .len() as u64;
-        for (slot, mut group) in split_by_slot(&mut batch) {
-            let deadline = batch_deadline(&group);
-            let request = router.options.send_request(im_send_command(
-                &mut group,
-                now,
-                &router.options.retention,
-            ));
-            let waiters: Vec<_> = group.into_iter().map(|s| s.reply).collect();
-            let (router, entered) = (router.clone(), entered.clone());
-            tokio::spawn(async move {
-                let wait = router.options.wait_replicas;
-                // (Over by the deadline: nothing is written after it, and
-                // no reply is waited for past it.)
-                let reply = router.execute(slot, request, wait, deadline).await;
-                drop(entered);
-                answer_batch(reply, waiters)
-            });
-        }
-    }
+        slots += start_slot_batches(&router, batch, entered);
+    })
+    .await;
     crate::logging::info!(
         "cluster store closed after {batches} send batches touching {slots} slots"
     );
+}
+
+/// Starts one `im_send` per slot of `batch` (left empty), each in a task
+/// of its own; returns how many.
+fn start_slot_batches(
+    router: &Arc<Router>,
+    batch: &mut Vec<QueuedSend>,
+    entered: Option<OwnedSemaphorePermit>,
+) -> u64 {
+    // Shared by the round's calls, one per slot: the round leaves the
+    // window when the last of them is answered.
+    let entered = entered.map(Arc::new);
+    let now = crate::now_micros();
+    let groups = split_by_slot(batch);
+    let count = groups.len() as u64;
+    for (slot, mut group) in groups {
+        let deadline = batch_deadline(&group);
+        let request = router.options.send_request(im_send_command(
+            &mut group,
+            now,
+            &router.options.retention,
+        ));
+        let waiters: Vec<_> = group.into_iter().map(|s| s.reply).collect();
+        let (router, entered) = (router.clone(), entered.clone());
+        tokio::spawn(async move {
+            let wait = router.options.wait_replicas;
+            // (Over by the deadline: nothing is written after it, and
+            // no reply is waited for past it.)
+            let reply = router.execute(slot, request, wait, deadline).await;
+            drop(entered);
+            answer_batch(reply, waiters)
+        });
+    }
+    count
 }
 
 /// The process's retention sweep on a Cluster: each pass sweeps every
@@ -529,36 +474,16 @@ async fn store_send_batches(
 /// that started it; a command refused by a node (moved slots) is skipped.
 async fn sweep_masters(router: std::sync::Weak<Router>) {
     loop {
-        tokio::time::sleep(super::retention::SWEEP_PAUSE).await;
+        tokio::time::sleep(retention::SWEEP_PAUSE).await;
         let Some(router) = router.upgrade() else {
             return;
         };
-        let masters = router
-            .shared
-            .map
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .masters();
+        let masters = router.shared.map_masters();
         let mut removed = 0;
         for addr in masters {
-            let node = router.pool(&addr);
-            let run = |command: bytes::Bytes| {
-                let handle = node.pool.handle().clone();
-                async move {
-                    let deadline = Instant::now() + Duration::from_secs(5);
-                    match tokio::time::timeout_at(
-                        deadline,
-                        handle.start_by(command, deadline)?.wait(),
-                    )
-                    .await
-                    {
-                        Ok(Ok(Reply::Error(err))) => Err(Error::Internal(err.to_string())),
-                        Ok(reply) => reply,
-                        Err(_elapsed) => Err(Error::Timeout),
-                    }
-                }
-            };
-            removed += super::retention::sweep_node(run, &router.options.retention).await;
+            let node = router.node(&addr);
+            let run = |command| sweep_step(&node, command);
+            removed += retention::sweep_node(run, &router.options.retention).await;
         }
         if removed > 0 {
             eprintln!("im-server: retention sweep removed {removed} expired messages");
@@ -595,15 +520,11 @@ async fn refresh_periodically(router: std::sync::Weak<Router>) {
     }
 }
 
-pub struct ClusterStore {
-    router: Arc<Router>,
-    sends: SendQueue,
-    timeout: Duration,
-    /// The change log's retention, as `im_edit` / `im_delete` take it.
-    keep: String,
-    /// Pulls waiting for new messages (see [`RedisStore`]'s).
-    hub: Option<Arc<Hub>>,
-}
+/// The store on a Redis Cluster (one per thread).
+pub type ClusterStore = RedisEngine<SlotRoute>;
+
+/// Where a cluster store's commands go: the master of the chat's slot.
+pub struct SlotRoute(Arc<Router>);
 
 impl ClusterStore {
     /// One thread's store; `shared` is the process's map. Call on the
@@ -612,7 +533,7 @@ impl ClusterStore {
         let router = Arc::new(Router {
             shared,
             options: options.clone(),
-            pools: Mutex::new(HashMap::new()),
+            nodes: Mutex::new(HashMap::new()),
         });
         if router.shared.refreshes() == 0 {
             router.request_refresh("start-up");
@@ -620,49 +541,50 @@ impl ClusterStore {
         let (sends, queue, queued) = SendQueue::new(options);
         tokio::spawn(store_send_batches(router.clone(), queue, queued));
         tokio::spawn(refresh_periodically(Arc::downgrade(&router)));
-        if super::retention::take_sweeper(&options.retention) {
+        if retention::take_sweeper(&options.retention) {
             tokio::spawn(sweep_masters(Arc::downgrade(&router)));
         }
-        ClusterStore {
-            router,
-            sends,
-            timeout: options.timeout,
-            keep: super::lifecycle::keep_micros(options.change_log_retention),
-            hub: None,
-        }
+        RedisEngine::with_route(SlotRoute(router), sends, options)
+    }
+}
+
+impl Route for SlotRoute {
+    async fn call(
+        &self,
+        chat: &str,
+        request: RespRequest,
+        wait_replicas: u32,
+        deadline: Instant,
+    ) -> Result<Reply, Error> {
+        let slot = key_slot(chat_key(chat).as_bytes());
+        self.0.execute(slot, request, wait_replicas, deadline).await
     }
 
-    /// Lets pulls wait for new messages announced through `hub`.
-    pub fn with_hub(mut self, hub: Arc<Hub>) -> Self {
-        self.hub = Some(hub);
-        self
-    }
-
-    /// Registers a pull that will wait for `chat`, if pulls may wait.
-    pub fn waiter(&self, chat: &str) -> Option<Waiter> {
-        self.hub.as_ref().map(|hub| hub.register(chat))
-    }
-
-    /// See [`crate::store::AnyStore::start_send`].
-    pub fn start_send(&self, chat: &str, sender: &str, text: &str, done: Completion) {
-        self.sends.start(chat, sender, text, done)
+    /// A task per pull: the pull may be redirected (and wait between tries).
+    fn start_pull(&self, query: PullQuery, deadline: Instant, done: Completion<Page>) {
+        let router = self.0.clone();
+        tokio::spawn(async move {
+            let slot = key_slot(chat_key(&query.chat).as_bytes());
+            let floor = router.options.retention.floor(crate::now_micros());
+            let request = RespRequest::from(super::schema::pull_command(&query, floor));
+            let reply = router.execute(slot, request, 0, deadline).await;
+            done.complete(page_of(&query, reply));
+        });
     }
 
     /// `PING` on every master of the map (each in turn, within one Redis
     /// timeout): a cluster answers for every chat only if each of them does.
-    pub async fn ping(&self) -> Result<(), String> {
-        let masters = self.router.shared.masters();
+    async fn ping(&self, deadline: Instant) -> Result<(), String> {
+        let masters = self.0.shared.masters();
         if masters.is_empty() {
             return Err("no Redis Cluster master is known yet".into());
         }
-        let deadline = Instant::now() + self.timeout;
         for addr in masters {
-            let node = self.router.pool(&addr);
+            let node = self.0.node(&addr);
             let ping = RespRequest::from(command::encode(&[b"PING"]));
-            let handle = node.pool.handle().clone();
             if let Err(err) = self
-                .router
-                .attempt(&handle, &node.stats, ping, deadline)
+                .0
+                .attempt(&node, node.pool.handle(), ping, deadline)
                 .await
             {
                 return Err(format!(
@@ -674,183 +596,14 @@ impl ClusterStore {
     }
 }
 
-impl Store for ClusterStore {
-    async fn send(
-        &self,
-        chat: &str,
-        sender: &str,
-        text: &str,
-        idempotency_key: Option<&str>,
-    ) -> Result<Sent, Error> {
-        self.sends.send(chat, sender, text, idempotency_key).await
-    }
-
-    async fn pull(&self, query: &PullQuery) -> Result<Page, Error> {
-        let slot = key_slot(chat_key(&query.chat).as_bytes());
-        let floor = self.router.options.retention.floor(crate::now_micros());
-        let request = RespRequest::from(pull_command(query, floor));
-        let deadline = Instant::now() + self.timeout;
-        match self.router.execute(slot, request, 0, deadline).await? {
-            Reply::Error(err) => Err(Error::from_redis(&err)),
-            reply => page_from_reply(query, reply),
-        }
-    }
-
-    async fn edit(
-        &self,
-        chat: &str,
-        send_time: i64,
-        text: &str,
-        actor: Option<&str>,
-    ) -> Result<i64, Error> {
-        let runner = ChatRunner::new(self, chat);
-        super::lifecycle::edit(&runner, chat, send_time, text, actor, &self.keep).await
-    }
-
-    async fn delete(
-        &self,
-        chat: &str,
-        send_time: i64,
-        actor: Option<&str>,
-        admin: bool,
-    ) -> Result<(), Error> {
-        let runner = ChatRunner::new(self, chat);
-        super::lifecycle::delete(&runner, chat, send_time, actor, admin, &self.keep).await
-    }
-
-    async fn changes(
-        &self,
-        chat: &str,
-        after: i64,
-        limit: usize,
-    ) -> Result<crate::proto::ChangesResponse, Error> {
-        let runner = ChatRunner::new(self, chat);
-        super::lifecycle::changes(&runner, chat, after, limit, &self.keep).await
-    }
-}
-
-/// Runs an edit's or delete's commands on its chat's master (every key of
-/// theirs is in the chat's slot), redirections followed.
-struct ChatRunner<'a> {
-    router: &'a Arc<Router>,
-    slot: u16,
-    timeout: Duration,
-    wait_replicas: u32,
-}
-
-impl<'a> ChatRunner<'a> {
-    fn new(store: &'a ClusterStore, chat: &str) -> ChatRunner<'a> {
-        ChatRunner {
-            router: &store.router,
-            slot: key_slot(chat_key(chat).as_bytes()),
-            timeout: store.timeout,
-            wait_replicas: store.router.options.wait_replicas,
-        }
-    }
-}
-
-impl super::lifecycle::Runner for ChatRunner<'_> {
-    fn floor(&self) -> i64 {
-        self.router.options.retention.floor(crate::now_micros())
-    }
-
-    async fn run(&self, command: bytes::Bytes, change: bool) -> Result<Reply, Error> {
-        let deadline = Instant::now() + self.timeout;
-        // Changes wait for replicas like sends; reads need not.
-        let (request, wait) = match change {
-            true => (
-                self.router.options.send_request(command),
-                self.wait_replicas,
-            ),
-            false => (RespRequest::from(command), 0),
-        };
-        match self
-            .router
-            .execute(self.slot, request, wait, deadline)
-            .await?
-        {
-            Reply::Error(err) => Err(Error::Internal(format!("redis: {err}"))),
-            reply => Ok(reply),
-        }
-    }
-}
-
-/// What the configured Redis turned out to be at start-up.
-pub enum Probe {
-    Standalone,
-    /// In cluster mode, with the map if `CLUSTER SLOTS` could be read.
-    Cluster(Option<SlotMap>),
-    /// No node answered.
-    Unreachable(String),
-}
-
-/// Asks the seed nodes, in order, whether they run in cluster mode
-/// (`INFO cluster`), and if so for the slot map.
-pub async fn probe(targets: &[RedisTarget]) -> Probe {
-    let mut last_error = String::from("no Redis node given");
-    for target in targets {
-        match probe_one(target).await {
-            Ok(probe) => return probe,
-            Err(err) => last_error = format!("{target}: {err}"),
-        }
-    }
-    Probe::Unreachable(last_error)
-}
-
-async fn probe_one(target: &RedisTarget) -> std::io::Result<Probe> {
-    use crate::mux::Protocol as _;
-    // Only AUTH: SELECT fails in cluster mode, which is what we ask about.
-    let bare = RedisTarget {
-        db: 0,
-        ..target.clone()
-    };
-    let stream = RespProtocol::new(bare, &[]).connect().await?;
-    let info = ask(&stream, &[b"INFO", b"cluster"]).await?;
-    let Reply::BulkString(info) = info else {
-        return Err(std::io::Error::other(format!("INFO returned {info:?}")));
-    };
-    if !is_cluster_info(&info) {
-        return Ok(Probe::Standalone);
-    }
-    let Address::Tcp(addr) = &target.address else {
-        return Ok(Probe::Cluster(None));
-    };
-    let slots = ask(&stream, &[b"CLUSTER", b"SLOTS"]).await?;
-    let map = crate::resp::cluster::parse_cluster_slots(&slots, addr)
-        .ok()
-        .map(|ranges| SlotMap::from_ranges(&ranges));
-    Ok(Probe::Cluster(map))
-}
-
-/// `CLUSTER SLOTS` of the node at `addr`, on a connection of its own.
-async fn read_slot_map(target: &RedisTarget, addr: &str) -> std::io::Result<SlotMap> {
-    use crate::mux::Protocol as _;
-    let stream = RespProtocol::new(target.clone(), &[]).connect().await?;
-    let reply = ask(&stream, &[b"CLUSTER", b"SLOTS"]).await?;
-    let ranges =
-        crate::resp::cluster::parse_cluster_slots(&reply, addr).map_err(std::io::Error::other)?;
-    Ok(SlotMap::from_ranges(&ranges))
-}
-
-/// One command, one reply, on a connection of its own.
-async fn ask(stream: &Stream, args: &[&[u8]]) -> std::io::Result<Reply> {
-    stream.write_all(&command::encode(args)).await?;
-    let mut input = BytesMut::new();
-    loop {
-        if let Some(reply) = decode_reply(&mut input)? {
-            return Ok(reply);
-        }
-        stream.read_some(&mut input).await?;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use bytes::Bytes;
     use tokio::sync::oneshot;
 
     use super::*;
-    use crate::store::redis::{SendWaiter, encode_member};
+    use crate::store::redis::queue::SendWaiter;
+    use crate::store::redis::schema::encode_member;
 
     fn queued(chat: &str, text: &str) -> QueuedSend {
         QueuedSend {

@@ -48,6 +48,15 @@ pub fn validate_send(chat: &str, sender: &str, text: &str) -> Result<(), Invalid
     Ok(())
 }
 
+/// Whether a chat can have records beside its messages (idempotency
+/// records, the change log): Redis keeps them in the chat's Cluster slot,
+/// the chat's name being their keys' hash tag, and a name that starts with
+/// `}` makes that tag empty (`im:{}…`). Decided here, for every store
+/// alike, so that a chat behaves the same on each.
+pub fn chat_keeps_records(chat: &str) -> bool {
+    !chat.starts_with('}')
+}
+
 /// Checks an edit or delete: the chat as for a send, a `send_time` that
 /// can name a message, and (an edit's) `text` as for a send.
 pub fn validate_change(chat: &str, send_time: i64, text: Option<&str>) -> Result<(), Invalid> {
@@ -55,7 +64,7 @@ pub fn validate_change(chat: &str, send_time: i64, text: Option<&str>) -> Result
     if send_time <= 0 {
         return Err(Invalid("`send_time` must be a positive integer".into()));
     }
-    if chat.starts_with('}') {
+    if !chat_keeps_records(chat) {
         return Err(Invalid(
             "messages in a chat whose name starts with `}` cannot be edited or deleted".into(),
         ));

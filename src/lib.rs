@@ -78,6 +78,7 @@ pub mod roles;
 pub mod rpc;
 pub(crate) mod runtime;
 pub(crate) mod store;
+pub mod transfer;
 pub(crate) mod unwind;
 pub(crate) mod wire;
 pub mod ws;

@@ -12,7 +12,7 @@ fn main() -> ExitCode {
         return token(std::env::args().skip(2));
     }
     if let Some(name @ ("export" | "import")) = std::env::args().nth(1).as_deref() {
-        return match im_server::roles::transfer(name, std::env::args().skip(2).collect()) {
+        return match im_server::transfer::main(name, std::env::args().skip(2).collect()) {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => {
                 eprintln!("im-server {name}: {err}");

@@ -422,19 +422,27 @@ async fn run<P: Protocol>(mut protocol: P, mut calls: Queue<P>, options: MuxOpti
             }
             _ => {}
         }
-        // Until the next attempt, fail calls fast rather than let them queue.
-        let retry = tokio::time::sleep(backoff);
-        tokio::pin!(retry);
-        loop {
-            tokio::select! {
-                _ = &mut retry => break,
-                call = calls.recv() => match call {
-                    Some(call) => { let _ = call.reply.send(Err(Error::Unavailable)); }
-                    None => return,
-                },
-            }
+        if !fail_fast_for(backoff, &mut calls).await {
+            return;
         }
         backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// Until the next connection attempt, fails calls at once (`Unavailable`:
+/// never written, so the caller may send them elsewhere) rather than let
+/// them queue; `false` once every handle is dropped.
+async fn fail_fast_for<P: Protocol>(backoff: Duration, calls: &mut Queue<P>) -> bool {
+    let retry = tokio::time::sleep(backoff);
+    tokio::pin!(retry);
+    loop {
+        tokio::select! {
+            _ = &mut retry => return true,
+            call = calls.recv() => match call {
+                Some(call) => { let _ = call.reply.send(Err(Error::Unavailable)); }
+                None => return false,
+            },
+        }
     }
 }
 

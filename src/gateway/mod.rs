@@ -127,7 +127,7 @@ impl Gateway {
             Route::Delete => self.start_change(req, query, false),
             Route::Export => self.start_export(req),
             Route::Stream => self.start_stream(req, account),
-            Route::Ws => self.start_ws(req),
+            Route::Ws => self.start_ws(req, account),
         }
     }
 

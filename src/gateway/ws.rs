@@ -34,11 +34,13 @@ use super::error::ApiError;
 use super::stream::EventKind;
 use super::{Gateway, PendingReply, decode_reply, json, stream};
 use crate::auth::Claims;
+use crate::budget::Account;
 use crate::error::CODE_OK;
 use crate::http::Request;
 use crate::http::response::{Response, Upgrade};
 use crate::proto::{Message, PullRequest, SendRequest, SendResponse};
 use crate::rpc::balanced::BalancedClient;
+use crate::rpc::client::Budgeted;
 use crate::rpc::client::RpcRequest;
 use crate::wire::next_field;
 use crate::ws::driver::{self, Session};
@@ -62,7 +64,11 @@ const MAX_IN_FLIGHT: usize = 64;
 impl Gateway {
     /// Checks the handshake and the token it carries, if any (a bad one is
     /// a 401 as over HTTP; none leaves the `auth` op to come).
-    pub(super) fn start_ws(&self, req: &Request) -> Result<PendingReply, ApiError> {
+    pub(super) fn start_ws(
+        &self,
+        req: &Request,
+        account: &Account,
+    ) -> Result<PendingReply, ApiError> {
         let accept =
             crate::ws::handshake::accept(req).map_err(|why| ApiError::Invalid(why.into()))?;
         let mut auth = AuthState::Open;
@@ -78,9 +84,17 @@ impl Gateway {
                 }
             };
         }
+        let client = self.access.client_ip(req);
+        // Pages are charged like HTTP pulls: to the token's subject given
+        // with the upgrade, else to the client's address.
+        let user = match &auth {
+            AuthState::User(claims, _) => Some(claims.as_ref()),
+            _ => None,
+        };
+        let account = super::charged_to(account, user, client);
         let upgrade = WsUpgrade {
             accept,
-            session: WsSession::new(self, auth, self.access.client_ip(req)),
+            session: WsSession::new(self, auth, client, account),
             options: self.ws,
         };
         Ok(PendingReply::Ready(Response::switching(Box::new(upgrade))))
@@ -202,6 +216,8 @@ struct WsSession {
     auth: AuthState,
     /// The client's address (a trusted proxy's forwarded one), for rate limits.
     client: Option<IpAddr>,
+    /// What its pages are charged to in the gateway's memory budget.
+    account: Account,
     max_wait_ms: i32,
     max_subscriptions: usize,
     events: mpsc::UnboundedReceiver<Event>,
@@ -254,9 +270,15 @@ struct Op {
 }
 
 impl WsSession {
-    fn new(gateway: &Gateway, auth: AuthState, client: Option<IpAddr>) -> WsSession {
+    fn new(
+        gateway: &Gateway,
+        auth: AuthState,
+        client: Option<IpAddr>,
+        account: Account,
+    ) -> WsSession {
         let (sender, events) = mpsc::unbounded_channel();
         WsSession {
+            account,
             rpc: gateway.rpc.clone(),
             access: gateway.access.clone(),
             auth,
@@ -405,7 +427,11 @@ impl WsSession {
             n => n.clamp(1, crate::domain::MAX_LIMIT),
         };
         let bound = messages as usize * crate::domain::MAX_MESSAGE_WIRE_BYTES;
-        let call = self.rpc.start(RpcRequest::Pull(request, None))?;
+        let reserved = super::reserve_page(&self.account, request.limit)?;
+        let call = self.rpc.start(RpcRequest::Pull(
+            request,
+            Some(Budgeted::Reserved(reserved)),
+        ))?;
         let rpc = self.rpc.clone();
         self.reserved += bound;
         self.spawn_reply(op.id, bound, async move {
@@ -466,12 +492,13 @@ impl WsSession {
         // The first pull does not wait: the history goes out at once.
         let first = self.rpc.start(RpcRequest::Pull(
             stream::page_request(&chat, cursor, 0, 0),
-            None,
+            Some(Budgeted::OnArrival(self.account.clone())),
         ))?;
         self.generation += 1;
         self.in_flight += 1;
         let follow = Follow {
             rpc: self.rpc.clone(),
+            account: self.account.clone(),
             chat: chat.clone(),
             generation: self.generation,
             at: stream::Position::new(cursor, op.changes_after),
@@ -569,6 +596,8 @@ fn event_json(out: &mut Vec<u8>, chat: &str, id: (i64, i64), kind: EventKind, da
 /// batch handed to the connection and the next pulled once it is rendered.
 struct Follow {
     rpc: BalancedClient,
+    /// Each page is charged to it while held (till rendered).
+    account: Account,
     chat: Arc<str>,
     generation: u64,
     at: stream::Position,
@@ -611,11 +640,9 @@ impl Follow {
                 // Dropped when rendered (or dropped with the connection).
                 let _ = wait.await;
             }
-            // WebSocket batches are not charged to the memory budget: the
-            // connection's output budget bounds them (one per subscription).
             let next = stream::next_page(
                 self.rpc.clone(),
-                None,
+                Some(self.account.clone()),
                 self.chat.clone(),
                 self.at,
                 self.wait_ms,

@@ -282,12 +282,6 @@ async fn serve_gateway(
     .await;
 }
 
-/// `im-server export|import --chat CHAT --redis URL` (see
-/// `store::transfer`).
-pub fn transfer(name: &str, args: Vec<String>) -> Result<(), String> {
-    crate::store::transfer::main(name, args)
-}
-
 /// SIGTERM and SIGINT, caught from when they are installed: one that
 /// arrives before [`ShutdownSignals::recv`] is polled is kept, not lost.
 struct ShutdownSignals {

@@ -20,8 +20,9 @@ use super::local::LocalAccept;
 use super::{handshake, method, status};
 use crate::accept::{Accepting, drain, next_connection, pending};
 use crate::domain::{
-    DEFAULT_LIMIT, MAX_LIMIT, MAX_MESSAGE_WIRE_BYTES, PullQuery, canonical_chat, validate_change,
-    validate_idempotency_key, validate_pull, validate_send, validate_wait,
+    DEFAULT_LIMIT, MAX_LIMIT, MAX_MESSAGE_WIRE_BYTES, PullQuery, canonical_chat,
+    chat_keeps_records, validate_change, validate_idempotency_key, validate_pull, validate_send,
+    validate_wait,
 };
 use crate::error::{CODE_OK, Error};
 use crate::metrics::{self, Gauge, METRICS, RpcMethod};
@@ -1052,7 +1053,7 @@ fn checked_send(req: SendRequest) -> Result<(String, String, String, String), Er
         Cow::Borrowed(_) => None,
     }
     .unwrap_or(chat);
-    if !key.is_empty() && !crate::store::redis::record_shares_the_chat_slot(&chat, &key) {
+    if !key.is_empty() && !chat_keeps_records(&chat) {
         return Err(Error::Invalid(
             "idempotency keys cannot be used in a chat whose name starts with `}`".into(),
         ));
@@ -1144,7 +1145,7 @@ async fn changes(store: &AnyStore, req: ChangesRequest) -> ChangesResponse {
     // (A pull's checks: the chat's name, and `after` like a cursor.)
     let outcome = match validate_pull(&req.chat, req.after, 0, false) {
         // Its changes cannot be logged (see `validate_change`): none.
-        Ok(query) if query.chat.starts_with('}') => Ok(ChangesResponse {
+        Ok(query) if !chat_keeps_records(&query.chat) => Ok(ChangesResponse {
             next: req.after,
             ..ChangesResponse::default()
         }),
@@ -1227,7 +1228,7 @@ async fn pull_waiting(
     let Some(mut waiter) = waiter.filter(|_| page.count == 0) else {
         return Ok(page);
     };
-    if changes_after > 0 && !query.chat.starts_with('}') {
+    if changes_after > 0 && chat_keeps_records(&query.chat) {
         let changes = store.changes(&query.chat, changes_after, 1).await?;
         if !changes.changes.is_empty() || changes.reset {
             return Ok(page);

@@ -118,7 +118,7 @@ fn stored_member(send_time: i64, text: &str, sender: &str) -> Vec<u8> {
 /// Runs one command on the chat's node: how the standalone and Cluster
 /// stores differ here. An error reply must come back as `Err`. A `change`
 /// (an FCALL) waits for `--redis-wait-replicas` like a send.
-pub(super) trait Runner {
+pub(crate) trait Runner {
     fn run(
         &self,
         command: Bytes,

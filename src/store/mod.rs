@@ -24,7 +24,6 @@ pub mod memory;
 pub mod redis;
 pub mod retention;
 pub mod subscriber;
-pub mod transfer;
 
 use std::future::Future;
 

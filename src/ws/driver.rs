@@ -117,16 +117,7 @@ pub async fn run<S: Session>(
                 }
             }
             next = session.next(), if takes => {
-                let mut next = Some(next);
-                while let Some(event) = next.take() {
-                    if let Some((code, reason)) = session.render(event, &mut out, options.max_output) {
-                        conn.close(code, reason, &mut out, now);
-                    }
-                    if out.len() < options.max_output && conn.is_open() {
-                        next = session.try_next();
-                    }
-                }
-                conn.queued(out.len(), std::time::Instant::now());
+                render(&mut conn, &mut session, next, &mut out, options.max_output, now);
                 if !input.is_empty() {
                     deliver(&mut conn, &mut session, &mut input, &mut out);
                 }
@@ -135,6 +126,28 @@ pub async fn run<S: Session>(
         }
     }
     finish(socket, out, options.conn.write_timeout).await;
+}
+
+/// Renders `first` and whatever else the session has ready into `out`, up
+/// to `max_output`; a render that says so closes the connection.
+fn render<S: Session>(
+    conn: &mut WsConn,
+    session: &mut S,
+    first: S::Event,
+    out: &mut BytesMut,
+    max_output: usize,
+    now: std::time::Instant,
+) {
+    let mut next = Some(first);
+    while let Some(event) = next.take() {
+        if let Some((code, reason)) = session.render(event, out, max_output) {
+            conn.close(code, reason, out, now);
+        }
+        if out.len() < max_output && conn.is_open() {
+            next = session.try_next();
+        }
+    }
+    conn.queued(out.len(), std::time::Instant::now());
 }
 
 /// Hands the whole messages read to the session while it takes them.

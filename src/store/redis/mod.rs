@@ -27,8 +27,9 @@ use tokio::time::Instant;
 
 pub use cluster::{ClusterShared, ClusterStore};
 pub use probe::{Probe, probe};
-pub use schema::{chat_key, record_shares_the_chat_slot};
-pub(super) use schema::{encode_member, read_stored};
+pub use schema::chat_key;
+pub(crate) use schema::encode_member;
+pub(super) use schema::read_stored;
 pub use standalone::RedisStore;
 
 use self::queue::SendQueue;
@@ -165,7 +166,7 @@ impl<R: Route> RedisEngine<R> {
     }
 
     /// Runs commands on `chat`'s node (edits, deletes, imports).
-    pub(in crate::store) fn runner<'a>(&'a self, chat: &'a str) -> ChatRunner<'a, R> {
+    pub(crate) fn runner<'a>(&'a self, chat: &'a str) -> ChatRunner<'a, R> {
         ChatRunner { engine: self, chat }
     }
 }
@@ -233,7 +234,7 @@ impl<R: Route> Store for RedisEngine<R> {
 
 /// Runs an edit's or delete's commands on its chat's node (every key of
 /// theirs is in the chat's slot).
-pub(in crate::store) struct ChatRunner<'a, R> {
+pub(crate) struct ChatRunner<'a, R> {
     engine: &'a RedisEngine<R>,
     chat: &'a str,
 }

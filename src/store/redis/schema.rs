@@ -199,7 +199,10 @@ pub fn idempotency_record_key(chat: &str, key: &str) -> String {
 /// `im_send` needs (one call's keys must share a slot on a cluster). It does
 /// unless the chat's name starts with `}`: then `im:{}…` has an empty hash
 /// tag, the whole key is hashed, and no record key can follow it there.
-pub fn record_shares_the_chat_slot(chat: &str, key: &str) -> bool {
+/// The rule the stores apply is [`crate::domain::chat_keeps_records`]; this
+/// checks it against the keys.
+#[cfg(test)]
+fn record_shares_the_chat_slot(chat: &str, key: &str) -> bool {
     let slot = |k: &str| redis_protocol::redis_keyslot(k.as_bytes());
     slot(&chat_key(chat)) == slot(&idempotency_record_key(chat, key))
 }
@@ -276,7 +279,7 @@ pub(super) fn send_outcome(reply: Reply) -> Result<Sent, Error> {
 }
 /// A `StoredMessage` without its send_time (im_send prepends it), encoded
 /// from the borrowed fields: one allocation, no `String` copies.
-pub(in crate::store) fn encode_member(text: &str, sender: &str) -> Vec<u8> {
+pub(crate) fn encode_member(text: &str, sender: &str) -> Vec<u8> {
     let mut member = Vec::with_capacity(
         wire::bytes_field_len(stored_message::TEXT, text.len())
             + wire::bytes_field_len(stored_message::SENDER, sender.len()),
@@ -470,6 +473,14 @@ mod tests {
             assert!(record_shares_the_chat_slot(chat, "k-1"), "{chat:?}");
         }
         assert!(!record_shares_the_chat_slot("}x", "k-1"));
+        // The rule every store applies is this one.
+        for chat in ["room", "a:b", "x}y", "{a}", "ä", "}x", "}", "}}{a}"] {
+            assert_eq!(
+                record_shares_the_chat_slot(chat, "k-1"),
+                crate::domain::chat_keeps_records(chat),
+                "{chat:?}"
+            );
+        }
         assert!(
             !record_shares_the_chat_slot("", "k-1"),
             "empty chats are refused anyway"

@@ -10,14 +10,14 @@ use std::io::{BufRead, Write};
 
 use serde::Deserialize;
 
-use super::Store;
-use super::lifecycle::Runner;
-use super::redis::{RedisOptions, RedisStore, chat_key, encode_member};
 use crate::domain::{MAX_LIMIT, PullQuery, canonical_chat};
 use crate::error::Error;
 use crate::gateway::pull_wire::write_message;
 use crate::proto::fields::pull_response;
 use crate::resp::command;
+use crate::store::Store;
+use crate::store::lifecycle::Runner;
+use crate::store::redis::{RedisOptions, RedisStore, chat_key, encode_member};
 use crate::wire::{Value, next_field};
 
 pub const USAGE: &str = "Usage: im-server export --chat CHAT --redis URL   (NDJSON on stdout)\n\
@@ -43,11 +43,7 @@ pub fn main(name: &str, args: Vec<String>) -> Result<(), String> {
     let url = url
         .or_else(|| std::env::var("REDIS_URL").ok())
         .ok_or(USAGE)?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| format!("cannot start a runtime: {e}"))?;
-    runtime.block_on(async {
+    crate::runtime::current_thread()?.block_on(async {
         let store = open(&url)?;
         match name {
             "export" => export(&store, &chat, &mut std::io::stdout().lock()).await,

@@ -4,7 +4,7 @@
 Usage: bench/im_send_cost.py [--port P] [--rooms N] [--messages M] [--batch B]
                              [--library FILE] [--keep N] [--age-floor]
 
-Loads the `im` function library from FILE (default src/store/redis.rs, the
+Loads the `im` function library from FILE (default src/store/redis/schema.rs, the
 LIBRARY constant; give an older copy, e.g. from `git show`, for an A/B),
 FLUSHALLs the Redis on 127.0.0.1:P (default 6399: never point it at data you
 keep), then stores M messages (600,000) in calls of B (20) to rooms picked
@@ -76,7 +76,7 @@ def main():
     p.add_argument("--rooms", type=int, default=10_000)
     p.add_argument("--messages", type=int, default=600_000)
     p.add_argument("--batch", type=int, default=20)
-    p.add_argument("--library", default=str(Path(__file__).parent.parent / "src/store/redis.rs"))
+    p.add_argument("--library", default=str(Path(__file__).parent.parent / "src/store/redis/schema.rs"))
     p.add_argument("--keep", type=int, default=0)
     p.add_argument("--age-floor", action="store_true")
     opt = p.parse_args()

@@ -825,3 +825,56 @@ fn a_subscriber_older_than_the_change_log_gets_reset_on_the_memory_store() {
 fn a_subscriber_older_than_the_change_log_gets_reset_on_redis() {
     reset_when_older_than_the_log(&Backend::redis_with(&["--change-log-retention-s", "1"]));
 }
+
+/// Subscribers of one room on one gateway share each fetch of the next
+/// batch (one held pull per gateway thread, not one each), and every one of
+/// them still gets every message once, in order.
+#[test]
+fn subscribers_of_a_room_share_their_fetches_and_each_gets_everything() {
+    let server = Server::start("all", &["--threads", "2"], &[]);
+    let addr = server.http_addr();
+    let chat = "shared";
+    let t0 = send_ok(addr, chat, "a", "m0");
+    let mut subscribers: Vec<WsClient> = (0..6)
+        .map(|i| {
+            let mut ws = WsClient::connect(addr, &[]);
+            let (reply, _) = ws.call(json!({"id": i, "op": "subscribe", "chat": chat}));
+            assert_eq!(reply["ok"], true, "{reply}");
+            let first = any_events(&mut ws, 1);
+            assert_eq!(
+                change_summary(&first[0]),
+                ("message".into(), t0, "m0".into())
+            );
+            ws
+        })
+        .collect();
+    // Caught up: their next fetches are held, at most one per thread. (Those
+    // that read across a second's turn stand apart until the next message:
+    // their change cursors are the store's clock in whole seconds.)
+    let held = || scrape(addr).value("im_pulls_waiting", &[]);
+    let mut sent = Vec::new();
+    for round in 0..3 {
+        wait_until(
+            Duration::from_secs(5),
+            "the subscribers' pulls held",
+            || (held() >= 1.0).then_some(()),
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        if held() <= 2.0 || round == 2 {
+            break;
+        }
+        let t = send_ok(addr, chat, "a", &format!("align {round}"));
+        for ws in &mut subscribers {
+            assert_eq!(change_summary(&any_events(ws, 1)[0]).1, t);
+        }
+    }
+    assert!(held() <= 2.0, "{} pulls held for 6 subscribers", held());
+    sent.extend((1..=20).map(|i| send_ok(addr, chat, "a", &format!("m{i}"))));
+    for ws in &mut subscribers {
+        let got: Vec<i64> = any_events(ws, sent.len())
+            .iter()
+            .map(|e| change_summary(e).1)
+            .collect();
+        assert_eq!(got, sent, "every message once, in order");
+    }
+}

@@ -250,10 +250,22 @@ pub const MAX_CHANGES: usize = 100;
 pub const FRESH_MARGIN_US: i64 = 5_000_000;
 
 /// Where a change read may move its cursor once it has read everything:
-/// [`FRESH_MARGIN_US`] back (at most half the log's window).
+/// [`FRESH_MARGIN_US`] back (at most half the log's window), rounded down
+/// to the whole second (at most a quarter of the window: the mark stays
+/// within it, or every read from it would be a reset). Rounded, so that
+/// followers of a chat that read within the same second stand at the same
+/// place and can share their next fetch (`gateway::stream::next_page`):
+/// with the exact clock every subscriber of a room had a change cursor of
+/// its own and none shared. Rounding down only ever reads a little more; a
+/// cursor never goes back (a read answers at least where it started).
 pub fn watermark(now: i64, keep_us: i64) -> i64 {
-    now - FRESH_MARGIN_US.min(keep_us / 2)
+    let mark = now - FRESH_MARGIN_US.min(keep_us / 2);
+    let step = WATERMARK_STEP_US.min(keep_us / 4).max(1);
+    mark - mark.rem_euclid(step)
 }
+
+/// What [`watermark`] rounds to.
+const WATERMARK_STEP_US: i64 = 1_000_000;
 
 /// Whether changes after `after` may have been trimmed: it is older than
 /// the log keeps (by the clock: trimming is by sequence, which follows the
@@ -345,6 +357,25 @@ mod tests {
     use prost::Message as _;
 
     use super::*;
+
+    #[test]
+    fn the_watermark_is_shared_within_a_step_and_stays_inside_the_log() {
+        let now = 1_796_649_689_029_313;
+        for keep in [1_000_000, 10_000_000, 3_600_000_000] {
+            let mark = watermark(now, keep);
+            assert!(mark <= now - FRESH_MARGIN_US.min(keep / 2), "{keep}");
+            assert!(
+                mark > now - keep,
+                "inside the window: no reset from it ({keep})"
+            );
+            assert!(!must_reset(mark, None, now, keep));
+        }
+        // Two reads a moment apart, in the same second: the same place.
+        let keep = 3_600_000_000;
+        let base = watermark(now, keep);
+        assert_eq!(watermark(base + FRESH_MARGIN_US + 1_000, keep), base);
+        assert_eq!(watermark(base + FRESH_MARGIN_US + 999_999, keep), base);
+    }
     use crate::proto::{Change, StoredMessage};
 
     #[test]

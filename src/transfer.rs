@@ -5,6 +5,7 @@
 //! export pages through the chat with ordinary pulls (100 at a time), the
 //! import writes 100 lines at a time; the import keeps each message's
 //! `send_time` (and `edited_at`) and refuses a chat that is not empty.
+//! `URL` is a standalone Redis or a Cluster (one node, or a list).
 
 use std::io::{BufRead, Write};
 
@@ -17,7 +18,10 @@ use crate::proto::fields::pull_response;
 use crate::resp::command;
 use crate::store::Store;
 use crate::store::lifecycle::Runner;
-use crate::store::redis::{RedisOptions, RedisStore, chat_key, encode_member};
+use crate::store::redis::{
+    ClusterShared, ClusterStore, Probe, RedisEngine, RedisOptions, RedisStore, Route, chat_key,
+    encode_member, probe,
+};
 use crate::wire::{Value, next_field};
 
 pub const USAGE: &str = "Usage: im-server export --chat CHAT --redis URL   (NDJSON on stdout)\n\
@@ -44,18 +48,25 @@ pub fn main(name: &str, args: Vec<String>) -> Result<(), String> {
         .or_else(|| std::env::var("REDIS_URL").ok())
         .ok_or(USAGE)?;
     crate::runtime::current_thread()?.block_on(async {
-        let store = open(&url)?;
-        match name {
-            "export" => export(&store, &chat, &mut std::io::stdout().lock()).await,
-            _ => import(&store, &chat, &mut std::io::stdin().lock()).await,
+        let export_chat = name == "export";
+        match open(&url).await? {
+            Opened::Standalone(store) if export_chat => export(&store, &chat).await,
+            Opened::Standalone(store) => import(&store, &chat).await,
+            Opened::Cluster(store) if export_chat => export(&store, &chat).await,
+            Opened::Cluster(store) => import(&store, &chat).await,
         }
     })
 }
 
-/// The standalone Redis at `url` (a Cluster is reached through one of its
-/// nodes' slots only by the server itself: not supported here).
-fn open(url: &str) -> Result<RedisStore, String> {
-    let target = crate::resp::url::parse(url)?;
+/// The Redis at `url`: standalone, or a Cluster (a list of nodes, or one
+/// node in cluster mode), as the server finds it at start-up.
+enum Opened {
+    Standalone(RedisStore),
+    Cluster(ClusterStore),
+}
+
+async fn open(url: &str) -> Result<Opened, String> {
+    let targets = crate::resp::url::parse_list(url)?;
     let defaults = crate::config::Config::defaults();
     let options = RedisOptions {
         connections: 1,
@@ -68,11 +79,27 @@ fn open(url: &str) -> Result<RedisStore, String> {
         change_log_retention: defaults.change_log_retention,
         retention: Default::default(),
     };
-    Ok(RedisStore::new(target, &options))
+    let probed = tokio::time::timeout(options.timeout, probe(&targets)).await;
+    match (probed, targets.len()) {
+        (Ok(Probe::Cluster(map)), _) => {
+            let shared = ClusterShared::new(&targets, map)?;
+            Ok(Opened::Cluster(ClusterStore::new(shared, &options)))
+        }
+        (Ok(Probe::Standalone), 1) => {
+            let target = targets.into_iter().next().ok_or("no Redis node given")?;
+            Ok(Opened::Standalone(RedisStore::new(target, &options)))
+        }
+        (Ok(Probe::Standalone), _) => Err(format!(
+            "{url}: a list of nodes is for a Redis Cluster, and this Redis is not in cluster mode"
+        )),
+        (Ok(Probe::Unreachable(err)), _) => Err(format!("{url}: Redis does not answer: {err}")),
+        (Err(_), _) => Err(format!("{url}: Redis does not answer in time")),
+    }
 }
 
 /// Writes every message of `chat`, oldest first, one JSON object a line.
-pub async fn export(store: &RedisStore, chat: &str, out: &mut impl Write) -> Result<(), String> {
+async fn export<R: Route>(store: &RedisEngine<R>, chat: &str) -> Result<(), String> {
+    let out = &mut std::io::stdout().lock();
     let mut cursor = 0;
     loop {
         let query = PullQuery {
@@ -114,11 +141,8 @@ struct Line {
 
 /// Stores the NDJSON messages of `input` in the empty `chat`, with their
 /// `send_time`s (and `edited_at`s).
-pub async fn import(
-    store: &RedisStore,
-    chat: &str,
-    input: &mut impl BufRead,
-) -> Result<(), String> {
+async fn import<R: Route>(store: &RedisEngine<R>, chat: &str) -> Result<(), String> {
+    let input = &mut std::io::stdin().lock();
     let key = chat_key(chat);
     let count = store
         .runner(chat)
@@ -167,8 +191,8 @@ fn member(m: &Line) -> Vec<u8> {
     out
 }
 
-async fn write(
-    store: &RedisStore,
+async fn write<R: Route>(
+    store: &RedisEngine<R>,
     chat: &str,
     key: &str,
     batch: &mut Vec<(String, Vec<u8>)>,

@@ -180,3 +180,31 @@ fn a_100k_message_chat_round_trips_in_constant_memory() {
     assert_eq!(to.zcard_chat("big"), 100_000);
     assert_eq!(export(&to.url(), "big").0, big);
 }
+
+/// On a Redis Cluster the CLI does the same (the URL names one node or a
+/// list of them): a chat imported there exports to the same bytes.
+#[test]
+fn a_chat_round_trips_on_a_cluster() {
+    let cluster = Cluster::start();
+    let url = cluster.url();
+    let chat = "moved-here";
+    let lines = generated(chat, 250);
+    let out = import(&url, chat, &lines);
+    assert!(
+        out.status.success(),
+        "import into a cluster: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (exported, _) = export(&url, chat);
+    assert!(
+        exported == lines,
+        "exported as imported: {} bytes against {}",
+        exported.len(),
+        lines.len()
+    );
+    let again = import(&url, chat, &lines);
+    assert!(
+        !again.status.success(),
+        "a chat that is not empty is refused"
+    );
+}

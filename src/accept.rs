@@ -33,15 +33,7 @@ pub async fn next_connection(
             _ = shutdown.wait_for(|&stop| stop) => return None,
         };
         match accepted {
-            Ok((socket, peer)) => {
-                // Replies are written whole; Nagle would only delay them.
-                let _ = socket.set_nodelay(true);
-                // On a dual-stack listener an IPv4 client arrives as
-                // ::ffff:a.b.c.d; it is the same client (rate-limit buckets,
-                // logs) as on an IPv4 listener.
-                let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
-                return Some((socket, peer));
-            }
+            Ok((socket, peer)) => return Some(prepared(socket, peer)),
             Err(err) => {
                 if pause == MIN_PAUSE {
                     crate::logging::warning!("{what} accept failed; retrying with backoff"; err = err);
@@ -54,6 +46,18 @@ pub async fn next_connection(
             }
         }
     }
+}
+
+/// An accepted connection made ready for use, with its client's address.
+fn prepared(socket: TcpStream, peer: SocketAddr) -> (TcpStream, SocketAddr) {
+    // Replies are written whole; Nagle would only delay them.
+    let _ = socket.set_nodelay(true);
+    // On a dual-stack listener an IPv4 client arrives as ::ffff:a.b.c.d; it
+    // is the same client (rate-limit buckets, logs) as on an IPv4 listener.
+    (
+        socket,
+        SocketAddr::new(peer.ip().to_canonical(), peer.port()),
+    )
 }
 
 /// The connections the kernel has completed on `listener` that no accept
@@ -76,11 +80,7 @@ pub fn pending(listener: &TcpListener) -> Vec<(TcpStream, SocketAddr)> {
             continue;
         }
         if let Ok(stream) = TcpStream::from_std(stream) {
-            let _ = stream.set_nodelay(true);
-            taken.push((
-                stream,
-                SocketAddr::new(peer.ip().to_canonical(), peer.port()),
-            ));
+            taken.push(prepared(stream, peer));
         }
     }
     taken

@@ -20,7 +20,7 @@ use crate::store::Store;
 use crate::store::lifecycle::Runner;
 use crate::store::redis::{
     ClusterShared, ClusterStore, Probe, RedisEngine, RedisOptions, RedisStore, Route, chat_key,
-    encode_member, probe,
+    encode_member, not_a_cluster, probe,
 };
 use crate::wire::{Value, next_field};
 
@@ -89,9 +89,7 @@ async fn open(url: &str) -> Result<Opened, String> {
             let target = targets.into_iter().next().ok_or("no Redis node given")?;
             Ok(Opened::Standalone(RedisStore::new(target, &options)))
         }
-        (Ok(Probe::Standalone), _) => Err(format!(
-            "{url}: a list of nodes is for a Redis Cluster, and this Redis is not in cluster mode"
-        )),
+        (Ok(Probe::Standalone), _) => Err(not_a_cluster(url)),
         (Ok(Probe::Unreachable(err)), _) => Err(format!("{url}: Redis does not answer: {err}")),
         (Err(_), _) => Err(format!("{url}: Redis does not answer in time")),
     }

@@ -11,7 +11,7 @@ use crate::notify::Hub;
 use crate::resp::url::RedisTarget;
 use crate::runtime::spawn_on_own_runtime;
 use crate::store::memory::MemoryStore;
-use crate::store::redis::{ClusterShared, Probe, probe};
+use crate::store::redis::{ClusterShared, Probe, not_a_cluster, probe};
 use crate::store::retention::Retention;
 use crate::store::{StoreChoice, subscriber};
 
@@ -55,9 +55,7 @@ fn redis_store(url: &str, timeout: Duration) -> Result<StoreChoice, String> {
             None
         }
         (Probe::Standalone, true) => {
-            return Err(format!(
-                "{url}: a list of nodes is for a Redis Cluster, and this Redis is not in cluster mode"
-            ));
+            return Err(not_a_cluster(url));
         }
         (probe, false) => {
             if let Probe::Unreachable(err) = probe {

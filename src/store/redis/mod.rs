@@ -26,7 +26,7 @@ use bytes::Bytes;
 use tokio::time::Instant;
 
 pub use cluster::{ClusterShared, ClusterStore};
-pub use probe::{Probe, probe};
+pub use probe::{Probe, not_a_cluster, probe};
 pub use schema::chat_key;
 pub(crate) use schema::encode_member;
 pub(super) use schema::read_stored;

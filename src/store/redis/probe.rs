@@ -19,6 +19,12 @@ pub enum Probe {
     Unreachable(String),
 }
 
+/// Why `url`, a list of nodes, cannot be served: a list names a Cluster,
+/// and its node answered that it is not in cluster mode.
+pub fn not_a_cluster(url: &str) -> String {
+    format!("{url}: a list of nodes is for a Redis Cluster, and this Redis is not in cluster mode")
+}
+
 /// Asks the seed nodes, in order, whether they run in cluster mode
 /// (`INFO cluster`), and if so for the slot map.
 pub async fn probe(targets: &[RedisTarget]) -> Probe {

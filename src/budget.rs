@@ -43,13 +43,16 @@ pub const DEFAULT_MAX: usize = 256 * 1024 * 1024;
 
 /// The budget when none is configured, sized to the machine.
 pub fn default_max() -> usize {
-    let ram = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|text| mem_total(&text));
-    match ram {
+    match machine_memory() {
         Some(ram) => DEFAULT_MAX.min(ram / 8).max(16 * 1024 * 1024),
         None => DEFAULT_MAX,
     }
+}
+
+/// The machine's memory in bytes, if `/proc/meminfo` says.
+pub fn machine_memory() -> Option<usize> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    mem_total(&text)
 }
 
 /// `MemTotal` of `/proc/meminfo`, in bytes.

@@ -200,6 +200,8 @@ options! {
         "messages kept per chat, the newest; older ones are removed (0 = unlimited)");
     retain_age: Duration = seconds_or_zero("--retain-age-s", "IM_RETAIN_AGE_S", "0",
         "how long a message is kept, in seconds; older ones are removed (0 = forever)");
+    memory_store_max_bytes: Option<usize> = optional_positive("--memory-store-max-bytes", "IM_MEMORY_STORE_MAX_BYTES", unset,
+        "without Redis: bytes the embedded store may hold (messages with their senders, edits, tombstones, change logs, idempotency records); a send or edit past it is refused 507 insufficient_storage, deletes and trims free it (default: 1 GiB, or 1/4 of RAM if less)");
 }
 
 /// Longest idempotency-key retention accepted, in seconds: 10 years (Redis

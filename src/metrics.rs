@@ -125,10 +125,12 @@ pub enum Gauge {
     RpcServerInFlight,
     /// Open connections to the RPC server.
     RpcServerConnections,
+    /// Bytes the embedded store holds, as its limit counts them.
+    MemoryStoreBytes,
 }
 
 impl Gauge {
-    const ALL: [Gauge; 9] = [
+    const ALL: [Gauge; 10] = [
         Gauge::HttpInFlight,
         Gauge::HttpConnections,
         Gauge::WaitingPulls,
@@ -138,6 +140,7 @@ impl Gauge {
         Gauge::RateLimitBuckets,
         Gauge::RpcServerInFlight,
         Gauge::RpcServerConnections,
+        Gauge::MemoryStoreBytes,
     ];
 
     /// Name and help of its series.
@@ -169,6 +172,10 @@ impl Gauge {
             Gauge::RpcServerConnections => (
                 "im_rpc_server_connections_open",
                 "Open connections to the RPC server.",
+            ),
+            Gauge::MemoryStoreBytes => (
+                "im_memory_store_bytes",
+                "Bytes the embedded store holds (messages, tombstones, change logs, idempotency records), as --memory-store-max-bytes counts them.",
             ),
         }
     }
@@ -410,6 +417,11 @@ pub struct Tracked(Gauge);
 pub fn track(gauge: Gauge) -> Tracked {
     METRICS.add_gauge(gauge, 1);
     Tracked(gauge)
+}
+
+/// Moves `gauge` by `delta` (for amounts, where [`track`] counts things).
+pub fn adjust(gauge: Gauge, delta: i64) {
+    METRICS.add_gauge(gauge, delta);
 }
 
 impl Drop for Tracked {
@@ -757,7 +769,7 @@ fn render_redis(m: &Metrics, out: &mut text::Writer) {
     out.header(
         name,
         "counter",
-        "RPC server: sends refused because the store is full (Redis OOM at maxmemory), 507.",
+        "RPC server: sends and edits refused because the store is full (Redis OOM at maxmemory, or the embedded store at --memory-store-max-bytes), 507.",
     );
     let n = m.sum(|s| s.store_full.load(Ordering::Relaxed));
     out.sample(name, &[], n as f64);

@@ -549,3 +549,91 @@ fn behind_a_trusted_proxy_shares_are_per_forwarded_client() {
     let page = parse_page(&other.read_response(), "another client's pull");
     assert_eq!(page.messages.len(), 1);
 }
+
+// ---------------------------------------------------------------------------
+// The embedded store's own limit
+// ---------------------------------------------------------------------------
+
+/// The default path (no Redis) holds messages in the process, so before it
+/// had a limit any client that could send grew the process without bound
+/// (issue 20, "store full"). With `--memory-store-max-bytes` 48 MiB, two
+/// clients sending 64 KiB messages as fast as they can: sends past the
+/// limit get `507 insufficient_storage`; the process grows by at most the
+/// limit + 64 MiB; the chats hold exactly the sends answered 200; the
+/// gauge and counter say so; a delete gives room back and a small send
+/// then fits.
+#[test]
+fn a_full_embedded_store_answers_507_and_the_process_stays_within_its_limit() {
+    let _alone = alone();
+    const LIMIT: u64 = 48 * MIB;
+    let limit = LIMIT.to_string();
+    let server = Server::start("all", &["--memory-store-max-bytes", &limit], &[]);
+    let addr = server.http_addr();
+    let base = rss(&server);
+    let text = "x".repeat(64 * 1024);
+    let senders: Vec<_> = (0..2)
+        .map(|w| {
+            let text = text.clone();
+            thread::spawn(move || {
+                let mut conn = HttpConn::connect(addr);
+                let chat = format!("fill{w}");
+                let mut stored = Vec::new();
+                loop {
+                    let r = conn.send(&chat, "s", &text);
+                    match r.status {
+                        200 => stored.push(send_time_of(&r, "fill")),
+                        _ => return (chat, stored, r),
+                    }
+                    assert!(stored.len() < 10_000, "48 MiB never filled");
+                }
+            })
+        })
+        .collect();
+    let results: Vec<_> = senders
+        .into_iter()
+        .map(|s| s.join().expect("sender"))
+        .collect();
+    let grown = rss(&server).saturating_sub(base);
+    let total: usize = results.iter().map(|(_, stored, _)| stored.len()).sum();
+    eprintln!(
+        "{total} sends of 64 KiB stored, then 507; RSS +{} MiB",
+        grown / MIB
+    );
+    for (chat, stored, refused) in &results {
+        assert_error(refused, 507, "a send into a full embedded store");
+        assert_eq!(refused.json()["error"]["code"], "insufficient_storage");
+        // Nothing half-written: the chat holds the acknowledged sends.
+        let mut conn = HttpConn::connect(addr);
+        let held = walk(&mut conn, chat, 100, true, Form::Json);
+        assert_eq!(
+            held.iter().map(|m| m.send_time).collect::<Vec<_>>(),
+            *stored
+        );
+    }
+    assert!(
+        total as u64 * 64 * 1024 > LIMIT / 2,
+        "only {total} sends fit"
+    );
+    assert!(
+        grown <= LIMIT + SLACK,
+        "+{} MiB past a {} MiB store",
+        grown / MIB,
+        LIMIT / MIB
+    );
+    let metrics = scrape(addr);
+    let held = metrics.value("im_memory_store_bytes", &[]);
+    // Both threads may pass the check together: one message each over.
+    assert!(held <= (LIMIT + 2 * 66 * 1024) as f64, "gauge {held}");
+    assert!(held > (LIMIT / 2) as f64, "gauge {held}");
+    assert!(metrics.value("im_store_full_total", &[]) >= 2.0);
+
+    // Refused while full, whoever sends; a delete makes room again.
+    assert_eq!(send(addr, "other", "s", &text).status, 507);
+    let (chat, stored, _) = &results[0];
+    let mut conn = HttpConn::connect(addr);
+    let body = serde_json::json!({"chat": chat, "send_time": stored[0]}).to_string();
+    let deleted = conn.request("POST", "/api/delete", JSON_CT, body.as_bytes());
+    assert_eq!(deleted.status, 200, "{}", deleted.describe());
+    assert_eq!(send(addr, "other", "s", "fits again").status, 200);
+    assert!(scrape(addr).value("im_memory_store_bytes", &[]) < held);
+}

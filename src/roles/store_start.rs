@@ -20,13 +20,18 @@ pub(super) fn start(config: &Config) -> Result<StoreChoice, String> {
     match &config.redis_url {
         Some(url) => redis_store(url, config.redis_timeout()),
         None => {
+            let limit = config
+                .memory_store_max_bytes
+                .unwrap_or_else(crate::store::memory::default_limit);
             crate::logging::info!(
-                "store: embedded memory store (no Redis URL configured; messages are lost on exit; set REDIS_URL or --redis to use Redis)"
+                "store: embedded memory store (no Redis URL configured; messages are lost on exit; set REDIS_URL or --redis to use Redis)";
+                max_bytes = limit
             );
             let store = Arc::new(
                 MemoryStore::new(config.idempotency_ttl)
                     .with_change_log_retention(config.change_log_retention)
-                    .with_retention(Retention::from(config)),
+                    .with_retention(Retention::from(config))
+                    .with_limit(limit),
             );
             store.start_sweeper();
             Ok(StoreChoice::Memory(store))

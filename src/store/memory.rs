@@ -4,9 +4,17 @@
 //!
 //! Idempotency keys live in the shard of their chat, so checking a key and
 //! storing the message happen under the same lock, as one step.
+//!
+//! What the store holds is counted against a limit
+//! (`--memory-store-max-bytes`, see [`Footprint`]): without one, any client
+//! that may send could grow the process until the machine runs out of memory
+//! (issue 20). A send or an edit that would pass it is refused with
+//! [`Error::StorageFull`] before anything is written; deletes, retention and
+//! expired idempotency records give the bytes back.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -44,15 +52,54 @@ struct Chat {
 }
 
 impl Chat {
+    /// Appends a message; returns its send_time and the bytes it added.
+    fn append(&mut self, sender: &str, text: &str) -> (i64, usize) {
+        let now = crate::now_micros();
+        let send_time = match self.log.last() {
+            Some(last) if last.send_time >= now => last.send_time + 1,
+            _ => now,
+        };
+        let capacity = self.log.capacity();
+        self.log.push(Stored {
+            send_time,
+            sender: sender.into(),
+            text: text.into(),
+            edited_at: 0,
+        });
+        let grown = (self.log.capacity() - capacity) * size_of::<Stored>();
+        (send_time, grown + message_bytes(sender, text))
+    }
+
+    /// What appending a message adds, before it is appended: its bytes, the
+    /// log's growth if it is full, less what count retention (`keep`) then
+    /// removes, the oldest message.
+    fn append_cost(&self, sender: &str, text: &str, keep: usize) -> (usize, usize) {
+        let growth = match self.log.len() == self.log.capacity() {
+            true => self.log.capacity().max(4) * size_of::<Stored>(),
+            false => 0,
+        };
+        let freed = match self.log.first() {
+            Some(oldest) if keep > 0 && self.log.len() >= keep => stored_bytes(oldest),
+            _ => 0,
+        };
+        (message_bytes(sender, text) + growth, freed)
+    }
+
     fn next_seq(&mut self) -> i64 {
         self.last_seq = crate::now_micros().max(self.last_seq + 1);
         self.last_seq
     }
 
     /// Logs a change (an edit when `edited` holds the message) and drops
-    /// those older than `keep`.
-    fn log_change(&mut self, seq: i64, send_time: i64, edited: Option<&Stored>, keep: i64) {
-        self.changes.push_back(Change {
+    /// those older than `keep`; returns the bytes added and those freed.
+    fn log_change(
+        &mut self,
+        seq: i64,
+        send_time: i64,
+        edited: Option<&Stored>,
+        keep: i64,
+    ) -> (usize, usize) {
+        let change = Change {
             seq,
             deleted: if edited.is_none() { send_time } else { 0 },
             edited: edited.map(|m| StoredMessage {
@@ -61,11 +108,15 @@ impl Chat {
                 sender: m.sender.to_string(),
                 edited_at: 0,
             }),
-        });
+        };
+        let added = change_bytes(&change);
+        self.changes.push_back(change);
+        let mut freed = 0;
         // The newest change stays (see `lifecycle::must_reset`).
         while self.changes.len() > 1 && self.changes.front().is_some_and(|c| c.seq < seq - keep) {
-            self.changes.pop_front();
+            freed += self.changes.pop_front().as_ref().map_or(0, change_bytes);
         }
+        (added, freed)
     }
 
     fn find(&mut self, send_time: i64) -> Option<usize> {
@@ -75,8 +126,9 @@ impl Chat {
     }
 
     /// Drops what is beyond the newest `keep` (0: any number) and up to
-    /// `limit` messages older than `floor`, with their tombstones.
-    fn trim(&mut self, keep: usize, floor: i64, limit: usize) {
+    /// `limit` messages older than `floor`, with their tombstones; returns
+    /// the bytes freed.
+    fn trim(&mut self, keep: usize, floor: i64, limit: usize) -> usize {
         let mut cut = match keep {
             0 => 0,
             n => self.log.len().saturating_sub(n),
@@ -85,11 +137,118 @@ impl Chat {
             let old = self.log.partition_point(|m| m.send_time < floor);
             cut = cut.max(old.min(cut + limit));
         }
-        if cut > 0 {
-            let oldest_kept = self.log.get(cut).map_or(i64::MAX, |m| m.send_time);
-            self.log.drain(..cut);
-            self.deleted.retain(|&t, _| t >= oldest_kept);
+        if cut == 0 {
+            return 0;
         }
+        let oldest_kept = self.log.get(cut).map_or(i64::MAX, |m| m.send_time);
+        let mut freed: usize = self.log.drain(..cut).map(|m| stored_bytes(&m)).sum();
+        self.deleted.retain(|&t, sender| {
+            let kept = t >= oldest_kept;
+            if !kept {
+                freed += tombstone_bytes(sender);
+            }
+            kept
+        });
+        freed
+    }
+}
+
+/// What the limit counts per heap allocation besides its bytes: the
+/// allocator's header and rounding (glibc: 8 bytes of header, 16-byte
+/// steps).
+const ALLOCATION: usize = 16;
+
+/// A message's text and sender; its slot in the log is counted with the
+/// log's capacity.
+fn message_bytes(sender: &str, text: &str) -> usize {
+    sender.len() + text.len() + 2 * ALLOCATION
+}
+
+fn stored_bytes(m: &Stored) -> usize {
+    message_bytes(&m.sender, &m.text)
+}
+
+/// A change log entry (the deque's slots counted twice for its slack).
+fn change_bytes(c: &Change) -> usize {
+    match &c.edited {
+        Some(m) => edit_change_bytes(&m.sender, &m.text),
+        None => 2 * size_of::<Change>(),
+    }
+}
+
+/// An edit's change log entry, which holds the edited message.
+fn edit_change_bytes(sender: &str, text: &str) -> usize {
+    2 * size_of::<Change>() + size_of::<StoredMessage>() + message_bytes(sender, text)
+}
+
+/// A deleted message's tombstone (a B-tree entry, nodes about half full).
+fn tombstone_bytes(sender: &str) -> usize {
+    2 * size_of::<(i64, Box<str>)>() + sender.len() + ALLOCATION
+}
+
+/// A chat's entry in its shard's map (slots counted twice for its slack).
+fn chat_bytes(name: &str) -> usize {
+    2 * size_of::<(Box<str>, Chat)>() + name.len() + ALLOCATION
+}
+
+/// An idempotency record (slots counted twice, as for chats).
+fn record_bytes(key: &str) -> usize {
+    2 * size_of::<(Box<str>, (i64, u64, Instant))>() + key.len() + ALLOCATION
+}
+
+/// The bytes the store holds, counted as the functions above count them,
+/// against its limit. The count is exact for what the store holds (each
+/// change adds or takes back what it changed) and leaves out the fixed
+/// tables (64 shards, empty). Two threads may pass the check at once, so
+/// the limit can be passed by one message per thread.
+struct Footprint {
+    held: AtomicUsize,
+    limit: usize,
+}
+
+impl Footprint {
+    /// Whether `incoming` more bytes fit once `freed` are given back.
+    fn admits(&self, incoming: usize, freed: usize) -> bool {
+        let held = self.held.load(Ordering::Relaxed);
+        held.saturating_add(incoming) <= self.limit.saturating_add(freed)
+    }
+
+    fn admit(&self, incoming: usize, freed: usize) -> Result<(), Error> {
+        match self.admits(incoming, freed) {
+            true => Ok(()),
+            false => Err(Error::StorageFull),
+        }
+    }
+
+    /// Counts `added` bytes more and `freed` fewer.
+    fn apply(&self, added: usize, freed: usize) {
+        if added == freed {
+            return;
+        }
+        let delta = added as i64 - freed as i64;
+        if added > freed {
+            self.held.fetch_add(added - freed, Ordering::Relaxed);
+        } else {
+            self.held.fetch_sub(freed - added, Ordering::Relaxed);
+        }
+        crate::metrics::adjust(crate::metrics::Gauge::MemoryStoreBytes, delta);
+    }
+}
+
+impl Drop for Footprint {
+    fn drop(&mut self) {
+        let held = *self.held.get_mut();
+        crate::metrics::adjust(crate::metrics::Gauge::MemoryStoreBytes, -(held as i64));
+    }
+}
+
+/// `--memory-store-max-bytes` unset: 1 GiB, or a quarter of the machine's
+/// memory if that is less.
+pub fn default_limit() -> usize {
+    const GIB: usize = 1 << 30;
+    match crate::budget::machine_memory() {
+        Some(ram) => GIB.min(ram / 4).max(64 << 20),
+        None => GIB,
     }
 }
 
@@ -134,12 +293,34 @@ impl IdempotencyKeys {
         }
     }
 
-    fn insert(&mut self, key: String, sent: (i64, u64), expires: Instant, now: Instant) {
-        self.records.insert(key.into(), (sent.0, sent.1, expires));
-        if self.records.len() >= self.sweep_at {
-            self.records.retain(|_, (_, _, expires)| *expires > now);
-            self.sweep_at = (2 * self.records.len()).max(MIN_SWEEP);
+    /// Remembers a record; returns the bytes added and those of expired
+    /// records swept out.
+    fn insert(
+        &mut self,
+        key: String,
+        sent: (i64, u64),
+        expires: Instant,
+        now: Instant,
+    ) -> (usize, usize) {
+        let added = record_bytes(&key);
+        let freed = match self.records.insert(key.into(), (sent.0, sent.1, expires)) {
+            // An expired record of the same key, replaced.
+            Some(_) => added,
+            None => 0,
+        };
+        if self.records.len() < self.sweep_at {
+            return (added, freed);
         }
+        let mut swept = 0;
+        self.records.retain(|key, (_, _, expires)| {
+            let live = *expires > now;
+            if !live {
+                swept += record_bytes(key);
+            }
+            live
+        });
+        self.sweep_at = (2 * self.records.len()).max(MIN_SWEEP);
+        (added, freed + swept)
     }
 }
 
@@ -151,6 +332,8 @@ pub struct MemoryStore {
     change_log_keep: i64,
     /// How much history a chat keeps.
     retention: Retention,
+    /// What it holds, against `--memory-store-max-bytes`.
+    footprint: Footprint,
     /// Pulls waiting for new messages (`wait_ms`), woken by `send`.
     hub: Arc<Hub>,
 }
@@ -175,8 +358,23 @@ impl MemoryStore {
                 .change_log_retention
                 .as_micros() as i64,
             retention: Retention::default(),
+            footprint: Footprint {
+                held: AtomicUsize::new(0),
+                limit: default_limit(),
+            },
             hub: Hub::in_process(),
         }
+    }
+
+    /// Holds at most `bytes` (`--memory-store-max-bytes`).
+    pub fn with_limit(mut self, bytes: usize) -> Self {
+        self.footprint.limit = bytes;
+        self
+    }
+
+    /// The bytes it holds, as the limit counts them.
+    pub fn held_bytes(&self) -> usize {
+        self.footprint.held.load(Ordering::Relaxed)
     }
 
     /// Keeps what `retention` says (`--retain-messages`, `--retain-age-s`).
@@ -206,9 +404,12 @@ impl MemoryStore {
         let floor = self.retention.floor(crate::now_micros());
         for shard in self.shards.iter() {
             let mut shard = shard.lock().unwrap_or_else(PoisonError::into_inner);
-            for chat in shard.chats.values_mut() {
-                chat.trim(0, floor, usize::MAX);
-            }
+            let freed = shard
+                .chats
+                .values_mut()
+                .map(|chat| chat.trim(0, floor, usize::MAX))
+                .sum();
+            self.footprint.apply(0, freed);
         }
     }
 
@@ -244,14 +445,8 @@ impl MemoryStore {
         key: &str,
     ) -> Result<Sent, Error> {
         let record = format!("{chat}\0{key}");
-        let now = Instant::now();
-        // Looked up first: its name is allocated only for a new chat.
-        let log = match shard.chats.get_mut(chat) {
-            Some(log) => log,
-            None => shard.chats.entry(chat.into()).or_default(),
-        };
         let print = fingerprint(sender, text);
-        if let Some((send_time, first)) = shard.keys.get(&record, now) {
+        if let Some((send_time, first)) = shard.keys.get(&record, Instant::now()) {
             return match first == print {
                 true => Ok(Sent {
                     send_time,
@@ -260,14 +455,55 @@ impl MemoryStore {
                 false => Err(Error::IdempotencyKeyReused),
             };
         }
-        let send_time = append(&mut log.log, sender, text);
-        self.trim_on_write(log);
-        let expires = now + self.idempotency_ttl;
-        shard.keys.insert(record, (send_time, print), expires, now);
+        let send_time = self.append(shard, chat, sender, text, Some((record, print)))?;
         Ok(Sent {
             send_time,
             replayed: false,
         })
+    }
+
+    /// Stores a message (and its key's record, with the key's fingerprint
+    /// of it) if it fits within the limit, all or nothing; returns its
+    /// send_time.
+    fn append(
+        &self,
+        shard: &mut ShardData,
+        chat: &str,
+        sender: &str,
+        text: &str,
+        record: Option<(String, u64)>,
+    ) -> Result<i64, Error> {
+        let keep = self.retention.messages;
+        let record_cost = record.as_ref().map_or(0, |(key, _)| record_bytes(key));
+        let (incoming, freed) = match shard.chats.get(chat) {
+            Some(log) => log.append_cost(sender, text, keep),
+            None => {
+                let (bytes, _) = Chat::default().append_cost(sender, text, keep);
+                (chat_bytes(chat) + bytes, 0)
+            }
+        };
+        self.footprint.admit(incoming + record_cost, freed)?;
+        let mut added = 0;
+        // Looked up first: its name is allocated only for a new chat.
+        let log = match shard.chats.get_mut(chat) {
+            Some(log) => log,
+            None => {
+                added += chat_bytes(chat);
+                shard.chats.entry(chat.into()).or_default()
+            }
+        };
+        let (send_time, bytes) = log.append(sender, text);
+        added += bytes;
+        let mut freed = self.trim_on_write(log);
+        if let Some((record, print)) = record {
+            let now = Instant::now();
+            let expires = now + self.idempotency_ttl;
+            let (more, swept) = shard.keys.insert(record, (send_time, print), expires, now);
+            added += more;
+            freed += swept;
+        }
+        self.footprint.apply(added, freed);
+        Ok(send_time)
     }
 
     /// [`Store::send`], which never waits here: the shard's lock is held
@@ -283,19 +519,10 @@ impl MemoryStore {
             let mut shard = self.shard(chat);
             match idempotency_key {
                 Some(key) => self.send_once(&mut shard, chat, sender, text, key)?,
-                None => {
-                    // Looked up first: its name is allocated only for a new chat.
-                    let log = match shard.chats.get_mut(chat) {
-                        Some(log) => log,
-                        None => shard.chats.entry(chat.into()).or_default(),
-                    };
-                    let send_time = append(&mut log.log, sender, text);
-                    self.trim_on_write(log);
-                    Sent {
-                        send_time,
-                        replayed: false,
-                    }
-                }
+                None => Sent {
+                    send_time: self.append(&mut shard, chat, sender, text, None)?,
+                    replayed: false,
+                },
             }
         };
         // After the shard's lock is let go: a woken pull reads at once.
@@ -305,12 +532,14 @@ impl MemoryStore {
         Ok(sent)
     }
 
-    /// Retention on write: the count window exactly, up to 64 expired.
-    fn trim_on_write(&self, chat: &mut Chat) {
-        if self.retention.is_on() {
-            let floor = self.retention.floor(crate::now_micros());
-            chat.trim(self.retention.messages, floor, 64);
+    /// Retention on write: the count window exactly, up to 64 expired;
+    /// returns the bytes freed.
+    fn trim_on_write(&self, chat: &mut Chat) -> usize {
+        if !self.retention.is_on() {
+            return 0;
         }
+        let floor = self.retention.floor(crate::now_micros());
+        chat.trim(self.retention.messages, floor, 64)
     }
 
     /// [`Store::pull`], which never waits here either: the page is copied
@@ -358,22 +587,6 @@ fn fingerprint(sender: &str, text: &str) -> u64 {
     hasher.finish()
 }
 
-/// Appends a message to a chat's log; returns its send_time.
-fn append(log: &mut Vec<Stored>, sender: &str, text: &str) -> i64 {
-    let now = crate::now_micros();
-    let send_time = match log.last() {
-        Some(last) if last.send_time >= now => last.send_time + 1,
-        _ => now,
-    };
-    log.push(Stored {
-        send_time,
-        sender: sender.into(),
-        text: text.into(),
-        edited_at: 0,
-    });
-    send_time
-}
-
 impl Store for MemoryStore {
     async fn send(
         &self,
@@ -402,9 +615,13 @@ impl Store for MemoryStore {
             let chat = shard.chats.get_mut(chat).ok_or(Error::MessageNotFound)?;
             let i = chat.find(send_time).filter(|_| send_time >= floor);
             let i = i.ok_or(Error::MessageNotFound)?;
-            if !may_edit(&chat.log[i].sender, actor) {
+            let sender = &chat.log[i].sender;
+            if !may_edit(sender, actor) {
                 return Err(Error::Forbidden);
             }
+            let old_text = chat.log[i].text.len();
+            let logged = edit_change_bytes(sender, text);
+            self.footprint.admit(text.len() + logged, old_text)?;
             let edited_at = chat.next_seq();
             let message = &mut chat.log[i];
             message.text = text.into();
@@ -416,7 +633,9 @@ impl Store for MemoryStore {
                 text: message.text.clone(),
                 edited_at,
             };
-            chat.log_change(edited_at, send_time, Some(&edited), self.change_log_keep);
+            let keep = self.change_log_keep;
+            let (added, freed) = chat.log_change(edited_at, send_time, Some(&edited), keep);
+            self.footprint.apply(text.len() + added, old_text + freed);
             edited_at
         };
         self.hub.notify(chat);
@@ -448,9 +667,13 @@ impl Store for MemoryStore {
                 return Err(Error::Forbidden);
             }
             let seq = chat.next_seq();
-            chat.log_change(seq, send_time, None, self.change_log_keep);
+            let (added, freed) = chat.log_change(seq, send_time, None, self.change_log_keep);
             let gone = chat.log.remove(i);
+            let (tombstone, message) = (tombstone_bytes(&gone.sender), stored_bytes(&gone));
             chat.deleted.insert(send_time, gone.sender);
+            // Deletes are never refused, full or not: they are how space is
+            // made (and erasure requests must succeed).
+            self.footprint.apply(added + tombstone, freed + message);
         }
         self.hub.notify(chat);
         Ok(())
@@ -481,6 +704,132 @@ impl Store for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What the store holds, counted from scratch.
+    fn recount(store: &MemoryStore) -> usize {
+        let mut bytes = 0;
+        for shard in store.shards.iter() {
+            let shard = shard.lock().unwrap();
+            for (name, chat) in &shard.chats {
+                bytes += chat_bytes(name) + chat.log.capacity() * size_of::<Stored>();
+                bytes += chat.log.iter().map(stored_bytes).sum::<usize>();
+                bytes += chat
+                    .deleted
+                    .values()
+                    .map(|s| tombstone_bytes(s))
+                    .sum::<usize>();
+                bytes += chat.changes.iter().map(change_bytes).sum::<usize>();
+            }
+            bytes += shard
+                .keys
+                .records
+                .keys()
+                .map(|k| record_bytes(k))
+                .sum::<usize>();
+        }
+        bytes
+    }
+
+    fn query(chat: &str) -> PullQuery {
+        PullQuery {
+            chat: chat.into(),
+            cursor: 0,
+            limit: 100,
+            reverse: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn the_count_of_held_bytes_follows_every_change() {
+        let store = MemoryStore::new(Duration::from_secs(60))
+            .with_retention(Retention {
+                messages: 5,
+                age: Duration::ZERO,
+            })
+            .with_change_log_retention(Duration::from_micros(1));
+        assert_eq!(store.held_bytes(), 0);
+        for i in 0..40 {
+            let chat = format!("room{}", i % 3);
+            let key = (i % 2 == 0).then(|| format!("k{i}"));
+            let text = "x".repeat(i * 7);
+            let sent = store
+                .send_now(&chat, "alice", &text, key.as_deref())
+                .unwrap();
+            assert_eq!(store.held_bytes(), recount(&store), "after send {i}");
+            if i % 4 == 1 {
+                let longer = "y".repeat(i * 11);
+                store
+                    .edit(&chat, sent.send_time, &longer, None)
+                    .await
+                    .unwrap();
+                assert_eq!(store.held_bytes(), recount(&store), "after edit {i}");
+            }
+            if i % 5 == 2 {
+                store
+                    .delete(&chat, sent.send_time, None, false)
+                    .await
+                    .unwrap();
+                assert_eq!(store.held_bytes(), recount(&store), "after delete {i}");
+            }
+        }
+        // Trimmed to 5 per chat by count: the bytes came back.
+        assert!(store.pull_now(&query("room0")).count <= 5);
+    }
+
+    #[tokio::test]
+    async fn a_full_store_refuses_sends_and_edits_whole_and_deletes_make_room() {
+        let store = MemoryStore::new(Duration::from_secs(60)).with_limit(16384);
+        let mut sent = Vec::new();
+        let refused = loop {
+            match store.send_now("room", "alice", &"m".repeat(1000), None) {
+                Ok(s) => sent.push(s.send_time),
+                Err(err) => break err,
+            }
+        };
+        assert_eq!(refused, Error::StorageFull);
+        assert!(store.held_bytes() <= 16384, "{}", store.held_bytes());
+        let held = store.held_bytes();
+        let stored = store.pull_now(&query("room")).count;
+        assert_eq!(stored, sent.len(), "the refused send stored nothing");
+        // A keyed send is refused whole: no record is left to replay.
+        let keyed = store.send_now("room", "alice", &"m".repeat(1000), Some("k"));
+        assert_eq!(keyed.unwrap_err(), Error::StorageFull);
+        assert!(store.shard("room").keys.records.is_empty());
+        let edit = store.edit("room", sent[0], &"e".repeat(5000), None).await;
+        assert_eq!(edit.unwrap_err(), Error::StorageFull);
+        assert_eq!(store.held_bytes(), held, "a refused edit changes nothing");
+        // Deletes are never refused and give the text back (less their
+        // tombstone and change log entry, ~230 bytes).
+        for &t in &sent[..3] {
+            store.delete("room", t, None, false).await.unwrap();
+        }
+        assert!(store.held_bytes() < held);
+        assert!(store.send_now("room", "alice", "fits again", None).is_ok());
+        assert_eq!(store.held_bytes(), recount(&store));
+    }
+
+    #[test]
+    fn count_retention_keeps_a_full_store_writable() {
+        // Each chat keeps 3: once full, a send frees what it adds.
+        let store = MemoryStore::new(Duration::from_secs(60))
+            .with_retention(Retention {
+                messages: 3,
+                age: Duration::ZERO,
+            })
+            .with_limit(2048);
+        let mut ok = 0;
+        while store
+            .send_now("room", "alice", &"m".repeat(200), None)
+            .is_ok()
+        {
+            ok += 1;
+            if ok == 1000 {
+                break;
+            }
+        }
+        assert_eq!(ok, 1000, "sends to a chat kept at 3 never fill the store");
+        assert_eq!(store.held_bytes(), recount(&store));
+    }
 
     #[test]
     fn expired_idempotency_records_are_swept() {

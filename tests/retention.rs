@@ -40,7 +40,41 @@ fn stored(b: &Backend, chat: &str) -> Option<i64> {
     Some(reply.trim_start_matches(':').trim().parse().expect("ZCARD"))
 }
 
+/// How many tombstones the store holds for `chat`, if it can be asked.
+fn tombstones(b: &Backend, chat: &str) -> Option<i64> {
+    let key = format!("im:del:{{{chat}}}");
+    if let Some(redis) = &b.redis {
+        return Some(redis.redis_int(&["ZCARD", &key]));
+    }
+    let cluster = b._cluster.as_ref()?;
+    let master = cluster.master_of(cluster.slot_of(chat));
+    let reply = cluster.node(master).cmd(&["ZCARD", &key]);
+    Some(reply.trim_start_matches(':').trim().parse().expect("ZCARD"))
+}
+
+/// Sends each deleted at once, 20 times: under count retention the chat
+/// keeps the newest 5 tombstones, not one per delete for ever; the last
+/// delete, repeated, still answers 200.
+fn deletes_keep_bounded_tombstones(b: &Backend) {
+    let addr = b.addr();
+    let mut conn = HttpConn::connect(addr);
+    let mut last = String::new();
+    for i in 0..20 {
+        let t = conn.send_ok("churn", "s", &format!("gone {i}"));
+        last = json!({"chat": "churn", "send_time": t}).to_string();
+        let r = conn.request("POST", "/api/delete", JSON_CT, last.as_bytes());
+        assert_eq!(r.status, 200, "{}", r.describe());
+    }
+    let again = conn.request("POST", "/api/delete", JSON_CT, last.as_bytes());
+    assert_eq!(again.status, 200, "a repeated delete: {}", again.describe());
+    assert_eq!(walk_both(b, "churn", 10), Vec::<i64>::new());
+    if let Some(n) = tombstones(b, "churn") {
+        assert_eq!(n, 5, "tombstones kept under --retain-messages 5");
+    }
+}
+
 fn by_count(b: &Backend) {
+    deletes_keep_bounded_tombstones(b);
     let addr = b.addr();
     let mut conn = HttpConn::connect(addr);
     let times: Vec<i64> = (0..12)

@@ -44,9 +44,13 @@ redis.register_function('im_edit', function(keys, args)
 end)
 
 -- KEYS = chat, tombstones, log; ARGV = T, old member, tombstone, change
--- tail (field 2), clock (µs), keep (µs).
+-- tail (field 2), clock (µs), keep (µs), and (optional) the most
+-- tombstones the chat keeps (--retain-messages; 0 or absent: any number).
 -- The tombstone (T as 8 bytes + the sender), scored T, lets a repeated
--- delete answer as the first did. Returns the change's sequence or CHANGED.
+-- delete answer as the first did. Under count retention only the newest
+-- `cap` stay: the chat keeps that many messages, and without the cap
+-- deletes would pile tombstones up for ever (the age sweep, im_trim, takes
+-- them by age). Returns the change's sequence or CHANGED.
 redis.register_function('im_delete', function(keys, args)
   local chat, tombs, log = keys[1], keys[2], keys[3]
   local t = args[1]
@@ -56,6 +60,10 @@ redis.register_function('im_delete', function(keys, args)
   local seq = next_seq(log, tonumber(args[5]))
   redis.call('ZREM', chat, args[2])
   redis.call('ZADD', tombs, t, args[3])
+  local cap = tonumber(args[7] or '0')
+  if cap > 0 then
+    redis.call('ZREMRANGEBYRANK', tombs, '0', string.format('%d', -cap - 1))
+  end
   log_change(log, seq, args[4], tonumber(args[6]))
   redis.call('SPUBLISH', chat .. ':new', '')
   return seq

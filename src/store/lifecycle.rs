@@ -178,7 +178,8 @@ pub(super) async fn edit(
 }
 
 /// Deletes the message at `send_time`: `Ok` also if it was deleted before
-/// (by someone this actor could have deleted it as).
+/// (by someone this actor could have deleted it as). The chat keeps the
+/// newest `tombstones` tombstones (0: any number; see `im_delete`).
 pub(super) async fn delete(
     runner: &impl Runner,
     chat: &str,
@@ -186,6 +187,7 @@ pub(super) async fn delete(
     actor: Option<&str>,
     admin: bool,
     keep: &str,
+    tombstones: usize,
 ) -> Result<(), Error> {
     let key = chat_key(chat);
     let tombs = deleted_key(chat);
@@ -216,6 +218,7 @@ pub(super) async fn delete(
         let mut tail = vec![((change::DELETED << 3) | 1) as u8];
         tail.extend_from_slice(&send_time.to_le_bytes());
         let (t, now) = (send_time.to_string(), crate::now_micros().to_string());
+        let cap = tombstones.to_string();
         let call = command::encode(&[
             b"FCALL",
             b"im_delete",
@@ -229,6 +232,7 @@ pub(super) async fn delete(
             &tail,
             now.as_bytes(),
             keep.as_bytes(),
+            cap.as_bytes(),
         ]);
         if cas_outcome(runner.run(call, true).await?)?.is_some() {
             return Ok(());

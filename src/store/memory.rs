@@ -47,6 +47,11 @@ struct Chat {
     /// The last change's sequence (an edit's `edited_at`): changes get
     /// max(clock, this + 1), like send_times.
     last_seq: i64,
+    /// The highest send_time given: the next is max(clock, this + 1). Not
+    /// the log's last, which a delete or a trim may have taken: a new
+    /// message must never get a deleted one's send_time (cursors and
+    /// tombstones name messages by it).
+    top: i64,
     /// The change log, oldest first, trimmed to the retention on write.
     changes: VecDeque<Change>,
 }
@@ -54,11 +59,8 @@ struct Chat {
 impl Chat {
     /// Appends a message; returns its send_time and the bytes it added.
     fn append(&mut self, sender: &str, text: &str) -> (i64, usize) {
-        let now = crate::now_micros();
-        let send_time = match self.log.last() {
-            Some(last) if last.send_time >= now => last.send_time + 1,
-            _ => now,
-        };
+        let send_time = crate::now_micros().max(self.top + 1);
+        self.top = send_time;
         let capacity = self.log.capacity();
         self.log.push(Stored {
             send_time,
@@ -671,9 +673,20 @@ impl Store for MemoryStore {
             let gone = chat.log.remove(i);
             let (tombstone, message) = (tombstone_bytes(&gone.sender), stored_bytes(&gone));
             chat.deleted.insert(send_time, gone.sender);
+            // Under count retention, the newest `keep` tombstones (as
+            // `im_delete` keeps them on Redis).
+            let mut dropped = 0;
+            let keep = self.retention.messages;
+            while keep > 0 && chat.deleted.len() > keep {
+                dropped += chat
+                    .deleted
+                    .pop_first()
+                    .map_or(0, |(_, s)| tombstone_bytes(&s));
+            }
             // Deletes are never refused, full or not: they are how space is
             // made (and erasure requests must succeed).
-            self.footprint.apply(added + tombstone, freed + message);
+            self.footprint
+                .apply(added + tombstone, freed + message + dropped);
         }
         self.hub.notify(chat);
         Ok(())
@@ -805,6 +818,48 @@ mod tests {
         }
         assert!(store.held_bytes() < held);
         assert!(store.send_now("room", "alice", "fits again", None).is_ok());
+        assert_eq!(store.held_bytes(), recount(&store));
+    }
+
+    #[tokio::test]
+    async fn a_new_message_never_gets_a_deleted_ones_send_time() {
+        let store = MemoryStore::new(Duration::from_secs(60));
+        let mut last = 0;
+        for i in 0..200 {
+            let sent = store
+                .send_now("room", "alice", &format!("m{i}"), None)
+                .unwrap();
+            assert!(sent.send_time > last, "{} after {last}", sent.send_time);
+            last = sent.send_time;
+            // The chat is empty again: its log has no last message.
+            store
+                .delete("room", sent.send_time, None, false)
+                .await
+                .unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn count_retention_keeps_the_newest_tombstones() {
+        let store = MemoryStore::new(Duration::from_secs(60)).with_retention(Retention {
+            messages: 3,
+            age: Duration::ZERO,
+        });
+        for i in 0..10 {
+            let sent = store
+                .send_now("room", "alice", &format!("m{i}"), None)
+                .unwrap();
+            store
+                .delete("room", sent.send_time, None, false)
+                .await
+                .unwrap();
+            // Repeated: answered as the first.
+            store
+                .delete("room", sent.send_time, None, false)
+                .await
+                .unwrap();
+        }
+        assert_eq!(store.shard("room").chats["room"].deleted.len(), 3);
         assert_eq!(store.held_bytes(), recount(&store));
     }
 

@@ -218,7 +218,11 @@ impl<R: Route> Store for RedisEngine<R> {
         admin: bool,
     ) -> Result<(), Error> {
         let runner = self.runner(chat);
-        super::lifecycle::delete(&runner, chat, send_time, actor, admin, &self.keep).await
+        let tombstones = self.options.retention.messages;
+        super::lifecycle::delete(
+            &runner, chat, send_time, actor, admin, &self.keep, tombstones,
+        )
+        .await
     }
 
     async fn changes(

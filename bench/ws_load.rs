@@ -3,15 +3,18 @@
 //!
 //! ```text
 //! cargo run --release --example ws_load -- sends  --addr 127.0.0.1:8080 \
-//!     [--transport ws|http] [--connections 100] [--rooms 1] [--duration 10]
+//!     [--transport ws|http] [--connections 100] [--rooms 1] [--window 1] [--duration 10]
 //! cargo run --release --example ws_load -- fanout --addr 127.0.0.1:8080 \
 //!     [--subscribers 1000] [--rooms 100] [--publishers 10] [--rate 2000] [--duration 10]
 //! ```
 //!
-//! * `sends`: each connection sends as fast as it is answered (one request
-//!   in flight), to a random room of `--rooms`, over WebSocket (`op:send`)
-//!   or over HTTP keep-alive (`POST /api/send`), for comparison in one run.
-//!   Prints sends/s and the p50/p99 of request -> reply.
+//! * `sends`: each connection keeps `--window` sends in flight (1: the next
+//!   is sent when the last is answered), to a random room of `--rooms`,
+//!   over WebSocket (`op:send`, replies matched by `id`) or over HTTP
+//!   keep-alive (`POST /api/send`; a window above 1 is HTTP pipelining,
+//!   which browsers and most HTTP libraries do not do), for comparison in
+//!   one run. Requests that go out together are one write. Prints sends/s
+//!   and the p50/p99 of request -> reply.
 //! * `fanout`: `--subscribers` connections each subscribe to one of
 //!   `--rooms` (round robin); `--publishers` WebSocket connections send
 //!   `--rate` messages per second in all to random rooms. Latency is the
@@ -21,6 +24,7 @@
 //!
 //! One line of `key=value` per run, for scripts.
 
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -36,6 +40,7 @@ struct Args {
     addr: String,
     transport: String,
     connections: usize,
+    window: usize,
     rooms: usize,
     subscribers: usize,
     publishers: usize,
@@ -53,6 +58,7 @@ fn parse_args() -> Result<Args, String> {
         addr: "127.0.0.1:8080".into(),
         transport: "ws".into(),
         connections: 100,
+        window: 1,
         rooms: 1,
         subscribers: 1000,
         publishers: 10,
@@ -71,6 +77,7 @@ fn parse_args() -> Result<Args, String> {
             "--transport" => args.transport = value.clone(),
             "--connections" => args.connections = number()?.max(1) as usize,
             "--rooms" => args.rooms = number()?.max(1) as usize,
+            "--window" => args.window = number()?.max(1) as usize,
             "--subscribers" => args.subscribers = number()?.max(1) as usize,
             "--publishers" => args.publishers = number()?.max(1) as usize,
             "--rate" => args.rate = number()?.max(1),
@@ -247,9 +254,10 @@ async fn sends(args: Arc<Args>) -> Result<(), String> {
     let count = samples.count.load(Ordering::Relaxed);
     let (p50, p99, max) = samples.percentiles().await;
     println!(
-        "mode=sends transport={} connections={} rooms={} sends={count} sends_per_s={:.0} p50_us={p50} p99_us={p99} max_us={max}",
+        "mode=sends transport={} connections={} window={} rooms={} sends={count} sends_per_s={:.0} p50_us={p50} p99_us={p99} max_us={max}",
         args.transport,
         args.connections,
+        args.window,
         args.rooms,
         count as f64 / elapsed
     );
@@ -264,24 +272,40 @@ async fn ws_sender(
 ) -> std::io::Result<()> {
     let mut ws = Ws::connect(&args.addr).await?;
     let mut local = Vec::with_capacity(1024);
+    let mut asked: HashMap<u64, Instant> = HashMap::new();
+    let mut out = BytesMut::new();
     let mut id = 0;
     while !stop.load(Ordering::Relaxed) {
-        id += 1;
-        let asked = Instant::now();
-        ws.send(&ws_send(id, rng.below(args.rooms))).await?;
+        while asked.len() < args.window {
+            id += 1;
+            let text = ws_send(id, rng.below(args.rooms));
+            put_client_frame(&mut out, true, opcode::TEXT, text.as_bytes(), [1, 2, 3, 4]);
+            asked.insert(id, Instant::now());
+        }
+        ws.socket.write_all(&out).await?;
+        out.clear();
         let reply = ws.recv().await?;
-        if !reply.starts_with(format!(r#"{{"id":{id},"ok":true"#).as_bytes()) {
+        let answered = reply_id(&reply).and_then(|id| asked.remove(&id));
+        let Some(at) = answered else {
             return Err(std::io::Error::other(
                 String::from_utf8_lossy(&reply).into_owned(),
             ));
-        }
-        local.push(asked.elapsed().as_micros() as u32);
+        };
+        local.push(at.elapsed().as_micros() as u32);
         if local.len() >= 1024 {
             samples.add(&mut local).await;
         }
     }
     samples.add(&mut local).await;
     Ok(())
+}
+
+/// The `id` of a successful reply (`{"id":N,"ok":true,...}`).
+fn reply_id(reply: &[u8]) -> Option<u64> {
+    let rest = reply.strip_prefix(br#"{"id":"#)?;
+    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+    let id = std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()?;
+    rest[digits..].starts_with(br#","ok":true"#).then_some(id)
 }
 
 async fn http_sender(
@@ -294,19 +318,27 @@ async fn http_sender(
     socket.set_nodelay(true)?;
     let mut input = BytesMut::with_capacity(4096);
     let mut local = Vec::with_capacity(1024);
+    // Responses come in request order.
+    let mut asked: VecDeque<Instant> = VecDeque::new();
+    let mut out = Vec::new();
     while !stop.load(Ordering::Relaxed) {
-        let body = format!(
-            r#"{{"chat":"bench-{}","text":"load","sender":"bench"}}"#,
-            rng.below(args.rooms)
-        );
-        let request = format!(
-            "POST /api/send HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        );
-        let asked = Instant::now();
-        socket.write_all(request.as_bytes()).await?;
+        while asked.len() < args.window {
+            let body = format!(
+                r#"{{"chat":"bench-{}","text":"load","sender":"bench"}}"#,
+                rng.below(args.rooms)
+            );
+            out.extend_from_slice(format!(
+                "POST /api/send HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            ).as_bytes());
+            asked.push_back(Instant::now());
+        }
+        socket.write_all(&out).await?;
+        out.clear();
         read_http_response(&mut socket, &mut input).await?;
-        local.push(asked.elapsed().as_micros() as u32);
+        if let Some(at) = asked.pop_front() {
+            local.push(at.elapsed().as_micros() as u32);
+        }
         if local.len() >= 1024 {
             samples.add(&mut local).await;
         }

@@ -236,17 +236,21 @@ impl BalancedClient {
             RpcRequest::Pull(pull, _) => Duration::from_millis(pull.wait_ms.max(0) as u64),
             _ => Duration::ZERO,
         };
-        let deadline = Instant::now() + self.shared.options.timeout + held;
+        let now = Instant::now();
+        let deadline = now + self.shared.options.timeout + held;
         let spare = (self.shared.lock().len() > 1).then(|| request.clone());
-        self.attempt(request, spare, Tried::default(), deadline)
+        self.attempt(request, spare, Tried::default(), deadline, now)
     }
 
+    /// Tries endpoints until one takes `request`; `now` is the clock when
+    /// the caller read it (read again for each further endpoint).
     fn attempt(
         &self,
         mut request: RpcRequest,
         spare: Option<RpcRequest>,
         mut tried: Tried,
         deadline: Instant,
+        mut now: Instant,
     ) -> Result<BalancedCall, Error> {
         let mut last = Error::Unavailable;
         let method = match &request {
@@ -258,13 +262,15 @@ impl BalancedClient {
             RpcRequest::Changes(_) => RpcMethod::Changes,
         };
         while tried.len < MAX_ATTEMPTS {
-            let (id, client, now) = {
+            if tried.len > 0 {
+                now = Instant::now();
+            }
+            let (id, client) = {
                 let mut balancer = self.shared.lock();
-                let now = Instant::now();
                 balancer.refresh(now, |client| client.going_away());
                 log_changes(&mut balancer);
                 match balancer.pick(now, tried.as_slice()) {
-                    Some((id, client)) => (id, client.clone(), now),
+                    Some((id, client)) => (id, client.clone()),
                     None => return Err(Error::Unavailable),
                 }
             };
@@ -317,8 +323,8 @@ impl BalancedClient {
     /// within the one call timeout.
     pub async fn finish(&self, mut call: BalancedCall) -> Result<Frame, Error> {
         loop {
-            let left = call.deadline.saturating_duration_since(Instant::now());
-            let result = match tokio::time::timeout(left, call.call.wait()).await {
+            let deadline = tokio::time::Instant::from_std(call.deadline);
+            let result = match tokio::time::timeout_at(deadline, call.call.wait()).await {
                 Ok(result) => result,
                 Err(_elapsed) => Err(Error::Timeout),
             };
@@ -359,7 +365,7 @@ impl BalancedClient {
                 ..
             } = call;
             drop(ticket);
-            call = self.attempt(retry, spare, tried, deadline)?;
+            call = self.attempt(retry, spare, tried, deadline, Instant::now())?;
             call.lost_retried = lost_retried;
         }
     }

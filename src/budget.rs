@@ -23,8 +23,15 @@
 //! Fair shares: a client may hold at most `max / n` where `n` is the number
 //! of clients holding anything, counting it, and never more than half of
 //! the budget, so one client alone cannot starve the next one to come; a
-//! client that holds nothing may always take one reply if the process has
-//! room (a page may be larger than a small share).
+//! client that holds nothing may take one reply beyond its share (a page
+//! may be larger than a small share). The last quarter of the budget is
+//! kept for clients that hold little ([`SMALL_HOLD_SHARE`]): shares alone
+//! did not stop two addresses, each at its half, from filling the budget
+//! between them, after which every other client's pull was 503
+//! (`tests/abuse_budget.rs`, 40 attacking addresses). Now an attacker
+//! needs an address per `max / 256` of that quarter (64 of them, or 64
+//! IPv6 /64s) to leave others nothing, and the others' ordinary pulls
+//! (10 messages: 660 KB reserved) are small holds.
 //!
 //! Counting is by charge, not by worst case: a pull's reply may be anything
 //! from 100 bytes to 6.5 MB, and reserving the worst case before the call
@@ -40,6 +47,15 @@ use bytes::Bytes;
 /// `--max-buffered-bytes` unset: 256 MiB, or an eighth of the machine's
 /// memory if that is less.
 pub const DEFAULT_MAX: usize = 256 * 1024 * 1024;
+
+/// A client holding at most `max / SMALL_HOLD_SHARE` (with the reply it
+/// asks room for) may use the whole budget; others only the first
+/// [`BIG_HOLDERS_SHARE`]. 1 MiB of the default 256 MiB: a default pull
+/// (10 messages) reserves 660 KB.
+pub const SMALL_HOLD_SHARE: usize = 256;
+/// The part of the budget (in quarters) that clients holding more than a
+/// small hold may fill between them.
+pub const BIG_HOLDERS_SHARE: usize = 3;
 
 /// The budget when none is configured, sized to the machine.
 pub fn default_max() -> usize {
@@ -133,7 +149,14 @@ impl MemoryBudget {
     /// Whether `client` may hold `bytes` more (see the module doc).
     fn admits(&self, state: &State, client: ClientKey, bytes: usize) -> bool {
         let holds = state.clients.get(&client).copied().unwrap_or(0);
-        if state.total.saturating_add(bytes) > self.max {
+        let total = state.total.saturating_add(bytes);
+        if total > self.max {
+            return false;
+        }
+        if holds.saturating_add(bytes) <= self.max / SMALL_HOLD_SHARE {
+            return true;
+        }
+        if total > self.max / 4 * BIG_HOLDERS_SHARE {
             return false;
         }
         if holds == 0 {
@@ -327,36 +350,58 @@ mod tests {
         ClientKey::of_ip(IpAddr::from([10, 0, 0, last]))
     }
 
+    /// With 25,600: small holds up to 100, big holders up to 19,200 in all.
+    const MAX: usize = 25_600;
+
     #[test]
     fn one_client_holds_at_most_half_and_others_still_get_room() {
-        let budget = MemoryBudget::new(1000);
+        let budget = MemoryBudget::new(MAX);
         let a = budget.account(ip(1));
-        let held: Vec<Charge> = std::iter::from_fn(|| a.charge(100)).take(20).collect();
+        let held: Vec<Charge> = std::iter::from_fn(|| a.charge(2560)).take(20).collect();
         assert_eq!(held.len(), 5, "half of the budget");
-        assert_eq!(a.held(), 500);
+        assert_eq!(a.held(), 12_800);
         let b = budget.account(ip(2));
-        let b1 = b.charge(300).expect("a second client gets room");
-        assert!(b.charge(300).is_none(), "b is at its share of 500 with 600");
+        let b1: Vec<Charge> = std::iter::from_fn(|| b.charge(2048)).take(20).collect();
+        assert_eq!(b1.len(), 3, "to three quarters of the budget in all");
         assert!(a.charge(1).is_none(), "a is over its share");
+        let c = budget.account(ip(3));
+        let small = c.charge(100).expect("a small hold uses the last quarter");
         drop(held);
-        assert_eq!((a.held(), budget.used()), (0, 300));
-        drop(b1);
+        assert_eq!((a.held(), budget.used()), (0, 6144 + 100));
+        drop((b1, small));
         assert_eq!(budget.used(), 0);
     }
 
     #[test]
-    fn a_client_holding_nothing_takes_one_big_reply_within_the_process_budget() {
-        let budget = MemoryBudget::new(1000);
+    fn clients_holding_much_leave_the_last_quarter_to_those_holding_little() {
+        let budget = MemoryBudget::new(MAX);
+        // Two clients take all they may: 19,200 between them.
+        let attackers: Vec<Account> = (1..=2).map(|i| budget.account(ip(i))).collect();
+        let mut held = Vec::new();
+        for a in &attackers {
+            held.extend(std::iter::from_fn(|| a.charge(1000)).take(100));
+        }
+        assert_eq!(budget.used(), 19_000);
+        // A third still gets its small replies, not a big one.
+        let victim = budget.account(ip(3));
+        assert!(victim.charge(1000).is_none(), "a big reply waits");
+        let pulls: Vec<Charge> = (0..2).filter_map(|_| victim.charge(50)).collect();
+        assert_eq!(pulls.len(), 2, "small replies fit");
+        assert!(victim.charge(200).is_none(), "past its small hold, the cap");
+    }
+
+    #[test]
+    fn a_client_holding_nothing_takes_one_big_reply_within_the_big_holders_part() {
+        let budget = MemoryBudget::new(MAX);
         let clients: Vec<Account> = (1..=5).map(|i| budget.account(ip(i))).collect();
-        let _small: Vec<Charge> = clients[..4].iter().filter_map(|c| c.charge(100)).collect();
+        let _some: Vec<Charge> = clients[..4].iter().filter_map(|c| c.charge(2560)).collect();
         let big = clients[4]
-            .charge(550)
+            .charge(8000)
             .expect("its first reply, over a 1/5 share");
-        assert!(clients[4].charge(1).is_none(), "beyond that, its share");
-        assert!(
-            budget.account(ip(9)).charge(100).is_none(),
-            "no room left in the process"
-        );
+        assert!(clients[4].charge(200).is_none(), "beyond that, its share");
+        let newcomer = budget.account(ip(9));
+        assert!(newcomer.charge(1000).is_none(), "no big reply past 3/4");
+        assert!(newcomer.charge(100).is_some(), "a small one fits");
         drop(big);
     }
 

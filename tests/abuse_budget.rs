@@ -49,7 +49,11 @@ fn populate_big_chat(addr: SocketAddr) {
 /// The attack of item 1: reads 8 small replies first (which opened the
 /// old window to 64), then pipelines 64 full-page pulls and reads nothing.
 fn window_then_unread_big_pulls(addr: SocketAddr) -> TcpStream {
-    let mut conn = HttpConn::connect(addr);
+    unread_big_pulls_from(HttpConn::connect(addr))
+}
+
+/// The same attack on `conn` (connected from any address).
+fn unread_big_pulls_from(mut conn: HttpConn) -> TcpStream {
     for _ in 0..8 {
         assert_eq!(conn.request("GET", "/ping", &[], b"").status, 200);
     }
@@ -77,6 +81,20 @@ fn victim_latency(addr: SocketAddr, rounds: usize) -> (Duration, Duration) {
     }
     times.sort();
     (times[times.len() - 1], times[times.len() / 2])
+}
+
+/// [`peak_rss`] on a thread of its own, while the test goes on.
+fn peak_rss_meanwhile(server: &Server, span: Duration) -> thread::JoinHandle<u64> {
+    let pid = server.pid().expect("server pid");
+    thread::spawn(move || {
+        let mut peak = 0;
+        let end = Instant::now() + span;
+        while Instant::now() < end {
+            peak = peak.max(proc_status_bytes(pid, "VmRSS"));
+            thread::sleep(Duration::from_millis(50));
+        }
+        peak
+    })
 }
 
 /// The highest RSS over `span`, sampled every 50 ms.
@@ -113,18 +131,7 @@ fn unread_pipelined_big_pulls_stay_within_the_process_budget() {
     let grown = peak_rss(&server, Duration::from_secs(3)).saturating_sub(base);
     eprintln!("4 connections of 64 unread big pulls: +{} MiB", grown / MIB);
     attackers.extend((0..8).map(|_| window_then_unread_big_pulls(addr)));
-    let watch = {
-        let pid = server.pid().expect("pid");
-        thread::spawn(move || {
-            let mut peak = 0;
-            let end = Instant::now() + Duration::from_secs(4);
-            while Instant::now() < end {
-                peak = peak.max(proc_status_bytes(pid, "VmRSS"));
-                thread::sleep(Duration::from_millis(50));
-            }
-            peak
-        })
-    };
+    let watch = peak_rss_meanwhile(&server, Duration::from_secs(4));
     let (slowest, median) = victim_latency(addr, 10);
     let grown = watch.join().expect("rss watch").saturating_sub(base);
     eprintln!(
@@ -156,6 +163,46 @@ fn unread_pipelined_big_pulls_stay_within_the_process_budget() {
         (r.status == 200).then(|| parse_page(&r, "after the attack"))
     });
     assert_eq!(page.messages.len(), 100);
+}
+
+/// The budget bounds the process whatever the number of clients: 40
+/// addresses (127.0.1.1-40), two connections each, every connection 64
+/// unread full-page pulls (6.6 MB each: 34 GB if each were held). Each
+/// client's share shrinks as clients come (the budget ÷ holders), the
+/// total never passes the budget.
+#[test]
+fn many_attacking_addresses_stay_within_the_process_budget() {
+    let _alone = alone();
+    let server = Server::memory();
+    let addr = server.http_addr();
+    populate_big_chat(addr);
+    let mut warm = HttpConn::connect(addr);
+    warm.set_read_timeout(Duration::from_secs(30));
+    assert_eq!(warm.pull_query("chat=big&limit=100").status, 200);
+    let base = rss(&server);
+    let attackers: Vec<TcpStream> = (1..=40u8)
+        .flat_map(|host| [host, host])
+        .map(|host| unread_big_pulls_from(HttpConn::connect_from(addr, [127, 0, 1, host].into())))
+        .collect();
+    let watch = peak_rss_meanwhile(&server, Duration::from_secs(4));
+    let (slowest, median) = victim_latency(addr, 10);
+    let grown = watch.join().expect("rss watch").saturating_sub(base);
+    eprintln!(
+        "{} connections from 40 addresses: +{} MiB; another client's slowest request {slowest:?}, median {median:?}",
+        attackers.len(),
+        grown / MIB
+    );
+    assert!(
+        grown <= BUDGET + SLACK,
+        "40 attacking addresses grew the server by {} MiB, over the {} MiB budget + {} MiB",
+        grown / MIB,
+        BUDGET / MIB,
+        SLACK / MIB
+    );
+    assert!(
+        median < Duration::from_millis(250) && slowest < Duration::from_secs(2),
+        "another client waited: median {median:?}, slowest {slowest:?}"
+    );
 }
 
 #[test]

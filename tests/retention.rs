@@ -27,29 +27,26 @@ fn walk_both(b: &Backend, chat: &str, limit: i64) -> Vec<i64> {
     newest
 }
 
-/// How many messages the store holds for `chat`, if it can be asked.
-fn stored(b: &Backend, chat: &str) -> Option<i64> {
+/// The size of the sorted set `key` (in `chat`'s slot), if the store can
+/// be asked (Redis or a Cluster).
+fn zcard(b: &Backend, chat: &str, key: &str) -> Option<i64> {
     if let Some(redis) = &b.redis {
-        return Some(redis.zcard_chat(chat));
+        return Some(redis.redis_int(&["ZCARD", key]));
     }
     let cluster = b._cluster.as_ref()?;
     let master = cluster.master_of(cluster.slot_of(chat));
-    let reply = cluster
-        .node(master)
-        .cmd(&["ZCARD", &format!("im:{{{chat}}}")]);
+    let reply = cluster.node(master).cmd(&["ZCARD", key]);
     Some(reply.trim_start_matches(':').trim().parse().expect("ZCARD"))
+}
+
+/// How many messages the store holds for `chat`, if it can be asked.
+fn stored(b: &Backend, chat: &str) -> Option<i64> {
+    zcard(b, chat, &format!("im:{{{chat}}}"))
 }
 
 /// How many tombstones the store holds for `chat`, if it can be asked.
 fn tombstones(b: &Backend, chat: &str) -> Option<i64> {
-    let key = format!("im:del:{{{chat}}}");
-    if let Some(redis) = &b.redis {
-        return Some(redis.redis_int(&["ZCARD", &key]));
-    }
-    let cluster = b._cluster.as_ref()?;
-    let master = cluster.master_of(cluster.slot_of(chat));
-    let reply = cluster.node(master).cmd(&["ZCARD", &key]);
-    Some(reply.trim_start_matches(':').trim().parse().expect("ZCARD"))
+    zcard(b, chat, &format!("im:del:{{{chat}}}"))
 }
 
 /// Sends each deleted at once, 20 times: under count retention the chat

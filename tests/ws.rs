@@ -831,6 +831,24 @@ fn a_subscriber_older_than_the_change_log_gets_reset_on_redis() {
 /// them still gets every message once, in order.
 #[test]
 fn subscribers_of_a_room_share_their_fetches_and_each_gets_everything() {
+    subscribers_share_fetches(|_, i| json!({"id": i, "op": "subscribe", "chat": "shared"}));
+}
+
+/// Each with a cursor of its own (as a client that resumes, or ws_load's
+/// subscribers, which start from their own clock): their change cursors
+/// are their cursors in whole seconds, so they share all the same.
+#[test]
+fn subscribers_from_cursors_of_their_own_share_their_fetches() {
+    subscribers_share_fetches(
+        |t0, i| json!({"id": i, "op": "subscribe", "chat": "shared", "cursor": t0 - 1 - i as i64}),
+    );
+}
+
+/// Six subscribers of `shared` (subscribe op `subscribe(t0, i)`, t0 the
+/// send_time of the chat's one message, which each must get first): once
+/// caught up their pulls are held at most one per thread, and each gets
+/// every later message once, in order.
+fn subscribers_share_fetches(subscribe: impl Fn(i64, usize) -> serde_json::Value) {
     let server = Server::start("all", &["--threads", "2"], &[]);
     let addr = server.http_addr();
     let chat = "shared";
@@ -838,7 +856,7 @@ fn subscribers_of_a_room_share_their_fetches_and_each_gets_everything() {
     let mut subscribers: Vec<WsClient> = (0..6)
         .map(|i| {
             let mut ws = WsClient::connect(addr, &[]);
-            let (reply, _) = ws.call(json!({"id": i, "op": "subscribe", "chat": chat}));
+            let (reply, _) = ws.call(subscribe(t0, i));
             assert_eq!(reply["ok"], true, "{reply}");
             let first = any_events(&mut ws, 1);
             assert_eq!(

@@ -276,7 +276,13 @@ const WATERMARK_STEP_US: i64 = 1_000_000;
 /// clock), and the oldest change left, if any, is newer than it (the log
 /// always keeps its newest change until it expires whole).
 pub fn must_reset(after: i64, oldest: Option<i64>, now: i64, keep_us: i64) -> bool {
-    after < now.saturating_sub(keep_us) && oldest.is_none_or(|o| o > after)
+    older_than_log(after, now, keep_us) && oldest.is_none_or(|o| o > after)
+}
+
+/// Whether `after` is older than the log keeps: only then can
+/// [`must_reset`] say yes, so only then is the oldest change worth reading.
+pub fn older_than_log(after: i64, now: i64, keep_us: i64) -> bool {
+    after < now.saturating_sub(keep_us)
 }
 
 /// The answer to a read that found `changes` after its cursor `from`
@@ -312,7 +318,8 @@ pub(super) async fn changes(
     let now = crate::now_micros();
     let keep_us: i64 = keep.parse().unwrap_or(i64::MAX);
     let mark = watermark(now, keep_us);
-    if after != 0 {
+    // A follower's cursor is recent: one read (the range), not two.
+    if after != 0 && older_than_log(after, now, keep_us) {
         let oldest = command::encode(&[b"ZRANGE", log.as_bytes(), b"0", b"0"]);
         let oldest = first_member(runner.run(oldest, false).await?)?;
         let seq = oldest.as_deref().and_then(|m| m.get(1..9)?.try_into().ok());

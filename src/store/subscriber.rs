@@ -13,20 +13,12 @@
 //! the chat's waiters re-read the store rather than trust the silence. On a
 //! Cluster, [`run_cluster`] routes each chat to its slot's master.
 //!
-//! A chat nobody waits for any more stays subscribed for [`LINGER`]: a
-//! follower asks again as soon as its pull is answered, and without the
-//! linger every message in a followed room cost an `SUNSUBSCRIBE`, an
-//! `SSUBSCRIBE` and a Redis round trip before the next pull could wait
-//! (ws_load fanout, 100 rooms: 36,000 of each for 37,500 messages).
-//!
 //! Pure parts ([`SubState`]) are apart from the socket loop, and tested
 //! without Redis.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
-
-use tokio::time::Instant;
 
 use bytes::BytesMut;
 use redis_protocol::resp2::types::Resp2Frame as _;
@@ -56,9 +48,6 @@ const MIN_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// A connection attempt longer than this counts as failed.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
-/// How long a chat stays subscribed after its last waiter left (see the
-/// module's doc); a sweep every half of it unsubscribes the older ones.
-pub const LINGER: Duration = Duration::from_secs(2);
 
 /// One node connection's bookkeeping, without I/O.
 #[derive(Default)]
@@ -68,9 +57,6 @@ pub struct SubState {
     unanswered: HashMap<Box<str>, VecDeque<Option<u64>>>,
     /// Chats subscribed or being subscribed on this connection.
     chats: HashMap<Box<str>, u64>,
-    /// Chats whose last waiter left (the hub asked to unsubscribe), still
-    /// subscribed, and since when.
-    lingering: HashMap<Box<str>, Instant>,
 }
 
 /// What to tell the hub about a reply.
@@ -83,49 +69,18 @@ pub enum Event<'a> {
 }
 
 impl SubState {
-    /// Encodes `request` into `out` and records it, at `now`. A subscribe
-    /// to a chat that is still subscribed (lingering, confirmed, nothing
-    /// unanswered) writes nothing and is confirmed at once: returned, for
-    /// the hub. An unsubscribe only starts the chat's linger.
-    pub fn write(
-        &mut self,
-        request: Upstream,
-        out: &mut BytesMut,
-        now: Instant,
-    ) -> Option<(Box<str>, u64)> {
-        match request {
+    /// Encodes `request` into `out` and records it.
+    pub fn write(&mut self, request: Upstream, out: &mut BytesMut) {
+        let (verb, chat, expect): (&[u8], Box<str>, Option<u64>) = match request {
             Upstream::Subscribe { chat, generation } => {
-                let lingered = self.lingering.remove(&chat).is_some();
-                let previous = self.chats.insert(chat.clone(), generation);
-                if lingered && previous.is_some() && !self.unanswered.contains_key(&chat) {
-                    return Some((chat, generation));
-                }
-                self.put(b"SSUBSCRIBE", chat, Some(generation), out);
+                self.chats.insert(chat.clone(), generation);
+                (b"SSUBSCRIBE", chat, Some(generation))
             }
             Upstream::Unsubscribe { chat } => {
-                self.lingering.insert(chat, now);
+                self.chats.remove(&chat);
+                (b"SUNSUBSCRIBE", chat, None)
             }
-        }
-        None
-    }
-
-    /// Unsubscribes (into `out`) the chats lingering since [`LINGER`]
-    /// before `now`.
-    pub fn sweep(&mut self, now: Instant, out: &mut BytesMut) {
-        let due: Vec<Box<str>> = self
-            .lingering
-            .iter()
-            .filter(|(_, since)| now.duration_since(**since) >= LINGER)
-            .map(|(chat, _)| chat.clone())
-            .collect();
-        for chat in due {
-            self.lingering.remove(&chat);
-            self.chats.remove(&chat);
-            self.put(b"SUNSUBSCRIBE", chat, None, out);
-        }
-    }
-
-    fn put(&mut self, verb: &[u8], chat: Box<str>, expect: Option<u64>, out: &mut BytesMut) {
+        };
         out.extend_from_slice(&command::encode(&[verb, channel(&chat).as_bytes()]));
         self.unanswered.entry(chat).or_default().push_back(expect);
     }
@@ -153,7 +108,6 @@ impl SubState {
                 // Not ours: the node dropped the subscription (slot moved).
                 false => {
                     self.chats.remove(chat);
-                    self.lingering.remove(chat);
                     Event::Lost(chat)
                 }
             },
@@ -173,7 +127,6 @@ impl SubState {
             .collect();
         for chat in &lost {
             self.chats.remove(chat);
-            self.lingering.remove(chat);
         }
         self.unanswered.clear();
         lost
@@ -201,7 +154,6 @@ impl SubState {
     /// The connection is gone: every chat it carried is lost.
     pub fn disconnected(&mut self) -> Vec<Box<str>> {
         self.unanswered.clear();
-        self.lingering.clear();
         self.chats.drain().map(|(chat, _)| chat).collect()
     }
 }
@@ -320,31 +272,17 @@ async fn serve(
 ) -> std::io::Result<()> {
     let mut input = BytesMut::with_capacity(4096);
     let mut output = BytesMut::new();
-    let mut sweep = tokio::time::interval(LINGER / 2);
-    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             request = requests.recv() => {
                 let Some(request) = request else { return Ok(()) };
-                let now = Instant::now();
+                state.write(request, &mut output);
                 // Everything queued meanwhile goes in the same write.
-                let queued = std::iter::from_fn(|| requests.try_recv().ok());
-                for request in std::iter::once(request).chain(queued) {
-                    if let Some((chat, generation)) = state.write(request, &mut output, now) {
-                        hub.confirmed(&chat, generation);
-                    }
+                while let Ok(more) = requests.try_recv() {
+                    state.write(more, &mut output);
                 }
-                if !output.is_empty() {
-                    stream.write_all(&output).await?;
-                    output.clear();
-                }
-            }
-            _ = sweep.tick() => {
-                state.sweep(Instant::now(), &mut output);
-                if !output.is_empty() {
-                    stream.write_all(&output).await?;
-                    output.clear();
-                }
+                stream.write_all(&output).await?;
+                output.clear();
             }
             read = stream.read_some(&mut input) => {
                 read?;
@@ -396,19 +334,13 @@ mod tests {
         assert_eq!(chat_of(b"other"), None);
     }
 
-    fn unsubscribe(chat: &str) -> Upstream {
-        Upstream::Unsubscribe { chat: chat.into() }
-    }
-
     #[test]
     fn confirmations_pair_with_commands_in_order() {
         let mut state = SubState::default();
         let mut out = BytesMut::new();
-        let now = Instant::now();
-        assert_eq!(state.write(subscribe("c", 1), &mut out, now), None);
-        assert_eq!(state.write(unsubscribe("c"), &mut out, now), None);
-        state.sweep(now + LINGER, &mut out);
-        assert_eq!(state.write(subscribe("c", 2), &mut out, now + LINGER), None);
+        state.write(subscribe("c", 1), &mut out);
+        state.write(Upstream::Unsubscribe { chat: "c".into() }, &mut out);
+        state.write(subscribe("c", 2), &mut out);
         assert!(out.starts_with(b"*2\r\n$10\r\nSSUBSCRIBE\r\n"));
         let (sub, unsub) = (push("ssubscribe", "c"), push("sunsubscribe", "c"));
         assert_eq!(state.read(&sub), Event::Confirmed("c", 1));
@@ -421,78 +353,12 @@ mod tests {
     }
 
     #[test]
-    fn a_chat_asked_for_again_while_it_lingers_is_confirmed_without_a_command() {
-        let mut state = SubState::default();
-        let mut out = BytesMut::new();
-        let now = Instant::now();
-        state.write(subscribe("c", 1), &mut out, now);
-        out.clear();
-        // Asked for again before its first confirmation: subscribed again.
-        state.write(unsubscribe("c"), &mut out, now);
-        assert_eq!(state.write(subscribe("c", 2), &mut out, now), None);
-        assert!(out.starts_with(b"*2\r\n$10\r\nSSUBSCRIBE\r\n"), "{out:?}");
-        out.clear();
-        let sub = push("ssubscribe", "c");
-        assert_eq!(state.read(&sub), Event::Confirmed("c", 1));
-        assert_eq!(state.read(&sub), Event::Confirmed("c", 2));
-        // Confirmed, then left and asked for again within the linger: no
-        // command, confirmed at once with the new generation.
-        state.write(unsubscribe("c"), &mut out, now);
-        state.sweep(now + LINGER / 2, &mut out);
-        assert!(out.is_empty(), "{out:?}");
-        let again = state.write(subscribe("c", 3), &mut out, now + LINGER / 2);
-        assert_eq!(again, Some(("c".into(), 3)));
-        assert!(out.is_empty(), "{out:?}");
-        // Its linger ended with the new waiter: a later sweep leaves it.
-        state.sweep(now + LINGER * 2, &mut out);
-        assert!(out.is_empty(), "{out:?}");
-        // Left for good: unsubscribed by the sweep once the linger is over.
-        let left = now + LINGER * 2;
-        state.write(unsubscribe("c"), &mut out, left);
-        state.sweep(left + LINGER / 2, &mut out);
-        assert!(out.is_empty(), "{out:?}");
-        state.sweep(left + LINGER, &mut out);
-        assert!(out.starts_with(b"*2\r\n$12\r\nSUNSUBSCRIBE\r\n"), "{out:?}");
-        assert_eq!(state.read(&push("sunsubscribe", "c")), Event::Nothing);
-        // And asked for after that: a command again.
-        out.clear();
-        assert_eq!(state.write(subscribe("c", 4), &mut out, left + LINGER), None);
-        assert!(out.starts_with(b"*2\r\n$10\r\nSSUBSCRIBE\r\n"), "{out:?}");
-    }
-
-    #[test]
-    fn a_lingering_chat_the_node_dropped_is_subscribed_again() {
-        let mut state = SubState::default();
-        let mut out = BytesMut::new();
-        let now = Instant::now();
-        state.write(subscribe("c", 1), &mut out, now);
-        assert_eq!(state.read(&push("ssubscribe", "c")), Event::Confirmed("c", 1));
-        state.write(unsubscribe("c"), &mut out, now);
-        // The node dropped it (its slot moved): not trusted any more.
-        assert_eq!(state.read(&push("sunsubscribe", "c")), Event::Lost("c"));
-        out.clear();
-        assert_eq!(state.write(subscribe("c", 2), &mut out, now), None);
-        assert!(out.starts_with(b"*2\r\n$10\r\nSSUBSCRIBE\r\n"), "{out:?}");
-    }
-
-    #[test]
     fn a_lost_connection_loses_every_chat_on_it() {
         let mut state = SubState::default();
         let mut out = BytesMut::new();
-        let now = Instant::now();
-        state.write(subscribe("a", 1), &mut out, now);
-        state.write(subscribe("b", 2), &mut out, now);
-        state.write(unsubscribe("b"), &mut out, now);
-        state.sweep(now + LINGER, &mut out);
+        state.write(subscribe("a", 1), &mut out);
+        state.write(subscribe("b", 2), &mut out);
+        state.write(Upstream::Unsubscribe { chat: "b".into() }, &mut out);
         assert_eq!(state.disconnected(), vec![Box::<str>::from("a")]);
-        // A chat that lingered when the connection broke is gone with it.
-        let mut state = SubState::default();
-        state.write(subscribe("c", 1), &mut out, now);
-        state.read(&push("ssubscribe", "c"));
-        state.write(unsubscribe("c"), &mut out, now);
-        assert_eq!(state.disconnected(), vec![Box::<str>::from("c")]);
-        out.clear();
-        assert_eq!(state.write(subscribe("c", 2), &mut out, now), None);
-        assert!(!out.is_empty());
     }
 }

@@ -500,28 +500,83 @@ async fn subscriber(
     }
 }
 
+/// Sends on its ticks whatever the replies do (open loop: a fixed rate
+/// offered, not one send per answer, which under load offered less than
+/// `--rate`), and reads the replies meanwhile: each answered send adds its
+/// room's subscribers to `expected`.
 async fn publisher(
     args: &Args,
     p: usize,
     per_room: &[u64],
     expected: &AtomicU64,
 ) -> std::io::Result<()> {
-    let mut ws = Ws::connect(&args.addr).await?;
+    let Ws {
+        socket,
+        mut input,
+        mut decoder,
+    } = Ws::connect(&args.addr).await?;
+    let (mut read, mut write) = socket.into_split();
+    let rooms: Arc<std::sync::Mutex<HashMap<u64, usize>>> = Arc::default();
     let mut rng = Rng(0xD1B5_4A32_D192_ED03 ^ (p as u64 + 1));
     let every = Duration::from_secs_f64(args.publishers as f64 / args.rate as f64);
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-    let end = Instant::now() + args.duration;
-    let mut id = 0;
-    while Instant::now() < end {
-        tick.tick().await;
-        id += 1;
-        let room = rng.below(args.rooms);
-        ws.send(&ws_send(id, room)).await?;
-        let reply = ws.recv().await?;
-        if reply.starts_with(format!(r#"{{"id":{id},"ok":true"#).as_bytes()) {
-            expected.fetch_add(per_room[room], Ordering::Relaxed);
+    let (end, room_count) = (Instant::now() + args.duration, args.rooms);
+    let sent = rooms.clone();
+    let writer = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        let (mut id, mut out) = (0, BytesMut::new());
+        while Instant::now() < end {
+            tick.tick().await;
+            id += 1;
+            let room = rng.below(room_count);
+            sent.lock().expect("not poisoned").insert(id, room);
+            out.clear();
+            let text = ws_send(id, room);
+            put_client_frame(&mut out, true, opcode::TEXT, text.as_bytes(), [1, 2, 3, 4]);
+            write.write_all(&out).await?;
         }
-    }
+        Ok::<_, std::io::Error>(write)
+    });
+    // Replies until every send is answered, or 2 s after the last.
+    let reading = async {
+        loop {
+            let answered = rooms.lock().expect("not poisoned").is_empty();
+            if writer.is_finished() && answered {
+                return Ok(());
+            }
+            let text = match decoder.decode(&mut input) {
+                Ok(Some(Incoming::Text(text))) => text,
+                Ok(Some(Incoming::Close(_))) => {
+                    return Err(std::io::ErrorKind::ConnectionAborted.into());
+                }
+                Ok(Some(_)) => continue,
+                Ok(None) => {
+                    let read =
+                        tokio::time::timeout(Duration::from_millis(50), read.read_buf(&mut input));
+                    match read.await {
+                        Ok(Ok(0)) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+                        Ok(read) => drop(read?),
+                        Err(_) => {}
+                    }
+                    continue;
+                }
+                Err(err) => return Err(std::io::Error::other(format!("{err:?}"))),
+            };
+            let room =
+                reply_id(&text).and_then(|id| rooms.lock().expect("not poisoned").remove(&id));
+            match room {
+                Some(room) => drop(expected.fetch_add(per_room[room], Ordering::Relaxed)),
+                None => {
+                    return Err(std::io::Error::other(
+                        String::from_utf8_lossy(&text).into_owned(),
+                    ));
+                }
+            }
+        }
+    };
+    tokio::time::timeout(args.duration + Duration::from_secs(2), reading)
+        .await
+        .map_err(|_| std::io::Error::other("sends unanswered 2 s after the last"))??;
+    writer.await.map_err(std::io::Error::other)??;
     Ok(())
 }

@@ -426,6 +426,13 @@ impl MemoryStore {
         self.hub.register(chat)
     }
 
+    /// Announces `chat` without storing anything: what a late announcement
+    /// of a message already read looks like to a waiter (tests).
+    #[cfg(test)]
+    pub fn announce(&self, chat: &str) {
+        self.hub.notify(chat);
+    }
+
     fn shard(&self, chat: &str) -> std::sync::MutexGuard<'_, ShardData> {
         let i = self.hasher.hash_one(chat) as usize % self.shards.len();
         // A panic while holding the lock cannot leave a chat half-written:

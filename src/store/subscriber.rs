@@ -164,7 +164,19 @@ pub async fn run_standalone(
     hub: Arc<Hub>,
     requests: mpsc::UnboundedReceiver<Upstream>,
 ) {
-    run_node(target, hub, requests).await;
+    tokio::select! {
+        () = run_node(target, hub.clone(), requests) => {}
+        () = sweep_lingering(&hub) => {}
+    }
+}
+
+/// Ends the hub's lingering subscriptions ([`Hub::sweep`]), forever.
+async fn sweep_lingering(hub: &Hub) {
+    let mut tick = tokio::time::interval(crate::notify::LINGER / 2);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        hub.sweep(tick.tick().await);
+    }
 }
 
 /// Redis Cluster: each chat's subscription goes to its slot's master, on a
@@ -177,7 +189,14 @@ pub async fn run_cluster(
     let mut nodes: HashMap<Arc<str>, mpsc::UnboundedSender<Upstream>> = HashMap::new();
     // Where each chat was subscribed, for its unsubscribe.
     let mut placed: HashMap<Box<str>, Arc<str>> = HashMap::new();
-    while let Some(request) = requests.recv().await {
+    let sweeping = sweep_lingering(&hub);
+    tokio::pin!(sweeping);
+    loop {
+        let request = tokio::select! {
+            request = requests.recv() => request,
+            () = &mut sweeping => None,
+        };
+        let Some(request) = request else { break };
         let (chat, addr) = match &request {
             Upstream::Subscribe { chat, .. } => {
                 let slot = redis_protocol::redis_keyslot(super::redis::chat_key(chat).as_bytes());

@@ -275,6 +275,34 @@ fn a_send_racing_the_pull_is_never_missed_redis() {
     never_misses_a_racing_send(&Backend::redis(), 300);
 }
 
+/// A chat's Redis subscription outlives its last waiter for a while (the
+/// hub's linger: a follower's next pull finds it ready, with no round trip
+/// to Redis), and then ends: nothing stays subscribed for chats nobody
+/// waits for.
+#[test]
+fn a_chat_is_unsubscribed_from_redis_a_while_after_its_last_waiter() {
+    let b = Backend::redis();
+    let redis = b.redis.as_ref().expect("a redis backend");
+    let subscriptions = || {
+        let reply = redis.redis_cmd(&["PUBSUB", "SHARDNUMSUB", "im:{lingering}:new"]);
+        let count = reply.lines().last().and_then(|l| l.strip_prefix(':'));
+        count.and_then(|n| n.parse::<i64>().ok()).unwrap_or(-1)
+    };
+    let query = "chat=lingering&reverse=true&wait_ms=20000".to_string();
+    let waiting = spawn_pull(b.addr(), query);
+    wait_until(WOKEN_WITHIN, "subscribed while a pull waits", || {
+        (subscriptions() == 1).then_some(())
+    });
+    send_ok(b.addr(), "lingering", "u", "m");
+    let (r, _) = waiting.recv_timeout(WOKEN_WITHIN).expect("woken");
+    assert_eq!(texts(&r), ["m"]);
+    wait_until(
+        Duration::from_secs(15),
+        "unsubscribed once nobody waits",
+        || (subscriptions() == 0).then_some(()),
+    );
+}
+
 #[test]
 fn a_waiter_on_one_rpc_server_is_woken_by_a_send_through_another() {
     let redis = Redis::start();

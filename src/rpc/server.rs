@@ -1303,7 +1303,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_waiting_pull_woken_for_nothing_waits_on_for_the_next_message() {
-        let memory = Arc::new(crate::store::memory::MemoryStore::new(Duration::from_secs(60)));
+        let memory = Arc::new(crate::store::memory::MemoryStore::new(Duration::from_secs(
+            60,
+        )));
         let store = AnyStore::Memory(memory.clone());
         let query = validate_pull("c", 0, 10, true).expect("valid");
         let started = Instant::now();

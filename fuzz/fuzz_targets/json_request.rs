@@ -135,6 +135,7 @@ fn build_pull_response(data: &[u8]) -> PullResponse {
         messages,
         has_more: bool::arbitrary(&mut u).unwrap_or(false),
         next_cursor: i64::arbitrary(&mut u).unwrap_or(0),
+        changes: None,
     }
 }
 

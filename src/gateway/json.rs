@@ -391,7 +391,7 @@ pub fn parse_pull(body: &[u8], form: bool, query: Option<&[u8]>) -> Result<PullR
         limit: params.limit.as_ref().map_or(Ok(0), saturating_limit)?,
         reverse: params.reverse.unwrap_or(false),
         wait_ms: wait_ms(params.wait_ms)?,
-        changes_after: 0,
+        ..PullRequest::default()
     })
 }
 

@@ -55,7 +55,8 @@ const EARLY_EMPTY_PAUSE: Duration = Duration::from_millis(100);
 /// The pull after `cursor`: oldest first, a full page, held up to `wait_ms`
 /// by the RPC server while there is nothing new.
 /// `changes_after`: the stream's change cursor (the pull does not wait if
-/// the log has a change after it).
+/// the log has a change after it, and if it waited, its answer carries the
+/// changes after it: see [`page_and_changes`]).
 pub(super) fn page_request(
     chat: &str,
     cursor: i64,
@@ -69,6 +70,7 @@ pub(super) fn page_request(
         reverse: true,
         wait_ms,
         changes_after,
+        with_changes: true,
     }
 }
 
@@ -238,6 +240,27 @@ pub(super) fn page_of(frame: Frame) -> Result<Bytes, ApiError> {
         }
     }
     Ok(frame.body)
+}
+
+/// [`page_of`], and the changes the page carries if it does (a pull that
+/// waited, asked `with_changes`, from an RPC server that knows the field).
+/// The page keeps the field: everything after skips it.
+fn page_and_changes(frame: Frame) -> Result<(Bytes, Option<ChangesResponse>), ApiError> {
+    let page = page_of(frame)?;
+    let mut rest = &page[..];
+    let mut carried = None;
+    while let Ok(field) = next_field(&mut rest) {
+        if let (pull_response::CHANGES, Value::Bytes(changes)) = field {
+            use prost::Message as _;
+            let changes = ChangesResponse::decode(changes)
+                .map_err(|e| ApiError::internal(format!("undecodable rpc reply: {e}")))?;
+            carried = Some(changes);
+        }
+        if rest.is_empty() {
+            break;
+        }
+    }
+    Ok((page, carried))
 }
 
 /// The chat's changes after `after` (see `ChangesRequest`).
@@ -513,8 +536,11 @@ async fn fetch_page(
         // Held until a message comes: charged when the page arrives.
         let budgeted = account.clone().map(Budgeted::OnArrival);
         let call = rpc.start(RpcRequest::Pull(request, budgeted))?;
-        let page = page_of(rpc.finish(call).await?)?;
-        let changes = fetch_changes(&rpc, &chat, after).await?;
+        let (page, carried) = page_and_changes(rpc.finish(call).await?)?;
+        let changes = match carried {
+            Some(changes) if changes.code == CODE_OK => changes,
+            _ => fetch_changes(&rpc, &chat, after).await?,
+        };
         if has_messages(&page) || !changes.changes.is_empty() || changes.reset {
             return Ok(merge(page, pos.seq, changes));
         }

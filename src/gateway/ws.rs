@@ -415,8 +415,7 @@ impl WsSession {
                 .unwrap_or(0)
                 .clamp(i64::from(i32::MIN), i64::from(i32::MAX)) as i32,
             reverse: op.reverse.unwrap_or(false),
-            wait_ms: 0,
-            changes_after: 0,
+            ..PullRequest::default()
         };
         if let Some(user) = user {
             access::authorize(user, &request.chat, None)?;

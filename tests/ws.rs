@@ -754,6 +754,54 @@ fn edits_and_deletes_live_and_resumed(b: &Backend) {
     assert_eq!(ws.call(bad).0["error"]["code"], "invalid_request");
 }
 
+/// A resume from before more changes than one read answers (100): each
+/// arrives once, in order — the rounds after the first read the rest
+/// without waiting, with change reads of their own — and then the
+/// subscription is live, its waiting pull carrying the changes.
+fn a_resume_past_more_changes_than_one_read(b: &Backend) {
+    let addr = b.addr();
+    let chat = "many-edits";
+    let t = send_ok(addr, chat, "ann", "m0");
+    let texts: Vec<String> = (0..150).map(|i| format!("e{i}")).collect();
+    for text in &texts {
+        post_ok(
+            addr,
+            "/api/edit",
+            json!({"chat": chat, "send_time": t, "text": text}),
+        );
+    }
+    let mut ws = WsClient::connect(addr, &[]);
+    let resume = json!({"id": 1, "op": "subscribe", "chat": chat, "cursor": t, "changes_after": t});
+    let (reply, _) = ws.call(resume);
+    assert_eq!(reply["ok"], true, "{reply}");
+    let got: Vec<_> = any_events(&mut ws, texts.len())
+        .iter()
+        .map(change_summary)
+        .collect();
+    let expected: Vec<_> = texts
+        .iter()
+        .map(|text| ("edit".to_string(), t, text.clone()))
+        .collect();
+    assert_eq!(got, expected, "every edit once, in order");
+    let live = send_ok(addr, chat, "ann", "live");
+    let got = change_summary(&any_events(&mut ws, 1)[0]);
+    assert_eq!(got, ("message".into(), live, "live".into()));
+    let edit = json!({"chat": chat, "send_time": live, "text": "live, edited"});
+    post_ok(addr, "/api/edit", edit);
+    let got = change_summary(&any_events(&mut ws, 1)[0]);
+    assert_eq!(got, ("edit".into(), live, "live, edited".into()));
+}
+
+#[test]
+fn a_resume_past_more_changes_than_one_read_gets_each_once_on_the_memory_store() {
+    a_resume_past_more_changes_than_one_read(&Backend::memory());
+}
+
+#[test]
+fn a_resume_past_more_changes_than_one_read_gets_each_once_on_redis() {
+    a_resume_past_more_changes_than_one_read(&Backend::redis());
+}
+
 #[test]
 fn edits_and_deletes_reach_a_subscriber_live_and_on_resume_on_the_memory_store() {
     edits_and_deletes_live_and_resumed(&Backend::memory());

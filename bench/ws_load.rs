@@ -503,7 +503,8 @@ async fn subscriber(
 /// Sends on its ticks whatever the replies do (open loop: a fixed rate
 /// offered, not one send per answer, which under load offered less than
 /// `--rate`), and reads the replies meanwhile: each answered send adds its
-/// room's subscribers to `expected`.
+/// room's subscribers to `expected`. A refused send fails the run, with
+/// the reply: the figures are for a load served without errors.
 async fn publisher(
     args: &Args,
     p: usize,

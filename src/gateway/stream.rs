@@ -222,45 +222,39 @@ fn is_q_zero(param: &[u8]) -> bool {
 /// otherwise pin for as long as a slow reader takes) when it charged it to
 /// the memory budget, and the charge lasts as long as the page.
 pub(super) fn page_of(frame: Frame) -> Result<Bytes, ApiError> {
+    page_and_changes(frame).map(|(page, _)| page)
+}
+
+/// [`page_of`], and the changes the page carries if it does (a pull that
+/// waited, asked `with_changes`, from an RPC server that knows the field),
+/// found in the same pass. The page keeps the field: everything after
+/// skips it.
+fn page_and_changes(frame: Frame) -> Result<(Bytes, Option<ChangesResponse>), ApiError> {
+    use prost::Message as _;
     check_status(&frame)?;
     let undecodable =
-        |e: crate::wire::Malformed| ApiError::internal(format!("undecodable rpc reply: {e}"));
-    let head = scalars(&frame.body).map_err(undecodable)?;
+        |e: &dyn std::fmt::Display| ApiError::internal(format!("undecodable rpc reply: {e}"));
+    let head = scalars(&frame.body).map_err(|e| undecodable(&e))?;
     if head.code != CODE_OK {
         return Err(ApiError::from_code(head.code, head.msg));
     }
     let mut rest = &frame.body[..];
     let mut scratch = Vec::new();
-    while !rest.is_empty() {
-        if let (pull_response::MESSAGES, Value::Bytes(message)) =
-            next_field(&mut rest).map_err(undecodable)?
-        {
-            scratch.clear();
-            write_message(&mut scratch, message).map_err(undecodable)?;
-        }
-    }
-    Ok(frame.body)
-}
-
-/// [`page_of`], and the changes the page carries if it does (a pull that
-/// waited, asked `with_changes`, from an RPC server that knows the field).
-/// The page keeps the field: everything after skips it.
-fn page_and_changes(frame: Frame) -> Result<(Bytes, Option<ChangesResponse>), ApiError> {
-    let page = page_of(frame)?;
-    let mut rest = &page[..];
     let mut carried = None;
-    while let Ok(field) = next_field(&mut rest) {
-        if let (pull_response::CHANGES, Value::Bytes(changes)) = field {
-            use prost::Message as _;
-            let changes = ChangesResponse::decode(changes)
-                .map_err(|e| ApiError::internal(format!("undecodable rpc reply: {e}")))?;
-            carried = Some(changes);
-        }
-        if rest.is_empty() {
-            break;
+    while !rest.is_empty() {
+        match next_field(&mut rest).map_err(|e| undecodable(&e))? {
+            (pull_response::MESSAGES, Value::Bytes(message)) => {
+                scratch.clear();
+                write_message(&mut scratch, message).map_err(|e| undecodable(&e))?;
+            }
+            (pull_response::CHANGES, Value::Bytes(changes)) => {
+                let changes = ChangesResponse::decode(changes).map_err(|e| undecodable(&e))?;
+                carried = Some(changes);
+            }
+            _ => {}
         }
     }
-    Ok((page, carried))
+    Ok((frame.body, carried))
 }
 
 /// The chat's changes after `after` (see `ChangesRequest`).

@@ -1289,11 +1289,8 @@ async fn pull_waiting(
     let Some(mut waiter) = waiter.filter(|_| page.count == 0) else {
         return Ok(page);
     };
-    if changes_after > 0 && chat_keeps_records(&query.chat) {
-        let changes = store.changes(&query.chat, changes_after, 1).await?;
-        if !changes.changes.is_empty() || changes.reset {
-            return Ok(page);
-        }
+    if changed_since(store, &query.chat, changes_after).await? {
+        return Ok(page);
     }
     let _waiting = metrics::track(Gauge::WaitingPulls);
     let mut stop = stop;
@@ -1317,13 +1314,20 @@ async fn pull_waiting(
         if page.count > 0 || Instant::now() >= deadline || !waiter.is_ready() {
             return Ok(page);
         }
-        if changes_after > 0 && chat_keeps_records(&query.chat) {
-            let changes = store.changes(&query.chat, changes_after, 1).await?;
-            if !changes.changes.is_empty() || changes.reset {
-                return Ok(page);
-            }
+        if changed_since(store, &query.chat, changes_after).await? {
+            return Ok(page);
         }
     }
+}
+
+/// Whether `chat`'s change log moved past `after` (a follower's change
+/// cursor; 0: not asked): then its pull answers rather than waits.
+async fn changed_since(store: &AnyStore, chat: &str, after: i64) -> Result<bool, Error> {
+    if after <= 0 || !chat_keeps_records(chat) {
+        return Ok(false);
+    }
+    let changes = store.changes(chat, after, 1).await?;
+    Ok(!changes.changes.is_empty() || changes.reset)
 }
 
 #[cfg(test)]

@@ -922,3 +922,20 @@ fn flushed_library_is_reloaded_on_that_master() {
         .collect();
     assert_eq!(texts, ["before the flush", "after the flush"]);
 }
+
+/// The same check as on standalone Redis: `im_send` reads the chat's
+/// tombstones (a key it is not given, in the chat's slot), which a Cluster
+/// allows.
+#[test]
+fn a_deleted_newest_send_time_is_not_given_again() {
+    let cluster = Cluster::start_with(3, 0);
+    let server = start_server(&cluster, &[]);
+    check_a_deleted_newest_send_time_is_not_given_again(
+        server.http_addr(),
+        "gone",
+        |chat, args| {
+            let master = cluster.master_of(cluster.slot_of(chat));
+            cluster.node(master).cmd(args)
+        },
+    );
+}

@@ -582,6 +582,17 @@ fn a_clock_behind_the_chat_still_gets_increasing_send_times() {
     );
 }
 
+/// A deleted newest message's send_time, ahead of the clock, is not given
+/// again (see the check).
+#[test]
+fn a_deleted_newest_send_time_is_not_given_again() {
+    let redis = Redis::start();
+    let server = Server::with_redis(&redis);
+    check_a_deleted_newest_send_time_is_not_given_again(server.http_addr(), "gone", |_, args| {
+        redis.redis_cmd(args)
+    });
+}
+
 /// The RPC server puts each chat's messages together in an `im_send` call;
 /// a caller that does not (messages of one chat apart, even with a clock
 /// behind) still gets them stored in order with increasing send_times.

@@ -833,7 +833,7 @@ mod tests {
                 send_time: 10,
                 text: "edited".into(),
                 sender: "s".into(),
-                edited_at: 0,
+                ..StoredMessage::default()
             }),
             ..Change::default()
         };

@@ -16,6 +16,32 @@ local function next_seq(log, now)
   return now
 end
 
+-- The member's key byte of StoredMessage.deleted_newer (field 15,
+-- sfixed64): (15 << 3) | 1 = 121, 'y'. Every other member starts with
+-- send_time's, 9.
+local DELETED_NEWER_KEY = 121
+
+-- Deleting a chat's newest message must not free its send_time: a client
+-- that saw it holds it as its cursor, and the next message, if it got a
+-- send_time at or below it (im_send gives max(clock, the newest + 1), and
+-- send_times run ahead of a caller's clock by a burst or by the skew
+-- between RPC hosts), would never reach that client. So the message that
+-- becomes the newest (`below`, scored `score`) starts with field
+-- deleted_newer: the deleted one's send_time, or the deleted_newer it
+-- carried itself (higher still). im_send reads the 8 bytes after the
+-- newest member's first key byte either way, so it costs sends nothing;
+-- readers skip the field. (An emptied chat has its tombstones for that.)
+local function carry_deleted_newer(chat, deleted, below, score)
+  local floor = string.sub(deleted, 1, 9)
+  if string.byte(floor, 1) ~= DELETED_NEWER_KEY then
+    floor = string.char(DELETED_NEWER_KEY) .. string.sub(floor, 2)
+  end
+  local rest = below
+  if string.byte(below, 1) == DELETED_NEWER_KEY then rest = string.sub(below, 10) end
+  redis.call('ZREM', chat, below)
+  redis.call('ZADD', chat, score, floor .. rest)
+end
+
 -- Adds a Change (its sequence prepended, as field 1: '\9' + 8 bytes) and
 -- trims the log to `keep` microseconds; the whole log expires `keep` after
 -- its last change, so an idle chat's log goes too.
@@ -36,8 +62,11 @@ redis.register_function('im_edit', function(keys, args)
   end
   local seq = next_seq(log, tonumber(args[5]))
   redis.call('ZREM', chat, args[2])
-  -- edited_at: field 4, sfixed64 (tag 0x21 = '!').
-  redis.call('ZADD', chat, t, args[3] .. '!' .. struct.pack('<i8', seq))
+  -- edited_at: field 4, sfixed64 (tag 0x21 = '!'). The message keeps the
+  -- deleted_newer field it may start with (see im_delete).
+  local kept = ''
+  if string.byte(args[2], 1) == DELETED_NEWER_KEY then kept = string.sub(args[2], 1, 9) end
+  redis.call('ZADD', chat, t, kept .. args[3] .. '!' .. struct.pack('<i8', seq))
   log_change(log, seq, args[4], tonumber(args[6]))
   redis.call('SPUBLISH', chat .. ':new', '')
   return seq
@@ -58,7 +87,11 @@ redis.register_function('im_delete', function(keys, args)
     return {ok = 'CHANGED'}
   end
   local seq = next_seq(log, tonumber(args[5]))
+  local newest = redis.call('ZRANGE', chat, '-2', '-1', 'WITHSCORES')
   redis.call('ZREM', chat, args[2])
+  if #newest == 4 and newest[3] == args[2] then
+    carry_deleted_newer(chat, args[2], newest[1], newest[2])
+  end
   redis.call('ZADD', tombs, t, args[3])
   local cap = tonumber(args[7] or '0')
   if cap > 0 then

@@ -418,6 +418,10 @@ mod tests {
         }
     }
 
+    fn lifecycle_lua() -> &'static str {
+        include_str!("lifecycle.lua")
+    }
+
     /// What the Lua appends and prepends, checked against prost.
     #[test]
     fn members_and_changes_decode_as_the_proto_says() {
@@ -431,10 +435,28 @@ mod tests {
             text: "new".into(),
             sender: "ann".into(),
             edited_at: 77,
+            deleted_newer: 0,
         };
-        assert_eq!(StoredMessage::decode(&edited[..]), Ok(want));
+        assert_eq!(StoredMessage::decode(&edited[..]), Ok(want.clone()));
         let view = read_stored(&edited).expect("readable");
         assert_eq!((view.text, view.edited_at), ("new", 77));
+        // im_delete: the new newest member with deleted_newer first
+        // (DELETED_NEWER_KEY .. pack(T)); read as the message it was.
+        let key = ((stored_message::DELETED_NEWER << 3) | 1) as u8;
+        assert!(
+            lifecycle_lua().contains(&format!("local DELETED_NEWER_KEY = {key}\n")),
+            "lifecycle.lua's DELETED_NEWER_KEY is StoredMessage.deleted_newer's key byte"
+        );
+        let mut carried = vec![key];
+        carried.extend_from_slice(&99i64.to_le_bytes());
+        carried.extend_from_slice(&edited);
+        let want_carried = StoredMessage {
+            deleted_newer: 99,
+            ..want.clone()
+        };
+        assert_eq!(StoredMessage::decode(&carried[..]), Ok(want_carried));
+        let view = read_stored(&carried).expect("readable");
+        assert_eq!((view.send_time, view.text, view.edited_at), (42, "new", 77));
         // A change: '\9' .. pack(seq) .. tail.
         let mut entry = vec![9u8];
         entry.extend_from_slice(&77i64.to_le_bytes());

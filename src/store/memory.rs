@@ -108,7 +108,7 @@ impl Chat {
                 send_time,
                 text: m.text.to_string(),
                 sender: m.sender.to_string(),
-                edited_at: 0,
+                ..StoredMessage::default()
             }),
         };
         let added = change_bytes(&change);

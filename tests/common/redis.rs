@@ -736,3 +736,99 @@ pub fn im_send_member(text: &str, sender: &str) -> String {
         char::from(sender.len() as u8)
     )
 }
+
+/// Messages stored ahead of this server's clock (by an RPC server whose
+/// clock runs ahead: `fcall` runs a command on the named chat's Redis) and then
+/// deleted while they are the chat's newest: the next message must still
+/// get a later send_time, because a client that saw a deleted one holds its
+/// send_time as its cursor (issue 21). `im_send` reads only the newest
+/// member still stored, so `im_delete` leaves the deleted send_time on the
+/// member that becomes the newest (or the chat's tombstones hold it, once
+/// the chat is empty). Checked: one delete, an edit of the new newest
+/// message in between (it keeps what it carries), two deletes in a row,
+/// and a chat emptied by its delete.
+pub fn check_a_deleted_newest_send_time_is_not_given_again(
+    addr: SocketAddr,
+    chat: &str,
+    fcall: impl Fn(&str, &[&str]) -> String,
+) {
+    let key = format!("im:{{{chat}}}");
+    let store_at = |clock: i64, texts: &[&str]| -> Vec<i64> {
+        let members: Vec<String> = texts.iter().map(|t| im_send_member(t, "s")).collect();
+        let count = texts.len().to_string();
+        let clock = clock.to_string();
+        let mut args = vec!["FCALL", "im_send", &count];
+        args.extend(texts.iter().map(|_| key.as_str()));
+        args.extend(members.iter().map(String::as_str));
+        args.push(&clock);
+        let reply = fcall(chat, &args);
+        reply
+            .split("\r\n")
+            .filter_map(|l| l.strip_prefix(':'))
+            .map(|t| t.parse().expect("a send_time"))
+            .collect()
+    };
+    let delete_in = |chat: &str, send_time: i64| {
+        let body = serde_json::json!({"chat": chat, "send_time": send_time});
+        let r = request(
+            addr,
+            "POST",
+            "/api/delete",
+            JSON_CT,
+            body.to_string().as_bytes(),
+        );
+        assert_eq!(r.status, 200, "delete {send_time}: {}", r.describe());
+    };
+    // `reverse=true`: oldest first, after the cursor, as a follower pulls.
+    let after = |cursor: i64| -> Vec<String> {
+        let page = pull_page(addr, chat, cursor, 10, true);
+        page.texts().iter().map(|t| t.to_string()).collect()
+    };
+    let first = send_ok(addr, chat, "s", "first");
+    let ahead = store_at(first + 1_000_000, &["ahead"])[0];
+    assert_eq!(ahead, first + 1_000_000, "stored ahead");
+    assert_eq!(after(first), ["ahead"], "a follower sees it");
+    delete_in(chat, ahead);
+    let body = serde_json::json!({"chat": chat, "send_time": first, "text": "first, edited"});
+    let r = request(
+        addr,
+        "POST",
+        "/api/edit",
+        JSON_CT,
+        body.to_string().as_bytes(),
+    );
+    assert_eq!(r.status, 200, "edit: {}", r.describe());
+    let next = send_ok(addr, chat, "s", "next");
+    assert!(
+        next > ahead,
+        "the next send_time ({next}) must be after the deleted one's ({ahead})"
+    );
+    assert_eq!(after(ahead), ["next"], "the follower at the deleted one");
+    let two = store_at(next + 2_000_000, &["ahead 2", "ahead 3"]);
+    assert_eq!(two.len(), 2, "{two:?}");
+    delete_in(chat, two[1]);
+    delete_in(chat, two[0]);
+    let last = send_ok(addr, chat, "s", "last");
+    assert!(last > two[1], "after two deletes: {last} after {}", two[1]);
+    assert_eq!(after(two[0]), ["last"], "the follower at the first deleted");
+    assert_eq!(
+        pull_page(addr, chat, 0, 10, true).texts(),
+        ["first, edited", "next", "last"],
+        "what is left, as it was written"
+    );
+    // A chat emptied by deletes: its tombstones hold the newest deleted
+    // send_time. (The first send loads the library on the chat's master.)
+    let alone = format!("{chat}-alone");
+    delete_in(&alone, send_ok(addr, &alone, "s", "warm"));
+    let key = format!("im:{{{alone}}}");
+    let member = im_send_member("only", "s");
+    let clock = (last + 1_000_000).to_string();
+    let reply = fcall(&alone, &["FCALL", "im_send", "1", &key, &member, &clock]);
+    assert_eq!(reply, format!("*1\r\n:{clock}\r\n"), "stored ahead, alone");
+    delete_in(&alone, last + 1_000_000);
+    let again = send_ok(addr, &alone, "s", "again");
+    assert!(
+        again > last + 1_000_000,
+        "an emptied chat: {again} after {clock}"
+    );
+}

@@ -50,7 +50,8 @@ const LIBRARY: &str = concat!(
 -- or the status REUSED (the key's record is for another text or sender).
 -- Within a chat, each stored message gets max(clock, the chat's highest
 -- score + 1), so send_times stay unique and increasing in the order Redis
--- applies them, whoever the caller is.
+-- applies them, whoever the caller is; and above a deleted newest message
+-- (see im_delete in lifecycle.lua).
 -- A record is the send_time (8 bytes) and 128 bits of the SHA-1 of the
 -- member (text + sender): 40 bytes, an embedded string in Redis.
 local function fingerprint(member)
@@ -111,8 +112,23 @@ local function send_batch(keys, args, trim)
           -- there spares Redis printing the score as a double and Lua
           -- parsing it back. The indexes as strings: Redis 7.0 formats a
           -- Lua number argument with snprintf('%.17g').
+          -- (A member that became the chat's newest when a newer one was
+          -- deleted starts with that one's send_time instead: see
+          -- im_delete. Either way the first 8 bytes after the first key
+          -- byte are what the next send_time must be above.)
           local top = redis.call('ZRANGE', key, '-1', '-1')[1]
-          prev = top and struct.unpack('<i8', top, 2) or -1
+          if top then
+            prev = struct.unpack('<i8', top, 2)
+          else
+            -- An empty chat (new, or all of it deleted or expired): the
+            -- newest tombstone's send_time (its first 8 bytes; key
+            -- 'im:del:{…}', in the chat's slot), if any, for the same
+            -- reason. A chat whose name starts with '}' has none: it
+            -- refuses deletes (its tombstone key hashes elsewhere).
+            local tomb = string.sub(key, 5, 5) ~= '}'
+              and redis.call('ZRANGE', 'im:del:' .. string.sub(key, 4), '-1', '-1')[1]
+            prev = tomb and struct.unpack('<i8', tomb) or -1
+          end
         end
         local t, score, packed = now, now_text, now_packed
         if prev >= now then
@@ -494,7 +510,7 @@ mod tests {
             send_time: 1_795_800_000_000_123,
             text: "hi 😀".into(),
             sender: "kylie".into(),
-            edited_at: 0,
+            ..StoredMessage::default()
         };
         assert_eq!(StoredMessage::decode(&member[..]), Ok(expected));
         let view = read_stored(&member).expect("readable");

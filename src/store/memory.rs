@@ -561,26 +561,32 @@ impl MemoryStore {
         // Nothing older than the retention window, trimmed yet or not.
         let floor = self.retention.floor(crate::now_micros());
         let log = &chat.log[chat.log.partition_point(|m| m.send_time < floor)..];
+        // The page's messages: oldest first strictly after the cursor, or
+        // newest first strictly before it; one more than the limit, if
+        // there is one, tells that there is more.
+        let range = match (query.reverse, query.cursor) {
+            (true, 0) => 0..log.len().min(query.limit + 1),
+            (true, c) => {
+                let start = log.partition_point(|m| m.send_time <= c);
+                start..log.len().min(start + query.limit + 1)
+            }
+            (false, c) => {
+                let end = match c {
+                    0 => log.len(),
+                    c => log.partition_point(|m| m.send_time < c),
+                };
+                end.saturating_sub(query.limit + 1)..end
+            }
+        };
+        let messages = &log[range];
         let mut page = PageWriter::new(&query.chat, query.limit);
+        let bytes = messages.iter().map(|m| m.text.len() + m.sender.len()).sum();
+        page.reserve(messages.len(), bytes);
         let mut push = |m: &Stored| page.push(&m.text, &m.sender, m.send_time, m.edited_at);
         if query.reverse {
-            // Oldest first, strictly after the cursor.
-            let start = match query.cursor {
-                0 => 0,
-                c => log.partition_point(|m| m.send_time <= c),
-            };
-            log[start..].iter().take_while(|m| push(m)).for_each(drop);
+            messages.iter().take_while(|m| push(m)).for_each(drop);
         } else {
-            // Newest first, strictly before the cursor.
-            let end = match query.cursor {
-                0 => log.len(),
-                c => log.partition_point(|m| m.send_time < c),
-            };
-            log[..end]
-                .iter()
-                .rev()
-                .take_while(|m| push(m))
-                .for_each(drop);
+            messages.iter().rev().take_while(|m| push(m)).for_each(drop);
         }
         page.finish()
     }

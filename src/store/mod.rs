@@ -102,6 +102,17 @@ impl<'a> PageWriter<'a> {
         }
     }
 
+    /// Makes room for messages whose text and sender take `bytes` in all
+    /// (a store that knows its page's size before writing it): the page
+    /// then grows once, not by doubling from nothing (eight reallocations
+    /// for a page of ten short messages; `malloc`/`realloc`/`free` were
+    /// 8.5% of the all-in-one's CPU under pulls).
+    pub fn reserve(&mut self, messages: usize, bytes: usize) {
+        let per_message = self.chat.len() + 32;
+        let messages = messages.min(self.limit);
+        self.page.wire.reserve(bytes + messages * per_message + 24);
+    }
+
     /// Adds the next message. Stores fetch one more than the limit: pushing
     /// that one only records that there is more, and returns false.
     /// `edited_at`: 0 = never edited (then not on the wire).

@@ -380,6 +380,15 @@ pub(in crate::store) fn page_from_reply(query: &PullQuery, reply: Reply) -> Resu
         return Err(Error::Internal("range did not return an array".into()));
     };
     let mut page = PageWriter::new(&query.chat, query.limit);
+    let kept = members.len().min(query.limit);
+    let bytes = members[..kept]
+        .iter()
+        .map(|m| match m {
+            Reply::BulkString(b) => b.len(),
+            _ => 0,
+        })
+        .sum();
+    page.reserve(kept, bytes);
     for member in members {
         let Reply::BulkString(bytes) = member else {
             return Err(Error::Internal("range returned a non-string member".into()));

@@ -936,11 +936,16 @@ fn subscribers_share_fetches(subscribe: impl Fn(i64, usize) -> serde_json::Value
     }
     assert!(held() <= 2.0, "{} pulls held for 6 subscribers", held());
     sent.extend((1..=20).map(|i| send_ok(addr, chat, "a", &format!("m{i}"))));
+    let mut first: Option<Vec<Value>> = None;
     for ws in &mut subscribers {
-        let got: Vec<i64> = any_events(ws, sent.len())
-            .iter()
-            .map(|e| change_summary(e).1)
-            .collect();
+        let events = any_events(ws, sent.len());
+        let got: Vec<i64> = events.iter().map(|e| change_summary(e).1).collect();
         assert_eq!(got, sent, "every message once, in order");
+        // Followers that share a fetch share its rendered frames: each
+        // event whole and the same for all, its id included.
+        match &first {
+            None => first = Some(events),
+            Some(first) => assert_eq!(&events, first, "the same events, ids included"),
+        }
     }
 }

@@ -455,7 +455,7 @@ pub(super) async fn next_page(
     chat: Arc<str>,
     pos: Position,
     wait_ms: i32,
-) -> Result<Bytes, ApiError> {
+) -> Result<SharedBatch, ApiError> {
     let key = PageKey {
         chat: chat.clone(),
         cursor: pos.cursor,
@@ -471,14 +471,35 @@ pub(super) async fn next_page(
             return batch;
         }
         // The fetch was given up (its follower left): fetch alone.
-        return fetch_page(rpc, account, chat, pos, wait_ms).await;
+        let batch = fetch_page(rpc, account, chat, pos, wait_ms).await;
+        return batch.map(SharedBatch::new);
     }
     let (done, fetched) = watch::channel(None);
     FETCHING.with(|f| f.borrow_mut().insert(key.clone(), fetched));
     let _fetching = Fetching(key);
     let batch = fetch_page(rpc, account, chat, pos, wait_ms).await;
+    let batch = batch.map(SharedBatch::new);
     done.send_replace(Some(batch.clone()));
     batch
+}
+
+/// A batch as its followers share it: the `StreamBatch`, and its events
+/// as WebSocket frames once the first follower to render them has (every
+/// follower that shares a fetch stood at the same place, so its events,
+/// ids included, are the same for all: see `ws::WsSession::shared_frames`).
+#[derive(Clone)]
+pub(super) struct SharedBatch {
+    pub page: Bytes,
+    pub frames: Arc<std::sync::OnceLock<Bytes>>,
+}
+
+impl SharedBatch {
+    fn new(page: Bytes) -> SharedBatch {
+        SharedBatch {
+            page,
+            frames: Arc::default(),
+        }
+    }
 }
 
 /// What makes two followers' next batches the same fetch.
@@ -491,7 +512,7 @@ struct PageKey {
     wait_ms: i32,
 }
 
-type FetchedBatch = watch::Receiver<Option<Result<Bytes, ApiError>>>;
+type FetchedBatch = watch::Receiver<Option<Result<SharedBatch, ApiError>>>;
 
 thread_local! {
     /// The fetches under way on this thread, by what they fetch.
@@ -751,6 +772,7 @@ impl EventSource for ChatStream {
         let page = async move {
             next_page(rpc, Some(account), chat, at, wait_ms)
                 .await
+                .map(|batch| batch.page)
                 .map_err(|err| error_event(&err))
         };
         match self.until {

@@ -170,6 +170,9 @@ pub(super) enum Event {
         generation: u64,
         id: (i64, i64),
         page: Bytes,
+        /// Its events as frames, shared by the followers that shared its
+        /// fetch (the first batch, the history, is not shared: `None`).
+        frames: Option<SharedFrames>,
         rendered: oneshot::Sender<()>,
     },
     /// A subscription ended (it failed); its final event, if any.
@@ -187,13 +190,34 @@ pub(super) enum Event {
 /// A batch being rendered, one event per message or change, and its
 /// task's signal.
 struct Rendering {
+    events: PageEvents,
+    /// The batch's events already rendered as frames (by this connection
+    /// or another follower of the chat), and how far they are copied out;
+    /// else `events` renders them one by one.
+    frames: Option<(Bytes, usize)>,
+    _rendered: oneshot::Sender<()>,
+}
+
+/// A batch's events as rendered so far.
+struct PageEvents {
     chat: Arc<str>,
     /// The id of the last event rendered.
     id: (i64, i64),
     page: Bytes,
     pos: usize,
-    _rendered: oneshot::Sender<()>,
 }
+
+/// A batch's events rendered as WebSocket frames, once, for all the
+/// followers that shared its fetch ([`stream::SharedBatch`]).
+type SharedFrames = Arc<std::sync::OnceLock<Bytes>>;
+
+/// Largest batch whose frames are rendered once and shared: a live batch
+/// (a few messages) is; a page of history with large messages is rendered
+/// event by event as the subscriber's output drains, as before, so that
+/// no subscriber's output holds more than its budget. The shared frames
+/// are charged to the account of the follower that rendered them, and
+/// weigh about what the batch does (JSON escapes aside).
+const SHARED_RENDER_MAX: usize = 64 * 1024;
 
 /// A subscription's task, stopped when dropped (unsubscribed, or the
 /// connection ended).
@@ -544,7 +568,11 @@ impl WsSession {
         if self.subscriptions.remove(chat.as_str()).is_none() {
             return Err(ApiError::Invalid("not subscribed to this chat".into()));
         }
-        if self.rendering.as_ref().is_some_and(|r| *r.chat == *chat) {
+        if self
+            .rendering
+            .as_ref()
+            .is_some_and(|r| *r.events.chat == *chat)
+        {
             self.rendering = None;
         }
         self.ready.push_back(ok_reply(&op.id, b""));
@@ -558,31 +586,105 @@ impl WsSession {
             .is_some_and(|s| s.generation == generation)
     }
 
-    /// Renders the batch in progress, one event per message or change,
-    /// until `out` holds `until` bytes.
+    /// Renders the batch in progress until `out` holds `until` bytes:
+    /// its shared frames copied out whole, or one event per message or
+    /// change.
     fn render_page(&mut self, out: &mut BytesMut, until: usize) {
         let Some(rendering) = &mut self.rendering else {
             return;
         };
-        while out.len() < until {
-            let mut rest = &rendering.page[rendering.pos..];
-            if rest.is_empty() {
-                self.rendering = None;
-                return;
-            }
-            // The batch was decoded whole by `stream::page_of`.
-            let Ok(field) = next_field(&mut rest) else {
-                self.rendering = None;
-                return;
-            };
-            rendering.pos = rendering.page.len() - rest.len();
-            let (id, chat) = (&mut rendering.id, &rendering.chat);
-            if let Some(kind) = stream::event_of(id, chat, field, &mut self.scratch) {
-                event_json(&mut self.event, chat, *id, kind, &self.scratch);
-                put_frame(out, opcode::TEXT, &self.event);
-            }
+        let done = match &mut rendering.frames {
+            Some((frames, pos)) => copy_frames(out, until, frames, pos),
+            None => render_events(
+                out,
+                until,
+                &mut rendering.events,
+                &mut self.scratch,
+                &mut self.event,
+            ),
+        };
+        if done {
+            self.rendering = None;
         }
     }
+
+    /// The frames of a batch its followers on this thread shared: rendered
+    /// here if no follower has yet, and charged to this connection's
+    /// account; `None` (render event by event) for a large batch, or when
+    /// the account has no room for them.
+    fn shared_frames(
+        &mut self,
+        cell: &SharedFrames,
+        chat: &Arc<str>,
+        id: (i64, i64),
+        page: &Bytes,
+    ) -> Option<Bytes> {
+        if let Some(frames) = cell.get() {
+            return Some(frames.clone());
+        }
+        if page.len() > SHARED_RENDER_MAX {
+            return None;
+        }
+        let mut whole = PageEvents {
+            chat: chat.clone(),
+            id,
+            page: page.clone(),
+            pos: 0,
+        };
+        let mut buf = BytesMut::new();
+        render_events(
+            &mut buf,
+            usize::MAX,
+            &mut whole,
+            &mut self.scratch,
+            &mut self.event,
+        );
+        let frames = crate::budget::held(&buf, self.account.charge(buf.len())?);
+        Some(cell.get_or_init(|| frames).clone())
+    }
+}
+
+/// Copies whole frames of `frames` from `pos` until `out` holds `until`
+/// bytes; true once all are out.
+fn copy_frames(out: &mut BytesMut, until: usize, frames: &Bytes, pos: &mut usize) -> bool {
+    while out.len() < until {
+        let rest = &frames[*pos..];
+        // Frames this process wrote, so each is whole; a short one ends it.
+        let Some(len) = crate::ws::frame::sent_frame_len(rest) else {
+            return true;
+        };
+        out.extend_from_slice(&rest[..len]);
+        *pos += len;
+    }
+    *pos >= frames.len()
+}
+
+/// Renders `rendering`'s page from its `pos`, one event per message or
+/// change, until `out` holds `until` bytes; true once the page is done.
+fn render_events(
+    out: &mut BytesMut,
+    until: usize,
+    rendering: &mut PageEvents,
+    scratch: &mut Vec<u8>,
+    event: &mut Vec<u8>,
+) -> bool {
+    while out.len() < until {
+        let mut rest = &rendering.page[rendering.pos..];
+        if rest.is_empty() {
+            return true;
+        }
+        // The batch was decoded whole by `stream::page_of`.
+        let Ok(field) = next_field(&mut rest) else {
+            return true;
+        };
+        rendering.pos = rendering.page.len() - rest.len();
+        let (id, chat) = (&mut rendering.id, &rendering.chat);
+        if let Some(kind) = stream::event_of(id, chat, field, scratch) {
+            event_json(event, chat, *id, kind, scratch);
+            put_frame(out, opcode::TEXT, event);
+        }
+    }
+    rendering.pos >= rendering.page.len()
 }
 
 /// `{"event":<kind>,"chat":…,"id":"<send_time>.<seq>",…}`: a message or
@@ -643,6 +745,7 @@ impl Follow {
             }
         };
         let _ = self.sender.send(Event::Reply(ok_reply(&id, b""), 0));
+        let mut frames = None;
         loop {
             let before = self.at.id;
             self.at.take(&batch);
@@ -656,6 +759,7 @@ impl Follow {
                     generation: self.generation,
                     id: before,
                     page: batch,
+                    frames: frames.take(),
                     rendered,
                 };
                 if self.sender.send(page).is_err() {
@@ -672,7 +776,10 @@ impl Follow {
                 self.wait_ms,
             );
             batch = match next.await {
-                Ok(batch) => batch,
+                Ok(shared) => {
+                    frames = Some(shared.frames);
+                    shared.page
+                }
                 Err(err) => return self.end(event_error(&self.chat, &err)),
             };
         }
@@ -763,15 +870,20 @@ impl Session for WsSession {
                 generation,
                 id,
                 page,
+                frames,
                 rendered,
             } => {
                 if self.current(&chat, generation) {
-                    let pos = 0;
+                    let frames =
+                        frames.and_then(|cell| self.shared_frames(&cell, &chat, id, &page));
                     self.rendering = Some(Rendering {
-                        chat,
-                        id,
-                        page,
-                        pos,
+                        events: PageEvents {
+                            chat,
+                            id,
+                            page,
+                            pos: 0,
+                        },
+                        frames: frames.map(|frames| (frames, 0)),
                         _rendered: rendered,
                     });
                     self.render_page(out, until);

@@ -339,6 +339,25 @@ pub fn put_frame(out: &mut BytesMut, opcode: u8, payload: &[u8]) {
     out.put_slice(payload);
 }
 
+/// The whole length (head and payload) of the first of `frames`, frames
+/// this side wrote with [`put_frame`]; `None` if it is not all there. So a
+/// run of frames rendered once can be handed out frame by frame.
+pub fn sent_frame_len(frames: &[u8]) -> Option<usize> {
+    let (head, payload) = match *frames.get(1)? & 0x7F {
+        126 => (
+            4,
+            u16::from_be_bytes(frames.get(2..4)?.try_into().ok()?) as usize,
+        ),
+        127 => {
+            let len = u64::from_be_bytes(frames.get(2..10)?.try_into().ok()?);
+            (10, usize::try_from(len).ok()?)
+        }
+        short => (2, short as usize),
+    };
+    let len = head + payload;
+    (frames.len() >= len).then_some(len)
+}
+
 /// Appends a close frame with `code` and `reason` (cut to fit 125 bytes).
 pub fn put_close(out: &mut BytesMut, code: u16, reason: &str) {
     let mut end = reason.len().min(MAX_CONTROL_PAYLOAD - 2);

@@ -279,3 +279,32 @@ fn collect(chunks: &[&[u8]], max: usize) -> (Vec<Incoming>, Option<FrameError>) 
     }
     (out, None)
 }
+
+/// A run of frames written by `put_frame`, walked back frame by frame,
+/// for each length form (7-bit, 16-bit, 64-bit); a cut frame is not whole.
+#[test]
+fn sent_frames_are_walked_by_their_lengths() {
+    let sizes = [0usize, 1, 125, 126, 0xFFFF, 0x1_0000];
+    let mut run = BytesMut::new();
+    for &n in &sizes {
+        put_frame(&mut run, opcode::TEXT, &vec![b'x'; n]);
+    }
+    let mut rest = &run[..];
+    for &n in &sizes {
+        let len = sent_frame_len(rest).expect("a whole frame");
+        let head = match n {
+            0..=125 => 2,
+            126..=0xFFFF => 4,
+            _ => 10,
+        };
+        assert_eq!(len, head + n, "a frame of {n} bytes");
+        rest = &rest[len..];
+    }
+    assert!(rest.is_empty());
+    let mut one = BytesMut::new();
+    put_frame(&mut one, opcode::TEXT, &[b'y'; 300]);
+    for cut in [0, 1, 3, 303] {
+        assert_eq!(sent_frame_len(&one[..cut]), None, "cut at {cut}");
+    }
+    assert_eq!(sent_frame_len(&one), Some(304));
+}

@@ -1199,15 +1199,24 @@ async fn pull(
         Err(invalid) => return pull_failed(invalid),
     };
     let waits = !wait.is_zero() && query.may_wait();
-    let page = match waits {
-        false => store.pull(&query).await,
-        true => pull_waiting(store, &query, wait, stop, req.changes_after).await,
+    // A waiting pull woken by a change read the log to know it: as much of
+    // it as the answer carries, so that it is read once, not twice.
+    let check = match req.with_changes {
+        true => MAX_CHANGES,
+        false => 1,
+    };
+    let (page, read) = match waits {
+        false => (store.pull(&query).await, None),
+        true => match pull_waiting(store, &query, wait, stop, (req.changes_after, check)).await {
+            Ok((page, read)) => (Ok(page), read),
+            Err(err) => (Err(err), None),
+        },
     };
     match page {
         Ok(mut page) if waits && req.with_changes => {
             let room = largest_page(&req).saturating_sub(page.wire.len());
             if let Some(changes) =
-                changes_for_page(store, &query.chat, req.changes_after, room).await
+                changes_for_page(store, &query.chat, req.changes_after, room, read).await
             {
                 let changes = changes.encode_to_vec();
                 let field = crate::proto::fields::pull_response::CHANGES;
@@ -1224,13 +1233,15 @@ async fn pull(
 /// answer, cut short to fit in `room` bytes. One RPC call per round of a
 /// follower instead of two (ws_load fanout on Redis, 100k deliveries/s:
 /// 135,000 Changes calls in 8 s -> 1,000, the first batches'; p99 18-23 ->
-/// 16 ms). `None` if the read failed: the follower makes the Changes call,
-/// which reports the error.
+/// 16 ms). `read`: the changes the wait already read (see `pull`), else
+/// they are read here. `None` if the read failed: the follower makes the
+/// Changes call, which reports the error.
 async fn changes_for_page(
     store: &AnyStore,
     chat: &str,
     after: i64,
     room: usize,
+    read: Option<ChangesResponse>,
 ) -> Option<ChangesResponse> {
     if !chat_keeps_records(chat) {
         return Some(ChangesResponse {
@@ -1238,7 +1249,10 @@ async fn changes_for_page(
             ..ChangesResponse::default()
         });
     }
-    let mut changes = store.changes(chat, after, MAX_CHANGES).await.ok()?;
+    let mut changes = match read {
+        Some(read) => read,
+        None => store.changes(chat, after, MAX_CHANGES).await.ok()?,
+    };
     let mut used = 0;
     let fits = changes
         .changes
@@ -1270,14 +1284,16 @@ const READY_TIMEOUT: Duration = Duration::from_secs(2);
 /// empty page is read again when a message was stored in the chat (and
 /// answered if it holds one, or the chat's changes moved, or the
 /// registration broke), at the deadline, or at shutdown (answered at once
-/// with what there is).
+/// with what there is). `changes`: the follower's change cursor (0: not
+/// asked) and how many changes to read when checking it; the changes that
+/// ended the wait come back with the page.
 async fn pull_waiting(
     store: &AnyStore,
     query: &PullQuery,
     wait: Duration,
     stop: Option<watch::Receiver<bool>>,
-    changes_after: i64,
-) -> Result<Page, Error> {
+    changes: (i64, usize),
+) -> Result<(Page, Option<ChangesResponse>), Error> {
     let deadline = Instant::now() + wait;
     let mut waiter = store.waiter(&query.chat);
     if let Some(w) = &mut waiter
@@ -1287,10 +1303,10 @@ async fn pull_waiting(
     }
     let page = store.pull(query).await?;
     let Some(mut waiter) = waiter.filter(|_| page.count == 0) else {
-        return Ok(page);
+        return Ok((page, None));
     };
-    if changed_since(store, &query.chat, changes_after).await? {
-        return Ok(page);
+    if let Some(moved) = changed_since(store, &query.chat, changes).await? {
+        return Ok((page, Some(moved)));
     }
     let _waiting = metrics::track(Gauge::WaitingPulls);
     let mut stop = stop;
@@ -1303,7 +1319,7 @@ async fn pull_waiting(
         };
         tokio::select! {
             () = waiter.changed(deadline) => {}
-            () = stopped => return store.pull(query).await,
+            () = stopped => return Ok((store.pull(query).await?, None)),
         }
         let page = store.pull(query).await?;
         // A wake-up that found nothing — the late announcement of a message
@@ -1312,22 +1328,27 @@ async fn pull_waiting(
         // the follower paused 100 ms (`gateway::stream`'s early-empty pause)
         // and the messages of that pause were late by as much.
         if page.count > 0 || Instant::now() >= deadline || !waiter.is_ready() {
-            return Ok(page);
+            return Ok((page, None));
         }
-        if changed_since(store, &query.chat, changes_after).await? {
-            return Ok(page);
+        if let Some(moved) = changed_since(store, &query.chat, changes).await? {
+            return Ok((page, Some(moved)));
         }
     }
 }
 
-/// Whether `chat`'s change log moved past `after` (a follower's change
-/// cursor; 0: not asked): then its pull answers rather than waits.
-async fn changed_since(store: &AnyStore, chat: &str, after: i64) -> Result<bool, Error> {
+/// `chat`'s changes past `after` (a follower's change cursor; 0: not
+/// asked), up to `limit`, if its change log moved: then its pull answers
+/// rather than waits.
+async fn changed_since(
+    store: &AnyStore,
+    chat: &str,
+    (after, limit): (i64, usize),
+) -> Result<Option<ChangesResponse>, Error> {
     if after <= 0 || !chat_keeps_records(chat) {
-        return Ok(false);
+        return Ok(None);
     }
-    let changes = store.changes(chat, after, 1).await?;
-    Ok(!changes.changes.is_empty() || changes.reset)
+    let changes = store.changes(chat, after, limit).await?;
+    Ok((!changes.changes.is_empty() || changes.reset).then_some(changes))
 }
 
 #[cfg(test)]
@@ -1378,25 +1399,39 @@ mod tests {
                 .await
                 .expect("edited");
         }
-        let all = changes_for_page(&store, "c", sent, usize::MAX)
+        let all = changes_for_page(&store, "c", sent, usize::MAX, None)
             .await
             .expect("read");
         assert_eq!((all.changes.len(), all.has_more), (5, false));
         // Room for two (and a bit): the first two, and more to read from
         // the second's seq.
         let two: usize = all.changes[..2].iter().map(|c| c.encoded_len() + 20).sum();
-        let cut = changes_for_page(&store, "c", sent, SMALL_REPLY + two + 5)
+        let cut = changes_for_page(&store, "c", sent, SMALL_REPLY + two + 5, None)
             .await
             .expect("read");
         assert_eq!(cut.changes, all.changes[..2]);
         assert!(cut.has_more);
         assert_eq!(cut.next, all.changes[1].seq);
         // No room: none, and the next read starts where this one did.
-        let none = changes_for_page(&store, "c", sent, 0).await.expect("read");
+        let none = changes_for_page(&store, "c", sent, 0, None)
+            .await
+            .expect("read");
         assert_eq!(
             (none.changes.len(), none.has_more, none.next),
             (0, true, sent)
         );
+        // Changes a waiting pull already read are carried as they are (cut
+        // the same way), not read again: the last three only, as if read
+        // before the first two were made.
+        let earlier = ChangesResponse {
+            changes: all.changes[2..].to_vec(),
+            next: all.next,
+            ..ChangesResponse::default()
+        };
+        let carried = changes_for_page(&store, "c", sent, usize::MAX, Some(earlier.clone()))
+            .await
+            .expect("carried");
+        assert_eq!(carried, earlier);
     }
 
     #[tokio::test]
@@ -1407,7 +1442,7 @@ mod tests {
         let store = AnyStore::Memory(memory.clone());
         let query = validate_pull("c", 0, 10, true).expect("valid");
         let started = Instant::now();
-        let waiting = pull_waiting(&store, &query, Duration::from_secs(5), None, 0);
+        let waiting = pull_waiting(&store, &query, Duration::from_secs(5), None, (0, 1));
         let sending = async {
             tokio::time::sleep(Duration::from_millis(50)).await;
             memory.announce("c");
@@ -1415,9 +1450,46 @@ mod tests {
             memory.send_now("c", "a", "late", None).expect("stored");
         };
         let (page, ()) = tokio::join!(waiting, sending);
-        let page = page.expect("a page");
+        let (page, moved) = page.expect("a page");
         assert_eq!(page.count, 1, "answered with the message, not empty");
+        assert!(moved.is_none(), "no change cursor, no changes read");
         assert!(started.elapsed() >= Duration::from_millis(150));
+    }
+
+    /// A follower's waiting pull woken by an edit answers with the changes
+    /// its check read, for the answer to carry (not read a second time).
+    #[tokio::test]
+    async fn a_waiting_pull_woken_by_an_edit_answers_with_the_changes_it_read() {
+        let memory = Arc::new(crate::store::memory::MemoryStore::new(Duration::from_secs(
+            60,
+        )));
+        let store = AnyStore::Memory(memory.clone());
+        let sent = memory
+            .send_now("c", "a", "m", None)
+            .expect("stored")
+            .send_time;
+        let query = validate_pull("c", sent, 10, true).expect("valid");
+        let waiting = pull_waiting(
+            &store,
+            &query,
+            Duration::from_secs(5),
+            None,
+            (sent, MAX_CHANGES),
+        );
+        let editing = async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            store.edit("c", sent, "edited", None).await.expect("edited");
+        };
+        let (page, ()) = tokio::join!(waiting, editing);
+        let (page, moved) = page.expect("a page");
+        assert_eq!(page.count, 0, "no new message");
+        let moved = moved.expect("the changes that ended the wait");
+        let texts: Vec<&str> = moved
+            .changes
+            .iter()
+            .filter_map(|c| c.edited.as_ref().map(|m| m.text.as_str()))
+            .collect();
+        assert_eq!(texts, ["edited"]);
     }
 
     #[test]

@@ -203,6 +203,41 @@ fn header_values_are_found_case_insensitively_and_trimmed() {
     assert_eq!(reqs[0].header_values("POST /k").count(), 0);
 }
 
+/// The fields indexed by the parse read exactly as a scan of the head reads
+/// them: present once, absent, repeated (then in order), empty, in any
+/// case and with any surrounding whitespace, beside fields not indexed;
+/// requests one after another in one buffer each keep their own.
+#[test]
+fn indexed_fields_read_as_a_scan_of_the_head() {
+    let input = b"POST /a HTTP/1.1\r\nHost: x\r\nCONTENT-type:  application/json \r\n\
+        Origin: http://o\r\nAccept:\r\nForwarded: for=1\r\nforwarded: for=2\r\n\
+        X-Forwarded-For: 10.0.0.1\r\nAuthorization: Bearer a\r\nauthorization: Bearer b\r\n\
+        Content-Length: 0\r\n\r\n\
+        GET /b HTTP/1.1\r\nHost: y\r\nidempotency-key: k1\r\nLast-Event-ID: 12.3\r\n\r\n";
+    let reqs = decode_all(input).expect("valid input");
+    assert_eq!(reqs.len(), 2);
+    let names = INDEXED
+        .iter()
+        .copied()
+        .chain(["host", "x-absent", "Content-Type"]);
+    for req in &reqs {
+        for name in names.clone() {
+            let indexed: Vec<&[u8]> = req.header_values(name).collect();
+            let scanned: Vec<&[u8]> = scan_values(&req.head, name).collect();
+            assert_eq!(indexed, scanned, "{name} in {:?}", req.target);
+        }
+    }
+    let values = |i: usize, name| reqs[i].header_values(name).collect::<Vec<_>>();
+    assert_eq!(values(0, "content-type"), [b"application/json"]);
+    assert_eq!(values(0, "accept"), [b""]);
+    assert_eq!(values(0, "forwarded"), [&b"for=1"[..], b"for=2"]);
+    assert_eq!(values(0, "authorization"), [&b"Bearer a"[..], b"Bearer b"]);
+    assert!(values(0, "idempotency-key").is_empty());
+    assert_eq!(values(1, "idempotency-key"), [b"k1"]);
+    assert_eq!(values(1, "last-event-id"), [b"12.3"]);
+    assert!(values(1, "content-type").is_empty());
+}
+
 #[test]
 fn a_bare_cr_or_other_control_in_a_chunk_extension_is_refused() {
     for ext in [&b"5;a\rb"[..], b"5;a\x00", b"5;a=\"x\x7fy\"", b"5\r;a"] {

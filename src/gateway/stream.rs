@@ -490,7 +490,9 @@ pub(super) async fn next_page(
 #[derive(Clone)]
 pub(super) struct SharedBatch {
     pub page: Bytes,
-    pub frames: Arc<std::sync::OnceLock<Bytes>>,
+    /// With the id of the event before them, which every follower of a
+    /// shared fetch has (it is the position the fetch was keyed by).
+    pub frames: Arc<std::sync::OnceLock<((i64, i64), Bytes)>>,
 }
 
 impl SharedBatch {

@@ -209,7 +209,7 @@ struct PageEvents {
 
 /// A batch's events rendered as WebSocket frames, once, for all the
 /// followers that shared its fetch ([`stream::SharedBatch`]).
-type SharedFrames = Arc<std::sync::OnceLock<Bytes>>;
+type SharedFrames = Arc<std::sync::OnceLock<((i64, i64), Bytes)>>;
 
 /// Largest batch whose frames are rendered once and shared: a live batch
 /// (a few messages) is; a page of history with large messages is rendered
@@ -619,8 +619,10 @@ impl WsSession {
         id: (i64, i64),
         page: &Bytes,
     ) -> Option<Bytes> {
-        if let Some(frames) = cell.get() {
-            return Some(frames.clone());
+        if let Some((rendered_from, frames)) = cell.get() {
+            // Always so for followers that shared the fetch; checked, as
+            // the frames' ids depend on it.
+            return (*rendered_from == id).then(|| frames.clone());
         }
         if page.len() > SHARED_RENDER_MAX {
             return None;
@@ -640,7 +642,8 @@ impl WsSession {
             &mut self.event,
         );
         let frames = crate::budget::held(&buf, self.account.charge(buf.len())?);
-        Some(cell.get_or_init(|| frames).clone())
+        let (rendered_from, frames) = cell.get_or_init(|| (id, frames));
+        (*rendered_from == id).then(|| frames.clone())
     }
 }
 

@@ -1532,11 +1532,6 @@ fn pull_unknown_chat_is_empty(b: &Backend) {
 // editing and deleting (issue 21)
 // ---------------------------------------------------------------------------
 
-fn post_json(addr: SocketAddr, path: &str, body: Value) -> Response {
-    let headers = [("Content-Type", "application/json")];
-    request(addr, "POST", path, &headers, body.to_string().as_bytes())
-}
-
 fn edit_ok(addr: SocketAddr, chat: &str, send_time: i64, text: &str) -> i64 {
     let r = post_json(
         addr,

@@ -490,10 +490,14 @@ pub(super) async fn next_page(
 #[derive(Clone)]
 pub(super) struct SharedBatch {
     pub page: Bytes,
-    /// With the id of the event before them, which every follower of a
-    /// shared fetch has (it is the position the fetch was keyed by).
-    pub frames: Arc<std::sync::OnceLock<((i64, i64), Bytes)>>,
+    pub frames: SharedFrames,
 }
+
+/// A batch's events rendered as WebSocket frames, once, for all the
+/// followers that shared its fetch, with the id of the event before them,
+/// which every follower of a shared fetch has (it is the position the
+/// fetch was keyed by).
+pub(super) type SharedFrames = Arc<std::sync::OnceLock<((i64, i64), Bytes)>>;
 
 impl SharedBatch {
     fn new(page: Bytes) -> SharedBatch {

@@ -31,7 +31,7 @@ use tokio::task::JoinHandle;
 
 use super::access::{self, Access, Api};
 use super::error::ApiError;
-use super::stream::EventKind;
+use super::stream::{EventKind, SharedFrames};
 use super::{Gateway, PendingReply, decode_reply, json, stream};
 use crate::auth::Claims;
 use crate::budget::Account;
@@ -206,10 +206,6 @@ struct PageEvents {
     page: Bytes,
     pos: usize,
 }
-
-/// A batch's events rendered as WebSocket frames, once, for all the
-/// followers that shared its fetch ([`stream::SharedBatch`]).
-type SharedFrames = Arc<std::sync::OnceLock<((i64, i64), Bytes)>>;
 
 /// Largest batch whose frames are rendered once and shared: a live batch
 /// (a few messages) is; a page of history with large messages is rendered

@@ -1383,12 +1383,17 @@ mod tests {
         })
     }
 
-    #[tokio::test]
-    async fn the_changes_a_page_carries_are_cut_to_its_room() {
+    /// An embedded store, and the same as the RPC server holds it.
+    fn memory_store() -> (Arc<crate::store::memory::MemoryStore>, AnyStore) {
         let memory = Arc::new(crate::store::memory::MemoryStore::new(Duration::from_secs(
             60,
         )));
-        let store = AnyStore::Memory(memory.clone());
+        (memory.clone(), AnyStore::Memory(memory))
+    }
+
+    #[tokio::test]
+    async fn the_changes_a_page_carries_are_cut_to_its_room() {
+        let (memory, store) = memory_store();
         let sent = memory
             .send_now("c", "a", "m", None)
             .expect("stored")
@@ -1436,10 +1441,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_waiting_pull_woken_for_nothing_waits_on_for_the_next_message() {
-        let memory = Arc::new(crate::store::memory::MemoryStore::new(Duration::from_secs(
-            60,
-        )));
-        let store = AnyStore::Memory(memory.clone());
+        let (memory, store) = memory_store();
         let query = validate_pull("c", 0, 10, true).expect("valid");
         let started = Instant::now();
         let waiting = pull_waiting(&store, &query, Duration::from_secs(5), None, (0, 1));
@@ -1460,10 +1462,7 @@ mod tests {
     /// its check read, for the answer to carry (not read a second time).
     #[tokio::test]
     async fn a_waiting_pull_woken_by_an_edit_answers_with_the_changes_it_read() {
-        let memory = Arc::new(crate::store::memory::MemoryStore::new(Duration::from_secs(
-            60,
-        )));
-        let store = AnyStore::Memory(memory.clone());
+        let (memory, store) = memory_store();
         let sent = memory
             .send_now("c", "a", "m", None)
             .expect("stored")

@@ -408,6 +408,11 @@ pub fn request(
     HttpConn::connect(addr).request(method, path, headers, body)
 }
 
+/// A POST of `body` as JSON on a fresh connection.
+pub fn post_json(addr: SocketAddr, path: &str, body: Value) -> Response {
+    request(addr, "POST", path, JSON_CT, body.to_string().as_bytes())
+}
+
 /// One request on a fresh connection; I/O errors (including the 5 s read timeout) are returned.
 pub fn try_request(
     addr: SocketAddr,

@@ -770,13 +770,7 @@ pub fn check_a_deleted_newest_send_time_is_not_given_again(
     };
     let delete_in = |chat: &str, send_time: i64| {
         let body = serde_json::json!({"chat": chat, "send_time": send_time});
-        let r = request(
-            addr,
-            "POST",
-            "/api/delete",
-            JSON_CT,
-            body.to_string().as_bytes(),
-        );
+        let r = post_json(addr, "/api/delete", body);
         assert_eq!(r.status, 200, "delete {send_time}: {}", r.describe());
     };
     // `reverse=true`: oldest first, after the cursor, as a follower pulls.
@@ -790,13 +784,7 @@ pub fn check_a_deleted_newest_send_time_is_not_given_again(
     assert_eq!(after(first), ["ahead"], "a follower sees it");
     delete_in(chat, ahead);
     let body = serde_json::json!({"chat": chat, "send_time": first, "text": "first, edited"});
-    let r = request(
-        addr,
-        "POST",
-        "/api/edit",
-        JSON_CT,
-        body.to_string().as_bytes(),
-    );
+    let r = post_json(addr, "/api/edit", body);
     assert_eq!(r.status, 200, "edit: {}", r.describe());
     let next = send_ok(addr, chat, "s", "next");
     assert!(

@@ -17,7 +17,7 @@ fn now_s() -> i64 {
 }
 
 /// A server (embedded store) with authentication on, plus `args`.
-fn server(args: &[&str]) -> (Server, std::path::PathBuf) {
+fn server(args: &[&str]) -> (Server, TempDir) {
     let dir = unique_temp_dir("auth");
     let secret = dir.join("secret");
     std::fs::write(&secret, format!("{SECRET}\n")).expect("write the secret");
@@ -361,7 +361,7 @@ fn server_messages(addr: std::net::SocketAddr, chat: &str) -> usize {
 
 const RPC_SECRET: &str = "a shared rpc secret of at least 32 bytes";
 
-fn secret_file(tag: &str, secret: &str) -> (std::path::PathBuf, String) {
+fn secret_file(tag: &str, secret: &str) -> (TempDir, String) {
     let dir = unique_temp_dir(tag);
     let file = dir.join("rpc.secret");
     std::fs::write(&file, format!("{secret}\n")).expect("write the rpc secret");

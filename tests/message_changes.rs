@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 
 const SECRET: &str = "an HS256 secret of at least 32 bytes, for tests";
 
-fn with_auth(make: fn(&[&str]) -> Backend) -> (Backend, std::path::PathBuf) {
+fn with_auth(make: fn(&[&str]) -> Backend) -> (Backend, TempDir) {
     let dir = unique_temp_dir("changes");
     let secret = dir.join("secret");
     std::fs::write(&secret, format!("{SECRET}\n")).expect("write the secret");

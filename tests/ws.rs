@@ -519,7 +519,7 @@ fn pipelined_big_pulls_to_a_client_that_does_not_read_hold_bounded_memory() {
 
 const SECRET: &str = "an HS256 secret of at least 32 bytes, for tests";
 
-fn auth_server(args: &[&str]) -> (Server, std::path::PathBuf) {
+fn auth_server(args: &[&str]) -> (Server, TempDir) {
     let dir = unique_temp_dir("ws-auth");
     let secret = dir.join("secret");
     std::fs::write(&secret, SECRET).expect("write the secret");

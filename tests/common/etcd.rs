@@ -1,7 +1,6 @@
 //! A real single-member `etcd`.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::process::Command;
 
 use serde_json::{Value, json};
@@ -13,7 +12,7 @@ use super::*;
 /// the directory.
 pub struct Etcd {
     process: ChildProc,
-    dir: PathBuf,
+    dir: TempDir,
     client_port: u16,
     peer_port: u16,
 }
@@ -103,7 +102,7 @@ impl Etcd {
 
 impl Drop for Etcd {
     fn drop(&mut self) {
+        // Then `dir` is dropped: the directory goes once the process has.
         self.kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -12,8 +12,10 @@
 //!
 //! Everything is re-exported here, so a test file says `use common::*;`.
 
+use std::ffi::OsStr;
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::ops::Deref;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -29,8 +31,11 @@ pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
 
 static UNIQUE: AtomicUsize = AtomicUsize::new(0);
 
-/// A fresh, empty directory under the system temp dir (pid + counter + nanos).
-pub fn unique_temp_dir(tag: &str) -> PathBuf {
+/// A fresh, empty directory under the system temp dir (pid + counter +
+/// nanos), removed with all it holds when the guard is dropped: the tests
+/// write token secrets and Redis data there, and a run of the suite left
+/// about 100 such directories behind before this was a guard.
+pub fn unique_temp_dir(tag: &str) -> TempDir {
     let n = UNIQUE.fetch_add(1, Ordering::SeqCst);
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -44,7 +49,39 @@ pub fn unique_temp_dir(tag: &str) -> PathBuf {
     }
     let dir = base.join(name);
     std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
-    dir
+    TempDir(dir)
+}
+
+/// A directory made by [`unique_temp_dir`]; dropping it removes it. Keep it
+/// alive (bound to a name, not `_`) as long as anything uses its files.
+#[derive(Debug)]
+pub struct TempDir(PathBuf);
+
+impl Deref for TempDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for TempDir {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<OsStr> for TempDir {
+    fn as_ref(&self) -> &OsStr {
+        self.0.as_os_str()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        // Not a failure of the test if it cannot be removed (a child still
+        // writing into it as it dies): at worst it is left behind.
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// Ports handed out come from here, below the kernel's ephemeral range

@@ -26,7 +26,7 @@ enum RedisEndpoint {
 /// Dropping it kills the process and removes the directory.
 pub struct Redis {
     process: ChildProc,
-    dir: PathBuf,
+    dir: TempDir,
     endpoint: RedisEndpoint,
     password: Option<String>,
     extra: Vec<String>,
@@ -36,7 +36,7 @@ const REDIS_MISSING: &str = "redis-server not found: run `apt-get install -y red
 
 impl Redis {
     fn new(
-        dir: PathBuf,
+        dir: TempDir,
         endpoint: RedisEndpoint,
         password: Option<String>,
         extra: &[&str],
@@ -274,8 +274,8 @@ impl Redis {
 
 impl Drop for Redis {
     fn drop(&mut self) {
+        // Then `dir` is dropped: the directory goes once the process has.
         self.kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

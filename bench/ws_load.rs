@@ -8,6 +8,10 @@
 //!     [--subscribers 1000] [--rooms 100] [--publishers 10] [--rate 2000] [--duration 10]
 //! ```
 //!
+//! With `BENCH_TOKEN` set (a token whose `sub` is `bench`, for a server
+//! with authentication on), every upgrade and every HTTP send carries it
+//! as `Authorization: Bearer`.
+//!
 //! * `sends`: each connection keeps `--window` sends in flight (1: the next
 //!   is sent when the last is answered), to a random room of `--rooms`,
 //!   over WebSocket (`op:send`, replies matched by `id`) or over HTTP
@@ -88,6 +92,14 @@ fn parse_args() -> Result<Args, String> {
     Ok(args)
 }
 
+/// `Authorization: Bearer …\r\n` from `BENCH_TOKEN`, or nothing.
+fn authorization() -> String {
+    match std::env::var("BENCH_TOKEN") {
+        Ok(token) if !token.is_empty() => format!("Authorization: Bearer {token}\r\n"),
+        _ => String::new(),
+    }
+}
+
 fn now_micros() -> i64 {
     im_server::now_micros()
 }
@@ -115,8 +127,11 @@ impl Ws {
     async fn connect(addr: &str) -> std::io::Result<Ws> {
         let mut socket = TcpStream::connect(addr).await?;
         socket.set_nodelay(true)?;
-        let head = "GET /api/ws HTTP/1.1\r\nHost: bench\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-                    Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+        let head = format!(
+            "GET /api/ws HTTP/1.1\r\nHost: bench\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{}\r\n",
+            authorization()
+        );
         socket.write_all(head.as_bytes()).await?;
         let mut input = BytesMut::with_capacity(16 * 1024);
         let end = loop {
@@ -321,6 +336,7 @@ async fn http_sender(
     // Responses come in request order.
     let mut asked: VecDeque<Instant> = VecDeque::new();
     let mut out = Vec::new();
+    let authorization = authorization();
     while !stop.load(Ordering::Relaxed) {
         while asked.len() < args.window {
             let body = format!(
@@ -328,7 +344,7 @@ async fn http_sender(
                 rng.below(args.rooms)
             );
             out.extend_from_slice(format!(
-                "POST /api/send HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                "POST /api/send HTTP/1.1\r\nHost: bench\r\n{authorization}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
                 body.len()
             ).as_bytes());
             asked.push_back(Instant::now());

@@ -22,6 +22,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
@@ -80,7 +81,7 @@ impl Gateway {
                     let (claims, until) = checker
                         .authenticate_until(header, now)
                         .map_err(access::denied)?;
-                    AuthState::User(Box::new(claims), expiry(until))
+                    AuthState::User(Arc::new(claims), expiry(until))
                 }
             };
         }
@@ -152,7 +153,8 @@ enum AuthState {
     /// On, and no token yet: only `auth` is served, until this time.
     Awaiting(tokio::time::Instant),
     /// This user, until this time (the token's `exp`).
-    User(Box<Claims>, Option<tokio::time::Instant>),
+    /// (Shared, not copied, with each op that acts as the user.)
+    User(Arc<Claims>, Option<tokio::time::Instant>),
 }
 
 /// What the connection's tasks hand back.
@@ -257,6 +259,11 @@ struct WsSession {
     pending: Vec<AwaitedReply>,
     /// A close to send (a failed `auth`).
     closing: Option<(u16, &'static str)>,
+    /// The timer for `auth`'s deadline (the token's expiry, or the `auth`
+    /// op's), made once and moved only when the deadline does: a
+    /// `sleep_until` made in each [`Session::next`] registered and dropped
+    /// a timer entry on every turn of the connection's loop.
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     rendering: Option<Rendering>,
     /// One event's data and one event; reused.
     scratch: Vec<u8>,
@@ -318,6 +325,7 @@ impl WsSession {
             ready: Default::default(),
             pending: Vec::new(),
             closing: None,
+            deadline: None,
             rendering: None,
             scratch: Vec::new(),
             event: Vec::new(),
@@ -344,13 +352,13 @@ impl WsSession {
                     why: "authenticate first: {\"op\":\"auth\",\"token\":\"<token>\"}",
                 });
             }
-            AuthState::User(claims, _) => Some(claims.as_ref().clone()),
+            AuthState::User(claims, _) => Some(claims.clone()),
             AuthState::Open => None,
         };
         match op.op.as_str() {
-            "send" => self.start_send(op, user.as_ref()),
-            "pull" => self.start_pull(op, user.as_ref()),
-            "subscribe" => self.subscribe(op, user.as_ref()),
+            "send" => self.start_send(op, user.as_deref()),
+            "pull" => self.start_pull(op, user.as_deref()),
+            "subscribe" => self.subscribe(op, user.as_deref()),
             "unsubscribe" => self.unsubscribe(op),
             "" => Err(ApiError::Invalid("`op` is required".into())),
             other => Err(ApiError::Invalid(format!(
@@ -376,7 +384,7 @@ impl WsSession {
         let now = crate::now_micros() / 1_000_000;
         match checker.authenticate_until(Some(header.as_bytes()), now) {
             Ok((claims, until)) => {
-                self.auth = AuthState::User(Box::new(claims), expiry(until));
+                self.auth = AuthState::User(Arc::new(claims), expiry(until));
                 self.ready.push_back(ok_reply(&op.id, b""));
                 Ok(())
             }
@@ -817,9 +825,18 @@ impl Session for WsSession {
             AuthState::Awaiting(until) => (Some(*until), "no auth op in time"),
             AuthState::Open => (None, ""),
         };
-        let expired = async {
-            match expires {
-                Some(at) => tokio::time::sleep_until(at).await,
+        let timer = expires.map(|at| {
+            let timer = self
+                .deadline
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+            if timer.deadline() != at {
+                timer.as_mut().reset(at);
+            }
+            timer
+        });
+        let expired = async move {
+            match timer {
+                Some(timer) => timer.as_mut().await,
                 None => std::future::pending().await,
             }
         };

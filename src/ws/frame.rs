@@ -343,18 +343,8 @@ pub fn put_frame(out: &mut BytesMut, opcode: u8, payload: &[u8]) {
 /// this side wrote with [`put_frame`]; `None` if it is not all there. So a
 /// run of frames rendered once can be handed out frame by frame.
 pub fn sent_frame_len(frames: &[u8]) -> Option<usize> {
-    let (head, payload) = match *frames.get(1)? & 0x7F {
-        126 => (
-            4,
-            u16::from_be_bytes(frames.get(2..4)?.try_into().ok()?) as usize,
-        ),
-        127 => {
-            let len = u64::from_be_bytes(frames.get(2..10)?.try_into().ok()?);
-            (10, usize::try_from(len).ok()?)
-        }
-        short => (2, short as usize),
-    };
-    let len = head + payload;
+    let head = parse_head(frames).ok()??;
+    let len = head.header_len.checked_add(head.payload_len)?;
     (frames.len() >= len).then_some(len)
 }
 

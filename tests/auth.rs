@@ -18,10 +18,7 @@ fn now_s() -> i64 {
 
 /// A server (embedded store) with authentication on, plus `args`.
 fn server(args: &[&str]) -> (Server, TempDir) {
-    let dir = unique_temp_dir("auth");
-    let secret = dir.join("secret");
-    std::fs::write(&secret, format!("{SECRET}\n")).expect("write the secret");
-    let path = secret.to_string_lossy().to_string();
+    let (dir, path) = temp_file("auth", &format!("{SECRET}\n"));
     let mut all = vec!["--auth-jwt-secret-file", path.as_str()];
     all.extend_from_slice(args);
     (Server::start("all", &all, &[]), dir)
@@ -362,11 +359,7 @@ fn server_messages(addr: std::net::SocketAddr, chat: &str) -> usize {
 const RPC_SECRET: &str = "a shared rpc secret of at least 32 bytes";
 
 fn secret_file(tag: &str, secret: &str) -> (TempDir, String) {
-    let dir = unique_temp_dir(tag);
-    let file = dir.join("rpc.secret");
-    std::fs::write(&file, format!("{secret}\n")).expect("write the rpc secret");
-    let path = file.to_string_lossy().to_string();
-    (dir, path)
+    temp_file(tag, &format!("{secret}\n"))
 }
 
 /// One frame read from a raw RPC connection, or `None` once it is closed.

@@ -16,10 +16,7 @@ use serde_json::{Value, json};
 const SECRET: &str = "an HS256 secret of at least 32 bytes, for tests";
 
 fn with_auth(make: fn(&[&str]) -> Backend) -> (Backend, TempDir) {
-    let dir = unique_temp_dir("changes");
-    let secret = dir.join("secret");
-    std::fs::write(&secret, format!("{SECRET}\n")).expect("write the secret");
-    let path = secret.to_string_lossy().to_string();
+    let (dir, path) = temp_file("changes", &format!("{SECRET}\n"));
     (make(&["--auth-jwt-secret-file", &path]), dir)
 }
 

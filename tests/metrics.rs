@@ -321,14 +321,12 @@ fn per_endpoint_series_follow_discovery() {
 /// `--metrics-addr` listener serves nothing else.
 #[test]
 fn metrics_need_no_token_and_the_metrics_listener_serves_only_metrics() {
-    let dir = unique_temp_dir("metrics-auth");
-    let secret = dir.join("secret");
-    std::fs::write(&secret, "0123456789abcdef0123456789abcdef-metrics").expect("secret");
+    let (_dir, secret) = temp_file("metrics-auth", "0123456789abcdef0123456789abcdef-metrics");
     let server = Server::start(
         "all",
         &[
             "--auth-jwt-secret-file",
-            secret.to_str().expect("utf-8 path"),
+            &secret,
             "--metrics-addr",
             "127.0.0.1:0",
         ],

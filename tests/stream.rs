@@ -373,10 +373,7 @@ fn the_rpc_server_going_down_mid_stream_ends_it_with_an_error_event() {
 #[test]
 fn auth_on_refuses_like_pull() {
     const SECRET: &str = "an HS256 secret of at least 32 bytes, for tests";
-    let dir = unique_temp_dir("stream-auth");
-    let secret = dir.join("secret");
-    std::fs::write(&secret, SECRET).expect("write the secret");
-    let path = secret.to_string_lossy().to_string();
+    let (_dir, path) = temp_file("stream-auth", SECRET);
     let server = Server::start("all", &["--auth-jwt-secret-file", &path], &[]);
     let addr = server.http_addr();
     let exp = now_us() / 1_000_000 + 600;
@@ -428,10 +425,7 @@ fn auth_on_refuses_like_pull() {
 #[test]
 fn a_stream_ends_with_token_expired_when_its_token_expires() {
     const SECRET: &str = "an HS256 secret of at least 32 bytes, for tests";
-    let dir = unique_temp_dir("stream-exp");
-    let secret = dir.join("secret");
-    std::fs::write(&secret, SECRET).expect("write the secret");
-    let path = secret.to_string_lossy().to_string();
+    let (_dir, path) = temp_file("stream-exp", SECRET);
     let server = Server::start("all", &["--auth-jwt-secret-file", &path], &[]);
     let addr = server.http_addr();
     let now = now_us() / 1_000_000;

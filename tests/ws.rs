@@ -520,10 +520,7 @@ fn pipelined_big_pulls_to_a_client_that_does_not_read_hold_bounded_memory() {
 const SECRET: &str = "an HS256 secret of at least 32 bytes, for tests";
 
 fn auth_server(args: &[&str]) -> (Server, TempDir) {
-    let dir = unique_temp_dir("ws-auth");
-    let secret = dir.join("secret");
-    std::fs::write(&secret, SECRET).expect("write the secret");
-    let path = secret.to_string_lossy().to_string();
+    let (dir, path) = temp_file("ws-auth", SECRET);
     let mut all = vec!["--auth-jwt-secret-file", path.as_str()];
     all.extend_from_slice(args);
     (Server::start("all", &all, &[]), dir)

@@ -52,6 +52,18 @@ pub fn unique_temp_dir(tag: &str) -> TempDir {
     TempDir(dir)
 }
 
+/// A file holding `contents` (as they are) in a fresh [`unique_temp_dir`],
+/// and its path as a flag's value (`--auth-jwt-secret-file`,
+/// `--rpc-secret-file`). Keep the directory alive while the file is read.
+#[allow(dead_code)] // used by some test files only: see the modules' `allow`s below
+pub fn temp_file(tag: &str, contents: &str) -> (TempDir, String) {
+    let dir = unique_temp_dir(tag);
+    let file = dir.join("secret");
+    std::fs::write(&file, contents).unwrap_or_else(|e| panic!("write {}: {e}", file.display()));
+    let path = file.to_string_lossy().to_string();
+    (dir, path)
+}
+
 /// A directory made by [`unique_temp_dir`]; dropping it removes it. Keep it
 /// alive (bound to a name, not `_`) as long as anything uses its files.
 #[derive(Debug)]

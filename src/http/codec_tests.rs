@@ -212,8 +212,8 @@ fn indexed_fields_read_as_a_scan_of_the_head() {
     let input = b"POST /a HTTP/1.1\r\nHost: x\r\nCONTENT-type:  application/json \r\n\
         Origin: http://o\r\nAccept:\r\nForwarded: for=1\r\nforwarded: for=2\r\n\
         X-Forwarded-For: 10.0.0.1\r\nAuthorization: Bearer a\r\nauthorization: Bearer b\r\n\
-        Content-Length: 0\r\n\r\n\
-        GET /b HTTP/1.1\r\nHost: y\r\nidempotency-key: k1\r\nLast-Event-ID: 12.3\r\n\r\n";
+        Sec-Fetch-Site: same-origin\r\nContent-Length: 0\r\n\r\n\
+        GET /b HTTP/1.1\r\nhost: y\r\nidempotency-key: k1\r\nLast-Event-ID: 12.3\r\n\r\n";
     let reqs = decode_all(input).expect("valid input");
     assert_eq!(reqs.len(), 2);
     let names = INDEXED
@@ -236,6 +236,10 @@ fn indexed_fields_read_as_a_scan_of_the_head() {
     assert_eq!(values(1, "idempotency-key"), [b"k1"]);
     assert_eq!(values(1, "last-event-id"), [b"12.3"]);
     assert!(values(1, "content-type").is_empty());
+    assert_eq!(values(0, "sec-fetch-site"), [b"same-origin"]);
+    assert!(values(1, "sec-fetch-site").is_empty());
+    assert_eq!(values(0, "host"), [b"x"]);
+    assert_eq!(values(1, "host"), [b"y"]);
 }
 
 #[test]

@@ -25,6 +25,7 @@
 use bytes::Bytes;
 
 use super::queue::{IdempotencyRecord, QueuedSend};
+use crate::digits::Decimal;
 use crate::domain::PullQuery;
 use crate::error::Error;
 use crate::proto::fields::stored_message;
@@ -197,9 +198,14 @@ pub(in crate::store) fn without_wait(
         _ => Err(Error::Unavailable),
     }
 }
-/// The key of a chat's sorted set.
+/// The key of a chat's sorted set: `im:{<chat>}`. Built by hand: with
+/// `format!` it was 1.2 % of the all-in-one's CPU under sends.
 pub fn chat_key(chat: &str) -> String {
-    format!("im:{{{chat}}}")
+    let mut key = String::with_capacity(chat.len() + 5);
+    key.push_str("im:{");
+    key.push_str(chat);
+    key.push('}');
+    key
 }
 
 /// The key of the record of an idempotency key used in a chat:
@@ -347,9 +353,15 @@ pub(in crate::store) fn read_stored(mut member: &[u8]) -> Result<StoredView<'_>,
 /// send_time, inclusive; 0 = the whole chat, the command as it always was).
 pub(in crate::store) fn pull_command(query: &PullQuery, floor: i64) -> Bytes {
     let key = chat_key(&query.chat);
-    let cursor = format!("({}", query.cursor);
-    let count = (query.limit + 1).to_string();
-    let floor_text = floor.to_string();
+    // "(" and the cursor: an exclusive bound.
+    let mut cursor = [0u8; 22];
+    cursor[0] = b'(';
+    let digits = Decimal::new(query.cursor);
+    let digits = digits.as_bytes();
+    cursor[1..=digits.len()].copy_from_slice(digits);
+    let cursor = &cursor[..=digits.len()];
+    let count = Decimal::new(i64::try_from(query.limit).unwrap_or(i64::MAX - 1) + 1);
+    let floor_text = Decimal::new(floor);
     let low: &[u8] = if floor == 0 {
         b"-inf"
     } else {
@@ -359,9 +371,9 @@ pub(in crate::store) fn pull_command(query: &PullQuery, floor: i64) -> Bytes {
     // the floor is where oldest first starts.
     let (verb, from, to): (&[u8], &[u8], &[u8]) = match (query.reverse, query.cursor) {
         (false, 0) => (b"ZREVRANGEBYSCORE", b"+inf", low),
-        (false, _) => (b"ZREVRANGEBYSCORE", cursor.as_bytes(), low),
+        (false, _) => (b"ZREVRANGEBYSCORE", cursor, low),
         (true, c) if c == 0 || c < floor => (b"ZRANGEBYSCORE", low, b"+inf"),
-        (true, _) => (b"ZRANGEBYSCORE", cursor.as_bytes(), b"+inf"),
+        (true, _) => (b"ZRANGEBYSCORE", cursor, b"+inf"),
     };
     command::encode(&[
         verb,

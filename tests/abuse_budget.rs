@@ -86,18 +86,10 @@ fn victim_latency(addr: SocketAddr, rounds: usize) -> (Duration, Duration) {
 /// [`peak_rss`] on a thread of its own, while the test goes on.
 fn peak_rss_meanwhile(server: &Server, span: Duration) -> thread::JoinHandle<u64> {
     let pid = server.pid().expect("server pid");
-    thread::spawn(move || {
-        let mut peak = 0;
-        let end = Instant::now() + span;
-        while Instant::now() < end {
-            peak = peak.max(proc_status_bytes(pid, "VmRSS"));
-            thread::sleep(Duration::from_millis(50));
-        }
-        peak
-    })
+    thread::spawn(move || peak_rss_bytes(pid, span))
 }
 
-/// The highest RSS over `span`, sampled every 50 ms.
+/// The highest RSS over `span`.
 fn peak_rss(server: &Server, span: Duration) -> u64 {
     peak_rss_meanwhile(server, span).join().expect("rss watch")
 }

@@ -41,13 +41,7 @@ fn unread_big_pulls(addr: SocketAddr) -> TcpStream {
 
 /// The highest RSS over `span` (the server keeps working on the pulls).
 fn peak_rss(server: &Server, span: Duration) -> u64 {
-    let end = Instant::now() + span;
-    let mut peak = 0;
-    while Instant::now() < end {
-        peak = peak.max(rss(server));
-        thread::sleep(Duration::from_millis(100));
-    }
-    peak
+    peak_rss_bytes(server.pid().expect("server pid"), span)
 }
 
 #[test]

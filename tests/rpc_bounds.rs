@@ -155,11 +155,7 @@ fn unread_big_pulls(server: &Server, store: &str) {
     }
     attacker.write_all(&burst).unwrap();
     // Let the server do all it will; sample the peak.
-    let mut peak = before;
-    for _ in 0..30 {
-        thread::sleep(Duration::from_millis(100));
-        peak = peak.max(proc_status_kib(pid, "VmRSS"));
-    }
+    let peak = (peak_rss_bytes(pid, Duration::from_secs(3)) / 1024).max(before);
     let grew = peak.saturating_sub(before) * 1024;
     eprintln!(
         "{store}: RPC server VmRSS {} MiB before, peak {} MiB with 400 unread big pulls (+{} MiB)",

@@ -221,12 +221,7 @@ fn a_reader_that_stops_reading_is_closed_with_a_lagged_event_and_bounded_memory(
     let mut stream = SseStream::open(addr, &stream_path("flood"), &[]);
     stream.set_read_timeout(Duration::from_secs(30));
     // Stop reading for longer than the write timeout.
-    let mut peak = before;
-    let paused = Instant::now();
-    while paused.elapsed() < Duration::from_millis(4500) {
-        peak = peak.max(proc_status_bytes(pid, "VmRSS"));
-        thread::sleep(Duration::from_millis(100));
-    }
+    let peak = peak_rss_bytes(pid, Duration::from_millis(4500)).max(before);
     let items = stream.read_to_end();
     let events: Vec<&SseEvent> = items
         .iter()

@@ -420,12 +420,7 @@ fn a_subscriber_that_stops_reading_gets_lagged_and_1008() {
     let mut ws = WsClient::connect(addr, &[]);
     ws.set_read_timeout(Duration::from_secs(30));
     ws.send_json(&json!({"id": 1, "op": "subscribe", "chat": "flood"}));
-    let mut peak = before;
-    let paused = Instant::now();
-    while paused.elapsed() < Duration::from_millis(5500) {
-        peak = peak.max(proc_status_bytes(pid, "VmRSS"));
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let peak = peak_rss_bytes(pid, Duration::from_millis(5500)).max(before);
     let mut messages = Vec::new();
     let mut last = Value::Null;
     let code = loop {
@@ -489,12 +484,7 @@ fn pipelined_big_pulls_to_a_client_that_does_not_read_hold_bounded_memory() {
         );
     }
     ws.write_raw(&batch);
-    let mut peak = before;
-    let paused = Instant::now();
-    while paused.elapsed() < Duration::from_secs(3) {
-        peak = peak.max(proc_status_bytes(pid, "VmRSS"));
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let peak = peak_rss_bytes(pid, Duration::from_secs(3)).max(before);
     let growth = peak.saturating_sub(before);
     eprintln!("20 pipelined 37 MB pulls, not read: +{} MiB", growth >> 20);
     // Unbounded, the 20 replies would be ~740 MB of JSON held at once.

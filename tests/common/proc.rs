@@ -147,6 +147,19 @@ pub fn proc_status_bytes(pid: u32, field: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
 }
 
+/// The highest resident memory (`VmRSS`, bytes) of `pid` over `span`,
+/// sampled every 100 ms: the peak a bound is checked against while the
+/// server works through (or holds) what a test made it take on.
+pub fn peak_rss_bytes(pid: u32, span: Duration) -> u64 {
+    let end = Instant::now() + span;
+    let mut peak = proc_status_bytes(pid, "VmRSS");
+    while Instant::now() < end {
+        thread::sleep(Duration::from_millis(100));
+        peak = peak.max(proc_status_bytes(pid, "VmRSS"));
+    }
+    peak
+}
+
 /// A `kB` field of /proc/<pid>/status (`VmRSS`, `VmSize`), in KiB.
 pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
     proc_status_bytes(pid, field) / 1024

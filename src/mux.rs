@@ -33,12 +33,15 @@ use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::Error;
+use crate::rpc::pipe::PipeStream;
 
-/// A connected socket: TCP, or a unix socket for a local Redis.
+/// A connected socket: TCP, a unix socket for a local Redis, or the
+/// in-process pipe to this thread's own RPC server ([`crate::rpc::local`]).
 #[derive(Debug)]
 pub enum Stream {
     Tcp(TcpStream),
     Unix(UnixStream),
+    Local(PipeStream),
 }
 
 impl Stream {
@@ -46,6 +49,7 @@ impl Stream {
         match self {
             Stream::Tcp(s) => s.ready(interest).await,
             Stream::Unix(s) => s.ready(interest).await,
+            Stream::Local(s) => s.ready(interest).await,
         }
     }
 
@@ -53,6 +57,7 @@ impl Stream {
         match self {
             Stream::Tcp(s) => s.try_read_buf(buf),
             Stream::Unix(s) => s.try_read_buf(buf),
+            Stream::Local(s) => s.try_read_buf(buf),
         }
     }
 
@@ -60,6 +65,7 @@ impl Stream {
         match self {
             Stream::Tcp(s) => s.try_write(buf),
             Stream::Unix(s) => s.try_write(buf),
+            Stream::Local(s) => s.try_write(buf),
         }
     }
 
@@ -82,6 +88,10 @@ impl Stream {
         let sock = match self {
             Stream::Tcp(s) => socket2::SockRef::from(s),
             Stream::Unix(s) => socket2::SockRef::from(s),
+            Stream::Local(s) => {
+                s.shutdown_write();
+                return Ok(());
+            }
         };
         sock.shutdown(std::net::Shutdown::Write)
     }

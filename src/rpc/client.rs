@@ -102,7 +102,7 @@ impl Protocol for RpcProtocol {
             let stream = local.connect()?;
             self.going_away.store(false, Ordering::Relaxed);
             self.charged.clear();
-            return Ok(Stream::Unix(stream));
+            return Ok(Stream::Local(stream));
         }
         let mut socket = TcpStream::connect(&self.addr).await?;
         socket.set_nodelay(true)?;

@@ -1,6 +1,7 @@
 //! A gateway shard's way to the RPC server of its own shard, when one process
-//! runs both (`im-server` with no role): a unix socket pair, handed to that
-//! shard's RPC server, instead of a TCP connection to the shared port.
+//! runs both (`im-server` with no role): an in-process pipe
+//! ([`super::pipe`]), handed to that shard's RPC server, instead of a TCP
+//! connection to the shared port.
 //!
 //! Over TCP, `SO_REUSEPORT` hashed each gateway shard's RPC connection to
 //! either shard's listener, so calls crossed threads and, in 5 of 6 starts
@@ -8,7 +9,7 @@
 //! shard, which then used about twice the CPU of the other and left the
 //! machine partly idle. A pair made inside the shard keeps the call on the
 //! thread that took the HTTP request, whatever the kernel's hash, and skips
-//! loopback TCP. The frames on it are the same protobuf frames: only the
+//! the kernel altogether. The frames on it are the same protobuf frames: only the
 //! transport differs, so the RPC server serves it with the same loop.
 //!
 //! No handshake is run on it: the other end of a pair made in this process
@@ -18,19 +19,20 @@ use std::fmt;
 use std::io;
 use std::net::SocketAddr;
 
-use tokio::net::UnixStream;
 use tokio::sync::mpsc;
+
+use super::pipe::{self, PipeStream};
 
 /// The client's side: calls to `addr` connect through a new pair.
 #[derive(Clone)]
 pub struct LocalRpc {
     addr: SocketAddr,
-    accept: mpsc::UnboundedSender<UnixStream>,
+    accept: mpsc::UnboundedSender<PipeStream>,
 }
 
 /// The server's side: the ends of the pairs this shard's gateway made.
 pub struct LocalAccept {
-    incoming: mpsc::UnboundedReceiver<UnixStream>,
+    incoming: mpsc::UnboundedReceiver<PipeStream>,
 }
 
 /// A connector for calls to `addr` (this process's RPC server address) and
@@ -47,8 +49,8 @@ impl LocalRpc {
     }
 
     /// A new connection to this shard's RPC server.
-    pub fn connect(&self) -> io::Result<UnixStream> {
-        let (ours, theirs) = UnixStream::pair()?;
+    pub fn connect(&self) -> io::Result<PipeStream> {
+        let (ours, theirs) = pipe::pair();
         self.accept
             .send(theirs)
             .map_err(|_| io::Error::new(io::ErrorKind::ConnectionRefused, "rpc server stopped"))?;
@@ -65,7 +67,7 @@ impl fmt::Debug for LocalRpc {
 impl LocalAccept {
     /// The next connection; pending forever once no connector is left (the
     /// accept loop stops on shutdown, not here).
-    pub async fn next(&mut self) -> UnixStream {
+    pub async fn next(&mut self) -> PipeStream {
         match self.incoming.recv().await {
             Some(stream) => stream,
             None => std::future::pending().await,
@@ -89,8 +91,8 @@ mod tests {
     #[tokio::test]
     async fn a_connection_reaches_the_acceptor() {
         let (local, mut accept) = channel("127.0.0.1:8888".parse().expect("addr"));
-        let mut ours = local.connect().expect("pair");
-        let mut theirs = accept.next().await;
+        let (_, mut ours) = local.connect().expect("pair").into_split();
+        let (mut theirs, _) = accept.next().await.into_split();
         ours.write_all(b"frame").await.expect("write");
         let mut got = [0u8; 5];
         theirs.read_exact(&mut got).await.expect("read");

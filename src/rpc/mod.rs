@@ -8,6 +8,7 @@ pub mod client;
 pub mod frame;
 pub mod handshake;
 pub mod local;
+pub mod pipe;
 pub mod server;
 
 /// Method numbers carried in request frames.

@@ -10,13 +10,14 @@ use std::time::Duration;
 use bytes::BytesMut;
 use prost::Message as _;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UnixStream};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::time::{Instant, Sleep};
 
 use super::admission::{Admission, Ticket};
 use super::frame::{self, Frame};
 use super::local::LocalAccept;
+use super::pipe::PipeStream;
 use super::{handshake, method, status};
 use crate::accept::{Accepting, drain, next_connection, pending};
 use crate::domain::{
@@ -189,7 +190,7 @@ impl Acceptor {
 /// gateway ([`super::local`]).
 enum Incoming {
     Tcp(TcpStream, std::net::SocketAddr),
-    Local(UnixStream),
+    Local(PipeStream),
 }
 
 impl Incoming {

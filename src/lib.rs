@@ -26,7 +26,9 @@
 //! * [`mux`]: the connection actor shared by the RPC client and the Redis
 //!   client: one task owns a socket, batches every queued request into one
 //!   write, routes each reply back to its caller, and cancels at the peer
-//!   the calls nobody waits for any more (RPC CANCEL).
+//!   the calls nobody waits for any more (RPC CANCEL); over TCP, a unix
+//!   socket, or [`pipe`], the in-process byte stream between a gateway
+//!   shard and its own RPC server in the all-in-one ([`rpc::local`]).
 //! * [`resp`]: RESP command encoding, reply decoding (on `redis-protocol`) and
 //!   Redis URL parsing.
 //! * [`store`]: the [`store::Store`] trait with its Redis (standalone and
@@ -71,6 +73,7 @@ pub mod logging;
 pub(crate) mod metrics;
 pub(crate) mod mux;
 pub(crate) mod notify;
+pub(crate) mod pipe;
 pub(crate) mod ratelimit;
 pub mod resp;
 pub(crate) mod rlimit;

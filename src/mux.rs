@@ -33,7 +33,7 @@ use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::Error;
-use crate::rpc::pipe::PipeStream;
+use crate::pipe::PipeStream;
 
 /// A connected socket: TCP, a unix socket for a local Redis, or the
 /// in-process pipe to this thread's own RPC server ([`crate::rpc::local`]).

@@ -1,6 +1,6 @@
 //! A gateway shard's way to the RPC server of its own shard, when one process
 //! runs both (`im-server` with no role): an in-process pipe
-//! ([`super::pipe`]), handed to that shard's RPC server, instead of a TCP
+//! ([`crate::pipe`]), handed to that shard's RPC server, instead of a TCP
 //! connection to the shared port.
 //!
 //! Over TCP, `SO_REUSEPORT` hashed each gateway shard's RPC connection to
@@ -21,7 +21,7 @@ use std::net::SocketAddr;
 
 use tokio::sync::mpsc;
 
-use super::pipe::{self, PipeStream};
+use crate::pipe::{self, PipeStream};
 
 /// The client's side: calls to `addr` connect through a new pair.
 #[derive(Clone)]

@@ -8,7 +8,6 @@ pub mod client;
 pub mod frame;
 pub mod handshake;
 pub mod local;
-pub mod pipe;
 pub mod server;
 
 /// Method numbers carried in request frames.

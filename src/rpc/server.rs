@@ -17,7 +17,6 @@ use tokio::time::{Instant, Sleep};
 use super::admission::{Admission, Ticket};
 use super::frame::{self, Frame};
 use super::local::LocalAccept;
-use super::pipe::PipeStream;
 use super::{handshake, method, status};
 use crate::accept::{Accepting, drain, next_connection, pending};
 use crate::domain::{
@@ -28,6 +27,7 @@ use crate::domain::{
 use crate::error::{CODE_OK, Error};
 use crate::metrics::{self, Gauge, METRICS, RpcMethod};
 use crate::mux::{MIN_READ, READ_CHUNK};
+use crate::pipe::PipeStream;
 use crate::proto::{
     ChangesRequest, ChangesResponse, DeleteRequest, DeleteResponse, EditRequest, EditResponse,
     Message, PingRequest, PingResponse, PullRequest, PullResponse, SendRequest, SendResponse,

@@ -1,5 +1,5 @@
-//! An in-process byte stream: the transport of [`super::local`], a gateway
-//! shard's connection to the RPC server of its own thread.
+//! An in-process byte stream: the transport of [`crate::rpc::local`], a
+//! gateway shard's connection to the RPC server of its own thread.
 //!
 //! It replaced a unix socket pair. Both ends live on one thread, so the
 //! kernel had nothing to add but cost: a `sendmsg` and a `recvmsg` per

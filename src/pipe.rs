@@ -131,20 +131,32 @@ impl PipeWriter {
         Poll::Pending
     }
 
-    /// Copies what fits of `data`: `WouldBlock` when full, `BrokenPipe`
-    /// once closed.
-    fn try_write(&self, data: &[u8]) -> io::Result<usize> {
+    /// Copies what fits of `data`; `BrokenPipe` once closed. When full:
+    /// pending, with `cx`'s waker kept for when room is made if given.
+    fn write_some(&self, data: &[u8], cx: Option<&Context<'_>>) -> Poll<io::Result<usize>> {
         let mut pipe = self.0.lock();
         if pipe.closed {
-            return Err(io::ErrorKind::BrokenPipe.into());
+            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
         }
         let n = data.len().min(CAPACITY.saturating_sub(pipe.bytes.len()));
         if n == 0 && !data.is_empty() {
-            return Err(io::ErrorKind::WouldBlock.into());
+            if let Some(cx) = cx {
+                register(&mut pipe.writer, cx);
+            }
+            return Poll::Pending;
         }
         pipe.bytes.extend_from_slice(&data[..n]);
         wake(&mut pipe.reader);
-        Ok(n)
+        Poll::Ready(Ok(n))
+    }
+
+    /// [`write_some`](Self::write_some) as a socket's `try_write`:
+    /// `WouldBlock` when full.
+    fn try_write(&self, data: &[u8]) -> io::Result<usize> {
+        match self.write_some(data, None) {
+            Poll::Ready(written) => written,
+            Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
+        }
     }
 }
 
@@ -240,17 +252,7 @@ impl AsyncWrite for PipeWriter {
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match self.try_write(data) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                register(&mut self.0.lock().writer, cx);
-                // Room may have been made between the two locks.
-                match self.try_write(data) {
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => Poll::Pending,
-                    other => Poll::Ready(other),
-                }
-            }
-            other => Poll::Ready(other),
-        }
+        self.write_some(data, Some(cx))
     }
 
     fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {

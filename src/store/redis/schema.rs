@@ -354,13 +354,8 @@ pub(in crate::store) fn read_stored(mut member: &[u8]) -> Result<StoredView<'_>,
 pub(in crate::store) fn pull_command(query: &PullQuery, floor: i64) -> Bytes {
     let key = chat_key(&query.chat);
     // "(" and the cursor: an exclusive bound.
-    let mut cursor = [0u8; 22];
-    cursor[0] = b'(';
-    let digits = Decimal::new(query.cursor);
-    let digits = digits.as_bytes();
-    cursor[1..=digits.len()].copy_from_slice(digits);
-    let cursor = &cursor[..=digits.len()];
-    let count = Decimal::new(i64::try_from(query.limit).unwrap_or(i64::MAX - 1) + 1);
+    let cursor = Decimal::new(query.cursor).prefixed(b'(');
+    let count = Decimal::unsigned((query.limit as u64).saturating_add(1));
     let floor_text = Decimal::new(floor);
     let low: &[u8] = if floor == 0 {
         b"-inf"
@@ -371,9 +366,9 @@ pub(in crate::store) fn pull_command(query: &PullQuery, floor: i64) -> Bytes {
     // the floor is where oldest first starts.
     let (verb, from, to): (&[u8], &[u8], &[u8]) = match (query.reverse, query.cursor) {
         (false, 0) => (b"ZREVRANGEBYSCORE", b"+inf", low),
-        (false, _) => (b"ZREVRANGEBYSCORE", cursor, low),
+        (false, _) => (b"ZREVRANGEBYSCORE", cursor.as_bytes(), low),
         (true, c) if c == 0 || c < floor => (b"ZRANGEBYSCORE", low, b"+inf"),
-        (true, _) => (b"ZRANGEBYSCORE", cursor, b"+inf"),
+        (true, _) => (b"ZRANGEBYSCORE", cursor.as_bytes(), b"+inf"),
     };
     command::encode(&[
         verb,

@@ -2,7 +2,7 @@
 """bench/im_send_cost.py: what one message costs Redis inside `im_send`.
 
 Usage: bench/im_send_cost.py [--port P] [--rooms N] [--messages M] [--batch B]
-                             [--library FILE] [--keep N] [--age-floor]
+                             [--library FILE] [--keep N] [--age-floor] [--stamped]
 
 Loads the `im` function library from FILE (default src/store/redis/schema.rs, the
 LIBRARY constant; give an older copy, e.g. from `git show`, for an A/B),
@@ -17,6 +17,9 @@ No load generator's noise is in these numbers: they are Redis's CPU only.
 With --keep N (retention, issue 21) the calls are `im_send_keep` keeping
 each room's newest N (what `--retain-messages N` sends); --age-floor also
 passes an age floor (one hour back: nothing expires, the check is paid).
+With --stamped the calls are `im_send_stamped` (`im_send_stamped_keep`),
+what the server sends for batches without idempotency keys: each chat's
+messages together, each member stamped with its proposed send_time.
 """
 import argparse
 import random
@@ -79,6 +82,7 @@ def main():
     p.add_argument("--library", default=str(Path(__file__).parent.parent / "src/store/redis/schema.rs"))
     p.add_argument("--keep", type=int, default=0)
     p.add_argument("--age-floor", action="store_true")
+    p.add_argument("--stamped", action="store_true")
     opt = p.parse_args()
     redis = Conn(opt.port)
     redis.call("FUNCTION", "LOAD", "REPLACE", library(opt.library))
@@ -96,12 +100,24 @@ def main():
             keys = ["im:{bench-room-%d}" % rooms.randrange(opt.rooms) for _ in range(opt.batch)]
             now_us = int(time.time() * 1e6)
             now = str(now_us)
+            keep = []
             if opt.keep or opt.age_floor:
                 floor = str(now_us - 3_600_000_000) if opt.age_floor else "0"
-                frames.append(encode(["FCALL", "im_send_keep", str(opt.batch), *keys,
-                                      *[member] * opt.batch, now, str(opt.keep), floor]))
+                keep = [str(opt.keep), floor]
+            suffix = "_keep" if keep else ""
+            if opt.stamped:
+                keys.sort()
+                args = [now]
+                for i, key in enumerate(keys):
+                    run = run + 1 if i and keys[i - 1] == key else 0
+                    t = now_us + run
+                    if run:
+                        args.append(str(t))
+                    args.append(b"\x09" + t.to_bytes(8, "little", signed=True) + member)
+                frames.append(encode(["FCALL", "im_send_stamped" + suffix, str(opt.batch), *keys, *args, *keep]))
             else:
-                frames.append(encode(["FCALL", "im_send", str(opt.batch), *keys, *[member] * opt.batch, now]))
+                frames.append(encode(["FCALL", "im_send" + suffix, str(opt.batch), *keys,
+                                      *[member] * opt.batch, now, *keep]))
         redis.sock.sendall(b"".join(frames))
         for _ in range(burst):
             redis.reply()

@@ -20,7 +20,7 @@ use crate::store::Store;
 use crate::store::lifecycle::Runner;
 use crate::store::redis::{
     ClusterShared, ClusterStore, Probe, RedisEngine, RedisOptions, RedisStore, Route, chat_key,
-    encode_member, not_a_cluster, probe,
+    not_a_cluster, probe, stored_member,
 };
 use crate::wire::{Value, next_field};
 
@@ -179,9 +179,7 @@ async fn import<R: Route>(store: &RedisEngine<R>, chat: &str) -> Result<(), Stri
 /// The member a message is stored as (see `proto/im.proto`).
 fn member(m: &Line) -> Vec<u8> {
     use crate::proto::fields::stored_message;
-    let mut out = vec![((stored_message::SEND_TIME << 3) | 1) as u8];
-    out.extend_from_slice(&m.send_time.to_le_bytes());
-    out.extend(encode_member(&m.text, &m.sender));
+    let mut out = stored_member(m.send_time, &m.text, &m.sender);
     if m.edited_at != 0 {
         out.push(((stored_message::EDITED_AT << 3) | 1) as u8);
         out.extend_from_slice(&m.edited_at.to_le_bytes());

@@ -125,21 +125,35 @@ fn rules_on_a_cluster() {
 }
 
 /// A rolling upgrade: an older RPC server loads its own `im` library
-/// (without `im_edit`) over the new one on each connection. An edit that
-/// then finds its function missing loads the library again and runs.
+/// (without `im_edit` or `im_send_stamped`) over the new one on each
+/// connection. A send or an edit that then finds its function missing
+/// loads the library again and runs.
 #[test]
-fn an_edit_survives_an_older_library_loaded_over_it() {
+fn sends_and_edits_survive_an_older_library_loaded_over_them() {
     let b = Backend::redis();
     let addr = b.addr();
     let t = send_ok(addr, "up", "s", "v1");
     let redis = b.redis.as_ref().expect("redis");
     let old =
         "#!lua name=im\nredis.register_function('im_send', function(keys, args) return {} end)";
-    let loaded = redis.redis_cmd(&["FUNCTION", "LOAD", "REPLACE", old]);
-    assert!(loaded.trim_end().ends_with("im"), "{loaded:?}");
+    let load_old = || {
+        let loaded = redis.redis_cmd(&["FUNCTION", "LOAD", "REPLACE", old]);
+        assert!(loaded.trim_end().ends_with("im"), "{loaded:?}");
+    };
+    load_old();
+    let later = send_ok(addr, "up", "s", "v1, later");
+    assert!(later > t);
+    assert_eq!(
+        pull_page(addr, "up", 0, 10, false).texts(),
+        ["v1, later", "v1"]
+    );
+    load_old();
     let headers = [("Content-Type", "application/json")];
     let body = json!({"chat": "up", "send_time": t, "text": "v2"}).to_string();
     let r = request(addr, "POST", "/api/edit", &headers, body.as_bytes());
     assert_eq!(r.status, 200, "{}", r.describe());
-    assert_eq!(pull_page(addr, "up", 0, 10, false).texts(), ["v2"]);
+    assert_eq!(
+        pull_page(addr, "up", 0, 10, false).texts(),
+        ["v1, later", "v2"]
+    );
 }

@@ -582,6 +582,93 @@ fn a_clock_behind_the_chat_still_gets_increasing_send_times() {
     );
 }
 
+/// `im_send_stamped`, what the server calls for batches without
+/// idempotency keys: members come stamped with proposed send_times (the
+/// caller's clock, + 1 for each next message of a chat). Proposals above
+/// the chat's newest are stored as they are; below it (a skewed clock), or
+/// for a chat's messages apart in one call, the chat's newest + 1, + 2, ...
+/// are given and written into the members instead, as `im_send` would.
+#[test]
+fn stamped_sends_take_their_proposals_only_above_the_chats_newest() {
+    let redis = Redis::start();
+    let server = Server::with_redis(&redis);
+    let mut conn = HttpConn::connect(server.http_addr());
+    let newest = conn.send_ok("stamped", "s", "from a good clock");
+    // A member stamped with `t`. The test's clocks are chosen so that the
+    // eight bytes are ASCII: redis_cmd takes UTF-8 arguments.
+    let stamped = |t: i64, text: &str| {
+        let mut member = String::from("\x09");
+        for byte in t.to_le_bytes() {
+            assert!(byte < 0x80, "{t}: not ASCII");
+            member.push(char::from(byte));
+        }
+        member + &im_send_member(text, "s")
+    };
+    let send_times = |reply: &str| -> Vec<i64> {
+        reply
+            .split("\r\n")
+            .filter_map(|l| l.strip_prefix(':'))
+            .map(|t| t.parse().expect("a send_time"))
+            .collect()
+    };
+    let chat = "im:{stamped}";
+    // A clock behind the chat: proposals 1, 2, 3 are below its newest.
+    let (a, b, c) = (
+        stamped(1, "late a"),
+        stamped(2, "late b"),
+        stamped(3, "late c"),
+    );
+    let late = redis.redis_cmd(&[
+        "FCALL",
+        "im_send_stamped",
+        "3",
+        chat,
+        chat,
+        chat,
+        "1",
+        &a,
+        "2",
+        &b,
+        "3",
+        &c,
+    ]);
+    let behind: Vec<i64> = (1..=3).map(|i| newest + i).collect();
+    assert_eq!(send_times(&late), behind, "newest + 1, + 2, + 3: {late:?}");
+    // A clock ahead (2032), with another chat between two of this chat's
+    // messages: the first run takes its proposal, the other chat too, and
+    // the chat's second run, proposed the clock again, gets the next one.
+    let ahead: i64 = 0x0007_0000_0000_0000;
+    assert!(ahead > newest + 3);
+    let clock = ahead.to_string();
+    let reply = redis.redis_cmd(&[
+        "FCALL",
+        "im_send_stamped",
+        "3",
+        chat,
+        "im:{stamped-other}",
+        chat,
+        &clock,
+        &stamped(ahead, "ahead"),
+        &stamped(ahead, "elsewhere"),
+        &stamped(ahead, "ahead, apart"),
+    ]);
+    assert_eq!(send_times(&reply), [ahead, ahead, ahead + 1], "{reply:?}");
+    let stored: Vec<(i64, String)> = walk(&mut conn, "stamped", 10, true, Form::Json)
+        .into_iter()
+        .map(|m| (m.send_time, m.text))
+        .collect();
+    let mut want = vec![(newest, "from a good clock".to_string())];
+    for (t, text) in behind.iter().zip(["late a", "late b", "late c"]) {
+        want.push((*t, text.to_string()));
+    }
+    want.push((ahead, "ahead".to_string()));
+    want.push((ahead + 1, "ahead, apart".to_string()));
+    assert_eq!(
+        stored, want,
+        "each message read back with the send_time it was given, in order"
+    );
+}
+
 /// A deleted newest message's send_time, ahead of the clock, is not given
 /// again (see the check).
 #[test]

@@ -6,18 +6,53 @@ use crate::digits::put_u64;
 
 /// Encodes a command (`args[0]` is its name) as a RESP array of bulk strings.
 pub fn encode(args: &[&[u8]]) -> Bytes {
-    let mut out = BytesMut::with_capacity(16 + args.iter().map(|a| a.len() + 16).sum::<usize>());
-    out.put_u8(b'*');
-    put_u64(&mut out, args.len() as u64);
-    out.put_slice(b"\r\n");
+    let bytes = args.iter().map(|a| a.len()).sum();
+    let mut command = Writer::new(args.len(), bytes);
     for arg in args {
-        out.put_u8(b'$');
-        put_u64(&mut out, arg.len() as u64);
-        out.put_slice(b"\r\n");
-        out.put_slice(arg);
-        out.put_slice(b"\r\n");
+        command.arg(arg);
     }
-    out.freeze()
+    command.finish()
+}
+
+/// A command written argument by argument, for arguments that are not one
+/// slice each: [`Writer::arg_parts`] writes one argument from several.
+pub struct Writer {
+    out: BytesMut,
+}
+
+impl Writer {
+    /// A command of `args` arguments (its name among them) of about `bytes`
+    /// bytes in all.
+    pub fn new(args: usize, bytes: usize) -> Writer {
+        let mut out = BytesMut::with_capacity(16 + 16 * args + bytes);
+        out.put_u8(b'*');
+        put_u64(&mut out, args as u64);
+        out.put_slice(b"\r\n");
+        Writer { out }
+    }
+
+    pub fn arg(&mut self, arg: &[u8]) {
+        self.arg_parts(&[arg]);
+    }
+
+    /// One argument: `parts`, back to back.
+    pub fn arg_parts(&mut self, parts: &[&[u8]]) {
+        self.out.put_u8(b'$');
+        put_u64(
+            &mut self.out,
+            parts.iter().map(|p| p.len()).sum::<usize>() as u64,
+        );
+        self.out.put_slice(b"\r\n");
+        for part in parts {
+            self.out.put_slice(part);
+        }
+        self.out.put_slice(b"\r\n");
+    }
+
+    /// The command; it must have as many arguments as [`Writer::new`] said.
+    pub fn finish(self) -> Bytes {
+        self.out.freeze()
+    }
 }
 
 #[cfg(test)]
@@ -42,5 +77,13 @@ mod tests {
             items[3],
             BytesFrame::BulkString(Bytes::from_static(b"\r\n\x00\xff"))
         );
+    }
+
+    #[test]
+    fn an_argument_may_be_written_in_parts() {
+        let mut command = Writer::new(2, 8);
+        command.arg(b"SET");
+        command.arg_parts(&[b"ab", b"", b"c"]);
+        assert_eq!(&command.finish()[..], b"*2\r\n$3\r\nSET\r\n$3\r\nabc\r\n");
     }
 }

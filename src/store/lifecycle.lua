@@ -117,21 +117,33 @@ local function trim_chat(key, keep, floor, limit)
   end
 end
 
--- im_send with retention: ARGV = im_send's own arguments, then keep
--- (messages per chat, 0 = any) and floor (the oldest send_time kept, 0 =
--- any), taken off the end (no copy of the arguments). Kept apart from
--- im_send so that sends without retention cost what they always did.
-redis.register_function('im_send_keep', function(keys, args)
+-- The trim after each run of a send with retention: keep (messages per
+-- chat, 0 = any) and floor (the oldest send_time kept, 0 = any) are taken
+-- off the end of `args` (no copy of the arguments).
+local function keep_trim(args)
   local floor = table.remove(args)
   local keep = tonumber(table.remove(args))
-  return send_batch(keys, args, function(key, t)
+  return function(key, t)
     -- By age, amortised: one run in 16 (by its last send_time) also
     -- removes up to 64 expired messages; reads skip them meanwhile, and
     -- the sweep takes the rest.
     local by_age = floor
     if t % 16 ~= 0 then by_age = '0' end
     trim_chat(key, keep, by_age, '64')
-  end)
+  end
+end
+
+-- im_send and im_send_stamped with retention: ARGV = their own arguments,
+-- then keep and floor (see keep_trim). Kept apart from them so that sends
+-- without retention cost what they always did.
+redis.register_function('im_send_keep', function(keys, args)
+  local trim = keep_trim(args)
+  return send_batch(keys, args, trim)
+end)
+
+redis.register_function('im_send_stamped_keep', function(keys, args)
+  local trim = keep_trim(args)
+  return send_stamped(keys, args, trim)
 end)
 
 -- The background sweep for chats nobody writes to: KEYS = a chat and its

@@ -31,11 +31,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::redis::{chat_key, encode_member, read_stored};
+use super::redis::{chat_key, read_stored, stored_member};
 use prost::Message as _;
 
 use crate::error::Error;
-use crate::proto::fields::{change, stored_message};
+use crate::proto::fields::change;
 use crate::proto::{Change, ChangesResponse};
 use crate::resp::{Reply, command};
 use crate::wire;
@@ -103,16 +103,6 @@ fn cas_outcome(reply: Reply) -> Result<Option<i64>, Error> {
             "im_edit/im_delete returned {other:?}"
         ))),
     }
-}
-
-/// A `StoredMessage` with its send_time and without `edited_at` (which
-/// `im_edit` appends): the new member of an edit.
-fn stored_member(send_time: i64, text: &str, sender: &str) -> Vec<u8> {
-    let mut member = Vec::with_capacity(9 + text.len() + sender.len() + 8);
-    member.push(((stored_message::SEND_TIME << 3) | 1) as u8);
-    member.extend_from_slice(&send_time.to_le_bytes());
-    member.extend(encode_member(text, sender));
-    member
 }
 
 /// Runs one command on the chat's node: how the standalone and Cluster
@@ -368,6 +358,7 @@ mod tests {
     use prost::Message as _;
 
     use super::*;
+    use crate::proto::fields::stored_message;
 
     #[test]
     fn the_watermark_is_shared_within_a_step_and_stays_inside_the_log() {

@@ -28,8 +28,8 @@ use tokio::time::Instant;
 pub use cluster::{ClusterShared, ClusterStore};
 pub use probe::{Probe, not_a_cluster, probe};
 pub use schema::chat_key;
-pub(crate) use schema::encode_member;
 pub(super) use schema::read_stored;
+pub(crate) use schema::stored_member;
 pub use standalone::RedisStore;
 
 use self::queue::SendQueue;

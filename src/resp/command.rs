@@ -32,7 +32,11 @@ impl Writer {
     }
 
     pub fn arg(&mut self, arg: &[u8]) {
-        self.arg_parts(&[arg]);
+        self.out.put_u8(b'$');
+        put_u64(&mut self.out, arg.len() as u64);
+        self.out.put_slice(b"\r\n");
+        self.out.put_slice(arg);
+        self.out.put_slice(b"\r\n");
     }
 
     /// One argument: `parts`, back to back.

@@ -476,7 +476,6 @@ pub(in crate::store) fn read_stored(mut member: &[u8]) -> Result<StoredView<'_>,
 /// whether there is more), from `floor` up (the retention window's oldest
 /// send_time, inclusive; 0 = the whole chat, the command as it always was).
 pub(in crate::store) fn pull_command(query: &PullQuery, floor: i64) -> Bytes {
-    let key = chat_key(&query.chat);
     // "(" and the cursor: an exclusive bound.
     let cursor = Decimal::new(query.cursor).prefixed(b'(');
     let count = Decimal::unsigned((query.limit as u64).saturating_add(1));
@@ -494,15 +493,14 @@ pub(in crate::store) fn pull_command(query: &PullQuery, floor: i64) -> Bytes {
         (true, c) if c == 0 || c < floor => (b"ZRANGEBYSCORE", low, b"+inf"),
         (true, _) => (b"ZRANGEBYSCORE", cursor.as_bytes(), b"+inf"),
     };
-    command::encode(&[
-        verb,
-        key.as_bytes(),
-        from,
-        to,
-        b"LIMIT",
-        b"0",
-        count.as_bytes(),
-    ])
+    let mut command = command::Writer::new(7, 64 + query.chat.len());
+    command.arg(verb);
+    // The chat's key as chat_key writes it, without a String for it.
+    command.arg_parts(&[b"im:{", query.chat.as_bytes(), b"}"]);
+    for arg in [from, to, b"LIMIT", b"0", count.as_bytes()] {
+        command.arg(arg);
+    }
+    command.finish()
 }
 
 /// The page of `query` from the reply to its [`pull_command`].
@@ -650,6 +648,46 @@ mod tests {
         let args = arguments(&im_send_command(&mut keyed, now, &Retention::default()));
         assert_eq!(args[1], b"im_send");
         assert_eq!(args[6], encode_member("1", "s"), "unstamped");
+    }
+
+    /// A pull is one range read on the chat's key, the cursor exclusive,
+    /// one more than the limit (for has_more), never below the floor.
+    #[test]
+    fn pulls_read_one_range_past_the_cursor() {
+        let query = |cursor, reverse| PullQuery {
+            chat: "a:b".into(),
+            cursor,
+            limit: 10,
+            reverse,
+        };
+        let args = |query: &PullQuery, floor: i64| -> Vec<String> {
+            arguments(&pull_command(query, floor))
+                .into_iter()
+                .map(|a| String::from_utf8(a).expect("text"))
+                .collect()
+        };
+        let range = |verb: &str, from: &str, to: &str| -> Vec<String> {
+            [verb, "im:{a:b}", from, to, "LIMIT", "0", "11"]
+                .map(String::from)
+                .to_vec()
+        };
+        assert_eq!(
+            args(&query(0, false), 0),
+            range("ZREVRANGEBYSCORE", "+inf", "-inf")
+        );
+        assert_eq!(
+            args(&query(5, false), 3),
+            range("ZREVRANGEBYSCORE", "(5", "3")
+        );
+        assert_eq!(
+            args(&query(2, true), 3),
+            range("ZRANGEBYSCORE", "3", "+inf")
+        );
+        assert_eq!(
+            args(&query(5, true), 3),
+            range("ZRANGEBYSCORE", "(5", "+inf")
+        );
+        assert_eq!(args(&query(0, true), 0)[1], chat_key("a:b"));
     }
 
     #[test]

@@ -336,8 +336,14 @@ impl AsRef<[u8]> for Held {
 /// A compact copy of `bytes` (not pinning the buffer they are a view of)
 /// that holds `charge` until its last view is dropped.
 pub fn held(bytes: &[u8], charge: Charge) -> Bytes {
+    held_owned(Bytes::copy_from_slice(bytes), charge)
+}
+
+/// `bytes` themselves, already compact (made for this), holding `charge`
+/// until their last view is dropped.
+pub fn held_owned(bytes: Bytes, charge: Charge) -> Bytes {
     Bytes::from_owner(Held {
-        bytes: Bytes::copy_from_slice(bytes),
+        bytes,
         _charge: charge,
     })
 }

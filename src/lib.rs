@@ -19,7 +19,9 @@
 //!   the compiled-in OpenAPI document and chat page ([`gateway::web`]).
 //! * [`rpc`]: the length-prefixed protobuf frame codec, the multiplexed client
 //!   pool used by the gateway, the RPC server loop, and the optional
-//!   shared-secret handshake ([`rpc::handshake`]).
+//!   shared-secret handshake ([`rpc::handshake`]); in the all-in-one, the
+//!   lane by which a gateway shard calls its own shard's store without
+//!   frames ([`rpc::lane`]).
 //! * [`notify`]: which pulls wait for new messages in which chat (long
 //!   poll), fed in-process by the memory store or by Redis sharded pub/sub
 //!   ([`store::subscriber`]).

@@ -448,7 +448,11 @@ fn frozen_server_is_avoided() {
     // What was sent to it while frozen waits in its socket and is served
     // right after SIGCONT: a few calls per gateway shard, until its stuck
     // in-flight count lost every draw (then it was ejected on timeouts).
-    // Read first: calls sent after SIGCONT would count too.
+    // Read first: calls sent after SIGCONT count too, and how many depends
+    // on how soon this runs (the server can only be asked once awake):
+    // printed, not checked. Each call sent to it while frozen timed out
+    // (no call on messages is retried after a timeout): those are the
+    // load's failures, which are checked.
     let during = served_now(frozen) - before;
     let others: u64 = [0, 2]
         .iter()
@@ -463,7 +467,12 @@ fn frozen_server_is_avoided() {
         tally.failures.len(),
         tally.slowest
     );
-    assert!(during <= 20, "frozen server got {during} calls");
+    assert!(
+        tally.failures.len() <= 20,
+        "{} calls went to the frozen server: {:?}",
+        tally.failures.len(),
+        tally.failures
+    );
     assert!(others - others_before > 100, "the others carried the load");
     // RPC timeout 1 s (default) + HTTP and scheduling slack.
     assert!(

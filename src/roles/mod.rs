@@ -34,9 +34,10 @@ use crate::gateway::Gateway;
 use crate::http::server::ServerOptions;
 use crate::rpc::balanced::BalancedClient;
 use crate::rpc::client::RpcClientOptions;
+use crate::rpc::lane::Lane;
 use crate::rpc::local::LocalAccept;
 use crate::rpc::server::RpcServerOptions;
-use crate::store::StoreChoice;
+use crate::store::AnyStore;
 use context::ShardContext;
 use sockets::{Listeners, shard_listener};
 
@@ -187,15 +188,23 @@ async fn run_shard(
     let metrics = listeners
         .metrics
         .map(|listener| metrics_listener::spawn(listener, &context.config, rpc_stopping.clone()));
-    // A gateway shard calls its own shard's RPC server without TCP.
-    let (local_rpc, local_accept) = match (&context.store, &context.gateway, context.rpc_local) {
-        (Some(_), Some(_), Some(addr)) => {
-            let (connect, accept) = crate::rpc::local::channel(addr);
+    let config = &context.config;
+    let store = context
+        .store
+        .as_ref()
+        .map(|store| Arc::new(store.open(&crate::store::redis::RedisOptions::from(config))));
+    // A gateway shard calls its own shard's RPC server without TCP, and its
+    // store without frames where it can (crate::rpc::lane).
+    let (local_rpc, local_accept) = match (&store, &context.gateway, context.rpc_local) {
+        (Some(store), Some(_), Some(addr)) => {
+            let max_in_flight = RpcServerOptions::from(config).max_in_flight;
+            let lane = Lane::new(store.clone(), max_in_flight);
+            let (connect, accept) = crate::rpc::local::channel(addr, Some(lane));
             (Some(connect), Some(accept))
         }
         _ => (None, None),
     };
-    let rpc = match &context.store {
+    let rpc = match store {
         Some(store) => Some(spawn_rpc_server(
             context,
             store,
@@ -231,7 +240,7 @@ async fn run_shard(
 /// This shard's RPC server, on its own store, until `stopping`.
 fn spawn_rpc_server(
     context: &ShardContext,
-    store: &StoreChoice,
+    store: Arc<AnyStore>,
     listener: TcpListener,
     local_accept: Option<LocalAccept>,
     stopping: watch::Receiver<bool>,
@@ -240,7 +249,7 @@ fn spawn_rpc_server(
     let server = crate::rpc::server::serve(
         listener,
         local_accept,
-        Arc::new(store.open(&crate::store::redis::RedisOptions::from(config))),
+        store,
         RpcServerOptions {
             secret: context.rpc_secret.clone(),
             ..RpcServerOptions::from(config)

@@ -12,6 +12,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::frame::{self, Frame};
+use super::lane::{Lane, LaneReply};
 use super::local::LocalRpc;
 use super::{method, status};
 use crate::budget::{Account, Reserved};
@@ -62,35 +63,53 @@ struct RpcProtocol {
 }
 
 impl RpcProtocol {
-    /// Charges a reply as its call asked ([`Budgeted`]), if it did: the
-    /// body is copied out of the read buffer and holds the charge for as
-    /// long as it lives. A reply charged on arrival that does not fit is
-    /// dropped here, its call answered [`status::OVER_BUDGET`].
-    fn charge(&mut self, mut frame: Frame) -> Frame {
-        let Some(budgeted) = self.charged.remove(&frame.id) else {
-            return frame;
-        };
-        if frame.method_or_status != status::OK {
-            return frame;
+    /// Charges a reply as its call asked, if it did ([`charge`]).
+    fn charge(&mut self, frame: Frame) -> Frame {
+        match self.charged.remove(&frame.id) {
+            Some(budgeted) => charge(budgeted, frame, Body::InReadBuffer),
+            None => frame,
         }
-        let bytes = frame.body.len();
-        let charge = match budgeted {
-            Budgeted::Reserved(reserved) => match reserved.settle(bytes) {
-                Some(charge) => Some(charge),
-                // Settled by another attempt's reply: nobody waits for this.
-                None => return frame,
-            },
-            Budgeted::OnArrival(account) => account.charge(bytes),
-        };
-        match charge {
-            Some(charge) => frame.body = crate::budget::held(&frame.body, charge),
-            None => {
-                frame.method_or_status = status::OVER_BUDGET;
-                frame.body = bytes::Bytes::new();
+    }
+}
+
+/// Where a reply's body is, for [`charge`].
+pub(super) enum Body {
+    /// A view into a connection's read buffer: copied out, so that a
+    /// charged body does not pin the (larger) buffer.
+    InReadBuffer,
+    /// Made for this reply alone (the local lane's): kept as it is.
+    Own,
+}
+
+/// Charges a reply as its call asked ([`Budgeted`]): the body holds the
+/// charge for as long as it lives. A reply charged on arrival that does not
+/// fit is dropped here, its call answered [`status::OVER_BUDGET`].
+pub(super) fn charge(budgeted: Budgeted, mut frame: Frame, body: Body) -> Frame {
+    if frame.method_or_status != status::OK {
+        return frame;
+    }
+    let bytes = frame.body.len();
+    let charge = match budgeted {
+        Budgeted::Reserved(reserved) => match reserved.settle(bytes) {
+            Some(charge) => Some(charge),
+            // Settled by another attempt's reply: nobody waits for this.
+            None => return frame,
+        },
+        Budgeted::OnArrival(account) => account.charge(bytes),
+    };
+    match charge {
+        Some(charge) => {
+            frame.body = match body {
+                Body::InReadBuffer => crate::budget::held(&frame.body, charge),
+                Body::Own => crate::budget::held_owned(frame.body, charge),
             }
         }
-        frame
+        None => {
+            frame.method_or_status = status::OVER_BUDGET;
+            frame.body = bytes::Bytes::new();
+        }
     }
+    frame
 }
 
 impl Protocol for RpcProtocol {
@@ -203,6 +222,9 @@ pub struct RpcClientOptions {
 #[derive(Clone)]
 pub struct RpcClient {
     pool: Arc<Pool<RpcProtocol>>,
+    /// Set when this endpoint is this shard's own RPC server and its store
+    /// takes calls without frames ([`super::lane`]).
+    lane: Option<Arc<Lane>>,
     timeout: Duration,
     going_away: Arc<AtomicBool>,
     /// This endpoint's metrics, counted by the balanced client's calls
@@ -212,17 +234,28 @@ pub struct RpcClient {
 
 /// A call in flight, with the moment its timeout runs out.
 pub struct RpcCall {
-    reply: Pending<Frame>,
+    reply: CallReply,
     /// Fixed when the call is issued, not when it is awaited: the gateway
     /// awaits pipelined calls one after another, and a timeout counted from
     /// the await made 8 pipelined calls to a silent peer take 8 timeouts.
     deadline: Instant,
 }
 
+/// Where a call's reply comes from.
+enum CallReply {
+    /// A connection's mux.
+    Mux(Pending<Frame>),
+    /// This shard's store ([`super::lane`]).
+    Lane(LaneReply),
+}
+
 impl RpcCall {
     /// Waits for the reply with no time limit (the caller applies one).
     pub async fn wait(self) -> Result<Frame, Error> {
-        self.reply.wait().await
+        match self.reply {
+            CallReply::Mux(pending) => pending.wait().await,
+            CallReply::Lane(reply) => reply.wait().await,
+        }
     }
 }
 
@@ -240,6 +273,7 @@ impl RpcClient {
         let max_frame = options.max_frame;
         let going_away = Arc::new(AtomicBool::new(false));
         let local = options.local.clone().filter(|local| local.serves(&addr));
+        let lane = local.as_ref().and_then(|local| local.lane().cloned());
         let pool = Pool::spawn(
             options.connections,
             || RpcProtocol {
@@ -255,6 +289,7 @@ impl RpcClient {
         );
         RpcClient {
             pool,
+            lane,
             timeout: options.timeout,
             going_away,
             stats: crate::metrics::peer(PeerKind::Rpc, &addr),
@@ -281,13 +316,23 @@ impl RpcClient {
     /// [`start`](Self::start) with the deadline given (a call retried on
     /// another server keeps its first deadline).
     pub fn start_by(&self, request: RpcRequest, deadline: Instant) -> Result<RpcCall, Error> {
-        let reply = self.pool.handle().start_by(request, deadline)?;
+        let request = match &self.lane {
+            Some(lane) => match lane.start(request) {
+                Ok(reply) => {
+                    let reply = CallReply::Lane(reply);
+                    return Ok(RpcCall { reply, deadline });
+                }
+                Err(request) => request,
+            },
+            None => request,
+        };
+        let reply = CallReply::Mux(self.pool.handle().start_by(request, deadline)?);
         Ok(RpcCall { reply, deadline })
     }
 
     /// Waits for the reply, up to the call timeout counted from [`start`](Self::start).
     pub async fn finish(&self, call: RpcCall) -> Result<Frame, Error> {
-        tokio::time::timeout_at(call.deadline, call.reply.wait())
+        tokio::time::timeout_at(call.deadline, call.wait())
             .await
             .unwrap_or(Err(Error::Timeout))
     }

@@ -19,15 +19,20 @@ use std::fmt;
 use std::io;
 use std::net::SocketAddr;
 
+use std::sync::Arc;
+
 use tokio::sync::mpsc;
 
+use super::lane::Lane;
 use crate::pipe::{self, PipeStream};
 
-/// The client's side: calls to `addr` connect through a new pair.
+/// The client's side: calls to `addr` connect through a new pair, or take
+/// the lane, if there is one ([`super::lane`]).
 #[derive(Clone)]
 pub struct LocalRpc {
     addr: SocketAddr,
     accept: mpsc::UnboundedSender<PipeStream>,
+    lane: Option<Arc<Lane>>,
 }
 
 /// The server's side: the ends of the pairs this shard's gateway made.
@@ -36,16 +41,23 @@ pub struct LocalAccept {
 }
 
 /// A connector for calls to `addr` (this process's RPC server address) and
-/// the acceptor its shard's RPC server takes them from.
-pub fn channel(addr: SocketAddr) -> (LocalRpc, LocalAccept) {
+/// the acceptor its shard's RPC server takes them from; `lane`, if any,
+/// takes the calls it can serve without frames.
+pub fn channel(addr: SocketAddr, lane: Option<Lane>) -> (LocalRpc, LocalAccept) {
     let (accept, incoming) = mpsc::unbounded_channel();
-    (LocalRpc { addr, accept }, LocalAccept { incoming })
+    let lane = lane.map(Arc::new);
+    (LocalRpc { addr, accept, lane }, LocalAccept { incoming })
 }
 
 impl LocalRpc {
     /// Whether calls to `target` (as the balancer names it) go through here.
     pub fn serves(&self, target: &str) -> bool {
         target.parse::<SocketAddr>().is_ok_and(|t| t == self.addr)
+    }
+
+    /// The lane to this shard's store, if calls may take it.
+    pub fn lane(&self) -> Option<&Arc<Lane>> {
+        self.lane.as_ref()
     }
 
     /// A new connection to this shard's RPC server.
@@ -82,7 +94,7 @@ mod tests {
 
     #[test]
     fn serves_only_its_own_address() {
-        let (local, _accept) = channel("127.0.0.1:8888".parse().expect("addr"));
+        let (local, _accept) = channel("127.0.0.1:8888".parse().expect("addr"), None);
         assert!(local.serves("127.0.0.1:8888"));
         assert!(!local.serves("127.0.0.1:8889"));
         assert!(!local.serves("localhost:8888"));
@@ -90,7 +102,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_connection_reaches_the_acceptor() {
-        let (local, mut accept) = channel("127.0.0.1:8888".parse().expect("addr"));
+        let (local, mut accept) = channel("127.0.0.1:8888".parse().expect("addr"), None);
         let (_, mut ours) = local.connect().expect("pair").into_split();
         let (mut theirs, _) = accept.next().await.into_split();
         ours.write_all(b"frame").await.expect("write");
@@ -101,7 +113,7 @@ mod tests {
 
     #[tokio::test]
     async fn connecting_after_the_server_stopped_is_refused() {
-        let (local, accept) = channel("127.0.0.1:8888".parse().expect("addr"));
+        let (local, accept) = channel("127.0.0.1:8888".parse().expect("addr"), None);
         drop(accept);
         let err = local.connect().expect_err("nobody accepts");
         assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused);

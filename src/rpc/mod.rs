@@ -7,6 +7,7 @@ pub mod balanced;
 pub mod client;
 pub mod frame;
 pub mod handshake;
+pub mod lane;
 pub mod local;
 pub mod server;
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use prost::Message as _;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -297,6 +297,11 @@ impl RefusalLog {
 /// Send and Pull calls served by this process, reported in Ping replies.
 static SERVED: AtomicU64 = AtomicU64::new(0);
 
+/// Counts a call on messages served (see [`SERVED`]) by the local lane.
+pub(super) fn count_served() {
+    SERVED.fetch_add(1, Ordering::Relaxed);
+}
+
 /// After GOAWAY the server keeps reading: calls the client wrote before it
 /// read the GOAWAY are served, not dropped. Our gateway closes the
 /// connection once its last call is answered; a client that does not is
@@ -333,7 +338,7 @@ impl Request {
 
 /// What the server writes in one frame: the reply to a request, or GOAWAY.
 /// (Not [`crate::resp::Reply`], Redis's reply.)
-enum ServerFrame {
+pub(super) enum ServerFrame {
     Send(SendResponse),
     Pull(PullResponse),
     Edit(EditResponse),
@@ -615,11 +620,11 @@ fn dispatch(
     let waits = stop.is_some();
     let request = match request {
         Request::Send(req) if req.idempotency_key.is_empty() => {
-            start_send(store, req, reply_to);
+            start_send(store, req, move |reply| reply_to.send(reply));
             return None;
         }
         Request::Pull(req) if !waits => {
-            start_pull(store, req, reply_to);
+            start_pull(store, req, move |reply| reply_to.send(reply));
             return None;
         }
         request => request,
@@ -694,10 +699,15 @@ impl ReplyTo {
 }
 
 /// An un-keyed send, served without a task of its own: validated here, and
-/// answered by whoever learns its outcome ([`AnyStore::start_send`]). A
+/// `answer`ed by whoever learns its outcome ([`AnyStore::start_send`]). A
 /// keyed send takes the task path: the store may retry it, and waits.
-fn start_send(store: &AnyStore, req: SendRequest, reply_to: ReplyTo) {
-    let answer = move |outcome| reply_to.send(ServerFrame::Send(send_response(outcome)));
+/// (Also the local lane's way in: [`super::lane`].)
+pub(super) fn start_send(
+    store: &AnyStore,
+    req: SendRequest,
+    answer: impl FnOnce(ServerFrame) + Send + 'static,
+) {
+    let answer = move |outcome| answer(ServerFrame::Send(send_response(outcome)));
     match checked_send(req) {
         Ok((chat, sender, text, _)) => store.start_send(&chat, &sender, &text, answer),
         Err(invalid) => answer(Err(invalid)),
@@ -706,8 +716,12 @@ fn start_send(store: &AnyStore, req: SendRequest, reply_to: ReplyTo) {
 
 /// A pull that does not wait, served without a task of its own
 /// ([`AnyStore::start_pull`]).
-fn start_pull(store: &AnyStore, req: PullRequest, reply_to: ReplyTo) {
-    let answer = move |page| reply_to.send(page_frame(page));
+pub(super) fn start_pull(
+    store: &AnyStore,
+    req: PullRequest,
+    answer: impl FnOnce(ServerFrame) + Send + 'static,
+) {
+    let answer = move |page| answer(page_frame(page));
     match checked_pull(&req) {
         Ok((query, _)) => store.start_pull(query, answer),
         Err(invalid) => answer(Err(invalid)),
@@ -906,6 +920,33 @@ fn encode_reply(output: &mut BytesMut, outgoing: Outgoing) -> OwnedSemaphorePerm
     budget
 }
 
+/// The frame `reply` would be written as, for a caller in this process
+/// (the local lane): the same status and body, no header, no copy of a
+/// page. [`encode_reply`] writes the others straight into the output.
+pub(super) fn reply_frame(reply: ServerFrame) -> Frame {
+    let ok = |body: Vec<u8>| (status::OK, Bytes::from(body));
+    let (status, body) = match reply {
+        ServerFrame::Send(resp) => ok(resp.encode_to_vec()),
+        ServerFrame::Pull(resp) => ok(resp.encode_to_vec()),
+        ServerFrame::Edit(resp) => ok(resp.encode_to_vec()),
+        ServerFrame::Delete(resp) => ok(resp.encode_to_vec()),
+        ServerFrame::Changes(resp) => ok(resp.encode_to_vec()),
+        ServerFrame::PullPage(wire) => ok(wire),
+        ServerFrame::Pong(store_error) => ok(PingResponse {
+            served: SERVED.load(Ordering::Relaxed),
+            store_error,
+        }
+        .encode_to_vec()),
+        ServerFrame::BadFrame(why) => (status::BAD_FRAME, Bytes::from(why.into_bytes())),
+        ServerFrame::GoAway => (status::GOAWAY, Bytes::new()),
+    };
+    Frame {
+        id: 0,
+        method_or_status: status,
+        body,
+    }
+}
+
 /// The method a request is counted under in the metrics (not bad frames).
 fn metrics_method(request: &Request) -> Option<RpcMethod> {
     match request {
@@ -920,7 +961,7 @@ fn metrics_method(request: &Request) -> Option<RpcMethod> {
 }
 
 /// The reply to a request refused because too many are in flight.
-fn overloaded(method: u8) -> ServerFrame {
+pub(super) fn overloaded(method: u8) -> ServerFrame {
     let msg = "too many requests in flight; retry later".to_string();
     let code = Error::Overloaded.code();
     match method {

@@ -153,7 +153,7 @@ options! {
     queue: usize = positive("--queue", "IM_QUEUE", "8192",
         "calls queued per RPC/Redis connection before 503 + Retry-After");
     max_in_flight: usize = positive("--max-in-flight", "IM_MAX_IN_FLIGHT", "8192",
-        "calls in flight per RPC/Redis connection");
+        "calls in flight per RPC/Redis connection (and per thread on the all-in-one's local lane)");
     max_queued_bytes: usize = positive("--max-queued-bytes", "IM_MAX_QUEUED_BYTES", "8388608",
         "bytes of Redis commands queued per connection (and of sends waiting to be batched, per thread) before 503 overloaded");
     threads: usize = count("--threads", "IM_THREADS", "0",

@@ -10,7 +10,9 @@
 //! machine partly idle. A pair made inside the shard keeps the call on the
 //! thread that took the HTTP request, whatever the kernel's hash, and skips
 //! the kernel altogether. The frames on it are the same protobuf frames: only the
-//! transport differs, so the RPC server serves it with the same loop.
+//! transport differs, so the RPC server serves it with the same loop. (The
+//! calls that need none of that loop, un-keyed sends and pulls that do not
+//! wait, skip the pipe too: [`super::lane`].)
 //!
 //! No handshake is run on it: the other end of a pair made in this process
 //! cannot be held by anyone else.
@@ -18,7 +20,6 @@
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
-
 use std::sync::Arc;
 
 use tokio::sync::mpsc;

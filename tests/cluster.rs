@@ -706,6 +706,23 @@ fn master_sigkill_without_wait_reports_losses() {
 fn master_sigstop_bounded_waits_and_failover() {
     let (cluster, server, addr, chats, master, replica, load) =
         under_load("frozen", &[], 2, true, 100);
+    // Shown only if the test fails: in one CI run of 2026-12-08 every send
+    // acknowledged on this chat before the freeze, from the first, was
+    // missing after the failover (not only the last few an asynchronous
+    // replica may miss), and it never failed alone or again. Whether the
+    // replica was following this master, and how far behind, tells a
+    // replica that was not replicating from a lost tail.
+    let replication = |port: u16| {
+        let node = cluster.node(port);
+        ["role", "master_repl_offset", "master_link_status", "slave0"]
+            .map(|f| format!("{f}={:?}", node.info_field("replication", f)))
+            .join(" ")
+    };
+    eprintln!(
+        "before SIGSTOP: master {master}: {}; replica {replica}: {}",
+        replication(master),
+        replication(replica)
+    );
     cluster.node(master).signal("STOP");
     let stopped = Instant::now();
     let switched = wait_promoted(&cluster, replica, Some(master), Duration::from_secs(15));

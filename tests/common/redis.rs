@@ -500,7 +500,47 @@ impl Cluster {
         );
         let cluster = Cluster { nodes, replicas };
         cluster.wait_ready(Duration::from_secs(30));
+        if replicas > 0 {
+            cluster.wait_streaming(Duration::from_secs(10));
+        }
         cluster
+    }
+
+    /// Waits until every master streams its writes to its replicas. After a
+    /// diskless sync a master sends a replica its command stream only from
+    /// the replica's first ACK, up to 1 s after it lists it `online`: a
+    /// master frozen or killed before that loses everything acknowledged
+    /// meanwhile. Seen in a CI run (2026-12-08): a replica at acknowledged
+    /// offset 0 behind its master at 103,005 when a test froze the master,
+    /// and every send of the test's chat lost with the failover. So: one
+    /// write to each master (key `ready:{...}`, outside the server's `im:`
+    /// keys), then its replicas' acknowledged offsets at or past it.
+    pub fn wait_streaming(&self, deadline: Duration) {
+        for master in self.masters() {
+            let tag = (0..10_000)
+                .map(|i| format!("ready-{i}"))
+                .find(|tag| self.master_of(self.slot_of(tag)) == master)
+                .expect("a key in every master's slots");
+            let node = self.node(master);
+            node.cmd(&["SET", &format!("ready:{{{tag}}}"), "1"]);
+            let written: u64 = node
+                .info_field("replication", "master_repl_offset")
+                .and_then(|o| o.parse().ok())
+                .expect("master_repl_offset");
+            wait_until(deadline, "every replica to acknowledge a write", || {
+                let info = node.try_cmd(&["INFO", "replication"]).unwrap_or_default();
+                let acked: Vec<u64> = info
+                    .lines()
+                    .filter(|l| l.starts_with("slave") && l.contains("offset="))
+                    .filter_map(|l| {
+                        l.split(',')
+                            .find_map(|f| f.strip_prefix("offset="))
+                            .and_then(|o| o.trim().parse().ok())
+                    })
+                    .collect();
+                (acked.len() >= self.replicas && acked.iter().all(|&o| o >= written)).then_some(())
+            });
+        }
     }
 
     /// Every running node says `cluster_state:ok`, every master has a

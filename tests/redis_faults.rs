@@ -537,6 +537,14 @@ fn send_times_keep_increasing_across_rpc_server_restart() {
     );
 }
 
+/// A chat's messages, oldest first, as (send_time, text).
+fn times_and_texts(conn: &mut HttpConn, chat: &str) -> Vec<(i64, String)> {
+    walk(conn, chat, 10, true, Form::Json)
+        .into_iter()
+        .map(|m| (m.send_time, m.text))
+        .collect()
+}
+
 /// A caller whose clock is behind the chat's newest message (a skewed RPC
 /// server) still gets send_times after it, one apart, each stored with its
 /// own: `im_send` formats those itself, where a clock ahead is passed through.
@@ -567,10 +575,7 @@ fn a_clock_behind_the_chat_still_gets_increasing_send_times() {
         format!("*1\r\n:{ahead}\r\n"),
         "a clock ahead is taken as is"
     );
-    let stored: Vec<(i64, String)> = walk(&mut conn, "skew", 10, true, Form::Json)
-        .into_iter()
-        .map(|m| (m.send_time, m.text))
-        .collect();
+    let stored = times_and_texts(&mut conn, "skew");
     let mut want = vec![(newest, "from a good clock".to_string())];
     for (t, text) in expected.iter().zip(["late a", "late b", "late c"]) {
         want.push((*t, text.to_string()));
@@ -604,13 +609,6 @@ fn stamped_sends_take_their_proposals_only_above_the_chats_newest() {
         }
         member + &im_send_member(text, "s")
     };
-    let send_times = |reply: &str| -> Vec<i64> {
-        reply
-            .split("\r\n")
-            .filter_map(|l| l.strip_prefix(':'))
-            .map(|t| t.parse().expect("a send_time"))
-            .collect()
-    };
     let chat = "im:{stamped}";
     // A clock behind the chat: proposals 1, 2, 3 are below its newest.
     let (a, b, c) = (
@@ -633,7 +631,11 @@ fn stamped_sends_take_their_proposals_only_above_the_chats_newest() {
         &c,
     ]);
     let behind: Vec<i64> = (1..=3).map(|i| newest + i).collect();
-    assert_eq!(send_times(&late), behind, "newest + 1, + 2, + 3: {late:?}");
+    assert_eq!(
+        send_times_in(&late),
+        behind,
+        "newest + 1, + 2, + 3: {late:?}"
+    );
     // A clock ahead (2032), with another chat between two of this chat's
     // messages: the first run takes its proposal, the other chat too, and
     // the chat's second run, proposed the clock again, gets the next one.
@@ -652,11 +654,12 @@ fn stamped_sends_take_their_proposals_only_above_the_chats_newest() {
         &stamped(ahead, "elsewhere"),
         &stamped(ahead, "ahead, apart"),
     ]);
-    assert_eq!(send_times(&reply), [ahead, ahead, ahead + 1], "{reply:?}");
-    let stored: Vec<(i64, String)> = walk(&mut conn, "stamped", 10, true, Form::Json)
-        .into_iter()
-        .map(|m| (m.send_time, m.text))
-        .collect();
+    assert_eq!(
+        send_times_in(&reply),
+        [ahead, ahead, ahead + 1],
+        "{reply:?}"
+    );
+    let stored = times_and_texts(&mut conn, "stamped");
     let mut want = vec![(newest, "from a good clock".to_string())];
     for (t, text) in behind.iter().zip(["late a", "late b", "late c"]) {
         want.push((*t, text.to_string()));
@@ -703,17 +706,10 @@ fn a_chats_messages_apart_in_one_call_stay_in_order() {
         &member("third"),
         "1",
     ]);
-    let times: Vec<i64> = reply
-        .split("\r\n")
-        .filter_map(|l| l.strip_prefix(':'))
-        .map(|t| t.parse().expect("a send_time"))
-        .collect();
+    let times = send_times_in(&reply);
     assert_eq!(times.len(), 3, "{reply:?}");
     assert_eq!((times[0], times[2]), (newest + 1, newest + 2), "{reply:?}");
-    let stored: Vec<(i64, String)> = walk(&mut conn, "apart", 10, true, Form::Json)
-        .into_iter()
-        .map(|m| (m.send_time, m.text))
-        .collect();
+    let stored = times_and_texts(&mut conn, "apart");
     assert_eq!(
         stored,
         [

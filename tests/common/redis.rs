@@ -765,6 +765,16 @@ impl Cluster {
 
 /// A message as `im_send` takes it (an argument of `FCALL im_send`): a
 /// StoredMessage without send_time, text (field 2) then sender (field 3).
+/// The send_times in a raw reply of `im_send` or `im_send_stamped` (its
+/// integers, in order).
+pub fn send_times_in(reply: &str) -> Vec<i64> {
+    reply
+        .split("\r\n")
+        .filter_map(|l| l.strip_prefix(':'))
+        .map(|t| t.parse().expect("a send_time"))
+        .collect()
+}
+
 pub fn im_send_member(text: &str, sender: &str) -> String {
     assert!(
         text.len() < 128 && sender.len() < 128,
@@ -801,12 +811,7 @@ pub fn check_a_deleted_newest_send_time_is_not_given_again(
         args.extend(texts.iter().map(|_| key.as_str()));
         args.extend(members.iter().map(String::as_str));
         args.push(&clock);
-        let reply = fcall(chat, &args);
-        reply
-            .split("\r\n")
-            .filter_map(|l| l.strip_prefix(':'))
-            .map(|t| t.parse().expect("a send_time"))
-            .collect()
+        send_times_in(&fcall(chat, &args))
     };
     let delete_in = |chat: &str, send_time: i64| {
         let body = serde_json::json!({"chat": chat, "send_time": send_time});
